@@ -1,0 +1,101 @@
+#include "physr/core.hpp"
+
+#include <cstdio>
+#include <limits>
+
+namespace physr {
+
+const char* errno_name(int code) noexcept {
+  switch (code) {
+    case 0: return "OK";
+    case EINVAL: return "EINVAL";
+    case ENOMEM: return "ENOMEM";
+    case EREMOTEIO: return "EREMOTEIO";
+    case EFAULT: return "EFAULT";
+    case EBUSY: return "EBUSY";
+    case ENODEV: return "ENODEV";
+    case EEXIST: return "EEXIST";
+    case ERANGE: return "ERANGE";
+    case ENOENT: return "ENOENT";
+    case EIO: return "EIO";
+    case EACCES: return "EACCES";
+    case ENOSPC: return "ENOSPC";
+    case EOVERFLOW: return "EOVERFLOW";
+    case ENOTSUP: return "ENOTSUP";
+    default: return "E?";
+  }
+}
+
+std::string Error::to_string() const { return std::string(errno_name(code)) + ": " + message; }
+
+namespace detail {
+void die_on_error_access(const Error& e) {
+  std::fprintf(stderr, "physr: value() called on an error result: %s\n", e.to_string().c_str());
+  std::abort();
+}
+}  // namespace detail
+
+Result<uint64_t> parse_size(std::string_view text) {
+  auto bad = [&](const char* why) {
+    return make_error(EINVAL, "size '" + std::string(text) + "': " + why);
+  };
+  std::string_view s = text;
+  while (!s.empty() && (s.front() == ' ' || s.front() == '\t')) s.remove_prefix(1);
+  while (!s.empty() && (s.back() == ' ' || s.back() == '\t')) s.remove_suffix(1);
+  if (s.empty()) return bad("empty");
+
+  uint64_t base = 10;
+  if (s.size() > 2 && s[0] == '0' && (s[1] == 'x' || s[1] == 'X')) {
+    base = 16;
+    s.remove_prefix(2);
+  }
+  uint64_t value = 0;
+  size_t digits = 0;
+  while (!s.empty()) {
+    char c = s.front();
+    unsigned d;
+    if (c >= '0' && c <= '9') d = static_cast<unsigned>(c - '0');
+    else if (base == 16 && c >= 'a' && c <= 'f') d = static_cast<unsigned>(c - 'a' + 10);
+    else if (base == 16 && c >= 'A' && c <= 'F') d = static_cast<unsigned>(c - 'A' + 10);
+    else break;
+    if (value > (std::numeric_limits<uint64_t>::max() - d) / base) return bad("does not fit in 64 bits");
+    value = value * base + d;
+    ++digits;
+    s.remove_prefix(1);
+  }
+  if (digits == 0) return bad("expected a number");
+  while (!s.empty() && s.front() == ' ') s.remove_prefix(1);
+
+  unsigned shift = 0;
+  if (!s.empty()) {
+    switch (s.front()) {
+      case 'k': case 'K': shift = 10; break;
+      case 'm': case 'M': shift = 20; break;
+      case 'g': case 'G': shift = 30; break;
+      case 't': case 'T': shift = 40; break;
+      case 'p': case 'P': shift = 50; break;
+      case 'b': case 'B': shift = 0; break;
+      default: return bad("unknown unit (use B, K, M, G, T or P)");
+    }
+    bool had_unit_letter = s.front() != 'b' && s.front() != 'B';
+    s.remove_prefix(1);
+    if (had_unit_letter) {
+      if (s == "iB" || s == "ib" || s == "B" || s == "b") s = {};
+    }
+    if (!s.empty()) return bad("trailing characters after the unit");
+  }
+  if (shift != 0 && value > (std::numeric_limits<uint64_t>::max() >> shift)) return bad("does not fit in 64 bits");
+  return value << shift;
+}
+
+std::string format_size(uint64_t bytes) {
+  static const char* const units[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"};
+  unsigned u = 0;
+  while (u < 6 && bytes != 0 && (bytes & 1023) == 0) {
+    bytes >>= 10;
+    ++u;
+  }
+  return std::to_string(bytes) + " " + units[u];
+}
+
+}  // namespace physr
