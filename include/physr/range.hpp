@@ -29,9 +29,12 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <iterator>
 #include <limits>
 #include <span>
+#include <string_view>
 #include <vector>
 
 #include "physr/core.hpp"
@@ -110,6 +113,46 @@ inline const uint64_t* next(const uint64_t* w) noexcept { return w + 1 + (*w >> 
 }  // namespace detail::enc
 
 class RangeSlice;
+namespace detail {
+// Growable array of words. Unlike std::vector it can hand out uninitialised room, which
+// lets the pfn builder's hot loop write through a local pointer (a vector's push_back
+// reloads its members after every uint64_t store, because the store may alias them;
+// measured 3x slower on random pfns, see bench/bench_ranges.cpp).
+class WordBuf {
+ public:
+  WordBuf() = default;
+  WordBuf(const WordBuf& o) { assign(o.data_, o.size_); }
+  WordBuf(WordBuf&& o) noexcept : data_(o.data_), size_(o.size_), cap_(o.cap_) { o.data_ = nullptr; o.size_ = o.cap_ = 0; }
+  WordBuf& operator=(const WordBuf& o) { if (this != &o) assign(o.data_, o.size_); return *this; }
+  WordBuf& operator=(WordBuf&& o) noexcept { std::swap(data_, o.data_); std::swap(size_, o.size_); std::swap(cap_, o.cap_); return *this; }
+  ~WordBuf() { std::free(data_); }
+
+  uint64_t* data() noexcept { return data_; }
+  const uint64_t* data() const noexcept { return data_; }
+  size_t size() const noexcept { return size_; }
+  size_t capacity() const noexcept { return cap_; }
+  bool empty() const noexcept { return size_ == 0; }
+  uint64_t& operator[](size_t i) noexcept { return data_[i]; }
+  uint64_t operator[](size_t i) const noexcept { return data_[i]; }
+  void push_back(uint64_t w) { if (size_ == cap_) grow(size_ + 1); data_[size_++] = w; }
+  /// Shrinks, or grows with uninitialised words the caller must write.
+  void resize_uninit(size_t n) { if (n > cap_) grow(n); size_ = n; }
+  void reserve(size_t n) { if (n > cap_) grow(n); }
+  void clear() noexcept { size_ = 0; }
+  operator std::span<const uint64_t>() const noexcept { return {data_, size_}; }  // NOLINT
+  friend bool operator==(const WordBuf& a, const WordBuf& b) noexcept {
+    return a.size_ == b.size_ && (a.size_ == 0 || std::memcmp(a.data_, b.data_, a.size_ * 8) == 0);
+  }
+  void grow(size_t need);
+
+ private:
+  void assign(const uint64_t* src, size_t n);
+  uint64_t* data_ = nullptr;
+  size_t size_ = 0;
+  size_t cap_ = 0;
+};
+}  // namespace detail
+
 
 /// An ordered list of physical ranges in the compact encoding above.
 /// Appending is amortised O(1); size(), total_bytes() and operator[] are O(1).
@@ -223,7 +266,7 @@ class RangeList {
   Status append_pfns_impl(const uint64_t* pfns, const ProviderId* providers, size_t n, const SegmentLimits& limits);
   void append_split(uint64_t addr, uint64_t len, ProviderId full, const SegmentLimits& limits, bool merge_first);
 
-  std::vector<uint64_t> words_;
+  detail::WordBuf words_;
   std::vector<Block> index_;  // only for lists that mix compact and extended entries
   size_t count_ = 0;
   size_t ext_count_ = 0;
@@ -288,6 +331,25 @@ class RangeSlice {
   uint64_t len_ = 0;
   size_t count_ = 0;
 };
+
+/// A pfn list read from text: one pfn per line (decimal or 0x hex), optionally followed by
+/// a provider id ("0x1a2b 3" or "0x1a2b:3"); '#' starts a comment; blank lines are skipped.
+struct PfnList {
+  std::vector<uint64_t> pfns;
+  std::vector<ProviderId> providers;  // one per pfn
+};
+/// Parses the text format above. Errors are EINVAL naming `source` and the line number.
+Result<PfnList> parse_pfn_text(std::string_view text, std::string_view source);
+
+/// Shapes of generated pfn lists, for demos and benchmarks.
+/// contiguous: one run; random: scattered pages; alternating: one run whose pages
+/// alternate between host memory and provider 1; mixed: runs of 1..64 pages with gaps, one
+/// run in eight on provider 1 (a typical user buffer plus some device memory).
+enum class PfnPattern { contiguous, random, alternating, mixed };
+/// Parses "contiguous", "random", "alternating" or "mixed"; EINVAL naming the text otherwise.
+Result<PfnPattern> parse_pfn_pattern(std::string_view name);
+/// n pfns of the pattern, deterministic for a seed.
+PfnList make_pfn_pattern(PfnPattern pattern, size_t n, uint64_t seed);
 
 /// What the same I/O costs as a Linux scatterlist: entries (sg_alloc_table chains chunks
 /// of 128 entries, each chunk but the last spending one entry on the chain link), their

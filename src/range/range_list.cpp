@@ -1,11 +1,28 @@
 #include "physr/range.hpp"
 
 #include <cstring>
+#include <new>
 #include <string>
 
 namespace physr {
 
 using namespace detail::enc;
+
+void detail::WordBuf::grow(size_t need) {
+  size_t cap = cap_ < 16 ? 16 : cap_ * 2;
+  if (cap < need) cap = need;
+  void* p = std::realloc(data_, cap * sizeof(uint64_t));
+  if (p == nullptr) throw std::bad_alloc();
+  data_ = static_cast<uint64_t*>(p);
+  cap_ = cap;
+}
+
+void detail::WordBuf::assign(const uint64_t* src, size_t n) {
+  size_ = 0;
+  reserve(n);
+  if (n != 0) std::memcpy(data_, src, n * sizeof(uint64_t));
+  size_ = n;
+}
 
 namespace {
 
@@ -110,7 +127,7 @@ void RangeList::pop_back() noexcept {
   const size_t pos = word_pos(count_ - 1);
   const PhysRange r = detail::enc::decode(words_.data() + pos);
   const bool ext = words_[pos] & kExtFlag;
-  words_.resize(pos);
+  words_.resize_uninit(pos);
   --count_;
   total_ -= r.len;
   if (ext) --ext_count_;
@@ -160,7 +177,7 @@ RangeList::Snapshot RangeList::snapshot() const {
 }
 
 void RangeList::restore(const Snapshot& s) {
-  words_.resize(s.words);
+  words_.resize_uninit(s.words);
   if (s.tail_words != 0) std::memcpy(words_.data() + s.words - s.tail_words, s.tail, s.tail_words * 8);
   count_ = s.count;
   ext_count_ = s.ext_count;
@@ -207,38 +224,99 @@ template <bool kHasProviders>
 Status RangeList::append_pfns_impl(const uint64_t* pfn, const ProviderId* prov, size_t n, const SegmentLimits& in) {
   SegmentLimits l = in;
   l.max_segment &= ~(kPageSize - 1);
+  const bool unlimited = l.max_segment >= kPhysAddrLimit && l.boundary_mask == kNoBoundary;
   const Snapshot snap = snapshot();
-  words_.reserve(words_.size() + n);
+  auto fail = [&](int code, std::string msg) -> Status {
+    restore(snap);
+    return make_error(code, std::move(msg));
+  };
+
+  // Hot-loop state lives in locals and is committed to the members around slow paths.
+  uint64_t* out = nullptr;
+  uint64_t* out_end = nullptr;
+  size_t count = 0;
+  uint64_t total = 0;
+  bool fast = false;
+  auto commit = [&] {
+    if (!fast) return;
+    words_.resize_uninit(static_cast<size_t>(out - words_.data()));
+    count_ += count;
+    total_ += total;
+    count = 0;
+    total = 0;
+  };
+  auto reload = [&] {
+    fast = !index_built_ && ext_count_ == 0;  // a pure compact list: no index to maintain
+    const size_t used = words_.size();
+    words_.reserve(used + 64);
+    out = words_.data() + used;
+    out_end = words_.data() + words_.capacity();
+  };
+
   size_t i = 0;
   bool first = true;
+  ProviderId last_full = tail_provider_;
+  reload();
   while (i < n) {
+    if (fast && !first) {
+      // Single-page lane: a page that does not continue into the next one is one compact
+      // word under any valid limits (max_segment and boundary are at least a page). Kept
+      // free of calls so its state stays in registers; anything else leaves to the
+      // general path below.
+      uint64_t* o = out;
+      const size_t stop = std::min(n - 1, i + static_cast<size_t>(out_end - out));
+      while (i < stop) {
+        const uint64_t p = pfn[i];
+        if (p > kPfnMask || (l.merge && pfn[i + 1] == p + 1 && (!kHasProviders || prov[i + 1] == prov[i]))) break;
+        ProviderId tag = kHostMemory;
+        if constexpr (kHasProviders) {
+          if (prov[i] == kInvalidProvider) break;
+          tag = provider_tag(prov[i]);
+        }
+        *o++ = (uint64_t{tag} << kTagShift) | p;
+        ++i;
+      }
+      const auto emitted = static_cast<size_t>(o - out);
+      count += emitted;
+      total += uint64_t{emitted} << kPageShift;
+      out = o;
+      if (emitted != 0) last_full = kHasProviders ? prov[i - 1] : kHostMemory;
+      if (i >= n) break;
+    }
     const uint64_t p = pfn[i];
     const ProviderId full = kHasProviders ? prov[i] : kHostMemory;
-    if (p >= kPfnLimit) [[unlikely]] {
-      restore(snap);
-      return make_error(ERANGE, "pfn[" + std::to_string(i) + "] = " + hex(p) + " is at or above 2^42 (physical 2^54)");
-    }
-    if (kHasProviders && full == kInvalidProvider) [[unlikely]] {
-      restore(snap);
-      return make_error(EINVAL, "providers[" + std::to_string(i) + "] is the reserved invalid id");
-    }
+    if (p >= kPfnLimit) [[unlikely]]
+      return fail(ERANGE, "pfn[" + std::to_string(i) + "] = " + hex(p) + " is at or above 2^42 (physical 2^54)");
+    if (kHasProviders && full == kInvalidProvider) [[unlikely]]
+      return fail(EINVAL, "providers[" + std::to_string(i) + "] is the reserved invalid id");
     const size_t j = l.merge ? run_end<kHasProviders>(pfn, prov, i, n) : i + 1;
     const uint64_t pages = j - i;
-    if (pages > kPfnLimit - p) [[unlikely]] {
-      restore(snap);
-      return make_error(ERANGE, "pfn[" + std::to_string(i + (kPfnLimit - p)) + "] crosses 2^42 (physical 2^54)");
-    }
+    if (pages > kPfnLimit - p) [[unlikely]]
+      return fail(ERANGE, "pfn[" + std::to_string(i + (kPfnLimit - p)) + "] crosses 2^42 (physical 2^54)");
     const uint64_t addr = p << kPageShift;
     const uint64_t len = pages << kPageShift;
-    if (!first && len <= cap_at(addr, l)) [[likely]] {
-      push(addr, len, provider_tag(full));
-      tail_provider_ = full;
+    if (fast && !first && pages <= kMaxCompactPages && p <= kPfnMask && (unlimited || len <= cap_at(addr, l)))
+        [[likely]] {
+      if (out == out_end) [[unlikely]] {
+        commit();
+        words_.reserve(words_.size() * 2);
+        reload();
+      }
+      *out++ = compact_word(addr, len, provider_tag(full));
+      ++count;
+      total += len;
     } else {
+      commit();
+      tail_provider_ = last_full;
       append_split(addr, len, full, l, first);
+      reload();
     }
+    last_full = full;
     first = false;
     i = j;
   }
+  commit();
+  tail_provider_ = last_full;
   return {};
 }
 

@@ -1,0 +1,41 @@
+// Shared pieces of the physr command-line tool: exit codes and how commands fail.
+#pragma once
+
+#include <CLI/CLI.hpp>
+#include <stdexcept>
+#include <string>
+
+#include "physr/core.hpp"
+
+namespace physr::cli {
+
+inline constexpr int kExitFailure = 1;  // the command ran and failed (bad file, no such device)
+inline constexpr int kExitUsage = 2;    // the command line itself is wrong
+
+/// Thrown by a command for a bad argument value; main() prints it and exits 2.
+struct UsageError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+/// Thrown by a command that could not do its job; main() prints it and exits 1.
+struct Failure : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+/// The value of r, or a UsageError carrying its message (for values parsed from arguments).
+template <class T>
+T usage_value(Result<T> r) {
+  if (!r) throw UsageError(r.error().message);
+  return std::move(r).value();
+}
+/// The value of r, or a Failure carrying its message.
+template <class T>
+T failure_value(Result<T> r) {
+  if (!r) throw Failure(r.error().to_string());
+  return std::move(r).value();
+}
+
+void add_ranges_command(CLI::App& app);
+/// The default job: what physr is and a short demonstration of each module.
+void run_tour();
+
+}  // namespace physr::cli
