@@ -74,8 +74,9 @@ Result<uint64_t> parse_size(std::string_view text) {
       case 'g': case 'G': shift = 30; break;
       case 't': case 'T': shift = 40; break;
       case 'p': case 'P': shift = 50; break;
+      case 'e': case 'E': shift = 60; break;
       case 'b': case 'B': shift = 0; break;
-      default: return bad("unknown unit (use B, K, M, G, T or P)");
+      default: return bad("unknown unit (use B, K, M, G, T, P or E)");
     }
     bool had_unit_letter = s.front() != 'b' && s.front() != 'B';
     s.remove_prefix(1);
