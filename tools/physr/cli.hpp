@@ -35,6 +35,8 @@ T failure_value(Result<T> r) {
 }
 
 void add_ranges_command(CLI::App& app);
+/// `physr topo` and `physr explain`.
+void add_topo_commands(CLI::App& app);
 /// The default job: what physr is and a short demonstration of each module.
 void run_tour();
 

@@ -9,6 +9,7 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", std::string("physr ") + PHYSR_VERSION);
   app.require_subcommand(0, 1);
   add_ranges_command(app);
+  add_topo_commands(app);
   try {
     try {
       app.parse(argc, argv);

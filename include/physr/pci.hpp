@@ -1,0 +1,277 @@
+// physr pci: the PCI topology of a machine and the P2P verdicts Linux computes for it.
+//
+// A Topology is loaded from a live or snapshotted sysfs (the layout hwloc-gather-topology
+// writes), or from a declarative TOML machine file (docs/machine-format.md). The P2PEngine
+// answers, for a provider and a client function, what drivers/pci/p2pdma.c
+// calc_map_type_and_dist() answers: bus_addr, thru_host_bridge or not_supported, with the
+// distance, and explains the answer hop by hop.
+//
+// Design rationale
+// - Functions live in one vector; relations are indices (upstream bridge, host bridge), so
+//   a Topology is a plain value that copies and compares.
+// - The engine precomputes, per function, its depth, its Euler-tour interval (O(1) "is an
+//   ancestor of") and the count of ACS-redirecting devices on its chain to the root. A
+//   verdict is then a walk up the provider's chain to the first ancestor of the client
+//   (a few steps) and two subtractions, instead of the kernel's O(depth^2) double walk;
+//   both give the same answer by construction, and the tests check it against a direct
+//   transcription of the kernel loop.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "physr/core.hpp"
+
+namespace physr::pci {
+
+/// A PCI function address: domain (may exceed 16 bits, as with VMD), bus, device, function.
+struct Bdf {
+  uint32_t domain = 0;
+  uint8_t bus = 0;
+  uint8_t dev = 0;
+  uint8_t fn = 0;
+
+  uint8_t devfn() const noexcept { return static_cast<uint8_t>(dev << 3 | fn); }
+  /// "0000:03:00.0" (the domain keeps all its hex digits when above 0xffff).
+  std::string to_string() const;
+  friend auto operator<=>(const Bdf&, const Bdf&) = default;
+};
+/// Parses "DDDD:BB:DD.F" or "BB:DD.F" (domain 0). EINVAL naming the text otherwise.
+Result<Bdf> parse_bdf(std::string_view text);
+
+/// PCIe port type (PCIe capability, Device/Port Type field), or what we know without it.
+enum class PortType : uint8_t {
+  unknown,            // no PCIe capability visible (short config read) and not inferred
+  conventional,       // a conventional PCI function (config space read, no PCIe capability)
+  endpoint,           // 0: PCI Express Endpoint
+  legacy_endpoint,    // 1: Legacy PCI Express Endpoint
+  root_port,          // 4: Root Port of a Root Complex
+  switch_upstream,    // 5: Upstream Port of a switch
+  switch_downstream,  // 6: Downstream Port of a switch
+  pcie_to_pci,        // 7: PCI Express to PCI/PCI-X bridge
+  pci_to_pcie,        // 8: PCI/PCI-X to PCI Express bridge
+  rc_endpoint,        // 9: Root Complex Integrated Endpoint
+  rc_event_collector, // 10: Root Complex Event Collector
+};
+/// "root_port", "switch_upstream", ... (the names machine files use).
+const char* port_type_name(PortType t) noexcept;
+/// Inverse of port_type_name; EINVAL naming the text and the accepted names otherwise.
+Result<PortType> parse_port_type(std::string_view name);
+
+/// ACS Control bits (PCIe spec 7.7.8; Linux include/uapi/linux/pci_regs.h PCI_ACS_*).
+namespace acs {
+inline constexpr uint16_t SV = 0x0001, TB = 0x0002, RR = 0x0004, CR = 0x0008, UF = 0x0010, EC = 0x0020, DT = 0x0040;
+/// The bits that redirect peer requests upstream (Linux p2pdma.c pci_bridge_has_acs_redir()).
+inline constexpr uint16_t kRedirect = RR | CR | EC;
+}  // namespace acs
+
+/// What is known about a function's ACS capability.
+struct AcsState {
+  enum class Kind : uint8_t { unknown, absent, present } kind = Kind::unknown;
+  uint16_t cap = 0;   // ACS Capability register
+  uint16_t ctrl = 0;  // ACS Control register
+  bool redirects() const noexcept { return kind == Kind::present && (ctrl & acs::kRedirect) != 0; }
+};
+/// "RR CR EC"-style list of the set control bits ("-" when none).
+std::string acs_bits_string(uint16_t ctrl);
+
+/// One BAR as sysfs `resource` lists it: CPU physical [start, end] and IORESOURCE flags.
+struct Bar {
+  unsigned index = 0;
+  uint64_t start = 0;
+  uint64_t end = 0;  // inclusive, as in sysfs
+  uint64_t flags = 0;
+  uint64_t size() const noexcept { return end - start + 1; }
+  bool is_mem() const noexcept { return (flags & 0x200) != 0; }        // IORESOURCE_MEM
+  bool prefetchable() const noexcept { return (flags & 0x2000) != 0; } // IORESOURCE_PREFETCH
+};
+
+/// One PCI function.
+struct Function {
+  Bdf bdf;
+  uint16_t vendor = 0;
+  uint16_t device = 0;
+  uint32_t class_code = 0;  // 24 bits: base class, subclass, programming interface
+  uint8_t header_type = 0;  // without the multi-function bit
+  PortType port_type = PortType::unknown;
+  bool port_type_inferred = false;  // root port guessed from a bridge on a root bus
+  AcsState acs;
+  std::vector<Bar> bars;
+  int numa_node = -1;
+  double link_speed_gts = 0;  // 0 when unknown
+  unsigned link_width = 0;    // 0 when unknown
+  std::string name;           // a label from a machine file, or empty
+  int32_t upstream = -1;      // index of the upstream bridge; -1 on a root bus
+  uint32_t host_bridge = 0;   // index into Topology::host_bridges
+
+  uint8_t base_class() const noexcept { return static_cast<uint8_t>(class_code >> 16); }
+  /// Base class 0x06: the functions `physr topo` leaves out of the verdict matrix.
+  bool is_bridge_class() const noexcept { return base_class() == 0x06; }
+  /// A PCI-to-PCI bridge (class 0x0604 or 0x0609): it has a secondary bus below it.
+  bool is_pci_bridge() const noexcept {
+    const uint32_t sub = class_code >> 8;
+    return sub == 0x0604 || sub == 0x0609;
+  }
+};
+
+/// Human name of a class code ("NVMe controller", "3D controller", ...).
+std::string class_name(uint32_t class_code);
+
+/// A host bridge: one PCI domain and root bus number.
+struct HostBridge {
+  uint32_t domain = 0;
+  uint8_t bus = 0;
+  int numa_node = -1;
+  std::vector<uint32_t> root_functions;  // indices, by ascending devfn
+  /// "pci0000:00".
+  std::string name() const;
+};
+
+/// CPU identity from /proc/cpuinfo (or a machine file), for the AMD Zen rule.
+struct CpuInfo {
+  std::string vendor;  // "GenuineIntel", "AuthenticAMD", ... or empty when unknown
+  uint32_t family = 0;
+  bool known() const noexcept { return !vendor.empty(); }
+};
+
+/// A machine's PCI topology.
+struct Topology {
+  std::string source;  // where it came from, for messages
+  std::string name;
+  CpuInfo cpu;
+  std::vector<HostBridge> host_bridges;
+  std::vector<Function> functions;
+
+  /// Index of the function with this address.
+  std::optional<uint32_t> find(const Bdf& bdf) const;
+  /// Index of a function named by BDF text or by its machine-file name; ENODEV naming the
+  /// text when there is none, EINVAL when the text is neither.
+  Result<uint32_t> lookup(std::string_view bdf_or_name) const;
+  /// Checks the relations (indices in range, no cycles, root functions consistent).
+  Status validate() const;
+};
+
+/// What the configuration space says about a function.
+struct ConfigInfo {
+  uint16_t vendor = 0, device = 0;
+  uint32_t class_code = 0;
+  uint8_t header_type = 0;
+  bool multifunction = false;
+  bool has_pcie = false;
+  PortType port_type = PortType::unknown;
+  AcsState acs;
+};
+/// Parses configuration space bytes defensively: walks the capability list (at most 48
+/// entries, as Linux's PCI_FIND_CAP_TTL) and the extended capability list (at most 480)
+/// to the PCIe and ACS capabilities. A chain that loops, points outside the bytes read or
+/// into the header ends the walk. Fewer than 64 bytes is EINVAL. With only the 64-byte
+/// header (read without root), port type and ACS stay unknown.
+Result<ConfigInfo> parse_config(std::span<const uint8_t> bytes);
+
+/// Loads the PCI tree under ROOT/sys/devices/pci* and ROOT/proc/cpuinfo. ROOT is "/" for
+/// the live machine or a snapshot's root. Errors name the file and the problem.
+Result<Topology> load_sysfs(const std::filesystem::path& root);
+/// Loads a TOML machine file (docs/machine-format.md).
+Result<Topology> load_machine_file(const std::filesystem::path& file);
+/// Parses TOML machine text; `source` names it in errors ("FILE:LINE: key: problem").
+Result<Topology> parse_machine(std::string_view text, std::string_view source);
+
+// -------------------------------------------------------------------------------------
+// P2P verdicts
+
+/// How a client reaches a provider's memory (Linux enum pci_p2pdma_map_type).
+enum class MapType : uint8_t { not_supported, bus_addr, thru_host_bridge };
+const char* map_type_name(MapType t) noexcept;
+
+struct Verdict {
+  MapType type = MapType::not_supported;
+  int distance = 0;
+};
+
+/// What-if settings on top of the loaded topology.
+struct VerdictOptions {
+  /// Functions whose ACS redirect bits count as cleared (kernel pci=disable_acs_redir=).
+  std::vector<Bdf> acs_redir_off;
+  /// Override the CPU for the AMD Zen rule: nullopt uses the topology's CPU.
+  std::optional<bool> assume_amd_zen;
+};
+
+/// One hop of an explanation.
+struct PathHop {
+  uint32_t function;
+  bool redirects = false;   // counts as ACS redirect (after what-if options)
+  bool acs_unknown = false;
+};
+
+/// Everything behind one verdict, for `physr explain`.
+struct Explanation {
+  Verdict verdict;
+  std::optional<uint32_t> common;     // the common upstream device, if any
+  std::vector<PathHop> provider_path; // provider up to and including the common device (or to its root)
+  std::vector<PathHop> client_path;   // client up to, not including, the common device
+  std::vector<uint32_t> acs_redirecting;  // in the order Linux prints them
+  bool acs_unknown_on_path = false;
+  bool cpu_amd_zen = false;
+  bool same_host_bridge = false;
+  struct BridgeCheck {
+    uint32_t host_bridge;
+    std::optional<uint32_t> identifying;  // the function the allowlist looks at
+    bool listed = false;                  // vendor:device in the allowlist
+    bool requires_same_host_bridge = false;
+    bool passes = false;
+  };
+  std::vector<BridgeCheck> allowlist;  // one (same host bridge) or two checks; empty if not consulted
+  std::string link_class;              // nvidia-smi style: X, PIX, PXB, PHB, NODE, SYS
+  std::string kernel_parameter;        // "pci=disable_acs_redir=..." when ACS redirect decides
+};
+
+/// The nvidia-smi link classes and their definitions, for legends.
+std::span<const std::pair<const char*, const char*>> link_class_legend();
+
+/// Computes and caches verdicts for one topology. Not thread-safe; one per thread.
+class P2PEngine {
+ public:
+  /// `topo` must outlive the engine. EINVAL when an option names a function not in it.
+  static Result<P2PEngine> create(const Topology& topo, VerdictOptions options = {});
+
+  /// Verdict for (provider, client) function indices, computed once and cached.
+  Verdict verdict(uint32_t provider, uint32_t client);
+  /// The same, computed without touching the cache (for benchmarks and cross-checks).
+  Verdict compute(uint32_t provider, uint32_t client) const;
+  /// Full explanation of one verdict.
+  Explanation explain(uint32_t provider, uint32_t client) const;
+  /// Linux pci_p2pdma_distance_many(): -1 if there are no clients or any is not supported,
+  /// else the sum of distances.
+  int distance_many(uint32_t provider, std::span<const uint32_t> clients);
+  /// Linux pci_p2pmem_find_many(): among `published` providers, one at the smallest
+  /// distance_many; ties broken by pick(n) returning an index below n (random in Linux).
+  std::optional<uint32_t> find_many(std::span<const uint32_t> clients, std::span<const uint32_t> published,
+                                    const std::function<size_t(size_t)>& pick);
+  /// Whether the allowlist check passes for the path between a and b (no common device).
+  bool host_bridge_allowed(uint32_t a, uint32_t b) const;
+  bool cpu_amd_zen() const noexcept { return amd_zen_; }
+  const Topology& topology() const noexcept { return *topo_; }
+
+ private:
+  explicit P2PEngine(const Topology& topo) : topo_(&topo) {}
+  bool redirects(uint32_t f) const noexcept { return redir_[f] != 0; }
+  bool is_ancestor_or_self(uint32_t a, uint32_t b) const noexcept { return tin_[a] <= tin_[b] && tout_[b] <= tout_[a]; }
+  std::optional<uint32_t> identifying_device(uint32_t host_bridge) const;
+  bool bridge_passes(uint32_t host_bridge, bool same, Explanation::BridgeCheck* out) const;
+
+  const Topology* topo_;
+  bool amd_zen_ = false;
+  std::vector<uint8_t> redir_;      // 1 if the function counts as ACS-redirecting
+  std::vector<uint16_t> depth_;     // 0 on a root bus
+  std::vector<uint32_t> acs_up_;    // redirecting devices from the function to its root, inclusive
+  std::vector<uint32_t> tin_, tout_;
+  std::vector<std::vector<uint16_t>> cache_;  // per provider, per client: 0 = not computed
+};
+
+}  // namespace physr::pci

@@ -1,0 +1,322 @@
+// TOML machine files (docs/machine-format.md). Strict: unknown keys, wrong types, bad
+// addresses and dangling parents are errors that name FILE:LINE and the key, so a typo
+// never turns silently into a different machine.
+#include <fstream>
+#include <map>
+#include <set>
+#include <sstream>
+#include <toml++/toml.h>
+
+#include "physr/pci.hpp"
+
+namespace physr::pci {
+
+namespace {
+
+struct Ctx {
+  std::string source;
+  std::string where(const toml::node& n) const {
+    const auto& b = n.source().begin;
+    return source + ":" + std::to_string(b.line) + ": ";
+  }
+  std::string where(const toml::table& t) const { return where(static_cast<const toml::node&>(t)); }
+};
+
+Status check_keys(const Ctx& c, const toml::table& t, const std::string& what, std::initializer_list<std::string_view> allowed) {
+  for (const auto& [k, v] : t) {
+    bool ok = false;
+    for (auto a : allowed) ok = ok || k.str() == a;
+    if (!ok) {
+      std::string list;
+      for (auto a : allowed) {
+        if (!list.empty()) list += ", ";
+        list += a;
+      }
+      return make_error(EINVAL, c.where(v) + what + ": unknown key '" + std::string(k.str()) + "' (known: " + list + ")");
+    }
+  }
+  return {};
+}
+
+// Integer key in [lo, hi]; also accepts size strings ("16M") when `sizes` is set.
+Result<std::optional<uint64_t>> get_uint(const Ctx& c, const toml::table& t, std::string_view key, const std::string& what,
+                                         uint64_t hi, bool sizes = false) {
+  const toml::node* n = t.get(key);
+  if (!n) return std::optional<uint64_t>();
+  if (auto i = n->as_integer()) {
+    const int64_t v = i->get();
+    if (v < 0 || static_cast<uint64_t>(v) > hi)
+      return make_error(EINVAL, c.where(*n) + what + "." + std::string(key) + ": " + std::to_string(v) +
+                                    " is out of range 0.." + std::to_string(hi));
+    return std::optional<uint64_t>(static_cast<uint64_t>(v));
+  }
+  if (sizes) {
+    if (auto s = n->as_string()) {
+      auto v = parse_size(s->get());
+      if (!v) return make_error(EINVAL, c.where(*n) + what + "." + std::string(key) + ": " + v.error().message);
+      if (*v > hi) return make_error(EINVAL, c.where(*n) + what + "." + std::string(key) + ": too large");
+      return std::optional<uint64_t>(*v);
+    }
+  }
+  return make_error(EINVAL, c.where(*n) + what + "." + std::string(key) + ": expected an integer" + (sizes ? " or a size such as \"16M\"" : ""));
+}
+
+Result<std::optional<std::string>> get_string(const Ctx& c, const toml::table& t, std::string_view key, const std::string& what) {
+  const toml::node* n = t.get(key);
+  if (!n) return std::optional<std::string>();
+  if (auto s = n->as_string()) return std::optional<std::string>(s->get());
+  return make_error(EINVAL, c.where(*n) + what + "." + std::string(key) + ": expected a string");
+}
+
+Result<bool> get_bool(const Ctx& c, const toml::table& t, std::string_view key, const std::string& what, bool dflt) {
+  const toml::node* n = t.get(key);
+  if (!n) return dflt;
+  if (auto b = n->as_boolean()) return b->get();
+  return make_error(EINVAL, c.where(*n) + what + "." + std::string(key) + ": expected true or false");
+}
+
+Result<const toml::array*> get_table_array(const Ctx& c, const toml::table& t, std::string_view key) {
+  const toml::node* n = t.get(key);
+  if (!n) return static_cast<const toml::array*>(nullptr);
+  const toml::array* a = n->as_array();
+  if (!a || !a->is_array_of_tables())
+    return make_error(EINVAL, c.where(*n) + std::string(key) + ": expected an array of tables ([[" + std::string(key) + "]])");
+  return a;
+}
+
+Result<AcsState> parse_acs(const Ctx& c, const toml::node& n, const std::string& what) {
+  AcsState s;
+  const auto* str = n.as_string();
+  if (!str) return make_error(EINVAL, c.where(n) + what + ".acs: expected a string such as \"RR CR EC\", \"none\" or \"unknown\"");
+  std::istringstream in(str->get());
+  std::string tok;
+  s.kind = AcsState::Kind::present;
+  static const std::pair<const char*, uint16_t> names[] = {{"SV", acs::SV}, {"TB", acs::TB}, {"RR", acs::RR}, {"CR", acs::CR},
+                                                           {"UF", acs::UF}, {"EC", acs::EC}, {"DT", acs::DT}};
+  while (in >> tok) {
+    if (tok == "unknown" || tok == "absent") {
+      s.kind = tok == "unknown" ? AcsState::Kind::unknown : AcsState::Kind::absent;
+      continue;
+    }
+    if (tok == "none") continue;
+    bool found = false;
+    for (const auto& [name, bit] : names)
+      if (tok == name) {
+        s.ctrl |= bit;
+        found = true;
+      }
+    if (!found)
+      return make_error(EINVAL, c.where(n) + what + ".acs: unknown ACS bit '" + tok + "' (SV TB RR CR UF EC DT, none, absent, unknown)");
+  }
+  s.cap = s.kind == AcsState::Kind::present ? 0x7f : 0;
+  return s;
+}
+
+double gen_speed(uint64_t gen) {
+  static const double speeds[] = {0, 2.5, 5.0, 8.0, 16.0, 32.0, 64.0, 128.0};
+  return gen < 8 ? speeds[gen] : 0;
+}
+
+}  // namespace
+
+Result<Topology> parse_machine(std::string_view text, std::string_view source) {
+  Ctx c{std::string(source)};
+  toml::table root;
+  try {
+    root = toml::parse(text, source);
+  } catch (const toml::parse_error& e) {
+    return make_error(EINVAL, c.source + ":" + std::to_string(e.source().begin.line) + ": TOML syntax: " + std::string(e.description()));
+  }
+  PHYSR_TRY(check_keys(c, root, "machine", {"name", "description", "cpu", "host_bridge", "function"}));
+  Topology t;
+  t.source = c.source;
+  if (auto n = get_string(c, root, "name", "machine"); !n) return std::move(n).error();
+  else t.name = n->value_or(std::string(source));
+
+  if (const toml::node* cpu = root.get("cpu")) {
+    const toml::table* ct = cpu->as_table();
+    if (!ct) return make_error(EINVAL, c.where(*cpu) + "cpu: expected a table");
+    PHYSR_TRY(check_keys(c, *ct, "cpu", {"vendor", "family"}));
+    auto v = get_string(c, *ct, "vendor", "cpu");
+    if (!v) return std::move(v).error();
+    auto f = get_uint(c, *ct, "family", "cpu", 0xffff);
+    if (!f) return std::move(f).error();
+    t.cpu.vendor = v->value_or("");
+    t.cpu.family = static_cast<uint32_t>(f->value_or(0));
+  }
+
+  auto hbs = get_table_array(c, root, "host_bridge");
+  if (!hbs) return std::move(hbs).error();
+  if (!*hbs || (*hbs)->empty()) return make_error(EINVAL, c.source + ": no [[host_bridge]] tables: a machine needs at least one");
+  std::map<std::pair<uint32_t, uint8_t>, uint32_t> hb_index;
+  for (size_t i = 0; i < (*hbs)->size(); ++i) {
+    const toml::table& ht = *(**hbs)[i].as_table();
+    const std::string what = "host_bridge[" + std::to_string(i) + "]";
+    PHYSR_TRY(check_keys(c, ht, what, {"domain", "bus", "numa_node"}));
+    auto dom = get_uint(c, ht, "domain", what, 0xffffffff);
+    if (!dom) return std::move(dom).error();
+    auto bus = get_uint(c, ht, "bus", what, 0xff);
+    if (!bus) return std::move(bus).error();
+    auto node = get_uint(c, ht, "numa_node", what, 4095);
+    if (!node) return std::move(node).error();
+    HostBridge hb;
+    hb.domain = static_cast<uint32_t>(dom->value_or(0));
+    hb.bus = static_cast<uint8_t>(bus->value_or(0));
+    hb.numa_node = node->has_value() ? static_cast<int>(**node) : -1;
+    if (!hb_index.emplace(std::make_pair(hb.domain, hb.bus), static_cast<uint32_t>(t.host_bridges.size())).second)
+      return make_error(EEXIST, c.where(ht) + what + ": host bridge " + hb.name() + " is defined twice");
+    t.host_bridges.push_back(hb);
+  }
+
+  auto fns = get_table_array(c, root, "function");
+  if (!fns) return std::move(fns).error();
+  std::vector<std::pair<std::string, const toml::node*>> parents;  // per function
+  std::map<std::string, uint32_t> by_name;
+  std::map<Bdf, uint32_t> by_bdf;
+  const size_t nf = *fns ? (*fns)->size() : 0;
+  for (size_t i = 0; i < nf; ++i) {
+    const toml::table& ft = *(**fns)[i].as_table();
+    std::string what = "function[" + std::to_string(i) + "]";
+    PHYSR_TRY(check_keys(c, ft, what, {"bdf", "name", "vendor", "device", "class", "type", "parent", "acs", "numa_node",
+                                       "link_gen", "link_width", "bar"}));
+    Function f;
+    auto bdf_text = get_string(c, ft, "bdf", what);
+    if (!bdf_text) return std::move(bdf_text).error();
+    if (!bdf_text->has_value()) return make_error(EINVAL, c.where(ft) + what + ": missing key 'bdf'");
+    auto bdf = parse_bdf(**bdf_text);
+    if (!bdf) return make_error(EINVAL, c.where(*ft.get("bdf")) + what + ".bdf: " + bdf.error().message);
+    f.bdf = *bdf;
+    what += " (" + f.bdf.to_string() + ")";
+    if (by_bdf.count(f.bdf)) return make_error(EEXIST, c.where(ft) + what + ": defined twice");
+    auto name = get_string(c, ft, "name", what);
+    if (!name) return std::move(name).error();
+    f.name = name->value_or("");
+    if (!f.name.empty() && (by_name.count(f.name) || parse_bdf(f.name)))
+      return make_error(EEXIST, c.where(ft) + what + ".name: '" + f.name + "' is used twice or looks like a PCI address");
+    for (auto [key, max, dst] : {std::tuple{"vendor", uint64_t{0xffff}, 0}, std::tuple{"device", uint64_t{0xffff}, 1},
+                                 std::tuple{"class", uint64_t{0xffffff}, 2}}) {
+      auto v = get_uint(c, ft, key, what, max);
+      if (!v) return std::move(v).error();
+      if (!v->has_value()) return make_error(EINVAL, c.where(ft) + what + ": missing key '" + key + "'");
+      if (dst == 0) f.vendor = static_cast<uint16_t>(**v);
+      else if (dst == 1) f.device = static_cast<uint16_t>(**v);
+      else f.class_code = static_cast<uint32_t>(**v);
+    }
+    auto type = get_string(c, ft, "type", what);
+    if (!type) return std::move(type).error();
+    if (type->has_value()) {
+      auto pt = parse_port_type(**type);
+      if (!pt) return make_error(EINVAL, c.where(*ft.get("type")) + what + ".type: " + pt.error().message);
+      f.port_type = *pt;
+    } else {
+      f.port_type = f.is_pci_bridge() ? PortType::unknown : PortType::endpoint;
+    }
+    if (f.is_pci_bridge() && f.port_type == PortType::unknown)
+      return make_error(EINVAL, c.where(ft) + what + ": a PCI bridge needs 'type' (root_port, switch_upstream, switch_downstream, ...)");
+    f.acs.kind = AcsState::Kind::absent;
+    if (const toml::node* a = ft.get("acs")) {
+      auto s = parse_acs(c, *a, what);
+      if (!s) return std::move(s).error();
+      f.acs = *s;
+    }
+    auto node = get_uint(c, ft, "numa_node", what, 4095);
+    if (!node) return std::move(node).error();
+    f.numa_node = node->has_value() ? static_cast<int>(**node) : -1;
+    auto gen = get_uint(c, ft, "link_gen", what, 7);
+    if (!gen) return std::move(gen).error();
+    f.link_speed_gts = gen_speed(gen->value_or(0));
+    auto width = get_uint(c, ft, "link_width", what, 32);
+    if (!width) return std::move(width).error();
+    f.link_width = static_cast<unsigned>(width->value_or(0));
+
+    auto bars = get_table_array(c, ft, "bar");
+    if (!bars) return std::move(bars).error();
+    for (size_t b = 0; *bars && b < (*bars)->size(); ++b) {
+      const toml::table& bt = *(**bars)[b].as_table();
+      const std::string bw = what + ".bar[" + std::to_string(b) + "]";
+      PHYSR_TRY(check_keys(c, bt, bw, {"index", "start", "size", "prefetchable"}));
+      auto idx = get_uint(c, bt, "index", bw, 5);
+      auto start = get_uint(c, bt, "start", bw, (uint64_t{1} << 52) - 1, true);
+      auto size = get_uint(c, bt, "size", bw, uint64_t{1} << 52, true);
+      auto pf = get_bool(c, bt, "prefetchable", bw, true);
+      for (auto* r : {&idx, &start, &size})
+        if (!*r) return std::move(*r).error();
+      if (!pf) return std::move(pf).error();
+      if (!start->has_value() || !size->has_value() || **size == 0)
+        return make_error(EINVAL, c.where(bt) + bw + ": needs 'start' and a non-zero 'size'");
+      if (**start + **size > (uint64_t{1} << 52))
+        return make_error(EINVAL, c.where(bt) + bw + ": runs past the 52-bit physical address space");
+      Bar bar;
+      bar.index = static_cast<unsigned>(idx->value_or(b));
+      bar.start = **start;
+      bar.end = **start + **size - 1;
+      bar.flags = 0x200 | (*pf ? 0x2000 : 0) | 0x100000;  // IORESOURCE_MEM | PREFETCH | MEM_64
+      f.bars.push_back(bar);
+    }
+
+    const toml::node* pn = ft.get("parent");
+    std::string parent;
+    if (pn) {
+      if (!pn->as_string()) return make_error(EINVAL, c.where(*pn) + what + ".parent: expected a PCI address or a function name");
+      parent = pn->as_string()->get();
+    }
+    parents.emplace_back(parent, pn ? pn : &ft);
+    by_bdf.emplace(f.bdf, static_cast<uint32_t>(t.functions.size()));
+    if (!f.name.empty()) by_name.emplace(f.name, static_cast<uint32_t>(t.functions.size()));
+    t.functions.push_back(std::move(f));
+  }
+
+  // Resolve parents and host bridges now that every function is known.
+  for (uint32_t i = 0; i < t.functions.size(); ++i) {
+    Function& f = t.functions[i];
+    const std::string what = "function[" + std::to_string(i) + "] (" + f.bdf.to_string() + ")";
+    const auto& [parent, node] = parents[i];
+    if (parent.empty()) {
+      auto hb = hb_index.find({f.bdf.domain, f.bdf.bus});
+      if (hb == hb_index.end())
+        return make_error(EINVAL, c.where(*node) + what + ": has no 'parent' and no [[host_bridge]] has domain " +
+                                      std::to_string(f.bdf.domain) + " bus " + std::to_string(f.bdf.bus) + " as its root bus");
+      f.upstream = -1;
+      f.host_bridge = hb->second;
+      t.host_bridges[hb->second].root_functions.push_back(i);
+      if (f.numa_node < 0) f.numa_node = t.host_bridges[hb->second].numa_node;
+      continue;
+    }
+    std::optional<uint32_t> p;
+    if (auto n = by_name.find(parent); n != by_name.end()) p = n->second;
+    else if (auto b = parse_bdf(parent); b && by_bdf.count(*b)) p = by_bdf[*b];
+    if (!p) return make_error(EINVAL, c.where(*node) + what + ".parent: no function '" + parent + "' in this machine");
+    if (!t.functions[*p].is_pci_bridge())
+      return make_error(EINVAL, c.where(*node) + what + ".parent: " + t.functions[*p].bdf.to_string() +
+                                    " is not a PCI bridge (class 0x0604), so nothing can sit below it");
+    f.upstream = static_cast<int32_t>(*p);
+  }
+  // Host bridge and NUMA node come from the root of each chain (cycles checked first).
+  PHYSR_TRY(t.validate());
+  for (Function& f : t.functions) {
+    int32_t r = f.upstream;
+    const Function* top = &f;
+    while (r >= 0) {
+      top = &t.functions[static_cast<uint32_t>(r)];
+      r = top->upstream;
+    }
+    if (top->upstream < 0 && top != &f) {
+      f.host_bridge = top->host_bridge;
+      if (f.numa_node < 0) f.numa_node = t.host_bridges[f.host_bridge].numa_node;
+    }
+  }
+  for (HostBridge& hb : t.host_bridges)
+    std::sort(hb.root_functions.begin(), hb.root_functions.end(),
+              [&](uint32_t a, uint32_t b) { return t.functions[a].bdf.devfn() < t.functions[b].bdf.devfn(); });
+  return t;
+}
+
+Result<Topology> load_machine_file(const std::filesystem::path& file) {
+  std::ifstream in(file, std::ios::binary);
+  if (!in) return make_error(ENOENT, "machine file '" + file.string() + "': cannot be read");
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return parse_machine(ss.str(), file.string());
+}
+
+}  // namespace physr::pci

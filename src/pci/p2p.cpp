@@ -1,0 +1,282 @@
+// P2P verdicts exactly as Linux drivers/pci/p2pdma.c computes them.
+#include <algorithm>
+#include <climits>
+
+#include "physr/pci.hpp"
+
+namespace physr::pci {
+
+namespace {
+
+// Linux drivers/pci/p2pdma.c pci_p2pdma_whitelist[] (newest), in its order.
+constexpr uint16_t kAnyDevice = 0xffff;
+struct AllowEntry {
+  uint16_t vendor;
+  uint16_t device;
+  bool req_same_host_bridge;
+};
+constexpr AllowEntry kAllowlist[] = {
+    // Intel Xeon E5/Core i7
+    {0x8086, 0x3c00, true}, {0x8086, 0x3c01, true},
+    // Intel Xeon E7 v3/Xeon E5 v3/Core i7
+    {0x8086, 0x2f00, true}, {0x8086, 0x2f01, true},
+    // Intel Skylake-E, 3rd gen Xeon Scalable
+    {0x8086, 0x2030, false}, {0x8086, 0x2031, false}, {0x8086, 0x2032, false}, {0x8086, 0x2033, false},
+    {0x8086, 0x2020, false}, {0x8086, 0x09a2, false},
+    // Intel DSA/IAX (SPR0), DSA (GNRD, DMR), IAA (DMR), QAT 4xxx/401xx/402xx/420xx/6xxx
+    {0x8086, 0x0b25, false}, {0x8086, 0x0cfe, false}, {0x8086, 0x11fb, false}, {0x8086, 0x1212, false},
+    {0x8086, 0x1216, false}, {0x8086, 0x4940, false}, {0x8086, 0x4942, false}, {0x8086, 0x4944, false},
+    {0x8086, 0x4946, false}, {0x8086, 0x4948, false},
+    // NVIDIA
+    {0x10de, 0x2f95, false}, {0x10de, 0x2f96, false}, {0x10de, 0x2f97, false}, {0x10de, 0x2f98, false},
+    // Google SoCs
+    {0x1ae0, kAnyDevice, false},
+};
+
+constexpr uint16_t kComputed = 0x8000;
+uint16_t pack(Verdict v) {
+  return static_cast<uint16_t>(kComputed | static_cast<unsigned>(v.type) << 12 | std::min(v.distance, 4095));
+}
+Verdict unpack(uint16_t x) { return Verdict{static_cast<MapType>((x >> 12) & 3), x & 0xfff}; }
+
+constexpr std::pair<const char*, const char*> kLegend[] = {
+    {"X", "the same function"},
+    {"PIX", "through at most one PCIe switch (no host bridge)"},
+    {"PXB", "through several PCIe switches (no host bridge)"},
+    {"PHB", "through a PCIe host bridge (root port or root complex)"},
+    {"NODE", "between host bridges within one NUMA node"},
+    {"SYS", "between NUMA nodes (across the inter-socket link)"},
+};
+
+}  // namespace
+
+const char* map_type_name(MapType t) noexcept {
+  switch (t) {
+    case MapType::bus_addr: return "bus_addr";
+    case MapType::thru_host_bridge: return "thru_host_bridge";
+    case MapType::not_supported: return "not_supported";
+  }
+  return "?";
+}
+
+std::span<const std::pair<const char*, const char*>> link_class_legend() { return kLegend; }
+
+Result<P2PEngine> P2PEngine::create(const Topology& topo, VerdictOptions options) {
+  PHYSR_TRY(topo.validate());
+  P2PEngine e(topo);
+  const auto n = static_cast<uint32_t>(topo.functions.size());
+  if (n > 0xffff) return make_error(EINVAL, topo.source + ": more than 65535 functions");
+  // Linux p2pdma.c cpu_supports_p2pdma(): any AMD CPU whose family is Zen (0x17) or newer.
+  e.amd_zen_ = options.assume_amd_zen ? *options.assume_amd_zen
+                                      : topo.cpu.vendor == "AuthenticAMD" && topo.cpu.family >= 0x17;
+  e.redir_.assign(n, 0);
+  for (uint32_t i = 0; i < n; ++i) e.redir_[i] = topo.functions[i].acs.redirects() ? 1 : 0;
+  for (const Bdf& b : options.acs_redir_off) {
+    auto i = topo.find(b);
+    if (!i) return make_error(ENODEV, "ACS override names " + b.to_string() + ", which is not in " + topo.source);
+    e.redir_[*i] = 0;
+  }
+  // Depth, ACS prefix counts and Euler intervals by an iterative DFS over the forest.
+  std::vector<std::vector<uint32_t>> children(n);
+  std::vector<uint32_t> roots;
+  for (uint32_t i = 0; i < n; ++i) {
+    const int32_t u = topo.functions[i].upstream;
+    if (u < 0) roots.push_back(i);
+    else children[static_cast<uint32_t>(u)].push_back(i);
+  }
+  e.depth_.assign(n, 0);
+  e.acs_up_.assign(n, 0);
+  e.tin_.assign(n, 0);
+  e.tout_.assign(n, 0);
+  uint32_t clock = 0;
+  std::vector<std::pair<uint32_t, size_t>> stack;
+  for (uint32_t r : roots) {
+    e.depth_[r] = 0;
+    e.acs_up_[r] = e.redir_[r];
+    e.tin_[r] = clock++;
+    stack.push_back({r, 0});
+    while (!stack.empty()) {
+      auto& [f, next] = stack.back();
+      if (next < children[f].size()) {
+        const uint32_t ch = children[f][next++];
+        e.depth_[ch] = static_cast<uint16_t>(e.depth_[f] + 1);
+        e.acs_up_[ch] = e.acs_up_[f] + e.redir_[ch];
+        e.tin_[ch] = clock++;
+        stack.push_back({ch, 0});
+      } else {
+        e.tout_[f] = clock++;
+        stack.pop_back();
+      }
+    }
+  }
+  e.cache_.resize(n);
+  return e;
+}
+
+std::optional<uint32_t> P2PEngine::identifying_device(uint32_t hb) const {
+  // Linux p2pdma.c pci_host_bridge_dev(): the first device on the root bus, if it is
+  // devfn 00.0 or a PCIe Root Port.
+  const auto& roots = topo_->host_bridges[hb].root_functions;
+  if (roots.empty()) return std::nullopt;
+  const uint32_t first = roots.front();
+  const Function& f = topo_->functions[first];
+  if (f.bdf.devfn() == 0 || f.port_type == PortType::root_port) return first;
+  return std::nullopt;
+}
+
+bool P2PEngine::bridge_passes(uint32_t hb, bool same, Explanation::BridgeCheck* out) const {
+  // Linux p2pdma.c __host_bridge_whitelist(): the first matching entry decides.
+  const auto id = identifying_device(hb);
+  bool passes = false, listed = false, req_same = false;
+  if (id) {
+    const Function& f = topo_->functions[*id];
+    for (const AllowEntry& a : kAllowlist) {
+      if (f.vendor != a.vendor || (a.device != kAnyDevice && f.device != a.device)) continue;
+      listed = true;
+      req_same = a.req_same_host_bridge;
+      passes = !(a.req_same_host_bridge && !same);
+      break;
+    }
+  }
+  if (out) *out = Explanation::BridgeCheck{hb, id, listed, req_same, passes};
+  return passes;
+}
+
+bool P2PEngine::host_bridge_allowed(uint32_t a, uint32_t b) const {
+  // Linux p2pdma.c host_bridge_whitelist().
+  const uint32_t ha = topo_->functions[a].host_bridge, hb = topo_->functions[b].host_bridge;
+  if (ha == hb) return bridge_passes(ha, true, nullptr);
+  return bridge_passes(ha, false, nullptr) && bridge_passes(hb, false, nullptr);
+}
+
+// Linux drivers/pci/p2pdma.c calc_map_type_and_dist(). The kernel walks a from the
+// provider up and, for each a, bb from the client up until a == bb. The first such a is
+// the lowest ancestor-or-self of the provider that is also one of the client, found here
+// with an O(1) interval test. ACS-redirecting devices count on the provider's side up to
+// and including the common device and on the client's side below it.
+Verdict P2PEngine::compute(uint32_t p, uint32_t c) const {
+  const auto& fn = topo_->functions;
+  int32_t a = static_cast<int32_t>(p);
+  while (a >= 0 && !is_ancestor_or_self(static_cast<uint32_t>(a), c)) a = fn[static_cast<uint32_t>(a)].upstream;
+  Verdict v;
+  if (a >= 0) {
+    const auto common = static_cast<uint32_t>(a);
+    v.distance = depth_[p] - depth_[common] + depth_[c] - depth_[common];
+    const int32_t above = fn[common].upstream;
+    const uint32_t acs_cnt = acs_up_[p] - (above >= 0 ? acs_up_[static_cast<uint32_t>(above)] : 0) + acs_up_[c] - acs_up_[common];
+    if (acs_cnt == 0) {
+      v.type = MapType::bus_addr;
+      return v;
+    }
+  } else {
+    v.distance = depth_[p] + 1 + depth_[c] + 1;
+  }
+  v.type = amd_zen_ || host_bridge_allowed(p, c) ? MapType::thru_host_bridge : MapType::not_supported;
+  return v;
+}
+
+Verdict P2PEngine::verdict(uint32_t p, uint32_t c) {
+  auto& row = cache_[p];
+  if (row.empty()) row.assign(topo_->functions.size(), 0);
+  if (row[c] & kComputed) return unpack(row[c]);
+  const Verdict v = compute(p, c);
+  row[c] = pack(v);
+  return v;
+}
+
+int P2PEngine::distance_many(uint32_t provider, std::span<const uint32_t> clients) {
+  // Linux p2pdma.c pci_p2pdma_distance_many().
+  if (clients.empty()) return -1;
+  int total = 0;
+  for (uint32_t c : clients) {
+    const Verdict v = verdict(provider, c);
+    if (v.type == MapType::not_supported) return -1;
+    total += v.distance;
+  }
+  return total;
+}
+
+std::optional<uint32_t> P2PEngine::find_many(std::span<const uint32_t> clients, std::span<const uint32_t> published,
+                                             const std::function<size_t(size_t)>& pick) {
+  // Linux p2pdma.c pci_p2pmem_find_many(): the closest published providers, one at random.
+  int closest = INT_MAX;
+  std::vector<uint32_t> best;
+  for (uint32_t p : published) {
+    const int d = distance_many(p, clients);
+    if (d < 0 || d > closest) continue;
+    if (d < closest) {
+      best.clear();
+      closest = d;
+    }
+    best.push_back(p);
+  }
+  if (best.empty()) return std::nullopt;
+  const size_t i = pick(best.size());
+  return best[i < best.size() ? i : 0];
+}
+
+Explanation P2PEngine::explain(uint32_t p, uint32_t c) const {
+  const auto& fn = topo_->functions;
+  Explanation x;
+  x.verdict = compute(p, c);
+  x.cpu_amd_zen = amd_zen_;
+  x.same_host_bridge = fn[p].host_bridge == fn[c].host_bridge;
+  int32_t a = static_cast<int32_t>(p);
+  while (a >= 0 && !is_ancestor_or_self(static_cast<uint32_t>(a), c)) a = fn[static_cast<uint32_t>(a)].upstream;
+  if (a >= 0) x.common = static_cast<uint32_t>(a);
+  auto hop = [&](uint32_t f) {
+    return PathHop{f, redirects(f), fn[f].acs.kind == AcsState::Kind::unknown};
+  };
+  for (int32_t u = static_cast<int32_t>(p);; u = fn[static_cast<uint32_t>(u)].upstream) {
+    if (u < 0) break;
+    x.provider_path.push_back(hop(static_cast<uint32_t>(u)));
+    if (x.common && static_cast<uint32_t>(u) == *x.common) break;
+  }
+  for (int32_t u = static_cast<int32_t>(c); u >= 0; u = fn[static_cast<uint32_t>(u)].upstream) {
+    if (x.common && static_cast<uint32_t>(u) == *x.common) break;
+    x.client_path.push_back(hop(static_cast<uint32_t>(u)));
+  }
+  if (x.common) {
+    for (const auto* path : {&x.provider_path, &x.client_path})
+      for (const PathHop& h : *path) {
+        if (h.redirects) x.acs_redirecting.push_back(h.function);
+        x.acs_unknown_on_path = x.acs_unknown_on_path || h.acs_unknown;
+      }
+    if (!x.acs_redirecting.empty()) {
+      x.kernel_parameter = "pci=disable_acs_redir=";
+      for (size_t i = 0; i < x.acs_redirecting.size(); ++i) {
+        if (i != 0) x.kernel_parameter += ';';
+        x.kernel_parameter += fn[x.acs_redirecting[i]].bdf.to_string();
+      }
+    }
+  }
+  if (x.verdict.type != MapType::bus_addr && !amd_zen_) {
+    const uint32_t ha = fn[p].host_bridge, hb = fn[c].host_bridge;
+    Explanation::BridgeCheck chk;
+    bridge_passes(ha, ha == hb, &chk);
+    x.allowlist.push_back(chk);
+    if (ha != hb) {
+      bridge_passes(hb, false, &chk);
+      x.allowlist.push_back(chk);
+    }
+  }
+  // nvidia-smi style link class.
+  if (p == c) {
+    x.link_class = "X";
+  } else if (x.common && fn[*x.common].port_type != PortType::root_port) {
+    size_t bridges = 0;
+    for (const auto* path : {&x.provider_path, &x.client_path})
+      for (const PathHop& h : *path)
+        if (h.function != p && h.function != c && fn[h.function].is_pci_bridge()) ++bridges;
+    x.link_class = bridges <= 3 ? "PIX" : "PXB";
+  } else if (x.same_host_bridge) {
+    x.link_class = "PHB";
+  } else {
+    const int na = topo_->host_bridges[fn[p].host_bridge].numa_node, nb = topo_->host_bridges[fn[c].host_bridge].numa_node;
+    const int fa = fn[p].numa_node >= 0 ? fn[p].numa_node : na, fb = fn[c].numa_node >= 0 ? fn[c].numa_node : nb;
+    x.link_class = fa == fb ? "NODE" : "SYS";
+  }
+  return x;
+}
+
+}  // namespace physr::pci

@@ -1,0 +1,259 @@
+// Loads the PCI tree from sysfs: ROOT/sys/devices/pciDDDD:BB/<BDF>/<BDF>/... where a
+// function's parent directory is its upstream bridge (sys/bus/pci/devices is often
+// incomplete in snapshots, so it is not used). Symlinks are never followed, depth and
+// size are bounded, and every error names the file.
+#include <algorithm>
+#include <fstream>
+#include <sstream>
+#include <system_error>
+
+#include "physr/pci.hpp"
+
+namespace physr::pci {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+constexpr size_t kMaxTextFile = 64 * 1024;
+constexpr int kMaxDepth = 64;
+constexpr size_t kMaxFunctions = 1 << 16;
+
+Result<std::string> read_file(const fs::path& p, size_t max) {
+  std::ifstream in(p, std::ios::binary);
+  if (!in) return make_error(ENOENT, p.string() + ": cannot be read");
+  std::string s(max, '\0');
+  in.read(s.data(), static_cast<std::streamsize>(max));
+  s.resize(static_cast<size_t>(in.gcount()));
+  if (in.bad()) return make_error(EIO, p.string() + ": read error");
+  return s;
+}
+
+std::string_view trim(std::string_view s) {
+  while (!s.empty() && (s.front() == ' ' || s.front() == '\t' || s.front() == '\n' || s.front() == '\r')) s.remove_prefix(1);
+  while (!s.empty() && (s.back() == ' ' || s.back() == '\t' || s.back() == '\n' || s.back() == '\r')) s.remove_suffix(1);
+  return s;
+}
+
+bool parse_u64(std::string_view s, uint64_t& out, int base) {
+  if (base == 16 && s.size() > 2 && s[0] == '0' && (s[1] == 'x' || s[1] == 'X')) s.remove_prefix(2);
+  if (s.empty()) return false;
+  uint64_t v = 0;
+  for (char c : s) {
+    unsigned d;
+    if (c >= '0' && c <= '9') d = static_cast<unsigned>(c - '0');
+    else if (base == 16 && c >= 'a' && c <= 'f') d = static_cast<unsigned>(c - 'a' + 10);
+    else if (base == 16 && c >= 'A' && c <= 'F') d = static_cast<unsigned>(c - 'A' + 10);
+    else return false;
+    if (v > (~uint64_t{0} - d) / static_cast<uint64_t>(base)) return false;
+    v = v * static_cast<uint64_t>(base) + d;
+  }
+  out = v;
+  return true;
+}
+
+// A hex attribute such as `vendor` ("0x8086\n") no larger than max.
+Result<uint64_t> read_hex_attr(const fs::path& p, uint64_t max) {
+  auto text = read_file(p, kMaxTextFile);
+  if (!text) return std::move(text).error();
+  uint64_t v;
+  if (!parse_u64(trim(*text), v, 16) || v > max)
+    return make_error(EINVAL, p.string() + ": expected a hex number up to " + std::to_string(max) + ", found '" +
+                                  std::string(trim(*text).substr(0, 40)) + "'");
+  return v;
+}
+
+Status read_resource(const fs::path& p, Function& f) {
+  auto text = read_file(p, kMaxTextFile);
+  if (!text) return std::move(text).error();
+  std::istringstream in(*text);
+  std::string line;
+  unsigned index = 0;
+  while (std::getline(in, line)) {
+    const std::string_view l = trim(line);
+    if (l.empty()) continue;
+    uint64_t v[3];
+    size_t pos = 0;
+    for (int k = 0; k < 3; ++k) {
+      while (pos < l.size() && l[pos] == ' ') ++pos;
+      const size_t end = l.find(' ', pos);
+      const std::string_view tok = l.substr(pos, end == std::string_view::npos ? std::string_view::npos : end - pos);
+      if (!parse_u64(tok, v[k], 16))
+        return make_error(EINVAL, p.string() + ":" + std::to_string(index + 1) + ": expected three hex numbers (start end flags)");
+      pos = end == std::string_view::npos ? l.size() : end;
+    }
+    if (v[0] != 0 || v[1] != 0) {
+      if (v[1] < v[0])
+        return make_error(EINVAL, p.string() + ":" + std::to_string(index + 1) + ": end below start");
+      f.bars.push_back(Bar{index, v[0], v[1], v[2]});
+    }
+    if (++index > 64) return make_error(EINVAL, p.string() + ": more than 64 resource lines");
+  }
+  return {};
+}
+
+// Optional small attributes: absent or "unknown" leaves the default.
+void read_link(const fs::path& dir, Function& f) {
+  if (auto s = read_file(dir / "current_link_speed", 256)) {
+    std::string_view t = trim(*s);
+    double v = 0;
+    if (std::sscanf(std::string(t).c_str(), "%lf", &v) == 1 && v > 0 && v < 1000) f.link_speed_gts = v;
+  }
+  if (auto s = read_file(dir / "current_link_width", 256)) {
+    uint64_t w;
+    if (parse_u64(trim(*s), w, 10) && w <= 32) f.link_width = static_cast<unsigned>(w);
+  }
+}
+
+struct Loader {
+  Topology& t;
+
+  Status load_function(const fs::path& dir, const Bdf& bdf, uint32_t hb, int32_t upstream) {
+    Function f;
+    f.bdf = bdf;
+    f.host_bridge = hb;
+    f.upstream = upstream;
+    const fs::path cfg = dir / "config";
+    std::error_code ec;
+    bool have_config = false;
+    if (fs::exists(cfg, ec)) {
+      auto bytes = read_file(cfg, 4096);
+      if (!bytes) return std::move(bytes).error();
+      auto info = parse_config(std::span(reinterpret_cast<const uint8_t*>(bytes->data()), bytes->size()));
+      if (!info) return make_error(EINVAL, cfg.string() + ": " + info.error().message);
+      f.vendor = info->vendor;
+      f.device = info->device;
+      f.class_code = info->class_code;
+      f.header_type = info->header_type;
+      f.port_type = info->port_type;
+      f.acs = info->acs;
+      have_config = true;
+    }
+    // The text attributes are what the kernel reports; they win over raw config bytes.
+    for (const char* attr : {"vendor", "device", "class"}) {
+      const fs::path p = dir / attr;
+      if (!fs::exists(p, ec)) {
+        if (!have_config) return make_error(ENOENT, p.string() + ": missing (and no config file to read it from)");
+        continue;
+      }
+      const bool is_class = std::string_view(attr) == "class";
+      auto v = read_hex_attr(p, is_class ? 0xffffff : 0xffff);
+      if (!v) return std::move(v).error();
+      if (is_class) f.class_code = static_cast<uint32_t>(*v);
+      else if (std::string_view(attr) == "vendor") f.vendor = static_cast<uint16_t>(*v);
+      else f.device = static_cast<uint16_t>(*v);
+    }
+    if (fs::exists(dir / "resource", ec)) PHYSR_TRY(read_resource(dir / "resource", f));
+    if (auto s = read_file(dir / "numa_node", 256)) {
+      const std::string_view n = trim(*s);
+      uint64_t v;
+      if (n == "-1") f.numa_node = -1;
+      else if (parse_u64(n, v, 10) && v < 4096) f.numa_node = static_cast<int>(v);
+      else return make_error(EINVAL, (dir / "numa_node").string() + ": expected -1 or a node number, found '" + std::string(n.substr(0, 40)) + "'");
+    }
+    read_link(dir, f);
+    // Linux reads ACS and the port type from config space; a 64-byte snapshot has neither.
+    // A PCI bridge directly on a root bus is then taken to be a Root Port (DESIGN.md).
+    if (f.port_type == PortType::unknown && upstream < 0 && f.is_pci_bridge()) {
+      f.port_type = PortType::root_port;
+      f.port_type_inferred = true;
+    }
+    t.functions.push_back(std::move(f));
+    return {};
+  }
+
+  Status walk(const fs::path& dir, uint32_t hb, int32_t upstream, int depth) {
+    if (depth > kMaxDepth) return make_error(EINVAL, dir.string() + ": PCI tree deeper than 64 levels");
+    std::vector<std::pair<Bdf, fs::path>> children;
+    std::error_code ec;
+    for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+      const auto st = it->symlink_status(ec);
+      if (ec || !fs::is_directory(st)) continue;
+      const std::string name = it->path().filename().string();
+      if (name.size() < 12 || name[name.size() - 2] != '.') continue;
+      auto bdf = parse_bdf(name);
+      if (!bdf) continue;
+      children.emplace_back(*bdf, it->path());
+    }
+    if (ec) return make_error(EIO, dir.string() + ": cannot list: " + ec.message());
+    std::sort(children.begin(), children.end());
+    for (const auto& [bdf, path] : children) {
+      if (t.functions.size() >= kMaxFunctions) return make_error(EINVAL, dir.string() + ": more than 65536 PCI functions");
+      PHYSR_TRY(load_function(path, bdf, hb, upstream));
+      const auto idx = static_cast<int32_t>(t.functions.size() - 1);
+      if (upstream < 0) t.host_bridges[hb].root_functions.push_back(static_cast<uint32_t>(idx));
+      PHYSR_TRY(walk(path, hb, idx, depth + 1));
+    }
+    return {};
+  }
+};
+
+CpuInfo read_cpuinfo(const fs::path& p) {
+  CpuInfo cpu;
+  auto text = read_file(p, 1 << 20);
+  if (!text) return cpu;
+  std::istringstream in(*text);
+  std::string line;
+  bool have_family = false;
+  while (std::getline(in, line) && !(cpu.known() && have_family)) {
+    const size_t colon = line.find(':');
+    if (colon == std::string::npos) continue;
+    const std::string_view key = trim(std::string_view(line).substr(0, colon));
+    const std::string_view val = trim(std::string_view(line).substr(colon + 1));
+    if (key == "vendor_id" && cpu.vendor.empty()) cpu.vendor = std::string(val.substr(0, 64));
+    if (key == "cpu family" && !have_family) {
+      uint64_t v;
+      if (parse_u64(val, v, 10) && v < 0x10000) {
+        cpu.family = static_cast<uint32_t>(v);
+        have_family = true;
+      }
+    }
+  }
+  return cpu;
+}
+
+}  // namespace
+
+Result<Topology> load_sysfs(const fs::path& root) {
+  const fs::path devices = root / "sys" / "devices";
+  std::error_code ec;
+  if (!fs::is_directory(root, ec)) return make_error(ENOENT, "sysfs root '" + root.string() + "': not a directory");
+  if (!fs::is_directory(devices, ec))
+    return make_error(ENOENT, "sysfs root '" + root.string() + "': no sys/devices directory (is it a snapshot root?)");
+  Topology t;
+  t.source = root == "/" ? std::string("the live sysfs (/sys)") : "sysfs snapshot " + root.string();
+  t.name = root == "/" ? "this machine" : root.filename().string();
+  t.cpu = read_cpuinfo(root / "proc" / "cpuinfo");
+
+  std::vector<std::pair<std::pair<uint32_t, uint8_t>, fs::path>> bridges;
+  for (fs::directory_iterator it(devices, ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    const auto st = it->symlink_status(ec);
+    if (ec || !fs::is_directory(st) || name.rfind("pci", 0) != 0) continue;
+    // pciDDDD:BB with a domain of 4 or more hex digits.
+    auto bdf = parse_bdf(name.substr(3) + ":00.0");
+    if (!bdf || name.size() < 10) continue;
+    bridges.push_back({{bdf->domain, bdf->bus}, it->path()});
+  }
+  if (ec) return make_error(EIO, devices.string() + ": cannot list: " + ec.message());
+  if (bridges.empty()) return make_error(ENOENT, devices.string() + ": no pciDDDD:BB host bridge directories");
+  std::sort(bridges.begin(), bridges.end());
+  Loader loader{t};
+  for (const auto& [key, path] : bridges) {
+    HostBridge hb;
+    hb.domain = key.first;
+    hb.bus = key.second;
+    t.host_bridges.push_back(hb);
+    PHYSR_TRY(loader.walk(path, static_cast<uint32_t>(t.host_bridges.size() - 1), -1, 0));
+  }
+  for (HostBridge& hb : t.host_bridges)
+    for (uint32_t i : hb.root_functions)
+      if (t.functions[i].numa_node >= 0) {
+        hb.numa_node = t.functions[i].numa_node;
+        break;
+      }
+  PHYSR_TRY(t.validate());
+  return t;
+}
+
+}  // namespace physr::pci

@@ -1,0 +1,391 @@
+// physr topo / physr explain: the PCI tree of a machine and the P2P verdict for every pair
+// of devices, as Linux drivers/pci/p2pdma.c would compute it.
+#include <fmt/core.h>
+
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
+
+#include "builtin.hpp"
+#include "cli.hpp"
+#include "physr/pci.hpp"
+
+namespace physr::cli {
+namespace {
+
+using namespace physr::pci;
+
+struct SourceOptions {
+  std::string sysfs_root;
+  std::string machine;
+  std::string acs_off;
+  std::string assume_cpu;
+};
+
+void add_source_options(CLI::App* c, const std::shared_ptr<SourceOptions>& o) {
+  auto* s = c->add_option("--sysfs-root", o->sysfs_root, "Read a sysfs snapshot rooted at DIR (default: the live /sys)");
+  auto* m = c->add_option("--machine", o->machine, "Read a TOML machine file, or a built-in machine by name");
+  s->excludes(m);
+  c->add_option("--assume-acs-off", o->acs_off, "BDF[,BDF...]: as if pci=disable_acs_redir= listed them");
+  c->add_option("--assume-cpu", o->assume_cpu, "amd-zen or other: override the CPU for the AMD Zen rule");
+}
+
+std::string builtin_names() {
+  std::string s;
+  for (const auto& b : kBuiltinMachines) {
+    if (!s.empty()) s += ", ";
+    s += b.name;
+  }
+  return s;
+}
+
+/// Loads the topology the options name: a machine file, a built-in machine or sysfs.
+Topology load_topology(const SourceOptions& o) {
+  if (!o.machine.empty()) {
+    std::error_code ec;
+    if (std::filesystem::exists(o.machine, ec)) return failure_value(load_machine_file(o.machine));
+    for (const auto& b : kBuiltinMachines)
+      if (b.name == o.machine) return failure_value(parse_machine(b.text, "builtin:" + std::string(b.name)));
+    throw Failure(fmt::format("--machine {}: no such file and no built-in machine of that name (built-in: {})", o.machine,
+                              builtin_names()));
+  }
+  return failure_value(load_sysfs(o.sysfs_root.empty() ? "/" : o.sysfs_root));
+}
+
+VerdictOptions verdict_options(const SourceOptions& o) {
+  VerdictOptions v;
+  size_t pos = 0;
+  while (pos < o.acs_off.size()) {
+    size_t end = o.acs_off.find(',', pos);
+    if (end == std::string::npos) end = o.acs_off.size();
+    const std::string tok = o.acs_off.substr(pos, end - pos);
+    if (!tok.empty()) {
+      auto b = parse_bdf(tok);
+      if (!b) throw UsageError("--assume-acs-off: " + b.error().message);
+      v.acs_redir_off.push_back(*b);
+    }
+    pos = end + 1;
+  }
+  if (o.assume_cpu == "amd-zen") v.assume_amd_zen = true;
+  else if (o.assume_cpu == "other") v.assume_amd_zen = false;
+  else if (!o.assume_cpu.empty()) throw UsageError("--assume-cpu '" + o.assume_cpu + "': expected amd-zen or other");
+  return v;
+}
+
+std::string port_label(const Function& f) {
+  if (f.port_type == PortType::unknown || f.port_type == PortType::conventional) return "";
+  return std::string(port_type_name(f.port_type)) + (f.port_type_inferred ? "*" : "");
+}
+
+std::string acs_label(const Function& f) {
+  switch (f.acs.kind) {
+    case AcsState::Kind::unknown: return "ACS ?";
+    case AcsState::Kind::absent: return "";
+    case AcsState::Kind::present: return "ACS " + acs_bits_string(f.acs.ctrl);
+  }
+  return "";
+}
+
+std::string describe(const Function& f) {
+  std::string s = f.bdf.to_string();
+  if (!f.name.empty()) s += " (" + f.name + ")";
+  return s;
+}
+
+std::string short_verdict(const Verdict& v) {
+  switch (v.type) {
+    case MapType::bus_addr: return fmt::format("B{}", v.distance);
+    case MapType::thru_host_bridge: return fmt::format("H{}", v.distance);
+    case MapType::not_supported: return "--";
+  }
+  return "?";
+}
+
+// --devices: comma-separated BDF prefixes, device names or class words.
+bool device_matches(const Function& f, const std::string& filter) {
+  if (filter.empty()) return true;
+  size_t pos = 0;
+  const std::string bdf = f.bdf.to_string();
+  while (pos <= filter.size()) {
+    size_t end = filter.find(',', pos);
+    if (end == std::string::npos) end = filter.size();
+    const std::string t = filter.substr(pos, end - pos);
+    pos = end + 1;
+    if (t.empty()) continue;
+    const uint32_t sub = f.class_code >> 8;
+    if (t == f.name || bdf.rfind(t, 0) == 0 || bdf.substr(5).rfind(t, 0) == 0) return true;
+    if (t == "nvme" && sub == 0x0108) return true;
+    if (t == "storage" && f.base_class() == 0x01) return true;
+    if ((t == "net" || t == "nic") && f.base_class() == 0x02) return true;
+    if ((t == "gpu" || t == "display") && f.base_class() == 0x03) return true;
+    if (t == "accel" && (f.base_class() == 0x12 || f.base_class() == 0x0b)) return true;
+  }
+  return false;
+}
+
+void print_tree(const Topology& t, P2PEngine& e) {
+  std::vector<std::vector<uint32_t>> children(t.functions.size());
+  for (uint32_t i = 0; i < t.functions.size(); ++i)
+    if (t.functions[i].upstream >= 0) children[static_cast<uint32_t>(t.functions[i].upstream)].push_back(i);
+  for (uint32_t h = 0; h < t.host_bridges.size(); ++h) {
+    const HostBridge& hb = t.host_bridges[h];
+    // What the allowlist would say for P2P between two root ports of this host bridge.
+    std::string allow = "no identifying device: allowlist fails";
+    const auto& roots = hb.root_functions;
+    if (!roots.empty()) {
+      const Function& first = t.functions[roots.front()];
+      if (first.bdf.devfn() == 0 || first.port_type == PortType::root_port) {
+        const bool ok = e.host_bridge_allowed(roots.front(), roots.front());
+        allow = fmt::format("identifying device {} {:04x}:{:04x}: {}", first.bdf.to_string(), first.vendor, first.device,
+                            ok ? "allowlisted" : "not in the allowlist");
+      }
+    }
+    fmt::print("{}  NUMA {}  {}\n", hb.name(), hb.numa_node, allow);
+    std::vector<std::pair<uint32_t, int>> stack;
+    for (auto it = roots.rbegin(); it != roots.rend(); ++it) stack.push_back({*it, 1});
+    while (!stack.empty()) {
+      auto [i, depth] = stack.back();
+      stack.pop_back();
+      const Function& f = t.functions[i];
+      fmt::print("{:{}}{}  {:04x}:{:04x}  {:<22} {:<20} {}{}\n", "", depth * 2, describe(f), f.vendor, f.device,
+                 class_name(f.class_code), port_label(f), acs_label(f),
+                 f.bars.empty() ? "" : fmt::format("  BARs {}", f.bars.size()));
+      for (auto it = children[i].rbegin(); it != children[i].rend(); ++it) stack.push_back({*it, depth + 1});
+    }
+  }
+}
+
+std::vector<uint32_t> endpoints(const Topology& t, const std::string& filter) {
+  std::vector<uint32_t> out;
+  for (uint32_t i = 0; i < t.functions.size(); ++i)
+    if (!t.functions[i].is_bridge_class() && device_matches(t.functions[i], filter)) out.push_back(i);
+  return out;
+}
+
+void print_matrix(const Topology& t, P2PEngine& e, const std::vector<uint32_t>& devs) {
+  constexpr size_t kMaxColumns = 32;
+  if (devs.empty()) {
+    fmt::print("\nNo non-bridge functions match.\n");
+    return;
+  }
+  if (devs.size() > kMaxColumns) {
+    std::map<std::string, size_t> counts;
+    for (uint32_t p : devs)
+      for (uint32_t c : devs) ++counts[map_type_name(e.verdict(p, c).type)];
+    fmt::print("\n{} devices: too many for a matrix (use --devices to pick some, or --json). Pairs by verdict:\n", devs.size());
+    for (const auto& [k, n] : counts) fmt::print("  {:<18} {}\n", k, n);
+    return;
+  }
+  fmt::print("\nP2P verdicts (row = provider of the memory, column = client doing the DMA)\n\n{:>4}  {:<24}", "", "");
+  for (size_t j = 0; j < devs.size(); ++j) fmt::print("{:>4}", j);
+  fmt::print("\n");
+  for (size_t i = 0; i < devs.size(); ++i) {
+    const Function& f = t.functions[devs[i]];
+    fmt::print("{:>4}  {:<24}", i, describe(f).substr(0, 24));
+    for (uint32_t c : devs) fmt::print("{:>4}", short_verdict(e.verdict(devs[i], c)));
+    fmt::print("\n");
+  }
+  fmt::print("\n  Bn = bus_addr (PCI bus address, below a common switch or bridge), distance n\n"
+             "  Hn = thru_host_bridge (via the root complex, IOMMU applies), distance n\n"
+             "  -- = not_supported (the DMA layer must bounce or fail with EREMOTEIO)\n");
+  bool any_unknown = false;
+  for (const Function& f : t.functions) any_unknown = any_unknown || f.acs.kind == AcsState::Kind::unknown;
+  if (any_unknown)
+    fmt::print("  ACS ? = ACS unknown (config space read without root): computed as no redirect, as Linux\n"
+               "          would if the bits are clear; '*' marks a root port inferred from a bridge on a root bus.\n");
+  fmt::print("  physr explain A B shows why.\n");
+}
+
+nlohmann::json to_json(const Topology& t, P2PEngine& e, const std::vector<uint32_t>& devs) {
+  nlohmann::json j;
+  j["source"] = t.source;
+  j["machine"] = t.name;
+  j["cpu"] = {{"vendor", t.cpu.vendor}, {"family", t.cpu.family}, {"amd_zen_rule", e.cpu_amd_zen()}};
+  auto& hbs = j["host_bridges"] = nlohmann::json::array();
+  for (const HostBridge& hb : t.host_bridges) hbs.push_back({{"name", hb.name()}, {"numa_node", hb.numa_node}});
+  auto& fns = j["functions"] = nlohmann::json::array();
+  for (const Function& f : t.functions) {
+    nlohmann::json o = {{"bdf", f.bdf.to_string()},
+                        {"vendor", fmt::format("{:04x}", f.vendor)},
+                        {"device", fmt::format("{:04x}", f.device)},
+                        {"class", fmt::format("{:06x}", f.class_code)},
+                        {"class_name", class_name(f.class_code)},
+                        {"port_type", port_type_name(f.port_type)},
+                        {"port_type_inferred", f.port_type_inferred},
+                        {"acs", f.acs.kind == AcsState::Kind::unknown  ? "unknown"
+                                : f.acs.kind == AcsState::Kind::absent ? "absent"
+                                                                       : acs_bits_string(f.acs.ctrl)},
+                        {"numa_node", f.numa_node},
+                        {"host_bridge", t.host_bridges[f.host_bridge].name()}};
+    o["upstream"] = f.upstream >= 0 ? nlohmann::json(t.functions[static_cast<uint32_t>(f.upstream)].bdf.to_string()) : nlohmann::json();
+    if (!f.name.empty()) o["name"] = f.name;
+    fns.push_back(std::move(o));
+  }
+  auto& pairs = j["pairs"] = nlohmann::json::array();
+  for (uint32_t p : devs)
+    for (uint32_t c : devs) {
+      const Verdict v = e.verdict(p, c);
+      pairs.push_back({{"provider", t.functions[p].bdf.to_string()},
+                       {"client", t.functions[c].bdf.to_string()},
+                       {"map_type", map_type_name(v.type)},
+                       {"distance", v.distance}});
+    }
+  return j;
+}
+
+void print_dot(const Topology& t) {
+  fmt::print("digraph physr {{\n  rankdir=TB;\n  node [shape=box, fontname=\"monospace\", fontsize=10];\n");
+  for (uint32_t h = 0; h < t.host_bridges.size(); ++h) {
+    const HostBridge& hb = t.host_bridges[h];
+    fmt::print("  subgraph cluster_{} {{\n    label=\"{} (NUMA {})\";\n    \"{}\" [shape=ellipse];\n", h, hb.name(),
+               hb.numa_node, hb.name());
+    for (uint32_t i = 0; i < t.functions.size(); ++i) {
+      const Function& f = t.functions[i];
+      if (f.host_bridge != h) continue;
+      const std::string port = port_label(f), acs = acs_label(f);
+      const char* shape = f.port_type == PortType::switch_upstream ? "box3d" : f.is_pci_bridge() ? "box" : "component";
+      fmt::print("    \"{}\" [shape={}, label=\"{}\\n{:04x}:{:04x} {}{}{}\"];\n", f.bdf.to_string(), shape, describe(f), f.vendor,
+                 f.device, class_name(f.class_code), port.empty() ? "" : "\\n" + port, acs.empty() ? "" : "\\n" + acs);
+    }
+    fmt::print("  }}\n");
+  }
+  for (const Function& f : t.functions) {
+    const std::string from = f.upstream >= 0 ? t.functions[static_cast<uint32_t>(f.upstream)].bdf.to_string()
+                                             : t.host_bridges[f.host_bridge].name();
+    fmt::print("  \"{}\" -> \"{}\";\n", from, f.bdf.to_string());
+  }
+  fmt::print("}}\n");
+}
+
+struct TopoOptions {
+  std::shared_ptr<SourceOptions> src = std::make_shared<SourceOptions>();
+  bool json = false;
+  bool dot = false;
+  std::string devices;
+};
+
+void run_topo(const TopoOptions& o) {
+  const Topology t = load_topology(*o.src);
+  P2PEngine e = failure_value(P2PEngine::create(t, verdict_options(*o.src)));
+  const auto devs = endpoints(t, o.devices);
+  if (o.json) {
+    fmt::print("{}\n", to_json(t, e, devs).dump(1));
+    return;
+  }
+  if (o.dot) {
+    print_dot(t);
+    return;
+  }
+  fmt::print("{}: {}, CPU {}{}\n{} host bridges, {} functions\n\n", t.source, t.name,
+             t.cpu.known() ? fmt::format("{} family {:#x}", t.cpu.vendor, t.cpu.family) : "unknown",
+             e.cpu_amd_zen() ? " (AMD Zen: P2P through the host bridge is allowed)" : "", t.host_bridges.size(),
+             t.functions.size());
+  print_tree(t, e);
+  print_matrix(t, e, devs);
+}
+
+struct ExplainOptions {
+  std::shared_ptr<SourceOptions> src = std::make_shared<SourceOptions>();
+  std::string a, b;
+};
+
+void print_hop(const Topology& t, const PathHop& h, const char* note) {
+  const Function& f = t.functions[h.function];
+  fmt::print("  {:<28} {:<22} {:<20} {:<12}{}{}\n", describe(f), class_name(f.class_code), port_label(f),
+             acs_label(f).empty() ? "no ACS" : acs_label(f), h.redirects ? "  redirects upstream" : "", note);
+}
+
+void run_explain(const ExplainOptions& o) {
+  const Topology t = load_topology(*o.src);
+  P2PEngine e = failure_value(P2PEngine::create(t, verdict_options(*o.src)));
+  auto lookup = [&](const std::string& s) {
+    auto r = t.lookup(s);
+    if (!r) {
+      if (r.error().code == EINVAL) throw UsageError(r.error().message);
+      throw Failure(r.error().message);
+    }
+    return *r;
+  };
+  const uint32_t p = lookup(o.a), c = lookup(o.b);
+  const Explanation x = e.explain(p, c);
+  const Function& fp = t.functions[p];
+  const Function& fc = t.functions[c];
+  fmt::print("provider {} ({} {:04x}:{:04x})\nclient   {} ({} {:04x}:{:04x})\n\n", describe(fp), class_name(fp.class_code),
+             fp.vendor, fp.device, describe(fc), class_name(fc.class_code), fc.vendor, fc.device);
+  fmt::print("Path, from the provider up{}:\n", x.common ? " to the common upstream device, then down to the client" : " to its host bridge, then from the client's host bridge down");
+  for (const PathHop& h : x.provider_path)
+    print_hop(t, h, x.common && h.function == *x.common ? "  <- common upstream device" : "");
+  if (!x.common) fmt::print("  {} ... {}\n", t.host_bridges[fp.host_bridge].name(), t.host_bridges[fc.host_bridge].name());
+  for (auto it = x.client_path.rbegin(); it != x.client_path.rend(); ++it) print_hop(t, *it, "");
+
+  fmt::print("\n");
+  if (x.common) {
+    fmt::print("Common upstream device: {} ({})\n", t.functions[*x.common].bdf.to_string(),
+               port_label(t.functions[*x.common]).empty() ? class_name(t.functions[*x.common].class_code) : port_label(t.functions[*x.common]));
+    if (x.acs_redirecting.empty()) {
+      fmt::print("ACS: no device on the path redirects peer requests (RR/CR/EC clear), so TLPs stay below it.\n");
+    } else {
+      std::string list;
+      for (uint32_t f : x.acs_redirecting) list += (list.empty() ? "" : ", ") + t.functions[f].bdf.to_string();
+      fmt::print("ACS: redirect (RR, CR or EC) set on {}: peer requests go up to the root complex.\n", list);
+    }
+    if (x.acs_unknown_on_path)
+      fmt::print("ACS is unknown on part of the path (config space read without root); it is computed as\n"
+                 "no redirect. Run as root, or on a full snapshot, to be sure.\n");
+  } else {
+    fmt::print("No common upstream device: the path goes through {}.\n",
+               x.same_host_bridge ? "their host bridge " + t.host_bridges[fp.host_bridge].name()
+                                  : "two host bridges, " + t.host_bridges[fp.host_bridge].name() + " and " +
+                                        t.host_bridges[fc.host_bridge].name());
+  }
+  if (x.verdict.type != MapType::bus_addr) {
+    if (x.cpu_amd_zen) {
+      fmt::print("CPU: AMD family {:#x} (Zen or newer): Linux allows P2P through the host bridge.\n", t.cpu.family);
+    } else {
+      fmt::print("CPU: {}: not AMD Zen, so the host bridge allowlist decides.\n",
+                 t.cpu.known() ? fmt::format("{} family {:#x}", t.cpu.vendor, t.cpu.family) : "unknown");
+      for (const auto& chk : x.allowlist) {
+        const HostBridge& hb = t.host_bridges[chk.host_bridge];
+        if (!chk.identifying) {
+          fmt::print("  {}: no identifying device (the first function on its root bus is neither 00.0 nor a root port): fails\n", hb.name());
+          continue;
+        }
+        const Function& id = t.functions[*chk.identifying];
+        fmt::print("  {}: identifying device {} {:04x}:{:04x}: {}{}\n", hb.name(), id.bdf.to_string(), id.vendor, id.device,
+                   chk.listed ? "in the allowlist" : "not in the allowlist",
+                   chk.listed && chk.requires_same_host_bridge ? (x.same_host_bridge ? " (needs one host bridge: yes)" : " (only within one host bridge: fails)") : "");
+      }
+    }
+  }
+  fmt::print("\nVerdict: {}, distance {}\n", map_type_name(x.verdict.type), x.verdict.distance);
+  std::string def;
+  for (const auto& [k, d] : link_class_legend())
+    if (x.link_class == k) def = d;
+  fmt::print("Link class: {} ({})\n", x.link_class, def);
+  if (!x.kernel_parameter.empty())
+    fmt::print("\nTo let this pair use bus addresses, boot with: {}\n(what-if: add --assume-acs-off {})\n", x.kernel_parameter,
+               x.kernel_parameter.substr(std::string("pci=disable_acs_redir=").size()));
+}
+
+}  // namespace
+
+void add_topo_commands(CLI::App& app) {
+  auto t = std::make_shared<TopoOptions>();
+  CLI::App* c = app.add_subcommand("topo", "Show the PCI tree and the P2P verdict for every pair of devices");
+  add_source_options(c, t->src);
+  auto* j = c->add_flag("--json", t->json, "Print one JSON object: functions and every (provider, client) pair");
+  auto* d = c->add_flag("--dot", t->dot, "Print the tree as Graphviz");
+  j->excludes(d);
+  c->add_option("--devices", t->devices, "Only these devices: BDF prefixes, names or classes (nvme, storage, net, gpu, accel), comma-separated");
+  c->callback([t] { run_topo(*t); });
+
+  auto x = std::make_shared<ExplainOptions>();
+  CLI::App* e = app.add_subcommand("explain", "Explain the P2P verdict between two devices, hop by hop");
+  e->add_option("provider", x->a, "The device whose memory is used (BDF or name)")->required();
+  e->add_option("client", x->b, "The device doing the DMA (BDF or name)")->required();
+  add_source_options(e, x->src);
+  e->callback([x] { run_explain(*x); });
+}
+
+}  // namespace physr::cli
