@@ -147,14 +147,20 @@ struct Topology {
   CpuInfo cpu;
   std::vector<HostBridge> host_bridges;
   std::vector<Function> functions;
+  /// Oddities the loader accepted (e.g. one address under several bridges in an edited
+  /// snapshot): the CLI prints them; verdicts follow the tree regardless.
+  std::vector<std::string> warnings;
 
-  /// Index of the function with this address.
+  /// Index of the function with this address (the first one, should it repeat).
   std::optional<uint32_t> find(const Bdf& bdf) const;
   /// Index of a function named by BDF text or by its machine-file name; ENODEV naming the
   /// text when there is none, EINVAL when the text is neither.
   Result<uint32_t> lookup(std::string_view bdf_or_name) const;
-  /// Checks the relations (indices in range, no cycles, root functions consistent).
-  Status validate() const;
+  /// Checks the relations (indices in range, no cycles); with unique_bdfs also that no
+  /// address repeats (EEXIST).
+  Status validate(bool unique_bdfs = false) const;
+  /// Addresses that appear more than once.
+  std::vector<Bdf> duplicate_bdfs() const;
 };
 
 /// What the configuration space says about a function.
@@ -271,6 +277,8 @@ class P2PEngine {
   std::vector<uint16_t> depth_;     // 0 on a root bus
   std::vector<uint32_t> acs_up_;    // redirecting devices from the function to its root, inclusive
   std::vector<uint32_t> tin_, tout_;
+  std::vector<uint32_t> tree_;              // the root function of each function's tree
+  std::vector<uint8_t> bridge_same_, bridge_other_;  // allowlist per host bridge, same / different
   std::vector<std::vector<uint16_t>> cache_;  // per provider, per client: 0 = not computed
 };
 

@@ -177,8 +177,6 @@ Result<Topology> parse_machine(std::string_view text, std::string_view source) {
   for (size_t i = 0; i < nf; ++i) {
     const toml::table& ft = *(**fns)[i].as_table();
     std::string what = "function[" + std::to_string(i) + "]";
-    PHYSR_TRY(check_keys(c, ft, what, {"bdf", "name", "vendor", "device", "class", "type", "parent", "acs", "numa_node",
-                                       "link_gen", "link_width", "bar"}));
     Function f;
     auto bdf_text = get_string(c, ft, "bdf", what);
     if (!bdf_text) return std::move(bdf_text).error();
@@ -187,6 +185,8 @@ Result<Topology> parse_machine(std::string_view text, std::string_view source) {
     if (!bdf) return make_error(EINVAL, c.where(*ft.get("bdf")) + what + ".bdf: " + bdf.error().message);
     f.bdf = *bdf;
     what += " (" + f.bdf.to_string() + ")";
+    PHYSR_TRY(check_keys(c, ft, what, {"bdf", "name", "vendor", "device", "class", "type", "parent", "acs", "numa_node",
+                                       "link_gen", "link_width", "bar"}));
     if (by_bdf.count(f.bdf)) return make_error(EEXIST, c.where(ft) + what + ": defined twice");
     auto name = get_string(c, ft, "name", what);
     if (!name) return std::move(name).error();
@@ -292,7 +292,7 @@ Result<Topology> parse_machine(std::string_view text, std::string_view source) {
     f.upstream = static_cast<int32_t>(*p);
   }
   // Host bridge and NUMA node come from the root of each chain (cycles checked first).
-  PHYSR_TRY(t.validate());
+  if (auto ok = t.validate(true); !ok) return make_error(ok.error().code, c.source + ": " + ok.error().message);
   for (Function& f : t.functions) {
     int32_t r = f.upstream;
     const Function* top = &f;

@@ -109,6 +109,17 @@ Result<P2PEngine> P2PEngine::create(const Topology& topo, VerdictOptions options
       }
     }
   }
+  e.tree_.assign(n, 0);
+  for (uint32_t i = 0; i < n; ++i) {
+    uint32_t r = i;
+    while (topo.functions[r].upstream >= 0) r = static_cast<uint32_t>(topo.functions[r].upstream);
+    e.tree_[i] = r;
+  }
+  // The allowlist answer depends only on the host bridge and the "same" flag: decide it once.
+  for (uint32_t h = 0; h < topo.host_bridges.size(); ++h) {
+    e.bridge_same_.push_back(e.bridge_passes(h, true, nullptr) ? 1 : 0);
+    e.bridge_other_.push_back(e.bridge_passes(h, false, nullptr) ? 1 : 0);
+  }
   e.cache_.resize(n);
   return e;
 }
@@ -145,8 +156,8 @@ bool P2PEngine::bridge_passes(uint32_t hb, bool same, Explanation::BridgeCheck* 
 bool P2PEngine::host_bridge_allowed(uint32_t a, uint32_t b) const {
   // Linux p2pdma.c host_bridge_whitelist().
   const uint32_t ha = topo_->functions[a].host_bridge, hb = topo_->functions[b].host_bridge;
-  if (ha == hb) return bridge_passes(ha, true, nullptr);
-  return bridge_passes(ha, false, nullptr) && bridge_passes(hb, false, nullptr);
+  if (ha == hb) return bridge_same_[ha] != 0;
+  return bridge_other_[ha] != 0 && bridge_other_[hb] != 0;
 }
 
 // Linux drivers/pci/p2pdma.c calc_map_type_and_dist(). The kernel walks a from the
@@ -157,6 +168,7 @@ bool P2PEngine::host_bridge_allowed(uint32_t a, uint32_t b) const {
 Verdict P2PEngine::compute(uint32_t p, uint32_t c) const {
   const auto& fn = topo_->functions;
   int32_t a = static_cast<int32_t>(p);
+  if (tree_[p] != tree_[c]) a = -1;  // different trees share no device
   while (a >= 0 && !is_ancestor_or_self(static_cast<uint32_t>(a), c)) a = fn[static_cast<uint32_t>(a)].upstream;
   Verdict v;
   if (a >= 0) {

@@ -252,7 +252,9 @@ Result<Topology> load_sysfs(const fs::path& root) {
         hb.numa_node = t.functions[i].numa_node;
         break;
       }
-  PHYSR_TRY(t.validate());
+  if (auto ok = t.validate(); !ok) return make_error(ok.error().code, devices.string() + ": " + ok.error().message);
+  for (const Bdf& b : t.duplicate_bdfs())
+    t.warnings.push_back(b.to_string() + " appears under more than one bridge (an edited snapshot?); the tree is kept, and lookups by address use the first");
   return t;
 }
 

@@ -141,6 +141,7 @@ std::string class_name(uint32_t cc) {
     case 0x08: return "System peripheral";
     case 0x0c: return "Serial bus controller";
     case 0x12: return "Processing accelerator";
+    case 0xff: return "Unassigned class";
     default: break;
   }
   char buf[32];
@@ -169,7 +170,7 @@ Result<uint32_t> Topology::lookup(std::string_view text) const {
   return make_error(ENODEV, "no PCI function " + bdf->to_string() + " in " + source);
 }
 
-Status Topology::validate() const {
+Status Topology::validate(bool unique_bdfs) const {
   const auto n = static_cast<uint32_t>(functions.size());
   for (uint32_t i = 0; i < n; ++i) {
     const Function& f = functions[i];
@@ -181,13 +182,21 @@ Status Topology::validate() const {
     for (int32_t u = f.upstream; u >= 0; u = functions[static_cast<uint32_t>(u)].upstream)
       if (++steps > n) return make_error(EINVAL, f.bdf.to_string() + ": upstream bridges form a cycle");
   }
-  std::vector<Bdf> all;
-  all.reserve(n);
+  if (unique_bdfs) {
+    const auto dups = duplicate_bdfs();
+    if (!dups.empty()) return make_error(EEXIST, dups.front().to_string() + " appears twice");
+  }
+  return {};
+}
+
+std::vector<Bdf> Topology::duplicate_bdfs() const {
+  std::vector<Bdf> all, dups;
+  all.reserve(functions.size());
   for (const Function& f : functions) all.push_back(f.bdf);
   std::sort(all.begin(), all.end());
   for (size_t i = 1; i < all.size(); ++i)
-    if (all[i] == all[i - 1]) return make_error(EEXIST, all[i].to_string() + " appears twice");
-  return {};
+    if (all[i] == all[i - 1] && (dups.empty() || dups.back() != all[i])) dups.push_back(all[i]);
+  return dups;
 }
 
 }  // namespace physr::pci

@@ -61,5 +61,68 @@ else
   echo "FAIL: ranges --json"; fails=$((fails + 1))
 fi
 
+# --- topo and explain ------------------------------------------------------------------
+tar xjf "$src/tests/data/sysfs/40intel64-2g2n4c+pcilocality.tar.bz2" -C "$tmp"
+tar xjf "$src/tests/data/sysfs/fakepcilocalities.tar.bz2" -C "$tmp"
+snap="$tmp/40intel64-2g2n4c+pci"
+expect 0 'B4 +B4 +H4 +H6' -- topo --machine two-socket-switch
+expect 0 'pci0000:40' -- topo --sysfs-root "$snap"
+expect 0 'appears under more than one bridge' -- topo --sysfs-root "$tmp/fakepcilocalities"
+expect 0 'identifying device 0000:00:00.0 1022:1480' -- topo --machine amd-zen
+expect 0 '^ +0 +0000:03:00.0 \(nvme0\) +B0 +B4$' -- topo --machine two-socket-switch --devices nvme0,nvme1
+expect 0 'nic0\) +B4 +B4 +B4 +B0' -- topo --machine two-socket-switch --devices 0000:0 --assume-acs-off 0000:02:11.0
+expect 0 'H4 +H4 +H4' -- topo --machine two-socket-switch --assume-cpu amd-zen
+expect 0 'digraph physr' -- topo --machine two-socket-switch --dot
+expect 0 '"0000:02:11.0" -> "0000:06:00.0"' -- topo --machine two-socket-switch --dot
+expect 0 'Verdict: thru_host_bridge, distance 4' -- explain nvme0 nic0 --machine two-socket-switch
+expect 0 'pci=disable_acs_redir=0000:02:11.0' -- explain nvme0 nic0 --machine two-socket-switch
+expect 0 'Verdict: bus_addr, distance 4' -- explain nvme0 nic0 --machine two-socket-switch --assume-acs-off 0000:02:11.0
+expect 0 'Link class: SYS' -- explain gpu0 nvme2 --machine two-socket-switch
+expect 0 'only within one host bridge: fails' -- explain nvme1 gpu0 --machine xeon-e5-two-sockets
+expect 0 'AMD family 0x19' -- explain gpu0 nvme1 --machine amd-zen
+expect 0 'ACS is unknown' -- explain 0000:02:00.0 0000:02:00.1 --sysfs-root "$snap"
+expect 0 'Verdict: not_supported, distance 4' -- explain 0000:01:00.0 0000:02:00.0 --sysfs-root "$snap"
+expect 1 'no sys/devices' -- topo --sysfs-root "$tmp"
+expect 1 "sysfs root '$tmp/nope': not a directory" -- topo --sysfs-root "$tmp/nope"
+expect 1 'no such file and no built-in machine .*two-socket-switch' -- topo --machine nosuch
+printf '[[host_bridge]]\nbus = 0\n[[function]]\nbdf = "00:00.0"\nvendr = 1\n' > "$tmp/bad.toml"
+expect 1 "$tmp/bad.toml:5: function\\[0\\] \\(0000:00:00.0\\): unknown key 'vendr'" -- topo --machine "$tmp/bad.toml"
+expect 1 'no PCI function 0000:09:00.0' -- explain 09:00.0 nvme0 --machine two-socket-switch
+expect 2 "'banana' is neither a PCI address" -- explain banana nvme0 --machine two-socket-switch
+expect 2 'provider is required|required' -- explain --machine two-socket-switch
+expect 2 "--assume-cpu 'intel'" -- topo --machine amd-zen --assume-cpu intel
+expect 2 "PCI address 'xyz'" -- topo --machine amd-zen --assume-acs-off xyz
+expect 2 'excludes' -- topo --machine amd-zen --sysfs-root /
+expect 1 'not in builtin:amd-zen' -- topo --machine amd-zen --assume-acs-off 0000:44:00.0
+
+# topo --json: one object, one pair per ordered pair of non-bridge functions.
+check_json() {
+  python3 - "$1" "$2" <<'PY'
+import json, sys
+d = json.loads(open(sys.argv[1]).read())
+fns = [f for f in d["functions"] if not f["class"].startswith("06")]
+want = len(fns) ** 2
+assert len(d["pairs"]) == want, (len(d["pairs"]), want)
+seen = {(p["provider"], p["client"]) for p in d["pairs"]}
+assert all(p["map_type"] in ("bus_addr", "thru_host_bridge", "not_supported") for p in d["pairs"])
+assert all(isinstance(p["distance"], int) for p in d["pairs"])
+if sys.argv[2] == "switch":
+    by = {(p["provider"], p["client"]): p for p in d["pairs"]}
+    assert by[("0000:03:00.0", "0000:05:00.0")]["map_type"] == "bus_addr"
+    assert by[("0000:03:00.0", "0000:05:00.0")]["distance"] == 4
+    assert by[("0000:06:00.0", "0000:03:00.0")]["map_type"] == "thru_host_bridge"
+    assert len(seen) == want
+PY
+}
+for what in "switch:--machine two-socket-switch" "snap:--sysfs-root $snap" "zen:--machine amd-zen"; do
+  kind=${what%%:*}
+  # shellcheck disable=SC2086
+  if "$physr" topo ${what#*:} --json > "$tmp/out.json" && check_json "$tmp/out.json" "$kind"; then
+    passes=$((passes + 1))
+  else
+    echo "FAIL: topo --json ($kind)"; fails=$((fails + 1))
+  fi
+done
+
 echo "cli: $passes passed, $fails failed"
 [[ $fails -eq 0 ]]

@@ -40,8 +40,17 @@ std::string builtin_names() {
   return s;
 }
 
-/// Loads the topology the options name: a machine file, a built-in machine or sysfs.
+Topology load_topology_quiet(const SourceOptions& o);
+
+/// Loads the topology the options name and prints the loader's warnings to stderr.
 Topology load_topology(const SourceOptions& o) {
+  Topology t = load_topology_quiet(o);
+  for (const std::string& w : t.warnings) fmt::print(stderr, "physr: warning: {}: {}\n", t.source, w);
+  return t;
+}
+
+/// Loads the topology the options name: a machine file, a built-in machine or sysfs.
+Topology load_topology_quiet(const SourceOptions& o) {
   if (!o.machine.empty()) {
     std::error_code ec;
     if (std::filesystem::exists(o.machine, ec)) return failure_value(load_machine_file(o.machine));

@@ -1,19 +1,88 @@
-// The default job of `physr` with no arguments: what physr is, then a demonstration.
+// The default job of `physr` with no arguments: what physr is, the P2P verdicts of the
+// built-in default machine, a summary of this machine's PCI tree, and range lists.
 #include <fmt/core.h>
 
+#include <map>
+
+#include "builtin.hpp"
 #include "cli.hpp"
+#include "physr/pci.hpp"
 #include "physr/range.hpp"
 
 namespace physr::cli {
+
+namespace {
+
+constexpr std::string_view kDefaultMachine = "two-socket-switch";
+
+void default_machine_section() {
+  using namespace physr::pci;
+  const BuiltinFile* file = nullptr;
+  for (const auto& b : kBuiltinMachines)
+    if (b.name == kDefaultMachine) file = &b;
+  if (!file) throw Failure("the built-in default machine is missing from this build");
+  const Topology t = failure_value(parse_machine(file->text, "builtin:" + std::string(kDefaultMachine)));
+  P2PEngine e = failure_value(P2PEngine::create(t));
+  fmt::print("== P2P on the default machine ({}: {} host bridges, {} functions) ==\n", t.name, t.host_bridges.size(),
+             t.functions.size());
+  // {provider (owns the memory), client (does the DMA)}
+  const char* pairs[][2] = {{"gpu0", "nvme0"}, {"nvme1", "nvme0"}, {"gpu0", "nic0"}, {"gpu0", "nvme2"}};
+  for (const auto& pr : pairs) {
+    const uint32_t p = failure_value(t.lookup(pr[0])), c = failure_value(t.lookup(pr[1]));
+    const Explanation x = e.explain(p, c);
+    std::string why;
+    if (x.verdict.type == MapType::bus_addr) {
+      why = "common upstream device, no ACS redirect";
+    } else {
+      if (!x.acs_redirecting.empty()) why = "ACS redirect on " + t.functions[x.acs_redirecting.front()].bdf.to_string() + "; ";
+      else if (!x.common) why = x.same_host_bridge ? "no common bridge; " : "across host bridges; ";
+      why += x.cpu_amd_zen ? "AMD Zen" : x.verdict.type == MapType::thru_host_bridge ? "host bridge allowlisted" : "host bridge not allowlisted";
+    }
+    fmt::print("  {:<5} memory, {:<5} doing DMA: {:<16} distance {}  ({})\n", pr[0], pr[1], map_type_name(x.verdict.type),
+               x.verdict.distance, why);
+  }
+  fmt::print("  More: physr topo --machine {0}; physr explain nvme0 nic0 --machine {0}\n\n", kDefaultMachine);
+}
+
+void this_machine_section() {
+  using namespace physr::pci;
+  fmt::print("== P2P on this machine ==\n");
+  auto t = load_sysfs("/");
+  if (!t) {
+    fmt::print("  No PCI tree readable here ({}).\n\n", t.error().message);
+    return;
+  }
+  auto e = P2PEngine::create(*t);
+  if (!e) {
+    fmt::print("  {}\n\n", e.error().message);
+    return;
+  }
+  std::vector<uint32_t> devs;
+  for (uint32_t i = 0; i < t->functions.size(); ++i)
+    if (!t->functions[i].is_bridge_class()) devs.push_back(i);
+  std::map<MapType, size_t> counts;
+  for (uint32_t p : devs)
+    for (uint32_t c : devs)
+      if (p != c) ++counts[e->verdict(p, c).type];
+  fmt::print("  {} host bridges, {} functions, {} devices; CPU {}\n", t->host_bridges.size(), t->functions.size(), devs.size(),
+             t->cpu.known() ? fmt::format("{} family {:#x}", t->cpu.vendor, t->cpu.family) : "unknown");
+  fmt::print("  device pairs: {} bus_addr, {} thru_host_bridge, {} not_supported\n", counts[MapType::bus_addr],
+             counts[MapType::thru_host_bridge], counts[MapType::not_supported]);
+  fmt::print("  More: physr topo; physr explain A B\n\n");
+}
+
+}  // namespace
 
 void run_tour() {
   fmt::print(
       "physr {} - DMA to memory that has no struct page\n\n"
       "physr describes I/O buffers as lists of physical address ranges tagged with the P2P\n"
-      "provider (a device BAR) they live in, and maps them for a device the way the Linux DMA\n"
-      "layer would: PCI bus addresses under a shared switch, IOMMU mappings through an allowed\n"
-      "host bridge, bounce buffers where P2P is impossible.\n\n",
+      "provider (a device BAR) they live in, and decides per device pair how DMA can reach\n"
+      "them, exactly as Linux drivers/pci/p2pdma.c does: PCI bus addresses below a shared\n"
+      "switch, through an allowed host bridge, or not at all.\n\n",
       PHYSR_VERSION);
+  default_machine_section();
+  this_machine_section();
 
   fmt::print("== Range lists: a 4 MiB user buffer with some device memory in it ==\n");
   const PfnList in = make_pfn_pattern(PfnPattern::mixed, 1024, 7);
@@ -23,10 +92,10 @@ void run_tour() {
   const ScatterlistCost sg = scatterlist_cost(list.size(), in.pfns.size());
   fmt::print("  {} pages -> {} ranges ({} on a P2P provider, never merged with host memory)\n", in.pfns.size(),
              list.size(), p2p);
-  fmt::print("  physr: {} B   phys_vec: {} B   scatterlist + struct page: {} B ({:.0f}x)\n\n",
-             list.encoded_bytes(), sg.phys_vec_bytes, sg.sg_bytes + sg.struct_page_bytes,
+  fmt::print("  physr: {} B   phys_vec: {} B   scatterlist + struct page: {} B ({:.0f}x)\n", list.encoded_bytes(),
+             sg.phys_vec_bytes, sg.sg_bytes + sg.struct_page_bytes,
              static_cast<double>(sg.sg_bytes + sg.struct_page_bytes) / static_cast<double>(list.encoded_bytes()));
-  fmt::print("More: physr ranges --help\n");
+  fmt::print("  More: physr ranges --help\n");
 }
 
 }  // namespace physr::cli

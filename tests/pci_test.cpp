@@ -1,0 +1,549 @@
+#include "physr/pci.hpp"
+#include "support/kernel_p2p.hpp"
+
+#include <gtest/gtest.h>
+
+#include <unistd.h>
+
+#include <cstdlib>
+#include <fstream>
+#include <filesystem>
+#include <random>
+#include <vector>
+
+namespace physr::pci {
+namespace {
+
+namespace fs = std::filesystem;
+
+// --- helpers ----------------------------------------------------------------------------
+
+// A machine in TOML, built line by line so each test shows just its tree.
+struct M {
+  std::string text;
+  explicit M(const char* cpu_vendor = "GenuineIntel", int family = 6) {
+    text = "[cpu]\nvendor = \"" + std::string(cpu_vendor) + "\"\nfamily = " + std::to_string(family) + "\n";
+  }
+  M& hb(int bus, int domain = 0, int node = 0) {
+    text += "[[host_bridge]]\ndomain = " + std::to_string(domain) + "\nbus = " + std::to_string(bus) +
+            "\nnuma_node = " + std::to_string(node) + "\n";
+    return *this;
+  }
+  M& fn(const std::string& bdf, const std::string& type, const std::string& parent = "", const std::string& acs = "",
+        int vendor = 0x1234, int device = 0x0001) {
+    const bool bridge = type == "root_port" || type == "switch_upstream" || type == "switch_downstream";
+    text += "[[function]]\nbdf = \"" + bdf + "\"\nvendor = " + std::to_string(vendor) + "\ndevice = " +
+            std::to_string(device) + "\nclass = " + std::to_string(bridge ? 0x060400 : type == "host" ? 0x060000 : 0x010802) +
+            "\ntype = \"" + (type == "host" ? std::string("rc_integrated_endpoint") : type) + "\"\n";
+    if (!parent.empty()) text += "parent = \"" + parent + "\"\n";
+    if (!acs.empty()) text += "acs = \"" + acs + "\"\n";
+    return *this;
+  }
+  Topology load() const {
+    auto t = parse_machine(text, "test");
+    EXPECT_TRUE(t.has_value()) << t.error().to_string() << "\n" << text;
+    return t.has_value() ? *t : Topology{};
+  }
+};
+
+Verdict v(const Topology& t, const char* a, const char* b, VerdictOptions o = {}) {
+  auto e = P2PEngine::create(t, o);
+  EXPECT_TRUE(e.has_value());
+  return e->verdict(*t.lookup(a), *t.lookup(b));
+}
+
+void expect(const Verdict& got, MapType type, int distance) {
+  EXPECT_EQ(map_type_name(got.type), std::string(map_type_name(type)));
+  EXPECT_EQ(got.distance, distance);
+}
+
+// An allowlisted host (Skylake-E 8086:2020 at 00.0) with one switch below a root port.
+M switch_machine(const char* dsp0_acs = "", const char* usp_acs = "", const char* rp_acs = "SV RR CR UF") {
+  M m;
+  m.hb(0)
+      .fn("00:00.0", "host", "", "", 0x8086, 0x2020)
+      .fn("00:01.0", "root_port", "", rp_acs)
+      .fn("01:00.0", "switch_upstream", "00:01.0", usp_acs)
+      .fn("02:00.0", "switch_downstream", "01:00.0", dsp0_acs)
+      .fn("02:01.0", "switch_downstream", "01:00.0")
+      .fn("03:00.0", "endpoint", "02:00.0")
+      .fn("04:00.0", "endpoint", "02:01.0");
+  return m;
+}
+
+// --- addresses and config space ----------------------------------------------------------
+
+TEST(BdfTest, ParsesAndFormats) {
+  EXPECT_EQ(parse_bdf("0000:03:00.0")->to_string(), "0000:03:00.0");
+  EXPECT_EQ(parse_bdf("03:1f.7")->to_string(), "0000:03:1f.7");
+  EXPECT_EQ(parse_bdf("10000:00:04.0")->domain, 0x10000u);
+  EXPECT_EQ(parse_bdf("10000:00:04.0")->to_string(), "10000:00:04.0");
+  for (const char* bad : {"", "03:00", "03:20.0", "03:00.8", "0000:100:00.0", "zz:00.0", "0000:03:00.0x", "123456789:00:00.0"}) {
+    auto r = parse_bdf(bad);
+    ASSERT_FALSE(r.has_value()) << bad;
+    EXPECT_NE(r.error().message.find(std::string("'") + bad + "'"), std::string::npos);
+  }
+}
+
+std::vector<uint8_t> config(size_t size, uint16_t vendor, uint32_t cls) {
+  std::vector<uint8_t> c(size, 0);
+  c[0] = vendor & 0xff;
+  c[1] = static_cast<uint8_t>(vendor >> 8);
+  c[9] = cls & 0xff;
+  c[10] = (cls >> 8) & 0xff;
+  c[11] = (cls >> 16) & 0xff;
+  return c;
+}
+void add_pcie_cap(std::vector<uint8_t>& c, uint8_t at, unsigned type, uint8_t next = 0) {
+  c[6] |= 0x10;  // capabilities list
+  if (c[0x34] == 0) c[0x34] = at;
+  c[at] = 0x10;
+  c[at + 1] = next;
+  c[at + 2] = static_cast<uint8_t>(type << 4);
+}
+
+TEST(ConfigTest, HeaderOnlyLeavesPortTypeAndAcsUnknown) {
+  auto c = config(64, 0x8086, 0x060400);
+  auto i = parse_config(c);
+  ASSERT_TRUE(i.has_value());
+  EXPECT_EQ(i->vendor, 0x8086);
+  EXPECT_EQ(i->class_code, 0x060400u);
+  EXPECT_EQ(i->port_type, PortType::unknown);
+  EXPECT_EQ(i->acs.kind, AcsState::Kind::unknown);
+  EXPECT_EQ(parse_config(std::vector<uint8_t>(63)).error().code, EINVAL);
+}
+
+TEST(ConfigTest, FindsPcieAndAcsCapabilities) {
+  auto c = config(4096, 0x10b5, 0x060400);
+  c[0x40] = 0x01;  // PM capability first
+  c[0x41] = 0x60;
+  c[6] |= 0x10;
+  c[0x34] = 0x40;
+  add_pcie_cap(c, 0x60, 6);
+  c[0x34] = 0x40;
+  // Extended: AER at 0x100 -> ACS at 0x148.
+  c[0x100] = 0x01;
+  c[0x102] = 0x01 << 4;  // version 1, next 0x148 = bits 31:20
+  c[0x103] = 0x14;
+  c[0x102] |= 0x01;
+  const uint32_t aer = 0x0001 | (1u << 16) | (0x148u << 20);
+  for (int k = 0; k < 4; ++k) c[0x100 + static_cast<size_t>(k)] = static_cast<uint8_t>(aer >> (8 * k));
+  c[0x148] = 0x0d;
+  c[0x14a] = 0x01 << 4;
+  c[0x14c] = 0x5f;
+  c[0x14e] = acs::RR | acs::CR;
+  auto i = parse_config(c);
+  ASSERT_TRUE(i.has_value());
+  EXPECT_TRUE(i->has_pcie);
+  EXPECT_EQ(i->port_type, PortType::switch_downstream);
+  EXPECT_EQ(i->acs.kind, AcsState::Kind::present);
+  EXPECT_EQ(i->acs.ctrl, acs::RR | acs::CR);
+  EXPECT_TRUE(i->acs.redirects());
+  // 256 bytes: PCIe capability known, extended space (so ACS) not read.
+  std::vector<uint8_t> short_c(c.begin(), c.begin() + 256);
+  i = parse_config(short_c);
+  EXPECT_EQ(i->port_type, PortType::switch_downstream);
+  EXPECT_EQ(i->acs.kind, AcsState::Kind::unknown);
+}
+
+TEST(ConfigTest, LoopingOrWildChainsTerminate) {
+  auto c = config(4096, 0x1, 0x010802);
+  add_pcie_cap(c, 0x40, 0, 0x40);  // points at itself
+  auto i = parse_config(c);
+  ASSERT_TRUE(i.has_value());
+  EXPECT_EQ(i->port_type, PortType::endpoint);
+  // Extended capability that points at itself: bounded, no ACS found.
+  const uint32_t self = 0x0001 | (0x100u << 20);
+  for (int k = 0; k < 4; ++k) c[0x100 + static_cast<size_t>(k)] = static_cast<uint8_t>(self >> (8 * k));
+  i = parse_config(c);
+  EXPECT_EQ(i->acs.kind, AcsState::Kind::absent);
+  // Pointers into the header or past the end stop the walk.
+  auto d = config(256, 0x1, 0x010802);
+  d[6] |= 0x10;
+  d[0x34] = 0x10;
+  EXPECT_EQ(parse_config(d)->port_type, PortType::conventional);
+  d[0x34] = 0xfe;
+  EXPECT_TRUE(parse_config(d).has_value());
+}
+
+// --- verdict rules, one branch each ----------------------------------------------------
+
+TEST(VerdictTest, SameFunctionIsBusAddrDistanceZero) {
+  Topology t = switch_machine().load();
+  expect(v(t, "03:00.0", "03:00.0"), MapType::bus_addr, 0);
+}
+
+TEST(VerdictTest, TwoFunctionsOfOneDeviceAreDistanceTwo) {
+  M m;
+  m.hb(0).fn("00:00.0", "host").fn("00:01.0", "root_port", "", "SV RR CR UF").fn("01:00.0", "endpoint", "00:01.0").fn("01:00.1", "endpoint", "00:01.0");
+  Topology t = m.load();
+  // The common device is the root port; its own ACS counts (it is on the provider's side).
+  expect(v(t, "01:00.0", "01:00.1"), MapType::not_supported, 2);
+  M n;
+  n.hb(0).fn("00:00.0", "host").fn("00:01.0", "root_port").fn("01:00.0", "endpoint", "00:01.0").fn("01:00.1", "endpoint", "00:01.0");
+  expect(v(n.load(), "01:00.0", "01:00.1"), MapType::bus_addr, 2);
+}
+
+TEST(VerdictTest, SwitchWithoutAcsRedirectIsBusAddrFour) {
+  Topology t = switch_machine("SV").load();
+  expect(v(t, "03:00.0", "04:00.0"), MapType::bus_addr, 4);
+  expect(v(t, "04:00.0", "03:00.0"), MapType::bus_addr, 4);
+}
+
+TEST(VerdictTest, AcsRedirectOnEitherDownstreamPortGoesThroughHostBridge) {
+  for (const char* bits : {"RR", "CR", "EC", "SV RR CR UF"}) {
+    Topology t = switch_machine(bits).load();
+    expect(v(t, "03:00.0", "04:00.0"), MapType::thru_host_bridge, 4);  // provider side
+    expect(v(t, "04:00.0", "03:00.0"), MapType::thru_host_bridge, 4);  // client side
+  }
+  for (const char* bits : {"SV", "TB", "UF", "DT", "none"}) {
+    Topology t = switch_machine(bits).load();
+    expect(v(t, "03:00.0", "04:00.0"), MapType::bus_addr, 4);
+  }
+}
+
+TEST(VerdictTest, AcsOnCommonDeviceCountsAndAboveItDoesNot) {
+  expect(v(switch_machine("", "RR").load(), "03:00.0", "04:00.0"), MapType::thru_host_bridge, 4);
+  expect(v(switch_machine("", "", "RR CR").load(), "03:00.0", "04:00.0"), MapType::bus_addr, 4);
+}
+
+TEST(VerdictTest, AcsOnEndpointCountsEvenForItself) {
+  M m = switch_machine();
+  m.text += "";
+  Topology t = m.load();
+  // Give the endpoint 03:00.0 ACS redirect (a multi-function device carries ACS).
+  t.functions[*t.lookup("03:00.0")].acs = AcsState{AcsState::Kind::present, 0x7f, acs::RR};
+  expect(v(t, "03:00.0", "03:00.0"), MapType::thru_host_bridge, 0);
+  expect(v(t, "03:00.0", "04:00.0"), MapType::thru_host_bridge, 4);
+  expect(v(t, "04:00.0", "03:00.0"), MapType::thru_host_bridge, 4);
+}
+
+TEST(VerdictTest, AssumeAcsOffRestoresBusAddr) {
+  Topology t = switch_machine("RR").load();
+  expect(v(t, "03:00.0", "04:00.0", VerdictOptions{{*parse_bdf("02:00.0")}, {}}), MapType::bus_addr, 4);
+  auto bad = P2PEngine::create(t, VerdictOptions{{*parse_bdf("09:00.0")}, {}});
+  ASSERT_FALSE(bad.has_value());
+  EXPECT_NE(bad.error().message.find("0000:09:00.0"), std::string::npos);
+}
+
+M two_root_ports(int vendor, int device, const char* first = "00:00.0", const char* first_type = "host") {
+  M m;
+  m.hb(0).fn(first, first_type, "", "", vendor, device).fn("00:02.0", "root_port").fn("00:03.0", "root_port");
+  m.fn("01:00.0", "endpoint", "00:02.0").fn("02:00.0", "endpoint", "00:03.0");
+  return m;
+}
+
+TEST(VerdictTest, TwoRootPortsOfOneHostBridgeUseTheAllowlist) {
+  expect(v(two_root_ports(0x8086, 0x2020).load(), "01:00.0", "02:00.0"), MapType::thru_host_bridge, 4);
+  expect(v(two_root_ports(0x8086, 0x3c00).load(), "01:00.0", "02:00.0"), MapType::thru_host_bridge, 4);  // same bridge
+  expect(v(two_root_ports(0x8086, 0x3407).load(), "01:00.0", "02:00.0"), MapType::not_supported, 4);
+  expect(v(two_root_ports(0x1ae0, 0x4242).load(), "01:00.0", "02:00.0"), MapType::thru_host_bridge, 4);  // Google any
+  expect(v(two_root_ports(0x10de, 0x2f97).load(), "01:00.0", "02:00.0"), MapType::thru_host_bridge, 4);
+  expect(v(two_root_ports(0x10de, 0x2f99).load(), "01:00.0", "02:00.0"), MapType::not_supported, 4);
+}
+
+TEST(VerdictTest, IdentifyingDeviceIsFirstOnRootBusIfDevfnZeroOrRootPort) {
+  // Skylake without a 00.0 device: the first root port (8086:2030) identifies the bridge.
+  expect(v(two_root_ports(0x8086, 0x2030, "00:01.0", "root_port").load(), "01:00.0", "02:00.0"), MapType::thru_host_bridge, 4);
+  // First device at 00:01.0 and not a root port: no identifying device, allowlist fails.
+  expect(v(two_root_ports(0x8086, 0x2020, "00:01.0", "rc_integrated_endpoint").load(), "01:00.0", "02:00.0"),
+         MapType::not_supported, 4);
+}
+
+M two_host_bridges(int dev0, int dev1, int domain1 = 0) {
+  M m;
+  m.hb(0).hb(0x80, domain1, 1);
+  const std::string d = domain1 ? "0001:" : "";
+  m.fn("00:00.0", "host", "", "", 0x8086, dev0).fn("00:01.0", "root_port").fn("01:00.0", "endpoint", "00:01.0");
+  m.fn(d + "80:00.0", "host", "", "", 0x8086, dev1).fn(d + "80:01.0", "root_port").fn(d + "81:00.0", "endpoint", d + "80:01.0");
+  return m;
+}
+
+TEST(VerdictTest, DifferentHostBridgesMustBothPassWithoutSameFlag) {
+  expect(v(two_host_bridges(0x2020, 0x2020).load(), "01:00.0", "81:00.0"), MapType::thru_host_bridge, 4);
+  expect(v(two_host_bridges(0x2020, 0x3407).load(), "01:00.0", "81:00.0"), MapType::not_supported, 4);
+  expect(v(two_host_bridges(0x3c00, 0x3c00).load(), "01:00.0", "81:00.0"), MapType::not_supported, 4);  // REQ_SAME
+  expect(v(two_host_bridges(0x2f01, 0x2f01).load(), "01:00.0", "81:00.0"), MapType::not_supported, 4);
+  // A second PCI domain behaves the same.
+  expect(v(two_host_bridges(0x2020, 0x2020, 1).load(), "01:00.0", "0001:81:00.0"), MapType::thru_host_bridge, 4);
+}
+
+TEST(VerdictTest, AmdZenAllowsThroughHostBridgePreZenDoesNot) {
+  auto zen = two_host_bridges(0x3407, 0x3407);
+  zen.text.replace(zen.text.find("GenuineIntel"), 12, "AuthenticAMD");
+  zen.text.replace(zen.text.find("family = 6"), 10, "family = 23");
+  expect(v(zen.load(), "01:00.0", "81:00.0"), MapType::thru_host_bridge, 4);
+  auto old = two_host_bridges(0x3407, 0x3407);
+  old.text.replace(old.text.find("GenuineIntel"), 12, "AuthenticAMD");
+  old.text.replace(old.text.find("family = 6"), 10, "family = 22");
+  expect(v(old.load(), "01:00.0", "81:00.0"), MapType::not_supported, 4);
+  // What-if CPU overrides.
+  expect(v(old.load(), "01:00.0", "81:00.0", VerdictOptions{{}, true}), MapType::thru_host_bridge, 4);
+  expect(v(zen.load(), "01:00.0", "81:00.0", VerdictOptions{{}, false}), MapType::not_supported, 4);
+}
+
+TEST(VerdictTest, NoCommonDeviceDistanceIsSumOfChains) {
+  Topology t = switch_machine().load();
+  M m = switch_machine();
+  m.fn("00:02.0", "root_port").fn("05:00.0", "endpoint", "00:02.0");
+  t = m.load();
+  // 03:00.0 chain: 03:00.0 02:00.0 01:00.0 00:01.0 (4); 05:00.0 chain: 05:00.0 00:02.0 (2).
+  expect(v(t, "03:00.0", "05:00.0"), MapType::thru_host_bridge, 6);
+}
+
+TEST(VerdictTest, MatchesKernelLoopOnRandomForests) {
+  std::mt19937_64 rng(11);
+  static const int ids[] = {0x2020, 0x3c00, 0x3407, 0x2030};
+  for (int iter = 0; iter < 60; ++iter) {
+    Topology t;
+    t.source = "random";
+    const int hbs = 1 + static_cast<int>(rng() % 3);
+    for (int h = 0; h < hbs; ++h) t.host_bridges.push_back(HostBridge{0, static_cast<uint8_t>(h * 0x40), h % 2, {}});
+    const int n = 2 + static_cast<int>(rng() % 60);
+    for (int i = 0; i < n; ++i) {
+      Function f;
+      f.bdf = Bdf{0, static_cast<uint8_t>(i), static_cast<uint8_t>(rng() % 32), static_cast<uint8_t>(rng() % 8)};
+      f.vendor = 0x8086;
+      f.device = static_cast<uint16_t>(ids[rng() % 4]);
+      f.class_code = 0x060400;
+      f.port_type = rng() % 2 ? PortType::root_port : PortType::switch_downstream;
+      if (rng() % 3 == 0) f.acs = AcsState{AcsState::Kind::present, 0x7f, static_cast<uint16_t>(rng() % 0x80)};
+      // Parent: a random earlier function, or a root bus.
+      if (i > 0 && rng() % 4 != 0) {
+        f.upstream = static_cast<int32_t>(rng() % static_cast<uint64_t>(i));
+        f.host_bridge = t.functions[static_cast<uint32_t>(f.upstream)].host_bridge;
+      } else {
+        f.host_bridge = static_cast<uint32_t>(rng() % static_cast<uint64_t>(hbs));
+        t.host_bridges[f.host_bridge].root_functions.push_back(static_cast<uint32_t>(i));
+      }
+      t.functions.push_back(f);
+    }
+    t.cpu = CpuInfo{rng() % 4 == 0 ? "AuthenticAMD" : "GenuineIntel", 0x19};
+    auto e = P2PEngine::create(t);
+    ASSERT_TRUE(e.has_value());
+    const std::vector<uint8_t> redir = testing::redirect_flags(t);
+    for (uint32_t p = 0; p < t.functions.size(); ++p)
+      for (uint32_t c = 0; c < t.functions.size(); ++c) {
+        const Verdict want = testing::kernel_calc(t, p, c, *e, redir);
+        const Verdict got = e->verdict(p, c);
+        ASSERT_EQ(got.type, want.type) << "iter " << iter << " pair " << p << "," << c;
+        ASSERT_EQ(got.distance, want.distance) << "iter " << iter << " pair " << p << "," << c;
+        ASSERT_EQ(e->verdict(p, c).type, want.type);  // cached
+      }
+  }
+}
+
+TEST(VerdictTest, DistanceManyAndFindMany) {
+  M m = switch_machine();
+  m.fn("02:02.0", "switch_downstream", "01:00.0").fn("05:00.0", "endpoint", "02:02.0");
+  m.fn("00:02.0", "root_port").fn("06:00.0", "endpoint", "00:02.0");
+  Topology t = m.load();
+  auto e = P2PEngine::create(t);
+  const uint32_t a = *t.lookup("03:00.0"), b = *t.lookup("04:00.0"), c = *t.lookup("05:00.0"), far = *t.lookup("06:00.0");
+  EXPECT_EQ(e->distance_many(a, std::vector<uint32_t>{}), -1);
+  EXPECT_EQ(e->distance_many(a, std::vector<uint32_t>{a, b}), 0 + 4);
+  EXPECT_EQ(e->distance_many(far, std::vector<uint32_t>{a, b}), 6 + 6);
+  // Clients a and b: provider a is closest (0 + 4) ahead of c (4 + 4).
+  std::vector<uint32_t> pub{c, a, far};
+  auto first = [](size_t) { return size_t{0}; };
+  EXPECT_EQ(e->find_many(std::vector<uint32_t>{a, b}, pub, first), a);
+  // A tie (b and c are both 4 + 4 from clients a, far? no: use clients {b}) broken by pick.
+  std::vector<uint32_t> tie{a, c};
+  size_t asked = 0;
+  auto last = [&](size_t n) { asked = n; return n - 1; };
+  EXPECT_EQ(e->find_many(std::vector<uint32_t>{b}, tie, last), c);
+  EXPECT_EQ(asked, 2u);
+  EXPECT_EQ(e->find_many(std::vector<uint32_t>{b}, tie, first), a);
+  // Nothing reachable.
+  Topology u = two_root_ports(0x8086, 0x3407).load();
+  auto eu = P2PEngine::create(u);
+  EXPECT_FALSE(eu->find_many(std::vector<uint32_t>{*u.lookup("01:00.0")}, std::vector<uint32_t>{*u.lookup("02:00.0")}, first));
+}
+
+TEST(ExplainTest, NamesRedirectingPortsAndKernelParameter) {
+  Topology t = switch_machine("RR").load();
+  auto e = P2PEngine::create(t);
+  const Explanation x = e->explain(*t.lookup("03:00.0"), *t.lookup("04:00.0"));
+  ASSERT_TRUE(x.common.has_value());
+  EXPECT_EQ(t.functions[*x.common].bdf.to_string(), "0000:01:00.0");
+  ASSERT_EQ(x.acs_redirecting.size(), 1u);
+  EXPECT_EQ(x.kernel_parameter, "pci=disable_acs_redir=0000:02:00.0");
+  EXPECT_EQ(x.link_class, "PIX");
+  ASSERT_EQ(x.allowlist.size(), 1u);
+  EXPECT_TRUE(x.allowlist[0].passes);
+  EXPECT_EQ(x.provider_path.size(), 3u);  // 03:00.0 02:00.0 01:00.0
+  EXPECT_EQ(x.client_path.size(), 2u);    // 04:00.0 02:01.0
+  const Explanation far = e->explain(*t.lookup("03:00.0"), *t.lookup("03:00.0"));
+  EXPECT_EQ(far.link_class, "X");
+  Topology h = two_host_bridges(0x2020, 0x2020).load();
+  auto eh = P2PEngine::create(h);
+  const Explanation sys = eh->explain(*h.lookup("01:00.0"), *h.lookup("81:00.0"));
+  EXPECT_EQ(sys.link_class, "SYS");
+  EXPECT_EQ(sys.allowlist.size(), 2u);
+}
+
+// --- machine files -----------------------------------------------------------------------
+
+TEST(MachineFileTest, ErrorsNameLineKeyAndProblem) {
+  struct Case {
+    std::string text, want;
+  };
+  const std::string hb = "[[host_bridge]]\nbus = 0\n";
+  const std::string f0 = "[[function]]\nbdf = \"00:00.0\"\nvendor = 1\ndevice = 2\nclass = 0x010802\n";
+  const std::vector<Case> cases = {
+      {"name = [", "test:1: TOML syntax"},
+      {"", "no [[host_bridge]]"},
+      {hb + f0 + "colour = 3\n", "test:8: function[0] (0000:00:00.0): unknown key 'colour'"},
+      {hb + "[[function]]\nbdf = \"00:00\"\nvendor = 1\ndevice = 2\nclass = 3\n", "function[0].bdf: PCI address '00:00'"},
+      {hb + f0 + "parent = \"00:09.0\"\n", "parent: no function '00:09.0'"},
+      {hb + f0 + f0, "defined twice"},
+      {hb + "[[function]]\nbdf = \"01:00.0\"\nvendor = 1\ndevice = 2\nclass = 3\n", "no [[host_bridge]] has domain 0 bus 1"},
+      {hb + f0 + "[[function]]\nbdf = \"01:00.0\"\nvendor = 1\ndevice = 2\nclass = 3\nparent = \"00:00.0\"\n", "is not a PCI bridge"},
+      {hb + "[[function]]\nbdf = \"00:00.0\"\nvendor = 70000\ndevice = 2\nclass = 3\n", "vendor: 70000 is out of range"},
+      {hb + "[[function]]\nbdf = \"00:00.0\"\nvendor = 1\ndevice = 2\nclass = 0x060400\n", "a PCI bridge needs 'type'"},
+      {hb + f0 + "type = \"router\"\n", "port type 'router'"},
+      {hb + f0 + "acs = \"RR XX\"\n", "unknown ACS bit 'XX'"},
+      {hb + f0 + "[[function.bar]]\nstart = 0\n", "needs 'start' and a non-zero 'size'"},
+      {hb + f0 + "[[function.bar]]\nstart = 0\nsize = \"12Q\"\n", "size '12Q'"},
+      {hb + hb, "defined twice"},
+      {hb + "[[function]]\nbdf = \"01:00.0\"\nvendor = 1\ndevice = 2\nclass = 0x060400\ntype = \"root_port\"\nparent = \"02:00.0\"\n" +
+           "[[function]]\nbdf = \"02:00.0\"\nvendor = 1\ndevice = 2\nclass = 0x060400\ntype = \"root_port\"\nparent = \"01:00.0\"\n",
+       "test: 0000:01:00.0: upstream bridges form a cycle"},
+  };
+  for (const Case& c : cases) {
+    auto t = parse_machine(c.text, "test");
+    ASSERT_FALSE(t.has_value()) << c.text;
+    EXPECT_NE(t.error().message.find(c.want), std::string::npos) << "got: " << t.error().message << "\nwant: " << c.want;
+  }
+  EXPECT_EQ(load_machine_file("/nonexistent/x.toml").error().code, ENOENT);
+}
+
+TEST(MachineFileTest, ReferenceMachinesLoadWithExpectedVerdicts) {
+  const fs::path dir = fs::path(PHYSR_SOURCE_DIR) / "machines";
+  auto t = load_machine_file(dir / "two-socket-switch.toml");
+  ASSERT_TRUE(t.has_value()) << t.error().to_string();
+  expect(v(*t, "nvme0", "gpu0"), MapType::bus_addr, 4);
+  expect(v(*t, "nvme0", "nic0"), MapType::thru_host_bridge, 4);
+  expect(v(*t, "gpu0", "nvme2"), MapType::thru_host_bridge, 6);
+  EXPECT_EQ(t->functions[*t->lookup("gpu0")].bars.size(), 2u);
+  EXPECT_EQ(t->functions[*t->lookup("gpu0")].bars[1].size(), 64 * GiB);
+  auto z = load_machine_file(dir / "amd-zen.toml");
+  ASSERT_TRUE(z.has_value()) << z.error().to_string();
+  expect(v(*z, "gpu0", "nvme1"), MapType::thru_host_bridge, 4);
+  auto x = load_machine_file(dir / "xeon-e5-two-sockets.toml");
+  ASSERT_TRUE(x.has_value()) << x.error().to_string();
+  expect(v(*x, "nvme0", "gpu0"), MapType::thru_host_bridge, 4);
+  expect(v(*x, "nvme1", "gpu0"), MapType::not_supported, 4);
+}
+
+// --- real sysfs snapshots ------------------------------------------------------------------
+
+class SnapshotTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new fs::path(fs::temp_directory_path() / ("physr-snap-" + std::to_string(::getpid())));
+    fs::create_directories(*dir_);
+    for (const char* name : {"40intel64-2g2n4c+pcilocality", "2pa-pcidomain32bits", "fakepcilocalities"}) {
+      const std::string cmd = "tar xjf '" + std::string(PHYSR_SOURCE_DIR) + "/tests/data/sysfs/" + name + ".tar.bz2' -C '" +
+                              dir_->string() + "'";
+      ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
+    }
+  }
+  static void TearDownTestSuite() {
+    fs::remove_all(*dir_);
+    delete dir_;
+  }
+  static Topology load(const char* root) {
+    auto t = load_sysfs(*dir_ / root);
+    EXPECT_TRUE(t.has_value()) << t.error().to_string();
+    return t.has_value() ? *t : Topology{};
+  }
+  static fs::path* dir_;
+};
+fs::path* SnapshotTest::dir_ = nullptr;
+
+TEST_F(SnapshotTest, XeonE7ServerLoadsWithHandDerivedVerdicts) {
+  Topology t = load("40intel64-2g2n4c+pci");
+  ASSERT_EQ(t.host_bridges.size(), 2u);
+  EXPECT_EQ(t.functions.size(), 37u);
+  EXPECT_EQ(t.cpu.vendor, "GenuineIntel");
+  EXPECT_EQ(t.cpu.family, 6u);
+  const Function& rp = t.functions[*t.lookup("0000:00:05.0")];
+  EXPECT_EQ(rp.port_type, PortType::root_port);
+  EXPECT_TRUE(rp.port_type_inferred);
+  EXPECT_EQ(rp.acs.kind, AcsState::Kind::unknown);
+  EXPECT_EQ(t.functions[*t.lookup("0000:02:00.0")].upstream, static_cast<int32_t>(*t.lookup("0000:00:05.0")));
+  EXPECT_FALSE(t.functions[*t.lookup("0000:01:00.0")].bars.empty());
+  // Two ports of the Broadcom NIC below root port 00:05.0: common device, ACS unknown = none.
+  expect(v(t, "0000:02:00.0", "0000:02:00.1"), MapType::bus_addr, 2);
+  // The RAID card and the NIC sit on different root ports of host bridge 8086:3407 (not listed).
+  expect(v(t, "0000:01:00.0", "0000:02:00.0"), MapType::not_supported, 4);
+  // Two USB functions on the root bus: no upstream bridge at all, chains of one each.
+  expect(v(t, "0000:00:1a.0", "0000:00:1a.1"), MapType::not_supported, 2);
+  // Across host bridges (pci0000:40's first device 40:01.0 is a root port 8086:3408: not listed).
+  expect(v(t, "0000:43:00.0", "0000:01:00.0"), MapType::not_supported, 4);
+  expect(v(t, "0000:43:00.0", "0000:43:00.0"), MapType::bus_addr, 0);
+  // If the CPU were AMD Zen, every pair would go through the host bridge.
+  expect(v(t, "0000:43:00.0", "0000:01:00.0", VerdictOptions{{}, true}), MapType::thru_host_bridge, 4);
+}
+
+TEST_F(SnapshotTest, ThirtyTwoBitDomainLoads) {
+  Topology t = load("2pa-pcidomain32bits");
+  ASSERT_EQ(t.host_bridges.size(), 2u);
+  EXPECT_EQ(t.host_bridges[1].domain, 0x10000u);
+  auto scsi = t.lookup("10000:00:04.0");
+  ASSERT_TRUE(scsi.has_value());
+  EXPECT_EQ(t.functions[*scsi].vendor, 0x1af4);
+  // Virtio devices on two host bridges with 8086:1237 (i440FX): not supported, 1 + 1 apart.
+  expect(v(t, "10000:00:04.0", "0000:00:03.0"), MapType::not_supported, 2);
+}
+
+TEST_F(SnapshotTest, EditedSnapshotWithRepeatedAddressesLoadsWithWarning) {
+  Topology t = load("fakepcilocalities");
+  ASSERT_EQ(t.host_bridges.size(), 4u);
+  ASSERT_FALSE(t.warnings.empty());
+  EXPECT_NE(t.warnings[0].find("0000:43:00.0"), std::string::npos);
+  auto e = P2PEngine::create(t);
+  ASSERT_TRUE(e.has_value());
+  size_t unsupported = 0;
+  for (uint32_t p = 0; p < t.functions.size(); ++p)
+    for (uint32_t c = 0; c < t.functions.size(); ++c) unsupported += e->verdict(p, c).type == MapType::not_supported;
+  EXPECT_GT(unsupported, 0u);
+}
+
+TEST(SysfsTest, BadRootsAndFilesAreNamed) {
+  EXPECT_EQ(load_sysfs("/nonexistent-root").error().code, ENOENT);
+  const fs::path root = fs::temp_directory_path() / ("physr-bad-" + std::to_string(::getpid()));
+  fs::create_directories(root / "sys/devices/pci0000:00/0000:00:01.0");
+  auto write = [&](const std::string& rel, const std::string& text) {
+    std::ofstream(root / "sys/devices/pci0000:00/0000:00:01.0" / rel) << text;
+  };
+  auto r = load_sysfs(root);
+  ASSERT_FALSE(r.has_value());  // neither config nor vendor
+  EXPECT_NE(r.error().message.find("vendor"), std::string::npos);
+  write("vendor", "0x8086\n");
+  write("device", "0x1234\n");
+  write("class", "0xbanana\n");
+  r = load_sysfs(root);
+  ASSERT_FALSE(r.has_value());
+  EXPECT_NE(r.error().message.find("class"), std::string::npos);
+  write("class", "0x010802\n");
+  write("resource", "0x1000 0x0fff 0x200\n");
+  r = load_sysfs(root);
+  ASSERT_FALSE(r.has_value());
+  EXPECT_NE(r.error().message.find("resource:1: end below start"), std::string::npos);
+  write("resource", "0x1000 0x1fff 0x200\n0x0 0x0 0x0\n");
+  write("config", std::string(10, 'x'));
+  r = load_sysfs(root);
+  ASSERT_FALSE(r.has_value());
+  EXPECT_NE(r.error().message.find("config"), std::string::npos);
+  fs::remove(root / "sys/devices/pci0000:00/0000:00:01.0/config");
+  r = load_sysfs(root);
+  ASSERT_TRUE(r.has_value()) << r.error().to_string();
+  EXPECT_EQ(r->functions[0].bars.size(), 1u);
+  EXPECT_EQ(r->functions[0].bars[0].size(), 0x1000u);
+  fs::remove_all(root);
+}
+
+}  // namespace
+}  // namespace physr::pci
