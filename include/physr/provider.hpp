@@ -1,0 +1,188 @@
+// physr provider: P2P providers (one per BAR aperture), their registry, and the two
+// lookups the DMA layer needs: physical address -> provider, and small id -> provider.
+//
+// Design rationale
+// - find(phys) is a 4-level radix table over the 40-bit page frame number of a 52-bit
+//   physical space (10 bits per level, 8 KiB nodes). A provider is stored as leaves at the
+//   highest levels its aperture covers whole, like huge pages in a page table, so a 64 GiB
+//   BAR takes a few dozen slots and a 4 KiB VFIO aperture one. A lookup is at most four
+//   dependent loads, of which the upper ones stay in cache: about one miss, against the ~17
+//   of an interval tree at 100k ranges. Apertures are therefore 4 KiB-granular.
+// - get(id) is one load from a flat table of 2^24 pointers in reserved virtual memory
+//   (mmap MAP_NORESERVE, 128 MiB of address space): only the pages that hold registered
+//   ids are ever backed, so a thousand providers cost one 4 KiB page, and there is no
+//   second level to walk.
+// - Readers never lock and never write shared memory: they run inside an RCU read-side
+//   section (ReadGuard) and load slots with acquire. Writers serialise on a mutex, publish
+//   with release stores, and free a removed provider (and recycle its id) only after a
+//   grace period, through call_rcu.
+// - RCU flavour: liburcu "memb" (membarrier). Its read lock is two thread-local
+//   operations with no fence (the writer pays with a membarrier syscall), and unlike
+//   "qsbr" it asks nothing of threads between reads; unlike "bp" it needs no per-read
+//   registration check. physr cannot make its users' threads announce quiescent states,
+//   so qsbr's last nanosecond is not worth the contract. ReadGuard registers each thread
+//   with liburcu on first use and unregisters it at thread exit.
+// - Revocation (like dma-buf move_notify): revoke() marks the provider revoked (new lookups
+//   see revoked() == true and must not use its memory) and calls the holder's callback.
+//   The aperture stays in the table so it is never mistaken for host memory.
+//
+// Memory per provider: the Provider object (~120 B), one table slot per covered aligned
+// block (8 B; a 4 KiB aperture in a packed run shares an 8 KiB leaf node with 1023
+// neighbours, so ~8 B), and an id slot (8 B): about 136 B for tightly packed 4 KiB providers.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <vector>
+
+#include "physr/core.hpp"
+#include "physr/pci.hpp"
+#include "physr/range.hpp"
+
+namespace physr {
+
+class Provider;
+
+/// What a driver registers: one BAR aperture of one PCI function.
+struct ProviderDesc {
+  pci::Bdf owner;              // the function whose BAR this is
+  unsigned bar = 0;            // BAR index
+  PhysSpan phys;               // CPU physical aperture: 4 KiB aligned, non-empty, below 2^52
+  uint64_t bus_offset = 0;     // PCI bus address = CPU physical address + bus_offset (mod 2^64)
+  bool published = false;      // its memory may be handed out to other drivers (p2pmem_publish)
+  bool cpu_copy = false;       // the DMA layer may bounce it through host memory
+  /// Called by revoke(), under the registry's writer lock: it must not call the registry's
+  /// writer functions. Holders unmap and stop using the memory (dma-buf move_notify).
+  std::function<void(const Provider&)> on_revoke;
+};
+
+/// A registered provider. Pointers obtained inside a ReadGuard stay valid until the guard
+/// ends; after remove() the object is freed one grace period later.
+class Provider {
+ public:
+  ProviderId id() const noexcept { return id_; }
+  const pci::Bdf& owner() const noexcept { return desc_.owner; }
+  unsigned bar() const noexcept { return desc_.bar; }
+  PhysSpan phys() const noexcept { return desc_.phys; }
+  uint64_t bus_offset() const noexcept { return desc_.bus_offset; }
+  /// The PCI bus address a peer uses for `a` (which must lie in phys()).
+  BusAddr to_bus(PhysAddr a) const noexcept { return BusAddr(a.value() + desc_.bus_offset); }
+  bool published() const noexcept { return flags_.load(std::memory_order_acquire) & kPublished; }
+  bool cpu_copy_allowed() const noexcept { return desc_.cpu_copy; }
+  /// True once revoked: the memory must no longer be mapped or used.
+  bool revoked() const noexcept { return flags_.load(std::memory_order_acquire) & kRevoked; }
+
+ private:
+  friend class ProviderRegistry;
+  static constexpr uint32_t kPublished = 1, kRevoked = 2;
+  Provider(ProviderId id, ProviderDesc d);
+  ProviderId id_;
+  ProviderDesc desc_;
+  std::atomic<uint32_t> flags_{0};
+  class ProviderRegistry* registry_ = nullptr;
+  void* rcu_box_ = nullptr;  // {struct rcu_head, Provider*}, allocated at add() so remove() cannot fail
+};
+
+/// The registry of providers. Writers (add, remove, revoke, set_published) are serialised
+/// and never block readers; readers (find, get) must run inside a ReadGuard.
+class ProviderRegistry {
+ public:
+  /// Ids available: 1 .. kMaxProviders (0 is host memory). Ids up to kMaxDirectProvider
+  /// (510) go straight into range lists; larger ones are stored as kIndirectProvider and
+  /// resolved with find() (see range.hpp). The smallest free id is handed out first.
+  static constexpr uint32_t kMaxProviders = (1u << 24) - 1;
+
+  ProviderRegistry();
+  /// Waits for pending frees (rcu_barrier) and frees everything; no reader may still run.
+  ~ProviderRegistry();
+  ProviderRegistry(const ProviderRegistry&) = delete;
+  ProviderRegistry& operator=(const ProviderRegistry&) = delete;
+
+  /// Registers an aperture. EINVAL: empty, not 4 KiB aligned, wrapping or past 2^52.
+  /// EEXIST: overlaps a registered provider (named). ENOSPC: no id left.
+  Result<ProviderId> add(ProviderDesc desc);
+  /// Unregisters: lookups stop finding it at once; it is freed and its id reused after a
+  /// grace period. ENOENT for an unknown or already removed id; the registry is unchanged.
+  Status remove(ProviderId id);
+  /// Marks revoked and calls on_revoke. ENOENT unknown id, EINVAL already revoked.
+  Status revoke(ProviderId id);
+  /// Publishes or unpublishes the provider's memory. ENOENT unknown id.
+  Status set_published(ProviderId id, bool published);
+
+  /// An RCU read-side section. Nestable; cheap (no fence, no shared write).
+  class ReadGuard {
+   public:
+    ReadGuard();
+    ~ReadGuard();
+    ReadGuard(const ReadGuard&) = delete;
+    ReadGuard& operator=(const ReadGuard&) = delete;
+  };
+
+  /// The provider whose aperture holds `a`, or nullptr for host memory. Inside a ReadGuard.
+  const Provider* find(PhysAddr a) const noexcept {
+    const uint64_t pfn = a.value() >> kPageShift;
+    if (pfn >> kPfnBits) [[unlikely]] return nullptr;
+    // Level 0 covers 2^30 pages per slot, then 2^20, 2^10 and single pages. A slot holds
+    // 0 (host memory), a provider pointer with bit 0 set (a leaf), or a child node.
+    uintptr_t e = root_.slot[pfn >> 30].load(std::memory_order_acquire);
+    for (unsigned shift = 20; !(e & 1); shift -= 10) {
+      if (e == 0) return nullptr;
+      e = reinterpret_cast<const Node*>(e)->slot[(pfn >> shift) & 1023].load(std::memory_order_acquire);
+      if (shift == 0) break;
+    }
+    return reinterpret_cast<const Provider*>(e & ~uintptr_t{1});
+  }
+  /// The provider with this id, or nullptr. Inside a ReadGuard.
+  const Provider* get(ProviderId id) const noexcept {
+    if (id > kMaxProviders) [[unlikely]] return nullptr;
+    return ids_[id].load(std::memory_order_acquire);
+  }
+  /// Like find(), plus how many bytes from `a` the answer stays the same (at least 1 page
+  /// for host memory, to the aperture's end for a provider). Inside a ReadGuard.
+  const Provider* find_extent(PhysAddr a, uint64_t& bytes) const noexcept;
+
+  /// Registered (not yet removed) providers.
+  size_t size() const noexcept { return live_.load(std::memory_order_relaxed); }
+  /// Removed providers whose grace period has not yet ended.
+  size_t pending_frees() const noexcept { return pending_.load(std::memory_order_acquire); }
+  /// Waits until every removal so far has been freed (rcu_barrier).
+  void wait_for_frees();
+  /// Bytes held by the lookup tables (radix nodes and touched id-table pages).
+  size_t table_bytes() const noexcept { return table_bytes_.load(std::memory_order_relaxed); }
+
+ private:
+  static constexpr unsigned kPfnBits = 40;
+  struct Node {
+    std::atomic<uintptr_t> slot[1024];
+  };
+  static void reclaim(void* head);
+  Node* child_for_insert(std::atomic<uintptr_t>& slot);
+  bool overlaps(const Node& n, unsigned level, uint64_t base, uint64_t s, uint64_t e, const Provider** who) const;
+  void set_range(Node& n, unsigned level, uint64_t base, uint64_t s, uint64_t e, uintptr_t value);
+  void free_nodes(Node& n, unsigned level);
+  Provider* writer_get(ProviderId id) const;
+
+  Node root_{};
+  std::atomic<const Provider*>* ids_ = nullptr;  // kMaxProviders + 1 entries, mmap'ed
+  std::vector<bool> id_pages_;                  // which 4 KiB pages of ids_ hold an entry
+  mutable std::mutex writer_;
+  std::vector<uint32_t> free_ids_;  // min-heap, ids whose grace period has ended
+  std::mutex free_ids_lock_;
+  uint32_t next_id_ = 1;
+  std::atomic<size_t> live_{0};
+  std::atomic<size_t> pending_{0};
+  std::atomic<size_t> table_bytes_{0};
+};
+
+/// Builds a range list from physical pieces, tagging each byte with the provider that owns
+/// it (host memory elsewhere) and splitting pieces at provider boundaries, so ranges never
+/// cross providers. Inside a ReadGuard. EFAULT names a piece that touches a revoked
+/// provider; other errors as RangeList::append.
+Result<RangeList> tag_ranges(const ProviderRegistry& registry, std::span<const PhysSpan> pieces,
+                             const SegmentLimits& limits = {});
+
+}  // namespace physr

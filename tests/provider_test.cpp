@@ -1,0 +1,239 @@
+#include "physr/provider.hpp"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <map>
+#include <random>
+#include <thread>
+#include <vector>
+
+namespace physr {
+namespace {
+
+ProviderDesc aperture(uint64_t base, uint64_t size, uint8_t dev = 1) {
+  ProviderDesc d;
+  d.owner = pci::Bdf{0, 3, dev, 0};
+  d.phys = PhysSpan{PhysAddr(base), size};
+  d.bus_offset = 0x1000'0000'0000;
+  return d;
+}
+
+// Reference: a sorted vector of (base, size, id), searched linearly.
+struct Reference {
+  std::vector<std::tuple<uint64_t, uint64_t, ProviderId>> v;
+  ProviderId find(uint64_t a) const {
+    for (const auto& [b, s, id] : v)
+      if (a - b < s) return id;
+    return 0;
+  }
+};
+
+TEST(ProviderRegistryTest, FindMatchesReferenceOnRandomLayouts) {
+  std::mt19937_64 rng(5);
+  for (int iter = 0; iter < 20; ++iter) {
+    ProviderRegistry reg;
+    Reference ref;
+    // Mixed sizes: tightly packed 4 KiB runs, odd page counts and multi-GiB BARs, sparse
+    // over 52 bits.
+    uint64_t cursor = (rng() % 1024) << 12;
+    for (int k = 0; k < 300; ++k) {
+      uint64_t size;
+      switch (rng() % 4) {
+        case 0: size = 4096; break;
+        case 1: size = (1 + rng() % 700) << 12; break;
+        case 2: size = (1 + rng() % 64) << 30; break;
+        default: size = (1 + rng() % 3) << 21;
+      }
+      if (rng() % 3 == 0) cursor += (rng() % (uint64_t{1} << 28)) << 12;
+      if (cursor + size > (uint64_t{1} << 52)) break;
+      auto id = reg.add(aperture(cursor, size));
+      ASSERT_TRUE(id.has_value()) << id.error().to_string();
+      ref.v.emplace_back(cursor, size, *id);
+      cursor += size;
+    }
+    // Remove a third of them.
+    for (size_t k = 0; k < ref.v.size(); k += 3) {
+      ASSERT_TRUE(reg.remove(std::get<2>(ref.v[k])).has_value());
+      std::get<1>(ref.v[k]) = 0;
+    }
+    ProviderRegistry::ReadGuard g;
+    auto check = [&](uint64_t a) {
+      const Provider* p = reg.find(PhysAddr(a));
+      ASSERT_EQ(p ? p->id() : 0u, ref.find(a)) << "address " << a;
+    };
+    for (const auto& [b, s, id] : ref.v) {
+      const uint64_t size = s ? s : 4096;
+      for (uint64_t a : {b, b + 1, b + size - 1, b + size, b - 1}) check(a);
+    }
+    for (int q = 0; q < 20000; ++q) check(rng() & ((uint64_t{1} << 52) - 1));
+    check(0);
+    check((uint64_t{1} << 52) - 1);
+    check(uint64_t{1} << 52);
+    check(~uint64_t{0});
+  }
+}
+
+TEST(ProviderRegistryTest, BoundariesOfAPageAtTheTopAndAtZero) {
+  ProviderRegistry reg;
+  const uint64_t top = (uint64_t{1} << 52) - 4096;
+  auto a = reg.add(aperture(top, 4096));
+  auto z = reg.add(aperture(0, 4096, 2));
+  ASSERT_TRUE(a.has_value() && z.has_value());
+  ProviderRegistry::ReadGuard g;
+  EXPECT_EQ(reg.find(PhysAddr(top))->id(), *a);
+  EXPECT_EQ(reg.find(PhysAddr(top + 4095))->id(), *a);
+  EXPECT_EQ(reg.find(PhysAddr(top - 1)), nullptr);
+  EXPECT_EQ(reg.find(PhysAddr(top + 4096)), nullptr);  // 2^52: outside the space
+  EXPECT_EQ(reg.find(PhysAddr(0))->id(), *z);
+  EXPECT_EQ(reg.find(PhysAddr(4096)), nullptr);
+  EXPECT_EQ(reg.get(*a)->phys().base.value(), top);
+  EXPECT_EQ(reg.get(*a)->to_bus(PhysAddr(top)).value(), top + 0x1000'0000'0000);
+  EXPECT_EQ(reg.get(0), nullptr);
+  EXPECT_EQ(reg.get(ProviderRegistry::kMaxProviders + 5), nullptr);
+}
+
+TEST(ProviderRegistryTest, BadInputIsRejectedAndLeavesRegistryUnchanged) {
+  ProviderRegistry reg;
+  auto a = reg.add(aperture(0x100000, 0x10000));
+  ASSERT_TRUE(a.has_value());
+  struct Case {
+    uint64_t base, size;
+    int code;
+    const char* text;
+  };
+  for (const Case& c : {Case{0x200000, 0, EINVAL, "empty"}, Case{0x200800, 0x1000, EINVAL, "aligned"},
+                        Case{0x200000, 0x800, EINVAL, "aligned"}, Case{~uint64_t{0} - 0xfff, 0x2000, EINVAL, "52-bit"},
+                        Case{uint64_t{1} << 52, 0x1000, EINVAL, "52-bit"}, Case{0x10f000, 0x2000, EEXIST, "overlaps provider"},
+                        Case{0x0, 0x200000, EEXIST, "overlaps provider"}, Case{0x104000, 0x1000, EEXIST, "0000:03:01.0"}}) {
+    auto r = reg.add(aperture(c.base, c.size, 7));
+    ASSERT_FALSE(r.has_value()) << c.base << " " << c.size;
+    EXPECT_EQ(r.error().code, c.code);
+    EXPECT_NE(r.error().message.find(c.text), std::string::npos) << r.error().message;
+  }
+  EXPECT_EQ(reg.size(), 1u);
+  EXPECT_EQ(reg.remove(999).error().code, ENOENT);
+  EXPECT_EQ(reg.revoke(999).error().code, ENOENT);
+  EXPECT_EQ(reg.set_published(0, true).error().code, ENOENT);
+  ASSERT_TRUE(reg.remove(*a).has_value());
+  EXPECT_EQ(reg.remove(*a).error().code, ENOENT);  // double unregister
+  EXPECT_EQ(reg.size(), 0u);
+  // Adjacent apertures are fine.
+  EXPECT_TRUE(reg.add(aperture(0x100000, 0x10000)).has_value());
+  EXPECT_TRUE(reg.add(aperture(0x110000, 0x1000)).has_value());
+  EXPECT_TRUE(reg.add(aperture(0xff000, 0x1000)).has_value());
+}
+
+TEST(ProviderRegistryTest, RevokeKeepsApertureAndCallsHolder) {
+  ProviderRegistry reg;
+  int calls = 0;
+  ProviderId seen = 0;
+  ProviderDesc d = aperture(0x40000000, 1 << 20);
+  d.on_revoke = [&](const Provider& p) {
+    ++calls;
+    seen = p.id();
+  };
+  auto id = reg.add(std::move(d));
+  ASSERT_TRUE(id.has_value());
+  {
+    ProviderRegistry::ReadGuard g;
+    EXPECT_FALSE(reg.find(PhysAddr(0x40000000))->revoked());
+  }
+  ASSERT_TRUE(reg.revoke(*id).has_value());
+  EXPECT_EQ(calls, 1);
+  EXPECT_EQ(seen, *id);
+  EXPECT_EQ(reg.revoke(*id).error().code, EINVAL);
+  EXPECT_EQ(calls, 1);
+  ProviderRegistry::ReadGuard g;
+  const Provider* p = reg.find(PhysAddr(0x40000000 + 12345));
+  ASSERT_NE(p, nullptr);  // never mistaken for host memory
+  EXPECT_TRUE(p->revoked());
+  EXPECT_TRUE(reg.get(*id)->revoked());
+}
+
+TEST(ProviderRegistryTest, PublishFlag) {
+  ProviderRegistry reg;
+  auto id = reg.add(aperture(0x1000, 0x1000));
+  ProviderRegistry::ReadGuard g;
+  EXPECT_FALSE(reg.get(*id)->published());
+  ASSERT_TRUE(reg.set_published(*id, true).has_value());
+  EXPECT_TRUE(reg.get(*id)->published());
+  ASSERT_TRUE(reg.set_published(*id, false).has_value());
+  EXPECT_FALSE(reg.get(*id)->published());
+}
+
+TEST(ProviderRegistryTest, IdsAreReusedOnlyAfterGracePeriodSmallestFirst) {
+  ProviderRegistry reg;
+  std::vector<ProviderId> ids;
+  for (uint64_t k = 0; k < 10; ++k) ids.push_back(*reg.add(aperture(k << 20, 4096)));
+  EXPECT_EQ(ids.front(), 1u);
+  EXPECT_EQ(ids.back(), 10u);
+  {
+    // A reader holds the grace period open: ids 3 and 5 cannot come back yet.
+    ProviderRegistry::ReadGuard g;
+    const Provider* p3 = reg.get(3);
+    ASSERT_TRUE(reg.remove(3).has_value());
+    ASSERT_TRUE(reg.remove(5).has_value());
+    EXPECT_EQ(reg.get(3), nullptr);
+    EXPECT_EQ(p3->id(), 3u);  // still readable inside the guard
+  }
+  // Not reused before the grace period ends: a new add gets a fresh id or, once the frees
+  // have run, the smallest freed one.
+  reg.wait_for_frees();
+  EXPECT_EQ(reg.pending_frees(), 0u);
+  EXPECT_EQ(*reg.add(aperture(100 << 20, 4096)), 3u);
+  EXPECT_EQ(*reg.add(aperture(101 << 20, 4096)), 5u);
+  EXPECT_EQ(*reg.add(aperture(102 << 20, 4096)), 11u);
+}
+
+TEST(ProviderRegistryTest, BigBarsUseFewNodes) {
+  ProviderRegistry reg;
+  ASSERT_TRUE(reg.add(aperture(0x1000, 0x1000)).has_value());  // touches the first id-table page
+  const size_t before = reg.table_bytes();
+  ASSERT_TRUE(reg.add(aperture(uint64_t{1} << 44, uint64_t{64} << 30)).has_value());  // aligned 64 GiB: one L1 node
+  EXPECT_EQ(reg.table_bytes() - before, 8192u);
+  ASSERT_TRUE(reg.add(aperture((uint64_t{1} << 45) + 4096, (uint64_t{64} << 30) - 8192)).has_value());  // ragged
+  EXPECT_LE(reg.table_bytes() - before, 12 * 8192u);
+  ProviderRegistry::ReadGuard g;
+  EXPECT_NE(reg.find(PhysAddr((uint64_t{1} << 44) + (uint64_t{63} << 30))), nullptr);
+  EXPECT_EQ(reg.find(PhysAddr(uint64_t{1} << 45)), nullptr);
+  EXPECT_NE(reg.find(PhysAddr((uint64_t{1} << 45) + 4096)), nullptr);
+}
+
+TEST(ProviderTaggingTest, TagsSplitsAtBoundariesAndNeverMergesAcross) {
+  ProviderRegistry reg;
+  const ProviderId a = *reg.add(aperture(0x10000, 0x4000));
+  const ProviderId b = *reg.add(aperture(0x14000, 0x4000, 2));  // adjacent to a
+  ProviderRegistry::ReadGuard g;
+  // One piece spanning host, a, b, host.
+  std::vector<PhysSpan> pieces{{PhysAddr(0xe000), 0xc000}};
+  auto l = tag_ranges(reg, pieces);
+  ASSERT_TRUE(l.has_value()) << l.error().to_string();
+  std::vector<PhysRange> got(l->begin(), l->end());
+  std::vector<PhysRange> want{{PhysAddr(0xe000), 0x2000, 0}, {PhysAddr(0x10000), 0x4000, a}, {PhysAddr(0x14000), 0x4000, b},
+                              {PhysAddr(0x18000), 0x2000, 0}};
+  EXPECT_EQ(got, want);
+  // Host pieces far apart in the table still merge when contiguous.
+  std::vector<PhysSpan> host{{PhysAddr(uint64_t{1} << 40), uint64_t{3} << 30}};
+  auto h = tag_ranges(reg, host);
+  ASSERT_TRUE(h.has_value());
+  EXPECT_EQ(h->size(), 1u);
+  EXPECT_EQ((*h)[0].len, uint64_t{3} << 30);
+}
+
+TEST(ProviderTaggingTest, RevokedProviderFailsWithEfault) {
+  ProviderRegistry reg;
+  const ProviderId a = *reg.add(aperture(0x10000, 0x4000));
+  ASSERT_TRUE(reg.revoke(a).has_value());
+  ProviderRegistry::ReadGuard g;
+  std::vector<PhysSpan> pieces{{PhysAddr(0x8000), 0x10000}};
+  auto l = tag_ranges(reg, pieces);
+  ASSERT_FALSE(l.has_value());
+  EXPECT_EQ(l.error().code, EFAULT);
+  EXPECT_NE(l.error().message.find("revoked provider"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace physr
