@@ -76,6 +76,29 @@ TEST(ProviderRegistryTest, FindMatchesReferenceOnRandomLayouts) {
   }
 }
 
+TEST(ProviderRegistryTest, TwoHundredThousandPackedApertures) {
+  ProviderRegistry reg;
+  constexpr uint64_t kN = 200000, kBase = uint64_t{1} << 40;
+  for (uint64_t k = 0; k < kN; ++k) ASSERT_TRUE(reg.add(aperture(kBase + k * 4096, 4096)).has_value());
+  for (uint64_t k = 0; k < kN; k += 2) ASSERT_TRUE(reg.remove(static_cast<ProviderId>(k + 1)).has_value());
+  EXPECT_EQ(reg.size(), kN / 2);
+  // Packed 4 KiB apertures cost about one 8-byte slot each in the radix table.
+  EXPECT_LT(reg.table_bytes() / kN, 24u);
+  ProviderRegistry::ReadGuard g;
+  for (uint64_t k = 0; k < kN; ++k) {
+    const Provider* p = reg.find(PhysAddr(kBase + k * 4096 + (k * 7) % 4096));
+    if (k % 2 == 0) {
+      ASSERT_EQ(p, nullptr) << k;
+    } else {
+      ASSERT_NE(p, nullptr) << k;
+      ASSERT_EQ(p->id(), k + 1);
+      ASSERT_EQ(reg.get(static_cast<ProviderId>(k + 1)), p);
+    }
+  }
+  EXPECT_EQ(reg.find(PhysAddr(kBase - 1)), nullptr);
+  EXPECT_EQ(reg.find(PhysAddr(kBase + kN * 4096)), nullptr);
+}
+
 TEST(ProviderRegistryTest, BoundariesOfAPageAtTheTopAndAtZero) {
   ProviderRegistry reg;
   const uint64_t top = (uint64_t{1} << 52) - 4096;
