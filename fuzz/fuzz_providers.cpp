@@ -3,18 +3,12 @@
 #include <map>
 #include <vector>
 
+#include "fuzz_check.hpp"
 #include "physr/provider.hpp"
 
 namespace {
 using namespace physr;
 
-#define CHECK(c)                                                                      \
-  do {                                                                                \
-    if (!(c)) {                                                                       \
-      __builtin_printf("invariant failed: %s (%s:%d)\n", #c, __FILE__, __LINE__);     \
-      __builtin_trap();                                                               \
-    }                                                                                 \
-  } while (0)
 
 struct Model {
   std::map<uint64_t, std::pair<uint64_t, ProviderId>> live;  // base -> (end, id)

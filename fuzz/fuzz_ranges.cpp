@@ -4,18 +4,12 @@
 #include <cstring>
 #include <vector>
 
+#include "fuzz_check.hpp"
 #include "physr/range.hpp"
 
 namespace {
 using namespace physr;
 
-#define CHECK(cond)                                                         \
-  do {                                                                      \
-    if (!(cond)) {                                                          \
-      __builtin_printf("invariant failed: %s (%s:%d)\n", #cond, __FILE__, __LINE__); \
-      __builtin_trap();                                                     \
-    }                                                                       \
-  } while (0)
 
 struct Reader {
   const uint8_t* p;

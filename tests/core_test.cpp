@@ -30,6 +30,20 @@ TEST(ParseSizeTest, RejectsMalformedTextNamingIt) {
   }
 }
 
+TEST(ParseSizeTest, SaysWhyANumberIsRejected) {
+  EXPECT_NE(parse_size("0x1ffffffffffffffff").error().message.find("does not fit"), std::string::npos);
+  EXPECT_NE(parse_size("99999999999999999999").error().message.find("does not fit"), std::string::npos);
+  EXPECT_NE(parse_size("0xZZ").error().message.find("expected a number"), std::string::npos);
+  EXPECT_NE(parse_size("16384P").error().message.find("does not fit"), std::string::npos);
+  std::string_view t = "0x1fK";
+  EXPECT_EQ(consume_uint(t).value(), 0x1fu);
+  EXPECT_EQ(t, "K");
+  t = "ff";
+  EXPECT_FALSE(consume_uint(t).has_value());
+  EXPECT_EQ(t, "ff");  // untouched on failure
+  EXPECT_EQ(consume_uint(t, 16).value(), 0xffu);
+}
+
 TEST(FormatSizeTest, UsesLargestDividingUnit) {
   EXPECT_EQ(format_size(0), "0 B");
   EXPECT_EQ(format_size(1536), "1536 B");

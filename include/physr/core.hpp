@@ -130,6 +130,11 @@ inline void Result<void>::value() const {
       return std::move(physr_try_r_).error();             \
   } while (0)
 
+/// Consumes an unsigned integer from the front of `text`: base 10, or hex after a "0x"
+/// prefix when base is 0; base 16 reads bare hex digits. nullopt (text untouched) when
+/// there is no digit or the value overflows 64 bits. The one number reader physr's parsers share.
+std::optional<uint64_t> consume_uint(std::string_view& text, unsigned base = 0);
+
 /// Parses a byte count such as "4096", "4K", "64KiB", "2M", "1G", "0x1000" (binary units).
 /// Fails with EINVAL naming the text when it is empty, malformed or overflows 64 bits.
 Result<uint64_t> parse_size(std::string_view text);

@@ -1,5 +1,6 @@
 #include "physr/core.hpp"
 
+#include <cctype>
 #include <cstdio>
 #include <limits>
 
@@ -35,6 +36,34 @@ void die_on_error_access(const Error& e) {
 }
 }  // namespace detail
 
+std::optional<uint64_t> consume_uint(std::string_view& text, unsigned base) {
+  std::string_view s = text;
+  if (base == 0) {
+    base = 10;
+    if (s.size() > 2 && s[0] == '0' && (s[1] == 'x' || s[1] == 'X')) {
+      base = 16;
+      s.remove_prefix(2);
+    }
+  }
+  uint64_t value = 0;
+  size_t digits = 0;
+  while (!s.empty()) {
+    const char c = s.front();
+    unsigned d;
+    if (c >= '0' && c <= '9') d = static_cast<unsigned>(c - '0');
+    else if (base == 16 && c >= 'a' && c <= 'f') d = static_cast<unsigned>(c - 'a' + 10);
+    else if (base == 16 && c >= 'A' && c <= 'F') d = static_cast<unsigned>(c - 'A' + 10);
+    else break;
+    if (value > (std::numeric_limits<uint64_t>::max() - d) / base) return std::nullopt;
+    value = value * base + d;
+    ++digits;
+    s.remove_prefix(1);
+  }
+  if (digits == 0) return std::nullopt;
+  text = s;
+  return value;
+}
+
 Result<uint64_t> parse_size(std::string_view text) {
   auto bad = [&](const char* why) {
     return make_error(EINVAL, "size '" + std::string(text) + "': " + why);
@@ -44,26 +73,16 @@ Result<uint64_t> parse_size(std::string_view text) {
   while (!s.empty() && (s.back() == ' ' || s.back() == '\t')) s.remove_suffix(1);
   if (s.empty()) return bad("empty");
 
-  uint64_t base = 10;
-  if (s.size() > 2 && s[0] == '0' && (s[1] == 'x' || s[1] == 'X')) {
-    base = 16;
-    s.remove_prefix(2);
+  const auto number = consume_uint(s);
+  if (!number) {
+    const bool hex = s.size() > 2 && s[0] == '0' && (s[1] == 'x' || s[1] == 'X');
+    const std::string_view digits = s.substr(hex ? 2 : 0);
+    // A leading digit means consume_uint failed only because the value overflowed.
+    const bool overflow = !digits.empty() && (hex ? std::isxdigit(static_cast<unsigned char>(digits.front())) != 0
+                                                  : digits.front() >= '0' && digits.front() <= '9');
+    return bad(overflow ? "does not fit in 64 bits" : "expected a number");
   }
-  uint64_t value = 0;
-  size_t digits = 0;
-  while (!s.empty()) {
-    char c = s.front();
-    unsigned d;
-    if (c >= '0' && c <= '9') d = static_cast<unsigned>(c - '0');
-    else if (base == 16 && c >= 'a' && c <= 'f') d = static_cast<unsigned>(c - 'a' + 10);
-    else if (base == 16 && c >= 'A' && c <= 'F') d = static_cast<unsigned>(c - 'A' + 10);
-    else break;
-    if (value > (std::numeric_limits<uint64_t>::max() - d) / base) return bad("does not fit in 64 bits");
-    value = value * base + d;
-    ++digits;
-    s.remove_prefix(1);
-  }
-  if (digits == 0) return bad("expected a number");
+  const uint64_t value = *number;
   while (!s.empty() && s.front() == ' ') s.remove_prefix(1);
 
   unsigned shift = 0;

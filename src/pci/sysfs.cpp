@@ -35,20 +35,12 @@ std::string_view trim(std::string_view s) {
   return s;
 }
 
-bool parse_u64(std::string_view s, uint64_t& out, int base) {
+// The whole of s as one number (hex with or without 0x when base is 16).
+bool parse_u64(std::string_view s, uint64_t& out, unsigned base) {
   if (base == 16 && s.size() > 2 && s[0] == '0' && (s[1] == 'x' || s[1] == 'X')) s.remove_prefix(2);
-  if (s.empty()) return false;
-  uint64_t v = 0;
-  for (char c : s) {
-    unsigned d;
-    if (c >= '0' && c <= '9') d = static_cast<unsigned>(c - '0');
-    else if (base == 16 && c >= 'a' && c <= 'f') d = static_cast<unsigned>(c - 'a' + 10);
-    else if (base == 16 && c >= 'A' && c <= 'F') d = static_cast<unsigned>(c - 'A' + 10);
-    else return false;
-    if (v > (~uint64_t{0} - d) / static_cast<uint64_t>(base)) return false;
-    v = v * static_cast<uint64_t>(base) + d;
-  }
-  out = v;
+  auto v = consume_uint(s, base);
+  if (!v || !s.empty()) return false;
+  out = *v;
   return true;
 }
 

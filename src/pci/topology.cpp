@@ -8,17 +8,9 @@ namespace physr::pci {
 namespace {
 bool hex_field(std::string_view s, uint64_t max, uint64_t& out) {
   if (s.empty() || s.size() > 8) return false;
-  uint64_t v = 0;
-  for (char c : s) {
-    unsigned d;
-    if (c >= '0' && c <= '9') d = static_cast<unsigned>(c - '0');
-    else if (c >= 'a' && c <= 'f') d = static_cast<unsigned>(c - 'a' + 10);
-    else if (c >= 'A' && c <= 'F') d = static_cast<unsigned>(c - 'A' + 10);
-    else return false;
-    v = v * 16 + d;
-  }
-  if (v > max) return false;
-  out = v;
+  auto v = consume_uint(s, 16);
+  if (!v || !s.empty() || *v > max) return false;
+  out = *v;
   return true;
 }
 }  // namespace

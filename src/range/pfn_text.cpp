@@ -5,31 +5,6 @@
 namespace physr {
 
 namespace {
-// Parses one unsigned number (decimal or 0x hex) at the front of s; nullopt if none/overflow.
-std::optional<uint64_t> take_number(std::string_view& s) {
-  uint64_t base = 10;
-  if (s.size() > 2 && s[0] == '0' && (s[1] == 'x' || s[1] == 'X')) {
-    base = 16;
-    s.remove_prefix(2);
-  }
-  uint64_t v = 0;
-  size_t n = 0;
-  while (!s.empty()) {
-    const char c = s.front();
-    uint64_t d;
-    if (c >= '0' && c <= '9') d = static_cast<uint64_t>(c - '0');
-    else if (base == 16 && c >= 'a' && c <= 'f') d = static_cast<uint64_t>(c - 'a' + 10);
-    else if (base == 16 && c >= 'A' && c <= 'F') d = static_cast<uint64_t>(c - 'A' + 10);
-    else break;
-    if (v > (~uint64_t{0} - d) / base) return std::nullopt;
-    v = v * base + d;
-    ++n;
-    s.remove_prefix(1);
-  }
-  if (n == 0) return std::nullopt;
-  return v;
-}
-
 void skip_blanks(std::string_view& s) {
   while (!s.empty() && (s.front() == ' ' || s.front() == '\t' || s.front() == '\r')) s.remove_prefix(1);
 }
@@ -47,7 +22,7 @@ Result<PfnList> parse_pfn_text(std::string_view text, std::string_view source) {
     skip_blanks(line);
     if (line.empty()) continue;
     auto where = [&] { return std::string(source) + ":" + std::to_string(line_no) + ": "; };
-    auto pfn = take_number(line);
+    auto pfn = consume_uint(line);
     if (!pfn) return make_error(EINVAL, where() + "expected a pfn (decimal or 0x hex that fits 64 bits)");
     skip_blanks(line);
     ProviderId prov = kHostMemory;
@@ -56,7 +31,7 @@ Result<PfnList> parse_pfn_text(std::string_view text, std::string_view source) {
         line.remove_prefix(1);
         skip_blanks(line);
       }
-      auto p = take_number(line);
+      auto p = consume_uint(line);
       if (!p || *p >= kInvalidProvider) return make_error(EINVAL, where() + "expected a provider id below 2^32-1 after the pfn");
       prov = static_cast<ProviderId>(*p);
       skip_blanks(line);
