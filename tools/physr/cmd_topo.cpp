@@ -2,6 +2,7 @@
 // of devices, as Linux drivers/pci/p2pdma.c would compute it.
 #include <fmt/core.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <map>
 #include <memory>
@@ -151,16 +152,34 @@ void print_tree(const Topology& t, P2PEngine& e) {
       }
     }
     fmt::print("{}  NUMA {}  {}\n", hb.name(), hb.numa_node, allow);
+    // Rows first, so every column lines up whatever the depth and names.
+    struct Row {
+      std::string head, ids, cls, port, acs, bars;
+    };
+    std::vector<Row> rows;
     std::vector<std::pair<uint32_t, int>> stack;
     for (auto it = roots.rbegin(); it != roots.rend(); ++it) stack.push_back({*it, 1});
     while (!stack.empty()) {
       auto [i, depth] = stack.back();
       stack.pop_back();
       const Function& f = t.functions[i];
-      fmt::print("{:{}}{}  {:04x}:{:04x}  {:<22} {:<20} {}{}\n", "", depth * 2, describe(f), f.vendor, f.device,
-                 class_name(f.class_code), port_label(f), acs_label(f),
-                 f.bars.empty() ? "" : fmt::format("  BARs {}", f.bars.size()));
+      rows.push_back({std::string(static_cast<size_t>(depth) * 2, ' ') + describe(f), fmt::format("{:04x}:{:04x}", f.vendor, f.device),
+                      class_name(f.class_code), port_label(f), acs_label(f),
+                      f.bars.empty() ? "" : fmt::format("BARs {}", f.bars.size())});
       for (auto it = children[i].rbegin(); it != children[i].rend(); ++it) stack.push_back({*it, depth + 1});
+    }
+    size_t w[4] = {0, 0, 0, 0};
+    for (const Row& r : rows) {
+      w[0] = std::max(w[0], r.head.size());
+      w[1] = std::max(w[1], r.cls.size());
+      w[2] = std::max(w[2], r.port.size());
+      w[3] = std::max(w[3], r.acs.size());
+    }
+    for (const Row& r : rows) {
+      std::string line = fmt::format("{:<{}}  {}  {:<{}}  {:<{}}  {:<{}}  {}", r.head, w[0], r.ids, r.cls, w[1], r.port, w[2],
+                                     r.acs, w[3], r.bars);
+      while (!line.empty() && line.back() == ' ') line.pop_back();
+      fmt::print("{}\n", line);
     }
   }
 }

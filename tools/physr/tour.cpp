@@ -7,6 +7,7 @@
 #include "builtin.hpp"
 #include "cli.hpp"
 #include "physr/pci.hpp"
+#include "physr/provider.hpp"
 #include "physr/range.hpp"
 
 namespace physr::cli {
@@ -42,6 +43,55 @@ void default_machine_section() {
                x.verdict.distance, why);
   }
   fmt::print("  More: physr topo --machine {0}; physr explain nvme0 nic0 --machine {0}\n\n", kDefaultMachine);
+}
+
+// Every BAR of the default machine becomes a provider; a buffer that mixes host pages with
+// GPU memory and an NVMe CMB is tagged range by range, and each range gets the path nvme0's
+// DMA would take to it: what the DMA layer will do per segment.
+void providers_section() {
+  using namespace physr::pci;
+  const BuiltinFile* file = nullptr;
+  for (const auto& b : kBuiltinMachines)
+    if (b.name == kDefaultMachine) file = &b;
+  const Topology t = failure_value(parse_machine(file->text, "builtin:" + std::string(kDefaultMachine)));
+  P2PEngine e = failure_value(P2PEngine::create(t));
+  ProviderRegistry reg;
+  std::map<ProviderId, uint32_t> owner;
+  for (uint32_t i = 0; i < t.functions.size(); ++i)
+    for (const Bar& bar : t.functions[i].bars) {
+      ProviderDesc d;
+      d.owner = t.functions[i].bdf;
+      d.bar = bar.index;
+      d.phys = PhysSpan{PhysAddr(bar.start), bar.size()};
+      d.published = bar.prefetchable();
+      owner[failure_value(reg.add(std::move(d)))] = i;
+    }
+  const Function& gpu = t.functions[failure_value(t.lookup("gpu0"))];
+  const Function& nvme1 = t.functions[failure_value(t.lookup("nvme1"))];
+  const uint32_t client = failure_value(t.lookup("nvme0"));
+  const std::vector<PhysSpan> buffer = {
+      {PhysAddr(0x1'2340'0000), 256 * KiB},              // host pages
+      {PhysAddr(gpu.bars[1].start + 64 * MiB), 1 * MiB},  // GPU BAR1 memory
+      {PhysAddr(nvme1.bars[1].start), 128 * KiB},       // nvme1's controller memory buffer
+      {PhysAddr(0x1'2350'0000), 64 * KiB},              // more host pages
+  };
+  ProviderRegistry::ReadGuard guard;
+  const RangeList list = failure_value(tag_ranges(reg, buffer));
+  fmt::print("== Providers: {} BARs registered; a buffer for nvme0 to read into ==\n", reg.size());
+  for (const PhysRange r : list) {
+    std::string where = "host memory: DMA address from the IOMMU or direct";
+    if (r.provider != kHostMemory) {
+      const uint32_t f = owner[r.provider];
+      const Verdict v = e.verdict(f, client);
+      const char* path = v.type == MapType::bus_addr ? "PCI bus address, skips the IOMMU"
+                         : v.type == MapType::thru_host_bridge ? "through the host bridge, mapped like host memory"
+                                                               : "unreachable: bounce or EREMOTEIO";
+      where = fmt::format("provider {} ({} BAR{}): {}, {}", r.provider, t.functions[f].name, reg.get(r.provider)->bar(),
+                          map_type_name(v.type), path);
+    }
+    fmt::print("  {:#014x} +{:<8} {}\n", r.addr.value(), format_size(r.len), where);
+  }
+  fmt::print("\n");
 }
 
 void this_machine_section() {
@@ -82,6 +132,7 @@ void run_tour() {
       "switch, through an allowed host bridge, or not at all.\n\n",
       PHYSR_VERSION);
   default_machine_section();
+  providers_section();
   this_machine_section();
 
   fmt::print("== Range lists: a 4 MiB user buffer with some device memory in it ==\n");
