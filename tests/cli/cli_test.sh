@@ -95,6 +95,16 @@ expect 2 "PCI address 'xyz'" -- topo --machine amd-zen --assume-acs-off xyz
 expect 2 'excludes' -- topo --machine amd-zen --sysfs-root /
 expect 1 'not in builtin:amd-zen' -- topo --machine amd-zen --assume-acs-off 0000:44:00.0
 
+# The live machine, where it exposes a PCI tree (containers may not: then a clear error).
+if compgen -G '/sys/devices/pci*' >/dev/null; then
+  expect 0 'the live sysfs \(/sys\)' -- topo
+  expect 0 'digraph physr' -- topo --dot
+  first=$("$physr" topo --json | python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["pairs"][0]["provider"] if d["pairs"] else "")')
+  if [[ -n $first ]]; then expect 0 'Verdict: [a-z_]+, distance 0' -- explain "$first" "$first"; fi
+else
+  expect 1 'no pciDDDD:BB host bridge directories|no sys/devices' -- topo
+fi
+
 # topo --json: one object, one pair per ordered pair of non-bridge functions.
 check_json() {
   python3 - "$1" "$2" <<'PY'
