@@ -211,18 +211,33 @@ TEST(ProviderRegistryTest, IdsAreReusedOnlyAfterGracePeriodSmallestFirst) {
   EXPECT_EQ(*reg.add(aperture(102 << 20, 4096)), 11u);
 }
 
-TEST(ProviderRegistryTest, BigBarsUseFewNodes) {
+TEST(ProviderRegistryTest, IsolatedAperturesCostNoNodesNeighboursSplitOnDemand) {
   ProviderRegistry reg;
   ASSERT_TRUE(reg.add(aperture(0x1000, 0x1000)).has_value());  // touches the first id-table page
   const size_t before = reg.table_bytes();
-  ASSERT_TRUE(reg.add(aperture(uint64_t{1} << 44, uint64_t{64} << 30)).has_value());  // aligned 64 GiB: one L1 node
+  const uint64_t big = uint64_t{1} << 44, big_size = uint64_t{64} << 30;
+  ASSERT_TRUE(reg.add(aperture(big, big_size)).has_value());                                      // aligned 64 GiB
+  ASSERT_TRUE(reg.add(aperture((uint64_t{1} << 45) + 4096, big_size - 8192, 2)).has_value());       // ragged, elsewhere
+  for (uint64_t k = 0; k < 100; ++k)                                                                // sparse 4 KiB apertures
+    ASSERT_TRUE(reg.add(aperture((uint64_t{1} << 46) + (k << 42), 4096, 3)).has_value());
+  EXPECT_EQ(reg.table_bytes(), before);  // all partial leaves: no node anywhere
+  // A neighbour in the 64 GiB BAR's 4 TiB slot: one node, holding 16 whole leaves and the neighbour.
+  ASSERT_TRUE(reg.add(aperture(big + big_size, 4096, 4)).has_value());
   EXPECT_EQ(reg.table_bytes() - before, 8192u);
-  ASSERT_TRUE(reg.add(aperture((uint64_t{1} << 45) + 4096, (uint64_t{64} << 30) - 8192)).has_value());  // ragged
-  EXPECT_LE(reg.table_bytes() - before, 12 * 8192u);
   ProviderRegistry::ReadGuard g;
-  EXPECT_NE(reg.find(PhysAddr((uint64_t{1} << 44) + (uint64_t{63} << 30))), nullptr);
+  EXPECT_EQ(reg.find(PhysAddr(big + big_size - 1))->owner().dev, 1);
+  EXPECT_EQ(reg.find(PhysAddr(big + big_size))->owner().dev, 4);
+  EXPECT_EQ(reg.find(PhysAddr(big + big_size + 4096)), nullptr);
+  EXPECT_EQ(reg.find(PhysAddr(big - 1)), nullptr);
   EXPECT_EQ(reg.find(PhysAddr(uint64_t{1} << 45)), nullptr);
-  EXPECT_NE(reg.find(PhysAddr((uint64_t{1} << 45) + 4096)), nullptr);
+  EXPECT_EQ(reg.find(PhysAddr((uint64_t{1} << 45) + 4096))->owner().dev, 2);
+  EXPECT_EQ(reg.find(PhysAddr((uint64_t{1} << 46) + (uint64_t{7} << 42) + 4095))->owner().dev, 3);
+  EXPECT_EQ(reg.find(PhysAddr((uint64_t{1} << 46) + (uint64_t{7} << 42) + 4096)), nullptr);
+  uint64_t extent = 0;
+  EXPECT_EQ(reg.find_extent(PhysAddr((uint64_t{1} << 45)), extent), nullptr);
+  EXPECT_EQ(extent, 4096u);  // host up to the ragged aperture
+  EXPECT_EQ(reg.find_extent(PhysAddr((uint64_t{1} << 45) + 8192), extent)->owner().dev, 2);
+  EXPECT_EQ(extent, big_size - 8192 - 4096);
 }
 
 TEST(ProviderTaggingTest, TagsSplitsAtBoundariesAndNeverMergesAcross) {

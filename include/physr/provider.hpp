@@ -8,6 +8,10 @@
 //   BAR takes a few dozen slots and a 4 KiB VFIO aperture one. A lookup is at most four
 //   dependent loads, of which the upper ones stay in cache: about one miss, against the ~17
 //   of an interval tree at 100k ranges. Apertures are therefore 4 KiB-granular.
+// - Path compression: a slot that one provider covers only in part holds a "partial leaf"
+//   (the provider, checked against its aperture on lookup) instead of a chain of nodes.
+//   Only when a second provider needs the same slot does it become a node. So an isolated
+//   aperture, however small and wherever in the 52-bit space, costs no node at all.
 // - get(id) is one load from a flat table of 2^24 pointers in reserved virtual memory
 //   (mmap MAP_NORESERVE, 128 MiB of address space): only the pages that hold registered
 //   ids are ever backed, so a thousand providers cost one 4 KiB page, and there is no
@@ -26,9 +30,9 @@
 //   see revoked() == true and must not use its memory) and calls the holder's callback.
 //   The aperture stays in the table so it is never mistaken for host memory.
 //
-// Memory per provider: the Provider object (~120 B), one table slot per covered aligned
-// block (8 B; a 4 KiB aperture in a packed run shares an 8 KiB leaf node with 1023
-// neighbours, so ~8 B), and an id slot (8 B): about 136 B for tightly packed 4 KiB providers.
+// Memory per provider: the Provider object (~120 B) and an id slot (8 B), plus the table:
+// ~16 B for tightly packed 4 KiB apertures (a leaf node shared with 1023 neighbours), none
+// for an isolated aperture, ~2 KiB in clustered mixed layouts (see docs/providers.md).
 #pragma once
 
 #include <atomic>
@@ -126,15 +130,18 @@ class ProviderRegistry {
   const Provider* find(PhysAddr a) const noexcept {
     const uint64_t pfn = a.value() >> kPageShift;
     if (pfn >> kPfnBits) [[unlikely]] return nullptr;
-    // Level 0 covers 2^30 pages per slot, then 2^20, 2^10 and single pages. A slot holds
-    // 0 (host memory), a provider pointer with bit 0 set (a leaf), or a child node.
+    // Level 0 covers 2^30 pages per slot, then 2^20, 2^10 and single pages. A slot holds 0
+    // (host memory), a child node, or a provider tagged with bit 0 (a leaf); bit 1 marks a
+    // partial leaf, which covers only part of its slot and is checked against the aperture.
     uintptr_t e = root_.slot[pfn >> 30].load(std::memory_order_acquire);
     for (unsigned shift = 20; !(e & 1); shift -= 10) {
       if (e == 0) return nullptr;
       e = reinterpret_cast<const Node*>(e)->slot[(pfn >> shift) & 1023].load(std::memory_order_acquire);
       if (shift == 0) break;
     }
-    return reinterpret_cast<const Provider*>(e & ~uintptr_t{1});
+    const auto* p = reinterpret_cast<const Provider*>(e & ~uintptr_t{3});
+    if ((e & 2) && !p->phys().contains(a)) return nullptr;
+    return p;
   }
   /// The provider with this id, or nullptr. Inside a ReadGuard.
   const Provider* get(ProviderId id) const noexcept {
@@ -160,9 +167,9 @@ class ProviderRegistry {
     std::atomic<uintptr_t> slot[1024];
   };
   static void reclaim(void* head);
-  Node* child_for_insert(std::atomic<uintptr_t>& slot);
   bool overlaps(const Node& n, unsigned level, uint64_t base, uint64_t s, uint64_t e, const Provider** who) const;
-  void set_range(Node& n, unsigned level, uint64_t base, uint64_t s, uint64_t e, uintptr_t value);
+  void insert(Node& n, unsigned level, uint64_t base, uint64_t s, uint64_t e, const Provider* p);
+  void erase(Node& n, unsigned level, uint64_t base, uint64_t s, uint64_t e, const Provider* p);
   void free_nodes(Node& n, unsigned level);
   Provider* writer_get(ProviderId id) const;
 

@@ -40,6 +40,8 @@ inline void tsan_reader_done() {}
 inline void tsan_grace_period_over() {}
 #endif
 
+static_assert(alignof(Provider) >= 4, "provider pointers carry two tag bits");
+
 struct RcuBox {
   rcu_head head;
   Provider* provider;
@@ -131,14 +133,11 @@ void ProviderRegistry::free_nodes(Node& n, unsigned level) {
   }
 }
 
-ProviderRegistry::Node* ProviderRegistry::child_for_insert(std::atomic<uintptr_t>& slot) {
-  const uintptr_t e = slot.load(std::memory_order_relaxed);
-  if (e != 0 && !(e & 1)) return reinterpret_cast<Node*>(e);
-  Node* child = new Node{};  // zeroed: all host memory
-  table_bytes_.fetch_add(sizeof(Node), std::memory_order_relaxed);
-  slot.store(reinterpret_cast<uintptr_t>(child), std::memory_order_release);  // publish after zeroing
-  return child;
-}
+constexpr uintptr_t kLeaf = 1, kPartial = 2;
+inline const Provider* leaf_ptr(uintptr_t x) { return reinterpret_cast<const Provider*>(x & ~uintptr_t{3}); }
+inline bool is_child(uintptr_t x, unsigned level) { return x != 0 && !(x & kLeaf) && level != 3; }
+inline uint64_t first_page(const Provider* p) { return p->phys().base.value() >> kPageShift; }
+inline uint64_t end_page(const Provider* p) { return (p->phys().base.value() + p->phys().size) >> kPageShift; }
 
 // Pages [s, e) within node n (level `level`, first page `base`): is any already mapped?
 bool ProviderRegistry::overlaps(const Node& n, unsigned level, uint64_t base, uint64_t s, uint64_t e,
@@ -147,33 +146,59 @@ bool ProviderRegistry::overlaps(const Node& n, unsigned level, uint64_t base, ui
   for (uint64_t i = (s - base) >> sh, last = (e - 1 - base) >> sh; i <= last; ++i) {
     const uintptr_t x = n.slot[i].load(std::memory_order_relaxed);
     if (x == 0) continue;
-    if ((x & 1) || level == 3) {
-      *who = reinterpret_cast<const Provider*>(x & ~uintptr_t{1});
+    const uint64_t lo = base + (i << sh), hi = lo + (uint64_t{1} << sh);
+    const uint64_t cs = std::max(s, lo), ce = std::min(e, hi);
+    if (is_child(x, level)) {
+      if (overlaps(*reinterpret_cast<const Node*>(x), level + 1, lo, cs, ce, who)) return true;
+      continue;
+    }
+    const Provider* q = leaf_ptr(x);
+    if (!(x & kPartial) || (first_page(q) < ce && cs < end_page(q))) {
+      *who = q;
       return true;
     }
-    const uint64_t lo = base + (i << sh), hi = lo + (uint64_t{1} << sh);
-    if (overlaps(*reinterpret_cast<const Node*>(x), level + 1, lo, std::max(s, lo), std::min(e, hi), who)) return true;
   }
   return false;
 }
 
-// Sets pages [s, e) to `value` (a tagged provider pointer, or 0 to clear). Whole slots take
-// the value directly; partly covered ones go one level down (creating a node only when
-// setting). Existing child nodes are kept and filled, never replaced, so a reader that has
-// loaded a node pointer always finds it alive.
-void ProviderRegistry::set_range(Node& n, unsigned level, uint64_t base, uint64_t s, uint64_t e, uintptr_t value) {
+// Maps pages [s, e) of node n to p. A slot p covers whole takes a leaf; an empty slot it
+// covers in part takes a partial leaf; a slot already holding another provider's partial
+// leaf becomes a node holding both. A new node is filled before it is published, and
+// nodes are never replaced or freed while the registry lives, so a reader that loaded a
+// node pointer always finds it alive and complete.
+void ProviderRegistry::insert(Node& n, unsigned level, uint64_t base, uint64_t s, uint64_t e, const Provider* p) {
+  const unsigned sh = shift_of(level);
+  for (uint64_t i = (s - base) >> sh, last = (e - 1 - base) >> sh; i <= last; ++i) {
+    const uint64_t lo = base + (i << sh), hi = lo + (uint64_t{1} << sh);
+    const uint64_t cs = std::max(s, lo), ce = std::min(e, hi);
+    const uintptr_t x = n.slot[i].load(std::memory_order_relaxed);
+    if (is_child(x, level)) {
+      insert(*reinterpret_cast<Node*>(x), level + 1, lo, cs, ce, p);
+      continue;
+    }
+    const bool whole = cs == lo && ce == hi;
+    if (x == 0) {
+      n.slot[i].store(reinterpret_cast<uintptr_t>(p) | kLeaf | (whole ? 0 : kPartial), std::memory_order_release);
+      continue;
+    }
+    // Another provider's partial leaf (a whole leaf would have been an overlap): split.
+    const Provider* q = leaf_ptr(x);
+    Node* child = new Node{};
+    table_bytes_.fetch_add(sizeof(Node), std::memory_order_relaxed);
+    insert(*child, level + 1, lo, std::max(first_page(q), lo), std::min(end_page(q), hi), q);
+    insert(*child, level + 1, lo, cs, ce, p);
+    n.slot[i].store(reinterpret_cast<uintptr_t>(child), std::memory_order_release);
+  }
+}
+
+// Unmaps p's pages [s, e): clears its leaves and partial leaves; nodes stay.
+void ProviderRegistry::erase(Node& n, unsigned level, uint64_t base, uint64_t s, uint64_t e, const Provider* p) {
   const unsigned sh = shift_of(level);
   for (uint64_t i = (s - base) >> sh, last = (e - 1 - base) >> sh; i <= last; ++i) {
     const uint64_t lo = base + (i << sh), hi = lo + (uint64_t{1} << sh);
     const uintptr_t x = n.slot[i].load(std::memory_order_relaxed);
-    const bool child = x != 0 && !(x & 1) && level != 3;
-    if (!child && s <= lo && hi <= e) {
-      n.slot[i].store(value, std::memory_order_release);
-      continue;
-    }
-    if (!child && value == 0) continue;  // clearing a slot this provider never filled
-    Node* c = child ? reinterpret_cast<Node*>(x) : child_for_insert(n.slot[i]);
-    set_range(*c, level + 1, lo, std::max(s, lo), std::min(e, hi), value);
+    if (is_child(x, level)) erase(*reinterpret_cast<Node*>(x), level + 1, lo, std::max(s, lo), std::min(e, hi), p);
+    else if (x != 0 && leaf_ptr(x) == p) n.slot[i].store(0, std::memory_order_release);
   }
 }
 
@@ -217,7 +242,7 @@ Result<ProviderId> ProviderRegistry::add(ProviderDesc desc) {
     table_bytes_.fetch_add(4096, std::memory_order_relaxed);
   }
   // Publish: the object is complete before either table can point at it.
-  set_range(root_, 0, 0, s, e, reinterpret_cast<uintptr_t>(p) | 1);
+  insert(root_, 0, 0, s, e, p);
   ids_[id].store(p, std::memory_order_release);
   live_.fetch_add(1, std::memory_order_relaxed);
   return ProviderId{id};
@@ -244,7 +269,7 @@ Status ProviderRegistry::remove(ProviderId id) {
   Provider* p = writer_get(id);
   if (!p) return make_error(ENOENT, "provider id " + std::to_string(id) + " is not registered");
   const uint64_t s = p->phys().base.value() >> kPageShift, e = s + (p->phys().size >> kPageShift);
-  set_range(root_, 0, 0, s, e, 0);
+  erase(root_, 0, 0, s, e, p);
   ids_[id].store(nullptr, std::memory_order_release);
   live_.fetch_sub(1, std::memory_order_relaxed);
   pending_.fetch_add(1, std::memory_order_relaxed);
@@ -287,7 +312,7 @@ const Provider* ProviderRegistry::find_extent(PhysAddr a, uint64_t& bytes) const
   uintptr_t e = root_.slot[pfn >> 30].load(std::memory_order_acquire);
   unsigned sh = 30;
   for (unsigned level = 0;; ++level, sh -= 10) {
-    if (e & 1) break;
+    if (e & kLeaf) break;
     if (e == 0) {
       // Host memory at least to the end of this empty slot.
       const uint64_t end = ((pfn >> sh) + 1) << sh;
@@ -297,8 +322,15 @@ const Provider* ProviderRegistry::find_extent(PhysAddr a, uint64_t& bytes) const
     if (level == 3) break;
     e = reinterpret_cast<const Node*>(e)->slot[(pfn >> (sh - 10)) & 1023].load(std::memory_order_acquire);
   }
-  const auto* p = reinterpret_cast<const Provider*>(e & ~uintptr_t{1});
-  bytes = p->phys().base.value() + p->phys().size - a.value();
+  const Provider* p = leaf_ptr(e);
+  const uint64_t start = p->phys().base.value(), end = start + p->phys().size;
+  if ((e & kPartial) && !p->phys().contains(a)) {
+    // Host memory up to the provider, or to the end of the slot past it.
+    const uint64_t slot_end = (((pfn >> sh) + 1) << sh) << kPageShift;
+    bytes = (a.value() < start ? start : slot_end) - a.value();
+    return nullptr;
+  }
+  bytes = end - a.value();
   return p;
 }
 
