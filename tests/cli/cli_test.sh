@@ -95,6 +95,18 @@ expect 2 "PCI address 'xyz'" -- topo --machine amd-zen --assume-acs-off xyz
 expect 2 'excludes' -- topo --machine amd-zen --sysfs-root /
 expect 1 'not in builtin:amd-zen' -- topo --machine amd-zen --assume-acs-off 0000:44:00.0
 
+# A machine with more devices than one matrix shows: a matrix per host bridge, then counts.
+{
+  printf '[[host_bridge]]\nbus = 0\n[[host_bridge]]\nbus = 0x80\n'
+  for b in 00 80; do
+    for d in $(seq 0 19); do
+      printf '[[function]]\nbdf = "%s:%02x.0"\nvendor = 1\ndevice = 2\nclass = 0x010802\n' "$b" "$d"
+    done
+  done
+} > "$tmp/big.toml"
+expect 0 'pci0000:00 \(20 devices\)' -- topo --machine "$tmp/big.toml"
+expect 0 'not_supported across host bridges +800' -- topo --machine "$tmp/big.toml"
+
 # The live machine, where it exposes a PCI tree (containers may not: then a clear error).
 if compgen -G '/sys/devices/pci*' >/dev/null; then
   expect 0 'the live sysfs \(/sys\)' -- topo

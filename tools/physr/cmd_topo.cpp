@@ -191,29 +191,7 @@ std::vector<uint32_t> endpoints(const Topology& t, const std::string& filter) {
   return out;
 }
 
-void print_matrix(const Topology& t, P2PEngine& e, const std::vector<uint32_t>& devs) {
-  constexpr size_t kMaxColumns = 32;
-  if (devs.empty()) {
-    fmt::print("\nNo non-bridge functions match.\n");
-    return;
-  }
-  if (devs.size() > kMaxColumns) {
-    std::map<std::string, size_t> counts;
-    for (uint32_t p : devs)
-      for (uint32_t c : devs) ++counts[map_type_name(e.verdict(p, c).type)];
-    fmt::print("\n{} devices: too many for a matrix (use --devices to pick some, or --json). Pairs by verdict:\n", devs.size());
-    for (const auto& [k, n] : counts) fmt::print("  {:<18} {}\n", k, n);
-    return;
-  }
-  fmt::print("\nP2P verdicts (row = provider of the memory, column = client doing the DMA)\n\n{:>4}  {:<24}", "", "");
-  for (size_t j = 0; j < devs.size(); ++j) fmt::print("{:>4}", j);
-  fmt::print("\n");
-  for (size_t i = 0; i < devs.size(); ++i) {
-    const Function& f = t.functions[devs[i]];
-    fmt::print("{:>4}  {:<24}", i, describe(f).substr(0, 24));
-    for (uint32_t c : devs) fmt::print("{:>4}", short_verdict(e.verdict(devs[i], c)));
-    fmt::print("\n");
-  }
+void print_legend(const Topology& t) {
   fmt::print("\n  Bn = bus_addr (PCI bus address, below a common switch or bridge), distance n\n"
              "  Hn = thru_host_bridge (via the root complex, IOMMU applies), distance n\n"
              "  -- = not_supported (the DMA layer must bounce or fail with EREMOTEIO)\n");
@@ -223,6 +201,55 @@ void print_matrix(const Topology& t, P2PEngine& e, const std::vector<uint32_t>& 
     fmt::print("  ACS ? = ACS unknown (config space read without root): computed as no redirect, as Linux\n"
                "          would if the bits are clear; '*' marks a root port inferred from a bridge on a root bus.\n");
   fmt::print("  physr explain A B shows why.\n");
+}
+
+void print_one_matrix(const Topology& t, P2PEngine& e, const std::vector<uint32_t>& devs) {
+  fmt::print("{:>4}  {:<24}", "", "");
+  for (size_t j = 0; j < devs.size(); ++j) fmt::print("{:>4}", j);
+  fmt::print("\n");
+  for (size_t i = 0; i < devs.size(); ++i) {
+    fmt::print("{:>4}  {:<24}", i, describe(t.functions[devs[i]]).substr(0, 24));
+    for (uint32_t c : devs) fmt::print("{:>4}", short_verdict(e.verdict(devs[i], c)));
+    fmt::print("\n");
+  }
+}
+
+// Up to 32 devices: one matrix. More: a matrix per host bridge that has at most 32, and
+// counts for everything else, so a big machine stays readable (--devices narrows it down).
+void print_matrix(const Topology& t, P2PEngine& e, const std::vector<uint32_t>& devs) {
+  constexpr size_t kMaxColumns = 32;
+  if (devs.empty()) {
+    fmt::print("\nNo non-bridge functions match.\n");
+    return;
+  }
+  fmt::print("\nP2P verdicts (row = provider of the memory, column = client doing the DMA)\n\n");
+  if (devs.size() <= kMaxColumns) {
+    print_one_matrix(t, e, devs);
+    print_legend(t);
+    return;
+  }
+  std::map<uint32_t, std::vector<uint32_t>> by_bridge;
+  for (uint32_t d : devs) by_bridge[t.functions[d].host_bridge].push_back(d);
+  std::map<std::string, size_t> other;
+  for (const auto& [h, group] : by_bridge) {
+    if (group.size() <= kMaxColumns) {
+      fmt::print("{} ({} devices)\n", t.host_bridges[h].name(), group.size());
+      print_one_matrix(t, e, group);
+      fmt::print("\n");
+    } else {
+      for (uint32_t p : group)
+        for (uint32_t c : group) ++other[std::string(map_type_name(e.verdict(p, c).type)) + " within " + t.host_bridges[h].name()];
+    }
+  }
+  for (uint32_t p : devs)
+    for (uint32_t c : devs)
+      if (t.functions[p].host_bridge != t.functions[c].host_bridge)
+        ++other[std::string(map_type_name(e.verdict(p, c).type)) + " across host bridges"];
+  if (!other.empty()) {
+    fmt::print("Other pairs ({} devices in all; --devices picks some, --json lists every pair):\n", devs.size());
+    for (const auto& [k, n] : other) fmt::print("  {:<40} {}\n", k, n);
+  }
+  print_legend(t);
 }
 
 nlohmann::json to_json(const Topology& t, P2PEngine& e, const std::vector<uint32_t>& devs) {
