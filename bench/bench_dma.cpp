@@ -1,4 +1,4 @@
-// DMA-layer benchmarks. So far: the IOVA allocator.
+// DMA-layer benchmarks. So far: the IOVA allocator and the IOMMU domain's page table.
 //   IovaAllocFree/cached    one-granule alloc + free served by this thread's magazine
 //   IovaAllocFree/uncached  64-granule alloc + free (above the cached sizes): the buddy free
 //                           sets, with 10,000 other allocations live so the sets are not trivial
@@ -42,7 +42,26 @@ void BM_IovaUncached(benchmark::State& state, size_t live, bool scatter) {
   state.SetItemsProcessed(static_cast<int64_t>(state.iterations()));
 }
 
+// One IOVA range for N scattered 4 KiB segments, each mapped, then the range unmapped and
+// its IOVA freed: the page-table part of an IOMMU map_sg + unmap_sg. Items = segments.
+void BM_DomainMapUnmap(benchmark::State& state, bool strict) {
+  auto d = std::move(IoDomain::create(IoDomainOptions{.iova = {}, .strict = strict})).value();
+  const auto n = static_cast<uint64_t>(state.range(0));
+  std::vector<uint64_t> phys(n);
+  std::mt19937_64 rng(2);
+  for (auto& p : phys) p = (rng() % (uint64_t{1} << 30)) << 12;
+  for (auto _ : state) {
+    const DmaAddr iova = *d->iova().alloc(n * 4096, kLimit);
+    for (uint64_t i = 0; i < n; ++i) (void)d->map(iova + i * 4096, PhysAddr(phys[i]), 4096, kIommuReadWrite);
+    (void)d->unmap(iova, n * 4096);
+    (void)d->free_iova(iova, n * 4096);
+  }
+  state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * n));
+}
+
 BENCHMARK(BM_IovaCached)->Name("IovaAllocFree/cached");
+BENCHMARK_CAPTURE(BM_DomainMapUnmap, strict, true)->Name("DomainMapUnmap/strict")->Arg(1)->Arg(16)->Arg(256);
+BENCHMARK_CAPTURE(BM_DomainMapUnmap, deferred, false)->Name("DomainMapUnmap/deferred")->Arg(1)->Arg(16)->Arg(256);
 BENCHMARK_CAPTURE(BM_IovaUncached, uncached, 10000, false)->Name("IovaAllocFree/uncached");
 BENCHMARK_CAPTURE(BM_IovaUncached, fragmented, 200000, true)->Name("IovaAllocFree/uncached_fragmented");
 

@@ -1,4 +1,4 @@
-// physr iommu: the IOVA allocator of an IOMMU domain (the I/O page table comes later).
+// physr iommu: an IOMMU domain: its IOVA allocator, its I/O page table and invalidation.
 //
 // Design rationale
 // - Semantics follow Linux drivers/iommu/iova.c with size_aligned = true, as dma-iommu uses
@@ -24,6 +24,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 
 #include "physr/core.hpp"
 
@@ -75,6 +76,74 @@ class IovaAllocator {
   Result<DmaAddr> alloc_general(uint64_t size, uint64_t limit);
   Status free_general(DmaAddr iova, uint64_t size);
   std::unique_ptr<Impl> impl_;
+};
+
+/// Access rights of a mapping.
+enum IommuPerm : uint8_t { kIommuRead = 1, kIommuWrite = 2, kIommuReadWrite = 3 };
+
+/// What the IOMMU answers for one DMA address.
+struct IoTranslation {
+  PhysAddr phys;           // the translated address (page base + offset)
+  uint64_t page_size = 0;  // 4 KiB, 2 MiB or 1 GiB: the leaf that mapped it
+  uint8_t perm = 0;
+};
+
+struct IoDomainOptions {
+  IovaOptions iova;
+  /// Strict: every unmap invalidates the IOTLB at once. Deferred: unmapped IOVAs and their
+  /// IOTLB entries wait in a flush queue (Linux's lazy mode) until flush() or the queue fills.
+  bool strict = true;
+  size_t flush_queue_entries = 256;
+};
+
+struct IoDomainStats {
+  uint64_t mapped_4k = 0, mapped_2m = 0, mapped_1g = 0;  // leaves in the page table
+  uint64_t table_pages = 0;                              // 4 KiB page-table pages
+  uint64_t iotlb_flushes = 0, queued_frees = 0;
+};
+
+/// An IOMMU domain shared by the devices attached to it: a 4-level I/O page table (x86-64
+/// and Arm64 style: 9 bits a level, leaves of 4 KiB, 2 MiB and 1 GiB), its IOVA allocator,
+/// and an IOTLB whose invalidation is strict or deferred. Thread-safe: map and unmap
+/// serialise; translate() runs concurrently with them (entries are atomic, tables are
+/// published after they are filled and freed only with the domain).
+class IoDomain {
+ public:
+  static Result<std::unique_ptr<IoDomain>> create(const IoDomainOptions& options = {});
+  ~IoDomain();
+  IoDomain(const IoDomain&) = delete;
+  IoDomain& operator=(const IoDomain&) = delete;
+
+  /// Maps [iova, iova + size) to [phys, phys + size), with the largest leaves that the
+  /// alignment of both allows. EINVAL: zero or unaligned size/addresses, no permission,
+  /// beyond 48 bits. EEXIST: part of the range is mapped (named); nothing stays mapped.
+  Status map(DmaAddr iova, PhysAddr phys, uint64_t size, uint8_t perm);
+  /// Unmaps exactly what map() mapped. ENOENT names the first unmapped page; EINVAL a range
+  /// that would split a large leaf. Nothing changes on error. Strict mode invalidates the
+  /// IOTLB for the range now; deferred mode leaves it stale until the flush.
+  Status unmap(DmaAddr iova, uint64_t size);
+  /// Returns an IOVA range to the allocator: at once in strict mode, after the next IOTLB
+  /// flush in deferred mode (so a stale IOTLB entry can never point at a reused IOVA).
+  Status free_iova(DmaAddr iova, uint64_t size);
+  /// The translation a device gets: from the IOTLB if cached there (possibly stale in
+  /// deferred mode), else by walking the page table (and filling the IOTLB). nullopt: an
+  /// IOMMU fault (unmapped).
+  std::optional<IoTranslation> translate(DmaAddr iova);
+  /// Walks the page table only (what is mapped now), ignoring the IOTLB.
+  std::optional<IoTranslation> walk(DmaAddr iova) const;
+  /// Invalidates the whole IOTLB and releases the IOVAs queued for reuse.
+  void flush();
+
+  IovaAllocator& iova() noexcept { return *iova_; }
+  IoDomainStats stats() const;
+  bool strict() const noexcept;
+
+  struct Impl;
+
+ private:
+  IoDomain(std::unique_ptr<Impl> impl, std::unique_ptr<IovaAllocator> iova);
+  std::unique_ptr<Impl> impl_;
+  std::unique_ptr<IovaAllocator> iova_;
 };
 
 }  // namespace physr

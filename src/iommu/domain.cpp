@@ -1,0 +1,285 @@
+// An IOMMU domain: I/O page table, IOTLB and invalidation, on top of the IOVA allocator.
+#include <atomic>
+#include <cstdio>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "physr/iommu.hpp"
+
+namespace physr {
+
+namespace {
+
+// Entry layout (x86-64 second-level / Arm64 stage-1 in spirit): bit 0 present, bits 1-2
+// read/write, bit 7 leaf, bits 12-51 the output address or the next table.
+constexpr uint64_t kPresent = 1, kPermShift = 1, kLeafBit = 0x80;
+constexpr uint64_t kAddrMask = 0x000f'ffff'ffff'f000;
+constexpr unsigned kLevels = 4;
+constexpr uint64_t kIovaLimit = uint64_t{1} << 48;
+constexpr uint64_t kPhysLimit = uint64_t{1} << 52;
+constexpr size_t kIotlbEntries = 4096;
+
+// Page-aligned like a hardware page table, so a table pointer has bits 0-11 clear and fits
+// the entry's address field.
+struct alignas(4096) Table {
+  std::atomic<uint64_t> e[512];
+};
+static_assert(sizeof(Table) == 4096);
+
+constexpr unsigned shift_of(unsigned level) { return 12 + 9 * level; }  // 0: 4 KiB ... 3: 512 GiB
+inline unsigned index_of(uint64_t iova, unsigned level) { return static_cast<unsigned>((iova >> shift_of(level)) & 511); }
+
+std::string hex(uint64_t v) {
+  char buf[24];
+  std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(v));
+  return buf;
+}
+
+}  // namespace
+
+struct IoDomain::Impl {
+  Table root{};  // level 3
+  mutable std::mutex mu;  // map / unmap
+  std::vector<Table*> tables;
+  bool strict = true;
+  size_t fq_entries = 256;
+  uint64_t leaves[3] = {0, 0, 0};
+
+  mutable std::mutex tlb_mu;  // IOTLB and flush queue
+  std::unordered_map<uint64_t, IoTranslation> iotlb;  // 4 KiB page -> translation of its base
+  std::vector<std::pair<DmaAddr, uint64_t>> fq;
+  uint64_t flushes = 0, queued = 0;
+
+  ~Impl() {
+    for (Table* t : tables) delete t;
+  }
+
+  // The leaf mapping `iova`, with its level, or nullopt.
+  bool find_leaf(uint64_t iova, unsigned* level_out, uint64_t* entry_out) const {
+    const Table* t = &root;
+    for (unsigned level = kLevels - 1;; --level) {
+      const uint64_t e = t->e[index_of(iova, level)].load(std::memory_order_acquire);
+      if (!(e & kPresent)) return false;
+      if ((e & kLeafBit) || level == 0) {
+        *level_out = level;
+        *entry_out = e;
+        return true;
+      }
+      t = reinterpret_cast<const Table*>(e & kAddrMask);
+    }
+  }
+
+  // Places one leaf of `level` at iova. 1: done; 0: a table occupies the slot (try a smaller
+  // leaf); -1: something is mapped there already.
+  int map_one(uint64_t iova, uint64_t phys, unsigned level, uint8_t perm) {
+    Table* t = &root;
+    for (unsigned l = kLevels - 1; l > level; --l) {
+      std::atomic<uint64_t>& slot = t->e[index_of(iova, l)];
+      uint64_t e = slot.load(std::memory_order_relaxed);
+      if ((e & kPresent) && (e & kLeafBit)) return -1;
+      if (!(e & kPresent)) {
+        auto* nt = new Table{};
+        tables.push_back(nt);
+        e = reinterpret_cast<uint64_t>(nt) | kPresent;
+        slot.store(e, std::memory_order_release);  // publish after zero-filling
+      }
+      t = reinterpret_cast<Table*>(e & kAddrMask);
+    }
+    std::atomic<uint64_t>& slot = t->e[index_of(iova, level)];
+    const uint64_t e = slot.load(std::memory_order_relaxed);
+    if (e & kPresent) return (e & kLeafBit) || level == 0 ? -1 : 0;
+    slot.store(phys | (uint64_t{perm} << kPermShift) | kLeafBit | kPresent, std::memory_order_release);
+    ++leaves[level];
+    return 1;
+  }
+
+  void clear_leaf(uint64_t iova, unsigned level) {
+    Table* t = &root;
+    for (unsigned l = kLevels - 1; l > level; --l)
+      t = reinterpret_cast<Table*>(t->e[index_of(iova, l)].load(std::memory_order_relaxed) & kAddrMask);
+    t->e[index_of(iova, level)].store(0, std::memory_order_release);
+    --leaves[level];
+  }
+
+  // Removes [iova, iova + size), all mapped by whole leaves (checked by the caller).
+  void unmap_locked(uint64_t iova, uint64_t size) {
+    for (uint64_t a = iova; a < iova + size;) {
+      unsigned level;
+      uint64_t e;
+      if (!find_leaf(a, &level, &e)) {
+        a += 4096;
+        continue;
+      }
+      clear_leaf(a, level);
+      a += uint64_t{1} << shift_of(level);
+    }
+  }
+
+  void invalidate_range_locked(uint64_t iova, uint64_t size) {  // tlb_mu held
+    if (size / 4096 > iotlb.size()) {
+      std::erase_if(iotlb, [&](const auto& kv) { return (kv.first << 12) - iova < size; });
+    } else {
+      for (uint64_t a = iova; a < iova + size; a += 4096) iotlb.erase(a >> 12);
+    }
+  }
+};
+
+IoDomain::IoDomain(std::unique_ptr<Impl> impl, std::unique_ptr<IovaAllocator> iova)
+    : impl_(std::move(impl)), iova_(std::move(iova)) {}
+IoDomain::~IoDomain() = default;
+
+Result<std::unique_ptr<IoDomain>> IoDomain::create(const IoDomainOptions& o) {
+  if (o.iova.granule != 4096) return make_error(EINVAL, "IOMMU domain: the IOVA granule must be 4 KiB (the smallest leaf)");
+  if (o.iova.end > kIovaLimit) return make_error(EINVAL, "IOMMU domain: IOVA space ends above 2^48");
+  if (o.flush_queue_entries == 0) return make_error(EINVAL, "IOMMU domain: the flush queue needs at least one entry");
+  auto iova = IovaAllocator::create(o.iova);
+  if (!iova) return std::move(iova).error();
+  auto impl = std::make_unique<Impl>();
+  impl->strict = o.strict;
+  impl->fq_entries = o.flush_queue_entries;
+  return std::unique_ptr<IoDomain>(new IoDomain(std::move(impl), std::move(iova).value()));
+}
+
+bool IoDomain::strict() const noexcept { return impl_->strict; }
+
+Status IoDomain::map(DmaAddr iova, PhysAddr phys, uint64_t size, uint8_t perm) {
+  const uint64_t a0 = iova.value(), p0 = phys.value();
+  if (size == 0 || ((a0 | p0 | size) & 4095) != 0)
+    return make_error(EINVAL, "IOMMU map of " + hex(a0) + " -> " + hex(p0) + " (+" + hex(size) + "): size and addresses must be non-zero multiples of 4 KiB");
+  if ((perm & kIommuReadWrite) == 0 || (perm & ~kIommuReadWrite) != 0)
+    return make_error(EINVAL, "IOMMU map of " + hex(a0) + ": permission must be read, write or both");
+  if (a0 >= kIovaLimit || size > kIovaLimit - a0 || p0 >= kPhysLimit || size > kPhysLimit - p0)
+    return make_error(EINVAL, "IOMMU map of " + hex(a0) + " -> " + hex(p0) + " (+" + hex(size) + "): beyond 48-bit IOVA or 52-bit physical space");
+  Impl& m = *impl_;
+  std::lock_guard lock(m.mu);
+  uint64_t done = 0;
+  while (done < size) {
+    const uint64_t a = a0 + done, p = p0 + done, rem = size - done;
+    int r = 0;
+    unsigned level = 3;
+    while (level-- > 0) {
+      const uint64_t page = uint64_t{1} << shift_of(level);
+      if (((a | p) & (page - 1)) != 0 || rem < page) continue;
+      r = m.map_one(a, p, level, perm);
+      if (r != 0) break;  // placed, or a conflict
+    }
+    if (r < 0) {
+      m.unmap_locked(a0, done);  // nothing of this call stays mapped
+      return make_error(EEXIST, "IOMMU map of " + hex(a0) + " (+" + hex(size) + "): " + hex(a) + " is already mapped");
+    }
+    done += uint64_t{1} << shift_of(level);
+  }
+  return {};
+}
+
+Status IoDomain::unmap(DmaAddr iova, uint64_t size) {
+  const uint64_t a0 = iova.value();
+  if (size == 0 || ((a0 | size) & 4095) != 0 || a0 >= kIovaLimit || size > kIovaLimit - a0)
+    return make_error(EINVAL, "IOMMU unmap of " + hex(a0) + " (+" + hex(size) + "): not a 4 KiB-aligned range of the IOVA space");
+  Impl& m = *impl_;
+  {
+    std::lock_guard lock(m.mu);
+    for (uint64_t a = a0; a < a0 + size;) {  // validate everything before changing anything
+      unsigned level;
+      uint64_t e;
+      if (!m.find_leaf(a, &level, &e))
+        return make_error(ENOENT, "IOMMU unmap of " + hex(a0) + " (+" + hex(size) + "): " + hex(a) + " is not mapped");
+      const uint64_t page = uint64_t{1} << shift_of(level);
+      if ((a & (page - 1)) != 0 || a + page > a0 + size)
+        return make_error(EINVAL, "IOMMU unmap of " + hex(a0) + " (+" + hex(size) + ") would split the " +
+                                      format_size(page) + " mapping at " + hex(a & ~(page - 1)));
+      a += page;
+    }
+    m.unmap_locked(a0, size);
+  }
+  if (m.strict) {
+    std::lock_guard tl(m.tlb_mu);
+    m.invalidate_range_locked(a0, size);
+    ++m.flushes;
+  }
+  return {};
+}
+
+Status IoDomain::free_iova(DmaAddr iova, uint64_t size) {
+  Impl& m = *impl_;
+  if (m.strict) return iova_->free(iova, size);
+  std::vector<std::pair<DmaAddr, uint64_t>> release;
+  {
+    std::lock_guard tl(m.tlb_mu);
+    m.fq.emplace_back(iova, size);
+    ++m.queued;
+    if (m.fq.size() >= m.fq_entries) {  // queue full: flush now (Linux fq_flush_iotlb)
+      m.iotlb.clear();
+      ++m.flushes;
+      release.swap(m.fq);
+    }
+  }
+  Status st;
+  for (const auto& [a, s] : release)
+    if (auto r = iova_->free(a, s); !r && st) st = r;
+  return st;
+}
+
+void IoDomain::flush() {
+  Impl& m = *impl_;
+  std::vector<std::pair<DmaAddr, uint64_t>> release;
+  {
+    std::lock_guard tl(m.tlb_mu);
+    m.iotlb.clear();
+    ++m.flushes;
+    release.swap(m.fq);
+  }
+  for (const auto& [a, s] : release) (void)iova_->free(a, s);
+}
+
+std::optional<IoTranslation> IoDomain::walk(DmaAddr iova) const {
+  const uint64_t a = iova.value();
+  if (a >= kIovaLimit) return std::nullopt;
+  unsigned level;
+  uint64_t e;
+  if (!impl_->find_leaf(a, &level, &e)) return std::nullopt;
+  const uint64_t page = uint64_t{1} << shift_of(level);
+  return IoTranslation{PhysAddr((e & kAddrMask & ~(page - 1)) + (a & (page - 1))), page,
+                       static_cast<uint8_t>((e >> kPermShift) & kIommuReadWrite)};
+}
+
+std::optional<IoTranslation> IoDomain::translate(DmaAddr iova) {
+  Impl& m = *impl_;
+  const uint64_t a = iova.value(), key = a >> 12;
+  {
+    std::lock_guard tl(m.tlb_mu);
+    if (auto it = m.iotlb.find(key); it != m.iotlb.end()) {
+      IoTranslation t = it->second;
+      t.phys += a & 4095;
+      return t;
+    }
+  }
+  auto t = walk(iova);
+  if (!t) return t;
+  std::lock_guard tl(m.tlb_mu);
+  if (m.iotlb.size() >= kIotlbEntries) m.iotlb.clear();  // a crude but bounded IOTLB
+  IoTranslation base = *t;
+  base.phys = base.phys - (a & 4095);
+  m.iotlb[key] = base;
+  return t;
+}
+
+IoDomainStats IoDomain::stats() const {
+  Impl& m = *impl_;
+  IoDomainStats s;
+  {
+    std::lock_guard lock(m.mu);
+    s.mapped_4k = m.leaves[0];
+    s.mapped_2m = m.leaves[1];
+    s.mapped_1g = m.leaves[2];
+    s.table_pages = m.tables.size() + 1;
+  }
+  std::lock_guard tl(m.tlb_mu);
+  s.iotlb_flushes = m.flushes;
+  s.queued_frees = m.queued;
+  return s;
+}
+
+}  // namespace physr
