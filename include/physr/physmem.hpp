@@ -1,0 +1,59 @@
+// physr physmem: a machine's physical memory as real bytes. Host RAM and BAR apertures are
+// regions of one physical address map; each is backed by 64 KiB chunks allocated on first
+// write, so a machine with 1 TiB of RAM and 64 GiB BARs costs memory in proportion to the
+// bytes actually touched. The DMA layer (bounce copies) and the machine model (device DMA
+// engines) read and write through it, so every transfer can be checked byte for byte.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "physr/core.hpp"
+
+namespace physr {
+
+/// One region of the physical map.
+struct PhysRegion {
+  enum class Kind : uint8_t { host_ram, bar };
+  PhysSpan span;
+  Kind kind = Kind::host_ram;
+  std::string name;  // "ram", "0000:05:00.0 BAR1", ...
+};
+
+/// Physical memory. Thread-safe; reads and writes of disjoint bytes may run concurrently.
+class PhysMemory {
+ public:
+  PhysMemory();
+  ~PhysMemory();
+  PhysMemory(const PhysMemory&) = delete;
+  PhysMemory& operator=(const PhysMemory&) = delete;
+
+  /// Adds a region. EINVAL: empty, not 4 KiB aligned, wrapping or past 2^54. EEXIST: it
+  /// overlaps a region (named).
+  Status add_region(PhysRegion region);
+  /// The region holding `a`, or nullptr. Valid while this PhysMemory lives.
+  const PhysRegion* region_of(PhysAddr a) const noexcept;
+  /// All regions, by address.
+  std::vector<PhysRegion> regions() const;
+
+  /// Writes bytes at `a`. EFAULT (naming the first address outside any region) if any byte
+  /// lies outside the regions; nothing is written then.
+  Status write(PhysAddr a, std::span<const uint8_t> bytes);
+  /// Reads bytes at `a`; bytes never written read as zero. EFAULT as for write.
+  Status read(PhysAddr a, std::span<uint8_t> out) const;
+  /// Copies len bytes from src to dst (non-overlapping), e.g. a bounce copy. EFAULT as above.
+  Status copy(PhysAddr dst, PhysAddr src, uint64_t len);
+
+  /// Bytes of backing allocated so far (64 KiB chunks touched by writes).
+  uint64_t backed_bytes() const noexcept;
+
+  struct Impl;
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace physr

@@ -1,0 +1,205 @@
+#include <sched.h>
+
+#include <cstdio>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "physr/dma.hpp"
+
+namespace physr {
+
+namespace {
+std::string hex(uint64_t v) {
+  char buf[24];
+  std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(v));
+  return buf;
+}
+}  // namespace
+
+const char* dma_direction_name(DmaDirection d) noexcept {
+  switch (d) {
+    case DmaDirection::bidirectional: return "bidirectional";
+    case DmaDirection::to_device: return "to_device";
+    case DmaDirection::from_device: return "from_device";
+    case DmaDirection::none: return "none";
+  }
+  return "?";
+}
+
+struct BouncePool::Impl {
+  PhysMemory* mem = nullptr;
+  uint64_t base = 0, nslots = 0;
+  struct Slot {
+    uint64_t orig = 0;    // first slot of a mapping: the original address
+    uint32_t size = 0;    // first slot: bytes mapped
+    uint16_t offset = 0;  // first slot: bounce address - slot address
+    uint16_t count = 0;   // first slot: slots reserved (0 on the others)
+    bool used = false;
+  };
+  std::vector<Slot> slots;
+  struct Area {
+    mutable std::mutex mu;
+    uint64_t first = 0, count = 0, hint = 0, used = 0;
+  };
+  std::vector<Area> areas;
+
+  // Linux swiotlb_search_pool_area(): from the hint, the first run of `n` free slots that
+  // stays in one segment, whose address matches `want` under `mask`, on a `stride` boundary.
+  bool search(Area& a, uint64_t n, uint64_t mask, uint64_t want, uint64_t stride, uint64_t* out) {
+    for (uint64_t tries = 0, i = a.hint; tries < a.count; ++tries, i = i + 1 < a.count ? i + 1 : 0) {
+      const uint64_t slot = a.first + i;
+      const uint64_t addr = base + slot * kSlotSize;
+      if ((addr & mask) != want || (slot % stride) != 0) continue;
+      if (slot % kSegmentSlots + n > kSegmentSlots || i + n > a.count) continue;
+      bool free = true;
+      for (uint64_t k = 0; k < n && free; ++k) free = !slots[slot + k].used;
+      if (!free) continue;
+      *out = slot;
+      a.hint = i + n < a.count ? i + n : 0;
+      return true;
+    }
+    return false;
+  }
+
+  // The first slot of the mapping at `bounce` of `size` bytes.
+  Result<uint64_t> lookup(PhysAddr bounce, uint64_t size) const {
+    const uint64_t b = bounce.value();
+    if (b < base || b >= base + nslots * kSlotSize)
+      return make_error(EINVAL, "bounce address " + hex(b) + " is not in the bounce pool");
+    const uint64_t slot = (b - base) / kSlotSize;
+    const Area& a = areas[slot / areas[0].count];
+    std::lock_guard lock(a.mu);
+    const Slot& s = slots[slot];
+    if (!s.used || s.count == 0 || base + slot * kSlotSize + s.offset != b || s.size != size)
+      return make_error(EINVAL, "bounce address " + hex(b) + " (+" + std::to_string(size) +
+                                    " bytes) is not a mapping of the bounce pool (already unmapped, or another size)");
+    return slot;
+  }
+};
+
+BouncePool::BouncePool(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+BouncePool::~BouncePool() = default;
+
+Result<std::unique_ptr<BouncePool>> BouncePool::create(PhysMemory& memory, const BounceOptions& o) {
+  const uint64_t seg = kSlotSize * kSegmentSlots;
+  if (o.size == 0 || o.size % seg != 0 || o.areas == 0 || (o.areas & (o.areas - 1)) != 0 || (o.size / seg) % o.areas != 0)
+    return make_error(EINVAL, "bounce pool of " + std::to_string(o.size) + " bytes in " + std::to_string(o.areas) +
+                                  " areas: the size must be whole 256 KiB segments, split evenly over a power-of-two number of areas");
+  if (o.base.value() % seg != 0)
+    return make_error(EINVAL, "bounce pool base " + hex(o.base.value()) + " is not 256 KiB aligned");
+  const PhysRegion* r = memory.region_of(o.base);
+  if (!r || r->kind != PhysRegion::Kind::host_ram || !r->span.contains(PhysSpan{o.base, o.size}))
+    return make_error(EINVAL, "bounce pool [" + hex(o.base.value()) + ", +" + hex(o.size) + ") is not inside one host RAM region");
+  auto impl = std::make_unique<Impl>();
+  impl->mem = &memory;
+  impl->base = o.base.value();
+  impl->nslots = o.size / kSlotSize;
+  impl->slots.resize(impl->nslots);
+  impl->areas = std::vector<Impl::Area>(o.areas);
+  const uint64_t per = impl->nslots / o.areas;
+  for (unsigned i = 0; i < o.areas; ++i) {
+    impl->areas[i].first = i * per;
+    impl->areas[i].count = per;
+  }
+  return std::unique_ptr<BouncePool>(new BouncePool(std::move(impl)));
+}
+
+Result<PhysAddr> BouncePool::map(PhysAddr orig, uint64_t size, DmaDirection dir, uint64_t min_align_mask) {
+  Impl& m = *impl_;
+  if (dir == DmaDirection::none) return make_error(EINVAL, "bounce map of " + hex(orig.value()) + ": direction none");
+  // Linux swiotlb_align_offset(): the original's offset within a slot under min_align_mask
+  // is kept; above the slot size, the mask decides which slots may be used.
+  const uint64_t offset = orig.value() & min_align_mask & (kSlotSize - 1);
+  const uint64_t slot_mask = min_align_mask & ~(kSlotSize - 1);
+  if (size == 0 || size + offset > kMaxMapping)
+    return make_error(EINVAL, "bounce map of " + hex(orig.value()) + " (+" + std::to_string(size) +
+                                  " bytes): a mapping holds 1 byte to 256 KiB (less the alignment offset)");
+  const uint64_t n = (size + offset + kSlotSize - 1) / kSlotSize;
+  // Without a device mask, mappings of a page or more start page-aligned (Linux's stride).
+  const uint64_t stride = (slot_mask == 0 && size >= kPageSize) ? kPageSize / kSlotSize : 1;
+  const uint64_t want = orig.value() & slot_mask;
+  uint64_t slot = 0;
+  bool found = false;
+  const int cpu = sched_getcpu();
+  const size_t start = cpu < 0 ? 0 : static_cast<size_t>(cpu) % m.areas.size();
+  for (size_t k = 0; k < m.areas.size() && !found; ++k) {
+    Impl::Area& a = m.areas[(start + k) % m.areas.size()];
+    std::lock_guard lock(a.mu);
+    if (a.count - a.used < n) continue;
+    if (m.search(a, n, slot_mask, want, stride, &slot)) {
+      found = true;
+      for (uint64_t i = 0; i < n; ++i) m.slots[slot + i] = Impl::Slot{0, 0, 0, 0, true};
+      m.slots[slot] = Impl::Slot{orig.value(), static_cast<uint32_t>(size), static_cast<uint16_t>(offset),
+                                 static_cast<uint16_t>(n), true};
+      a.used += n;
+    }
+  }
+  if (!found)
+    return make_error(ENOMEM, "bounce pool full: no run of " + std::to_string(n) + " free slots for " + hex(orig.value()) +
+                                  " (+" + std::to_string(size) + " bytes)");
+  const PhysAddr bounce(m.base + slot * kSlotSize + offset);
+  if (dir == DmaDirection::to_device || dir == DmaDirection::bidirectional) {
+    if (auto r = m.mem->copy(bounce, orig, size); !r) {
+      (void)unmap(bounce, size, DmaDirection::to_device);  // release, copying nothing back
+      return std::move(r).error();
+    }
+  }
+  return bounce;
+}
+
+Status BouncePool::unmap(PhysAddr bounce, uint64_t size, DmaDirection dir) {
+  Impl& m = *impl_;
+  auto first = m.lookup(bounce, size);
+  if (!first) return std::move(first).error();
+  Impl::Area& a = m.areas[*first / m.areas[0].count];
+  Impl::Slot s;
+  {
+    std::lock_guard lock(a.mu);
+    s = m.slots[*first];
+  }
+  Status copied;
+  if (dir == DmaDirection::from_device || dir == DmaDirection::bidirectional)
+    copied = m.mem->copy(PhysAddr(s.orig), bounce, size);
+  std::lock_guard lock(a.mu);
+  for (uint64_t i = 0; i < s.count; ++i) m.slots[*first + i] = Impl::Slot{};
+  a.used -= s.count;
+  // Unlike Linux, which moves its index on round the area, the next search starts at the
+  // run just freed: its lines are still in cache (256 KiB bounces went from 63% to ~90% of
+  // memcpy bandwidth with this).
+  a.hint = *first - a.first;
+  return copied;
+}
+
+Status BouncePool::sync_for_cpu(PhysAddr bounce, uint64_t size, DmaDirection dir) {
+  auto first = impl_->lookup(bounce, size);
+  if (!first) return std::move(first).error();
+  if (dir == DmaDirection::from_device || dir == DmaDirection::bidirectional)
+    return impl_->mem->copy(PhysAddr(impl_->slots[*first].orig), bounce, size);
+  return {};
+}
+
+Status BouncePool::sync_for_device(PhysAddr bounce, uint64_t size, DmaDirection dir) {
+  auto first = impl_->lookup(bounce, size);
+  if (!first) return std::move(first).error();
+  if (dir == DmaDirection::to_device || dir == DmaDirection::bidirectional)
+    return impl_->mem->copy(bounce, PhysAddr(impl_->slots[*first].orig), size);
+  return {};
+}
+
+bool BouncePool::contains(PhysAddr a) const noexcept {
+  return a.value() >= impl_->base && a.value() < impl_->base + impl_->nslots * kSlotSize;
+}
+
+uint64_t BouncePool::used_slots() const {
+  uint64_t used = 0;
+  for (auto& a : impl_->areas) {
+    std::lock_guard lock(a.mu);
+    used += a.used;
+  }
+  return used;
+}
+
+uint64_t BouncePool::total_slots() const noexcept { return impl_->nslots; }
+
+}  // namespace physr

@@ -1,0 +1,163 @@
+#include "physr/physmem.hpp"
+
+#include <absl/container/flat_hash_map.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <shared_mutex>
+
+namespace physr {
+
+namespace {
+constexpr unsigned kChunkShift = 16;  // 64 KiB of backing per chunk
+constexpr uint64_t kChunk = uint64_t{1} << kChunkShift;
+constexpr uint64_t kLimit = uint64_t{1} << 54;
+
+std::string hex(uint64_t v) {
+  char buf[24];
+  std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(v));
+  return buf;
+}
+}  // namespace
+
+struct PhysMemory::Impl {
+  mutable std::shared_mutex regions_mu;
+  std::map<uint64_t, PhysRegion> regions;  // base -> region
+
+  mutable std::mutex chunks_mu;
+  absl::flat_hash_map<uint64_t, std::unique_ptr<uint8_t[]>> chunks;  // chunk index -> bytes
+  std::atomic<uint64_t> backed{0};
+
+  const PhysRegion* find(uint64_t a) const {
+    auto it = regions.upper_bound(a);
+    if (it == regions.begin()) return nullptr;
+    --it;
+    return it->second.span.contains(PhysAddr(a)) ? &it->second : nullptr;
+  }
+  // The first address of [a, a + len) outside every region, if any.
+  bool covered(uint64_t a, uint64_t len, uint64_t* hole) const {
+    std::shared_lock lock(regions_mu);
+    if (len == 0) return true;
+    if (a >= kLimit || len > kLimit - a) {
+      *hole = a >= kLimit ? a : kLimit;
+      return false;
+    }
+    uint64_t p = a;
+    while (p < a + len) {
+      const PhysRegion* r = find(p);
+      if (!r) {
+        *hole = p;
+        return false;
+      }
+      p = r->span.base.value() + r->span.size;
+    }
+    return true;
+  }
+  uint8_t* chunk(uint64_t index, bool create) {
+    std::lock_guard lock(chunks_mu);
+    auto it = chunks.find(index);
+    if (it != chunks.end()) return it->second.get();
+    if (!create) return nullptr;
+    auto mem = std::make_unique<uint8_t[]>(kChunk);  // zeroed
+    uint8_t* p = mem.get();
+    chunks.emplace(index, std::move(mem));
+    backed.fetch_add(kChunk, std::memory_order_relaxed);
+    return p;
+  }
+};
+
+PhysMemory::PhysMemory() : impl_(std::make_unique<Impl>()) {}
+PhysMemory::~PhysMemory() = default;
+
+Status PhysMemory::add_region(PhysRegion r) {
+  const uint64_t b = r.span.base.value(), s = r.span.size;
+  if (s == 0 || ((b | s) & (kPageSize - 1)) != 0 || b >= kLimit || s > kLimit - b)
+    return make_error(EINVAL, "physical region '" + r.name + "' [" + hex(b) + ", +" + hex(s) +
+                                  "): must be non-empty, 4 KiB aligned and below 2^54");
+  std::unique_lock lock(impl_->regions_mu);
+  auto it = impl_->regions.lower_bound(b);
+  const PhysRegion* clash = nullptr;
+  if (it != impl_->regions.end() && it->first < b + s) clash = &it->second;
+  if (!clash && it != impl_->regions.begin() && std::prev(it)->second.span.overlaps(r.span)) clash = &std::prev(it)->second;
+  if (clash)
+    return make_error(EEXIST, "physical region '" + r.name + "' [" + hex(b) + ", +" + hex(s) + ") overlaps '" +
+                                  clash->name + "'");
+  impl_->regions.emplace(b, std::move(r));
+  return {};
+}
+
+const PhysRegion* PhysMemory::region_of(PhysAddr a) const noexcept {
+  std::shared_lock lock(impl_->regions_mu);
+  return impl_->find(a.value());
+}
+
+std::vector<PhysRegion> PhysMemory::regions() const {
+  std::shared_lock lock(impl_->regions_mu);
+  std::vector<PhysRegion> out;
+  for (const auto& [b, r] : impl_->regions) out.push_back(r);
+  return out;
+}
+
+Status PhysMemory::write(PhysAddr a, std::span<const uint8_t> bytes) {
+  uint64_t hole;
+  if (!impl_->covered(a.value(), bytes.size(), &hole))
+    return make_error(EFAULT, "write of " + std::to_string(bytes.size()) + " bytes at " + hex(a.value()) + ": " +
+                                  hex(hole) + " is not in any physical region");
+  uint64_t p = a.value();
+  size_t done = 0;
+  while (done < bytes.size()) {
+    const uint64_t off = p & (kChunk - 1);
+    const size_t n = static_cast<size_t>(std::min<uint64_t>(kChunk - off, bytes.size() - done));
+    std::memcpy(impl_->chunk(p >> kChunkShift, true) + off, bytes.data() + done, n);
+    p += n;
+    done += n;
+  }
+  return {};
+}
+
+Status PhysMemory::read(PhysAddr a, std::span<uint8_t> out) const {
+  uint64_t hole;
+  if (!impl_->covered(a.value(), out.size(), &hole))
+    return make_error(EFAULT, "read of " + std::to_string(out.size()) + " bytes at " + hex(a.value()) + ": " + hex(hole) +
+                                  " is not in any physical region");
+  uint64_t p = a.value();
+  size_t done = 0;
+  while (done < out.size()) {
+    const uint64_t off = p & (kChunk - 1);
+    const size_t n = static_cast<size_t>(std::min<uint64_t>(kChunk - off, out.size() - done));
+    const uint8_t* c = impl_->chunk(p >> kChunkShift, false);
+    if (c) std::memcpy(out.data() + done, c + off, n);
+    else std::memset(out.data() + done, 0, n);
+    p += n;
+    done += n;
+  }
+  return {};
+}
+
+Status PhysMemory::copy(PhysAddr dst, PhysAddr src, uint64_t len) {
+  uint64_t hole;
+  if (!impl_->covered(src.value(), len, &hole) || !impl_->covered(dst.value(), len, &hole))
+    return make_error(EFAULT, "copy of " + std::to_string(len) + " bytes " + hex(src.value()) + " -> " + hex(dst.value()) +
+                                  ": " + hex(hole) + " is not in any physical region");
+  // Chunk by chunk on both sides; a never-written source chunk copies zeros.
+  uint64_t s = src.value(), d = dst.value(), left = len;
+  while (left != 0) {
+    const uint64_t n = std::min({left, kChunk - (s & (kChunk - 1)), kChunk - (d & (kChunk - 1))});
+    const uint8_t* from = impl_->chunk(s >> kChunkShift, false);
+    uint8_t* to = impl_->chunk(d >> kChunkShift, true) + (d & (kChunk - 1));
+    if (from) std::memmove(to, from + (s & (kChunk - 1)), n);
+    else std::memset(to, 0, n);
+    s += n;
+    d += n;
+    left -= n;
+  }
+  return {};
+}
+
+uint64_t PhysMemory::backed_bytes() const noexcept { return impl_->backed.load(std::memory_order_relaxed); }
+
+}  // namespace physr
