@@ -142,6 +142,9 @@ Result<uint64_t> parse_size(std::string_view text);
 /// Formats a byte count with the largest binary unit that divides it ("4 KiB", "1536 B").
 std::string format_size(uint64_t bytes);
 
+/// "0x1f000": how addresses appear in physr's messages.
+std::string format_hex(uint64_t value);
+
 // ---------------------------------------------------------------------------------------
 // Strong addresses
 

@@ -108,6 +108,12 @@ Result<uint64_t> parse_size(std::string_view text) {
   return value << shift;
 }
 
+std::string format_hex(uint64_t value) {
+  char buf[24];
+  std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(value));
+  return buf;
+}
+
 std::string format_size(uint64_t bytes) {
   static const char* const units[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"};
   unsigned u = 0;

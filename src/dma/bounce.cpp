@@ -9,14 +9,6 @@
 
 namespace physr {
 
-namespace {
-std::string hex(uint64_t v) {
-  char buf[24];
-  std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(v));
-  return buf;
-}
-}  // namespace
-
 const char* dma_direction_name(DmaDirection d) noexcept {
   switch (d) {
     case DmaDirection::bidirectional: return "bidirectional";
@@ -66,13 +58,13 @@ struct BouncePool::Impl {
   Result<uint64_t> lookup(PhysAddr bounce, uint64_t size) const {
     const uint64_t b = bounce.value();
     if (b < base || b >= base + nslots * kSlotSize)
-      return make_error(EINVAL, "bounce address " + hex(b) + " is not in the bounce pool");
+      return make_error(EINVAL, "bounce address " + format_hex(b) + " is not in the bounce pool");
     const uint64_t slot = (b - base) / kSlotSize;
     const Area& a = areas[slot / areas[0].count];
     std::lock_guard lock(a.mu);
     const Slot& s = slots[slot];
     if (!s.used || s.count == 0 || base + slot * kSlotSize + s.offset != b || s.size != size)
-      return make_error(EINVAL, "bounce address " + hex(b) + " (+" + std::to_string(size) +
+      return make_error(EINVAL, "bounce address " + format_hex(b) + " (+" + std::to_string(size) +
                                     " bytes) is not a mapping of the bounce pool (already unmapped, or another size)");
     return slot;
   }
@@ -87,10 +79,10 @@ Result<std::unique_ptr<BouncePool>> BouncePool::create(PhysMemory& memory, const
     return make_error(EINVAL, "bounce pool of " + std::to_string(o.size) + " bytes in " + std::to_string(o.areas) +
                                   " areas: the size must be whole 256 KiB segments, split evenly over a power-of-two number of areas");
   if (o.base.value() % seg != 0)
-    return make_error(EINVAL, "bounce pool base " + hex(o.base.value()) + " is not 256 KiB aligned");
+    return make_error(EINVAL, "bounce pool base " + format_hex(o.base.value()) + " is not 256 KiB aligned");
   const PhysRegion* r = memory.region_of(o.base);
   if (!r || r->kind != PhysRegion::Kind::host_ram || !r->span.contains(PhysSpan{o.base, o.size}))
-    return make_error(EINVAL, "bounce pool [" + hex(o.base.value()) + ", +" + hex(o.size) + ") is not inside one host RAM region");
+    return make_error(EINVAL, "bounce pool [" + format_hex(o.base.value()) + ", +" + format_hex(o.size) + ") is not inside one host RAM region");
   auto impl = std::make_unique<Impl>();
   impl->mem = &memory;
   impl->base = o.base.value();
@@ -107,13 +99,13 @@ Result<std::unique_ptr<BouncePool>> BouncePool::create(PhysMemory& memory, const
 
 Result<PhysAddr> BouncePool::map(PhysAddr orig, uint64_t size, DmaDirection dir, uint64_t min_align_mask) {
   Impl& m = *impl_;
-  if (dir == DmaDirection::none) return make_error(EINVAL, "bounce map of " + hex(orig.value()) + ": direction none");
+  if (dir == DmaDirection::none) return make_error(EINVAL, "bounce map of " + format_hex(orig.value()) + ": direction none");
   // Linux swiotlb_align_offset(): the original's offset within a slot under min_align_mask
   // is kept; above the slot size, the mask decides which slots may be used.
   const uint64_t offset = orig.value() & min_align_mask & (kSlotSize - 1);
   const uint64_t slot_mask = min_align_mask & ~(kSlotSize - 1);
   if (size == 0 || size + offset > kMaxMapping)
-    return make_error(EINVAL, "bounce map of " + hex(orig.value()) + " (+" + std::to_string(size) +
+    return make_error(EINVAL, "bounce map of " + format_hex(orig.value()) + " (+" + std::to_string(size) +
                                   " bytes): a mapping holds 1 byte to 256 KiB (less the alignment offset)");
   const uint64_t n = (size + offset + kSlotSize - 1) / kSlotSize;
   // Without a device mask, mappings of a page or more start page-aligned (Linux's stride).
@@ -136,7 +128,7 @@ Result<PhysAddr> BouncePool::map(PhysAddr orig, uint64_t size, DmaDirection dir,
     }
   }
   if (!found)
-    return make_error(ENOMEM, "bounce pool full: no run of " + std::to_string(n) + " free slots for " + hex(orig.value()) +
+    return make_error(ENOMEM, "bounce pool full: no run of " + std::to_string(n) + " free slots for " + format_hex(orig.value()) +
                                   " (+" + std::to_string(size) + " bytes)");
   const PhysAddr bounce(m.base + slot * kSlotSize + offset);
   if (dir == DmaDirection::to_device || dir == DmaDirection::bidirectional) {

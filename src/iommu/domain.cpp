@@ -31,12 +31,6 @@ static_assert(sizeof(Table) == 4096);
 constexpr unsigned shift_of(unsigned level) { return 12 + 9 * level; }  // 0: 4 KiB ... 3: 512 GiB
 inline unsigned index_of(uint64_t iova, unsigned level) { return static_cast<unsigned>((iova >> shift_of(level)) & 511); }
 
-std::string hex(uint64_t v) {
-  char buf[24];
-  std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(v));
-  return buf;
-}
-
 }  // namespace
 
 struct IoDomain::Impl {
@@ -147,11 +141,11 @@ bool IoDomain::strict() const noexcept { return impl_->strict; }
 Status IoDomain::map(DmaAddr iova, PhysAddr phys, uint64_t size, uint8_t perm) {
   const uint64_t a0 = iova.value(), p0 = phys.value();
   if (size == 0 || ((a0 | p0 | size) & 4095) != 0)
-    return make_error(EINVAL, "IOMMU map of " + hex(a0) + " -> " + hex(p0) + " (+" + hex(size) + "): size and addresses must be non-zero multiples of 4 KiB");
+    return make_error(EINVAL, "IOMMU map of " + format_hex(a0) + " -> " + format_hex(p0) + " (+" + format_hex(size) + "): size and addresses must be non-zero multiples of 4 KiB");
   if ((perm & kIommuReadWrite) == 0 || (perm & ~kIommuReadWrite) != 0)
-    return make_error(EINVAL, "IOMMU map of " + hex(a0) + ": permission must be read, write or both");
+    return make_error(EINVAL, "IOMMU map of " + format_hex(a0) + ": permission must be read, write or both");
   if (a0 >= kIovaLimit || size > kIovaLimit - a0 || p0 >= kPhysLimit || size > kPhysLimit - p0)
-    return make_error(EINVAL, "IOMMU map of " + hex(a0) + " -> " + hex(p0) + " (+" + hex(size) + "): beyond 48-bit IOVA or 52-bit physical space");
+    return make_error(EINVAL, "IOMMU map of " + format_hex(a0) + " -> " + format_hex(p0) + " (+" + format_hex(size) + "): beyond 48-bit IOVA or 52-bit physical space");
   Impl& m = *impl_;
   std::lock_guard lock(m.mu);
   uint64_t done = 0;
@@ -167,7 +161,7 @@ Status IoDomain::map(DmaAddr iova, PhysAddr phys, uint64_t size, uint8_t perm) {
     }
     if (r < 0) {
       m.unmap_locked(a0, done);  // nothing of this call stays mapped
-      return make_error(EEXIST, "IOMMU map of " + hex(a0) + " (+" + hex(size) + "): " + hex(a) + " is already mapped");
+      return make_error(EEXIST, "IOMMU map of " + format_hex(a0) + " (+" + format_hex(size) + "): " + format_hex(a) + " is already mapped");
     }
     done += uint64_t{1} << shift_of(level);
   }
@@ -177,7 +171,7 @@ Status IoDomain::map(DmaAddr iova, PhysAddr phys, uint64_t size, uint8_t perm) {
 Status IoDomain::unmap(DmaAddr iova, uint64_t size) {
   const uint64_t a0 = iova.value();
   if (size == 0 || ((a0 | size) & 4095) != 0 || a0 >= kIovaLimit || size > kIovaLimit - a0)
-    return make_error(EINVAL, "IOMMU unmap of " + hex(a0) + " (+" + hex(size) + "): not a 4 KiB-aligned range of the IOVA space");
+    return make_error(EINVAL, "IOMMU unmap of " + format_hex(a0) + " (+" + format_hex(size) + "): not a 4 KiB-aligned range of the IOVA space");
   Impl& m = *impl_;
   {
     std::lock_guard lock(m.mu);
@@ -185,11 +179,11 @@ Status IoDomain::unmap(DmaAddr iova, uint64_t size) {
       unsigned level;
       uint64_t e;
       if (!m.find_leaf(a, &level, &e))
-        return make_error(ENOENT, "IOMMU unmap of " + hex(a0) + " (+" + hex(size) + "): " + hex(a) + " is not mapped");
+        return make_error(ENOENT, "IOMMU unmap of " + format_hex(a0) + " (+" + format_hex(size) + "): " + format_hex(a) + " is not mapped");
       const uint64_t page = uint64_t{1} << shift_of(level);
       if ((a & (page - 1)) != 0 || a + page > a0 + size)
-        return make_error(EINVAL, "IOMMU unmap of " + hex(a0) + " (+" + hex(size) + ") would split the " +
-                                      format_size(page) + " mapping at " + hex(a & ~(page - 1)));
+        return make_error(EINVAL, "IOMMU unmap of " + format_hex(a0) + " (+" + format_hex(size) + ") would split the " +
+                                      format_size(page) + " mapping at " + format_hex(a & ~(page - 1)));
       a += page;
     }
     m.unmap_locked(a0, size);

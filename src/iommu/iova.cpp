@@ -25,12 +25,6 @@ struct Magazine {
   uint64_t pfns[kMagSize];
 };
 
-std::string hex(uint64_t v) {
-  char buf[24];
-  std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(v));
-  return buf;
-}
-
 // Granules actually reserved for a request of g granules (Linux alloc_iova_fast() rounds
 // requests below 32 granules up to a power of two) and the order of their alignment.
 inline uint64_t reserved_granules(uint64_t g) { return g < 32 ? std::bit_ceil(g) : g; }
@@ -138,7 +132,7 @@ struct IovaAllocator::Impl {
     uint64_t pfn;
     if (!tree_alloc(k, limit, &pfn))
       return make_error(ENOMEM, "no free IOVA range of " + std::to_string(g) + " granules aligned to " +
-                                    std::to_string(uint64_t{1} << k) + " below " + hex(limit << shift));
+                                    std::to_string(uint64_t{1} << k) + " below " + format_hex(limit << shift));
     const uint64_t block = uint64_t{1} << k;
     if (g < block) insert_range(pfn + g, block - g);  // give back the unused tail
     return pfn;
@@ -146,7 +140,7 @@ struct IovaAllocator::Impl {
   Status free_slow(uint64_t pfn, uint64_t g) {
     std::lock_guard lock(tree_mu);
     if (overlaps_free(pfn, g))
-      return make_error(EINVAL, "IOVA " + hex(pfn << shift) + " (+" + std::to_string(g) +
+      return make_error(EINVAL, "IOVA " + format_hex(pfn << shift) + " (+" + std::to_string(g) +
                                     " granules) is not allocated: a double free or a wrong size");
     insert_range(pfn, g);
     ++tree_frees;
@@ -263,7 +257,7 @@ Result<std::unique_ptr<IovaAllocator>> IovaAllocator::create(const IovaOptions& 
   if (o.granule == 0 || (o.granule & (o.granule - 1)) != 0 || o.granule < 512)
     return make_error(EINVAL, "IOVA granule " + std::to_string(o.granule) + " is not a power of two of at least 512");
   if (o.start % o.granule || o.end % o.granule || o.start >= o.end)
-    return make_error(EINVAL, "IOVA space [" + hex(o.start) + ", " + hex(o.end) + ") is empty or not granule-aligned");
+    return make_error(EINVAL, "IOVA space [" + format_hex(o.start) + ", " + format_hex(o.end) + ") is empty or not granule-aligned");
   auto impl = std::make_unique<Impl>();
   impl->shift = static_cast<unsigned>(std::countr_zero(o.granule));
   impl->start_pfn = o.start >> impl->shift;
@@ -326,14 +320,14 @@ uint64_t IovaAllocator::granule() const noexcept { return uint64_t{1} << impl_->
   Impl& m = *impl_;
   const uint64_t pfn = iova.value() >> m.shift;
   if (size == 0 || (iova.value() & ((uint64_t{1} << m.shift) - 1)) != 0 || pfn < m.start_pfn || pfn >= m.end_pfn)
-    return make_error(EINVAL, "IOVA free of " + hex(iova.value()) + " (+" + std::to_string(size) +
+    return make_error(EINVAL, "IOVA free of " + format_hex(iova.value()) + " (+" + std::to_string(size) +
                                   " bytes): not a granule-aligned address of this space");
   const uint64_t g = reserved_granules((size >> m.shift) + ((size & ((uint64_t{1} << m.shift) - 1)) != 0));
   if (m.check) {
     std::lock_guard lock(m.check_mu);
     auto it = m.live.find(pfn);
     if (it == m.live.end() || it->second != g)
-      return make_error(EINVAL, "IOVA free of " + hex(iova.value()) + " (+" + std::to_string(size) +
+      return make_error(EINVAL, "IOVA free of " + format_hex(iova.value()) + " (+" + std::to_string(size) +
                                     " bytes): " + (it == m.live.end() ? "not allocated (double free?)" : "allocated with another size"));
     m.live.erase(it);
   }

@@ -17,11 +17,6 @@ constexpr unsigned kChunkShift = 16;  // 64 KiB of backing per chunk
 constexpr uint64_t kChunk = uint64_t{1} << kChunkShift;
 constexpr uint64_t kLimit = uint64_t{1} << 54;
 
-std::string hex(uint64_t v) {
-  char buf[24];
-  std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(v));
-  return buf;
-}
 }  // namespace
 
 struct PhysMemory::Impl {
@@ -76,7 +71,7 @@ PhysMemory::~PhysMemory() = default;
 Status PhysMemory::add_region(PhysRegion r) {
   const uint64_t b = r.span.base.value(), s = r.span.size;
   if (s == 0 || ((b | s) & (kPageSize - 1)) != 0 || b >= kLimit || s > kLimit - b)
-    return make_error(EINVAL, "physical region '" + r.name + "' [" + hex(b) + ", +" + hex(s) +
+    return make_error(EINVAL, "physical region '" + r.name + "' [" + format_hex(b) + ", +" + format_hex(s) +
                                   "): must be non-empty, 4 KiB aligned and below 2^54");
   std::unique_lock lock(impl_->regions_mu);
   auto it = impl_->regions.lower_bound(b);
@@ -84,7 +79,7 @@ Status PhysMemory::add_region(PhysRegion r) {
   if (it != impl_->regions.end() && it->first < b + s) clash = &it->second;
   if (!clash && it != impl_->regions.begin() && std::prev(it)->second.span.overlaps(r.span)) clash = &std::prev(it)->second;
   if (clash)
-    return make_error(EEXIST, "physical region '" + r.name + "' [" + hex(b) + ", +" + hex(s) + ") overlaps '" +
+    return make_error(EEXIST, "physical region '" + r.name + "' [" + format_hex(b) + ", +" + format_hex(s) + ") overlaps '" +
                                   clash->name + "'");
   impl_->regions.emplace(b, std::move(r));
   return {};
@@ -105,8 +100,8 @@ std::vector<PhysRegion> PhysMemory::regions() const {
 Status PhysMemory::write(PhysAddr a, std::span<const uint8_t> bytes) {
   uint64_t hole;
   if (!impl_->covered(a.value(), bytes.size(), &hole))
-    return make_error(EFAULT, "write of " + std::to_string(bytes.size()) + " bytes at " + hex(a.value()) + ": " +
-                                  hex(hole) + " is not in any physical region");
+    return make_error(EFAULT, "write of " + std::to_string(bytes.size()) + " bytes at " + format_hex(a.value()) + ": " +
+                                  format_hex(hole) + " is not in any physical region");
   uint64_t p = a.value();
   size_t done = 0;
   while (done < bytes.size()) {
@@ -122,7 +117,7 @@ Status PhysMemory::write(PhysAddr a, std::span<const uint8_t> bytes) {
 Status PhysMemory::read(PhysAddr a, std::span<uint8_t> out) const {
   uint64_t hole;
   if (!impl_->covered(a.value(), out.size(), &hole))
-    return make_error(EFAULT, "read of " + std::to_string(out.size()) + " bytes at " + hex(a.value()) + ": " + hex(hole) +
+    return make_error(EFAULT, "read of " + std::to_string(out.size()) + " bytes at " + format_hex(a.value()) + ": " + format_hex(hole) +
                                   " is not in any physical region");
   uint64_t p = a.value();
   size_t done = 0;
@@ -141,8 +136,8 @@ Status PhysMemory::read(PhysAddr a, std::span<uint8_t> out) const {
 Status PhysMemory::copy(PhysAddr dst, PhysAddr src, uint64_t len) {
   uint64_t hole;
   if (!impl_->covered(src.value(), len, &hole) || !impl_->covered(dst.value(), len, &hole))
-    return make_error(EFAULT, "copy of " + std::to_string(len) + " bytes " + hex(src.value()) + " -> " + hex(dst.value()) +
-                                  ": " + hex(hole) + " is not in any physical region");
+    return make_error(EFAULT, "copy of " + std::to_string(len) + " bytes " + format_hex(src.value()) + " -> " + format_hex(dst.value()) +
+                                  ": " + format_hex(hole) + " is not in any physical region");
   // Chunk by chunk on both sides; a never-written source chunk copies zeros.
   uint64_t s = src.value(), d = dst.value(), left = len;
   while (left != 0) {

@@ -66,13 +66,7 @@ void ensure_registered() {
   }
 }
 
-std::string hex(uint64_t v) {
-  char buf[24];
-  std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(v));
-  return buf;
-}
-
-std::string describe(const PhysSpan& s) { return "[" + hex(s.base.value()) + ", +" + hex(s.size) + ")"; }
+std::string describe(const PhysSpan& s) { return "[" + format_hex(s.base.value()) + ", +" + format_hex(s.size) + ")"; }
 
 constexpr uint64_t kPfnLimit = uint64_t{1} << 40;
 constexpr unsigned shift_of(unsigned level) { return 10 * (3 - level); }

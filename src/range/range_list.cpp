@@ -35,12 +35,6 @@ inline uint64_t cap_at(uint64_t addr, const SegmentLimits& l) noexcept {
   return std::min(l.max_segment, (l.boundary_mask + 1) - (addr & l.boundary_mask));
 }
 
-std::string hex(uint64_t v) {
-  char buf[24];
-  std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(v));
-  return buf;
-}
-
 // Index one past the last pfn that continues the run started at i (pfn[k] == pfn[i] + k - i,
 // same provider). Random input fails on the first compare; contiguous input is checked
 // eight at a time with an OR-reduction the compiler vectorises (no early exit inside).
@@ -69,7 +63,7 @@ inline size_t run_end(const uint64_t* pfn, const ProviderId* prov, size_t i, siz
 Status validate_limits(const SegmentLimits& l, bool page_granular) {
   if (l.max_segment == 0) return make_error(EINVAL, "segment limits: max_segment is 0");
   if ((l.boundary_mask & (l.boundary_mask + 1)) != 0)
-    return make_error(EINVAL, "segment limits: boundary_mask " + hex(l.boundary_mask) + " is not of the form 2^k - 1");
+    return make_error(EINVAL, "segment limits: boundary_mask " + format_hex(l.boundary_mask) + " is not of the form 2^k - 1");
   if (page_granular) {
     // Linux lib/scatterlist.c sg_alloc_append_table_from_pages(): max_segment is aligned
     // down to PAGE_SIZE and must stay at least one page.
@@ -77,7 +71,7 @@ Status validate_limits(const SegmentLimits& l, bool page_granular) {
       return make_error(EINVAL, "segment limits: max_segment " + std::to_string(l.max_segment) +
                                     " is below one 4 KiB page (pfn builders need whole pages)");
     if (l.boundary_mask < kPageSize - 1)
-      return make_error(EINVAL, "segment limits: boundary_mask " + hex(l.boundary_mask) +
+      return make_error(EINVAL, "segment limits: boundary_mask " + format_hex(l.boundary_mask) +
                                     " is below a 4 KiB page (pfn builders need whole pages)");
   }
   return {};
@@ -286,7 +280,7 @@ Status RangeList::append_pfns_impl(const uint64_t* pfn, const ProviderId* prov, 
     const uint64_t p = pfn[i];
     const ProviderId full = kHasProviders ? prov[i] : kHostMemory;
     if (p >= kPfnLimit) [[unlikely]]
-      return fail(ERANGE, "pfn[" + std::to_string(i) + "] = " + hex(p) + " is at or above 2^42 (physical 2^54)");
+      return fail(ERANGE, "pfn[" + std::to_string(i) + "] = " + format_hex(p) + " is at or above 2^42 (physical 2^54)");
     if (kHasProviders && full == kInvalidProvider) [[unlikely]]
       return fail(EINVAL, "providers[" + std::to_string(i) + "] is the reserved invalid id");
     const size_t j = l.merge ? run_end<kHasProviders>(pfn, prov, i, n) : i + 1;
@@ -339,9 +333,9 @@ Result<RangeList> RangeList::from_pfns(std::span<const uint64_t> pfns, std::span
 
 static Status check_piece(const PhysRange& r, size_t index) {
   const uint64_t a = r.addr.value();
-  if (r.len == 0) return make_error(EINVAL, "range " + std::to_string(index) + " at " + hex(a) + " has length 0");
+  if (r.len == 0) return make_error(EINVAL, "range " + std::to_string(index) + " at " + format_hex(a) + " has length 0");
   if (a >= kPhysAddrLimit || r.len > kPhysAddrLimit - a)
-    return make_error(ERANGE, "range " + std::to_string(index) + " [" + hex(a) + ", +" + hex(r.len) +
+    return make_error(ERANGE, "range " + std::to_string(index) + " [" + format_hex(a) + ", +" + format_hex(r.len) +
                                   ") runs past the physical limit 2^54");
   if (r.provider == kInvalidProvider)
     return make_error(EINVAL, "range " + std::to_string(index) + " has the reserved invalid provider id");
@@ -420,10 +414,10 @@ Result<RangeList> RangeList::decode(std::span<const uint64_t> words) {
     const uint64_t len = words[i + 1];
     if (len == 0) return make_error(EINVAL, "word " + std::to_string(i) + ": extended entry with length 0");
     if (len > kPhysAddrLimit - addr)
-      return make_error(EINVAL, "word " + std::to_string(i) + ": range [" + hex(addr) + ", +" + hex(len) +
+      return make_error(EINVAL, "word " + std::to_string(i) + ": range [" + format_hex(addr) + ", +" + format_hex(len) +
                                     ") runs past the physical limit 2^54");
     if (fits_compact(addr, len))
-      return make_error(EINVAL, "word " + std::to_string(i) + ": extended entry [" + hex(addr) + ", +" + hex(len) +
+      return make_error(EINVAL, "word " + std::to_string(i) + ": extended entry [" + format_hex(addr) + ", +" + format_hex(len) +
                                     ") must be encoded compact (non-canonical)");
     out.push_extended(addr, len, tag);
     i += 2;
