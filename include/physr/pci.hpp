@@ -262,13 +262,16 @@ class P2PEngine {
   /// Whether the allowlist check passes for the path between a and b (no common device).
   bool host_bridge_allowed(uint32_t a, uint32_t b) const;
   bool cpu_amd_zen() const noexcept { return amd_zen_; }
+  /// Linux pci_host_bridge_dev(): the function the allowlist checks for a host bridge (the
+  /// first on its root bus, if devfn 00.0 or a Root Port), or nullopt (the check fails).
+  std::optional<uint32_t> identifying_device(uint32_t host_bridge) const;
   const Topology& topology() const noexcept { return *topo_; }
 
  private:
   explicit P2PEngine(const Topology& topo) : topo_(&topo) {}
   bool redirects(uint32_t f) const noexcept { return redir_[f] != 0; }
   bool is_ancestor_or_self(uint32_t a, uint32_t b) const noexcept { return tin_[a] <= tin_[b] && tout_[b] <= tout_[a]; }
-  std::optional<uint32_t> identifying_device(uint32_t host_bridge) const;
+  std::optional<uint32_t> common_device(uint32_t provider, uint32_t client) const noexcept;
   bool bridge_passes(uint32_t host_bridge, bool same, Explanation::BridgeCheck* out) const;
 
   const Topology* topo_;

@@ -160,6 +160,16 @@ bool P2PEngine::host_bridge_allowed(uint32_t a, uint32_t b) const {
   return bridge_other_[ha] != 0 && bridge_other_[hb] != 0;
 }
 
+// The first device up from the provider that is also the client or one of its upstream
+// bridges: the kernel's "a == bb" hit, found with an O(1) interval test per step.
+std::optional<uint32_t> P2PEngine::common_device(uint32_t p, uint32_t c) const noexcept {
+  if (tree_[p] != tree_[c]) return std::nullopt;  // different trees share no device
+  int32_t a = static_cast<int32_t>(p);
+  while (a >= 0 && !is_ancestor_or_self(static_cast<uint32_t>(a), c)) a = topo_->functions[static_cast<uint32_t>(a)].upstream;
+  if (a < 0) return std::nullopt;
+  return static_cast<uint32_t>(a);
+}
+
 // Linux drivers/pci/p2pdma.c calc_map_type_and_dist(). The kernel walks a from the
 // provider up and, for each a, bb from the client up until a == bb. The first such a is
 // the lowest ancestor-or-self of the provider that is also one of the client, found here
@@ -167,12 +177,9 @@ bool P2PEngine::host_bridge_allowed(uint32_t a, uint32_t b) const {
 // and including the common device and on the client's side below it.
 Verdict P2PEngine::compute(uint32_t p, uint32_t c) const {
   const auto& fn = topo_->functions;
-  int32_t a = static_cast<int32_t>(p);
-  if (tree_[p] != tree_[c]) a = -1;  // different trees share no device
-  while (a >= 0 && !is_ancestor_or_self(static_cast<uint32_t>(a), c)) a = fn[static_cast<uint32_t>(a)].upstream;
   Verdict v;
-  if (a >= 0) {
-    const auto common = static_cast<uint32_t>(a);
+  if (const auto found = common_device(p, c)) {
+    const uint32_t common = *found;
     v.distance = depth_[p] - depth_[common] + depth_[c] - depth_[common];
     const int32_t above = fn[common].upstream;
     const uint32_t acs_cnt = acs_up_[p] - (above >= 0 ? acs_up_[static_cast<uint32_t>(above)] : 0) + acs_up_[c] - acs_up_[common];
@@ -233,9 +240,7 @@ Explanation P2PEngine::explain(uint32_t p, uint32_t c) const {
   x.verdict = compute(p, c);
   x.cpu_amd_zen = amd_zen_;
   x.same_host_bridge = fn[p].host_bridge == fn[c].host_bridge;
-  int32_t a = static_cast<int32_t>(p);
-  while (a >= 0 && !is_ancestor_or_self(static_cast<uint32_t>(a), c)) a = fn[static_cast<uint32_t>(a)].upstream;
-  if (a >= 0) x.common = static_cast<uint32_t>(a);
+  x.common = common_device(p, c);
   auto hop = [&](uint32_t f) {
     return PathHop{f, redirects(f), fn[f].acs.kind == AcsState::Kind::unknown};
   };

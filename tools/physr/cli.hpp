@@ -6,6 +6,7 @@
 #include <string>
 
 #include "physr/core.hpp"
+#include "physr/pci.hpp"
 
 namespace physr::cli {
 
@@ -37,6 +38,11 @@ T failure_value(Result<T> r) {
 void add_ranges_command(CLI::App& app);
 /// `physr topo` and `physr explain`.
 void add_topo_commands(CLI::App& app);
+/// The built-in machine `name` (machines/NAME.toml), or nullopt when there is none.
+std::optional<pci::Topology> builtin_machine(std::string_view name);
+/// "a, b, c": the names of the built-in machines, for messages.
+std::string builtin_machine_names();
+
 /// The default job: what physr is and a short demonstration of each module.
 void run_tour();
 

@@ -32,15 +32,6 @@ void add_source_options(CLI::App* c, const std::shared_ptr<SourceOptions>& o) {
   c->add_option("--assume-cpu", o->assume_cpu, "amd-zen or other: override the CPU for the AMD Zen rule");
 }
 
-std::string builtin_names() {
-  std::string s;
-  for (const auto& b : kBuiltinMachines) {
-    if (!s.empty()) s += ", ";
-    s += b.name;
-  }
-  return s;
-}
-
 Topology load_topology_quiet(const SourceOptions& o);
 
 /// Loads the topology the options name and prints the loader's warnings to stderr.
@@ -55,10 +46,9 @@ Topology load_topology_quiet(const SourceOptions& o) {
   if (!o.machine.empty()) {
     std::error_code ec;
     if (std::filesystem::exists(o.machine, ec)) return failure_value(load_machine_file(o.machine));
-    for (const auto& b : kBuiltinMachines)
-      if (b.name == o.machine) return failure_value(parse_machine(b.text, "builtin:" + std::string(b.name)));
+    if (auto t = builtin_machine(o.machine)) return std::move(*t);
     throw Failure(fmt::format("--machine {}: no such file and no built-in machine of that name (built-in: {})", o.machine,
-                              builtin_names()));
+                              builtin_machine_names()));
   }
   return failure_value(load_sysfs(o.sysfs_root.empty() ? "/" : o.sysfs_root));
 }
@@ -143,13 +133,10 @@ void print_tree(const Topology& t, P2PEngine& e) {
     // What the allowlist would say for P2P between two root ports of this host bridge.
     std::string allow = "no identifying device: allowlist fails";
     const auto& roots = hb.root_functions;
-    if (!roots.empty()) {
-      const Function& first = t.functions[roots.front()];
-      if (first.bdf.devfn() == 0 || first.port_type == PortType::root_port) {
-        const bool ok = e.host_bridge_allowed(roots.front(), roots.front());
-        allow = fmt::format("identifying device {} {:04x}:{:04x}: {}", first.bdf.to_string(), first.vendor, first.device,
-                            ok ? "allowlisted" : "not in the allowlist");
-      }
+    if (const auto id = e.identifying_device(h)) {
+      const Function& f = t.functions[*id];
+      allow = fmt::format("identifying device {} {:04x}:{:04x}: {}", f.bdf.to_string(), f.vendor, f.device,
+                          e.host_bridge_allowed(*id, *id) ? "allowlisted" : "not in the allowlist");
     }
     fmt::print("{}  NUMA {}  {}\n", hb.name(), hb.numa_node, allow);
     // Rows first, so every column lines up whatever the depth and names.
@@ -424,6 +411,21 @@ void run_explain(const ExplainOptions& o) {
 }
 
 }  // namespace
+
+std::optional<Topology> builtin_machine(std::string_view name) {
+  for (const auto& b : kBuiltinMachines)
+    if (b.name == name) return failure_value(parse_machine(b.text, "builtin:" + std::string(b.name)));
+  return std::nullopt;
+}
+
+std::string builtin_machine_names() {
+  std::string s;
+  for (const auto& b : kBuiltinMachines) {
+    if (!s.empty()) s += ", ";
+    s += b.name;
+  }
+  return s;
+}
 
 void add_topo_commands(CLI::App& app) {
   auto t = std::make_shared<TopoOptions>();

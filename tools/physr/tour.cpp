@@ -4,7 +4,6 @@
 
 #include <map>
 
-#include "builtin.hpp"
 #include "cli.hpp"
 #include "physr/pci.hpp"
 #include "physr/provider.hpp"
@@ -16,14 +15,8 @@ namespace {
 
 constexpr std::string_view kDefaultMachine = "two-socket-switch";
 
-void default_machine_section() {
+void default_machine_section(const pci::Topology& t, pci::P2PEngine& e) {
   using namespace physr::pci;
-  const BuiltinFile* file = nullptr;
-  for (const auto& b : kBuiltinMachines)
-    if (b.name == kDefaultMachine) file = &b;
-  if (!file) throw Failure("the built-in default machine is missing from this build");
-  const Topology t = failure_value(parse_machine(file->text, "builtin:" + std::string(kDefaultMachine)));
-  P2PEngine e = failure_value(P2PEngine::create(t));
   fmt::print("== P2P on the default machine ({}: {} host bridges, {} functions) ==\n", t.name, t.host_bridges.size(),
              t.functions.size());
   // {provider (owns the memory), client (does the DMA)}
@@ -48,13 +41,8 @@ void default_machine_section() {
 // Every BAR of the default machine becomes a provider; a buffer that mixes host pages with
 // GPU memory and an NVMe CMB is tagged range by range, and each range gets the path nvme0's
 // DMA would take to it: what the DMA layer will do per segment.
-void providers_section() {
+void providers_section(const pci::Topology& t, pci::P2PEngine& e) {
   using namespace physr::pci;
-  const BuiltinFile* file = nullptr;
-  for (const auto& b : kBuiltinMachines)
-    if (b.name == kDefaultMachine) file = &b;
-  const Topology t = failure_value(parse_machine(file->text, "builtin:" + std::string(kDefaultMachine)));
-  P2PEngine e = failure_value(P2PEngine::create(t));
   ProviderRegistry reg;
   std::map<ProviderId, uint32_t> owner;
   for (uint32_t i = 0; i < t.functions.size(); ++i)
@@ -131,8 +119,11 @@ void run_tour() {
       "them, exactly as Linux drivers/pci/p2pdma.c does: PCI bus addresses below a shared\n"
       "switch, through an allowed host bridge, or not at all.\n\n",
       PHYSR_VERSION);
-  default_machine_section();
-  providers_section();
+  auto machine = builtin_machine(kDefaultMachine);
+  if (!machine) throw Failure("the built-in default machine is missing from this build");
+  pci::P2PEngine engine = failure_value(pci::P2PEngine::create(*machine));
+  default_machine_section(*machine, engine);
+  providers_section(*machine, engine);
   this_machine_section();
 
   fmt::print("== Range lists: a 4 MiB user buffer with some device memory in it ==\n");
