@@ -28,6 +28,10 @@ struct Magazine {
 // Granules actually reserved for a request of g granules (Linux alloc_iova_fast() rounds
 // requests below 32 granules up to a power of two) and the order of their alignment.
 inline uint64_t reserved_granules(uint64_t g) { return g < 32 ? std::bit_ceil(g) : g; }
+// Granules reserved for `size` bytes (rounded up to whole granules without overflowing).
+inline uint64_t reserved_for(uint64_t size, unsigned shift) {
+  return reserved_granules((size >> shift) + ((size & ((uint64_t{1} << shift) - 1)) != 0));
+}
 inline unsigned order_of(uint64_t g) { return static_cast<unsigned>(std::bit_width(std::bit_ceil(g)) - 1); }
 
 struct ThreadCache;
@@ -156,7 +160,6 @@ namespace {
 
 struct ThreadCache {
   uint64_t owner = 0;
-  IovaAllocator::Impl* impl = nullptr;
   Magazine* loaded[kCachedOrders] = {};
   Magazine* prev[kCachedOrders] = {};
   ThreadCache() {
@@ -221,7 +224,6 @@ ThreadCache* cache_for_slow(IovaAllocator::Impl* impl) {
   }
   auto c = std::make_unique<ThreadCache>();
   c->owner = impl->id;
-  c->impl = impl;
   t.entries.push_back(std::move(c));
   return t_last = t.last = t.entries.back().get();
 }
@@ -280,7 +282,7 @@ uint64_t IovaAllocator::granule() const noexcept { return uint64_t{1} << impl_->
 [[gnu::noinline]] Result<DmaAddr> IovaAllocator::alloc_general(uint64_t size, uint64_t limit) {
   Impl& m = *impl_;
   if (size == 0) return make_error(EINVAL, "IOVA allocation of 0 bytes");
-  const uint64_t g = reserved_granules((size >> m.shift) + ((size & ((uint64_t{1} << m.shift) - 1)) != 0));
+  const uint64_t g = reserved_for(size, m.shift);
   if (g > m.end_pfn - m.start_pfn) return make_error(EINVAL, "IOVA allocation of " + std::to_string(size) + " bytes exceeds the space");
   const unsigned k = order_of(g);
   const uint64_t limit_pfn = std::min(limit >> m.shift, m.end_pfn);
@@ -322,7 +324,7 @@ uint64_t IovaAllocator::granule() const noexcept { return uint64_t{1} << impl_->
   if (size == 0 || (iova.value() & ((uint64_t{1} << m.shift) - 1)) != 0 || pfn < m.start_pfn || pfn >= m.end_pfn)
     return make_error(EINVAL, "IOVA free of " + format_hex(iova.value()) + " (+" + std::to_string(size) +
                                   " bytes): not a granule-aligned address of this space");
-  const uint64_t g = reserved_granules((size >> m.shift) + ((size & ((uint64_t{1} << m.shift) - 1)) != 0));
+  const uint64_t g = reserved_for(size, m.shift);
   if (m.check) {
     std::lock_guard lock(m.check_mu);
     auto it = m.live.find(pfn);
@@ -373,6 +375,9 @@ Result<DmaAddr> IovaAllocator::alloc(uint64_t size, uint64_t limit) {
   if (m.fast && size - 1 < 32 * gsize) [[likely]] {
     ThreadCache* c = t_last;
     if (c && c->owner == m.id) [[likely]] {
+      // size <= 32 granules here, so reserved_for() reduces to this bit_ceil and cannot
+      // overflow; the general form costs 7 more instructions per alloc + free (callgrind:
+      // 151 vs 144 per pair).
       const uint64_t g = std::bit_ceil((size + gsize - 1) >> m.shift);
       const unsigned k = static_cast<unsigned>(std::countr_zero(g));
       Magazine* mg = c->loaded[k];
@@ -392,7 +397,7 @@ Status IovaAllocator::free(DmaAddr iova, uint64_t size) {
       [[likely]] {
     ThreadCache* c = t_last;
     if (c && c->owner == m.id) [[likely]] {
-      const uint64_t g = std::bit_ceil((size + gsize - 1) >> m.shift);
+      const uint64_t g = std::bit_ceil((size + gsize - 1) >> m.shift);  // as in alloc()
       Magazine* mg = c->loaded[std::countr_zero(g)];
       if (mg->size != kMagSize) [[likely]] {
         mg->pfns[mg->size++] = pfn;
