@@ -1,3 +1,4 @@
+#include <random>
 #include <string>
 
 #include "physr/range.hpp"
@@ -43,11 +44,6 @@ Result<PfnList> parse_pfn_text(std::string_view text, std::string_view source) {
   return out;
 }
 
-}  // namespace physr
-
-#include <random>
-
-namespace physr {
 
 Result<PfnPattern> parse_pfn_pattern(std::string_view name) {
   if (name == "contiguous") return PfnPattern::contiguous;
