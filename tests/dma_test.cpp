@@ -45,9 +45,12 @@ TEST(BouncePoolTest, CopiesFollowTheDirection) {
   ASSERT_TRUE(f.mem.write(*b, pattern(data.size(), 9)).has_value());  // the device writes anyway
   ASSERT_TRUE(f.pool->unmap(*b, data.size(), DmaDirection::to_device).has_value());
   EXPECT_EQ(f.bytes(orig, data.size()), data);
-  // from_device: nothing copied in, the device's bytes copied back at unmap.
+  // from_device: the original is copied in too (Linux swiotlb_tbl_map_single(): a partial
+  // device write must not bring stale pool bytes back), the device's bytes come back at unmap.
+  // (The slots about to be reused still hold the bytes the device wrote above.)
   b = f.pool->map(orig, data.size(), DmaDirection::from_device);
   ASSERT_TRUE(b.has_value());
+  EXPECT_EQ(f.bytes(*b, data.size()), data);
   const auto dev = pattern(data.size(), 77);
   ASSERT_TRUE(f.mem.write(*b, dev).has_value());
   ASSERT_TRUE(f.pool->sync_for_cpu(*b, data.size(), DmaDirection::from_device).has_value());
@@ -92,6 +95,35 @@ TEST(BouncePoolTest, AlignmentSegmentsAndLimits) {
   EXPECT_EQ(f.pool->map(PhysAddr(0x10), 256 * KiB, DmaDirection::to_device, 0xfff).error().code, EINVAL);
   EXPECT_TRUE(f.pool->map(PhysAddr(0), 256 * KiB, DmaDirection::none).has_value() == false);
   EXPECT_EQ(f.pool->map(PhysAddr(0), 0, DmaDirection::to_device).error().code, EINVAL);
+}
+
+TEST(BouncePoolTest, AllocAlignMaskReservesWholeZeroedGranules) {
+  Fixture f(512 * KiB, 1);
+  // Dirty the pool so that padding left unzeroed would show.
+  auto dirty = f.pool->map(PhysAddr(0x200000), 256 * KiB, DmaDirection::to_device);
+  ASSERT_TRUE(dirty.has_value());
+  ASSERT_TRUE(f.mem.write(*dirty, pattern(256 * KiB, 5)).has_value());
+  ASSERT_TRUE(f.pool->unmap(*dirty, 256 * KiB, DmaDirection::to_device).has_value());
+  const auto data = pattern(5000, 3);
+  const PhysAddr orig(0x7000 + 0x9a0);
+  ASSERT_TRUE(f.mem.write(orig, data).has_value());
+  auto b = f.pool->map(orig, data.size(), DmaDirection::from_device, 0, 0xfff);
+  ASSERT_TRUE(b.has_value());
+  EXPECT_EQ(b->value() & 0xfff, 0x9a0u);  // offset within the granule kept
+  EXPECT_EQ(f.pool->used_slots(), 4u);    // [0x9a0, 0x9a0 + 5000) covers two whole 4 KiB granules
+  const PhysAddr g0(b->value() & ~uint64_t{0xfff});
+  EXPECT_EQ(f.bytes(g0, 0x9a0), std::vector<uint8_t>(0x9a0, 0));            // pre-padding zeroed
+  EXPECT_EQ(f.bytes(*b, data.size()), data);                                // the data copied in
+  const uint64_t post = 8192 - 0x9a0 - data.size();
+  EXPECT_EQ(f.bytes(*b + data.size(), post), std::vector<uint8_t>(post, 0));  // post-padding zeroed
+  // A second mapping never shares those granules.
+  auto c = f.pool->map(PhysAddr(0x20010), 16, DmaDirection::to_device, 0, 0xfff);
+  ASSERT_TRUE(c.has_value());
+  EXPECT_FALSE(c->value() >= g0.value() && c->value() < g0.value() + 8192);
+  EXPECT_EQ(f.pool->map(orig, 10, DmaDirection::to_device, 0, 0x1000).error().code, EINVAL);  // not 2^k - 1
+  ASSERT_TRUE(f.pool->unmap(*c, 16, DmaDirection::to_device).has_value());
+  ASSERT_TRUE(f.pool->unmap(*b, data.size(), DmaDirection::from_device).has_value());
+  EXPECT_EQ(f.pool->used_slots(), 0u);
 }
 
 TEST(BouncePoolTest, ExhaustionIsEnomemAndEverythingComesBack) {

@@ -44,10 +44,14 @@ class BouncePool {
   static Result<std::unique_ptr<BouncePool>> create(PhysMemory& memory, const BounceOptions& options = {});
   ~BouncePool();
 
-  /// Bounces [orig, orig + size) and returns the bounce address. EINVAL: size 0, more than
-  /// 256 KiB with the alignment offset, direction none. ENOMEM: no area has room (nothing is
-  /// reserved). EFAULT: orig is not in memory.
-  Result<PhysAddr> map(PhysAddr orig, uint64_t size, DmaDirection dir, uint64_t min_align_mask = 0);
+  /// Bounces [orig, orig + size): copies it in (whatever the direction, as Linux does) and
+  /// returns the bounce address. A non-zero alloc_align_mask (2^k - 1, 2 KiB to 128 KiB)
+  /// reserves whole aligned granules, keeps orig's offset in them and zeroes the padding
+  /// (for untrusted devices behind an IOMMU). EINVAL: size 0, more than 256 KiB with the
+  /// offset, direction none. ENOMEM: no area has room (nothing is reserved). EFAULT: orig
+  /// is not in memory.
+  Result<PhysAddr> map(PhysAddr orig, uint64_t size, DmaDirection dir, uint64_t min_align_mask = 0,
+                       uint64_t alloc_align_mask = 0);
   /// Copies back if the direction says so, then frees. EINVAL: not a mapping of that size.
   Status unmap(PhysAddr bounce, uint64_t size, DmaDirection dir);
   /// Device to CPU: copies the bounce buffer back to the original (from_device, bidirectional).

@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <span>
 
 #include "physr/core.hpp"
 
@@ -78,8 +79,17 @@ class IovaAllocator {
   std::unique_ptr<Impl> impl_;
 };
 
-/// Access rights of a mapping.
-enum IommuPerm : uint8_t { kIommuRead = 1, kIommuWrite = 2, kIommuReadWrite = 3 };
+/// Access rights of a mapping, plus the MMIO attribute (Linux IOMMU_MMIO: device memory,
+/// mapped uncached; P2P through the host bridge carries it).
+enum IommuPerm : uint8_t { kIommuRead = 1, kIommuWrite = 2, kIommuReadWrite = 3, kIommuMmio = 4 };
+
+/// One mapping of a batch: [iova, iova + size) -> [phys, phys + size).
+struct IoMapOp {
+  DmaAddr iova;
+  PhysAddr phys;
+  uint64_t size = 0;
+  uint8_t perm = 0;
+};
 
 /// What the IOMMU answers for one DMA address.
 struct IoTranslation {
@@ -118,6 +128,9 @@ class IoDomain {
   /// alignment of both allows. EINVAL: zero or unaligned size/addresses, no permission,
   /// beyond 48 bits. EEXIST: part of the range is mapped (named); nothing stays mapped.
   Status map(DmaAddr iova, PhysAddr phys, uint64_t size, uint8_t perm);
+  /// Maps a batch under one lock, all or nothing (Linux iommu_map_sg()): on any error
+  /// nothing of the batch stays mapped. Errors as map(), naming the operation.
+  Status map_many(std::span<const IoMapOp> ops);
   /// Unmaps exactly what map() mapped. ENOENT names the first unmapped page; EINVAL a range
   /// that would split a large leaf. Nothing changes on error. Strict mode invalidates the
   /// IOTLB for the range now; deferred mode leaves it stale until the flush.

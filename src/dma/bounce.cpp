@@ -1,6 +1,8 @@
 #include <sched.h>
 
+#include <algorithm>
 #include <cstdio>
+#include <span>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -25,7 +27,7 @@ struct BouncePool::Impl {
   struct Slot {
     uint64_t orig = 0;    // first slot of a mapping: the original address
     uint32_t size = 0;    // first slot: bytes mapped
-    uint16_t offset = 0;  // first slot: bounce address - slot address
+    uint32_t offset = 0;  // first slot: bounce address - slot address
     uint16_t count = 0;   // first slot: slots reserved (0 on the others)
     bool used = false;
   };
@@ -54,14 +56,27 @@ struct BouncePool::Impl {
     return false;
   }
 
+  Status zero(PhysAddr a, uint64_t len) {
+    static const uint8_t zeros[4096] = {};
+    for (uint64_t done = 0; done < len;) {
+      const uint64_t k = std::min<uint64_t>(len - done, sizeof zeros);
+      PHYSR_TRY(mem->write(a + done, std::span<const uint8_t>(zeros, k)));
+      done += k;
+    }
+    return {};
+  }
+
   // The first slot of the mapping at `bounce` of `size` bytes.
   Result<uint64_t> lookup(PhysAddr bounce, uint64_t size) const {
     const uint64_t b = bounce.value();
     if (b < base || b >= base + nslots * kSlotSize)
       return make_error(EINVAL, "bounce address " + format_hex(b) + " is not in the bounce pool");
-    const uint64_t slot = (b - base) / kSlotSize;
+    uint64_t slot = (b - base) / kSlotSize;
     const Area& a = areas[slot / areas[0].count];
     std::lock_guard lock(a.mu);
+    // With an alloc_align_mask the offset can exceed a slot: the mapping's first slot is
+    // then the nearest one before that starts a run (runs never cross a segment).
+    while (slots[slot].used && slots[slot].count == 0 && slot % kSegmentSlots != 0) --slot;
     const Slot& s = slots[slot];
     if (!s.used || s.count == 0 || base + slot * kSlotSize + s.offset != b || s.size != size)
       return make_error(EINVAL, "bounce address " + format_hex(b) + " (+" + std::to_string(size) +
@@ -97,19 +112,28 @@ Result<std::unique_ptr<BouncePool>> BouncePool::create(PhysMemory& memory, const
   return std::unique_ptr<BouncePool>(new BouncePool(std::move(impl)));
 }
 
-Result<PhysAddr> BouncePool::map(PhysAddr orig, uint64_t size, DmaDirection dir, uint64_t min_align_mask) {
+Result<PhysAddr> BouncePool::map(PhysAddr orig, uint64_t size, DmaDirection dir, uint64_t min_align_mask,
+                                 uint64_t alloc_align_mask) {
   Impl& m = *impl_;
   if (dir == DmaDirection::none) return make_error(EINVAL, "bounce map of " + format_hex(orig.value()) + ": direction none");
+  if (alloc_align_mask != 0 && ((alloc_align_mask & (alloc_align_mask + 1)) != 0 || alloc_align_mask < kSlotSize - 1 ||
+                                alloc_align_mask >= kMaxMapping))
+    return make_error(EINVAL, "bounce map of " + format_hex(orig.value()) + ": alloc_align_mask " + format_hex(alloc_align_mask) +
+                                  " must be 2^k - 1 between 2 KiB - 1 and 128 KiB - 1");
   // Linux swiotlb_align_offset(): the original's offset within a slot under min_align_mask
-  // is kept; above the slot size, the mask decides which slots may be used.
-  const uint64_t offset = orig.value() & min_align_mask & (kSlotSize - 1);
-  const uint64_t slot_mask = min_align_mask & ~(kSlotSize - 1);
-  if (size == 0 || size + offset > kMaxMapping)
+  // is kept; above the slot size, the mask decides which slots may be used. With an
+  // alloc_align_mask (iommu_dma_map_swiotlb() for untrusted devices), the reservation
+  // starts on that alignment and covers whole granules, and the offset within the
+  // granule is kept so the IOMMU can map the granules as they are.
+  const uint64_t offset = alloc_align_mask ? orig.value() & alloc_align_mask : orig.value() & min_align_mask & (kSlotSize - 1);
+  const uint64_t slot_mask = min_align_mask & ~(alloc_align_mask | (kSlotSize - 1));
+  if (size == 0 || size > kMaxMapping || size + offset > kMaxMapping)
     return make_error(EINVAL, "bounce map of " + format_hex(orig.value()) + " (+" + std::to_string(size) +
                                   " bytes): a mapping holds 1 byte to 256 KiB (less the alignment offset)");
-  const uint64_t n = (size + offset + kSlotSize - 1) / kSlotSize;
+  const uint64_t unit = alloc_align_mask ? alloc_align_mask + 1 : kSlotSize;
+  const uint64_t n = (size + offset + unit - 1) / unit * (unit / kSlotSize);
   // Without a device mask, mappings of a page or more start page-aligned (Linux's stride).
-  const uint64_t stride = (slot_mask == 0 && size >= kPageSize) ? kPageSize / kSlotSize : 1;
+  const uint64_t stride = alloc_align_mask ? unit / kSlotSize : (slot_mask == 0 && size >= kPageSize) ? kPageSize / kSlotSize : 1;
   const uint64_t want = orig.value() & slot_mask;
   uint64_t slot = 0;
   bool found = false;
@@ -122,7 +146,7 @@ Result<PhysAddr> BouncePool::map(PhysAddr orig, uint64_t size, DmaDirection dir,
     if (m.search(a, n, slot_mask, want, stride, &slot)) {
       found = true;
       for (uint64_t i = 0; i < n; ++i) m.slots[slot + i] = Impl::Slot{0, 0, 0, 0, true};
-      m.slots[slot] = Impl::Slot{orig.value(), static_cast<uint32_t>(size), static_cast<uint16_t>(offset),
+      m.slots[slot] = Impl::Slot{orig.value(), static_cast<uint32_t>(size), static_cast<uint32_t>(offset),
                                  static_cast<uint16_t>(n), true};
       a.used += n;
     }
@@ -130,12 +154,21 @@ Result<PhysAddr> BouncePool::map(PhysAddr orig, uint64_t size, DmaDirection dir,
   if (!found)
     return make_error(ENOMEM, "bounce pool full: no run of " + std::to_string(n) + " free slots for " + format_hex(orig.value()) +
                                   " (+" + std::to_string(size) + " bytes)");
-  const PhysAddr bounce(m.base + slot * kSlotSize + offset);
-  if (dir == DmaDirection::to_device || dir == DmaDirection::bidirectional) {
-    if (auto r = m.mem->copy(bounce, orig, size); !r) {
-      (void)unmap(bounce, size, DmaDirection::to_device);  // release, copying nothing back
-      return std::move(r).error();
-    }
+  const uint64_t first = m.base + slot * kSlotSize;
+  const PhysAddr bounce(first + offset);
+  // Linux swiotlb_tbl_map_single() copies the original in whatever the direction, so a
+  // device that writes less than the whole buffer cannot make unmap copy stale pool bytes
+  // over the original (the CVE-2022-0854 fix).
+  Status st = m.mem->copy(bounce, orig, size);
+  if (st && alloc_align_mask) {
+    // iommu_dma_map_swiotlb(): an untrusted device sees the whole granules, so the padding
+    // before and after the data is zeroed rather than left with older bounces' bytes.
+    st = m.zero(PhysAddr(first), offset);
+    if (st) st = m.zero(bounce + size, n * kSlotSize - offset - size);
+  }
+  if (!st) {
+    (void)unmap(bounce, size, DmaDirection::to_device);  // release, copying nothing back
+    return std::move(st).error();
   }
   return bounce;
 }

@@ -65,9 +65,21 @@ struct IoDomain::Impl {
     }
   }
 
+  // The last level-0 table map_one() reached and the 2 MiB of IOVA it covers: consecutive
+  // 4 KiB leaves (the common map_sg case) skip the three upper levels. Under mu.
+  Table* last_l0 = nullptr;
+  uint64_t last_l0_base = ~uint64_t{0};
+
   // Places one leaf of `level` at iova. 1: done; 0: a table occupies the slot (try a smaller
   // leaf); -1: something is mapped there already.
   int map_one(uint64_t iova, uint64_t phys, unsigned level, uint8_t perm) {
+    if (level == 0 && (iova >> 21) == last_l0_base) {
+      std::atomic<uint64_t>& slot = last_l0->e[index_of(iova, 0)];
+      if (slot.load(std::memory_order_relaxed) & kPresent) return -1;
+      slot.store(phys | (uint64_t{perm} << kPermShift) | kLeafBit | kPresent, std::memory_order_release);
+      ++leaves[0];
+      return 1;
+    }
     Table* t = &root;
     for (unsigned l = kLevels - 1; l > level; --l) {
       std::atomic<uint64_t>& slot = t->e[index_of(iova, l)];
@@ -80,6 +92,10 @@ struct IoDomain::Impl {
         slot.store(e, std::memory_order_release);  // publish after zero-filling
       }
       t = reinterpret_cast<Table*>(e & kAddrMask);
+    }
+    if (level == 0) {
+      last_l0 = t;
+      last_l0_base = iova >> 21;
     }
     std::atomic<uint64_t>& slot = t->e[index_of(iova, level)];
     const uint64_t e = slot.load(std::memory_order_relaxed);
@@ -97,8 +113,50 @@ struct IoDomain::Impl {
     --leaves[level];
   }
 
+  // Visits the leaves over [a, end) in address order, descending once per table and then
+  // reading its entries in sequence (a 1 MiB unmap is two walks, not 256).
+  // f(slot, level, addr, entry) returns false to stop; a hole calls hole(addr) and stops.
+  template <class F, class H>
+  bool scan(uint64_t a, uint64_t end, F&& f, H&& hole) const {
+    while (a < end) {
+      const Table* t = &root;
+      unsigned level = kLevels - 1;
+      for (;;) {
+        const uint64_t e = t->e[index_of(a, level)].load(std::memory_order_acquire);
+        if (!(e & kPresent)) {
+          hole(a);
+          return false;
+        }
+        if ((e & kLeafBit) || level == 0) break;
+        t = reinterpret_cast<const Table*>(e & kAddrMask);
+        --level;
+      }
+      const uint64_t page = uint64_t{1} << shift_of(level);
+      for (unsigned i = index_of(a, level); i < 512 && a < end; ++i) {
+        const uint64_t e = t->e[i].load(std::memory_order_acquire);
+        if (!(e & kPresent)) {
+          hole(a);
+          return false;
+        }
+        if (!(e & kLeafBit) && level != 0) break;  // a table below: descend again
+        if (!f(const_cast<std::atomic<uint64_t>&>(t->e[i]), level, a, e)) return false;
+        a = (a & ~(page - 1)) + page;
+      }
+    }
+    return true;
+  }
+
   // Removes [iova, iova + size), all mapped by whole leaves (checked by the caller).
   void unmap_locked(uint64_t iova, uint64_t size) {
+    (void)scan(iova, iova + size, [&](std::atomic<uint64_t>& slot, unsigned level, uint64_t, uint64_t) {
+      slot.store(0, std::memory_order_release);
+      --leaves[level];
+      return true;
+    }, [](uint64_t) {});
+  }
+
+  // Undoes a partial map: clears whatever leaves exist in [iova, iova + size).
+  void clear_mapped_locked(uint64_t iova, uint64_t size) {
     for (uint64_t a = iova; a < iova + size;) {
       unsigned level;
       uint64_t e;
@@ -111,7 +169,10 @@ struct IoDomain::Impl {
     }
   }
 
+  Status map_locked(uint64_t a0, uint64_t p0, uint64_t size, uint8_t perm, uint64_t* done_out);
+
   void invalidate_range_locked(uint64_t iova, uint64_t size) {  // tlb_mu held
+    if (iotlb.empty()) return;
     if (size / 4096 > iotlb.size()) {
       std::erase_if(iotlb, [&](const auto& kv) { return (kv.first << 12) - iova < size; });
     } else {
@@ -138,32 +199,67 @@ Result<std::unique_ptr<IoDomain>> IoDomain::create(const IoDomainOptions& o) {
 
 bool IoDomain::strict() const noexcept { return impl_->strict; }
 
-Status IoDomain::map(DmaAddr iova, PhysAddr phys, uint64_t size, uint8_t perm) {
-  const uint64_t a0 = iova.value(), p0 = phys.value();
+namespace {
+Status check_map_args(uint64_t a0, uint64_t p0, uint64_t size, uint8_t perm) {
   if (size == 0 || ((a0 | p0 | size) & 4095) != 0)
     return make_error(EINVAL, "IOMMU map of " + format_hex(a0) + " -> " + format_hex(p0) + " (+" + format_hex(size) + "): size and addresses must be non-zero multiples of 4 KiB");
-  if ((perm & kIommuReadWrite) == 0 || (perm & ~kIommuReadWrite) != 0)
-    return make_error(EINVAL, "IOMMU map of " + format_hex(a0) + ": permission must be read, write or both");
+  if ((perm & kIommuReadWrite) == 0 || (perm & ~(kIommuReadWrite | kIommuMmio)) != 0)
+    return make_error(EINVAL, "IOMMU map of " + format_hex(a0) + ": permission must be read, write or both (plus MMIO)");
   if (a0 >= kIovaLimit || size > kIovaLimit - a0 || p0 >= kPhysLimit || size > kPhysLimit - p0)
     return make_error(EINVAL, "IOMMU map of " + format_hex(a0) + " -> " + format_hex(p0) + " (+" + format_hex(size) + "): beyond 48-bit IOVA or 52-bit physical space");
-  Impl& m = *impl_;
-  std::lock_guard lock(m.mu);
-  uint64_t done = 0;
+  return {};
+}
+}  // namespace
+
+Status IoDomain::Impl::map_locked(uint64_t a0, uint64_t p0, uint64_t size, uint8_t perm, uint64_t* done_out) {
+  uint64_t& done = *done_out;
+  done = 0;
   while (done < size) {
     const uint64_t a = a0 + done, p = p0 + done, rem = size - done;
     int r = 0;
     unsigned level = 3;
-    while (level-- > 0) {
-      const uint64_t page = uint64_t{1} << shift_of(level);
-      if (((a | p) & (page - 1)) != 0 || rem < page) continue;
-      r = m.map_one(a, p, level, perm);
-      if (r != 0) break;  // placed, or a conflict
+    if (((a | p) & (2 * MiB - 1)) != 0 || rem < 2 * MiB) {
+      level = 0;  // only a 4 KiB leaf fits
+      r = map_one(a, p, 0, perm);
+    } else {
+      while (level-- > 0) {
+        const uint64_t page = uint64_t{1} << shift_of(level);
+        if (((a | p) & (page - 1)) != 0 || rem < page) continue;
+        r = map_one(a, p, level, perm);
+        if (r != 0) break;  // placed, or a conflict
+      }
     }
-    if (r < 0) {
-      m.unmap_locked(a0, done);  // nothing of this call stays mapped
+    if (r < 0)
       return make_error(EEXIST, "IOMMU map of " + format_hex(a0) + " (+" + format_hex(size) + "): " + format_hex(a) + " is already mapped");
-    }
     done += uint64_t{1} << shift_of(level);
+  }
+  return {};
+}
+
+Status IoDomain::map(DmaAddr iova, PhysAddr phys, uint64_t size, uint8_t perm) {
+  PHYSR_TRY(check_map_args(iova.value(), phys.value(), size, perm));
+  Impl& m = *impl_;
+  std::lock_guard lock(m.mu);
+  uint64_t done = 0;
+  Status st = m.map_locked(iova.value(), phys.value(), size, perm, &done);
+  if (!st) m.clear_mapped_locked(iova.value(), done);  // nothing of this call stays mapped
+  return st;
+}
+
+Status IoDomain::map_many(std::span<const IoMapOp> ops) {
+  for (size_t i = 0; i < ops.size(); ++i)
+    if (auto r = check_map_args(ops[i].iova.value(), ops[i].phys.value(), ops[i].size, ops[i].perm); !r)
+      return make_error(r.error().code, "batch entry " + std::to_string(i) + ": " + r.error().message);
+  Impl& m = *impl_;
+  std::lock_guard lock(m.mu);
+  for (size_t i = 0; i < ops.size(); ++i) {
+    uint64_t done = 0;
+    Status st = m.map_locked(ops[i].iova.value(), ops[i].phys.value(), ops[i].size, ops[i].perm, &done);
+    if (!st) {
+      m.clear_mapped_locked(ops[i].iova.value(), done);
+      for (size_t k = 0; k < i; ++k) m.unmap_locked(ops[k].iova.value(), ops[k].size);
+      return make_error(st.error().code, "batch entry " + std::to_string(i) + ": " + st.error().message);
+    }
   }
   return {};
 }
@@ -175,17 +271,18 @@ Status IoDomain::unmap(DmaAddr iova, uint64_t size) {
   Impl& m = *impl_;
   {
     std::lock_guard lock(m.mu);
-    for (uint64_t a = a0; a < a0 + size;) {  // validate everything before changing anything
-      unsigned level;
-      uint64_t e;
-      if (!m.find_leaf(a, &level, &e))
-        return make_error(ENOENT, "IOMMU unmap of " + format_hex(a0) + " (+" + format_hex(size) + "): " + format_hex(a) + " is not mapped");
+    // Validate everything before changing anything.
+    Status bad;
+    m.scan(a0, a0 + size, [&](std::atomic<uint64_t>&, unsigned level, uint64_t a, uint64_t) {
       const uint64_t page = uint64_t{1} << shift_of(level);
-      if ((a & (page - 1)) != 0 || a + page > a0 + size)
-        return make_error(EINVAL, "IOMMU unmap of " + format_hex(a0) + " (+" + format_hex(size) + ") would split the " +
-                                      format_size(page) + " mapping at " + format_hex(a & ~(page - 1)));
-      a += page;
-    }
+      if ((a & (page - 1)) == 0 && a + page <= a0 + size) return true;
+      bad = make_error(EINVAL, "IOMMU unmap of " + format_hex(a0) + " (+" + format_hex(size) + ") would split the " +
+                                   format_size(page) + " mapping at " + format_hex(a & ~(page - 1)));
+      return false;
+    }, [&](uint64_t a) {
+      bad = make_error(ENOENT, "IOMMU unmap of " + format_hex(a0) + " (+" + format_hex(size) + "): " + format_hex(a) + " is not mapped");
+    });
+    if (!bad) return bad;
     m.unmap_locked(a0, size);
   }
   if (m.strict) {
