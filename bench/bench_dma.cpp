@@ -1,4 +1,13 @@
-// DMA-layer benchmarks. So far: the IOVA allocator and the IOMMU domain's page table.
+// DMA-layer benchmarks.
+//   MapUnmap/<path>/<n>     DmaDevice::map_into + unmap of a list of n scattered 4 KiB ranges,
+//                           items = segments (ranges): direct (host memory, no IOMMU), iommu
+//                           (host memory, strict IOMMU domain), iommu_deferred (the same with
+//                           a flush queue), bus_addr (a peer's BAR under the shared switch),
+//                           thru_host_bridge (a peer behind an ACS-redirecting port: IOMMU +
+//                           MMIO), bounce (P2P the device cannot reach, bounced), mixed (host,
+//                           bus_addr and thru_host_bridge ranges in turn)
+//   TwoStep/<n>             the same n ranges through iova_try_alloc + n iova_link + iova_sync
+//                           + iova_destroy (Linux's two-step API), to set against MapUnmap/iommu
 //   IovaAllocFree/cached    one-granule alloc + free served by this thread's magazine
 //   IovaAllocFree/uncached  64-granule alloc + free (above the cached sizes): the buddy free
 //                           sets, with 10,000 other allocations live so the sets are not trivial
@@ -13,6 +22,7 @@
 
 #include "physr/dma.hpp"
 #include "physr/iommu.hpp"
+#include "support/dma_world.hpp"
 
 namespace {
 
@@ -90,6 +100,71 @@ void BM_Memcpy(benchmark::State& state) {
   state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * n));
 }
 
+enum class Path { direct, iommu, iommu_deferred, bus_addr, thru_host_bridge, bounce, mixed };
+
+// n scattered 4 KiB ranges for `path` (never physically adjacent, so nothing merges).
+RangeList bench_list(const testing::DmaWorld& w, Path path, uint64_t n) {
+  RangeList l;
+  for (uint64_t i = 0; i < n; ++i) {
+    const uint64_t page = (i * 7919) % 2048 * 2 * 4096;  // every other page, shuffled
+    PhysRange r{PhysAddr(1 * GiB + page), 4096, kHostMemory};
+    const unsigned kind = path == Path::mixed ? static_cast<unsigned>(i % 3) : 0;
+    if (path == Path::bus_addr || kind == 1) r = PhysRange{PhysAddr(testing::DmaWorld::kGpuBar + page), 4096, w.gpu};
+    if (path == Path::thru_host_bridge || kind == 2) r = PhysRange{PhysAddr(testing::DmaWorld::kNicBar + page), 4096, w.nic};
+    if (path == Path::bounce) r = PhysRange{PhysAddr(testing::DmaWorld::kFarBar + page), 4096, w.far};
+    (void)l.append(r, SegmentLimits{.merge = false});
+  }
+  return l;
+}
+
+void BM_MapUnmap(benchmark::State& state, Path path) {
+  testing::DmaWorld w(/*strict=*/path != Path::iommu_deferred);
+  const auto n = static_cast<uint64_t>(state.range(0));
+  DmaDeviceConfig c{.function = w.f_nvme, .domain = w.domain.get()};
+  if (path == Path::direct || path == Path::bounce) c.domain = nullptr;
+  auto dev = w.device(c);
+  const RangeList l = bench_list(w, path, n);
+  const uint32_t attrs = path == Path::bounce ? kDmaAttrAllowBounce : 0;
+  DmaMapping m;
+  for (auto _ : state) {
+    if (auto r = dev->map_into(m, l, DmaDirection::to_device, attrs); !r) {
+      state.SkipWithError(r.error().to_string().c_str());
+      break;
+    }
+    benchmark::DoNotOptimize(m.segments().data());
+    (void)dev->unmap(m);
+  }
+  state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * n));
+}
+
+void BM_TwoStep(benchmark::State& state) {
+  testing::DmaWorld w;
+  const auto n = static_cast<uint64_t>(state.range(0));
+  auto dev = w.device({.function = w.f_nvme, .domain = w.domain.get()});
+  const RangeList l = bench_list(w, Path::iommu, n);
+  std::vector<PhysAddr> pages;
+  for (const PhysRange r : l) pages.push_back(r.addr);
+  DmaIovaState st;
+  for (auto _ : state) {
+    if (auto r = dev->iova_try_alloc(st, pages[0], n * 4096); !r || !*r) {
+      state.SkipWithError("iova_try_alloc failed");
+      break;
+    }
+    for (uint64_t i = 0; i < n; ++i) (void)dev->iova_link(st, pages[i], i * 4096, 4096, DmaDirection::to_device);
+    (void)dev->iova_sync(st, 0, n * 4096);
+    (void)dev->iova_destroy(st, n * 4096, DmaDirection::to_device);
+  }
+  state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * n));
+}
+
+BENCHMARK_CAPTURE(BM_MapUnmap, direct, Path::direct)->Name("MapUnmap/direct")->Arg(1)->Arg(16)->Arg(256);
+BENCHMARK_CAPTURE(BM_MapUnmap, iommu, Path::iommu)->Name("MapUnmap/iommu")->Arg(1)->Arg(16)->Arg(256);
+BENCHMARK_CAPTURE(BM_MapUnmap, iommu_deferred, Path::iommu_deferred)->Name("MapUnmap/iommu_deferred")->Arg(1)->Arg(16)->Arg(256);
+BENCHMARK_CAPTURE(BM_MapUnmap, bus_addr, Path::bus_addr)->Name("MapUnmap/bus_addr")->Arg(1)->Arg(16)->Arg(256);
+BENCHMARK_CAPTURE(BM_MapUnmap, thru_host_bridge, Path::thru_host_bridge)->Name("MapUnmap/thru_host_bridge")->Arg(1)->Arg(16)->Arg(256);
+BENCHMARK_CAPTURE(BM_MapUnmap, bounce, Path::bounce)->Name("MapUnmap/bounce")->Arg(1)->Arg(16)->Arg(256);
+BENCHMARK_CAPTURE(BM_MapUnmap, mixed, Path::mixed)->Name("MapUnmap/mixed")->Arg(1)->Arg(16)->Arg(256);
+BENCHMARK(BM_TwoStep)->Name("TwoStep")->Arg(1)->Arg(16)->Arg(256);
 BENCHMARK(BM_IovaCached)->Name("IovaAllocFree/cached");
 BENCHMARK(BM_Bounce)->Name("Bounce")->Arg(4096)->Arg(65536)->Arg(262144);
 BENCHMARK(BM_Memcpy)->Name("Memcpy")->Arg(4096)->Arg(65536)->Arg(262144);

@@ -1,5 +1,22 @@
-// physr dma: the DMA mapping layer. So far: DMA directions and the bounce pool (swiotlb);
-// map/unmap of range lists comes next (docs/ARCHITECTURE.md).
+// physr dma: the DMA mapping layer: DMA devices, map/unmap/sync of mixed host + P2P range
+// lists, single-range map_phys, the two-step IOVA API, and the bounce pool (swiotlb).
+//
+// Mapping design (Linux kernel/dma/direct.c, drivers/iommu/dma-iommu.c, p2pdma.c)
+// - Each range of a list is classified by its provider tag and the P2P verdict for
+//   (provider owner, device): host memory; bus_addr (DMA address = phys + the provider's bus
+//   offset, never put in the IOMMU, flagged BUS_ADDR); thru_host_bridge (mapped like host
+//   memory with the MMIO attribute); not_supported (bounced through host memory when the
+//   provider allows CPU copies and the caller allows it, else EREMOTEIO for the whole call).
+// - Direct devices: DMA address = phys + dma_offset; host memory above the DMA mask, and
+//   all host memory of an untrusted device, is bounced. One segment per range, split to
+//   the device's max segment and boundary (Linux leaves that to the block layer).
+// - IOMMU devices: Linux iommu_dma_map_sg(): one IOVA allocation for every IOMMU-mapped
+//   segment, each aligned to the granule, padded so no segment crosses the boundary mask,
+//   bus-address segments skipped, then __finalise_sg()'s merge of adjacent results within
+//   the device's limits. Untrusted devices bounce the sub-granule parts (iova_unaligned()),
+//   in whole zeroed granules. The page table is written in one batch (IoDomain::map_many).
+// - Any failure undoes everything the call did: no IOVA, page-table entry or bounce slot
+//   stays behind.
 //
 // Bounce pool design (Linux kernel/dma/swiotlb.c)
 // - A region of host RAM cut into 2 KiB slots (IO_TLB_SIZE) grouped in segments of 128
@@ -14,11 +31,18 @@
 //   bidirectional), through PhysMemory, so tests can check them byte for byte.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
+#include <span>
+#include <vector>
 
 #include "physr/core.hpp"
+#include "physr/iommu.hpp"
+#include "physr/pci.hpp"
 #include "physr/physmem.hpp"
+#include "physr/provider.hpp"
+#include "physr/range.hpp"
 
 namespace physr {
 
@@ -68,6 +92,183 @@ class BouncePool {
 
  private:
   explicit BouncePool(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// -------------------------------------------------------------------------------------
+// Devices and mappings
+
+// DMA attributes (Linux DMA_ATTR_*), or'ed together.
+inline constexpr uint32_t kDmaAttrNone = 0;
+/// DMA_ATTR_SKIP_CPU_SYNC: unmap copies nothing back from bounce buffers and no cache
+/// maintenance is done at map or unmap; the caller syncs explicitly.
+inline constexpr uint32_t kDmaAttrSkipCpuSync = 1;
+/// P2P memory the device cannot reach may be bounced through host memory, when its
+/// provider allows CPU copies. Without it such a range fails the call with EREMOTEIO.
+inline constexpr uint32_t kDmaAttrAllowBounce = 2;
+
+// Per-segment flags: what a DMA segment is, so unmap and tools know what was done.
+inline constexpr uint32_t kDmaSegBusAddr = 1;  // a PCI bus address (P2P under a shared switch): not in the IOMMU
+inline constexpr uint32_t kDmaSegIommu = 2;    // an IOVA in the device's IOMMU domain
+inline constexpr uint32_t kDmaSegBounced = 4;  // (some of) its bytes go through the bounce pool
+inline constexpr uint32_t kDmaSegMmio = 8;     // P2P memory reached through the host bridge (MMIO attribute)
+
+/// One entry of a DMA list.
+struct DmaSegment {
+  DmaAddr addr;
+  uint64_t len = 0;
+  uint32_t flags = 0;
+};
+/// "bus_addr", "iommu+mmio+bounced", "direct", ...: the path a segment's flags describe.
+std::string dma_seg_path(uint32_t flags);
+
+/// What a device maps with. Non-owning; everything must outlive the devices using it.
+struct DmaEnv {
+  PhysMemory* memory = nullptr;                 // required
+  const ProviderRegistry* providers = nullptr;  // null: every range must be host memory
+  const pci::P2PEngine* p2p = nullptr;          // required with providers (only compute() is used: thread-safe)
+  BouncePool* bounce = nullptr;                 // null: a range that needs bouncing fails with EIO
+};
+
+/// A DMA device: a PCI function of the topology plus its DMA parameters.
+struct DmaDeviceConfig {
+  uint32_t function = 0;                // the client: an index into the P2P engine's topology
+  uint64_t dma_mask = ~uint64_t{0};     // highest DMA address the device can issue
+  uint64_t max_segment = 64 * KiB;      // Linux's default dma_max_seg_size
+  uint64_t seg_boundary_mask = 0xffffffff;  // Linux's default; 2^k - 1, at least 4 KiB - 1
+  uint64_t min_align_mask = 0;          // offset bits a bounce must keep (NVMe: 4 KiB - 1)
+  bool coherent = true;                 // false: map, unmap and sync do cache maintenance
+  bool untrusted = false;               // external device: host memory is bounced (see above)
+  uint64_t dma_offset = 0;              // direct mapping: DMA address = phys + dma_offset
+  IoDomain* domain = nullptr;           // the IOMMU domain (may be shared), or null: direct
+  bool debug = false;                   // DMA-API debug: track every mapping, report misuse exactly
+};
+
+struct DmaDeviceStats {
+  uint64_t live_mappings = 0;    // map() and map_phys() results not yet unmapped
+  uint64_t maps = 0, unmaps = 0, failed_maps = 0;
+  uint64_t bounced_bytes = 0;    // bytes that went through the bounce pool at map time
+  uint64_t cache_maintenance = 0;  // cache clean/invalidate operations (non-coherent devices)
+};
+
+class DmaDevice;
+
+/// The result of DmaDevice::map(): the DMA list and what unmap needs. Move-only; after
+/// unmap() it is empty and a second unmap() is an error.
+class DmaMapping {
+ public:
+  DmaMapping() = default;
+  DmaMapping(DmaMapping&& o) noexcept;
+  DmaMapping& operator=(DmaMapping&& o) noexcept;
+  DmaMapping(const DmaMapping&) = delete;
+  DmaMapping& operator=(const DmaMapping&) = delete;
+
+  std::span<const DmaSegment> segments() const noexcept { return segs_; }
+  bool mapped() const noexcept { return dev_ != nullptr; }
+  DmaDirection direction() const noexcept { return dir_; }
+  uint64_t bytes() const noexcept { return bytes_; }
+  /// The IOVA range the call allocated (size 0 when nothing went through the IOMMU).
+  DmaSpan iova() const noexcept { return DmaSpan{iova_, iova_len_}; }
+
+ private:
+  friend class DmaDevice;
+  struct Bounce {
+    PhysAddr addr;  // in the bounce pool
+    uint64_t size;
+  };
+  std::vector<DmaSegment> segs_;
+  std::vector<Bounce> bounces_;
+  const DmaDevice* dev_ = nullptr;
+  DmaAddr iova_;
+  uint64_t iova_len_ = 0;
+  uint64_t bytes_ = 0;
+  uint64_t debug_id_ = 0;
+  DmaDirection dir_ = DmaDirection::none;
+  uint32_t attrs_ = 0;
+};
+
+/// State of the two-step API (Linux struct dma_iova_state).
+struct DmaIovaState {
+  DmaAddr addr;       // the IOVA of byte 0 (keeps the first range's offset in its granule)
+  uint64_t size = 0;  // bytes reserved from addr
+  bool allocated() const noexcept { return size != 0; }
+
+ private:
+  friend class DmaDevice;
+  struct Bounce {
+    uint64_t offset;  // from addr
+    PhysAddr addr;
+    uint64_t size;
+  };
+  std::vector<Bounce> bounces_;
+  uint64_t alloc_len_ = 0;
+};
+
+/// A DMA device. Thread-safe: any number of threads may map and unmap concurrently.
+class DmaDevice {
+ public:
+  /// EINVAL: no memory, providers without a P2P engine, a function not in its topology,
+  /// a boundary mask not 2^k - 1 of at least 4 KiB, a max segment below 512 bytes, a DMA
+  /// mask below 4 GiB - 1 with an IOMMU or a min_align_mask not 2^k - 1 below 128 KiB.
+  static Result<std::unique_ptr<DmaDevice>> create(const DmaEnv& env, const DmaDeviceConfig& config);
+  ~DmaDevice();
+  DmaDevice(const DmaDevice&) = delete;
+  DmaDevice& operator=(const DmaDevice&) = delete;
+
+  /// Maps a range list for this device (Linux dma_map_sg / dma_map_sgtable with P2P).
+  /// EINVAL: empty list, direction none, a range naming an unregistered provider or lying
+  /// outside its aperture, host memory inside a provider's aperture. EFAULT: a revoked
+  /// provider. EREMOTEIO: a P2P range the device cannot reach and may not bounce (named).
+  /// ENOMEM: no IOVA space or bounce slots. EIO: a bounce the device cannot address, or no
+  /// bounce pool. On any error nothing stays mapped.
+  Result<DmaMapping> map(const RangeList& list, DmaDirection dir, uint32_t attrs = 0);
+  /// The same into `out`, reusing its storage (the hot path: no allocation once warm).
+  /// `out` must not hold a live mapping (EBUSY).
+  Status map_into(DmaMapping& out, const RangeList& list, DmaDirection dir, uint32_t attrs = 0);
+  /// Undoes map(): copies bounced data back (per direction, unless kDmaAttrSkipCpuSync was
+  /// given), unmaps and frees the IOVA, frees bounce slots. EINVAL for a mapping that is
+  /// not live or belongs to another device; nothing changes then.
+  Status unmap(DmaMapping& m);
+  /// Device to CPU ownership: bounced bytes copied back (from_device, bidirectional).
+  Status sync_for_cpu(const DmaMapping& m);
+  /// CPU to device ownership: bounced bytes copied out (to_device, bidirectional).
+  Status sync_for_device(const DmaMapping& m);
+
+  /// One physical range (Linux dma_map_phys): host or P2P memory, classified as map()
+  /// does; the result is one segment (never split). Errors as map(), plus EINVAL when a
+  /// needed bounce exceeds 256 KiB.
+  Result<DmaSegment> map_phys(PhysAddr phys, uint64_t size, DmaDirection dir, uint32_t attrs = 0);
+  /// Undoes map_phys(), from the segment's flags. EINVAL/ENOENT for a segment that is not
+  /// mapped (detected through the IOMMU or the bounce pool; always with debug on).
+  Status unmap_phys(const DmaSegment& seg, DmaDirection dir, uint32_t attrs = 0);
+  Status sync_phys_for_cpu(const DmaSegment& seg, DmaDirection dir);
+  Status sync_phys_for_device(const DmaSegment& seg, DmaDirection dir);
+
+  // Two-step API (Linux 6.16+, dma_iova_*): reserve IOVA once, link ranges into it.
+  /// Reserves IOVA for `size` bytes starting at phys's offset in its granule. false: the
+  /// device maps directly (use map_phys instead). EINVAL: size 0. ENOMEM: no IOVA space.
+  Result<bool> iova_try_alloc(DmaIovaState& state, PhysAddr phys, uint64_t size);
+  /// Maps [phys, phys + size) at state.addr + offset. Only the first link (offset 0) may
+  /// start inside a granule; P2P memory through the host bridge gets the MMIO attribute;
+  /// bus-address P2P memory is EINVAL (it is not linked: use map_phys); unreachable P2P is
+  /// EREMOTEIO; untrusted devices bounce unaligned host ranges.
+  Status iova_link(DmaIovaState& state, PhysAddr phys, uint64_t offset, uint64_t size, DmaDirection dir,
+                   uint32_t attrs = 0);
+  /// Makes linked mappings visible to the device (iommu_sync_map). EINVAL when part of the
+  /// range is not linked.
+  Status iova_sync(DmaIovaState& state, uint64_t offset, uint64_t size);
+  /// Unmaps [offset, offset + size) of the state, keeping the IOVA reserved.
+  Status iova_unlink(DmaIovaState& state, uint64_t offset, uint64_t size, DmaDirection dir, uint32_t attrs = 0);
+  /// Unlinks the first mapped_len bytes (0: nothing linked) and frees the IOVA.
+  Status iova_destroy(DmaIovaState& state, uint64_t mapped_len, DmaDirection dir, uint32_t attrs = 0);
+
+  const DmaDeviceConfig& config() const noexcept;
+  DmaDeviceStats stats() const noexcept;
+
+  struct Impl;
+
+ private:
+  explicit DmaDevice(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
 

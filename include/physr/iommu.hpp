@@ -135,6 +135,9 @@ class IoDomain {
   /// that would split a large leaf. Nothing changes on error. Strict mode invalidates the
   /// IOTLB for the range now; deferred mode leaves it stale until the flush.
   Status unmap(DmaAddr iova, uint64_t size);
+  /// Unmaps several ranges under one lock, all or nothing: every range is validated as
+  /// unmap() does before any is changed.
+  Status unmap_many(std::span<const DmaSpan> ranges);
   /// Returns an IOVA range to the allocator: at once in strict mode, after the next IOTLB
   /// flush in deferred mode (so a stale IOTLB entry can never point at a reused IOVA).
   Status free_iova(DmaAddr iova, uint64_t size);

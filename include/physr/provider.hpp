@@ -152,6 +152,12 @@ class ProviderRegistry {
   /// for host memory, to the aperture's end for a provider). Inside a ReadGuard.
   const Provider* find_extent(PhysAddr a, uint64_t& bytes) const noexcept;
 
+  /// True when [a, a + len) lies outside every aperture ever registered: host memory for
+  /// sure, in two loads (RAM usually sits below every BAR). False means "look it up".
+  bool surely_host(PhysAddr a, uint64_t len) const noexcept {
+    return a.value() + len <= lowest_.load(std::memory_order_acquire) || a.value() >= highest_.load(std::memory_order_acquire);
+  }
+
   /// Registered (not yet removed) providers.
   size_t size() const noexcept { return live_.load(std::memory_order_relaxed); }
   /// Removed providers whose grace period has not yet ended.
@@ -183,6 +189,7 @@ class ProviderRegistry {
   std::atomic<size_t> live_{0};
   std::atomic<size_t> pending_{0};
   std::atomic<size_t> table_bytes_{0};
+  std::atomic<uint64_t> lowest_{~uint64_t{0}}, highest_{0};  // span of all apertures ever added
 };
 
 /// Builds a range list from physical pieces, tagging each byte with the provider that owns

@@ -13,7 +13,7 @@ namespace physr {
 namespace {
 
 // Entry layout (x86-64 second-level / Arm64 stage-1 in spirit): bit 0 present, bits 1-2
-// read/write, bit 7 leaf, bits 12-51 the output address or the next table.
+// read/write, bit 3 MMIO, bit 7 leaf, bits 12-51 the output address or the next table.
 constexpr uint64_t kPresent = 1, kPermShift = 1, kLeafBit = 0x80;
 constexpr uint64_t kAddrMask = 0x000f'ffff'ffff'f000;
 constexpr unsigned kLevels = 4;
@@ -200,20 +200,34 @@ Result<std::unique_ptr<IoDomain>> IoDomain::create(const IoDomainOptions& o) {
 bool IoDomain::strict() const noexcept { return impl_->strict; }
 
 namespace {
-Status check_map_args(uint64_t a0, uint64_t p0, uint64_t size, uint8_t perm) {
+// The hot check is a few compares; the message is built only when it fails.
+inline bool map_args_ok(uint64_t a0, uint64_t p0, uint64_t size, uint8_t perm) {
+  return ((a0 | p0 | size) & 4095) == 0 && size != 0 && (perm & kIommuReadWrite) != 0 &&
+         (perm & ~(kIommuReadWrite | kIommuMmio)) == 0 && a0 < kIovaLimit && size <= kIovaLimit - a0 && p0 < kPhysLimit &&
+         size <= kPhysLimit - p0;
+}
+
+[[gnu::noinline, gnu::cold]] Error map_args_error(uint64_t a0, uint64_t p0, uint64_t size, uint8_t perm) {
   if (size == 0 || ((a0 | p0 | size) & 4095) != 0)
     return make_error(EINVAL, "IOMMU map of " + format_hex(a0) + " -> " + format_hex(p0) + " (+" + format_hex(size) + "): size and addresses must be non-zero multiples of 4 KiB");
   if ((perm & kIommuReadWrite) == 0 || (perm & ~(kIommuReadWrite | kIommuMmio)) != 0)
     return make_error(EINVAL, "IOMMU map of " + format_hex(a0) + ": permission must be read, write or both (plus MMIO)");
-  if (a0 >= kIovaLimit || size > kIovaLimit - a0 || p0 >= kPhysLimit || size > kPhysLimit - p0)
-    return make_error(EINVAL, "IOMMU map of " + format_hex(a0) + " -> " + format_hex(p0) + " (+" + format_hex(size) + "): beyond 48-bit IOVA or 52-bit physical space");
-  return {};
+  return make_error(EINVAL, "IOMMU map of " + format_hex(a0) + " -> " + format_hex(p0) + " (+" + format_hex(size) + "): beyond 48-bit IOVA or 52-bit physical space");
+}
+
+[[gnu::noinline, gnu::cold]] Error conflict_error(uint64_t a0, uint64_t size, uint64_t a) {
+  return make_error(EEXIST, "IOMMU map of " + format_hex(a0) + " (+" + format_hex(size) + "): " + format_hex(a) + " is already mapped");
 }
 }  // namespace
 
 Status IoDomain::Impl::map_locked(uint64_t a0, uint64_t p0, uint64_t size, uint8_t perm, uint64_t* done_out) {
   uint64_t& done = *done_out;
   done = 0;
+  if (size == 4096) {  // the common map_sg case: one 4 KiB leaf
+    if (map_one(a0, p0, 0, perm) < 0) return conflict_error(a0, size, a0);
+    done = size;
+    return {};
+  }
   while (done < size) {
     const uint64_t a = a0 + done, p = p0 + done, rem = size - done;
     int r = 0;
@@ -229,15 +243,14 @@ Status IoDomain::Impl::map_locked(uint64_t a0, uint64_t p0, uint64_t size, uint8
         if (r != 0) break;  // placed, or a conflict
       }
     }
-    if (r < 0)
-      return make_error(EEXIST, "IOMMU map of " + format_hex(a0) + " (+" + format_hex(size) + "): " + format_hex(a) + " is already mapped");
+    if (r < 0) return conflict_error(a0, size, a);
     done += uint64_t{1} << shift_of(level);
   }
   return {};
 }
 
 Status IoDomain::map(DmaAddr iova, PhysAddr phys, uint64_t size, uint8_t perm) {
-  PHYSR_TRY(check_map_args(iova.value(), phys.value(), size, perm));
+  if (!map_args_ok(iova.value(), phys.value(), size, perm)) return map_args_error(iova.value(), phys.value(), size, perm);
   Impl& m = *impl_;
   std::lock_guard lock(m.mu);
   uint64_t done = 0;
@@ -247,47 +260,63 @@ Status IoDomain::map(DmaAddr iova, PhysAddr phys, uint64_t size, uint8_t perm) {
 }
 
 Status IoDomain::map_many(std::span<const IoMapOp> ops) {
-  for (size_t i = 0; i < ops.size(); ++i)
-    if (auto r = check_map_args(ops[i].iova.value(), ops[i].phys.value(), ops[i].size, ops[i].perm); !r)
-      return make_error(r.error().code, "batch entry " + std::to_string(i) + ": " + r.error().message);
   Impl& m = *impl_;
   std::lock_guard lock(m.mu);
   for (size_t i = 0; i < ops.size(); ++i) {
+    const IoMapOp& op = ops[i];
+    const uint64_t a = op.iova.value(), p = op.phys.value();
+    Status st;
     uint64_t done = 0;
-    Status st = m.map_locked(ops[i].iova.value(), ops[i].phys.value(), ops[i].size, ops[i].perm, &done);
-    if (!st) {
-      m.clear_mapped_locked(ops[i].iova.value(), done);
-      for (size_t k = 0; k < i; ++k) m.unmap_locked(ops[k].iova.value(), ops[k].size);
-      return make_error(st.error().code, "batch entry " + std::to_string(i) + ": " + st.error().message);
+    if (!map_args_ok(a, p, op.size, op.perm)) [[unlikely]] {
+      st = map_args_error(a, p, op.size, op.perm);
+    } else if (op.size == 4096) {  // one leaf: no Status round trip (the map_sg hot path)
+      if (m.map_one(a, p, 0, op.perm) > 0) [[likely]] continue;
+      st = conflict_error(a, op.size, a);
+    } else {
+      st = m.map_locked(a, p, op.size, op.perm, &done);
+      if (st) continue;
     }
+    m.clear_mapped_locked(a, done);
+    for (size_t k = 0; k < i; ++k) m.unmap_locked(ops[k].iova.value(), ops[k].size);
+    return make_error(st.error().code, "batch entry " + std::to_string(i) + ": " + st.error().message);
   }
   return {};
 }
 
 Status IoDomain::unmap(DmaAddr iova, uint64_t size) {
-  const uint64_t a0 = iova.value();
-  if (size == 0 || ((a0 | size) & 4095) != 0 || a0 >= kIovaLimit || size > kIovaLimit - a0)
-    return make_error(EINVAL, "IOMMU unmap of " + format_hex(a0) + " (+" + format_hex(size) + "): not a 4 KiB-aligned range of the IOVA space");
+  const DmaSpan one{iova, size};
+  return unmap_many(std::span<const DmaSpan>(&one, 1));
+}
+
+Status IoDomain::unmap_many(std::span<const DmaSpan> ranges) {
+  for (const DmaSpan& r : ranges) {
+    const uint64_t a0 = r.base.value(), size = r.size;
+    if (size == 0 || ((a0 | size) & 4095) != 0 || a0 >= kIovaLimit || size > kIovaLimit - a0)
+      return make_error(EINVAL, "IOMMU unmap of " + format_hex(a0) + " (+" + format_hex(size) + "): not a 4 KiB-aligned range of the IOVA space");
+  }
   Impl& m = *impl_;
   {
     std::lock_guard lock(m.mu);
     // Validate everything before changing anything.
-    Status bad;
-    m.scan(a0, a0 + size, [&](std::atomic<uint64_t>&, unsigned level, uint64_t a, uint64_t) {
-      const uint64_t page = uint64_t{1} << shift_of(level);
-      if ((a & (page - 1)) == 0 && a + page <= a0 + size) return true;
-      bad = make_error(EINVAL, "IOMMU unmap of " + format_hex(a0) + " (+" + format_hex(size) + ") would split the " +
-                                   format_size(page) + " mapping at " + format_hex(a & ~(page - 1)));
-      return false;
-    }, [&](uint64_t a) {
-      bad = make_error(ENOENT, "IOMMU unmap of " + format_hex(a0) + " (+" + format_hex(size) + "): " + format_hex(a) + " is not mapped");
-    });
-    if (!bad) return bad;
-    m.unmap_locked(a0, size);
+    for (const DmaSpan& r : ranges) {
+      const uint64_t a0 = r.base.value(), size = r.size;
+      Status bad;
+      m.scan(a0, a0 + size, [&](std::atomic<uint64_t>&, unsigned level, uint64_t a, uint64_t) {
+        const uint64_t page = uint64_t{1} << shift_of(level);
+        if ((a & (page - 1)) == 0 && a + page <= a0 + size) return true;
+        bad = make_error(EINVAL, "IOMMU unmap of " + format_hex(a0) + " (+" + format_hex(size) + ") would split the " +
+                                     format_size(page) + " mapping at " + format_hex(a & ~(page - 1)));
+        return false;
+      }, [&](uint64_t a) {
+        bad = make_error(ENOENT, "IOMMU unmap of " + format_hex(a0) + " (+" + format_hex(size) + "): " + format_hex(a) + " is not mapped");
+      });
+      if (!bad) return bad;
+    }
+    for (const DmaSpan& r : ranges) m.unmap_locked(r.base.value(), r.size);
   }
   if (m.strict) {
     std::lock_guard tl(m.tlb_mu);
-    m.invalidate_range_locked(a0, size);
+    for (const DmaSpan& r : ranges) m.invalidate_range_locked(r.base.value(), r.size);
     ++m.flushes;
   }
   return {};
@@ -333,7 +362,7 @@ std::optional<IoTranslation> IoDomain::walk(DmaAddr iova) const {
   if (!impl_->find_leaf(a, &level, &e)) return std::nullopt;
   const uint64_t page = uint64_t{1} << shift_of(level);
   return IoTranslation{PhysAddr((e & kAddrMask & ~(page - 1)) + (a & (page - 1))), page,
-                       static_cast<uint8_t>((e >> kPermShift) & kIommuReadWrite)};
+                       static_cast<uint8_t>((e >> kPermShift) & (kIommuReadWrite | kIommuMmio))};
 }
 
 std::optional<IoTranslation> IoDomain::translate(DmaAddr iova) {

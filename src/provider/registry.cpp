@@ -235,6 +235,11 @@ Result<ProviderId> ProviderRegistry::add(ProviderDesc desc) {
     id_pages_[id / kIdsPerPage] = true;
     table_bytes_.fetch_add(4096, std::memory_order_relaxed);
   }
+  // Widen the span that holds every aperture ever registered (never narrowed, so a
+  // reader's "surely host memory" answer stays right after removals).
+  if (p->phys().base.value() < lowest_.load(std::memory_order_relaxed)) lowest_.store(p->phys().base.value(), std::memory_order_release);
+  const uint64_t end = p->phys().base.value() + p->phys().size;
+  if (end > highest_.load(std::memory_order_relaxed)) highest_.store(end, std::memory_order_release);
   // Publish: the object is complete before either table can point at it.
   insert(root_, 0, 0, s, e, p);
   ids_[id].store(p, std::memory_order_release);
