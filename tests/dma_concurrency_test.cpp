@@ -1,4 +1,5 @@
 #include "physr/dma.hpp"
+#include "support/dma_world.hpp"
 
 #include <gtest/gtest.h>
 
@@ -38,6 +39,45 @@ TEST(BounceConcurrencyTest, ThreadsBounceIndependently) {
   t2.join();
   EXPECT_EQ(errors.load(), 0);
   EXPECT_EQ(pool->used_slots(), 0u);
+}
+
+// Both cores map and unmap mixed lists (host, bus-address P2P, MMIO P2P, bounced P2P) on
+// two devices sharing one IOMMU domain and one bounce pool; every byte is checked.
+TEST(DmaMapConcurrencyTest, DevicesShareADomainAndAPool) {
+  testing::DmaWorld w;
+  auto d1 = w.device({.function = w.f_nvme, .domain = w.domain.get()});
+  auto d2 = w.device({.function = w.f_gpu, .untrusted = true, .domain = w.domain.get()});
+  std::atomic<int> errors{0};
+  auto worker = [&](DmaDevice* dev, uint64_t seed) {
+    std::mt19937_64 rng(seed);
+    const uint64_t host_base = (2 + seed) * GiB, bar_off = seed * 4 * MiB;
+    DmaMapping m;
+    for (int i = 0; i < 300; ++i) {
+      RangeList l;
+      for (int k = 0; k < 8; ++k) {
+        const uint64_t off = static_cast<uint64_t>(k) * 64 * KiB + rng() % 4096, len = 1 + rng() % 16384;
+        PhysRange r{PhysAddr(host_base + off), len, kHostMemory};
+        if (k % 4 == 1) r = PhysRange{PhysAddr(testing::DmaWorld::kGpuBar + bar_off + off), len, w.gpu};
+        if (k % 4 == 2) r = PhysRange{PhysAddr(testing::DmaWorld::kNicBar + bar_off + off), len, w.nic};
+        if (k % 4 == 3) r = PhysRange{PhysAddr(testing::DmaWorld::kFarBar + bar_off / 2 + off / 8), len, w.far};
+        if (!l.append(r)) errors.fetch_add(1);
+      }
+      const auto data = std::vector<uint8_t>(l.total_bytes(), static_cast<uint8_t>(rng()));
+      if (auto r = dev->map_into(m, l, DmaDirection::from_device, kDmaAttrAllowBounce); !r) {
+        if (r.error().code != ENOMEM && r.error().code != EREMOTEIO) errors.fetch_add(1);
+        continue;
+      }
+      if (!w.device_write(dev->config(), m.segments(), data) || !dev->unmap(m) || w.cpu_read(l) != data) errors.fetch_add(1);
+    }
+  };
+  std::thread t1(worker, d1.get(), 1), t2(worker, d2.get(), 2);
+  t1.join();
+  t2.join();
+  EXPECT_EQ(errors.load(), 0);
+  EXPECT_EQ(w.pool->used_slots(), 0u);
+  EXPECT_EQ(w.domain->stats().mapped_4k, 0u);
+  EXPECT_EQ(d1->stats().live_mappings + d2->stats().live_mappings, 0u);
+  EXPECT_GT(d1->stats().maps + d2->stats().maps, 300u);
 }
 
 }  // namespace

@@ -101,7 +101,9 @@ struct DmaDevice::Impl {
   // DMA-API debug (Linux CONFIG_DMA_API_DEBUG): live mappings, so misuse is reported exactly.
   std::mutex dbg_mu;
   absl::flat_hash_map<uint64_t, DebugEntry> dbg_lists;  // map() results by id
-  absl::flat_hash_map<uint64_t, DebugEntry> dbg_phys;   // map_phys() results by DMA address
+  // map_phys() results by DMA address; one address can be mapped more than once (the same
+  // host page for two transfers, a bus address), as dma-debug's hash buckets allow.
+  absl::flat_hash_map<uint64_t, std::vector<DebugEntry>> dbg_phys;
   std::atomic<uint64_t> next_id{1};
 
   uint64_t iova_limit() const { return std::min(cfg.dma_mask, kIovaTop - 1) + 1; }
@@ -604,7 +606,7 @@ Result<DmaSegment> DmaDevice::map_phys(PhysAddr phys, uint64_t size, DmaDirectio
   if (!(attrs & kDmaAttrSkipCpuSync) && (route == Route::host || bounce)) m.count_cache(1);
   if (c.debug) {
     std::lock_guard lock(m.dbg_mu);
-    m.dbg_phys[seg.addr.value()] = DebugEntry{size, dir};
+    m.dbg_phys[seg.addr.value()].push_back(DebugEntry{size, dir});
   }
   m.maps.fetch_add(1, std::memory_order_relaxed);
   m.live.fetch_add(1, std::memory_order_relaxed);
@@ -620,9 +622,15 @@ Status DmaDevice::unmap_phys(const DmaSegment& seg, DmaDirection dir, uint32_t a
     std::lock_guard lock(m.dbg_mu);
     auto it = m.dbg_phys.find(seg.addr.value());
     if (it == m.dbg_phys.end()) return make_error(EINVAL, "DMA-API debug: " + what() + ": not mapped");
-    if (it->second.len != seg.len) return make_error(EINVAL, "DMA-API debug: " + what() + ": mapped with size " + format_hex(it->second.len));
-    if (it->second.dir != dir) return make_error(EINVAL, "DMA-API debug: " + what() + ": mapped " + dma_direction_name(it->second.dir) + ", unmapped " + dma_direction_name(dir));
-    m.dbg_phys.erase(it);
+    auto& v = it->second;
+    auto e = std::find_if(v.begin(), v.end(), [&](const DebugEntry& d) { return d.len == seg.len && d.dir == dir; });
+    if (e == v.end()) {
+      const DebugEntry& d = v.front();
+      if (d.len != seg.len) return make_error(EINVAL, "DMA-API debug: " + what() + ": mapped with size " + format_hex(d.len));
+      return make_error(EINVAL, "DMA-API debug: " + what() + ": mapped " + dma_direction_name(d.dir) + ", unmapped " + dma_direction_name(dir));
+    }
+    v.erase(e);
+    if (v.empty()) m.dbg_phys.erase(it);
   }
   const DmaDirection back = (attrs & kDmaAttrSkipCpuSync) ? DmaDirection::none : dir;
   if (!(seg.flags & kDmaSegBusAddr)) {

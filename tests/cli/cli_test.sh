@@ -136,6 +136,25 @@ if sys.argv[2] == "switch":
     assert len(seen) == want
 PY
 }
+# physr map: every path on the default machine, EREMOTEIO and bouncing, argument errors.
+expect 0 '0x381000001000 +8 KiB +bus_addr' -- map
+expect 0 'iommu\+mmio' -- map
+expect 0 'every IOVA, page-table entry and bounce slot returned' -- map --device gpu0 --dir bidirectional
+expect 1 'EREMOTEIO: range 2 .*not supported and bouncing was not allowed' -- map --machine xeon-e5-two-sockets --device nvme1
+expect 0 'iommu\+bounced' -- map --machine xeon-e5-two-sockets --device nvme1 --allow-bounce
+expect 0 'direct\+bounced' -- map --direct --dma-mask 32 --range host:5G:8K
+expect 0 '0x1000000001000 +4 KiB +direct$' -- map --direct --dma-offset 0x1000000000000 --range host:0x1000:4K
+expect 0 '"unmapped_clean": true' -- map --json
+expect 2 "--range 'foo'" -- map --range foo
+expect 2 'no memory BAR 9' -- map --range gpu0.bar9:0:4K
+expect 2 'host memory is' -- map --range host:3G:4K
+expect 2 "--dir 'sideways'" -- map --dir sideways
+expect 2 'bits must be 24 to 64' -- map --dma-mask 8
+expect 2 'power of two' -- map --boundary 3K
+expect 2 "no PCI function|neither" -- map --device nosuch
+expect 2 'direct devices only' -- map --dma-offset 4K
+expect 1 'no such file' -- map --machine /nonexistent.toml
+
 for what in "switch:--machine two-socket-switch" "snap:--sysfs-root $snap" "zen:--machine amd-zen"; do
   kind=${what%%:*}
   # shellcheck disable=SC2086

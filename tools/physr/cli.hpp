@@ -35,11 +35,21 @@ T failure_value(Result<T> r) {
   return std::move(r).value();
 }
 
+/// Nothing, or a Failure carrying s's message.
+inline void failure_check(const Status& s) {
+  if (!s) throw Failure(s.error().to_string());
+}
+
 void add_ranges_command(CLI::App& app);
 /// `physr topo` and `physr explain`.
 void add_topo_commands(CLI::App& app);
 /// The built-in machine `name` (machines/NAME.toml), or nullopt when there is none.
 std::optional<pci::Topology> builtin_machine(std::string_view name);
+/// The topology --machine names: a TOML file if one exists at that path, else a built-in
+/// machine; a Failure naming the argument otherwise.
+pci::Topology load_machine_arg(const std::string& machine);
+/// `physr map`.
+void add_map_command(CLI::App& app);
 /// "a, b, c": the names of the built-in machines, for messages.
 std::string builtin_machine_names();
 

@@ -43,13 +43,7 @@ Topology load_topology(const SourceOptions& o) {
 
 /// Loads the topology the options name: a machine file, a built-in machine or sysfs.
 Topology load_topology_quiet(const SourceOptions& o) {
-  if (!o.machine.empty()) {
-    std::error_code ec;
-    if (std::filesystem::exists(o.machine, ec)) return failure_value(load_machine_file(o.machine));
-    if (auto t = builtin_machine(o.machine)) return std::move(*t);
-    throw Failure(fmt::format("--machine {}: no such file and no built-in machine of that name (built-in: {})", o.machine,
-                              builtin_machine_names()));
-  }
+  if (!o.machine.empty()) return load_machine_arg(o.machine);
   return failure_value(load_sysfs(o.sysfs_root.empty() ? "/" : o.sysfs_root));
 }
 
@@ -411,6 +405,14 @@ void run_explain(const ExplainOptions& o) {
 }
 
 }  // namespace
+
+Topology load_machine_arg(const std::string& machine) {
+  std::error_code ec;
+  if (std::filesystem::exists(machine, ec)) return failure_value(load_machine_file(machine));
+  if (auto t = builtin_machine(machine)) return std::move(*t);
+  throw Failure(fmt::format("--machine {}: no such file and no built-in machine of that name (built-in: {})", machine,
+                            builtin_machine_names()));
+}
 
 std::optional<Topology> builtin_machine(std::string_view name) {
   for (const auto& b : kBuiltinMachines)

@@ -10,6 +10,7 @@ int main(int argc, char** argv) {
   app.require_subcommand(0, 1);
   add_ranges_command(app);
   add_topo_commands(app);
+  add_map_command(app);
   try {
     try {
       app.parse(argc, argv);

@@ -1,0 +1,248 @@
+// physr map: map a mixed host + P2P range list for one device of a machine and show, per
+// range, the P2P verdict and, per DMA segment, its path and DMA address; then unmap and
+// check that everything came back.
+#include <fmt/core.h>
+
+#include <memory>
+#include <nlohmann/json.hpp>
+
+#include "cli.hpp"
+#include "physr/dma.hpp"
+
+namespace physr::cli {
+namespace {
+
+using pci::Topology;
+
+struct MapOptions {
+  std::string machine = "two-socket-switch";
+  std::string device = "nvme0";
+  std::vector<std::string> ranges;
+  std::string dir = "to_device";
+  bool direct = false, untrusted = false, allow_bounce = false, json = false;
+  unsigned mask_bits = 64;
+  std::string max_segment = "64K", boundary = "4G", dma_offset = "0";
+};
+
+// RAM below the 32-bit MMIO hole and above it, as on a PC server.
+constexpr uint64_t kLowRam = 2 * GiB, kHighRamBase = 4 * GiB, kHighRam = 60 * GiB;
+constexpr uint64_t kPoolBase = 256 * MiB, kPoolSize = 64 * MiB;
+
+struct Aperture {
+  ProviderId id;
+  std::string name;  // "gpu0 BAR1"
+  PhysSpan span;
+};
+
+// A machine's memory as the DMA layer sees it: RAM, every memory BAR registered as a
+// published provider (CPU copies allowed, bus address = CPU address).
+struct Machine {
+  Topology topo;
+  std::optional<pci::P2PEngine> engine;
+  PhysMemory mem;
+  ProviderRegistry reg;
+  std::unique_ptr<BouncePool> pool;
+  std::unique_ptr<IoDomain> domain;
+  std::vector<Aperture> apertures;
+};
+
+std::string fn_label(const Topology& t, uint32_t f) {
+  const auto& fn = t.functions[f];
+  return fn.name.empty() ? fn.bdf.to_string() : fn.name;
+}
+
+void build(Machine& m) {
+  m.engine.emplace(failure_value(pci::P2PEngine::create(m.topo)));
+  failure_check(m.mem.add_region({PhysSpan{PhysAddr(0), kLowRam}, PhysRegion::Kind::host_ram, "ram (below 4 GiB)"}));
+  failure_check(m.mem.add_region({PhysSpan{PhysAddr(kHighRamBase), kHighRam}, PhysRegion::Kind::host_ram, "ram (above 4 GiB)"}));
+  for (uint32_t f = 0; f < m.topo.functions.size(); ++f) {
+    for (const pci::Bar& b : m.topo.functions[f].bars) {
+      if (!b.is_mem() || b.size() < kPageSize || (b.start & (kPageSize - 1)) || (b.size() & (kPageSize - 1))) continue;
+      const std::string name = fmt::format("{} BAR{}", fn_label(m.topo, f), b.index);
+      const PhysSpan span{PhysAddr(b.start), b.size()};
+      if (!m.mem.add_region({span, PhysRegion::Kind::bar, name})) continue;  // overlapping BARs: leave the second out
+      auto id = m.reg.add(ProviderDesc{m.topo.functions[f].bdf, b.index, span, 0, true, true, {}});
+      if (id) m.apertures.push_back({*id, name, span});
+    }
+  }
+  m.pool = failure_value(BouncePool::create(m.mem, BounceOptions{PhysAddr(kPoolBase), kPoolSize, 2}));
+  m.domain = failure_value(IoDomain::create());
+}
+
+// "host:ADDR:LEN" or "NAME.barN:OFFSET:LEN" (NAME a device name or BDF).
+PhysRange parse_range(const Machine& m, const std::string& spec) {
+  const auto bad = [&](const std::string& why) { return UsageError(fmt::format("--range '{}': {}", spec, why)); };
+  const size_t c1 = spec.find(':'), c2 = spec.rfind(':');
+  if (c1 == std::string::npos || c1 == c2) throw bad("expected host:ADDR:LEN or DEVICE.barN:OFFSET:LEN");
+  const std::string where = spec.substr(0, c1);
+  const uint64_t at = usage_value(parse_size(spec.substr(c1 + 1, c2 - c1 - 1)));
+  const uint64_t len = usage_value(parse_size(spec.substr(c2 + 1)));
+  if (len == 0) throw bad("length 0");
+  if (where == "host") {
+    const PhysRegion* r = m.mem.region_of(PhysAddr(at));
+    if (!r || r->kind != PhysRegion::Kind::host_ram || !r->span.contains(PhysSpan{PhysAddr(at), len}))
+      throw bad(fmt::format("host memory is [0, {}) and [{}, {})", format_hex(kLowRam), format_hex(kHighRamBase), format_hex(kHighRamBase + kHighRam)));
+    return PhysRange{PhysAddr(at), len, kHostMemory};
+  }
+  const size_t dot = where.rfind(".bar");
+  if (dot == std::string::npos) throw bad("the place must be 'host' or DEVICE.barN");
+  const uint32_t f = usage_value(m.topo.lookup(where.substr(0, dot)));
+  std::string_view idx = std::string_view(where).substr(dot + 4);
+  const auto n = consume_uint(idx, 10);
+  if (!n || !idx.empty()) throw bad("BAR index must be a number");
+  const std::string name = fmt::format("{} BAR{}", fn_label(m.topo, f), *n);
+  for (const Aperture& a : m.apertures) {
+    if (a.name != name) continue;
+    if (at >= a.span.size || len > a.span.size - at) throw bad(fmt::format("{} holds {}", name, format_size(a.span.size)));
+    return PhysRange{a.span.base + at, len, a.id};
+  }
+  throw bad(fmt::format("{} has no memory BAR {}", fn_label(m.topo, f), *n));
+}
+
+// Without --range: some host memory, then 8 KiB of each other device's largest BAR, so
+// every verdict the machine has shows up.
+std::vector<PhysRange> default_ranges(const Machine& m, uint32_t client) {
+  std::vector<PhysRange> out{{PhysAddr(0x10'0200), 0x3e00, kHostMemory}, {PhysAddr(0x20'0000), 0x2000, kHostMemory}};
+  std::vector<const Aperture*> best(m.topo.functions.size(), nullptr);
+  ProviderRegistry::ReadGuard g;
+  for (const Aperture& a : m.apertures) {
+    const auto f = m.topo.find(m.reg.get(a.id)->owner());
+    if (f && *f != client && (!best[*f] || a.span.size > best[*f]->span.size)) best[*f] = &a;
+  }
+  for (const Aperture* a : best)
+    if (a) out.push_back(PhysRange{a->span.base + 0x1000, 0x2000, a->id});
+  out.push_back(PhysRange{PhysAddr(0x30'0000), 0x1000, kHostMemory});
+  return out;
+}
+
+DmaDirection parse_dir(const std::string& s) {
+  for (DmaDirection d : {DmaDirection::to_device, DmaDirection::from_device, DmaDirection::bidirectional})
+    if (s == dma_direction_name(d)) return d;
+  throw UsageError(fmt::format("--dir '{}': expected to_device, from_device or bidirectional", s));
+}
+
+void run_map(const MapOptions& o) {
+  Machine m;
+  m.topo = load_machine_arg(o.machine);
+  build(m);
+  const uint32_t client = usage_value(m.topo.lookup(o.device));
+  const DmaDirection dir = parse_dir(o.dir);
+  if (o.mask_bits < 24 || o.mask_bits > 64) throw UsageError(fmt::format("--dma-mask {}: bits must be 24 to 64", o.mask_bits));
+  const uint64_t boundary = usage_value(parse_size(o.boundary));
+  if (boundary < kPageSize || (boundary & (boundary - 1)) != 0)
+    throw UsageError(fmt::format("--boundary {}: must be a power of two of at least 4 KiB", o.boundary));
+  DmaDeviceConfig c;
+  c.function = client;
+  c.dma_mask = o.mask_bits == 64 ? ~uint64_t{0} : (uint64_t{1} << o.mask_bits) - 1;
+  c.max_segment = usage_value(parse_size(o.max_segment));
+  c.seg_boundary_mask = boundary - 1;
+  c.untrusted = o.untrusted;
+  c.dma_offset = usage_value(parse_size(o.dma_offset));
+  c.domain = o.direct ? nullptr : m.domain.get();
+  if (!o.direct && c.dma_offset) throw UsageError("--dma-offset applies to --direct devices only");
+  auto dev = usage_value(DmaDevice::create(DmaEnv{&m.mem, &m.reg, &*m.engine, m.pool.get()}, c));
+
+  std::vector<PhysRange> pieces;
+  for (const std::string& r : o.ranges) pieces.push_back(parse_range(m, r));
+  if (pieces.empty()) pieces = default_ranges(m, client);
+  RangeList list;
+  for (const PhysRange& p : pieces) failure_check(list.append(p, SegmentLimits{.merge = false}));
+
+  const auto place = [&](const PhysRange& r) -> std::pair<std::string, std::string> {
+    if (r.provider == kHostMemory) return {"host", ""};
+    ProviderRegistry::ReadGuard g;
+    const Provider* p = m.reg.get(r.provider);
+    std::string name;
+    for (const Aperture& a : m.apertures)
+      if (a.id == r.provider) name = a.name;
+    const auto owner = m.topo.find(p->owner());
+    const pci::Verdict v = m.engine->verdict(*owner, client);
+    return {name, fmt::format("{} (distance {})", pci::map_type_name(v.type), v.distance)};
+  };
+  const uint32_t attrs = o.allow_bounce ? kDmaAttrAllowBounce : 0;
+  auto mapped = dev->map(list, dir, attrs);
+  const uint64_t slots = m.pool->used_slots();
+  const auto ds = m.domain->stats();
+
+  nlohmann::json j;
+  const std::string who = fmt::format("{} ({})", m.topo.functions[client].bdf.to_string(), fn_label(m.topo, client));
+  const std::string how = o.direct ? fmt::format("direct mapping, DMA offset {}", format_hex(c.dma_offset)) : "IOMMU domain (strict)";
+  if (o.json) {
+    j["machine"] = m.topo.name;
+    j["device"] = m.topo.functions[client].bdf.to_string();
+    j["mapping"] = o.direct ? "direct" : "iommu";
+    j["direction"] = dma_direction_name(dir);
+    for (const PhysRange& r : list) {
+      const auto [name, verdict] = place(r);
+      j["ranges"].push_back({{"phys", format_hex(r.addr.value())}, {"len", r.len}, {"memory", name}, {"verdict", verdict}});
+    }
+  } else {
+    fmt::print("Mapping {} ranges ({}) for {} on {}: {}, DMA mask {} bits, {}\n\n", list.size(), format_size(list.total_bytes()), who,
+               m.topo.name, how, o.mask_bits, dma_direction_name(dir));
+    fmt::print("  #  memory              physical           length     P2P verdict\n");
+    size_t i = 0;
+    for (const PhysRange& r : list) {
+      const auto [name, verdict] = place(r);
+      fmt::print("  {:<2} {:<19} {:<18} {:<10} {}\n", i++, name, format_hex(r.addr.value()), format_size(r.len), verdict);
+    }
+  }
+  if (!mapped) {
+    if (o.json) {
+      j["error"] = mapped.error().to_string();
+      fmt::print("{}\n", j.dump(2));
+    }
+    throw Failure(mapped.error().to_string() + (o.allow_bounce ? "" : " (--allow-bounce lets the DMA layer bounce it when the provider allows CPU copies)"));
+  }
+  if (o.json) {
+    for (const DmaSegment& s : mapped->segments())
+      j["segments"].push_back({{"dma", format_hex(s.addr.value())}, {"len", s.len}, {"path", dma_seg_path(s.flags)}});
+    j["iova"] = {{"base", format_hex(mapped->iova().base.value())}, {"len", mapped->iova().size}};
+    j["bounce_slots"] = slots;
+    j["page_table_leaves"] = ds.mapped_4k + ds.mapped_2m + ds.mapped_1g;
+  } else {
+    fmt::print("\nDMA list: {} segments\n", mapped->segments().size());
+    fmt::print("  #  DMA address        length     path\n");
+    size_t i = 0;
+    for (const DmaSegment& s : mapped->segments())
+      fmt::print("  {:<2} {:<18} {:<10} {}\n", i++, format_hex(s.addr.value()), format_size(s.len), dma_seg_path(s.flags));
+    if (mapped->iova().size)
+      fmt::print("\nIOVA [{}, +{}), {} page-table leaves", format_hex(mapped->iova().base.value()), format_size(mapped->iova().size),
+                 ds.mapped_4k + ds.mapped_2m + ds.mapped_1g);
+    else
+      fmt::print("\nNo IOVA");
+    fmt::print(", {} bounce slots of 2 KiB in use\n", slots);
+  }
+  failure_check(dev->unmap(*mapped));
+  m.domain->flush();
+  const auto after = m.domain->stats();
+  const bool clean = after.mapped_4k + after.mapped_2m + after.mapped_1g == 0 && m.pool->used_slots() == 0 && dev->stats().live_mappings == 0;
+  if (o.json) {
+    j["unmapped_clean"] = clean;
+    fmt::print("{}\n", j.dump(2));
+  } else {
+    fmt::print("Unmapped: {}\n", clean ? "every IOVA, page-table entry and bounce slot returned" : "SOMETHING WAS LEFT BEHIND");
+  }
+  if (!clean) throw Failure("unmap left state behind");
+}
+
+}  // namespace
+
+void add_map_command(CLI::App& app) {
+  auto o = std::make_shared<MapOptions>();
+  auto* c = app.add_subcommand("map", "Map a mixed host + P2P range list for one device of a machine and show each segment's path");
+  c->add_option("--machine", o->machine, "TOML machine file or built-in machine name")->capture_default_str();
+  c->add_option("--device", o->device, "The DMA device (name or BDF)")->capture_default_str();
+  c->add_option("--range", o->ranges, "host:ADDR:LEN or DEVICE.barN:OFFSET:LEN (repeatable; default: host memory and every peer's BAR)");
+  c->add_option("--dir", o->dir, "to_device, from_device or bidirectional")->capture_default_str();
+  c->add_flag("--direct", o->direct, "Map directly (no IOMMU)");
+  c->add_flag("--untrusted", o->untrusted, "An untrusted (external) device: host memory is bounced as Linux does");
+  c->add_flag("--allow-bounce", o->allow_bounce, "Bounce P2P memory the device cannot reach");
+  c->add_option("--dma-mask", o->mask_bits, "DMA mask in bits (24-64)")->capture_default_str();
+  c->add_option("--max-segment", o->max_segment, "Device max segment size")->capture_default_str();
+  c->add_option("--boundary", o->boundary, "Device segment boundary (power of two)")->capture_default_str();
+  c->add_option("--dma-offset", o->dma_offset, "Direct mapping: DMA address = phys + offset")->capture_default_str();
+  c->add_flag("--json", o->json, "Print JSON");
+  c->callback([o] { run_map(*o); });
+}
+
+}  // namespace physr::cli
