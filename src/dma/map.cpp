@@ -31,18 +31,8 @@ uint8_t dir_prot(DmaDirection d) {
 
 enum class Route : uint8_t { host, mmio, bus };
 
-// One piece of a range after classification and splitting.
-struct Piece {
-  uint64_t phys;      // CPU physical address; the bounce address once bounced
-  uint64_t len;
-  uint64_t dma;       // bus pieces: the bus address; IOMMU pieces: offset of the aligned start in the IOVA
-  uint64_t iova_len;  // IOMMU pieces: aligned length plus any padding after it (Linux's s->length)
-  Route route;
-  bool bounce;
-};
-
+// Per-thread buffers of map_into (kept between calls so the hot path does not allocate).
 struct Scratch {
-  std::vector<Piece> pieces;
   std::vector<IoMapOp> ops;
   std::vector<DmaSpan> runs;
   size_t nops = 0;
@@ -252,37 +242,38 @@ Status DmaDevice::map_into(DmaMapping& out, const RangeList& list, DmaDirection 
   if (out.mapped()) return make_error(EBUSY, "DMA map: the output mapping is still live (unmap it first)");
   if (dir == DmaDirection::none) return make_error(EINVAL, "DMA map: direction none");
   if (list.empty()) return make_error(EINVAL, "DMA map: empty range list");
-  out.segs_.clear();
   out.bounces_.clear();
   out.iova_len_ = 0;
-  out.segs_.reserve(list.size());
-
-  Scratch& s = t_scratch;
-  // Pieces are written through a raw pointer into a buffer that only grows: vector's
-  // push_back reloads its members after every store and cost ~20 instructions a piece.
-  size_t np = 0;
-  if (s.pieces.size() < list.size() + 16) s.pieces.resize(2 * list.size() + 16);
-  Piece* pieces = s.pieces.data();
-  const auto add_piece = [&](const Piece& p) {
-    if (np == s.pieces.size()) [[unlikely]] {
-      s.pieces.resize(2 * np);
-      pieces = s.pieces.data();
-    }
-    pieces[np++] = p;
-  };
-  size_t bus_extra = 0;  // segments beyond one per piece (bus ranges cut to the limits)
-  s.nops = 0;
   std::optional<ProviderRegistry::ReadGuard> guard;
   if (m.env.providers) guard.emplace();
   const bool iommu = c.domain != nullptr;
   const uint64_t mask = c.seg_boundary_mask;
+
+  // Segments and page-table operations are written through raw pointers into buffers that
+  // only grow: vector's push_back reloads its members after every store and cost ~20
+  // instructions a segment.
+  Scratch& s = t_scratch;
+  s.nops = 0;
+  if (out.segs_.size() < list.size() + 16) out.segs_.resize(2 * list.size() + 16);
+  DmaSegment* seg = out.segs_.data();
+  size_t nseg = 0;
+  const auto push_seg = [&](DmaSegment g) {
+    if (nseg == out.segs_.size()) [[unlikely]] {
+      out.segs_.resize(2 * nseg);
+      seg = out.segs_.data();
+    }
+    seg[nseg++] = g;
+  };
+  if (iommu && s.ops.size() < list.size() + 16) s.ops.resize(2 * list.size() + 16);
+  IoMapOp* ops = s.ops.data();
+  size_t nops = 0;
 
   // Undo for every failure: nothing the call did stays behind.
   bool iova_mapped = false;
   const auto fail = [&](Error e) -> Status {
     if (iova_mapped) {
       s.runs.clear();
-      for (size_t k = 0; k < s.nops; ++k) s.runs.push_back(DmaSpan{s.ops[k].iova, s.ops[k].size});
+      for (size_t k = 0; k < nops; ++k) s.runs.push_back(DmaSpan{ops[k].iova, ops[k].size});
       (void)c.domain->unmap_many(s.runs);
     }
     if (out.iova_len_) (void)c.domain->free_iova(out.iova_, out.iova_len_);
@@ -304,17 +295,23 @@ Status DmaDevice::map_into(DmaMapping& out, const RangeList& list, DmaDirection 
     return {};
   };
 
-  // 1. Classify every range. Direct devices emit their segments (bouncing as they go, like
-  //    Linux's dma_direct_map_sg). IOMMU devices cut ranges into pieces that stay within the
-  //    boundary window and the max segment (and bounce pieces within 256 KiB), and lay them
-  //    out as Linux iommu_dma_map_sg() does: each at its offset within the granule, padded
-  //    so none crosses the boundary. A bounce keeps the offset within the granule, so the
-  //    layout does not depend on it.
-  uint64_t iova_len = 0;
-  size_t prev = SIZE_MAX;
-  bool any_bounce = false;
+  // One pass over the ranges. Direct devices get their segments here, bouncing as they go
+  // (Linux dma_direct_map_sg). IOMMU devices: Linux iommu_dma_map_sg() and __finalise_sg()
+  // in one go, with IOVA-relative addresses (fixed up once the IOVA is allocated):
+  //  - each range is cut into pieces within the boundary window and the max segment
+  //    (bounce pieces also within 256 KiB);
+  //  - each piece is placed at its offset within the granule, after padding if it would
+  //    cross the boundary (if the boundary is at least the whole IOVA, the size-aligned
+  //    allocation cannot cross it; below the granule no piece can; in between, pad);
+  //  - a piece merges into the previous segment when it starts on a granule, not on a
+  //    boundary, and the result stays within the max segment. The allocation is aligned
+  //    to at least min(its size rounded up to a power of two, boundary), so whether a
+  //    relative address sits on a boundary is the same as for the absolute one.
+  const uint8_t prot = dir_prot(dir);
+  uint64_t iova_len = 0, cur_len = 0, cacheable = 0;
+  uint64_t op_iova_end = 0, op_phys_end = 0;
+  uint8_t op_perm = 0;
   size_t idx = 0;
-  uint64_t cacheable = 0;  // ranges that need cache maintenance on a non-coherent device
   for (const PhysRange r : list) {
     const uint64_t addr = r.addr.value(), len = r.len;
     Route route = Route::host;
@@ -333,23 +330,13 @@ Status DmaDevice::map_into(DmaMapping& out, const RangeList& list, DmaDirection 
     if (route == Route::bus) {
       // The provider is the same for the whole range (ranges never cross providers).
       const Provider* p = r.provider == kIndirectProvider ? m.env.providers->find(r.addr) : m.env.providers->get(r.provider);
-      if (!iommu) {
-        for (uint64_t a = p->to_bus(r.addr).value(), left = len; left != 0;) {
-          const uint64_t n = first_chunk(a, left, c.max_segment, mask);
-          out.segs_.push_back(DmaSegment{DmaAddr(a), n, kDmaSegBusAddr});
-          a += n;
-          left -= n;
-        }
-      } else {
-        const uint64_t b = p->to_bus(r.addr).value();
-        for (uint64_t a = b, left = len; left != 0;) {
-          const uint64_t n = first_chunk(a, left, c.max_segment, mask);
-          bus_extra += a != b;
-          a += n;
-          left -= n;
-        }
-        add_piece(Piece{addr, len, b, 0, Route::bus, false});
+      for (uint64_t a = p->to_bus(r.addr).value(), left = len; left != 0;) {  // cut to the limits in bus space
+        const uint64_t n = first_chunk(a, left, c.max_segment, mask);
+        push_seg(DmaSegment{DmaAddr(a), n, kDmaSegBusAddr});
+        a += n;
+        left -= n;
       }
+      cur_len = 0;
       continue;
     }
     if (!iommu) {
@@ -366,7 +353,7 @@ Status DmaDevice::map_into(DmaMapping& out, const RangeList& list, DmaDirection 
         }
         for (uint64_t k = n; k != 0;) {  // cut to the limits in DMA address space
           const uint64_t q = first_chunk(d, k, c.max_segment, mask);
-          out.segs_.push_back(DmaSegment{DmaAddr(d), q, flags});
+          push_seg(DmaSegment{DmaAddr(d), q, flags});
           d += q;
           k -= q;
         }
@@ -375,98 +362,70 @@ Status DmaDevice::map_into(DmaMapping& out, const RangeList& list, DmaDirection 
       }
       continue;
     }
-    any_bounce |= bounce;
+    const bool mmio = route == Route::mmio && !bounce;
+    const uint8_t pr = static_cast<uint8_t>(prot | (mmio ? kIommuMmio : 0));
+    const uint32_t flags = kDmaSegIommu | (bounce ? kDmaSegBounced : 0) | (mmio ? kDmaSegMmio : 0);
     const uint64_t wmask = bounce ? std::min(mask, BouncePool::kMaxMapping - 1) : mask;
     for (uint64_t a = addr, left = len; left != 0;) {
       const uint64_t n = first_chunk(a, left, c.max_segment, wmask);
-      const uint64_t s_length = align_up((a & kGMask) + n);
-      const uint64_t pad_len = (mask - iova_len + 1) & mask;
-      // If the boundary is at least the whole IOVA, the size-aligned allocation cannot
-      // cross it; below the granule no segment can; in between, pad.
-      if (pad_len && pad_len < s_length - 1) {
-        pieces[prev].iova_len += pad_len;
-        iova_len += pad_len;
+      uint64_t phys = a;
+      if (bounce) {  // the bounce keeps the offset within the granule
+        PhysAddr b;
+        if (auto st = bounce_one(a, n, &b); !st) return fail(std::move(st).error());
+        phys = b.value();
       }
-      prev = np;
-      add_piece(Piece{a, n, iova_len, s_length, route, bounce});
+      const uint64_t off = phys & kGMask, s_length = align_up(off + n);
+      const uint64_t pad_len = (mask - iova_len + 1) & mask;
+      if (pad_len && pad_len < s_length - 1) {
+        iova_len += pad_len;  // the padding stays unmapped
+        cur_len = 0;
+      }
+      const uint64_t ph = phys - off;
+      // One op per physically and virtually contiguous run; the last op's ends are kept in
+      // locals (reading them back from the buffer cost a third of this loop).
+      if (nops && op_perm == pr && op_iova_end == iova_len && op_phys_end == ph) {
+        ops[nops - 1].size += s_length;
+      } else {
+        if (nops == s.ops.size()) [[unlikely]] {
+          s.ops.resize(2 * nops);
+          ops = s.ops.data();
+        }
+        ops[nops++] = IoMapOp{DmaAddr(iova_len), PhysAddr(ph), s_length, pr};
+        op_perm = pr;
+      }
+      op_iova_end = iova_len + s_length;
+      op_phys_end = ph + s_length;
+      if (cur_len && !off && (iova_len & mask) && c.max_segment - cur_len >= n) {
+        cur_len += n;
+        seg[nseg - 1].len = cur_len;
+        seg[nseg - 1].flags |= flags;
+      } else {
+        push_seg(DmaSegment{DmaAddr(iova_len + off), n, flags});
+        cur_len = n;
+      }
       iova_len += s_length;
+      if (n + off < s_length) cur_len = 0;
       a += n;
       left -= n;
     }
   }
+  out.segs_.resize(nseg);
 
-  if (iommu) {
-    // 2. Bounce what must be bounced (the pool copies the original in).
-    const std::span<Piece> ps(pieces, np);
-    if (any_bounce) {
-      for (Piece& p : ps) {
-        if (!p.bounce) continue;
-        PhysAddr b;
-        if (auto st = bounce_one(p.phys, p.len, &b); !st) return fail(std::move(st).error());
-        p.phys = b.value();
-      }
-    }
-    // 3. One IOVA allocation, the page table written in one batch, then Linux
-    //    __finalise_sg(): a piece merges into the previous segment when it starts on a
-    //    granule, not on a boundary, and the result stays within the max segment.
-    DmaAddr iova;
-    if (iova_len) {
-      auto a = m.alloc_iova(iova_len);
-      if (!a) return fail(make_error(a.error().code, "DMA map for " + m.who() + ": " + a.error().message));
-      iova = *a;
-      out.iova_ = iova;
-      out.iova_len_ = iova_len;
-    }
-    // Segments and ops through raw pointers too; at most one segment per piece plus the
-    // extra bus cuts, at most one op per piece.
-    if (s.ops.size() < np) s.ops.resize(np);
-    IoMapOp* ops = s.ops.data();
-    size_t nops = 0;
-    out.segs_.resize(np + bus_extra);
-    DmaSegment* seg = out.segs_.data();
-    size_t nseg = 0;
-    const uint8_t prot = dir_prot(dir);
-    uint64_t dma_addr = iova.value(), cur_len = 0;
-    for (const Piece& p : ps) {
-      if (p.route == Route::bus) {
-        for (uint64_t a = p.dma, left = p.len; left != 0;) {  // cut to the limits in bus space
-          const uint64_t n = first_chunk(a, left, c.max_segment, mask);
-          seg[nseg++] = DmaSegment{DmaAddr(a), n, kDmaSegBusAddr};
-          a += n;
-          left -= n;
-        }
-        cur_len = 0;
-        continue;
-      }
-      const bool mmio = p.route == Route::mmio && !p.bounce;
-      const uint64_t off = p.phys & kGMask;
-      const uint64_t mapped = align_up(off + p.len);  // the padding stays unmapped
-      const uint8_t pr = static_cast<uint8_t>(prot | (mmio ? kIommuMmio : 0));
-      const DmaAddr at = iova + p.dma;
-      const PhysAddr ph(p.phys - off);
-      if (nops && ops[nops - 1].perm == pr && ops[nops - 1].iova + ops[nops - 1].size == at && ops[nops - 1].phys + ops[nops - 1].size == ph) {
-        ops[nops - 1].size += mapped;  // one op per physically and virtually contiguous run
-      } else {
-        ops[nops++] = IoMapOp{at, ph, mapped, pr};
-      }
-      const uint32_t flags = kDmaSegIommu | (p.bounce ? kDmaSegBounced : 0) | (mmio ? kDmaSegMmio : 0);
-      if (cur_len && !off && (dma_addr & mask) && c.max_segment - cur_len >= p.len) {
-        cur_len += p.len;
-        seg[nseg - 1].len = cur_len;
-        seg[nseg - 1].flags |= flags;
-      } else {
-        seg[nseg++] = DmaSegment{DmaAddr(dma_addr + off), p.len, flags};
-        cur_len = p.len;
-      }
-      dma_addr += p.iova_len;
-      if (p.len + off < p.iova_len) cur_len = 0;
-    }
-    out.segs_.resize(nseg);
+  if (iova_len) {
+    // One IOVA allocation, the relative addresses fixed up, the page table written in one
+    // batch (all or nothing).
+    auto a = m.alloc_iova(iova_len);
+    if (!a) return fail(make_error(a.error().code, "DMA map for " + m.who() + ": " + a.error().message));
+    const uint64_t base = a->value();
+    out.iova_ = *a;
+    out.iova_len_ = iova_len;
+    for (size_t k = 0; k < nops; ++k) ops[k].iova += base;
+    for (size_t k = 0; k < nseg; ++k)
+      if (seg[k].flags & kDmaSegIommu) seg[k].addr += base;
     s.nops = nops;
-    if (nops) {
-      if (auto st = c.domain->map_many(std::span<const IoMapOp>(ops, nops)); !st) return fail(make_error(st.error().code, "DMA map for " + m.who() + ": " + st.error().message));
-      iova_mapped = true;
-    }
+    if (auto st = c.domain->map_many(std::span<const IoMapOp>(ops, nops)); !st)
+      return fail(make_error(st.error().code, "DMA map for " + m.who() + ": " + st.error().message));
+    iova_mapped = true;
   }
 
   // Cache maintenance before the device owns the memory (Linux arch_sync_dma_for_device;

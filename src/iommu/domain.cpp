@@ -202,9 +202,11 @@ bool IoDomain::strict() const noexcept { return impl_->strict; }
 namespace {
 // The hot check is a few compares; the message is built only when it fails.
 inline bool map_args_ok(uint64_t a0, uint64_t p0, uint64_t size, uint8_t perm) {
-  return ((a0 | p0 | size) & 4095) == 0 && size != 0 && (perm & kIommuReadWrite) != 0 &&
-         (perm & ~(kIommuReadWrite | kIommuMmio)) == 0 && a0 < kIovaLimit && size <= kIovaLimit - a0 && p0 < kPhysLimit &&
-         size <= kPhysLimit - p0;
+  // Branch-free: one test for the batch's hot loop instead of eight.
+  const bool bad = (((a0 | p0 | size) & 4095) != 0) | (size == 0) | ((perm & kIommuReadWrite) == 0) |
+                   ((perm & ~(kIommuReadWrite | kIommuMmio)) != 0) | (a0 >= kIovaLimit) | (size > kIovaLimit - a0) |
+                   (p0 >= kPhysLimit) | (size > kPhysLimit - p0);
+  return !bad;
 }
 
 [[gnu::noinline, gnu::cold]] Error map_args_error(uint64_t a0, uint64_t p0, uint64_t size, uint8_t perm) {
@@ -265,13 +267,22 @@ Status IoDomain::map_many(std::span<const IoMapOp> ops) {
   for (size_t i = 0; i < ops.size(); ++i) {
     const IoMapOp& op = ops[i];
     const uint64_t a = op.iova.value(), p = op.phys.value();
+    // The map_sg hot path: one 4 KiB leaf in the last-level table used just before (which
+    // puts the IOVA in range), so only alignment, permission and the physical end remain.
+    if (op.size == 4096 && (a >> 21) == m.last_l0_base &&
+        (((a | p) & 4095) | (op.perm & ~(kIommuReadWrite | kIommuMmio))) == 0 && (op.perm & kIommuReadWrite) != 0 &&
+        p < kPhysLimit - 4096) [[likely]] {
+      std::atomic<uint64_t>& slot = m.last_l0->e[index_of(a, 0)];
+      if (!(slot.load(std::memory_order_relaxed) & kPresent)) [[likely]] {
+        slot.store(p | (uint64_t{op.perm} << kPermShift) | kLeafBit | kPresent, std::memory_order_release);
+        ++m.leaves[0];
+        continue;
+      }
+    }
     Status st;
     uint64_t done = 0;
-    if (!map_args_ok(a, p, op.size, op.perm)) [[unlikely]] {
+    if (!map_args_ok(a, p, op.size, op.perm)) {
       st = map_args_error(a, p, op.size, op.perm);
-    } else if (op.size == 4096) {  // one leaf: no Status round trip (the map_sg hot path)
-      if (m.map_one(a, p, 0, op.perm) > 0) [[likely]] continue;
-      st = conflict_error(a, op.size, a);
     } else {
       st = m.map_locked(a, p, op.size, op.perm, &done);
       if (st) continue;
