@@ -1,0 +1,137 @@
+// physr sim: the machine model. So far: the PCIe fabric and its timing.
+//
+// Design rationale
+// - Resources, not packets: every PCIe link direction, every root complex's peer-forwarding
+//   engine, every socket's memory controller and every inter-socket link direction is a
+//   resource with a bandwidth. A transfer is a flow over the resources of its route, and
+//   flows share each resource max-min fairly (progressive filling), recomputed whenever a
+//   flow starts or ends. That is exact for the steady state TLP-level simulators converge
+//   to, at a cost per event instead of per 256-byte packet.
+// - Routes follow the P2P verdicts of the pci module: bus_addr traffic turns around at the
+//   common switch and never reaches the root complex; thru_host_bridge traffic (ACS
+//   redirect, or peers under different root ports) goes up to the root complex, through
+//   its forwarding engine (usually slower than its links) and down again; not_supported is
+//   an unsupported request and the transfer fails. Host memory traffic goes up to the root
+//   complex, across the inter-socket link when the memory is on the other socket, and into
+//   that socket's memory controller.
+// - A link is the one between a downstream port (root port, switch downstream port) and
+//   the upstream port below it (switch upstream port, endpoint); its generation and width
+//   come from the machine, else from defaults (docs/sim.md gives the sources).
+// - Deterministic: no randomness, no wall clock; the same inputs give the same times.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "physr/core.hpp"
+#include "physr/pci.hpp"
+
+namespace physr::sim {
+
+/// Parameters not in the topology, with documented defaults (docs/sim.md).
+struct FabricOptions {
+  double default_link_gts = 16.0;       // PCIe 4.0, when a link's speed is unknown
+  unsigned default_link_width = 16;     // when a link's width is unknown
+  double rc_p2p_gbps = 12.0;            // root complex peer forwarding, GB/s per root complex
+  double memory_gbps = 100.0;           // per socket (memory controller), GB/s
+  double inter_socket_gbps = 20.0;      // per direction, GB/s
+  double switch_latency_ns = 150.0;     // per switch crossed
+  double rc_latency_ns = 300.0;         // through a root complex
+  double memory_latency_ns = 90.0;      // host memory access
+  double inter_socket_latency_ns = 120.0;
+};
+
+/// Bytes per nanosecond (= GB/s) of a PCIe link: GT/s x lanes x encoding efficiency / 8
+/// (8b/10b up to 5 GT/s, 128b/130b up to 32 GT/s, FLIT mode 242/256 above).
+double pcie_link_gbps(double gts, unsigned width);
+
+/// One shared resource of the fabric.
+struct Resource {
+  enum class Kind : uint8_t { link_up, link_down, rc_forward, memory, inter_socket };
+  Kind kind;
+  std::string name;   // "0000:03:00.0 up", "rc pci0000:00", "memory node 0", "socket 0->1"
+  double gbps = 0;    // bytes per ns
+  uint64_t bytes = 0; // moved so far
+};
+
+/// Where a transfer goes: the resources it crosses and its latency.
+struct Route {
+  std::vector<uint32_t> resources;
+  double latency_ns = 0;
+  bool through_rc = false;      // crosses a root complex's peer forwarding
+  bool host_memory = false;     // reads or writes host memory
+  pci::MapType p2p = pci::MapType::not_supported;  // for peer routes: the verdict it follows
+};
+
+/// The fabric of one machine.
+class Fabric {
+ public:
+  /// `topo` must outlive the fabric. EINVAL for non-positive bandwidths in the options.
+  static Result<Fabric> create(const pci::Topology& topo, const FabricOptions& options = {});
+
+  /// From a function to host memory on a NUMA node (-1: the function's own node).
+  Result<Route> to_memory(uint32_t function, int numa_node = -1) const;
+  /// From a function (the DMA initiator) to a peer's BAR. EREMOTEIO (an unsupported
+  /// request) when the root complex refuses peer traffic for this pair.
+  Result<Route> to_peer(uint32_t initiator, uint32_t target) const;
+
+  const std::vector<Resource>& resources() const noexcept { return res_; }
+  std::vector<Resource>& resources() noexcept { return res_; }
+  const pci::Topology& topology() const noexcept { return *topo_; }
+  /// The NUMA node of a function (its host bridge's when unknown; 0 when neither says).
+  int numa_of(uint32_t function) const;
+
+ private:
+  Fabric() = default;
+  uint32_t add(Resource::Kind k, std::string name, double gbps);
+  uint32_t inter_socket(int from, int to) const;
+  // Resources and latency from `f` up to its root complex (up = toward the root).
+  void climb(uint32_t f, std::optional<uint32_t> stop, bool up, Route& r) const;
+
+  const pci::Topology* topo_ = nullptr;
+  FabricOptions opt_;
+  std::optional<pci::P2PEngine> engine_;
+  std::vector<Resource> res_;
+  std::vector<int32_t> link_up_, link_down_;  // per function: its upstream link, -1 when it has none
+  std::vector<uint32_t> rc_fwd_;              // per host bridge
+  std::vector<int> numa_nodes_;               // distinct nodes, sorted
+  std::vector<uint32_t> memory_;              // per entry of numa_nodes_
+  std::vector<std::vector<uint32_t>> socket_link_;  // [from][to] index into res_
+};
+
+/// Flow-level discrete-event simulation over a fabric's resources.
+class Simulator {
+ public:
+  explicit Simulator(Fabric& fabric) : fabric_(&fabric) {}
+
+  /// Adds a transfer of `bytes` over `route`, submitted at `at_ns`; its data starts moving
+  /// after the route's latency. Returns its index.
+  size_t add(const Route& route, uint64_t bytes, double at_ns);
+  /// Runs until every transfer has finished; returns the time of the last completion.
+  double run();
+  /// Completion time of a transfer (after run()).
+  double finish_ns(size_t flow) const { return flows_[flow].finish; }
+  double submit_ns(size_t flow) const { return flows_[flow].submit; }
+  /// Events processed (flow starts and completions), for the benchmarks.
+  uint64_t events() const noexcept { return events_; }
+  double now() const noexcept { return now_; }
+
+ private:
+  struct Flow {
+    std::vector<uint32_t> res;
+    double submit = 0, start = 0, finish = -1;
+    double remaining = 0, rate = 0;
+    uint64_t bytes = 0;
+  };
+  void allocate_rates(const std::vector<size_t>& active);
+
+  Fabric* fabric_;
+  std::vector<Flow> flows_;
+  double now_ = 0;
+  uint64_t events_ = 0;
+  size_t next_pending_ = 0;
+};
+
+}  // namespace physr::sim

@@ -1,0 +1,252 @@
+// The PCIe fabric: resources and routes from a topology, and the flow-level simulator.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "physr/sim.hpp"
+
+namespace physr::sim {
+
+using pci::PortType;
+
+double pcie_link_gbps(double gts, unsigned width) {
+  // Encoding: 8b/10b (PCIe 1.x, 2.x), 128b/130b (3.0 to 5.0), 1b/1b FLIT with 242/256
+  // payload (6.0 and later).
+  const double eff = gts <= 5.0 ? 0.8 : gts <= 32.0 ? 128.0 / 130.0 : 242.0 / 256.0;
+  return gts * width * eff / 8.0;
+}
+
+namespace {
+// Ports inside a root complex or a switch's downstream side have no link of their own: the
+// link belongs to the upstream port or endpoint below them.
+bool has_upstream_link(PortType t) {
+  return t != PortType::root_port && t != PortType::switch_downstream && t != PortType::rc_endpoint &&
+         t != PortType::rc_event_collector;
+}
+}  // namespace
+
+uint32_t Fabric::add(Resource::Kind k, std::string name, double gbps) {
+  res_.push_back(Resource{k, std::move(name), gbps, 0});
+  return static_cast<uint32_t>(res_.size() - 1);
+}
+
+int Fabric::numa_of(uint32_t f) const {
+  const auto& fn = topo_->functions[f];
+  if (fn.numa_node >= 0) return fn.numa_node;
+  const int h = topo_->host_bridges[fn.host_bridge].numa_node;
+  return h >= 0 ? h : 0;
+}
+
+Result<Fabric> Fabric::create(const pci::Topology& topo, const FabricOptions& o) {
+  for (double v : {o.default_link_gts, o.rc_p2p_gbps, o.memory_gbps, o.inter_socket_gbps})
+    if (!(v > 0) || !std::isfinite(v)) return make_error(EINVAL, "fabric: bandwidths and link speeds must be positive");
+  if (o.default_link_width == 0) return make_error(EINVAL, "fabric: the default link width must be at least 1");
+  Fabric f;
+  f.topo_ = &topo;
+  f.opt_ = o;
+  auto e = pci::P2PEngine::create(topo);
+  if (!e) return std::move(e).error();
+  f.engine_.emplace(std::move(e).value());
+  const size_t n = topo.functions.size();
+  f.link_up_.assign(n, -1);
+  f.link_down_.assign(n, -1);
+  for (uint32_t i = 0; i < n; ++i) {
+    const auto& fn = topo.functions[i];
+    if (!has_upstream_link(fn.port_type)) continue;
+    // Speed and width: the function's own, else the port above it, else the defaults.
+    double gts = fn.link_speed_gts;
+    unsigned width = fn.link_width;
+    if (fn.upstream >= 0) {
+      const auto& up = topo.functions[static_cast<uint32_t>(fn.upstream)];
+      if (gts == 0) gts = up.link_speed_gts;
+      if (width == 0) width = up.link_width;
+    }
+    if (gts == 0) gts = o.default_link_gts;
+    if (width == 0) width = o.default_link_width;
+    const double bw = pcie_link_gbps(gts, width);
+    const std::string name = fn.name.empty() ? fn.bdf.to_string() : fn.name;
+    f.link_up_[i] = static_cast<int32_t>(f.add(Resource::Kind::link_up, name + " link up", bw));
+    f.link_down_[i] = static_cast<int32_t>(f.add(Resource::Kind::link_down, name + " link down", bw));
+  }
+  for (const auto& hb : topo.host_bridges) f.rc_fwd_.push_back(f.add(Resource::Kind::rc_forward, "root complex " + hb.name(), o.rc_p2p_gbps));
+  for (uint32_t i = 0; i < n; ++i) f.numa_nodes_.push_back(f.numa_of(i));
+  for (const auto& hb : topo.host_bridges) f.numa_nodes_.push_back(hb.numa_node >= 0 ? hb.numa_node : 0);
+  if (f.numa_nodes_.empty()) f.numa_nodes_.push_back(0);
+  std::sort(f.numa_nodes_.begin(), f.numa_nodes_.end());
+  f.numa_nodes_.erase(std::unique(f.numa_nodes_.begin(), f.numa_nodes_.end()), f.numa_nodes_.end());
+  for (int node : f.numa_nodes_) f.memory_.push_back(f.add(Resource::Kind::memory, "memory node " + std::to_string(node), o.memory_gbps));
+  const size_t s = f.numa_nodes_.size();
+  f.socket_link_.assign(s, std::vector<uint32_t>(s, 0));
+  for (size_t a = 0; a < s; ++a)
+    for (size_t b = 0; b < s; ++b)
+      if (a != b)
+        f.socket_link_[a][b] = f.add(Resource::Kind::inter_socket,
+                                     "socket " + std::to_string(f.numa_nodes_[a]) + "->" + std::to_string(f.numa_nodes_[b]),
+                                     o.inter_socket_gbps);
+  return f;
+}
+
+uint32_t Fabric::inter_socket(int from, int to) const {
+  const auto ia = std::lower_bound(numa_nodes_.begin(), numa_nodes_.end(), from) - numa_nodes_.begin();
+  const auto ib = std::lower_bound(numa_nodes_.begin(), numa_nodes_.end(), to) - numa_nodes_.begin();
+  return socket_link_[static_cast<size_t>(ia)][static_cast<size_t>(ib)];
+}
+
+void Fabric::climb(uint32_t f, std::optional<uint32_t> stop, bool up, Route& r) const {
+  for (int32_t x = static_cast<int32_t>(f); x >= 0 && (!stop || static_cast<uint32_t>(x) != *stop);
+       x = topo_->functions[static_cast<uint32_t>(x)].upstream) {
+    const auto i = static_cast<uint32_t>(x);
+    const int32_t link = up ? link_up_[i] : link_down_[i];
+    if (link >= 0) r.resources.push_back(static_cast<uint32_t>(link));
+    if (topo_->functions[i].port_type == PortType::switch_upstream) r.latency_ns += opt_.switch_latency_ns;
+  }
+}
+
+Result<Route> Fabric::to_memory(uint32_t f, int node) const {
+  if (f >= topo_->functions.size()) return make_error(EINVAL, "fabric: no function " + std::to_string(f));
+  const int home = topo_->host_bridges[topo_->functions[f].host_bridge].numa_node >= 0
+                       ? topo_->host_bridges[topo_->functions[f].host_bridge].numa_node
+                       : 0;
+  if (node < 0) node = numa_of(f);
+  if (!std::binary_search(numa_nodes_.begin(), numa_nodes_.end(), node))
+    return make_error(EINVAL, "fabric: no NUMA node " + std::to_string(node) + " in " + topo_->source);
+  Route r;
+  r.host_memory = true;
+  climb(f, std::nullopt, true, r);
+  r.latency_ns += opt_.rc_latency_ns + opt_.memory_latency_ns;
+  if (node != home) {
+    r.resources.push_back(inter_socket(home, node));
+    r.latency_ns += opt_.inter_socket_latency_ns;
+  }
+  const auto mi = std::lower_bound(numa_nodes_.begin(), numa_nodes_.end(), node) - numa_nodes_.begin();
+  r.resources.push_back(memory_[static_cast<size_t>(mi)]);
+  return r;
+}
+
+Result<Route> Fabric::to_peer(uint32_t a, uint32_t b) const {
+  const size_t n = topo_->functions.size();
+  if (a >= n || b >= n) return make_error(EINVAL, "fabric: no function " + std::to_string(a >= n ? a : b));
+  // The target's memory is the provider, the initiator the client (Linux's order).
+  const pci::Explanation ex = engine_->explain(b, a);
+  Route r;
+  r.p2p = ex.verdict.type;
+  const auto& fa = topo_->functions[a];
+  const auto& fb = topo_->functions[b];
+  if (ex.verdict.type == pci::MapType::not_supported)
+    return make_error(EREMOTEIO, "unsupported request: the root complex does not forward peer traffic from " + fa.bdf.to_string() +
+                                     " to " + fb.bdf.to_string());
+  if (ex.verdict.type == pci::MapType::bus_addr && ex.common) {
+    // Up to the common device and down again: the switch turns the traffic around.
+    climb(a, *ex.common, true, r);
+    climb(b, *ex.common, false, r);
+    if (a != b && topo_->functions[*ex.common].port_type == PortType::switch_upstream) r.latency_ns += opt_.switch_latency_ns;
+    return r;
+  }
+  // Through the root complex(es): up, across the forwarding engine, down.
+  r.through_rc = true;
+  climb(a, std::nullopt, true, r);
+  r.resources.push_back(rc_fwd_[fa.host_bridge]);
+  r.latency_ns += opt_.rc_latency_ns;
+  if (fb.host_bridge != fa.host_bridge) {
+    const int na = numa_of(a), nb = numa_of(b);
+    if (na != nb) {
+      r.resources.push_back(inter_socket(na, nb));
+      r.latency_ns += opt_.inter_socket_latency_ns;
+    }
+    r.resources.push_back(rc_fwd_[fb.host_bridge]);
+    r.latency_ns += opt_.rc_latency_ns;
+  }
+  climb(b, std::nullopt, false, r);
+  return r;
+}
+
+// ---------------------------------------------------------------------------------------
+
+size_t Simulator::add(const Route& route, uint64_t bytes, double at_ns) {
+  Flow f;
+  f.res = route.resources;
+  f.submit = at_ns;
+  f.start = at_ns + route.latency_ns;
+  f.remaining = static_cast<double>(bytes);
+  f.bytes = bytes;
+  flows_.push_back(std::move(f));
+  return flows_.size() - 1;
+}
+
+// Max-min fair rates by progressive filling: repeatedly find the resource whose remaining
+// capacity split among its unfrozen flows is smallest, freeze those flows at that share.
+void Simulator::allocate_rates(const std::vector<size_t>& active) {
+  auto& res = fabric_->resources();
+  std::vector<double> cap(res.size());
+  std::vector<uint32_t> users(res.size(), 0);
+  for (size_t r = 0; r < res.size(); ++r) cap[r] = res[r].gbps;
+  for (size_t i : active) {
+    flows_[i].rate = -1;
+    for (uint32_t r : flows_[i].res) ++users[r];
+  }
+  size_t left = active.size();
+  while (left) {
+    double best = std::numeric_limits<double>::infinity();
+    for (size_t r = 0; r < res.size(); ++r)
+      if (users[r]) best = std::min(best, cap[r] / users[r]);
+    if (!std::isfinite(best)) {  // flows that cross no resource move instantly
+      for (size_t i : active)
+        if (flows_[i].rate < 0) flows_[i].rate = std::numeric_limits<double>::infinity();
+      return;
+    }
+    for (size_t i : active) {
+      Flow& f = flows_[i];
+      if (f.rate >= 0) continue;
+      bool bottlenecked = false;
+      for (uint32_t r : f.res) bottlenecked |= users[r] && cap[r] / users[r] <= best * (1 + 1e-12);
+      if (!bottlenecked) continue;
+      f.rate = best;
+      --left;
+      for (uint32_t r : f.res) {
+        cap[r] -= best;
+        --users[r];
+      }
+    }
+  }
+}
+
+double Simulator::run() {
+  // Flows by start time; the active set changes at starts and completions.
+  std::vector<size_t> order(flows_.size() - next_pending_);
+  for (size_t i = 0; i < order.size(); ++i) order[i] = next_pending_ + i;
+  std::stable_sort(order.begin(), order.end(), [&](size_t x, size_t y) { return flows_[x].start < flows_[y].start; });
+  next_pending_ = flows_.size();
+  std::vector<size_t> active;
+  size_t next = 0;
+  auto& res = fabric_->resources();
+  while (next < order.size() || !active.empty()) {
+    if (active.empty() && now_ < flows_[order[next]].start) now_ = flows_[order[next]].start;
+    while (next < order.size() && flows_[order[next]].start <= now_) {
+      active.push_back(order[next++]);
+      ++events_;
+    }
+    allocate_rates(active);
+    // The next event: a completion or the next start.
+    double dt = std::numeric_limits<double>::infinity();
+    for (size_t i : active) dt = std::min(dt, flows_[i].remaining / flows_[i].rate);
+    if (next < order.size()) dt = std::min(dt, flows_[order[next]].start - now_);
+    for (size_t i : active) {
+      Flow& f = flows_[i];
+      const double moved = std::isfinite(f.rate) ? std::min(f.remaining, f.rate * dt) : f.remaining;
+      f.remaining -= moved;
+      for (uint32_t r : f.res) res[r].bytes += static_cast<uint64_t>(std::llround(moved));
+    }
+    now_ += dt;
+    std::erase_if(active, [&](size_t i) {
+      Flow& f = flows_[i];
+      if (f.remaining > 1e-6 * static_cast<double>(f.bytes) + 1e-9) return false;
+      f.remaining = 0;
+      f.finish = now_;
+      ++events_;
+      return true;
+    });
+  }
+  return now_;
+}
+
+}  // namespace physr::sim

@@ -1,0 +1,159 @@
+// The fabric model: link bandwidths, routes that follow the P2P verdicts, and the
+// flow-level simulator's timing checked against analytic answers.
+#include "physr/sim.hpp"
+
+#include <gtest/gtest.h>
+
+#include <filesystem>
+
+namespace physr::sim {
+namespace {
+
+pci::Topology machine(const char* name) {
+  auto t = pci::load_machine_file(std::filesystem::path(PHYSR_SOURCE_DIR) / "machines" / (std::string(name) + ".toml"));
+  EXPECT_TRUE(t.has_value());
+  return std::move(t).value();
+}
+
+bool uses(const Fabric& f, const Route& r, Resource::Kind k) {
+  for (uint32_t i : r.resources)
+    if (f.resources()[i].kind == k) return true;
+  return false;
+}
+
+TEST(SimFabricTest, LinkBandwidthFollowsGenerationAndWidth) {
+  EXPECT_NEAR(pcie_link_gbps(2.5, 1), 0.25, 1e-9);            // 8b/10b
+  EXPECT_NEAR(pcie_link_gbps(8, 16), 8 * 16 * 128.0 / 130 / 8, 1e-9);  // 128b/130b: 15.75 GB/s
+  EXPECT_NEAR(pcie_link_gbps(16, 4), 7.877, 1e-3);
+  EXPECT_NEAR(pcie_link_gbps(64, 16), 64 * 16 * 242.0 / 256 / 8, 1e-9);  // FLIT
+}
+
+TEST(SimFabricTest, OneTransferTakesSizeOverTheBottleneck) {
+  const auto t = machine("two-socket-switch");
+  auto f = std::move(Fabric::create(t)).value();
+  const uint32_t nvme = *t.lookup("nvme0");
+  auto r = f.to_memory(nvme);
+  ASSERT_TRUE(r.has_value());
+  EXPECT_TRUE(r->host_memory);
+  EXPECT_FALSE(r->through_rc);
+  Simulator sim(f);
+  const uint64_t bytes = 1 * GiB;
+  const size_t id = sim.add(*r, bytes, 0);
+  sim.run();
+  const double expect = r->latency_ns + static_cast<double>(bytes) / pcie_link_gbps(16, 4);  // the x4 Gen4 link
+  EXPECT_NEAR(sim.finish_ns(id), expect, expect * 0.05);
+  EXPECT_NEAR(sim.finish_ns(id), expect, 1.0);  // and in fact exactly
+  for (uint32_t i : r->resources) EXPECT_EQ(f.resources()[i].bytes, bytes) << f.resources()[i].name;
+}
+
+TEST(SimFabricTest, FlowsShareLinksMaxMinFairly) {
+  const auto t = machine("two-socket-switch");
+  auto f = std::move(Fabric::create(t)).value();
+  const uint32_t nvme = *t.lookup("nvme0"), gpu = *t.lookup("gpu0");
+  // Two flows on the same x4 link get half each: both finish at twice the single time.
+  Simulator sim(f);
+  const auto r = *f.to_memory(nvme);
+  const size_t a = sim.add(r, 256 * MiB, 0), b = sim.add(r, 256 * MiB, 0);
+  sim.run();
+  const double single = static_cast<double>(256 * MiB) / pcie_link_gbps(16, 4);
+  EXPECT_NEAR(sim.finish_ns(a) - r.latency_ns, 2 * single, 2 * single * 0.01);
+  EXPECT_NEAR(sim.finish_ns(b), sim.finish_ns(a), 1.0);
+  // The NVMe (x4 Gen4, 7.9 GB/s) and the GPU (x16 Gen4) share the switch's x16 Gen3 uplink
+  // (15.75 GB/s): max-min gives the NVMe its 7.9 GB/s and the GPU the rest, 7.9 GB/s.
+  Simulator sim2(f);
+  const auto rg = *f.to_memory(gpu);
+  const size_t n = sim2.add(r, 512 * MiB, 0), g = sim2.add(rg, 512 * MiB, 0);
+  sim2.run();
+  const double up = pcie_link_gbps(8, 16), nv = pcie_link_gbps(16, 4);
+  EXPECT_NEAR(sim2.finish_ns(n) - r.latency_ns, static_cast<double>(512 * MiB) / nv, 1e3);
+  EXPECT_NEAR(sim2.finish_ns(g) - rg.latency_ns, static_cast<double>(512 * MiB) / (up - nv), 1e3);
+}
+
+TEST(SimFabricTest, P2PUnderASwitchNeverTouchesTheRootComplex) {
+  const auto t = machine("two-socket-switch");
+  auto f = std::move(Fabric::create(t)).value();
+  const uint32_t nvme = *t.lookup("nvme0"), gpu = *t.lookup("gpu0"), nic = *t.lookup("nic0");
+  auto r = f.to_peer(nvme, gpu);
+  ASSERT_TRUE(r.has_value());
+  EXPECT_EQ(r->p2p, pci::MapType::bus_addr);
+  EXPECT_FALSE(r->through_rc);
+  EXPECT_FALSE(uses(f, *r, Resource::Kind::rc_forward));
+  EXPECT_EQ(r->resources.size(), 2u);  // nvme0's link up, gpu0's link down
+  Simulator sim(f);
+  sim.add(*r, 64 * MiB, 0);
+  sim.run();
+  for (const Resource& res : f.resources())
+    if (res.kind == Resource::Kind::rc_forward || res.kind == Resource::Kind::memory) {
+      EXPECT_EQ(res.bytes, 0u) << res.name;
+    }
+  // The NIC's switch port redirects (ACS): the same transfer goes through the root complex,
+  // here slower (4 GB/s) than the NVMe's link, so it sets the pace.
+  auto slow = std::move(Fabric::create(t, FabricOptions{.rc_p2p_gbps = 4.0})).value();
+  auto rr = slow.to_peer(nvme, nic);
+  ASSERT_TRUE(rr.has_value());
+  EXPECT_EQ(rr->p2p, pci::MapType::thru_host_bridge);
+  EXPECT_TRUE(rr->through_rc);
+  Simulator sim2(slow);
+  const size_t id = sim2.add(*rr, 64 * MiB, 0);
+  sim2.run();
+  uint64_t rc = 0;
+  for (const Resource& res : slow.resources())
+    if (res.kind == Resource::Kind::rc_forward) rc += res.bytes;
+  EXPECT_EQ(rc, 64 * MiB);
+  const double expect = rr->latency_ns + static_cast<double>(64 * MiB) / 4.0;
+  EXPECT_NEAR(sim2.finish_ns(id), expect, expect * 0.05);
+}
+
+TEST(SimFabricTest, RefusedHostBridgeFailsAndCrossSocketUsesTheInterSocketLink) {
+  const auto x = machine("xeon-e5-two-sockets");
+  auto f = std::move(Fabric::create(x)).value();
+  auto r = f.to_peer(*x.lookup("nvme1"), *x.lookup("gpu0"));
+  ASSERT_FALSE(r.has_value());
+  EXPECT_EQ(r.error().code, EREMOTEIO);
+  EXPECT_NE(r.error().message.find("unsupported request"), std::string::npos);
+  const auto t = machine("two-socket-switch");
+  auto g = std::move(Fabric::create(t)).value();
+  const uint32_t nvme2 = *t.lookup("nvme2");
+  auto local = g.to_memory(nvme2);
+  auto remote = g.to_memory(nvme2, 0);
+  ASSERT_TRUE(local && remote);
+  EXPECT_FALSE(uses(g, *local, Resource::Kind::inter_socket));
+  EXPECT_TRUE(uses(g, *remote, Resource::Kind::inter_socket));
+  EXPECT_GT(remote->latency_ns, local->latency_ns);
+  auto peer = g.to_peer(nvme2, *t.lookup("gpu0"));  // different host bridges, allowlisted
+  ASSERT_TRUE(peer.has_value());
+  EXPECT_TRUE(uses(g, *peer, Resource::Kind::inter_socket));
+  EXPECT_EQ(g.to_memory(nvme2, 7).error().code, EINVAL);
+  EXPECT_EQ(Fabric::create(t, FabricOptions{.rc_p2p_gbps = 0}).error().code, EINVAL);
+}
+
+TEST(SimFabricTest, DeterministicAndLaterArrivalsShare) {
+  const auto t = machine("two-socket-switch");
+  auto run = [&] {
+    auto f = std::move(Fabric::create(t)).value();
+    Simulator sim(f);
+    const auto r = *f.to_memory(*t.lookup("nvme0"));
+    std::vector<double> out;
+    for (int i = 0; i < 20; ++i) sim.add(r, (1 + i % 5) * MiB, i * 10000.0);
+    sim.run();
+    for (size_t i = 0; i < 20; ++i) out.push_back(sim.finish_ns(i));
+    return out;
+  };
+  const auto a = run(), b = run();
+  EXPECT_EQ(a, b);
+  // A flow that starts while another runs: the first gets the link alone, then half.
+  auto f = std::move(Fabric::create(t)).value();
+  Simulator sim(f);
+  const auto r = *f.to_memory(*t.lookup("nvme0"));
+  const double bw = pcie_link_gbps(16, 4), size = static_cast<double>(64 * MiB);
+  const size_t first = sim.add(r, 64 * MiB, 0);
+  const size_t second = sim.add(r, 64 * MiB, size / bw / 2);  // arrives when the first is half done
+  sim.run();
+  // First: half alone, half shared at bw/2 -> 1.5 x single; second: finishes at 2 x single.
+  EXPECT_NEAR(sim.finish_ns(first) - r.latency_ns, 1.5 * size / bw, 1.0);
+  EXPECT_NEAR(sim.finish_ns(second) - r.latency_ns, 2.0 * size / bw, 1.0);
+  EXPECT_GE(sim.events(), 4u);
+}
+
+}  // namespace
+}  // namespace physr::sim
