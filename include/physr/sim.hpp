@@ -49,7 +49,7 @@ double pcie_link_gbps(double gts, unsigned width);
 
 /// One shared resource of the fabric.
 struct Resource {
-  enum class Kind : uint8_t { link_up, link_down, rc_forward, memory, inter_socket };
+  enum class Kind : uint8_t { link_up, link_down, rc_forward, memory, inter_socket, device };
   Kind kind;
   std::string name;   // "0000:03:00.0 up", "rc pci0000:00", "memory node 0", "socket 0->1"
   double gbps = 0;    // bytes per ns
@@ -71,11 +71,15 @@ class Fabric {
   /// `topo` must outlive the fabric. EINVAL for non-positive bandwidths in the options.
   static Result<Fabric> create(const pci::Topology& topo, const FabricOptions& options = {});
 
-  /// From a function to host memory on a NUMA node (-1: the function's own node).
-  Result<Route> to_memory(uint32_t function, int numa_node = -1) const;
-  /// From a function (the DMA initiator) to a peer's BAR. EREMOTEIO (an unsupported
-  /// request) when the root complex refuses peer traffic for this pair.
-  Result<Route> to_peer(uint32_t initiator, uint32_t target) const;
+  /// Between a function and host memory on a NUMA node (-1: the function's own node).
+  /// `device_writes`: data flows from the device to memory (up its link), else down.
+  Result<Route> to_memory(uint32_t function, int numa_node = -1, bool device_writes = true) const;
+  /// From a function (the DMA initiator) to a peer's BAR; `initiator_writes` says which
+  /// way the data flows. EREMOTEIO (an unsupported request) when the root complex refuses
+  /// peer traffic for this pair.
+  Result<Route> to_peer(uint32_t initiator, uint32_t target, bool initiator_writes = true) const;
+  /// Adds a resource outside the PCIe tree (a device's media, a copy engine).
+  uint32_t add_resource(Resource::Kind kind, std::string name, double gbps) { return add(kind, std::move(name), gbps); }
 
   const std::vector<Resource>& resources() const noexcept { return res_; }
   std::vector<Resource>& resources() noexcept { return res_; }
@@ -111,6 +115,11 @@ class Simulator {
   size_t add(const Route& route, uint64_t bytes, double at_ns);
   /// Runs until every transfer has finished; returns the time of the last completion.
   double run();
+  /// Runs to the next completion (later transfers may still be added) and returns the
+  /// transfers that completed then; empty when nothing is left to run.
+  std::vector<size_t> step();
+  /// Transfers added and not yet finished.
+  size_t in_flight() const noexcept { return active_.size() + (order_.size() - next_); }
   /// Completion time of a transfer (after run()).
   double finish_ns(size_t flow) const { return flows_[flow].finish; }
   double submit_ns(size_t flow) const { return flows_[flow].submit; }
@@ -131,7 +140,9 @@ class Simulator {
   std::vector<Flow> flows_;
   double now_ = 0;
   uint64_t events_ = 0;
-  size_t next_pending_ = 0;
+  std::vector<size_t> order_;   // flows not yet started, by start time from next_
+  size_t next_ = 0;
+  std::vector<size_t> active_;  // flows moving data
 };
 
 }  // namespace physr::sim

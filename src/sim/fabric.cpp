@@ -102,7 +102,7 @@ void Fabric::climb(uint32_t f, std::optional<uint32_t> stop, bool up, Route& r) 
   }
 }
 
-Result<Route> Fabric::to_memory(uint32_t f, int node) const {
+Result<Route> Fabric::to_memory(uint32_t f, int node, bool device_writes) const {
   if (f >= topo_->functions.size()) return make_error(EINVAL, "fabric: no function " + std::to_string(f));
   const int home = topo_->host_bridges[topo_->functions[f].host_bridge].numa_node >= 0
                        ? topo_->host_bridges[topo_->functions[f].host_bridge].numa_node
@@ -112,10 +112,10 @@ Result<Route> Fabric::to_memory(uint32_t f, int node) const {
     return make_error(EINVAL, "fabric: no NUMA node " + std::to_string(node) + " in " + topo_->source);
   Route r;
   r.host_memory = true;
-  climb(f, std::nullopt, true, r);
+  climb(f, std::nullopt, device_writes, r);
   r.latency_ns += opt_.rc_latency_ns + opt_.memory_latency_ns;
   if (node != home) {
-    r.resources.push_back(inter_socket(home, node));
+    r.resources.push_back(device_writes ? inter_socket(home, node) : inter_socket(node, home));
     r.latency_ns += opt_.inter_socket_latency_ns;
   }
   const auto mi = std::lower_bound(numa_nodes_.begin(), numa_nodes_.end(), node) - numa_nodes_.begin();
@@ -123,7 +123,7 @@ Result<Route> Fabric::to_memory(uint32_t f, int node) const {
   return r;
 }
 
-Result<Route> Fabric::to_peer(uint32_t a, uint32_t b) const {
+Result<Route> Fabric::to_peer(uint32_t a, uint32_t b, bool initiator_writes) const {
   const size_t n = topo_->functions.size();
   if (a >= n || b >= n) return make_error(EINVAL, "fabric: no function " + std::to_string(a >= n ? a : b));
   // The target's memory is the provider, the initiator the client (Linux's order).
@@ -137,26 +137,26 @@ Result<Route> Fabric::to_peer(uint32_t a, uint32_t b) const {
                                      " to " + fb.bdf.to_string());
   if (ex.verdict.type == pci::MapType::bus_addr && ex.common) {
     // Up to the common device and down again: the switch turns the traffic around.
-    climb(a, *ex.common, true, r);
-    climb(b, *ex.common, false, r);
+    climb(a, *ex.common, initiator_writes, r);
+    climb(b, *ex.common, !initiator_writes, r);
     if (a != b && topo_->functions[*ex.common].port_type == PortType::switch_upstream) r.latency_ns += opt_.switch_latency_ns;
     return r;
   }
   // Through the root complex(es): up, across the forwarding engine, down.
   r.through_rc = true;
-  climb(a, std::nullopt, true, r);
+  climb(a, std::nullopt, initiator_writes, r);
   r.resources.push_back(rc_fwd_[fa.host_bridge]);
   r.latency_ns += opt_.rc_latency_ns;
   if (fb.host_bridge != fa.host_bridge) {
     const int na = numa_of(a), nb = numa_of(b);
     if (na != nb) {
-      r.resources.push_back(inter_socket(na, nb));
+      r.resources.push_back(initiator_writes ? inter_socket(na, nb) : inter_socket(nb, na));
       r.latency_ns += opt_.inter_socket_latency_ns;
     }
     r.resources.push_back(rc_fwd_[fb.host_bridge]);
     r.latency_ns += opt_.rc_latency_ns;
   }
-  climb(b, std::nullopt, false, r);
+  climb(b, std::nullopt, !initiator_writes, r);
   return r;
 }
 
@@ -165,12 +165,17 @@ Result<Route> Fabric::to_peer(uint32_t a, uint32_t b) const {
 size_t Simulator::add(const Route& route, uint64_t bytes, double at_ns) {
   Flow f;
   f.res = route.resources;
-  f.submit = at_ns;
-  f.start = at_ns + route.latency_ns;
+  f.submit = std::max(at_ns, now_);
+  f.start = f.submit + route.latency_ns;
   f.remaining = static_cast<double>(bytes);
   f.bytes = bytes;
   flows_.push_back(std::move(f));
-  return flows_.size() - 1;
+  const size_t id = flows_.size() - 1;
+  // Keep the pending flows ordered by start (stable for equal starts).
+  const auto pos = std::upper_bound(order_.begin() + static_cast<long>(next_), order_.end(), id,
+                                    [&](size_t x, size_t y) { return flows_[x].start < flows_[y].start; });
+  order_.insert(pos, id);
+  return id;
 }
 
 // Max-min fair rates by progressive filling: repeatedly find the resource whose remaining
@@ -210,41 +215,46 @@ void Simulator::allocate_rates(const std::vector<size_t>& active) {
   }
 }
 
-double Simulator::run() {
-  // Flows by start time; the active set changes at starts and completions.
-  std::vector<size_t> order(flows_.size() - next_pending_);
-  for (size_t i = 0; i < order.size(); ++i) order[i] = next_pending_ + i;
-  std::stable_sort(order.begin(), order.end(), [&](size_t x, size_t y) { return flows_[x].start < flows_[y].start; });
-  next_pending_ = flows_.size();
-  std::vector<size_t> active;
-  size_t next = 0;
+std::vector<size_t> Simulator::step() {
+  std::vector<size_t> done;
   auto& res = fabric_->resources();
-  while (next < order.size() || !active.empty()) {
-    if (active.empty() && now_ < flows_[order[next]].start) now_ = flows_[order[next]].start;
-    while (next < order.size() && flows_[order[next]].start <= now_) {
-      active.push_back(order[next++]);
+  while (done.empty() && (next_ < order_.size() || !active_.empty())) {
+    if (active_.empty() && now_ < flows_[order_[next_]].start) now_ = flows_[order_[next_]].start;
+    while (next_ < order_.size() && flows_[order_[next_]].start <= now_) {
+      active_.push_back(order_[next_++]);
       ++events_;
     }
-    allocate_rates(active);
+    allocate_rates(active_);
     // The next event: a completion or the next start.
     double dt = std::numeric_limits<double>::infinity();
-    for (size_t i : active) dt = std::min(dt, flows_[i].remaining / flows_[i].rate);
-    if (next < order.size()) dt = std::min(dt, flows_[order[next]].start - now_);
-    for (size_t i : active) {
+    for (size_t i : active_) dt = std::min(dt, flows_[i].remaining / flows_[i].rate);
+    if (next_ < order_.size()) dt = std::min(dt, flows_[order_[next_]].start - now_);
+    for (size_t i : active_) {
       Flow& f = flows_[i];
       const double moved = std::isfinite(f.rate) ? std::min(f.remaining, f.rate * dt) : f.remaining;
       f.remaining -= moved;
       for (uint32_t r : f.res) res[r].bytes += static_cast<uint64_t>(std::llround(moved));
     }
     now_ += dt;
-    std::erase_if(active, [&](size_t i) {
+    std::erase_if(active_, [&](size_t i) {
       Flow& f = flows_[i];
       if (f.remaining > 1e-6 * static_cast<double>(f.bytes) + 1e-9) return false;
       f.remaining = 0;
       f.finish = now_;
       ++events_;
+      done.push_back(i);
       return true;
     });
+  }
+  if (next_ == order_.size()) {  // everything started: drop the consumed prefix
+    order_.clear();
+    next_ = 0;
+  }
+  return done;
+}
+
+double Simulator::run() {
+  while (!step().empty()) {
   }
   return now_;
 }
