@@ -1,0 +1,275 @@
+// fio-like NVMe jobs on the machine model: every I/O mapped through the DMA layer, its bytes
+// moved and verified, and its time taken from the fabric.
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "physr/sim.hpp"
+
+namespace physr::sim {
+
+const char* path_policy_name(PathPolicy p) noexcept {
+  switch (p) {
+    case PathPolicy::p2p: return "p2p";
+    case PathPolicy::bounce: return "bounce";
+    case PathPolicy::automatic: return "auto";
+  }
+  return "?";
+}
+
+namespace {
+
+constexpr uint64_t kHostBuffers = 1 * GiB, kHostStaging = 1536 * MiB, kHostWindow = 256 * MiB;
+
+// The namespace's content: a pattern that depends on the byte's position, so a block that
+// lands in the wrong place or at the wrong offset is caught.
+void pattern(uint64_t offset, std::span<uint8_t> out) {
+  for (size_t i = 0; i < out.size(); ++i) {
+    const uint64_t o = offset + i;
+    out[i] = static_cast<uint8_t>((o * 0x9E3779B1u) >> 24 ^ (o >> 12));
+  }
+}
+
+// A namespace backed by a sparse temporary file (deleted at once; it lives while open).
+class Namespace {
+ public:
+  static Result<Namespace> create(uint64_t size) {
+    const char* dir = std::getenv("TMPDIR");
+    std::string path = std::string(dir && *dir ? dir : "/tmp") + "/physr-nvme-XXXXXX";
+    const int fd = mkstemp(path.data());
+    if (fd < 0) return make_error(errno, "NVMe namespace: cannot create a file in " + path + ": " + std::strerror(errno));
+    unlink(path.c_str());
+    if (ftruncate(fd, static_cast<off_t>(size)) != 0) {
+      const int e = errno;
+      close(fd);
+      return make_error(e, "NVMe namespace: cannot size the file to " + format_size(size) + ": " + std::strerror(e));
+    }
+    return Namespace(fd);
+  }
+  Namespace(Namespace&& o) noexcept : fd_(std::exchange(o.fd_, -1)) {}
+  ~Namespace() {
+    if (fd_ >= 0) close(fd_);
+  }
+  Status read(uint64_t off, std::span<uint8_t> out) const {
+    if (pread(fd_, out.data(), out.size(), static_cast<off_t>(off)) != static_cast<ssize_t>(out.size()))
+      return make_error(EIO, "NVMe namespace: short read at " + format_hex(off));
+    return {};
+  }
+  Status write(uint64_t off, std::span<const uint8_t> in) const {
+    if (pwrite(fd_, in.data(), in.size(), static_cast<off_t>(off)) != static_cast<ssize_t>(in.size()))
+      return make_error(EIO, "NVMe namespace: short write at " + format_hex(off));
+    return {};
+  }
+
+ private:
+  explicit Namespace(int fd) : fd_(fd) {}
+  int fd_ = -1;
+};
+
+// NVMe PRP rules: only the first entry may start inside a page, and every segment but the
+// last must end on a page boundary. Otherwise the command needs an SGL.
+bool fits_prps(std::span<const DmaSegment> segs) {
+  for (size_t k = 0; k < segs.size(); ++k) {
+    if (k > 0 && (segs[k].addr.value() & (kPageSize - 1)) != 0) return false;
+    if (k + 1 < segs.size() && ((segs[k].addr.value() + segs[k].len) & (kPageSize - 1)) != 0) return false;
+  }
+  return true;
+}
+
+double percentile(std::vector<double>& v, double p) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  const size_t i = std::min(v.size() - 1, static_cast<size_t>(p * static_cast<double>(v.size() - 1) + 0.5));
+  return v[i];
+}
+
+}  // namespace
+
+Result<JobResult> run_job(Machine& m, const Job& job) {
+  const pci::Topology& topo = m.topology();
+  const auto where = [&] { return "job '" + job.name + "'"; };
+  if (job.device >= topo.functions.size()) return make_error(EINVAL, where() + ": no such device");
+  if ((topo.functions[job.device].class_code >> 8) != 0x0108)
+    return make_error(EINVAL, where() + ": " + m.label(job.device) + " is not an NVMe controller (class " + format_hex(topo.functions[job.device].class_code) + ")");
+  if (job.block_size == 0 || job.block_size % 512 != 0 || job.block_size > 4 * MiB)
+    return make_error(EINVAL, where() + ": block size " + std::to_string(job.block_size) + " must be a multiple of 512 up to 4 MiB");
+  if (job.queue_depth == 0 || job.queue_depth > 1024) return make_error(EINVAL, where() + ": queue depth must be 1 to 1024");
+  if (job.size == 0 || job.size % job.block_size != 0)
+    return make_error(EINVAL, where() + ": size " + std::to_string(job.size) + " must be a non-zero multiple of the block size");
+  const uint64_t window = job.block_size * job.queue_depth;
+  if (window > kHostWindow) return make_error(EINVAL, where() + ": block size x queue depth exceeds the 256 MiB of buffers");
+
+  // Where the buffers are.
+  const Aperture* bar = nullptr;
+  if (job.buffer_function) {
+    bar = m.largest_bar(*job.buffer_function);
+    if (!bar) return make_error(EINVAL, where() + ": " + m.label(*job.buffer_function) + " has no memory BAR to hold the buffers");
+    if (bar->span.size < window) return make_error(EINVAL, where() + ": " + bar->name + " (" + format_size(bar->span.size) + ") cannot hold " + format_size(window) + " of buffers");
+  }
+  auto dev = m.device(job.device);
+  if (!dev) return std::move(dev).error();
+  DmaDevice& nvme = **dev;
+  Fabric& fab = m.fabric();
+  for (Resource& r : fab.resources()) r.bytes = 0;
+
+  // Device-side resources: the SSD's media (and a copy engine for explicit bouncing).
+  const uint32_t media = fab.add_resource(Resource::Kind::device, m.label(job.device) + (job.write ? " media write" : " media read"),
+                                          job.write ? m.options().nvme_write_gbps : m.options().nvme_read_gbps);
+  const double dev_latency = job.write ? m.options().nvme_write_latency_ns : m.options().nvme_read_latency_ns;
+
+  JobResult out;
+  out.name = job.name;
+  out.device = m.label(job.device);
+  out.buffer = bar ? bar->name : "host memory";
+  const bool staged = bar && job.path == PathPolicy::bounce;
+  const uint32_t attrs = job.path == PathPolicy::automatic ? kDmaAttrAllowBounce : 0;
+
+  // Routes: SSD <-> buffer, and for explicit staging the copy between host and the BAR.
+  Route main;
+  if (bar && !staged) {
+    auto r = fab.to_peer(job.device, bar->function, !job.write);
+    if (r) main = *r;
+    else if (job.path == PathPolicy::p2p) return make_error(EREMOTEIO, where() + ": " + r.error().message);
+  }
+  const bool via_memory = !bar || staged || main.resources.empty();
+  if (via_memory) main = *fab.to_memory(job.device, -1, !job.write);
+  main.resources.push_back(media);
+  main.latency_ns += dev_latency;
+  Route copy;
+  if (bar) {
+    copy = *fab.to_memory(bar->function, -1, job.write);  // the BAR side reads (read job) or writes host memory
+    if (staged) copy.resources.push_back(fab.add_resource(Resource::Kind::device, m.label(bar->function) + " copy engine", m.options().copy_engine_gbps));
+  }
+
+  auto ns = Namespace::create(job.size);
+  if (!ns) return std::move(ns).error();
+  std::vector<uint8_t> buf(job.block_size), got(job.block_size);
+  if (!job.write) {  // the data the reads will fetch
+    for (uint64_t off = 0; off < job.size; off += job.block_size) {
+      pattern(off, buf);
+      PHYSR_TRY(ns->write(off, buf));
+    }
+  }
+
+  Simulator sim(fab);
+  struct Io {
+    double submit = 0;
+    std::vector<Route> stages;  // run one after another
+  };
+  struct FlowRef {
+    uint64_t io;
+    size_t stage;
+  };
+  std::vector<Io> io(job.size / job.block_size);
+  std::vector<FlowRef> flow_of;  // by flow index
+  std::vector<double> lat;
+  const uint64_t ios = io.size();
+  uint64_t next = 0, completed = 0;
+  bool bounced_any = false, p2p_any = false;
+
+  // Submits I/O `i`: maps its buffer, moves and checks its bytes, unmaps, then queues its
+  // timing on the fabric (in two stages when the data goes through host memory).
+  const auto submit = [&](uint64_t i) -> Status {
+    const uint64_t off = i * job.block_size, slot = (i % job.queue_depth) * job.block_size;
+    const PhysAddr target = bar ? bar->span.base + slot : PhysAddr(kHostBuffers + slot);
+    const PhysAddr staging(kHostStaging + slot);
+    RangeList list;
+    PHYSR_TRY(list.append(PhysRange{staged ? staging : target, job.block_size, bar && !staged ? bar->id : kHostMemory}));
+    if (job.write) {  // the application's data, in the buffer (and copied to staging)
+      pattern(off, buf);
+      PHYSR_TRY(m.memory().write(target, buf));
+      if (staged) PHYSR_TRY(m.memory().copy(staging, target, job.block_size));
+    }
+    auto map = nvme.map(list, job.write ? DmaDirection::to_device : DmaDirection::from_device, attrs);
+    if (!map) return make_error(map.error().code, where() + ": " + map.error().message);
+    const auto segs = map->segments();
+    (fits_prps(segs) ? out.prp_ios : out.sgl_ios)++;
+    bool bounced = false;
+    for (const DmaSegment& s : segs) {
+      bounced |= (s.flags & kDmaSegBounced) != 0;
+      p2p_any |= (s.flags & (kDmaSegBusAddr | kDmaSegMmio)) != 0;
+    }
+    bounced_any |= bounced;
+    Status st;
+    if (job.write) {  // the SSD reads the buffer and writes its media
+      st = m.dma_read(job.device, segs, got);
+      if (st) st = ns->write(off, got);
+    } else {  // the SSD reads its media and writes the buffer
+      st = ns->read(off, got);
+      if (st) st = m.dma_write(job.device, segs, got);
+    }
+    Status un = nvme.unmap(*map);
+    PHYSR_TRY(st);
+    PHYSR_TRY(un);
+    if (!job.write && staged) PHYSR_TRY(m.memory().copy(target, staging, job.block_size));
+    // Verify: the buffer (read) or the namespace (write) holds the block's pattern.
+    pattern(off, buf);
+    if (job.write) PHYSR_TRY(ns->read(off, got));
+    else PHYSR_TRY(m.memory().read(target, got));
+    if (got != buf) return make_error(EIO, where() + ": I/O " + std::to_string(i) + " (offset " + format_hex(off) + "): data mismatch");
+    out.verified_bytes += job.block_size;
+    // Timing: the SSD's transfer, and the copy between host memory and the BAR when the
+    // DMA layer bounced or the job staged (before the SSD for writes, after it for reads).
+    Route ssd = main;
+    if (bounced && !via_memory) {
+      ssd = *fab.to_memory(job.device, -1, !job.write);
+      ssd.resources.push_back(media);
+      ssd.latency_ns += dev_latency;
+    }
+    io[i].submit = sim.now();
+    io[i].stages.clear();
+    const bool two = bar && (bounced || staged);
+    if (two && job.write) io[i].stages.push_back(copy);
+    io[i].stages.push_back(ssd);
+    if (two && !job.write) io[i].stages.push_back(copy);
+    flow_of.push_back(FlowRef{i, 0});
+    sim.add(io[i].stages[0], job.block_size, sim.now());
+    return {};
+  };
+
+  while (next < ios && next < job.queue_depth) PHYSR_TRY(submit(next++));
+  while (completed < ios) {
+    const auto finished = sim.step();
+    if (finished.empty()) return make_error(EIO, where() + ": the simulation stalled");  // cannot happen: every flow ends
+    for (size_t f : finished) {
+      const FlowRef ref = flow_of[f];
+      Io& x = io[ref.io];
+      if (ref.stage + 1 < x.stages.size()) {
+        flow_of.push_back(FlowRef{ref.io, ref.stage + 1});
+        sim.add(x.stages[ref.stage + 1], job.block_size, sim.now());
+        continue;
+      }
+      lat.push_back(sim.now() - x.submit);
+      x.stages.clear();
+      ++completed;
+      if (next < ios) PHYSR_TRY(submit(next++));
+    }
+  }
+
+  out.ios = ios;
+  out.bytes = job.size;
+  out.seconds = sim.now() * 1e-9;
+  out.gbps = out.seconds > 0 ? static_cast<double>(job.size) / sim.now() : 0;
+  out.lat_p50_us = percentile(lat, 0.50) / 1000;
+  out.lat_p99_us = percentile(lat, 0.99) / 1000;
+  out.path = !bar ? "host memory"
+             : staged ? "bounce via a host buffer + copy engine"
+             : bounced_any ? "bounce (DMA layer, swiotlb)"
+             : std::string("p2p ") + pci::map_type_name(main.p2p) + (main.through_rc ? " (through the root complex)" : " (under the switch)");
+  (void)p2p_any;
+  for (const Resource& r : fab.resources()) {
+    if (r.bytes == 0) continue;
+    out.link_bytes.emplace_back(r.name, r.bytes);
+    if (r.kind == Resource::Kind::rc_forward) out.rc_bytes += r.bytes;
+    if (r.kind == Resource::Kind::memory) out.host_memory_bytes += r.bytes;
+  }
+  out.iommu_faults = m.faults().size();
+  return out;
+}
+
+}  // namespace physr::sim
