@@ -1,5 +1,8 @@
-# Writes OUT, a C++ file defining `physr::cli::kBuiltinMachines`: the name and text of every
-# TOML file under DIR, so built-in machines work from an installed binary.
+# Writes OUT, a C++ file defining `physr::cli::VAR` (default kBuiltinMachines): the name and
+# text of every TOML file under DIR, so built-in files work from an installed binary.
+if(NOT VAR)
+  set(VAR kBuiltinMachines)
+endif()
 file(GLOB files "${DIR}/*.toml")
 list(SORT files)
 set(body "")
@@ -8,5 +11,5 @@ foreach(f ${files})
   file(READ "${f}" text)
   string(APPEND body "    {\"${name}\", R\"physr_embed(${text})physr_embed\"},\n")
 endforeach()
-file(WRITE "${OUT}.tmp" "// Generated from ${DIR} by cmake/Embed.cmake.\n#include \"builtin.hpp\"\n\nnamespace physr::cli {\nconst std::vector<BuiltinFile> kBuiltinMachines = {\n${body}};\n}  // namespace physr::cli\n")
+file(WRITE "${OUT}.tmp" "// Generated from ${DIR} by cmake/Embed.cmake.\n#include \"builtin.hpp\"\n\nnamespace physr::cli {\nconst std::vector<BuiltinFile> ${VAR} = {\n${body}};\n}  // namespace physr::cli\n")
 execute_process(COMMAND ${CMAKE_COMMAND} -E copy_if_different "${OUT}.tmp" "${OUT}")

@@ -55,6 +55,7 @@ struct Resource {
   std::string name;   // "0000:03:00.0 up", "rc pci0000:00", "memory node 0", "socket 0->1"
   double gbps = 0;    // bytes per ns
   uint64_t bytes = 0; // moved so far
+  double moved = 0;   // the same before rounding (flows move fractional bytes per event)
 };
 
 /// Where a transfer goes: the resources it crosses and its latency.
@@ -119,6 +120,9 @@ class Simulator {
   /// Runs to the next completion (later transfers may still be added) and returns the
   /// transfers that completed then; empty when nothing is left to run.
   std::vector<size_t> step();
+  /// Moves the clock to `t_ns` (later transfers are added from there), running whatever
+  /// completes on the way; returns the transfers that completed.
+  std::vector<size_t> idle_until(double t_ns);
   /// Transfers added and not yet finished.
   size_t in_flight() const noexcept { return active_.size() + (order_.size() - next_); }
   /// Completion time of a transfer (after run()).
@@ -136,6 +140,7 @@ class Simulator {
     uint64_t bytes = 0;
   };
   void allocate_rates(const std::vector<size_t>& active);
+  bool advance(double horizon, std::vector<size_t>& done);
 
   Fabric* fabric_;
   std::vector<Flow> flows_;
@@ -265,5 +270,33 @@ struct JobResult {
 /// with a pattern per block), and timed over the fabric. Errors: the device is not an NVMe
 /// controller, the buffer placement is impossible, or a policy of p2p meets EREMOTEIO.
 Result<JobResult> run_job(Machine& machine, const Job& job);
+
+// -------------------------------------------------------------------------------------
+// Scenarios: a machine and jobs, from TOML (docs/sim.md)
+
+/// A job as a scenario names it; resolved against a machine by resolve_job().
+struct JobSpec {
+  std::string name;
+  std::string device;   // the NVMe SSD (name or BDF)
+  bool write = false;
+  uint64_t block_size = 128 * KiB;
+  unsigned queue_depth = 32;
+  uint64_t size = 256 * MiB;
+  std::string buffer = "host";  // "host", a device (its largest BAR), or "nearest"
+  PathPolicy path = PathPolicy::automatic;
+  std::string where;    // "FILE:LINE" for messages
+};
+
+struct Scenario {
+  std::string name, description, source;
+  std::string machine = "two-socket-switch";  // a built-in machine name or a TOML file path
+  MachineOptions options;
+  std::vector<JobSpec> jobs;
+};
+
+/// Parses scenario TOML; errors name SOURCE:LINE, the key and the problem.
+Result<Scenario> parse_scenario(std::string_view text, std::string_view source);
+/// Resolves device and buffer names against the machine. ENODEV/EINVAL name the job.
+Result<Job> resolve_job(const JobSpec& spec, Machine& machine);
 
 }  // namespace physr::sim

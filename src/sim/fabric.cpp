@@ -26,7 +26,7 @@ bool has_upstream_link(PortType t) {
 }  // namespace
 
 uint32_t Fabric::add(Resource::Kind k, std::string name, double gbps) {
-  res_.push_back(Resource{k, std::move(name), gbps, 0});
+  res_.push_back(Resource{k, std::move(name), gbps, 0, 0});
   return static_cast<uint32_t>(res_.size() - 1);
 }
 
@@ -215,41 +215,71 @@ void Simulator::allocate_rates(const std::vector<size_t>& active) {
   }
 }
 
-std::vector<size_t> Simulator::step() {
-  std::vector<size_t> done;
-  auto& res = fabric_->resources();
-  while (done.empty() && (next_ < order_.size() || !active_.empty())) {
-    if (active_.empty() && now_ < flows_[order_[next_]].start) now_ = flows_[order_[next_]].start;
-    while (next_ < order_.size() && flows_[order_[next_]].start <= now_) {
-      active_.push_back(order_[next_++]);
-      ++events_;
-    }
-    allocate_rates(active_);
-    // The next event: a completion or the next start.
-    double dt = std::numeric_limits<double>::infinity();
-    for (size_t i : active_) dt = std::min(dt, flows_[i].remaining / flows_[i].rate);
-    if (next_ < order_.size()) dt = std::min(dt, flows_[order_[next_]].start - now_);
-    for (size_t i : active_) {
-      Flow& f = flows_[i];
-      const double moved = std::isfinite(f.rate) ? std::min(f.remaining, f.rate * dt) : f.remaining;
-      f.remaining -= moved;
-      for (uint32_t r : f.res) res[r].bytes += static_cast<uint64_t>(std::llround(moved));
-    }
-    now_ += dt;
-    std::erase_if(active_, [&](size_t i) {
-      Flow& f = flows_[i];
-      if (f.remaining > 1e-6 * static_cast<double>(f.bytes) + 1e-9) return false;
-      f.remaining = 0;
-      f.finish = now_;
-      ++events_;
-      done.push_back(i);
-      return true;
-    });
+// One event: starts what is due, moves data to the next completion, start or `horizon`
+// (whichever comes first), and appends the transfers that completed to `done`.
+bool Simulator::advance(double horizon, std::vector<size_t>& done) {
+  if (next_ >= order_.size() && active_.empty()) {
+    if (now_ < horizon && std::isfinite(horizon)) now_ = horizon;
+    return false;
   }
+  auto& res = fabric_->resources();
+  if (active_.empty() && now_ < flows_[order_[next_]].start) {
+    if (flows_[order_[next_]].start > horizon) {
+      now_ = horizon;
+      return false;
+    }
+    now_ = flows_[order_[next_]].start;
+  }
+  while (next_ < order_.size() && flows_[order_[next_]].start <= now_) {
+    active_.push_back(order_[next_++]);
+    ++events_;
+  }
+  allocate_rates(active_);
+  double dt = horizon - now_;
+  for (size_t i : active_) dt = std::min(dt, flows_[i].remaining / flows_[i].rate);
+  if (next_ < order_.size()) dt = std::min(dt, flows_[order_[next_]].start - now_);
+  for (size_t i : active_) {
+    Flow& f = flows_[i];
+    const double moved = std::isfinite(f.rate) ? std::min(f.remaining, f.rate * dt) : f.remaining;
+    f.remaining -= moved;
+    for (uint32_t r : f.res) {
+      res[r].moved += moved;
+      res[r].bytes = static_cast<uint64_t>(std::llround(res[r].moved));
+    }
+  }
+  now_ += dt;
+  std::erase_if(active_, [&](size_t i) {
+    Flow& f = flows_[i];
+    if (f.remaining > 1e-6 * static_cast<double>(f.bytes) + 1e-9) return false;
+    for (uint32_t r : f.res) {  // account the rounding remainder, so totals are exact
+      res[r].moved += f.remaining;
+      res[r].bytes = static_cast<uint64_t>(std::llround(res[r].moved));
+    }
+    f.remaining = 0;
+    f.finish = now_;
+    ++events_;
+    done.push_back(i);
+    return true;
+  });
   if (next_ == order_.size()) {  // everything started: drop the consumed prefix
     order_.clear();
     next_ = 0;
   }
+  return true;
+}
+
+std::vector<size_t> Simulator::step() {
+  std::vector<size_t> done;
+  while (done.empty() && advance(std::numeric_limits<double>::infinity(), done)) {
+  }
+  return done;
+}
+
+std::vector<size_t> Simulator::idle_until(double t) {
+  std::vector<size_t> done;
+  while (now_ < t && advance(t, done)) {
+  }
+  if (now_ < t) now_ = t;
   return done;
 }
 

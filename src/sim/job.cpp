@@ -115,12 +115,15 @@ Result<JobResult> run_job(Machine& m, const Job& job) {
   if (!dev) return std::move(dev).error();
   DmaDevice& nvme = **dev;
   Fabric& fab = m.fabric();
-  for (Resource& r : fab.resources()) r.bytes = 0;
+  for (Resource& r : fab.resources()) r.bytes = 0, r.moved = 0;
 
-  // Device-side resources: the SSD's media (and a copy engine for explicit bouncing).
-  const uint32_t media = fab.add_resource(Resource::Kind::device, m.label(job.device) + (job.write ? " media write" : " media read"),
-                                          job.write ? m.options().nvme_write_gbps : m.options().nvme_read_gbps);
+  // The SSD's media serves commands first come, first served, one block's media time each
+  // (a shared, fairly divided resource would let the commands fall into lockstep and leave
+  // the media idle for a latency after every wave, which SSDs do not do). A command's data
+  // moves after its latency and its media slot, over the fabric.
   const double dev_latency = job.write ? m.options().nvme_write_latency_ns : m.options().nvme_read_latency_ns;
+  const double slot_ns = static_cast<double>(job.block_size) / (job.write ? m.options().nvme_write_gbps : m.options().nvme_read_gbps);
+  double media_free = 0;
 
   JobResult out;
   out.name = job.name;
@@ -131,14 +134,19 @@ Result<JobResult> run_job(Machine& m, const Job& job) {
 
   // Routes: SSD <-> buffer, and for explicit staging the copy between host and the BAR.
   Route main;
+  bool peer_ok = false;
   if (bar && !staged) {
     auto r = fab.to_peer(job.device, bar->function, !job.write);
-    if (r) main = *r;
-    else if (job.path == PathPolicy::p2p) return make_error(EREMOTEIO, where() + ": " + r.error().message);
+    if (r) {
+      main = *r;
+      peer_ok = true;
+    } else if (job.path == PathPolicy::p2p) {
+      return make_error(EREMOTEIO, where() + ": " + r.error().message);
+    }
   }
-  const bool via_memory = !bar || staged || main.resources.empty();
+  const bool inside = peer_ok && main.resources.empty();  // the SSD's own CMB
+  const bool via_memory = !peer_ok;
   if (via_memory) main = *fab.to_memory(job.device, -1, !job.write);
-  main.resources.push_back(media);
   main.latency_ns += dev_latency;
   Route copy;
   if (bar) {
@@ -160,6 +168,7 @@ Result<JobResult> run_job(Machine& m, const Job& job) {
   struct Io {
     double submit = 0;
     std::vector<Route> stages;  // run one after another
+    size_t ssd_stage = 0;       // the one the SSD's media serves
   };
   struct FlowRef {
     uint64_t io;
@@ -171,6 +180,19 @@ Result<JobResult> run_job(Machine& m, const Job& job) {
   const uint64_t ios = io.size();
   uint64_t next = 0, completed = 0;
   bool bounced_any = false, p2p_any = false;
+
+  // Queues stage `k` of I/O `i` on the fabric; the SSD's stage waits for its media slot.
+  const auto start_stage = [&](uint64_t i, size_t k) {
+    const Route& r = io[i].stages[k];
+    double at = sim.now();
+    if (k == io[i].ssd_stage) {
+      const double start = std::max(sim.now() + r.latency_ns, media_free);
+      media_free = start + slot_ns;
+      at = start - r.latency_ns;
+    }
+    flow_of.push_back(FlowRef{i, k});
+    sim.add(r, job.block_size, at);
+  };
 
   // Submits I/O `i`: maps its buffer, moves and checks its bytes, unmaps, then queues its
   // timing on the fabric (in two stages when the data goes through host memory).
@@ -218,37 +240,49 @@ Result<JobResult> run_job(Machine& m, const Job& job) {
     Route ssd = main;
     if (bounced && !via_memory) {
       ssd = *fab.to_memory(job.device, -1, !job.write);
-      ssd.resources.push_back(media);
       ssd.latency_ns += dev_latency;
     }
     io[i].submit = sim.now();
     io[i].stages.clear();
     const bool two = bar && (bounced || staged);
     if (two && job.write) io[i].stages.push_back(copy);
+    io[i].ssd_stage = io[i].stages.size();
     io[i].stages.push_back(ssd);
     if (two && !job.write) io[i].stages.push_back(copy);
-    flow_of.push_back(FlowRef{i, 0});
-    sim.add(io[i].stages[0], job.block_size, sim.now());
+    start_stage(i, 0);
     return {};
   };
 
-  while (next < ios && next < job.queue_depth) PHYSR_TRY(submit(next++));
-  while (completed < ios) {
-    const auto finished = sim.step();
-    if (finished.empty()) return make_error(EIO, where() + ": the simulation stalled");  // cannot happen: every flow ends
+  uint64_t in_flight = 0;
+  const auto on_done = [&](const std::vector<size_t>& finished) {
     for (size_t f : finished) {
       const FlowRef ref = flow_of[f];
       Io& x = io[ref.io];
-      if (ref.stage + 1 < x.stages.size()) {
-        flow_of.push_back(FlowRef{ref.io, ref.stage + 1});
-        sim.add(x.stages[ref.stage + 1], job.block_size, sim.now());
+      if (ref.stage + 1 < x.stages.size()) {  // the next stage of a bounced I/O
+        start_stage(ref.io, ref.stage + 1);
         continue;
       }
       lat.push_back(sim.now() - x.submit);
       x.stages.clear();
       ++completed;
-      if (next < ios) PHYSR_TRY(submit(next++));
+      --in_flight;
     }
+  };
+  // The driver ramps the queue up one command per block's media time, so the commands do
+  // not move in lockstep (which would leave the media idle for a whole latency after every
+  // wave); from then on each completion is replaced by a new command at once.
+  const double gap = slot_ns;
+  const uint64_t ramp = std::min<uint64_t>(job.queue_depth, ios);
+  while (completed < ios) {
+    if (in_flight < job.queue_depth && next < ios) {
+      PHYSR_TRY(submit(next++));
+      ++in_flight;
+      if (next <= ramp) on_done(sim.idle_until(sim.now() + gap));
+      continue;
+    }
+    const auto finished = sim.step();
+    if (finished.empty()) return make_error(EIO, where() + ": the simulation stalled");  // cannot happen: every flow ends
+    on_done(finished);
   }
 
   out.ios = ios;
@@ -260,7 +294,8 @@ Result<JobResult> run_job(Machine& m, const Job& job) {
   out.path = !bar ? "host memory"
              : staged ? "bounce via a host buffer + copy engine"
              : bounced_any ? "bounce (DMA layer, swiotlb)"
-             : std::string("p2p ") + pci::map_type_name(main.p2p) + (main.through_rc ? " (through the root complex)" : " (under the switch)");
+             : std::string("p2p ") + pci::map_type_name(main.p2p) +
+                   (inside ? " (inside the SSD)" : main.through_rc ? " (through the root complex)" : " (under the switch)");
   (void)p2p_any;
   for (const Resource& r : fab.resources()) {
     if (r.bytes == 0) continue;

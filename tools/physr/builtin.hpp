@@ -1,4 +1,4 @@
-// Built-in machine files (machines/*.toml), embedded at build time.
+// Built-in machine files (machines/*.toml) and scenarios (scenarios/*.toml), embedded at build time.
 #pragma once
 
 #include <string_view>
@@ -10,4 +10,5 @@ struct BuiltinFile {
   std::string_view text;
 };
 extern const std::vector<BuiltinFile> kBuiltinMachines;
+extern const std::vector<BuiltinFile> kBuiltinScenarios;  // scenarios/*.toml
 }  // namespace physr::cli

@@ -7,6 +7,9 @@
 
 #include "physr/core.hpp"
 #include "physr/pci.hpp"
+#include "physr/sim.hpp"
+
+#include <functional>
 
 namespace physr::cli {
 
@@ -50,8 +53,15 @@ std::optional<pci::Topology> builtin_machine(std::string_view name);
 pci::Topology load_machine_arg(const std::string& machine);
 /// `physr map`.
 void add_map_command(CLI::App& app);
+/// `physr sim`.
+void add_sim_command(CLI::App& app);
 /// "a, b, c": the names of the built-in machines, for messages.
 std::string builtin_machine_names();
+
+/// A scenario named by a file path or a built-in name; a Failure naming it otherwise.
+sim::Scenario load_scenario_arg(const std::string& arg);
+/// Runs every job of a scenario on a fresh machine; progress(i, name) before each job.
+std::vector<sim::JobResult> run_scenario(const sim::Scenario& sc, const std::function<void(size_t, const std::string&)>& progress);
 
 /// The default job: what physr is and a short demonstration of each module.
 void run_tour();

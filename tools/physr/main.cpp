@@ -11,6 +11,7 @@ int main(int argc, char** argv) {
   add_ranges_command(app);
   add_topo_commands(app);
   add_map_command(app);
+  add_sim_command(app);
   try {
     try {
       app.parse(argc, argv);
