@@ -283,5 +283,76 @@ TEST(SimJobTest, DeterministicTimes) {
   EXPECT_EQ(x.lat_p99_us, y.lat_p99_us);
 }
 
+TEST(SimScenarioTest, ParsesAndResolves) {
+  auto sc = parse_scenario(R"(
+name = "t"
+machine = "two-socket-switch"
+[options]
+iommu = false
+rc_p2p_gbps = 6.5
+nvme_read_latency_us = 10
+[[job]]
+name = "a"
+device = "nvme0"
+rw = "write"
+bs = "64K"
+qd = 4
+size = "1M"
+buffer = "nearest"
+path = "bounce"
+[[job]]
+device = "nvme1"
+)", "t.toml");
+  ASSERT_TRUE(sc.has_value()) << sc.error().to_string();
+  EXPECT_FALSE(sc->options.iommu);
+  EXPECT_EQ(sc->options.fabric.rc_p2p_gbps, 6.5);
+  EXPECT_EQ(sc->options.nvme_read_latency_ns, 10'000);
+  ASSERT_EQ(sc->jobs.size(), 2u);
+  EXPECT_TRUE(sc->jobs[0].write);
+  EXPECT_EQ(sc->jobs[0].block_size, 64 * KiB);
+  EXPECT_EQ(sc->jobs[0].path, PathPolicy::bounce);
+  EXPECT_EQ(sc->jobs[1].name, "job2");
+  EXPECT_EQ(sc->jobs[1].buffer, "host");
+  EXPECT_EQ(sc->jobs[0].where, "t.toml:8");
+  const auto t = machine("two-socket-switch");
+  auto m = build(t, sc->options);
+  auto j = resolve_job(sc->jobs[0], *m);
+  ASSERT_TRUE(j.has_value()) << j.error().to_string();
+  EXPECT_EQ(j->buffer_function, *t.lookup("nvme0"));  // its own CMB is the nearest (distance 0)
+  JobSpec bad = sc->jobs[1];
+  bad.device = "nosuch";
+  EXPECT_NE(resolve_job(bad, *m).error().message.find("t.toml:17: job 'job2': device"), std::string::npos);
+  bad = sc->jobs[1];
+  bad.buffer = "nosuch";
+  EXPECT_NE(resolve_job(bad, *m).error().message.find("or use host or nearest"), std::string::npos);
+}
+
+TEST(SimScenarioTest, BadFilesNameTheFileLineKeyAndProblem) {
+  const std::pair<const char*, const char*> cases[] = {
+      {"[[job]]\ndevice = \"nvme0\"\nbs = \"12Q\"\n", "f.toml:3: job.bs"},
+      {"[[job]]\ndevice = \"nvme0\"\nbs = 1000\n", "multiple of 512"},
+      {"[[job]]\ndevice = \"nvme0\"\nsize = \"1M\"\nbs = \"3M\"\n", "job.size"},
+      {"[[job]]\ndevice = \"nvme0\"\nrw = \"sideways\"\n", "f.toml:3: job.rw: 'sideways' must be read or write"},
+      {"[[job]]\ndevice = \"nvme0\"\npath = \"teleport\"\n", "job.path"},
+      {"[[job]]\ndevice = \"nvme0\"\nqd = 0\n", "job.qd"},
+      {"[[job]]\ndevice = \"nvme0\"\nqd = 5000\n", "out of range"},
+      {"[[job]]\nname = \"x\"\n", "missing key 'device'"},
+      {"[[job]]\ndevice = \"nvme0\"\ncolour = 1\n", "unknown key 'colour'"},
+      {"name = \"x\"\n", "at least one [[job]]"},
+      {"job = 3\n", "expected an array of tables"},
+      {"[options]\nrc_p2p_gbps = -1\n[[job]]\ndevice = \"a\"\n", "options.rc_p2p_gbps"},
+      {"[options]\nram = \"1G\"\n[[job]]\ndevice = \"a\"\n", "at least 3 GiB"},
+      {"[options]\niommu = \"yes\"\n[[job]]\ndevice = \"a\"\n", "options.iommu: expected true or false"},
+      {"options = 3\n[[job]]\ndevice = \"a\"\n", "options: expected a table"},
+      {"[[job]\n", "f.toml:1: TOML syntax"},
+  };
+  for (const auto& [text, want] : cases) {
+    auto r = parse_scenario(text, "f.toml");
+    ASSERT_FALSE(r.has_value()) << text;
+    EXPECT_EQ(r.error().code, EINVAL) << text;
+    EXPECT_NE(r.error().message.find(want), std::string::npos) << text << " -> " << r.error().message;
+  }
+}
+
 }  // namespace
 }  // namespace physr::sim

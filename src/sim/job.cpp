@@ -27,11 +27,13 @@ namespace {
 constexpr uint64_t kHostBuffers = 1 * GiB, kHostStaging = 1536 * MiB, kHostWindow = 256 * MiB;
 
 // The namespace's content: a pattern that depends on the byte's position, so a block that
-// lands in the wrong place or at the wrong offset is caught.
+// lands in the wrong place or at the wrong offset is caught. Generated a 64-bit word at a
+// time (offsets and sizes are multiples of 512).
 void pattern(uint64_t offset, std::span<uint8_t> out) {
-  for (size_t i = 0; i < out.size(); ++i) {
-    const uint64_t o = offset + i;
-    out[i] = static_cast<uint8_t>((o * 0x9E3779B1u) >> 24 ^ (o >> 12));
+  for (size_t i = 0; i + 8 <= out.size(); i += 8) {
+    uint64_t z = (offset + i) * 0x9E3779B97F4A7C15ull;
+    z ^= z >> 29;
+    std::memcpy(out.data() + i, &z, 8);
   }
 }
 

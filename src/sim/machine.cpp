@@ -126,7 +126,8 @@ Status Machine::access(uint32_t initiator, std::span<const DmaSegment> segs, uin
       } else {
         phys = PhysAddr(dma);
       }
-      runs.emplace_back(phys, run);
+      if (!runs.empty() && runs.back().first + runs.back().second == phys) runs.back().second += run;  // physically contiguous
+      else runs.emplace_back(phys, run);
       at += run;
       done += run;
     }

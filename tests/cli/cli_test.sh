@@ -155,6 +155,39 @@ expect 2 "no PCI function|neither" -- map --device nosuch
 expect 2 'direct devices only' -- map --dma-offset 4K
 expect 1 'no such file' -- map --machine /nonexistent.toml
 
+# physr sim: the flagship and the AMD scenario, JSON and SVG, and bad scenarios.
+cat > "$tmp/small.toml" <<'TOML'
+name = "small"
+machine = "two-socket-switch"
+[[job]]
+name = "p2p"
+device = "nvme0"
+size = "4M"
+buffer = "gpu0"
+path = "p2p"
+[[job]]
+name = "staged"
+device = "nvme0"
+size = "4M"
+buffer = "gpu0"
+path = "bounce"
+TOML
+expect 0 'p2p +nvme0 +gpu0 BAR1 .* p2p bus_addr \(under the switch\)' -- sim "$tmp/small.toml"
+expect 0 'staged .* bounce via a host buffer' -- sim "$tmp/small.toml"
+expect 0 'Every byte verified against its source: 8 MiB in 2 jobs' -- sim "$tmp/small.toml" --svg "$tmp/chart.svg"
+if grep -q '<svg' "$tmp/chart.svg" && grep -q 'staged' "$tmp/chart.svg"; then passes=$((passes + 1)); else echo "FAIL: sim --svg wrote no chart"; fails=$((fails + 1)); fi
+expect 0 '"verified_bytes": 4194304' -- sim "$tmp/small.toml" --json
+expect 0 'thru_host_bridge \(through the root complex\)' -- sim amd-zen
+expect 0 'The flagship scenario' --
+printf '[[job]]\ndevice = "nvme0"\nrw = "sideways"\n' > "$tmp/bad1.toml"
+expect 1 'bad1.toml:3: job.rw' -- sim "$tmp/bad1.toml"
+printf '[[job]]\ndevice = "gpu0"\nsize = "1M"\n' > "$tmp/bad2.toml"
+expect 1 'not an NVMe controller' -- sim "$tmp/bad2.toml"
+printf 'machine = "xeon-e5-two-sockets"\n[[job]]\ndevice = "nvme1"\nbuffer = "gpu0"\npath = "p2p"\nsize = "1M"\n' > "$tmp/bad3.toml"
+expect 1 'EREMOTEIO.*unsupported request' -- sim "$tmp/bad3.toml"
+expect 1 "no such file and no built-in scenario" -- sim nosuch
+expect 1 '--svg /nonexistent/dir/x.svg' -- sim "$tmp/small.toml" --svg /nonexistent/dir/x.svg
+
 for what in "switch:--machine two-socket-switch" "snap:--sysfs-root $snap" "zen:--machine amd-zen"; do
   kind=${what%%:*}
   # shellcheck disable=SC2086
