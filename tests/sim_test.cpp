@@ -337,6 +337,7 @@ TEST(SimScenarioTest, BadFilesNameTheFileLineKeyAndProblem) {
       {"[[job]]\ndevice = \"nvme0\"\nqd = 0\n", "job.qd"},
       {"[[job]]\ndevice = \"nvme0\"\nqd = 5000\n", "out of range"},
       {"[[job]]\nname = \"x\"\n", "missing key 'device'"},
+      {"[[job]]\ndevice = \"\"\n", "f.toml:2: job 'job1': device is empty"},
       {"[[job]]\ndevice = \"nvme0\"\ncolour = 1\n", "unknown key 'colour'"},
       {"name = \"x\"\n", "at least one [[job]]"},
       {"job = 3\n", "expected an array of tables"},

@@ -70,6 +70,7 @@ Result<Scenario> parse_scenario(std::string_view text, std::string_view source) 
     auto dev = get_string(c, t, "device", what);
     if (!dev) return std::move(dev).error();
     if (!*dev) return make_error(EINVAL, c.where(t) + "job '" + j.name + "': missing key 'device' (the NVMe SSD)");
+    if (dev->value().empty()) return make_error(EINVAL, c.where(*t.get("device")) + "job '" + j.name + "': device is empty");
     j.device = **dev;
     if (auto v = get_string(c, t, "rw", what); !v) return std::move(v).error();
     else if (*v) {
