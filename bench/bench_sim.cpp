@@ -5,9 +5,17 @@
 //                        per wall second; events_per_second = simulator events per wall
 //                        second
 //   Memcpy/1048576       memcpy of 1 MiB between warm buffers, the peer for SimTransfer
+//   SimPeakMemory        a 10 GiB read job (1 MiB transfers, queue depth 32, into the GPU's
+//                        64 GiB BAR and, second job, into host memory): counters
+//                        peak_rss_bytes (the process's peak resident set after the job),
+//                        backed_bytes (physical memory backed by the model) and
+//                        touched_bytes (distinct bytes the jobs wrote); target: peak memory
+//                        under 2x the bytes touched
 //   SimEvents            the fabric alone: 10,000 flows from two devices sharing the switch
 //                        uplink below saturation, events per second
 #include <benchmark/benchmark.h>
+
+#include <sys/resource.h>
 
 #include <cstring>
 #include <filesystem>
@@ -73,8 +81,41 @@ void BM_SimEvents(benchmark::State& state) {
   state.counters["events_per_second"] = benchmark::Counter(static_cast<double>(events), benchmark::Counter::kIsRate);
 }
 
+void BM_SimPeakMemory(benchmark::State& state) {
+  const auto t = topo();
+  for (auto _ : state) {
+    auto m = std::move(sim::Machine::create(t)).value();
+    sim::Job j;
+    j.name = "10g";
+    j.device = *t.lookup("nvme0");
+    j.buffer_function = *t.lookup("gpu0");
+    j.path = sim::PathPolicy::p2p;
+    j.block_size = 1 * MiB;
+    j.queue_depth = 32;
+    j.size = 10 * GiB;
+    auto r = sim::run_job(*m, j);
+    if (!r) {
+      state.SkipWithError(r.error().to_string().c_str());
+      break;
+    }
+    j.buffer_function.reset();  // the same into host memory
+    r = sim::run_job(*m, j);
+    if (!r) {
+      state.SkipWithError(r.error().to_string().c_str());
+      break;
+    }
+    rusage u{};
+    getrusage(RUSAGE_SELF, &u);
+    state.counters["peak_rss_bytes"] = static_cast<double>(u.ru_maxrss) * 1024;
+    state.counters["backed_bytes"] = static_cast<double>(m->memory().backed_bytes());
+    // Each job writes its 32 buffers of 1 MiB over and over: 32 MiB touched per job.
+    state.counters["touched_bytes"] = static_cast<double>(2 * j.queue_depth * j.block_size);
+  }
+}
+
 BENCHMARK(BM_SimTransfer)->Name("SimTransfer")->Arg(4096)->Arg(1048576)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_Memcpy)->Name("Memcpy")->Arg(1048576);
+BENCHMARK(BM_SimPeakMemory)->Name("SimPeakMemory")->Unit(benchmark::kSecond)->Iterations(1);
 BENCHMARK(BM_SimEvents)->Name("SimEvents")->Unit(benchmark::kMillisecond);
 
 }  // namespace

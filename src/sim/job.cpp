@@ -38,9 +38,11 @@ void pattern(uint64_t offset, std::span<uint8_t> out) {
 }
 
 // A namespace backed by a sparse temporary file (deleted at once; it lives while open).
+// Blocks never written read as the factory pattern, so a read job over 10 GiB needs no
+// 10 GiB of disk; written blocks are in the file (tracked per block of `unit` bytes).
 class Namespace {
  public:
-  static Result<Namespace> create(uint64_t size) {
+  static Result<Namespace> create(uint64_t size, uint64_t unit) {
     const char* dir = std::getenv("TMPDIR");
     std::string path = std::string(dir && *dir ? dir : "/tmp") + "/physr-nvme-XXXXXX";
     const int fd = mkstemp(path.data());
@@ -51,26 +53,37 @@ class Namespace {
       close(fd);
       return make_error(e, "NVMe namespace: cannot size the file to " + format_size(size) + ": " + std::strerror(e));
     }
-    return Namespace(fd);
+    Namespace ns(fd);
+    ns.unit_ = unit;
+    ns.written_.assign(size / unit, false);
+    return ns;
   }
-  Namespace(Namespace&& o) noexcept : fd_(std::exchange(o.fd_, -1)) {}
+  Namespace(Namespace&& o) noexcept : fd_(std::exchange(o.fd_, -1)), unit_(o.unit_), written_(std::move(o.written_)) {}
   ~Namespace() {
     if (fd_ >= 0) close(fd_);
   }
+  // Reads and writes are whole blocks of `unit` bytes at multiples of it.
   Status read(uint64_t off, std::span<uint8_t> out) const {
+    if (!written_[off / unit_]) {
+      pattern(off, out);
+      return {};
+    }
     if (pread(fd_, out.data(), out.size(), static_cast<off_t>(off)) != static_cast<ssize_t>(out.size()))
       return make_error(EIO, "NVMe namespace: short read at " + format_hex(off));
     return {};
   }
-  Status write(uint64_t off, std::span<const uint8_t> in) const {
+  Status write(uint64_t off, std::span<const uint8_t> in) {
     if (pwrite(fd_, in.data(), in.size(), static_cast<off_t>(off)) != static_cast<ssize_t>(in.size()))
       return make_error(EIO, "NVMe namespace: short write at " + format_hex(off));
+    written_[off / unit_] = true;
     return {};
   }
 
  private:
   explicit Namespace(int fd) : fd_(fd) {}
   int fd_ = -1;
+  uint64_t unit_ = 1;
+  std::vector<bool> written_;
 };
 
 // NVMe PRP rules: only the first entry may start inside a page, and every segment but the
@@ -156,15 +169,9 @@ Result<JobResult> run_job(Machine& m, const Job& job) {
     if (staged) copy.resources.push_back(fab.add_resource(Resource::Kind::device, m.label(bar->function) + " copy engine", m.options().copy_engine_gbps));
   }
 
-  auto ns = Namespace::create(job.size);
+  auto ns = Namespace::create(job.size, job.block_size);
   if (!ns) return std::move(ns).error();
   std::vector<uint8_t> buf(job.block_size), got(job.block_size);
-  if (!job.write) {  // the data the reads will fetch
-    for (uint64_t off = 0; off < job.size; off += job.block_size) {
-      pattern(off, buf);
-      PHYSR_TRY(ns->write(off, buf));
-    }
-  }
 
   Simulator sim(fab);
   struct Io {
@@ -231,10 +238,14 @@ Result<JobResult> run_job(Machine& m, const Job& job) {
     PHYSR_TRY(st);
     PHYSR_TRY(un);
     if (!job.write && staged) PHYSR_TRY(m.memory().copy(target, staging, job.block_size));
-    // Verify: the buffer (read) or the namespace (write) holds the block's pattern.
-    pattern(off, buf);
-    if (job.write) PHYSR_TRY(ns->read(off, got));
-    else PHYSR_TRY(m.memory().read(target, got));
+    // Verify against the source: a read's buffer must hold what the SSD read from its
+    // namespace; a write's namespace block must hold the application's data.
+    if (job.write) {
+      PHYSR_TRY(ns->read(off, got));
+    } else {
+      std::swap(buf, got);  // buf: the SSD's data; got: what landed in the buffer
+      PHYSR_TRY(m.memory().read(target, got));
+    }
     if (got != buf) return make_error(EIO, where() + ": I/O " + std::to_string(i) + " (offset " + format_hex(off) + "): data mismatch");
     out.verified_bytes += job.block_size;
     // Timing: the SSD's transfer, and the copy between host memory and the BAR when the

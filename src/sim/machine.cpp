@@ -102,19 +102,24 @@ Status Machine::access(uint32_t initiator, std::span<const DmaSegment> segs, uin
   std::vector<std::pair<PhysAddr, uint64_t>> runs;
   size_t at = 0;
   for (const DmaSegment& s : segs) {
+    if (s.flags & kDmaSegBusAddr) {
+      // The switch routes a bus address to the BAR that decodes it (bus = CPU address here);
+      // a segment never spans two BARs.
+      const Aperture* hit = nullptr;
+      for (const Aperture& a : apertures_)
+        if (a.span.contains(PhysSpan{PhysAddr(s.addr.value()), s.len})) hit = &a;
+      if (!hit) return make_error(EREMOTEIO, "unsupported request: no BAR decodes bus addresses " + format_hex(s.addr.value()) + " (+" + format_hex(s.len) + ")");
+      if (at + s.len > len) return make_error(EINVAL, "DMA engine: the DMA list is longer than the data");
+      runs.emplace_back(PhysAddr(s.addr.value()), s.len);
+      at += s.len;
+      continue;
+    }
     for (uint64_t done = 0; done < s.len;) {
       const uint64_t dma = s.addr.value() + done;
       uint64_t run = std::min<uint64_t>(s.len - done, kPageSize - (dma & (kPageSize - 1)));
       if (at + run > len) return make_error(EINVAL, "DMA engine: the DMA list is longer than the data");
       PhysAddr phys;
-      if (s.flags & kDmaSegBusAddr) {
-        // The switch routes a bus address to the BAR that decodes it (bus = CPU address here).
-        const Aperture* hit = nullptr;
-        for (const Aperture& a : apertures_)
-          if (a.span.contains(PhysAddr(dma))) hit = &a;
-        if (!hit) return make_error(EREMOTEIO, "unsupported request: no BAR decodes bus address " + format_hex(dma));
-        phys = PhysAddr(dma);
-      } else if (dom) {
+      if (dom) {
         const auto t = dom->translate(DmaAddr(dma));
         const uint8_t need = write ? kIommuWrite : kIommuRead;
         if (!t || !(t->perm & need)) {
