@@ -16,7 +16,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   }
   CHECK(!r->jobs.empty());
   for (const sim::JobSpec& j : r->jobs) {
-    CHECK(j.block_size != 0 && j.block_size % 512 == 0 && j.block_size <= 4 * MiB);
+    CHECK(j.block_size != 0 && (j.block_size % 512 == 0 || !j.peer.empty()) && j.block_size <= 4 * MiB);
     CHECK(j.queue_depth >= 1 && j.queue_depth <= 1024);
     CHECK(j.size != 0 && j.size % j.block_size == 0);
     CHECK(!j.device.empty());

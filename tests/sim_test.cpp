@@ -283,6 +283,39 @@ TEST(SimJobTest, DeterministicTimes) {
   EXPECT_EQ(x.lat_p99_us, y.lat_p99_us);
 }
 
+TEST(SimJobTest, NetworkPacketsReachTheReceiverBuffers) {
+  const auto t = machine("two-socket-switch");
+  auto m = build(t);
+  Job j;
+  j.name = "net";
+  j.device = *t.lookup("nic0");
+  j.peer = *t.lookup("nic1");
+  j.block_size = 4096;
+  j.queue_depth = 64;
+  j.size = 4 * MiB;
+  auto r = run_job(*m, j);  // host -> host
+  ASSERT_TRUE(r.has_value()) << r.error().to_string();
+  EXPECT_EQ(r->verified_bytes, 4 * MiB);
+  EXPECT_EQ(r->path, "network: TX host, RX host");
+  EXPECT_EQ(r->host_memory_bytes, 2 * 4 * MiB);  // read on one socket, written on the other
+  // Wire-bound: 100 Gb/s.
+  EXPECT_NEAR(r->gbps, 12.5, 12.5 * 0.05);
+  // Into the GPU's BAR on the other socket: no host memory on the receive side, through
+  // both root complexes. The switch's x16 Gen3 uplink now carries, downward, both nic0's
+  // reads of its TX buffers and the packets for the GPU: half of 15.75 GB/s each.
+  j.peer_buffer_function = *t.lookup("gpu0");
+  j.path = PathPolicy::p2p;
+  r = run_job(*m, j);
+  ASSERT_TRUE(r.has_value()) << r.error().to_string();
+  EXPECT_EQ(r->path, "network: TX host, RX p2p, through the root complex");
+  EXPECT_EQ(r->host_memory_bytes, 4 * MiB);
+  EXPECT_EQ(r->rc_bytes, 2 * 4 * MiB);  // both sockets' root complexes
+  EXPECT_NEAR(r->gbps, pcie_link_gbps(8, 16) / 2, 0.05 * pcie_link_gbps(8, 16) / 2);
+  EXPECT_EQ(r->verified_bytes, 4 * MiB);
+  j.peer = *t.lookup("nvme0");
+  EXPECT_EQ(run_job(*m, j).error().code, EINVAL);  // not a NIC
+}
+
 TEST(SimScenarioTest, ParsesAndResolves) {
   auto sc = parse_scenario(R"(
 name = "t"

@@ -163,6 +163,9 @@ struct MachineOptions {
   double nvme_read_gbps = 6.8, nvme_write_gbps = 4.0;
   double nvme_read_latency_ns = 80'000, nvme_write_latency_ns = 20'000;
   double copy_engine_gbps = 20.0;  // a GPU's copy engine (host bounce buffer -> BAR)
+  // The wire between two NICs.
+  double wire_gbps = 12.5;         // 100 Gb/s Ethernet
+  double wire_latency_ns = 1000;   // cable, PHYs and the NICs' pipelines
 };
 
 /// One memory BAR registered as a P2P provider.
@@ -244,7 +247,7 @@ const char* path_policy_name(PathPolicy p) noexcept;
 
 struct Job {
   std::string name;
-  uint32_t device = 0;        // the NVMe SSD
+  uint32_t device = 0;        // the NVMe SSD, or the sending NIC of a network job
   bool write = false;         // false: read (SSD -> buffer); true: write (buffer -> SSD)
   uint64_t block_size = 128 * KiB;
   unsigned queue_depth = 16;
@@ -252,6 +255,11 @@ struct Job {
   // Where the buffers are: host memory (buffer_provider unset), or a provider's BAR.
   std::optional<uint32_t> buffer_function;  // the function whose largest BAR holds the buffers
   PathPolicy path = PathPolicy::automatic;
+  // A network job: `device` sends packets of block_size bytes from its TX buffers (at
+  // buffer_function, or host memory) over the wire to `peer`, which receives them into its
+  // RX buffers (at peer_buffer_function, or host memory); queue_depth is the TX ring.
+  std::optional<uint32_t> peer;
+  std::optional<uint32_t> peer_buffer_function;
 };
 
 struct JobResult {
@@ -265,6 +273,11 @@ struct JobResult {
   uint64_t iommu_faults = 0;
 };
 
+/// Runs a network job (Job::peer set): every packet mapped for both NICs through the DMA
+/// layer, read from the TX buffer by the sender, carried by the wire, written into the RX
+/// buffer by the receiver and compared with what was sent; timed over the fabric and the
+/// wire. Errors: either device is not a network controller, or as run_job.
+Result<JobResult> run_net_job(Machine& machine, const Job& job);
 /// Runs one job on a fresh fabric clock: every I/O is mapped through the DMA layer, its
 /// bytes moved by the device model and checked against the namespace (a sparse file, filled
 /// with a pattern per block), and timed over the fabric. Errors: the device is not an NVMe
@@ -284,6 +297,8 @@ struct JobSpec {
   uint64_t size = 256 * MiB;
   std::string buffer = "host";  // "host", a device (its largest BAR), or "nearest"
   PathPolicy path = PathPolicy::automatic;
+  std::string peer;                  // network jobs: the receiving NIC (empty: an NVMe job)
+  std::string peer_buffer = "host";  // network jobs: where the receiver's RX buffers are
   std::string where;    // "FILE:LINE" for messages
 };
 

@@ -106,6 +106,7 @@ double percentile(std::vector<double>& v, double p) {
 }  // namespace
 
 Result<JobResult> run_job(Machine& m, const Job& job) {
+  if (job.peer) return run_net_job(m, job);
   const pci::Topology& topo = m.topology();
   const auto where = [&] { return "job '" + job.name + "'"; };
   if (job.device >= topo.functions.size()) return make_error(EINVAL, where() + ": no such device");

@@ -60,7 +60,7 @@ Result<Scenario> parse_scenario(std::string_view text, std::string_view source) 
   for (const toml::node& jn : **jobs) {
     const toml::table& t = *jn.as_table();
     const std::string what = "job";
-    PHYSR_TRY(check_keys(c, t, what, {"name", "device", "rw", "bs", "qd", "size", "buffer", "path"}));
+    PHYSR_TRY(check_keys(c, t, what, {"name", "device", "rw", "bs", "qd", "size", "buffer", "path", "peer", "peer_buffer"}));
     JobSpec j;
     j.where = c.where(t);
     j.where.pop_back();  // "FILE:LINE:" -> "FILE:LINE"
@@ -80,7 +80,7 @@ Result<Scenario> parse_scenario(std::string_view text, std::string_view source) 
     auto bs = get_uint(c, t, "bs", what, 4 * MiB, true);
     if (!bs) return std::move(bs).error();
     if (*bs) j.block_size = **bs;
-    if (j.block_size == 0 || j.block_size % 512 != 0)
+    if (j.block_size == 0 || (j.block_size % 512 != 0 && !t.get("peer")))
       return make_error(EINVAL, c.where(t.get("bs") ? *t.get("bs") : static_cast<const toml::node&>(t)) + "job.bs: " + std::to_string(j.block_size) + " must be a non-zero multiple of 512");
     auto qd = get_uint(c, t, "qd", what, 1024);
     if (!qd) return std::move(qd).error();
@@ -93,6 +93,13 @@ Result<Scenario> parse_scenario(std::string_view text, std::string_view source) 
       return make_error(EINVAL, c.where(t.get("size") ? *t.get("size") : static_cast<const toml::node&>(t)) + "job.size: " + std::to_string(j.size) + " must be a non-zero multiple of bs");
     if (auto v = get_string(c, t, "buffer", what); !v) return std::move(v).error();
     else if (*v) j.buffer = **v;
+    if (auto v = get_string(c, t, "peer", what); !v) return std::move(v).error();
+    else if (*v) j.peer = **v;
+    if (auto v = get_string(c, t, "peer_buffer", what); !v) return std::move(v).error();
+    else if (*v) {
+      if (j.peer.empty()) return make_error(EINVAL, c.where(*t.get("peer_buffer")) + "job.peer_buffer: only network jobs (with a peer) have one");
+      j.peer_buffer = **v;
+    }
     if (auto v = get_string(c, t, "path", what); !v) return std::move(v).error();
     else if (*v) {
       if (**v == "p2p") j.path = PathPolicy::p2p;
@@ -127,6 +134,16 @@ Result<Job> resolve_job(const JobSpec& s, Machine& m) {
     auto b = t.lookup(s.buffer);
     if (!b) return make_error(b.error().code, at() + "buffer: " + b.error().message + " (or use host or nearest)");
     j.buffer_function = *b;
+  }
+  if (!s.peer.empty()) {
+    auto p = t.lookup(s.peer);
+    if (!p) return make_error(p.error().code, at() + "peer: " + p.error().message);
+    j.peer = *p;
+    if (s.peer_buffer != "host") {
+      auto b = t.lookup(s.peer_buffer);
+      if (!b) return make_error(b.error().code, at() + "peer_buffer: " + b.error().message + " (or use host)");
+      j.peer_buffer_function = *b;
+    }
   }
   return j;
 }
