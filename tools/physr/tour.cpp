@@ -127,7 +127,8 @@ void run_tour() {
       fmt::print("  {:<20} {:>6.2f} GB/s  p99 {:>7.1f} us  {}\n", r.name, r.gbps, r.lat_p99_us, r.path);
     if (rs.size() >= 2 && rs[1].gbps > 0)
       fmt::print("  P2P into the GPU BAR: {:.2f}x the bounce buffer's throughput, no host memory traffic;\n"
-                 "  every byte of every job was checked against the SSD's data.\n\n",
+                 "  every byte of every job was checked against its source.\n"
+                 "  More: physr sim flagship --svg chart.svg; docs/sim.md\n\n",
                  rs[0].gbps / rs[1].gbps);
   }
   auto machine = builtin_machine(kDefaultMachine);
