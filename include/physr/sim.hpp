@@ -210,6 +210,8 @@ class Machine {
   Status dma_write(uint32_t initiator, std::span<const DmaSegment> segs, std::span<const uint8_t> data);
   Status dma_read(uint32_t initiator, std::span<const DmaSegment> segs, std::span<uint8_t> out);
 
+  /// What a DmaDevice needs to map on this machine (for devices configured by the caller).
+  DmaEnv dma_env() noexcept { return DmaEnv{&mem_, &reg_, &*engine_, pool_.get()}; }
   PhysMemory& memory() noexcept { return mem_; }
   ProviderRegistry& providers() noexcept { return reg_; }
   Fabric& fabric() noexcept { return *fabric_; }

@@ -74,7 +74,7 @@ Result<DmaDevice*> Machine::device(uint32_t f) {
       domains_[f] = std::move(d).value();
       c.domain = domains_[f].get();
     }
-    auto dev = DmaDevice::create(DmaEnv{&mem_, &reg_, &*engine_, pool_.get()}, c);
+    auto dev = DmaDevice::create(dma_env(), c);
     if (!dev) return std::move(dev).error();
     devices_[f] = std::move(dev).value();
   }

@@ -8,6 +8,7 @@
 
 #include "cli.hpp"
 #include "physr/dma.hpp"
+#include "physr/sim.hpp"
 
 namespace physr::cli {
 namespace {
@@ -24,53 +25,17 @@ struct MapOptions {
   std::string max_segment = "64K", boundary = "4G", dma_offset = "0";
 };
 
-// RAM below the 32-bit MMIO hole and above it, as on a PC server.
-constexpr uint64_t kLowRam = 2 * GiB, kHighRamBase = 4 * GiB, kHighRam = 60 * GiB;
-constexpr uint64_t kPoolBase = 256 * MiB, kPoolSize = 64 * MiB;
-
-struct Aperture {
-  ProviderId id;
-  std::string name;  // "gpu0 BAR1"
-  PhysSpan span;
-};
-
-// A machine's memory as the DMA layer sees it: RAM, every memory BAR registered as a
-// published provider (CPU copies allowed, bus address = CPU address).
-struct Machine {
+// The machine's memory as the DMA layer sees it is the machine model's (RAM around the
+// 32-bit MMIO hole, every memory BAR a published provider allowing CPU copies, a bounce
+// pool); the device gets its own IOMMU domain configured from the command line.
+struct MapMachine {
   Topology topo;
-  std::optional<pci::P2PEngine> engine;
-  PhysMemory mem;
-  ProviderRegistry reg;
-  std::unique_ptr<BouncePool> pool;
+  std::unique_ptr<sim::Machine> sim;  // refers to topo: MapMachine is never moved
   std::unique_ptr<IoDomain> domain;
-  std::vector<Aperture> apertures;
 };
-
-std::string fn_label(const Topology& t, uint32_t f) {
-  const auto& fn = t.functions[f];
-  return fn.name.empty() ? fn.bdf.to_string() : fn.name;
-}
-
-void build(Machine& m) {
-  m.engine.emplace(failure_value(pci::P2PEngine::create(m.topo)));
-  failure_check(m.mem.add_region({PhysSpan{PhysAddr(0), kLowRam}, PhysRegion::Kind::host_ram, "ram (below 4 GiB)"}));
-  failure_check(m.mem.add_region({PhysSpan{PhysAddr(kHighRamBase), kHighRam}, PhysRegion::Kind::host_ram, "ram (above 4 GiB)"}));
-  for (uint32_t f = 0; f < m.topo.functions.size(); ++f) {
-    for (const pci::Bar& b : m.topo.functions[f].bars) {
-      if (!b.is_mem() || b.size() < kPageSize || (b.start & (kPageSize - 1)) || (b.size() & (kPageSize - 1))) continue;
-      const std::string name = fmt::format("{} BAR{}", fn_label(m.topo, f), b.index);
-      const PhysSpan span{PhysAddr(b.start), b.size()};
-      if (!m.mem.add_region({span, PhysRegion::Kind::bar, name})) continue;  // overlapping BARs: leave the second out
-      auto id = m.reg.add(ProviderDesc{m.topo.functions[f].bdf, b.index, span, 0, true, true, {}});
-      if (id) m.apertures.push_back({*id, name, span});
-    }
-  }
-  m.pool = failure_value(BouncePool::create(m.mem, BounceOptions{PhysAddr(kPoolBase), kPoolSize, 2}));
-  m.domain = failure_value(IoDomain::create());
-}
 
 // "host:ADDR:LEN" or "NAME.barN:OFFSET:LEN" (NAME a device name or BDF).
-PhysRange parse_range(const Machine& m, const std::string& spec) {
+PhysRange parse_range(MapMachine& m, const std::string& spec) {
   const auto bad = [&](const std::string& why) { return UsageError(fmt::format("--range '{}': {}", spec, why)); };
   const size_t c1 = spec.find(':'), c2 = spec.rfind(':');
   if (c1 == std::string::npos || c1 == c2) throw bad("expected host:ADDR:LEN or DEVICE.barN:OFFSET:LEN");
@@ -79,9 +44,14 @@ PhysRange parse_range(const Machine& m, const std::string& spec) {
   const uint64_t len = usage_value(parse_size(spec.substr(c2 + 1)));
   if (len == 0) throw bad("length 0");
   if (where == "host") {
-    const PhysRegion* r = m.mem.region_of(PhysAddr(at));
-    if (!r || r->kind != PhysRegion::Kind::host_ram || !r->span.contains(PhysSpan{PhysAddr(at), len}))
-      throw bad(fmt::format("host memory is [0, {}) and [{}, {})", format_hex(kLowRam), format_hex(kHighRamBase), format_hex(kHighRamBase + kHighRam)));
+    const PhysRegion* r = m.sim->memory().region_of(PhysAddr(at));
+    if (!r || r->kind != PhysRegion::Kind::host_ram || !r->span.contains(PhysSpan{PhysAddr(at), len})) {
+      std::string ram;
+      for (const PhysRegion& g : m.sim->memory().regions())
+        if (g.kind == PhysRegion::Kind::host_ram)
+          ram += fmt::format("{}[{}, {})", ram.empty() ? "" : " and ", format_hex(g.span.base.value()), format_hex(g.span.base.value() + g.span.size));
+      throw bad("host memory is " + ram);
+    }
     return PhysRange{PhysAddr(at), len, kHostMemory};
   }
   const size_t dot = where.rfind(".bar");
@@ -90,27 +60,20 @@ PhysRange parse_range(const Machine& m, const std::string& spec) {
   std::string_view idx = std::string_view(where).substr(dot + 4);
   const auto n = consume_uint(idx, 10);
   if (!n || !idx.empty()) throw bad("BAR index must be a number");
-  const std::string name = fmt::format("{} BAR{}", fn_label(m.topo, f), *n);
-  for (const Aperture& a : m.apertures) {
-    if (a.name != name) continue;
-    if (at >= a.span.size || len > a.span.size - at) throw bad(fmt::format("{} holds {}", name, format_size(a.span.size)));
+  for (const sim::Aperture& a : m.sim->apertures()) {
+    if (a.function != f || a.bar != *n) continue;
+    if (at >= a.span.size || len > a.span.size - at) throw bad(fmt::format("{} holds {}", a.name, format_size(a.span.size)));
     return PhysRange{a.span.base + at, len, a.id};
   }
-  throw bad(fmt::format("{} has no memory BAR {}", fn_label(m.topo, f), *n));
+  throw bad(fmt::format("{} has no memory BAR {}", m.sim->label(f), *n));
 }
 
 // Without --range: some host memory, then 8 KiB of each other device's largest BAR, so
 // every verdict the machine has shows up.
-std::vector<PhysRange> default_ranges(const Machine& m, uint32_t client) {
+std::vector<PhysRange> default_ranges(const MapMachine& m, uint32_t client) {
   std::vector<PhysRange> out{{PhysAddr(0x10'0200), 0x3e00, kHostMemory}, {PhysAddr(0x20'0000), 0x2000, kHostMemory}};
-  std::vector<const Aperture*> best(m.topo.functions.size(), nullptr);
-  ProviderRegistry::ReadGuard g;
-  for (const Aperture& a : m.apertures) {
-    const auto f = m.topo.find(m.reg.get(a.id)->owner());
-    if (f && *f != client && (!best[*f] || a.span.size > best[*f]->span.size)) best[*f] = &a;
-  }
-  for (const Aperture* a : best)
-    if (a) out.push_back(PhysRange{a->span.base + 0x1000, 0x2000, a->id});
+  for (uint32_t f = 0; f < m.topo.functions.size(); ++f)
+    if (const sim::Aperture* a = f != client ? m.sim->largest_bar(f) : nullptr) out.push_back(PhysRange{a->span.base + 0x1000, 0x2000, a->id});
   out.push_back(PhysRange{PhysAddr(0x30'0000), 0x1000, kHostMemory});
   return out;
 }
@@ -122,9 +85,10 @@ DmaDirection parse_dir(const std::string& s) {
 }
 
 void run_map(const MapOptions& o) {
-  Machine m;
+  MapMachine m;
   m.topo = load_machine_arg(o.machine);
-  build(m);
+  m.sim = failure_value(sim::Machine::create(m.topo));
+  m.domain = failure_value(IoDomain::create());
   const uint32_t client = usage_value(m.topo.lookup(o.device));
   const DmaDirection dir = parse_dir(o.dir);
   if (o.mask_bits < 24 || o.mask_bits > 64) throw UsageError(fmt::format("--dma-mask {}: bits must be 24 to 64", o.mask_bits));
@@ -140,7 +104,8 @@ void run_map(const MapOptions& o) {
   c.dma_offset = usage_value(parse_size(o.dma_offset));
   c.domain = o.direct ? nullptr : m.domain.get();
   if (!o.direct && c.dma_offset) throw UsageError("--dma-offset applies to --direct devices only");
-  auto dev = usage_value(DmaDevice::create(DmaEnv{&m.mem, &m.reg, &*m.engine, m.pool.get()}, c));
+  const DmaEnv env = m.sim->dma_env();
+  auto dev = usage_value(DmaDevice::create(env, c));
 
   std::vector<PhysRange> pieces;
   for (const std::string& r : o.ranges) pieces.push_back(parse_range(m, r));
@@ -150,22 +115,20 @@ void run_map(const MapOptions& o) {
 
   const auto place = [&](const PhysRange& r) -> std::pair<std::string, std::string> {
     if (r.provider == kHostMemory) return {"host", ""};
-    ProviderRegistry::ReadGuard g;
-    const Provider* p = m.reg.get(r.provider);
-    std::string name;
-    for (const Aperture& a : m.apertures)
-      if (a.id == r.provider) name = a.name;
-    const auto owner = m.topo.find(p->owner());
-    const pci::Verdict v = m.engine->verdict(*owner, client);
-    return {name, fmt::format("{} (distance {})", pci::map_type_name(v.type), v.distance)};
+    for (const sim::Aperture& a : m.sim->apertures()) {
+      if (a.id != r.provider) continue;
+      const pci::Verdict v = env.p2p->compute(a.function, client);
+      return {a.name, fmt::format("{} (distance {})", pci::map_type_name(v.type), v.distance)};
+    }
+    return {"?", ""};  // cannot happen: every tagged range comes from an aperture
   };
   const uint32_t attrs = o.allow_bounce ? kDmaAttrAllowBounce : 0;
   auto mapped = dev->map(list, dir, attrs);
-  const uint64_t slots = m.pool->used_slots();
+  const uint64_t slots = m.sim->bounce().used_slots();
   const auto ds = m.domain->stats();
 
   nlohmann::json j;
-  const std::string who = fmt::format("{} ({})", m.topo.functions[client].bdf.to_string(), fn_label(m.topo, client));
+  const std::string who = fmt::format("{} ({})", m.topo.functions[client].bdf.to_string(), m.sim->label(client));
   const std::string how = o.direct ? fmt::format("direct mapping, DMA offset {}", format_hex(c.dma_offset)) : "IOMMU domain (strict)";
   if (o.json) {
     j["machine"] = m.topo.name;
@@ -215,7 +178,7 @@ void run_map(const MapOptions& o) {
   failure_check(dev->unmap(*mapped));
   m.domain->flush();
   const auto after = m.domain->stats();
-  const bool clean = after.mapped_4k + after.mapped_2m + after.mapped_1g == 0 && m.pool->used_slots() == 0 && dev->stats().live_mappings == 0;
+  const bool clean = after.mapped_4k + after.mapped_2m + after.mapped_1g == 0 && m.sim->bounce().used_slots() == 0 && dev->stats().live_mappings == 0;
   if (o.json) {
     j["unmapped_clean"] = clean;
     fmt::print("{}\n", j.dump(2));
