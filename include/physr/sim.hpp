@@ -80,6 +80,10 @@ class Fabric {
   /// way the data flows. EREMOTEIO (an unsupported request) when the root complex refuses
   /// peer traffic for this pair.
   Result<Route> to_peer(uint32_t initiator, uint32_t target, bool initiator_writes = true) const;
+  /// Zeroes every resource's byte counters, so they count one run's traffic.
+  void reset_counters() noexcept {
+    for (Resource& r : res_) r.bytes = 0, r.moved = 0;
+  }
   /// Adds a resource outside the PCIe tree (a device's media, a copy engine).
   uint32_t add_resource(Resource::Kind kind, std::string name, double gbps) { return add(kind, std::move(name), gbps); }
 
@@ -215,6 +219,7 @@ class Machine {
   PhysMemory& memory() noexcept { return mem_; }
   ProviderRegistry& providers() noexcept { return reg_; }
   Fabric& fabric() noexcept { return *fabric_; }
+  const Fabric& fabric() const noexcept { return *fabric_; }
   BouncePool& bounce() noexcept { return *pool_; }
   IoDomain* domain(uint32_t function);
   const pci::Topology& topology() const noexcept { return *topo_; }
@@ -272,7 +277,7 @@ struct JobResult {
   uint64_t prp_ios = 0, sgl_ios = 0;       // how the commands described their DMA lists
   uint64_t rc_bytes = 0, host_memory_bytes = 0;
   std::vector<std::pair<std::string, uint64_t>> link_bytes;  // non-zero resources, by name
-  uint64_t iommu_faults = 0;
+  uint64_t iommu_faults = 0;               // recorded during this job
 };
 
 /// Runs a network job (Job::peer set): every packet mapped for both NICs through the DMA

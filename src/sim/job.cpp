@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "physr/sim.hpp"
+#include "sim/job_result.hpp"
 
 namespace physr::sim {
 
@@ -96,13 +97,6 @@ bool fits_prps(std::span<const DmaSegment> segs) {
   return true;
 }
 
-double percentile(std::vector<double>& v, double p) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  const size_t i = std::min(v.size() - 1, static_cast<size_t>(p * static_cast<double>(v.size() - 1) + 0.5));
-  return v[i];
-}
-
 }  // namespace
 
 Result<JobResult> run_job(Machine& m, const Job& job) {
@@ -131,7 +125,8 @@ Result<JobResult> run_job(Machine& m, const Job& job) {
   if (!dev) return std::move(dev).error();
   DmaDevice& nvme = **dev;
   Fabric& fab = m.fabric();
-  for (Resource& r : fab.resources()) r.bytes = 0, r.moved = 0;
+  fab.reset_counters();
+  const size_t faults_before = m.faults().size();
 
   // The SSD's media serves commands first come, first served, one block's media time each
   // (a shared, fairly divided resource would let the commands fall into lockstep and leave
@@ -189,7 +184,7 @@ Result<JobResult> run_job(Machine& m, const Job& job) {
   std::vector<double> lat;
   const uint64_t ios = io.size();
   uint64_t next = 0, completed = 0;
-  bool bounced_any = false, p2p_any = false;
+  bool bounced_any = false;
 
   // Queues stage `k` of I/O `i` on the fabric; the SSD's stage waits for its media slot.
   const auto start_stage = [&](uint64_t i, size_t k) {
@@ -222,10 +217,7 @@ Result<JobResult> run_job(Machine& m, const Job& job) {
     const auto segs = map->segments();
     (fits_prps(segs) ? out.prp_ios : out.sgl_ios)++;
     bool bounced = false;
-    for (const DmaSegment& s : segs) {
-      bounced |= (s.flags & kDmaSegBounced) != 0;
-      p2p_any |= (s.flags & (kDmaSegBusAddr | kDmaSegMmio)) != 0;
-    }
+    for (const DmaSegment& s : segs) bounced |= (s.flags & kDmaSegBounced) != 0;
     bounced_any |= bounced;
     Status st;
     if (job.write) {  // the SSD reads the buffer and writes its media
@@ -299,26 +291,38 @@ Result<JobResult> run_job(Machine& m, const Job& job) {
     on_done(finished);
   }
 
-  out.ios = ios;
-  out.bytes = job.size;
-  out.seconds = sim.now() * 1e-9;
-  out.gbps = out.seconds > 0 ? static_cast<double>(job.size) / sim.now() : 0;
-  out.lat_p50_us = percentile(lat, 0.50) / 1000;
-  out.lat_p99_us = percentile(lat, 0.99) / 1000;
+  detail::finish_result(out, m, sim, lat, job.size, ios, faults_before);
   out.path = !bar ? "host memory"
              : staged ? "bounce via a host buffer + copy engine"
              : bounced_any ? "bounce (DMA layer, swiotlb)"
              : std::string("p2p ") + pci::map_type_name(main.p2p) +
                    (inside ? " (inside the SSD)" : main.through_rc ? " (through the root complex)" : " (under the switch)");
-  (void)p2p_any;
-  for (const Resource& r : fab.resources()) {
+  return out;
+}
+
+namespace detail {
+
+void finish_result(JobResult& out, const Machine& m, const Simulator& sim, std::vector<double>& lat, uint64_t bytes,
+                   uint64_t ios, size_t faults_before) {
+  out.ios = ios;
+  out.bytes = bytes;
+  out.seconds = sim.now() * 1e-9;
+  out.gbps = sim.now() > 0 ? static_cast<double>(bytes) / sim.now() : 0;
+  std::sort(lat.begin(), lat.end());
+  const auto pct = [&](double p) {
+    return lat.empty() ? 0.0 : lat[std::min(lat.size() - 1, static_cast<size_t>(p * static_cast<double>(lat.size() - 1) + 0.5))];
+  };
+  out.lat_p50_us = pct(0.50) / 1000;
+  out.lat_p99_us = pct(0.99) / 1000;
+  for (const Resource& r : m.fabric().resources()) {
     if (r.bytes == 0) continue;
     out.link_bytes.emplace_back(r.name, r.bytes);
     if (r.kind == Resource::Kind::rc_forward) out.rc_bytes += r.bytes;
     if (r.kind == Resource::Kind::memory) out.host_memory_bytes += r.bytes;
   }
-  out.iommu_faults = m.faults().size();
-  return out;
+  out.iommu_faults = m.faults().size() - faults_before;
 }
+
+}  // namespace detail
 
 }  // namespace physr::sim

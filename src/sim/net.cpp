@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "physr/sim.hpp"
+#include "sim/job_result.hpp"
 
 namespace physr::sim {
 
@@ -39,7 +40,8 @@ Result<JobResult> run_net_job(Machine& m, const Job& job) {
   auto rxdev = m.device(rx);
   if (!rxdev) return std::move(rxdev).error();
   Fabric& fab = m.fabric();
-  for (Resource& r : fab.resources()) r.bytes = 0, r.moved = 0;
+  fab.reset_counters();
+  const size_t faults_before = m.faults().size();
 
   // One route per packet, cut-through: the sender reads its buffer, the wire carries it,
   // the receiver writes its buffer. A side whose P2P route is refused goes through host
@@ -124,22 +126,9 @@ Result<JobResult> run_net_job(Machine& m, const Job& job) {
       --in_flight;
     }
   }
-  out.ios = packets;
-  out.bytes = job.size;
-  out.seconds = sim.now() * 1e-9;
-  out.gbps = sim.now() > 0 ? static_cast<double>(job.size) / sim.now() : 0;
-  std::sort(lat.begin(), lat.end());
-  out.lat_p50_us = lat[lat.size() / 2] / 1000;
-  out.lat_p99_us = lat[std::min(lat.size() - 1, lat.size() * 99 / 100)] / 1000;
+  detail::finish_result(out, m, sim, lat, job.size, packets, faults_before);
   out.path = std::string("network: TX ") + (tx_p2p ? "p2p" : "host") + ", RX " + (rx_p2p ? "p2p" : "host") +
              (bounced_any ? " (bounced by the DMA layer)" : "") + (route.through_rc || rxr->through_rc ? ", through the root complex" : "");
-  for (const Resource& r : fab.resources()) {
-    if (r.bytes == 0) continue;
-    out.link_bytes.emplace_back(r.name, r.bytes);
-    if (r.kind == Resource::Kind::rc_forward) out.rc_bytes += r.bytes;
-    if (r.kind == Resource::Kind::memory) out.host_memory_bytes += r.bytes;
-  }
-  out.iommu_faults = m.faults().size();
   return out;
 }
 
