@@ -136,8 +136,10 @@ struct DmaDevice::Impl {
   }
 
   // Classifies [addr, addr + len) of provider tag `tag` (range `i` of a list, for
-  // messages): the route and whether it must bounce. Inside a ReadGuard.
-  Status classify(size_t i, uint64_t addr, uint64_t len, ProviderId tag, uint32_t attrs, Route* route, bool* bounce) {
+  // messages): the route, whether it must bounce, and the provider (nullptr for host
+  // memory). Inside a ReadGuard.
+  Status classify(size_t i, uint64_t addr, uint64_t len, ProviderId tag, uint32_t attrs, Route* route, bool* bounce,
+                  const Provider** provider) {
     const auto where = [&] {
       return "range " + std::to_string(i) + " [" + format_hex(addr) + ", +" + format_hex(len) + ")";
     };
@@ -161,6 +163,7 @@ struct DmaDevice::Impl {
       if (p->revoked()) return make_error(EFAULT, where() + " is in provider " + std::to_string(p->id()) + ", which was revoked");
     }
     *bounce = false;
+    *provider = p;
     if (!p) {
       *route = Route::host;
       if (cfg.domain) *bounce = cfg.untrusted && ((addr | len) & kGMask) != 0;  // Linux iova_unaligned()
@@ -189,6 +192,14 @@ struct DmaDevice::Impl {
     why += (attrs & kDmaAttrAllowBounce) ? " and provider " + std::to_string(p->id()) + " does not allow CPU copies"
                                          : " and bouncing was not allowed";
     return make_error(EREMOTEIO, where() + " in provider " + std::to_string(p->id()) + " is unreachable: " + why);
+  }
+
+  // The provider owning `phys` (nullptr: host memory), and the tag a range list carries
+  // for it. Inside a ReadGuard when there is a registry.
+  const Provider* owner_of(PhysAddr phys, ProviderId* tag) const {
+    const Provider* p = env.providers ? env.providers->find(phys) : nullptr;
+    *tag = p ? provider_tag(p->id()) : kHostMemory;
+    return p;
   }
 
   void count_cache(uint64_t n) {
@@ -316,20 +327,20 @@ Status DmaDevice::map_into(DmaMapping& out, const RangeList& list, DmaDirection 
     const uint64_t addr = r.addr.value(), len = r.len;
     Route route = Route::host;
     bool bounce = false;
+    const Provider* p = nullptr;
     uint64_t ext = 0;
     // The hot case inline: trusted host memory with no provider in the way.
     if (r.provider == kHostMemory && !c.untrusted &&
         (!m.env.providers || m.env.providers->surely_host(r.addr, len) ||
          (!m.env.providers->find_extent(r.addr, ext) && ext >= len))) {
       bounce = !iommu && !m.capable(addr + c.dma_offset, len);
-    } else if (auto st = m.classify(idx, addr, len, r.provider, attrs, &route, &bounce); !st) {
+    } else if (auto st = m.classify(idx, addr, len, r.provider, attrs, &route, &bounce, &p); !st) {
       return fail(std::move(st).error());
     }
     ++idx;
     cacheable += route == Route::host || bounce;
     if (route == Route::bus) {
       // The provider is the same for the whole range (ranges never cross providers).
-      const Provider* p = r.provider == kIndirectProvider ? m.env.providers->find(r.addr) : m.env.providers->get(r.provider);
       for (uint64_t a = p->to_bus(r.addr).value(), left = len; left != 0;) {  // cut to the limits in bus space
         const uint64_t n = first_chunk(a, left, c.max_segment, mask);
         push_seg(DmaSegment{DmaAddr(a), n, kDmaSegBusAddr});
@@ -511,17 +522,12 @@ Result<DmaSegment> DmaDevice::map_phys(PhysAddr phys, uint64_t size, DmaDirectio
   if (size == 0) return make_error(EINVAL, "DMA map_phys of " + format_hex(phys.value()) + ": size 0");
   if (phys.value() + (size - 1) < phys.value()) return make_error(EINVAL, "DMA map_phys of " + format_hex(phys.value()) + ": wraps the address space");
   std::optional<ProviderRegistry::ReadGuard> guard;
-  ProviderId tag = kHostMemory;
-  const Provider* p = nullptr;
-  if (m.env.providers) {
-    guard.emplace();
-    uint64_t ext = 0;
-    p = m.env.providers->find_extent(phys, ext);
-    if (p) tag = p->id() <= kMaxDirectProvider ? p->id() : kIndirectProvider;
-  }
+  if (m.env.providers) guard.emplace();
+  ProviderId tag;
+  const Provider* p = m.owner_of(phys, &tag);
   Route route;
   bool bounce;
-  if (auto st = m.classify(0, phys.value(), size, tag, attrs, &route, &bounce); !st) {
+  if (auto st = m.classify(0, phys.value(), size, tag, attrs, &route, &bounce, &p); !st) {
     m.failed.fetch_add(1, std::memory_order_relaxed);
     return std::move(st).error();
   }
@@ -676,15 +682,12 @@ Status DmaDevice::iova_link(DmaIovaState& state, PhysAddr phys, uint64_t offset,
   if (pad && offset > 0) return make_error(EINVAL, what() + ": only the link at offset 0 may start inside a granule");
   if (((state.addr.value() + offset - pad) & kGMask) != 0) return make_error(EINVAL, what() + ": the IOVA at that offset is not granule-aligned");
   std::optional<ProviderRegistry::ReadGuard> guard;
-  ProviderId tag = kHostMemory;
-  if (m.env.providers) {
-    guard.emplace();
-    uint64_t ext = 0;
-    if (const Provider* p = m.env.providers->find_extent(phys, ext)) tag = p->id() <= kMaxDirectProvider ? p->id() : kIndirectProvider;
-  }
+  if (m.env.providers) guard.emplace();
+  ProviderId tag;
+  const Provider* p = m.owner_of(phys, &tag);
   Route route;
   bool bounce;
-  PHYSR_TRY(m.classify(0, phys.value(), size, tag, attrs, &route, &bounce));
+  PHYSR_TRY(m.classify(0, phys.value(), size, tag, attrs, &route, &bounce, &p));
   if (route == Route::bus) return make_error(EINVAL, what() + ": P2P memory reached by bus address is not linked into an IOVA (use map_phys)");
   PhysAddr a = phys;
   if (bounce) {
