@@ -15,6 +15,8 @@
 //                           over the space (the case where Linux's rbtree walk degrades)
 #include <benchmark/benchmark.h>
 
+#include "bench_memcpy.hpp"
+
 #include <random>
 #include <vector>
 
@@ -85,17 +87,6 @@ void BM_Bounce(benchmark::State& state) {
     auto b = pool->map(PhysAddr(1 * MiB), n, DmaDirection::to_device);
     benchmark::DoNotOptimize(b);
     (void)pool->unmap(*b, n, DmaDirection::to_device);
-  }
-  state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * n));
-}
-
-void BM_Memcpy(benchmark::State& state) {
-  const auto n = static_cast<size_t>(state.range(0));
-  std::vector<uint8_t> a(n, 1), b(n, 2);
-  for (auto _ : state) {
-    std::memcpy(b.data(), a.data(), n);
-    benchmark::DoNotOptimize(b.data());
-    benchmark::ClobberMemory();
   }
   state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * n));
 }

@@ -15,6 +15,8 @@
 //                        uplink below saturation, events per second
 #include <benchmark/benchmark.h>
 
+#include "bench_memcpy.hpp"
+
 #include <sys/resource.h>
 
 #include <cstring>
@@ -54,17 +56,6 @@ void BM_SimTransfer(benchmark::State& state) {
   }
   state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * j.size));
   state.counters["events_per_second"] = benchmark::Counter(static_cast<double>(events), benchmark::Counter::kIsRate);
-}
-
-void BM_Memcpy(benchmark::State& state) {
-  const auto n = static_cast<size_t>(state.range(0));
-  std::vector<uint8_t> a(n, 1), b(n, 2);
-  for (auto _ : state) {
-    std::memcpy(b.data(), a.data(), n);
-    benchmark::DoNotOptimize(b.data());
-    benchmark::ClobberMemory();
-  }
-  state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * n));
 }
 
 void BM_SimEvents(benchmark::State& state) {

@@ -189,40 +189,42 @@ struct DmaWorld {
     return PhysAddr(dma - c.dma_offset);
   }
 
-  // Reads what the device sees through a DMA list, in order. Empty on a fault.
-  std::optional<std::vector<uint8_t>> device_read(const DmaDeviceConfig& c, std::span<const DmaSegment> segs,
-                                                  bool perm = true) const {
-    std::vector<uint8_t> out;
-    for (const DmaSegment& s : segs) {
-      for (uint64_t done = 0; done < s.len;) {
-        uint64_t run;
-        auto p = reach(c, s.flags, s.addr.value() + done, false, &run, perm);
-        if (!p) return std::nullopt;
-        run = std::min(run, s.len - done);
-        const size_t at = out.size();
-        out.resize(at + run);
-        if (!mem.read(*p, std::span<uint8_t>(out.data() + at, run))) return std::nullopt;
-        done += run;
-      }
-    }
-    return out;
-  }
-
-  // The device writes `data` through a DMA list. false on a fault.
-  bool device_write(const DmaDeviceConfig& c, std::span<const DmaSegment> segs, std::span<const uint8_t> data) {
+  // Calls fn(phys, offset, run) for each physically contiguous piece the device reaches
+  // through a DMA list, in order (offset: bytes of the list before it). false on a fault
+  // or when fn returns false.
+  template <class F>
+  bool walk(const DmaDeviceConfig& c, std::span<const DmaSegment> segs, bool write, bool perm, F&& fn) const {
     size_t at = 0;
     for (const DmaSegment& s : segs) {
       for (uint64_t done = 0; done < s.len;) {
         uint64_t run;
-        auto p = reach(c, s.flags, s.addr.value() + done, true, &run);
+        auto p = reach(c, s.flags, s.addr.value() + done, write, &run, perm);
         if (!p) return false;
         run = std::min(run, s.len - done);
-        if (!mem.write(*p, data.subspan(at, run))) return false;
+        if (!fn(*p, at, run)) return false;
         at += run;
         done += run;
       }
     }
     return true;
+  }
+
+  // Reads what the device sees through a DMA list, in order. Empty on a fault.
+  std::optional<std::vector<uint8_t>> device_read(const DmaDeviceConfig& c, std::span<const DmaSegment> segs,
+                                                  bool perm = true) const {
+    std::vector<uint8_t> out;
+    const bool ok = walk(c, segs, false, perm, [&](PhysAddr p, size_t at, uint64_t run) {
+      out.resize(at + run);
+      return mem.read(p, std::span<uint8_t>(out.data() + at, run)).has_value();
+    });
+    if (!ok) return std::nullopt;
+    return out;
+  }
+
+  // The device writes `data` through a DMA list. false on a fault.
+  bool device_write(const DmaDeviceConfig& c, std::span<const DmaSegment> segs, std::span<const uint8_t> data) {
+    return walk(c, segs, true, true,
+                [&](PhysAddr p, size_t at, uint64_t run) { return mem.write(p, data.subspan(at, run)).has_value(); });
   }
 
   // The bytes of a range list as the CPU sees them.
