@@ -272,12 +272,7 @@ Status IoDomain::map_many(std::span<const IoMapOp> ops) {
     if (op.size == 4096 && (a >> 21) == m.last_l0_base &&
         (((a | p) & 4095) | (op.perm & ~(kIommuReadWrite | kIommuMmio))) == 0 && (op.perm & kIommuReadWrite) != 0 &&
         p < kPhysLimit - 4096) [[likely]] {
-      std::atomic<uint64_t>& slot = m.last_l0->e[index_of(a, 0)];
-      if (!(slot.load(std::memory_order_relaxed) & kPresent)) [[likely]] {
-        slot.store(p | (uint64_t{op.perm} << kPermShift) | kLeafBit | kPresent, std::memory_order_release);
-        ++m.leaves[0];
-        continue;
-      }
+      if (m.map_one(a, p, 0, op.perm) > 0) [[likely]] continue;  // map_one's cached-table path
     }
     Status st;
     uint64_t done = 0;
