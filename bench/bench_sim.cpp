@@ -19,9 +19,7 @@
 
 #include <sys/resource.h>
 
-#include <cstring>
 #include <filesystem>
-#include <vector>
 
 #include "physr/sim.hpp"
 
@@ -33,17 +31,23 @@ pci::Topology topo() {
   return std::move(pci::load_machine_file(std::filesystem::path(PHYSR_SOURCE_DIR) / "machines/two-socket-switch.toml")).value();
 }
 
-void BM_SimTransfer(benchmark::State& state) {
-  const auto t = topo();
-  auto m = std::move(sim::Machine::create(t)).value();
+// nvme0 reading into gpu0's BAR by P2P at queue depth 32.
+sim::Job nvme_to_gpu(const pci::Topology& t, uint64_t block_size, uint64_t size) {
   sim::Job j;
   j.name = "bench";
   j.device = *t.lookup("nvme0");
   j.buffer_function = *t.lookup("gpu0");
   j.path = sim::PathPolicy::p2p;
-  j.block_size = static_cast<uint64_t>(state.range(0));
+  j.block_size = block_size;
   j.queue_depth = 32;
-  j.size = 64 * MiB;
+  j.size = size;
+  return j;
+}
+
+void BM_SimTransfer(benchmark::State& state) {
+  const auto t = topo();
+  auto m = std::move(sim::Machine::create(t)).value();
+  const sim::Job j = nvme_to_gpu(t, static_cast<uint64_t>(state.range(0)), 64 * MiB);
   uint64_t events = 0;
   for (auto _ : state) {
     auto r = sim::run_job(*m, j);
@@ -76,14 +80,7 @@ void BM_SimPeakMemory(benchmark::State& state) {
   const auto t = topo();
   for (auto _ : state) {
     auto m = std::move(sim::Machine::create(t)).value();
-    sim::Job j;
-    j.name = "10g";
-    j.device = *t.lookup("nvme0");
-    j.buffer_function = *t.lookup("gpu0");
-    j.path = sim::PathPolicy::p2p;
-    j.block_size = 1 * MiB;
-    j.queue_depth = 32;
-    j.size = 10 * GiB;
+    sim::Job j = nvme_to_gpu(t, 1 * MiB, 10 * GiB);
     auto r = sim::run_job(*m, j);
     if (!r) {
       state.SkipWithError(r.error().to_string().c_str());
