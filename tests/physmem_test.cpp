@@ -38,6 +38,33 @@ TEST(PhysMemoryTest, CopyMovesBytesBetweenRegions) {
   EXPECT_EQ(m.region_of(PhysAddr(2 * GiB)), nullptr);
 }
 
+TEST(PhysMemoryTest, MismatchFindsTheFirstDifferingByteAcrossChunksAndUnbackedZeros) {
+  PhysMemory m;
+  ASSERT_TRUE(m.add_region({PhysSpan{PhysAddr(0), 1 * GiB}, PhysRegion::Kind::host_ram, "ram"}).has_value());
+  std::vector<uint8_t> data(200000);
+  std::iota(data.begin(), data.end(), uint8_t{1});
+  const PhysAddr at(3 * 64 * KiB - 777);  // straddles chunks
+  ASSERT_TRUE(m.write(at, data).has_value());
+  auto r = m.mismatch(at, data);
+  ASSERT_TRUE(r.has_value());
+  EXPECT_FALSE(r->has_value());
+  for (size_t bad : {size_t{0}, size_t{776}, size_t{777}, size_t{150000}, data.size() - 1}) {
+    auto want = data;
+    want[bad] ^= 0x40;
+    r = m.mismatch(at, want);
+    ASSERT_TRUE(r.has_value());
+    ASSERT_TRUE(r->has_value());
+    EXPECT_EQ(**r, bad);
+  }
+  // Never-written memory compares as zeros: equal to zeros, unequal at the first non-zero.
+  std::vector<uint8_t> zeros(70000);
+  EXPECT_FALSE(m.mismatch(PhysAddr(512 * MiB), zeros)->has_value());
+  zeros[65537] = 9;
+  EXPECT_EQ(m.mismatch(PhysAddr(512 * MiB), zeros)->value_or(0), 65537u);
+  EXPECT_EQ(m.backed_bytes(), 5 * 64 * KiB);  // the written chunks only: comparing backs nothing
+  EXPECT_EQ(m.mismatch(PhysAddr(1 * GiB - 8), zeros).error().code, EFAULT);
+}
+
 TEST(PhysMemoryTest, OutsideRegionsIsEfaultAndWritesNothing) {
   PhysMemory m;
   ASSERT_TRUE(m.add_region({PhysSpan{PhysAddr(0x100000), 0x10000}, PhysRegion::Kind::host_ram, "ram"}).has_value());

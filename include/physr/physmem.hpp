@@ -6,7 +6,9 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -44,6 +46,17 @@ class PhysMemory {
   Status write(PhysAddr a, std::span<const uint8_t> bytes);
   /// Reads bytes at `a`; bytes never written read as zero. EFAULT as for write.
   Status read(PhysAddr a, std::span<uint8_t> out) const;
+  /// Lets `produce` write the bytes [a, a + len) straight into the backing, a piece at a
+  /// time (`off` counts from `a`), so a producer (a device's media, a generator) needs no
+  /// bounce through a buffer of its own. EFAULT as for write (nothing produced); the first
+  /// error `produce` returns stops the walk and is returned.
+  Status fill(PhysAddr a, uint64_t len, const std::function<Status(uint64_t off, std::span<uint8_t> piece)>& produce);
+  /// Hands the bytes [a, a + len) to `consume` a piece at a time, in place (never-written
+  /// bytes as zeros). EFAULT as for read; the first error `consume` returns stops the walk.
+  Status visit(PhysAddr a, uint64_t len, const std::function<Status(uint64_t off, std::span<const uint8_t> piece)>& consume) const;
+  /// Compares the bytes at `a` with `expected` in place (no copy): the offset of the first
+  /// byte that differs, or nullopt if all match. EFAULT as for read.
+  Result<std::optional<uint64_t>> mismatch(PhysAddr a, std::span<const uint8_t> expected) const;
   /// Copies len bytes from src to dst (non-overlapping), e.g. a bounce copy. EFAULT as above.
   Status copy(PhysAddr dst, PhysAddr src, uint64_t len);
 

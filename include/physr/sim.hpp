@@ -21,7 +21,9 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -209,14 +211,25 @@ class Machine {
   const Aperture* nearest_provider(std::span<const uint32_t> clients);
 
   /// The device side of DMA: `initiator` writes `data` (or reads into `out`) through a DMA
-  /// list. Bus addresses go to the BAR that decodes them; other addresses go through the
-  /// device's IOMMU domain (a fault is recorded and nothing moves) or map directly.
-  Status dma_write(uint32_t initiator, std::span<const DmaSegment> segs, std::span<const uint8_t> data);
-  Status dma_read(uint32_t initiator, std::span<const DmaSegment> segs, std::span<uint8_t> out);
+  /// list, at bytes [offset, offset + size) of it (an engine moves a large I/O in bursts).
+  /// Bus addresses go to the BAR that decodes them; other addresses go through the device's
+  /// IOMMU domain (a fault is recorded and nothing of this call moves) or map directly.
+  /// EINVAL if the list ends before the data does.
+  Status dma_write(uint32_t initiator, std::span<const DmaSegment> segs, std::span<const uint8_t> data, uint64_t offset = 0);
+  Status dma_read(uint32_t initiator, std::span<const DmaSegment> segs, std::span<uint8_t> out, uint64_t offset = 0);
+  /// Streaming forms for a device that moves bytes between its media and memory without a
+  /// buffer of its own: `source` produces (or `sink` takes) the `len` bytes at list offset
+  /// `offset` in place, a piece at a time (`off` counts from `offset`). Same translation,
+  /// faults and errors as above; the first error of `source` or `sink` stops the transfer.
+  using DmaSource = std::function<Status(uint64_t off, std::span<uint8_t> dst)>;
+  using DmaSink = std::function<Status(uint64_t off, std::span<const uint8_t> src)>;
+  Status dma_write_from(uint32_t initiator, std::span<const DmaSegment> segs, uint64_t offset, uint64_t len, const DmaSource& source);
+  Status dma_read_to(uint32_t initiator, std::span<const DmaSegment> segs, uint64_t offset, uint64_t len, const DmaSink& sink);
 
   /// What a DmaDevice needs to map on this machine (for devices configured by the caller).
   DmaEnv dma_env() noexcept { return DmaEnv{&mem_, &reg_, &*engine_, pool_.get()}; }
   PhysMemory& memory() noexcept { return mem_; }
+  const PhysMemory& memory() const noexcept { return mem_; }
   ProviderRegistry& providers() noexcept { return reg_; }
   Fabric& fabric() noexcept { return *fabric_; }
   const Fabric& fabric() const noexcept { return *fabric_; }
@@ -225,13 +238,19 @@ class Machine {
   const pci::Topology& topology() const noexcept { return *topo_; }
   const MachineOptions& options() const noexcept { return opt_; }
   const std::vector<IommuFault>& faults() const noexcept { return faults_; }
+  /// A new number for each job run on this machine, from 1: the job's data stream, so no
+  /// job's bytes equal what an earlier job left in the same buffer.
+  uint64_t next_job() noexcept { return ++jobs_; }
   std::vector<std::string> warnings;
   /// Name of a function for reports ("nvme0", or its address).
   std::string label(uint32_t function) const;
 
  private:
   Machine() = default;
-  Status access(uint32_t initiator, std::span<const DmaSegment> segs, uint8_t* bytes, size_t len, bool write);
+  // Translates [offset, offset + len) of the list into physical runs (all of it first: a
+  // fault moves nothing), then moves each run through `source` or `sink`.
+  Status access(uint32_t initiator, std::span<const DmaSegment> segs, uint64_t offset, uint64_t len, const DmaSource* source,
+                const DmaSink* sink);
 
   const pci::Topology* topo_ = nullptr;
   MachineOptions opt_;
@@ -244,6 +263,7 @@ class Machine {
   std::vector<std::unique_ptr<IoDomain>> domains_;   // per function, on demand
   std::vector<std::unique_ptr<DmaDevice>> devices_;  // per function, on demand
   std::vector<IommuFault> faults_;
+  uint64_t jobs_ = 0;
 };
 
 // -------------------------------------------------------------------------------------

@@ -63,6 +63,30 @@ struct PhysMemory::Impl {
     backed.fetch_add(kChunk, std::memory_order_relaxed);
     return p;
   }
+  // Walks [a, a + len) chunk by chunk, handing `f` each piece: writable (backing created),
+  // or read-only with never-written chunks as zeros. The first error `f` returns stops it.
+  template <class F>
+  Status produce(uint64_t a, uint64_t len, F&& f) {
+    for (uint64_t done = 0; done < len;) {
+      const uint64_t off = a & (kChunk - 1), n = std::min<uint64_t>(kChunk - off, len - done);
+      PHYSR_TRY(f(done, std::span<uint8_t>(chunk(a >> kChunkShift, true) + off, n)));
+      a += n;
+      done += n;
+    }
+    return {};
+  }
+  template <class F>
+  Status consume(uint64_t a, uint64_t len, F&& f) {
+    static const uint8_t kZeros[kChunk] = {};
+    for (uint64_t done = 0; done < len;) {
+      const uint64_t off = a & (kChunk - 1), n = std::min<uint64_t>(kChunk - off, len - done);
+      const uint8_t* c = chunk(a >> kChunkShift, false);
+      PHYSR_TRY(f(done, std::span<const uint8_t>(c ? c + off : kZeros, n)));
+      a += n;
+      done += n;
+    }
+    return {};
+  }
 };
 
 PhysMemory::PhysMemory() : impl_(std::make_unique<Impl>()) {}
@@ -97,40 +121,53 @@ std::vector<PhysRegion> PhysMemory::regions() const {
   return out;
 }
 
-Status PhysMemory::write(PhysAddr a, std::span<const uint8_t> bytes) {
+namespace {
+// EFAULT naming the operation and the first address of [a, a + len) outside every region.
+Status check_covered(const PhysMemory::Impl& m, const char* op, uint64_t a, uint64_t len) {
   uint64_t hole;
-  if (!impl_->covered(a.value(), bytes.size(), &hole))
-    return make_error(EFAULT, "write of " + std::to_string(bytes.size()) + " bytes at " + format_hex(a.value()) + ": " +
-                                  format_hex(hole) + " is not in any physical region");
-  uint64_t p = a.value();
-  size_t done = 0;
-  while (done < bytes.size()) {
-    const uint64_t off = p & (kChunk - 1);
-    const size_t n = static_cast<size_t>(std::min<uint64_t>(kChunk - off, bytes.size() - done));
-    std::memcpy(impl_->chunk(p >> kChunkShift, true) + off, bytes.data() + done, n);
-    p += n;
-    done += n;
-  }
-  return {};
+  if (m.covered(a, len, &hole)) return {};
+  return make_error(EFAULT, std::string(op) + " of " + std::to_string(len) + " bytes at " + format_hex(a) + ": " + format_hex(hole) +
+                                " is not in any physical region");
+}
+}  // namespace
+
+Status PhysMemory::fill(PhysAddr a, uint64_t len, const std::function<Status(uint64_t, std::span<uint8_t>)>& produce) {
+  PHYSR_TRY(check_covered(*impl_, "fill", a.value(), len));
+  return impl_->produce(a.value(), len, produce);
+}
+
+Status PhysMemory::visit(PhysAddr a, uint64_t len, const std::function<Status(uint64_t, std::span<const uint8_t>)>& consume) const {
+  PHYSR_TRY(check_covered(*impl_, "visit", a.value(), len));
+  return impl_->consume(a.value(), len, consume);
+}
+
+Status PhysMemory::write(PhysAddr a, std::span<const uint8_t> bytes) {
+  PHYSR_TRY(check_covered(*impl_, "write", a.value(), bytes.size()));
+  return impl_->produce(a.value(), bytes.size(), [&](uint64_t off, std::span<uint8_t> piece) {
+    std::memcpy(piece.data(), bytes.data() + off, piece.size());
+    return Status{};
+  });
 }
 
 Status PhysMemory::read(PhysAddr a, std::span<uint8_t> out) const {
-  uint64_t hole;
-  if (!impl_->covered(a.value(), out.size(), &hole))
-    return make_error(EFAULT, "read of " + std::to_string(out.size()) + " bytes at " + format_hex(a.value()) + ": " + format_hex(hole) +
-                                  " is not in any physical region");
-  uint64_t p = a.value();
-  size_t done = 0;
-  while (done < out.size()) {
-    const uint64_t off = p & (kChunk - 1);
-    const size_t n = static_cast<size_t>(std::min<uint64_t>(kChunk - off, out.size() - done));
-    const uint8_t* c = impl_->chunk(p >> kChunkShift, false);
-    if (c) std::memcpy(out.data() + done, c + off, n);
-    else std::memset(out.data() + done, 0, n);
-    p += n;
-    done += n;
-  }
-  return {};
+  PHYSR_TRY(check_covered(*impl_, "read", a.value(), out.size()));
+  return impl_->consume(a.value(), out.size(), [&](uint64_t off, std::span<const uint8_t> piece) {
+    std::memcpy(out.data() + off, piece.data(), piece.size());
+    return Status{};
+  });
+}
+
+Result<std::optional<uint64_t>> PhysMemory::mismatch(PhysAddr a, std::span<const uint8_t> expected) const {
+  PHYSR_TRY(check_covered(*impl_, "compare", a.value(), expected.size()));
+  std::optional<uint64_t> at;
+  const Status st = impl_->consume(a.value(), expected.size(), [&](uint64_t off, std::span<const uint8_t> piece) -> Status {
+    const uint8_t* want = expected.data() + off;
+    if (std::memcmp(piece.data(), want, piece.size()) == 0) return {};  // vectorised; the byte is sought only on a difference
+    at = off + static_cast<uint64_t>(std::mismatch(piece.begin(), piece.end(), want).first - piece.begin());
+    return make_error(ECANCELED, "found");  // stops the walk
+  });
+  if (!st && !at) return st.error();
+  return at;
 }
 
 Status PhysMemory::copy(PhysAddr dst, PhysAddr src, uint64_t len) {

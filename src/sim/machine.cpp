@@ -1,5 +1,6 @@
 // The machine: memory, providers, per-device IOMMU domains, and the device side of DMA.
 #include <algorithm>
+#include <cstring>
 
 #include "physr/sim.hpp"
 
@@ -96,12 +97,21 @@ const Aperture* Machine::nearest_provider(std::span<const uint32_t> clients) {
   return pick ? largest_bar(*pick) : nullptr;
 }
 
-Status Machine::access(uint32_t initiator, std::span<const DmaSegment> segs, uint8_t* bytes, size_t len, bool write) {
+Status Machine::access(uint32_t initiator, std::span<const DmaSegment> segs, uint64_t offset, uint64_t len, const DmaSource* source,
+                       const DmaSink* sink) {
   IoDomain* dom = domain(initiator);
+  const bool write = source != nullptr;
   // Translate everything first: on a fault nothing moves.
   std::vector<std::pair<PhysAddr, uint64_t>> runs;
-  size_t at = 0;
+  uint64_t at = 0;
   for (const DmaSegment& s : segs) {
+    if (at == len) break;
+    if (offset >= s.len) {  // before this call's bytes
+      offset -= s.len;
+      continue;
+    }
+    const uint64_t first = offset, take = std::min<uint64_t>(s.len - first, len - at);
+    offset = 0;
     if (s.flags & kDmaSegBusAddr) {
       // The switch routes a bus address to the BAR that decodes it (bus = CPU address here);
       // a segment never spans two BARs.
@@ -109,15 +119,13 @@ Status Machine::access(uint32_t initiator, std::span<const DmaSegment> segs, uin
       for (const Aperture& a : apertures_)
         if (a.span.contains(PhysSpan{PhysAddr(s.addr.value()), s.len})) hit = &a;
       if (!hit) return make_error(EREMOTEIO, "unsupported request: no BAR decodes bus addresses " + format_hex(s.addr.value()) + " (+" + format_hex(s.len) + ")");
-      if (at + s.len > len) return make_error(EINVAL, "DMA engine: the DMA list is longer than the data");
-      runs.emplace_back(PhysAddr(s.addr.value()), s.len);
-      at += s.len;
+      runs.emplace_back(PhysAddr(s.addr.value() + first), take);
+      at += take;
       continue;
     }
-    for (uint64_t done = 0; done < s.len;) {
+    for (uint64_t done = first; done < first + take;) {
       const uint64_t dma = s.addr.value() + done;
-      uint64_t run = std::min<uint64_t>(s.len - done, kPageSize - (dma & (kPageSize - 1)));
-      if (at + run > len) return make_error(EINVAL, "DMA engine: the DMA list is longer than the data");
+      const uint64_t run = std::min<uint64_t>(first + take - done, kPageSize - (dma & (kPageSize - 1)));
       PhysAddr phys;
       if (dom) {
         const auto t = dom->translate(DmaAddr(dma));
@@ -137,22 +145,40 @@ Status Machine::access(uint32_t initiator, std::span<const DmaSegment> segs, uin
       done += run;
     }
   }
-  if (at != len) return make_error(EINVAL, "DMA engine: the DMA list is shorter than the data");
+  if (at != len) return make_error(EINVAL, "DMA engine: the DMA list ends before the data (" + std::to_string(len - at) + " bytes left)");
   at = 0;
   for (const auto& [phys, run] : runs) {
-    if (write) PHYSR_TRY(mem_.write(phys, std::span<const uint8_t>(bytes + at, run)));
-    else PHYSR_TRY(mem_.read(phys, std::span<uint8_t>(bytes + at, run)));
+    if (write)
+      PHYSR_TRY(mem_.fill(phys, run, [&, base = at](uint64_t o, std::span<uint8_t> piece) { return (*source)(base + o, piece); }));
+    else
+      PHYSR_TRY(mem_.visit(phys, run, [&, base = at](uint64_t o, std::span<const uint8_t> piece) { return (*sink)(base + o, piece); }));
     at += run;
   }
   return {};
 }
 
-Status Machine::dma_write(uint32_t initiator, std::span<const DmaSegment> segs, std::span<const uint8_t> data) {
-  return access(initiator, segs, const_cast<uint8_t*>(data.data()), data.size(), true);
+Status Machine::dma_write(uint32_t initiator, std::span<const DmaSegment> segs, std::span<const uint8_t> data, uint64_t offset) {
+  const DmaSource from_data = [&](uint64_t off, std::span<uint8_t> dst) {
+    std::memcpy(dst.data(), data.data() + off, dst.size());
+    return Status{};
+  };
+  return access(initiator, segs, offset, data.size(), &from_data, nullptr);
 }
 
-Status Machine::dma_read(uint32_t initiator, std::span<const DmaSegment> segs, std::span<uint8_t> out) {
-  return access(initiator, segs, out.data(), out.size(), false);
+Status Machine::dma_read(uint32_t initiator, std::span<const DmaSegment> segs, std::span<uint8_t> out, uint64_t offset) {
+  const DmaSink to_out = [&](uint64_t off, std::span<const uint8_t> src) {
+    std::memcpy(out.data() + off, src.data(), src.size());
+    return Status{};
+  };
+  return access(initiator, segs, offset, out.size(), nullptr, &to_out);
+}
+
+Status Machine::dma_write_from(uint32_t initiator, std::span<const DmaSegment> segs, uint64_t offset, uint64_t len, const DmaSource& source) {
+  return access(initiator, segs, offset, len, &source, nullptr);
+}
+
+Status Machine::dma_read_to(uint32_t initiator, std::span<const DmaSegment> segs, uint64_t offset, uint64_t len, const DmaSink& sink) {
+  return access(initiator, segs, offset, len, nullptr, &sink);
 }
 
 }  // namespace physr::sim
