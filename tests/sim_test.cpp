@@ -8,6 +8,8 @@
 #include <filesystem>
 #include <random>
 
+#include <unistd.h>
+
 #include "sim/job_common.hpp"
 
 namespace physr::sim {
@@ -433,6 +435,43 @@ TEST(SimJobTest, RandomWorkloadsVerifyOnEveryReferenceMachineAndRepeatBySeed) {
       EXPECT_NE(a, random_jobs(name, 43, iommu)) << name;
     }
   }
+}
+
+// A real server's sysfs snapshot as the machine: its device BARs become memory and
+// providers (not the bridges' forwarding windows or ROMs, which sysfs lists beside them),
+// and its NICs move real bytes between them.
+TEST(SimMachineTest, SysfsSnapshotMachineUsesDeviceBarsOnly) {
+  const auto dir = std::filesystem::temp_directory_path() / ("physr-sim-snap-" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  const std::string cmd = "tar xjf '" + std::string(PHYSR_SOURCE_DIR) + "/tests/data/sysfs/40intel64-2g2n4c+pcilocality.tar.bz2' -C '" +
+                          dir.string() + "'";
+  ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
+  auto t = pci::load_sysfs(dir / "40intel64-2g2n4c+pci");
+  std::filesystem::remove_all(dir);
+  ASSERT_TRUE(t.has_value()) << t.error().to_string();
+  auto m = build(*t);
+  EXPECT_TRUE(m->warnings.empty()) << m->warnings.front();
+  ASSERT_FALSE(m->apertures().empty());
+  for (const Aperture& a : m->apertures()) {
+    EXPECT_LE(a.bar, 5u) << a.name;
+    EXPECT_NE(t->functions[a.function].class_code >> 8, 0x0604u) << a.name << " is a bridge window";
+  }
+  const uint32_t vga = *t->lookup("0000:09:03.0");
+  const Aperture* fb = m->largest_bar(vga);
+  ASSERT_NE(fb, nullptr);
+  EXPECT_EQ(fb->span, (PhysSpan{PhysAddr(0xc5000000), 8 * MiB}));
+  Job j;
+  j.name = "nic-rx-vga";
+  j.device = *t->lookup("0000:02:00.0");
+  j.peer = *t->lookup("0000:03:00.0");
+  j.peer_buffer_function = vga;
+  j.block_size = 1500;
+  j.queue_depth = 64;
+  j.size = 1500 * 700;
+  auto r = run_job(*m, j);
+  ASSERT_TRUE(r.has_value()) << r.error().to_string();
+  EXPECT_EQ(r->verified_bytes, j.size);
+  EXPECT_NE(r->path.find("bounced by the DMA layer"), std::string::npos) << r->path;  // across root ports, not allowlisted
 }
 
 TEST(SimJobTest, NetworkPacketsReachTheReceiverBuffers) {

@@ -37,7 +37,9 @@ Result<std::unique_ptr<Machine>> Machine::create(const pci::Topology& topo, cons
   PHYSR_TRY(m->mem_.add_region({PhysSpan{PhysAddr(kHighRamBase), o.ram - kLowRam}, PhysRegion::Kind::host_ram, "ram (above 4 GiB)"}));
   for (uint32_t f = 0; f < topo.functions.size(); ++f) {
     for (const pci::Bar& b : topo.functions[f].bars) {
-      if (!b.is_mem() || b.size() < kPageSize || (b.start & (kPageSize - 1)) || (b.size() & (kPageSize - 1))) continue;
+      // BARs 0-5 only: sysfs also lists the expansion ROM (6) and a bridge's forwarding
+      // windows (13-15), which contain the BARs below the bridge rather than being memory.
+      if (b.index > 5 || !b.is_mem() || b.size() < kPageSize || (b.start & (kPageSize - 1)) || (b.size() & (kPageSize - 1))) continue;
       const std::string name = m->label(f) + " BAR" + std::to_string(b.index);
       const PhysSpan span{PhysAddr(b.start), b.size()};
       if (auto st = m->mem_.add_region({span, PhysRegion::Kind::bar, name}); !st) {

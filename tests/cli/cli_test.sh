@@ -188,6 +188,17 @@ expect 1 'EREMOTEIO.*unsupported request' -- sim "$tmp/bad3.toml"
 expect 1 "no such file and no built-in scenario" -- sim nosuch
 expect 1 '--svg /nonexistent/dir/x.svg' -- sim "$tmp/small.toml" --svg /nonexistent/dir/x.svg
 
+# A sysfs snapshot as the machine (a path relative to the scenario's folder): its real BARs
+# and tree. Its NICs receive into the VGA BAR across root ports: bounced, or EREMOTEIO.
+mkdir -p "$tmp/scen"
+job='[[job]]\nname = "nic-rx-vga"\ndevice = "0000:02:00.0"\npeer = "0000:03:00.0"\npeer_buffer = "0000:09:03.0"\nbs = "4K"\nsize = "1M"\n'
+printf "machine = \"../%s\"\n$job" "$(basename "$snap")" > "$tmp/scen/snap.toml"
+expect 0 'nic-rx-vga +0000:02:00.0->0000:03:00.0 +host -> 0000:09:03.0 BAR0 .*RX host \(bounced by the DMA layer\)' -- sim "$tmp/scen/snap.toml"
+expect 0 'Every byte verified against its source: 1 MiB in 1 jobs' -- sim "$tmp/scen/snap.toml"
+printf "machine = \"%s\"\n${job}path = \"p2p\"\n" "$snap" > "$tmp/scen/snap-p2p.toml"
+expect 1 'EREMOTEIO' -- sim "$tmp/scen/snap-p2p.toml"
+expect 0 '5 +0000:03:00.1 BAR0 +0xcc001000 .*bus_addr' -- map --machine "$snap" --device 0000:03:00.0 --allow-bounce
+
 for what in "switch:--machine two-socket-switch" "snap:--sysfs-root $snap" "zen:--machine amd-zen"; do
   kind=${what%%:*}
   # shellcheck disable=SC2086

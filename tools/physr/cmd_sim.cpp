@@ -81,7 +81,13 @@ nlohmann::json to_json(const sim::Scenario& sc, const std::vector<sim::JobResult
 
 sim::Scenario load_scenario_arg(const std::string& arg) {
   std::error_code ec;
-  if (std::filesystem::exists(arg, ec)) return failure_value(sim::parse_scenario(read_text(arg), arg));
+  if (std::filesystem::exists(arg, ec)) {
+    sim::Scenario sc = failure_value(sim::parse_scenario(read_text(arg), arg));
+    // A relative machine path is relative to the scenario file, when something is there.
+    const auto beside = std::filesystem::path(arg).parent_path() / sc.machine;
+    if (std::filesystem::path(sc.machine).is_relative() && std::filesystem::exists(beside, ec)) sc.machine = beside.string();
+    return sc;
+  }
   for (const auto& b : kBuiltinScenarios)
     if (b.name == arg) return failure_value(sim::parse_scenario(b.text, "builtin:" + std::string(b.name)));
   throw Failure(fmt::format("scenario '{}': no such file and no built-in scenario of that name (built-in: {})", arg, builtin_scenario_names()));
@@ -90,6 +96,7 @@ sim::Scenario load_scenario_arg(const std::string& arg) {
 std::vector<sim::JobResult> run_scenario(const sim::Scenario& sc, const std::function<void(size_t, const std::string&)>& progress) {
   const pci::Topology topo = load_machine_arg(sc.machine);
   auto m = failure_value(sim::Machine::create(topo, sc.options));
+  for (const std::string& w : m->warnings) fmt::print(stderr, "physr: warning: machine {}: {}\n", sc.machine, w);
   std::vector<sim::JobResult> out;
   for (size_t i = 0; i < sc.jobs.size(); ++i) {
     if (progress) progress(i, sc.jobs[i].name);
@@ -120,11 +127,18 @@ void run_sim(const SimOptions& o) {
     return;
   }
   fmt::print("Scenario {} on {}{}\n\n", sc.name, sc.machine, sc.description.empty() ? "" : ": " + sc.description);
-  fmt::print("  {:<20} {:<7} {:<12} {:>6} {:>8} {:>8} {:>9} {:>9}  {}\n", "job", "device", "buffer", "GB/s", "p50 us", "p99 us",
-             "via RC", "via host", "path");
+  // Text columns as wide as their widest entry (BDFs on sysfs machines, names otherwise).
+  size_t wj = 3, wd = 6, wb = 6;
+  for (const auto& r : rs) {
+    wj = std::max(wj, r.name.size());
+    wd = std::max(wd, r.device.size());
+    wb = std::max(wb, r.buffer.size());
+  }
+  fmt::print("  {:<{}} {:<{}} {:<{}} {:>6} {:>8} {:>8} {:>9} {:>9}  {}\n", "job", wj, "device", wd, "buffer", wb, "GB/s", "p50 us",
+             "p99 us", "via RC", "via host", "path");
   for (const auto& r : rs)
-    fmt::print("  {:<20} {:<7} {:<12} {:>6} {:>8.1f} {:>8.1f} {:>9} {:>9}  {}\n", r.name, r.device, r.buffer, gb(r.gbps), r.lat_p50_us,
-               r.lat_p99_us, format_size(r.rc_bytes), format_size(r.host_memory_bytes), r.path);
+    fmt::print("  {:<{}} {:<{}} {:<{}} {:>6} {:>8.1f} {:>8.1f} {:>9} {:>9}  {}\n", r.name, wj, r.device, wd, r.buffer, wb, gb(r.gbps),
+               r.lat_p50_us, r.lat_p99_us, format_size(r.rc_bytes), format_size(r.host_memory_bytes), r.path);
   uint64_t verified = 0;
   for (const auto& r : rs) verified += r.verified_bytes;
   fmt::print("\n  Every byte verified against its source: {} in {} jobs. Simulated time; no wall clock.\n", format_size(verified), rs.size());

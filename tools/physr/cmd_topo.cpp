@@ -408,6 +408,11 @@ void run_explain(const ExplainOptions& o) {
 
 Topology load_machine_arg(const std::string& machine) {
   std::error_code ec;
+  if (std::filesystem::is_directory(machine, ec)) {  // a sysfs snapshot's root ("/": this host)
+    Topology t = failure_value(load_sysfs(machine));
+    for (const std::string& w : t.warnings) fmt::print(stderr, "physr: warning: {}: {}\n", t.source, w);
+    return t;
+  }
   if (std::filesystem::exists(machine, ec)) return failure_value(load_machine_file(machine));
   if (auto t = builtin_machine(machine)) return std::move(*t);
   throw Failure(fmt::format("--machine {}: no such file and no built-in machine of that name (built-in: {})", machine,
