@@ -344,8 +344,9 @@ TEST(SimJobTest, RefusedP2PFailsOrBouncesByPolicy) {
   EXPECT_EQ(r->path, "bounce (DMA layer, swiotlb)");
   EXPECT_EQ(r->verified_bytes, 4 * MiB);
   EXPECT_EQ(m->bounce().used_slots(), 0u);
-  j.device = *t.lookup("gpu0");
-  EXPECT_EQ(run_job(*m, j).error().code, EINVAL);  // not an NVMe controller
+  j.device = 0;  // the host bridge
+  ASSERT_EQ(t.functions[0].class_code >> 8, 0x0600u);
+  EXPECT_EQ(run_job(*m, j).error().code, EINVAL);  // neither an SSD nor a GPU
   j.device = *t.lookup("nvme1");
   j.block_size = 1000;
   EXPECT_EQ(run_job(*m, j).error().code, EINVAL);
@@ -359,6 +360,55 @@ TEST(SimJobTest, DeterministicTimes) {
   EXPECT_EQ(x.lat_p99_us, y.lat_p99_us);
 }
 
+// A GPU's copy engine: host to GPU memory and back, GPU memory into an SSD's CMB by P2P;
+// its rate, in-order service and every byte checked.
+TEST(SimJobTest, GpuCopyEngineJobsMoveAndCheckEveryByte) {
+  const auto t = machine("two-socket-switch");
+  MachineOptions o;
+  o.copy_engine_gbps = 5.0;  // below every link on the way: the engine is the bottleneck
+  auto m = build(t, o);
+  Job j;
+  j.name = "h2d";
+  j.device = *t.lookup("gpu0");
+  j.write = true;  // the buffer's data into the GPU's memory
+  j.block_size = 1 * MiB;
+  j.queue_depth = 8;
+  j.size = 64 * MiB;
+  auto r = run_job(*m, j);
+  ASSERT_TRUE(r.has_value()) << r.error().to_string();
+  EXPECT_EQ(r->verified_bytes, j.size);
+  EXPECT_NEAR(r->gbps, 5.0, 0.05);
+  // In order, one at a time: with 8 queued, a copy waits for the 7 before it.
+  EXPECT_NEAR(r->lat_p50_us, 8 * (1 * MiB / 5.0) / 1000, 5.0);
+  EXPECT_EQ(r->host_memory_bytes, j.size);
+  j.name = "d2h";
+  j.write = false;
+  r = run_job(*m, j);
+  ASSERT_TRUE(r.has_value()) << r.error().to_string();
+  EXPECT_EQ(r->verified_bytes, j.size);
+  EXPECT_EQ(r->path, "host memory");
+  // Into nvme1's CMB under the same switch: P2P, never through the root complex or memory.
+  j.name = "gpu-to-cmb";
+  j.buffer_function = *t.lookup("nvme1");
+  j.block_size = 128 * KiB;
+  j.size = 16 * MiB;
+  j.path = PathPolicy::p2p;
+  r = run_job(*m, j);
+  ASSERT_TRUE(r.has_value()) << r.error().to_string();
+  EXPECT_EQ(r->verified_bytes, j.size);
+  EXPECT_EQ(r->path, "p2p bus_addr (under the switch)");
+  EXPECT_EQ(r->rc_bytes + r->host_memory_bytes, 0u);
+  EXPECT_EQ(r->iommu_faults, 0u);
+  // Its own memory as the buffer, or staging, is refused with the reason.
+  j.buffer_function = j.device;
+  auto bad = run_job(*m, j);
+  ASSERT_FALSE(bad.has_value());
+  EXPECT_NE(bad.error().message.find("host memory or another device's BAR"), std::string::npos);
+  j.buffer_function = *t.lookup("nvme1");
+  j.path = PathPolicy::bounce;
+  EXPECT_EQ(run_job(*m, j).error().code, EINVAL);
+}
+
 // Random NVMe and network jobs on every reference machine, with and without IOMMUs: each
 // either verifies every byte or fails exactly when the fabric refuses a P2P-only job; the
 // same seed gives the same reports.
@@ -369,10 +419,11 @@ std::vector<std::string> random_jobs(const char* name, uint32_t seed, bool iommu
   auto m = build(t, o);
   std::mt19937 rng(seed);
   const auto pick = [&](size_t n) { return static_cast<size_t>(rng() % n); };
-  std::vector<uint32_t> ssds, nics, holders;
+  std::vector<uint32_t> ssds, nics, gpus, holders;
   for (uint32_t f = 0; f < t.functions.size(); ++f) {
     if ((t.functions[f].class_code >> 8) == 0x0108) ssds.push_back(f);
     if ((t.functions[f].class_code >> 16) == 0x02) nics.push_back(f);
+    if ((t.functions[f].class_code >> 16) == 0x03 && m->largest_bar(f)) gpus.push_back(f);
     if (m->largest_bar(f)) holders.push_back(f);
   }
   EXPECT_FALSE(ssds.empty());
@@ -380,16 +431,22 @@ std::vector<std::string> random_jobs(const char* name, uint32_t seed, bool iommu
   for (int k = 0; k < 24; ++k) {
     Job j;
     j.name = "r" + std::to_string(k);
-    const bool net = nics.size() >= 2 && k % 4 == 3;
-    j.device = net ? nics[0] : ssds[pick(ssds.size())];
+    const bool net = nics.size() >= 2 && k % 4 == 3, copy = !net && !gpus.empty() && k % 4 == 2;
+    j.device = net ? nics[0] : copy ? gpus[pick(gpus.size())] : ssds[pick(ssds.size())];
     if (net) j.peer = nics[1];
     j.write = !net && pick(2) == 1;
     j.block_size = net ? 1 + pick(64 * KiB) : 512 * (1 + pick(512));  // packets of any size
     j.queue_depth = static_cast<unsigned>(1 + pick(32));
     j.size = j.block_size * (1 + pick(24));
     j.path = static_cast<PathPolicy>(pick(3));
+    if (copy && j.path == PathPolicy::bounce) j.path = PathPolicy::automatic;  // staging is for SSDs
     std::optional<uint32_t> holder;
     if (!holders.empty() && pick(4) != 0) holder = holders[pick(holders.size())];
+    if (copy && holder == j.device) holder.reset();
+    if (copy) {  // the copies must fit the GPU's memory too
+      const uint64_t vram = m->largest_bar(j.device)->span.size;
+      j.queue_depth = static_cast<unsigned>(std::min<uint64_t>(j.queue_depth, std::max<uint64_t>(1, vram / j.block_size)));
+    }
     if (holder) {  // the buffers must fit the BAR (CMBs are small)
       const uint64_t bar = m->largest_bar(*holder)->span.size;
       if (j.block_size > bar) j.block_size = std::max<uint64_t>(512, bar / 2 / 512 * 512);
@@ -405,7 +462,7 @@ std::vector<std::string> random_jobs(const char* name, uint32_t seed, bool iommu
       refused = !m->fabric().to_peer(dev, *holder, dev_writes).has_value();
     }
     auto r = run_job(*m, j);
-    const std::string what = std::string(name) + " " + j.name + (net ? " net" : j.write ? " write" : " read") + " bs " +
+    const std::string what = std::string(name) + " " + j.name + (net ? " net" : copy ? " copy" : "") + (j.write ? " write" : " read") + " bs " +
                              std::to_string(j.block_size) + " qd " + std::to_string(j.queue_depth) + " path " + path_policy_name(j.path);
     if (refused) {
       EXPECT_FALSE(r.has_value()) << what;

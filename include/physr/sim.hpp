@@ -168,7 +168,8 @@ struct MachineOptions {
   // NVMe SSD parameters (docs/sim.md gives the sources of the defaults).
   double nvme_read_gbps = 6.8, nvme_write_gbps = 4.0;
   double nvme_read_latency_ns = 80'000, nvme_write_latency_ns = 20'000;
-  double copy_engine_gbps = 20.0;  // a GPU's copy engine (host bounce buffer -> BAR)
+  double copy_engine_gbps = 20.0;  // a GPU's copy engine (copy jobs, and staging host <-> BAR)
+  double copy_engine_latency_ns = 2000;  // from a copy's submission to its first byte
   // The wire between two NICs.
   double wire_gbps = 12.5;         // 100 Gb/s Ethernet
   double wire_latency_ns = 1000;   // cable, PHYs and the NICs' pipelines

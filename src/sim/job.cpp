@@ -108,8 +108,13 @@ Result<JobResult> run_job(Machine& m, const Job& job) {
   const pci::Topology& topo = m.topology();
   const auto where = [&] { return "job '" + job.name + "'"; };
   if (job.device >= topo.functions.size()) return make_error(EINVAL, where() + ": no such device");
-  if ((topo.functions[job.device].class_code >> 8) != 0x0108)
-    return make_error(EINVAL, where() + ": " + m.label(job.device) + " is not an NVMe controller (class " + format_hex(topo.functions[job.device].class_code) + ")");
+  const uint32_t cls = topo.functions[job.device].class_code;
+  // A GPU or accelerator job is its copy engine moving data between the device's memory
+  // (its largest BAR) and the buffer.
+  const bool gpu = (cls >> 16) == 0x03 || (cls >> 16) == 0x12;
+  if ((cls >> 8) != 0x0108 && !gpu)
+    return make_error(EINVAL, where() + ": " + m.label(job.device) + " is neither an NVMe controller nor a GPU or accelerator (class " +
+                                  format_hex(cls) + ")");
   if (job.block_size == 0 || job.block_size % 512 != 0 || job.block_size > 4 * MiB)
     return make_error(EINVAL, where() + ": block size " + std::to_string(job.block_size) + " must be a multiple of 512 up to 4 MiB");
   if (job.queue_depth == 0 || job.queue_depth > 1024) return make_error(EINVAL, where() + ": queue depth must be 1 to 1024");
@@ -117,6 +122,15 @@ Result<JobResult> run_job(Machine& m, const Job& job) {
     return make_error(EINVAL, where() + ": size " + std::to_string(job.size) + " must be a non-zero multiple of the block size");
   const uint64_t window = job.block_size * job.queue_depth;
   if (window > kHostWindow) return make_error(EINVAL, where() + ": block size x queue depth exceeds the 256 MiB of buffers");
+
+  // A GPU's own memory, where its copy engine reads or writes each I/O's slot.
+  const Aperture* vram = gpu ? m.largest_bar(job.device) : nullptr;
+  if (gpu) {
+    if (!vram) return make_error(EINVAL, where() + ": " + m.label(job.device) + " has no memory BAR for its copy engine to use");
+    if (vram->span.size < window) return make_error(EINVAL, where() + ": " + vram->name + " cannot hold " + format_size(window) + " of copies");
+    if (job.buffer_function == job.device) return make_error(EINVAL, where() + ": a copy job's buffer must be host memory or another device's BAR");
+    if (job.path == PathPolicy::bounce) return make_error(EINVAL, where() + ": path bounce (staging through host memory) is for NVMe jobs; a copy job takes p2p or auto");
+  }
 
   // Where the buffers are.
   const Aperture* bar = nullptr;
@@ -127,7 +141,7 @@ Result<JobResult> run_job(Machine& m, const Job& job) {
   }
   auto dev = m.device(job.device);
   if (!dev) return std::move(dev).error();
-  DmaDevice& nvme = **dev;
+  DmaDevice& dma = **dev;
   Fabric& fab = m.fabric();
   fab.reset_counters();
   const size_t faults_before = m.faults().size();
@@ -135,9 +149,11 @@ Result<JobResult> run_job(Machine& m, const Job& job) {
   // The SSD's media serves commands first come, first served, one block's media time each
   // (a shared, fairly divided resource would let the commands fall into lockstep and leave
   // the media idle for a latency after every wave, which SSDs do not do). A command's data
-  // moves after its latency and its media slot, over the fabric.
-  const double dev_latency = job.write ? m.options().nvme_write_latency_ns : m.options().nvme_read_latency_ns;
-  const double slot_ns = static_cast<double>(job.block_size) / (job.write ? m.options().nvme_write_gbps : m.options().nvme_read_gbps);
+  // moves after its latency and its media slot, over the fabric. A GPU's copy engine runs
+  // its copies in order the same way, at its own rate.
+  const MachineOptions& mo = m.options();
+  const double dev_latency = gpu ? mo.copy_engine_latency_ns : job.write ? mo.nvme_write_latency_ns : mo.nvme_read_latency_ns;
+  const double slot_ns = static_cast<double>(job.block_size) / (gpu ? mo.copy_engine_gbps : job.write ? mo.nvme_write_gbps : mo.nvme_read_gbps);
   double media_free = 0;
 
   JobResult out;
@@ -163,14 +179,39 @@ Result<JobResult> run_job(Machine& m, const Job& job) {
   const bool via_memory = !peer_ok;
   if (via_memory) main = *fab.to_memory(job.device, -1, !job.write);
   main.latency_ns += dev_latency;
+  // A GPU's copies also cross its copy engine, so each moves at no more than its rate.
+  std::optional<uint32_t> engine;
+  if (gpu) {
+    engine = fab.add_resource(Resource::Kind::device, m.label(job.device) + " copy engine", mo.copy_engine_gbps);
+    main.resources.push_back(*engine);
+  }
   Route copy;
   if (bar) {
     copy = *fab.to_memory(bar->function, -1, job.write);  // the BAR side reads (read job) or writes host memory
-    if (staged) copy.resources.push_back(fab.add_resource(Resource::Kind::device, m.label(bar->function) + " copy engine", m.options().copy_engine_gbps));
+    if (staged) copy.resources.push_back(fab.add_resource(Resource::Kind::device, m.label(bar->function) + " copy engine", mo.copy_engine_gbps));
   }
 
-  auto ns = Namespace::create(job.size, job.block_size, m.next_job());
-  if (!ns) return std::move(ns).error();
+  // The device's side of the data. An SSD's namespace (reads stream out of it, writes into
+  // it); or a GPU's memory, one slot per I/O in flight, which its kernels fill with the
+  // data a read job copies out and where a write job's copies land.
+  const uint64_t stream = m.next_job();
+  std::optional<Namespace> ns;
+  if (!gpu) {
+    auto n = Namespace::create(job.size, job.block_size, stream);
+    if (!n) return std::move(n).error();
+    ns.emplace(std::move(n).value());
+  }
+  const auto vram_at = [&](uint64_t i) { return vram->span.base + (i % job.queue_depth) * job.block_size; };
+  const auto media_read = [&](uint64_t i, uint64_t o, std::span<uint8_t> dst) -> Status {
+    return gpu ? m.memory().read(vram_at(i) + o, dst) : ns->read(i * job.block_size + o, dst);
+  };
+  const auto media_write = [&](uint64_t i, uint64_t o, std::span<const uint8_t> src) -> Status {
+    return gpu ? m.memory().write(vram_at(i) + o, src) : ns->write(i * job.block_size + o, src);
+  };
+  const auto media_mismatch = [&](uint64_t pos, std::span<const uint8_t> have) -> Result<size_t> {
+    if (gpu) return detail::pattern_mismatch(stream, pos, have);
+    return ns->mismatch(pos, have);
+  };
   std::vector<uint8_t> got(std::min<uint64_t>(64 * KiB, job.block_size));  // a write job's check, a piece at a time
 
   Simulator sim(fab);
@@ -214,14 +255,20 @@ Result<JobResult> run_job(Machine& m, const Job& job) {
     // The bytes move in place, with no buffer of the SSD's own: a read job's SSD streams its
     // namespace into memory, a write job's streams memory into its namespace. A write job's
     // application first fills its buffer (and the staging copy).
+    if (!job.write && gpu) {  // the GPU's kernel wrote the data a read job copies out
+      PHYSR_TRY(m.memory().fill(vram_at(i), job.block_size, [&](uint64_t o, std::span<uint8_t> piece) {
+        detail::pattern(stream, off + o, piece);
+        return Status{};
+      }));
+    }
     if (job.write) {
       PHYSR_TRY(m.memory().fill(target, job.block_size, [&](uint64_t o, std::span<uint8_t> piece) {
-        detail::pattern(ns->stream(), off + o, piece);
+        detail::pattern(stream, off + o, piece);
         return Status{};
       }));
       if (staged) PHYSR_TRY(m.memory().copy(staging, target, job.block_size));
     }
-    auto map = nvme.map(list, job.write ? DmaDirection::to_device : DmaDirection::from_device, attrs);
+    auto map = dma.map(list, job.write ? DmaDirection::to_device : DmaDirection::from_device, attrs);
     if (!map) return make_error(map.error().code, where() + ": " + map.error().message);
     const auto segs = map->segments();
     (fits_prps(segs) ? out.prp_ios : out.sgl_ios)++;
@@ -233,7 +280,7 @@ Result<JobResult> run_job(Machine& m, const Job& job) {
     const auto what = [&] { return where() + ": I/O " + std::to_string(i) + " (offset " + format_hex(off) + ")"; };
     const auto check_buffer = [&](uint64_t from, uint64_t len) {
       return m.memory().visit(target + from, len, [&](uint64_t o, std::span<const uint8_t> have) -> Status {
-        auto k = ns->mismatch(off + from + o, have);
+        auto k = media_mismatch(off + from + o, have);
         if (!k) return std::move(k).error();
         if (*k == have.size()) return {};
         return make_error(EIO, what() + ": data mismatch at " + format_hex(target.value() + from + o + *k) + " (byte " +
@@ -250,21 +297,23 @@ Result<JobResult> run_job(Machine& m, const Job& job) {
     for (uint64_t b = 0; st && b < job.block_size; b += kBurst) {
       const uint64_t n = std::min(kBurst, job.block_size - b);
       if (job.write) {
-        st = m.dma_read_to(job.device, segs, b, n, [&](uint64_t o, std::span<const uint8_t> src) { return ns->write(off + b + o, src); });
+        st = m.dma_read_to(job.device, segs, b, n, [&](uint64_t o, std::span<const uint8_t> src) { return media_write(i, b + o, src); });
       } else {
-        st = m.dma_write_from(job.device, segs, b, n, [&](uint64_t o, std::span<uint8_t> dst) { return ns->read(off + b + o, dst); });
+        st = m.dma_write_from(job.device, segs, b, n, [&](uint64_t o, std::span<uint8_t> dst) { return media_read(i, b + o, dst); });
         if (st && lands_in_place) st = check_buffer(b, n);
       }
     }
-    Status un = nvme.unmap(*map);
+    Status un = dma.unmap(*map);
     PHYSR_TRY(st);
     PHYSR_TRY(un);
     if (!job.write && staged) PHYSR_TRY(m.memory().copy(target, staging, job.block_size));
-    if (job.write) {
+    if (job.write && gpu) {
+      PHYSR_TRY(detail::verify_pattern(m, vram_at(i), stream, off, job.block_size, what));
+    } else if (job.write) {
       for (uint64_t b = 0; b < job.block_size; b += got.size()) {
         const std::span<uint8_t> piece(got.data(), std::min<uint64_t>(got.size(), job.block_size - b));
         PHYSR_TRY(ns->read(off + b, piece));
-        if (const size_t k = detail::pattern_mismatch(ns->stream(), off + b, piece); k != piece.size())
+        if (const size_t k = detail::pattern_mismatch(stream, off + b, piece); k != piece.size())
           return make_error(EIO, what() + ": data mismatch in the namespace at byte " + std::to_string(b + k));
       }
     } else if (!lands_in_place) {
@@ -277,6 +326,7 @@ Result<JobResult> run_job(Machine& m, const Job& job) {
     if (bounced && !via_memory) {
       ssd = *fab.to_memory(job.device, -1, !job.write);
       ssd.latency_ns += dev_latency;
+      if (engine) ssd.resources.push_back(*engine);
     }
     io[i].submit = sim.now();
     io[i].stages.clear();

@@ -27,7 +27,7 @@ Result<Scenario> parse_scenario(std::string_view text, std::string_view source) 
     if (!o) return make_error(EINVAL, c.where(*on) + "options: expected a table ([options])");
     PHYSR_TRY(check_keys(c, *o, "options",
                          {"iommu", "ram", "rc_p2p_gbps", "memory_gbps", "inter_socket_gbps", "nvme_read_gbps", "nvme_write_gbps",
-                          "nvme_read_latency_us", "nvme_write_latency_us", "copy_engine_gbps"}));
+                          "nvme_read_latency_us", "nvme_write_latency_us", "copy_engine_gbps", "copy_engine_latency_us"}));
     MachineOptions& mo = sc.options;
     auto b = get_bool(c, *o, "iommu", "options", true);
     if (!b) return std::move(b).error();
@@ -47,7 +47,8 @@ Result<Scenario> parse_scenario(std::string_view text, std::string_view source) 
       if (!v) return std::move(v).error();
       if (*v) *dst = **v;
     }
-    for (const auto& [key, dst] : {std::pair{"nvme_read_latency_us", &mo.nvme_read_latency_ns}, std::pair{"nvme_write_latency_us", &mo.nvme_write_latency_ns}}) {
+    for (const auto& [key, dst] : {std::pair{"nvme_read_latency_us", &mo.nvme_read_latency_ns}, std::pair{"nvme_write_latency_us", &mo.nvme_write_latency_ns},
+                                   std::pair{"copy_engine_latency_us", &mo.copy_engine_latency_ns}}) {
       auto v = get_number(c, *o, key, "options", 0, 1e6);
       if (!v) return std::move(v).error();
       if (*v) *dst = **v * 1000;

@@ -181,12 +181,18 @@ expect 0 'thru_host_bridge \(through the root complex\)' -- sim amd-zen
 expect 0 'The flagship scenario' --
 printf '[[job]]\ndevice = "nvme0"\nrw = "sideways"\n' > "$tmp/bad1.toml"
 expect 1 'bad1.toml:3: job.rw' -- sim "$tmp/bad1.toml"
-printf '[[job]]\ndevice = "gpu0"\nsize = "1M"\n' > "$tmp/bad2.toml"
-expect 1 'not an NVMe controller' -- sim "$tmp/bad2.toml"
+printf '[[job]]\ndevice = "nic0"\nsize = "1M"\n' > "$tmp/bad2.toml"
+expect 1 'nic0 is neither an NVMe controller nor a GPU or accelerator' -- sim "$tmp/bad2.toml"
 printf 'machine = "xeon-e5-two-sockets"\n[[job]]\ndevice = "nvme1"\nbuffer = "gpu0"\npath = "p2p"\nsize = "1M"\n' > "$tmp/bad3.toml"
 expect 1 'EREMOTEIO.*unsupported request' -- sim "$tmp/bad3.toml"
 expect 1 "no such file and no built-in scenario" -- sim nosuch
 expect 1 '--svg /nonexistent/dir/x.svg' -- sim "$tmp/small.toml" --svg /nonexistent/dir/x.svg
+
+# GPU copy-engine jobs: host to GPU memory, and GPU memory into an SSD's CMB by P2P.
+printf '[[job]]\nname = "h2d"\ndevice = "gpu0"\nrw = "write"\nbs = "1M"\nsize = "8M"\n[[job]]\nname = "to-cmb"\ndevice = "gpu0"\nbuffer = "nvme1"\nsize = "4M"\npath = "p2p"\n' > "$tmp/gpu.toml"
+expect 0 'h2d +gpu0 +host memory .* host memory' -- sim "$tmp/gpu.toml"
+expect 0 'to-cmb +gpu0 +nvme1 BAR2 .* p2p bus_addr \(under the switch\)' -- sim "$tmp/gpu.toml"
+expect 0 '"gpu0 copy engine"' -- sim "$tmp/gpu.toml" --json
 
 # A sysfs snapshot as the machine (a path relative to the scenario's folder): its real BARs
 # and tree. Its NICs receive into the VGA BAR across root ports: bounced, or EREMOTEIO.
