@@ -147,6 +147,47 @@ TEST(IovaTest, BadFreesAreDetected) {
   EXPECT_NE(again.error().message.find("double free"), std::string::npos);
 }
 
+// Sizes above the magazines' 32 granules: a freed block is kept whole and handed back to
+// the next request of its size; it still counts as free, double frees and partial frees of
+// it are caught, and it is coalesced when a larger request needs it.
+TEST(IovaTest, LargeBlocksAreReusedWholeAndCoalescedWhenNeeded) {
+  for (bool caching : {false, true}) {
+    auto a = make(caching, /*check=*/false, uint64_t{1} << 30);
+    const uint64_t total = ((uint64_t{1} << 30) - 4096) / 4096, big = 256 * 4096;
+    auto x = a->alloc(big, uint64_t{1} << 30);
+    ASSERT_TRUE(x.has_value());
+    ASSERT_TRUE(a->free(*x, big).has_value());
+    EXPECT_EQ(a->stats().free_granules, total);  // the whole block counts as free
+    auto y = a->alloc(big, uint64_t{1} << 30);
+    ASSERT_TRUE(y.has_value());
+    EXPECT_EQ(*y, *x);  // the same block, top-down as before
+    EXPECT_EQ(a->alloc(big, x->value()).value().value(), x->value() - big);  // a lower limit skips it
+    ASSERT_TRUE(a->free(*y, big).has_value());
+    EXPECT_EQ(a->free(*y, big).error().code, EINVAL);  // double free of the kept block
+    ASSERT_TRUE(a->free(DmaAddr(x->value() - big), big).has_value());
+    // A partial free of a block makes its later whole free a detected double free.
+    auto z = a->alloc(big, uint64_t{1} << 30);
+    ASSERT_TRUE(z.has_value());
+    ASSERT_TRUE(a->free(*z, big / 2).has_value());
+    EXPECT_EQ(a->free(*z, big).error().code, EINVAL);
+    ASSERT_TRUE(a->free(DmaAddr(z->value() + big / 2), big / 2).has_value());
+    a->flush_caches();
+    EXPECT_EQ(a->stats().free_granules, total) << "caching " << caching;
+  }
+  // Two kept halves of the only large block coalesce when a request needs the whole.
+  auto b = IovaAllocator::create(IovaOptions{.granule = 4096, .start = 64 * 4096, .end = 128 * 4096, .caching = false, .check = false});
+  ASSERT_TRUE(b.has_value());
+  auto& a = *b;
+  auto lo = a->alloc(32 * 4096, 128 * 4096), hi = a->alloc(32 * 4096, 128 * 4096);
+  ASSERT_TRUE(lo.has_value() && hi.has_value());
+  EXPECT_EQ(a->alloc(4096, 128 * 4096).error().code, ENOMEM);  // full
+  ASSERT_TRUE(a->free(*lo, 32 * 4096).has_value());
+  ASSERT_TRUE(a->free(*hi, 32 * 4096).has_value());
+  auto all = a->alloc(64 * 4096, 128 * 4096);
+  ASSERT_TRUE(all.has_value()) << all.error().to_string();
+  EXPECT_EQ(all->value(), 64u * 4096);
+}
+
 TEST(IovaTest, BadOptionsAndSizes) {
   EXPECT_EQ(IovaAllocator::create(IovaOptions{.granule = 3000}).error().code, EINVAL);
   EXPECT_EQ(IovaAllocator::create(IovaOptions{.start = 8192, .end = 8192}).error().code, EINVAL);

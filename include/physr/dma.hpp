@@ -163,7 +163,7 @@ class DmaMapping {
   DmaMapping(const DmaMapping&) = delete;
   DmaMapping& operator=(const DmaMapping&) = delete;
 
-  std::span<const DmaSegment> segments() const noexcept { return segs_; }
+  std::span<const DmaSegment> segments() const noexcept { return {segs_.data(), nseg_}; }
   bool mapped() const noexcept { return dev_ != nullptr; }
   DmaDirection direction() const noexcept { return dir_; }
   uint64_t bytes() const noexcept { return bytes_; }
@@ -176,7 +176,8 @@ class DmaMapping {
     PhysAddr addr;  // in the bounce pool
     uint64_t size;
   };
-  std::vector<DmaSegment> segs_;
+  std::vector<DmaSegment> segs_;  // capacity kept across maps: only the first nseg_ are the list
+  size_t nseg_ = 0;
   std::vector<Bounce> bounces_;
   const DmaDevice* dev_ = nullptr;
   DmaAddr iova_;

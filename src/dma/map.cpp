@@ -67,6 +67,7 @@ std::string dma_seg_path(uint32_t flags) {
 DmaMapping::DmaMapping(DmaMapping&& o) noexcept { *this = std::move(o); }
 DmaMapping& DmaMapping::operator=(DmaMapping&& o) noexcept {
   segs_ = std::move(o.segs_);
+  nseg_ = std::exchange(o.nseg_, 0);
   bounces_ = std::move(o.bounces_);
   dev_ = std::exchange(o.dev_, nullptr);
   iova_ = o.iova_;
@@ -289,7 +290,7 @@ Status DmaDevice::map_into(DmaMapping& out, const RangeList& list, DmaDirection 
     }
     if (out.iova_len_) (void)c.domain->free_iova(out.iova_, out.iova_len_);
     for (const auto& b : out.bounces_) (void)m.env.bounce->unmap(b.addr, b.size, DmaDirection::none);
-    out.segs_.clear();
+    out.nseg_ = 0;
     out.bounces_.clear();
     out.iova_len_ = 0;
     m.failed.fetch_add(1, std::memory_order_relaxed);
@@ -420,7 +421,7 @@ Status DmaDevice::map_into(DmaMapping& out, const RangeList& list, DmaDirection 
       left -= n;
     }
   }
-  out.segs_.resize(nseg);
+  out.nseg_ = nseg;  // no resize: shrinking the vector would make the next map value-initialise it again
 
   if (iova_len) {
     // One IOVA allocation, the relative addresses fixed up, the page table written in one
@@ -470,7 +471,7 @@ Status DmaDevice::unmap(DmaMapping& mp) {
     // The mapped runs: every IOMMU segment's granules (merged segments never span padding).
     Scratch& s = t_scratch;
     s.runs.clear();
-    for (const DmaSegment& seg : mp.segs_) {
+    for (const DmaSegment& seg : mp.segments()) {
       if (!(seg.flags & kDmaSegIommu)) continue;
       const uint64_t a = seg.addr.value() & ~kGMask, e = align_up(seg.addr.value() + seg.len);
       if (!s.runs.empty() && s.runs.back().base + s.runs.back().size == DmaAddr(a)) s.runs.back().size += e - a;
@@ -486,9 +487,9 @@ Status DmaDevice::unmap(DmaMapping& mp) {
     if (!r && st) st = r;
   }
   // Linux arch_sync_dma_for_cpu() at unmap, unless the device only read.
-  if (cpu_sync && !m.cfg.coherent && mp.dir_ != DmaDirection::to_device) m.count_cache(mp.segs_.size());
+  if (cpu_sync && !m.cfg.coherent && mp.dir_ != DmaDirection::to_device) m.count_cache(mp.nseg_);
   mp.dev_ = nullptr;
-  mp.segs_.clear();
+  mp.nseg_ = 0;
   mp.bounces_.clear();
   mp.iova_len_ = 0;
   m.unmaps.fetch_add(1, std::memory_order_relaxed);
@@ -500,7 +501,7 @@ Status DmaDevice::sync_for_cpu(const DmaMapping& mp) {
   Impl& m = *impl_;
   if (!mp.mapped() || mp.dev_ != this) return make_error(EINVAL, "DMA sync_for_cpu on " + m.who() + ": the mapping is not live on this device");
   for (const auto& b : mp.bounces_) PHYSR_TRY(m.env.bounce->sync_for_cpu(b.addr, b.size, mp.dir_));
-  if (mp.dir_ != DmaDirection::to_device) m.count_cache(mp.segs_.size());
+  if (mp.dir_ != DmaDirection::to_device) m.count_cache(mp.nseg_);
   return {};
 }
 
@@ -508,7 +509,7 @@ Status DmaDevice::sync_for_device(const DmaMapping& mp) {
   Impl& m = *impl_;
   if (!mp.mapped() || mp.dev_ != this) return make_error(EINVAL, "DMA sync_for_device on " + m.who() + ": the mapping is not live on this device");
   for (const auto& b : mp.bounces_) PHYSR_TRY(m.env.bounce->sync_for_device(b.addr, b.size, mp.dir_));
-  m.count_cache(mp.segs_.size());
+  m.count_cache(mp.nseg_);
   return {};
 }
 

@@ -49,6 +49,14 @@ struct IovaAllocator::Impl {
 
   mutable std::mutex tree_mu;
   std::vector<absl::btree_set<uint64_t>> free_;  // per order: starts of free aligned blocks
+  // Lazy coalescing, per order: hot_ is a free block kept whole outside free_, handed out
+  // first to the next request of exactly its size; lent_ is the block last handed out that
+  // way and not freed in any part since, so its free needs no double-free scan. An
+  // allocate/free cycle of one size then costs a few compares instead of splitting and
+  // re-merging through every order (Linux caches only up to 32 granules, so sizes above
+  // that always took the tree). Hot blocks rejoin free_ when a search comes up short.
+  static constexpr uint64_t kNone = ~uint64_t{0};
+  std::vector<uint64_t> hot_, lent_;
   uint64_t tree_allocs = 0, tree_frees = 0;
 
   std::mutex depot_mu;
@@ -131,22 +139,56 @@ struct IovaAllocator::Impl {
     return true;
   }
 
+  // Puts every hot block back into the free sets, coalescing it.
+  void flush_hot() {
+    for (unsigned o = 0; o <= max_order; ++o)
+      if (hot_[o] != kNone) insert_block(std::exchange(hot_[o], kNone), o);
+  }
+  bool overlaps_hot(uint64_t p, uint64_t n) const {
+    for (unsigned o = 0; o <= max_order; ++o)
+      if (hot_[o] != kNone && hot_[o] < p + n && p < hot_[o] + (uint64_t{1} << o)) return true;
+    return false;
+  }
+
   Result<uint64_t> alloc_slow(uint64_t g, unsigned k, uint64_t limit) {
     std::lock_guard lock(tree_mu);
+    const uint64_t block = uint64_t{1} << k;
+    if (g == block && hot_[k] != kNone && hot_[k] + block <= limit) {
+      const uint64_t pfn = std::exchange(hot_[k], kNone);
+      lent_[k] = pfn;
+      ++tree_allocs;
+      return pfn;
+    }
     uint64_t pfn;
-    if (!tree_alloc(k, limit, &pfn))
+    bool found = tree_alloc(k, limit, &pfn);
+    if (!found) {  // the hot blocks may be what it takes, alone or coalesced
+      flush_hot();
+      found = tree_alloc(k, limit, &pfn);
+    }
+    if (!found)
       return make_error(ENOMEM, "no free IOVA range of " + std::to_string(g) + " granules aligned to " +
                                     std::to_string(uint64_t{1} << k) + " below " + format_hex(limit << shift));
-    const uint64_t block = uint64_t{1} << k;
     if (g < block) insert_range(pfn + g, block - g);  // give back the unused tail
+    else lent_[k] = pfn;
     return pfn;
   }
   Status free_slow(uint64_t pfn, uint64_t g) {
     std::lock_guard lock(tree_mu);
-    if (overlaps_free(pfn, g))
+    const unsigned k = static_cast<unsigned>(std::bit_width(g) - 1);
+    if (g == (uint64_t{1} << k) && k <= max_order && lent_[k] == pfn) {  // a whole lent block comes back
+      lent_[k] = kNone;
+      if (hot_[k] == kNone) hot_[k] = pfn;
+      else insert_block(pfn, k);
+      ++tree_frees;
+      return {};
+    }
+    if (overlaps_free(pfn, g) || overlaps_hot(pfn, g))
       return make_error(EINVAL, "IOVA " + format_hex(pfn << shift) + " (+" + std::to_string(g) +
                                     " granules) is not allocated: a double free or a wrong size");
-    insert_range(pfn, g);
+    for (unsigned o = 0; o <= max_order; ++o)  // part of a lent block freed: it is no longer whole
+      if (lent_[o] != kNone && lent_[o] < pfn + g && pfn < lent_[o] + (uint64_t{1} << o)) lent_[o] = kNone;
+    if (g == (uint64_t{1} << k) && (pfn & (g - 1)) == 0 && k <= max_order && hot_[k] == kNone) hot_[k] = pfn;
+    else insert_range(pfn, g);
     ++tree_frees;
     return {};
   }
@@ -269,6 +311,8 @@ Result<std::unique_ptr<IovaAllocator>> IovaAllocator::create(const IovaOptions& 
   impl->check = o.check;
   impl->fast = o.caching && !o.check;
   impl->free_.resize(impl->max_order + 1);
+  impl->hot_.assign(impl->max_order + 1, Impl::kNone);
+  impl->lent_.assign(impl->max_order + 1, Impl::kNone);
   impl->insert_range(impl->start_pfn, impl->end_pfn - impl->start_pfn);
   {
     std::lock_guard lock(g_live_mu);
@@ -413,6 +457,7 @@ void IovaAllocator::flush_caches() {
   ThreadCache* tc = m.caching ? cache_for(&m) : nullptr;
   std::lock_guard dl(m.depot_mu);
   std::lock_guard tl(m.tree_mu);
+  m.flush_hot();
   for (unsigned o = 0; o < kCachedOrders; ++o) {
     if (tc) {
       m.free_magazine(tc->loaded[o], o);
@@ -431,7 +476,7 @@ IovaStats IovaAllocator::stats() const {
   IovaStats s;
   {
     std::lock_guard lock(m.tree_mu);
-    for (unsigned o = 0; o <= m.max_order; ++o) s.free_granules += m.free_[o].size() << o;
+    for (unsigned o = 0; o <= m.max_order; ++o) s.free_granules += (m.free_[o].size() + (m.hot_[o] != Impl::kNone)) << o;
     s.tree_allocs = m.tree_allocs;
     s.tree_frees = m.tree_frees;
   }
