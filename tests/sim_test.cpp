@@ -529,6 +529,12 @@ TEST(SimMachineTest, SysfsSnapshotMachineUsesDeviceBarsOnly) {
   ASSERT_TRUE(r.has_value()) << r.error().to_string();
   EXPECT_EQ(r->verified_bytes, j.size);
   EXPECT_NE(r->path.find("bounced by the DMA layer"), std::string::npos) << r->path;  // across root ports, not allowlisted
+  // Host memory: TX reads the packet, RX writes the bounce buffer, the CPU's copy into the
+  // framebuffer reads it back; the copy crosses the VGA's own link.
+  EXPECT_EQ(r->host_memory_bytes, 3 * j.size);
+  bool vga_link = false;
+  for (const auto& [link, bytes] : r->link_bytes) vga_link |= link.find("0000:09:03.0") != std::string::npos && bytes == j.size;
+  EXPECT_TRUE(vga_link);
 }
 
 TEST(SimJobTest, NetworkPacketsReachTheReceiverBuffers) {

@@ -76,11 +76,37 @@ Result<JobResult> run_net_job(Machine& m, const Job& job) {
   const uint32_t attrs = job.path == PathPolicy::automatic ? kDmaAttrAllowBounce : 0;
   std::vector<uint8_t> sent(job.block_size);  // the packet in the NICs' FIFOs
   Simulator sim(fab);
-  std::vector<double> submit, lat;
+  std::vector<double> lat;
   const uint64_t packets = job.size / job.block_size;
+  // A side the DMA layer bounced adds the CPU's copy between the BAR and the bounce buffer
+  // in host memory: before the wire for TX, after it for RX.
+  const Route tx_copy = txbar ? *fab.to_memory(txbar->function, -1, true) : Route{};
+  const Route rx_copy = rxbar ? *fab.to_memory(rxbar->function, -1, false) : Route{};
+  struct Packet {
+    double submit = 0;
+    std::vector<Route> stages;  // run one after another
+    size_t wire_stage = 0;
+  };
+  std::vector<Packet> pk(packets);
+  std::vector<std::pair<uint64_t, size_t>> flow_of;  // by flow index: packet, stage
   uint64_t next = 0, done = 0, in_flight = 0;
   bool bounced_any = false;
   double wire_free = 0;
+
+  // Queues stage k of packet i. The wire carries one packet at a time, in order (fair
+  // sharing would let the ring's packets fall into lockstep and leave the wire idle for a
+  // latency after every wave).
+  const auto start_stage = [&](uint64_t i, size_t k) {
+    const Route& r = pk[i].stages[k];
+    double at = sim.now();
+    if (k == pk[i].wire_stage) {
+      const double start = std::max(sim.now() + r.latency_ns, wire_free);
+      wire_free = start + static_cast<double>(job.block_size) / m.options().wire_gbps;
+      at = start - r.latency_ns;
+    }
+    flow_of.emplace_back(i, k);
+    sim.add(r, job.block_size, at);
+  };
 
   const auto send = [&](uint64_t i) -> Status {
     const uint64_t slot = (i % job.queue_depth) * job.block_size;
@@ -100,8 +126,10 @@ Result<JobResult> run_net_job(Machine& m, const Job& job) {
       (void)(*txdev)->unmap(*tm);
       return make_error(rm.error().code, where() + ": RX: " + rm.error().message);
     }
-    for (const auto* mp : {&*tm, &*rm})
-      for (const DmaSegment& s : mp->segments()) bounced_any |= (s.flags & kDmaSegBounced) != 0;
+    bool tx_bounced = false, rx_bounced = false;
+    for (const DmaSegment& s : tm->segments()) tx_bounced |= (s.flags & kDmaSegBounced) != 0;
+    for (const DmaSegment& s : rm->segments()) rx_bounced |= (s.flags & kDmaSegBounced) != 0;
+    bounced_any |= tx_bounced || rx_bounced;
     Status st = m.dma_read(tx, tm->segments(), sent);          // the sender fetches the packet
     if (st) st = m.dma_write(rx, rm->segments(), sent);        // the wire delivers it
     Status u1 = (*txdev)->unmap(*tm), u2 = (*rxdev)->unmap(*rm);
@@ -110,12 +138,13 @@ Result<JobResult> run_net_job(Machine& m, const Job& job) {
     PHYSR_TRY(u2);
     PHYSR_TRY(detail::verify_pattern(m, rxa, stream, i * job.block_size, job.block_size, [&] { return where() + ": packet " + std::to_string(i); }));
     out.verified_bytes += job.block_size;
-    // The wire carries one packet at a time, in order (fair sharing would let the ring's
-    // packets fall into lockstep and leave the wire idle for a latency after every wave).
-    submit.push_back(sim.now());
-    const double start = std::max(sim.now() + route.latency_ns, wire_free);
-    wire_free = start + static_cast<double>(job.block_size) / m.options().wire_gbps;
-    sim.add(route, job.block_size, start - route.latency_ns);
+    Packet& p = pk[i];
+    p.submit = sim.now();
+    if (tx_bounced && txbar) p.stages.push_back(tx_copy);
+    p.wire_stage = p.stages.size();
+    p.stages.push_back(route);
+    if (rx_bounced && rxbar) p.stages.push_back(rx_copy);
+    start_stage(i, 0);
     return {};
   };
   while (done < packets) {
@@ -123,7 +152,13 @@ Result<JobResult> run_net_job(Machine& m, const Job& job) {
     const auto finished = sim.step();
     if (finished.empty()) return make_error(EIO, where() + ": the simulation stalled");
     for (size_t f : finished) {
-      lat.push_back(sim.now() - submit[f]);
+      const auto [i, k] = flow_of[f];
+      if (k + 1 < pk[i].stages.size()) {
+        start_stage(i, k + 1);
+        continue;
+      }
+      lat.push_back(sim.now() - pk[i].submit);
+      pk[i].stages.clear();
       ++done;
       --in_flight;
     }
