@@ -461,9 +461,20 @@ std::vector<std::string> random_jobs(const char* name, uint32_t seed, bool iommu
       const bool dev_writes = net ? j.peer_buffer_function.has_value() : !j.write;
       refused = !m->fabric().to_peer(dev, *holder, dev_writes).has_value();
     }
+    // An SSD's own CMB without RDS (reads) or WDS (writes) cannot hold the command's data.
+    const auto& cmb = t.functions[j.device].cmb;
+    const bool cmb_refuses = !net && !copy && holder == j.device && cmb && (j.write ? !cmb->wds : !cmb->rds);
     auto r = run_job(*m, j);
     const std::string what = std::string(name) + " " + j.name + (net ? " net" : copy ? " copy" : "") + (j.write ? " write" : " read") + " bs " +
                              std::to_string(j.block_size) + " qd " + std::to_string(j.queue_depth) + " path " + path_policy_name(j.path);
+    if (cmb_refuses) {
+      EXPECT_FALSE(r.has_value()) << what;
+      if (!r) {
+        EXPECT_EQ(r.error().code, EINVAL) << what;
+      }
+      log.push_back(what + ": CMB cannot hold the data");
+      continue;
+    }
     if (refused) {
       EXPECT_FALSE(r.has_value()) << what;
       if (!r) {
@@ -492,6 +503,48 @@ TEST(SimJobTest, RandomWorkloadsVerifyOnEveryReferenceMachineAndRepeatBySeed) {
       EXPECT_NE(a, random_jobs(name, 43, iommu)) << name;
     }
   }
+}
+
+// NVMe CMBs follow CMBSZ: a CMB with read and write data is published P2P memory; one for
+// submission queues only is not (nearest never picks it, as Linux nvme_map_cmb() does not
+// publish it) and its own SSD cannot put command data in it, though a peer may use it.
+TEST(SimMachineTest, NvmeCmbIsPublishedOnlyWithReadAndWriteData) {
+  const auto sw = machine("two-socket-switch");
+  auto ms = build(sw);
+  const Aperture* full = ms->largest_bar(*sw.lookup("nvme1"));
+  ASSERT_NE(full, nullptr);
+  EXPECT_EQ(full->name, "nvme1 BAR2 (CMB)");
+  EXPECT_TRUE(full->published);
+  for (const Aperture& a : ms->apertures()) EXPECT_FALSE(a.function == *sw.lookup("nvme1") && a.bar == 0) << "registers are not memory";
+
+  const auto t = machine("amd-zen");
+  auto m = build(t);
+  const uint32_t nvme0 = *t.lookup("nvme0"), nvme1 = *t.lookup("nvme1");
+  const Aperture* sqs = m->largest_bar(nvme1);
+  ASSERT_NE(sqs, nullptr);
+  EXPECT_FALSE(sqs->published);
+  const uint32_t clients[] = {nvme0};
+  const Aperture* pick = m->nearest_provider(clients);
+  EXPECT_TRUE(pick == nullptr || pick->function != nvme1);
+  Job j;
+  j.name = "own";
+  j.device = nvme1;
+  j.buffer_function = nvme1;
+  j.block_size = 64 * KiB;
+  j.queue_depth = 4;
+  j.size = 1 * MiB;
+  for (bool write : {false, true}) {
+    j.write = write;
+    auto r = run_job(*m, j);
+    ASSERT_FALSE(r.has_value());
+    EXPECT_EQ(r.error().code, EINVAL);
+    EXPECT_NE(r.error().message.find(write ? "CMBSZ.WDS is clear" : "CMBSZ.RDS is clear"), std::string::npos) << r.error().message;
+  }
+  j.device = nvme0;  // a peer writing into it: P2P memory all the same
+  j.write = false;
+  auto r = run_job(*m, j);
+  ASSERT_TRUE(r.has_value()) << r.error().to_string();
+  EXPECT_EQ(r->verified_bytes, j.size);
 }
 
 // A real server's sysfs snapshot as the machine: its device BARs become memory and

@@ -92,6 +92,14 @@ struct Bar {
   bool prefetchable() const noexcept { return (flags & 0x2000) != 0; } // IORESOURCE_PREFETCH
 };
 
+/// An NVMe controller memory buffer (CMB): which BAR holds it and what its CMBSZ register
+/// allows (RDS: data of read commands may be in the CMB; WDS: data of write commands).
+/// Linux publishes a CMB as P2P memory only when both are set (nvme_map_cmb()).
+struct NvmeCmb {
+  unsigned bar = 0;
+  bool rds = true, wds = true;
+};
+
 /// One PCI function.
 struct Function {
   Bdf bdf;
@@ -107,6 +115,7 @@ struct Function {
   double link_speed_gts = 0;  // 0 when unknown
   unsigned link_width = 0;    // 0 when unknown
   std::string name;           // a label from a machine file, or empty
+  std::optional<NvmeCmb> cmb;  // an NVMe controller's CMB, when a machine file declares one
   int32_t upstream = -1;      // index of the upstream bridge; -1 on a root bus
   uint32_t host_bridge = 0;   // index into Topology::host_bridges
 

@@ -182,6 +182,7 @@ struct Aperture {
   unsigned bar = 0;
   PhysSpan span;
   std::string name;  // "gpu0 BAR1"
+  bool published = true;  // found by nearest_provider (an NVMe CMB only with RDS and WDS)
 };
 
 /// An access the IOMMU refused: recorded, and no byte moved.

@@ -1,6 +1,7 @@
 // TOML machine files (docs/machine-format.md). Strict: unknown keys, wrong types, bad
 // addresses and dangling parents are errors that name FILE:LINE and the key, so a typo
 // never turns silently into a different machine.
+#include <algorithm>
 #include <fstream>
 #include <map>
 #include <set>
@@ -116,7 +117,7 @@ Result<Topology> parse_machine(std::string_view text, std::string_view source) {
     f.bdf = *bdf;
     what += " (" + f.bdf.to_string() + ")";
     PHYSR_TRY(check_keys(c, ft, what, {"bdf", "name", "vendor", "device", "class", "type", "parent", "acs", "numa_node",
-                                       "link_gen", "link_width", "bar"}));
+                                       "link_gen", "link_width", "bar", "cmb"}));
     if (by_bdf.count(f.bdf)) return make_error(EEXIST, c.where(ft) + what + ": defined twice");
     auto name = get_string(c, ft, "name", what);
     if (!name) return std::move(name).error();
@@ -182,6 +183,29 @@ Result<Topology> parse_machine(std::string_view text, std::string_view source) {
       bar.end = **start + **size - 1;
       bar.flags = 0x200 | (*pf ? 0x2000 : 0) | 0x100000;  // IORESOURCE_MEM | PREFETCH | MEM_64
       f.bars.push_back(bar);
+    }
+
+    if (const toml::node* cn = ft.get("cmb")) {
+      const toml::table* ct = cn->as_table();
+      const std::string cw = what + ".cmb";
+      if (!ct) return make_error(EINVAL, c.where(*cn) + cw + ": expected a table (bar, rds, wds)");
+      if ((f.class_code >> 8) != 0x0108)
+        return make_error(EINVAL, c.where(*cn) + cw + ": only NVMe controllers (class 0x0108xx) have a controller memory buffer");
+      PHYSR_TRY(check_keys(c, *ct, cw, {"bar", "rds", "wds"}));
+      auto bar = get_uint(c, *ct, "bar", cw, 5);
+      if (!bar) return std::move(bar).error();
+      if (!bar->has_value()) return make_error(EINVAL, c.where(*ct) + cw + ": missing key 'bar' (the BAR holding the CMB)");
+      if (std::none_of(f.bars.begin(), f.bars.end(), [&](const Bar& b) { return b.index == **bar; }))
+        return make_error(EINVAL, c.where(*ct->get("bar")) + cw + ".bar: BAR " + std::to_string(**bar) + " is not among the function's [[function.bar]]");
+      NvmeCmb cmb;
+      cmb.bar = static_cast<unsigned>(**bar);
+      auto rds = get_bool(c, *ct, "rds", cw, true);
+      if (!rds) return std::move(rds).error();
+      auto wds = get_bool(c, *ct, "wds", cw, true);
+      if (!wds) return std::move(wds).error();
+      cmb.rds = *rds;
+      cmb.wds = *wds;
+      f.cmb = cmb;
     }
 
     const toml::node* pn = ft.get("parent");

@@ -139,6 +139,14 @@ Result<JobResult> run_job(Machine& m, const Job& job) {
     if (!bar) return make_error(EINVAL, where() + ": " + m.label(*job.buffer_function) + " has no memory BAR to hold the buffers");
     if (bar->span.size < window) return make_error(EINVAL, where() + ": " + bar->name + " (" + format_size(bar->span.size) + ") cannot hold " + format_size(window) + " of buffers");
   }
+  // An SSD's own CMB holds command data only as CMBSZ allows: read data needs RDS, write
+  // data WDS (NVMe base specification, Controller Memory Buffer Size register).
+  if (bar && bar->function == job.device && topo.functions[job.device].cmb) {
+    const pci::NvmeCmb& cmb = *topo.functions[job.device].cmb;
+    if (job.write ? !cmb.wds : !cmb.rds)
+      return make_error(EINVAL, where() + ": " + bar->name + " cannot hold " + (job.write ? "write" : "read") + " command data (CMBSZ." +
+                                    (job.write ? "WDS" : "RDS") + " is clear)");
+  }
   auto dev = m.device(job.device);
   if (!dev) return std::move(dev).error();
   DmaDevice& dma = **dev;

@@ -36,7 +36,13 @@ Result<std::unique_ptr<Machine>> Machine::create(const pci::Topology& topo, cons
   PHYSR_TRY(m->mem_.add_region({PhysSpan{PhysAddr(0), kLowRam}, PhysRegion::Kind::host_ram, "ram (below 4 GiB)"}));
   PHYSR_TRY(m->mem_.add_region({PhysSpan{PhysAddr(kHighRamBase), o.ram - kLowRam}, PhysRegion::Kind::host_ram, "ram (above 4 GiB)"}));
   for (uint32_t f = 0; f < topo.functions.size(); ++f) {
+    const std::optional<pci::NvmeCmb>& cmb = topo.functions[f].cmb;
     for (const pci::Bar& b : topo.functions[f].bars) {
+      // An NVMe controller with a declared CMB offers that BAR only (the others hold its
+      // registers), published only when CMBSZ has both RDS and WDS, as Linux nvme_map_cmb()
+      // calls pci_p2pmem_publish(); unpublished, it is still P2P memory a job may name.
+      if (cmb && b.index != cmb->bar) continue;
+      const bool published = !cmb || (cmb->rds && cmb->wds);
       // BARs 0-5 only: sysfs also lists the expansion ROM (6) and a bridge's forwarding
       // windows (13-15), which contain the BARs below the bridge rather than being memory.
       if (b.index > 5 || !b.is_mem() || b.size() < kPageSize || (b.start & (kPageSize - 1)) || (b.size() & (kPageSize - 1))) continue;
@@ -46,12 +52,12 @@ Result<std::unique_ptr<Machine>> Machine::create(const pci::Topology& topo, cons
         m->warnings.push_back(name + " left out: " + st.error().message);
         continue;
       }
-      auto id = m->reg_.add(ProviderDesc{topo.functions[f].bdf, b.index, span, 0, true, true, {}});
+      auto id = m->reg_.add(ProviderDesc{topo.functions[f].bdf, b.index, span, 0, published, true, {}});
       if (!id) {
         m->warnings.push_back(name + " is not a provider: " + id.error().message);
         continue;
       }
-      m->apertures_.push_back(Aperture{*id, f, b.index, span, name});
+      m->apertures_.push_back(Aperture{*id, f, b.index, span, name + (cmb ? " (CMB)" : ""), published});
     }
   }
   auto pool = BouncePool::create(m->mem_, BounceOptions{PhysAddr(kPoolBase), o.bounce_pool, 2});
@@ -94,7 +100,7 @@ const Aperture* Machine::largest_bar(uint32_t f) const {
 const Aperture* Machine::nearest_provider(std::span<const uint32_t> clients) {
   std::vector<uint32_t> owners;
   for (const Aperture& a : apertures_)
-    if (std::find(owners.begin(), owners.end(), a.function) == owners.end()) owners.push_back(a.function);
+    if (a.published && std::find(owners.begin(), owners.end(), a.function) == owners.end()) owners.push_back(a.function);
   const auto pick = engine_->find_many(clients, owners, [](size_t) { return size_t{0}; });
   return pick ? largest_bar(*pick) : nullptr;
 }
