@@ -204,6 +204,9 @@ expect 0 'Every byte verified against its source: 1 MiB in 1 jobs' -- sim "$tmp/
 printf "machine = \"%s\"\n${job}path = \"p2p\"\n" "$snap" > "$tmp/scen/snap-p2p.toml"
 expect 1 'EREMOTEIO' -- sim "$tmp/scen/snap-p2p.toml"
 expect 0 '5 +0000:03:00.1 BAR0 +0xcc001000 .*bus_addr' -- map --machine "$snap" --device 0000:03:00.0 --allow-bounce
+mkdir -p "$tmp/notasnapshot"
+printf 'machine = "notasnapshot"\n[[job]]\ndevice = "0000:02:00.0"\nsize = "1M"\n' > "$tmp/nosnap.toml"
+expect 1 'notasnapshot.*no sys/devices' -- sim "$tmp/nosnap.toml"
 
 for what in "switch:--machine two-socket-switch" "snap:--sysfs-root $snap" "zen:--machine amd-zen"; do
   kind=${what%%:*}
