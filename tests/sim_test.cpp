@@ -381,12 +381,14 @@ TEST(SimJobTest, GpuCopyEngineJobsMoveAndCheckEveryByte) {
   // In order, one at a time: with 8 queued, a copy waits for the 7 before it.
   EXPECT_NEAR(r->lat_p50_us, 8 * (1 * MiB / 5.0) / 1000, 5.0);
   EXPECT_EQ(r->host_memory_bytes, j.size);
+  const size_t resources = m->fabric().resources().size();
   j.name = "d2h";
   j.write = false;
   r = run_job(*m, j);
   ASSERT_TRUE(r.has_value()) << r.error().to_string();
   EXPECT_EQ(r->verified_bytes, j.size);
   EXPECT_EQ(r->path, "host memory");
+  EXPECT_EQ(m->fabric().resources().size(), resources);  // the second job reuses the engine
   // Into nvme1's CMB under the same switch: P2P, never through the root complex or memory.
   j.name = "gpu-to-cmb";
   j.buffer_function = *t.lookup("nvme1");

@@ -86,8 +86,10 @@ class Fabric {
   void reset_counters() noexcept {
     for (Resource& r : res_) r.bytes = 0, r.moved = 0;
   }
-  /// Adds a resource outside the PCIe tree (a device's media, a copy engine).
-  uint32_t add_resource(Resource::Kind kind, std::string name, double gbps) { return add(kind, std::move(name), gbps); }
+  /// Adds a resource outside the PCIe tree (a copy engine, a wire), or returns the one of
+  /// that kind and name added before (now with this bandwidth): jobs run one after another
+  /// on a machine share it rather than piling up copies.
+  uint32_t add_resource(Resource::Kind kind, std::string name, double gbps);
 
   const std::vector<Resource>& resources() const noexcept { return res_; }
   std::vector<Resource>& resources() noexcept { return res_; }

@@ -37,6 +37,15 @@ int Fabric::numa_of(uint32_t f) const {
   return h >= 0 ? h : 0;
 }
 
+uint32_t Fabric::add_resource(Resource::Kind kind, std::string name, double gbps) {
+  for (uint32_t i = 0; i < res_.size(); ++i)
+    if (res_[i].kind == kind && res_[i].name == name) {
+      res_[i].gbps = gbps;
+      return i;
+    }
+  return add(kind, std::move(name), gbps);
+}
+
 Result<Fabric> Fabric::create(const pci::Topology& topo, const FabricOptions& o) {
   for (double v : {o.default_link_gts, o.rc_p2p_gbps, o.memory_gbps, o.inter_socket_gbps})
     if (!(v > 0) || !std::isfinite(v)) return make_error(EINVAL, "fabric: bandwidths and link speeds must be positive");
