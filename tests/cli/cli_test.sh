@@ -68,6 +68,9 @@ snap="$tmp/40intel64-2g2n4c+pci"
 expect 0 'B4 +B4 +H4 +H6' -- topo --machine two-socket-switch
 expect 0 'pci0000:40' -- topo --sysfs-root "$snap"
 expect 0 'appears under more than one bridge' -- topo --sysfs-root "$tmp/fakepcilocalities"
+# A snapshot named by --machine warns once, like --sysfs-root.
+n=$("$physr" topo --machine "$tmp/fakepcilocalities" 2>&1 >/dev/null | grep -c 'appears under more than one bridge')
+if [[ $n -eq 1 ]]; then passes=$((passes + 1)); else echo "FAIL: topo --machine SNAPSHOT warned $n times, expected once"; fails=$((fails + 1)); fi
 expect 0 'identifying device 0000:00:00.0 1022:1480' -- topo --machine amd-zen
 expect 0 '^ +0 +0000:03:00.0 \(nvme0\) +B0 +B4$' -- topo --machine two-socket-switch --devices nvme0,nvme1
 expect 0 'nic0\) +B4 +B4 +B4 +B0' -- topo --machine two-socket-switch --devices 0000:0 --assume-acs-off 0000:02:11.0

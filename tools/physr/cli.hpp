@@ -48,9 +48,9 @@ void add_ranges_command(CLI::App& app);
 void add_topo_commands(CLI::App& app);
 /// The built-in machine `name` (machines/NAME.toml), or nullopt when there is none.
 std::optional<pci::Topology> builtin_machine(std::string_view name);
-/// The topology --machine names: a sysfs snapshot if the path is a directory (its warnings
-/// printed), a TOML file if one exists at that path, else a built-in machine; a Failure
-/// naming the argument otherwise.
+/// The topology --machine names: a sysfs snapshot if the path is a directory, a TOML file
+/// if one exists at that path, else a built-in machine; a Failure naming the argument
+/// otherwise. The loader's warnings go to stderr.
 pci::Topology load_machine_arg(const std::string& machine);
 /// `physr map`.
 void add_map_command(CLI::App& app);

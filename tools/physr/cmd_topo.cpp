@@ -32,19 +32,17 @@ void add_source_options(CLI::App* c, const std::shared_ptr<SourceOptions>& o) {
   c->add_option("--assume-cpu", o->assume_cpu, "amd-zen or other: override the CPU for the AMD Zen rule");
 }
 
-Topology load_topology_quiet(const SourceOptions& o);
-
-/// Loads the topology the options name and prints the loader's warnings to stderr.
-Topology load_topology(const SourceOptions& o) {
-  Topology t = load_topology_quiet(o);
+/// The loader's warnings, to stderr.
+Topology warned(Topology t) {
   for (const std::string& w : t.warnings) fmt::print(stderr, "physr: warning: {}: {}\n", t.source, w);
   return t;
 }
 
-/// Loads the topology the options name: a machine file, a built-in machine or sysfs.
-Topology load_topology_quiet(const SourceOptions& o) {
+/// Loads the topology the options name (a machine file, a built-in machine or sysfs) and
+/// prints the loader's warnings to stderr.
+Topology load_topology(const SourceOptions& o) {
   if (!o.machine.empty()) return load_machine_arg(o.machine);
-  return failure_value(load_sysfs(o.sysfs_root.empty() ? "/" : o.sysfs_root));
+  return warned(failure_value(load_sysfs(o.sysfs_root.empty() ? "/" : o.sysfs_root)));
 }
 
 VerdictOptions verdict_options(const SourceOptions& o) {
@@ -408,13 +406,9 @@ void run_explain(const ExplainOptions& o) {
 
 Topology load_machine_arg(const std::string& machine) {
   std::error_code ec;
-  if (std::filesystem::is_directory(machine, ec)) {  // a sysfs snapshot's root ("/": this host)
-    Topology t = failure_value(load_sysfs(machine));
-    for (const std::string& w : t.warnings) fmt::print(stderr, "physr: warning: {}: {}\n", t.source, w);
-    return t;
-  }
-  if (std::filesystem::exists(machine, ec)) return failure_value(load_machine_file(machine));
-  if (auto t = builtin_machine(machine)) return std::move(*t);
+  if (std::filesystem::is_directory(machine, ec)) return warned(failure_value(load_sysfs(machine)));  // a snapshot's root ("/": this host)
+  if (std::filesystem::exists(machine, ec)) return warned(failure_value(load_machine_file(machine)));
+  if (auto t = builtin_machine(machine)) return warned(std::move(*t));
   throw Failure(fmt::format("--machine {}: no such file and no built-in machine of that name (built-in: {})", machine,
                             builtin_machine_names()));
 }
