@@ -53,8 +53,6 @@ class Namespace {
     return ns;
   }
   Namespace(Namespace&& o) noexcept : fd_(std::exchange(o.fd_, -1)), unit_(o.unit_), stream_(o.stream_), written_(std::move(o.written_)) {}
-  // The data stream its unwritten blocks read as (and a write job's application writes).
-  uint64_t stream() const noexcept { return stream_; }
   ~Namespace() {
     if (fd_ >= 0) close(fd_);
   }
@@ -162,7 +160,6 @@ Result<JobResult> run_job(Machine& m, const Job& job) {
   const MachineOptions& mo = m.options();
   const double dev_latency = gpu ? mo.copy_engine_latency_ns : job.write ? mo.nvme_write_latency_ns : mo.nvme_read_latency_ns;
   const double slot_ns = static_cast<double>(job.block_size) / (gpu ? mo.copy_engine_gbps : job.write ? mo.nvme_write_gbps : mo.nvme_read_gbps);
-  double media_free = 0;
 
   JobResult out;
   out.name = job.name;
@@ -223,34 +220,11 @@ Result<JobResult> run_job(Machine& m, const Job& job) {
   std::vector<uint8_t> got(std::min<uint64_t>(64 * KiB, job.block_size));  // a write job's check, a piece at a time
 
   Simulator sim(fab);
-  struct Io {
-    double submit = 0;
-    std::vector<Route> stages;  // run one after another
-    size_t ssd_stage = 0;       // the one the SSD's media serves
-  };
-  struct FlowRef {
-    uint64_t io;
-    size_t stage;
-  };
-  std::vector<Io> io(job.size / job.block_size);
-  std::vector<FlowRef> flow_of;  // by flow index
+  const uint64_t ios = job.size / job.block_size;
+  detail::Stages stages(sim, ios, job.block_size, slot_ns);
   std::vector<double> lat;
-  const uint64_t ios = io.size();
   uint64_t next = 0, completed = 0;
   bool bounced_any = false;
-
-  // Queues stage `k` of I/O `i` on the fabric; the SSD's stage waits for its media slot.
-  const auto start_stage = [&](uint64_t i, size_t k) {
-    const Route& r = io[i].stages[k];
-    double at = sim.now();
-    if (k == io[i].ssd_stage) {
-      const double start = std::max(sim.now() + r.latency_ns, media_free);
-      media_free = start + slot_ns;
-      at = start - r.latency_ns;
-    }
-    flow_of.push_back(FlowRef{i, k});
-    sim.add(r, job.block_size, at);
-  };
 
   // Submits I/O `i`: maps its buffer, moves and checks its bytes, unmaps, then queues its
   // timing on the fabric (in two stages when the data goes through host memory).
@@ -263,25 +237,15 @@ Result<JobResult> run_job(Machine& m, const Job& job) {
     // The bytes move in place, with no buffer of the SSD's own: a read job's SSD streams its
     // namespace into memory, a write job's streams memory into its namespace. A write job's
     // application first fills its buffer (and the staging copy).
-    if (!job.write && gpu) {  // the GPU's kernel wrote the data a read job copies out
-      PHYSR_TRY(m.memory().fill(vram_at(i), job.block_size, [&](uint64_t o, std::span<uint8_t> piece) {
-        detail::pattern(stream, off + o, piece);
-        return Status{};
-      }));
-    }
-    if (job.write) {
-      PHYSR_TRY(m.memory().fill(target, job.block_size, [&](uint64_t o, std::span<uint8_t> piece) {
-        detail::pattern(stream, off + o, piece);
-        return Status{};
-      }));
-      if (staged) PHYSR_TRY(m.memory().copy(staging, target, job.block_size));
+    if (job.write || gpu) {  // a write job's application, or a read job's GPU kernel, wrote the data
+      PHYSR_TRY(detail::fill_pattern(m, job.write ? target : vram_at(i), stream, off, job.block_size));
+      if (job.write && staged) PHYSR_TRY(m.memory().copy(staging, target, job.block_size));
     }
     auto map = dma.map(list, job.write ? DmaDirection::to_device : DmaDirection::from_device, attrs);
     if (!map) return make_error(map.error().code, where() + ": " + map.error().message);
     const auto segs = map->segments();
     (fits_prps(segs) ? out.prp_ios : out.sgl_ios)++;
-    bool bounced = false;
-    for (const DmaSegment& s : segs) bounced |= (s.flags & kDmaSegBounced) != 0;
+    const bool bounced = detail::any_bounced(segs);
     bounced_any |= bounced;
     // A read's buffer must end up holding what the namespace holds, compared in place; a
     // write's namespace must hold the application's data.
@@ -336,31 +300,21 @@ Result<JobResult> run_job(Machine& m, const Job& job) {
       ssd.latency_ns += dev_latency;
       if (engine) ssd.resources.push_back(*engine);
     }
-    io[i].submit = sim.now();
-    io[i].stages.clear();
+    std::vector<Route> routes;
     const bool two = bar && (bounced || staged);
-    if (two && job.write) io[i].stages.push_back(copy);
-    io[i].ssd_stage = io[i].stages.size();
-    io[i].stages.push_back(ssd);
-    if (two && !job.write) io[i].stages.push_back(copy);
-    start_stage(i, 0);
+    if (two && job.write) routes.push_back(copy);
+    const size_t served = routes.size();  // the SSD's media (or copy engine) serves this one
+    routes.push_back(ssd);
+    if (two && !job.write) routes.push_back(copy);
+    stages.start(i, std::move(routes), served);
     return {};
   };
 
   uint64_t in_flight = 0;
   const auto on_done = [&](const std::vector<size_t>& finished) {
-    for (size_t f : finished) {
-      const FlowRef ref = flow_of[f];
-      Io& x = io[ref.io];
-      if (ref.stage + 1 < x.stages.size()) {  // the next stage of a bounced I/O
-        start_stage(ref.io, ref.stage + 1);
-        continue;
-      }
-      lat.push_back(sim.now() - x.submit);
-      x.stages.clear();
-      ++completed;
-      --in_flight;
-    }
+    const uint64_t ended = stages.advance(finished, lat);
+    completed += ended;
+    in_flight -= ended;
   };
   // The driver ramps the queue up one command per block's media time, so the commands do
   // not move in lockstep (which would leave the media idle for a whole latency after every
@@ -531,6 +485,40 @@ size_t pattern_mismatch(uint64_t stream, uint64_t pos, std::span<const uint8_t> 
     return true;
   });
   return bad;
+}
+
+void Stages::start(uint64_t i, std::vector<Route> routes, size_t served) {
+  items_[i] = Item{sim_.now(), std::move(routes), served};
+  queue(i, 0);
+}
+
+void Stages::queue(uint64_t i, size_t k) {
+  const Item& x = items_[i];
+  const Route& r = x.routes[k];
+  double at = sim_.now();
+  if (k == x.served) {
+    const double start = std::max(sim_.now() + r.latency_ns, free_);
+    free_ = start + slot_ns_;
+    at = start - r.latency_ns;
+  }
+  flow_of_.emplace_back(i, k);
+  sim_.add(r, bytes_, at);
+}
+
+uint64_t Stages::advance(const std::vector<size_t>& finished, std::vector<double>& lat) {
+  uint64_t ended = 0;
+  for (size_t f : finished) {
+    const auto [i, k] = flow_of_[f];
+    Item& x = items_[i];
+    if (k + 1 < x.routes.size()) {
+      queue(i, k + 1);
+      continue;
+    }
+    lat.push_back(sim_.now() - x.submit);
+    x.routes.clear();
+    ++ended;
+  }
+  return ended;
 }
 
 void finish_result(JobResult& out, const Machine& m, const Simulator& sim, std::vector<double>& lat, uint64_t bytes,

@@ -1,5 +1,6 @@
-// What every kind of job shares (NVMe jobs in job.cpp, network jobs in net.cpp): its data
-// pattern, its check of what landed, and how it ends. Private to the sim module.
+// What every kind of job shares (NVMe and copy-engine jobs in job.cpp, network jobs in
+// net.cpp): its data pattern, its check of what landed, its timing, and how it ends.
+// Private to the sim module.
 #pragma once
 
 #include <span>
@@ -20,6 +21,14 @@ void pattern(uint64_t stream, uint64_t pos, std::span<uint8_t> out) noexcept;
 /// Generates and compares in registers: one pass over `have`, nothing stored.
 size_t pattern_mismatch(uint64_t stream, uint64_t pos, std::span<const uint8_t> have) noexcept;
 
+/// Writes pattern(stream, pos) into physical memory [at, at + len), in place.
+inline Status fill_pattern(Machine& m, PhysAddr at, uint64_t stream, uint64_t pos, uint64_t len) {
+  return m.memory().fill(at, len, [&](uint64_t off, std::span<uint8_t> piece) {
+    pattern(stream, pos + off, piece);
+    return Status{};
+  });
+}
+
 /// Checks that physical memory [at, at + len) holds pattern(stream, pos), in place; EIO naming
 /// `what()` (only built on failure) and the first differing address otherwise.
 template <class What>
@@ -33,6 +42,43 @@ Status verify_pattern(const Machine& m, PhysAddr at, uint64_t stream, uint64_t p
   });
   return st;
 }
+
+/// Whether the DMA layer bounced any segment of a mapping.
+inline bool any_bounced(std::span<const DmaSegment> segs) noexcept {
+  for (const DmaSegment& s : segs)
+    if (s.flags & kDmaSegBounced) return true;
+  return false;
+}
+
+/// The timing of a job's items (I/Os, packets): each crosses its routes one after another,
+/// and one of its stages is served in order by a device (an SSD's media, a copy engine, a
+/// wire), which starts it no earlier than the end of the previous item's slot there. Fair
+/// sharing instead would let the items fall into lockstep and leave the device idle for a
+/// latency after every wave, which devices do not do.
+class Stages {
+ public:
+  Stages(Simulator& sim, uint64_t items, uint64_t bytes, double slot_ns)
+      : sim_(sim), bytes_(bytes), slot_ns_(slot_ns), items_(items) {}
+  /// Starts item i now: `routes` in order, `served` the index of the one served in order.
+  void start(uint64_t i, std::vector<Route> routes, size_t served);
+  /// Moves the flows in `finished` (from Simulator::step or idle_until) on to their next
+  /// stage; appends the latency of each item whose last stage ended to `lat` and returns
+  /// how many did.
+  uint64_t advance(const std::vector<size_t>& finished, std::vector<double>& lat);
+
+ private:
+  void queue(uint64_t i, size_t k);
+  struct Item {
+    double submit = 0;
+    std::vector<Route> routes;
+    size_t served = 0;
+  };
+  Simulator& sim_;
+  uint64_t bytes_;
+  double slot_ns_, free_ = 0;  // when the in-order device is next free
+  std::vector<Item> items_;
+  std::vector<std::pair<uint64_t, size_t>> flow_of_;  // by flow index: item, stage
+};
 
 /// Fills the common part of a job's result from its run: bytes and I/O count, simulated
 /// time and throughput, latency p50/p99 (nearest rank of `lat`, in ns; sorted here), the

@@ -79,43 +79,19 @@ Result<JobResult> run_net_job(Machine& m, const Job& job) {
   std::vector<double> lat;
   const uint64_t packets = job.size / job.block_size;
   // A side the DMA layer bounced adds the CPU's copy between the BAR and the bounce buffer
-  // in host memory: before the wire for TX, after it for RX.
+  // in host memory: before the wire for TX, after it for RX. The wire carries one packet
+  // at a time, in order.
   const Route tx_copy = txbar ? *fab.to_memory(txbar->function, -1, true) : Route{};
   const Route rx_copy = rxbar ? *fab.to_memory(rxbar->function, -1, false) : Route{};
-  struct Packet {
-    double submit = 0;
-    std::vector<Route> stages;  // run one after another
-    size_t wire_stage = 0;
-  };
-  std::vector<Packet> pk(packets);
-  std::vector<std::pair<uint64_t, size_t>> flow_of;  // by flow index: packet, stage
+  detail::Stages stages(sim, packets, job.block_size, static_cast<double>(job.block_size) / m.options().wire_gbps);
   uint64_t next = 0, done = 0, in_flight = 0;
   bool bounced_any = false;
-  double wire_free = 0;
-
-  // Queues stage k of packet i. The wire carries one packet at a time, in order (fair
-  // sharing would let the ring's packets fall into lockstep and leave the wire idle for a
-  // latency after every wave).
-  const auto start_stage = [&](uint64_t i, size_t k) {
-    const Route& r = pk[i].stages[k];
-    double at = sim.now();
-    if (k == pk[i].wire_stage) {
-      const double start = std::max(sim.now() + r.latency_ns, wire_free);
-      wire_free = start + static_cast<double>(job.block_size) / m.options().wire_gbps;
-      at = start - r.latency_ns;
-    }
-    flow_of.emplace_back(i, k);
-    sim.add(r, job.block_size, at);
-  };
 
   const auto send = [&](uint64_t i) -> Status {
     const uint64_t slot = (i % job.queue_depth) * job.block_size;
     const PhysAddr txa = txbar ? txbar->span.base + slot : PhysAddr(kTxHost + slot);
     const PhysAddr rxa = rxbar ? rxbar->span.base + slot : PhysAddr(kRxHost + slot);
-    PHYSR_TRY(m.memory().fill(txa, job.block_size, [&](uint64_t o, std::span<uint8_t> piece) {
-      detail::pattern(stream, i * job.block_size + o, piece);
-      return Status{};
-    }));
+    PHYSR_TRY(detail::fill_pattern(m, txa, stream, i * job.block_size, job.block_size));
     RangeList tl, rl;
     PHYSR_TRY(tl.append(PhysRange{txa, job.block_size, txbar ? txbar->id : kHostMemory}));
     PHYSR_TRY(rl.append(PhysRange{rxa, job.block_size, rxbar ? rxbar->id : kHostMemory}));
@@ -126,9 +102,7 @@ Result<JobResult> run_net_job(Machine& m, const Job& job) {
       (void)(*txdev)->unmap(*tm);
       return make_error(rm.error().code, where() + ": RX: " + rm.error().message);
     }
-    bool tx_bounced = false, rx_bounced = false;
-    for (const DmaSegment& s : tm->segments()) tx_bounced |= (s.flags & kDmaSegBounced) != 0;
-    for (const DmaSegment& s : rm->segments()) rx_bounced |= (s.flags & kDmaSegBounced) != 0;
+    const bool tx_bounced = detail::any_bounced(tm->segments()), rx_bounced = detail::any_bounced(rm->segments());
     bounced_any |= tx_bounced || rx_bounced;
     Status st = m.dma_read(tx, tm->segments(), sent);          // the sender fetches the packet
     if (st) st = m.dma_write(rx, rm->segments(), sent);        // the wire delivers it
@@ -138,30 +112,21 @@ Result<JobResult> run_net_job(Machine& m, const Job& job) {
     PHYSR_TRY(u2);
     PHYSR_TRY(detail::verify_pattern(m, rxa, stream, i * job.block_size, job.block_size, [&] { return where() + ": packet " + std::to_string(i); }));
     out.verified_bytes += job.block_size;
-    Packet& p = pk[i];
-    p.submit = sim.now();
-    if (tx_bounced && txbar) p.stages.push_back(tx_copy);
-    p.wire_stage = p.stages.size();
-    p.stages.push_back(route);
-    if (rx_bounced && rxbar) p.stages.push_back(rx_copy);
-    start_stage(i, 0);
+    std::vector<Route> routes;
+    if (tx_bounced && txbar) routes.push_back(tx_copy);
+    const size_t wire = routes.size();
+    routes.push_back(route);
+    if (rx_bounced && rxbar) routes.push_back(rx_copy);
+    stages.start(i, std::move(routes), wire);
     return {};
   };
   while (done < packets) {
     for (; in_flight < job.queue_depth && next < packets; ++next, ++in_flight) PHYSR_TRY(send(next));
     const auto finished = sim.step();
     if (finished.empty()) return make_error(EIO, where() + ": the simulation stalled");
-    for (size_t f : finished) {
-      const auto [i, k] = flow_of[f];
-      if (k + 1 < pk[i].stages.size()) {
-        start_stage(i, k + 1);
-        continue;
-      }
-      lat.push_back(sim.now() - pk[i].submit);
-      pk[i].stages.clear();
-      ++done;
-      --in_flight;
-    }
+    const uint64_t ended = stages.advance(finished, lat);
+    done += ended;
+    in_flight -= ended;
   }
   detail::finish_result(out, m, sim, lat, job.size, packets, faults_before);
   out.path = std::string("network: TX ") + (tx_p2p ? "p2p" : "host") + ", RX " + (rx_p2p ? "p2p" : "host") +
