@@ -10,7 +10,7 @@
 #include <unordered_map>
 #include <vector>
 
-#include "physr/iommu.hpp"
+#include "physr/iova.hpp"
 
 namespace physr {
 
