@@ -23,6 +23,7 @@
 #include <cstring>
 
 #include "physr/dma.hpp"
+#include "physr/physmem.hpp"
 #include "physr/iommu.hpp"
 #include "support/dma_world.hpp"
 

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "physr/dma.hpp"
+#include "physr/iommu.hpp"
 #include "support/dma_world.hpp"
 
 namespace physr {

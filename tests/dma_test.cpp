@@ -1,4 +1,5 @@
 #include "physr/dma.hpp"
+#include "physr/physmem.hpp"
 
 #include <gtest/gtest.h>
 

@@ -14,7 +14,7 @@
 //   segment, each aligned to the granule, padded so no segment crosses the boundary mask,
 //   bus-address segments skipped, then __finalise_sg()'s merge of adjacent results within
 //   the device's limits. Untrusted devices bounce the sub-granule parts (iova_unaligned()),
-//   in whole zeroed granules. The page table is written in one batch (IoDomain::map_many).
+//   in whole zeroed granules. The page table is written in one batch (IommuDomain::map_many).
 // - Any failure undoes everything the call did: no IOVA, page-table entry or bounce slot
 //   stays behind.
 //
@@ -28,7 +28,16 @@
 //   more start page-aligned otherwise.
 // - Copies follow the direction: to the bounce buffer at map and sync_for_device (to_device,
 //   bidirectional), back to the original at unmap and sync_for_cpu (from_device,
-//   bidirectional), through PhysMemory, so tests can check them byte for byte.
+//   bidirectional), through the MemoryAccess the pool was created on (the model's
+//   PhysMemory, so tests can check them byte for byte; real memory on a live host).
+//
+// Seams (SPDK's memory domains, QEMU's IOMMU memory regions)
+// - The DMA layer owns the two interfaces it calls: MemoryAccess (read, write, copy of
+//   physical bytes: what the bounce pool needs) and IommuDomain (map, unmap, translate,
+//   flush, and the domain's IOVA space). The machine model implements them with PhysMemory
+//   (physr/physmem.hpp) and IoDomain (physr/iommu.hpp); a real host implements them with
+//   its own memory and IOMMU. Calls through them are per mapping or per bounce, never per
+//   byte: a map of 256 ranges makes four virtual calls.
 #pragma once
 
 #include <atomic>
@@ -38,13 +47,84 @@
 #include <vector>
 
 #include "physr/core.hpp"
-#include "physr/iommu.hpp"
+#include "physr/iova.hpp"
 #include "physr/pci.hpp"
-#include "physr/physmem.hpp"
 #include "physr/provider.hpp"
 #include "physr/range.hpp"
 
 namespace physr {
+
+// -------------------------------------------------------------------------------------
+// Seams: what the DMA layer needs from memory and from an IOMMU
+
+/// Physical memory as the DMA layer's CPU side reaches it: bounce copies, the zeroed
+/// padding of an untrusted device's bounce. Implementations are thread-safe for disjoint
+/// bytes. Every call fails with EFAULT, naming the first address outside memory, and then
+/// moves nothing.
+class MemoryAccess {
+ public:
+  virtual ~MemoryAccess() = default;
+  /// Writes bytes at `a`.
+  virtual Status write(PhysAddr a, std::span<const uint8_t> bytes) = 0;
+  /// Reads bytes at `a`.
+  virtual Status read(PhysAddr a, std::span<uint8_t> out) const = 0;
+  /// Copies len bytes from src to dst (the ranges do not overlap).
+  virtual Status copy(PhysAddr dst, PhysAddr src, uint64_t len) = 0;
+  /// Whether all of `span` is host RAM (where a bounce pool may live), not device memory.
+  virtual bool is_host_ram(PhysSpan span) const noexcept = 0;
+};
+
+/// Access rights of a mapping, plus the MMIO attribute (Linux IOMMU_MMIO: device memory,
+/// mapped uncached; P2P through the host bridge carries it).
+enum IommuPerm : uint8_t { kIommuRead = 1, kIommuWrite = 2, kIommuReadWrite = 3, kIommuMmio = 4 };
+
+/// One mapping of a batch: [iova, iova + size) -> [phys, phys + size).
+struct IoMapOp {
+  DmaAddr iova;
+  PhysAddr phys;
+  uint64_t size = 0;
+  uint8_t perm = 0;
+};
+
+/// What the IOMMU answers for one DMA address.
+struct IoTranslation {
+  PhysAddr phys;           // the translated address (page base + offset)
+  uint64_t page_size = 0;  // 4 KiB, 2 MiB or 1 GiB: the leaf that mapped it
+  uint8_t perm = 0;
+};
+
+
+/// An IOMMU domain as the DMA layer drives it (QEMU's IOMMU memory region: translate gives
+/// the page, its mask and the permissions), with the IOVA space of the devices attached to
+/// it. Implementations are thread-safe: map and unmap may serialise, translate and walk run
+/// concurrently with them.
+class IommuDomain {
+ public:
+  virtual ~IommuDomain() = default;
+  /// The domain's IOVA allocator; lives as long as the domain.
+  virtual IovaAllocator& iova() noexcept = 0;
+  /// Maps [iova, iova + size) to [phys, phys + size) with `perm` (IommuPerm bits). EINVAL:
+  /// zero or unaligned sizes or addresses, no permission; EEXIST: part of it is mapped.
+  /// Nothing stays mapped on error.
+  virtual Status map(DmaAddr iova, PhysAddr phys, uint64_t size, uint8_t perm) = 0;
+  /// Maps a batch, all or nothing (Linux iommu_map_sg()). Errors as map(), naming the op.
+  virtual Status map_many(std::span<const IoMapOp> ops) = 0;
+  /// Unmaps exactly what was mapped. ENOENT names the first unmapped page; nothing changes
+  /// on error.
+  virtual Status unmap(DmaAddr iova, uint64_t size) = 0;
+  /// Unmaps several ranges, all or nothing.
+  virtual Status unmap_many(std::span<const DmaSpan> ranges) = 0;
+  /// Returns IOVA to the allocator once no IOTLB entry can still point into it (at once in
+  /// strict mode, after the next flush in deferred mode).
+  virtual Status free_iova(DmaAddr iova, uint64_t size) = 0;
+  /// The translation a device gets for `iova` (possibly a stale IOTLB entry in deferred
+  /// mode), or nullopt: an IOMMU fault.
+  virtual std::optional<IoTranslation> translate(DmaAddr iova) = 0;
+  /// What is mapped at `iova` now (the page table, not the IOTLB), or nullopt.
+  virtual std::optional<IoTranslation> walk(DmaAddr iova) const = 0;
+  /// Invalidates the IOTLB and releases IOVA waiting for it.
+  virtual void flush() = 0;
+};
 
 /// Linux enum dma_data_direction.
 enum class DmaDirection : uint8_t { bidirectional, to_device, from_device, none };
@@ -64,8 +144,8 @@ class BouncePool {
   static constexpr uint64_t kMaxMapping = kSlotSize * kSegmentSlots;  // 256 KiB
 
   /// EINVAL for a size or area count that does not divide into segments, or a pool not
-  /// inside one host RAM region of `memory` (which must outlive the pool).
-  static Result<std::unique_ptr<BouncePool>> create(PhysMemory& memory, const BounceOptions& options = {});
+  /// inside host RAM of `memory` (which must outlive the pool).
+  static Result<std::unique_ptr<BouncePool>> create(MemoryAccess& memory, const BounceOptions& options = {});
   ~BouncePool();
 
   /// Bounces [orig, orig + size): copies it in (whatever the direction, as Linux does) and
@@ -124,9 +204,8 @@ std::string dma_seg_path(uint32_t flags);
 
 /// What a device maps with. Non-owning; everything must outlive the devices using it.
 struct DmaEnv {
-  PhysMemory* memory = nullptr;                 // required
+  const pci::P2PEngine* p2p = nullptr;          // required: the topology the device is a function of, and its verdicts
   const ProviderRegistry* providers = nullptr;  // null: every range must be host memory
-  const pci::P2PEngine* p2p = nullptr;          // required with providers (only compute() is used: thread-safe)
   BouncePool* bounce = nullptr;                 // null: a range that needs bouncing fails with EIO
 };
 
@@ -140,7 +219,7 @@ struct DmaDeviceConfig {
   bool coherent = true;                 // false: map, unmap and sync do cache maintenance
   bool untrusted = false;               // external device: host memory is bounced (see above)
   uint64_t dma_offset = 0;              // direct mapping: DMA address = phys + dma_offset
-  IoDomain* domain = nullptr;           // the IOMMU domain (may be shared), or null: direct
+  IommuDomain* domain = nullptr;        // the IOMMU domain (may be shared), or null: direct
   bool debug = false;                   // DMA-API debug: track every mapping, report misuse exactly
 };
 
@@ -208,7 +287,7 @@ struct DmaIovaState {
 /// A DMA device. Thread-safe: any number of threads may map and unmap concurrently.
 class DmaDevice {
  public:
-  /// EINVAL: no memory, providers without a P2P engine, a function not in its topology,
+  /// EINVAL: no P2P engine, a function not in its topology,
   /// a boundary mask not 2^k - 1 of at least 4 KiB, a max segment below 512 bytes, a DMA
   /// mask below 4 GiB - 1 with an IOMMU or a min_align_mask not 2^k - 1 below 128 KiB.
   static Result<std::unique_ptr<DmaDevice>> create(const DmaEnv& env, const DmaDeviceConfig& config);

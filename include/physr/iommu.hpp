@@ -9,28 +9,10 @@
 #include <span>
 
 #include "physr/core.hpp"
+#include "physr/dma.hpp"
 #include "physr/iova.hpp"
 
 namespace physr {
-
-/// Access rights of a mapping, plus the MMIO attribute (Linux IOMMU_MMIO: device memory,
-/// mapped uncached; P2P through the host bridge carries it).
-enum IommuPerm : uint8_t { kIommuRead = 1, kIommuWrite = 2, kIommuReadWrite = 3, kIommuMmio = 4 };
-
-/// One mapping of a batch: [iova, iova + size) -> [phys, phys + size).
-struct IoMapOp {
-  DmaAddr iova;
-  PhysAddr phys;
-  uint64_t size = 0;
-  uint8_t perm = 0;
-};
-
-/// What the IOMMU answers for one DMA address.
-struct IoTranslation {
-  PhysAddr phys;           // the translated address (page base + offset)
-  uint64_t page_size = 0;  // 4 KiB, 2 MiB or 1 GiB: the leaf that mapped it
-  uint8_t perm = 0;
-};
 
 struct IoDomainOptions {
   IovaOptions iova;
@@ -46,45 +28,47 @@ struct IoDomainStats {
   uint64_t iotlb_flushes = 0, queued_frees = 0;
 };
 
-/// An IOMMU domain shared by the devices attached to it: a 4-level I/O page table (x86-64
-/// and Arm64 style: 9 bits a level, leaves of 4 KiB, 2 MiB and 1 GiB), its IOVA allocator,
-/// and an IOTLB whose invalidation is strict or deferred. Thread-safe: map and unmap
-/// serialise; translate() runs concurrently with them (entries are atomic, tables are
-/// published after they are filled and freed only with the domain).
-class IoDomain {
+/// The machine model's IOMMU domain (an IommuDomain of the DMA layer), shared by the
+/// devices attached to it: a 4-level I/O page table (x86-64 and Arm64 style: 9 bits a
+/// level, leaves of 4 KiB, 2 MiB and 1 GiB), its IOVA allocator, and an IOTLB whose
+/// invalidation is strict or deferred. Thread-safe: map and unmap serialise; translate()
+/// runs concurrently with them (entries are atomic, tables are published after they are
+/// filled and freed only with the domain). `final`, so the model's own calls (the devices'
+/// per-page translate) bind statically.
+class IoDomain final : public IommuDomain {
  public:
   static Result<std::unique_ptr<IoDomain>> create(const IoDomainOptions& options = {});
-  ~IoDomain();
+  ~IoDomain() override;
   IoDomain(const IoDomain&) = delete;
   IoDomain& operator=(const IoDomain&) = delete;
 
   /// Maps [iova, iova + size) to [phys, phys + size), with the largest leaves that the
   /// alignment of both allows. EINVAL: zero or unaligned size/addresses, no permission,
   /// beyond 48 bits. EEXIST: part of the range is mapped (named); nothing stays mapped.
-  Status map(DmaAddr iova, PhysAddr phys, uint64_t size, uint8_t perm);
+  Status map(DmaAddr iova, PhysAddr phys, uint64_t size, uint8_t perm) override;
   /// Maps a batch under one lock, all or nothing (Linux iommu_map_sg()): on any error
   /// nothing of the batch stays mapped. Errors as map(), naming the operation.
-  Status map_many(std::span<const IoMapOp> ops);
+  Status map_many(std::span<const IoMapOp> ops) override;
   /// Unmaps exactly what map() mapped. ENOENT names the first unmapped page; EINVAL a range
   /// that would split a large leaf. Nothing changes on error. Strict mode invalidates the
   /// IOTLB for the range now; deferred mode leaves it stale until the flush.
-  Status unmap(DmaAddr iova, uint64_t size);
+  Status unmap(DmaAddr iova, uint64_t size) override;
   /// Unmaps several ranges under one lock, all or nothing: every range is validated as
   /// unmap() does before any is changed.
-  Status unmap_many(std::span<const DmaSpan> ranges);
+  Status unmap_many(std::span<const DmaSpan> ranges) override;
   /// Returns an IOVA range to the allocator: at once in strict mode, after the next IOTLB
   /// flush in deferred mode (so a stale IOTLB entry can never point at a reused IOVA).
-  Status free_iova(DmaAddr iova, uint64_t size);
+  Status free_iova(DmaAddr iova, uint64_t size) override;
   /// The translation a device gets: from the IOTLB if cached there (possibly stale in
   /// deferred mode), else by walking the page table (and filling the IOTLB). nullopt: an
   /// IOMMU fault (unmapped).
-  std::optional<IoTranslation> translate(DmaAddr iova);
+  std::optional<IoTranslation> translate(DmaAddr iova) override;
   /// Walks the page table only (what is mapped now), ignoring the IOTLB.
-  std::optional<IoTranslation> walk(DmaAddr iova) const;
+  std::optional<IoTranslation> walk(DmaAddr iova) const override;
   /// Invalidates the whole IOTLB and releases the IOVAs queued for reuse.
-  void flush();
+  void flush() override;
 
-  IovaAllocator& iova() noexcept { return *iova_; }
+  IovaAllocator& iova() noexcept override { return *iova_; }
   IoDomainStats stats() const;
   bool strict() const noexcept;
 

@@ -24,6 +24,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "physr/core.hpp"
 
@@ -35,6 +36,10 @@ struct IovaOptions {
   uint64_t end = uint64_t{1} << 48;      // one past the highest IOVA
   bool caching = true;                   // per-thread magazines for sizes up to 32 granules
   bool check = false;                    // record allocations: report bad frees exactly (tests, debug)
+  /// IOVA ranges never handed out (Linux reserve_iova()). dma-iommu reserves the host
+  /// bridges' memory windows this way (iova_reserve_pci_windows()), so no IOVA equals a
+  /// bus address that a switch would route to a peer's BAR instead of the IOMMU.
+  std::vector<DmaSpan> reserved{};
 };
 
 /// Statistics for tests and benchmarks.

@@ -17,9 +17,11 @@
 //   transcription of the kernel loop.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <filesystem>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <span>
 #include <string>
@@ -138,9 +140,16 @@ struct HostBridge {
   uint8_t bus = 0;
   int numa_node = -1;
   std::vector<uint32_t> root_functions;  // indices, by ascending devfn
+  /// PCI bus address = CPU physical address + bus_offset (mod 2^64) for memory BARs behind
+  /// this host bridge: its window's translation offset, as many arm64 and POWER hosts
+  /// have (Linux pci_bus_address() - pci_resource_start()). 0 on most x86 hosts.
+  uint64_t bus_offset = 0;
   /// "pci0000:00".
   std::string name() const;
 };
+
+/// "No function": an index that names no function of any topology.
+inline constexpr uint32_t kNoFunction = ~uint32_t{0};
 
 /// CPU identity from /proc/cpuinfo (or a machine file), for the AMD Zen rule.
 struct CpuInfo {
@@ -249,25 +258,35 @@ struct Explanation {
 /// The nvidia-smi link classes and their definitions, for legends.
 std::span<const std::pair<const char*, const char*>> link_class_legend();
 
-/// Computes and caches verdicts for one topology. Not thread-safe; one per thread.
+/// Computes and caches verdicts for one topology. Thread-safe: verdict() may run on any
+/// number of threads at once (the cache is lock-free); the engine is not modified after
+/// create() otherwise.
 class P2PEngine {
  public:
   /// `topo` must outlive the engine. EINVAL when an option names a function not in it.
   static Result<P2PEngine> create(const Topology& topo, VerdictOptions options = {});
 
-  /// Verdict for (provider, client) function indices, computed once and cached.
-  Verdict verdict(uint32_t provider, uint32_t client);
+  /// Verdict for (provider, client) function indices, computed once and cached per pair,
+  /// as Linux caches the map type per client in the provider's p2pdma->map_types. A cached
+  /// verdict is two dependent loads.
+  Verdict verdict(uint32_t provider, uint32_t client) const {
+    if (const std::atomic<uint16_t>* row = cache_.rows[provider].load(std::memory_order_acquire)) [[likely]] {
+      const uint16_t v = row[client].load(std::memory_order_relaxed);
+      if (v & kComputed) return Verdict{static_cast<MapType>((v >> 12) & 3), v & 0xfff};
+    }
+    return verdict_slow(provider, client);
+  }
   /// The same, computed without touching the cache (for benchmarks and cross-checks).
   Verdict compute(uint32_t provider, uint32_t client) const;
   /// Full explanation of one verdict.
   Explanation explain(uint32_t provider, uint32_t client) const;
   /// Linux pci_p2pdma_distance_many(): -1 if there are no clients or any is not supported,
   /// else the sum of distances.
-  int distance_many(uint32_t provider, std::span<const uint32_t> clients);
+  int distance_many(uint32_t provider, std::span<const uint32_t> clients) const;
   /// Linux pci_p2pmem_find_many(): among `published` providers, one at the smallest
   /// distance_many; ties broken by pick(n) returning an index below n (random in Linux).
   std::optional<uint32_t> find_many(std::span<const uint32_t> clients, std::span<const uint32_t> published,
-                                    const std::function<size_t(size_t)>& pick);
+                                    const std::function<size_t(size_t)>& pick) const;
   /// Whether the allowlist check passes for the path between a and b (no common device).
   bool host_bridge_allowed(uint32_t a, uint32_t b) const;
   bool cpu_amd_zen() const noexcept { return amd_zen_; }
@@ -277,7 +296,22 @@ class P2PEngine {
   const Topology& topology() const noexcept { return *topo_; }
 
  private:
+  // A verdict packed in 16 bits: computed flag, map type, distance (saturated at 4095).
+  static constexpr uint16_t kComputed = 0x8000;
+  // Rows of the verdict cache, one per provider, allocated on the provider's first lookup
+  // and published with a compare-and-swap (a losing thread frees its copy), so lookups
+  // never lock; each entry is written once with the value every thread computes alike.
+  struct Cache {
+    std::unique_ptr<std::atomic<std::atomic<uint16_t>*>[]> rows;
+    uint32_t n = 0;
+    Cache() = default;
+    Cache(Cache&& o) noexcept : rows(std::move(o.rows)), n(o.n) {}
+    Cache& operator=(Cache&& o) noexcept;
+    ~Cache() { release(); }
+    void release() noexcept;
+  };
   explicit P2PEngine(const Topology& topo) : topo_(&topo) {}
+  Verdict verdict_slow(uint32_t provider, uint32_t client) const;
   bool redirects(uint32_t f) const noexcept { return redir_[f] != 0; }
   bool is_ancestor_or_self(uint32_t a, uint32_t b) const noexcept { return tin_[a] <= tin_[b] && tout_[b] <= tout_[a]; }
   std::optional<uint32_t> common_device(uint32_t provider, uint32_t client) const noexcept;
@@ -291,7 +325,7 @@ class P2PEngine {
   std::vector<uint32_t> tin_, tout_;
   std::vector<uint32_t> tree_;              // the root function of each function's tree
   std::vector<uint8_t> bridge_same_, bridge_other_;  // allowlist per host bridge, same / different
-  std::vector<std::vector<uint16_t>> cache_;  // per provider, per client: 0 = not computed
+  mutable Cache cache_;
 };
 
 }  // namespace physr::pci

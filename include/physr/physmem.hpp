@@ -1,8 +1,9 @@
 // physr physmem: a machine's physical memory as real bytes. Host RAM and BAR apertures are
 // regions of one physical address map; each is backed by 64 KiB chunks allocated on first
 // write, so a machine with 1 TiB of RAM and 64 GiB BARs costs memory in proportion to the
-// bytes actually touched. The DMA layer (bounce copies) and the machine model (device DMA
-// engines) read and write through it, so every transfer can be checked byte for byte.
+// bytes actually touched. The DMA layer (bounce copies, through its MemoryAccess seam) and
+// the machine model (device DMA engines) read and write through it, so every transfer can
+// be checked byte for byte.
 #pragma once
 
 #include <cstdint>
@@ -14,6 +15,7 @@
 #include <vector>
 
 #include "physr/core.hpp"
+#include "physr/dma.hpp"
 
 namespace physr {
 
@@ -25,11 +27,13 @@ struct PhysRegion {
   std::string name;  // "ram", "0000:05:00.0 BAR1", ...
 };
 
-/// Physical memory. Thread-safe; reads and writes of disjoint bytes may run concurrently.
-class PhysMemory {
+/// Physical memory, the machine model's MemoryAccess for the DMA layer. Thread-safe; reads
+/// and writes of disjoint bytes may run concurrently. `final`, so the model's own calls
+/// bind statically.
+class PhysMemory final : public MemoryAccess {
  public:
   PhysMemory();
-  ~PhysMemory();
+  ~PhysMemory() override;
   PhysMemory(const PhysMemory&) = delete;
   PhysMemory& operator=(const PhysMemory&) = delete;
 
@@ -43,9 +47,9 @@ class PhysMemory {
 
   /// Writes bytes at `a`. EFAULT (naming the first address outside any region) if any byte
   /// lies outside the regions; nothing is written then.
-  Status write(PhysAddr a, std::span<const uint8_t> bytes);
+  Status write(PhysAddr a, std::span<const uint8_t> bytes) override;
   /// Reads bytes at `a`; bytes never written read as zero. EFAULT as for write.
-  Status read(PhysAddr a, std::span<uint8_t> out) const;
+  Status read(PhysAddr a, std::span<uint8_t> out) const override;
   /// Lets `produce` write the bytes [a, a + len) straight into the backing, a piece at a
   /// time (`off` counts from `a`), so a producer (a device's media, a generator) needs no
   /// bounce through a buffer of its own. EFAULT as for write (nothing produced); the first
@@ -58,7 +62,9 @@ class PhysMemory {
   /// byte that differs, or nullopt if all match. EFAULT as for read.
   Result<std::optional<uint64_t>> mismatch(PhysAddr a, std::span<const uint8_t> expected) const;
   /// Copies len bytes from src to dst (non-overlapping), e.g. a bounce copy. EFAULT as above.
-  Status copy(PhysAddr dst, PhysAddr src, uint64_t len);
+  Status copy(PhysAddr dst, PhysAddr src, uint64_t len) override;
+  /// Whether `span` lies inside one host RAM region.
+  bool is_host_ram(PhysSpan span) const noexcept override;
 
   /// Bytes of backing allocated so far (64 KiB chunks touched by writes).
   uint64_t backed_bytes() const noexcept;

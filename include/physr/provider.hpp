@@ -54,6 +54,7 @@ class Provider;
 /// What a driver registers: one BAR aperture of one PCI function.
 struct ProviderDesc {
   pci::Bdf owner;              // the function whose BAR this is
+  uint32_t function = pci::kNoFunction;  // its index in the topology the DMA layer uses: verdicts need it
   unsigned bar = 0;            // BAR index
   PhysSpan phys;               // CPU physical aperture: 4 KiB aligned, non-empty, below 2^52
   uint64_t bus_offset = 0;     // PCI bus address = CPU physical address + bus_offset (mod 2^64)
@@ -70,6 +71,8 @@ class Provider {
  public:
   ProviderId id() const noexcept { return id_; }
   const pci::Bdf& owner() const noexcept { return desc_.owner; }
+  /// The owner's index in the topology (pci::kNoFunction when not given).
+  uint32_t function() const noexcept { return desc_.function; }
   unsigned bar() const noexcept { return desc_.bar; }
   PhysSpan phys() const noexcept { return desc_.phys; }
   uint64_t bus_offset() const noexcept { return desc_.bus_offset; }

@@ -22,6 +22,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <span>
 #include <string>
@@ -30,6 +31,7 @@
 #include "physr/core.hpp"
 #include "physr/dma.hpp"
 #include "physr/pci.hpp"
+#include "physr/platform.hpp"
 
 namespace physr::sim {
 
@@ -72,8 +74,11 @@ struct Route {
 /// The fabric of one machine.
 class Fabric {
  public:
-  /// `topo` must outlive the fabric. EINVAL for non-positive bandwidths in the options.
+  /// A fabric with a P2P engine of its own; `topo` must outlive it. EINVAL for
+  /// non-positive bandwidths in the options.
   static Result<Fabric> create(const pci::Topology& topo, const FabricOptions& options = {});
+  /// A fabric on a shared P2P engine (a platform's), which must outlive it.
+  static Result<Fabric> create(const pci::P2PEngine& engine, const FabricOptions& options = {});
 
   /// Between a function and host memory on a NUMA node (-1: the function's own node).
   /// `device_writes`: data flows from the device to memory (up its link), else down.
@@ -82,6 +87,13 @@ class Fabric {
   /// way the data flows. EREMOTEIO (an unsupported request) when the root complex refuses
   /// peer traffic for this pair.
   Result<Route> to_peer(uint32_t initiator, uint32_t target, bool initiator_writes = true) const;
+  /// The same, but through the root complex whatever the verdict (where a request goes
+  /// when no switch below turns it around). EREMOTEIO when the root complex does not
+  /// forward peer traffic for this pair.
+  Result<Route> to_peer_via_rc(uint32_t initiator, uint32_t target, bool initiator_writes = true) const;
+  /// Whether the root complex forwards peer traffic from `initiator` to `target`'s BAR:
+  /// an AMD Zen CPU, or host bridges on the allowlist (as Linux decides thru_host_bridge).
+  bool rc_forwards(uint32_t initiator, uint32_t target) const;
   /// Zeroes every resource's byte counters, so they count one run's traffic.
   void reset_counters() noexcept {
     for (Resource& r : res_) r.bytes = 0, r.moved = 0;
@@ -103,10 +115,14 @@ class Fabric {
   uint32_t inter_socket(int from, int to) const;
   // Resources and latency from `f` up to its root complex (up = toward the root).
   void climb(uint32_t f, std::optional<uint32_t> stop, bool up, Route& r) const;
+  // Up from a, across the root complex(es), down to b.
+  void through_rc(uint32_t a, uint32_t b, bool initiator_writes, Route& r) const;
+  Error unsupported(uint32_t a, uint32_t b) const;
 
   const pci::Topology* topo_ = nullptr;
   FabricOptions opt_;
-  std::optional<pci::P2PEngine> engine_;
+  const pci::P2PEngine* engine_ = nullptr;
+  std::unique_ptr<pci::P2PEngine> own_engine_;  // when created from a topology
   std::vector<Resource> res_;
   std::vector<int32_t> link_up_, link_down_;  // per function: its upstream link, -1 when it has none
   std::vector<uint32_t> rc_fwd_;              // per host bridge
@@ -177,15 +193,7 @@ struct MachineOptions {
   double wire_latency_ns = 1000;   // cable, PHYs and the NICs' pipelines
 };
 
-/// One memory BAR registered as a P2P provider.
-struct Aperture {
-  ProviderId id = 0;
-  uint32_t function = 0;
-  unsigned bar = 0;
-  PhysSpan span;
-  std::string name;  // "gpu0 BAR1"
-  bool published = true;  // found by nearest_provider (an NVMe CMB only with RDS and WDS)
-};
+using physr::Aperture;
 
 /// An access the IOMMU refused: recorded, and no byte moved.
 struct IommuFault {
@@ -195,9 +203,39 @@ struct IommuFault {
   std::string why;
 };
 
-/// A machine built from a topology: RAM and every memory BAR as real bytes (first-touch),
-/// each BAR a published provider (CPU copies allowed, bus address = CPU address), a
-/// bounce pool, an IOMMU domain per device, and the fabric timing.
+/// The bus outcome of one DMA access (QEMU's MemTxResult): data, not an error. The
+/// outcomes of the pieces an access splits into are OR'ed together.
+enum class BusResult : uint8_t {
+  ok = 0,
+  decode_error = 1,         // no memory or BAR decodes the address
+  iommu_fault = 2,          // the device's IOMMU domain has no mapping with that permission
+  unsupported_request = 4,  // a peer's BAR reached through a root complex that does not forward peer traffic
+};
+constexpr BusResult operator|(BusResult a, BusResult b) noexcept {
+  return static_cast<BusResult>(static_cast<uint8_t>(a) | static_cast<uint8_t>(b));
+}
+constexpr BusResult& operator|=(BusResult& a, BusResult b) noexcept { return a = a | b; }
+constexpr bool any(BusResult r) noexcept { return r != BusResult::ok; }
+/// "ok", or the outcomes set, joined by '|' ("decode_error|iommu_fault").
+std::string bus_result_name(BusResult r);
+
+/// What one DMA access did on the fabric, decoded from its addresses alone (never from the
+/// DMA segments' flags): its outcome, and where its bytes went, for the timing.
+struct DmaAccess {
+  BusResult result = BusResult::ok;
+  bool host_memory = false;  // bytes went to or from host RAM (through the root complex)
+  bool peer_switch = false;  // to or from a peer's BAR, turned around below the root complex
+  bool peer_rc = false;      // to or from a peer's BAR through the root complex
+  uint32_t peer = pci::kNoFunction;  // the owner of the BAR reached
+  std::string why;           // the first failing piece, when result is not ok
+  bool ok() const noexcept { return result == BusResult::ok; }
+  /// Merges another access of the same transfer (a later burst).
+  void merge(const DmaAccess& o);
+};
+
+/// A machine built from a topology: the model's platform (RAM and every P2P BAR as real
+/// bytes, each BAR a provider with its host bridge's bus offset, a bounce pool, an IOMMU
+/// domain per device) and the fabric timing, on the platform's one P2P engine.
 class Machine {
  public:
   /// `topo` must outlive the machine. Errors name the problem (overlapping BARs are left
@@ -205,40 +243,50 @@ class Machine {
   static Result<std::unique_ptr<Machine>> create(const pci::Topology& topo, const MachineOptions& options = {});
   ~Machine();
 
-  /// The DMA device for a function (created on first use).
-  Result<DmaDevice*> device(uint32_t function);
+  /// The DMA device for a function (created on first use; DMA-API debug on).
+  Result<DmaDevice*> device(uint32_t function) { return model_->device(function); }
   /// The function's largest memory BAR as a provider, if it has one.
-  const Aperture* largest_bar(uint32_t function) const;
-  const std::vector<Aperture>& apertures() const noexcept { return apertures_; }
+  const Aperture* largest_bar(uint32_t function) const { return platform().largest_bar(function); }
+  const std::vector<Aperture>& apertures() const noexcept { return platform().apertures(); }
   /// Published providers nearest to `clients` (Linux pci_p2pmem_find_many, ties to the
   /// first), or nullptr.
-  const Aperture* nearest_provider(std::span<const uint32_t> clients);
+  const Aperture* nearest_provider(std::span<const uint32_t> clients) const { return platform().nearest_provider(clients); }
 
   /// The device side of DMA: `initiator` writes `data` (or reads into `out`) through a DMA
   /// list, at bytes [offset, offset + size) of it (an engine moves a large I/O in bursts).
-  /// Bus addresses go to the BAR that decodes them; other addresses go through the device's
-  /// IOMMU domain (a fault is recorded and nothing of this call moves) or map directly.
-  /// EINVAL if the list ends before the data does.
-  Status dma_write(uint32_t initiator, std::span<const DmaSegment> segs, std::span<const uint8_t> data, uint64_t offset = 0);
-  Status dma_read(uint32_t initiator, std::span<const DmaSegment> segs, std::span<uint8_t> out, uint64_t offset = 0);
+  /// Each address is decoded as the fabric would: a peer BAR whose bus range holds it and
+  /// that the initiator's switch reaches without the root complex gets it directly;
+  /// everything else goes up to the root complex, through the initiator's IOMMU domain
+  /// (or its direct DMA offset), and lands in RAM or, if that root complex forwards peer
+  /// traffic, in a BAR. Any piece that fails (the DmaAccess's result) moves nothing of
+  /// this call; IOMMU faults are also recorded. Errors (not bus outcomes): the list ends
+  /// before the data does (EINVAL).
+  Result<DmaAccess> dma_write(uint32_t initiator, std::span<const DmaSegment> segs, std::span<const uint8_t> data, uint64_t offset = 0);
+  Result<DmaAccess> dma_read(uint32_t initiator, std::span<const DmaSegment> segs, std::span<uint8_t> out, uint64_t offset = 0);
   /// Streaming forms for a device that moves bytes between its media and memory without a
   /// buffer of its own: `source` produces (or `sink` takes) the `len` bytes at list offset
-  /// `offset` in place, a piece at a time (`off` counts from `offset`). Same translation,
-  /// faults and errors as above; the first error of `source` or `sink` stops the transfer.
+  /// `offset` in place, a piece at a time (`off` counts from `offset`). Same decoding,
+  /// outcomes and errors as above; the first error of `source` or `sink` stops the transfer
+  /// and is returned.
   using DmaSource = std::function<Status(uint64_t off, std::span<uint8_t> dst)>;
   using DmaSink = std::function<Status(uint64_t off, std::span<const uint8_t> src)>;
-  Status dma_write_from(uint32_t initiator, std::span<const DmaSegment> segs, uint64_t offset, uint64_t len, const DmaSource& source);
-  Status dma_read_to(uint32_t initiator, std::span<const DmaSegment> segs, uint64_t offset, uint64_t len, const DmaSink& sink);
+  Result<DmaAccess> dma_write_from(uint32_t initiator, std::span<const DmaSegment> segs, uint64_t offset, uint64_t len,
+                                   const DmaSource& source);
+  Result<DmaAccess> dma_read_to(uint32_t initiator, std::span<const DmaSegment> segs, uint64_t offset, uint64_t len,
+                                const DmaSink& sink);
 
   /// What a DmaDevice needs to map on this machine (for devices configured by the caller).
-  DmaEnv dma_env() noexcept { return DmaEnv{&mem_, &reg_, &*engine_, pool_.get()}; }
-  PhysMemory& memory() noexcept { return mem_; }
-  const PhysMemory& memory() const noexcept { return mem_; }
-  ProviderRegistry& providers() noexcept { return reg_; }
+  DmaEnv dma_env() noexcept { return platform().dma_env(); }
+  Platform& platform() noexcept { return model_->platform(); }
+  const Platform& platform() const noexcept { return model_->platform(); }
+  ModelPlatform& model() noexcept { return *model_; }
+  PhysMemory& memory() noexcept { return model_->memory(); }
+  const PhysMemory& memory() const noexcept { return model_->memory(); }
+  ProviderRegistry& providers() noexcept { return platform().providers(); }
   Fabric& fabric() noexcept { return *fabric_; }
   const Fabric& fabric() const noexcept { return *fabric_; }
-  BouncePool& bounce() noexcept { return *pool_; }
-  IoDomain* domain(uint32_t function);
+  BouncePool& bounce() noexcept { return *platform().bounce(); }
+  IoDomain* domain(uint32_t function) { return model_->domain(function); }
   const pci::Topology& topology() const noexcept { return *topo_; }
   const MachineOptions& options() const noexcept { return opt_; }
   const std::vector<IommuFault>& faults() const noexcept { return faults_; }
@@ -247,26 +295,24 @@ class Machine {
   uint64_t next_job() noexcept { return ++jobs_; }
   std::vector<std::string> warnings;
   /// Name of a function for reports ("nvme0", or its address).
-  std::string label(uint32_t function) const;
+  std::string label(uint32_t function) const { return platform().label(function); }
 
  private:
   Machine() = default;
-  // Translates [offset, offset + len) of the list into physical runs (all of it first: a
-  // fault moves nothing), then moves each run through `source` or `sink`.
-  Status access(uint32_t initiator, std::span<const DmaSegment> segs, uint64_t offset, uint64_t len, const DmaSource* source,
-                const DmaSink* sink);
+  struct Run;
+  // Decodes [offset, offset + len) of the list into physical runs (all of it first: a
+  // failing piece moves nothing), then moves each run through `source` or `sink`.
+  Result<DmaAccess> access(uint32_t initiator, std::span<const DmaSegment> segs, uint64_t offset, uint64_t len,
+                           const DmaSource* source, const DmaSink* sink);
+  // Decodes one piece [dma, dma + len) that lies within one DMA segment.
+  void decode(uint32_t initiator, uint64_t dma, uint64_t len, bool write, std::vector<Run>& runs, DmaAccess& out);
 
   const pci::Topology* topo_ = nullptr;
   MachineOptions opt_;
-  PhysMemory mem_;
-  ProviderRegistry reg_;
-  std::optional<pci::P2PEngine> engine_;
+  std::unique_ptr<ModelPlatform> model_;
   std::optional<Fabric> fabric_;
-  std::unique_ptr<BouncePool> pool_;
-  std::vector<Aperture> apertures_;
-  std::vector<std::unique_ptr<IoDomain>> domains_;   // per function, on demand
-  std::vector<std::unique_ptr<DmaDevice>> devices_;  // per function, on demand
   std::vector<IommuFault> faults_;
+  std::vector<Run> runs_;  // access()'s scratch
   uint64_t jobs_ = 0;
 };
 

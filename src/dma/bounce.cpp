@@ -22,7 +22,7 @@ const char* dma_direction_name(DmaDirection d) noexcept {
 }
 
 struct BouncePool::Impl {
-  PhysMemory* mem = nullptr;
+  MemoryAccess* mem = nullptr;
   uint64_t base = 0, nslots = 0;
   struct Slot {
     uint64_t orig = 0;    // first slot of a mapping: the original address
@@ -88,15 +88,14 @@ struct BouncePool::Impl {
 BouncePool::BouncePool(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 BouncePool::~BouncePool() = default;
 
-Result<std::unique_ptr<BouncePool>> BouncePool::create(PhysMemory& memory, const BounceOptions& o) {
+Result<std::unique_ptr<BouncePool>> BouncePool::create(MemoryAccess& memory, const BounceOptions& o) {
   const uint64_t seg = kSlotSize * kSegmentSlots;
   if (o.size == 0 || o.size % seg != 0 || o.areas == 0 || (o.areas & (o.areas - 1)) != 0 || (o.size / seg) % o.areas != 0)
     return make_error(EINVAL, "bounce pool of " + std::to_string(o.size) + " bytes in " + std::to_string(o.areas) +
                                   " areas: the size must be whole 256 KiB segments, split evenly over a power-of-two number of areas");
   if (o.base.value() % seg != 0)
     return make_error(EINVAL, "bounce pool base " + format_hex(o.base.value()) + " is not 256 KiB aligned");
-  const PhysRegion* r = memory.region_of(o.base);
-  if (!r || r->kind != PhysRegion::Kind::host_ram || !r->span.contains(PhysSpan{o.base, o.size}))
+  if (!memory.is_host_ram(PhysSpan{o.base, o.size}))
     return make_error(EINVAL, "bounce pool [" + format_hex(o.base.value()) + ", +" + format_hex(o.size) + ") is not inside one host RAM region");
   auto impl = std::make_unique<Impl>();
   impl->mem = &memory;

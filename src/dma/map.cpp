@@ -39,8 +39,6 @@ struct Scratch {
 };
 thread_local Scratch t_scratch;
 
-uint64_t bdf_key(const pci::Bdf& b) { return uint64_t{b.domain} << 16 | uint64_t{b.bus} << 8 | b.devfn(); }
-
 // First chunk of [a, a + len) that stays within max_seg and does not cross a multiple of
 // bmask + 1, in whatever address space a lives in.
 inline uint64_t first_chunk(uint64_t a, uint64_t len, uint64_t max_seg, uint64_t bmask) {
@@ -82,9 +80,6 @@ DmaMapping& DmaMapping::operator=(DmaMapping&& o) noexcept {
 struct DmaDevice::Impl {
   DmaEnv env;
   DmaDeviceConfig cfg;
-  // Verdict per provider tag 1..510: (owner key << 8) | (MapType + 1); 0 = not yet known.
-  // Keyed by the owner too, so a recycled id with a new owner is recomputed.
-  std::atomic<uint64_t> verdicts[kMaxDirectProvider + 1] = {};
   // Linux iommu_dma_alloc_iova(): PCI devices try below 4 GiB first (single-address-cycle
   // addresses) until that fails once.
   std::atomic<bool> sac_first{true};
@@ -116,24 +111,17 @@ struct DmaDevice::Impl {
     return a.alloc(len, limit);
   }
 
-  // The verdict for a provider's memory and this device; nullopt when its owner is not in
-  // the topology (treated as unreachable).
-  std::optional<pci::MapType> verdict(const Provider& p) {
-    const uint64_t key = bdf_key(p.owner());
-    const bool cacheable = p.id() <= kMaxDirectProvider;
-    if (cacheable) {
-      const uint64_t v = verdicts[p.id()].load(std::memory_order_relaxed);
-      if (v != 0 && (v >> 8) == key) return static_cast<pci::MapType>((v & 0xff) - 1);
-    }
-    const auto owner = env.p2p->topology().find(p.owner());
-    if (!owner) return std::nullopt;
-    const pci::MapType t = env.p2p->compute(*owner, cfg.function).type;
-    if (cacheable) verdicts[p.id()].store(key << 8 | (static_cast<uint64_t>(t) + 1), std::memory_order_relaxed);
-    return t;
+  // The verdict for a provider's memory and this device (the engine caches it per pair);
+  // nullopt when the provider names no function of this topology (treated as unreachable).
+  std::optional<pci::MapType> verdict(const Provider& p) const {
+    const uint32_t f = p.function();
+    const auto& fns = env.p2p->topology().functions;
+    if (f >= fns.size() || !(fns[f].bdf == p.owner())) return std::nullopt;
+    return env.p2p->verdict(f, cfg.function).type;
   }
 
   std::string who() const {
-    return env.p2p ? env.p2p->topology().functions[cfg.function].bdf.to_string() : "device " + std::to_string(cfg.function);
+    return env.p2p->topology().functions[cfg.function].bdf.to_string();
   }
 
   // Classifies [addr, addr + len) of provider tag `tag` (range `i` of a list, for
@@ -186,7 +174,7 @@ struct DmaDevice::Impl {
       *bounce = true;
       return {};
     }
-    std::string why = !t ? "its owner " + p->owner().to_string() + " is not in the topology"
+    std::string why = !t ? "its owner " + p->owner().to_string() + " is not function " + std::to_string(p->function()) + " of the topology"
                          : *t == pci::MapType::not_supported ? "P2P from " + p->owner().to_string() + " to " + who() + " is not supported"
                          : cfg.domain ? "it is not granule-aligned and " + who() + " is untrusted"
                                       : "it lies above " + who() + "'s DMA mask " + format_hex(cfg.dma_mask);
@@ -225,9 +213,8 @@ DmaDeviceStats DmaDevice::stats() const noexcept {
 }
 
 Result<std::unique_ptr<DmaDevice>> DmaDevice::create(const DmaEnv& env, const DmaDeviceConfig& c) {
-  if (!env.memory) return make_error(EINVAL, "DMA device: the environment has no physical memory");
-  if (env.providers && !env.p2p) return make_error(EINVAL, "DMA device: a provider registry needs a P2P engine for the verdicts");
-  if (env.p2p && c.function >= env.p2p->topology().functions.size())
+  if (!env.p2p) return make_error(EINVAL, "DMA device: the environment has no P2P engine (a device is a function of its topology)");
+  if (c.function >= env.p2p->topology().functions.size())
     return make_error(EINVAL, "DMA device: function index " + std::to_string(c.function) + " is not in topology " + env.p2p->topology().source);
   if (c.seg_boundary_mask < kGMask || (c.seg_boundary_mask & (c.seg_boundary_mask + 1)) != 0)
     return make_error(EINVAL, "DMA device: segment boundary mask " + format_hex(c.seg_boundary_mask) + " must be 2^k - 1 and at least 0xfff");

@@ -313,7 +313,21 @@ Result<std::unique_ptr<IovaAllocator>> IovaAllocator::create(const IovaOptions& 
   impl->free_.resize(impl->max_order + 1);
   impl->hot_.assign(impl->max_order + 1, Impl::kNone);
   impl->lent_.assign(impl->max_order + 1, Impl::kNone);
-  impl->insert_range(impl->start_pfn, impl->end_pfn - impl->start_pfn);
+  // The space less the reserved ranges (granule-rounded outwards), in order.
+  std::vector<std::pair<uint64_t, uint64_t>> holes;
+  for (const DmaSpan& r : o.reserved) {
+    if (r.empty()) continue;
+    const uint64_t lo = r.base.value() >> impl->shift, hi = (r.last().value() >> impl->shift) + 1;
+    holes.emplace_back(std::max(lo, impl->start_pfn), std::min(hi, impl->end_pfn));
+  }
+  std::sort(holes.begin(), holes.end());
+  uint64_t at = impl->start_pfn;
+  for (const auto& [lo, hi] : holes) {
+    if (lo >= hi) continue;  // outside the space
+    if (lo > at) impl->insert_range(at, lo - at);
+    at = std::max(at, hi);
+  }
+  if (at < impl->end_pfn) impl->insert_range(at, impl->end_pfn - at);
   {
     std::lock_guard lock(g_live_mu);
     g_live[impl->id] = impl.get();

@@ -83,14 +83,17 @@ Result<Topology> parse_machine(std::string_view text, std::string_view source) {
   for (size_t i = 0; i < (*hbs)->size(); ++i) {
     const toml::table& ht = *(**hbs)[i].as_table();
     const std::string what = "host_bridge[" + std::to_string(i) + "]";
-    PHYSR_TRY(check_keys(c, ht, what, {"domain", "bus", "numa_node"}));
+    PHYSR_TRY(check_keys(c, ht, what, {"domain", "bus", "numa_node", "bus_offset"}));
     auto dom = get_uint(c, ht, "domain", what, 0xffffffff);
     if (!dom) return std::move(dom).error();
     auto bus = get_uint(c, ht, "bus", what, 0xff);
     if (!bus) return std::move(bus).error();
     auto node = get_uint(c, ht, "numa_node", what, 4095);
     if (!node) return std::move(node).error();
+    auto offset = get_uint(c, ht, "bus_offset", what, ~uint64_t{0}, /*sizes=*/true);  // a string for offsets of 2^63 and more
+    if (!offset) return std::move(offset).error();
     HostBridge hb;
+    hb.bus_offset = offset->value_or(0);
     hb.domain = static_cast<uint32_t>(dom->value_or(0));
     hb.bus = static_cast<uint8_t>(bus->value_or(0));
     hb.numa_node = node->has_value() ? static_cast<int>(**node) : -1;

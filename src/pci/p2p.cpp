@@ -33,11 +33,6 @@ constexpr AllowEntry kAllowlist[] = {
     {0x1ae0, kAnyDevice, false},
 };
 
-constexpr uint16_t kComputed = 0x8000;
-uint16_t pack(Verdict v) {
-  return static_cast<uint16_t>(kComputed | static_cast<unsigned>(v.type) << 12 | std::min(v.distance, 4095));
-}
-Verdict unpack(uint16_t x) { return Verdict{static_cast<MapType>((x >> 12) & 3), x & 0xfff}; }
 
 constexpr std::pair<const char*, const char*> kLegend[] = {
     {"X", "the same function"},
@@ -120,7 +115,9 @@ Result<P2PEngine> P2PEngine::create(const Topology& topo, VerdictOptions options
     e.bridge_same_.push_back(e.bridge_passes(h, true, nullptr) ? 1 : 0);
     e.bridge_other_.push_back(e.bridge_passes(h, false, nullptr) ? 1 : 0);
   }
-  e.cache_.resize(n);
+  e.cache_.n = n;
+  e.cache_.rows = std::make_unique<std::atomic<std::atomic<uint16_t>*>[]>(n);
+  for (uint32_t i = 0; i < n; ++i) e.cache_.rows[i].store(nullptr, std::memory_order_relaxed);
   return e;
 }
 
@@ -194,16 +191,36 @@ Verdict P2PEngine::compute(uint32_t p, uint32_t c) const {
   return v;
 }
 
-Verdict P2PEngine::verdict(uint32_t p, uint32_t c) {
-  auto& row = cache_[p];
-  if (row.empty()) row.assign(topo_->functions.size(), 0);
-  if (row[c] & kComputed) return unpack(row[c]);
+P2PEngine::Cache& P2PEngine::Cache::operator=(Cache&& o) noexcept {
+  if (this != &o) {
+    release();
+    rows = std::move(o.rows);
+    n = o.n;
+  }
+  return *this;
+}
+
+void P2PEngine::Cache::release() noexcept {
+  if (!rows) return;
+  for (uint32_t i = 0; i < n; ++i) delete[] rows[i].load(std::memory_order_relaxed);
+  rows.reset();
+}
+
+Verdict P2PEngine::verdict_slow(uint32_t p, uint32_t c) const {
+  std::atomic<uint16_t>* row = cache_.rows[p].load(std::memory_order_acquire);
+  if (!row) {
+    auto* fresh = new std::atomic<uint16_t>[cache_.n];
+    for (uint32_t i = 0; i < cache_.n; ++i) fresh[i].store(0, std::memory_order_relaxed);
+    if (cache_.rows[p].compare_exchange_strong(row, fresh, std::memory_order_acq_rel, std::memory_order_acquire)) row = fresh;
+    else delete[] fresh;  // another thread published its row first: `row` now holds it
+  }
   const Verdict v = compute(p, c);
-  row[c] = pack(v);
+  row[c].store(static_cast<uint16_t>(kComputed | static_cast<unsigned>(v.type) << 12 | std::min(v.distance, 4095)),
+               std::memory_order_relaxed);
   return v;
 }
 
-int P2PEngine::distance_many(uint32_t provider, std::span<const uint32_t> clients) {
+int P2PEngine::distance_many(uint32_t provider, std::span<const uint32_t> clients) const {
   // Linux p2pdma.c pci_p2pdma_distance_many().
   if (clients.empty()) return -1;
   int total = 0;
@@ -216,7 +233,7 @@ int P2PEngine::distance_many(uint32_t provider, std::span<const uint32_t> client
 }
 
 std::optional<uint32_t> P2PEngine::find_many(std::span<const uint32_t> clients, std::span<const uint32_t> published,
-                                             const std::function<size_t(size_t)>& pick) {
+                                             const std::function<size_t(size_t)>& pick) const {
   // Linux p2pdma.c pci_p2pmem_find_many(): the closest published providers, one at random.
   int closest = INT_MAX;
   std::vector<uint32_t> best;

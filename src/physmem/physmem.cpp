@@ -114,6 +114,11 @@ const PhysRegion* PhysMemory::region_of(PhysAddr a) const noexcept {
   return impl_->find(a.value());
 }
 
+bool PhysMemory::is_host_ram(PhysSpan span) const noexcept {
+  const PhysRegion* r = region_of(span.base);
+  return r && r->kind == PhysRegion::Kind::host_ram && r->span.contains(span);
+}
+
 std::vector<PhysRegion> PhysMemory::regions() const {
   std::shared_lock lock(impl_->regions_mu);
   std::vector<PhysRegion> out;

@@ -47,15 +47,23 @@ uint32_t Fabric::add_resource(Resource::Kind kind, std::string name, double gbps
 }
 
 Result<Fabric> Fabric::create(const pci::Topology& topo, const FabricOptions& o) {
+  auto e = pci::P2PEngine::create(topo);
+  if (!e) return std::move(e).error();
+  auto own = std::make_unique<pci::P2PEngine>(std::move(e).value());
+  auto f = create(*own, o);
+  if (f) f->own_engine_ = std::move(own);
+  return f;
+}
+
+Result<Fabric> Fabric::create(const pci::P2PEngine& engine, const FabricOptions& o) {
+  const pci::Topology& topo = engine.topology();
   for (double v : {o.default_link_gts, o.rc_p2p_gbps, o.memory_gbps, o.inter_socket_gbps})
     if (!(v > 0) || !std::isfinite(v)) return make_error(EINVAL, "fabric: bandwidths and link speeds must be positive");
   if (o.default_link_width == 0) return make_error(EINVAL, "fabric: the default link width must be at least 1");
   Fabric f;
   f.topo_ = &topo;
   f.opt_ = o;
-  auto e = pci::P2PEngine::create(topo);
-  if (!e) return std::move(e).error();
-  f.engine_.emplace(std::move(e).value());
+  f.engine_ = &engine;
   const size_t n = topo.functions.size();
   f.link_up_.assign(n, -1);
   f.link_down_.assign(n, -1);
@@ -139,11 +147,7 @@ Result<Route> Fabric::to_peer(uint32_t a, uint32_t b, bool initiator_writes) con
   const pci::Explanation ex = engine_->explain(b, a);
   Route r;
   r.p2p = ex.verdict.type;
-  const auto& fa = topo_->functions[a];
-  const auto& fb = topo_->functions[b];
-  if (ex.verdict.type == pci::MapType::not_supported)
-    return make_error(EREMOTEIO, "unsupported request: the root complex does not forward peer traffic from " + fa.bdf.to_string() +
-                                     " to " + fb.bdf.to_string());
+  if (ex.verdict.type == pci::MapType::not_supported) return unsupported(a, b);
   if (ex.verdict.type == pci::MapType::bus_addr && ex.common) {
     // Up to the common device and down again: the switch turns the traffic around.
     climb(a, *ex.common, initiator_writes, r);
@@ -151,6 +155,34 @@ Result<Route> Fabric::to_peer(uint32_t a, uint32_t b, bool initiator_writes) con
     if (a != b && topo_->functions[*ex.common].port_type == PortType::switch_upstream) r.latency_ns += opt_.switch_latency_ns;
     return r;
   }
+  through_rc(a, b, initiator_writes, r);
+  return r;
+}
+
+Error Fabric::unsupported(uint32_t a, uint32_t b) const {
+  return make_error(EREMOTEIO, "unsupported request: the root complex does not forward peer traffic from " + topo_->functions[a].bdf.to_string() +
+                                   " to " + topo_->functions[b].bdf.to_string());
+}
+
+bool Fabric::rc_forwards(uint32_t a, uint32_t b) const {
+  // The root complex forwards peer traffic where Linux lets P2P through the host bridge
+  // (p2pdma.c calc_map_type_and_dist(): an AMD Zen CPU, or the host bridge allowlist).
+  return engine_->cpu_amd_zen() || engine_->host_bridge_allowed(b, a);
+}
+
+Result<Route> Fabric::to_peer_via_rc(uint32_t a, uint32_t b, bool initiator_writes) const {
+  const size_t n = topo_->functions.size();
+  if (a >= n || b >= n) return make_error(EINVAL, "fabric: no function " + std::to_string(a >= n ? a : b));
+  if (!rc_forwards(a, b)) return unsupported(a, b);
+  Route r;
+  r.p2p = pci::MapType::thru_host_bridge;
+  through_rc(a, b, initiator_writes, r);
+  return r;
+}
+
+void Fabric::through_rc(uint32_t a, uint32_t b, bool initiator_writes, Route& r) const {
+  const auto& fa = topo_->functions[a];
+  const auto& fb = topo_->functions[b];
   // Through the root complex(es): up, across the forwarding engine, down.
   r.through_rc = true;
   climb(a, std::nullopt, initiator_writes, r);
@@ -166,7 +198,6 @@ Result<Route> Fabric::to_peer(uint32_t a, uint32_t b, bool initiator_writes) con
     r.latency_ns += opt_.rc_latency_ns;
   }
   climb(b, std::nullopt, !initiator_writes, r);
-  return r;
 }
 
 // ---------------------------------------------------------------------------------------

@@ -168,28 +168,17 @@ Result<JobResult> run_job(Machine& m, const Job& job) {
   const bool staged = bar && job.path == PathPolicy::bounce;
   const uint32_t attrs = job.path == PathPolicy::automatic ? kDmaAttrAllowBounce : 0;
 
-  // Routes: SSD <-> buffer, and for explicit staging the copy between host and the BAR.
-  Route main;
-  bool peer_ok = false;
-  if (bar && !staged) {
-    auto r = fab.to_peer(job.device, bar->function, !job.write);
-    if (r) {
-      main = *r;
-      peer_ok = true;
-    } else if (job.path == PathPolicy::p2p) {
-      return make_error(EREMOTEIO, where() + ": " + r.error().message);
-    }
-  }
-  const bool inside = peer_ok && main.resources.empty();  // the SSD's own CMB
-  const bool via_memory = !peer_ok;
-  if (via_memory) main = *fab.to_memory(job.device, -1, !job.write);
-  main.latency_ns += dev_latency;
+  // A p2p policy fails up front where the fabric refuses the pair, with the fabric's reason;
+  // otherwise the DMA layer's answer decides (the mapping fails with EREMOTEIO).
+  if (bar && !staged && job.path == PathPolicy::p2p)
+    if (auto r = fab.to_peer(job.device, bar->function, !job.write); !r) return make_error(EREMOTEIO, where() + ": " + r.error().message);
+  // Timing routes follow the addresses each I/O's mapping produced, as the fabric decoded
+  // them (SSD <-> buffer), plus for a BAR buffer reached through host memory the copy
+  // between host memory and the BAR.
+  detail::RouteCache routes_of(fab, job.device, !job.write);
   // A GPU's copies also cross its copy engine, so each moves at no more than its rate.
   std::optional<uint32_t> engine;
-  if (gpu) {
-    engine = fab.add_resource(Resource::Kind::device, m.label(job.device) + " copy engine", mo.copy_engine_gbps);
-    main.resources.push_back(*engine);
-  }
+  if (gpu) engine = fab.add_resource(Resource::Kind::device, m.label(job.device) + " copy engine", mo.copy_engine_gbps);
   Route copy;
   if (bar) {
     copy = *fab.to_memory(bar->function, -1, job.write);  // the BAR side reads (read job) or writes host memory
@@ -225,6 +214,7 @@ Result<JobResult> run_job(Machine& m, const Job& job) {
   std::vector<double> lat;
   uint64_t next = 0, completed = 0;
   bool bounced_any = false;
+  const Route* taken = nullptr;  // the P2P route the SSD's addresses took, if any
 
   // Submits I/O `i`: maps its buffer, moves and checks its bytes, unmaps, then queues its
   // timing on the fabric (in two stages when the data goes through host memory).
@@ -266,12 +256,15 @@ Result<JobResult> run_job(Machine& m, const Job& job) {
     // reaches the buffer only at unmap or at the copy, and is checked after them.
     const bool lands_in_place = !job.write && !bounced && !staged;
     Status st;
+    DmaAccess acc;
     for (uint64_t b = 0; st && b < job.block_size; b += kBurst) {
       const uint64_t n = std::min(kBurst, job.block_size - b);
       if (job.write) {
-        st = m.dma_read_to(job.device, segs, b, n, [&](uint64_t o, std::span<const uint8_t> src) { return media_write(i, b + o, src); });
+        st = detail::take_access(
+            m.dma_read_to(job.device, segs, b, n, [&](uint64_t o, std::span<const uint8_t> src) { return media_write(i, b + o, src); }), acc);
       } else {
-        st = m.dma_write_from(job.device, segs, b, n, [&](uint64_t o, std::span<uint8_t> dst) { return media_read(i, b + o, dst); });
+        st = detail::take_access(
+            m.dma_write_from(job.device, segs, b, n, [&](uint64_t o, std::span<uint8_t> dst) { return media_read(i, b + o, dst); }), acc);
         if (st && lands_in_place) st = check_buffer(b, n);
       }
     }
@@ -292,16 +285,17 @@ Result<JobResult> run_job(Machine& m, const Job& job) {
       PHYSR_TRY(check_buffer(0, job.block_size));
     }
     out.verified_bytes += job.block_size;
-    // Timing: the SSD's transfer, and the copy between host memory and the BAR when the
-    // DMA layer bounced or the job staged (before the SSD for writes, after it for reads).
-    Route ssd = main;
-    if (bounced && !via_memory) {
-      ssd = *fab.to_memory(job.device, -1, !job.write);
-      ssd.latency_ns += dev_latency;
-      if (engine) ssd.resources.push_back(*engine);
-    }
+    // Timing: the SSD's transfer where its addresses went, and the copy between host memory
+    // and the BAR when they went to host memory instead of the BAR (the DMA layer bounced,
+    // or the job staged): before the SSD for writes, after it for reads.
+    auto via = routes_of.get(acc);
+    if (!via) return make_error(via.error().code, where() + ": " + via.error().message);
+    Route ssd = **via;
+    ssd.latency_ns += dev_latency;
+    if (engine) ssd.resources.push_back(*engine);
+    if (acc.peer_switch || acc.peer_rc) taken = &**via;
     std::vector<Route> routes;
-    const bool two = bar && (bounced || staged);
+    const bool two = bar && acc.host_memory;
     if (two && job.write) routes.push_back(copy);
     const size_t served = routes.size();  // the SSD's media (or copy engine) serves this one
     routes.push_back(ssd);
@@ -333,12 +327,13 @@ Result<JobResult> run_job(Machine& m, const Job& job) {
     on_done(finished);
   }
 
+  if (bar && !staged && !bounced_any && !taken) return make_error(EIO, where() + ": the DMA lists for " + bar->name + " reached no BAR");
   detail::finish_result(out, m, sim, lat, job.size, ios, faults_before);
   out.path = !bar ? "host memory"
              : staged ? "bounce via a host buffer + copy engine"
              : bounced_any ? "bounce (DMA layer, swiotlb)"
-             : std::string("p2p ") + pci::map_type_name(main.p2p) +
-                   (inside ? " (inside the SSD)" : main.through_rc ? " (through the root complex)" : " (under the switch)");
+             : std::string("p2p ") + pci::map_type_name(taken->p2p) +
+                   (taken->resources.empty() ? " (inside the SSD)" : taken->through_rc ? " (through the root complex)" : " (under the switch)");
   return out;
 }
 

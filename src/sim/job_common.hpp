@@ -3,8 +3,10 @@
 // Private to the sim module.
 #pragma once
 
+#include <deque>
 #include <span>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "physr/sim.hpp"
@@ -49,6 +51,47 @@ inline bool any_bounced(std::span<const DmaSegment> segs) noexcept {
     if (s.flags & kDmaSegBounced) return true;
   return false;
 }
+
+/// Folds a DMA access into `acc` (the accesses of one item) and turns a failed bus outcome
+/// into the job's error: EFAULT for an IOMMU fault, EREMOTEIO for an unsupported request,
+/// EIO for a decode error, with the first failing piece's description.
+inline Status take_access(Result<DmaAccess> r, DmaAccess& acc) {
+  if (!r) return std::move(r).error();
+  acc.merge(*r);
+  if (r->ok()) return {};
+  const auto bits = static_cast<uint8_t>(r->result);
+  const int code = bits & static_cast<uint8_t>(BusResult::iommu_fault)           ? EFAULT
+                   : bits & static_cast<uint8_t>(BusResult::unsupported_request) ? EREMOTEIO
+                                                                                 : EIO;
+  return make_error(code, r->why);
+}
+
+/// The fabric route of a device's transfers as their addresses decoded (a peer's BAR under
+/// the switch, a peer's BAR through the root complex, or host memory), computed once per
+/// destination: timing follows the addresses the DMA layer produced, not a verdict taken
+/// before mapping.
+class RouteCache {
+ public:
+  RouteCache(const Fabric& fabric, uint32_t device, bool device_writes) : fab_(&fabric), dev_(device), writes_(device_writes) {}
+  /// The route for an access; errors as Fabric::to_peer / to_peer_via_rc / to_memory.
+  Result<const Route*> get(const DmaAccess& a) {
+    const int kind = a.peer_switch ? 1 : a.peer_rc ? 2 : 0;
+    const uint32_t peer = kind ? a.peer : 0;
+    for (const auto& [k, p, r] : routes_)
+      if (k == kind && p == peer) return &r;
+    Result<Route> r = kind == 1 ? fab_->to_peer(dev_, peer, writes_) : kind == 2 ? fab_->to_peer_via_rc(dev_, peer, writes_)
+                                                                             : fab_->to_memory(dev_, -1, writes_);
+    if (!r) return std::move(r).error();
+    routes_.push_back({kind, peer, std::move(r).value()});
+    return &std::get<2>(routes_.back());
+  }
+
+ private:
+  const Fabric* fab_;
+  uint32_t dev_;
+  bool writes_;
+  std::deque<std::tuple<int, uint32_t, Route>> routes_;  // few, one per destination; a deque keeps them in place
+};
 
 /// The timing of a job's items (I/Os, packets): each crosses its routes one after another,
 /// and one of its stages is served in order by a device (an SSD's media, a copy engine, a

@@ -1,4 +1,5 @@
-// The machine: memory, providers, per-device IOMMU domains, and the device side of DMA.
+// The machine: the model's platform, the fabric, and the device side of DMA, which decodes
+// every DMA address as the PCI fabric does (never trusting the DMA layer's segment flags).
 #include <algorithm>
 #include <cstring>
 
@@ -6,111 +7,129 @@
 
 namespace physr::sim {
 
-namespace {
-constexpr uint64_t kLowRam = 2 * GiB, kHighRamBase = 4 * GiB;
-constexpr uint64_t kPoolBase = 256 * MiB;
-}  // namespace
+std::string bus_result_name(BusResult r) {
+  if (r == BusResult::ok) return "ok";
+  std::string s;
+  for (auto [bit, name] : {std::pair{BusResult::decode_error, "decode_error"}, {BusResult::iommu_fault, "iommu_fault"},
+                           {BusResult::unsupported_request, "unsupported_request"}})
+    if ((static_cast<uint8_t>(r) & static_cast<uint8_t>(bit)) != 0) s += (s.empty() ? "" : "|") + std::string(name);
+  return s;
+}
+
+void DmaAccess::merge(const DmaAccess& o) {
+  if (!o.ok() && ok()) why = o.why;
+  result |= o.result;
+  host_memory |= o.host_memory;
+  peer_switch |= o.peer_switch;
+  peer_rc |= o.peer_rc;
+  if (o.peer != pci::kNoFunction) peer = o.peer;
+}
+
+// A physically contiguous run of an access.
+struct Machine::Run {
+  PhysAddr phys;
+  uint64_t len;
+};
 
 Machine::~Machine() = default;
 
-std::string Machine::label(uint32_t f) const {
-  const auto& fn = topo_->functions[f];
-  return fn.name.empty() ? fn.bdf.to_string() : fn.name;
-}
-
 Result<std::unique_ptr<Machine>> Machine::create(const pci::Topology& topo, const MachineOptions& o) {
-  if (o.ram < 3 * GiB) return make_error(EINVAL, "machine: at least 3 GiB of RAM (2 GiB below the MMIO hole, the rest above 4 GiB)");
-  if (o.bounce_pool == 0 || o.bounce_pool % (256 * KiB) != 0 || o.bounce_pool > 1 * GiB)
-    return make_error(EINVAL, "machine: the bounce pool must be whole 256 KiB segments, at most 1 GiB");
   for (double v : {o.nvme_read_gbps, o.nvme_write_gbps, o.copy_engine_gbps})
     if (!(v > 0)) return make_error(EINVAL, "machine: device bandwidths must be positive");
   std::unique_ptr<Machine> m(new Machine());
   m->topo_ = &topo;
   m->opt_ = o;
-  auto fab = Fabric::create(topo, o.fabric);
+  auto model = ModelPlatform::create(topo, ModelOptions{.ram = o.ram, .iommu = o.iommu, .strict_iommu = true, .bounce_pool = o.bounce_pool, .verdicts = {}});
+  if (!model) return std::move(model).error();
+  m->model_ = std::move(model).value();
+  m->warnings = m->model_->warnings;
+  auto fab = Fabric::create(m->platform().p2p(), o.fabric);
   if (!fab) return std::move(fab).error();
   m->fabric_.emplace(std::move(fab).value());
-  auto eng = pci::P2PEngine::create(topo);
-  if (!eng) return std::move(eng).error();
-  m->engine_.emplace(std::move(eng).value());
-  PHYSR_TRY(m->mem_.add_region({PhysSpan{PhysAddr(0), kLowRam}, PhysRegion::Kind::host_ram, "ram (below 4 GiB)"}));
-  PHYSR_TRY(m->mem_.add_region({PhysSpan{PhysAddr(kHighRamBase), o.ram - kLowRam}, PhysRegion::Kind::host_ram, "ram (above 4 GiB)"}));
-  for (uint32_t f = 0; f < topo.functions.size(); ++f) {
-    const std::optional<pci::NvmeCmb>& cmb = topo.functions[f].cmb;
-    for (const pci::Bar& b : topo.functions[f].bars) {
-      // An NVMe controller with a declared CMB offers that BAR only (the others hold its
-      // registers), published only when CMBSZ has both RDS and WDS, as Linux nvme_map_cmb()
-      // calls pci_p2pmem_publish(); unpublished, it is still P2P memory a job may name.
-      if (cmb && b.index != cmb->bar) continue;
-      const bool published = !cmb || (cmb->rds && cmb->wds);
-      // BARs 0-5 only: sysfs also lists the expansion ROM (6) and a bridge's forwarding
-      // windows (13-15), which contain the BARs below the bridge rather than being memory.
-      if (b.index > 5 || !b.is_mem() || b.size() < kPageSize || (b.start & (kPageSize - 1)) || (b.size() & (kPageSize - 1))) continue;
-      const std::string name = m->label(f) + " BAR" + std::to_string(b.index);
-      const PhysSpan span{PhysAddr(b.start), b.size()};
-      if (auto st = m->mem_.add_region({span, PhysRegion::Kind::bar, name}); !st) {
-        m->warnings.push_back(name + " left out: " + st.error().message);
-        continue;
-      }
-      auto id = m->reg_.add(ProviderDesc{topo.functions[f].bdf, b.index, span, 0, published, true, {}});
-      if (!id) {
-        m->warnings.push_back(name + " is not a provider: " + id.error().message);
-        continue;
-      }
-      m->apertures_.push_back(Aperture{*id, f, b.index, span, name + (cmb ? " (CMB)" : ""), published});
-    }
-  }
-  auto pool = BouncePool::create(m->mem_, BounceOptions{PhysAddr(kPoolBase), o.bounce_pool, 2});
-  if (!pool) return std::move(pool).error();
-  m->pool_ = std::move(pool).value();
-  m->domains_.resize(topo.functions.size());
-  m->devices_.resize(topo.functions.size());
   return m;
 }
 
-IoDomain* Machine::domain(uint32_t f) { return f < domains_.size() ? domains_[f].get() : nullptr; }
-
-Result<DmaDevice*> Machine::device(uint32_t f) {
-  if (f >= devices_.size()) return make_error(EINVAL, "machine: no function " + std::to_string(f));
-  if (!devices_[f]) {
-    DmaDeviceConfig c;
-    c.function = f;
-    c.max_segment = 4 * MiB;
-    c.min_align_mask = 0xfff;  // as NVMe drivers set it, and harmless for the others
-    if (opt_.iommu) {
-      auto d = IoDomain::create();
-      if (!d) return std::move(d).error();
-      domains_[f] = std::move(d).value();
-      c.domain = domains_[f].get();
-    }
-    auto dev = DmaDevice::create(dma_env(), c);
-    if (!dev) return std::move(dev).error();
-    devices_[f] = std::move(dev).value();
+void Machine::decode(uint32_t initiator, uint64_t dma, uint64_t len, bool write, std::vector<Run>& runs, DmaAccess& out) {
+  const Platform& p = platform();
+  const auto add_run = [&](PhysAddr phys, uint64_t n) {
+    if (!runs.empty() && runs.back().phys + runs.back().len == phys) runs.back().len += n;  // physically contiguous
+    else runs.push_back(Run{phys, n});
+  };
+  const auto fail = [&](BusResult r, std::string why) {
+    if (out.ok()) out.why = std::move(why);
+    out.result |= r;
+  };
+  // Below the root complex: a switch routes a bus address to the BAR that decodes it when
+  // the initiator reaches that BAR without going up (the fabric rule Linux's bus_addr
+  // verdict describes: a common upstream device, no ACS redirect on the way). The piece
+  // lies in one DMA segment, and a segment never spans two BARs.
+  if (const Aperture* a = p.aperture_at_bus(BusAddr(dma), len);
+      a && p.p2p().verdict(a->function, initiator).type == pci::MapType::bus_addr) {
+    add_run(a->span.base + (dma - a->bus().base.value()), len);
+    out.peer_switch = true;
+    out.peer = a->function;
+    return;
   }
-  return devices_[f].get();
-}
-
-const Aperture* Machine::largest_bar(uint32_t f) const {
-  const Aperture* best = nullptr;
-  for (const Aperture& a : apertures_)
-    if (a.function == f && (!best || a.span.size > best->span.size)) best = &a;
-  return best;
-}
-
-const Aperture* Machine::nearest_provider(std::span<const uint32_t> clients) {
-  std::vector<uint32_t> owners;
-  for (const Aperture& a : apertures_)
-    if (a.published && std::find(owners.begin(), owners.end(), a.function) == owners.end()) owners.push_back(a.function);
-  const auto pick = engine_->find_many(clients, owners, [](size_t) { return size_t{0}; });
-  return pick ? largest_bar(*pick) : nullptr;
-}
-
-Status Machine::access(uint32_t initiator, std::span<const DmaSegment> segs, uint64_t offset, uint64_t len, const DmaSource* source,
-                       const DmaSink* sink) {
+  // Up to the root complex: the IOMMU translates (or the host bridge applies the device's
+  // direct DMA offset), then the root complex decodes the physical address: RAM, or a
+  // peer's BAR if it forwards peer traffic for this pair.
   IoDomain* dom = domain(initiator);
+  const DmaDevice* dev = platform().device(initiator);
+  const uint64_t dma_offset = dev && !dom ? dev->config().dma_offset : 0;
+  const PhysRegion* region = nullptr;  // the region of the previous page, which the next one is usually in
+  for (uint64_t done = 0; done < len;) {
+    const uint64_t at = dma + done;
+    const uint64_t run = std::min<uint64_t>(len - done, kPageSize - (at & (kPageSize - 1)));
+    done += run;
+    PhysAddr phys(at - dma_offset);
+    if (dom) {
+      const auto t = dom->translate(DmaAddr(at));
+      const uint8_t need = write ? kIommuWrite : kIommuRead;
+      if (!t || !(t->perm & need)) {
+        faults_.push_back(IommuFault{initiator, DmaAddr(at), write, !t ? "not mapped" : write ? "read-only mapping" : "write-only mapping"});
+        fail(BusResult::iommu_fault,
+             "IOMMU fault: " + label(initiator) + " " + (write ? "wrote " : "read ") + format_hex(at) + " (" + faults_.back().why + ")");
+        continue;
+      }
+      phys = t->phys;
+    }
+    const PhysSpan piece{phys, run};
+    if (!region || !region->span.contains(piece)) region = memory().region_of(phys);
+    if (!region || !region->span.contains(piece)) {
+      fail(BusResult::decode_error, "decode error: nothing decodes " + format_hex(phys.value()) + " (" + label(initiator) + " DMA address " +
+                                        format_hex(at) + ")");
+      region = nullptr;
+      continue;
+    }
+    if (region->kind == PhysRegion::Kind::bar) {
+      uint64_t ext = 0;
+      const Provider* owner = nullptr;
+      {
+        ProviderRegistry::ReadGuard guard;
+        owner = p.providers().find_extent(phys, ext);
+      }
+      const uint32_t target = owner ? owner->function() : pci::kNoFunction;
+      if (target == pci::kNoFunction || !fabric_->rc_forwards(initiator, target)) {
+        fail(BusResult::unsupported_request, "unsupported request: the root complex does not forward " + label(initiator) + "'s DMA to " +
+                                                 region->name + " at " + format_hex(phys.value()));
+        continue;
+      }
+      out.peer_rc = true;
+      out.peer = target;
+    } else {
+      out.host_memory = true;
+    }
+    add_run(phys, run);
+  }
+}
+
+Result<DmaAccess> Machine::access(uint32_t initiator, std::span<const DmaSegment> segs, uint64_t offset, uint64_t len, const DmaSource* source,
+                                  const DmaSink* sink) {
   const bool write = source != nullptr;
-  // Translate everything first: on a fault nothing moves.
-  std::vector<std::pair<PhysAddr, uint64_t>> runs;
+  // Decode everything first: a failing piece moves nothing.
+  std::vector<Run>& runs = runs_;
+  runs.clear();
+  DmaAccess out;
   uint64_t at = 0;
   for (const DmaSegment& s : segs) {
     if (at == len) break;
@@ -120,52 +139,24 @@ Status Machine::access(uint32_t initiator, std::span<const DmaSegment> segs, uin
     }
     const uint64_t first = offset, take = std::min<uint64_t>(s.len - first, len - at);
     offset = 0;
-    if (s.flags & kDmaSegBusAddr) {
-      // The switch routes a bus address to the BAR that decodes it (bus = CPU address here);
-      // a segment never spans two BARs.
-      const Aperture* hit = nullptr;
-      for (const Aperture& a : apertures_)
-        if (a.span.contains(PhysSpan{PhysAddr(s.addr.value()), s.len})) hit = &a;
-      if (!hit) return make_error(EREMOTEIO, "unsupported request: no BAR decodes bus addresses " + format_hex(s.addr.value()) + " (+" + format_hex(s.len) + ")");
-      runs.emplace_back(PhysAddr(s.addr.value() + first), take);
-      at += take;
-      continue;
-    }
-    for (uint64_t done = first; done < first + take;) {
-      const uint64_t dma = s.addr.value() + done;
-      const uint64_t run = std::min<uint64_t>(first + take - done, kPageSize - (dma & (kPageSize - 1)));
-      PhysAddr phys;
-      if (dom) {
-        const auto t = dom->translate(DmaAddr(dma));
-        const uint8_t need = write ? kIommuWrite : kIommuRead;
-        if (!t || !(t->perm & need)) {
-          faults_.push_back(IommuFault{initiator, DmaAddr(dma), write, !t ? "not mapped" : write ? "read-only mapping" : "write-only mapping"});
-          return make_error(EFAULT, "IOMMU fault: " + label(initiator) + " " + (write ? "wrote " : "read ") + format_hex(dma) + " (" +
-                                        faults_.back().why + ")");
-        }
-        phys = t->phys;
-      } else {
-        phys = PhysAddr(dma);
-      }
-      if (!runs.empty() && runs.back().first + runs.back().second == phys) runs.back().second += run;  // physically contiguous
-      else runs.emplace_back(phys, run);
-      at += run;
-      done += run;
-    }
+    decode(initiator, s.addr.value() + first, take, write, runs, out);
+    at += take;
   }
   if (at != len) return make_error(EINVAL, "DMA engine: the DMA list ends before the data (" + std::to_string(len - at) + " bytes left)");
+  if (!out.ok()) return out;
   at = 0;
-  for (const auto& [phys, run] : runs) {
+  PhysMemory& mem = memory();
+  for (const Run& r : runs) {
     if (write)
-      PHYSR_TRY(mem_.fill(phys, run, [&, base = at](uint64_t o, std::span<uint8_t> piece) { return (*source)(base + o, piece); }));
+      PHYSR_TRY(mem.fill(r.phys, r.len, [&, base = at](uint64_t o, std::span<uint8_t> piece) { return (*source)(base + o, piece); }));
     else
-      PHYSR_TRY(mem_.visit(phys, run, [&, base = at](uint64_t o, std::span<const uint8_t> piece) { return (*sink)(base + o, piece); }));
-    at += run;
+      PHYSR_TRY(mem.visit(r.phys, r.len, [&, base = at](uint64_t o, std::span<const uint8_t> piece) { return (*sink)(base + o, piece); }));
+    at += r.len;
   }
-  return {};
+  return out;
 }
 
-Status Machine::dma_write(uint32_t initiator, std::span<const DmaSegment> segs, std::span<const uint8_t> data, uint64_t offset) {
+Result<DmaAccess> Machine::dma_write(uint32_t initiator, std::span<const DmaSegment> segs, std::span<const uint8_t> data, uint64_t offset) {
   const DmaSource from_data = [&](uint64_t off, std::span<uint8_t> dst) {
     std::memcpy(dst.data(), data.data() + off, dst.size());
     return Status{};
@@ -173,7 +164,7 @@ Status Machine::dma_write(uint32_t initiator, std::span<const DmaSegment> segs, 
   return access(initiator, segs, offset, data.size(), &from_data, nullptr);
 }
 
-Status Machine::dma_read(uint32_t initiator, std::span<const DmaSegment> segs, std::span<uint8_t> out, uint64_t offset) {
+Result<DmaAccess> Machine::dma_read(uint32_t initiator, std::span<const DmaSegment> segs, std::span<uint8_t> out, uint64_t offset) {
   const DmaSink to_out = [&](uint64_t off, std::span<const uint8_t> src) {
     std::memcpy(out.data() + off, src.data(), src.size());
     return Status{};
@@ -181,11 +172,13 @@ Status Machine::dma_read(uint32_t initiator, std::span<const DmaSegment> segs, s
   return access(initiator, segs, offset, out.size(), nullptr, &to_out);
 }
 
-Status Machine::dma_write_from(uint32_t initiator, std::span<const DmaSegment> segs, uint64_t offset, uint64_t len, const DmaSource& source) {
+Result<DmaAccess> Machine::dma_write_from(uint32_t initiator, std::span<const DmaSegment> segs, uint64_t offset, uint64_t len,
+                                          const DmaSource& source) {
   return access(initiator, segs, offset, len, &source, nullptr);
 }
 
-Status Machine::dma_read_to(uint32_t initiator, std::span<const DmaSegment> segs, uint64_t offset, uint64_t len, const DmaSink& sink) {
+Result<DmaAccess> Machine::dma_read_to(uint32_t initiator, std::span<const DmaSegment> segs, uint64_t offset, uint64_t len,
+                                       const DmaSink& sink) {
   return access(initiator, segs, offset, len, nullptr, &sink);
 }
 

@@ -44,30 +44,20 @@ Result<JobResult> run_net_job(Machine& m, const Job& job) {
   const size_t faults_before = m.faults().size();
   const uint64_t stream = m.next_job();
 
+  // A p2p policy fails up front where the fabric refuses a side, with the fabric's reason;
+  // otherwise the DMA layer's answer decides (a mapping fails with EREMOTEIO).
+  if (job.path == PathPolicy::p2p)
+    for (const auto& [nic, bar, nic_writes] : {std::tuple{tx, txbar, false}, std::tuple{rx, rxbar, true}})
+      if (bar)
+        if (auto r = fab.to_peer(nic, bar->function, nic_writes); !r) return make_error(EREMOTEIO, where() + ": " + r.error().message);
   // One route per packet, cut-through: the sender reads its buffer, the wire carries it,
-  // the receiver writes its buffer. A side whose P2P route is refused goes through host
-  // memory (the DMA layer bounces it, when the policy allows).
-  const auto side = [&](uint32_t nic, const Aperture* bar, bool nic_writes, bool* p2p) -> Result<Route> {
-    *p2p = false;
-    if (bar) {
-      auto r = fab.to_peer(nic, bar->function, nic_writes);
-      if (r) {
-        *p2p = true;
-        return r;
-      }
-      if (job.path == PathPolicy::p2p) return make_error(EREMOTEIO, where() + ": " + r.error().message);
-    }
-    return fab.to_memory(nic, -1, nic_writes);
-  };
-  bool tx_p2p = false, rx_p2p = false;
-  auto txr = side(tx, txbar, false, &tx_p2p);
-  if (!txr) return std::move(txr).error();
-  auto rxr = side(rx, rxbar, true, &rx_p2p);
-  if (!rxr) return std::move(rxr).error();
-  Route route = *txr;
-  route.resources.push_back(fab.add_resource(Resource::Kind::device, "wire " + m.label(tx) + " -> " + m.label(rx), m.options().wire_gbps));
-  route.resources.insert(route.resources.end(), rxr->resources.begin(), rxr->resources.end());
-  route.latency_ns += m.options().wire_latency_ns + rxr->latency_ns;
+  // the receiver writes its buffer; each side's route is where its addresses decoded.
+  detail::RouteCache tx_routes(fab, tx, false), rx_routes(fab, rx, true);
+  const uint32_t wire = fab.add_resource(Resource::Kind::device, "wire " + m.label(tx) + " -> " + m.label(rx), m.options().wire_gbps);
+  const Route* last_tx = nullptr;
+  const Route* last_rx = nullptr;
+  Route route;  // the last packet's, rebuilt only when a side's route changes
+  bool tx_p2p = false, rx_p2p = false, through_rc = false;
 
   JobResult out;
   out.name = job.name;
@@ -104,20 +94,36 @@ Result<JobResult> run_net_job(Machine& m, const Job& job) {
     }
     const bool tx_bounced = detail::any_bounced(tm->segments()), rx_bounced = detail::any_bounced(rm->segments());
     bounced_any |= tx_bounced || rx_bounced;
-    Status st = m.dma_read(tx, tm->segments(), sent);          // the sender fetches the packet
-    if (st) st = m.dma_write(rx, rm->segments(), sent);        // the wire delivers it
+    DmaAccess ta, ra;
+    Status st = detail::take_access(m.dma_read(tx, tm->segments(), sent), ta);     // the sender fetches the packet
+    if (st) st = detail::take_access(m.dma_write(rx, rm->segments(), sent), ra);   // the wire delivers it
     Status u1 = (*txdev)->unmap(*tm), u2 = (*rxdev)->unmap(*rm);
     PHYSR_TRY(st);
     PHYSR_TRY(u1);
     PHYSR_TRY(u2);
     PHYSR_TRY(detail::verify_pattern(m, rxa, stream, i * job.block_size, job.block_size, [&] { return where() + ": packet " + std::to_string(i); }));
     out.verified_bytes += job.block_size;
+    auto txr = tx_routes.get(ta);
+    if (!txr) return make_error(txr.error().code, where() + ": TX: " + txr.error().message);
+    auto rxr = rx_routes.get(ra);
+    if (!rxr) return make_error(rxr.error().code, where() + ": RX: " + rxr.error().message);
+    if (*txr != last_tx || *rxr != last_rx) {
+      last_tx = *txr;
+      last_rx = *rxr;
+      route = *last_tx;
+      route.resources.push_back(wire);
+      route.resources.insert(route.resources.end(), last_rx->resources.begin(), last_rx->resources.end());
+      route.latency_ns += m.options().wire_latency_ns + last_rx->latency_ns;
+    }
+    tx_p2p |= ta.peer_switch || ta.peer_rc;
+    rx_p2p |= ra.peer_switch || ra.peer_rc;
+    through_rc |= ta.peer_rc || ra.peer_rc;
     std::vector<Route> routes;
-    if (tx_bounced && txbar) routes.push_back(tx_copy);
-    const size_t wire = routes.size();
+    if (ta.host_memory && txbar) routes.push_back(tx_copy);  // its addresses went to host memory, not the BAR
+    const size_t on_wire = routes.size();
     routes.push_back(route);
-    if (rx_bounced && rxbar) routes.push_back(rx_copy);
-    stages.start(i, std::move(routes), wire);
+    if (ra.host_memory && rxbar) routes.push_back(rx_copy);
+    stages.start(i, std::move(routes), on_wire);
     return {};
   };
   while (done < packets) {
@@ -130,7 +136,7 @@ Result<JobResult> run_net_job(Machine& m, const Job& job) {
   }
   detail::finish_result(out, m, sim, lat, job.size, packets, faults_before);
   out.path = std::string("network: TX ") + (tx_p2p ? "p2p" : "host") + ", RX " + (rx_p2p ? "p2p" : "host") +
-             (bounced_any ? " (bounced by the DMA layer)" : "") + (route.through_rc || rxr->through_rc ? ", through the root complex" : "");
+             (bounced_any ? " (bounced by the DMA layer)" : "") + (through_rc ? ", through the root complex" : "");
   return out;
 }
 

@@ -14,6 +14,8 @@
 #include <vector>
 
 #include "physr/dma.hpp"
+#include "physr/iommu.hpp"
+#include "physr/physmem.hpp"
 
 namespace physr::testing {
 
@@ -154,13 +156,13 @@ struct DmaWorld {
     check(mem.add_region({PhysSpan{PhysAddr(kFar2Bar), kFar2Size}, PhysRegion::Kind::bar, "far BAR2"}));
     pool = std::move(BouncePool::create(mem, BounceOptions{PhysAddr(kPoolBase), kPoolSize, 2})).value();
     domain = std::move(IoDomain::create(IoDomainOptions{.iova = {}, .strict = strict})).value();
-    gpu = *reg.add(ProviderDesc{topo.functions[f_gpu].bdf, 1, PhysSpan{PhysAddr(kGpuBar), kGpuSize}, kGpuBusOffset, true, false, {}});
-    nic = *reg.add(ProviderDesc{topo.functions[f_nic].bdf, 0, PhysSpan{PhysAddr(kNicBar), kNicSize}, 0, true, true, {}});
-    far = *reg.add(ProviderDesc{topo.functions[f_far].bdf, 0, PhysSpan{PhysAddr(kFarBar), kFarSize}, 0, true, true, {}});
-    far2 = *reg.add(ProviderDesc{topo.functions[f_far].bdf, 2, PhysSpan{PhysAddr(kFar2Bar), kFar2Size}, 0, true, false, {}});
+    gpu = *reg.add(ProviderDesc{topo.functions[f_gpu].bdf, f_gpu, 1, PhysSpan{PhysAddr(kGpuBar), kGpuSize}, kGpuBusOffset, true, false, {}});
+    nic = *reg.add(ProviderDesc{topo.functions[f_nic].bdf, f_nic, 0, PhysSpan{PhysAddr(kNicBar), kNicSize}, 0, true, true, {}});
+    far = *reg.add(ProviderDesc{topo.functions[f_far].bdf, f_far, 0, PhysSpan{PhysAddr(kFarBar), kFarSize}, 0, true, true, {}});
+    far2 = *reg.add(ProviderDesc{topo.functions[f_far].bdf, f_far, 2, PhysSpan{PhysAddr(kFar2Bar), kFar2Size}, 0, true, false, {}});
   }
 
-  DmaEnv env() { return DmaEnv{&mem, &reg, &*engine, pool.get()}; }
+  DmaEnv env() { return DmaEnv{&*engine, &reg, pool.get()}; }
 
   std::unique_ptr<DmaDevice> device(DmaDeviceConfig c) {
     auto d = DmaDevice::create(env(), c);
