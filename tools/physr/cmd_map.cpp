@@ -8,7 +8,7 @@
 
 #include "cli.hpp"
 #include "physr/dma.hpp"
-#include "physr/sim.hpp"
+#include "physr/platform.hpp"
 
 namespace physr::cli {
 namespace {
@@ -25,13 +25,13 @@ struct MapOptions {
   std::string max_segment = "64K", boundary = "4G", dma_offset = "0";
 };
 
-// The machine's memory as the DMA layer sees it is the machine model's (RAM around the
-// 32-bit MMIO hole, every memory BAR a published provider allowing CPU copies, a bounce
-// pool); the device gets its own IOMMU domain configured from the command line.
+// The machine as the DMA layer sees it is the model's platform (RAM around the 32-bit MMIO
+// hole, every P2P BAR a provider allowing CPU copies, a bounce pool); the device gets its
+// own IOMMU domain, configured from the command line.
 struct MapMachine {
   Topology topo;
-  std::unique_ptr<sim::Machine> sim;  // refers to topo: MapMachine is never moved
-  std::unique_ptr<IoDomain> domain;
+  std::unique_ptr<ModelPlatform> model;  // refers to topo: MapMachine is never moved
+  IoDomain* domain = nullptr;            // owned by the model
 };
 
 // "host:ADDR:LEN" or "NAME.barN:OFFSET:LEN" (NAME a device name or BDF).
@@ -44,10 +44,10 @@ PhysRange parse_range(MapMachine& m, const std::string& spec) {
   const uint64_t len = usage_value(parse_size(spec.substr(c2 + 1)));
   if (len == 0) throw bad("length 0");
   if (where == "host") {
-    const PhysRegion* r = m.sim->memory().region_of(PhysAddr(at));
+    const PhysRegion* r = m.model->memory().region_of(PhysAddr(at));
     if (!r || r->kind != PhysRegion::Kind::host_ram || !r->span.contains(PhysSpan{PhysAddr(at), len})) {
       std::string ram;
-      for (const PhysRegion& g : m.sim->memory().regions())
+      for (const PhysRegion& g : m.model->memory().regions())
         if (g.kind == PhysRegion::Kind::host_ram)
           ram += fmt::format("{}[{}, {})", ram.empty() ? "" : " and ", format_hex(g.span.base.value()), format_hex(g.span.base.value() + g.span.size));
       throw bad("host memory is " + ram);
@@ -60,12 +60,12 @@ PhysRange parse_range(MapMachine& m, const std::string& spec) {
   std::string_view idx = std::string_view(where).substr(dot + 4);
   const auto n = consume_uint(idx, 10);
   if (!n || !idx.empty()) throw bad("BAR index must be a number");
-  for (const sim::Aperture& a : m.sim->apertures()) {
+  for (const Aperture& a : m.model->platform().apertures()) {
     if (a.function != f || a.bar != *n) continue;
     if (at >= a.span.size || len > a.span.size - at) throw bad(fmt::format("{} holds {}", a.name, format_size(a.span.size)));
     return PhysRange{a.span.base + at, len, a.id};
   }
-  throw bad(fmt::format("{} has no memory BAR {}", m.sim->label(f), *n));
+  throw bad(fmt::format("{} has no memory BAR {}", m.model->platform().label(f), *n));
 }
 
 // Without --range: some host memory, then 8 KiB of each other device's largest BAR, so
@@ -73,7 +73,7 @@ PhysRange parse_range(MapMachine& m, const std::string& spec) {
 std::vector<PhysRange> default_ranges(const MapMachine& m, uint32_t client) {
   std::vector<PhysRange> out{{PhysAddr(0x10'0200), 0x3e00, kHostMemory}, {PhysAddr(0x20'0000), 0x2000, kHostMemory}};
   for (uint32_t f = 0; f < m.topo.functions.size(); ++f)
-    if (const sim::Aperture* a = f != client ? m.sim->largest_bar(f) : nullptr) out.push_back(PhysRange{a->span.base + 0x1000, 0x2000, a->id});
+    if (const Aperture* a = f != client ? m.model->platform().largest_bar(f) : nullptr) out.push_back(PhysRange{a->span.base + 0x1000, 0x2000, a->id});
   out.push_back(PhysRange{PhysAddr(0x30'0000), 0x1000, kHostMemory});
   return out;
 }
@@ -87,8 +87,8 @@ DmaDirection parse_dir(const std::string& s) {
 void run_map(const MapOptions& o) {
   MapMachine m;
   m.topo = load_machine_arg(o.machine);
-  m.sim = failure_value(sim::Machine::create(m.topo));
-  m.domain = failure_value(IoDomain::create());
+  m.model = failure_value(ModelPlatform::create(m.topo));
+  m.domain = failure_value(m.model->new_domain());
   const uint32_t client = usage_value(m.topo.lookup(o.device));
   const DmaDirection dir = parse_dir(o.dir);
   if (o.mask_bits < 24 || o.mask_bits > 64) throw UsageError(fmt::format("--dma-mask {}: bits must be 24 to 64", o.mask_bits));
@@ -102,10 +102,10 @@ void run_map(const MapOptions& o) {
   c.seg_boundary_mask = boundary - 1;
   c.untrusted = o.untrusted;
   c.dma_offset = usage_value(parse_size(o.dma_offset));
-  c.domain = o.direct ? nullptr : m.domain.get();
+  c.domain = o.direct ? nullptr : m.domain;
   if (!o.direct && c.dma_offset) throw UsageError("--dma-offset applies to --direct devices only");
-  const DmaEnv env = m.sim->dma_env();
-  auto dev = usage_value(DmaDevice::create(env, c));
+  Platform& pf = m.model->platform();
+  auto dev = usage_value(DmaDevice::create(pf.dma_env(), c));
 
   std::vector<PhysRange> pieces;
   for (const std::string& r : o.ranges) pieces.push_back(parse_range(m, r));
@@ -115,20 +115,18 @@ void run_map(const MapOptions& o) {
 
   const auto place = [&](const PhysRange& r) -> std::pair<std::string, std::string> {
     if (r.provider == kHostMemory) return {"host", ""};
-    for (const sim::Aperture& a : m.sim->apertures()) {
-      if (a.id != r.provider) continue;
-      const pci::Verdict v = env.p2p->compute(a.function, client);
-      return {a.name, fmt::format("{} (distance {})", pci::map_type_name(v.type), v.distance)};
-    }
-    return {"?", ""};  // cannot happen: every tagged range comes from an aperture
+    const Aperture* a = pf.aperture(r.provider);
+    if (!a) return {"?", ""};  // cannot happen: every tagged range comes from an aperture
+    const pci::Verdict v = pf.p2p().verdict(a->function, client);
+    return {a->name, fmt::format("{} (distance {})", pci::map_type_name(v.type), v.distance)};
   };
   const uint32_t attrs = o.allow_bounce ? kDmaAttrAllowBounce : 0;
   auto mapped = dev->map(list, dir, attrs);
-  const uint64_t slots = m.sim->bounce().used_slots();
+  const uint64_t slots = pf.bounce()->used_slots();
   const auto ds = m.domain->stats();
 
   nlohmann::json j;
-  const std::string who = fmt::format("{} ({})", m.topo.functions[client].bdf.to_string(), m.sim->label(client));
+  const std::string who = fmt::format("{} ({})", m.topo.functions[client].bdf.to_string(), pf.label(client));
   const std::string how = o.direct ? fmt::format("direct mapping, DMA offset {}", format_hex(c.dma_offset)) : "IOMMU domain (strict)";
   if (o.json) {
     j["machine"] = m.topo.name;
@@ -178,7 +176,7 @@ void run_map(const MapOptions& o) {
   failure_check(dev->unmap(*mapped));
   m.domain->flush();
   const auto after = m.domain->stats();
-  const bool clean = after.mapped_4k + after.mapped_2m + after.mapped_1g == 0 && m.sim->bounce().used_slots() == 0 && dev->stats().live_mappings == 0;
+  const bool clean = after.mapped_4k + after.mapped_2m + after.mapped_1g == 0 && pf.bounce()->used_slots() == 0 && dev->stats().live_mappings == 0;
   if (o.json) {
     j["unmapped_clean"] = clean;
     fmt::print("{}\n", j.dump(2));

@@ -6,6 +6,7 @@
 
 #include "cli.hpp"
 #include "physr/pci.hpp"
+#include "physr/platform.hpp"
 #include "physr/provider.hpp"
 #include "physr/range.hpp"
 
@@ -15,7 +16,7 @@ namespace {
 
 constexpr std::string_view kDefaultMachine = "two-socket-switch";
 
-void default_machine_section(const pci::Topology& t, pci::P2PEngine& e) {
+void default_machine_section(const pci::Topology& t, const pci::P2PEngine& e) {
   using namespace physr::pci;
   fmt::print("== P2P on the default machine ({}: {} host bridges, {} functions) ==\n", t.name, t.host_bridges.size(),
              t.functions.size());
@@ -38,22 +39,14 @@ void default_machine_section(const pci::Topology& t, pci::P2PEngine& e) {
   fmt::print("  More: physr topo --machine {0}; physr explain nvme0 nic0 --machine {0}\n\n", kDefaultMachine);
 }
 
-// Every BAR of the default machine becomes a provider; a buffer that mixes host pages with
-// GPU memory and an NVMe CMB is tagged range by range, and each range gets the path nvme0's
-// DMA would take to it: what the DMA layer will do per segment.
-void providers_section(const pci::Topology& t, pci::P2PEngine& e) {
+// The default machine's platform registers its P2P BARs as providers (one rule for the
+// model, `physr map` and this tour); a buffer that mixes host pages with GPU memory and an
+// NVMe CMB is tagged range by range, and each range gets the path nvme0's DMA would take to
+// it: what the DMA layer will do per segment.
+void providers_section(const pci::Topology& t, const Platform& pf) {
   using namespace physr::pci;
-  ProviderRegistry reg;
-  std::map<ProviderId, uint32_t> owner;
-  for (uint32_t i = 0; i < t.functions.size(); ++i)
-    for (const Bar& bar : t.functions[i].bars) {
-      ProviderDesc d;
-      d.owner = t.functions[i].bdf;
-      d.bar = bar.index;
-      d.phys = PhysSpan{PhysAddr(bar.start), bar.size()};
-      d.published = bar.prefetchable();
-      owner[failure_value(reg.add(std::move(d)))] = i;
-    }
+  const ProviderRegistry& reg = pf.providers();
+  const P2PEngine& e = pf.p2p();
   const Function& gpu = t.functions[failure_value(t.lookup("gpu0"))];
   const Function& nvme1 = t.functions[failure_value(t.lookup("nvme1"))];
   const uint32_t client = failure_value(t.lookup("nvme0"));
@@ -69,7 +62,7 @@ void providers_section(const pci::Topology& t, pci::P2PEngine& e) {
   for (const PhysRange r : list) {
     std::string where = "host memory: DMA address from the IOMMU or direct";
     if (r.provider != kHostMemory) {
-      const uint32_t f = owner[r.provider];
+      const uint32_t f = pf.aperture(r.provider)->function;
       const Verdict v = e.verdict(f, client);
       const char* path = v.type == MapType::bus_addr ? "PCI bus address, skips the IOMMU"
                          : v.type == MapType::thru_host_bridge ? "through the host bridge, mapped like host memory"
@@ -133,9 +126,9 @@ void run_tour() {
   }
   auto machine = builtin_machine(kDefaultMachine);
   if (!machine) throw Failure("the built-in default machine is missing from this build");
-  pci::P2PEngine engine = failure_value(pci::P2PEngine::create(*machine));
-  default_machine_section(*machine, engine);
-  providers_section(*machine, engine);
+  const auto model = failure_value(ModelPlatform::create(*machine));
+  default_machine_section(*machine, model->platform().p2p());
+  providers_section(*machine, model->platform());
   this_machine_section();
 
   fmt::print("== Range lists: a 4 MiB user buffer with some device memory in it ==\n");
