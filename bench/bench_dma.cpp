@@ -111,6 +111,7 @@ RangeList bench_list(const testing::DmaWorld& w, Path path, uint64_t n) {
 
 void BM_MapUnmap(benchmark::State& state, Path path) {
   testing::DmaWorld w(/*strict=*/path != Path::iommu_deferred);
+  w.debug = false;  // measure the mapping, not the shadow tracking
   const auto n = static_cast<uint64_t>(state.range(0));
   DmaDeviceConfig c{.function = w.f_nvme, .domain = w.domain.get()};
   if (path == Path::direct || path == Path::bounce) c.domain = nullptr;
@@ -131,6 +132,7 @@ void BM_MapUnmap(benchmark::State& state, Path path) {
 
 void BM_TwoStep(benchmark::State& state) {
   testing::DmaWorld w;
+  w.debug = false;
   const auto n = static_cast<uint64_t>(state.range(0));
   auto dev = w.device({.function = w.f_nvme, .domain = w.domain.get()});
   const RangeList l = bench_list(w, Path::iommu, n);

@@ -329,7 +329,9 @@ TEST(DmaMapTest, NonCoherentDevicesDoCacheMaintenance) {
 
 TEST(DmaMapTest, MapPhysEveryPathAndBadUnmaps) {
   DmaWorld w;
+  w.debug = false;  // this device shows what is caught without DMA-API debug
   auto iommu = w.device({.function = w.f_nvme, .domain = w.domain.get()});
+  w.debug = true;
   auto direct = w.device({.function = w.f_nvme, .dma_mask = 0xffffffff, .debug = true});
   ASSERT_TRUE(w.mem.write(PhysAddr(0x5123), pattern(100, 4)).has_value());
   auto s = iommu->map_phys(PhysAddr(0x5123), 100, DmaDirection::to_device);
@@ -557,6 +559,47 @@ TEST(DmaMapTest, PropertyRandomListsAndDevices) {
   EXPECT_GT(ok, 300);
   EXPECT_GT(remote, 25);
   EXPECT_EQ(free_iova(*w.domain), before);
+}
+
+// DMA-API debug reports the mappings still live when a device goes away (Linux
+// CONFIG_DMA_API_DEBUG at driver unbind), and nothing when everything was unmapped; an
+// unmap that fails keeps its mapping tracked.
+TEST(DmaMapTest, DebugReportsMappingsLiveAtDestruction) {
+  DmaWorld w;
+  std::vector<std::string> reports;
+  const auto capture = [&](const std::string& r) { reports.push_back(r); };
+  RangeList l;
+  ASSERT_TRUE(l.append(PhysRange{PhysAddr(0x10000), 8192, kHostMemory}).has_value());
+  {
+    auto dev = w.device({.function = w.f_nvme, .domain = w.domain.get(), .debug_report = capture});
+    auto m = dev->map(l, DmaDirection::to_device);
+    ASSERT_TRUE(m.has_value());
+    auto s = dev->map_phys(PhysAddr(0x30000), 4096, DmaDirection::from_device);
+    ASSERT_TRUE(s.has_value());
+    const auto live = dev->debug_live();
+    ASSERT_EQ(live.size(), 2u);
+    EXPECT_NE(live[0].find("map of 8 KiB to_device"), std::string::npos) << live[0];
+    EXPECT_NE(live[1].find("map_phys of 4 KiB at " + format_hex(s->addr.value()) + " from_device"), std::string::npos) << live[1];
+    ASSERT_TRUE(dev->unmap_phys(*s, DmaDirection::from_device).has_value());
+    EXPECT_EQ(dev->debug_live().size(), 1u);
+  }  // destroyed with the map() result still live
+  ASSERT_EQ(reports.size(), 1u);
+  EXPECT_NE(reports[0].find("destroyed with 1 mapping still live"), std::string::npos) << reports[0];
+  EXPECT_NE(reports[0].find("map of 8 KiB to_device"), std::string::npos) << reports[0];
+  w.domain->flush();
+  {
+    auto dev = w.device({.function = w.f_nvme, .domain = w.domain.get(), .debug_report = capture});
+    auto m = dev->map(l, DmaDirection::bidirectional);
+    ASSERT_TRUE(m.has_value());
+    // Pull the page table out from under the mapping: its unmap fails and it stays live.
+    ASSERT_TRUE(w.domain->unmap(m->segments()[0].addr, 8192).has_value());
+    EXPECT_FALSE(dev->unmap(*m).has_value());
+    EXPECT_EQ(dev->debug_live().size(), 1u);
+    ASSERT_TRUE(w.domain->map(m->segments()[0].addr, PhysAddr(0x10000), 8192, kIommuReadWrite).has_value());
+    ASSERT_TRUE(dev->unmap(*m).has_value());
+    EXPECT_TRUE(dev->debug_live().empty());
+  }
+  EXPECT_EQ(reports.size(), 1u);  // the clean device said nothing
 }
 
 }  // namespace

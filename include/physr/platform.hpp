@@ -137,6 +137,7 @@ struct ModelOptions {
   bool strict_iommu = true;   // strict or deferred (flush queue) invalidation
   uint64_t bounce_pool = 64 * MiB;
   pci::VerdictOptions verdicts;
+  bool dma_debug = true;      // DMA-API debug on the model's devices (benchmarks turn it off)
 };
 
 /// A platform over the model's own memory and IOMMU: RAM and every P2P BAR as PhysMemory
@@ -151,7 +152,7 @@ class ModelPlatform {
   ~ModelPlatform();
 
   /// The DMA device of function `f`, created on first use: max segment 4 MiB, min_align_mask
-  /// 4 KiB - 1 (as NVMe drivers set it, harmless for others), DMA-API debug on, and its own
+  /// 4 KiB - 1 (as NVMe drivers set it, harmless for others), DMA-API debug as the options say, and its own
   /// IoDomain when the model has IOMMUs.
   Result<DmaDevice*> device(uint32_t f);
   /// The function's IoDomain (created with its device), or nullptr.

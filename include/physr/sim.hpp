@@ -183,6 +183,7 @@ struct MachineOptions {
   uint64_t ram = 64 * GiB;      // host RAM: [0, 2 GiB) and from 4 GiB up (the 32-bit MMIO hole between)
   bool iommu = true;            // one IOMMU domain per device; false: direct mapping
   uint64_t bounce_pool = 64 * MiB;
+  bool dma_debug = true;        // DMA-API debug on every device: mappings shadow-tracked, leaks reported
   // NVMe SSD parameters (docs/sim.md gives the sources of the defaults).
   double nvme_read_gbps = 6.8, nvme_write_gbps = 4.0;
   double nvme_read_latency_ns = 80'000, nvme_write_latency_ns = 20'000;
@@ -243,7 +244,7 @@ class Machine {
   static Result<std::unique_ptr<Machine>> create(const pci::Topology& topo, const MachineOptions& options = {});
   ~Machine();
 
-  /// The DMA device for a function (created on first use; DMA-API debug on).
+  /// The DMA device for a function (created on first use; DMA-API debug as the options say).
   Result<DmaDevice*> device(uint32_t function) { return model_->device(function); }
   /// The function's largest memory BAR as a provider, if it has one.
   const Aperture* largest_bar(uint32_t function) const { return platform().largest_bar(function); }

@@ -2,6 +2,7 @@
 #include <absl/container/flat_hash_map.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -197,7 +198,32 @@ struct DmaDevice::Impl {
 };
 
 DmaDevice::DmaDevice(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
-DmaDevice::~DmaDevice() = default;
+
+DmaDevice::~DmaDevice() {
+  // Linux kernel/dma/debug.c: a device released with mappings still live is reported
+  // ("device driver has pending DMA allocations while released from device").
+  if (!impl_ || !impl_->cfg.debug) return;
+  const std::vector<std::string> live = debug_live();
+  if (live.empty()) return;
+  std::string report = "DMA-API debug: " + impl_->who() + " destroyed with " + std::to_string(live.size()) + " mapping" +
+                       (live.size() == 1 ? "" : "s") + " still live:";
+  for (const std::string& l : live) report += "\n  " + l;
+  if (impl_->cfg.debug_report) impl_->cfg.debug_report(report);
+  else std::fprintf(stderr, "physr: %s\n", report.c_str());
+}
+
+std::vector<std::string> DmaDevice::debug_live() const {
+  Impl& m = *impl_;
+  std::vector<std::string> out;
+  std::lock_guard lock(m.dbg_mu);
+  for (const auto& [id, e] : m.dbg_lists)
+    out.push_back("map of " + format_size(e.len) + " " + dma_direction_name(e.dir) + ", id " + std::to_string(id));
+  for (const auto& [addr, v] : m.dbg_phys)
+    for (const DebugEntry& e : v)
+      out.push_back("map_phys of " + format_size(e.len) + " at " + format_hex(addr) + " " + dma_direction_name(e.dir));
+  std::sort(out.begin(), out.end());  // hash order is not an order: reports stay the same run to run
+  return out;
+}
 const DmaDeviceConfig& DmaDevice::config() const noexcept { return impl_->cfg; }
 
 DmaDeviceStats DmaDevice::stats() const noexcept {
@@ -451,7 +477,7 @@ Status DmaDevice::unmap(DmaMapping& mp) {
   if (mp.dev_ != this) return make_error(EINVAL, "DMA unmap on " + m.who() + ": the mapping belongs to another device");
   if (m.cfg.debug) {
     std::lock_guard lock(m.dbg_mu);
-    if (m.dbg_lists.erase(mp.debug_id_) == 0)
+    if (!m.dbg_lists.contains(mp.debug_id_))
       return make_error(EINVAL, "DMA-API debug: unmap on " + m.who() + " of mapping " + std::to_string(mp.debug_id_) + ", which is not live");
   }
   if (mp.iova_len_) {
@@ -475,6 +501,10 @@ Status DmaDevice::unmap(DmaMapping& mp) {
   }
   // Linux arch_sync_dma_for_cpu() at unmap, unless the device only read.
   if (cpu_sync && !m.cfg.coherent && mp.dir_ != DmaDirection::to_device) m.count_cache(mp.nseg_);
+  if (m.cfg.debug) {  // dropped only now: until here an unmap could still fail and leave it live
+    std::lock_guard lock(m.dbg_mu);
+    m.dbg_lists.erase(mp.debug_id_);
+  }
   mp.dev_ = nullptr;
   mp.nseg_ = 0;
   mp.bounces_.clear();
@@ -582,8 +612,6 @@ Status DmaDevice::unmap_phys(const DmaSegment& seg, DmaDirection dir, uint32_t a
       if (d.len != seg.len) return make_error(EINVAL, "DMA-API debug: " + what() + ": mapped with size " + format_hex(d.len));
       return make_error(EINVAL, "DMA-API debug: " + what() + ": mapped " + dma_direction_name(d.dir) + ", unmapped " + dma_direction_name(dir));
     }
-    v.erase(e);
-    if (v.empty()) m.dbg_phys.erase(it);
   }
   const DmaDirection back = (attrs & kDmaAttrSkipCpuSync) ? DmaDirection::none : dir;
   if (!(seg.flags & kDmaSegBusAddr)) {
@@ -598,6 +626,16 @@ Status DmaDevice::unmap_phys(const DmaSegment& seg, DmaDirection dir, uint32_t a
     } else if (seg.flags & kDmaSegBounced) {
       if (!m.env.bounce) return make_error(EINVAL, what() + ": flagged bounced, but there is no bounce pool");
       PHYSR_TRY(m.env.bounce->unmap(PhysAddr(seg.addr.value() - c.dma_offset), seg.len, back));
+    }
+  }
+  if (c.debug) {  // dropped only now: until here the unmap could still fail and leave it live
+    std::lock_guard lock(m.dbg_mu);
+    auto it = m.dbg_phys.find(seg.addr.value());
+    if (it != m.dbg_phys.end()) {
+      auto& v = it->second;
+      auto e = std::find_if(v.begin(), v.end(), [&](const DebugEntry& d) { return d.len == seg.len && d.dir == dir; });
+      if (e != v.end()) v.erase(e);
+      if (v.empty()) m.dbg_phys.erase(it);
     }
   }
   if (!(attrs & kDmaAttrSkipCpuSync) && dir != DmaDirection::to_device && !(seg.flags & (kDmaSegBusAddr | kDmaSegMmio))) m.count_cache(1);

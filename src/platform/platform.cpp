@@ -186,7 +186,7 @@ Result<DmaDevice*> ModelPlatform::device(uint32_t f) {
   c.function = f;
   c.max_segment = 4 * MiB;
   c.min_align_mask = 0xfff;  // as NVMe drivers set it, and harmless for the others
-  c.debug = true;
+  c.debug = opt_.dma_debug;
   return platform_->add_device(c);
 }
 

@@ -39,7 +39,7 @@ Result<std::unique_ptr<Machine>> Machine::create(const pci::Topology& topo, cons
   std::unique_ptr<Machine> m(new Machine());
   m->topo_ = &topo;
   m->opt_ = o;
-  auto model = ModelPlatform::create(topo, ModelOptions{.ram = o.ram, .iommu = o.iommu, .strict_iommu = true, .bounce_pool = o.bounce_pool, .verdicts = {}});
+  auto model = ModelPlatform::create(topo, ModelOptions{.ram = o.ram, .iommu = o.iommu, .strict_iommu = true, .bounce_pool = o.bounce_pool, .verdicts = {}, .dma_debug = o.dma_debug});
   if (!model) return std::move(model).error();
   m->model_ = std::move(model).value();
   m->warnings = m->model_->warnings;

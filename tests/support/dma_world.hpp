@@ -164,7 +164,11 @@ struct DmaWorld {
 
   DmaEnv env() { return DmaEnv{&*engine, &reg, pool.get()}; }
 
+  // DMA-API debug is on for every device a test makes (benchmarks turn it off).
+  bool debug = true;
+
   std::unique_ptr<DmaDevice> device(DmaDeviceConfig c) {
+    c.debug = c.debug || debug;
     auto d = DmaDevice::create(env(), c);
     if (!d) abort_with(d.error());
     return std::move(d).value();
