@@ -34,7 +34,7 @@ void check_list(const RangeList& l) {
   uint64_t total = 0;
   for (const PhysRange r : l) {
     CHECK(r.len != 0);
-    CHECK(r.addr.value() < kPhysAddrLimit && r.len <= kPhysAddrLimit - r.addr.value());
+    CHECK(r.addr.value() < kRangeAddrLimit && r.len <= kRangeAddrLimit - r.addr.value());
     CHECK(l[i] == r);
     total += r.len;
     ++i;

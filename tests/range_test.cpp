@@ -228,13 +228,13 @@ TEST(RangeListTest, EncodingSizes) {
 
 TEST(RangeListTest, RangeEndingAtPhysicalLimitIsAcceptedAndOneByteMoreIsNot) {
   RangeList l;
-  ASSERT_TRUE(l.append({PhysAddr(kPhysAddrLimit - 4096), 4096}).has_value());
-  EXPECT_EQ(l[0].addr.value() + l[0].len, kPhysAddrLimit);
-  auto bad = l.append({PhysAddr(kPhysAddrLimit - 4096), 4097});
+  ASSERT_TRUE(l.append({PhysAddr(kRangeAddrLimit - 4096), 4096}).has_value());
+  EXPECT_EQ(l[0].addr.value() + l[0].len, kRangeAddrLimit);
+  auto bad = l.append({PhysAddr(kRangeAddrLimit - 4096), 4097});
   ASSERT_FALSE(bad.has_value());
   EXPECT_EQ(bad.error().code, ERANGE);
   EXPECT_EQ(l.size(), 1u);
-  const uint64_t last_pfn = (kPhysAddrLimit >> 12) - 1;
+  const uint64_t last_pfn = (kRangeAddrLimit >> 12) - 1;
   std::vector<uint64_t> ok{last_pfn}, over{last_pfn, last_pfn + 1};
   EXPECT_TRUE(RangeList::from_pfns(ok).has_value());
   auto e = RangeList::from_pfns(over);
@@ -443,7 +443,7 @@ TEST(RangeListTest, DecodeRejectsMalformedWords) {
   EXPECT_NE(r.error().message.find("word 0"), std::string::npos);
   w = {ext, 0};
   EXPECT_FALSE(RangeList::decode(w).has_value());
-  w = {kExtFlag | (kPhysAddrLimit - 16), 17};
+  w = {kExtFlag | (kRangeAddrLimit - 16), 17};
   EXPECT_FALSE(RangeList::decode(w).has_value());
   w = {kExtFlag | 0x1000, 0x1000};  // should have been compact
   r = RangeList::decode(w);

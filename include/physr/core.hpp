@@ -30,6 +30,11 @@ inline constexpr uint64_t KiB = uint64_t{1} << 10;
 inline constexpr uint64_t MiB = uint64_t{1} << 20;
 inline constexpr uint64_t GiB = uint64_t{1} << 30;
 inline constexpr uint64_t TiB = uint64_t{1} << 40;
+/// The physical address space every layer accepts (x86-64 and Arm64 stop at 52 bits):
+/// memory regions, provider apertures, IOMMU page-table outputs and machine-file BARs all
+/// lie below kPhysAddrLimit. (Range lists can encode more: see range.hpp.)
+inline constexpr unsigned kPhysAddrBits = 52;
+inline constexpr uint64_t kPhysAddrLimit = uint64_t{1} << kPhysAddrBits;
 
 
 // ---------------------------------------------------------------------------------------

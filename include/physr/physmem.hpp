@@ -37,7 +37,7 @@ class PhysMemory final : public MemoryAccess {
   PhysMemory(const PhysMemory&) = delete;
   PhysMemory& operator=(const PhysMemory&) = delete;
 
-  /// Adds a region. EINVAL: empty, not 4 KiB aligned, wrapping or past 2^54. EEXIST: it
+  /// Adds a region. EINVAL: empty, not 4 KiB aligned, wrapping or past kPhysAddrLimit (2^52). EEXIST: it
   /// overlaps a region (named).
   Status add_region(PhysRegion region);
   /// The region holding `a`, or nullptr. Valid while this PhysMemory lives.

@@ -10,7 +10,8 @@
 //   below 4 PiB, takes one word (8 B); any other range takes two (16 B). Linux spends 16 B
 //   per range in `struct phys_vec`, and 32 B per `struct scatterlist` entry plus 64 B of
 //   `struct page` per 4 KiB page.
-//   Physical addresses are limited to 54 bits (16 PiB; x86-64 and Arm64 stop at 52).
+//   The encoding holds addresses below 2^54 (16 PiB), more than the physical address space
+//   the other layers accept (kPhysAddrBits, 52: where x86-64 and Arm64 stop).
 //
 // Provider tags
 //   0 is host memory; 1..510 are P2P provider ids stored directly; ids above 510 are stored
@@ -56,9 +57,10 @@ constexpr ProviderId provider_tag(ProviderId id) noexcept {
   return id > kMaxDirectProvider ? kIndirectProvider : id;
 }
 
-/// Physical addresses a range list can hold: [0, 2^54).
-inline constexpr unsigned kPhysAddrBits = 54;
-inline constexpr uint64_t kPhysAddrLimit = uint64_t{1} << kPhysAddrBits;
+/// Physical addresses a range list can encode: [0, 2^54), beyond the physical address
+/// space the other layers accept (kPhysAddrLimit, 2^52).
+inline constexpr unsigned kRangeAddrBits = 54;
+inline constexpr uint64_t kRangeAddrLimit = uint64_t{1} << kRangeAddrBits;
 
 /// One physical range as read from a list: bytes [addr, addr + len) of `provider`
 /// (the stored tag: kIndirectProvider for ids beyond the direct range).
@@ -92,7 +94,7 @@ inline constexpr unsigned kPagesShift = 40;
 inline constexpr uint64_t kPagesMask = 0x3fff;
 inline constexpr uint64_t kPfnMask = (uint64_t{1} << 40) - 1;
 inline constexpr uint64_t kMaxCompactPages = kPagesMask + 1;
-inline constexpr uint64_t kExtAddrMask = kPhysAddrLimit - 1;
+inline constexpr uint64_t kExtAddrMask = kRangeAddrLimit - 1;
 
 constexpr bool fits_compact(uint64_t addr, uint64_t len) noexcept {
   return ((addr | len) & (kPageSize - 1)) == 0 && len != 0 && len <= (kMaxCompactPages << kPageShift) &&

@@ -18,7 +18,7 @@ constexpr uint64_t kPresent = 1, kPermShift = 1, kLeafBit = 0x80;
 constexpr uint64_t kAddrMask = 0x000f'ffff'ffff'f000;
 constexpr unsigned kLevels = 4;
 constexpr uint64_t kIovaLimit = uint64_t{1} << 48;
-constexpr uint64_t kPhysLimit = uint64_t{1} << 52;
+constexpr uint64_t kPhysLimit = kPhysAddrLimit;
 constexpr size_t kIotlbEntries = 4096;
 
 // Page-aligned like a hardware page table, so a table pointer has bits 0-11 clear and fits

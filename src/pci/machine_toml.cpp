@@ -170,15 +170,15 @@ Result<Topology> parse_machine(std::string_view text, std::string_view source) {
       const std::string bw = what + ".bar[" + std::to_string(b) + "]";
       PHYSR_TRY(check_keys(c, bt, bw, {"index", "start", "size", "prefetchable"}));
       auto idx = get_uint(c, bt, "index", bw, 5);
-      auto start = get_uint(c, bt, "start", bw, (uint64_t{1} << 52) - 1, true);
-      auto size = get_uint(c, bt, "size", bw, uint64_t{1} << 52, true);
+      auto start = get_uint(c, bt, "start", bw, kPhysAddrLimit - 1, true);
+      auto size = get_uint(c, bt, "size", bw, kPhysAddrLimit, true);
       auto pf = get_bool(c, bt, "prefetchable", bw, true);
       for (auto* r : {&idx, &start, &size})
         if (!*r) return std::move(*r).error();
       if (!pf) return std::move(pf).error();
       if (!start->has_value() || !size->has_value() || **size == 0)
         return make_error(EINVAL, c.where(bt) + bw + ": needs 'start' and a non-zero 'size'");
-      if (**start + **size > (uint64_t{1} << 52))
+      if (**start + **size > kPhysAddrLimit)
         return make_error(EINVAL, c.where(bt) + bw + ": runs past the 52-bit physical address space");
       Bar bar;
       bar.index = static_cast<unsigned>(idx->value_or(b));

@@ -15,7 +15,7 @@ namespace physr {
 namespace {
 constexpr unsigned kChunkShift = 16;  // 64 KiB of backing per chunk
 constexpr uint64_t kChunk = uint64_t{1} << kChunkShift;
-constexpr uint64_t kLimit = uint64_t{1} << 54;
+constexpr uint64_t kLimit = kPhysAddrLimit;
 
 }  // namespace
 

@@ -206,7 +206,7 @@ Result<ProviderId> ProviderRegistry::add(ProviderDesc desc) {
   if (r.size == 0) return make_error(EINVAL, "provider aperture " + describe(r) + " is empty");
   if (((r.base.value() | r.size) & (kPageSize - 1)) != 0)
     return make_error(EINVAL, "provider aperture " + describe(r) + " is not 4 KiB aligned in address and size");
-  if (r.wraps() || r.base.value() >> 52 || r.size > (uint64_t{1} << 52) - r.base.value())
+  if (r.wraps() || r.base.value() >= kPhysAddrLimit || r.size > kPhysAddrLimit - r.base.value())
     return make_error(EINVAL, "provider aperture " + describe(r) + " runs past the 52-bit physical address space");
   const uint64_t s = r.base.value() >> kPageShift, e = s + (r.size >> kPageShift);
 

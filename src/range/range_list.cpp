@@ -27,7 +27,7 @@ void detail::WordBuf::assign(const uint64_t* src, size_t n) {
 namespace {
 
 constexpr uint64_t kNoBoundary = std::numeric_limits<uint64_t>::max();
-constexpr uint64_t kPfnLimit = kPhysAddrLimit >> kPageShift;
+constexpr uint64_t kPfnLimit = kRangeAddrLimit >> kPageShift;
 
 // Bytes a range starting at addr may span before hitting max_segment or the next boundary.
 inline uint64_t cap_at(uint64_t addr, const SegmentLimits& l) noexcept {
@@ -218,7 +218,7 @@ template <bool kHasProviders>
 Status RangeList::append_pfns_impl(const uint64_t* pfn, const ProviderId* prov, size_t n, const SegmentLimits& in) {
   SegmentLimits l = in;
   l.max_segment &= ~(kPageSize - 1);
-  const bool unlimited = l.max_segment >= kPhysAddrLimit && l.boundary_mask == kNoBoundary;
+  const bool unlimited = l.max_segment >= kRangeAddrLimit && l.boundary_mask == kNoBoundary;
   const Snapshot snap = snapshot();
   auto fail = [&](int code, std::string msg) -> Status {
     restore(snap);
@@ -334,7 +334,7 @@ Result<RangeList> RangeList::from_pfns(std::span<const uint64_t> pfns, std::span
 static Status check_piece(const PhysRange& r, size_t index) {
   const uint64_t a = r.addr.value();
   if (r.len == 0) return make_error(EINVAL, "range " + std::to_string(index) + " at " + format_hex(a) + " has length 0");
-  if (a >= kPhysAddrLimit || r.len > kPhysAddrLimit - a)
+  if (a >= kRangeAddrLimit || r.len > kRangeAddrLimit - a)
     return make_error(ERANGE, "range " + std::to_string(index) + " [" + format_hex(a) + ", +" + format_hex(r.len) +
                                   ") runs past the physical limit 2^54");
   if (r.provider == kInvalidProvider)
@@ -413,7 +413,7 @@ Result<RangeList> RangeList::decode(std::span<const uint64_t> words) {
     const uint64_t addr = w & kExtAddrMask;
     const uint64_t len = words[i + 1];
     if (len == 0) return make_error(EINVAL, "word " + std::to_string(i) + ": extended entry with length 0");
-    if (len > kPhysAddrLimit - addr)
+    if (len > kRangeAddrLimit - addr)
       return make_error(EINVAL, "word " + std::to_string(i) + ": range [" + format_hex(addr) + ", +" + format_hex(len) +
                                     ") runs past the physical limit 2^54");
     if (fits_compact(addr, len))
