@@ -343,5 +343,62 @@ TEST(MacroTest, ContextOnAMoveOnlyValue) {
   EXPECT_EQ(wrap(true).error().to_string(), "ENOMEM: bounce: no memory");
 }
 
+// -------------------------------------------------------------------------------------
+// PHYSR_ASSERT
+
+#if PHYSR_ASSERTS_ENABLED
+TEST(AssertDeathTest, FailurePrintsWhereWhatAndWhy) {
+  int pages = 3;
+  EXPECT_DEATH(PHYSR_ASSERT(pages % 2 == 0, "pages come in pairs"),
+               "physr: .*core_test\\.cpp:[0-9]+: assertion 'pages % 2 == 0' failed: pages come in pairs");
+  PHYSR_ASSERT(pages == 3, std::string("holds"));
+}
+#else
+TEST(AssertTest, OffInReleaseDoesNotEvaluate) {
+  int evaluated = 0;
+  PHYSR_ASSERT(++evaluated == 0, "never evaluated");
+  EXPECT_EQ(evaluated, 0);
+}
+#endif
+
+TEST(AddrTest, StrongTypesDoNotMix) {
+  static_assert(!std::is_convertible_v<PhysAddr, DmaAddr>);
+  static_assert(!std::is_convertible_v<uint64_t, PhysAddr>);
+  static_assert(!std::is_convertible_v<BusAddr, PhysAddr>);
+  PhysAddr a(0x1000);
+  EXPECT_EQ((a + 0x10).value(), 0x1010u);
+  EXPECT_EQ(PhysAddr(0x3000) - a, 0x2000u);
+  EXPECT_LT(a, PhysAddr(0x1001));
+}
+
+TEST(AddrRangeTest, HalfOpenBoundaries) {
+  PhysSpan r{PhysAddr(0x1000), 0x1000};
+  EXPECT_TRUE(r.contains(PhysAddr(0x1000)));
+  EXPECT_TRUE(r.contains(PhysAddr(0x1fff)));
+  EXPECT_FALSE(r.contains(PhysAddr(0x2000)));
+  EXPECT_FALSE(r.contains(PhysAddr(0xfff)));
+  EXPECT_EQ(r.last().value(), 0x1fffu);
+  PhysSpan next{PhysAddr(0x2000), 0x10};
+  EXPECT_FALSE(r.overlaps(next));
+  EXPECT_TRUE(r.adjacent(next));
+  EXPECT_TRUE(next.adjacent(r));
+  EXPECT_TRUE(r.overlaps(PhysSpan{PhysAddr(0x1fff), 1}));
+  EXPECT_FALSE(r.overlaps(PhysSpan{PhysAddr(0x1500), 0}));
+  EXPECT_TRUE(r.contains(PhysSpan{PhysAddr(0x1800), 0x800}));
+  EXPECT_FALSE(r.contains(PhysSpan{PhysAddr(0x1800), 0x801}));
+}
+
+TEST(AddrRangeTest, RangeEndingAtTopOfSpace) {
+  const uint64_t top = std::numeric_limits<uint64_t>::max();
+  PhysSpan r{PhysAddr(top - 0xfff), 0x1000};  // ends exactly at 2^64
+  EXPECT_FALSE(r.wraps());
+  EXPECT_TRUE(r.contains(PhysAddr(top)));
+  EXPECT_EQ(r.last().value(), top);
+  EXPECT_FALSE(r.adjacent(PhysSpan{PhysAddr(0), 0x10}));  // no wrap-around adjacency
+  EXPECT_TRUE(r.overlaps(PhysSpan{PhysAddr(top), 1}));
+  PhysSpan w{PhysAddr(top - 0xfff), 0x1001};
+  EXPECT_TRUE(w.wraps());
+}
+
 }  // namespace
 }  // namespace physr

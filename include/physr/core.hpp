@@ -300,6 +300,26 @@ static_assert(sizeof(Result<uint64_t>) <= 16, "Result of an 8-byte value is the 
     return ::physr::detail::propagate(std::forward<decltype(tmp)>(tmp) __VA_OPT__(, (__VA_ARGS__))); \
   lhs = std::forward<decltype(tmp)>(tmp).value()
 
+// ---------------------------------------------------------------------------------------
+// Internal invariants
+
+/// PHYSR_ASSERT(cond, message): checks an internal invariant (not input: bad input is an
+/// Error). On in debug builds and wherever PHYSR_ENABLE_ASSERTS is defined (the sanitizer
+/// builds); off otherwise, where `cond` is not evaluated. A failure prints
+/// "physr: FILE:LINE: assertion 'cond' failed: message" to stderr and aborts.
+#if !defined(NDEBUG) || defined(PHYSR_ENABLE_ASSERTS)
+#define PHYSR_ASSERTS_ENABLED 1
+#define PHYSR_ASSERT(cond, message) \
+  (static_cast<bool>(cond) ? static_cast<void>(0) : ::physr::detail::assert_failed(__FILE__, __LINE__, #cond, (message)))
+#else
+#define PHYSR_ASSERTS_ENABLED 0
+#define PHYSR_ASSERT(cond, message) static_cast<void>(sizeof(static_cast<bool>(cond)))
+#endif
+
+namespace detail {
+[[noreturn]] void assert_failed(const char* file, int line, const char* cond, std::string_view message);
+}  // namespace detail
+
 /// Consumes an unsigned integer from the front of `text`: base 10, or hex after a "0x"
 /// prefix when base is 0; base 16 reads bare hex digits. nullopt (text untouched) when
 /// there is no digit or the value overflows 64 bits. The one number reader physr's parsers share.

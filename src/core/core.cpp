@@ -80,6 +80,12 @@ void die_error_on_value() {
   std::abort();
 }
 
+void assert_failed(const char* file, int line, const char* cond, std::string_view message) {
+  std::fprintf(stderr, "physr: %s:%d: assertion '%s' failed: %.*s\n", file, line, cond,
+               static_cast<int>(message.size()), message.data());
+  std::abort();
+}
+
 }  // namespace detail
 
 std::optional<uint64_t> consume_uint(std::string_view& text, unsigned base) {
