@@ -29,11 +29,63 @@ const char* errno_name(int code) noexcept {
 
 std::string Error::to_string() const { return std::string(errno_name(code)) + ": " + message; }
 
+Error Error::with_context(std::string_view prefix) const& { return Error(*this).with_context(prefix); }
+
+Error Error::with_context(std::string_view prefix) && {
+  std::string head;
+  head.reserve(prefix.size() + 2 + message.size());
+  head.append(prefix).append(": ").append(message);
+  message = std::move(head);
+  return std::move(*this);
+}
+
 namespace detail {
-void die_on_error_access(const Error& e) {
-  std::fprintf(stderr, "physr: value() called on an error result: %s\n", e.to_string().c_str());
+
+namespace {
+// Never freed, never written: what a failed result holds after its error was moved out.
+Error g_moved_from{EINVAL, "(error moved out of this result)"};
+}  // namespace
+
+Error* moved_from_error() noexcept { return &g_moved_from; }
+
+Error* new_error(Error&& e) { return new Error(std::move(e)); }
+
+Error* copy_error(const Error* e) {
+  if (e == &g_moved_from) return &g_moved_from;
+  return new Error(*e);
+}
+
+void delete_error(Error* e) noexcept {
+  if (e != &g_moved_from) delete e;
+}
+
+Error take_error(Error* e) {
+  if (e == &g_moved_from) return *e;
+  return std::move(*e);
+}
+
+Error* add_context(Error* e, std::string_view prefix) {
+  if (e == &g_moved_from) e = new Error(*e);
+  *e = std::move(*e).with_context(prefix);
+  return e;
+}
+
+void die_value_on_error(const Error& e) {
+  std::fprintf(stderr, "physr: Result::value() called on an error: %s\n", e.to_string().c_str());
   std::abort();
 }
+
+void die_error_on_value() {
+  std::fputs("physr: Result::error() called on a value\n", stderr);
+  std::abort();
+}
+
+void assert_failed(const char* file, int line, const char* cond, std::string_view message) {
+  std::fprintf(stderr, "physr: %s:%d: assertion '%s' failed: %.*s\n", file, line, cond,
+               static_cast<int>(message.size()), message.data());
+  std::abort();
+}
+
 }  // namespace detail
 
 std::optional<uint64_t> consume_uint(std::string_view& text, unsigned base) {

@@ -365,9 +365,7 @@ uint64_t IovaAllocator::granule() const noexcept { return uint64_t{1} << impl_->
     }
   }
   if (!got) {
-    auto r = m.alloc_slow(g, k, limit_pfn);
-    if (!r) return std::move(r).error();
-    pfn = *r;
+    PHYSR_ASSIGN_OR_RETURN(pfn, m.alloc_slow(g, k, limit_pfn));
   }
   if (m.check) {
     std::lock_guard lock(m.check_mu);

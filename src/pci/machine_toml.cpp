@@ -55,93 +55,76 @@ double gen_speed(uint64_t gen) {
 
 Result<Topology> parse_machine(std::string_view text, std::string_view source) {
   Ctx c{std::string(source)};
-  auto parsed = parse_text(text, c.source);
-  if (!parsed) return std::move(parsed).error();
-  const toml::table& root = *parsed;
-  PHYSR_TRY(check_keys(c, root, "machine", {"name", "description", "cpu", "host_bridge", "function"}));
+  PHYSR_ASSIGN_OR_RETURN(const toml::table& root, parse_text(text, c.source));
+  PHYSR_RETURN_IF_ERROR(check_keys(c, root, "machine", {"name", "description", "cpu", "host_bridge", "function"}));
   Topology t;
   t.source = c.source;
-  if (auto n = get_string(c, root, "name", "machine"); !n) return std::move(n).error();
-  else t.name = n->value_or(std::string(source));
+  PHYSR_ASSIGN_OR_RETURN(const auto machine_name, get_string(c, root, "name", "machine"));
+  t.name = machine_name.value_or(std::string(source));
 
   if (const toml::node* cpu = root.get("cpu")) {
     const toml::table* ct = cpu->as_table();
     if (!ct) return make_error(EINVAL, c.where(*cpu) + "cpu: expected a table");
-    PHYSR_TRY(check_keys(c, *ct, "cpu", {"vendor", "family"}));
-    auto v = get_string(c, *ct, "vendor", "cpu");
-    if (!v) return std::move(v).error();
-    auto f = get_uint(c, *ct, "family", "cpu", 0xffff);
-    if (!f) return std::move(f).error();
-    t.cpu.vendor = v->value_or("");
-    t.cpu.family = static_cast<uint32_t>(f->value_or(0));
+    PHYSR_RETURN_IF_ERROR(check_keys(c, *ct, "cpu", {"vendor", "family"}));
+    PHYSR_ASSIGN_OR_RETURN(const auto vendor, get_string(c, *ct, "vendor", "cpu"));
+    PHYSR_ASSIGN_OR_RETURN(const auto family, get_uint(c, *ct, "family", "cpu", 0xffff));
+    t.cpu.vendor = vendor.value_or("");
+    t.cpu.family = static_cast<uint32_t>(family.value_or(0));
   }
 
-  auto hbs = get_table_array(c, root, "host_bridge");
-  if (!hbs) return std::move(hbs).error();
-  if (!*hbs || (*hbs)->empty()) return make_error(EINVAL, c.source + ": no [[host_bridge]] tables: a machine needs at least one");
+  PHYSR_ASSIGN_OR_RETURN(const toml::array* const hbs, get_table_array(c, root, "host_bridge"));
+  if (!hbs || hbs->empty()) return make_error(EINVAL, c.source + ": no [[host_bridge]] tables: a machine needs at least one");
   std::map<std::pair<uint32_t, uint8_t>, uint32_t> hb_index;
-  for (size_t i = 0; i < (*hbs)->size(); ++i) {
-    const toml::table& ht = *(**hbs)[i].as_table();
+  for (size_t i = 0; i < hbs->size(); ++i) {
+    const toml::table& ht = *(*hbs)[i].as_table();
     const std::string what = "host_bridge[" + std::to_string(i) + "]";
-    PHYSR_TRY(check_keys(c, ht, what, {"domain", "bus", "numa_node", "bus_offset"}));
-    auto dom = get_uint(c, ht, "domain", what, 0xffffffff);
-    if (!dom) return std::move(dom).error();
-    auto bus = get_uint(c, ht, "bus", what, 0xff);
-    if (!bus) return std::move(bus).error();
-    auto node = get_uint(c, ht, "numa_node", what, 4095);
-    if (!node) return std::move(node).error();
-    auto offset = get_uint(c, ht, "bus_offset", what, ~uint64_t{0}, /*sizes=*/true);  // a string for offsets of 2^63 and more
-    if (!offset) return std::move(offset).error();
+    PHYSR_RETURN_IF_ERROR(check_keys(c, ht, what, {"domain", "bus", "numa_node", "bus_offset"}));
+    PHYSR_ASSIGN_OR_RETURN(const auto dom, get_uint(c, ht, "domain", what, 0xffffffff));
+    PHYSR_ASSIGN_OR_RETURN(const auto bus, get_uint(c, ht, "bus", what, 0xff));
+    PHYSR_ASSIGN_OR_RETURN(const auto node, get_uint(c, ht, "numa_node", what, 4095));
+    // A string for offsets of 2^63 and more (TOML integers are signed 64-bit).
+    PHYSR_ASSIGN_OR_RETURN(const auto offset, get_uint(c, ht, "bus_offset", what, ~uint64_t{0}, /*sizes=*/true));
     HostBridge hb;
-    hb.bus_offset = offset->value_or(0);
-    hb.domain = static_cast<uint32_t>(dom->value_or(0));
-    hb.bus = static_cast<uint8_t>(bus->value_or(0));
-    hb.numa_node = node->has_value() ? static_cast<int>(**node) : -1;
+    hb.domain = static_cast<uint32_t>(dom.value_or(0));
+    hb.bus = static_cast<uint8_t>(bus.value_or(0));
+    hb.numa_node = node.has_value() ? static_cast<int>(*node) : -1;
+    hb.bus_offset = offset.value_or(0);
     if (!hb_index.emplace(std::make_pair(hb.domain, hb.bus), static_cast<uint32_t>(t.host_bridges.size())).second)
       return make_error(EEXIST, c.where(ht) + what + ": host bridge " + hb.name() + " is defined twice");
     t.host_bridges.push_back(hb);
   }
 
-  auto fns = get_table_array(c, root, "function");
-  if (!fns) return std::move(fns).error();
+  PHYSR_ASSIGN_OR_RETURN(const toml::array* const fns, get_table_array(c, root, "function"));
   std::vector<std::pair<std::string, const toml::node*>> parents;  // per function
   std::map<std::string, uint32_t> by_name;
   std::map<Bdf, uint32_t> by_bdf;
-  const size_t nf = *fns ? (*fns)->size() : 0;
+  const size_t nf = fns ? fns->size() : 0;
   for (size_t i = 0; i < nf; ++i) {
-    const toml::table& ft = *(**fns)[i].as_table();
+    const toml::table& ft = *(*fns)[i].as_table();
     std::string what = "function[" + std::to_string(i) + "]";
     Function f;
-    auto bdf_text = get_string(c, ft, "bdf", what);
-    if (!bdf_text) return std::move(bdf_text).error();
-    if (!bdf_text->has_value()) return make_error(EINVAL, c.where(ft) + what + ": missing key 'bdf'");
-    auto bdf = parse_bdf(**bdf_text);
-    if (!bdf) return make_error(EINVAL, c.where(*ft.get("bdf")) + what + ".bdf: " + bdf.error().message);
-    f.bdf = *bdf;
+    PHYSR_ASSIGN_OR_RETURN(const auto bdf_text, get_string(c, ft, "bdf", what));
+    if (!bdf_text.has_value()) return make_error(EINVAL, c.where(ft) + what + ": missing key 'bdf'");
+    PHYSR_ASSIGN_OR_RETURN_CTX(f.bdf, parse_bdf(*bdf_text), c.where(*ft.get("bdf")) + what + ".bdf");
     what += " (" + f.bdf.to_string() + ")";
-    PHYSR_TRY(check_keys(c, ft, what, {"bdf", "name", "vendor", "device", "class", "type", "parent", "acs", "numa_node",
-                                       "link_gen", "link_width", "bar", "cmb"}));
+    PHYSR_RETURN_IF_ERROR(check_keys(c, ft, what, {"bdf", "name", "vendor", "device", "class", "type", "parent", "acs", "numa_node",
+                                                   "link_gen", "link_width", "bar", "cmb"}));
     if (by_bdf.count(f.bdf)) return make_error(EEXIST, c.where(ft) + what + ": defined twice");
-    auto name = get_string(c, ft, "name", what);
-    if (!name) return std::move(name).error();
-    f.name = name->value_or("");
+    PHYSR_ASSIGN_OR_RETURN(const auto name, get_string(c, ft, "name", what));
+    f.name = name.value_or("");
     if (!f.name.empty() && (by_name.count(f.name) || parse_bdf(f.name)))
       return make_error(EEXIST, c.where(ft) + what + ".name: '" + f.name + "' is used twice or looks like a PCI address");
     for (auto [key, max, dst] : {std::tuple{"vendor", uint64_t{0xffff}, 0}, std::tuple{"device", uint64_t{0xffff}, 1},
                                  std::tuple{"class", uint64_t{0xffffff}, 2}}) {
-      auto v = get_uint(c, ft, key, what, max);
-      if (!v) return std::move(v).error();
-      if (!v->has_value()) return make_error(EINVAL, c.where(ft) + what + ": missing key '" + key + "'");
-      if (dst == 0) f.vendor = static_cast<uint16_t>(**v);
-      else if (dst == 1) f.device = static_cast<uint16_t>(**v);
-      else f.class_code = static_cast<uint32_t>(**v);
+      PHYSR_ASSIGN_OR_RETURN(const auto v, get_uint(c, ft, key, what, max));
+      if (!v.has_value()) return make_error(EINVAL, c.where(ft) + what + ": missing key '" + key + "'");
+      if (dst == 0) f.vendor = static_cast<uint16_t>(*v);
+      else if (dst == 1) f.device = static_cast<uint16_t>(*v);
+      else f.class_code = static_cast<uint32_t>(*v);
     }
-    auto type = get_string(c, ft, "type", what);
-    if (!type) return std::move(type).error();
-    if (type->has_value()) {
-      auto pt = parse_port_type(**type);
-      if (!pt) return make_error(EINVAL, c.where(*ft.get("type")) + what + ".type: " + pt.error().message);
-      f.port_type = *pt;
+    PHYSR_ASSIGN_OR_RETURN(const auto type, get_string(c, ft, "type", what));
+    if (type.has_value()) {
+      PHYSR_ASSIGN_OR_RETURN_CTX(f.port_type, parse_port_type(*type), c.where(*ft.get("type")) + what + ".type");
     } else {
       f.port_type = f.is_pci_bridge() ? PortType::unknown : PortType::endpoint;
     }
@@ -149,33 +132,26 @@ Result<Topology> parse_machine(std::string_view text, std::string_view source) {
       return make_error(EINVAL, c.where(ft) + what + ": a PCI bridge needs 'type' (root_port, switch_upstream, switch_downstream, ...)");
     f.acs.kind = AcsState::Kind::absent;
     if (const toml::node* a = ft.get("acs")) {
-      auto s = parse_acs(c, *a, what);
-      if (!s) return std::move(s).error();
-      f.acs = *s;
+      PHYSR_ASSIGN_OR_RETURN(f.acs, parse_acs(c, *a, what));
     }
-    auto node = get_uint(c, ft, "numa_node", what, 4095);
-    if (!node) return std::move(node).error();
-    f.numa_node = node->has_value() ? static_cast<int>(**node) : -1;
-    auto gen = get_uint(c, ft, "link_gen", what, 7);
-    if (!gen) return std::move(gen).error();
-    f.link_speed_gts = gen_speed(gen->value_or(0));
-    auto width = get_uint(c, ft, "link_width", what, 32);
-    if (!width) return std::move(width).error();
-    f.link_width = static_cast<unsigned>(width->value_or(0));
+    PHYSR_ASSIGN_OR_RETURN(const auto node, get_uint(c, ft, "numa_node", what, 4095));
+    f.numa_node = node.has_value() ? static_cast<int>(*node) : -1;
+    PHYSR_ASSIGN_OR_RETURN(const auto gen, get_uint(c, ft, "link_gen", what, 7));
+    f.link_speed_gts = gen_speed(gen.value_or(0));
+    PHYSR_ASSIGN_OR_RETURN(const auto width, get_uint(c, ft, "link_width", what, 32));
+    f.link_width = static_cast<unsigned>(width.value_or(0));
 
-    auto bars = get_table_array(c, ft, "bar");
-    if (!bars) return std::move(bars).error();
-    for (size_t b = 0; *bars && b < (*bars)->size(); ++b) {
-      const toml::table& bt = *(**bars)[b].as_table();
+    PHYSR_ASSIGN_OR_RETURN(const toml::array* const bars, get_table_array(c, ft, "bar"));
+    for (size_t b = 0; bars && b < bars->size(); ++b) {
+      const toml::table& bt = *(*bars)[b].as_table();
       const std::string bw = what + ".bar[" + std::to_string(b) + "]";
-      PHYSR_TRY(check_keys(c, bt, bw, {"index", "start", "size", "prefetchable"}));
+      PHYSR_RETURN_IF_ERROR(check_keys(c, bt, bw, {"index", "start", "size", "prefetchable"}));
       auto idx = get_uint(c, bt, "index", bw, 5);
       auto start = get_uint(c, bt, "start", bw, kPhysAddrLimit - 1, true);
       auto size = get_uint(c, bt, "size", bw, kPhysAddrLimit, true);
       auto pf = get_bool(c, bt, "prefetchable", bw, true);
-      for (auto* r : {&idx, &start, &size})
-        if (!*r) return std::move(*r).error();
-      if (!pf) return std::move(pf).error();
+      for (auto* r : {&idx, &start, &size}) PHYSR_RETURN_IF_ERROR(std::move(*r));
+      PHYSR_RETURN_IF_ERROR(std::move(pf));
       if (!start->has_value() || !size->has_value() || **size == 0)
         return make_error(EINVAL, c.where(bt) + bw + ": needs 'start' and a non-zero 'size'");
       if (**start + **size > kPhysAddrLimit)
@@ -194,20 +170,15 @@ Result<Topology> parse_machine(std::string_view text, std::string_view source) {
       if (!ct) return make_error(EINVAL, c.where(*cn) + cw + ": expected a table (bar, rds, wds)");
       if ((f.class_code >> 8) != 0x0108)
         return make_error(EINVAL, c.where(*cn) + cw + ": only NVMe controllers (class 0x0108xx) have a controller memory buffer");
-      PHYSR_TRY(check_keys(c, *ct, cw, {"bar", "rds", "wds"}));
-      auto bar = get_uint(c, *ct, "bar", cw, 5);
-      if (!bar) return std::move(bar).error();
-      if (!bar->has_value()) return make_error(EINVAL, c.where(*ct) + cw + ": missing key 'bar' (the BAR holding the CMB)");
-      if (std::none_of(f.bars.begin(), f.bars.end(), [&](const Bar& b) { return b.index == **bar; }))
-        return make_error(EINVAL, c.where(*ct->get("bar")) + cw + ".bar: BAR " + std::to_string(**bar) + " is not among the function's [[function.bar]]");
+      PHYSR_RETURN_IF_ERROR(check_keys(c, *ct, cw, {"bar", "rds", "wds"}));
+      PHYSR_ASSIGN_OR_RETURN(const auto bar, get_uint(c, *ct, "bar", cw, 5));
+      if (!bar.has_value()) return make_error(EINVAL, c.where(*ct) + cw + ": missing key 'bar' (the BAR holding the CMB)");
+      if (std::none_of(f.bars.begin(), f.bars.end(), [&](const Bar& b) { return b.index == *bar; }))
+        return make_error(EINVAL, c.where(*ct->get("bar")) + cw + ".bar: BAR " + std::to_string(*bar) + " is not among the function's [[function.bar]]");
       NvmeCmb cmb;
-      cmb.bar = static_cast<unsigned>(**bar);
-      auto rds = get_bool(c, *ct, "rds", cw, true);
-      if (!rds) return std::move(rds).error();
-      auto wds = get_bool(c, *ct, "wds", cw, true);
-      if (!wds) return std::move(wds).error();
-      cmb.rds = *rds;
-      cmb.wds = *wds;
+      cmb.bar = static_cast<unsigned>(*bar);
+      PHYSR_ASSIGN_OR_RETURN(cmb.rds, get_bool(c, *ct, "rds", cw, true));
+      PHYSR_ASSIGN_OR_RETURN(cmb.wds, get_bool(c, *ct, "wds", cw, true));
       f.cmb = cmb;
     }
 
@@ -249,7 +220,7 @@ Result<Topology> parse_machine(std::string_view text, std::string_view source) {
     f.upstream = static_cast<int32_t>(*p);
   }
   // Host bridge and NUMA node come from the root of each chain (cycles checked first).
-  if (auto ok = t.validate(true); !ok) return make_error(ok.error().code, c.source + ": " + ok.error().message);
+  PHYSR_RETURN_IF_ERROR_CTX(t.validate(true), c.source);
   for (Function& f : t.functions) {
     int32_t r = f.upstream;
     const Function* top = &f;

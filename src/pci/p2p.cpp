@@ -57,7 +57,7 @@ const char* map_type_name(MapType t) noexcept {
 std::span<const std::pair<const char*, const char*>> link_class_legend() { return kLegend; }
 
 Result<P2PEngine> P2PEngine::create(const Topology& topo, VerdictOptions options) {
-  PHYSR_TRY(topo.validate());
+  PHYSR_RETURN_IF_ERROR(topo.validate());
   P2PEngine e(topo);
   const auto n = static_cast<uint32_t>(topo.functions.size());
   if (n > 0xffff) return make_error(EINVAL, topo.source + ": more than 65535 functions");

@@ -46,19 +46,17 @@ bool parse_u64(std::string_view s, uint64_t& out, unsigned base) {
 
 // A hex attribute such as `vendor` ("0x8086\n") no larger than max.
 Result<uint64_t> read_hex_attr(const fs::path& p, uint64_t max) {
-  auto text = read_file(p, kMaxTextFile);
-  if (!text) return std::move(text).error();
+  PHYSR_ASSIGN_OR_RETURN(const std::string text, read_file(p, kMaxTextFile));
   uint64_t v;
-  if (!parse_u64(trim(*text), v, 16) || v > max)
+  if (!parse_u64(trim(text), v, 16) || v > max)
     return make_error(EINVAL, p.string() + ": expected a hex number up to " + std::to_string(max) + ", found '" +
-                                  std::string(trim(*text).substr(0, 40)) + "'");
+                                  std::string(trim(text).substr(0, 40)) + "'");
   return v;
 }
 
 Status read_resource(const fs::path& p, Function& f) {
-  auto text = read_file(p, kMaxTextFile);
-  if (!text) return std::move(text).error();
-  std::istringstream in(*text);
+  PHYSR_ASSIGN_OR_RETURN(const std::string text, read_file(p, kMaxTextFile));
+  std::istringstream in(text);
   std::string line;
   unsigned index = 0;
   while (std::getline(in, line)) {
@@ -109,16 +107,16 @@ struct Loader {
     std::error_code ec;
     bool have_config = false;
     if (fs::exists(cfg, ec)) {
-      auto bytes = read_file(cfg, 4096);
-      if (!bytes) return std::move(bytes).error();
-      auto info = parse_config(std::span(reinterpret_cast<const uint8_t*>(bytes->data()), bytes->size()));
-      if (!info) return make_error(EINVAL, cfg.string() + ": " + info.error().message);
-      f.vendor = info->vendor;
-      f.device = info->device;
-      f.class_code = info->class_code;
-      f.header_type = info->header_type;
-      f.port_type = info->port_type;
-      f.acs = info->acs;
+      PHYSR_ASSIGN_OR_RETURN(const std::string bytes, read_file(cfg, 4096));
+      PHYSR_ASSIGN_OR_RETURN_CTX(const ConfigInfo info,
+                                 parse_config(std::span(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size())),
+                                 cfg.string());
+      f.vendor = info.vendor;
+      f.device = info.device;
+      f.class_code = info.class_code;
+      f.header_type = info.header_type;
+      f.port_type = info.port_type;
+      f.acs = info.acs;
       have_config = true;
     }
     // The text attributes are what the kernel reports; they win over raw config bytes.
@@ -129,13 +127,12 @@ struct Loader {
         continue;
       }
       const bool is_class = std::string_view(attr) == "class";
-      auto v = read_hex_attr(p, is_class ? 0xffffff : 0xffff);
-      if (!v) return std::move(v).error();
-      if (is_class) f.class_code = static_cast<uint32_t>(*v);
-      else if (std::string_view(attr) == "vendor") f.vendor = static_cast<uint16_t>(*v);
-      else f.device = static_cast<uint16_t>(*v);
+      PHYSR_ASSIGN_OR_RETURN(const uint64_t v, read_hex_attr(p, is_class ? 0xffffff : 0xffff));
+      if (is_class) f.class_code = static_cast<uint32_t>(v);
+      else if (std::string_view(attr) == "vendor") f.vendor = static_cast<uint16_t>(v);
+      else f.device = static_cast<uint16_t>(v);
     }
-    if (fs::exists(dir / "resource", ec)) PHYSR_TRY(read_resource(dir / "resource", f));
+    if (fs::exists(dir / "resource", ec)) PHYSR_RETURN_IF_ERROR(read_resource(dir / "resource", f));
     if (auto s = read_file(dir / "numa_node", 256)) {
       const std::string_view n = trim(*s);
       uint64_t v;
@@ -171,10 +168,10 @@ struct Loader {
     std::sort(children.begin(), children.end());
     for (const auto& [bdf, path] : children) {
       if (t.functions.size() >= kMaxFunctions) return make_error(EINVAL, dir.string() + ": more than 65536 PCI functions");
-      PHYSR_TRY(load_function(path, bdf, hb, upstream));
+      PHYSR_RETURN_IF_ERROR(load_function(path, bdf, hb, upstream));
       const auto idx = static_cast<int32_t>(t.functions.size() - 1);
       if (upstream < 0) t.host_bridges[hb].root_functions.push_back(static_cast<uint32_t>(idx));
-      PHYSR_TRY(walk(path, hb, idx, depth + 1));
+      PHYSR_RETURN_IF_ERROR(walk(path, hb, idx, depth + 1));
     }
     return {};
   }
@@ -236,7 +233,7 @@ Result<Topology> load_sysfs(const fs::path& root) {
     hb.domain = key.first;
     hb.bus = key.second;
     t.host_bridges.push_back(hb);
-    PHYSR_TRY(loader.walk(path, static_cast<uint32_t>(t.host_bridges.size() - 1), -1, 0));
+    PHYSR_RETURN_IF_ERROR(loader.walk(path, static_cast<uint32_t>(t.host_bridges.size() - 1), -1, 0));
   }
   for (HostBridge& hb : t.host_bridges)
     for (uint32_t i : hb.root_functions)
@@ -244,7 +241,7 @@ Result<Topology> load_sysfs(const fs::path& root) {
         hb.numa_node = t.functions[i].numa_node;
         break;
       }
-  if (auto ok = t.validate(); !ok) return make_error(ok.error().code, devices.string() + ": " + ok.error().message);
+  PHYSR_RETURN_IF_ERROR_CTX(t.validate(), devices.string());
   for (const Bdf& b : t.duplicate_bdfs())
     t.warnings.push_back(b.to_string() + " appears under more than one bridge (an edited snapshot?); the tree is kept, and lookups by address use the first");
   return t;

@@ -23,7 +23,7 @@ Result<RangeList> tag_ranges(const ProviderRegistry& registry, std::span<const P
       }
       const uint64_t take = std::min(left, extent);
       // append() merges contiguous pieces of one provider and never merges across two.
-      PHYSR_TRY(out.append(PhysRange{PhysAddr(addr), take, p ? p->id() : kHostMemory}, limits));
+      PHYSR_RETURN_IF_ERROR(out.append(PhysRange{PhysAddr(addr), take, p ? p->id() : kHostMemory}, limits));
       addr += take;
       left -= take;
     }

@@ -316,7 +316,7 @@ Status RangeList::append_pfns_impl(const uint64_t* pfn, const ProviderId* prov, 
 
 Status RangeList::append_pfns(std::span<const uint64_t> pfns, std::span<const ProviderId> providers,
                               const SegmentLimits& limits) {
-  PHYSR_TRY(validate_limits(limits, true));
+  PHYSR_RETURN_IF_ERROR(validate_limits(limits, true));
   if (!providers.empty() && providers.size() != pfns.size())
     return make_error(EINVAL, "providers has " + std::to_string(providers.size()) + " ids for " +
                                   std::to_string(pfns.size()) + " pfns (need one per pfn, or none)");
@@ -327,7 +327,7 @@ Status RangeList::append_pfns(std::span<const uint64_t> pfns, std::span<const Pr
 Result<RangeList> RangeList::from_pfns(std::span<const uint64_t> pfns, std::span<const ProviderId> providers,
                                        const SegmentLimits& limits) {
   RangeList out;
-  PHYSR_TRY(out.append_pfns(pfns, providers, limits));
+  PHYSR_RETURN_IF_ERROR(out.append_pfns(pfns, providers, limits));
   return out;
 }
 
@@ -343,15 +343,15 @@ static Status check_piece(const PhysRange& r, size_t index) {
 }
 
 Status RangeList::append(PhysRange piece, const SegmentLimits& limits) {
-  PHYSR_TRY(validate_limits(limits, false));
-  PHYSR_TRY(check_piece(piece, count_));
+  PHYSR_RETURN_IF_ERROR(validate_limits(limits, false));
+  PHYSR_RETURN_IF_ERROR(check_piece(piece, count_));
   append_split(piece.addr.value(), piece.len, piece.provider, limits, true);
   return {};
 }
 
 Result<RangeList> RangeList::from_ranges(std::span<const PhysRange> pieces, const SegmentLimits& limits) {
-  PHYSR_TRY(validate_limits(limits, false));
-  for (size_t i = 0; i < pieces.size(); ++i) PHYSR_TRY(check_piece(pieces[i], i));
+  PHYSR_RETURN_IF_ERROR(validate_limits(limits, false));
+  for (size_t i = 0; i < pieces.size(); ++i) PHYSR_RETURN_IF_ERROR(check_piece(pieces[i], i));
   RangeList out;
   out.words_.reserve(pieces.size());
   for (const PhysRange& r : pieces) out.append_split(r.addr.value(), r.len, r.provider, limits, true);
@@ -359,7 +359,7 @@ Result<RangeList> RangeList::from_ranges(std::span<const PhysRange> pieces, cons
 }
 
 Status RangeList::append(const RangeList& other_in, const SegmentLimits& limits) {
-  PHYSR_TRY(validate_limits(limits, false));
+  PHYSR_RETURN_IF_ERROR(validate_limits(limits, false));
   const RangeList copy = &other_in == this ? other_in : RangeList();
   const RangeList& other = &other_in == this ? copy : other_in;
   words_.reserve(words_.size() + other.words_.size());
@@ -374,12 +374,12 @@ Status RangeList::append(const RangeList& other_in, const SegmentLimits& limits)
 
 Result<RangeList> RangeList::concat(const RangeList& a, const RangeList& b, const SegmentLimits& limits) {
   RangeList out = a;
-  PHYSR_TRY(out.append(b, limits));
+  PHYSR_RETURN_IF_ERROR(out.append(b, limits));
   return out;
 }
 
 Result<RangeList> RangeList::split(const SegmentLimits& limits) const {
-  PHYSR_TRY(validate_limits(limits, false));
+  PHYSR_RETURN_IF_ERROR(validate_limits(limits, false));
   RangeList out;
   out.words_.reserve(words_.size());
   for (const PhysRange r : *this) {
