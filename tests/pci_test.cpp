@@ -33,7 +33,7 @@ struct M {
         int vendor = 0x1234, int device = 0x0001) {
     const bool bridge = type == "root_port" || type == "switch_upstream" || type == "switch_downstream";
     text += "[[function]]\nbdf = \"" + bdf + "\"\nvendor = " + std::to_string(vendor) + "\ndevice = " +
-            std::to_string(device) + "\nclass = " + std::to_string(bridge ? 0x060400 : type == "host" ? 0x060000 : 0x010802) +
+            std::to_string(device) + "\nclass = " + std::to_string(bridge ? kClassPciBridge : type == "host" ? kClassHostBridge : kClassNvme) +
             "\ntype = \"" + (type == "host" ? std::string("rc_integrated_endpoint") : type) + "\"\n";
     if (!parent.empty()) text += "parent = \"" + parent + "\"\n";
     if (!acs.empty()) text += "acs = \"" + acs + "\"\n";
@@ -305,7 +305,7 @@ TEST(VerdictTest, MatchesKernelLoopOnRandomForests) {
       f.bdf = Bdf{0, static_cast<uint8_t>(i), static_cast<uint8_t>(rng() % 32), static_cast<uint8_t>(rng() % 8)};
       f.vendor = 0x8086;
       f.device = static_cast<uint16_t>(ids[rng() % 4]);
-      f.class_code = 0x060400;
+      f.class_code = kClassPciBridge;
       f.port_type = rng() % 2 ? PortType::root_port : PortType::switch_downstream;
       if (rng() % 3 == 0) f.acs = AcsState{AcsState::Kind::present, 0x7f, static_cast<uint16_t>(rng() % 0x80)};
       // Parent: a random earlier function, or a root bus.
@@ -442,6 +442,30 @@ TEST(MachineFileTest, ReferenceMachinesLoadWithExpectedVerdicts) {
   ASSERT_TRUE(x.has_value()) << x.error().to_string();
   expect(v(*x, "nvme0", "gpu0"), MapType::thru_host_bridge, 4);
   expect(v(*x, "nvme1", "gpu0"), MapType::not_supported, 4);
+}
+
+TEST(ClassTest, PredicatesFollowTheClassCodes) {
+  const auto fn = [](uint32_t cc) {
+    Function f;
+    f.class_code = cc;
+    return f;
+  };
+  EXPECT_TRUE(is_nvme(fn(kClassNvme)));
+  EXPECT_TRUE(is_nvme(fn(0x010801)));  // NVMHCI: the same subclass
+  EXPECT_FALSE(is_nvme(fn(0x010601)));
+  EXPECT_TRUE(is_storage(fn(0x010601)));
+  EXPECT_TRUE(is_network(fn(0x020000)));
+  EXPECT_TRUE(is_display(fn(0x030200)));
+  EXPECT_TRUE(is_display_or_accel(fn(0x030000)));
+  EXPECT_TRUE(is_display_or_accel(fn(0x120000)));
+  EXPECT_FALSE(is_display_or_accel(fn(0x0b4000)));
+  EXPECT_TRUE(is_processor(fn(0x0b4000)));
+  EXPECT_TRUE(is_bridge(fn(kClassHostBridge)));
+  EXPECT_FALSE(is_pci_bridge(fn(kClassHostBridge)));
+  EXPECT_TRUE(is_pci_bridge(fn(kClassPciBridge)));
+  EXPECT_TRUE(is_pci_bridge(fn(0x060901)));
+  EXPECT_EQ(class_name(kClassNvme), "NVMe controller");
+  EXPECT_EQ(class_name(0x010801), "NVM controller");
 }
 
 // --- real sysfs snapshots ------------------------------------------------------------------

@@ -109,8 +109,8 @@ Result<JobResult> run_job(Machine& m, const Job& job) {
   const uint32_t cls = topo.functions[job.device].class_code;
   // A GPU or accelerator job is its copy engine moving data between the device's memory
   // (its largest BAR) and the buffer.
-  const bool gpu = (cls >> 16) == 0x03 || (cls >> 16) == 0x12;
-  if ((cls >> 8) != 0x0108 && !gpu)
+  const bool gpu = pci::is_display_or_accel(topo.functions[job.device]);
+  if (!pci::is_nvme(topo.functions[job.device]) && !gpu)
     return make_error(EINVAL, where() + ": " + m.label(job.device) + " is neither an NVMe controller nor a GPU or accelerator (class " +
                                   format_hex(cls) + ")");
   if (job.block_size == 0 || job.block_size % 512 != 0 || job.block_size > 4 * MiB)

@@ -12,7 +12,7 @@ namespace physr::sim {
 namespace {
 constexpr uint64_t kTxHost = 1 * GiB, kRxHost = 1280 * MiB, kWindow = 256 * MiB;
 
-bool is_nic(const pci::Topology& t, uint32_t f) { return (t.functions[f].class_code >> 16) == 0x02; }
+bool is_nic(const pci::Topology& t, uint32_t f) { return pci::is_network(t.functions[f]); }
 }  // namespace
 
 Result<JobResult> run_net_job(Machine& m, const Job& job) {

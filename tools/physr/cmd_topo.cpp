@@ -105,13 +105,12 @@ bool device_matches(const Function& f, const std::string& filter) {
     const std::string t = filter.substr(pos, end - pos);
     pos = end + 1;
     if (t.empty()) continue;
-    const uint32_t sub = f.class_code >> 8;
     if (t == f.name || bdf.rfind(t, 0) == 0 || bdf.substr(5).rfind(t, 0) == 0) return true;
-    if (t == "nvme" && sub == 0x0108) return true;
-    if (t == "storage" && f.base_class() == 0x01) return true;
-    if ((t == "net" || t == "nic") && f.base_class() == 0x02) return true;
-    if ((t == "gpu" || t == "display") && f.base_class() == 0x03) return true;
-    if (t == "accel" && (f.base_class() == 0x12 || f.base_class() == 0x0b)) return true;
+    if (t == "nvme" && is_nvme(f)) return true;
+    if (t == "storage" && is_storage(f)) return true;
+    if ((t == "net" || t == "nic") && is_network(f)) return true;
+    if ((t == "gpu" || t == "display") && is_display(f)) return true;
+    if (t == "accel" && (is_accelerator(f) || is_processor(f))) return true;
   }
   return false;
 }
@@ -166,7 +165,7 @@ void print_tree(const Topology& t, P2PEngine& e) {
 std::vector<uint32_t> endpoints(const Topology& t, const std::string& filter) {
   std::vector<uint32_t> out;
   for (uint32_t i = 0; i < t.functions.size(); ++i)
-    if (!t.functions[i].is_bridge_class() && device_matches(t.functions[i], filter)) out.push_back(i);
+    if (!is_bridge(t.functions[i]) && device_matches(t.functions[i], filter)) out.push_back(i);
   return out;
 }
 
@@ -278,7 +277,7 @@ void print_dot(const Topology& t) {
       const Function& f = t.functions[i];
       if (f.host_bridge != h) continue;
       const std::string port = port_label(f), acs = acs_label(f);
-      const char* shape = f.port_type == PortType::switch_upstream ? "box3d" : f.is_pci_bridge() ? "box" : "component";
+      const char* shape = f.port_type == PortType::switch_upstream ? "box3d" : is_pci_bridge(f) ? "box" : "component";
       fmt::print("    \"{}\" [shape={}, label=\"{}\\n{:04x}:{:04x} {}{}{}\"];\n", f.bdf.to_string(), shape, describe(f), f.vendor,
                  f.device, class_name(f.class_code), port.empty() ? "" : "\\n" + port, acs.empty() ? "" : "\\n" + acs);
     }

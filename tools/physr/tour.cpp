@@ -97,7 +97,7 @@ void this_machine_section() {
   }
   std::vector<uint32_t> devs;
   for (uint32_t i = 0; i < t->functions.size(); ++i)
-    if (!t->functions[i].is_bridge_class()) devs.push_back(i);
+    if (!is_bridge(t->functions[i])) devs.push_back(i);
   std::map<MapType, size_t> counts;
   for (uint32_t p : devs)
     for (uint32_t c : devs)
