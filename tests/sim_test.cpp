@@ -16,8 +16,8 @@ namespace physr::sim {
 namespace {
 
 pci::Topology machine(const char* name) {
-  auto t = pci::load_machine_file(std::filesystem::path(PHYSR_SOURCE_DIR) / "machines" / (std::string(name) + ".toml"));
-  EXPECT_TRUE(t.has_value());
+  auto t = pci::load_builtin_machine(name);
+  EXPECT_TRUE(t.has_value()) << t.error().to_string();
   return std::move(t).value();
 }
 

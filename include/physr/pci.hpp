@@ -231,6 +231,14 @@ Result<Topology> load_sysfs(const std::filesystem::path& root);
 Result<Topology> load_machine_file(const std::filesystem::path& file);
 /// Parses TOML machine text; `source` names it in errors ("FILE:LINE: key: problem").
 Result<Topology> parse_machine(std::string_view text, std::string_view source);
+/// The built-in machine `name` (machines/NAME.toml, physr/builtin.hpp), its source
+/// "builtin:NAME"; ENOENT naming it and the built-in machines when there is none.
+Result<Topology> load_builtin_machine(std::string_view name);
+/// The machine `spec` names, as `--machine` and a scenario's `machine` take it: the root of
+/// a sysfs snapshot when it is a folder ("/" for this host), a TOML machine file when it is
+/// a file, else a built-in machine. ENOENT naming it and the built-in machines otherwise;
+/// the loaders' errors as they are.
+Result<Topology> load_machine(std::string_view spec);
 
 // -------------------------------------------------------------------------------------
 // P2P verdicts

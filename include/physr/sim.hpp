@@ -27,6 +27,7 @@
 #include <string>
 #include <vector>
 
+#include "physr/builtin.hpp"
 #include "physr/core.hpp"
 #include "physr/dma.hpp"
 #include "physr/pci.hpp"
@@ -335,7 +336,8 @@ struct JobSpec {
 
 struct Scenario {
   std::string name, description, source;
-  std::string machine = "two-socket-switch";  // a built-in machine name or a TOML file path
+  /// A built-in machine, a TOML machine file or a sysfs snapshot's root (pci::load_machine).
+  std::string machine{kDefaultMachine};
   MachineOptions options;
   std::vector<JobSpec> jobs;
 };

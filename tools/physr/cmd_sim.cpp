@@ -8,7 +8,6 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
-#include "builtin.hpp"
 #include "cli.hpp"
 #include "physr/sim.hpp"
 
@@ -16,7 +15,7 @@ namespace physr::cli {
 namespace {
 
 struct SimOptions {
-  std::string scenario = "flagship";
+  std::string scenario{kDefaultScenario};
   bool json = false;
   std::string svg;
 };
@@ -27,12 +26,6 @@ std::string read_text(const std::string& path) {
   std::ostringstream ss;
   ss << in.rdbuf();
   return ss.str();
-}
-
-std::string builtin_scenario_names() {
-  std::string s;
-  for (const auto& b : kBuiltinScenarios) s += (s.empty() ? "" : ", ") + std::string(b.name);
-  return s;
 }
 
 std::string gb(double bytes_per_ns) { return fmt::format("{:.2f}", bytes_per_ns); }
@@ -88,8 +81,7 @@ sim::Scenario load_scenario_arg(const std::string& arg) {
     if (std::filesystem::path(sc.machine).is_relative() && std::filesystem::exists(beside, ec)) sc.machine = beside.string();
     return sc;
   }
-  for (const auto& b : kBuiltinScenarios)
-    if (b.name == arg) return failure_value(sim::parse_scenario(b.text, "builtin:" + std::string(b.name)));
+  if (const auto text = builtin_scenario_text(arg)) return failure_value(sim::parse_scenario(*text, "builtin:" + arg));
   throw Failure(fmt::format("scenario '{}': no such file and no built-in scenario of that name (built-in: {})", arg, builtin_scenario_names()));
 }
 

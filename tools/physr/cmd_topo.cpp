@@ -3,12 +3,10 @@
 #include <fmt/core.h>
 
 #include <algorithm>
-#include <filesystem>
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
 
-#include "builtin.hpp"
 #include "cli.hpp"
 #include "physr/pci.hpp"
 
@@ -403,29 +401,7 @@ void run_explain(const ExplainOptions& o) {
 
 }  // namespace
 
-Topology load_machine_arg(const std::string& machine) {
-  std::error_code ec;
-  if (std::filesystem::is_directory(machine, ec)) return warned(failure_value(load_sysfs(machine)));  // a snapshot's root ("/": this host)
-  if (std::filesystem::exists(machine, ec)) return warned(failure_value(load_machine_file(machine)));
-  if (auto t = builtin_machine(machine)) return warned(std::move(*t));
-  throw Failure(fmt::format("--machine {}: no such file and no built-in machine of that name (built-in: {})", machine,
-                            builtin_machine_names()));
-}
-
-std::optional<Topology> builtin_machine(std::string_view name) {
-  for (const auto& b : kBuiltinMachines)
-    if (b.name == name) return failure_value(parse_machine(b.text, "builtin:" + std::string(b.name)));
-  return std::nullopt;
-}
-
-std::string builtin_machine_names() {
-  std::string s;
-  for (const auto& b : kBuiltinMachines) {
-    if (!s.empty()) s += ", ";
-    s += b.name;
-  }
-  return s;
-}
+Topology load_machine_arg(const std::string& machine) { return warned(failure_value(load_machine(machine))); }
 
 void add_topo_commands(CLI::App& app) {
   auto t = std::make_shared<TopoOptions>();

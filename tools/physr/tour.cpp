@@ -13,8 +13,6 @@ namespace physr::cli {
 
 namespace {
 
-constexpr std::string_view kDefaultMachine = "two-socket-switch";
-
 void default_machine_section(const pci::Topology& t, pci::P2PEngine& e) {
   using namespace physr::pci;
   fmt::print("== P2P on the default machine ({}: {} host bridges, {} functions) ==\n", t.name, t.host_bridges.size(),
@@ -121,7 +119,7 @@ void run_tour() {
       PHYSR_VERSION);
   {
     fmt::print("== The flagship scenario on the model machine (physr sim flagship) ==\n");
-    const sim::Scenario sc = load_scenario_arg("flagship");
+    const sim::Scenario sc = load_scenario_arg(std::string(kDefaultScenario));
     const auto rs = run_scenario(sc, nullptr);
     for (const auto& r : rs)
       fmt::print("  {:<20} {:>6.2f} GB/s  p99 {:>7.1f} us  {}\n", r.name, r.gbps, r.lat_p99_us, r.path);
@@ -131,11 +129,10 @@ void run_tour() {
                  "  More: physr sim flagship --svg chart.svg; docs/sim.md\n\n",
                  rs[0].gbps / rs[1].gbps);
   }
-  auto machine = builtin_machine(kDefaultMachine);
-  if (!machine) throw Failure("the built-in default machine is missing from this build");
-  pci::P2PEngine engine = failure_value(pci::P2PEngine::create(*machine));
-  default_machine_section(*machine, engine);
-  providers_section(*machine, engine);
+  const pci::Topology machine = failure_value(pci::load_builtin_machine(kDefaultMachine));
+  pci::P2PEngine engine = failure_value(pci::P2PEngine::create(machine));
+  default_machine_section(machine, engine);
+  providers_section(machine, engine);
   this_machine_section();
 
   fmt::print("== Range lists: a 4 MiB user buffer with some device memory in it ==\n");
