@@ -6,6 +6,7 @@
 
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <random>
 
 #include <unistd.h>
@@ -687,6 +688,95 @@ TEST(SimScenarioTest, BadFilesNameTheFileLineKeyAndProblem) {
     EXPECT_EQ(r.error().code, EINVAL) << text;
     EXPECT_NE(r.error().message.find(want), std::string::npos) << text << " -> " << r.error().message;
   }
+}
+
+TEST(SimScenarioTest, BuiltinScenariosLoadByName) {
+  EXPECT_EQ(Scenario{}.machine, kDefaultMachine);
+  ASSERT_FALSE(builtin_scenarios().empty());
+  EXPECT_TRUE(builtin_scenario_text(kDefaultScenario).has_value());
+  for (const BuiltinFile& f : builtin_scenarios()) {
+    auto sc = load_scenario(f.name);
+    ASSERT_TRUE(sc.has_value()) << f.name << ": " << sc.error().to_string();
+    EXPECT_EQ(sc->source, "builtin:" + std::string(f.name));
+    EXPECT_TRUE(sc->folder.empty());
+    EXPECT_TRUE(pci::load_machine(scenario_machine(*sc)).has_value()) << f.name << " names machine " << sc->machine;
+  }
+  auto none = load_scenario("nosuch");
+  ASSERT_FALSE(none.has_value());
+  EXPECT_EQ(none.error().code, ENOENT);
+  EXPECT_NE(none.error().message.find("scenario 'nosuch': no such file and no built-in scenario"), std::string::npos);
+  EXPECT_NE(none.error().message.find(std::string(kDefaultScenario)), std::string::npos) << none.error().message;
+}
+
+// As fio: every job gets its entry, a failed one its error, and the jobs after it still run.
+TEST(SimScenarioTest, RunReportsEveryJobAndKeepsGoingPastAFailure) {
+  auto sc = parse_scenario(R"(
+name = "mixed"
+[[job]]
+name = "ok1"
+device = "nvme0"
+size = "1M"
+buffer = "gpu0"
+[[job]]
+name = "nic-as-ssd"
+device = "nic0"
+size = "1M"
+[[job]]
+name = "missing"
+device = "nosuch"
+[[job]]
+name = "ok2"
+device = "nvme1"
+size = "1M"
+)", "mixed.toml");
+  ASSERT_TRUE(sc.has_value()) << sc.error().to_string();
+  std::vector<std::string> seen;
+  auto rep = run_scenario(*sc, [&](size_t i, const JobSpec& spec) { seen.push_back(std::to_string(i) + spec.name); });
+  ASSERT_TRUE(rep.has_value()) << rep.error().to_string();
+  EXPECT_EQ(seen, (std::vector<std::string>{"0ok1", "1nic-as-ssd", "2missing", "3ok2"}));
+  EXPECT_EQ(rep->machine, kDefaultMachine);
+  ASSERT_EQ(rep->jobs.size(), 4u);
+  EXPECT_EQ(rep->failed(), 2u);
+  ASSERT_TRUE(rep->jobs[0].result.has_value());
+  EXPECT_EQ(rep->jobs[0].result->verified_bytes, 1 * MiB);
+  ASSERT_FALSE(rep->jobs[1].result.has_value());
+  EXPECT_EQ(rep->jobs[1].name, "nic-as-ssd");
+  EXPECT_EQ(rep->jobs[1].result.error().code, EINVAL);
+  EXPECT_NE(rep->jobs[1].result.error().message.find("nic0 is neither an NVMe controller"), std::string::npos);
+  ASSERT_FALSE(rep->jobs[2].result.has_value());
+  EXPECT_NE(rep->jobs[2].result.error().message.find("mixed.toml:12: job 'missing': device"), std::string::npos)
+      << rep->jobs[2].result.error().message;
+  ASSERT_TRUE(rep->jobs[3].result.has_value()) << rep->jobs[3].result.error().to_string();
+  EXPECT_EQ(rep->jobs[3].result->verified_bytes, 1 * MiB);
+}
+
+// A scenario file's relative machine path is taken from its folder first; a machine that
+// is nowhere fails the run, naming the scenario and the machine.
+TEST(SimScenarioTest, MachinePathsAreRelativeToTheScenarioFolder) {
+  const auto dir = std::filesystem::temp_directory_path() / ("physr-scen-" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir / "machines");
+  const auto write = [](const std::filesystem::path& p, std::string_view text) { std::ofstream(p, std::ios::binary) << text; };
+  write(dir / "machines" / "zen.toml", *builtin_machine_text("amd-zen"));
+  write(dir / "s.toml", "machine = \"machines/zen.toml\"\n[[job]]\ndevice = \"nvme0\"\nsize = \"1M\"\n");
+  write(dir / "lost.toml", "machine = \"machines/gone.toml\"\n[[job]]\ndevice = \"nvme0\"\n");
+  auto sc = load_scenario((dir / "s.toml").string());
+  ASSERT_TRUE(sc.has_value()) << sc.error().to_string();
+  EXPECT_EQ(sc->folder, dir);
+  EXPECT_EQ(scenario_machine(*sc), (dir / "machines" / "zen.toml").string());
+  auto rep = run_scenario(*sc);
+  ASSERT_TRUE(rep.has_value()) << rep.error().to_string();
+  EXPECT_EQ(rep->machine, (dir / "machines" / "zen.toml").string());
+  ASSERT_EQ(rep->jobs.size(), 1u);
+  EXPECT_TRUE(rep->jobs[0].result.has_value());
+  auto lost = load_scenario((dir / "lost.toml").string());
+  ASSERT_TRUE(lost.has_value()) << lost.error().to_string();
+  EXPECT_EQ(scenario_machine(*lost), "machines/gone.toml");  // nothing beside it: as written
+  auto failed = run_scenario(*lost);
+  std::filesystem::remove_all(dir);
+  ASSERT_FALSE(failed.has_value());
+  EXPECT_EQ(failed.error().code, ENOENT);
+  EXPECT_NE(failed.error().message.find("lost.toml: machine: machine 'machines/gone.toml': no such file"), std::string::npos)
+      << failed.error().message;
 }
 
 }  // namespace

@@ -21,6 +21,7 @@
 #pragma once
 
 #include <cstdint>
+#include <filesystem>
 #include <functional>
 #include <optional>
 #include <span>
@@ -336,8 +337,12 @@ struct JobSpec {
 
 struct Scenario {
   std::string name, description, source;
-  /// A built-in machine, a TOML machine file or a sysfs snapshot's root (pci::load_machine).
+  /// A built-in machine, a TOML machine file or a sysfs snapshot's root (pci::load_machine);
+  /// a relative path is looked for in `folder` first (scenario_machine()).
   std::string machine{kDefaultMachine};
+  /// The folder of the scenario's file (load_scenario sets it; empty for a built-in scenario
+  /// or text parsed by parse_scenario).
+  std::filesystem::path folder;
   MachineOptions options;
   std::vector<JobSpec> jobs;
 };
@@ -346,5 +351,39 @@ struct Scenario {
 Result<Scenario> parse_scenario(std::string_view text, std::string_view source);
 /// Resolves device and buffer names against the machine. ENODEV/EINVAL name the job.
 Result<Job> resolve_job(const JobSpec& spec, Machine& machine);
+
+/// A scenario by file or name: the TOML file at `file_or_name` if there is one (`folder`
+/// set to its folder), else the built-in scenario of that name (physr/builtin.hpp, source
+/// "builtin:NAME"). ENOENT naming it and the built-in scenarios otherwise; parse errors as
+/// parse_scenario.
+Result<Scenario> load_scenario(std::string_view file_or_name);
+/// Where a scenario's machine is: `folder / machine` when the machine is a relative path
+/// and something is there, else `machine` as it is (a path from the current directory, or
+/// a built-in name).
+std::string scenario_machine(const Scenario& sc);
+
+/// One job of a scenario run: its result, or the error that stopped it (from resolve_job
+/// or run_job), as fio reports each job of a job file.
+struct JobOutcome {
+  std::string name;          // JobSpec::name
+  Result<JobResult> result;
+};
+
+/// What running a scenario gave.
+struct ScenarioReport {
+  std::string machine;                // scenario_machine(): the machine the jobs ran on
+  std::vector<std::string> warnings;  // the machine loader's and the model's, each naming the machine
+  std::vector<JobOutcome> jobs;       // one per job, in the scenario's order
+  /// The jobs that failed.
+  size_t failed() const noexcept;
+};
+
+/// Runs a scenario: loads its machine (scenario_machine(), pci::load_machine), builds one
+/// Machine with the scenario's options, and resolves and runs each job on it in order;
+/// `progress(i, spec)` is called before job i. A job that fails records its error in its
+/// entry and the next job runs. Errors (no job ran): the machine cannot be loaded or built,
+/// naming the scenario and the machine.
+Result<ScenarioReport> run_scenario(const Scenario& sc,
+                                    const std::function<void(size_t job, const JobSpec& spec)>& progress = {});
 
 }  // namespace physr::sim

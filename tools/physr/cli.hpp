@@ -9,8 +9,6 @@
 #include "physr/pci.hpp"
 #include "physr/sim.hpp"
 
-#include <functional>
-
 namespace physr::cli {
 
 inline constexpr int kExitFailure = 1;  // the command ran and failed (bad file, no such device)
@@ -50,15 +48,12 @@ void add_topo_commands(CLI::App& app);
 /// built-in machine); a Failure naming the argument otherwise. The loader's warnings go to
 /// stderr.
 pci::Topology load_machine_arg(const std::string& machine);
+/// Prints warnings to stderr, one "physr: warning: ..." line each.
+void print_warnings(const std::vector<std::string>& warnings);
 /// `physr map`.
 void add_map_command(CLI::App& app);
 /// `physr sim`.
 void add_sim_command(CLI::App& app);
-
-/// A scenario named by a file path or a built-in name; a Failure naming it otherwise.
-sim::Scenario load_scenario_arg(const std::string& arg);
-/// Runs every job of a scenario on a fresh machine; progress(i, name) before each job.
-std::vector<sim::JobResult> run_scenario(const sim::Scenario& sc, const std::function<void(size_t, const std::string&)>& progress);
 
 /// The default job: what physr is and a short demonstration of each module.
 void run_tour();

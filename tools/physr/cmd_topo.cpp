@@ -403,6 +403,10 @@ void run_explain(const ExplainOptions& o) {
 
 Topology load_machine_arg(const std::string& machine) { return warned(failure_value(load_machine(machine))); }
 
+void print_warnings(const std::vector<std::string>& warnings) {
+  for (const std::string& w : warnings) fmt::print(stderr, "physr: warning: {}\n", w);
+}
+
 void add_topo_commands(CLI::App& app) {
   auto t = std::make_shared<TopoOptions>();
   CLI::App* c = app.add_subcommand("topo", "Show the PCI tree and the P2P verdict for every pair of devices");

@@ -119,8 +119,11 @@ void run_tour() {
       PHYSR_VERSION);
   {
     fmt::print("== The flagship scenario on the model machine (physr sim flagship) ==\n");
-    const sim::Scenario sc = load_scenario_arg(std::string(kDefaultScenario));
-    const auto rs = run_scenario(sc, nullptr);
+    const sim::Scenario sc = failure_value(sim::load_scenario(kDefaultScenario));
+    const sim::ScenarioReport rep = failure_value(sim::run_scenario(sc));
+    print_warnings(rep.warnings);
+    std::vector<sim::JobResult> rs;
+    for (const auto& j : rep.jobs) rs.push_back(failure_value(j.result));
     for (const auto& r : rs)
       fmt::print("  {:<20} {:>6.2f} GB/s  p99 {:>7.1f} us  {}\n", r.name, r.gbps, r.lat_p99_us, r.path);
     if (rs.size() >= 2 && rs[1].gbps > 0)
