@@ -295,8 +295,25 @@ struct Job {
   std::optional<uint32_t> peer_buffer_function;
 };
 
+/// The ways a job's data actually went, as flags in JobResult::via: one for an NVMe or
+/// copy-engine job, one per side (TX, RX) for a network job, plus `bounced` when the DMA
+/// layer bounced any of it. JobResult::path says the same in words.
+enum class Via : uint8_t {
+  host_memory = 1 << 0,      // buffers in host memory
+  p2p_bus_addr = 1 << 1,     // P2P by PCI bus address, below the root complex (a switch, or inside the device)
+  p2p_host_bridge = 1 << 2,  // P2P through the root complex
+  bounced = 1 << 3,          // P2P memory the DMA layer bounced through host memory (swiotlb)
+  staged = 1 << 4,           // staged through a host buffer and a copy engine (path = "bounce")
+};
+/// "host_memory", "p2p_bus_addr", "p2p_host_bridge", "bounced", "staged".
+const char* via_name(Via v) noexcept;
+/// Every Via, in the order above.
+inline constexpr Via kAllVia[] = {Via::host_memory, Via::p2p_bus_addr, Via::p2p_host_bridge, Via::bounced, Via::staged};
+
 struct JobResult {
   std::string name, device, buffer, path;  // path actually taken
+  uint8_t via = 0;                         // the same as Via flags
+  bool took(Via v) const noexcept { return (via & static_cast<uint8_t>(v)) != 0; }
   uint64_t bytes = 0, ios = 0, verified_bytes = 0;
   double seconds = 0, gbps = 0;            // simulated time and throughput (GB/s)
   double lat_p50_us = 0, lat_p99_us = 0;

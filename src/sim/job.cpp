@@ -339,6 +339,11 @@ Result<JobResult> run_job(Machine& m, const Job& job) {
              : bounced_any ? "bounce (DMA layer, swiotlb)"
              : std::string("p2p ") + pci::map_type_name(main.p2p) +
                    (inside ? " (inside the SSD)" : main.through_rc ? " (through the root complex)" : " (under the switch)");
+  out.via = static_cast<uint8_t>(!bar ? Via::host_memory
+                                 : staged ? Via::staged
+                                 : bounced_any ? Via::bounced
+                                 : main.p2p == pci::MapType::bus_addr ? Via::p2p_bus_addr
+                                                                      : Via::p2p_host_bridge);
   return out;
 }
 

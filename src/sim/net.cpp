@@ -131,6 +131,11 @@ Result<JobResult> run_net_job(Machine& m, const Job& job) {
   detail::finish_result(out, m, sim, lat, job.size, packets, faults_before);
   out.path = std::string("network: TX ") + (tx_p2p ? "p2p" : "host") + ", RX " + (rx_p2p ? "p2p" : "host") +
              (bounced_any ? " (bounced by the DMA layer)" : "") + (route.through_rc || rxr->through_rc ? ", through the root complex" : "");
+  for (const auto& [bar, p2p, r] : {std::tuple{txbar, tx_p2p, &*txr}, std::tuple{rxbar, rx_p2p, &*rxr}})
+    out.via |= static_cast<uint8_t>(p2p ? (r->p2p == pci::MapType::bus_addr ? Via::p2p_bus_addr : Via::p2p_host_bridge)
+                                    : !bar ? Via::host_memory
+                                           : Via{});
+  if (bounced_any) out.via |= static_cast<uint8_t>(Via::bounced);
   return out;
 }
 

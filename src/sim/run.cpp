@@ -10,6 +10,17 @@
 
 namespace physr::sim {
 
+const char* via_name(Via v) noexcept {
+  switch (v) {
+    case Via::host_memory: return "host_memory";
+    case Via::p2p_bus_addr: return "p2p_bus_addr";
+    case Via::p2p_host_bridge: return "p2p_host_bridge";
+    case Via::bounced: return "bounced";
+    case Via::staged: return "staged";
+  }
+  return "?";
+}
+
 Result<Scenario> load_scenario(std::string_view file_or_name) {
   const std::filesystem::path file(file_or_name);
   std::error_code ec;

@@ -179,6 +179,13 @@ expect 0 'p2p +nvme0 +gpu0 BAR1 .* p2p bus_addr \(under the switch\)' -- sim "$t
 expect 0 'staged .* bounce via a host buffer' -- sim "$tmp/small.toml"
 expect 0 'Every byte verified against its source: 8 MiB in 2 jobs' -- sim "$tmp/small.toml" --svg "$tmp/chart.svg"
 if grep -q '<svg' "$tmp/chart.svg" && grep -q 'staged' "$tmp/chart.svg"; then passes=$((passes + 1)); else echo "FAIL: sim --svg wrote no chart"; fails=$((fails + 1)); fi
+# The chart's colours and legend come from the way each job's data went.
+if grep -q 'fill="#2b7bb9"' "$tmp/chart.svg" && grep -q 'fill="#c0504d"' "$tmp/chart.svg" && grep -q 'P2P by bus address' "$tmp/chart.svg" &&
+   grep -q 'staged through a host buffer' "$tmp/chart.svg" && ! grep -q 'host memory</text>' "$tmp/chart.svg"; then
+  passes=$((passes + 1))
+else
+  echo "FAIL: sim --svg colours or legend"; fails=$((fails + 1))
+fi
 expect 0 '"verified_bytes": 4194304' -- sim "$tmp/small.toml" --json
 expect 0 'thru_host_bridge \(through the root complex\)' -- sim amd-zen
 expect 0 'The flagship scenario' --
@@ -203,7 +210,7 @@ import json, sys
 d = json.load(open(sys.argv[1]))
 assert d["failed_jobs"] == 1, d["failed_jobs"]
 first, second = d["jobs"]
-assert first["name"] == "first" and first["verified_bytes"] == 1 << 20, first
+assert first["name"] == "first" and first["verified_bytes"] == 1 << 20 and first["via"] == ["p2p_bus_addr"], first
 assert "error" not in first
 assert second["name"] == "second" and second["device"] == "nic0" and second["errno"] == "EINVAL", second
 assert "nic0 is neither an NVMe controller" in second["error"], second

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <fstream>
+#include <iterator>
 #include <memory>
 #include <nlohmann/json.hpp>
 
@@ -21,17 +22,37 @@ struct SimOptions {
 
 std::string gb(double bytes_per_ns) { return fmt::format("{:.2f}", bytes_per_ns); }
 
-// A horizontal bar chart of the jobs' throughput, coloured by path.
+// The chart's colour for a job: by the way its data went, the most costly first.
+struct Shade {
+  sim::Via via;
+  const char* colour;
+  const char* legend;
+};
+constexpr Shade kShades[] = {
+    {sim::Via::staged, "#c0504d", "staged through a host buffer"},
+    {sim::Via::bounced, "#e08a1e", "bounced through host memory"},
+    {sim::Via::p2p_host_bridge, "#7fb2dc", "P2P through the root complex"},
+    {sim::Via::p2p_bus_addr, "#2b7bb9", "P2P by bus address"},
+    {sim::Via::host_memory, "#888888", "host memory"},
+};
+const Shade* shade(const sim::JobResult& r) {
+  for (const Shade& s : kShades)
+    if (r.took(s.via)) return &s;
+  return nullptr;
+}
+
+// A horizontal bar chart of the jobs' throughput, coloured by the way their data went.
 std::string svg_chart(const sim::Scenario& sc, const sim::ScenarioReport& rep) {
   double top = 0.1;
   for (const auto& j : rep.jobs)
     if (j.result) top = std::max(top, j.result->gbps);
-  const int row = 34, left = 190, width = 460, h = 70 + row * static_cast<int>(rep.jobs.size());
+  const int row = 34, left = 190, width = 460, h = 80 + row * static_cast<int>(rep.jobs.size());
   std::string s = fmt::format(
       "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"12\">\n"
       "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
       "<text x=\"10\" y=\"22\" font-size=\"15\">physr sim {}: throughput per job (GB/s)</text>\n",
       left + width + 200, h, sc.name);
+  bool used[std::size(kShades)] = {};
   for (size_t i = 0; i < rep.jobs.size(); ++i) {
     const auto& j = rep.jobs[i];
     const int y = 40 + row * static_cast<int>(i);
@@ -42,11 +63,19 @@ std::string svg_chart(const sim::Scenario& sc, const sim::ScenarioReport& rep) {
     }
     const sim::JobResult& r = *j.result;
     const double w = r.gbps / top * width;
-    const char* colour = r.path.rfind("p2p", 0) == 0 ? "#2b7bb9" : r.path == "host memory" ? "#888888" : "#e08a1e";
-    s += fmt::format("<rect x=\"{}\" y=\"{}\" width=\"{:.1f}\" height=\"22\" fill=\"{}\"/>\n", left, y + 2, w, colour);
+    const Shade* sh = shade(r);
+    if (sh) used[sh - kShades] = true;
+    s += fmt::format("<rect x=\"{}\" y=\"{}\" width=\"{:.1f}\" height=\"22\" fill=\"{}\"/>\n", left, y + 2, w, sh ? sh->colour : "#cccccc");
     s += fmt::format("<text x=\"{:.1f}\" y=\"{}\">{} GB/s, {}</text>\n", left + w + 6, y + 17, gb(r.gbps), r.path);
   }
-  s += fmt::format("<text x=\"10\" y=\"{}\" fill=\"#555\">blue: P2P, orange: through host memory, grey: host buffers</text>\n", h - 10);
+  // The legend names the colours the chart uses.
+  int x = 10;
+  for (size_t k = 0; k < std::size(kShades); ++k) {
+    if (!used[k]) continue;
+    s += fmt::format("<rect x=\"{}\" y=\"{}\" width=\"12\" height=\"12\" fill=\"{}\"/>\n", x, h - 22, kShades[k].colour);
+    s += fmt::format("<text x=\"{}\" y=\"{}\" fill=\"#555\">{}</text>\n", x + 16, h - 12, kShades[k].legend);
+    x += 16 + 7 * static_cast<int>(std::string_view(kShades[k].legend).size()) + 14;
+  }
   return s + "</svg>\n";
 }
 
@@ -74,6 +103,9 @@ nlohmann::json to_json(const sim::Scenario& sc, const sim::ScenarioReport& rep) 
                         {"latency_p99_us", r.lat_p99_us}, {"verified_bytes", r.verified_bytes},
                         {"root_complex_bytes", r.rc_bytes}, {"host_memory_bytes", r.host_memory_bytes},
                         {"prp_ios", r.prp_ios},     {"sgl_ios", r.sgl_ios},       {"iommu_faults", r.iommu_faults}};
+    x["via"] = nlohmann::json::array();
+    for (sim::Via v : sim::kAllVia)
+      if (r.took(v)) x["via"].push_back(sim::via_name(v));
     for (const auto& [name, bytes] : r.link_bytes) x["resource_bytes"][name] = bytes;
     j["jobs"].push_back(x);
   }
