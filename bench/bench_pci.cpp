@@ -38,16 +38,16 @@ const Topology& machine() {
     for (uint32_t h = 0; h < 32; ++h) {
       const auto bus0 = static_cast<uint8_t>(h * 8);
       m.host_bridges.push_back(HostBridge{h / 8, bus0, static_cast<int>(h / 16), {}});
-      add({h / 8, bus0, 0, 0}, h, -1, 0x060000, PortType::rc_endpoint, h % 2 ? 0x2020 : 0x3407);
+      add({h / 8, bus0, 0, 0}, h, -1, kClassHostBridge, PortType::rc_endpoint, h % 2 ? 0x2020 : 0x3407);
       for (uint8_t r = 1; r <= 7; ++r) {
-        const int32_t rp = add({h / 8, bus0, r, 0}, h, -1, 0x060400, PortType::root_port);
-        const int32_t usp = add({h / 8, static_cast<uint8_t>(bus0 + 1), r, 0}, h, rp, 0x060400, PortType::switch_upstream);
+        const int32_t rp = add({h / 8, bus0, r, 0}, h, -1, kClassPciBridge, PortType::root_port);
+        const int32_t usp = add({h / 8, static_cast<uint8_t>(bus0 + 1), r, 0}, h, rp, kClassPciBridge, PortType::switch_upstream);
         for (uint8_t d = 0; d < 8; ++d) {
           const int32_t dsp = add({h / 8, static_cast<uint8_t>(bus0 + 2), static_cast<uint8_t>(r * 4 + d / 2), static_cast<uint8_t>(d % 2)},
-                                  h, usp, 0x060400, PortType::switch_downstream);
+                                  h, usp, kClassPciBridge, PortType::switch_downstream);
           if (rng() % 4 == 0) m.functions[static_cast<uint32_t>(dsp)].acs = AcsState{AcsState::Kind::present, 0x7f, acs::RR};
           add({h / 8, static_cast<uint8_t>(bus0 + 3), static_cast<uint8_t>(r * 4 + d / 2), static_cast<uint8_t>(d % 2)}, h, dsp,
-              0x010802, PortType::endpoint);
+              kClassNvme, PortType::endpoint);
         }
         if (r == 1) add({h / 8, static_cast<uint8_t>(bus0 + 4), 0, 0}, h, rp, 0x020000, PortType::endpoint);
       }

@@ -19,7 +19,6 @@
 
 #include <sys/resource.h>
 
-#include <filesystem>
 
 #include "physr/sim.hpp"
 
@@ -28,7 +27,7 @@ namespace {
 using namespace physr;
 
 pci::Topology topo() {
-  return std::move(pci::load_machine_file(std::filesystem::path(PHYSR_SOURCE_DIR) / "machines/two-socket-switch.toml")).value();
+  return std::move(pci::load_builtin_machine(kDefaultMachine)).value();
 }
 
 // The benchmarks' machine: DMA-API debug off, to measure the model rather than the shadow

@@ -1,7 +1,8 @@
-# Writes OUT, a C++ file defining `physr::cli::VAR` (default kBuiltinMachines): the name and
-# text of every TOML file under DIR, so built-in files work from an installed binary.
+# Writes OUT, a C++ file defining `physr::data::VAR` (a std::span<const physr::BuiltinFile>):
+# the name and text of every TOML file under DIR, sorted by name, so built-in machines and
+# scenarios work from an installed library (src/data/, include/physr/builtin.hpp).
 if(NOT VAR)
-  set(VAR kBuiltinMachines)
+  message(FATAL_ERROR "Embed.cmake: VAR (the variable to define) is required")
 endif()
 file(GLOB files "${DIR}/*.toml")
 list(SORT files)
@@ -9,7 +10,17 @@ set(body "")
 foreach(f ${files})
   get_filename_component(name "${f}" NAME_WE)
   file(READ "${f}" text)
+  string(FIND "${text}" ")physr_embed\"" clash)
+  if(NOT clash EQUAL -1)
+    message(FATAL_ERROR "Embed.cmake: ${f} contains the raw string delimiter )physr_embed\"")
+  endif()
   string(APPEND body "    {\"${name}\", R\"physr_embed(${text})physr_embed\"},\n")
 endforeach()
-file(WRITE "${OUT}.tmp" "// Generated from ${DIR} by cmake/Embed.cmake.\n#include \"builtin.hpp\"\n\nnamespace physr::cli {\nconst std::vector<BuiltinFile> ${VAR} = {\n${body}};\n}  // namespace physr::cli\n")
+if(body STREQUAL "")
+  set(array "const std::span<const BuiltinFile> ${VAR};\n")
+else()
+  set(array "namespace {\nconstexpr BuiltinFile kFiles[] = {\n${body}};\n}  // namespace\nconst std::span<const BuiltinFile> ${VAR}{kFiles};\n")
+endif()
+file(WRITE "${OUT}.tmp" "// Generated from ${DIR} by cmake/Embed.cmake.\n#include \"data/embedded.hpp\"\n\nnamespace physr::data {\n${array}}  // namespace physr::data\n")
 execute_process(COMMAND ${CMAKE_COMMAND} -E copy_if_different "${OUT}.tmp" "${OUT}")
+file(REMOVE "${OUT}.tmp")

@@ -1,12 +1,15 @@
 #include "physr/pci.hpp"
+#include "physr/builtin.hpp"
 #include "support/kernel_p2p.hpp"
 
 #include <gtest/gtest.h>
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <fstream>
+#include <iterator>
 #include <filesystem>
 #include <random>
 #include <vector>
@@ -33,7 +36,7 @@ struct M {
         int vendor = 0x1234, int device = 0x0001) {
     const bool bridge = type == "root_port" || type == "switch_upstream" || type == "switch_downstream";
     text += "[[function]]\nbdf = \"" + bdf + "\"\nvendor = " + std::to_string(vendor) + "\ndevice = " +
-            std::to_string(device) + "\nclass = " + std::to_string(bridge ? 0x060400 : type == "host" ? 0x060000 : 0x010802) +
+            std::to_string(device) + "\nclass = " + std::to_string(bridge ? kClassPciBridge : type == "host" ? kClassHostBridge : kClassNvme) +
             "\ntype = \"" + (type == "host" ? std::string("rc_integrated_endpoint") : type) + "\"\n";
     if (!parent.empty()) text += "parent = \"" + parent + "\"\n";
     if (!acs.empty()) text += "acs = \"" + acs + "\"\n";
@@ -305,7 +308,7 @@ TEST(VerdictTest, MatchesKernelLoopOnRandomForests) {
       f.bdf = Bdf{0, static_cast<uint8_t>(i), static_cast<uint8_t>(rng() % 32), static_cast<uint8_t>(rng() % 8)};
       f.vendor = 0x8086;
       f.device = static_cast<uint16_t>(ids[rng() % 4]);
-      f.class_code = 0x060400;
+      f.class_code = kClassPciBridge;
       f.port_type = rng() % 2 ? PortType::root_port : PortType::switch_downstream;
       if (rng() % 3 == 0) f.acs = AcsState{AcsState::Kind::present, 0x7f, static_cast<uint16_t>(rng() % 0x80)};
       // Parent: a random earlier function, or a root bus.
@@ -427,21 +430,93 @@ TEST(MachineFileTest, ErrorsNameLineKeyAndProblem) {
 }
 
 TEST(MachineFileTest, ReferenceMachinesLoadWithExpectedVerdicts) {
-  const fs::path dir = fs::path(PHYSR_SOURCE_DIR) / "machines";
-  auto t = load_machine_file(dir / "two-socket-switch.toml");
+  auto t = load_builtin_machine("two-socket-switch");
   ASSERT_TRUE(t.has_value()) << t.error().to_string();
+  EXPECT_EQ(t->source, "builtin:two-socket-switch");
   expect(v(*t, "nvme0", "gpu0"), MapType::bus_addr, 4);
   expect(v(*t, "nvme0", "nic0"), MapType::thru_host_bridge, 4);
   expect(v(*t, "gpu0", "nvme2"), MapType::thru_host_bridge, 6);
   EXPECT_EQ(t->functions[*t->lookup("gpu0")].bars.size(), 2u);
   EXPECT_EQ(t->functions[*t->lookup("gpu0")].bars[1].size(), 64 * GiB);
-  auto z = load_machine_file(dir / "amd-zen.toml");
+  auto z = load_builtin_machine("amd-zen");
   ASSERT_TRUE(z.has_value()) << z.error().to_string();
   expect(v(*z, "gpu0", "nvme1"), MapType::thru_host_bridge, 4);
-  auto x = load_machine_file(dir / "xeon-e5-two-sockets.toml");
+  auto x = load_builtin_machine("xeon-e5-two-sockets");
   ASSERT_TRUE(x.has_value()) << x.error().to_string();
   expect(v(*x, "nvme0", "gpu0"), MapType::thru_host_bridge, 4);
   expect(v(*x, "nvme1", "gpu0"), MapType::not_supported, 4);
+}
+
+// The library embeds machines/*.toml and scenarios/*.toml as they are in the source tree.
+TEST(MachineFileTest, BuiltinFilesEqualTheSourceTree) {
+  for (const auto& [folder, files] : {std::pair{"machines", physr::builtin_machines()}, std::pair{"scenarios", physr::builtin_scenarios()}}) {
+    std::vector<std::string> on_disk, embedded;
+    for (const auto& e : fs::directory_iterator(fs::path(PHYSR_SOURCE_DIR) / folder))
+      if (e.path().extension() == ".toml") on_disk.push_back(e.path().stem().string());
+    std::sort(on_disk.begin(), on_disk.end());
+    for (const physr::BuiltinFile& f : files) {
+      embedded.emplace_back(f.name);
+      std::ifstream in(fs::path(PHYSR_SOURCE_DIR) / folder / (std::string(f.name) + ".toml"), std::ios::binary);
+      const std::string text(std::istreambuf_iterator<char>(in), {});
+      EXPECT_EQ(text, f.text) << folder << "/" << f.name;
+    }
+    EXPECT_EQ(embedded, on_disk) << folder;
+  }
+  EXPECT_TRUE(physr::builtin_machine_text(physr::kDefaultMachine).has_value());
+  for (const physr::BuiltinFile& f : physr::builtin_machines()) {
+    auto t = load_builtin_machine(f.name);
+    EXPECT_TRUE(t.has_value()) << f.name << ": " << t.error().to_string();
+  }
+}
+
+// --machine and a scenario's machine: a folder is a sysfs snapshot, a file a machine file,
+// else a built-in name; nothing of the kind is ENOENT naming it and the built-in machines.
+TEST(MachineFileTest, LoadMachineTakesFilesFoldersAndBuiltinNames) {
+  auto b = load_machine(physr::kDefaultMachine);
+  ASSERT_TRUE(b.has_value()) << b.error().to_string();
+  EXPECT_EQ(b->source, "builtin:" + std::string(physr::kDefaultMachine));
+  const fs::path dir = fs::temp_directory_path() / ("physr-load-" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  std::ofstream(dir / "m.toml") << *physr::builtin_machine_text("amd-zen");
+  auto f = load_machine((dir / "m.toml").string());
+  auto d = load_machine(dir.string());
+  fs::remove_all(dir);
+  ASSERT_TRUE(f.has_value()) << f.error().to_string();
+  EXPECT_EQ(f->source, (dir / "m.toml").string());
+  ASSERT_FALSE(d.has_value());
+  EXPECT_NE(d.error().message.find("no sys/devices"), std::string::npos) << d.error().message;
+  for (const char* spec : {"nosuch", ""}) {
+    auto n = load_machine(spec);
+    ASSERT_FALSE(n.has_value());
+    EXPECT_EQ(n.error().code, ENOENT);
+    EXPECT_NE(n.error().message.find("machine '" + std::string(spec) + "': no such file and no built-in machine"), std::string::npos);
+    EXPECT_NE(n.error().message.find("two-socket-switch"), std::string::npos) << n.error().message;
+  }
+  EXPECT_EQ(load_builtin_machine("nosuch").error().code, ENOENT);
+}
+
+TEST(ClassTest, PredicatesFollowTheClassCodes) {
+  const auto fn = [](uint32_t cc) {
+    Function f;
+    f.class_code = cc;
+    return f;
+  };
+  EXPECT_TRUE(is_nvme(fn(kClassNvme)));
+  EXPECT_TRUE(is_nvme(fn(0x010801)));  // NVMHCI: the same subclass
+  EXPECT_FALSE(is_nvme(fn(0x010601)));
+  EXPECT_TRUE(is_storage(fn(0x010601)));
+  EXPECT_TRUE(is_network(fn(0x020000)));
+  EXPECT_TRUE(is_display(fn(0x030200)));
+  EXPECT_TRUE(is_display_or_accel(fn(0x030000)));
+  EXPECT_TRUE(is_display_or_accel(fn(0x120000)));
+  EXPECT_FALSE(is_display_or_accel(fn(0x0b4000)));
+  EXPECT_TRUE(is_processor(fn(0x0b4000)));
+  EXPECT_TRUE(is_bridge(fn(kClassHostBridge)));
+  EXPECT_FALSE(is_pci_bridge(fn(kClassHostBridge)));
+  EXPECT_TRUE(is_pci_bridge(fn(kClassPciBridge)));
+  EXPECT_TRUE(is_pci_bridge(fn(0x060901)));
+  EXPECT_EQ(class_name(kClassNvme), "NVMe controller");
+  EXPECT_EQ(class_name(0x010801), "NVM controller");
 }
 
 // --- real sysfs snapshots ------------------------------------------------------------------

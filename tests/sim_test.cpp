@@ -4,8 +4,10 @@
 
 #include <gtest/gtest.h>
 
+#include <bit>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <random>
 
 #include <unistd.h>
@@ -16,8 +18,8 @@ namespace physr::sim {
 namespace {
 
 pci::Topology machine(const char* name) {
-  auto t = pci::load_machine_file(std::filesystem::path(PHYSR_SOURCE_DIR) / "machines" / (std::string(name) + ".toml"));
-  EXPECT_TRUE(t.has_value());
+  auto t = pci::load_builtin_machine(name);
+  EXPECT_TRUE(t.has_value()) << t.error().to_string();
   return std::move(t).value();
 }
 
@@ -404,6 +406,7 @@ TEST(SimJobTest, NvmeToGpuP2PStaysUnderTheSwitch) {
   auto m = build(t);
   const JobResult r = run(*m, t, "nvme0", "gpu0", PathPolicy::p2p, false, 64, 32 * MiB);
   EXPECT_EQ(r.path, "p2p bus_addr (under the switch)");
+  EXPECT_EQ(r.via, static_cast<uint8_t>(Via::p2p_bus_addr));
   EXPECT_EQ(r.verified_bytes, 32 * MiB);
   EXPECT_EQ(r.rc_bytes, 0u);
   EXPECT_EQ(r.host_memory_bytes, 0u);
@@ -426,13 +429,16 @@ TEST(SimJobTest, BounceAndRedirectPathsGoThroughTheHost) {
   auto m = build(t);
   const JobResult staged = run(*m, t, "nvme0", "gpu0", PathPolicy::bounce);
   EXPECT_EQ(staged.path, "bounce via a host buffer + copy engine");
+  EXPECT_EQ(staged.via, static_cast<uint8_t>(Via::staged));
   EXPECT_EQ(staged.host_memory_bytes, 2 * 8 * MiB);  // written by the SSD, read by the copy engine
   EXPECT_EQ(staged.verified_bytes, 8 * MiB);
   const JobResult nic = run(*m, t, "nvme0", "nic0", PathPolicy::p2p);
   EXPECT_EQ(nic.path, "p2p thru_host_bridge (through the root complex)");
+  EXPECT_EQ(nic.via, static_cast<uint8_t>(Via::p2p_host_bridge));
   EXPECT_EQ(nic.rc_bytes, 8 * MiB);
   const JobResult host = run(*m, t, "nvme1", nullptr, PathPolicy::automatic);
   EXPECT_EQ(host.path, "host memory");
+  EXPECT_TRUE(host.took(Via::host_memory) && !host.took(Via::p2p_bus_addr));
   EXPECT_EQ(host.host_memory_bytes, 8 * MiB);
   const JobResult w = run(*m, t, "nvme1", "gpu0", PathPolicy::p2p, /*write=*/true);
   EXPECT_EQ(w.verified_bytes, 8 * MiB);
@@ -456,6 +462,7 @@ TEST(SimJobTest, RefusedP2PFailsOrBouncesByPolicy) {
   r = run_job(*m, j);
   ASSERT_TRUE(r.has_value()) << r.error().to_string();
   EXPECT_EQ(r->path, "bounce (DMA layer, swiotlb)");
+  EXPECT_EQ(r->via, static_cast<uint8_t>(Via::bounced));
   EXPECT_EQ(r->verified_bytes, 4 * MiB);
   EXPECT_EQ(m->bounce().used_slots(), 0u);
   j.device = 0;  // the host bridge
@@ -537,9 +544,9 @@ std::vector<std::string> random_jobs(const char* name, uint32_t seed, bool iommu
   const auto pick = [&](size_t n) { return static_cast<size_t>(rng() % n); };
   std::vector<uint32_t> ssds, nics, gpus, holders;
   for (uint32_t f = 0; f < t.functions.size(); ++f) {
-    if ((t.functions[f].class_code >> 8) == 0x0108) ssds.push_back(f);
-    if ((t.functions[f].class_code >> 16) == 0x02) nics.push_back(f);
-    if ((t.functions[f].class_code >> 16) == 0x03 && m->largest_bar(f)) gpus.push_back(f);
+    if (pci::is_nvme(t.functions[f])) ssds.push_back(f);
+    if (pci::is_network(t.functions[f])) nics.push_back(f);
+    if (pci::is_display(t.functions[f]) && m->largest_bar(f)) gpus.push_back(f);
     if (m->largest_bar(f)) holders.push_back(f);
   }
   EXPECT_FALSE(ssds.empty());
@@ -595,6 +602,15 @@ std::vector<std::string> random_jobs(const char* name, uint32_t seed, bool iommu
     if (!r) continue;
     EXPECT_EQ(r->verified_bytes, j.size) << what;
     EXPECT_EQ(r->iommu_faults, 0u) << what;
+    // The structured path agrees with the text.
+    EXPECT_NE(r->via, 0u) << what;
+    EXPECT_EQ(r->took(Via::bounced), r->path.find("bounce") != std::string::npos && !r->took(Via::staged)) << what << ": " << r->path;
+    if (!net) {
+      EXPECT_EQ(std::popcount(r->via), 1) << what;
+      EXPECT_EQ(r->took(Via::p2p_bus_addr), r->path.rfind("p2p bus_addr", 0) == 0) << what << ": " << r->path;
+      EXPECT_EQ(r->took(Via::p2p_host_bridge), r->path.rfind("p2p thru_host_bridge", 0) == 0) << what << ": " << r->path;
+      EXPECT_EQ(r->took(Via::host_memory), r->path == "host memory") << what << ": " << r->path;
+    }
     std::string line = what + ": " + r->path + " " + std::to_string(r->seconds) + " " + std::to_string(r->lat_p99_us);
     for (const auto& [link, bytes] : r->link_bytes) line += " " + link + "=" + std::to_string(bytes);
     log.push_back(line);
@@ -672,7 +688,7 @@ TEST(SimMachineTest, SysfsSnapshotMachineUsesDeviceBarsOnly) {
   ASSERT_FALSE(m->apertures().empty());
   for (const Aperture& a : m->apertures()) {
     EXPECT_LE(a.bar, 5u) << a.name;
-    EXPECT_NE(t->functions[a.function].class_code >> 8, 0x0604u) << a.name << " is a bridge window";
+    EXPECT_FALSE(pci::is_pci_bridge(t->functions[a.function])) << a.name << " is a bridge window";
   }
   const uint32_t vga = *t->lookup("0000:09:03.0");
   const Aperture* fb = m->largest_bar(vga);
@@ -690,6 +706,7 @@ TEST(SimMachineTest, SysfsSnapshotMachineUsesDeviceBarsOnly) {
   ASSERT_TRUE(r.has_value()) << r.error().to_string();
   EXPECT_EQ(r->verified_bytes, j.size);
   EXPECT_NE(r->path.find("bounced by the DMA layer"), std::string::npos) << r->path;  // across root ports, not allowlisted
+  EXPECT_EQ(r->via, static_cast<uint8_t>(Via::host_memory) | static_cast<uint8_t>(Via::bounced));  // TX from host memory, RX bounced
   // Host memory: TX reads the packet, RX writes the bounce buffer, the CPU's copy into the
   // framebuffer reads it back; the copy crosses the VGA's own link.
   EXPECT_EQ(r->host_memory_bytes, 3 * j.size);
@@ -712,6 +729,7 @@ TEST(SimJobTest, NetworkPacketsReachTheReceiverBuffers) {
   ASSERT_TRUE(r.has_value()) << r.error().to_string();
   EXPECT_EQ(r->verified_bytes, 4 * MiB);
   EXPECT_EQ(r->path, "network: TX host, RX host");
+  EXPECT_EQ(r->via, static_cast<uint8_t>(Via::host_memory));
   EXPECT_EQ(r->host_memory_bytes, 2 * 4 * MiB);  // read on one socket, written on the other
   // Wire-bound: 100 Gb/s.
   EXPECT_NEAR(r->gbps, 12.5, 12.5 * 0.05);
@@ -723,6 +741,7 @@ TEST(SimJobTest, NetworkPacketsReachTheReceiverBuffers) {
   r = run_job(*m, j);
   ASSERT_TRUE(r.has_value()) << r.error().to_string();
   EXPECT_EQ(r->path, "network: TX host, RX p2p, through the root complex");
+  EXPECT_EQ(r->via, static_cast<uint8_t>(Via::host_memory) | static_cast<uint8_t>(Via::p2p_host_bridge));
   EXPECT_EQ(r->host_memory_bytes, 4 * MiB);
   EXPECT_EQ(r->rc_bytes, 2 * 4 * MiB);  // both sockets' root complexes
   EXPECT_NEAR(r->gbps, pcie_link_gbps(8, 16) / 2, 0.05 * pcie_link_gbps(8, 16) / 2);
@@ -801,6 +820,96 @@ TEST(SimScenarioTest, BadFilesNameTheFileLineKeyAndProblem) {
     EXPECT_EQ(r.error().code, EINVAL) << text;
     EXPECT_NE(r.error().message.find(want), std::string::npos) << text << " -> " << r.error().message;
   }
+}
+
+TEST(SimScenarioTest, BuiltinScenariosLoadByName) {
+  EXPECT_EQ(Scenario{}.machine, kDefaultMachine);
+  ASSERT_FALSE(builtin_scenarios().empty());
+  EXPECT_TRUE(builtin_scenario_text(kDefaultScenario).has_value());
+  for (const BuiltinFile& f : builtin_scenarios()) {
+    auto sc = load_scenario(f.name);
+    ASSERT_TRUE(sc.has_value()) << f.name << ": " << sc.error().to_string();
+    EXPECT_EQ(sc->source, "builtin:" + std::string(f.name));
+    EXPECT_TRUE(sc->folder.empty());
+    EXPECT_TRUE(pci::load_machine(scenario_machine(*sc)).has_value()) << f.name << " names machine " << sc->machine;
+  }
+  auto none = load_scenario("nosuch");
+  ASSERT_FALSE(none.has_value());
+  EXPECT_EQ(none.error().code, ENOENT);
+  EXPECT_NE(none.error().message.find("scenario 'nosuch': no such file and no built-in scenario"), std::string::npos);
+  EXPECT_NE(none.error().message.find(std::string(kDefaultScenario)), std::string::npos) << none.error().message;
+}
+
+// As fio: every job gets its entry, a failed one its error, and the jobs after it still run.
+TEST(SimScenarioTest, RunReportsEveryJobAndKeepsGoingPastAFailure) {
+  auto sc = parse_scenario(R"(
+name = "mixed"
+[[job]]
+name = "ok1"
+device = "nvme0"
+size = "1M"
+buffer = "gpu0"
+[[job]]
+name = "nic-as-ssd"
+device = "nic0"
+size = "1M"
+[[job]]
+name = "missing"
+device = "nosuch"
+[[job]]
+name = "ok2"
+device = "nvme1"
+size = "1M"
+)", "mixed.toml");
+  ASSERT_TRUE(sc.has_value()) << sc.error().to_string();
+  std::vector<std::string> seen;
+  auto rep = run_scenario(*sc, [&](size_t i, const JobSpec& spec) { seen.push_back(std::to_string(i) + spec.name); });
+  ASSERT_TRUE(rep.has_value()) << rep.error().to_string();
+  EXPECT_EQ(seen, (std::vector<std::string>{"0ok1", "1nic-as-ssd", "2missing", "3ok2"}));
+  EXPECT_EQ(rep->machine, kDefaultMachine);
+  ASSERT_EQ(rep->jobs.size(), 4u);
+  EXPECT_EQ(rep->failed(), 2u);
+  ASSERT_TRUE(rep->jobs[0].result.has_value());
+  EXPECT_EQ(rep->jobs[0].result->verified_bytes, 1 * MiB);
+  EXPECT_TRUE(rep->jobs[0].result->took(Via::p2p_bus_addr));
+  ASSERT_FALSE(rep->jobs[1].result.has_value());
+  EXPECT_EQ(rep->jobs[1].name, "nic-as-ssd");
+  EXPECT_EQ(rep->jobs[1].result.error().code, EINVAL);
+  EXPECT_NE(rep->jobs[1].result.error().message.find("nic0 is neither an NVMe controller"), std::string::npos);
+  ASSERT_FALSE(rep->jobs[2].result.has_value());
+  EXPECT_NE(rep->jobs[2].result.error().message.find("mixed.toml:12: job 'missing': device"), std::string::npos)
+      << rep->jobs[2].result.error().message;
+  ASSERT_TRUE(rep->jobs[3].result.has_value()) << rep->jobs[3].result.error().to_string();
+  EXPECT_EQ(rep->jobs[3].result->verified_bytes, 1 * MiB);
+}
+
+// A scenario file's relative machine path is taken from its folder first; a machine that
+// is nowhere fails the run, naming the scenario and the machine.
+TEST(SimScenarioTest, MachinePathsAreRelativeToTheScenarioFolder) {
+  const auto dir = std::filesystem::temp_directory_path() / ("physr-scen-" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir / "machines");
+  const auto write = [](const std::filesystem::path& p, std::string_view text) { std::ofstream(p, std::ios::binary) << text; };
+  write(dir / "machines" / "zen.toml", *builtin_machine_text("amd-zen"));
+  write(dir / "s.toml", "machine = \"machines/zen.toml\"\n[[job]]\ndevice = \"nvme0\"\nsize = \"1M\"\n");
+  write(dir / "lost.toml", "machine = \"machines/gone.toml\"\n[[job]]\ndevice = \"nvme0\"\n");
+  auto sc = load_scenario((dir / "s.toml").string());
+  ASSERT_TRUE(sc.has_value()) << sc.error().to_string();
+  EXPECT_EQ(sc->folder, dir);
+  EXPECT_EQ(scenario_machine(*sc), (dir / "machines" / "zen.toml").string());
+  auto rep = run_scenario(*sc);
+  ASSERT_TRUE(rep.has_value()) << rep.error().to_string();
+  EXPECT_EQ(rep->machine, (dir / "machines" / "zen.toml").string());
+  ASSERT_EQ(rep->jobs.size(), 1u);
+  EXPECT_TRUE(rep->jobs[0].result.has_value());
+  auto lost = load_scenario((dir / "lost.toml").string());
+  ASSERT_TRUE(lost.has_value()) << lost.error().to_string();
+  EXPECT_EQ(scenario_machine(*lost), "machines/gone.toml");  // nothing beside it: as written
+  auto failed = run_scenario(*lost);
+  std::filesystem::remove_all(dir);
+  ASSERT_FALSE(failed.has_value());
+  EXPECT_EQ(failed.error().code, ENOENT);
+  EXPECT_NE(failed.error().message.find("lost.toml: machine: machine 'machines/gone.toml': no such file"), std::string::npos)
+      << failed.error().message;
 }
 
 }  // namespace

@@ -122,14 +122,49 @@ struct Function {
   uint32_t host_bridge = 0;   // index into Topology::host_bridges
 
   uint8_t base_class() const noexcept { return static_cast<uint8_t>(class_code >> 16); }
-  /// Base class 0x06: the functions `physr topo` leaves out of the verdict matrix.
-  bool is_bridge_class() const noexcept { return base_class() == 0x06; }
-  /// A PCI-to-PCI bridge (class 0x0604 or 0x0609): it has a secondary bus below it.
-  bool is_pci_bridge() const noexcept {
-    const uint32_t sub = class_code >> 8;
-    return sub == 0x0604 || sub == 0x0609;
-  }
+  /// Base class and subclass together (class_code >> 8), as Linux compares pdev->class >> 8
+  /// with its 16-bit PCI_CLASS_* values: 0x0108 for an NVM controller.
+  uint16_t subclass() const noexcept { return static_cast<uint16_t>(class_code >> 8); }
 };
+
+/// PCI class codes (PCI Code and ID Assignment specification; Linux include/linux/pci_ids.h),
+/// the one place physr names them: base classes (8 bits, Function::base_class()), base class
+/// and subclass (16 bits, Function::subclass()), and full codes (24 bits with the programming
+/// interface, Function::class_code, the `class` of a machine file).
+inline constexpr uint8_t kBaseClassStorage = 0x01;
+inline constexpr uint8_t kBaseClassNetwork = 0x02;
+inline constexpr uint8_t kBaseClassDisplay = 0x03;      // VGA, 3D and other display controllers: GPUs
+inline constexpr uint8_t kBaseClassBridge = 0x06;
+inline constexpr uint8_t kBaseClassProcessor = 0x0b;    // processors, co-processors (0x0b40)
+inline constexpr uint8_t kBaseClassAccelerator = 0x12;  // processing accelerators
+inline constexpr uint16_t kSubclassNvm = 0x0108;        // non-volatile memory controller (NVMHCI or NVMe)
+inline constexpr uint16_t kSubclassPciBridge = 0x0604;
+inline constexpr uint16_t kSubclassPciBridgeSemiTransparent = 0x0609;
+inline constexpr uint32_t kClassNvme = 0x010802;        // NVM controller, NVM Express interface
+inline constexpr uint32_t kClassHostBridge = 0x060000;
+inline constexpr uint32_t kClassPciBridge = 0x060400;   // PCI-to-PCI bridge, normal decode
+
+/// An NVMe controller (class 0x0108xx): the model's SSDs; only these have a CMB.
+inline bool is_nvme(const Function& f) noexcept { return f.subclass() == kSubclassNvm; }
+/// Any mass storage controller (base class 0x01).
+inline bool is_storage(const Function& f) noexcept { return f.base_class() == kBaseClassStorage; }
+/// A network controller (base class 0x02): the model's NICs.
+inline bool is_network(const Function& f) noexcept { return f.base_class() == kBaseClassNetwork; }
+/// A display controller (base class 0x03): GPUs.
+inline bool is_display(const Function& f) noexcept { return f.base_class() == kBaseClassDisplay; }
+/// A processing accelerator (base class 0x12).
+inline bool is_accelerator(const Function& f) noexcept { return f.base_class() == kBaseClassAccelerator; }
+/// A processor or co-processor (base class 0x0b).
+inline bool is_processor(const Function& f) noexcept { return f.base_class() == kBaseClassProcessor; }
+/// A GPU or processing accelerator: the devices the machine model gives a copy engine.
+inline bool is_display_or_accel(const Function& f) noexcept { return is_display(f) || is_accelerator(f); }
+/// Any bridge (base class 0x06: host, ISA, PCI bridges): the functions `physr topo`
+/// leaves out of the verdict matrix.
+inline bool is_bridge(const Function& f) noexcept { return f.base_class() == kBaseClassBridge; }
+/// A PCI-to-PCI bridge (class 0x0604 or 0x0609): it has a secondary bus below it.
+inline bool is_pci_bridge(const Function& f) noexcept {
+  return f.subclass() == kSubclassPciBridge || f.subclass() == kSubclassPciBridgeSemiTransparent;
+}
 
 /// Human name of a class code ("NVMe controller", "3D controller", ...).
 std::string class_name(uint32_t class_code);
@@ -205,6 +240,14 @@ Result<Topology> load_sysfs(const std::filesystem::path& root);
 Result<Topology> load_machine_file(const std::filesystem::path& file);
 /// Parses TOML machine text; `source` names it in errors ("FILE:LINE: key: problem").
 Result<Topology> parse_machine(std::string_view text, std::string_view source);
+/// The built-in machine `name` (machines/NAME.toml, physr/builtin.hpp), its source
+/// "builtin:NAME"; ENOENT naming it and the built-in machines when there is none.
+Result<Topology> load_builtin_machine(std::string_view name);
+/// The machine `spec` names, as `--machine` and a scenario's `machine` take it: the root of
+/// a sysfs snapshot when it is a folder ("/" for this host), a TOML machine file when it is
+/// a file, else a built-in machine. ENOENT naming it and the built-in machines otherwise;
+/// the loaders' errors as they are.
+Result<Topology> load_machine(std::string_view spec);
 
 // -------------------------------------------------------------------------------------
 // P2P verdicts

@@ -21,6 +21,7 @@
 #pragma once
 
 #include <cstdint>
+#include <filesystem>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -28,6 +29,7 @@
 #include <string>
 #include <vector>
 
+#include "physr/builtin.hpp"
 #include "physr/core.hpp"
 #include "physr/dma.hpp"
 #include "physr/pci.hpp"
@@ -340,8 +342,25 @@ struct Job {
   std::optional<uint32_t> peer_buffer_function;
 };
 
+/// The ways a job's data actually went, as flags in JobResult::via: one for an NVMe or
+/// copy-engine job, one per side (TX, RX) for a network job, plus `bounced` when the DMA
+/// layer bounced any of it. JobResult::path says the same in words.
+enum class Via : uint8_t {
+  host_memory = 1 << 0,      // buffers in host memory
+  p2p_bus_addr = 1 << 1,     // P2P by PCI bus address, below the root complex (a switch, or inside the device)
+  p2p_host_bridge = 1 << 2,  // P2P through the root complex
+  bounced = 1 << 3,          // P2P memory the DMA layer bounced through host memory (swiotlb)
+  staged = 1 << 4,           // staged through a host buffer and a copy engine (path = "bounce")
+};
+/// "host_memory", "p2p_bus_addr", "p2p_host_bridge", "bounced", "staged".
+const char* via_name(Via v) noexcept;
+/// Every Via, in the order above.
+inline constexpr Via kAllVia[] = {Via::host_memory, Via::p2p_bus_addr, Via::p2p_host_bridge, Via::bounced, Via::staged};
+
 struct JobResult {
   std::string name, device, buffer, path;  // path actually taken
+  uint8_t via = 0;                         // the same as Via flags
+  bool took(Via v) const noexcept { return (via & static_cast<uint8_t>(v)) != 0; }
   uint64_t bytes = 0, ios = 0, verified_bytes = 0;
   double seconds = 0, gbps = 0;            // simulated time and throughput (GB/s)
   double lat_p50_us = 0, lat_p99_us = 0;
@@ -382,7 +401,12 @@ struct JobSpec {
 
 struct Scenario {
   std::string name, description, source;
-  std::string machine = "two-socket-switch";  // a built-in machine name or a TOML file path
+  /// A built-in machine, a TOML machine file or a sysfs snapshot's root (pci::load_machine);
+  /// a relative path is looked for in `folder` first (scenario_machine()).
+  std::string machine{kDefaultMachine};
+  /// The folder of the scenario's file (load_scenario sets it; empty for a built-in scenario
+  /// or text parsed by parse_scenario).
+  std::filesystem::path folder;
   MachineOptions options;
   std::vector<JobSpec> jobs;
 };
@@ -391,5 +415,39 @@ struct Scenario {
 Result<Scenario> parse_scenario(std::string_view text, std::string_view source);
 /// Resolves device and buffer names against the machine. ENODEV/EINVAL name the job.
 Result<Job> resolve_job(const JobSpec& spec, Machine& machine);
+
+/// A scenario by file or name: the TOML file at `file_or_name` if there is one (`folder`
+/// set to its folder), else the built-in scenario of that name (physr/builtin.hpp, source
+/// "builtin:NAME"). ENOENT naming it and the built-in scenarios otherwise; parse errors as
+/// parse_scenario.
+Result<Scenario> load_scenario(std::string_view file_or_name);
+/// Where a scenario's machine is: `folder / machine` when the machine is a relative path
+/// and something is there, else `machine` as it is (a path from the current directory, or
+/// a built-in name).
+std::string scenario_machine(const Scenario& sc);
+
+/// One job of a scenario run: its result, or the error that stopped it (from resolve_job
+/// or run_job), as fio reports each job of a job file.
+struct JobOutcome {
+  std::string name;          // JobSpec::name
+  Result<JobResult> result;
+};
+
+/// What running a scenario gave.
+struct ScenarioReport {
+  std::string machine;                // scenario_machine(): the machine the jobs ran on
+  std::vector<std::string> warnings;  // the machine loader's and the model's, each naming the machine
+  std::vector<JobOutcome> jobs;       // one per job, in the scenario's order
+  /// The jobs that failed.
+  size_t failed() const noexcept;
+};
+
+/// Runs a scenario: loads its machine (scenario_machine(), pci::load_machine), builds one
+/// Machine with the scenario's options, and resolves and runs each job on it in order;
+/// `progress(i, spec)` is called before job i. A job that fails records its error in its
+/// entry and the next job runs. Errors (no job ran): the machine cannot be loaded or built,
+/// naming the scenario and the machine.
+Result<ScenarioReport> run_scenario(const Scenario& sc,
+                                    const std::function<void(size_t job, const JobSpec& spec)>& progress = {});
 
 }  // namespace physr::sim

@@ -126,9 +126,9 @@ Result<Topology> parse_machine(std::string_view text, std::string_view source) {
     if (type.has_value()) {
       PHYSR_ASSIGN_OR_RETURN_CTX(f.port_type, parse_port_type(*type), c.where(*ft.get("type")) + what + ".type");
     } else {
-      f.port_type = f.is_pci_bridge() ? PortType::unknown : PortType::endpoint;
+      f.port_type = is_pci_bridge(f) ? PortType::unknown : PortType::endpoint;
     }
-    if (f.is_pci_bridge() && f.port_type == PortType::unknown)
+    if (is_pci_bridge(f) && f.port_type == PortType::unknown)
       return make_error(EINVAL, c.where(ft) + what + ": a PCI bridge needs 'type' (root_port, switch_upstream, switch_downstream, ...)");
     f.acs.kind = AcsState::Kind::absent;
     if (const toml::node* a = ft.get("acs")) {
@@ -168,7 +168,7 @@ Result<Topology> parse_machine(std::string_view text, std::string_view source) {
       const toml::table* ct = cn->as_table();
       const std::string cw = what + ".cmb";
       if (!ct) return make_error(EINVAL, c.where(*cn) + cw + ": expected a table (bar, rds, wds)");
-      if ((f.class_code >> 8) != 0x0108)
+      if (!is_nvme(f))
         return make_error(EINVAL, c.where(*cn) + cw + ": only NVMe controllers (class 0x0108xx) have a controller memory buffer");
       PHYSR_RETURN_IF_ERROR(check_keys(c, *ct, cw, {"bar", "rds", "wds"}));
       PHYSR_ASSIGN_OR_RETURN(const auto bar, get_uint(c, *ct, "bar", cw, 5));
@@ -214,7 +214,7 @@ Result<Topology> parse_machine(std::string_view text, std::string_view source) {
     if (auto n = by_name.find(parent); n != by_name.end()) p = n->second;
     else if (auto b = parse_bdf(parent); b && by_bdf.count(*b)) p = by_bdf[*b];
     if (!p) return make_error(EINVAL, c.where(*node) + what + ".parent: no function '" + parent + "' in this machine");
-    if (!t.functions[*p].is_pci_bridge())
+    if (!is_pci_bridge(t.functions[*p]))
       return make_error(EINVAL, c.where(*node) + what + ".parent: " + t.functions[*p].bdf.to_string() +
                                     " is not a PCI bridge (class 0x0604), so nothing can sit below it");
     f.upstream = static_cast<int32_t>(*p);

@@ -301,7 +301,7 @@ Explanation P2PEngine::explain(uint32_t p, uint32_t c) const {
     size_t bridges = 0;
     for (const auto* path : {&x.provider_path, &x.client_path})
       for (const PathHop& h : *path)
-        if (h.function != p && h.function != c && fn[h.function].is_pci_bridge()) ++bridges;
+        if (h.function != p && h.function != c && is_pci_bridge(fn[h.function])) ++bridges;
     x.link_class = bridges <= 3 ? "PIX" : "PXB";
   } else if (x.same_host_bridge) {
     x.link_class = "PHB";

@@ -143,7 +143,7 @@ struct Loader {
     read_link(dir, f);
     // Linux reads ACS and the port type from config space; a 64-byte snapshot has neither.
     // A PCI bridge directly on a root bus is then taken to be a Root Port (DESIGN.md).
-    if (f.port_type == PortType::unknown && upstream < 0 && f.is_pci_bridge()) {
+    if (f.port_type == PortType::unknown && upstream < 0 && is_pci_bridge(f)) {
       f.port_type = PortType::root_port;
       f.port_type_inferred = true;
     }

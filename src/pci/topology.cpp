@@ -101,7 +101,7 @@ std::string class_name(uint32_t cc) {
     case 0x0104: return "RAID controller";
     case 0x0106: return "SATA controller";
     case 0x0107: return "SAS controller";
-    case 0x0108: return (cc & 0xff) == 0x02 ? "NVMe controller" : "NVM controller";
+    case kSubclassNvm: return cc == kClassNvme ? "NVMe controller" : "NVM controller";
     case 0x0200: return "Ethernet controller";
     case 0x0207: return "InfiniBand controller";
     case 0x0280: return "Network controller";
@@ -113,8 +113,8 @@ std::string class_name(uint32_t cc) {
     case 0x0580: return "Memory controller";
     case 0x0600: return "Host bridge";
     case 0x0601: return "ISA bridge";
-    case 0x0604: return "PCI bridge";
-    case 0x0609: return "PCI bridge (semi-transparent)";
+    case kSubclassPciBridge: return "PCI bridge";
+    case kSubclassPciBridgeSemiTransparent: return "PCI bridge (semi-transparent)";
     case 0x0680: return "Bridge";
     case 0x0880: return "System peripheral";
     case 0x0c03: return "USB controller";
@@ -126,13 +126,13 @@ std::string class_name(uint32_t cc) {
     default: break;
   }
   switch (cc >> 16) {
-    case 0x01: return "Storage controller";
-    case 0x02: return "Network controller";
-    case 0x03: return "Display controller";
-    case 0x06: return "Bridge";
+    case kBaseClassStorage: return "Storage controller";
+    case kBaseClassNetwork: return "Network controller";
+    case kBaseClassDisplay: return "Display controller";
+    case kBaseClassBridge: return "Bridge";
     case 0x08: return "System peripheral";
     case 0x0c: return "Serial bus controller";
-    case 0x12: return "Processing accelerator";
+    case kBaseClassAccelerator: return "Processing accelerator";
     case 0xff: return "Unassigned class";
     default: break;
   }

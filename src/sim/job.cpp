@@ -109,8 +109,8 @@ Result<JobResult> run_job(Machine& m, const Job& job) {
   const uint32_t cls = topo.functions[job.device].class_code;
   // A GPU or accelerator job is its copy engine moving data between the device's memory
   // (its largest BAR) and the buffer.
-  const bool gpu = (cls >> 16) == 0x03 || (cls >> 16) == 0x12;
-  if ((cls >> 8) != 0x0108 && !gpu)
+  const bool gpu = pci::is_display_or_accel(topo.functions[job.device]);
+  if (!pci::is_nvme(topo.functions[job.device]) && !gpu)
     return make_error(EINVAL, where() + ": " + m.label(job.device) + " is neither an NVMe controller nor a GPU or accelerator (class " +
                                   format_hex(cls) + ")");
   if (job.block_size == 0 || job.block_size % 512 != 0 || job.block_size > 4 * MiB)
@@ -334,6 +334,11 @@ Result<JobResult> run_job(Machine& m, const Job& job) {
              : bounced_any ? "bounce (DMA layer, swiotlb)"
              : std::string("p2p ") + pci::map_type_name(taken->p2p) +
                    (taken->resources.empty() ? " (inside the SSD)" : taken->through_rc ? " (through the root complex)" : " (under the switch)");
+  out.via = static_cast<uint8_t>(!bar ? Via::host_memory
+                                 : staged ? Via::staged
+                                 : bounced_any ? Via::bounced
+                                 : taken->p2p == pci::MapType::bus_addr ? Via::p2p_bus_addr
+                                                                        : Via::p2p_host_bridge);
   return out;
 }
 

@@ -12,7 +12,7 @@ namespace physr::sim {
 namespace {
 constexpr uint64_t kTxHost = 1 * GiB, kRxHost = 1280 * MiB, kWindow = 256 * MiB;
 
-bool is_nic(const pci::Topology& t, uint32_t f) { return (t.functions[f].class_code >> 16) == 0x02; }
+bool is_nic(const pci::Topology& t, uint32_t f) { return pci::is_network(t.functions[f]); }
 }  // namespace
 
 Result<JobResult> run_net_job(Machine& m, const Job& job) {
@@ -137,6 +137,11 @@ Result<JobResult> run_net_job(Machine& m, const Job& job) {
   detail::finish_result(out, m, sim, lat, job.size, packets, faults_before);
   out.path = std::string("network: TX ") + (tx_p2p ? "p2p" : "host") + ", RX " + (rx_p2p ? "p2p" : "host") +
              (bounced_any ? " (bounced by the DMA layer)" : "") + (through_rc ? ", through the root complex" : "");
+  for (const auto& [bar, p2p, r] : {std::tuple{txbar, tx_p2p, last_tx}, std::tuple{rxbar, rx_p2p, last_rx}})
+    out.via |= static_cast<uint8_t>(p2p ? (r->p2p == pci::MapType::bus_addr ? Via::p2p_bus_addr : Via::p2p_host_bridge)
+                                    : !bar ? Via::host_memory
+                                           : Via{});
+  if (bounced_any) out.via |= static_cast<uint8_t>(Via::bounced);
   return out;
 }
 

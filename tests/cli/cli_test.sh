@@ -179,6 +179,13 @@ expect 0 'p2p +nvme0 +gpu0 BAR1 .* p2p bus_addr \(under the switch\)' -- sim "$t
 expect 0 'staged .* bounce via a host buffer' -- sim "$tmp/small.toml"
 expect 0 'Every byte verified against its source: 8 MiB in 2 jobs' -- sim "$tmp/small.toml" --svg "$tmp/chart.svg"
 if grep -q '<svg' "$tmp/chart.svg" && grep -q 'staged' "$tmp/chart.svg"; then passes=$((passes + 1)); else echo "FAIL: sim --svg wrote no chart"; fails=$((fails + 1)); fi
+# The chart's colours and legend come from the way each job's data went.
+if grep -q 'fill="#2b7bb9"' "$tmp/chart.svg" && grep -q 'fill="#c0504d"' "$tmp/chart.svg" && grep -q 'P2P by bus address' "$tmp/chart.svg" &&
+   grep -q 'staged through a host buffer' "$tmp/chart.svg" && ! grep -q 'host memory</text>' "$tmp/chart.svg"; then
+  passes=$((passes + 1))
+else
+  echo "FAIL: sim --svg colours or legend"; fails=$((fails + 1))
+fi
 expect 0 '"verified_bytes": 4194304' -- sim "$tmp/small.toml" --json
 expect 0 'thru_host_bridge \(through the root complex\)' -- sim amd-zen
 expect 0 'The flagship scenario' --
@@ -189,6 +196,26 @@ expect 1 'nic0 is neither an NVMe controller nor a GPU or accelerator' -- sim "$
 printf 'machine = "xeon-e5-two-sockets"\n[[job]]\ndevice = "nvme1"\nbuffer = "gpu0"\npath = "p2p"\nsize = "1M"\n' > "$tmp/bad3.toml"
 expect 1 'EREMOTEIO.*unsupported request' -- sim "$tmp/bad3.toml"
 expect 1 "no such file and no built-in scenario" -- sim nosuch
+# A job that fails does not lose the others (as fio): every job is reported, the failed one
+# with its error, in text and JSON; then the command exits 1 naming the failed jobs.
+printf '[[job]]\nname = "first"\ndevice = "nvme0"\nsize = "1M"\nbuffer = "gpu0"\n[[job]]\nname = "second"\ndevice = "nic0"\nsize = "1M"\n' > "$tmp/second-fails.toml"
+expect 1 'first +nvme0 +gpu0 BAR1 .* p2p bus_addr \(under the switch\)' -- sim "$tmp/second-fails.toml"
+expect 1 'second +nic0 +host +failed: EINVAL: job .second.: nic0 is neither an NVMe controller' -- sim "$tmp/second-fails.toml"
+expect 1 'Every byte verified against its source: 1 MiB in 1 jobs' -- sim "$tmp/second-fails.toml"
+expect 1 'error: scenario .*second-fails.toml: 1 of 2 jobs failed \(second\)' -- sim "$tmp/second-fails.toml"
+"$physr" sim "$tmp/second-fails.toml" --json > "$tmp/second.json" 2>/dev/null
+rc=$?
+if [[ $rc -eq 1 ]] && python3 - "$tmp/second.json" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+assert d["failed_jobs"] == 1, d["failed_jobs"]
+first, second = d["jobs"]
+assert first["name"] == "first" and first["verified_bytes"] == 1 << 20 and first["via"] == ["p2p_bus_addr"], first
+assert "error" not in first
+assert second["name"] == "second" and second["device"] == "nic0" and second["errno"] == "EINVAL", second
+assert "nic0 is neither an NVMe controller" in second["error"], second
+PY
+then passes=$((passes + 1)); else echo "FAIL: sim --json with a failed second job (exit $rc)"; fails=$((fails + 1)); fi
 expect 1 '--svg /nonexistent/dir/x.svg' -- sim "$tmp/small.toml" --svg /nonexistent/dir/x.svg
 
 # GPU copy-engine jobs: host to GPU memory, and GPU memory into an SSD's CMB by P2P.

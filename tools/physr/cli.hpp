@@ -9,8 +9,6 @@
 #include "physr/pci.hpp"
 #include "physr/sim.hpp"
 
-#include <functional>
-
 namespace physr::cli {
 
 inline constexpr int kExitFailure = 1;  // the command ran and failed (bad file, no such device)
@@ -46,23 +44,16 @@ inline void failure_check(const Status& s) {
 void add_ranges_command(CLI::App& app);
 /// `physr topo` and `physr explain`.
 void add_topo_commands(CLI::App& app);
-/// The built-in machine `name` (machines/NAME.toml), or nullopt when there is none.
-std::optional<pci::Topology> builtin_machine(std::string_view name);
-/// The topology --machine names: a sysfs snapshot if the path is a directory, a TOML file
-/// if one exists at that path, else a built-in machine; a Failure naming the argument
-/// otherwise. The loader's warnings go to stderr.
+/// The topology --machine names (pci::load_machine: a sysfs snapshot, a TOML file or a
+/// built-in machine); a Failure naming the argument otherwise. The loader's warnings go to
+/// stderr.
 pci::Topology load_machine_arg(const std::string& machine);
+/// Prints warnings to stderr, one "physr: warning: ..." line each.
+void print_warnings(const std::vector<std::string>& warnings);
 /// `physr map`.
 void add_map_command(CLI::App& app);
 /// `physr sim`.
 void add_sim_command(CLI::App& app);
-/// "a, b, c": the names of the built-in machines, for messages.
-std::string builtin_machine_names();
-
-/// A scenario named by a file path or a built-in name; a Failure naming it otherwise.
-sim::Scenario load_scenario_arg(const std::string& arg);
-/// Runs every job of a scenario on a fresh machine; progress(i, name) before each job.
-std::vector<sim::JobResult> run_scenario(const sim::Scenario& sc, const std::function<void(size_t, const std::string&)>& progress);
 
 /// The default job: what physr is and a short demonstration of each module.
 void run_tour();

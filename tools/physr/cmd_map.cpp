@@ -16,7 +16,7 @@ namespace {
 using pci::Topology;
 
 struct MapOptions {
-  std::string machine = "two-socket-switch";
+  std::string machine{kDefaultMachine};
   std::string device = "nvme0";
   std::vector<std::string> ranges;
   std::string dir = "to_device";

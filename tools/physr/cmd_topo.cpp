@@ -3,12 +3,10 @@
 #include <fmt/core.h>
 
 #include <algorithm>
-#include <filesystem>
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
 
-#include "builtin.hpp"
 #include "cli.hpp"
 #include "physr/pci.hpp"
 
@@ -105,13 +103,12 @@ bool device_matches(const Function& f, const std::string& filter) {
     const std::string t = filter.substr(pos, end - pos);
     pos = end + 1;
     if (t.empty()) continue;
-    const uint32_t sub = f.class_code >> 8;
     if (t == f.name || bdf.rfind(t, 0) == 0 || bdf.substr(5).rfind(t, 0) == 0) return true;
-    if (t == "nvme" && sub == 0x0108) return true;
-    if (t == "storage" && f.base_class() == 0x01) return true;
-    if ((t == "net" || t == "nic") && f.base_class() == 0x02) return true;
-    if ((t == "gpu" || t == "display") && f.base_class() == 0x03) return true;
-    if (t == "accel" && (f.base_class() == 0x12 || f.base_class() == 0x0b)) return true;
+    if (t == "nvme" && is_nvme(f)) return true;
+    if (t == "storage" && is_storage(f)) return true;
+    if ((t == "net" || t == "nic") && is_network(f)) return true;
+    if ((t == "gpu" || t == "display") && is_display(f)) return true;
+    if (t == "accel" && (is_accelerator(f) || is_processor(f))) return true;
   }
   return false;
 }
@@ -166,7 +163,7 @@ void print_tree(const Topology& t, P2PEngine& e) {
 std::vector<uint32_t> endpoints(const Topology& t, const std::string& filter) {
   std::vector<uint32_t> out;
   for (uint32_t i = 0; i < t.functions.size(); ++i)
-    if (!t.functions[i].is_bridge_class() && device_matches(t.functions[i], filter)) out.push_back(i);
+    if (!is_bridge(t.functions[i]) && device_matches(t.functions[i], filter)) out.push_back(i);
   return out;
 }
 
@@ -278,7 +275,7 @@ void print_dot(const Topology& t) {
       const Function& f = t.functions[i];
       if (f.host_bridge != h) continue;
       const std::string port = port_label(f), acs = acs_label(f);
-      const char* shape = f.port_type == PortType::switch_upstream ? "box3d" : f.is_pci_bridge() ? "box" : "component";
+      const char* shape = f.port_type == PortType::switch_upstream ? "box3d" : is_pci_bridge(f) ? "box" : "component";
       fmt::print("    \"{}\" [shape={}, label=\"{}\\n{:04x}:{:04x} {}{}{}\"];\n", f.bdf.to_string(), shape, describe(f), f.vendor,
                  f.device, class_name(f.class_code), port.empty() ? "" : "\\n" + port, acs.empty() ? "" : "\\n" + acs);
     }
@@ -404,28 +401,10 @@ void run_explain(const ExplainOptions& o) {
 
 }  // namespace
 
-Topology load_machine_arg(const std::string& machine) {
-  std::error_code ec;
-  if (std::filesystem::is_directory(machine, ec)) return warned(failure_value(load_sysfs(machine)));  // a snapshot's root ("/": this host)
-  if (std::filesystem::exists(machine, ec)) return warned(failure_value(load_machine_file(machine)));
-  if (auto t = builtin_machine(machine)) return warned(std::move(*t));
-  throw Failure(fmt::format("--machine {}: no such file and no built-in machine of that name (built-in: {})", machine,
-                            builtin_machine_names()));
-}
+Topology load_machine_arg(const std::string& machine) { return warned(failure_value(load_machine(machine))); }
 
-std::optional<Topology> builtin_machine(std::string_view name) {
-  for (const auto& b : kBuiltinMachines)
-    if (b.name == name) return failure_value(parse_machine(b.text, "builtin:" + std::string(b.name)));
-  return std::nullopt;
-}
-
-std::string builtin_machine_names() {
-  std::string s;
-  for (const auto& b : kBuiltinMachines) {
-    if (!s.empty()) s += ", ";
-    s += b.name;
-  }
-  return s;
+void print_warnings(const std::vector<std::string>& warnings) {
+  for (const std::string& w : warnings) fmt::print(stderr, "physr: warning: {}\n", w);
 }
 
 void add_topo_commands(CLI::App& app) {

@@ -14,8 +14,6 @@ namespace physr::cli {
 
 namespace {
 
-constexpr std::string_view kDefaultMachine = "two-socket-switch";
-
 void default_machine_section(const pci::Topology& t, const pci::P2PEngine& e) {
   using namespace physr::pci;
   fmt::print("== P2P on the default machine ({}: {} host bridges, {} functions) ==\n", t.name, t.host_bridges.size(),
@@ -90,7 +88,7 @@ void this_machine_section() {
   }
   std::vector<uint32_t> devs;
   for (uint32_t i = 0; i < t->functions.size(); ++i)
-    if (!t->functions[i].is_bridge_class()) devs.push_back(i);
+    if (!is_bridge(t->functions[i])) devs.push_back(i);
   std::map<MapType, size_t> counts;
   for (uint32_t p : devs)
     for (uint32_t c : devs)
@@ -114,8 +112,11 @@ void run_tour() {
       PHYSR_VERSION);
   {
     fmt::print("== The flagship scenario on the model machine (physr sim flagship) ==\n");
-    const sim::Scenario sc = load_scenario_arg("flagship");
-    const auto rs = run_scenario(sc, nullptr);
+    const sim::Scenario sc = failure_value(sim::load_scenario(kDefaultScenario));
+    const sim::ScenarioReport rep = failure_value(sim::run_scenario(sc));
+    print_warnings(rep.warnings);
+    std::vector<sim::JobResult> rs;
+    for (const auto& j : rep.jobs) rs.push_back(failure_value(j.result));
     for (const auto& r : rs)
       fmt::print("  {:<20} {:>6.2f} GB/s  p99 {:>7.1f} us  {}\n", r.name, r.gbps, r.lat_p99_us, r.path);
     if (rs.size() >= 2 && rs[1].gbps > 0)
@@ -124,11 +125,10 @@ void run_tour() {
                  "  More: physr sim flagship --svg chart.svg; docs/sim.md\n\n",
                  rs[0].gbps / rs[1].gbps);
   }
-  auto machine = builtin_machine(kDefaultMachine);
-  if (!machine) throw Failure("the built-in default machine is missing from this build");
-  const auto model = failure_value(ModelPlatform::create(*machine));
-  default_machine_section(*machine, model->platform().p2p());
-  providers_section(*machine, model->platform());
+  const pci::Topology machine = failure_value(pci::load_builtin_machine(kDefaultMachine));
+  const auto model = failure_value(ModelPlatform::create(machine));
+  default_machine_section(machine, model->platform().p2p());
+  providers_section(machine, model->platform());
   this_machine_section();
 
   fmt::print("== Range lists: a 4 MiB user buffer with some device memory in it ==\n");

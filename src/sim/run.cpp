@@ -1,0 +1,72 @@
+// Running a scenario as fio runs a job file: its machine found and built once, then each
+// job resolved and run in order, a failed job reported in its own entry.
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <string>
+
+#include "physr/builtin.hpp"
+#include "physr/sim.hpp"
+
+namespace physr::sim {
+
+const char* via_name(Via v) noexcept {
+  switch (v) {
+    case Via::host_memory: return "host_memory";
+    case Via::p2p_bus_addr: return "p2p_bus_addr";
+    case Via::p2p_host_bridge: return "p2p_host_bridge";
+    case Via::bounced: return "bounced";
+    case Via::staged: return "staged";
+  }
+  return "?";
+}
+
+Result<Scenario> load_scenario(std::string_view file_or_name) {
+  const std::filesystem::path file(file_or_name);
+  std::error_code ec;
+  if (!file_or_name.empty() && std::filesystem::exists(file, ec)) {
+    std::ifstream in(file, std::ios::binary);
+    if (!in || std::filesystem::is_directory(file, ec)) return make_error(EIO, "scenario file '" + file.string() + "': cannot be read");
+    const std::string text(std::istreambuf_iterator<char>(in), {});
+    auto sc = parse_scenario(text, file.string());
+    if (sc) sc->folder = file.parent_path();
+    return sc;
+  }
+  if (const auto text = builtin_scenario_text(file_or_name)) return parse_scenario(*text, "builtin:" + std::string(file_or_name));
+  return make_error(ENOENT, "scenario '" + std::string(file_or_name) +
+                                "': no such file and no built-in scenario of that name (built-in: " + builtin_scenario_names() + ")");
+}
+
+std::string scenario_machine(const Scenario& sc) {
+  const std::filesystem::path m(sc.machine);
+  std::error_code ec;
+  if (!sc.folder.empty() && !sc.machine.empty() && m.is_relative() && std::filesystem::exists(sc.folder / m, ec))
+    return (sc.folder / m).string();
+  return sc.machine;
+}
+
+size_t ScenarioReport::failed() const noexcept {
+  size_t n = 0;
+  for (const JobOutcome& j : jobs) n += !j.result.has_value();
+  return n;
+}
+
+Result<ScenarioReport> run_scenario(const Scenario& sc, const std::function<void(size_t, const JobSpec&)>& progress) {
+  ScenarioReport rep;
+  rep.machine = scenario_machine(sc);
+  auto topo = pci::load_machine(rep.machine);
+  if (!topo) return make_error(topo.error().code, sc.source + ": machine: " + topo.error().message);
+  for (const std::string& w : topo->warnings) rep.warnings.push_back(topo->source + ": " + w);
+  auto m = Machine::create(*topo, sc.options);
+  if (!m) return make_error(m.error().code, sc.source + ": machine " + rep.machine + ": " + m.error().message);
+  for (const std::string& w : (*m)->warnings) rep.warnings.push_back("machine " + rep.machine + ": " + w);
+  rep.jobs.reserve(sc.jobs.size());
+  for (size_t i = 0; i < sc.jobs.size(); ++i) {
+    if (progress) progress(i, sc.jobs[i]);
+    auto job = resolve_job(sc.jobs[i], **m);
+    rep.jobs.push_back(JobOutcome{sc.jobs[i].name, job ? run_job(**m, *job) : Result<JobResult>(std::move(job).error())});
+  }
+  return rep;
+}
+
+}  // namespace physr::sim
