@@ -105,9 +105,10 @@ class Platform {
   const Aperture* largest_bar(uint32_t f) const noexcept;
   /// The aperture registered as provider `id`, or nullptr.
   const Aperture* aperture(ProviderId id) const noexcept;
-  /// The aperture whose bus range holds [a, a + len) whole, or nullptr: what a PCI switch
-  /// or root complex decodes a peer address to. O(log n).
-  const Aperture* aperture_at_bus(BusAddr a, uint64_t len) const noexcept;
+  /// The aperture behind host bridge `host_bridge` whose bus range holds [a, a + len) whole,
+  /// or nullptr: what a switch below that host bridge decodes a peer address to (each host
+  /// bridge has a bus address space of its own). O(log n).
+  const Aperture* aperture_at_bus(uint32_t host_bridge, BusAddr a, uint64_t len) const noexcept;
   /// Published providers nearest to `clients` (Linux pci_p2pmem_find_many, ties to the
   /// first): the owner's largest BAR, or nullptr.
   const Aperture* nearest_provider(std::span<const uint32_t> clients) const;
@@ -123,7 +124,7 @@ class Platform {
   std::unique_ptr<BouncePool> pool_;
   bool cpu_copy_ = true;
   std::vector<Aperture> apertures_;
-  std::vector<uint32_t> by_bus_;  // indices into apertures_, by bus address
+  std::vector<std::vector<uint32_t>> by_bus_;  // per host bridge: indices into apertures_, by bus address
   std::vector<IommuDomain*> domains_;
   std::vector<std::unique_ptr<DmaDevice>> devices_;
 };

@@ -40,6 +40,7 @@ Result<std::unique_ptr<Platform>> Platform::create(const pci::Topology& topo, Me
   }
   p->domains_.assign(topo.functions.size(), nullptr);
   p->devices_.resize(topo.functions.size());
+  p->by_bus_.resize(topo.host_bridges.size());
   return p;
 }
 
@@ -60,13 +61,14 @@ Result<const Aperture*> Platform::add_bar(uint32_t f, unsigned bar, bool publish
   if (!id) return make_error(id.error().code, name + " is not a provider: " + id.error().message);
   const bool cmb = fn.cmb && fn.cmb->bar == bar;
   apertures_.push_back(Aperture{*id, f, bar, span, offset, name + (cmb ? " (CMB)" : ""), published});
-  // Keep the bus-address index sorted (apertures never overlap in CPU space, and one host
-  // bridge's offset keeps them apart in bus space too).
+  // Keep the host bridge's bus-address index sorted (apertures never overlap in CPU space,
+  // and one host bridge's single offset keeps them apart in its bus space too).
   const auto i = static_cast<uint32_t>(apertures_.size() - 1);
-  const auto pos = std::upper_bound(by_bus_.begin(), by_bus_.end(), i, [&](uint32_t x, uint32_t y) {
+  std::vector<uint32_t>& index = by_bus_[fn.host_bridge];
+  const auto pos = std::upper_bound(index.begin(), index.end(), i, [&](uint32_t x, uint32_t y) {
     return apertures_[x].bus().base < apertures_[y].bus().base;
   });
-  by_bus_.insert(pos, i);
+  index.insert(pos, i);
   return &apertures_.back();
 }
 
@@ -103,10 +105,12 @@ const Aperture* Platform::aperture(ProviderId id) const noexcept {
   return nullptr;
 }
 
-const Aperture* Platform::aperture_at_bus(BusAddr a, uint64_t len) const noexcept {
+const Aperture* Platform::aperture_at_bus(uint32_t host_bridge, BusAddr a, uint64_t len) const noexcept {
+  if (host_bridge >= by_bus_.size()) return nullptr;
+  const std::vector<uint32_t>& index = by_bus_[host_bridge];
   // The last aperture starting at or below `a`.
-  auto it = std::upper_bound(by_bus_.begin(), by_bus_.end(), a, [&](BusAddr x, uint32_t i) { return x < apertures_[i].bus().base; });
-  if (it == by_bus_.begin()) return nullptr;
+  auto it = std::upper_bound(index.begin(), index.end(), a, [&](BusAddr x, uint32_t i) { return x < apertures_[i].bus().base; });
+  if (it == index.begin()) return nullptr;
   const Aperture& ap = apertures_[*std::prev(it)];
   return ap.bus().contains(BusSpan{a, len}) ? &ap : nullptr;
 }

@@ -63,7 +63,7 @@ void Machine::decode(uint32_t initiator, uint64_t dma, uint64_t len, bool write,
   // the initiator reaches that BAR without going up (the fabric rule Linux's bus_addr
   // verdict describes: a common upstream device, no ACS redirect on the way). The piece
   // lies in one DMA segment, and a segment never spans two BARs.
-  if (const Aperture* a = p.aperture_at_bus(BusAddr(dma), len);
+  if (const Aperture* a = p.aperture_at_bus(topo_->functions[initiator].host_bridge, BusAddr(dma), len);
       a && p.p2p().verdict(a->function, initiator).type == pci::MapType::bus_addr) {
     add_run(a->span.base + (dma - a->bus().base.value()), len);
     out.peer_switch = true;
