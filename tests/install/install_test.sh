@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Installs physr twice: the static libraries of BUILD, and a shared build of SOURCE made
-# here (the libraries only, unoptimised to keep it quick). Each goes into a scratch prefix
-# that is then moved elsewhere (the CMake package and the .pc files are relocatable). For
-# each install it builds and runs the consumers of CONSUMER, through find_package(physr)
-# and through pkg-config (--static for the static install):
+# Installs physr twice: the libraries of BUILD (static, or shared in a PHYSR_SHARED build),
+# and a build of the other kind from SOURCE made here (the libraries only, unoptimised to
+# keep it quick). Each goes into a scratch prefix that is then moved elsewhere (the CMake
+# package and the .pc files are relocatable). For each install it builds and runs the
+# consumers of CONSUMER, through find_package(physr) and through pkg-config (--static for
+# the static install):
 #   every_module  includes every public header and calls one function of each module
 #   range_only    range lists only, linked with physr::range / pkg-config physr-range: its
 #                 link line and its binary hold physr_range and physr_core and nothing
@@ -90,24 +91,33 @@ consume() {
   echo "install: $kind: find_package and pkg-config ${static:+$static }consumers built and ran; range-only links physr_range and physr_core only"
 }
 
-# The static build: installed, then moved.
-cmake --install "$build" --prefix "$tmp/stage" >/dev/null
-mv "$tmp/stage" "$tmp/static"
-relocs=$(readelf -r "$tmp"/static/lib*/libphysr_iova.a)
-grep -q GOTTPOFF <<<"$relocs" || fail "static libphysr_iova.a has no initial-exec TLS"
-consume static "$tmp/static"
+# install KIND BUILD: installs BUILD into a scratch prefix, moves it to $tmp/KIND, checks
+# the TLS model of libphysr_iova (initial-exec only in the static library), runs consume.
+install() {
+  local kind=$1 from=$2 out
+  cmake --install "$from" --prefix "$tmp/stage" >/dev/null
+  mv "$tmp/stage" "$tmp/$kind"
+  if [[ $kind == static ]]; then
+    out=$(readelf -r "$tmp"/static/lib*/libphysr_iova.a)
+    grep -q GOTTPOFF <<<"$out" || fail "static libphysr_iova.a has no initial-exec TLS"
+  else
+    out=$(readelf -d "$tmp"/shared/lib*/libphysr_iova.so)
+    if grep -q STATIC_TLS <<<"$out"; then fail "libphysr_iova.so uses initial-exec TLS, which a shared library must not"; fi
+  fi
+  consume "$kind" "$tmp/$kind"
+}
 
-# The shared build: the libraries alone, built here.
-start=$SECONDS
-cmake -S "$src" -B "$tmp/shared-build" -G Ninja -DCMAKE_CXX_COMPILER="$cxx" -DPHYSR_SHARED=ON \
-      -DPHYSR_BUILD_TESTS=OFF -DPHYSR_BUILD_BENCH=OFF -DPHYSR_BUILD_TOOLS=OFF >"$tmp/log" 2>&1 ||
-  { cat "$tmp/log"; fail "configuring the shared build"; }
-cmake --build "$tmp/shared-build" -j "$(nproc)" >"$tmp/log" 2>&1 || { cat "$tmp/log"; fail "building the shared libraries"; }
-echo "install: shared libraries built in $((SECONDS - start)) s"
-cmake --install "$tmp/shared-build" --prefix "$tmp/stage" >/dev/null
-mv "$tmp/stage" "$tmp/shared"
-dynamic=$(readelf -d "$tmp"/shared/lib*/libphysr_iova.so)
-if grep -q STATIC_TLS <<<"$dynamic"; then
-  fail "libphysr_iova.so uses initial-exec TLS, which a shared library must not"
+# BUILD as it is, then the other kind: the libraries alone, built here.
+if [[ -n $(ls "$build"/src/libphysr_core.so* 2>/dev/null) ]]; then
+  kind=shared other=static shared=OFF
+else
+  kind=static other=shared shared=ON
 fi
-consume shared "$tmp/shared"
+install "$kind" "$build"
+start=$SECONDS
+cmake -S "$src" -B "$tmp/$other-build" -G Ninja -DCMAKE_CXX_COMPILER="$cxx" -DPHYSR_SHARED=$shared \
+      -DPHYSR_BUILD_TESTS=OFF -DPHYSR_BUILD_BENCH=OFF -DPHYSR_BUILD_TOOLS=OFF >"$tmp/log" 2>&1 ||
+  { cat "$tmp/log"; fail "configuring the $other build"; }
+cmake --build "$tmp/$other-build" -j "$(nproc)" >"$tmp/log" 2>&1 || { cat "$tmp/log"; fail "building the $other libraries"; }
+echo "install: $other libraries built in $((SECONDS - start)) s"
+install "$other" "$tmp/$other-build"
