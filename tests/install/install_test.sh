@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs physr twice: the libraries of BUILD (static, or shared in a PHYSR_SHARED build),
-# and a build of the other kind from SOURCE made here (the libraries only, unoptimised to
-# keep it quick). Each goes into a scratch prefix that is then moved elsewhere (the CMake
+# and a build of the other kind from SOURCE made here while the first is tested (the
+# libraries only, unoptimised to keep it quick). Each goes into a scratch prefix that is then moved elsewhere (the CMake
 # package and the .pc files are relocatable). For each install it builds and runs the
 # consumers of CONSUMER, through find_package(physr) and through pkg-config (--static for
 # the static install):
@@ -16,7 +16,7 @@ consumer=$2
 cxx=$3
 src=$4
 tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
+trap 'wait; rm -rf "$tmp"' EXIT  # wait: for the build in the background
 export PKG_CONFIG_PATH=
 
 fail() {
@@ -107,17 +107,18 @@ install() {
   consume "$kind" "$tmp/$kind"
 }
 
-# BUILD as it is, then the other kind: the libraries alone, built here.
+# BUILD as it is, and the other kind: the libraries alone, built here meanwhile.
 if [[ -n $(ls "$build"/src/libphysr_core.so* 2>/dev/null) ]]; then
   kind=shared other=static shared=OFF
 else
   kind=static other=shared shared=ON
 fi
-install "$kind" "$build"
 start=$SECONDS
-cmake -S "$src" -B "$tmp/$other-build" -G Ninja -DCMAKE_CXX_COMPILER="$cxx" -DPHYSR_SHARED=$shared \
-      -DPHYSR_BUILD_TESTS=OFF -DPHYSR_BUILD_BENCH=OFF -DPHYSR_BUILD_TOOLS=OFF >"$tmp/log" 2>&1 ||
-  { cat "$tmp/log"; fail "configuring the $other build"; }
-cmake --build "$tmp/$other-build" -j "$(nproc)" >"$tmp/log" 2>&1 || { cat "$tmp/log"; fail "building the $other libraries"; }
-echo "install: $other libraries built in $((SECONDS - start)) s"
+(cmake -S "$src" -B "$tmp/$other-build" -G Ninja -DCMAKE_CXX_COMPILER="$cxx" -DPHYSR_SHARED=$shared \
+       -DPHYSR_BUILD_TESTS=OFF -DPHYSR_BUILD_BENCH=OFF -DPHYSR_BUILD_TOOLS=OFF &&
+   cmake --build "$tmp/$other-build" -j "$(nproc)") >"$tmp/other-build.log" 2>&1 &
+other_build=$!
+install "$kind" "$build"
+wait "$other_build" || { cat "$tmp/other-build.log"; fail "building the $other libraries"; }
+echo "install: $other libraries built in $((SECONDS - start)) s (beside the $kind consumers)"
 install "$other" "$tmp/$other-build"
