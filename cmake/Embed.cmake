@@ -1,6 +1,6 @@
 # Writes OUT, a C++ file defining `physr::data::VAR` (a std::span<const physr::BuiltinFile>):
 # the name and text of every TOML file under DIR, sorted by name, so built-in machines and
-# scenarios work from an installed library (src/data/, include/physr/builtin.hpp).
+# scenarios work from an installed library (src/builtin/, include/physr/builtin.hpp).
 if(NOT VAR)
   message(FATAL_ERROR "Embed.cmake: VAR (the variable to define) is required")
 endif()
@@ -21,6 +21,6 @@ if(body STREQUAL "")
 else()
   set(array "namespace {\nconstexpr BuiltinFile kFiles[] = {\n${body}};\n}  // namespace\nconst std::span<const BuiltinFile> ${VAR}{kFiles};\n")
 endif()
-file(WRITE "${OUT}.tmp" "// Generated from ${DIR} by cmake/Embed.cmake.\n#include \"data/embedded.hpp\"\n\nnamespace physr::data {\n${array}}  // namespace physr::data\n")
+file(WRITE "${OUT}.tmp" "// Generated from ${DIR} by cmake/Embed.cmake.\n#include \"builtin/embedded.hpp\"\n\nnamespace physr::data {\n${array}}  // namespace physr::data\n")
 execute_process(COMMAND ${CMAKE_COMMAND} -E copy_if_different "${OUT}.tmp" "${OUT}")
 file(REMOVE "${OUT}.tmp")

@@ -5,7 +5,7 @@
 #include <map>
 
 #include "fuzz_check.hpp"
-#include "physr/iommu.hpp"
+#include "physr/iova.hpp"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   using namespace physr;

@@ -1,6 +1,7 @@
 #include "physr/pci.hpp"
 #include "physr/builtin.hpp"
 #include "support/kernel_p2p.hpp"
+#include "support/sysfs_snapshots.hpp"
 
 #include <gtest/gtest.h>
 
@@ -523,27 +524,12 @@ TEST(ClassTest, PredicatesFollowTheClassCodes) {
 
 class SnapshotTest : public ::testing::Test {
  protected:
-  static void SetUpTestSuite() {
-    dir_ = new fs::path(fs::temp_directory_path() / ("physr-snap-" + std::to_string(::getpid())));
-    fs::create_directories(*dir_);
-    for (const char* name : {"40intel64-2g2n4c+pcilocality", "2pa-pcidomain32bits", "fakepcilocalities"}) {
-      const std::string cmd = "tar xjf '" + std::string(PHYSR_SOURCE_DIR) + "/tests/data/sysfs/" + name + ".tar.bz2' -C '" +
-                              dir_->string() + "'";
-      ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
-    }
-  }
-  static void TearDownTestSuite() {
-    fs::remove_all(*dir_);
-    delete dir_;
-  }
   static Topology load(const char* root) {
-    auto t = load_sysfs(*dir_ / root);
+    auto t = load_sysfs(test::sysfs_snapshots() / root);
     EXPECT_TRUE(t.has_value()) << t.error().to_string();
     return t.has_value() ? *t : Topology{};
   }
-  static fs::path* dir_;
 };
-fs::path* SnapshotTest::dir_ = nullptr;
 
 TEST_F(SnapshotTest, XeonE7ServerLoadsWithHandDerivedVerdicts) {
   Topology t = load("40intel64-2g2n4c+pci");

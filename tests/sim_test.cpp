@@ -10,9 +10,8 @@
 #include <fstream>
 #include <random>
 
-#include <unistd.h>
-
 #include "sim/job_common.hpp"
+#include "support/sysfs_snapshots.hpp"
 
 namespace physr::sim {
 namespace {
@@ -675,13 +674,7 @@ TEST(SimMachineTest, NvmeCmbIsPublishedOnlyWithReadAndWriteData) {
 // providers (not the bridges' forwarding windows or ROMs, which sysfs lists beside them),
 // and its NICs move real bytes between them.
 TEST(SimMachineTest, SysfsSnapshotMachineUsesDeviceBarsOnly) {
-  const auto dir = std::filesystem::temp_directory_path() / ("physr-sim-snap-" + std::to_string(::getpid()));
-  std::filesystem::create_directories(dir);
-  const std::string cmd = "tar xjf '" + std::string(PHYSR_SOURCE_DIR) + "/tests/data/sysfs/40intel64-2g2n4c+pcilocality.tar.bz2' -C '" +
-                          dir.string() + "'";
-  ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
-  auto t = pci::load_sysfs(dir / "40intel64-2g2n4c+pci");
-  std::filesystem::remove_all(dir);
+  auto t = pci::load_sysfs(test::sysfs_snapshots() / "40intel64-2g2n4c+pci");
   ASSERT_TRUE(t.has_value()) << t.error().to_string();
   auto m = build(*t);
   EXPECT_TRUE(m->warnings.empty()) << m->warnings.front();

@@ -223,9 +223,15 @@ std::unordered_map<uint64_t, IovaAllocator::Impl*> g_live;
 
 // The hot path reads only this plain pointer. In initial-exec TLS it is one load from the
 // thread pointer; reaching the TlsCaches object below (it has a destructor) costs a call
-// to __tls_get_addr and a guard check in -fPIC code. physr is a static library linked
-// into executables, where initial-exec is valid.
-__attribute__((tls_model("initial-exec"))) thread_local ThreadCache* t_last = nullptr;
+// to __tls_get_addr and a guard check in -fPIC code. Initial-exec is valid only in an
+// executable, so only the static library (PHYSR_STATIC_TLS, set by the build) asks for it;
+// the shared library keeps the default model, which also works from dlopen().
+#if defined(PHYSR_STATIC_TLS)
+#define PHYSR_HOT_TLS __attribute__((tls_model("initial-exec")))
+#else
+#define PHYSR_HOT_TLS
+#endif
+PHYSR_HOT_TLS thread_local ThreadCache* t_last = nullptr;
 
 // A thread's caches, one per allocator it used; returned to their allocator at thread exit.
 struct TlsCaches {

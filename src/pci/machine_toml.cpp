@@ -9,7 +9,7 @@
 #include <toml++/toml.h>
 
 #include "physr/pci.hpp"
-#include "toml_fields.hpp"
+#include "pci/toml_fields.hpp"
 
 namespace physr::pci {
 

@@ -1,7 +1,7 @@
 // Scenario files: a machine, options and fio-like jobs (docs/sim.md). Strict like machine
 // files: unknown keys, wrong types and bad values name FILE:LINE and the key.
 #include "physr/sim.hpp"
-#include "toml_fields.hpp"
+#include "pci/toml_fields.hpp"
 
 namespace physr::sim {
 

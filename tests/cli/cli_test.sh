@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Command-line behaviour of physr: exit codes (0 ok, 1 failure, 2 usage) and messages that
 # name the bad input.
+# Usage: cli_test.sh PHYSR SOURCE [SNAPSHOTS] (the extracted sysfs snapshots; default: a
+# scratch folder)
 set -u
 physr=$1
 src=$2
 tmp=$(mktemp -d)
+snaps=${3:-$tmp/snapshots}
 trap 'rm -rf "$tmp"' EXIT
 fails=0
 passes=0
@@ -62,14 +65,13 @@ else
 fi
 
 # --- topo and explain ------------------------------------------------------------------
-tar xjf "$src/tests/data/sysfs/40intel64-2g2n4c+pcilocality.tar.bz2" -C "$tmp"
-tar xjf "$src/tests/data/sysfs/fakepcilocalities.tar.bz2" -C "$tmp"
-snap="$tmp/40intel64-2g2n4c+pci"
+bash "$src/tests/support/sysfs_snapshots.sh" "$src/tests/data/sysfs" "$snaps" >/dev/null || { echo "FAIL: extracting the sysfs snapshots"; exit 1; }
+snap="$snaps/40intel64-2g2n4c+pci"
 expect 0 'B4 +B4 +H4 +H6' -- topo --machine two-socket-switch
 expect 0 'pci0000:40' -- topo --sysfs-root "$snap"
-expect 0 'appears under more than one bridge' -- topo --sysfs-root "$tmp/fakepcilocalities"
+expect 0 'appears under more than one bridge' -- topo --sysfs-root "$snaps/fakepcilocalities"
 # A snapshot named by --machine warns once, like --sysfs-root.
-n=$("$physr" topo --machine "$tmp/fakepcilocalities" 2>&1 >/dev/null | grep -c 'appears under more than one bridge')
+n=$("$physr" topo --machine "$snaps/fakepcilocalities" 2>&1 >/dev/null | grep -c 'appears under more than one bridge')
 if [[ $n -eq 1 ]]; then passes=$((passes + 1)); else echo "FAIL: topo --machine SNAPSHOT warned $n times, expected once"; fails=$((fails + 1)); fi
 expect 0 'identifying device 0000:00:00.0 1022:1480' -- topo --machine amd-zen
 expect 0 '^ +0 +0000:03:00.0 \(nvme0\) +B0 +B4$' -- topo --machine two-socket-switch --devices nvme0,nvme1
@@ -228,7 +230,7 @@ expect 0 '"gpu0 copy engine"' -- sim "$tmp/gpu.toml" --json
 # and tree. Its NICs receive into the VGA BAR across root ports: bounced, or EREMOTEIO.
 mkdir -p "$tmp/scen"
 job='[[job]]\nname = "nic-rx-vga"\ndevice = "0000:02:00.0"\npeer = "0000:03:00.0"\npeer_buffer = "0000:09:03.0"\nbs = "4K"\nsize = "1M"\n'
-printf "machine = \"../%s\"\n$job" "$(basename "$snap")" > "$tmp/scen/snap.toml"
+printf "machine = \"%s\"\n$job" "$(realpath --relative-to="$tmp/scen" "$snap")" > "$tmp/scen/snap.toml"
 expect 0 'nic-rx-vga +0000:02:00.0->0000:03:00.0 +host -> 0000:09:03.0 BAR0 .*RX host \(bounced by the DMA layer\)' -- sim "$tmp/scen/snap.toml"
 expect 0 'Every byte verified against its source: 1 MiB in 1 jobs' -- sim "$tmp/scen/snap.toml"
 printf "machine = \"%s\"\n${job}path = \"p2p\"\n" "$snap" > "$tmp/scen/snap-p2p.toml"

@@ -1,19 +1,126 @@
 #!/usr/bin/env bash
-# Installs physr into a scratch prefix and builds a consumer against it with find_package
-# and with pkg-config.
-set -eu
+# Installs physr twice: the libraries of BUILD (static, or shared in a PHYSR_SHARED build),
+# and a build of the other kind from SOURCE made here while the first is tested (the
+# libraries only, unoptimised to keep it quick). Each goes into a scratch prefix that is then moved elsewhere (the CMake
+# package and the .pc files are relocatable). For each install it builds and runs the
+# consumers of CONSUMER, through find_package(physr) and through pkg-config (--static for
+# the static install):
+#   every_module  includes every public header and calls one function of each module
+#   range_only    range lists only, linked with physr::range / pkg-config physr-range: its
+#                 link line and its binary hold physr_range and physr_core and nothing
+#                 else of physr, and no toml++, absl or liburcu
+# Usage: install_test.sh BUILD CONSUMER CXX SOURCE
+set -euo pipefail
 build=$1
 consumer=$2
 cxx=$3
+src=$4
 tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-cmake --install "$build" --prefix "$tmp/prefix" >/dev/null
-cmake -S "$consumer" -B "$tmp/cbuild" -G Ninja -DCMAKE_CXX_COMPILER="$cxx" -DCMAKE_PREFIX_PATH="$tmp/prefix" >/dev/null
-cmake --build "$tmp/cbuild" >/dev/null
-"$tmp/cbuild/consumer" | grep -q '^ranges=2 bytes=12288$'
-libdir=$(ls -d "$tmp"/prefix/lib*/pkgconfig | head -1)
-flags=$(PKG_CONFIG_PATH="$libdir" pkg-config --define-variable=prefix="$tmp/prefix" --cflags --libs physr)
-# shellcheck disable=SC2086
-"$cxx" "$consumer/main.cpp" -o "$tmp/pc_consumer" $flags
-"$tmp/pc_consumer" | grep -q '^ranges=2 bytes=12288$'
-echo "install: find_package and pkg-config consumers built and ran"
+trap 'wait; rm -rf "$tmp"' EXIT  # wait: for the build in the background
+export PKG_CONFIG_PATH=
+
+fail() {
+  echo "install: FAIL: $*" >&2
+  exit 1
+}
+
+# shellcheck disable=SC2034  # expected_NAME is read as ${!want}
+expected_every_module='core size=16777216
+range ranges=2 bytes=12288
+pci functions=1 first=0000:00:00.0
+provider found=1
+iova addr=0xfffff000
+iommu phys=0x5000123
+physmem same=1
+dma addr=0x80010000
+platform verdict=bus_addr
+builtin default=1
+sim jobs=1 machine=two-socket-switch'
+# shellcheck disable=SC2034
+expected_range_only='ranges=2 bytes=12288'
+
+# run_and_check NAME BINARY: BINARY prints exactly what consumer NAME should.
+run_and_check() {
+  local name=$1 bin=$2 want out
+  want=expected_$name
+  out=$("$bin") || fail "$bin exited $?"
+  [[ $out == "${!want}" ]] || fail "$bin printed:"$'\n'"$out"$'\n'"expected:"$'\n'"${!want}"
+}
+
+# check_range_only_link WHAT LINKLINE BINARY: the range-only consumer links physr_range and
+# physr_core and nothing else of physr, nor toml++, absl or liburcu.
+check_range_only_link() {
+  local what=$1 line=$2 bin=$3 physr needed
+  physr=$(grep -oE 'physr_[a-z]+' <<<"$line" | sort -u | tr '\n' ' ')
+  [[ $physr == "physr_core physr_range " ]] || fail "$what: range-only link line holds $physr: $line"
+  if grep -qiE 'toml|absl|urcu' <<<"$line"; then fail "$what: range-only link line names toml++, absl or urcu: $line"; fi
+  needed=$(readelf -d "$bin" | grep NEEDED || true)
+  if grep -qiE 'toml|absl|urcu' <<<"$needed"; then fail "$what: range_only needs $needed"; fi
+  if grep -oE 'libphysr_[a-z]+' <<<"$needed" | grep -qvE 'libphysr_(range|core)$'; then fail "$what: range_only needs $needed"; fi
+}
+
+# consume KIND PREFIX: builds and runs both consumers against the install in PREFIX.
+consume() {
+  local kind=$1 prefix=$2 cbuild line pcdir static rpath flags
+  cbuild=$tmp/consumer-$kind
+  # find_package(physr)
+  cmake -S "$consumer" -B "$cbuild" -G Ninja -DCMAKE_CXX_COMPILER="$cxx" -DCMAKE_PREFIX_PATH="$prefix" >"$tmp/log" 2>&1 ||
+    { cat "$tmp/log"; fail "$kind: configuring the find_package consumer"; }
+  cmake --build "$cbuild" >"$tmp/log" 2>&1 || { cat "$tmp/log"; fail "$kind: building the find_package consumer"; }
+  run_and_check every_module "$cbuild/every_module"
+  run_and_check range_only "$cbuild/range_only"
+  line=$(ninja -C "$cbuild" -t commands range_only)
+  check_range_only_link "$kind find_package" "${line##*$'\n'}" "$cbuild/range_only"
+
+  # pkg-config: physr (every module) and physr-range
+  pcdir=$(dirname "$(ls "$prefix"/lib*/pkgconfig/physr.pc)")
+  static=""
+  rpath=""
+  if [[ $kind == static ]]; then
+    static=--static
+  else
+    rpath="-Wl,-rpath,$(PKG_CONFIG_PATH=$pcdir pkg-config --variable=libdir physr-core)"
+  fi
+  flags=$(PKG_CONFIG_PATH=$pcdir pkg-config $static --cflags --libs physr)
+  # shellcheck disable=SC2086
+  "$cxx" "$consumer/every_module.cpp" -o "$tmp/pc-every_module-$kind" $flags $rpath || fail "$kind: pkg-config $static physr: $flags"
+  run_and_check every_module "$tmp/pc-every_module-$kind"
+  flags=$(PKG_CONFIG_PATH=$pcdir pkg-config $static --cflags --libs physr-range)
+  # shellcheck disable=SC2086
+  "$cxx" "$consumer/range_only.cpp" -o "$tmp/pc-range_only-$kind" $flags $rpath || fail "$kind: pkg-config $static physr-range: $flags"
+  run_and_check range_only "$tmp/pc-range_only-$kind"
+  check_range_only_link "$kind pkg-config" "$flags" "$tmp/pc-range_only-$kind"
+  echo "install: $kind: find_package and pkg-config ${static:+$static }consumers built and ran; range-only links physr_range and physr_core only"
+}
+
+# install KIND BUILD: installs BUILD into a scratch prefix, moves it to $tmp/KIND, checks
+# the TLS model of libphysr_iova (initial-exec only in the static library), runs consume.
+install() {
+  local kind=$1 from=$2 out
+  cmake --install "$from" --prefix "$tmp/stage" >/dev/null
+  mv "$tmp/stage" "$tmp/$kind"
+  if [[ $kind == static ]]; then
+    out=$(readelf -r "$tmp"/static/lib*/libphysr_iova.a)
+    grep -q GOTTPOFF <<<"$out" || fail "static libphysr_iova.a has no initial-exec TLS"
+  else
+    out=$(readelf -d "$tmp"/shared/lib*/libphysr_iova.so)
+    if grep -q STATIC_TLS <<<"$out"; then fail "libphysr_iova.so uses initial-exec TLS, which a shared library must not"; fi
+  fi
+  consume "$kind" "$tmp/$kind"
+}
+
+# BUILD as it is, and the other kind: the libraries alone, built here meanwhile.
+if [[ -n $(ls "$build"/src/libphysr_core.so* 2>/dev/null) ]]; then
+  kind=shared other=static shared=OFF
+else
+  kind=static other=shared shared=ON
+fi
+start=$SECONDS
+(cmake -S "$src" -B "$tmp/$other-build" -G Ninja -DCMAKE_CXX_COMPILER="$cxx" -DPHYSR_SHARED=$shared \
+       -DPHYSR_BUILD_TESTS=OFF -DPHYSR_BUILD_BENCH=OFF -DPHYSR_BUILD_TOOLS=OFF &&
+   cmake --build "$tmp/$other-build" -j "$(nproc)") >"$tmp/other-build.log" 2>&1 &
+other_build=$!
+install "$kind" "$build"
+wait "$other_build" || { cat "$tmp/other-build.log"; fail "building the $other libraries"; }
+echo "install: $other libraries built in $((SECONDS - start)) s (beside the $kind consumers)"
+install "$other" "$tmp/$other-build"

@@ -1,7 +1,7 @@
 // Built-in machines and scenarios: lookups over the files cmake/Embed.cmake embeds.
 #include "physr/builtin.hpp"
 
-#include "data/embedded.hpp"
+#include "builtin/embedded.hpp"
 
 namespace physr {
 namespace {

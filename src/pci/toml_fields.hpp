@@ -1,5 +1,6 @@
 // Field readers for physr's strict TOML files (machine files, scenarios): every error
-// names FILE:LINE, the key and the problem. Private to the library.
+// names FILE:LINE, the key and the problem. Private to the library: pci's machine files and
+// sim's scenarios (sim depends on pci) include it as "pci/toml_fields.hpp".
 #pragma once
 
 #include <optional>

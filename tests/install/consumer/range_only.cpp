@@ -1,3 +1,5 @@
+// A consumer of range lists alone: links physr::range (pkg-config physr-range) and so
+// physr_core, nothing else of physr.
 #include <physr/range.hpp>
 
 #include <cstdio>

@@ -1,5 +1,5 @@
 // The files cmake/Embed.cmake embeds (generated builtin_machines.cpp, builtin_scenarios.cpp).
-// Private to the data module.
+// Private to the builtin module.
 #pragma once
 
 #include <span>
