@@ -1,0 +1,302 @@
+// map/unmap/sync of mixed host + P2P range lists (Linux dma_map_sg with P2P).
+#include "dma/device.hpp"
+
+namespace physr {
+
+using namespace dma_detail;
+
+// Per-thread buffers of map_into (kept between calls so the hot path does not allocate).
+struct Scratch {
+  std::vector<IoMapOp> ops;
+  std::vector<DmaSpan> runs;
+  size_t nops = 0;
+};
+thread_local Scratch t_scratch;
+
+Status DmaDevice::map_into(DmaMapping& out, const RangeList& list, DmaDirection dir, uint32_t attrs) {
+  Impl& m = *impl_;
+  const DmaDeviceConfig& c = m.cfg;
+  if (out.mapped()) return make_error(EBUSY, "DMA map: the output mapping is still live (unmap it first)");
+  if (dir == DmaDirection::none) return make_error(EINVAL, "DMA map: direction none");
+  if (list.empty()) return make_error(EINVAL, "DMA map: empty range list");
+  out.bounces_.clear();
+  out.iova_len_ = 0;
+  std::optional<ProviderRegistry::ReadGuard> guard;
+  if (m.env.providers) guard.emplace();
+  const bool iommu = c.domain != nullptr;
+  const uint64_t mask = c.seg_boundary_mask;
+
+  // Segments and page-table operations are written through raw pointers into buffers that
+  // only grow: vector's push_back reloads its members after every store and cost ~20
+  // instructions a segment.
+  Scratch& s = t_scratch;
+  s.nops = 0;
+  if (out.segs_.size() < list.size() + 16) out.segs_.resize(2 * list.size() + 16);
+  DmaSegment* seg = out.segs_.data();
+  size_t nseg = 0;
+  const auto push_seg = [&](DmaSegment g) {
+    if (nseg == out.segs_.size()) [[unlikely]] {
+      out.segs_.resize(2 * nseg);
+      seg = out.segs_.data();
+    }
+    seg[nseg++] = g;
+  };
+  if (iommu && s.ops.size() < list.size() + 16) s.ops.resize(2 * list.size() + 16);
+  IoMapOp* ops = s.ops.data();
+  size_t nops = 0;
+
+  // Undo for every failure: nothing the call did stays behind.
+  bool iova_mapped = false;
+  const auto fail = [&](Error e) -> Status {
+    if (iova_mapped) {
+      s.runs.clear();
+      for (size_t k = 0; k < nops; ++k) s.runs.push_back(DmaSpan{ops[k].iova, ops[k].size});
+      (void)c.domain->unmap_many(s.runs);
+    }
+    if (out.iova_len_) (void)c.domain->free_iova(out.iova_, out.iova_len_);
+    for (const auto& b : out.bounces_) (void)m.env.bounce->unmap(b.addr, b.size, DmaDirection::none);
+    out.nseg_ = 0;
+    out.bounces_.clear();
+    out.iova_len_ = 0;
+    m.failed.fetch_add(1, std::memory_order_relaxed);
+    return e;
+  };
+  uint64_t bounced = 0;
+  const auto bounce_one = [&](uint64_t phys, uint64_t len, PhysAddr* b) -> Status {
+    if (!m.env.bounce) return make_error(EIO, "DMA map: " + format_hex(phys) + " must be bounced but " + m.who() + " has no bounce pool");
+    auto r = m.env.bounce->map(PhysAddr(phys), len, dir, c.min_align_mask, iommu ? kGMask : 0);
+    if (!r) return std::move(r).error();
+    out.bounces_.push_back({*r, len});
+    bounced += len;
+    *b = *r;
+    return {};
+  };
+
+  // Each range is mapped by one of three paths, after its classification:
+  //  - bus address (P2P under a shared switch): cut to the device's limits in bus space,
+  //    never put in the IOMMU;
+  //  - direct (Linux dma_direct_map_sg()): DMA address = phys + dma_offset, bounced where the
+  //    device cannot reach it, cut to the limits in DMA address space;
+  //  - IOMMU (Linux iommu_dma_map_sg() and __finalise_sg() in one go), with IOVA-relative
+  //    addresses fixed up once the IOVA is allocated:
+  //    - each range is cut into pieces within the boundary window and the max segment
+  //      (bounce pieces also within 256 KiB);
+  //    - each piece is placed at its offset within the granule, after padding if it would
+  //      cross the boundary (if the boundary is at least the whole IOVA, the size-aligned
+  //      allocation cannot cross it; below the granule no piece can; in between, pad);
+  //    - a piece merges into the previous segment when it starts on a granule, not on a
+  //      boundary, and the result stays within the max segment. The allocation is aligned
+  //      to at least min(its size rounded up to a power of two, boundary), so whether a
+  //      relative address sits on a boundary is the same as for the absolute one.
+  // The paths are lambdas over this function's locals (inlined: the segment and op buffers
+  // stay in registers, as the single loop had them).
+  const uint8_t prot = dir_prot(dir);
+  uint64_t iova_len = 0, cur_len = 0, cacheable = 0;
+  uint64_t op_iova_end = 0, op_phys_end = 0;
+  uint8_t op_perm = 0;
+
+  const auto map_bus = [&](uint64_t bus, uint64_t len) {
+    for (uint64_t a = bus, left = len; left != 0;) {
+      const uint64_t n = first_chunk(a, left, c.max_segment, mask);
+      push_seg(DmaSegment{DmaAddr(a), n, kDmaSegBusAddr});
+      a += n;
+      left -= n;
+    }
+    cur_len = 0;
+  };
+
+  const auto map_direct = [&](uint64_t addr, uint64_t len, Route route, bool bounce) -> Status {
+    const uint32_t flags = bounce ? kDmaSegBounced : route == Route::mmio ? kDmaSegMmio : 0;
+    for (uint64_t a = addr, left = len; left != 0;) {
+      uint64_t n = left, d = a + c.dma_offset;
+      if (bounce) {
+        n = first_chunk(a, left, ~uint64_t{0}, BouncePool::kMaxMapping - 1);
+        PhysAddr b;
+        PHYSR_RETURN_IF_ERROR(bounce_one(a, n, &b));
+        d = b.value() + c.dma_offset;
+        if (!m.capable(d, n))
+          return make_error(EIO, "DMA map: the bounce buffer at " + format_hex(b.value()) + " is above " + m.who() + "'s DMA mask " + format_hex(c.dma_mask));
+      }
+      for (uint64_t k = n; k != 0;) {  // cut to the limits in DMA address space
+        const uint64_t q = first_chunk(d, k, c.max_segment, mask);
+        push_seg(DmaSegment{DmaAddr(d), q, flags});
+        d += q;
+        k -= q;
+      }
+      a += n;
+      left -= n;
+    }
+    return {};
+  };
+
+  const auto map_iommu = [&](uint64_t addr, uint64_t len, Route route, bool bounce) -> Status {
+    const bool mmio = route == Route::mmio && !bounce;
+    const uint8_t pr = static_cast<uint8_t>(prot | (mmio ? kIommuMmio : 0));
+    const uint32_t flags = kDmaSegIommu | (bounce ? kDmaSegBounced : 0) | (mmio ? kDmaSegMmio : 0);
+    const uint64_t wmask = bounce ? std::min(mask, BouncePool::kMaxMapping - 1) : mask;
+    for (uint64_t a = addr, left = len; left != 0;) {
+      const uint64_t n = first_chunk(a, left, c.max_segment, wmask);
+      uint64_t phys = a;
+      if (bounce) {  // the bounce keeps the offset within the granule
+        PhysAddr b;
+        PHYSR_RETURN_IF_ERROR(bounce_one(a, n, &b));
+        phys = b.value();
+      }
+      const uint64_t off = phys & kGMask, s_length = align_up(off + n);
+      const uint64_t pad_len = (mask - iova_len + 1) & mask;
+      if (pad_len && pad_len < s_length - 1) {
+        iova_len += pad_len;  // the padding stays unmapped
+        cur_len = 0;
+      }
+      const uint64_t ph = phys - off;
+      // One op per physically and virtually contiguous run; the last op's ends are kept in
+      // locals (reading them back from the buffer cost a third of this loop).
+      if (nops && op_perm == pr && op_iova_end == iova_len && op_phys_end == ph) {
+        ops[nops - 1].size += s_length;
+      } else {
+        if (nops == s.ops.size()) [[unlikely]] {
+          s.ops.resize(2 * nops);
+          ops = s.ops.data();
+        }
+        ops[nops++] = IoMapOp{DmaAddr(iova_len), PhysAddr(ph), s_length, pr};
+        op_perm = pr;
+      }
+      op_iova_end = iova_len + s_length;
+      op_phys_end = ph + s_length;
+      if (cur_len && !off && (iova_len & mask) && c.max_segment - cur_len >= n) {
+        cur_len += n;
+        seg[nseg - 1].len = cur_len;
+        seg[nseg - 1].flags |= flags;
+      } else {
+        push_seg(DmaSegment{DmaAddr(iova_len + off), n, flags});
+        cur_len = n;
+      }
+      iova_len += s_length;
+      if (n + off < s_length) cur_len = 0;
+      a += n;
+      left -= n;
+    }
+    return {};
+  };
+
+  size_t idx = 0;
+  for (const PhysRange r : list) {
+    const uint64_t addr = r.addr.value(), len = r.len;
+    Route route = Route::host;
+    bool bounce = false;
+    const Provider* p = nullptr;
+    uint64_t ext = 0;
+    // The hot case inline: trusted host memory with no provider in the way.
+    if (r.provider == kHostMemory && !c.untrusted &&
+        (!m.env.providers || m.env.providers->surely_host(r.addr, len) ||
+         (!m.env.providers->find_extent(r.addr, ext) && ext >= len))) {
+      bounce = !iommu && !m.capable(addr + c.dma_offset, len);
+    } else if (auto st = m.classify(idx, addr, len, r.provider, attrs, &route, &bounce, &p); !st) {
+      return fail(std::move(st).error());
+    }
+    ++idx;
+    cacheable += route == Route::host || bounce;
+    if (route == Route::bus) {
+      map_bus(p->to_bus(r.addr).value(), len);  // one provider for the whole range: ranges never cross providers
+      continue;
+    }
+    if (auto st = iommu ? map_iommu(addr, len, route, bounce) : map_direct(addr, len, route, bounce); !st)
+      return fail(std::move(st).error());
+  }
+  out.nseg_ = nseg;  // no resize: shrinking the vector would make the next map value-initialise it again
+
+  if (iova_len) {
+    // One IOVA allocation, the relative addresses fixed up, the page table written in one
+    // batch (all or nothing).
+    auto a = m.alloc_iova(iova_len);
+    if (!a) return fail(make_error(a.error().code, "DMA map for " + m.who() + ": " + a.error().message));
+    const uint64_t base = a->value();
+    out.iova_ = *a;
+    out.iova_len_ = iova_len;
+    for (size_t k = 0; k < nops; ++k) ops[k].iova += base;
+    for (size_t k = 0; k < nseg; ++k)
+      if (seg[k].flags & kDmaSegIommu) seg[k].addr += base;
+    s.nops = nops;
+    if (auto st = c.domain->map_many(std::span<const IoMapOp>(ops, nops)); !st)
+      return fail(make_error(st.error().code, "DMA map for " + m.who() + ": " + st.error().message));
+    iova_mapped = true;
+  }
+
+  // Cache maintenance before the device owns the memory (Linux arch_sync_dma_for_device;
+  // none for MMIO).
+  if (!(attrs & kDmaAttrSkipCpuSync)) m.count_cache(cacheable);
+  out.dev_ = this;
+  out.dir_ = dir;
+  out.attrs_ = attrs;
+  out.bytes_ = list.total_bytes();
+  if (c.debug) {
+    out.debug_id_ = m.next_id.fetch_add(1, std::memory_order_relaxed);
+    std::lock_guard lock(m.dbg_mu);
+    m.dbg_lists.emplace(out.debug_id_, DebugEntry{out.bytes_, dir});
+  }
+  if (bounced) m.bounced.fetch_add(bounced, std::memory_order_relaxed);
+  m.maps.fetch_add(1, std::memory_order_relaxed);
+  m.live.fetch_add(1, std::memory_order_relaxed);
+  return {};
+}
+
+Status DmaDevice::unmap(DmaMapping& mp) {
+  Impl& m = *impl_;
+  if (!mp.mapped()) return make_error(EINVAL, "DMA unmap: the mapping is not live (never mapped, or already unmapped)");
+  if (mp.dev_ != this) return make_error(EINVAL, "DMA unmap on " + m.who() + ": the mapping belongs to another device");
+  if (m.cfg.debug) {
+    std::lock_guard lock(m.dbg_mu);
+    if (!m.dbg_lists.contains(mp.debug_id_))
+      return make_error(EINVAL, "DMA-API debug: unmap on " + m.who() + " of mapping " + std::to_string(mp.debug_id_) + ", which is not live");
+  }
+  if (mp.iova_len_) {
+    // The mapped runs: every IOMMU segment's granules (merged segments never span padding).
+    Scratch& s = t_scratch;
+    s.runs.clear();
+    for (const DmaSegment& seg : mp.segments()) {
+      if (!(seg.flags & kDmaSegIommu)) continue;
+      const uint64_t a = seg.addr.value() & ~kGMask, e = align_up(seg.addr.value() + seg.len);
+      if (!s.runs.empty() && s.runs.back().base + s.runs.back().size == DmaAddr(a)) s.runs.back().size += e - a;
+      else s.runs.push_back(DmaSpan{DmaAddr(a), e - a});
+    }
+    PHYSR_TRY(m.cfg.domain->unmap_many(s.runs));
+    PHYSR_TRY(m.cfg.domain->free_iova(mp.iova_, mp.iova_len_));
+  }
+  const bool cpu_sync = !(mp.attrs_ & kDmaAttrSkipCpuSync);
+  Status st;
+  for (const auto& b : mp.bounces_) {
+    auto r = m.env.bounce->unmap(b.addr, b.size, cpu_sync ? mp.dir_ : DmaDirection::none);
+    if (!r && st) st = r;
+  }
+  // Linux arch_sync_dma_for_cpu() at unmap, unless the device only read.
+  if (cpu_sync && !m.cfg.coherent && mp.dir_ != DmaDirection::to_device) m.count_cache(mp.nseg_);
+  if (m.cfg.debug) {  // dropped only now: until here an unmap could still fail and leave it live
+    std::lock_guard lock(m.dbg_mu);
+    m.dbg_lists.erase(mp.debug_id_);
+  }
+  mp.dev_ = nullptr;
+  mp.nseg_ = 0;
+  mp.bounces_.clear();
+  mp.iova_len_ = 0;
+  m.unmaps.fetch_add(1, std::memory_order_relaxed);
+  m.live.fetch_sub(1, std::memory_order_relaxed);
+  return st;
+}
+
+Status DmaDevice::sync_for_cpu(const DmaMapping& mp) {
+  Impl& m = *impl_;
+  if (!mp.mapped() || mp.dev_ != this) return make_error(EINVAL, "DMA sync_for_cpu on " + m.who() + ": the mapping is not live on this device");
+  for (const auto& b : mp.bounces_) PHYSR_TRY(m.env.bounce->sync_for_cpu(b.addr, b.size, mp.dir_));
+  if (mp.dir_ != DmaDirection::to_device) m.count_cache(mp.nseg_);
+  return {};
+}
+
+Status DmaDevice::sync_for_device(const DmaMapping& mp) {
+  Impl& m = *impl_;
+  if (!mp.mapped() || mp.dev_ != this) return make_error(EINVAL, "DMA sync_for_device on " + m.who() + ": the mapping is not live on this device");
+  for (const auto& b : mp.bounces_) PHYSR_TRY(m.env.bounce->sync_for_device(b.addr, b.size, mp.dir_));
+  m.count_cache(mp.nseg_);
+  return {};
+}
+
+}  // namespace physr
