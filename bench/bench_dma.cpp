@@ -117,7 +117,7 @@ void BM_MapUnmap(benchmark::State& state, Path path) {
   if (path == Path::direct || path == Path::bounce) c.domain = nullptr;
   auto dev = w.device(c);
   const RangeList l = bench_list(w, path, n);
-  const uint32_t attrs = path == Path::bounce ? kDmaAttrAllowBounce : 0;
+  const DmaAttrs attrs = path == Path::bounce ? kDmaAttrAllowBounce : kDmaAttrNone;
   DmaMapping m;
   for (auto _ : state) {
     if (auto r = dev->map_into(m, l, DmaDirection::to_device, attrs); !r) {

@@ -50,7 +50,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   while (i < size) {
     const uint64_t op = byte() % 6;
     const DmaDirection dir = dirs[byte() % 4];
-    const uint32_t attrs = static_cast<uint32_t>(byte() % 4);
+    const DmaAttrs attrs = DmaAttrs::from_bits(static_cast<uint32_t>(byte() % 4));
     if (op == 0 || op == 1) {
       RangeList l;
       const uint64_t n = 1 + byte() % 8;

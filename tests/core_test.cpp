@@ -402,3 +402,33 @@ TEST(AddrRangeTest, RangeEndingAtTopOfSpace) {
 
 }  // namespace
 }  // namespace physr
+
+namespace physr {
+namespace {
+
+enum class Color : uint8_t { red = 1, green = 2, blue = 4 };
+using Colors = Flags<Color>;
+
+TEST(FlagsTest, SetsTestCombineAndStayTyped) {
+  constexpr Colors none{};
+  Colors c = Color::red;
+  EXPECT_TRUE(none.empty());
+  EXPECT_FALSE(static_cast<bool>(none));
+  EXPECT_TRUE(static_cast<bool>(c & Color::red));
+  EXPECT_FALSE(static_cast<bool>(c & Color::green));
+  c |= Color::blue;
+  EXPECT_EQ(c.bits(), 5);
+  EXPECT_TRUE(c.has(Colors(Color::red) | Color::blue));
+  EXPECT_FALSE(c.has(Colors(Color::red) | Color::green));
+  c &= ~Colors(Color::red);
+  EXPECT_EQ(c, Colors(Color::blue));
+  EXPECT_EQ(Colors::from_bits(6), Colors(Color::green) | Color::blue);
+  // Integers and other enums do not convert: the set is a type of its own.
+  static_assert(!std::is_convertible_v<int, Colors>);
+  static_assert(!std::is_convertible_v<Colors, uint8_t>);
+  enum class Other : uint8_t { x = 1 };
+  static_assert(!std::is_convertible_v<Flags<Other>, Colors>);
+}
+
+}  // namespace
+}  // namespace physr

@@ -214,7 +214,7 @@ TEST(DmaMapTest, DirectBouncesAboveTheMaskAndAppliesTheOffset) {
   const auto segs = m->segments();
   ASSERT_EQ(segs.size(), 3u);  // the bounced 128 KiB is cut to the 64 KiB max segment
   EXPECT_EQ(segs[0].addr.value(), 0x1000u);
-  EXPECT_EQ(segs[0].flags, 0u);
+  EXPECT_EQ(segs[0].flags, DmaSegFlags{});
   for (size_t i = 1; i < 3; ++i) {
     EXPECT_EQ(segs[i].flags, kDmaSegBounced);
     EXPECT_LE(segs[i].addr.value() + segs[i].len - 1, 0xffffffffu);
@@ -474,7 +474,7 @@ TEST(DmaMapTest, PropertyRandomListsAndDevices) {
     c.dma_mask = c.dma_offset ? ~uint64_t{0} : c.dma_mask;
     auto dev = w.device(c);
     const DmaDirection dir = std::vector<DmaDirection>{DmaDirection::to_device, DmaDirection::from_device, DmaDirection::bidirectional}[rng() % 3];
-    const uint32_t attrs = rng() % 2 ? kDmaAttrAllowBounce : 0;
+    const DmaAttrs attrs = rng() % 2 ? kDmaAttrAllowBounce : kDmaAttrNone;
     // A list of 1-12 ranges: host anywhere in 8 GiB (some above 4 GiB), or in one of the BARs.
     RangeList l;
     std::vector<PhysSpan> used;
@@ -536,7 +536,7 @@ TEST(DmaMapTest, PropertyRandomListsAndDevices) {
         ASSERT_LE(s.addr.value() + s.len - 1, c.dma_mask) << "above the DMA mask";
       }
       if (!(s.flags & kDmaSegBusAddr)) {
-        ASSERT_EQ(iommu, (s.flags & kDmaSegIommu) != 0);
+        ASSERT_EQ(iommu, static_cast<bool>(s.flags & kDmaSegIommu));
       }
     }
     ASSERT_EQ(total, l.total_bytes());

@@ -270,12 +270,12 @@ TEST(SimMachineTest, DecodesByAddressSoAWrongBusOffsetFails) {
     const uint32_t nic = *t.lookup("nic0");
     EXPECT_EQ((*m->device(nic))->map(l, DmaDirection::from_device).error().code, EREMOTEIO);
     if (!iommu) {
-      const DmaSegment peer{DmaAddr(at.value()), 4096, 0};
+      const DmaSegment peer{DmaAddr(at.value()), 4096, {}};
       r = m->dma_write(nic, std::span(&peer, 1), std::span(data.data(), 4096));
       ASSERT_TRUE(r.has_value());
       EXPECT_EQ(r->result, BusResult::unsupported_request);
       // The 32-bit MMIO hole holds neither RAM nor a BAR: a decode error.
-      const DmaSegment hole{DmaAddr(0x9000'0000), 4096, 0};
+      const DmaSegment hole{DmaAddr(0x9000'0000), 4096, {}};
       r = m->dma_write(nic, std::span(&hole, 1), std::span(data.data(), 4096));
       ASSERT_TRUE(r.has_value());
       EXPECT_EQ(r->result, BusResult::decode_error);

@@ -341,6 +341,36 @@ std::string format_size(uint64_t bytes);
 std::string format_hex(uint64_t value);
 
 // ---------------------------------------------------------------------------------------
+// Typed flag sets
+
+/// A set of the flags of enum E (whose enumerators are distinct bits), as a type of its
+/// own: sets of different enums do not mix, and integers do not convert. `if (set & flag)`
+/// tests a flag; {} is the empty set.
+template <class E>
+class Flags {
+ public:
+  using Bits = std::underlying_type_t<E>;
+  constexpr Flags() = default;
+  constexpr Flags(E e) noexcept : v_(static_cast<Bits>(e)) {}  // NOLINT: a flag is a set of one
+  /// The set with exactly these bits (for encodings and printing).
+  static constexpr Flags from_bits(Bits b) noexcept { Flags f; f.v_ = b; return f; }
+  constexpr Bits bits() const noexcept { return v_; }
+  constexpr bool empty() const noexcept { return v_ == 0; }
+  constexpr explicit operator bool() const noexcept { return v_ != 0; }
+  /// Whether every flag of `o` is in this set.
+  constexpr bool has(Flags o) const noexcept { return (v_ & o.v_) == o.v_; }
+  friend constexpr Flags operator|(Flags a, Flags b) noexcept { return from_bits(static_cast<Bits>(a.v_ | b.v_)); }
+  friend constexpr Flags operator&(Flags a, Flags b) noexcept { return from_bits(static_cast<Bits>(a.v_ & b.v_)); }
+  constexpr Flags operator~() const noexcept { return from_bits(static_cast<Bits>(~v_)); }
+  constexpr Flags& operator|=(Flags o) noexcept { v_ = static_cast<Bits>(v_ | o.v_); return *this; }
+  constexpr Flags& operator&=(Flags o) noexcept { v_ = static_cast<Bits>(v_ & o.v_); return *this; }
+  friend constexpr bool operator==(Flags, Flags) = default;
+
+ private:
+  Bits v_ = 0;
+};
+
+// ---------------------------------------------------------------------------------------
 // Strong addresses
 
 /// A 64-bit address in the address space named by Tag. Arithmetic is by byte offsets only;

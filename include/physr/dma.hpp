@@ -180,29 +180,41 @@ class BouncePool {
 // -------------------------------------------------------------------------------------
 // Devices and mappings
 
-// DMA attributes (Linux DMA_ATTR_*), or'ed together.
-inline constexpr uint32_t kDmaAttrNone = 0;
-/// DMA_ATTR_SKIP_CPU_SYNC: unmap copies nothing back from bounce buffers and no cache
-/// maintenance is done at map or unmap; the caller syncs explicitly.
-inline constexpr uint32_t kDmaAttrSkipCpuSync = 1;
-/// P2P memory the device cannot reach may be bounced through host memory, when its
-/// provider allows CPU copies. Without it such a range fails the call with EREMOTEIO.
-inline constexpr uint32_t kDmaAttrAllowBounce = 2;
+/// DMA attributes (Linux DMA_ATTR_*); a set of them is DmaAttrs.
+enum class DmaAttr : uint32_t {
+  /// DMA_ATTR_SKIP_CPU_SYNC: unmap copies nothing back from bounce buffers and no cache
+  /// maintenance is done at map or unmap; the caller syncs explicitly.
+  skip_cpu_sync = 1,
+  /// P2P memory the device cannot reach may be bounced through host memory, when its
+  /// provider allows CPU copies. Without it such a range fails the call with EREMOTEIO.
+  allow_bounce = 2,
+};
+using DmaAttrs = Flags<DmaAttr>;
+inline constexpr DmaAttrs kDmaAttrNone{};
+inline constexpr DmaAttrs kDmaAttrSkipCpuSync = DmaAttr::skip_cpu_sync;
+inline constexpr DmaAttrs kDmaAttrAllowBounce = DmaAttr::allow_bounce;
 
-// Per-segment flags: what a DMA segment is, so unmap and tools know what was done.
-inline constexpr uint32_t kDmaSegBusAddr = 1;  // a PCI bus address (P2P under a shared switch): not in the IOMMU
-inline constexpr uint32_t kDmaSegIommu = 2;    // an IOVA in the device's IOMMU domain
-inline constexpr uint32_t kDmaSegBounced = 4;  // (some of) its bytes go through the bounce pool
-inline constexpr uint32_t kDmaSegMmio = 8;     // P2P memory reached through the host bridge (MMIO attribute)
+/// What a DMA segment is, so unmap and tools know what was done; a set of them is DmaSegFlags.
+enum class DmaSeg : uint32_t {
+  bus_addr = 1,  // a PCI bus address (P2P under a shared switch): not in the IOMMU
+  iommu = 2,     // an IOVA in the device's IOMMU domain
+  bounced = 4,   // (some of) its bytes go through the bounce pool
+  mmio = 8,      // P2P memory reached through the host bridge (MMIO attribute)
+};
+using DmaSegFlags = Flags<DmaSeg>;
+inline constexpr DmaSegFlags kDmaSegBusAddr = DmaSeg::bus_addr;
+inline constexpr DmaSegFlags kDmaSegIommu = DmaSeg::iommu;
+inline constexpr DmaSegFlags kDmaSegBounced = DmaSeg::bounced;
+inline constexpr DmaSegFlags kDmaSegMmio = DmaSeg::mmio;
 
 /// One entry of a DMA list.
 struct DmaSegment {
   DmaAddr addr;
   uint64_t len = 0;
-  uint32_t flags = 0;
+  DmaSegFlags flags{};
 };
 /// "bus_addr", "iommu+mmio+bounced", "direct", ...: the path a segment's flags describe.
-std::string dma_seg_path(uint32_t flags);
+std::string dma_seg_path(DmaSegFlags flags);
 
 /// What a device maps with. Non-owning; everything must outlive the devices using it.
 struct DmaEnv {
@@ -270,7 +282,7 @@ class DmaMapping {
   uint64_t bytes_ = 0;
   uint64_t debug_id_ = 0;
   DmaDirection dir_ = DmaDirection::none;
-  uint32_t attrs_ = 0;
+  DmaAttrs attrs_{};
 };
 
 /// State of the two-step API (Linux struct dma_iova_state).
@@ -307,10 +319,10 @@ class DmaDevice {
   /// provider. EREMOTEIO: a P2P range the device cannot reach and may not bounce (named).
   /// ENOMEM: no IOVA space or bounce slots. EIO: a bounce the device cannot address, or no
   /// bounce pool. On any error nothing stays mapped.
-  Result<DmaMapping> map(const RangeList& list, DmaDirection dir, uint32_t attrs = 0);
+  Result<DmaMapping> map(const RangeList& list, DmaDirection dir, DmaAttrs attrs = {});
   /// The same into `out`, reusing its storage (the hot path: no allocation once warm).
   /// `out` must not hold a live mapping (EBUSY).
-  Status map_into(DmaMapping& out, const RangeList& list, DmaDirection dir, uint32_t attrs = 0);
+  Status map_into(DmaMapping& out, const RangeList& list, DmaDirection dir, DmaAttrs attrs = {});
   /// Undoes map(): copies bounced data back (per direction, unless kDmaAttrSkipCpuSync was
   /// given), unmaps and frees the IOVA, frees bounce slots. EINVAL for a mapping that is
   /// not live or belongs to another device; nothing changes then.
@@ -323,10 +335,10 @@ class DmaDevice {
   /// One physical range (Linux dma_map_phys): host or P2P memory, classified as map()
   /// does; the result is one segment (never split). Errors as map(), plus EINVAL when a
   /// needed bounce exceeds 256 KiB.
-  Result<DmaSegment> map_phys(PhysAddr phys, uint64_t size, DmaDirection dir, uint32_t attrs = 0);
+  Result<DmaSegment> map_phys(PhysAddr phys, uint64_t size, DmaDirection dir, DmaAttrs attrs = {});
   /// Undoes map_phys(), from the segment's flags. EINVAL/ENOENT for a segment that is not
   /// mapped (detected through the IOMMU or the bounce pool; always with debug on).
-  Status unmap_phys(const DmaSegment& seg, DmaDirection dir, uint32_t attrs = 0);
+  Status unmap_phys(const DmaSegment& seg, DmaDirection dir, DmaAttrs attrs = {});
   Status sync_phys_for_cpu(const DmaSegment& seg, DmaDirection dir);
   Status sync_phys_for_device(const DmaSegment& seg, DmaDirection dir);
 
@@ -339,14 +351,14 @@ class DmaDevice {
   /// bus-address P2P memory is EINVAL (it is not linked: use map_phys); unreachable P2P is
   /// EREMOTEIO; untrusted devices bounce unaligned host ranges.
   Status iova_link(DmaIovaState& state, PhysAddr phys, uint64_t offset, uint64_t size, DmaDirection dir,
-                   uint32_t attrs = 0);
+                   DmaAttrs attrs = {});
   /// Makes linked mappings visible to the device (iommu_sync_map). EINVAL when part of the
   /// range is not linked.
   Status iova_sync(DmaIovaState& state, uint64_t offset, uint64_t size);
   /// Unmaps [offset, offset + size) of the state, keeping the IOVA reserved.
-  Status iova_unlink(DmaIovaState& state, uint64_t offset, uint64_t size, DmaDirection dir, uint32_t attrs = 0);
+  Status iova_unlink(DmaIovaState& state, uint64_t offset, uint64_t size, DmaDirection dir, DmaAttrs attrs = {});
   /// Unlinks the first mapped_len bytes (0: nothing linked) and frees the IOVA.
-  Status iova_destroy(DmaIovaState& state, uint64_t mapped_len, DmaDirection dir, uint32_t attrs = 0);
+  Status iova_destroy(DmaIovaState& state, uint64_t mapped_len, DmaDirection dir, DmaAttrs attrs = {});
 
   const DmaDeviceConfig& config() const noexcept;
   DmaDeviceStats stats() const noexcept;

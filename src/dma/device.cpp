@@ -7,7 +7,7 @@ namespace physr {
 
 using namespace dma_detail;
 
-std::string dma_seg_path(uint32_t flags) {
+std::string dma_seg_path(DmaSegFlags flags) {
   if (flags & kDmaSegBusAddr) return "bus_addr";
   std::string s = (flags & kDmaSegIommu) ? "iommu" : "direct";
   if (flags & kDmaSegMmio) s += "+mmio";
@@ -89,7 +89,7 @@ Result<std::unique_ptr<DmaDevice>> DmaDevice::create(const DmaEnv& env, const Dm
   return std::unique_ptr<DmaDevice>(new DmaDevice(std::move(impl)));
 }
 
-Result<DmaMapping> DmaDevice::map(const RangeList& list, DmaDirection dir, uint32_t attrs) {
+Result<DmaMapping> DmaDevice::map(const RangeList& list, DmaDirection dir, DmaAttrs attrs) {
   DmaMapping out;
   PHYSR_TRY(map_into(out, list, dir, attrs));
   return out;

@@ -105,7 +105,7 @@ struct DmaDevice::Impl {
   // Classifies [addr, addr + len) of provider tag `tag` (range `i` of a list, for
   // messages): the route, whether it must bounce, and the provider (nullptr for host
   // memory). Inside a ReadGuard.
-  Status classify(size_t i, uint64_t addr, uint64_t len, ProviderId tag, uint32_t attrs, Route* route, bool* bounce,
+  Status classify(size_t i, uint64_t addr, uint64_t len, ProviderId tag, DmaAttrs attrs, Route* route, bool* bounce,
                   const Provider** provider) {
     const auto where = [&] {
       return "range " + std::to_string(i) + " [" + format_hex(addr) + ", +" + format_hex(len) + ")";

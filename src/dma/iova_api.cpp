@@ -25,7 +25,7 @@ Result<bool> DmaDevice::iova_try_alloc(DmaIovaState& state, PhysAddr phys, uint6
   return true;
 }
 
-Status DmaDevice::iova_link(DmaIovaState& state, PhysAddr phys, uint64_t offset, uint64_t size, DmaDirection dir, uint32_t attrs) {
+Status DmaDevice::iova_link(DmaIovaState& state, PhysAddr phys, uint64_t offset, uint64_t size, DmaDirection dir, DmaAttrs attrs) {
   Impl& m = *impl_;
   const DmaDeviceConfig& c = m.cfg;
   const auto what = [&] { return "dma_iova_link of " + format_hex(phys.value()) + " (+" + format_hex(size) + ") at offset " + format_hex(offset); };
@@ -77,7 +77,7 @@ Status DmaDevice::iova_sync(DmaIovaState& state, uint64_t offset, uint64_t size)
   return {};
 }
 
-Status DmaDevice::iova_unlink(DmaIovaState& state, uint64_t offset, uint64_t size, DmaDirection dir, uint32_t attrs) {
+Status DmaDevice::iova_unlink(DmaIovaState& state, uint64_t offset, uint64_t size, DmaDirection dir, DmaAttrs attrs) {
   Impl& m = *impl_;
   if (!state.allocated() || size == 0 || offset > state.size || size > state.size - offset)
     return make_error(EINVAL, "dma_iova_unlink of offset " + format_hex(offset) + " (+" + format_hex(size) + "): outside the IOVA range");
@@ -94,7 +94,7 @@ Status DmaDevice::iova_unlink(DmaIovaState& state, uint64_t offset, uint64_t siz
   return st;
 }
 
-Status DmaDevice::iova_destroy(DmaIovaState& state, uint64_t mapped_len, DmaDirection dir, uint32_t attrs) {
+Status DmaDevice::iova_destroy(DmaIovaState& state, uint64_t mapped_len, DmaDirection dir, DmaAttrs attrs) {
   Impl& m = *impl_;
   if (!state.allocated()) return make_error(EINVAL, "dma_iova_destroy: no IOVA range allocated");
   for (const auto& b : state.bounces_)

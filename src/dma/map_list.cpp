@@ -13,7 +13,7 @@ struct Scratch {
 };
 thread_local Scratch t_scratch;
 
-Status DmaDevice::map_into(DmaMapping& out, const RangeList& list, DmaDirection dir, uint32_t attrs) {
+Status DmaDevice::map_into(DmaMapping& out, const RangeList& list, DmaDirection dir, DmaAttrs attrs) {
   Impl& m = *impl_;
   const DmaDeviceConfig& c = m.cfg;
   if (out.mapped()) return make_error(EBUSY, "DMA map: the output mapping is still live (unmap it first)");
@@ -106,7 +106,7 @@ Status DmaDevice::map_into(DmaMapping& out, const RangeList& list, DmaDirection 
   };
 
   const auto map_direct = [&](uint64_t addr, uint64_t len, Route route, bool bounce) -> Status {
-    const uint32_t flags = bounce ? kDmaSegBounced : route == Route::mmio ? kDmaSegMmio : 0;
+    const DmaSegFlags flags = bounce ? kDmaSegBounced : route == Route::mmio ? kDmaSegMmio : DmaSegFlags{};
     for (uint64_t a = addr, left = len; left != 0;) {
       uint64_t n = left, d = a + c.dma_offset;
       if (bounce) {
@@ -132,7 +132,7 @@ Status DmaDevice::map_into(DmaMapping& out, const RangeList& list, DmaDirection 
   const auto map_iommu = [&](uint64_t addr, uint64_t len, Route route, bool bounce) -> Status {
     const bool mmio = route == Route::mmio && !bounce;
     const uint8_t pr = static_cast<uint8_t>(prot | (mmio ? kIommuMmio : 0));
-    const uint32_t flags = kDmaSegIommu | (bounce ? kDmaSegBounced : 0) | (mmio ? kDmaSegMmio : 0);
+    const DmaSegFlags flags = kDmaSegIommu | (bounce ? kDmaSegBounced : DmaSegFlags{}) | (mmio ? kDmaSegMmio : DmaSegFlags{});
     const uint64_t wmask = bounce ? std::min(mask, BouncePool::kMaxMapping - 1) : mask;
     for (uint64_t a = addr, left = len; left != 0;) {
       const uint64_t n = first_chunk(a, left, c.max_segment, wmask);

@@ -8,7 +8,7 @@ using namespace dma_detail;
 // ---------------------------------------------------------------------------------------
 // Single ranges
 
-Result<DmaSegment> DmaDevice::map_phys(PhysAddr phys, uint64_t size, DmaDirection dir, uint32_t attrs) {
+Result<DmaSegment> DmaDevice::map_phys(PhysAddr phys, uint64_t size, DmaDirection dir, DmaAttrs attrs) {
   Impl& m = *impl_;
   const DmaDeviceConfig& c = m.cfg;
   if (dir == DmaDirection::none) return make_error(EINVAL, "DMA map_phys: direction none");
@@ -38,8 +38,8 @@ Result<DmaSegment> DmaDevice::map_phys(PhysAddr phys, uint64_t size, DmaDirectio
       a = *b;
       m.bounced.fetch_add(size, std::memory_order_relaxed);
     }
-    const uint32_t mmio = route == Route::mmio && !bounce ? kDmaSegMmio : 0;
-    seg.flags = (bounce ? kDmaSegBounced : 0) | mmio;
+    const DmaSegFlags mmio = route == Route::mmio && !bounce ? kDmaSegMmio : DmaSegFlags{};
+    seg.flags = (bounce ? kDmaSegBounced : DmaSegFlags{}) | mmio;
     if (!c.domain) {
       seg.addr = DmaAddr(a.value() + c.dma_offset);
       if (bounce && !m.capable(seg.addr.value(), size)) {
@@ -71,7 +71,7 @@ Result<DmaSegment> DmaDevice::map_phys(PhysAddr phys, uint64_t size, DmaDirectio
   return seg;
 }
 
-Status DmaDevice::unmap_phys(const DmaSegment& seg, DmaDirection dir, uint32_t attrs) {
+Status DmaDevice::unmap_phys(const DmaSegment& seg, DmaDirection dir, DmaAttrs attrs) {
   Impl& m = *impl_;
   const DmaDeviceConfig& c = m.cfg;
   const auto what = [&] { return "DMA unmap_phys on " + m.who() + " of " + format_hex(seg.addr.value()) + " (+" + format_hex(seg.len) + ")"; };

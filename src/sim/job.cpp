@@ -166,7 +166,7 @@ Result<JobResult> run_job(Machine& m, const Job& job) {
   out.device = m.label(job.device);
   out.buffer = bar ? bar->name : "host memory";
   const bool staged = bar && job.path == PathPolicy::bounce;
-  const uint32_t attrs = job.path == PathPolicy::automatic ? kDmaAttrAllowBounce : 0;
+  const DmaAttrs attrs = job.path == PathPolicy::automatic ? kDmaAttrAllowBounce : kDmaAttrNone;
 
   // A p2p policy fails up front where the fabric refuses the pair, with the fabric's reason;
   // otherwise the DMA layer's answer decides (the mapping fails with EREMOTEIO).

@@ -63,7 +63,7 @@ Result<JobResult> run_net_job(Machine& m, const Job& job) {
   out.name = job.name;
   out.device = m.label(tx) + "->" + m.label(rx);
   out.buffer = (txbar ? txbar->name : "host") + std::string(" -> ") + (rxbar ? rxbar->name : "host");
-  const uint32_t attrs = job.path == PathPolicy::automatic ? kDmaAttrAllowBounce : 0;
+  const DmaAttrs attrs = job.path == PathPolicy::automatic ? kDmaAttrAllowBounce : kDmaAttrNone;
   std::vector<uint8_t> sent(job.block_size);  // the packet in the NICs' FIFOs
   Simulator sim(fab);
   std::vector<double> lat;

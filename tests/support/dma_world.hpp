@@ -178,7 +178,7 @@ struct DmaWorld {
   // many bytes from there stay contiguous (to the next 4 KiB DMA page). nullopt: an IOMMU
   // fault, or a permission the access lacks.
   // With perm false the IOMMU permission is not checked (to look through write-only maps).
-  std::optional<PhysAddr> reach(const DmaDeviceConfig& c, uint64_t flags, uint64_t dma, bool write, uint64_t* run,
+  std::optional<PhysAddr> reach(const DmaDeviceConfig& c, DmaSegFlags flags, uint64_t dma, bool write, uint64_t* run,
                                 bool perm = true) const {
     *run = 4096 - (dma & 4095);
     if (flags & kDmaSegBusAddr) {

@@ -120,7 +120,7 @@ void run_map(const MapOptions& o) {
     const pci::Verdict v = pf.p2p().verdict(a->function, client);
     return {a->name, fmt::format("{} (distance {})", pci::map_type_name(v.type), v.distance)};
   };
-  const uint32_t attrs = o.allow_bounce ? kDmaAttrAllowBounce : 0;
+  const DmaAttrs attrs = o.allow_bounce ? kDmaAttrAllowBounce : kDmaAttrNone;
   auto mapped = dev->map(list, dir, attrs);
   const uint64_t slots = pf.bounce()->used_slots();
   const auto ds = m.domain->stats();
