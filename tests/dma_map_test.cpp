@@ -600,6 +600,22 @@ TEST(DmaMapTest, DebugReportsMappingsLiveAtDestruction) {
     EXPECT_TRUE(dev->debug_live().empty());
   }
   EXPECT_EQ(reports.size(), 1u);  // the clean device said nothing
+  {
+    auto dev = w.device({.function = w.f_nvme, .domain = w.domain.get(), .debug_report = capture});
+    auto s = dev->map_phys(PhysAddr(0x30000), 4096, DmaDirection::from_device);
+    ASSERT_TRUE(s.has_value());
+    // A second unmap of the same segment is refused (the first took its record out), and
+    // an unmap that fails before tearing anything down keeps it.
+    ASSERT_TRUE(dev->unmap_phys(*s, DmaDirection::from_device).has_value());
+    EXPECT_EQ(dev->unmap_phys(*s, DmaDirection::from_device).error().code, EINVAL);
+    s = dev->map_phys(PhysAddr(0x30000), 4096, DmaDirection::from_device);
+    ASSERT_TRUE(s.has_value());
+    auto direct_seg = *s;
+    direct_seg.flags = kDmaSegBounced;  // claims a direct bounce: no bounce pool mapping there
+    EXPECT_FALSE(dev->unmap_phys(direct_seg, DmaDirection::from_device).has_value());
+  }  // destroyed with the map_phys result still live (the failed unmap tore down nothing)
+  ASSERT_EQ(reports.size(), 2u);
+  EXPECT_NE(reports[1].find("map_phys of 4 KiB at"), std::string::npos) << reports[1];
 }
 
 }  // namespace

@@ -158,7 +158,8 @@ class BouncePool {
   /// is not in memory.
   Result<PhysAddr> map(PhysAddr orig, uint64_t size, DmaDirection dir, uint64_t min_align_mask = 0,
                        uint64_t alloc_align_mask = 0);
-  /// Copies back if the direction says so, then frees. EINVAL: not a mapping of that size.
+  /// Copies back if the direction says so, then frees. EINVAL: not a mapping of that size
+  /// (nothing changes); EFAULT: the copy back failed (the slots are freed all the same).
   Status unmap(PhysAddr bounce, uint64_t size, DmaDirection dir);
   /// Device to CPU: copies the bounce buffer back to the original (from_device, bidirectional).
   Status sync_for_cpu(PhysAddr bounce, uint64_t size, DmaDirection dir);

@@ -38,7 +38,8 @@ struct IovaOptions {
   bool check = false;                    // record allocations: report bad frees exactly (tests, debug)
   /// IOVA ranges never handed out (Linux reserve_iova()). dma-iommu reserves the host
   /// bridges' memory windows this way (iova_reserve_pci_windows()), so no IOVA equals a
-  /// bus address that a switch would route to a peer's BAR instead of the IOMMU.
+  /// bus address that a switch would route to a peer's BAR instead of the IOMMU. Rounded
+  /// out to granules, clipped to [start, end); may overlap; one that wraps 2^64 is EINVAL.
   std::vector<DmaSpan> reserved{};
 };
 

@@ -48,14 +48,22 @@ DmaDevice::~DmaDevice() {
 
 std::vector<std::string> DmaDevice::debug_live() const {
   Impl& m = *impl_;
+  // By kind, then by id or address, numerically: reports stay the same run to run (hash
+  // order is not an order) and read in mapping order.
+  std::vector<std::pair<uint64_t, std::string>> lists, phys;
+  {
+    std::lock_guard lock(m.dbg_mu);
+    for (const auto& [id, e] : m.dbg_lists)
+      lists.emplace_back(id, "map of " + format_size(e.len) + " " + dma_direction_name(e.dir) + ", id " + std::to_string(id));
+    for (const auto& [addr, v] : m.dbg_phys)
+      for (const DebugEntry& e : v)
+        phys.emplace_back(addr, "map_phys of " + format_size(e.len) + " at " + format_hex(addr) + " " + dma_direction_name(e.dir));
+  }
+  std::stable_sort(lists.begin(), lists.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+  std::stable_sort(phys.begin(), phys.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
   std::vector<std::string> out;
-  std::lock_guard lock(m.dbg_mu);
-  for (const auto& [id, e] : m.dbg_lists)
-    out.push_back("map of " + format_size(e.len) + " " + dma_direction_name(e.dir) + ", id " + std::to_string(id));
-  for (const auto& [addr, v] : m.dbg_phys)
-    for (const DebugEntry& e : v)
-      out.push_back("map_phys of " + format_size(e.len) + " at " + format_hex(addr) + " " + dma_direction_name(e.dir));
-  std::sort(out.begin(), out.end());  // hash order is not an order: reports stay the same run to run
+  for (auto* v : {&lists, &phys})
+    for (auto& [k, line] : *v) out.push_back(std::move(line));
   return out;
 }
 const DmaDeviceConfig& DmaDevice::config() const noexcept { return impl_->cfg; }

@@ -91,9 +91,16 @@ struct DmaDevice::Impl {
 
   // The verdict for a provider's memory and this device (the engine caches it per pair);
   // nullopt when the provider names no function of this topology (treated as unreachable).
+  // A provider registered without its function index is found by its owner's address
+  // (a linear search of the topology, per range: registering the index avoids it).
   std::optional<pci::MapType> verdict(const Provider& p) const {
-    const uint32_t f = p.function();
     const auto& fns = env.p2p->topology().functions;
+    uint32_t f = p.function();
+    if (f == pci::kNoFunction) {
+      const auto found = env.p2p->topology().find(p.owner());
+      if (!found) return std::nullopt;
+      f = *found;
+    }
     if (f >= fns.size() || !(fns[f].bdf == p.owner())) return std::nullopt;
     return env.p2p->verdict(f, cfg.function).type;
   }

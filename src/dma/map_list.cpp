@@ -244,11 +244,29 @@ Status DmaDevice::unmap(DmaMapping& mp) {
   Impl& m = *impl_;
   if (!mp.mapped()) return make_error(EINVAL, "DMA unmap: the mapping is not live (never mapped, or already unmapped)");
   if (mp.dev_ != this) return make_error(EINVAL, "DMA unmap on " + m.who() + ": the mapping belongs to another device");
+  // DMA-API debug: the record is taken out before anything is torn down, so a second unmap
+  // of the same mapping racing this one is reported rather than run (it could otherwise
+  // unmap an IOVA that a third mapping got in between); it goes back only if nothing was
+  // torn down.
+  std::optional<DebugEntry> rec;
   if (m.cfg.debug) {
     std::lock_guard lock(m.dbg_mu);
-    if (!m.dbg_lists.contains(mp.debug_id_))
+    auto it = m.dbg_lists.find(mp.debug_id_);
+    if (it == m.dbg_lists.end())
       return make_error(EINVAL, "DMA-API debug: unmap on " + m.who() + " of mapping " + std::to_string(mp.debug_id_) + ", which is not live");
+    rec = it->second;
+    m.dbg_lists.erase(it);
   }
+  // Past the first teardown step the mapping is gone whatever else fails: it is marked
+  // unmapped, so a retry is refused instead of tearing down twice.
+  const auto done = [&] {
+    mp.dev_ = nullptr;
+    mp.nseg_ = 0;
+    mp.bounces_.clear();
+    mp.iova_len_ = 0;
+    m.unmaps.fetch_add(1, std::memory_order_relaxed);
+    m.live.fetch_sub(1, std::memory_order_relaxed);
+  };
   if (mp.iova_len_) {
     // The mapped runs: every IOMMU segment's granules (merged segments never span padding).
     Scratch& s = t_scratch;
@@ -259,8 +277,17 @@ Status DmaDevice::unmap(DmaMapping& mp) {
       if (!s.runs.empty() && s.runs.back().base + s.runs.back().size == DmaAddr(a)) s.runs.back().size += e - a;
       else s.runs.push_back(DmaSpan{DmaAddr(a), e - a});
     }
-    PHYSR_TRY(m.cfg.domain->unmap_many(s.runs));
-    PHYSR_TRY(m.cfg.domain->free_iova(mp.iova_, mp.iova_len_));
+    if (Status st = m.cfg.domain->unmap_many(s.runs); !st) {  // all or nothing: nothing was torn down
+      if (rec) {
+        std::lock_guard lock(m.dbg_mu);
+        m.dbg_lists.emplace(mp.debug_id_, *rec);
+      }
+      return st;
+    }
+    if (Status st = m.cfg.domain->free_iova(mp.iova_, mp.iova_len_); !st) {
+      done();
+      return st;
+    }
   }
   const bool cpu_sync = !(mp.attrs_ & kDmaAttrSkipCpuSync);
   Status st;
@@ -270,16 +297,7 @@ Status DmaDevice::unmap(DmaMapping& mp) {
   }
   // Linux arch_sync_dma_for_cpu() at unmap, unless the device only read.
   if (cpu_sync && !m.cfg.coherent && mp.dir_ != DmaDirection::to_device) m.count_cache(mp.nseg_);
-  if (m.cfg.debug) {  // dropped only now: until here an unmap could still fail and leave it live
-    std::lock_guard lock(m.dbg_mu);
-    m.dbg_lists.erase(mp.debug_id_);
-  }
-  mp.dev_ = nullptr;
-  mp.nseg_ = 0;
-  mp.bounces_.clear();
-  mp.iova_len_ = 0;
-  m.unmaps.fetch_add(1, std::memory_order_relaxed);
-  m.live.fetch_sub(1, std::memory_order_relaxed);
+  done();
   return st;
 }
 

@@ -76,6 +76,9 @@ Status DmaDevice::unmap_phys(const DmaSegment& seg, DmaDirection dir, DmaAttrs a
   const DmaDeviceConfig& c = m.cfg;
   const auto what = [&] { return "DMA unmap_phys on " + m.who() + " of " + format_hex(seg.addr.value()) + " (+" + format_hex(seg.len) + ")"; };
   if (seg.len == 0) return make_error(EINVAL, what() + ": size 0");
+  // DMA-API debug: the record is taken out before anything is torn down (a second unmap
+  // racing this one is reported, not run) and goes back only if nothing was torn down.
+  bool taken = false;
   if (c.debug) {
     std::lock_guard lock(m.dbg_mu);
     auto it = m.dbg_phys.find(seg.addr.value());
@@ -87,30 +90,33 @@ Status DmaDevice::unmap_phys(const DmaSegment& seg, DmaDirection dir, DmaAttrs a
       if (d.len != seg.len) return make_error(EINVAL, "DMA-API debug: " + what() + ": mapped with size " + format_hex(d.len));
       return make_error(EINVAL, "DMA-API debug: " + what() + ": mapped " + dma_direction_name(d.dir) + ", unmapped " + dma_direction_name(dir));
     }
+    v.erase(e);
+    if (v.empty()) m.dbg_phys.erase(it);
+    taken = true;
   }
+  const auto untouched = [&](Error e) -> Status {  // nothing was torn down: the record goes back
+    if (taken) {
+      std::lock_guard lock(m.dbg_mu);
+      m.dbg_phys[seg.addr.value()].push_back(DebugEntry{seg.len, dir});
+    }
+    return e;
+  };
   const DmaDirection back = (attrs & kDmaAttrSkipCpuSync) ? DmaDirection::none : dir;
   if (!(seg.flags & kDmaSegBusAddr)) {
     if (seg.flags & kDmaSegIommu) {
-      if (!c.domain) return make_error(EINVAL, what() + ": an IOMMU segment, but the device maps directly");
+      if (!c.domain) return untouched(make_error(EINVAL, what() + ": an IOMMU segment, but the device maps directly"));
       const uint64_t off = seg.addr.value() & kGMask, len = align_up(off + seg.len);
       std::optional<IoTranslation> t;
       if (seg.flags & kDmaSegBounced) t = c.domain->walk(seg.addr);
-      PHYSR_TRY(c.domain->unmap(seg.addr - off, len));
-      PHYSR_TRY(c.domain->free_iova(seg.addr - off, len));
-      if (t) PHYSR_TRY(m.env.bounce->unmap(t->phys, seg.len, back));
+      if (Status st = c.domain->unmap(seg.addr - off, len); !st) return untouched(std::move(st).error());  // nothing changed
+      PHYSR_RETURN_IF_ERROR(c.domain->free_iova(seg.addr - off, len));
+      if (t) PHYSR_RETURN_IF_ERROR(m.env.bounce->unmap(t->phys, seg.len, back));
     } else if (seg.flags & kDmaSegBounced) {
-      if (!m.env.bounce) return make_error(EINVAL, what() + ": flagged bounced, but there is no bounce pool");
-      PHYSR_TRY(m.env.bounce->unmap(PhysAddr(seg.addr.value() - c.dma_offset), seg.len, back));
-    }
-  }
-  if (c.debug) {  // dropped only now: until here the unmap could still fail and leave it live
-    std::lock_guard lock(m.dbg_mu);
-    auto it = m.dbg_phys.find(seg.addr.value());
-    if (it != m.dbg_phys.end()) {
-      auto& v = it->second;
-      auto e = std::find_if(v.begin(), v.end(), [&](const DebugEntry& d) { return d.len == seg.len && d.dir == dir; });
-      if (e != v.end()) v.erase(e);
-      if (v.empty()) m.dbg_phys.erase(it);
+      if (!m.env.bounce) return untouched(make_error(EINVAL, what() + ": flagged bounced, but there is no bounce pool"));
+      // BouncePool::unmap's EINVAL (not a mapping of the pool) changes nothing; a failed copy
+      // back (EFAULT) has still freed the slots.
+      if (Status st = m.env.bounce->unmap(PhysAddr(seg.addr.value() - c.dma_offset), seg.len, back); !st)
+        return st.error().code == EINVAL ? untouched(std::move(st).error()) : st;
     }
   }
   if (!(attrs & kDmaAttrSkipCpuSync) && dir != DmaDirection::to_device && !(seg.flags & (kDmaSegBusAddr | kDmaSegMmio))) m.count_cache(1);

@@ -323,6 +323,8 @@ Result<std::unique_ptr<IovaAllocator>> IovaAllocator::create(const IovaOptions& 
   std::vector<std::pair<uint64_t, uint64_t>> holes;
   for (const DmaSpan& r : o.reserved) {
     if (r.empty()) continue;
+    if (r.wraps())
+      return make_error(EINVAL, "IOVA reserved range [" + format_hex(r.base.value()) + ", +" + format_hex(r.size) + ") runs past 2^64");
     const uint64_t lo = r.base.value() >> impl->shift, hi = (r.last().value() >> impl->shift) + 1;
     holes.emplace_back(std::max(lo, impl->start_pfn), std::min(hi, impl->end_pfn));
   }
