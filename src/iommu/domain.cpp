@@ -189,12 +189,11 @@ Result<std::unique_ptr<IoDomain>> IoDomain::create(const IoDomainOptions& o) {
   if (o.iova.granule != 4096) return make_error(EINVAL, "IOMMU domain: the IOVA granule must be 4 KiB (the smallest leaf)");
   if (o.iova.end > kIovaLimit) return make_error(EINVAL, "IOMMU domain: IOVA space ends above 2^48");
   if (o.flush_queue_entries == 0) return make_error(EINVAL, "IOMMU domain: the flush queue needs at least one entry");
-  auto iova = IovaAllocator::create(o.iova);
-  if (!iova) return std::move(iova).error();
+  PHYSR_ASSIGN_OR_RETURN(auto iova, IovaAllocator::create(o.iova));
   auto impl = std::make_unique<Impl>();
   impl->strict = o.strict;
   impl->fq_entries = o.flush_queue_entries;
-  return std::unique_ptr<IoDomain>(new IoDomain(std::move(impl), std::move(iova).value()));
+  return std::unique_ptr<IoDomain>(new IoDomain(std::move(impl), std::move(iova)));
 }
 
 bool IoDomain::strict() const noexcept { return impl_->strict; }
@@ -284,7 +283,7 @@ Status IoDomain::map_many(std::span<const IoMapOp> ops) {
     }
     m.clear_mapped_locked(a, done);
     for (size_t k = 0; k < i; ++k) m.unmap_locked(ops[k].iova.value(), ops[k].size);
-    return make_error(st.error().code, "batch entry " + std::to_string(i) + ": " + st.error().message);
+    return std::move(st).error().with_context("batch entry " + std::to_string(i));
   }
   return {};
 }
