@@ -47,9 +47,8 @@ uint32_t Fabric::add_resource(Resource::Kind kind, std::string name, double gbps
 }
 
 Result<Fabric> Fabric::create(const pci::Topology& topo, const FabricOptions& o) {
-  auto e = pci::P2PEngine::create(topo);
-  if (!e) return std::move(e).error();
-  auto own = std::make_unique<pci::P2PEngine>(std::move(e).value());
+  PHYSR_ASSIGN_OR_RETURN(auto e, pci::P2PEngine::create(topo));
+  auto own = std::make_unique<pci::P2PEngine>(std::move(e));
   auto f = create(*own, o);
   if (f) f->own_engine_ = std::move(own);
   return f;

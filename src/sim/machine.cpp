@@ -39,13 +39,10 @@ Result<std::unique_ptr<Machine>> Machine::create(const pci::Topology& topo, cons
   std::unique_ptr<Machine> m(new Machine());
   m->topo_ = &topo;
   m->opt_ = o;
-  auto model = ModelPlatform::create(topo, ModelOptions{.ram = o.ram, .iommu = o.iommu, .strict_iommu = true, .bounce_pool = o.bounce_pool, .verdicts = {}, .dma_debug = o.dma_debug});
-  if (!model) return std::move(model).error();
-  m->model_ = std::move(model).value();
+  PHYSR_ASSIGN_OR_RETURN(m->model_, ModelPlatform::create(topo, ModelOptions{.ram = o.ram, .iommu = o.iommu, .strict_iommu = true,
+                                                                            .bounce_pool = o.bounce_pool, .verdicts = {}, .dma_debug = o.dma_debug}));
   m->warnings = m->model_->warnings;
-  auto fab = Fabric::create(m->platform().p2p(), o.fabric);
-  if (!fab) return std::move(fab).error();
-  m->fabric_.emplace(std::move(fab).value());
+  PHYSR_ASSIGN_OR_RETURN(m->fabric_, Fabric::create(m->platform().p2p(), o.fabric));
   return m;
 }
 
@@ -148,9 +145,9 @@ Result<DmaAccess> Machine::access(uint32_t initiator, std::span<const DmaSegment
   PhysMemory& mem = memory();
   for (const Run& r : runs) {
     if (write)
-      PHYSR_TRY(mem.fill(r.phys, r.len, [&, base = at](uint64_t o, std::span<uint8_t> piece) { return (*source)(base + o, piece); }));
+      PHYSR_RETURN_IF_ERROR(mem.fill(r.phys, r.len, [&, base = at](uint64_t o, std::span<uint8_t> piece) { return (*source)(base + o, piece); }));
     else
-      PHYSR_TRY(mem.visit(r.phys, r.len, [&, base = at](uint64_t o, std::span<const uint8_t> piece) { return (*sink)(base + o, piece); }));
+      PHYSR_RETURN_IF_ERROR(mem.visit(r.phys, r.len, [&, base = at](uint64_t o, std::span<const uint8_t> piece) { return (*sink)(base + o, piece); }));
     at += r.len;
   }
   return out;
