@@ -49,6 +49,7 @@ Result<std::unique_ptr<Machine>> Machine::create(const pci::Topology& topo, cons
 void Machine::decode(uint32_t initiator, uint64_t dma, uint64_t len, bool write, std::vector<Run>& runs, DmaAccess& out) {
   const Platform& p = platform();
   const auto add_run = [&](PhysAddr phys, uint64_t n) {
+    PHYSR_ASSERT(n != 0, "a decoded run is never empty");
     if (!runs.empty() && runs.back().phys + runs.back().len == phys) runs.back().len += n;  // physically contiguous
     else runs.push_back(Run{phys, n});
   };
@@ -144,12 +145,15 @@ Result<DmaAccess> Machine::access(uint32_t initiator, std::span<const DmaSegment
   at = 0;
   PhysMemory& mem = memory();
   for (const Run& r : runs) {
+    // A run past the access would hand the source or sink bytes beyond its buffer.
+    PHYSR_ASSERT(r.len != 0 && r.len <= len - at, "a decoded run lies within the access");
     if (write)
       PHYSR_RETURN_IF_ERROR(mem.fill(r.phys, r.len, [&, base = at](uint64_t o, std::span<uint8_t> piece) { return (*source)(base + o, piece); }));
     else
       PHYSR_RETURN_IF_ERROR(mem.visit(r.phys, r.len, [&, base = at](uint64_t o, std::span<const uint8_t> piece) { return (*sink)(base + o, piece); }));
     at += r.len;
   }
+  PHYSR_ASSERT(at == len, "the decoded runs cover the access exactly");
   return out;
 }
 
