@@ -60,11 +60,12 @@ Result<const Aperture*> Platform::add_bar(uint32_t f, unsigned bar, bool publish
   // Keep the host bridge's bus-address index sorted (apertures never overlap in CPU space,
   // and one host bridge's single offset keeps them apart in its bus space too).
   const auto i = static_cast<uint32_t>(apertures_.size() - 1);
+  PHYSR_ASSERT(fn.host_bridge < by_bus_.size(), "every host bridge has a bus-address index");
   std::vector<uint32_t>& index = by_bus_[fn.host_bridge];
-  const auto pos = std::upper_bound(index.begin(), index.end(), i, [&](uint32_t x, uint32_t y) {
-    return apertures_[x].bus().base < apertures_[y].bus().base;
-  });
+  const auto by_base = [&](uint32_t x, uint32_t y) { return apertures_[x].bus().base < apertures_[y].bus().base; };
+  const auto pos = std::upper_bound(index.begin(), index.end(), i, by_base);
   index.insert(pos, i);
+  PHYSR_ASSERT(std::is_sorted(index.begin(), index.end(), by_base), "a host bridge's bus-address index stays sorted");
   return &apertures_.back();
 }
 
