@@ -102,7 +102,8 @@ class Fabric {
   }
   /// Adds a resource outside the PCIe tree (a copy engine, a wire), or returns the one of
   /// that kind and name added before (now with this bandwidth): jobs run one after another
-  /// on a machine share it rather than piling up copies.
+  /// on a machine share it rather than piling up copies. `gbps` must be positive (the
+  /// simulator shares out bandwidth and assumes none is negative).
   uint32_t add_resource(Resource::Kind kind, std::string name, double gbps);
 
   const std::vector<Resource>& resources() const noexcept { return res_; }

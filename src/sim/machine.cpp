@@ -34,7 +34,7 @@ struct Machine::Run {
 Machine::~Machine() = default;
 
 Result<std::unique_ptr<Machine>> Machine::create(const pci::Topology& topo, const MachineOptions& o) {
-  for (double v : {o.nvme_read_gbps, o.nvme_write_gbps, o.copy_engine_gbps})
+  for (double v : {o.nvme_read_gbps, o.nvme_write_gbps, o.copy_engine_gbps, o.wire_gbps})
     if (!(v > 0)) return make_error(EINVAL, "machine: device bandwidths must be positive");
   std::unique_ptr<Machine> m(new Machine());
   m->topo_ = &topo;
