@@ -96,7 +96,7 @@ Status PhysMemory::add_region(PhysRegion r) {
   const uint64_t b = r.span.base.value(), s = r.span.size;
   if (s == 0 || ((b | s) & (kPageSize - 1)) != 0 || b >= kLimit || s > kLimit - b)
     return make_error(EINVAL, "physical region '" + r.name + "' [" + format_hex(b) + ", +" + format_hex(s) +
-                                  "): must be non-empty, 4 KiB aligned and below 2^54");
+                                  "): must be non-empty, 4 KiB aligned and below 2^52");
   std::unique_lock lock(impl_->regions_mu);
   auto it = impl_->regions.lower_bound(b);
   const PhysRegion* clash = nullptr;
