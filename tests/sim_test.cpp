@@ -741,6 +741,9 @@ TEST(SimJobTest, NetworkPacketsReachTheReceiverBuffers) {
   EXPECT_EQ(r->verified_bytes, 4 * MiB);
   j.peer = *t.lookup("nvme0");
   EXPECT_EQ(run_job(*m, j).error().code, EINVAL);  // not a NIC
+  MachineOptions no_wire;
+  no_wire.wire_gbps = 0;
+  EXPECT_EQ(Machine::create(t, no_wire).error().code, EINVAL);  // a wire needs bandwidth
 }
 
 TEST(SimScenarioTest, ParsesAndResolves) {

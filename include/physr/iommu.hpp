@@ -44,10 +44,11 @@ class IoDomain final : public IommuDomain {
 
   /// Maps [iova, iova + size) to [phys, phys + size), with the largest leaves that the
   /// alignment of both allows. EINVAL: zero or unaligned size/addresses, no permission,
-  /// beyond 48 bits. EEXIST: part of the range is mapped (named); nothing stays mapped.
+  /// beyond the 48-bit IOVA or 52-bit physical space. EEXIST: part of the range is mapped
+  /// (named); nothing stays mapped.
   Status map(DmaAddr iova, PhysAddr phys, uint64_t size, uint8_t perm) override;
   /// Maps a batch under one lock, all or nothing (Linux iommu_map_sg()): on any error
-  /// nothing of the batch stays mapped. Errors as map(), naming the operation.
+  /// nothing of the batch stays mapped. Errors as map(), prefixed "batch entry N: ".
   Status map_many(std::span<const IoMapOp> ops) override;
   /// Unmaps exactly what map() mapped. ENOENT names the first unmapped page; EINVAL a range
   /// that would split a large leaf. Nothing changes on error. Strict mode invalidates the

@@ -15,7 +15,9 @@
 //   allocation looks at most two blocks per order and splits one, a free coalesces with
 //   its buddies: O(log n) per order whatever the history, so O(bits x log n) in all cases.
 //   The unused tail of a non-power-of-two request goes straight back to the free sets, so
-//   exactly s granules stay reserved, as in Linux. One difference: a request of more than
+//   exactly s granules stay reserved, as in Linux. A whole block of a size above the
+//   magazines that comes back is kept aside for the next request of its size and coalesced
+//   only when a search needs it (docs/iommu.md). One difference: a request of more than
 //   32 granules that is not a power of two takes a wholly free aligned block, where Linux
 //   needs only its first s granules free; physr may place it lower than Linux would, and
 //   under heavy fragmentation fail (ENOMEM) where Linux would still fit it. Requests of up
@@ -45,16 +47,16 @@ struct IovaOptions {
 
 /// Statistics for tests and benchmarks.
 struct IovaStats {
-  uint64_t free_granules = 0;    // in the buddy free sets (excludes cached entries)
-  uint64_t cached_granules = 0;  // held in magazines and the depot
+  uint64_t free_granules = 0;    // in the buddy free sets and the blocks kept whole (excludes cached entries)
+  uint64_t cached_granules = 0;  // held in the depot and the calling thread's magazines (not other threads')
   uint64_t tree_allocs = 0, tree_frees = 0;
 };
 
 /// Allocates I/O virtual addresses for one IOMMU domain. Thread-safe.
 class IovaAllocator {
  public:
-  /// EINVAL for a granule that is not a power of two, or start/end not granule-aligned,
-  /// empty or with start 0 excluded wrongly.
+  /// EINVAL for a granule that is not a power of two of at least 512, or a space
+  /// [start, end) that is empty or not granule-aligned.
   static Result<std::unique_ptr<IovaAllocator>> create(const IovaOptions& options = {});
   ~IovaAllocator();
   IovaAllocator(const IovaAllocator&) = delete;
@@ -66,9 +68,15 @@ class IovaAllocator {
   Result<DmaAddr> alloc(uint64_t size, uint64_t limit);
   /// Returns what alloc(size, ...) gave. With check on, EINVAL names a free of an address
   /// not allocated with that size (double free, wrong size); without it, such a free is
-  /// detected when it reaches the free sets and otherwise undefined, as in Linux.
+  /// refused (EINVAL) when it goes straight to the free sets and overlaps free space, and
+  /// is otherwise undefined, as in Linux (one a magazine caches is never checked; a build
+  /// with assertions may abort when it reaches the free sets later).
   Status free(DmaAddr iova, uint64_t size);
-  /// Returns every cached entry to the free sets (Linux free_cpu_cached_iovas + depot).
+  /// Returns the calling thread's magazines (loaded and previous, every size class) and
+  /// every magazine in the depot to the free sets, and puts the blocks kept whole back
+  /// into them, coalescing (Linux free_cpu_cached_iovas() for one CPU, plus
+  /// free_global_cached_iovas()). Other threads' magazines stay cached: they come back
+  /// when those threads call flush_caches() or exit.
   void flush_caches();
 
   IovaStats stats() const;

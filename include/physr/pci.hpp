@@ -1,7 +1,8 @@
 // physr pci: the PCI topology of a machine and the P2P verdicts Linux computes for it.
 //
 // A Topology is loaded from a live or snapshotted sysfs (the layout hwloc-gather-topology
-// writes), or from a declarative TOML machine file (docs/machine-format.md). The P2PEngine
+// writes), or from a declarative TOML machine file (docs/machine-format.md), a file or one
+// built into the library (physr/builtin.hpp). The P2PEngine
 // answers, for a provider and a client function, what drivers/pci/p2pdma.c
 // calc_map_type_and_dist() answers: bus_addr, thru_host_bridge or not_supported, with the
 // distance, and explains the answer hop by hop.

@@ -1,5 +1,5 @@
 // physr platform: one machine as the DMA layer sees it, built once and shared by everything
-// that maps on it (the machine model, `physr map`, the tour, and a live host).
+// that maps on it (the machine model, `physr map` and the tour; later a live host).
 //
 // Design rationale
 // - One object holds what a DMA device maps with: the topology, the one P2P engine (whose
@@ -15,7 +15,7 @@
 //   offset comes from its host bridge (HostBridge::bus_offset), so bus addresses differ from
 //   CPU addresses where the host bridge translates.
 // - Platform depends only on the DMA layer's seams: the machine model fills it with
-//   PhysMemory and IoDomain (ModelPlatform below); a live host with its own.
+//   PhysMemory and IoDomain (ModelPlatform below); a live host would fill it with its own.
 #pragma once
 
 #include <cstdint>

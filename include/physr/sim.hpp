@@ -1,4 +1,9 @@
-// physr sim: the machine model. So far: the PCIe fabric and its timing.
+// physr sim: the machine model. The PCIe fabric and its timing (Fabric, Simulator); the
+// machine (Machine: the model's platform with RAM and every P2P BAR as real bytes, IOMMU
+// domains and DMA devices) and its device side, which decodes every DMA address as the
+// fabric does; fio-like jobs that move and verify real bytes through the DMA layer (NVMe
+// SSDs, GPU and accelerator copy engines, NIC-to-NIC packets); scenario files; and the
+// runner that runs a scenario's jobs on its machine.
 //
 // Design rationale
 // - Resources, not packets: every PCIe link direction, every root complex's peer-forwarding
@@ -17,6 +22,11 @@
 // - A link is the one between a downstream port (root port, switch downstream port) and
 //   the upstream port below it (switch upstream port, endpoint); its generation and width
 //   come from the machine, else from defaults (docs/sim.md gives the sources).
+// - The device side trusts no segment flag of the DMA layer: every DMA address is decoded
+//   as the fabric would (a peer's BAR under a common switch by bus address, else up
+//   through the IOMMU or the DMA offset to the root complex), so every simulated transfer
+//   tests the addresses map() produced, and a job times each I/O over the route its
+//   addresses took.
 // - Deterministic: no randomness, no wall clock; the same inputs give the same times.
 #pragma once
 
@@ -76,8 +86,9 @@ struct Route {
 /// The fabric of one machine.
 class Fabric {
  public:
-  /// A fabric with a P2P engine of its own; `topo` must outlive it. EINVAL for
-  /// non-positive bandwidths in the options.
+  /// A fabric with a P2P engine of its own; `topo` must outlive it. EINVAL for bandwidths
+  /// or link speeds in the options that are not positive and finite, or a default link
+  /// width of 0.
   static Result<Fabric> create(const pci::Topology& topo, const FabricOptions& options = {});
   /// A fabric on a shared P2P engine (a platform's), which must outlive it.
   static Result<Fabric> create(const pci::P2PEngine& engine, const FabricOptions& options = {});
@@ -102,7 +113,8 @@ class Fabric {
   }
   /// Adds a resource outside the PCIe tree (a copy engine, a wire), or returns the one of
   /// that kind and name added before (now with this bandwidth): jobs run one after another
-  /// on a machine share it rather than piling up copies.
+  /// on a machine share it rather than piling up copies. `gbps` must be positive (the
+  /// simulator shares out bandwidth and assumes none is negative).
   uint32_t add_resource(Resource::Kind kind, std::string name, double gbps);
 
   const std::vector<Resource>& resources() const noexcept { return res_; }
@@ -320,19 +332,19 @@ class Machine {
 };
 
 // -------------------------------------------------------------------------------------
-// Jobs: fio-like workloads on NVMe SSDs
+// Jobs: fio-like workloads on NVMe SSDs, GPU and accelerator copy engines, and NICs
 
 enum class PathPolicy : uint8_t { p2p, bounce, automatic };
 const char* path_policy_name(PathPolicy p) noexcept;
 
 struct Job {
   std::string name;
-  uint32_t device = 0;        // the NVMe SSD, or the sending NIC of a network job
-  bool write = false;         // false: read (SSD -> buffer); true: write (buffer -> SSD)
+  uint32_t device = 0;        // the NVMe SSD, the GPU or accelerator of a copy job, or the sending NIC of a network job
+  bool write = false;         // false: read (SSD or GPU memory -> buffer); true: write (buffer -> SSD or GPU memory)
   uint64_t block_size = 128 * KiB;
   unsigned queue_depth = 16;
   uint64_t size = 256 * MiB;  // total bytes
-  // Where the buffers are: host memory (buffer_provider unset), or a provider's BAR.
+  // Where the buffers are: host memory (buffer_function unset), or a provider's BAR.
   std::optional<uint32_t> buffer_function;  // the function whose largest BAR holds the buffers
   PathPolicy path = PathPolicy::automatic;
   // A network job: `device` sends packets of block_size bytes from its TX buffers (at
@@ -375,10 +387,12 @@ struct JobResult {
 /// buffer by the receiver and compared with what was sent; timed over the fabric and the
 /// wire. Errors: either device is not a network controller, or as run_job.
 Result<JobResult> run_net_job(Machine& machine, const Job& job);
-/// Runs one job on a fresh fabric clock: every I/O is mapped through the DMA layer, its
-/// bytes moved by the device model and checked against the namespace (a sparse file, filled
-/// with a pattern per block), and timed over the fabric. Errors: the device is not an NVMe
-/// controller, the buffer placement is impossible, or a policy of p2p meets EREMOTEIO.
+/// Runs one job on a fresh fabric clock (a network job, Job::peer set, as run_net_job):
+/// every I/O is mapped through the DMA layer, its bytes moved by the device model and
+/// checked (an SSD's against its namespace, a sparse file filled with a pattern per block;
+/// a copy job's against the GPU's memory), and timed over the fabric. Errors: the device is
+/// neither an NVMe controller nor a GPU or accelerator, the buffer placement is impossible,
+/// or a policy of p2p meets EREMOTEIO.
 Result<JobResult> run_job(Machine& machine, const Job& job);
 
 // -------------------------------------------------------------------------------------
@@ -387,7 +401,7 @@ Result<JobResult> run_job(Machine& machine, const Job& job);
 /// A job as a scenario names it; resolved against a machine by resolve_job().
 struct JobSpec {
   std::string name;
-  std::string device;   // the NVMe SSD (name or BDF)
+  std::string device;   // the NVMe SSD, GPU or accelerator, or sending NIC (name or BDF)
   bool write = false;
   uint64_t block_size = 128 * KiB;
   unsigned queue_depth = 32;

@@ -73,7 +73,11 @@ struct IoDomain::Impl {
   // Places one leaf of `level` at iova. 1: done; 0: a table occupies the slot (try a smaller
   // leaf); -1: something is mapped there already.
   int map_one(uint64_t iova, uint64_t phys, unsigned level, uint8_t perm) {
+    PHYSR_ASSERT(level < kLevels - 1, "leaves are 4 KiB, 2 MiB or 1 GiB (levels 0 to 2)");
+    PHYSR_ASSERT(((iova | phys) & ((uint64_t{1} << shift_of(level)) - 1)) == 0 && (phys & ~kAddrMask) == 0,
+                 "a leaf's IOVA and output address are aligned to its size and fit the entry");
     if (level == 0 && (iova >> 21) == last_l0_base) {
+      PHYSR_ASSERT(last_l0 != nullptr, "a cached level-0 base comes with its table");
       std::atomic<uint64_t>& slot = last_l0->e[index_of(iova, 0)];
       if (slot.load(std::memory_order_relaxed) & kPresent) return -1;
       slot.store(phys | (uint64_t{perm} << kPermShift) | kLeafBit | kPresent, std::memory_order_release);
@@ -87,6 +91,7 @@ struct IoDomain::Impl {
       if ((e & kPresent) && (e & kLeafBit)) return -1;
       if (!(e & kPresent)) {
         auto* nt = new Table{};
+        PHYSR_ASSERT((reinterpret_cast<uint64_t>(nt) & ~kAddrMask) == 0, "a table's address fits the entry's address field");
         tables.push_back(nt);
         e = reinterpret_cast<uint64_t>(nt) | kPresent;
         slot.store(e, std::memory_order_release);  // publish after zero-filling
@@ -107,9 +112,15 @@ struct IoDomain::Impl {
 
   void clear_leaf(uint64_t iova, unsigned level) {
     Table* t = &root;
-    for (unsigned l = kLevels - 1; l > level; --l)
-      t = reinterpret_cast<Table*>(t->e[index_of(iova, l)].load(std::memory_order_relaxed) & kAddrMask);
-    t->e[index_of(iova, level)].store(0, std::memory_order_release);
+    for (unsigned l = kLevels - 1; l > level; --l) {
+      const uint64_t e = t->e[index_of(iova, l)].load(std::memory_order_relaxed);
+      PHYSR_ASSERT((e & kPresent) && !(e & kLeafBit), "the levels above a leaf are tables");
+      t = reinterpret_cast<Table*>(e & kAddrMask);
+    }
+    std::atomic<uint64_t>& slot = t->e[index_of(iova, level)];
+    PHYSR_ASSERT((slot.load(std::memory_order_relaxed) & (kPresent | kLeafBit)) == (kPresent | kLeafBit), "only a present leaf is cleared");
+    PHYSR_ASSERT(leaves[level] > 0, "a level's leaf count never underflows");
+    slot.store(0, std::memory_order_release);
     --leaves[level];
   }
 
@@ -149,6 +160,7 @@ struct IoDomain::Impl {
   // Removes [iova, iova + size), all mapped by whole leaves (checked by the caller).
   void unmap_locked(uint64_t iova, uint64_t size) {
     (void)scan(iova, iova + size, [&](std::atomic<uint64_t>& slot, unsigned level, uint64_t, uint64_t) {
+      PHYSR_ASSERT(level < kLevels - 1 && leaves[level] > 0, "an unmapped leaf was counted at its level");
       slot.store(0, std::memory_order_release);
       --leaves[level];
       return true;
@@ -189,12 +201,11 @@ Result<std::unique_ptr<IoDomain>> IoDomain::create(const IoDomainOptions& o) {
   if (o.iova.granule != 4096) return make_error(EINVAL, "IOMMU domain: the IOVA granule must be 4 KiB (the smallest leaf)");
   if (o.iova.end > kIovaLimit) return make_error(EINVAL, "IOMMU domain: IOVA space ends above 2^48");
   if (o.flush_queue_entries == 0) return make_error(EINVAL, "IOMMU domain: the flush queue needs at least one entry");
-  auto iova = IovaAllocator::create(o.iova);
-  if (!iova) return std::move(iova).error();
+  PHYSR_ASSIGN_OR_RETURN(auto iova, IovaAllocator::create(o.iova));
   auto impl = std::make_unique<Impl>();
   impl->strict = o.strict;
   impl->fq_entries = o.flush_queue_entries;
-  return std::unique_ptr<IoDomain>(new IoDomain(std::move(impl), std::move(iova).value()));
+  return std::unique_ptr<IoDomain>(new IoDomain(std::move(impl), std::move(iova)));
 }
 
 bool IoDomain::strict() const noexcept { return impl_->strict; }
@@ -244,10 +255,12 @@ Status IoDomain::Impl::map_locked(uint64_t a0, uint64_t p0, uint64_t size, uint8
         r = map_one(a, p, level, perm);
         if (r != 0) break;  // placed, or a conflict
       }
+      PHYSR_ASSERT(r != 0, "a 4 KiB leaf is always placed or conflicts (the level search ends at 0)");
     }
     if (r < 0) return conflict_error(a0, size, a);
     done += uint64_t{1} << shift_of(level);
   }
+  PHYSR_ASSERT(done == size, "the leaves placed cover the request exactly");
   return {};
 }
 
@@ -284,7 +297,7 @@ Status IoDomain::map_many(std::span<const IoMapOp> ops) {
     }
     m.clear_mapped_locked(a, done);
     for (size_t k = 0; k < i; ++k) m.unmap_locked(ops[k].iova.value(), ops[k].size);
-    return make_error(st.error().code, "batch entry " + std::to_string(i) + ": " + st.error().message);
+    return std::move(st).error().with_context("batch entry " + std::to_string(i));
   }
   return {};
 }

@@ -70,13 +70,16 @@ struct IovaAllocator::Impl {
 
   // --- buddy free sets (tree_mu held) ---
   void insert_block(uint64_t p, unsigned o) {
+    PHYSR_ASSERT(o <= max_order && (p & ((uint64_t{1} << o) - 1)) == 0, "a free block is aligned to its order");
+    PHYSR_ASSERT(p >= start_pfn && p + (uint64_t{1} << o) <= end_pfn, "a free block lies inside the space");
     while (o < max_order) {
       const uint64_t buddy = p ^ (uint64_t{1} << o);
       if (free_[o].erase(buddy) == 0) break;
       p = std::min(p, buddy);
       ++o;
     }
-    free_[o].insert(p);
+    const bool fresh = free_[o].insert(p).second;
+    PHYSR_ASSERT(fresh, "a block is never inserted twice into its free set");
   }
   void insert_range(uint64_t p, uint64_t n) {
     const uint64_t end = p + n;
@@ -122,7 +125,9 @@ struct IovaAllocator::Impl {
       }
     }
     if (!found) return false;
-    free_[best_order].erase(best_block);
+    const size_t taken = free_[best_order].erase(best_block);
+    PHYSR_ASSERT(taken == 1 && (best & (want - 1)) == 0 && best + want <= limit,
+                 "the chosen block was free, and the allocation is aligned to its order and below the limit");
     uint64_t b = best_block;
     for (unsigned j = best_order; j > k;) {
       --j;
@@ -168,6 +173,7 @@ struct IovaAllocator::Impl {
     if (!found)
       return make_error(ENOMEM, "no free IOVA range of " + std::to_string(g) + " granules aligned to " +
                                     std::to_string(uint64_t{1} << k) + " below " + format_hex(limit << shift));
+    PHYSR_ASSERT(g <= block, "a request fits the block of its order");
     if (g < block) insert_range(pfn + g, block - g);  // give back the unused tail
     else lent_[k] = pfn;
     return pfn;
@@ -280,6 +286,7 @@ ThreadCache* cache_for_slow(IovaAllocator::Impl* impl) {
 inline bool mag_pop(Magazine* m, uint64_t end_limit, uint64_t span, uint64_t* pfn) {
   for (uint32_t i = m->size; i-- > 0;) {
     if (m->pfns[i] + span <= end_limit) {
+      PHYSR_ASSERT(m->size <= kMagSize, "a magazine never holds more than it has room for");
       *pfn = m->pfns[i];
       m->pfns[i] = m->pfns[--m->size];
       return true;
@@ -425,6 +432,7 @@ uint64_t IovaAllocator::granule() const noexcept { return uint64_t{1} << impl_->
         }
       }
     }
+    PHYSR_ASSERT(ld->size < kMagSize, "the loaded magazine has room after the swap or the depot");
     ld->pfns[ld->size++] = pfn;
     return {};
   }

@@ -51,10 +51,9 @@ inline Result<std::optional<uint64_t>> get_uint(const Ctx& c, const toml::table&
   }
   if (sizes) {
     if (auto s = n->as_string()) {
-      auto v = parse_size(s->get());
-      if (!v) return make_error(EINVAL, c.where(*n) + what + "." + std::string(key) + ": " + v.error().message);
-      if (*v > hi) return make_error(EINVAL, c.where(*n) + what + "." + std::string(key) + ": too large");
-      return std::optional<uint64_t>(*v);
+      PHYSR_ASSIGN_OR_RETURN_CTX(const uint64_t v, parse_size(s->get()), c.where(*n) + what + "." + std::string(key));
+      if (v > hi) return make_error(EINVAL, c.where(*n) + what + "." + std::string(key) + ": too large");
+      return std::optional<uint64_t>(v);
     }
   }
   return make_error(EINVAL, c.where(*n) + what + "." + std::string(key) + ": expected an integer" + (sizes ? " or a size such as \"16M\"" : ""));

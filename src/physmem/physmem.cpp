@@ -69,7 +69,7 @@ struct PhysMemory::Impl {
   Status produce(uint64_t a, uint64_t len, F&& f) {
     for (uint64_t done = 0; done < len;) {
       const uint64_t off = a & (kChunk - 1), n = std::min<uint64_t>(kChunk - off, len - done);
-      PHYSR_TRY(f(done, std::span<uint8_t>(chunk(a >> kChunkShift, true) + off, n)));
+      PHYSR_RETURN_IF_ERROR(f(done, std::span<uint8_t>(chunk(a >> kChunkShift, true) + off, n)));
       a += n;
       done += n;
     }
@@ -81,7 +81,7 @@ struct PhysMemory::Impl {
     for (uint64_t done = 0; done < len;) {
       const uint64_t off = a & (kChunk - 1), n = std::min<uint64_t>(kChunk - off, len - done);
       const uint8_t* c = chunk(a >> kChunkShift, false);
-      PHYSR_TRY(f(done, std::span<const uint8_t>(c ? c + off : kZeros, n)));
+      PHYSR_RETURN_IF_ERROR(f(done, std::span<const uint8_t>(c ? c + off : kZeros, n)));
       a += n;
       done += n;
     }
@@ -96,7 +96,7 @@ Status PhysMemory::add_region(PhysRegion r) {
   const uint64_t b = r.span.base.value(), s = r.span.size;
   if (s == 0 || ((b | s) & (kPageSize - 1)) != 0 || b >= kLimit || s > kLimit - b)
     return make_error(EINVAL, "physical region '" + r.name + "' [" + format_hex(b) + ", +" + format_hex(s) +
-                                  "): must be non-empty, 4 KiB aligned and below 2^54");
+                                  "): must be non-empty, 4 KiB aligned and below 2^52");
   std::unique_lock lock(impl_->regions_mu);
   auto it = impl_->regions.lower_bound(b);
   const PhysRegion* clash = nullptr;
@@ -137,17 +137,17 @@ Status check_covered(const PhysMemory::Impl& m, const char* op, uint64_t a, uint
 }  // namespace
 
 Status PhysMemory::fill(PhysAddr a, uint64_t len, const std::function<Status(uint64_t, std::span<uint8_t>)>& produce) {
-  PHYSR_TRY(check_covered(*impl_, "fill", a.value(), len));
+  PHYSR_RETURN_IF_ERROR(check_covered(*impl_, "fill", a.value(), len));
   return impl_->produce(a.value(), len, produce);
 }
 
 Status PhysMemory::visit(PhysAddr a, uint64_t len, const std::function<Status(uint64_t, std::span<const uint8_t>)>& consume) const {
-  PHYSR_TRY(check_covered(*impl_, "visit", a.value(), len));
+  PHYSR_RETURN_IF_ERROR(check_covered(*impl_, "visit", a.value(), len));
   return impl_->consume(a.value(), len, consume);
 }
 
 Status PhysMemory::write(PhysAddr a, std::span<const uint8_t> bytes) {
-  PHYSR_TRY(check_covered(*impl_, "write", a.value(), bytes.size()));
+  PHYSR_RETURN_IF_ERROR(check_covered(*impl_, "write", a.value(), bytes.size()));
   return impl_->produce(a.value(), bytes.size(), [&](uint64_t off, std::span<uint8_t> piece) {
     std::memcpy(piece.data(), bytes.data() + off, piece.size());
     return Status{};
@@ -155,7 +155,7 @@ Status PhysMemory::write(PhysAddr a, std::span<const uint8_t> bytes) {
 }
 
 Status PhysMemory::read(PhysAddr a, std::span<uint8_t> out) const {
-  PHYSR_TRY(check_covered(*impl_, "read", a.value(), out.size()));
+  PHYSR_RETURN_IF_ERROR(check_covered(*impl_, "read", a.value(), out.size()));
   return impl_->consume(a.value(), out.size(), [&](uint64_t off, std::span<const uint8_t> piece) {
     std::memcpy(out.data() + off, piece.data(), piece.size());
     return Status{};
@@ -163,7 +163,7 @@ Status PhysMemory::read(PhysAddr a, std::span<uint8_t> out) const {
 }
 
 Result<std::optional<uint64_t>> PhysMemory::mismatch(PhysAddr a, std::span<const uint8_t> expected) const {
-  PHYSR_TRY(check_covered(*impl_, "compare", a.value(), expected.size()));
+  PHYSR_RETURN_IF_ERROR(check_covered(*impl_, "compare", a.value(), expected.size()));
   std::optional<uint64_t> at;
   const Status st = impl_->consume(a.value(), expected.size(), [&](uint64_t off, std::span<const uint8_t> piece) -> Status {
     const uint8_t* want = expected.data() + off;
@@ -171,7 +171,7 @@ Result<std::optional<uint64_t>> PhysMemory::mismatch(PhysAddr a, std::span<const
     at = off + static_cast<uint64_t>(std::mismatch(piece.begin(), piece.end(), want).first - piece.begin());
     return make_error(ECANCELED, "found");  // stops the walk
   });
-  if (!st && !at) return st.error();
+  if (!at) PHYSR_RETURN_IF_ERROR(st);  // with `at` set, st is only the sentinel that stopped the walk
   return at;
 }
 

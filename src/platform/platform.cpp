@@ -30,13 +30,9 @@ Result<std::unique_ptr<Platform>> Platform::create(const pci::Topology& topo, Me
   p->topo_ = &topo;
   p->mem_ = &memory;
   p->cpu_copy_ = o.bars_cpu_copy;
-  auto eng = pci::P2PEngine::create(topo, o.verdicts);
-  if (!eng) return std::move(eng).error();
-  p->engine_.emplace(std::move(eng).value());
+  PHYSR_ASSIGN_OR_RETURN(p->engine_, pci::P2PEngine::create(topo, o.verdicts));
   if (o.bounce.size != 0) {
-    auto pool = BouncePool::create(memory, o.bounce);
-    if (!pool) return std::move(pool).error();
-    p->pool_ = std::move(pool).value();
+    PHYSR_ASSIGN_OR_RETURN(p->pool_, BouncePool::create(memory, o.bounce));
   }
   p->domains_.assign(topo.functions.size(), nullptr);
   p->devices_.resize(topo.functions.size());
@@ -57,18 +53,19 @@ Result<const Aperture*> Platform::add_bar(uint32_t f, unsigned bar, bool publish
   if (b == fn.bars.end() || !b->is_mem()) return make_error(EINVAL, "platform: " + name + " is not a memory BAR");
   const PhysSpan span{PhysAddr(b->start), b->size()};
   const uint64_t offset = topo_->host_bridges[fn.host_bridge].bus_offset;
-  auto id = reg_.add(ProviderDesc{fn.bdf, f, bar, span, offset, published, cpu_copy_, {}});
-  if (!id) return make_error(id.error().code, name + " is not a provider: " + id.error().message);
+  PHYSR_ASSIGN_OR_RETURN_CTX(const ProviderId id, reg_.add(ProviderDesc{fn.bdf, f, bar, span, offset, published, cpu_copy_, {}}),
+                             name + " is not a provider");
   const bool cmb = fn.cmb && fn.cmb->bar == bar;
-  apertures_.push_back(Aperture{*id, f, bar, span, offset, name + (cmb ? " (CMB)" : ""), published});
+  apertures_.push_back(Aperture{id, f, bar, span, offset, name + (cmb ? " (CMB)" : ""), published});
   // Keep the host bridge's bus-address index sorted (apertures never overlap in CPU space,
   // and one host bridge's single offset keeps them apart in its bus space too).
   const auto i = static_cast<uint32_t>(apertures_.size() - 1);
+  PHYSR_ASSERT(fn.host_bridge < by_bus_.size(), "every host bridge has a bus-address index");
   std::vector<uint32_t>& index = by_bus_[fn.host_bridge];
-  const auto pos = std::upper_bound(index.begin(), index.end(), i, [&](uint32_t x, uint32_t y) {
-    return apertures_[x].bus().base < apertures_[y].bus().base;
-  });
+  const auto by_base = [&](uint32_t x, uint32_t y) { return apertures_[x].bus().base < apertures_[y].bus().base; };
+  const auto pos = std::upper_bound(index.begin(), index.end(), i, by_base);
   index.insert(pos, i);
+  PHYSR_ASSERT(std::is_sorted(index.begin(), index.end(), by_base), "a host bridge's bus-address index stays sorted");
   return &apertures_.back();
 }
 
@@ -83,9 +80,7 @@ Result<DmaDevice*> Platform::add_device(DmaDeviceConfig c) {
   if (c.function >= devices_.size()) return make_error(EINVAL, "platform: no function " + std::to_string(c.function) + " in " + topo_->source);
   if (devices_[c.function]) return make_error(EEXIST, "platform: " + label(c.function) + " already has a DMA device");
   if (!c.domain) c.domain = domains_[c.function];
-  auto dev = DmaDevice::create(dma_env(), c);
-  if (!dev) return std::move(dev).error();
-  devices_[c.function] = std::move(dev).value();
+  PHYSR_ASSIGN_OR_RETURN(devices_[c.function], DmaDevice::create(dma_env(), c));
   return devices_[c.function].get();
 }
 
@@ -139,15 +134,13 @@ Result<std::unique_ptr<ModelPlatform>> ModelPlatform::create(const pci::Topology
     return make_error(EINVAL, "machine: the bounce pool must be whole 256 KiB segments, at most 1 GiB");
   std::unique_ptr<ModelPlatform> m(new ModelPlatform());
   m->opt_ = o;
-  PHYSR_TRY(m->mem_.add_region({PhysSpan{PhysAddr(0), kLowRam}, PhysRegion::Kind::host_ram, "ram (below 4 GiB)"}));
-  PHYSR_TRY(m->mem_.add_region({PhysSpan{PhysAddr(kHighRamBase), o.ram - kLowRam}, PhysRegion::Kind::host_ram, "ram (above 4 GiB)"}));
+  PHYSR_RETURN_IF_ERROR(m->mem_.add_region({PhysSpan{PhysAddr(0), kLowRam}, PhysRegion::Kind::host_ram, "ram (below 4 GiB)"}));
+  PHYSR_RETURN_IF_ERROR(m->mem_.add_region({PhysSpan{PhysAddr(kHighRamBase), o.ram - kLowRam}, PhysRegion::Kind::host_ram, "ram (above 4 GiB)"}));
   PlatformOptions po;
   po.verdicts = o.verdicts;
   po.bounce = BounceOptions{PhysAddr(kPoolBase), o.bounce_pool, 2};
   po.bars_cpu_copy = true;
-  auto p = Platform::create(topo, m->mem_, po);
-  if (!p) return std::move(p).error();
-  m->platform_ = std::move(p).value();
+  PHYSR_ASSIGN_OR_RETURN(m->platform_, Platform::create(topo, m->mem_, po));
   for (uint32_t f = 0; f < topo.functions.size(); ++f) {
     for (const P2PBar& b : p2p_bars(topo, f)) {
       const pci::Bar& bar = *std::find_if(topo.functions[f].bars.begin(), topo.functions[f].bars.end(),
@@ -171,9 +164,8 @@ Result<IoDomain*> ModelPlatform::new_domain(const IoDomainOptions& options) {
   // host bridges' memory windows. The model's windows are its P2P BARs' bus ranges.
   IoDomainOptions o = options;
   for (const Aperture& a : platform_->apertures()) o.iova.reserved.push_back(DmaSpan{DmaAddr(a.bus().base.value()), a.span.size});
-  auto d = IoDomain::create(o);
-  if (!d) return std::move(d).error();
-  owned_.push_back(std::move(d).value());
+  PHYSR_ASSIGN_OR_RETURN(auto d, IoDomain::create(o));
+  owned_.push_back(std::move(d));
   return owned_.back().get();
 }
 
@@ -181,10 +173,9 @@ Result<DmaDevice*> ModelPlatform::device(uint32_t f) {
   if (f >= domains_.size()) return make_error(EINVAL, "machine: no function " + std::to_string(f));
   if (DmaDevice* d = platform_->device(f)) return d;
   if (opt_.iommu) {
-    auto d = new_domain(IoDomainOptions{.iova = {}, .strict = opt_.strict_iommu});
-    if (!d) return std::move(d).error();
-    domains_[f] = *d;
-    PHYSR_TRY(platform_->attach(f, *d));
+    PHYSR_ASSIGN_OR_RETURN(IoDomain* d, new_domain(IoDomainOptions{.iova = {}, .strict = opt_.strict_iommu}));
+    domains_[f] = d;
+    PHYSR_RETURN_IF_ERROR(platform_->attach(f, d));
   }
   DmaDeviceConfig c;
   c.function = f;

@@ -106,6 +106,7 @@ ProviderRegistry::ProviderRegistry() {
 ProviderRegistry::~ProviderRegistry() {
   ensure_registered();
   urcu_memb_barrier();  // run every pending reclaim callback
+  PHYSR_ASSERT(pending_.load(std::memory_order_acquire) == 0, "the barrier ran every pending reclaim");
   for (uint32_t id = 1; id < next_id_; ++id) {
     const Provider* p = ids_[id].load(std::memory_order_relaxed);
     if (p) {
@@ -177,6 +178,7 @@ void ProviderRegistry::insert(Node& n, unsigned level, uint64_t base, uint64_t s
     }
     // Another provider's partial leaf (a whole leaf would have been an overlap): split.
     const Provider* q = leaf_ptr(x);
+    PHYSR_ASSERT((x & kLeaf) && (x & kPartial) && q != p, "only another provider's partial leaf shares a slot");
     Node* child = new Node{};
     table_bytes_.fetch_add(sizeof(Node), std::memory_order_relaxed);
     insert(*child, level + 1, lo, std::max(first_page(q), lo), std::min(end_page(q), hi), q);
@@ -259,7 +261,8 @@ void ProviderRegistry::reclaim(void* head) {
   }
   delete p;
   delete box;
-  reg->pending_.fetch_sub(1, std::memory_order_release);
+  const size_t before = reg->pending_.fetch_sub(1, std::memory_order_release);
+  PHYSR_ASSERT(before > 0, "every reclaim was counted pending by remove()");
 }
 
 Status ProviderRegistry::remove(ProviderId id) {
@@ -270,7 +273,8 @@ Status ProviderRegistry::remove(ProviderId id) {
   const uint64_t s = p->phys().base.value() >> kPageShift, e = s + (p->phys().size >> kPageShift);
   erase(root_, 0, 0, s, e, p);
   ids_[id].store(nullptr, std::memory_order_release);
-  live_.fetch_sub(1, std::memory_order_relaxed);
+  const size_t live_before = live_.fetch_sub(1, std::memory_order_relaxed);
+  PHYSR_ASSERT(live_before > 0, "a registered provider was counted live");
   pending_.fetch_add(1, std::memory_order_relaxed);
   auto* box = static_cast<RcuBox*>(p->rcu_box_);
   tsan_reader_done();  // this thread's accesses to p precede the reclaim (liburcu's queue is not seen)

@@ -47,9 +47,8 @@ uint32_t Fabric::add_resource(Resource::Kind kind, std::string name, double gbps
 }
 
 Result<Fabric> Fabric::create(const pci::Topology& topo, const FabricOptions& o) {
-  auto e = pci::P2PEngine::create(topo);
-  if (!e) return std::move(e).error();
-  auto own = std::make_unique<pci::P2PEngine>(std::move(e).value());
+  PHYSR_ASSIGN_OR_RETURN(auto e, pci::P2PEngine::create(topo));
+  auto own = std::make_unique<pci::P2PEngine>(std::move(e));
   auto f = create(*own, o);
   if (f) f->own_engine_ = std::move(own);
   return f;
@@ -234,6 +233,9 @@ void Simulator::allocate_rates(const std::vector<size_t>& active) {
     double best = std::numeric_limits<double>::infinity();
     for (size_t r = 0; r < res.size(); ++r)
       if (users[r]) best = std::min(best, cap[r] / users[r]);
+    // A negative share would leave the flows it bottlenecks unfrozen and this loop spinning.
+    PHYSR_ASSERT(best >= 0, "a resource's remaining capacity never goes negative");
+    const size_t unfrozen = left;
     if (!std::isfinite(best)) {  // flows that cross no resource move instantly
       for (size_t i : active)
         if (flows_[i].rate < 0) flows_[i].rate = std::numeric_limits<double>::infinity();
@@ -248,10 +250,12 @@ void Simulator::allocate_rates(const std::vector<size_t>& active) {
       f.rate = best;
       --left;
       for (uint32_t r : f.res) {
+        PHYSR_ASSERT(users[r] > 0, "a resource's count of unfrozen flows never underflows");
         cap[r] -= best;
         --users[r];
       }
     }
+    PHYSR_ASSERT(left < unfrozen, "each round of progressive filling freezes at least one flow");
   }
 }
 
@@ -276,12 +280,17 @@ bool Simulator::advance(double horizon, std::vector<size_t>& done) {
   }
   allocate_rates(active_);
   double dt = horizon - now_;
-  for (size_t i : active_) dt = std::min(dt, flows_[i].remaining / flows_[i].rate);
+  for (size_t i : active_) {
+    PHYSR_ASSERT(flows_[i].rate >= 0 && flows_[i].remaining >= 0, "an active flow has a rate and bytes left, neither negative");
+    dt = std::min(dt, flows_[i].remaining / flows_[i].rate);
+  }
   if (next_ < order_.size()) dt = std::min(dt, flows_[order_[next_]].start - now_);
+  PHYSR_ASSERT(dt >= 0, "simulated time never runs backwards");
   for (size_t i : active_) {
     Flow& f = flows_[i];
     const double moved = std::isfinite(f.rate) ? std::min(f.remaining, f.rate * dt) : f.remaining;
     f.remaining -= moved;
+    PHYSR_ASSERT(f.remaining >= 0, "a flow never moves more than it has left");
     for (uint32_t r : f.res) {
       res[r].moved += moved;
       res[r].bytes = static_cast<uint64_t>(std::llround(res[r].moved));
@@ -295,6 +304,7 @@ bool Simulator::advance(double horizon, std::vector<size_t>& done) {
       res[r].moved += f.remaining;
       res[r].bytes = static_cast<uint64_t>(std::llround(res[r].moved));
     }
+    PHYSR_ASSERT(f.remaining >= 0 && now_ >= f.start, "a flow finishes after it starts, with nothing overdrawn");
     f.remaining = 0;
     f.finish = now_;
     ++events_;

@@ -77,7 +77,7 @@ class Namespace {
   Result<size_t> mismatch(uint64_t off, std::span<const uint8_t> have) const {
     if (!written_[off / unit_]) return detail::pattern_mismatch(stream_, off, have);
     std::vector<uint8_t> mine(have.size());
-    PHYSR_TRY(read(off, mine));
+    PHYSR_RETURN_IF_ERROR(read(off, mine));
     return static_cast<size_t>(std::mismatch(mine.begin(), mine.end(), have.begin()).first - mine.begin());
   }
 
@@ -145,9 +145,8 @@ Result<JobResult> run_job(Machine& m, const Job& job) {
       return make_error(EINVAL, where() + ": " + bar->name + " cannot hold " + (job.write ? "write" : "read") + " command data (CMBSZ." +
                                     (job.write ? "WDS" : "RDS") + " is clear)");
   }
-  auto dev = m.device(job.device);
-  if (!dev) return std::move(dev).error();
-  DmaDevice& dma = **dev;
+  PHYSR_ASSIGN_OR_RETURN(DmaDevice* dev, m.device(job.device));
+  DmaDevice& dma = *dev;
   Fabric& fab = m.fabric();
   fab.reset_counters();
   const size_t faults_before = m.faults().size();
@@ -170,6 +169,7 @@ Result<JobResult> run_job(Machine& m, const Job& job) {
 
   // A p2p policy fails up front where the fabric refuses the pair, with the fabric's reason;
   // otherwise the DMA layer's answer decides (the mapping fails with EREMOTEIO).
+  // Either way the job fails with EREMOTEIO: the code is set here, not taken from to_peer.
   if (bar && !staged && job.path == PathPolicy::p2p)
     if (auto r = fab.to_peer(job.device, bar->function, !job.write); !r) return make_error(EREMOTEIO, where() + ": " + r.error().message);
   // Timing routes follow the addresses each I/O's mapping produced, as the fabric decoded
@@ -191,9 +191,8 @@ Result<JobResult> run_job(Machine& m, const Job& job) {
   const uint64_t stream = m.next_job();
   std::optional<Namespace> ns;
   if (!gpu) {
-    auto n = Namespace::create(job.size, job.block_size, stream);
-    if (!n) return std::move(n).error();
-    ns.emplace(std::move(n).value());
+    PHYSR_ASSIGN_OR_RETURN(Namespace n, Namespace::create(job.size, job.block_size, stream));
+    ns.emplace(std::move(n));
   }
   const auto vram_at = [&](uint64_t i) { return vram->span.base + (i % job.queue_depth) * job.block_size; };
   const auto media_read = [&](uint64_t i, uint64_t o, std::span<uint8_t> dst) -> Status {
@@ -223,17 +222,16 @@ Result<JobResult> run_job(Machine& m, const Job& job) {
     const PhysAddr target = bar ? bar->span.base + slot : PhysAddr(kHostBuffers + slot);
     const PhysAddr staging(kHostStaging + slot);
     RangeList list;
-    PHYSR_TRY(list.append(PhysRange{staged ? staging : target, job.block_size, bar && !staged ? bar->id : kHostMemory}));
+    PHYSR_RETURN_IF_ERROR(list.append(PhysRange{staged ? staging : target, job.block_size, bar && !staged ? bar->id : kHostMemory}));
     // The bytes move in place, with no buffer of the SSD's own: a read job's SSD streams its
     // namespace into memory, a write job's streams memory into its namespace. A write job's
     // application first fills its buffer (and the staging copy).
     if (job.write || gpu) {  // a write job's application, or a read job's GPU kernel, wrote the data
-      PHYSR_TRY(detail::fill_pattern(m, job.write ? target : vram_at(i), stream, off, job.block_size));
-      if (job.write && staged) PHYSR_TRY(m.memory().copy(staging, target, job.block_size));
+      PHYSR_RETURN_IF_ERROR(detail::fill_pattern(m, job.write ? target : vram_at(i), stream, off, job.block_size));
+      if (job.write && staged) PHYSR_RETURN_IF_ERROR(m.memory().copy(staging, target, job.block_size));
     }
-    auto map = dma.map(list, job.write ? DmaDirection::to_device : DmaDirection::from_device, attrs);
-    if (!map) return make_error(map.error().code, where() + ": " + map.error().message);
-    const auto segs = map->segments();
+    PHYSR_ASSIGN_OR_RETURN_CTX(DmaMapping map, dma.map(list, job.write ? DmaDirection::to_device : DmaDirection::from_device, attrs), where());
+    const auto segs = map.segments();
     (fits_prps(segs) ? out.prp_ios : out.sgl_ios)++;
     const bool bounced = detail::any_bounced(segs);
     bounced_any |= bounced;
@@ -242,11 +240,10 @@ Result<JobResult> run_job(Machine& m, const Job& job) {
     const auto what = [&] { return where() + ": I/O " + std::to_string(i) + " (offset " + format_hex(off) + ")"; };
     const auto check_buffer = [&](uint64_t from, uint64_t len) {
       return m.memory().visit(target + from, len, [&](uint64_t o, std::span<const uint8_t> have) -> Status {
-        auto k = media_mismatch(off + from + o, have);
-        if (!k) return std::move(k).error();
-        if (*k == have.size()) return {};
-        return make_error(EIO, what() + ": data mismatch at " + format_hex(target.value() + from + o + *k) + " (byte " +
-                                   std::to_string(from + o + *k) + ")");
+        PHYSR_ASSIGN_OR_RETURN(const size_t k, media_mismatch(off + from + o, have));
+        if (k == have.size()) return {};
+        return make_error(EIO, what() + ": data mismatch at " + format_hex(target.value() + from + o + k) + " (byte " +
+                                   std::to_string(from + o + k) + ")");
       });
     };
     // When the SSD writes the buffer itself (no bounce, no staging), each burst is checked
@@ -268,32 +265,31 @@ Result<JobResult> run_job(Machine& m, const Job& job) {
         if (st && lands_in_place) st = check_buffer(b, n);
       }
     }
-    Status un = dma.unmap(*map);
-    PHYSR_TRY(st);
-    PHYSR_TRY(un);
-    if (!job.write && staged) PHYSR_TRY(m.memory().copy(target, staging, job.block_size));
+    Status un = dma.unmap(map);
+    PHYSR_RETURN_IF_ERROR(st);
+    PHYSR_RETURN_IF_ERROR(un);
+    if (!job.write && staged) PHYSR_RETURN_IF_ERROR(m.memory().copy(target, staging, job.block_size));
     if (job.write && gpu) {
-      PHYSR_TRY(detail::verify_pattern(m, vram_at(i), stream, off, job.block_size, what));
+      PHYSR_RETURN_IF_ERROR(detail::verify_pattern(m, vram_at(i), stream, off, job.block_size, what));
     } else if (job.write) {
       for (uint64_t b = 0; b < job.block_size; b += got.size()) {
         const std::span<uint8_t> piece(got.data(), std::min<uint64_t>(got.size(), job.block_size - b));
-        PHYSR_TRY(ns->read(off + b, piece));
+        PHYSR_RETURN_IF_ERROR(ns->read(off + b, piece));
         if (const size_t k = detail::pattern_mismatch(stream, off + b, piece); k != piece.size())
           return make_error(EIO, what() + ": data mismatch in the namespace at byte " + std::to_string(b + k));
       }
     } else if (!lands_in_place) {
-      PHYSR_TRY(check_buffer(0, job.block_size));
+      PHYSR_RETURN_IF_ERROR(check_buffer(0, job.block_size));
     }
     out.verified_bytes += job.block_size;
     // Timing: the SSD's transfer where its addresses went, and the copy between host memory
     // and the BAR when they went to host memory instead of the BAR (the DMA layer bounced,
     // or the job staged): before the SSD for writes, after it for reads.
-    auto via = routes_of.get(acc);
-    if (!via) return make_error(via.error().code, where() + ": " + via.error().message);
-    Route ssd = **via;
+    PHYSR_ASSIGN_OR_RETURN_CTX(const Route* via, routes_of.get(acc), where());
+    Route ssd = *via;
     ssd.latency_ns += dev_latency;
     if (engine) ssd.resources.push_back(*engine);
-    if (acc.peer_switch || acc.peer_rc) taken = &**via;
+    if (acc.peer_switch || acc.peer_rc) taken = via;
     std::vector<Route> routes;
     const bool two = bar && acc.host_memory;
     if (two && job.write) routes.push_back(copy);
@@ -317,7 +313,7 @@ Result<JobResult> run_job(Machine& m, const Job& job) {
   const uint64_t ramp = std::min<uint64_t>(job.queue_depth, ios);
   while (completed < ios) {
     if (in_flight < job.queue_depth && next < ios) {
-      PHYSR_TRY(submit(next++));
+      PHYSR_RETURN_IF_ERROR(submit(next++));
       ++in_flight;
       if (next <= ramp) on_done(sim.idle_until(sim.now() + gap));
       continue;

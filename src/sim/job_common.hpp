@@ -56,14 +56,14 @@ inline bool any_bounced(std::span<const DmaSegment> segs) noexcept {
 /// into the job's error: EFAULT for an IOMMU fault, EREMOTEIO for an unsupported request,
 /// EIO for a decode error, with the first failing piece's description.
 inline Status take_access(Result<DmaAccess> r, DmaAccess& acc) {
-  if (!r) return std::move(r).error();
-  acc.merge(*r);
-  if (r->ok()) return {};
-  const auto bits = static_cast<uint8_t>(r->result);
+  PHYSR_ASSIGN_OR_RETURN(const DmaAccess& a, std::move(r));
+  acc.merge(a);
+  if (a.ok()) return {};
+  const auto bits = static_cast<uint8_t>(a.result);
   const int code = bits & static_cast<uint8_t>(BusResult::iommu_fault)           ? EFAULT
                    : bits & static_cast<uint8_t>(BusResult::unsupported_request) ? EREMOTEIO
                                                                                  : EIO;
-  return make_error(code, r->why);
+  return make_error(code, a.why);
 }
 
 /// The fabric route of a device's transfers as their addresses decoded (a peer's BAR under
@@ -79,10 +79,10 @@ class RouteCache {
     const uint32_t peer = kind ? a.peer : 0;
     for (const auto& [k, p, r] : routes_)
       if (k == kind && p == peer) return &r;
-    Result<Route> r = kind == 1 ? fab_->to_peer(dev_, peer, writes_) : kind == 2 ? fab_->to_peer_via_rc(dev_, peer, writes_)
-                                                                             : fab_->to_memory(dev_, -1, writes_);
-    if (!r) return std::move(r).error();
-    routes_.push_back({kind, peer, std::move(r).value()});
+    PHYSR_ASSIGN_OR_RETURN(Route r, kind == 1   ? fab_->to_peer(dev_, peer, writes_)
+                                    : kind == 2 ? fab_->to_peer_via_rc(dev_, peer, writes_)
+                                                : fab_->to_memory(dev_, -1, writes_));
+    routes_.push_back({kind, peer, std::move(r)});
     return &std::get<2>(routes_.back());
   }
 

@@ -34,24 +34,22 @@ struct Machine::Run {
 Machine::~Machine() = default;
 
 Result<std::unique_ptr<Machine>> Machine::create(const pci::Topology& topo, const MachineOptions& o) {
-  for (double v : {o.nvme_read_gbps, o.nvme_write_gbps, o.copy_engine_gbps})
+  for (double v : {o.nvme_read_gbps, o.nvme_write_gbps, o.copy_engine_gbps, o.wire_gbps})
     if (!(v > 0)) return make_error(EINVAL, "machine: device bandwidths must be positive");
   std::unique_ptr<Machine> m(new Machine());
   m->topo_ = &topo;
   m->opt_ = o;
-  auto model = ModelPlatform::create(topo, ModelOptions{.ram = o.ram, .iommu = o.iommu, .strict_iommu = true, .bounce_pool = o.bounce_pool, .verdicts = {}, .dma_debug = o.dma_debug});
-  if (!model) return std::move(model).error();
-  m->model_ = std::move(model).value();
+  PHYSR_ASSIGN_OR_RETURN(m->model_, ModelPlatform::create(topo, ModelOptions{.ram = o.ram, .iommu = o.iommu, .strict_iommu = true,
+                                                                            .bounce_pool = o.bounce_pool, .verdicts = {}, .dma_debug = o.dma_debug}));
   m->warnings = m->model_->warnings;
-  auto fab = Fabric::create(m->platform().p2p(), o.fabric);
-  if (!fab) return std::move(fab).error();
-  m->fabric_.emplace(std::move(fab).value());
+  PHYSR_ASSIGN_OR_RETURN(m->fabric_, Fabric::create(m->platform().p2p(), o.fabric));
   return m;
 }
 
 void Machine::decode(uint32_t initiator, uint64_t dma, uint64_t len, bool write, std::vector<Run>& runs, DmaAccess& out) {
   const Platform& p = platform();
   const auto add_run = [&](PhysAddr phys, uint64_t n) {
+    PHYSR_ASSERT(n != 0, "a decoded run is never empty");
     if (!runs.empty() && runs.back().phys + runs.back().len == phys) runs.back().len += n;  // physically contiguous
     else runs.push_back(Run{phys, n});
   };
@@ -147,12 +145,15 @@ Result<DmaAccess> Machine::access(uint32_t initiator, std::span<const DmaSegment
   at = 0;
   PhysMemory& mem = memory();
   for (const Run& r : runs) {
+    // A run past the access would hand the source or sink bytes beyond its buffer.
+    PHYSR_ASSERT(r.len != 0 && r.len <= len - at, "a decoded run lies within the access");
     if (write)
-      PHYSR_TRY(mem.fill(r.phys, r.len, [&, base = at](uint64_t o, std::span<uint8_t> piece) { return (*source)(base + o, piece); }));
+      PHYSR_RETURN_IF_ERROR(mem.fill(r.phys, r.len, [&, base = at](uint64_t o, std::span<uint8_t> piece) { return (*source)(base + o, piece); }));
     else
-      PHYSR_TRY(mem.visit(r.phys, r.len, [&, base = at](uint64_t o, std::span<const uint8_t> piece) { return (*sink)(base + o, piece); }));
+      PHYSR_RETURN_IF_ERROR(mem.visit(r.phys, r.len, [&, base = at](uint64_t o, std::span<const uint8_t> piece) { return (*sink)(base + o, piece); }));
     at += r.len;
   }
+  PHYSR_ASSERT(at == len, "the decoded runs cover the access exactly");
   return out;
 }
 

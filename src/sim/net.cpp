@@ -35,10 +35,8 @@ Result<JobResult> run_net_job(Machine& m, const Job& job) {
     return make_error(EINVAL, where() + ": a buffer device has no memory BAR");
   for (const Aperture* a : {txbar, rxbar})
     if (a && a->span.size < window) return make_error(EINVAL, where() + ": " + a->name + " cannot hold " + format_size(window) + " of buffers");
-  auto txdev = m.device(tx);
-  if (!txdev) return std::move(txdev).error();
-  auto rxdev = m.device(rx);
-  if (!rxdev) return std::move(rxdev).error();
+  PHYSR_ASSIGN_OR_RETURN(DmaDevice* txdev, m.device(tx));
+  PHYSR_ASSIGN_OR_RETURN(DmaDevice* rxdev, m.device(rx));
   Fabric& fab = m.fabric();
   fab.reset_counters();
   const size_t faults_before = m.faults().size();
@@ -46,6 +44,7 @@ Result<JobResult> run_net_job(Machine& m, const Job& job) {
 
   // A p2p policy fails up front where the fabric refuses a side, with the fabric's reason;
   // otherwise the DMA layer's answer decides (a mapping fails with EREMOTEIO).
+  // Either way the job fails with EREMOTEIO: the code is set here, not taken from to_peer.
   if (job.path == PathPolicy::p2p)
     for (const auto& [nic, bar, nic_writes] : {std::tuple{tx, txbar, false}, std::tuple{rx, rxbar, true}})
       if (bar)
@@ -81,35 +80,32 @@ Result<JobResult> run_net_job(Machine& m, const Job& job) {
     const uint64_t slot = (i % job.queue_depth) * job.block_size;
     const PhysAddr txa = txbar ? txbar->span.base + slot : PhysAddr(kTxHost + slot);
     const PhysAddr rxa = rxbar ? rxbar->span.base + slot : PhysAddr(kRxHost + slot);
-    PHYSR_TRY(detail::fill_pattern(m, txa, stream, i * job.block_size, job.block_size));
+    PHYSR_RETURN_IF_ERROR(detail::fill_pattern(m, txa, stream, i * job.block_size, job.block_size));
     RangeList tl, rl;
-    PHYSR_TRY(tl.append(PhysRange{txa, job.block_size, txbar ? txbar->id : kHostMemory}));
-    PHYSR_TRY(rl.append(PhysRange{rxa, job.block_size, rxbar ? rxbar->id : kHostMemory}));
-    auto tm = (*txdev)->map(tl, DmaDirection::to_device, attrs);
-    if (!tm) return make_error(tm.error().code, where() + ": TX: " + tm.error().message);
-    auto rm = (*rxdev)->map(rl, DmaDirection::from_device, attrs);
+    PHYSR_RETURN_IF_ERROR(tl.append(PhysRange{txa, job.block_size, txbar ? txbar->id : kHostMemory}));
+    PHYSR_RETURN_IF_ERROR(rl.append(PhysRange{rxa, job.block_size, rxbar ? rxbar->id : kHostMemory}));
+    PHYSR_ASSIGN_OR_RETURN_CTX(DmaMapping tm, txdev->map(tl, DmaDirection::to_device, attrs), where() + ": TX");
+    auto rm = rxdev->map(rl, DmaDirection::from_device, attrs);
     if (!rm) {
-      (void)(*txdev)->unmap(*tm);
-      return make_error(rm.error().code, where() + ": RX: " + rm.error().message);
+      (void)txdev->unmap(tm);
+      return std::move(rm).error().with_context(where() + ": RX");
     }
-    const bool tx_bounced = detail::any_bounced(tm->segments()), rx_bounced = detail::any_bounced(rm->segments());
+    const bool tx_bounced = detail::any_bounced(tm.segments()), rx_bounced = detail::any_bounced(rm->segments());
     bounced_any |= tx_bounced || rx_bounced;
     DmaAccess ta, ra;
-    Status st = detail::take_access(m.dma_read(tx, tm->segments(), sent), ta);     // the sender fetches the packet
-    if (st) st = detail::take_access(m.dma_write(rx, rm->segments(), sent), ra);   // the wire delivers it
-    Status u1 = (*txdev)->unmap(*tm), u2 = (*rxdev)->unmap(*rm);
-    PHYSR_TRY(st);
-    PHYSR_TRY(u1);
-    PHYSR_TRY(u2);
-    PHYSR_TRY(detail::verify_pattern(m, rxa, stream, i * job.block_size, job.block_size, [&] { return where() + ": packet " + std::to_string(i); }));
+    Status st = detail::take_access(m.dma_read(tx, tm.segments(), sent), ta);     // the sender fetches the packet
+    if (st) st = detail::take_access(m.dma_write(rx, rm->segments(), sent), ra);  // the wire delivers it
+    Status u1 = txdev->unmap(tm), u2 = rxdev->unmap(*rm);
+    PHYSR_RETURN_IF_ERROR(st);
+    PHYSR_RETURN_IF_ERROR(u1);
+    PHYSR_RETURN_IF_ERROR(u2);
+    PHYSR_RETURN_IF_ERROR(detail::verify_pattern(m, rxa, stream, i * job.block_size, job.block_size, [&] { return where() + ": packet " + std::to_string(i); }));
     out.verified_bytes += job.block_size;
-    auto txr = tx_routes.get(ta);
-    if (!txr) return make_error(txr.error().code, where() + ": TX: " + txr.error().message);
-    auto rxr = rx_routes.get(ra);
-    if (!rxr) return make_error(rxr.error().code, where() + ": RX: " + rxr.error().message);
-    if (*txr != last_tx || *rxr != last_rx) {
-      last_tx = *txr;
-      last_rx = *rxr;
+    PHYSR_ASSIGN_OR_RETURN_CTX(const Route* txr, tx_routes.get(ta), where() + ": TX");
+    PHYSR_ASSIGN_OR_RETURN_CTX(const Route* rxr, rx_routes.get(ra), where() + ": RX");
+    if (txr != last_tx || rxr != last_rx) {
+      last_tx = txr;
+      last_rx = rxr;
       route = *last_tx;
       route.resources.push_back(wire);
       route.resources.insert(route.resources.end(), last_rx->resources.begin(), last_rx->resources.end());
@@ -127,7 +123,7 @@ Result<JobResult> run_net_job(Machine& m, const Job& job) {
     return {};
   };
   while (done < packets) {
-    for (; in_flight < job.queue_depth && next < packets; ++next, ++in_flight) PHYSR_TRY(send(next));
+    for (; in_flight < job.queue_depth && next < packets; ++next, ++in_flight) PHYSR_RETURN_IF_ERROR(send(next));
     const auto finished = sim.step();
     if (finished.empty()) return make_error(EIO, where() + ": the simulation stalled");
     const uint64_t ended = stages.advance(finished, lat);

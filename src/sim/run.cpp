@@ -54,17 +54,15 @@ size_t ScenarioReport::failed() const noexcept {
 Result<ScenarioReport> run_scenario(const Scenario& sc, const std::function<void(size_t, const JobSpec&)>& progress) {
   ScenarioReport rep;
   rep.machine = scenario_machine(sc);
-  auto topo = pci::load_machine(rep.machine);
-  if (!topo) return make_error(topo.error().code, sc.source + ": machine: " + topo.error().message);
-  for (const std::string& w : topo->warnings) rep.warnings.push_back(topo->source + ": " + w);
-  auto m = Machine::create(*topo, sc.options);
-  if (!m) return make_error(m.error().code, sc.source + ": machine " + rep.machine + ": " + m.error().message);
-  for (const std::string& w : (*m)->warnings) rep.warnings.push_back("machine " + rep.machine + ": " + w);
+  PHYSR_ASSIGN_OR_RETURN_CTX(const pci::Topology& topo, pci::load_machine(rep.machine), sc.source + ": machine");
+  for (const std::string& w : topo.warnings) rep.warnings.push_back(topo.source + ": " + w);
+  PHYSR_ASSIGN_OR_RETURN_CTX(const std::unique_ptr<Machine> m, Machine::create(topo, sc.options), sc.source + ": machine " + rep.machine);
+  for (const std::string& w : m->warnings) rep.warnings.push_back("machine " + rep.machine + ": " + w);
   rep.jobs.reserve(sc.jobs.size());
   for (size_t i = 0; i < sc.jobs.size(); ++i) {
     if (progress) progress(i, sc.jobs[i]);
-    auto job = resolve_job(sc.jobs[i], **m);
-    rep.jobs.push_back(JobOutcome{sc.jobs[i].name, job ? run_job(**m, *job) : Result<JobResult>(std::move(job).error())});
+    auto job = resolve_job(sc.jobs[i], *m);
+    rep.jobs.push_back(JobOutcome{sc.jobs[i].name, job ? run_job(*m, *job) : Result<JobResult>(std::move(job).error())});
   }
   return rep;
 }

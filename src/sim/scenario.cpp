@@ -9,104 +9,92 @@ using namespace physr::toml_fields;
 
 Result<Scenario> parse_scenario(std::string_view text, std::string_view source) {
   Ctx c{std::string(source)};
-  auto parsed = parse_text(text, c.source);
-  if (!parsed) return std::move(parsed).error();
-  const toml::table& root = *parsed;
-  PHYSR_TRY(check_keys(c, root, "scenario", {"name", "description", "machine", "options", "job"}));
+  PHYSR_ASSIGN_OR_RETURN(const toml::table& root, parse_text(text, c.source));
+  PHYSR_RETURN_IF_ERROR(check_keys(c, root, "scenario", {"name", "description", "machine", "options", "job"}));
   Scenario sc;
   sc.source = c.source;
-  if (auto v = get_string(c, root, "name", "scenario"); !v) return std::move(v).error();
-  else sc.name = v->value_or(std::string(source));
-  if (auto v = get_string(c, root, "description", "scenario"); !v) return std::move(v).error();
-  else sc.description = v->value_or("");
-  if (auto v = get_string(c, root, "machine", "scenario"); !v) return std::move(v).error();
-  else if (*v) sc.machine = **v;
+  PHYSR_ASSIGN_OR_RETURN(const std::optional<std::string> name, get_string(c, root, "name", "scenario"));
+  sc.name = name.value_or(std::string(source));
+  PHYSR_ASSIGN_OR_RETURN(const std::optional<std::string> description, get_string(c, root, "description", "scenario"));
+  sc.description = description.value_or("");
+  PHYSR_ASSIGN_OR_RETURN(const std::optional<std::string> machine, get_string(c, root, "machine", "scenario"));
+  if (machine) sc.machine = *machine;
 
   if (const toml::node* on = root.get("options")) {
     const toml::table* o = on->as_table();
     if (!o) return make_error(EINVAL, c.where(*on) + "options: expected a table ([options])");
-    PHYSR_TRY(check_keys(c, *o, "options",
+    PHYSR_RETURN_IF_ERROR(check_keys(c, *o, "options",
                          {"iommu", "ram", "rc_p2p_gbps", "memory_gbps", "inter_socket_gbps", "nvme_read_gbps", "nvme_write_gbps",
                           "nvme_read_latency_us", "nvme_write_latency_us", "copy_engine_gbps", "copy_engine_latency_us"}));
     MachineOptions& mo = sc.options;
-    auto b = get_bool(c, *o, "iommu", "options", true);
-    if (!b) return std::move(b).error();
-    mo.iommu = *b;
-    auto ram = get_uint(c, *o, "ram", "options", uint64_t{1} << 50, true);
-    if (!ram) return std::move(ram).error();
-    if (*ram) {
-      if (**ram < 3 * GiB) return make_error(EINVAL, c.where(*o->get("ram")) + "options.ram: at least 3 GiB");
-      mo.ram = **ram;
+    PHYSR_ASSIGN_OR_RETURN(mo.iommu, get_bool(c, *o, "iommu", "options", true));
+    PHYSR_ASSIGN_OR_RETURN(const std::optional<uint64_t> ram, get_uint(c, *o, "ram", "options", uint64_t{1} << 50, true));
+    if (ram) {
+      if (*ram < 3 * GiB) return make_error(EINVAL, c.where(*o->get("ram")) + "options.ram: at least 3 GiB");
+      mo.ram = *ram;
     }
     const std::pair<const char*, double*> nums[] = {
         {"rc_p2p_gbps", &mo.fabric.rc_p2p_gbps},     {"memory_gbps", &mo.fabric.memory_gbps},
         {"inter_socket_gbps", &mo.fabric.inter_socket_gbps}, {"nvme_read_gbps", &mo.nvme_read_gbps},
         {"nvme_write_gbps", &mo.nvme_write_gbps},    {"copy_engine_gbps", &mo.copy_engine_gbps}};
     for (const auto& [key, dst] : nums) {
-      auto v = get_number(c, *o, key, "options", 0.001, 1e6);
-      if (!v) return std::move(v).error();
-      if (*v) *dst = **v;
+      PHYSR_ASSIGN_OR_RETURN(const std::optional<double> v, get_number(c, *o, key, "options", 0.001, 1e6));
+      if (v) *dst = *v;
     }
     for (const auto& [key, dst] : {std::pair{"nvme_read_latency_us", &mo.nvme_read_latency_ns}, std::pair{"nvme_write_latency_us", &mo.nvme_write_latency_ns},
                                    std::pair{"copy_engine_latency_us", &mo.copy_engine_latency_ns}}) {
-      auto v = get_number(c, *o, key, "options", 0, 1e6);
-      if (!v) return std::move(v).error();
-      if (*v) *dst = **v * 1000;
+      PHYSR_ASSIGN_OR_RETURN(const std::optional<double> v, get_number(c, *o, key, "options", 0, 1e6));
+      if (v) *dst = *v * 1000;
     }
   }
 
-  auto jobs = get_table_array(c, root, "job");
-  if (!jobs) return std::move(jobs).error();
-  if (!*jobs || (*jobs)->empty()) return make_error(EINVAL, c.source + ": a scenario needs at least one [[job]]");
-  for (const toml::node& jn : **jobs) {
+  PHYSR_ASSIGN_OR_RETURN(const toml::array* jobs, get_table_array(c, root, "job"));
+  if (!jobs || jobs->empty()) return make_error(EINVAL, c.source + ": a scenario needs at least one [[job]]");
+  for (const toml::node& jn : *jobs) {
     const toml::table& t = *jn.as_table();
     const std::string what = "job";
-    PHYSR_TRY(check_keys(c, t, what, {"name", "device", "rw", "bs", "qd", "size", "buffer", "path", "peer", "peer_buffer"}));
+    PHYSR_RETURN_IF_ERROR(check_keys(c, t, what, {"name", "device", "rw", "bs", "qd", "size", "buffer", "path", "peer", "peer_buffer"}));
     JobSpec j;
     j.where = c.where(t);
     j.where.pop_back();  // "FILE:LINE:" -> "FILE:LINE"
     j.where.pop_back();
-    if (auto v = get_string(c, t, "name", what); !v) return std::move(v).error();
-    else j.name = v->value_or("job" + std::to_string(sc.jobs.size() + 1));
-    auto dev = get_string(c, t, "device", what);
-    if (!dev) return std::move(dev).error();
-    if (!*dev) return make_error(EINVAL, c.where(t) + "job '" + j.name + "': missing key 'device' (the NVMe SSD)");
-    if (dev->value().empty()) return make_error(EINVAL, c.where(*t.get("device")) + "job '" + j.name + "': device is empty");
-    j.device = **dev;
-    if (auto v = get_string(c, t, "rw", what); !v) return std::move(v).error();
-    else if (*v) {
-      if (**v != "read" && **v != "write") return make_error(EINVAL, c.where(*t.get("rw")) + "job.rw: '" + **v + "' must be read or write");
-      j.write = **v == "write";
+    PHYSR_ASSIGN_OR_RETURN(const std::optional<std::string> job_name, get_string(c, t, "name", what));
+    j.name = job_name.value_or("job" + std::to_string(sc.jobs.size() + 1));
+    PHYSR_ASSIGN_OR_RETURN(const std::optional<std::string> dev, get_string(c, t, "device", what));
+    if (!dev) return make_error(EINVAL, c.where(t) + "job '" + j.name + "': missing key 'device' (the NVMe SSD)");
+    if (dev->empty()) return make_error(EINVAL, c.where(*t.get("device")) + "job '" + j.name + "': device is empty");
+    j.device = *dev;
+    PHYSR_ASSIGN_OR_RETURN(const std::optional<std::string> rw, get_string(c, t, "rw", what));
+    if (rw) {
+      if (*rw != "read" && *rw != "write") return make_error(EINVAL, c.where(*t.get("rw")) + "job.rw: '" + *rw + "' must be read or write");
+      j.write = *rw == "write";
     }
-    auto bs = get_uint(c, t, "bs", what, 4 * MiB, true);
-    if (!bs) return std::move(bs).error();
-    if (*bs) j.block_size = **bs;
+    PHYSR_ASSIGN_OR_RETURN(const std::optional<uint64_t> bs, get_uint(c, t, "bs", what, 4 * MiB, true));
+    if (bs) j.block_size = *bs;
     if (j.block_size == 0 || (j.block_size % 512 != 0 && !t.get("peer")))
       return make_error(EINVAL, c.where(t.get("bs") ? *t.get("bs") : static_cast<const toml::node&>(t)) + "job.bs: " + std::to_string(j.block_size) + " must be a non-zero multiple of 512");
-    auto qd = get_uint(c, t, "qd", what, 1024);
-    if (!qd) return std::move(qd).error();
-    if (*qd) j.queue_depth = static_cast<unsigned>(**qd);
+    PHYSR_ASSIGN_OR_RETURN(const std::optional<uint64_t> qd, get_uint(c, t, "qd", what, 1024));
+    if (qd) j.queue_depth = static_cast<unsigned>(*qd);
     if (j.queue_depth == 0) return make_error(EINVAL, c.where(*t.get("qd")) + "job.qd: must be at least 1");
-    auto size = get_uint(c, t, "size", what, uint64_t{1} << 44, true);
-    if (!size) return std::move(size).error();
-    if (*size) j.size = **size;
+    PHYSR_ASSIGN_OR_RETURN(const std::optional<uint64_t> size, get_uint(c, t, "size", what, uint64_t{1} << 44, true));
+    if (size) j.size = *size;
     if (j.size == 0 || j.size % j.block_size != 0)
       return make_error(EINVAL, c.where(t.get("size") ? *t.get("size") : static_cast<const toml::node&>(t)) + "job.size: " + std::to_string(j.size) + " must be a non-zero multiple of bs");
-    if (auto v = get_string(c, t, "buffer", what); !v) return std::move(v).error();
-    else if (*v) j.buffer = **v;
-    if (auto v = get_string(c, t, "peer", what); !v) return std::move(v).error();
-    else if (*v) j.peer = **v;
-    if (auto v = get_string(c, t, "peer_buffer", what); !v) return std::move(v).error();
-    else if (*v) {
+    PHYSR_ASSIGN_OR_RETURN(const std::optional<std::string> buffer, get_string(c, t, "buffer", what));
+    if (buffer) j.buffer = *buffer;
+    PHYSR_ASSIGN_OR_RETURN(const std::optional<std::string> peer, get_string(c, t, "peer", what));
+    if (peer) j.peer = *peer;
+    PHYSR_ASSIGN_OR_RETURN(const std::optional<std::string> peer_buffer, get_string(c, t, "peer_buffer", what));
+    if (peer_buffer) {
       if (j.peer.empty()) return make_error(EINVAL, c.where(*t.get("peer_buffer")) + "job.peer_buffer: only network jobs (with a peer) have one");
-      j.peer_buffer = **v;
+      j.peer_buffer = *peer_buffer;
     }
-    if (auto v = get_string(c, t, "path", what); !v) return std::move(v).error();
-    else if (*v) {
-      if (**v == "p2p") j.path = PathPolicy::p2p;
-      else if (**v == "bounce") j.path = PathPolicy::bounce;
-      else if (**v == "auto") j.path = PathPolicy::automatic;
-      else return make_error(EINVAL, c.where(*t.get("path")) + "job.path: '" + **v + "' must be p2p, bounce or auto");
+    PHYSR_ASSIGN_OR_RETURN(const std::optional<std::string> path, get_string(c, t, "path", what));
+    if (path) {
+      if (*path == "p2p") j.path = PathPolicy::p2p;
+      else if (*path == "bounce") j.path = PathPolicy::bounce;
+      else if (*path == "auto") j.path = PathPolicy::automatic;
+      else return make_error(EINVAL, c.where(*t.get("path")) + "job.path: '" + *path + "' must be p2p, bounce or auto");
     }
     sc.jobs.push_back(std::move(j));
   }
@@ -118,9 +106,7 @@ Result<Job> resolve_job(const JobSpec& s, Machine& m) {
   const auto at = [&] { return s.where + ": job '" + s.name + "': "; };
   Job j;
   j.name = s.name;
-  auto dev = t.lookup(s.device);
-  if (!dev) return make_error(dev.error().code, at() + "device: " + dev.error().message);
-  j.device = *dev;
+  PHYSR_ASSIGN_OR_RETURN_CTX(j.device, t.lookup(s.device), at() + "device");
   j.write = s.write;
   j.block_size = s.block_size;
   j.queue_depth = s.queue_depth;
@@ -133,15 +119,15 @@ Result<Job> resolve_job(const JobSpec& s, Machine& m) {
     j.buffer_function = a->function;
   } else if (s.buffer != "host") {
     auto b = t.lookup(s.buffer);
+    // Explicit: the hint follows the lookup's message, which a context prefix cannot place.
     if (!b) return make_error(b.error().code, at() + "buffer: " + b.error().message + " (or use host or nearest)");
     j.buffer_function = *b;
   }
   if (!s.peer.empty()) {
-    auto p = t.lookup(s.peer);
-    if (!p) return make_error(p.error().code, at() + "peer: " + p.error().message);
-    j.peer = *p;
+    PHYSR_ASSIGN_OR_RETURN_CTX(j.peer, t.lookup(s.peer), at() + "peer");
     if (s.peer_buffer != "host") {
       auto b = t.lookup(s.peer_buffer);
+      // Explicit, as for buffer: a hint after the lookup's message.
       if (!b) return make_error(b.error().code, at() + "peer_buffer: " + b.error().message + " (or use host)");
       j.peer_buffer_function = *b;
     }

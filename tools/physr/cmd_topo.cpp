@@ -52,7 +52,7 @@ VerdictOptions verdict_options(const SourceOptions& o) {
     const std::string tok = o.acs_off.substr(pos, end - pos);
     if (!tok.empty()) {
       auto b = parse_bdf(tok);
-      if (!b) throw UsageError("--assume-acs-off: " + b.error().message);
+      if (!b) throw UsageError(std::move(b).error().with_context("--assume-acs-off").message);
       v.acs_redir_off.push_back(*b);
     }
     pos = end + 1;
