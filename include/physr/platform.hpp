@@ -15,10 +15,12 @@
 //   offset comes from its host bridge (HostBridge::bus_offset), so bus addresses differ from
 //   CPU addresses where the host bridge translates.
 // - Platform depends only on the DMA layer's seams: the machine model fills it with
-//   PhysMemory and IoDomain (ModelPlatform below); a live host would fill it with its own.
+//   PhysMemory and IoDomain (ModelPlatform, physr/model.hpp, a module of its own); a live
+//   host would fill it with its own.
 #pragma once
 
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -28,9 +30,7 @@
 
 #include "physr/core.hpp"
 #include "physr/dma.hpp"
-#include "physr/iommu.hpp"
 #include "physr/pci.hpp"
-#include "physr/physmem.hpp"
 #include "physr/provider.hpp"
 
 namespace physr {
@@ -77,14 +77,18 @@ class Platform {
   Platform& operator=(const Platform&) = delete;
 
   /// Registers BAR `bar` of function `f` as a published (or not) provider, with its host
-  /// bridge's bus offset. EINVAL: no such memory BAR, or one not page-aligned; EEXIST: it
-  /// overlaps a registered provider.
+  /// bridge's bus offset. EINVAL: no such memory BAR, one not page-aligned, or bus addresses
+  /// that run past 2^64; EEXIST: it overlaps a registered provider. The pointer stays valid
+  /// as long as the platform.
   Result<const Aperture*> add_bar(uint32_t f, unsigned bar, bool published);
   /// Attaches an IOMMU domain to function `f` (shared domains allowed; null: direct). Must
   /// come before the function's device is created; the domain must outlive the platform.
   Status attach(uint32_t f, IommuDomain* domain);
   /// Creates the DMA device of config.function (its domain: the attached one, unless the
-  /// config names its own). EEXIST: the function has one; errors as DmaDevice::create.
+  /// config names its own, which then becomes the attached one). EEXIST: the function has
+  /// one; errors as DmaDevice::create. The machine model decodes a function's DMA through
+  /// the domain and device registered here: devices made with DmaDevice::create() outside
+  /// the platform are not known to it.
   Result<DmaDevice*> add_device(DmaDeviceConfig config);
   /// The function's DMA device, or nullptr before add_device.
   DmaDevice* device(uint32_t f) const noexcept;
@@ -100,7 +104,8 @@ class Platform {
   /// What a DmaDevice needs to map here (for devices the caller configures itself).
   DmaEnv dma_env() noexcept { return DmaEnv{&*engine_, &reg_, pool_.get()}; }
 
-  const std::vector<Aperture>& apertures() const noexcept { return apertures_; }
+  /// Every registered BAR, in registration order; a deque, so pointers to its elements stay valid.
+  const std::deque<Aperture>& apertures() const noexcept { return apertures_; }
   /// The function's largest P2P BAR, or nullptr.
   const Aperture* largest_bar(uint32_t f) const noexcept;
   /// The aperture registered as provider `id`, or nullptr.
@@ -123,60 +128,10 @@ class Platform {
   ProviderRegistry reg_;
   std::unique_ptr<BouncePool> pool_;
   bool cpu_copy_ = true;
-  std::vector<Aperture> apertures_;
+  std::deque<Aperture> apertures_;
   std::vector<std::vector<uint32_t>> by_bus_;  // per host bridge: indices into apertures_, by bus address
   std::vector<IommuDomain*> domains_;
   std::vector<std::unique_ptr<DmaDevice>> devices_;
-};
-
-// -------------------------------------------------------------------------------------
-// The machine model's platform
-
-struct ModelOptions {
-  uint64_t ram = 64 * GiB;    // host RAM: [0, 2 GiB) and from 4 GiB up (the 32-bit MMIO hole between)
-  bool iommu = true;          // one IOMMU domain per device; false: direct mapping
-  bool strict_iommu = true;   // strict or deferred (flush queue) invalidation
-  uint64_t bounce_pool = 64 * MiB;
-  pci::VerdictOptions verdicts;
-  bool dma_debug = true;      // DMA-API debug on the model's devices (benchmarks turn it off)
-};
-
-/// A platform over the model's own memory and IOMMU: RAM and every P2P BAR as PhysMemory
-/// regions (first-touch bytes), every P2P BAR a provider (CPU copies allowed), a bounce
-/// pool at 256 MiB, and an IoDomain per device when `iommu` is set.
-class ModelPlatform {
- public:
-  /// `topo` must outlive it. EINVAL: under 3 GiB of RAM, a bounce pool that is not whole
-  /// 256 KiB segments or over 1 GiB. BARs that overlap memory or each other are left out,
-  /// with a warning.
-  static Result<std::unique_ptr<ModelPlatform>> create(const pci::Topology& topo, const ModelOptions& options = {});
-  ~ModelPlatform();
-
-  /// The DMA device of function `f`, created on first use: max segment 4 MiB, min_align_mask
-  /// 4 KiB - 1 (as NVMe drivers set it, harmless for others), DMA-API debug as the options say, and its own
-  /// IoDomain when the model has IOMMUs.
-  Result<DmaDevice*> device(uint32_t f);
-  /// The function's IoDomain (created with its device), or nullptr.
-  IoDomain* domain(uint32_t f) const noexcept;
-  /// A fresh IoDomain owned by the model (for devices the caller configures itself), its
-  /// IOVA space without the P2P BARs' bus ranges (as Linux reserves the host bridge windows).
-  Result<IoDomain*> new_domain(const IoDomainOptions& options = {});
-
-  Platform& platform() noexcept { return *platform_; }
-  const Platform& platform() const noexcept { return *platform_; }
-  PhysMemory& memory() noexcept { return mem_; }
-  const PhysMemory& memory() const noexcept { return mem_; }
-  const ModelOptions& options() const noexcept { return opt_; }
-  /// BARs left out and why.
-  std::vector<std::string> warnings;
-
- private:
-  ModelPlatform() = default;
-  ModelOptions opt_;
-  PhysMemory mem_;
-  std::vector<std::unique_ptr<IoDomain>> owned_;  // every domain the model made
-  std::vector<IoDomain*> domains_;                // per function
-  std::unique_ptr<Platform> platform_;            // last: destroyed first, before memory and domains
 };
 
 }  // namespace physr

@@ -43,6 +43,7 @@
 #include "physr/core.hpp"
 #include "physr/dma.hpp"
 #include "physr/pci.hpp"
+#include "physr/model.hpp"
 #include "physr/platform.hpp"
 
 namespace physr::sim {
@@ -262,7 +263,7 @@ class Machine {
   Result<DmaDevice*> device(uint32_t function) { return model_->device(function); }
   /// The function's largest memory BAR as a provider, if it has one.
   const Aperture* largest_bar(uint32_t function) const { return platform().largest_bar(function); }
-  const std::vector<Aperture>& apertures() const noexcept { return platform().apertures(); }
+  const std::deque<Aperture>& apertures() const noexcept { return platform().apertures(); }
   /// Published providers nearest to `clients` (Linux pci_p2pmem_find_many, ties to the
   /// first), or nullptr.
   const Aperture* nearest_provider(std::span<const uint32_t> clients) const { return platform().nearest_provider(clients); }
@@ -328,6 +329,7 @@ class Machine {
   std::optional<Fabric> fabric_;
   std::vector<IommuFault> faults_;
   std::vector<Run> runs_;  // access()'s scratch
+  bool in_access_ = false;  // an access is running (a source or sink may make another)
   uint64_t jobs_ = 0;
 };
 

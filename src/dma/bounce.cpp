@@ -60,7 +60,7 @@ struct BouncePool::Impl {
     static const uint8_t zeros[4096] = {};
     for (uint64_t done = 0; done < len;) {
       const uint64_t k = std::min<uint64_t>(len - done, sizeof zeros);
-      PHYSR_TRY(mem->write(a + done, std::span<const uint8_t>(zeros, k)));
+      PHYSR_RETURN_IF_ERROR(mem->write(a + done, std::span<const uint8_t>(zeros, k)));
       done += k;
     }
     return {};
@@ -174,40 +174,37 @@ Result<PhysAddr> BouncePool::map(PhysAddr orig, uint64_t size, DmaDirection dir,
 
 Status BouncePool::unmap(PhysAddr bounce, uint64_t size, DmaDirection dir) {
   Impl& m = *impl_;
-  auto first = m.lookup(bounce, size);
-  if (!first) return std::move(first).error();
-  Impl::Area& a = m.areas[*first / m.areas[0].count];
+  PHYSR_ASSIGN_OR_RETURN(const uint64_t first, m.lookup(bounce, size));
+  Impl::Area& a = m.areas[first / m.areas[0].count];
   Impl::Slot s;
   {
     std::lock_guard lock(a.mu);
-    s = m.slots[*first];
+    s = m.slots[first];
   }
   Status copied;
   if (dir == DmaDirection::from_device || dir == DmaDirection::bidirectional)
     copied = m.mem->copy(PhysAddr(s.orig), bounce, size);
   std::lock_guard lock(a.mu);
-  for (uint64_t i = 0; i < s.count; ++i) m.slots[*first + i] = Impl::Slot{};
+  for (uint64_t i = 0; i < s.count; ++i) m.slots[first + i] = Impl::Slot{};
   a.used -= s.count;
   // Unlike Linux, which moves its index on round the area, the next search starts at the
   // run just freed: its lines are still in cache (256 KiB bounces went from 63% to ~90% of
   // memcpy bandwidth with this).
-  a.hint = *first - a.first;
+  a.hint = first - a.first;
   return copied;
 }
 
 Status BouncePool::sync_for_cpu(PhysAddr bounce, uint64_t size, DmaDirection dir) {
-  auto first = impl_->lookup(bounce, size);
-  if (!first) return std::move(first).error();
+  PHYSR_ASSIGN_OR_RETURN(const uint64_t first, impl_->lookup(bounce, size));
   if (dir == DmaDirection::from_device || dir == DmaDirection::bidirectional)
-    return impl_->mem->copy(PhysAddr(impl_->slots[*first].orig), bounce, size);
+    return impl_->mem->copy(PhysAddr(impl_->slots[first].orig), bounce, size);
   return {};
 }
 
 Status BouncePool::sync_for_device(PhysAddr bounce, uint64_t size, DmaDirection dir) {
-  auto first = impl_->lookup(bounce, size);
-  if (!first) return std::move(first).error();
+  PHYSR_ASSIGN_OR_RETURN(const uint64_t first, impl_->lookup(bounce, size));
   if (dir == DmaDirection::to_device || dir == DmaDirection::bidirectional)
-    return impl_->mem->copy(bounce, PhysAddr(impl_->slots[*first].orig), size);
+    return impl_->mem->copy(bounce, PhysAddr(impl_->slots[first].orig), size);
   return {};
 }
 

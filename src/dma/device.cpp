@@ -99,7 +99,7 @@ Result<std::unique_ptr<DmaDevice>> DmaDevice::create(const DmaEnv& env, const Dm
 
 Result<DmaMapping> DmaDevice::map(const RangeList& list, DmaDirection dir, DmaAttrs attrs) {
   DmaMapping out;
-  PHYSR_TRY(map_into(out, list, dir, attrs));
+  PHYSR_RETURN_IF_ERROR(map_into(out, list, dir, attrs));
   return out;
 }
 

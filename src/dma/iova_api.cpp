@@ -17,9 +17,8 @@ Result<bool> DmaDevice::iova_try_alloc(DmaIovaState& state, PhysAddr phys, uint6
   const uint64_t off = phys.value() & kGMask;
   if (size > kIovaTop - off) return make_error(EINVAL, "dma_iova_try_alloc: size " + format_hex(size) + " exceeds the IOVA space");
   const uint64_t len = align_up(off + size);
-  auto a = m.alloc_iova(len);
-  if (!a) return make_error(a.error().code, "dma_iova_try_alloc for " + m.who() + ": " + a.error().message);
-  state.addr = *a + off;
+  PHYSR_ASSIGN_OR_RETURN_CTX(const DmaAddr a, m.alloc_iova(len), "dma_iova_try_alloc for " + m.who());
+  state.addr = a + off;
   state.size = size;
   state.alloc_len_ = len;
   return true;
@@ -42,19 +41,17 @@ Status DmaDevice::iova_link(DmaIovaState& state, PhysAddr phys, uint64_t offset,
   const Provider* p = m.owner_of(phys, &tag);
   Route route;
   bool bounce;
-  PHYSR_TRY(m.classify(0, phys.value(), size, tag, attrs, &route, &bounce, &p));
+  PHYSR_RETURN_IF_ERROR(m.classify(0, phys.value(), size, tag, attrs, &route, &bounce, &p));
   if (route == Route::bus) return make_error(EINVAL, what() + ": P2P memory reached by bus address is not linked into an IOVA (use map_phys)");
   PhysAddr a = phys;
   if (bounce) {
     if (!m.env.bounce) return make_error(EIO, what() + ": must be bounced but " + m.who() + " has no bounce pool");
-    auto b = m.env.bounce->map(phys, size, dir, c.min_align_mask, kGMask);
-    if (!b) return std::move(b).error();
-    a = *b;
+    PHYSR_ASSIGN_OR_RETURN(a, m.env.bounce->map(phys, size, dir, c.min_align_mask, kGMask));
   }
   const uint8_t prot = static_cast<uint8_t>(dir_prot(dir) | (route == Route::mmio && !bounce ? kIommuMmio : 0));
   if (auto st = c.domain->map(state.addr + offset - pad, PhysAddr(a.value() - pad), align_up(pad + size), prot); !st) {
     if (bounce) (void)m.env.bounce->unmap(a, size, DmaDirection::none);
-    return make_error(st.error().code, what() + ": " + st.error().message);
+    return std::move(st).error().with_context(what());
   }
   if (bounce) {
     state.bounces_.push_back({offset, a, size});
@@ -82,7 +79,7 @@ Status DmaDevice::iova_unlink(DmaIovaState& state, uint64_t offset, uint64_t siz
   if (!state.allocated() || size == 0 || offset > state.size || size > state.size - offset)
     return make_error(EINVAL, "dma_iova_unlink of offset " + format_hex(offset) + " (+" + format_hex(size) + "): outside the IOVA range");
   const uint64_t addr = state.addr.value() + offset, pad = addr & kGMask;
-  PHYSR_TRY(m.cfg.domain->unmap(DmaAddr(addr - pad), align_up(pad + size)));
+  PHYSR_RETURN_IF_ERROR(m.cfg.domain->unmap(DmaAddr(addr - pad), align_up(pad + size)));
   const DmaDirection back = (attrs & kDmaAttrSkipCpuSync) ? DmaDirection::none : dir;
   Status st;
   std::erase_if(state.bounces_, [&](const DmaIovaState::Bounce& b) {
@@ -100,9 +97,9 @@ Status DmaDevice::iova_destroy(DmaIovaState& state, uint64_t mapped_len, DmaDire
   for (const auto& b : state.bounces_)
     if (b.offset >= mapped_len)
       return make_error(EINVAL, "dma_iova_destroy with mapped_len " + format_hex(mapped_len) + ": offset " + format_hex(b.offset) + " is still linked");
-  if (mapped_len) PHYSR_TRY(iova_unlink(state, 0, mapped_len, dir, attrs));
+  if (mapped_len) PHYSR_RETURN_IF_ERROR(iova_unlink(state, 0, mapped_len, dir, attrs));
   const DmaAddr base(state.addr.value() & ~kGMask);
-  PHYSR_TRY(m.cfg.domain->free_iova(base, state.alloc_len_));
+  PHYSR_RETURN_IF_ERROR(m.cfg.domain->free_iova(base, state.alloc_len_));
   state = DmaIovaState{};
   return {};
 }

@@ -64,11 +64,9 @@ Status DmaDevice::map_into(DmaMapping& out, const RangeList& list, DmaDirection 
   uint64_t bounced = 0;
   const auto bounce_one = [&](uint64_t phys, uint64_t len, PhysAddr* b) -> Status {
     if (!m.env.bounce) return make_error(EIO, "DMA map: " + format_hex(phys) + " must be bounced but " + m.who() + " has no bounce pool");
-    auto r = m.env.bounce->map(PhysAddr(phys), len, dir, c.min_align_mask, iommu ? kGMask : 0);
-    if (!r) return std::move(r).error();
-    out.bounces_.push_back({*r, len});
+    PHYSR_ASSIGN_OR_RETURN(*b, m.env.bounce->map(PhysAddr(phys), len, dir, c.min_align_mask, iommu ? kGMask : 0));
+    out.bounces_.push_back({*b, len});
     bounced += len;
-    *b = *r;
     return {};
   };
 
@@ -209,7 +207,7 @@ Status DmaDevice::map_into(DmaMapping& out, const RangeList& list, DmaDirection 
     // One IOVA allocation, the relative addresses fixed up, the page table written in one
     // batch (all or nothing).
     auto a = m.alloc_iova(iova_len);
-    if (!a) return fail(make_error(a.error().code, "DMA map for " + m.who() + ": " + a.error().message));
+    if (!a) return fail(std::move(a).error().with_context("DMA map for " + m.who()));
     const uint64_t base = a->value();
     out.iova_ = *a;
     out.iova_len_ = iova_len;
@@ -218,7 +216,7 @@ Status DmaDevice::map_into(DmaMapping& out, const RangeList& list, DmaDirection 
       if (seg[k].flags & kDmaSegIommu) seg[k].addr += base;
     s.nops = nops;
     if (auto st = c.domain->map_many(std::span<const IoMapOp>(ops, nops)); !st)
-      return fail(make_error(st.error().code, "DMA map for " + m.who() + ": " + st.error().message));
+      return fail(std::move(st).error().with_context("DMA map for " + m.who()));
     iova_mapped = true;
   }
 
@@ -304,7 +302,7 @@ Status DmaDevice::unmap(DmaMapping& mp) {
 Status DmaDevice::sync_for_cpu(const DmaMapping& mp) {
   Impl& m = *impl_;
   if (!mp.mapped() || mp.dev_ != this) return make_error(EINVAL, "DMA sync_for_cpu on " + m.who() + ": the mapping is not live on this device");
-  for (const auto& b : mp.bounces_) PHYSR_TRY(m.env.bounce->sync_for_cpu(b.addr, b.size, mp.dir_));
+  for (const auto& b : mp.bounces_) PHYSR_RETURN_IF_ERROR(m.env.bounce->sync_for_cpu(b.addr, b.size, mp.dir_));
   if (mp.dir_ != DmaDirection::to_device) m.count_cache(mp.nseg_);
   return {};
 }
@@ -312,7 +310,7 @@ Status DmaDevice::sync_for_cpu(const DmaMapping& mp) {
 Status DmaDevice::sync_for_device(const DmaMapping& mp) {
   Impl& m = *impl_;
   if (!mp.mapped() || mp.dev_ != this) return make_error(EINVAL, "DMA sync_for_device on " + m.who() + ": the mapping is not live on this device");
-  for (const auto& b : mp.bounces_) PHYSR_TRY(m.env.bounce->sync_for_device(b.addr, b.size, mp.dir_));
+  for (const auto& b : mp.bounces_) PHYSR_RETURN_IF_ERROR(m.env.bounce->sync_for_device(b.addr, b.size, mp.dir_));
   m.count_cache(mp.nseg_);
   return {};
 }

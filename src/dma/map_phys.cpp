@@ -33,9 +33,7 @@ Result<DmaSegment> DmaDevice::map_phys(PhysAddr phys, uint64_t size, DmaDirectio
     PhysAddr a = phys;
     if (bounce) {
       if (!m.env.bounce) return make_error(EIO, "DMA map_phys: " + format_hex(phys.value()) + " must be bounced but " + m.who() + " has no bounce pool");
-      auto b = m.env.bounce->map(phys, size, dir, c.min_align_mask, c.domain ? kGMask : 0);
-      if (!b) return std::move(b).error();
-      a = *b;
+      PHYSR_ASSIGN_OR_RETURN(a, m.env.bounce->map(phys, size, dir, c.min_align_mask, c.domain ? kGMask : 0));
       m.bounced.fetch_add(size, std::memory_order_relaxed);
     }
     const DmaSegFlags mmio = route == Route::mmio && !bounce ? kDmaSegMmio : DmaSegFlags{};
@@ -55,7 +53,7 @@ Result<DmaSegment> DmaDevice::map_phys(PhysAddr phys, uint64_t size, DmaDirectio
         if (iova) (void)c.domain->free_iova(*iova, len);
         if (bounce) (void)m.env.bounce->unmap(a, size, DmaDirection::none);
         m.failed.fetch_add(1, std::memory_order_relaxed);
-        return make_error(st.error().code, "DMA map_phys for " + m.who() + ": " + st.error().message);
+        return std::move(st).error().with_context("DMA map_phys for " + m.who());
       }
       seg.addr = *iova + off;
       seg.flags |= kDmaSegIommu;
@@ -138,9 +136,8 @@ Result<PhysAddr> bounce_of(const DmaSegment& seg, const DmaDeviceConfig& c) {
 Status DmaDevice::sync_phys_for_cpu(const DmaSegment& seg, DmaDirection dir) {
   Impl& m = *impl_;
   if (seg.flags & kDmaSegBounced) {
-    auto b = bounce_of(seg, m.cfg);
-    if (!b) return std::move(b).error();
-    PHYSR_TRY(m.env.bounce->sync_for_cpu(*b, seg.len, dir));
+    PHYSR_ASSIGN_OR_RETURN(const PhysAddr b, bounce_of(seg, m.cfg));
+    PHYSR_RETURN_IF_ERROR(m.env.bounce->sync_for_cpu(b, seg.len, dir));
   }
   if (dir != DmaDirection::to_device && !(seg.flags & (kDmaSegBusAddr | kDmaSegMmio))) m.count_cache(1);
   return {};
@@ -149,9 +146,8 @@ Status DmaDevice::sync_phys_for_cpu(const DmaSegment& seg, DmaDirection dir) {
 Status DmaDevice::sync_phys_for_device(const DmaSegment& seg, DmaDirection dir) {
   Impl& m = *impl_;
   if (seg.flags & kDmaSegBounced) {
-    auto b = bounce_of(seg, m.cfg);
-    if (!b) return std::move(b).error();
-    PHYSR_TRY(m.env.bounce->sync_for_device(*b, seg.len, dir));
+    PHYSR_ASSIGN_OR_RETURN(const PhysAddr b, bounce_of(seg, m.cfg));
+    PHYSR_RETURN_IF_ERROR(m.env.bounce->sync_for_device(b, seg.len, dir));
   }
   if (!(seg.flags & (kDmaSegBusAddr | kDmaSegMmio))) m.count_cache(1);
   return {};

@@ -53,6 +53,8 @@ Result<const Aperture*> Platform::add_bar(uint32_t f, unsigned bar, bool publish
   if (b == fn.bars.end() || !b->is_mem()) return make_error(EINVAL, "platform: " + name + " is not a memory BAR");
   const PhysSpan span{PhysAddr(b->start), b->size()};
   const uint64_t offset = topo_->host_bridges[fn.host_bridge].bus_offset;
+  if (BusSpan{BusAddr(span.base.value() + offset), span.size}.wraps())
+    return make_error(EINVAL, "platform: " + name + "'s bus addresses (CPU address + bus offset " + format_hex(offset) + ") run past 2^64");
   PHYSR_ASSIGN_OR_RETURN_CTX(const ProviderId id, reg_.add(ProviderDesc{fn.bdf, f, bar, span, offset, published, cpu_copy_, {}}),
                              name + " is not a provider");
   const bool cmb = fn.cmb && fn.cmb->bar == bar;
@@ -80,6 +82,7 @@ Result<DmaDevice*> Platform::add_device(DmaDeviceConfig c) {
   if (c.function >= devices_.size()) return make_error(EINVAL, "platform: no function " + std::to_string(c.function) + " in " + topo_->source);
   if (devices_[c.function]) return make_error(EEXIST, "platform: " + label(c.function) + " already has a DMA device");
   if (!c.domain) c.domain = domains_[c.function];
+  domains_[c.function] = c.domain;  // the domain the device really maps through, for whoever decodes its DMA
   PHYSR_ASSIGN_OR_RETURN(devices_[c.function], DmaDevice::create(dma_env(), c));
   return devices_[c.function].get();
 }
@@ -116,73 +119,6 @@ const Aperture* Platform::nearest_provider(std::span<const uint32_t> clients) co
     if (a.published && std::find(owners.begin(), owners.end(), a.function) == owners.end()) owners.push_back(a.function);
   const auto pick = engine_->find_many(clients, owners, [](size_t) { return size_t{0}; });
   return pick ? largest_bar(*pick) : nullptr;
-}
-
-// ---------------------------------------------------------------------------------------
-// The machine model's platform
-
-namespace {
-constexpr uint64_t kLowRam = 2 * GiB, kHighRamBase = 4 * GiB;
-constexpr uint64_t kPoolBase = 256 * MiB;
-}  // namespace
-
-ModelPlatform::~ModelPlatform() = default;
-
-Result<std::unique_ptr<ModelPlatform>> ModelPlatform::create(const pci::Topology& topo, const ModelOptions& o) {
-  if (o.ram < 3 * GiB) return make_error(EINVAL, "machine: at least 3 GiB of RAM (2 GiB below the MMIO hole, the rest above 4 GiB)");
-  if (o.bounce_pool == 0 || o.bounce_pool % (256 * KiB) != 0 || o.bounce_pool > 1 * GiB)
-    return make_error(EINVAL, "machine: the bounce pool must be whole 256 KiB segments, at most 1 GiB");
-  std::unique_ptr<ModelPlatform> m(new ModelPlatform());
-  m->opt_ = o;
-  PHYSR_RETURN_IF_ERROR(m->mem_.add_region({PhysSpan{PhysAddr(0), kLowRam}, PhysRegion::Kind::host_ram, "ram (below 4 GiB)"}));
-  PHYSR_RETURN_IF_ERROR(m->mem_.add_region({PhysSpan{PhysAddr(kHighRamBase), o.ram - kLowRam}, PhysRegion::Kind::host_ram, "ram (above 4 GiB)"}));
-  PlatformOptions po;
-  po.verdicts = o.verdicts;
-  po.bounce = BounceOptions{PhysAddr(kPoolBase), o.bounce_pool, 2};
-  po.bars_cpu_copy = true;
-  PHYSR_ASSIGN_OR_RETURN(m->platform_, Platform::create(topo, m->mem_, po));
-  for (uint32_t f = 0; f < topo.functions.size(); ++f) {
-    for (const P2PBar& b : p2p_bars(topo, f)) {
-      const pci::Bar& bar = *std::find_if(topo.functions[f].bars.begin(), topo.functions[f].bars.end(),
-                                          [&](const pci::Bar& x) { return x.index == b.bar; });
-      const std::string name = m->platform_->label(f) + " BAR" + std::to_string(b.bar);
-      if (auto st = m->mem_.add_region({PhysSpan{PhysAddr(bar.start), bar.size()}, PhysRegion::Kind::bar, name}); !st) {
-        m->warnings.push_back(name + " left out: " + st.error().message);
-        continue;
-      }
-      if (auto a = m->platform_->add_bar(f, b.bar, b.published); !a) m->warnings.push_back(a.error().message);
-    }
-  }
-  m->domains_.assign(topo.functions.size(), nullptr);
-  return m;
-}
-
-IoDomain* ModelPlatform::domain(uint32_t f) const noexcept { return f < domains_.size() ? domains_[f] : nullptr; }
-
-Result<IoDomain*> ModelPlatform::new_domain(const IoDomainOptions& options) {
-  // Linux dma-iommu.c iova_reserve_pci_windows(): a DMA domain's IOVA space leaves out the
-  // host bridges' memory windows. The model's windows are its P2P BARs' bus ranges.
-  IoDomainOptions o = options;
-  for (const Aperture& a : platform_->apertures()) o.iova.reserved.push_back(DmaSpan{DmaAddr(a.bus().base.value()), a.span.size});
-  PHYSR_ASSIGN_OR_RETURN(auto d, IoDomain::create(o));
-  owned_.push_back(std::move(d));
-  return owned_.back().get();
-}
-
-Result<DmaDevice*> ModelPlatform::device(uint32_t f) {
-  if (f >= domains_.size()) return make_error(EINVAL, "machine: no function " + std::to_string(f));
-  if (DmaDevice* d = platform_->device(f)) return d;
-  if (opt_.iommu) {
-    PHYSR_ASSIGN_OR_RETURN(IoDomain* d, new_domain(IoDomainOptions{.iova = {}, .strict = opt_.strict_iommu}));
-    domains_[f] = d;
-    PHYSR_RETURN_IF_ERROR(platform_->attach(f, d));
-  }
-  DmaDeviceConfig c;
-  c.function = f;
-  c.max_segment = 4 * MiB;
-  c.min_align_mask = 0xfff;  // as NVMe drivers set it, and harmless for the others
-  c.debug = opt_.dma_debug;
-  return platform_->add_device(c);
 }
 
 }  // namespace physr

@@ -53,67 +53,90 @@ void Machine::decode(uint32_t initiator, uint64_t dma, uint64_t len, bool write,
     if (!runs.empty() && runs.back().phys + runs.back().len == phys) runs.back().len += n;  // physically contiguous
     else runs.push_back(Run{phys, n});
   };
-  const auto fail = [&](BusResult r, std::string why) {
-    if (out.ok()) out.why = std::move(why);
+  // Only the first failing piece is described: later ones just add their outcome bits.
+  const auto fail = [&](BusResult r, const auto& why) {
+    if (out.ok()) out.why = why();
     out.result |= r;
   };
-  // Below the root complex: a switch routes a bus address to the BAR that decodes it when
-  // the initiator reaches that BAR without going up (the fabric rule Linux's bus_addr
-  // verdict describes: a common upstream device, no ACS redirect on the way). The piece
-  // lies in one DMA segment, and a segment never spans two BARs.
-  if (const Aperture* a = p.aperture_at_bus(topo_->functions[initiator].host_bridge, BusAddr(dma), len);
-      a && p.p2p().verdict(a->function, initiator).type == pci::MapType::bus_addr) {
-    add_run(a->span.base + (dma - a->bus().base.value()), len);
-    out.peer_switch = true;
-    out.peer = a->function;
-    return;
-  }
-  // Up to the root complex: the IOMMU translates (or the host bridge applies the device's
-  // direct DMA offset), then the root complex decodes the physical address: RAM, or a
-  // peer's BAR if it forwards peer traffic for this pair.
-  IoDomain* dom = domain(initiator);
-  const DmaDevice* dev = platform().device(initiator);
+  // The initiator's IOMMU domain as the platform attached it (whoever created the device),
+  // or, direct, the DMA offset its host bridge applies.
+  IommuDomain* dom = p.domain(initiator);
+  const DmaDevice* dev = p.device(initiator);
   const uint64_t dma_offset = dev && !dom ? dev->config().dma_offset : 0;
-  const PhysRegion* region = nullptr;  // the region of the previous page, which the next one is usually in
+  const uint32_t host_bridge = topo_->functions[initiator].host_bridge;
+  const PhysRegion* region = nullptr;    // the region of the previous page, which the next one is usually in
+  const Aperture* switched = nullptr;    // the peer BAR the previous page went to under the switch
+  PhysSpan owner_span{};                 // the extent the previous BAR page's provider lookup covered
+  uint32_t owner_fn = pci::kNoFunction;  // ... and the function it found
+  bool faulting = false;                 // the previous page faulted: one fault record per faulting run
   for (uint64_t done = 0; done < len;) {
     const uint64_t at = dma + done;
-    const uint64_t run = std::min<uint64_t>(len - done, kPageSize - (at & (kPageSize - 1)));
-    done += run;
+    uint64_t run = std::min<uint64_t>(len - done, kPageSize - (at & (kPageSize - 1)));
+    // Below the root complex, page by page (a segment may run from one window into
+    // another): a switch routes a bus address to the BAR that decodes it when the initiator
+    // reaches that BAR without going up (the fabric rule Linux's bus_addr verdict
+    // describes: a common upstream device, no ACS redirect on the way).
+    if (!switched || !switched->bus().contains(BusSpan{BusAddr(at), run})) {
+      switched = p.aperture_at_bus(host_bridge, BusAddr(at), run);
+      if (switched && p.p2p().verdict(switched->function, initiator).type != pci::MapType::bus_addr) switched = nullptr;
+    }
+    if (switched) {
+      add_run(switched->span.base + (at - switched->bus().base.value()), run);
+      out.peer_switch = true;
+      out.peer = switched->function;
+      faulting = false;
+      done += run;
+      continue;
+    }
+    // Up to the root complex: the IOMMU translates (or the host bridge applies the direct
+    // DMA offset), then the root complex decodes the physical address: RAM, or a peer's
+    // BAR if it forwards peer traffic for this pair.
     PhysAddr phys(at - dma_offset);
     if (dom) {
       const auto t = dom->translate(DmaAddr(at));
       const uint8_t need = write ? kIommuWrite : kIommuRead;
       if (!t || !(t->perm & need)) {
-        faults_.push_back(IommuFault{initiator, DmaAddr(at), write, !t ? "not mapped" : write ? "read-only mapping" : "write-only mapping"});
+        const char* why = !t ? "not mapped" : write ? "read-only mapping" : "write-only mapping";
+        if (!faulting) faults_.push_back(IommuFault{initiator, DmaAddr(at), write, why});
+        faulting = true;
         fail(BusResult::iommu_fault,
-             "IOMMU fault: " + label(initiator) + " " + (write ? "wrote " : "read ") + format_hex(at) + " (" + faults_.back().why + ")");
+             [&] { return "IOMMU fault: " + label(initiator) + " " + (write ? "wrote " : "read ") + format_hex(at) + " (" + why + ")"; });
+        done += run;
         continue;
       }
       phys = t->phys;
+      // A large leaf maps the rest of its page contiguously: one step for all of it.
+      if (t->page_size > kPageSize)
+        run = std::min<uint64_t>(len - done, t->page_size - (at & (t->page_size - 1)));
     }
+    faulting = false;
+    done += run;
     const PhysSpan piece{phys, run};
     if (!region || !region->span.contains(piece)) region = memory().region_of(phys);
     if (!region || !region->span.contains(piece)) {
-      fail(BusResult::decode_error, "decode error: nothing decodes " + format_hex(phys.value()) + " (" + label(initiator) + " DMA address " +
-                                        format_hex(at) + ")");
+      fail(BusResult::decode_error, [&] {
+        return "decode error: nothing decodes " + format_hex(phys.value()) + " (" + label(initiator) + " DMA address " + format_hex(at) + ")";
+      });
       region = nullptr;
       continue;
     }
     if (region->kind == PhysRegion::Kind::bar) {
-      uint64_t ext = 0;
-      const Provider* owner = nullptr;
-      {
-        ProviderRegistry::ReadGuard guard;
-        owner = p.providers().find_extent(phys, ext);
+      if (!owner_span.contains(piece)) {
+        ProviderRegistry::ReadGuard guard;  // the provider is read only inside it
+        uint64_t ext = 0;
+        const Provider* owner = p.providers().find_extent(phys, ext);
+        owner_fn = owner ? owner->function() : pci::kNoFunction;
+        owner_span = PhysSpan{phys, ext};
       }
-      const uint32_t target = owner ? owner->function() : pci::kNoFunction;
-      if (target == pci::kNoFunction || !fabric_->rc_forwards(initiator, target)) {
-        fail(BusResult::unsupported_request, "unsupported request: the root complex does not forward " + label(initiator) + "'s DMA to " +
-                                                 region->name + " at " + format_hex(phys.value()));
+      if (owner_fn == pci::kNoFunction || !fabric_->rc_forwards(initiator, owner_fn)) {
+        fail(BusResult::unsupported_request, [&] {
+          return "unsupported request: the root complex does not forward " + label(initiator) + "'s DMA to " + region->name + " at " +
+                 format_hex(phys.value());
+        });
         continue;
       }
       out.peer_rc = true;
-      out.peer = target;
+      out.peer = owner_fn;
     } else {
       out.host_memory = true;
     }
@@ -124,9 +147,20 @@ void Machine::decode(uint32_t initiator, uint64_t dma, uint64_t len, bool write,
 Result<DmaAccess> Machine::access(uint32_t initiator, std::span<const DmaSegment> segs, uint64_t offset, uint64_t len, const DmaSource* source,
                                   const DmaSink* sink) {
   const bool write = source != nullptr;
-  // Decode everything first: a failing piece moves nothing.
-  std::vector<Run>& runs = runs_;
+  // Decode everything first: a failing piece moves nothing. The runs go into a buffer kept
+  // between calls, or a fresh one when a source or sink makes an access of its own.
+  std::vector<Run> nested;
+  std::vector<Run>& runs = in_access_ ? nested : runs_;
   runs.clear();
+  const bool outer = !in_access_;
+  in_access_ = true;
+  struct Leave {
+    bool& flag;
+    bool outer;
+    ~Leave() {
+      if (outer) flag = false;
+    }
+  } leave{in_access_, outer};
   DmaAccess out;
   uint64_t at = 0;
   for (const DmaSegment& s : segs) {

@@ -56,7 +56,7 @@ Result<JobResult> run_net_job(Machine& m, const Job& job) {
   const Route* last_tx = nullptr;
   const Route* last_rx = nullptr;
   Route route;  // the last packet's, rebuilt only when a side's route changes
-  bool tx_p2p = false, rx_p2p = false, through_rc = false;
+  DmaAccess tx_seen, rx_seen;  // where any packet's bytes went, per side
 
   JobResult out;
   out.name = job.name;
@@ -111,9 +111,8 @@ Result<JobResult> run_net_job(Machine& m, const Job& job) {
       route.resources.insert(route.resources.end(), last_rx->resources.begin(), last_rx->resources.end());
       route.latency_ns += m.options().wire_latency_ns + last_rx->latency_ns;
     }
-    tx_p2p |= ta.peer_switch || ta.peer_rc;
-    rx_p2p |= ra.peer_switch || ra.peer_rc;
-    through_rc |= ta.peer_rc || ra.peer_rc;
+    tx_seen.merge(ta);
+    rx_seen.merge(ra);
     std::vector<Route> routes;
     if (ta.host_memory && txbar) routes.push_back(tx_copy);  // its addresses went to host memory, not the BAR
     const size_t on_wire = routes.size();
@@ -131,12 +130,15 @@ Result<JobResult> run_net_job(Machine& m, const Job& job) {
     in_flight -= ended;
   }
   detail::finish_result(out, m, sim, lat, job.size, packets, faults_before);
-  out.path = std::string("network: TX ") + (tx_p2p ? "p2p" : "host") + ", RX " + (rx_p2p ? "p2p" : "host") +
-             (bounced_any ? " (bounced by the DMA layer)" : "") + (through_rc ? ", through the root complex" : "");
-  for (const auto& [bar, p2p, r] : {std::tuple{txbar, tx_p2p, last_tx}, std::tuple{rxbar, rx_p2p, last_rx}})
-    out.via |= static_cast<uint8_t>(p2p ? (r->p2p == pci::MapType::bus_addr ? Via::p2p_bus_addr : Via::p2p_host_bridge)
-                                    : !bar ? Via::host_memory
-                                           : Via{});
+  const auto p2p = [](const DmaAccess& a) { return a.peer_switch || a.peer_rc; };
+  out.path = std::string("network: TX ") + (p2p(tx_seen) ? "p2p" : "host") + ", RX " + (p2p(rx_seen) ? "p2p" : "host") +
+             (bounced_any ? " (bounced by the DMA layer)" : "") + (tx_seen.peer_rc || rx_seen.peer_rc ? ", through the root complex" : "");
+  // Every way any packet went, per side (not only the last packet's).
+  for (const auto& [bar, seen] : {std::pair{txbar, &tx_seen}, std::pair{rxbar, &rx_seen}}) {
+    if (seen->peer_switch) out.via |= static_cast<uint8_t>(Via::p2p_bus_addr);
+    if (seen->peer_rc) out.via |= static_cast<uint8_t>(Via::p2p_host_bridge);
+    if (!bar) out.via |= static_cast<uint8_t>(Via::host_memory);
+  }
   if (bounced_any) out.via |= static_cast<uint8_t>(Via::bounced);
   return out;
 }

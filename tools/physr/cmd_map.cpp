@@ -8,6 +8,7 @@
 
 #include "cli.hpp"
 #include "physr/dma.hpp"
+#include "physr/model.hpp"
 #include "physr/platform.hpp"
 
 namespace physr::cli {

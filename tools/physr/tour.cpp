@@ -6,6 +6,7 @@
 
 #include "cli.hpp"
 #include "physr/pci.hpp"
+#include "physr/model.hpp"
 #include "physr/platform.hpp"
 #include "physr/provider.hpp"
 #include "physr/range.hpp"

@@ -5,6 +5,7 @@
 #include <physr/dma.hpp>
 #include <physr/iommu.hpp>
 #include <physr/iova.hpp>
+#include <physr/model.hpp>
 #include <physr/pci.hpp>
 #include <physr/physmem.hpp>
 #include <physr/platform.hpp>
@@ -88,6 +89,10 @@ int main() {
   auto platform = Platform::create(*topo, memory, po);
   if (!platform) return fail("platform", platform.error());
   std::printf("platform verdict=%s\n", pci::map_type_name((*platform)->p2p().verdict(0, 0).type));
+
+  auto model = ModelPlatform::create(*topo);  // model
+  if (!model) return fail("model", model.error());
+  std::printf("model devices=%d\n", (*model)->device(0).has_value());
 
   const auto machine = builtin_machine_text(kDefaultMachine);  // builtin
   std::printf("builtin default=%d\n", machine.has_value() && !machine->empty());
