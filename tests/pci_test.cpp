@@ -601,6 +601,10 @@ TEST(SysfsTest, BadRootsAndFilesAreNamed) {
   r = load_sysfs(root);
   ASSERT_FALSE(r.has_value());
   EXPECT_NE(r.error().message.find("resource:1: end below start"), std::string::npos);
+  write("resource", "0x0 0xffffffffffffffff 0x200\n");  // a half-open BAR cannot hold 2^64 bytes
+  r = load_sysfs(root);
+  ASSERT_FALSE(r.has_value());
+  EXPECT_NE(r.error().message.find("resource:1: a resource of 2^64 bytes"), std::string::npos);
   write("resource", "0x1000 0x1fff 0x200\n0x0 0x0 0x0\n");
   write("config", std::string(10, 'x'));
   r = load_sysfs(root);

@@ -87,10 +87,9 @@ std::string acs_bits_string(uint16_t ctrl);
 /// One BAR as sysfs `resource` lists it: CPU physical [start, end] and IORESOURCE flags.
 struct Bar {
   unsigned index = 0;
-  uint64_t start = 0;
-  uint64_t end = 0;  // inclusive, as in sysfs
-  uint64_t flags = 0;
-  uint64_t size() const noexcept { return end - start + 1; }
+  PhysSpan span;       // the CPU addresses it decodes, half-open (sysfs lists the inclusive end)
+  uint64_t flags = 0;  // IORESOURCE_* bits, as sysfs lists them
+  uint64_t size() const noexcept { return span.size; }
   bool is_mem() const noexcept { return (flags & 0x200) != 0; }        // IORESOURCE_MEM
   bool prefetchable() const noexcept { return (flags & 0x2000) != 0; } // IORESOURCE_PREFETCH
 };

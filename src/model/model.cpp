@@ -32,7 +32,7 @@ Result<std::unique_ptr<ModelPlatform>> ModelPlatform::create(const pci::Topology
       const pci::Bar& bar = *std::find_if(topo.functions[f].bars.begin(), topo.functions[f].bars.end(),
                                           [&](const pci::Bar& x) { return x.index == b.bar; });
       const std::string name = m->platform_->label(f) + " BAR" + std::to_string(b.bar);
-      if (auto st = m->mem_.add_region({PhysSpan{PhysAddr(bar.start), bar.size()}, PhysRegion::Kind::bar, name}); !st) {
+      if (auto st = m->mem_.add_region({bar.span, PhysRegion::Kind::bar, name}); !st) {
         m->warnings.push_back(name + " left out: " + st.error().message);
         continue;
       }
@@ -56,7 +56,7 @@ Result<IoDomain*> ModelPlatform::new_domain(const IoDomainOptions& options) {
   for (const pci::Function& fn : topo.functions)
     for (const pci::Bar& b : fn.bars)
       if (b.is_mem() && b.index <= 5 && b.size() != 0)
-        o.iova.reserved.push_back(DmaSpan{DmaAddr(b.start + topo.host_bridges[fn.host_bridge].bus_offset), b.size()});
+        o.iova.reserved.push_back(DmaSpan{DmaAddr(b.span.base.value() + topo.host_bridges[fn.host_bridge].bus_offset), b.size()});
   if (topo.cpu.vendor == "GenuineIntel" || topo.cpu.vendor == "AuthenticAMD")
     o.iova.reserved.push_back(DmaSpan{DmaAddr(0xfee0'0000), 1 * MiB});
   PHYSR_ASSIGN_OR_RETURN(auto d, IoDomain::create(o));

@@ -158,8 +158,7 @@ Result<Topology> parse_machine(std::string_view text, std::string_view source) {
         return make_error(EINVAL, c.where(bt) + bw + ": runs past the 52-bit physical address space");
       Bar bar;
       bar.index = static_cast<unsigned>(idx->value_or(b));
-      bar.start = **start;
-      bar.end = **start + **size - 1;
+      bar.span = PhysSpan{PhysAddr(**start), **size};
       bar.flags = 0x200 | (*pf ? 0x2000 : 0) | 0x100000;  // IORESOURCE_MEM | PREFETCH | MEM_64
       f.bars.push_back(bar);
     }

@@ -75,7 +75,9 @@ Status read_resource(const fs::path& p, Function& f) {
     if (v[0] != 0 || v[1] != 0) {
       if (v[1] < v[0])
         return make_error(EINVAL, p.string() + ":" + std::to_string(index + 1) + ": end below start");
-      f.bars.push_back(Bar{index, v[0], v[1], v[2]});
+      if (v[1] - v[0] == ~uint64_t{0})
+        return make_error(EINVAL, p.string() + ":" + std::to_string(index + 1) + ": a resource of 2^64 bytes");
+      f.bars.push_back(Bar{index, PhysSpan{PhysAddr(v[0]), v[1] - v[0] + 1}, v[2]});
     }
     if (++index > 64) return make_error(EINVAL, p.string() + ": more than 64 resource lines");
   }

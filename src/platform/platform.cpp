@@ -17,7 +17,7 @@ std::vector<P2PBar> p2p_bars(const pci::Topology& topo, uint32_t f) {
     if (cmb && b.index != cmb->bar) continue;
     // BARs 0-5 only: sysfs also lists the expansion ROM (6) and a bridge's forwarding
     // windows (13-15), which contain the BARs below the bridge rather than being memory.
-    if (b.index > 5 || !b.is_mem() || b.size() < kPageSize || (b.start & (kPageSize - 1)) || (b.size() & (kPageSize - 1))) continue;
+    if (b.index > 5 || !b.is_mem() || b.size() < kPageSize || (b.span.base.value() & (kPageSize - 1)) || (b.size() & (kPageSize - 1))) continue;
     out.push_back(P2PBar{b.index, !cmb || (cmb->rds && cmb->wds), cmb.has_value()});
   }
   return out;
@@ -51,7 +51,7 @@ Result<const Aperture*> Platform::add_bar(uint32_t f, unsigned bar, bool publish
   const auto b = std::find_if(fn.bars.begin(), fn.bars.end(), [&](const pci::Bar& x) { return x.index == bar; });
   const std::string name = label(f) + " BAR" + std::to_string(bar);
   if (b == fn.bars.end() || !b->is_mem()) return make_error(EINVAL, "platform: " + name + " is not a memory BAR");
-  const PhysSpan span{PhysAddr(b->start), b->size()};
+  const PhysSpan span = b->span;
   const uint64_t offset = topo_->host_bridges[fn.host_bridge].bus_offset;
   if (BusSpan{BusAddr(span.base.value() + offset), span.size}.wraps())
     return make_error(EINVAL, "platform: " + name + "'s bus addresses (CPU address + bus offset " + format_hex(offset) + ") run past 2^64");

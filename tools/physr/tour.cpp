@@ -51,8 +51,8 @@ void providers_section(const pci::Topology& t, const Platform& pf) {
   const uint32_t client = failure_value(t.lookup("nvme0"));
   const std::vector<PhysSpan> buffer = {
       {PhysAddr(0x1'2340'0000), 256 * KiB},              // host pages
-      {PhysAddr(gpu.bars[1].start + 64 * MiB), 1 * MiB},  // GPU BAR1 memory
-      {PhysAddr(nvme1.bars[1].start), 128 * KiB},       // nvme1's controller memory buffer
+      {gpu.bars[1].span.base + 64 * MiB, 1 * MiB},    // GPU BAR1 memory
+      {nvme1.bars[1].span.base, 128 * KiB},              // nvme1's controller memory buffer
       {PhysAddr(0x1'2350'0000), 64 * KiB},              // more host pages
   };
   ProviderRegistry::ReadGuard guard;
