@@ -11,9 +11,20 @@
 #include <vector>
 
 // Counts operator new calls on this thread, so a test can check that a path does not allocate.
+// ThreadSanitizer's runtime defines operator new itself, so there the count is off (and the
+// test that reads it is skipped).
+#if defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define PHYSR_NO_NEW_COUNT 1
+#endif
+#endif
+#if defined(__SANITIZE_THREAD__)
+#define PHYSR_NO_NEW_COUNT 1
+#endif
 namespace {
 thread_local long g_allocations = 0;
 }  // namespace
+#ifndef PHYSR_NO_NEW_COUNT
 [[gnu::noinline]] void* operator new(std::size_t n) {
   ++g_allocations;
   if (void* p = std::malloc(n ? n : 1)) return p;
@@ -22,6 +33,7 @@ thread_local long g_allocations = 0;
 // Not inlined, so the compiler pairs these deletes with operator new rather than with malloc.
 [[gnu::noinline]] void operator delete(void* p) noexcept { std::free(p); }
 [[gnu::noinline]] void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+#endif
 
 namespace physr {
 namespace {
@@ -145,6 +157,9 @@ Result<uint64_t> offset_of(uint64_t a) {
 }
 
 TEST(ResultTest, SuccessPathDoesNotAllocate) {
+#ifdef PHYSR_NO_NEW_COUNT
+  GTEST_SKIP() << "operator new is the sanitizer's here: allocations are not counted";
+#endif
   const long before = g_allocations;
   uint64_t sum = 0;
   for (uint64_t a = 1; a < 100; ++a) {
