@@ -48,7 +48,7 @@ Status DmaDevice::iova_link(DmaIovaState& state, PhysAddr phys, uint64_t offset,
     if (!m.env.bounce) return make_error(EIO, what() + ": must be bounced but " + m.who() + " has no bounce pool");
     PHYSR_ASSIGN_OR_RETURN(a, m.env.bounce->map(phys, size, dir, c.min_align_mask, kGMask));
   }
-  const IommuPerms prot = dir_prot(dir) | (route == Route::mmio && !bounce ? kIommuMmio : IommuPerms{});
+  const uint8_t prot = static_cast<uint8_t>(dir_prot(dir) | (route == Route::mmio && !bounce ? kIommuMmio : 0));
   if (auto st = c.domain->map(state.addr + offset - pad, PhysAddr(a.value() - pad), align_up(pad + size), prot); !st) {
     if (bounce) (void)m.env.bounce->unmap(a, size, DmaDirection::none);
     return std::move(st).error().with_context(what());

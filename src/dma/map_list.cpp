@@ -88,10 +88,10 @@ Status DmaDevice::map_into(DmaMapping& out, const RangeList& list, DmaDirection 
   //      relative address sits on a boundary is the same as for the absolute one.
   // The paths are lambdas over this function's locals (inlined: the segment and op buffers
   // stay in registers, as the single loop had them).
-  const IommuPerms prot = dir_prot(dir);
+  const uint8_t prot = dir_prot(dir);
   uint64_t iova_len = 0, cur_len = 0, cacheable = 0;
   uint64_t op_iova_end = 0, op_phys_end = 0;
-  IommuPerms op_perm{};
+  uint8_t op_perm = 0;
 
   const auto map_bus = [&](uint64_t bus, uint64_t len) {
     for (uint64_t a = bus, left = len; left != 0;) {
@@ -129,7 +129,7 @@ Status DmaDevice::map_into(DmaMapping& out, const RangeList& list, DmaDirection 
 
   const auto map_iommu = [&](uint64_t addr, uint64_t len, Route route, bool bounce) -> Status {
     const bool mmio = route == Route::mmio && !bounce;
-    const IommuPerms pr = prot | (mmio ? kIommuMmio : IommuPerms{});
+    const uint8_t pr = static_cast<uint8_t>(prot | (mmio ? kIommuMmio : 0));
     const DmaSegFlags flags = kDmaSegIommu | (bounce ? kDmaSegBounced : DmaSegFlags{}) | (mmio ? kDmaSegMmio : DmaSegFlags{});
     const uint64_t wmask = bounce ? std::min(mask, BouncePool::kMaxMapping - 1) : mask;
     for (uint64_t a = addr, left = len; left != 0;) {
