@@ -70,64 +70,76 @@ Status DmaDevice::map_into(DmaMapping& out, const RangeList& list, DmaDirection 
     return {};
   };
 
-  // Each range is mapped by one of three paths, after its classification:
-  //  - bus address (P2P under a shared switch): cut to the device's limits in bus space,
-  //    never put in the IOMMU;
-  //  - direct (Linux dma_direct_map_sg()): DMA address = phys + dma_offset, bounced where the
-  //    device cannot reach it, cut to the limits in DMA address space;
-  //  - IOMMU (Linux iommu_dma_map_sg() and __finalise_sg() in one go), with IOVA-relative
-  //    addresses fixed up once the IOVA is allocated:
-  //    - each range is cut into pieces within the boundary window and the max segment
-  //      (bounce pieces also within 256 KiB);
-  //    - each piece is placed at its offset within the granule, after padding if it would
-  //      cross the boundary (if the boundary is at least the whole IOVA, the size-aligned
-  //      allocation cannot cross it; below the granule no piece can; in between, pad);
-  //    - a piece merges into the previous segment when it starts on a granule, not on a
-  //      boundary, and the result stays within the max segment. The allocation is aligned
-  //      to at least min(its size rounded up to a power of two, boundary), so whether a
-  //      relative address sits on a boundary is the same as for the absolute one.
-  // The paths are lambdas over this function's locals (inlined: the segment and op buffers
-  // stay in registers, as the single loop had them).
+  // One pass over the ranges, each mapped by one of three paths after its classification:
+  // bus address (P2P under a shared switch: cut to the limits in bus space, never in the
+  // IOMMU), direct (Linux dma_direct_map_sg(): bounced where the device cannot reach it),
+  // or IOMMU. The paths stay inline in the one loop: as lambdas over these locals they cost
+  // the direct path a third more time (measured: MapUnmap/direct/256 2.0 -> 2.7 us). IOMMU devices: Linux iommu_dma_map_sg() and __finalise_sg()
+  // in one go, with IOVA-relative addresses (fixed up once the IOVA is allocated):
+  //  - each range is cut into pieces within the boundary window and the max segment
+  //    (bounce pieces also within 256 KiB);
+  //  - each piece is placed at its offset within the granule, after padding if it would
+  //    cross the boundary (if the boundary is at least the whole IOVA, the size-aligned
+  //    allocation cannot cross it; below the granule no piece can; in between, pad);
+  //  - a piece merges into the previous segment when it starts on a granule, not on a
+  //    boundary, and the result stays within the max segment. The allocation is aligned
+  //    to at least min(its size rounded up to a power of two, boundary), so whether a
+  //    relative address sits on a boundary is the same as for the absolute one.
   const uint8_t prot = dir_prot(dir);
   uint64_t iova_len = 0, cur_len = 0, cacheable = 0;
   uint64_t op_iova_end = 0, op_phys_end = 0;
   uint8_t op_perm = 0;
-
-  const auto map_bus = [&](uint64_t bus, uint64_t len) {
-    for (uint64_t a = bus, left = len; left != 0;) {
-      const uint64_t n = first_chunk(a, left, c.max_segment, mask);
-      push_seg(DmaSegment{DmaAddr(a), n, kDmaSegBusAddr});
-      a += n;
-      left -= n;
+  size_t idx = 0;
+  for (const PhysRange r : list) {
+    const uint64_t addr = r.addr.value(), len = r.len;
+    Route route = Route::host;
+    bool bounce = false;
+    const Provider* p = nullptr;
+    uint64_t ext = 0;
+    // The hot case inline: trusted host memory with no provider in the way.
+    if (r.provider == kHostMemory && !c.untrusted &&
+        (!m.env.providers || m.env.providers->surely_host(r.addr, len) ||
+         (!m.env.providers->find_extent(r.addr, ext) && ext >= len))) {
+      bounce = !iommu && !m.capable(addr + c.dma_offset, len);
+    } else if (auto st = m.classify(idx, addr, len, r.provider, attrs, &route, &bounce, &p); !st) {
+      return fail(std::move(st).error());
     }
-    cur_len = 0;
-  };
-
-  const auto map_direct = [&](uint64_t addr, uint64_t len, Route route, bool bounce) -> Status {
-    const DmaSegFlags flags = bounce ? kDmaSegBounced : route == Route::mmio ? kDmaSegMmio : DmaSegFlags{};
-    for (uint64_t a = addr, left = len; left != 0;) {
-      uint64_t n = left, d = a + c.dma_offset;
-      if (bounce) {
-        n = first_chunk(a, left, ~uint64_t{0}, BouncePool::kMaxMapping - 1);
-        PhysAddr b;
-        PHYSR_RETURN_IF_ERROR(bounce_one(a, n, &b));
-        d = b.value() + c.dma_offset;
-        if (!m.capable(d, n))
-          return make_error(EIO, "DMA map: the bounce buffer at " + format_hex(b.value()) + " is above " + m.who() + "'s DMA mask " + format_hex(c.dma_mask));
+    ++idx;
+    cacheable += route == Route::host || bounce;
+    if (route == Route::bus) {
+      // The provider is the same for the whole range (ranges never cross providers).
+      for (uint64_t a = p->to_bus(r.addr).value(), left = len; left != 0;) {  // cut to the limits in bus space
+        const uint64_t n = first_chunk(a, left, c.max_segment, mask);
+        push_seg(DmaSegment{DmaAddr(a), n, kDmaSegBusAddr});
+        a += n;
+        left -= n;
       }
-      for (uint64_t k = n; k != 0;) {  // cut to the limits in DMA address space
-        const uint64_t q = first_chunk(d, k, c.max_segment, mask);
-        push_seg(DmaSegment{DmaAddr(d), q, flags});
-        d += q;
-        k -= q;
-      }
-      a += n;
-      left -= n;
+      cur_len = 0;
+      continue;
     }
-    return {};
-  };
-
-  const auto map_iommu = [&](uint64_t addr, uint64_t len, Route route, bool bounce) -> Status {
+    if (!iommu) {
+      const DmaSegFlags flags = bounce ? kDmaSegBounced : route == Route::mmio ? kDmaSegMmio : DmaSegFlags{};
+      for (uint64_t a = addr, left = len; left != 0;) {
+        uint64_t n = left, d = a + c.dma_offset;
+        if (bounce) {
+          n = first_chunk(a, left, ~uint64_t{0}, BouncePool::kMaxMapping - 1);
+          PhysAddr b;
+          if (auto st = bounce_one(a, n, &b); !st) return fail(std::move(st).error());
+          d = b.value() + c.dma_offset;
+          if (!m.capable(d, n))
+            return fail(make_error(EIO, "DMA map: the bounce buffer at " + format_hex(b.value()) + " is above " + m.who() + "'s DMA mask " + format_hex(c.dma_mask)));
+        }
+        for (uint64_t k = n; k != 0;) {  // cut to the limits in DMA address space
+          const uint64_t q = first_chunk(d, k, c.max_segment, mask);
+          push_seg(DmaSegment{DmaAddr(d), q, flags});
+          d += q;
+          k -= q;
+        }
+        a += n;
+        left -= n;
+      }
+      continue;
+    }
     const bool mmio = route == Route::mmio && !bounce;
     const uint8_t pr = static_cast<uint8_t>(prot | (mmio ? kIommuMmio : 0));
     const DmaSegFlags flags = kDmaSegIommu | (bounce ? kDmaSegBounced : DmaSegFlags{}) | (mmio ? kDmaSegMmio : DmaSegFlags{});
@@ -137,7 +149,7 @@ Status DmaDevice::map_into(DmaMapping& out, const RangeList& list, DmaDirection 
       uint64_t phys = a;
       if (bounce) {  // the bounce keeps the offset within the granule
         PhysAddr b;
-        PHYSR_RETURN_IF_ERROR(bounce_one(a, n, &b));
+        if (auto st = bounce_one(a, n, &b); !st) return fail(std::move(st).error());
         phys = b.value();
       }
       const uint64_t off = phys & kGMask, s_length = align_up(off + n);
@@ -174,32 +186,6 @@ Status DmaDevice::map_into(DmaMapping& out, const RangeList& list, DmaDirection 
       a += n;
       left -= n;
     }
-    return {};
-  };
-
-  size_t idx = 0;
-  for (const PhysRange r : list) {
-    const uint64_t addr = r.addr.value(), len = r.len;
-    Route route = Route::host;
-    bool bounce = false;
-    const Provider* p = nullptr;
-    uint64_t ext = 0;
-    // The hot case inline: trusted host memory with no provider in the way.
-    if (r.provider == kHostMemory && !c.untrusted &&
-        (!m.env.providers || m.env.providers->surely_host(r.addr, len) ||
-         (!m.env.providers->find_extent(r.addr, ext) && ext >= len))) {
-      bounce = !iommu && !m.capable(addr + c.dma_offset, len);
-    } else if (auto st = m.classify(idx, addr, len, r.provider, attrs, &route, &bounce, &p); !st) {
-      return fail(std::move(st).error());
-    }
-    ++idx;
-    cacheable += route == Route::host || bounce;
-    if (route == Route::bus) {
-      map_bus(p->to_bus(r.addr).value(), len);  // one provider for the whole range: ranges never cross providers
-      continue;
-    }
-    if (auto st = iommu ? map_iommu(addr, len, route, bounce) : map_direct(addr, len, route, bounce); !st)
-      return fail(std::move(st).error());
   }
   out.nseg_ = nseg;  // no resize: shrinking the vector would make the next map value-initialise it again
 
