@@ -333,6 +333,11 @@ class P2PEngine {
   /// Whether the allowlist check passes for the path between a and b (no common device).
   bool host_bridge_allowed(uint32_t a, uint32_t b) const;
   bool cpu_amd_zen() const noexcept { return amd_zen_; }
+  /// Whether function index `f` of the topology is the function at `bdf` (one load from a
+  /// dense array: the DMA layer checks a provider's recorded index on every range).
+  bool is_function(uint32_t f, const Bdf& bdf) const noexcept {
+    return f < bdf_keys_.size() && bdf_keys_[f] == (uint64_t{bdf.domain} << 16 | uint64_t{bdf.bus} << 8 | bdf.devfn());
+  }
   /// Linux pci_host_bridge_dev(): the function the allowlist checks for a host bridge (the
   /// first on its root bus, if devfn 00.0 or a Root Port), or nullopt (the check fails).
   std::optional<uint32_t> identifying_device(uint32_t host_bridge) const;
@@ -369,6 +374,7 @@ class P2PEngine {
   std::vector<uint32_t> tree_;              // the root function of each function's tree
   std::vector<uint8_t> bridge_same_, bridge_other_;  // allowlist per host bridge, same / different
   mutable Cache cache_;
+  std::vector<uint64_t> bdf_keys_;  // per function: domain, bus, devfn
 };
 
 }  // namespace physr::pci

@@ -94,14 +94,13 @@ struct DmaDevice::Impl {
   // A provider registered without its function index is found by its owner's address
   // (a linear search of the topology, per range: registering the index avoids it).
   std::optional<pci::MapType> verdict(const Provider& p) const {
-    const auto& fns = env.p2p->topology().functions;
     uint32_t f = p.function();
-    if (f == pci::kNoFunction) {
+    if (f == pci::kNoFunction) [[unlikely]] {
       const auto found = env.p2p->topology().find(p.owner());
       if (!found) return std::nullopt;
       f = *found;
     }
-    if (f >= fns.size() || !(fns[f].bdf == p.owner())) return std::nullopt;
+    if (!env.p2p->is_function(f, p.owner())) return std::nullopt;
     return env.p2p->verdict(f, cfg.function).type;
   }
 

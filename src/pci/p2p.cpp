@@ -115,6 +115,11 @@ Result<P2PEngine> P2PEngine::create(const Topology& topo, VerdictOptions options
     e.bridge_same_.push_back(e.bridge_passes(h, true, nullptr) ? 1 : 0);
     e.bridge_other_.push_back(e.bridge_passes(h, false, nullptr) ? 1 : 0);
   }
+  e.bdf_keys_.resize(n);
+  for (uint32_t i = 0; i < n; ++i) {
+    const Bdf& b = topo.functions[i].bdf;
+    e.bdf_keys_[i] = uint64_t{b.domain} << 16 | uint64_t{b.bus} << 8 | b.devfn();
+  }
   e.cache_.n = n;
   e.cache_.rows = std::make_unique<std::atomic<std::atomic<uint16_t>*>[]>(n);
   for (uint32_t i = 0; i < n; ++i) e.cache_.rows[i].store(nullptr, std::memory_order_relaxed);
