@@ -45,8 +45,7 @@ PhysRange parse_range(MapMachine& m, const std::string& spec) {
   const uint64_t len = usage_value(parse_size(spec.substr(c2 + 1)));
   if (len == 0) throw bad("length 0");
   if (where == "host") {
-    const PhysRegion* r = m.model->memory().region_of(PhysAddr(at));
-    if (!r || r->kind != PhysRegion::Kind::host_ram || !r->span.contains(PhysSpan{PhysAddr(at), len})) {
+    if (!m.model->memory().is_host_ram(PhysSpan{PhysAddr(at), len})) {
       std::string ram;
       for (const PhysRegion& g : m.model->memory().regions())
         if (g.kind == PhysRegion::Kind::host_ram)
