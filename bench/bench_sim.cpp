@@ -42,9 +42,7 @@ std::unique_ptr<sim::Machine> bench_machine(const pci::Topology& t) {
 sim::Job nvme_to_gpu(const pci::Topology& t, uint64_t block_size, uint64_t size) {
   sim::Job j;
   j.name = "bench";
-  j.device = *t.lookup("nvme0");
-  j.buffer_function = *t.lookup("gpu0");
-  j.path = sim::PathPolicy::p2p;
+  j.kind = sim::NvmeJob{*t.lookup("nvme0"), false, *t.lookup("gpu0"), sim::PathPolicy::p2p};
   j.block_size = block_size;
   j.queue_depth = 32;
   j.size = size;
@@ -93,7 +91,7 @@ void BM_SimPeakMemory(benchmark::State& state) {
       state.SkipWithError(r.error().to_string().c_str());
       break;
     }
-    j.buffer_function.reset();  // the same into host memory
+    std::get<sim::NvmeJob>(j.kind).buffer_function.reset();  // the same into host memory
     r = sim::run_job(*m, j);
     if (!r) {
       state.SkipWithError(r.error().to_string().c_str());

@@ -441,10 +441,11 @@ JobResult run(Machine& m, const pci::Topology& t, const char* dev, const char* b
               unsigned qd = 8, uint64_t size = 8 * MiB) {
   Job j;
   j.name = std::string(dev) + "->" + (buffer ? buffer : "host");
-  j.device = *t.lookup(dev);
-  if (buffer) j.buffer_function = *t.lookup(buffer);
-  j.path = p;
-  j.write = write;
+  const auto kind = job_kind_for(t, *t.lookup(dev), write, buffer ? std::optional(*t.lookup(buffer)) : std::nullopt);
+  EXPECT_TRUE(kind.has_value()) << kind.error().to_string();
+  if (!kind) return {};
+  j.kind = *kind;
+  std::visit([&](auto& k) { k.path = p; }, j.kind);
   j.size = size;
   j.block_size = 128 * KiB;
   j.queue_depth = qd;
@@ -502,25 +503,34 @@ TEST(SimJobTest, RefusedP2PFailsOrBouncesByPolicy) {
   auto m = build(t);
   Job j;
   j.name = "refused";
-  j.device = *t.lookup("nvme1");
-  j.buffer_function = *t.lookup("gpu0");
-  j.path = PathPolicy::p2p;
+  NvmeJob nv{*t.lookup("nvme1"), false, *t.lookup("gpu0"), PathPolicy::p2p};
+  j.kind = nv;
   j.size = 4 * MiB;
+  EXPECT_EQ(j.device(), nv.ssd);
   auto r = run_job(*m, j);
   ASSERT_FALSE(r.has_value());
   EXPECT_EQ(r.error().code, EREMOTEIO);
   EXPECT_NE(r.error().message.find("job 'refused'"), std::string::npos);
-  j.path = PathPolicy::automatic;
+  nv.path = PathPolicy::automatic;
+  j.kind = nv;
   r = run_job(*m, j);
   ASSERT_TRUE(r.has_value()) << r.error().to_string();
   EXPECT_EQ(r->path, "bounce (DMA layer, swiotlb)");
   EXPECT_EQ(r->via, static_cast<uint8_t>(Via::bounced));
   EXPECT_EQ(r->verified_bytes, 4 * MiB);
   EXPECT_EQ(m->bounce().used_slots(), 0u);
-  j.device = 0;  // the host bridge
-  ASSERT_EQ(t.functions[0].class_code >> 8, 0x0600u);
-  EXPECT_EQ(run_job(*m, j).error().code, EINVAL);  // neither an SSD nor a GPU
-  j.device = *t.lookup("nvme1");
+  ASSERT_EQ(t.functions[0].class_code >> 8, 0x0600u);  // the host bridge: neither an SSD nor a GPU
+  EXPECT_EQ(job_kind_for(t, 0, false, std::nullopt).error().code, EINVAL);
+  nv.ssd = 0;
+  j.kind = nv;
+  auto not_nvme = run_job(*m, j);
+  ASSERT_FALSE(not_nvme.has_value());
+  EXPECT_EQ(not_nvme.error().code, EINVAL);
+  EXPECT_NE(not_nvme.error().message.find("is not an NVMe controller"), std::string::npos) << not_nvme.error().message;
+  j.kind = CopyJob{0, false, std::nullopt, PathPolicy::automatic};
+  EXPECT_EQ(run_job(*m, j).error().code, EINVAL);  // nor a copy engine
+  nv.ssd = *t.lookup("nvme1");
+  j.kind = nv;
   j.block_size = 1000;
   EXPECT_EQ(run_job(*m, j).error().code, EINVAL);
 }
@@ -542,8 +552,10 @@ TEST(SimJobTest, GpuCopyEngineJobsMoveAndCheckEveryByte) {
   auto m = build(t, o);
   Job j;
   j.name = "h2d";
-  j.device = *t.lookup("gpu0");
-  j.write = true;  // the buffer's data into the GPU's memory
+  CopyJob cj;
+  cj.device = *t.lookup("gpu0");
+  cj.write = true;  // the buffer's data into the GPU's memory
+  j.kind = cj;
   j.block_size = 1 * MiB;
   j.queue_depth = 8;
   j.size = 64 * MiB;
@@ -556,7 +568,8 @@ TEST(SimJobTest, GpuCopyEngineJobsMoveAndCheckEveryByte) {
   EXPECT_EQ(r->host_memory_bytes, j.size);
   const size_t resources = m->fabric().resources().size();
   j.name = "d2h";
-  j.write = false;
+  cj.write = false;
+  j.kind = cj;
   r = run_job(*m, j);
   ASSERT_TRUE(r.has_value()) << r.error().to_string();
   EXPECT_EQ(r->verified_bytes, j.size);
@@ -564,10 +577,11 @@ TEST(SimJobTest, GpuCopyEngineJobsMoveAndCheckEveryByte) {
   EXPECT_EQ(m->fabric().resources().size(), resources);  // the second job reuses the engine
   // Into nvme1's CMB under the same switch: P2P, never through the root complex or memory.
   j.name = "gpu-to-cmb";
-  j.buffer_function = *t.lookup("nvme1");
+  cj.buffer_function = *t.lookup("nvme1");
+  cj.path = PathPolicy::p2p;
+  j.kind = cj;
   j.block_size = 128 * KiB;
   j.size = 16 * MiB;
-  j.path = PathPolicy::p2p;
   r = run_job(*m, j);
   ASSERT_TRUE(r.has_value()) << r.error().to_string();
   EXPECT_EQ(r->verified_bytes, j.size);
@@ -575,12 +589,14 @@ TEST(SimJobTest, GpuCopyEngineJobsMoveAndCheckEveryByte) {
   EXPECT_EQ(r->rc_bytes + r->host_memory_bytes, 0u);
   EXPECT_EQ(r->iommu_faults, 0u);
   // Its own memory as the buffer, or staging, is refused with the reason.
-  j.buffer_function = j.device;
+  cj.buffer_function = cj.device;
+  j.kind = cj;
   auto bad = run_job(*m, j);
   ASSERT_FALSE(bad.has_value());
   EXPECT_NE(bad.error().message.find("host memory or another device's BAR"), std::string::npos);
-  j.buffer_function = *t.lookup("nvme1");
-  j.path = PathPolicy::bounce;
+  cj.buffer_function = *t.lookup("nvme1");
+  cj.path = PathPolicy::bounce;
+  j.kind = cj;
   EXPECT_EQ(run_job(*m, j).error().code, EINVAL);
 }
 
@@ -607,19 +623,19 @@ std::vector<std::string> random_jobs(const char* name, uint32_t seed, bool iommu
     Job j;
     j.name = "r" + std::to_string(k);
     const bool net = nics.size() >= 2 && k % 4 == 3, copy = !net && !gpus.empty() && k % 4 == 2;
-    j.device = net ? nics[0] : copy ? gpus[pick(gpus.size())] : ssds[pick(ssds.size())];
-    if (net) j.peer = nics[1];
-    j.write = !net && pick(2) == 1;
+    const uint32_t device = net ? nics[0] : copy ? gpus[pick(gpus.size())] : ssds[pick(ssds.size())];
+    const std::optional<uint32_t> peer = net ? std::optional(nics[1]) : std::nullopt;
+    const bool write = !net && pick(2) == 1;
     j.block_size = net ? 1 + pick(64 * KiB) : 512 * (1 + pick(512));  // packets of any size
     j.queue_depth = static_cast<unsigned>(1 + pick(32));
     j.size = j.block_size * (1 + pick(24));
-    j.path = static_cast<PathPolicy>(pick(3));
-    if (copy && j.path == PathPolicy::bounce) j.path = PathPolicy::automatic;  // staging is for SSDs
+    PathPolicy path = static_cast<PathPolicy>(pick(3));
+    if (copy && path == PathPolicy::bounce) path = PathPolicy::automatic;  // staging is for SSDs
     std::optional<uint32_t> holder;
     if (!holders.empty() && pick(4) != 0) holder = holders[pick(holders.size())];
-    if (copy && holder == j.device) holder.reset();
+    if (copy && holder == device) holder.reset();
     if (copy) {  // the copies must fit the GPU's memory too
-      const uint64_t vram = m->largest_bar(j.device)->span.size;
+      const uint64_t vram = m->largest_bar(device)->span.size;
       j.queue_depth = static_cast<unsigned>(std::min<uint64_t>(j.queue_depth, std::max<uint64_t>(1, vram / j.block_size)));
     }
     if (holder) {  // the buffers must fit the BAR (CMBs are small)
@@ -628,20 +644,27 @@ std::vector<std::string> random_jobs(const char* name, uint32_t seed, bool iommu
       j.queue_depth = static_cast<unsigned>(std::min<uint64_t>(j.queue_depth, bar / j.block_size));
       j.size = j.block_size * (1 + pick(24));
     }
-    (net && pick(2) ? j.peer_buffer_function : j.buffer_function) = holder;
+    std::optional<uint32_t> buffer_function, peer_buffer_function;
+    (net && pick(2) ? peer_buffer_function : buffer_function) = holder;
+    if (net)
+      j.kind = NetJob{device, *peer, buffer_function, peer_buffer_function, path};
+    else if (copy)
+      j.kind = CopyJob{device, write, buffer_function, path};
+    else
+      j.kind = NvmeJob{device, write, buffer_function, path};
     // The fabric's verdict, independent of the job: a P2P-only job fails where it refuses.
     bool refused = false;
-    if (holder && j.path == PathPolicy::p2p) {
-      const uint32_t dev = net && j.peer_buffer_function ? *j.peer : j.device;
-      const bool dev_writes = net ? j.peer_buffer_function.has_value() : !j.write;
+    if (holder && path == PathPolicy::p2p) {
+      const uint32_t dev = net && peer_buffer_function ? *peer : device;
+      const bool dev_writes = net ? peer_buffer_function.has_value() : !write;
       refused = !m->fabric().to_peer(dev, *holder, dev_writes).has_value();
     }
     // An SSD's own CMB without RDS (reads) or WDS (writes) cannot hold the command's data.
-    const auto& cmb = t.functions[j.device].cmb;
-    const bool cmb_refuses = !net && !copy && holder == j.device && cmb && (j.write ? !cmb->wds : !cmb->rds);
+    const auto& cmb = t.functions[device].cmb;
+    const bool cmb_refuses = !net && !copy && holder == device && cmb && (write ? !cmb->wds : !cmb->rds);
     auto r = run_job(*m, j);
-    const std::string what = std::string(name) + " " + j.name + (net ? " net" : copy ? " copy" : "") + (j.write ? " write" : " read") + " bs " +
-                             std::to_string(j.block_size) + " qd " + std::to_string(j.queue_depth) + " path " + path_policy_name(j.path);
+    const std::string what = std::string(name) + " " + j.name + (net ? " net" : copy ? " copy" : "") + (write ? " write" : " read") + " bs " +
+                             std::to_string(j.block_size) + " qd " + std::to_string(j.queue_depth) + " path " + path_policy_name(path);
     if (cmb_refuses || refused) {  // the CMB check comes first
       EXPECT_FALSE(r.has_value()) << what;
       if (!r) {
@@ -704,20 +727,17 @@ TEST(SimMachineTest, NvmeCmbIsPublishedOnlyWithReadAndWriteData) {
   EXPECT_TRUE(pick == nullptr || pick->function != nvme1);
   Job j;
   j.name = "own";
-  j.device = nvme1;
-  j.buffer_function = nvme1;
   j.block_size = 64 * KiB;
   j.queue_depth = 4;
   j.size = 1 * MiB;
   for (bool write : {false, true}) {
-    j.write = write;
+    j.kind = NvmeJob{nvme1, write, nvme1};
     auto r = run_job(*m, j);
     ASSERT_FALSE(r.has_value());
     EXPECT_EQ(r.error().code, EINVAL);
     EXPECT_NE(r.error().message.find(write ? "CMBSZ.WDS is clear" : "CMBSZ.RDS is clear"), std::string::npos) << r.error().message;
   }
-  j.device = nvme0;  // a peer writing into it: P2P memory all the same
-  j.write = false;
+  j.kind = NvmeJob{nvme0, false, nvme1};  // a peer writing into it: P2P memory all the same
   auto r = run_job(*m, j);
   ASSERT_TRUE(r.has_value()) << r.error().to_string();
   EXPECT_EQ(r->verified_bytes, j.size);
@@ -742,9 +762,11 @@ TEST(SimMachineTest, SysfsSnapshotMachineUsesDeviceBarsOnly) {
   EXPECT_EQ(fb->span, (PhysSpan{PhysAddr(0xc5000000), 8 * MiB}));
   Job j;
   j.name = "nic-rx-vga";
-  j.device = *t->lookup("0000:02:00.0");
-  j.peer = *t->lookup("0000:03:00.0");
-  j.peer_buffer_function = vga;
+  NetJob nj;
+  nj.sender = *t->lookup("0000:02:00.0");
+  nj.receiver = *t->lookup("0000:03:00.0");
+  nj.rx_buffer_function = vga;
+  j.kind = nj;
   j.block_size = 1500;
   j.queue_depth = 64;
   j.size = 1500 * 700;
@@ -766,8 +788,11 @@ TEST(SimJobTest, NetworkPacketsReachTheReceiverBuffers) {
   auto m = build(t);
   Job j;
   j.name = "net";
-  j.device = *t.lookup("nic0");
-  j.peer = *t.lookup("nic1");
+  NetJob nj;
+  nj.sender = *t.lookup("nic0");
+  nj.receiver = *t.lookup("nic1");
+  j.kind = nj;
+  EXPECT_EQ(j.device(), nj.sender);
   j.block_size = 4096;
   j.queue_depth = 64;
   j.size = 4 * MiB;
@@ -782,8 +807,9 @@ TEST(SimJobTest, NetworkPacketsReachTheReceiverBuffers) {
   // Into the GPU's BAR on the other socket: no host memory on the receive side, through
   // both root complexes. The switch's x16 Gen3 uplink now carries, downward, both nic0's
   // reads of its TX buffers and the packets for the GPU: half of 15.75 GB/s each.
-  j.peer_buffer_function = *t.lookup("gpu0");
-  j.path = PathPolicy::p2p;
+  nj.rx_buffer_function = *t.lookup("gpu0");
+  nj.path = PathPolicy::p2p;
+  j.kind = nj;
   r = run_job(*m, j);
   ASSERT_TRUE(r.has_value()) << r.error().to_string();
   EXPECT_EQ(r->path, "network: TX host, RX p2p, through the root complex");
@@ -792,7 +818,8 @@ TEST(SimJobTest, NetworkPacketsReachTheReceiverBuffers) {
   EXPECT_EQ(r->rc_bytes, 2 * 4 * MiB);  // both sockets' root complexes
   EXPECT_NEAR(r->gbps, pcie_link_gbps(8, 16) / 2, 0.05 * pcie_link_gbps(8, 16) / 2);
   EXPECT_EQ(r->verified_bytes, 4 * MiB);
-  j.peer = *t.lookup("nvme0");
+  nj.receiver = *t.lookup("nvme0");
+  j.kind = nj;
   EXPECT_EQ(run_job(*m, j).error().code, EINVAL);  // not a NIC
   MachineOptions no_wire;
   no_wire.wire_gbps = 0;
@@ -834,7 +861,9 @@ device = "nvme1"
   auto m = build(t, sc->options);
   auto j = resolve_job(sc->jobs[0], *m);
   ASSERT_TRUE(j.has_value()) << j.error().to_string();
-  EXPECT_EQ(j->buffer_function, *t.lookup("nvme0"));  // its own CMB is the nearest (distance 0)
+  ASSERT_TRUE(std::holds_alternative<NvmeJob>(j->kind));
+  EXPECT_EQ(std::get<NvmeJob>(j->kind).buffer_function, *t.lookup("nvme0"));  // its own CMB is the nearest (distance 0)
+  EXPECT_EQ(std::get<NvmeJob>(j->kind).path, PathPolicy::bounce);
   JobSpec bad = sc->jobs[1];
   bad.device = "nosuch";
   EXPECT_NE(resolve_job(bad, *m).error().message.find("t.toml:17: job 'job2': device"), std::string::npos);

@@ -37,6 +37,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <variant>
 #include <vector>
 
 #include "physr/builtin.hpp"
@@ -339,22 +340,55 @@ class Machine {
 enum class PathPolicy : uint8_t { p2p, bounce, automatic };
 const char* path_policy_name(PathPolicy p) noexcept;
 
+/// An NVMe job: the SSD reads its namespace into the buffers (write = false) or writes the
+/// buffers into it, one command per block.
+struct NvmeJob {
+  uint32_t ssd = 0;
+  bool write = false;
+  /// The function whose largest BAR holds the buffers (the SSD's own CMB included); unset:
+  /// host memory.
+  std::optional<uint32_t> buffer_function;
+  PathPolicy path = PathPolicy::automatic;
+};
+
+/// A copy-engine job: a GPU's or accelerator's engine copies between its own memory (its
+/// largest BAR) and the buffers: write = false copies device memory into the buffers.
+struct CopyJob {
+  uint32_t device = 0;
+  bool write = false;
+  /// The function whose largest BAR holds the buffers (not `device`); unset: host memory.
+  std::optional<uint32_t> buffer_function;
+  PathPolicy path = PathPolicy::automatic;  // p2p or automatic: staging is for SSDs
+};
+
+/// A network job: `sender` sends packets from its TX buffers over the wire to `receiver`,
+/// which receives them into its RX buffers.
+struct NetJob {
+  uint32_t sender = 0, receiver = 0;
+  /// Where each side's buffers are (a function's largest BAR); unset: host memory.
+  std::optional<uint32_t> tx_buffer_function, rx_buffer_function;
+  PathPolicy path = PathPolicy::automatic;
+};
+
+/// What moves a job's data.
+using JobKind = std::variant<NvmeJob, CopyJob, NetJob>;
+
+/// A workload and its shape. The kind says what moves the data; the shape is the same for all.
 struct Job {
   std::string name;
-  uint32_t device = 0;        // the NVMe SSD, the GPU or accelerator of a copy job, or the sending NIC of a network job
-  bool write = false;         // false: read (SSD or GPU memory -> buffer); true: write (buffer -> SSD or GPU memory)
-  uint64_t block_size = 128 * KiB;
-  unsigned queue_depth = 16;
-  uint64_t size = 256 * MiB;  // total bytes
-  // Where the buffers are: host memory (buffer_function unset), or a provider's BAR.
-  std::optional<uint32_t> buffer_function;  // the function whose largest BAR holds the buffers
-  PathPolicy path = PathPolicy::automatic;
-  // A network job: `device` sends packets of block_size bytes from its TX buffers (at
-  // buffer_function, or host memory) over the wire to `peer`, which receives them into its
-  // RX buffers (at peer_buffer_function, or host memory); queue_depth is the TX ring.
-  std::optional<uint32_t> peer;
-  std::optional<uint32_t> peer_buffer_function;
+  JobKind kind;
+  uint64_t block_size = 128 * KiB;  // an NVMe command's, a copy's or a packet's bytes
+  unsigned queue_depth = 16;        // commands or copies in flight, or the TX ring's packets
+  uint64_t size = 256 * MiB;        // total bytes
+
+  /// The device that starts the job's DMA: the SSD, the copy engine's device, the sender.
+  uint32_t device() const noexcept;
 };
+
+/// The job kind for `device` by its class: an NvmeJob for an NVMe controller, a CopyJob for
+/// a GPU or accelerator (write and buffer as given; path automatic). EINVAL naming the
+/// device and its class for anything else (a NIC's job needs a receiver: NetJob).
+Result<JobKind> job_kind_for(const pci::Topology& topo, uint32_t device, bool write, std::optional<uint32_t> buffer_function);
 
 /// The ways a job's data actually went, as flags in JobResult::via: one for an NVMe or
 /// copy-engine job, one per side (TX, RX) for a network job, plus `bounced` when the DMA
@@ -384,17 +418,13 @@ struct JobResult {
   uint64_t iommu_faults = 0;               // recorded during this job
 };
 
-/// Runs a network job (Job::peer set): every packet mapped for both NICs through the DMA
-/// layer, read from the TX buffer by the sender, carried by the wire, written into the RX
-/// buffer by the receiver and compared with what was sent; timed over the fabric and the
-/// wire. Errors: either device is not a network controller, or as run_job.
-Result<JobResult> run_net_job(Machine& machine, const Job& job);
-/// Runs one job on a fresh fabric clock (a network job, Job::peer set, as run_net_job):
-/// every I/O is mapped through the DMA layer, its bytes moved by the device model and
-/// checked (an SSD's against its namespace, a sparse file filled with a pattern per block;
-/// a copy job's against the GPU's memory), and timed over the fabric. Errors: the device is
-/// neither an NVMe controller nor a GPU or accelerator, the buffer placement is impossible,
-/// or a policy of p2p meets EREMOTEIO.
+/// Runs one job on a fresh fabric clock: every I/O (command, copy, packet) is mapped through
+/// the DMA layer, its bytes moved by the device model and checked (an SSD's against its
+/// namespace, a sparse file filled with a pattern per block; a copy job's against the
+/// device's memory; a packet against what was sent), and timed over the fabric (and the
+/// wire). Errors (EINVAL naming the job): the device is not of the job's kind (an NvmeJob
+/// on a GPU, a NetJob on an SSD), a shape or buffer placement the kind cannot take; EREMOTEIO
+/// when a policy of p2p meets a pair the fabric or the DMA layer refuses.
 Result<JobResult> run_job(Machine& machine, const Job& job);
 
 // -------------------------------------------------------------------------------------

@@ -13,6 +13,11 @@
 
 namespace physr::sim::detail {
 
+/// The runners of each job kind (nvme.cpp, copy.cpp, net.cpp), as run_job() describes them.
+Result<JobResult> run_nvme_job(Machine& m, const Job& job, const NvmeJob& kind);
+Result<JobResult> run_copy_job(Machine& m, const Job& job, const CopyJob& kind);
+Result<JobResult> run_net_job(Machine& m, const Job& job, const NetJob& kind);
+
 /// Fills `out` with the data at position `pos` of data stream `stream` (an NVMe namespace,
 /// a packet sequence; one per job): each 64-bit word is its own position plus a hash of its
 /// 4 KiB page and the stream, so bytes that land in the wrong place, at the wrong offset or

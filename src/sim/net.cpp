@@ -15,11 +15,10 @@ constexpr uint64_t kTxHost = 1 * GiB, kRxHost = 1280 * MiB, kWindow = 256 * MiB;
 bool is_nic(const pci::Topology& t, uint32_t f) { return pci::is_network(t.functions[f]); }
 }  // namespace
 
-Result<JobResult> run_net_job(Machine& m, const Job& job) {
+Result<JobResult> detail::run_net_job(Machine& m, const Job& job, const NetJob& nj) {
   const pci::Topology& topo = m.topology();
   const auto where = [&] { return "job '" + job.name + "'"; };
-  if (!job.peer) return make_error(EINVAL, where() + ": a network job needs a receiving NIC");
-  const uint32_t tx = job.device, rx = *job.peer;
+  const uint32_t tx = nj.sender, rx = nj.receiver;
   if (tx >= topo.functions.size() || rx >= topo.functions.size()) return make_error(EINVAL, where() + ": no such device");
   for (uint32_t f : {tx, rx})
     if (!is_nic(topo, f)) return make_error(EINVAL, where() + ": " + m.label(f) + " is not a network controller");
@@ -29,9 +28,9 @@ Result<JobResult> run_net_job(Machine& m, const Job& job) {
   if (job.size == 0 || job.size % job.block_size != 0) return make_error(EINVAL, where() + ": size must be a non-zero multiple of the packet size");
   const uint64_t window = job.block_size * job.queue_depth;
   if (window > kWindow) return make_error(EINVAL, where() + ": packet size x ring exceeds the 256 MiB of buffers");
-  const Aperture* txbar = job.buffer_function ? m.largest_bar(*job.buffer_function) : nullptr;
-  const Aperture* rxbar = job.peer_buffer_function ? m.largest_bar(*job.peer_buffer_function) : nullptr;
-  if ((job.buffer_function && !txbar) || (job.peer_buffer_function && !rxbar))
+  const Aperture* txbar = nj.tx_buffer_function ? m.largest_bar(*nj.tx_buffer_function) : nullptr;
+  const Aperture* rxbar = nj.rx_buffer_function ? m.largest_bar(*nj.rx_buffer_function) : nullptr;
+  if ((nj.tx_buffer_function && !txbar) || (nj.rx_buffer_function && !rxbar))
     return make_error(EINVAL, where() + ": a buffer device has no memory BAR");
   for (const Aperture* a : {txbar, rxbar})
     if (a && a->span.size < window) return make_error(EINVAL, where() + ": " + a->name + " cannot hold " + format_size(window) + " of buffers");
@@ -45,7 +44,7 @@ Result<JobResult> run_net_job(Machine& m, const Job& job) {
   // A p2p policy fails up front where the fabric refuses a side, with the fabric's reason;
   // otherwise the DMA layer's answer decides (a mapping fails with EREMOTEIO).
   // Either way the job fails with EREMOTEIO: the code is set here, not taken from to_peer.
-  if (job.path == PathPolicy::p2p)
+  if (nj.path == PathPolicy::p2p)
     for (const auto& [nic, bar, nic_writes] : {std::tuple{tx, txbar, false}, std::tuple{rx, rxbar, true}})
       if (bar)
         if (auto r = fab.to_peer(nic, bar->function, nic_writes); !r) return make_error(EREMOTEIO, where() + ": " + r.error().message);
@@ -62,7 +61,7 @@ Result<JobResult> run_net_job(Machine& m, const Job& job) {
   out.name = job.name;
   out.device = m.label(tx) + "->" + m.label(rx);
   out.buffer = (txbar ? txbar->name : "host") + std::string(" -> ") + (rxbar ? rxbar->name : "host");
-  const DmaAttrs attrs = job.path == PathPolicy::automatic ? kDmaAttrAllowBounce : kDmaAttrNone;
+  const DmaAttrs attrs = nj.path == PathPolicy::automatic ? kDmaAttrAllowBounce : kDmaAttrNone;
   std::vector<uint8_t> sent(job.block_size);  // the packet in the NICs' FIFOs
   Simulator sim(fab);
   std::vector<double> lat;

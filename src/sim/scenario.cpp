@@ -106,32 +106,39 @@ Result<Job> resolve_job(const JobSpec& s, Machine& m) {
   const auto at = [&] { return s.where + ": job '" + s.name + "': "; };
   Job j;
   j.name = s.name;
-  PHYSR_ASSIGN_OR_RETURN_CTX(j.device, t.lookup(s.device), at() + "device");
-  j.write = s.write;
   j.block_size = s.block_size;
   j.queue_depth = s.queue_depth;
   j.size = s.size;
-  j.path = s.path;
+  PHYSR_ASSIGN_OR_RETURN_CTX(const uint32_t device, t.lookup(s.device), at() + "device");
+  std::optional<uint32_t> buffer;
   if (s.buffer == "nearest") {
-    const uint32_t clients[] = {j.device};
+    const uint32_t clients[] = {device};
     const Aperture* a = m.nearest_provider(clients);
     if (!a) return make_error(ENODEV, at() + "buffer: no published provider is reachable from " + s.device);
-    j.buffer_function = a->function;
+    buffer = a->function;
   } else if (s.buffer != "host") {
     auto b = t.lookup(s.buffer);
     // Explicit: the hint follows the lookup's message, which a context prefix cannot place.
     if (!b) return make_error(b.error().code, at() + "buffer: " + b.error().message + " (or use host or nearest)");
-    j.buffer_function = *b;
+    buffer = *b;
   }
   if (!s.peer.empty()) {
-    PHYSR_ASSIGN_OR_RETURN_CTX(j.peer, t.lookup(s.peer), at() + "peer");
+    NetJob nj;
+    nj.sender = device;
+    nj.tx_buffer_function = buffer;
+    nj.path = s.path;
+    PHYSR_ASSIGN_OR_RETURN_CTX(nj.receiver, t.lookup(s.peer), at() + "peer");
     if (s.peer_buffer != "host") {
       auto b = t.lookup(s.peer_buffer);
       // Explicit, as for buffer: a hint after the lookup's message.
       if (!b) return make_error(b.error().code, at() + "peer_buffer: " + b.error().message + " (or use host)");
-      j.peer_buffer_function = *b;
+      nj.rx_buffer_function = *b;
     }
+    j.kind = nj;
+    return j;
   }
+  PHYSR_ASSIGN_OR_RETURN_CTX(j.kind, job_kind_for(t, device, s.write, buffer), s.where + ": job '" + s.name + "'");
+  std::visit([&](auto& k) { k.path = s.path; }, j.kind);
   return j;
 }
 

@@ -202,7 +202,7 @@ expect 1 "no such file and no built-in scenario" -- sim nosuch
 # with its error, in text and JSON; then the command exits 1 naming the failed jobs.
 printf '[[job]]\nname = "first"\ndevice = "nvme0"\nsize = "1M"\nbuffer = "gpu0"\n[[job]]\nname = "second"\ndevice = "nic0"\nsize = "1M"\n' > "$tmp/second-fails.toml"
 expect 1 'first +nvme0 +gpu0 BAR1 .* p2p bus_addr \(under the switch\)' -- sim "$tmp/second-fails.toml"
-expect 1 'second +nic0 +host +failed: EINVAL: job .second.: nic0 is neither an NVMe controller' -- sim "$tmp/second-fails.toml"
+expect 1 'second +nic0 +host +failed: EINVAL: .*second-fails.toml:6: job .second.: nic0 is neither an NVMe controller' -- sim "$tmp/second-fails.toml"
 expect 1 'Every byte verified against its source: 1 MiB in 1 jobs' -- sim "$tmp/second-fails.toml"
 expect 1 'error: scenario .*second-fails.toml: 1 of 2 jobs failed \(second\)' -- sim "$tmp/second-fails.toml"
 "$physr" sim "$tmp/second-fails.toml" --json > "$tmp/second.json" 2>/dev/null

@@ -1,0 +1,214 @@
+// The I/O loop NVMe and copy-engine jobs share (nvme.cpp, copy.cpp): each block's buffer
+// mapped through the DMA layer, its bytes moved between the device side (`Media`) and the
+// buffer by address, checked, unmapped, and timed over the fabric. Private to the sim module.
+//
+// A template over the device side rather than a virtual interface: the media calls are
+// per 32 KiB burst, inlined into the loop the simulator's speed depends on.
+#pragma once
+
+#include <algorithm>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "physr/sim.hpp"
+#include "sim/job_common.hpp"
+
+namespace physr::sim::detail {
+
+/// Where block jobs keep their buffers in host memory, and the staging buffers of path
+/// bounce: above the bounce pool, clear of each other.
+inline constexpr uint64_t kHostBuffers = 1 * GiB, kHostStaging = 1536 * MiB, kHostWindow = 256 * MiB;
+/// The device moves an I/O in bursts this size (real engines move max-payload-size TLPs):
+/// small enough that a burst checked as it lands is still in the CPU's L1 cache.
+inline constexpr uint64_t kBurst = 32 * KiB;
+
+/// What the loop needs to know about a block job, checked by its kind.
+struct BlockPlan {
+  uint32_t device = 0;
+  bool write = false;
+  PathPolicy path = PathPolicy::automatic;
+  const Aperture* bar = nullptr;      // the buffers' BAR; null: host memory
+  double latency_ns = 0, slot_ns = 0;  // per block: the device's latency and its in-order slot
+  std::optional<uint32_t> engine;     // a resource every transfer also crosses (a copy engine)
+  const char* inside = "";            // how a P2P route with no link is described
+};
+
+/// Checks the shape every block job shares and finds the buffers' BAR; EINVAL naming `where`.
+Result<const Aperture*> check_block_shape(Machine& m, const Job& job, std::optional<uint32_t> buffer_function,
+                                          const std::string& where);
+
+// NVMe PRP rules: only the first entry may start inside a page, and every segment but the
+// last must end on a page boundary. Otherwise the command needs an SGL.
+inline bool fits_prps(std::span<const DmaSegment> segs) {
+  for (size_t k = 0; k < segs.size(); ++k) {
+    if (k > 0 && (segs[k].addr.value() & (kPageSize - 1)) != 0) return false;
+    if (k + 1 < segs.size() && ((segs[k].addr.value() + segs[k].len) & (kPageSize - 1)) != 0) return false;
+  }
+  return true;
+}
+
+/// Runs the I/Os of a block job. `Media` is the device side:
+///   Status prepare(uint64_t i)                   before I/O i maps (a read job's GPU kernel writes its slot)
+///   Status read(uint64_t i, uint64_t o, span<uint8_t>)          device -> bus, at byte o of I/O i
+///   Status write(uint64_t i, uint64_t o, span<const uint8_t>)   bus -> device
+///   Result<size_t> mismatch(uint64_t pos, span<const uint8_t>)  the device's data at job byte pos vs a buffer
+///   Status check_written(uint64_t i, what)       after a write: the device holds the job's data
+template <class Media>
+Result<JobResult> run_blocks(Machine& m, const Job& job, const BlockPlan& plan, Media& media, uint64_t stream) {
+  const auto where = [&] { return "job '" + job.name + "'"; };
+  const Aperture* bar = plan.bar;
+  const bool write = plan.write;
+  PHYSR_ASSIGN_OR_RETURN(DmaDevice* dev, m.device(plan.device));
+  DmaDevice& dma = *dev;
+  Fabric& fab = m.fabric();
+  fab.reset_counters();
+  const size_t faults_before = m.faults().size();
+
+  JobResult out;
+  out.name = job.name;
+  out.device = m.label(plan.device);
+  out.buffer = bar ? bar->name : "host memory";
+  const bool staged = bar && plan.path == PathPolicy::bounce;
+  const DmaAttrs attrs = plan.path == PathPolicy::automatic ? kDmaAttrAllowBounce : kDmaAttrNone;
+
+  // A p2p policy fails up front where the fabric refuses the pair, with the fabric's reason;
+  // otherwise the DMA layer's answer decides (the mapping fails with EREMOTEIO).
+  // Either way the job fails with EREMOTEIO: the code is set here, not taken from to_peer.
+  if (bar && !staged && plan.path == PathPolicy::p2p)
+    if (auto r = fab.to_peer(plan.device, bar->function, !write); !r) return make_error(EREMOTEIO, where() + ": " + r.error().message);
+  // Timing routes follow the addresses each I/O's mapping produced, as the fabric decoded
+  // them (device <-> buffer), plus for a BAR buffer reached through host memory the copy
+  // between host memory and the BAR.
+  RouteCache routes_of(fab, plan.device, !write);
+  Route copy;
+  if (bar) {
+    copy = *fab.to_memory(bar->function, -1, write);  // the BAR side reads (read job) or writes host memory
+    if (staged) copy.resources.push_back(fab.add_resource(Resource::Kind::device, m.label(bar->function) + " copy engine", m.options().copy_engine_gbps));
+  }
+
+  Simulator sim(fab);
+  const uint64_t ios = job.size / job.block_size;
+  Stages stages(sim, ios, job.block_size, plan.slot_ns);
+  std::vector<double> lat;
+  uint64_t next = 0, completed = 0;
+  bool bounced_any = false;
+  const Route* taken = nullptr;  // the P2P route the device's addresses took, if any
+
+  // Submits I/O `i`: maps its buffer, moves and checks its bytes, unmaps, then queues its
+  // timing on the fabric (in two stages when the data goes through host memory).
+  const auto submit = [&](uint64_t i) -> Status {
+    const uint64_t off = i * job.block_size, slot = (i % job.queue_depth) * job.block_size;
+    const PhysAddr target = bar ? bar->span.base + slot : PhysAddr(kHostBuffers + slot);
+    const PhysAddr staging(kHostStaging + slot);
+    RangeList list;
+    PHYSR_RETURN_IF_ERROR(list.append(PhysRange{staged ? staging : target, job.block_size, bar && !staged ? bar->id : kHostMemory}));
+    // The bytes move in place, with no buffer of the device's own: a read job's SSD streams
+    // its namespace into memory, a write job's streams memory into its namespace. A write
+    // job's application first fills its buffer (and the staging copy).
+    if (write) {
+      PHYSR_RETURN_IF_ERROR(fill_pattern(m, target, stream, off, job.block_size));
+      if (staged) PHYSR_RETURN_IF_ERROR(m.memory().copy(staging, target, job.block_size));
+    }
+    PHYSR_RETURN_IF_ERROR(media.prepare(i));
+    PHYSR_ASSIGN_OR_RETURN_CTX(DmaMapping map, dma.map(list, write ? DmaDirection::to_device : DmaDirection::from_device, attrs), where());
+    const auto segs = map.segments();
+    (fits_prps(segs) ? out.prp_ios : out.sgl_ios)++;
+    const bool bounced = any_bounced(segs);
+    bounced_any |= bounced;
+    // A read's buffer must end up holding what the device holds, compared in place; a
+    // write's device must hold the application's data.
+    const auto what = [&] { return where() + ": I/O " + std::to_string(i) + " (offset " + format_hex(off) + ")"; };
+    const auto check_buffer = [&](uint64_t from, uint64_t len) {
+      return m.memory().visit(target + from, len, [&](uint64_t o, std::span<const uint8_t> have) -> Status {
+        PHYSR_ASSIGN_OR_RETURN(const size_t k, media.mismatch(off + from + o, have));
+        if (k == have.size()) return {};
+        return make_error(EIO, what() + ": data mismatch at " + format_hex(target.value() + from + o + k) + " (byte " +
+                                   std::to_string(from + o + k) + ")");
+      });
+    };
+    // When the device writes the buffer itself (no bounce, no staging), each burst is checked
+    // as it lands, while it is in the CPU's caches: each byte of the I/O goes to exactly one
+    // place and its data is unique to its position and this job, so a byte that went astray
+    // fails its own check even if a later burst lands on top of it. Bounced or staged data
+    // reaches the buffer only at unmap or at the copy, and is checked after them.
+    const bool lands_in_place = !write && !bounced && !staged;
+    Status st;
+    DmaAccess acc;
+    for (uint64_t b = 0; st && b < job.block_size; b += kBurst) {
+      const uint64_t n = std::min(kBurst, job.block_size - b);
+      if (write) {
+        st = take_access(m.dma_read_to(plan.device, segs, b, n, [&](uint64_t o, std::span<const uint8_t> src) { return media.write(i, b + o, src); }), acc);
+      } else {
+        st = take_access(m.dma_write_from(plan.device, segs, b, n, [&](uint64_t o, std::span<uint8_t> dst) { return media.read(i, b + o, dst); }), acc);
+        if (st && lands_in_place) st = check_buffer(b, n);
+      }
+    }
+    Status un = dma.unmap(map);
+    PHYSR_RETURN_IF_ERROR(st);
+    PHYSR_RETURN_IF_ERROR(un);
+    if (!write && staged) PHYSR_RETURN_IF_ERROR(m.memory().copy(target, staging, job.block_size));
+    if (write) {
+      PHYSR_RETURN_IF_ERROR(media.check_written(i, what));
+    } else if (!lands_in_place) {
+      PHYSR_RETURN_IF_ERROR(check_buffer(0, job.block_size));
+    }
+    out.verified_bytes += job.block_size;
+    // Timing: the device's transfer where its addresses went, and the copy between host
+    // memory and the BAR when they went to host memory instead of the BAR (the DMA layer
+    // bounced, or the job staged): before the device for writes, after it for reads.
+    PHYSR_ASSIGN_OR_RETURN_CTX(const Route* via, routes_of.get(acc), where());
+    Route own = *via;
+    own.latency_ns += plan.latency_ns;
+    if (plan.engine) own.resources.push_back(*plan.engine);
+    if (acc.peer_switch || acc.peer_rc) taken = via;
+    std::vector<Route> routes;
+    const bool two = bar && acc.host_memory;
+    if (two && write) routes.push_back(copy);
+    const size_t served = routes.size();  // the device's media (or copy engine) serves this one
+    routes.push_back(own);
+    if (two && !write) routes.push_back(copy);
+    stages.start(i, std::move(routes), served);
+    return {};
+  };
+
+  uint64_t in_flight = 0;
+  const auto on_done = [&](const std::vector<size_t>& finished) {
+    const uint64_t ended = stages.advance(finished, lat);
+    completed += ended;
+    in_flight -= ended;
+  };
+  // The driver ramps the queue up one command per block's media time, so the commands do
+  // not move in lockstep (which would leave the media idle for a whole latency after every
+  // wave); from then on each completion is replaced by a new command at once.
+  const double gap = plan.slot_ns;
+  const uint64_t ramp = std::min<uint64_t>(job.queue_depth, ios);
+  while (completed < ios) {
+    if (in_flight < job.queue_depth && next < ios) {
+      PHYSR_RETURN_IF_ERROR(submit(next++));
+      ++in_flight;
+      if (next <= ramp) on_done(sim.idle_until(sim.now() + gap));
+      continue;
+    }
+    const auto finished = sim.step();
+    if (finished.empty()) return make_error(EIO, where() + ": the simulation stalled");  // cannot happen: every flow ends
+    on_done(finished);
+  }
+
+  if (bar && !staged && !bounced_any && !taken) return make_error(EIO, where() + ": the DMA lists for " + bar->name + " reached no BAR");
+  finish_result(out, m, sim, lat, job.size, ios, faults_before);
+  out.path = !bar ? "host memory"
+             : staged ? "bounce via a host buffer + copy engine"
+             : bounced_any ? "bounce (DMA layer, swiotlb)"
+             : std::string("p2p ") + pci::map_type_name(taken->p2p) +
+                   (taken->resources.empty() ? plan.inside : taken->through_rc ? " (through the root complex)" : " (under the switch)");
+  out.via = static_cast<uint8_t>(!bar ? Via::host_memory
+                                 : staged ? Via::staged
+                                 : bounced_any ? Via::bounced
+                                 : taken->p2p == pci::MapType::bus_addr ? Via::p2p_bus_addr
+                                                                        : Via::p2p_host_bridge);
+  return out;
+}
+
+}  // namespace physr::sim::detail
