@@ -9,8 +9,8 @@
 //   TwoStep/<n>             the same n ranges through iova_try_alloc + n iova_link + iova_sync
 //                           + iova_destroy (Linux's two-step API), to set against MapUnmap/iommu
 //   IovaAllocFree/cached    one-granule alloc + free served by this thread's magazine
-//   IovaAllocFree/uncached  64-granule alloc + free (above the cached sizes): the buddy free
-//                           sets, with 10,000 other allocations live so the sets are not trivial
+//   IovaAllocFree/uncached  64-granule alloc + free (above the cached sizes): Linux's tree
+//                           walk, with 10,000 other allocations live so the tree is not trivial
 //   IovaAllocFree/uncached_fragmented  the same with 100,000 live single granules scattered
 //                           over the space (the case where Linux's rbtree walk degrades)
 #include <benchmark/benchmark.h>

@@ -5,6 +5,9 @@
 #include <bit>
 #include <map>
 #include <random>
+#include <thread>
+
+#include "support/kernel_iova.hpp"
 
 namespace physr {
 namespace {
@@ -20,21 +23,94 @@ uint64_t reserved(uint64_t bytes) {
   return g < 32 ? std::bit_ceil(g) : g;
 }
 
+// Linux __alloc_and_insert_iova_range(): the walk goes down from the last allocation
+// (cached32_node below 4 GiB), so a gap above it waits until a free there moves the cached
+// node up (__cached_rbnode_delete_update()).
 TEST(IovaTest, TopDownSizeAlignedLikeLinux) {
   auto a = make(false);
   const uint64_t limit = uint64_t{1} << 32, p = 4096;  // a 32-bit DMA mask
   EXPECT_EQ(a->alloc(p, limit)->value(), limit - p);
   EXPECT_EQ(a->alloc(3 * p, limit)->value(), limit - 8 * p);  // 3 -> 4 granules, aligned to 4
-  EXPECT_EQ(a->alloc(2 * p, limit)->value(), limit - 4 * p);  // the highest free aligned pair
+  // Not the free pair at limit - 4: down from the last allocation.
+  EXPECT_EQ(a->alloc(2 * p, limit)->value(), limit - 10 * p);
   EXPECT_EQ(a->alloc(16 * p, limit)->value(), limit - 32 * p);
-  // 40 granules, aligned to 64: physr takes the highest wholly free 64-block (Linux would
-  // also accept the partly used window at limit - 64, whose first 40 granules are free)...
+  // 40 granules, aligned to 64: exactly 40 stay allocated.
   EXPECT_EQ(a->alloc(40 * p, limit)->value(), limit - 128 * p);
-  // ...and frees its unused tail [limit - 88, limit - 64) at once: once the free 16-blocks
-  // above it are taken, the next 16-granule request lands in that tail.
-  EXPECT_EQ(a->alloc(16 * p, limit)->value(), limit - 48 * p);
-  EXPECT_EQ(a->alloc(16 * p, limit)->value(), limit - 64 * p);
-  EXPECT_EQ(a->alloc(16 * p, limit)->value(), limit - 80 * p);
+  EXPECT_EQ(a->alloc(16 * p, limit)->value(), limit - 144 * p);
+  // A free above the cached node moves it to the next node up: the pair comes back.
+  ASSERT_TRUE(a->free(DmaAddr(limit - 10 * p), 2 * p).has_value());
+  EXPECT_EQ(a->alloc(2 * p, limit)->value(), limit - 10 * p);
+  EXPECT_EQ(a->alloc(p, limit)->value(), limit - 11 * p);
+  // A 64-bit limit starts from its own cached node: the top of the space.
+  EXPECT_EQ(a->alloc(p, uint64_t{1} << 40)->value(), (uint64_t{1} << 40) - p);
+}
+
+// Linux drivers/iommu/iova.c __alloc_and_insert_iova_range() (the walk down from
+// cached_node / cached32_node, the retry above it from iova_find_limit(), the
+// max32_alloc_size fast fail), __cached_rbnode_insert_update(), __cached_rbnode_delete_update(),
+// reserve_iova(), and with caching alloc_iova_fast() / free_iova_fast() over the rcaches
+// (iova_magazine_pop(), the depot, the flush and retry): every address physr hands out is
+// the one the transcription in support/kernel_iova.hpp hands out, over random
+// reserve/alloc/free sequences, in a space that crosses 4 GiB and in one small enough to
+// run out (ENOMEM exactly when Linux fails).
+TEST(IovaTest, PlacementMatchesLinuxIovaC) {
+  for (uint64_t seed = 1; seed <= 24; ++seed) {
+    for (bool caching : {false, true}) {
+      std::mt19937_64 rng(seed);
+      const uint64_t end = seed % 3 == 0 ? uint64_t{1} << 24 : uint64_t{1} << 36;  // 4096 or 16M granules
+      const uint64_t end_pfn = end >> 12;
+      std::vector<DmaSpan> holes;
+      for (uint64_t i = rng() % 4; i > 0; --i) {
+        const uint64_t at = rng() % end, len = 1 + rng() % (end / 64);
+        holes.push_back({DmaAddr(at), len});
+      }
+      auto a = std::move(IovaAllocator::create(IovaOptions{.start = 4096, .end = end, .caching = caching, .check = true,
+                                                          .reserved = holes})).value();
+      testing::KernelIovaDomain k(12, 1);
+      for (const DmaSpan& h : holes) {  // as IovaAllocator::create() rounds and clips them
+        const uint64_t lo = std::max<uint64_t>(h.base.value() >> 12, 1), hi = std::min((h.last().value() >> 12) + 1, end_pfn);
+        if (lo < hi) k.reserve_iova(lo, hi - 1);
+      }
+      std::vector<std::pair<uint64_t, uint64_t>> live;  // (iova, bytes)
+      for (int step = 0; step < 3000; ++step) {
+        const uint64_t r = rng() % 10;
+        if (live.empty() || r < 5) {
+          const uint64_t g = rng() % 4 == 0 ? 33 + rng() % 300 : 1 + rng() % 40;
+          const uint64_t bytes = g * 4096 - rng() % 4096;
+          const uint64_t limit = rng() % 3 == 0 ? uint64_t{1} << 32 : rng() % 5 == 0 ? (64 + rng() % end_pfn) << 12 : end;
+          const uint64_t limit_pfn = std::min(limit >> 12, end_pfn);
+          const uint64_t reserved_g = g < 32 ? std::bit_ceil(g) : g;
+          const uint64_t want = caching ? k.alloc_iova_fast(g, limit_pfn - 1) : [&] {
+            uint64_t pfn = 0;
+            return k.alloc_iova(reserved_g, limit_pfn - 1, &pfn) ? pfn : 0;
+          }();
+          auto got = a->alloc(bytes, limit);
+          if (want == 0) {
+            ASSERT_FALSE(got.has_value()) << "seed " << seed << " step " << step << ": Linux fails, physr gave "
+                                          << format_hex(got->value());
+            ASSERT_EQ(got.error().code, ENOMEM);
+            continue;
+          }
+          ASSERT_TRUE(got.has_value()) << "seed " << seed << " step " << step << ": " << got.error().to_string();
+          ASSERT_EQ(got->value(), want << 12) << "seed " << seed << " caching " << caching << " step " << step << " granules "
+                                              << g << " limit " << format_hex(limit);
+          live.emplace_back(got->value(), bytes);
+        } else {
+          // Often the newest allocation (the alloc/free/alloc cycle of a DMA map), else any.
+          const size_t i = r < 8 ? live.size() - 1 : rng() % live.size();
+          const auto [iova, bytes] = live[i];
+          live[i] = live.back();
+          live.pop_back();
+          ASSERT_TRUE(a->free(DmaAddr(iova), bytes).has_value());
+          const uint64_t g = (bytes + 4095) / 4096;
+          if (caching)
+            k.free_iova_fast(iova >> 12, g);
+          else
+            k.free_iova(iova >> 12);
+        }
+      }
+    }
+  }
 }
 
 TEST(IovaTest, RandomAllocFreeNeverOverlapsAndReturnsEverything) {
@@ -97,16 +173,51 @@ TEST(IovaTest, CachedSizesHitMagazinesAndComeBackLifo) {
   EXPECT_LT(low->value(), uint64_t{1} << 32);
 }
 
-TEST(IovaTest, ManyFreesOverflowMagazinesIntoDepotAndTree) {
-  auto a = make(true);
+// Linux __iova_rcache_insert() / iova_depot_work_func(): the depot takes every full
+// magazine (no MAX_GLOBAL_MAGS cap since Linux 6.7), and its trim returns one magazine per
+// run to the tree while it holds more than one per CPU.
+TEST(IovaTest, DepotHasNoCapAndIsTrimmedToOneMagazinePerCpu) {
+  auto a = std::move(IovaAllocator::create(IovaOptions{.end = uint64_t{1} << 40, .check = true, .depot_delay_ms = 0})).value();
   std::vector<DmaAddr> v;
   for (int i = 0; i < 127 * 40; ++i) v.push_back(*a->alloc(4096, uint64_t{1} << 40));
+  const uint64_t total = (uint64_t{1} << 28) - 1;
   for (DmaAddr x : v) ASSERT_TRUE(a->free(x, 4096).has_value());
-  // 2 magazines per thread + 32 in the depot hold at most 34 x 127; the rest went back.
-  EXPECT_LE(a->stats().cached_granules, 34u * 127);
+  // loaded and prev full, the other 38 magazines in the depot: all still cached.
+  EXPECT_EQ(a->stats().cached_granules, 127u * 40);
+  EXPECT_EQ(a->stats().depot_magazines, 38u);
+  EXPECT_EQ(a->stats().free_granules, total - 127 * 40);
+  const uint64_t cpus = std::max(1u, std::thread::hardware_concurrency());
+  a->run_depot_work();
+  EXPECT_EQ(a->stats().depot_magazines, cpus < 38 ? 37u : 38u);
+  for (int i = 0; i < 40; ++i) a->run_depot_work();
+  EXPECT_EQ(a->stats().depot_magazines, std::min<uint64_t>(38, cpus));
+  EXPECT_EQ(a->stats().free_granules, total - 127 * (2 + std::min<uint64_t>(38, cpus)));
   a->flush_caches();
   EXPECT_EQ(a->stats().cached_granules, 0u);
-  EXPECT_EQ(a->stats().free_granules, (uint64_t{1} << 28) - 1);
+  EXPECT_EQ(a->stats().free_granules, total);
+}
+
+// Linux __iova_rcache_get(): `prev` is swapped in only when `loaded` is empty. A loaded
+// magazine with entries, none below the limit, sends the request to the tree, though
+// `prev` holds one that fits (iova_magazine_pop() searches the loaded magazine only).
+TEST(IovaTest, RcacheGetSwapsPrevOnlyWhenLoadedIsEmpty) {
+  auto a = make(true, false);
+  const uint64_t low_limit = uint64_t{1} << 32, high_limit = uint64_t{1} << 40;
+  std::vector<DmaAddr> high;
+  for (int i = 0; i < 127; ++i) high.push_back(*a->alloc(4096, high_limit));
+  const DmaAddr low = *a->alloc(4096, low_limit);
+  ASSERT_LT(low.value(), low_limit);
+  ASSERT_TRUE(a->free(low, 4096).has_value());  // loaded: low
+  for (DmaAddr x : high) ASSERT_TRUE(a->free(x, 4096).has_value());
+  // loaded filled up (low + 126 high), swapped with the empty prev, which took the last:
+  // loaded = [high], prev = [low, 126 high].
+  const uint64_t tree_allocs = a->stats().tree_allocs;
+  auto r = a->alloc(4096, low_limit);
+  ASSERT_TRUE(r.has_value());
+  EXPECT_LT(r->value(), low_limit);
+  EXPECT_NE(*r, low);  // a fresh range from the tree, not the cached one in prev
+  EXPECT_EQ(a->stats().tree_allocs, tree_allocs + 1);
+  EXPECT_EQ(a->stats().cached_granules, 128u);
 }
 
 TEST(IovaTest, ExhaustionIsEnomemAndLeavesStateIntact) {
@@ -147,34 +258,35 @@ TEST(IovaTest, BadFreesAreDetected) {
   EXPECT_NE(again.error().message.find("double free"), std::string::npos);
 }
 
-// Sizes above the magazines' 32 granules: a freed block is kept whole and handed back to
-// the next request of its size; it still counts as free, double frees and partial frees of
-// it are caught, and it is coalesced when a larger request needs it.
-TEST(IovaTest, LargeBlocksAreReusedWholeAndCoalescedWhenNeeded) {
+// Sizes above the magazines' 32 granules go straight to the tree: a freed range comes back
+// to the next request of its size (the walk starts at the node above it), a lower limit
+// skips it, a double free or a free of another size is refused, and neighbouring freed
+// ranges serve a larger request.
+TEST(IovaTest, LargeRangesAreReusedAndBadFreesRefused) {
   for (bool caching : {false, true}) {
     auto a = make(caching, /*check=*/false, uint64_t{1} << 30);
     const uint64_t total = ((uint64_t{1} << 30) - 4096) / 4096, big = 256 * 4096;
     auto x = a->alloc(big, uint64_t{1} << 30);
     ASSERT_TRUE(x.has_value());
+    const uint64_t tree_allocs = a->stats().tree_allocs;
     ASSERT_TRUE(a->free(*x, big).has_value());
-    EXPECT_EQ(a->stats().free_granules, total);  // the whole block counts as free
+    EXPECT_EQ(a->stats().free_granules, total);
     auto y = a->alloc(big, uint64_t{1} << 30);
     ASSERT_TRUE(y.has_value());
-    EXPECT_EQ(*y, *x);  // the same block, top-down as before
+    EXPECT_EQ(*y, *x);
+    EXPECT_EQ(a->stats().tree_allocs, tree_allocs + 1);
     EXPECT_EQ(a->alloc(big, x->value()).value().value(), x->value() - big);  // a lower limit skips it
     ASSERT_TRUE(a->free(*y, big).has_value());
-    EXPECT_EQ(a->free(*y, big).error().code, EINVAL);  // double free of the kept block
-    ASSERT_TRUE(a->free(DmaAddr(x->value() - big), big).has_value());
-    // A partial free of a block makes its later whole free a detected double free.
+    EXPECT_EQ(a->free(*y, big).error().code, EINVAL);  // double free
     auto z = a->alloc(big, uint64_t{1} << 30);
     ASSERT_TRUE(z.has_value());
-    ASSERT_TRUE(a->free(*z, big / 2).has_value());
-    EXPECT_EQ(a->free(*z, big).error().code, EINVAL);
-    ASSERT_TRUE(a->free(DmaAddr(z->value() + big / 2), big / 2).has_value());
+    EXPECT_EQ(a->free(*z, big / 2).error().code, EINVAL);  // another size
+    ASSERT_TRUE(a->free(*z, big).has_value());
+    ASSERT_TRUE(a->free(DmaAddr(x->value() - big), big).has_value());
     a->flush_caches();
     EXPECT_EQ(a->stats().free_granules, total) << "caching " << caching;
   }
-  // Two kept halves of the only large block coalesce when a request needs the whole.
+  // Two freed halves of a small space serve a request for the whole.
   auto b = IovaAllocator::create(IovaOptions{.granule = 4096, .start = 64 * 4096, .end = 128 * 4096, .caching = false, .check = false});
   ASSERT_TRUE(b.has_value());
   auto& a = *b;
