@@ -1,3 +1,4 @@
+#include <sys/stat.h>
 #include "physr/pci.hpp"
 #include "physr/builtin.hpp"
 #include "support/kernel_p2p.hpp"
@@ -615,6 +616,44 @@ TEST(SysfsTest, BadRootsAndFilesAreNamed) {
   ASSERT_TRUE(r.has_value()) << r.error().to_string();
   EXPECT_EQ(r->functions[0].bars.size(), 1u);
   EXPECT_EQ(r->functions[0].bars[0].size(), 0x1000u);
+  fs::remove_all(root);
+}
+
+// A FIFO or a device node where an attribute should be never blocks the loader and is never
+// read: it is skipped with a warning naming it (a FIFO `config`, `vendor`, `numa_node` or
+// proc/cpuinfo used to hang forever; a `config` symlink to /dev/zero was read).
+TEST(SysfsTest, FifosAndDeviceNodesAreSkippedWithAWarning) {
+  const fs::path root = fs::temp_directory_path() / ("physr-fifo-" + std::to_string(::getpid()));
+  const fs::path dev = root / "sys/devices/pci0000:00/0000:00:01.0";
+  fs::create_directories(dev);
+  fs::create_directories(root / "proc");
+  auto write = [&](const std::string& rel, const std::string& text) { std::ofstream(dev / rel) << text; };
+  write("vendor", "0x8086\n");
+  write("device", "0x1234\n");
+  write("class", "0x010802\n");
+  ASSERT_EQ(::mkfifo((dev / "numa_node").c_str(), 0600), 0);
+  ASSERT_EQ(::mkfifo((root / "proc/cpuinfo").c_str(), 0600), 0);
+  ASSERT_EQ(::mkfifo((dev / "current_link_speed").c_str(), 0600), 0);
+  fs::create_symlink("/dev/zero", dev / "config");
+  auto r = load_sysfs(root);  // returns: nothing was opened for reading
+  ASSERT_TRUE(r.has_value()) << r.error().to_string();
+  EXPECT_EQ(r->functions.size(), 1u);
+  EXPECT_EQ(r->functions[0].vendor, 0x8086);
+  EXPECT_EQ(r->functions[0].numa_node, -1);
+  const auto warned = [&](const std::string& what) {
+    return std::any_of(r->warnings.begin(), r->warnings.end(), [&](const std::string& w) { return w.find(what) != std::string::npos; });
+  };
+  EXPECT_TRUE(warned("numa_node: a FIFO, not a regular file; ignored"));
+  EXPECT_TRUE(warned("cpuinfo: a FIFO, not a regular file; ignored"));
+  EXPECT_TRUE(warned("current_link_speed: a FIFO"));
+  EXPECT_TRUE(warned("config: a symbolic link, not a regular file; ignored"));
+  // A required attribute that is a FIFO, with no config to fall back on: an error naming it.
+  fs::remove(dev / "vendor");
+  ASSERT_EQ(::mkfifo((dev / "vendor").c_str(), 0600), 0);
+  r = load_sysfs(root);
+  ASSERT_FALSE(r.has_value());
+  EXPECT_EQ(r.error().code, ENOENT);
+  EXPECT_NE(r.error().message.find("vendor: missing or not a regular file"), std::string::npos) << r.error().message;
   fs::remove_all(root);
 }
 

@@ -2,8 +2,14 @@
 // function's parent directory is its upstream bridge (sys/bus/pci/devices is often
 // incomplete in snapshots, so it is not used). Symlinks are never followed, depth and
 // size are bounded, and every error names the file.
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <algorithm>
-#include <fstream>
+#include <cerrno>
+#include <cstring>
+#include <optional>
 #include <sstream>
 #include <system_error>
 
@@ -19,14 +25,52 @@ constexpr size_t kMaxTextFile = 64 * 1024;
 constexpr int kMaxDepth = 64;
 constexpr size_t kMaxFunctions = 1 << 16;
 
-Result<std::string> read_file(const fs::path& p, size_t max) {
-  std::ifstream in(p, std::ios::binary);
-  if (!in) return make_error(ENOENT, p.string() + ": cannot be read");
+// What a sysfs attribute holds: its first `max` bytes, or nothing when it is absent or not
+// a regular file. A FIFO would block the read forever and a device node (a symlink to
+// /dev/zero) never ends or has side effects on open, so only regular files are opened:
+// lstat first (symlinks are not followed, as for directories), then open with O_NONBLOCK
+// and O_NOFOLLOW and check the opened file again, so a file swapped in between cannot block
+// either. Every skipped file is named in `warnings`.
+Result<std::optional<std::string>> read_attr(const fs::path& p, size_t max, std::vector<std::string>* warnings) {
+  struct stat st{};
+  if (::lstat(p.c_str(), &st) != 0) {
+    if (errno == ENOENT || errno == ENOTDIR) return std::optional<std::string>();
+    return make_error(errno, p.string() + ": cannot be read: " + std::strerror(errno));
+  }
+  const auto skip = [&](const struct stat& s) -> Result<std::optional<std::string>> {
+    const char* what = S_ISFIFO(s.st_mode)  ? "a FIFO"
+                       : S_ISLNK(s.st_mode) ? "a symbolic link"
+                       : S_ISCHR(s.st_mode) ? "a character device"
+                       : S_ISBLK(s.st_mode) ? "a block device"
+                       : S_ISDIR(s.st_mode) ? "a directory"
+                       : S_ISSOCK(s.st_mode) ? "a socket"
+                                             : "not a regular file";
+    if (warnings) warnings->push_back(p.string() + ": " + what + ", not a regular file; ignored");
+    return std::optional<std::string>();
+  };
+  if (!S_ISREG(st.st_mode)) return skip(st);
+  const int fd = ::open(p.c_str(), O_RDONLY | O_NONBLOCK | O_NOFOLLOW | O_CLOEXEC | O_NOCTTY);
+  if (fd < 0) {
+    if (errno == ELOOP) return skip(st);
+    return make_error(errno, p.string() + ": cannot be read: " + std::strerror(errno));
+  }
+  struct Closer {
+    int fd;
+    ~Closer() { ::close(fd); }
+  } closer{fd};
+  if (::fstat(fd, &st) != 0) return make_error(errno, p.string() + ": cannot be read: " + std::strerror(errno));
+  if (!S_ISREG(st.st_mode)) return skip(st);
   std::string s(max, '\0');
-  in.read(s.data(), static_cast<std::streamsize>(max));
-  s.resize(static_cast<size_t>(in.gcount()));
-  if (in.bad()) return make_error(EIO, p.string() + ": read error");
-  return s;
+  size_t got = 0;
+  while (got < max) {
+    const ssize_t n = ::read(fd, s.data() + got, max - got);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return make_error(errno, p.string() + ": read error: " + std::strerror(errno));
+    if (n == 0) break;
+    got += static_cast<size_t>(n);
+  }
+  s.resize(got);
+  return std::optional<std::string>(std::move(s));
 }
 
 std::string_view trim(std::string_view s) {
@@ -45,8 +89,7 @@ bool parse_u64(std::string_view s, uint64_t& out, unsigned base) {
 }
 
 // A hex attribute such as `vendor` ("0x8086\n") no larger than max.
-Result<uint64_t> read_hex_attr(const fs::path& p, uint64_t max) {
-  PHYSR_ASSIGN_OR_RETURN(const std::string text, read_file(p, kMaxTextFile));
+Result<uint64_t> read_hex_attr(const fs::path& p, uint64_t max, const std::string& text) {
   uint64_t v;
   if (!parse_u64(trim(text), v, 16) || v > max)
     return make_error(EINVAL, p.string() + ": expected a hex number up to " + std::to_string(max) + ", found '" +
@@ -54,8 +97,7 @@ Result<uint64_t> read_hex_attr(const fs::path& p, uint64_t max) {
   return v;
 }
 
-Status read_resource(const fs::path& p, Function& f) {
-  PHYSR_ASSIGN_OR_RETURN(const std::string text, read_file(p, kMaxTextFile));
+Status read_resource(const fs::path& p, const std::string& text, Function& f) {
   std::istringstream in(text);
   std::string line;
   unsigned index = 0;
@@ -85,16 +127,19 @@ Status read_resource(const fs::path& p, Function& f) {
 }
 
 // Optional small attributes: absent or "unknown" leaves the default.
-void read_link(const fs::path& dir, Function& f) {
-  if (auto s = read_file(dir / "current_link_speed", 256)) {
+Status read_link(const fs::path& dir, Function& f, std::vector<std::string>& warnings) {
+  PHYSR_ASSIGN_OR_RETURN(const auto speed, read_attr(dir / "current_link_speed", 256, &warnings));
+  PHYSR_ASSIGN_OR_RETURN(const auto width, read_attr(dir / "current_link_width", 256, &warnings));
+  if (const auto& s = speed) {
     std::string_view t = trim(*s);
     double v = 0;
     if (std::sscanf(std::string(t).c_str(), "%lf", &v) == 1 && v > 0 && v < 1000) f.link_speed_gts = v;
   }
-  if (auto s = read_file(dir / "current_link_width", 256)) {
+  if (const auto& s = width) {
     uint64_t w;
     if (parse_u64(trim(*s), w, 10) && w <= 32) f.link_width = static_cast<unsigned>(w);
   }
+  return {};
 }
 
 struct Loader {
@@ -106,10 +151,10 @@ struct Loader {
     f.host_bridge = hb;
     f.upstream = upstream;
     const fs::path cfg = dir / "config";
-    std::error_code ec;
     bool have_config = false;
-    if (fs::exists(cfg, ec)) {
-      PHYSR_ASSIGN_OR_RETURN(const std::string bytes, read_file(cfg, 4096));
+    PHYSR_ASSIGN_OR_RETURN(const auto config, read_attr(cfg, 4096, &t.warnings));
+    if (config) {
+      const std::string& bytes = *config;
       PHYSR_ASSIGN_OR_RETURN_CTX(const ConfigInfo info,
                                  parse_config(std::span(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size())),
                                  cfg.string());
@@ -124,25 +169,28 @@ struct Loader {
     // The text attributes are what the kernel reports; they win over raw config bytes.
     for (const char* attr : {"vendor", "device", "class"}) {
       const fs::path p = dir / attr;
-      if (!fs::exists(p, ec)) {
-        if (!have_config) return make_error(ENOENT, p.string() + ": missing (and no config file to read it from)");
+      PHYSR_ASSIGN_OR_RETURN(const auto text, read_attr(p, kMaxTextFile, &t.warnings));
+      if (!text) {
+        if (!have_config) return make_error(ENOENT, p.string() + ": missing or not a regular file (and no config file to read it from)");
         continue;
       }
       const bool is_class = std::string_view(attr) == "class";
-      PHYSR_ASSIGN_OR_RETURN(const uint64_t v, read_hex_attr(p, is_class ? 0xffffff : 0xffff));
+      PHYSR_ASSIGN_OR_RETURN(const uint64_t v, read_hex_attr(p, is_class ? 0xffffff : 0xffff, *text));
       if (is_class) f.class_code = static_cast<uint32_t>(v);
       else if (std::string_view(attr) == "vendor") f.vendor = static_cast<uint16_t>(v);
       else f.device = static_cast<uint16_t>(v);
     }
-    if (fs::exists(dir / "resource", ec)) PHYSR_RETURN_IF_ERROR(read_resource(dir / "resource", f));
-    if (auto s = read_file(dir / "numa_node", 256)) {
+    PHYSR_ASSIGN_OR_RETURN(const auto resource, read_attr(dir / "resource", kMaxTextFile, &t.warnings));
+    if (resource) PHYSR_RETURN_IF_ERROR(read_resource(dir / "resource", *resource, f));
+    PHYSR_ASSIGN_OR_RETURN(const auto numa, read_attr(dir / "numa_node", 256, &t.warnings));
+    if (const auto& s = numa) {
       const std::string_view n = trim(*s);
       uint64_t v;
       if (n == "-1") f.numa_node = -1;
       else if (parse_u64(n, v, 10) && v < 4096) f.numa_node = static_cast<int>(v);
       else return make_error(EINVAL, (dir / "numa_node").string() + ": expected -1 or a node number, found '" + std::string(n.substr(0, 40)) + "'");
     }
-    read_link(dir, f);
+    PHYSR_RETURN_IF_ERROR(read_link(dir, f, t.warnings));
     // Linux reads ACS and the port type from config space; a 64-byte snapshot has neither.
     // A PCI bridge directly on a root bus is then taken to be a Root Port (DESIGN.md).
     if (f.port_type == PortType::unknown && upstream < 0 && is_pci_bridge(f)) {
@@ -179,11 +227,15 @@ struct Loader {
   }
 };
 
-CpuInfo read_cpuinfo(const fs::path& p) {
+CpuInfo read_cpuinfo(const fs::path& p, std::vector<std::string>& warnings) {
   CpuInfo cpu;
-  auto text = read_file(p, 1 << 20);
-  if (!text) return cpu;
-  std::istringstream in(*text);
+  auto text = read_attr(p, 1 << 20, &warnings);
+  if (!text) {
+    warnings.push_back(text.error().message + "; the CPU is taken as unknown");
+    return cpu;
+  }
+  if (!*text) return cpu;
+  std::istringstream in(**text);
   std::string line;
   bool have_family = false;
   while (std::getline(in, line) && !(cpu.known() && have_family)) {
@@ -214,7 +266,7 @@ Result<Topology> load_sysfs(const fs::path& root) {
   Topology t;
   t.source = root == "/" ? std::string("the live sysfs (/sys)") : "sysfs snapshot " + root.string();
   t.name = root == "/" ? "this machine" : root.filename().string();
-  t.cpu = read_cpuinfo(root / "proc" / "cpuinfo");
+  t.cpu = read_cpuinfo(root / "proc" / "cpuinfo", t.warnings);
 
   std::vector<std::pair<std::pair<uint32_t, uint8_t>, fs::path>> bridges;
   for (fs::directory_iterator it(devices, ec), end; !ec && it != end; it.increment(ec)) {
