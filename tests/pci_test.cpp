@@ -272,6 +272,27 @@ TEST(VerdictTest, DifferentHostBridgesMustBothPassWithoutSameFlag) {
   expect(v(two_host_bridges(0x2020, 0x2020, 1).load(), "01:00.0", "0001:81:00.0"), MapType::thru_host_bridge, 4);
 }
 
+// Linux p2pdma.c pci_p2pdma_whitelist[]: the Zhaoxin host bridges (KX-6000, KH-40000,
+// KX-6000G, KX-7000, KH-50000); 1003, 1005, 1006 and 1007 only within one host bridge.
+TEST(VerdictTest, ZhaoxinHostBridgesAreAllowlisted) {
+  auto zx = [](int dev0, int dev1) {
+    M m;
+    m.hb(0).hb(0x80, 0, 1);
+    m.fn("00:00.0", "host", "", "", 0x1d17, dev0).fn("00:01.0", "root_port").fn("00:02.0", "root_port");
+    m.fn("01:00.0", "endpoint", "00:01.0").fn("02:00.0", "endpoint", "00:02.0");
+    m.fn("80:00.0", "host", "", "", 0x1d17, dev1).fn("80:01.0", "root_port").fn("81:00.0", "endpoint", "80:01.0");
+    return m.load();
+  };
+  for (int dev : {0x1003, 0x1005, 0x1006, 0x1007}) {
+    expect(v(zx(dev, dev), "01:00.0", "02:00.0"), MapType::thru_host_bridge, 4);  // one host bridge
+    expect(v(zx(dev, dev), "01:00.0", "81:00.0"), MapType::not_supported, 4);     // REQ_SAME_HOST_BRIDGE
+  }
+  expect(v(zx(0x1008, 0x1008), "01:00.0", "02:00.0"), MapType::thru_host_bridge, 4);
+  expect(v(zx(0x1008, 0x1008), "01:00.0", "81:00.0"), MapType::thru_host_bridge, 4);
+  expect(v(zx(0x1008, 0x1003), "01:00.0", "81:00.0"), MapType::not_supported, 4);
+  expect(v(zx(0x1004, 0x1004), "01:00.0", "02:00.0"), MapType::not_supported, 4);  // not listed
+}
+
 TEST(VerdictTest, AmdZenAllowsThroughHostBridgePreZenDoesNot) {
   auto zen = two_host_bridges(0x3407, 0x3407);
   zen.text.replace(zen.text.find("GenuineIntel"), 12, "AuthenticAMD");
