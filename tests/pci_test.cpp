@@ -385,6 +385,49 @@ TEST(VerdictTest, DistanceManyAndFindMany) {
   EXPECT_FALSE(eu->find_many(std::vector<uint32_t>{*u.lookup("01:00.0")}, std::vector<uint32_t>{*u.lookup("02:00.0")}, first));
 }
 
+// A machine built in code: one host bridge, functions added with their upstream bridge.
+struct Built {
+  Topology t;
+  Built() {
+    t.source = "built";
+    t.host_bridges.push_back(HostBridge{0, 0, 0, {}});
+  }
+  uint32_t add(Bdf b, int32_t up, bool bridge) {
+    Function f;
+    f.bdf = b;
+    f.class_code = bridge ? kClassPciBridge : kClassNvme;
+    f.port_type = bridge ? (up < 0 ? PortType::root_port : PortType::switch_downstream) : PortType::endpoint;
+    f.upstream = up;
+    const auto i = static_cast<uint32_t>(t.functions.size());
+    if (up < 0) t.host_bridges[0].root_functions.push_back(i);
+    t.functions.push_back(f);
+    return i;
+  }
+};
+
+// Linux p2pdma.c pci_p2pmem_find_many(): closest_pdevs holds PAGE_SIZE / sizeof(void *) =
+// 512 devices; a provider at the same distance once it is full is skipped, a closer one
+// starts the list over.
+TEST(VerdictTest, FindManyKeepsTheFirst512TiedProvidersLikeTheKernel) {
+  Built m;
+  const uint32_t rp = m.add(Bdf{0, 0, 1, 0}, -1, true);
+  const uint32_t client = m.add(Bdf{0, 1, 0, 0}, static_cast<int32_t>(rp), false);
+  std::vector<uint32_t> pub;
+  for (int i = 0; i < 600; ++i)
+    pub.push_back(m.add(Bdf{0, static_cast<uint8_t>(2 + i / 256), static_cast<uint8_t>(i / 8 % 32), static_cast<uint8_t>(i % 8)},
+                        static_cast<int32_t>(rp), false));
+  auto e = P2PEngine::create(m.t);
+  ASSERT_TRUE(e.has_value());
+  EXPECT_EQ(e->distance_many(pub[599], std::vector<uint32_t>{client}), 2);
+  size_t asked = 0;
+  auto last = [&](size_t n) { asked = n; return n - 1; };
+  EXPECT_EQ(e->find_many(std::vector<uint32_t>{client}, pub, last), pub[511]);
+  EXPECT_EQ(asked, 512u);
+  pub.push_back(client);  // distance 0, after the list is full
+  EXPECT_EQ(e->find_many(std::vector<uint32_t>{client}, pub, last), client);
+  EXPECT_EQ(asked, 1u);
+}
+
 TEST(ExplainTest, NamesRedirectingPortsAndKernelParameter) {
   Topology t = switch_machine("RR").load();
   auto e = P2PEngine::create(t);

@@ -326,8 +326,10 @@ class P2PEngine {
   /// Linux pci_p2pdma_distance_many(): -1 if there are no clients or any is not supported,
   /// else the sum of distances.
   int distance_many(uint32_t provider, std::span<const uint32_t> clients) const;
-  /// Linux pci_p2pmem_find_many(): among `published` providers, one at the smallest
-  /// distance_many; ties broken by pick(n) returning an index below n (random in Linux).
+  /// Linux pci_p2pmem_find_many(): among `published` providers (in the kernel's
+  /// for_each_pci_dev() order), one at the smallest distance_many; like the kernel's one-page
+  /// closest_pdevs array, only the first 512 tied providers (4096 / sizeof(void *)) are
+  /// candidates; ties broken by pick(n) returning an index below n (random in Linux).
   std::optional<uint32_t> find_many(std::span<const uint32_t> clients, std::span<const uint32_t> published,
                                     const std::function<size_t(size_t)>& pick) const;
   /// Whether the allowlist check passes for the path between a and b (no common device).

@@ -243,11 +243,16 @@ int P2PEngine::distance_many(uint32_t provider, std::span<const uint32_t> client
 std::optional<uint32_t> P2PEngine::find_many(std::span<const uint32_t> clients, std::span<const uint32_t> published,
                                              const std::function<size_t(size_t)>& pick) const {
   // Linux p2pdma.c pci_p2pmem_find_many(): the closest published providers, one at random.
+  // The kernel collects them in one page (closest_pdevs, PAGE_SIZE / sizeof(void *) = 512
+  // with 4 KiB pages and 8-byte pointers): once it is full, further providers at the same
+  // distance are skipped, so the first 512 in the iteration order are kept.
+  constexpr size_t kMaxTied = 4096 / sizeof(void*);
   int closest = INT_MAX;
   std::vector<uint32_t> best;
   for (uint32_t p : published) {
     const int d = distance_many(p, clients);
     if (d < 0 || d > closest) continue;
+    if (d == closest && best.size() >= kMaxTied) continue;
     if (d < closest) {
       best.clear();
       closest = d;
