@@ -428,6 +428,35 @@ TEST(VerdictTest, FindManyKeepsTheFirst512TiedProvidersLikeTheKernel) {
   EXPECT_EQ(asked, 1u);
 }
 
+// Linux recomputes the distance in every calc_map_type_and_dist() call and caches only the
+// map type (p2pdma->map_types); physr caches the distance too, in 12 bits. A cached verdict
+// must equal the computed one, so the engine refuses trees too deep for the cache to hold
+// every distance (2 x 2047 levels; PCI's 256 bus numbers per domain never come close).
+TEST(VerdictTest, CachedVerdictEqualsComputedOrTheEngineRefusesTheTree) {
+  auto chains = [](int levels) {
+    Built m;
+    for (int tree = 0; tree < 2; ++tree) {
+      int32_t up = -1;
+      for (int d = 0; d < levels; ++d)
+        up = static_cast<int32_t>(m.add(Bdf{static_cast<uint32_t>(tree * 4096 + d), 0, 0, 0}, up, d + 1 < levels));
+    }
+    return m.t;
+  };
+  const Topology ok = chains(2047);
+  auto e = P2PEngine::create(ok, VerdictOptions{{}, true});  // AMD Zen: through the host bridge
+  ASSERT_TRUE(e.has_value()) << e.error().to_string();
+  const uint32_t a = 2046, b = static_cast<uint32_t>(ok.functions.size() - 1);
+  EXPECT_EQ(e->compute(a, b).distance, 4094);
+  EXPECT_EQ(e->verdict(a, b).distance, 4094);
+  EXPECT_EQ(e->verdict(a, b).distance, 4094);  // cached
+  EXPECT_EQ(e->distance_many(a, std::vector<uint32_t>{b, b}), 2 * 4094);
+  const Topology deep = chains(2048);
+  auto d = P2PEngine::create(deep);
+  ASSERT_FALSE(d.has_value());
+  EXPECT_EQ(d.error().code, EINVAL);
+  EXPECT_NE(d.error().message.find("2047"), std::string::npos) << d.error().message;
+}
+
 TEST(ExplainTest, NamesRedirectingPortsAndKernelParameter) {
   Topology t = switch_machine("RR").load();
   auto e = P2PEngine::create(t);

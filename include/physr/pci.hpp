@@ -306,7 +306,8 @@ std::span<const std::pair<const char*, const char*>> link_class_legend();
 /// create() otherwise.
 class P2PEngine {
  public:
-  /// `topo` must outlive the engine. EINVAL when an option names a function not in it.
+  /// `topo` must outlive the engine. ENODEV when an option names a function not in it;
+  /// EINVAL for a tree more than 2047 levels deep (no PCI domain has one: 256 bus numbers).
   static Result<P2PEngine> create(const Topology& topo, VerdictOptions options = {});
 
   /// Verdict for (provider, client) function indices, computed once and cached per pair,
@@ -346,8 +347,10 @@ class P2PEngine {
   const Topology& topology() const noexcept { return *topo_; }
 
  private:
-  // A verdict packed in 16 bits: computed flag, map type, distance (saturated at 4095).
+  // A verdict packed in 16 bits: computed flag, map type, distance (12 bits). create()
+  // refuses trees deeper than kMaxDepth, so every distance, 2 x (depth + 1) at most, fits.
   static constexpr uint16_t kComputed = 0x8000;
+  static constexpr int kMaxDepth = 2046;
   // Rows of the verdict cache, one per provider, allocated on the provider's first lookup
   // and published with a compare-and-swap (a losing thread frees its copy), so lookups
   // never lock; each entry is written once with the value every thread computes alike.

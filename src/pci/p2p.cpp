@@ -97,6 +97,13 @@ Result<P2PEngine> P2PEngine::create(const Topology& topo, VerdictOptions options
       auto& [f, next] = stack.back();
       if (next < children[f].size()) {
         const uint32_t ch = children[f][next++];
+        // The cache packs a distance into 12 bits; the longest is 2 x (depth + 1) with no
+        // common device. Linux recomputes the distance on every call and never caches it,
+        // so a tree whose distances would not fit is refused rather than answered wrongly.
+        if (e.depth_[f] + 1 > kMaxDepth)
+          return make_error(EINVAL, topo.source + ": " + topo.functions[ch].bdf.to_string() + " is more than " +
+                                        std::to_string(kMaxDepth + 1) + " levels deep; physr's P2P engine handles " +
+                                        std::to_string(kMaxDepth + 1) + " (PCI's bus numbers allow 256 per domain)");
         e.depth_[ch] = static_cast<uint16_t>(e.depth_[f] + 1);
         e.acs_up_[ch] = e.acs_up_[f] + e.redir_[ch];
         e.tin_[ch] = clock++;
