@@ -293,6 +293,66 @@ TEST(VerdictTest, ZhaoxinHostBridgesAreAllowlisted) {
   expect(v(zx(0x1004, 0x1004), "01:00.0", "02:00.0"), MapType::not_supported, 4);  // not listed
 }
 
+TEST(KernelVersionTest, ParsesReleasesAndUnameAndRejectsTheRest) {
+  auto k = [](const char* t) { return parse_kernel_version(t); };
+  EXPECT_EQ(*k("6.12"), (KernelVersion{6, 12}));
+  EXPECT_EQ(*k("6.12.117"), (KernelVersion{6, 12}));
+  EXPECT_EQ(*k("6.18.44-fc-v857"), (KernelVersion{6, 18}));
+  EXPECT_EQ(*k("7.3-rc1"), (KernelVersion{7, 3}));
+  EXPECT_EQ(*k("5.15.0-91-generic"), (KernelVersion{5, 15}));
+  EXPECT_EQ(k("6.12").value().to_string(), "6.12");
+  for (const char* bad : {"", "6", "6.", ".12", "six.twelve", "6.12x", "0.9", "6..12", "12345.1", "-6.12"}) {
+    auto r = k(bad);
+    ASSERT_FALSE(r.has_value()) << bad;
+    EXPECT_EQ(r.error().code, EINVAL);
+    EXPECT_NE(r.error().message.find("MAJOR.MINOR"), std::string::npos);
+  }
+  EXPECT_LT((KernelVersion{6, 12}), (KernelVersion{7, 1}));
+  EXPECT_LT((KernelVersion{5, 19}), (KernelVersion{5, 20}));
+}
+
+// Each allowlist entry applies from the mainline release that added it to
+// pci_p2pdma_whitelist[]; pci_host_bridge_dev() takes a Root Port at any devfn from 5.19.
+TEST(VerdictTest, KernelVersionPicksThatReleasesAllowlist) {
+  auto at = [](int vendor, int device, KernelVersion k) {
+    return v(two_root_ports(vendor, device).load(), "01:00.0", "02:00.0", VerdictOptions{{}, {}, k}).type;
+  };
+  struct Case { int vendor, device; KernelVersion before, from; };
+  const Case cases[] = {
+      {0x8086, 0x09a2, {5, 17}, {5, 18}},  // 3rd gen Xeon Scalable
+      {0x1ae0, 0x4242, {7, 0}, {7, 1}},    // Google, any device
+      {0x8086, 0x0b25, {7, 1}, {7, 2}},    // DSA (SPR)
+      {0x8086, 0x4948, {7, 1}, {7, 2}},    // QAT 6xxx
+      {0x10de, 0x2f95, {7, 2}, {7, 3}},    // NVIDIA
+      {0x1d17, 0x1008, {7, 3}, {7, 4}},    // Zhaoxin
+  };
+  for (const Case& c : cases) {
+    EXPECT_EQ(at(c.vendor, c.device, c.before), MapType::not_supported) << c.device << " at " << c.before.to_string();
+    EXPECT_EQ(at(c.vendor, c.device, c.from), MapType::thru_host_bridge) << c.device << " at " << c.from.to_string();
+  }
+  // Linux 6.12 (Debian's linux-source-6.12): Xeon E5/E7, Skylake-E and 09a2 only.
+  for (int dev : {0x2020, 0x2030, 0x2031, 0x2032, 0x2033, 0x09a2, 0x3c00, 0x3c01, 0x2f00, 0x2f01})
+    EXPECT_EQ(at(0x8086, dev, {6, 12}), MapType::thru_host_bridge) << dev;
+  for (auto [vendor, dev] : {std::pair{0x8086, 0x0b25}, {0x1ae0, 0x0000}, {0x10de, 0x2f98}, {0x1d17, 0x1003}})
+    EXPECT_EQ(at(vendor, dev, {6, 12}), MapType::not_supported) << dev;
+  // A release newer than physr knows gets the newest rules.
+  EXPECT_EQ(at(0x1d17, 0x1008, {9, 0}), MapType::thru_host_bridge);
+  // Skylake without a 00.0 device: the first Root Port identifies the host bridge from 5.19.
+  auto rp = [](KernelVersion k) {
+    return v(two_root_ports(0x8086, 0x2030, "00:01.0", "root_port").load(), "01:00.0", "02:00.0", VerdictOptions{{}, {}, k}).type;
+  };
+  EXPECT_EQ(rp({5, 18}), MapType::not_supported);
+  EXPECT_EQ(rp({5, 19}), MapType::thru_host_bridge);
+  // Older than physr models: EINVAL naming both releases.
+  Topology t = two_root_ports(0x8086, 0x2020).load();
+  auto old = P2PEngine::create(t, VerdictOptions{{}, {}, {5, 8}});
+  ASSERT_FALSE(old.has_value());
+  EXPECT_EQ(old.error().code, EINVAL);
+  EXPECT_NE(old.error().message.find("5.8"), std::string::npos);
+  EXPECT_NE(old.error().message.find("5.9"), std::string::npos);
+  EXPECT_EQ(P2PEngine::create(t, VerdictOptions{{}, {}, {5, 9}})->kernel(), (KernelVersion{5, 9}));
+}
+
 TEST(VerdictTest, AmdZenAllowsThroughHostBridgePreZenDoesNot) {
   auto zen = two_host_bridges(0x3407, 0x3407);
   zen.text.replace(zen.text.find("GenuineIntel"), 12, "AuthenticAMD");
@@ -480,6 +540,59 @@ TEST(ExplainTest, NamesRedirectingPortsAndKernelParameter) {
 }
 
 // --- machine files -----------------------------------------------------------------------
+
+// Linux p2pdma.c host_bridge_whitelist(): with two host bridges the second is looked at
+// only if the first passes (its &&); calc_map_type_and_dist() logs the refusal.
+TEST(ExplainTest, SecondHostBridgeIsSkippedWhenTheFirstFailsAndTheKernelLogIsQuoted) {
+  Topology t = two_host_bridges(0x3407, 0x2020).load();
+  auto e = P2PEngine::create(t);
+  const Explanation x = e->explain(*t.lookup("01:00.0"), *t.lookup("81:00.0"));
+  EXPECT_EQ(x.verdict.type, MapType::not_supported);
+  ASSERT_EQ(x.allowlist.size(), 1u);
+  EXPECT_FALSE(x.allowlist[0].passes);
+  EXPECT_TRUE(x.second_host_bridge_skipped);
+  ASSERT_EQ(x.kernel_log.size(), 1u);  // no ACS redirect: no "not in P2PDMA whitelist" line
+  EXPECT_EQ(x.kernel_log[0], "0000:81:00.0: cannot be used for peer-to-peer DMA as the client and provider (0000:01:00.0) "
+                             "do not share an upstream bridge or whitelisted host bridge");
+  EXPECT_FALSE(x.newer_kernel_allows);
+  // The first passes: both are checked.
+  Topology both = two_host_bridges(0x2020, 0x3407).load();
+  auto eb = P2PEngine::create(both);
+  const Explanation y = eb->explain(*both.lookup("01:00.0"), *both.lookup("81:00.0"));
+  ASSERT_EQ(y.allowlist.size(), 2u);
+  EXPECT_TRUE(y.allowlist[0].passes);
+  EXPECT_FALSE(y.allowlist[1].passes);
+  EXPECT_FALSE(y.second_host_bridge_skipped);
+  // ACS redirect below a host bridge that is not listed: the kernel's three warnings and the refusal.
+  M m;
+  m.hb(0).fn("00:00.0", "host", "", "", 0x8086, 0x3407).fn("00:01.0", "root_port", "", "RR");
+  m.fn("01:00.0", "endpoint", "00:01.0").fn("01:00.1", "endpoint", "00:01.0");
+  Topology r = m.load();
+  auto er = P2PEngine::create(r);
+  const Explanation z = er->explain(*r.lookup("01:00.0"), *r.lookup("01:00.1"));
+  ASSERT_EQ(z.kernel_log.size(), 4u);
+  EXPECT_EQ(z.kernel_log[0], "0000:01:00.1: ACS redirect is set between the client and provider (0000:01:00.0)");
+  EXPECT_EQ(z.kernel_log[1], "0000:01:00.1: to disable ACS redirect for this path, add the kernel parameter: "
+                             "pci=disable_acs_redir=0000:00:01.0");
+  EXPECT_EQ(z.kernel_log[2], "0000:00:00.0: Host bridge not in P2PDMA whitelist: 8086:3407");
+  EXPECT_NE(z.kernel_log[3].find("cannot be used for peer-to-peer DMA"), std::string::npos);
+}
+
+TEST(ExplainTest, SaysWhichNewerKernelAllowsAPairTheChosenOneRefuses) {
+  Topology t = two_root_ports(0x1ae0, 0x0042).load();  // Google: allowlisted from 7.1
+  auto e = P2PEngine::create(t, VerdictOptions{{}, {}, {6, 12}});
+  const Explanation x = e->explain(*t.lookup("01:00.0"), *t.lookup("02:00.0"));
+  EXPECT_EQ(x.verdict.type, MapType::not_supported);
+  EXPECT_EQ(x.kernel, (KernelVersion{6, 12}));
+  ASSERT_TRUE(x.newer_kernel_allows);
+  EXPECT_EQ(*x.newer_kernel_allows, (KernelVersion{7, 1}));
+  auto newest = P2PEngine::create(t);
+  EXPECT_EQ(newest->explain(*t.lookup("01:00.0"), *t.lookup("02:00.0")).verdict.type, MapType::thru_host_bridge);
+  // Skylake identified by its first Root Port: allowed from 5.19.
+  Topology s = two_root_ports(0x8086, 0x2031, "00:01.0", "root_port").load();
+  auto es = P2PEngine::create(s, VerdictOptions{{}, {}, {5, 10}});
+  EXPECT_EQ(es->explain(*s.lookup("01:00.0"), *s.lookup("02:00.0")).newer_kernel_allows, (KernelVersion{5, 19}));
+}
 
 TEST(MachineFileTest, ErrorsNameLineKeyAndProblem) {
   struct Case {
