@@ -273,6 +273,87 @@ TEST(VerdictTest, DifferentHostBridgesMustBothPassWithoutSameFlag) {
   expect(v(two_host_bridges(0x2020, 0x2020, 1).load(), "01:00.0", "0001:81:00.0"), MapType::thru_host_bridge, 4);
 }
 
+// Linux p2pdma.c pci_p2pdma_whitelist[]: the Zhaoxin host bridges (KX-6000, KH-40000,
+// KX-6000G, KX-7000, KH-50000); 1003, 1005, 1006 and 1007 only within one host bridge.
+TEST(VerdictTest, ZhaoxinHostBridgesAreAllowlisted) {
+  auto zx = [](int dev0, int dev1) {
+    M m;
+    m.hb(0).hb(0x80, 0, 1);
+    m.fn("00:00.0", "host", "", "", 0x1d17, dev0).fn("00:01.0", "root_port").fn("00:02.0", "root_port");
+    m.fn("01:00.0", "endpoint", "00:01.0").fn("02:00.0", "endpoint", "00:02.0");
+    m.fn("80:00.0", "host", "", "", 0x1d17, dev1).fn("80:01.0", "root_port").fn("81:00.0", "endpoint", "80:01.0");
+    return m.load();
+  };
+  for (int dev : {0x1003, 0x1005, 0x1006, 0x1007}) {
+    expect(v(zx(dev, dev), "01:00.0", "02:00.0"), MapType::thru_host_bridge, 4);  // one host bridge
+    expect(v(zx(dev, dev), "01:00.0", "81:00.0"), MapType::not_supported, 4);     // REQ_SAME_HOST_BRIDGE
+  }
+  expect(v(zx(0x1008, 0x1008), "01:00.0", "02:00.0"), MapType::thru_host_bridge, 4);
+  expect(v(zx(0x1008, 0x1008), "01:00.0", "81:00.0"), MapType::thru_host_bridge, 4);
+  expect(v(zx(0x1008, 0x1003), "01:00.0", "81:00.0"), MapType::not_supported, 4);
+  expect(v(zx(0x1004, 0x1004), "01:00.0", "02:00.0"), MapType::not_supported, 4);  // not listed
+}
+
+TEST(KernelVersionTest, ParsesReleasesAndUnameAndRejectsTheRest) {
+  auto k = [](const char* t) { return parse_kernel_version(t); };
+  EXPECT_EQ(*k("6.12"), (KernelVersion{6, 12}));
+  EXPECT_EQ(*k("6.12.117"), (KernelVersion{6, 12}));
+  EXPECT_EQ(*k("6.18.44-fc-v857"), (KernelVersion{6, 18}));
+  EXPECT_EQ(*k("7.3-rc1"), (KernelVersion{7, 3}));
+  EXPECT_EQ(*k("5.15.0-91-generic"), (KernelVersion{5, 15}));
+  EXPECT_EQ(k("6.12").value().to_string(), "6.12");
+  for (const char* bad : {"", "6", "6.", ".12", "six.twelve", "6.12x", "0.9", "6..12", "12345.1", "-6.12"}) {
+    auto r = k(bad);
+    ASSERT_FALSE(r.has_value()) << bad;
+    EXPECT_EQ(r.error().code, EINVAL);
+    EXPECT_NE(r.error().message.find("MAJOR.MINOR"), std::string::npos);
+  }
+  EXPECT_LT((KernelVersion{6, 12}), (KernelVersion{7, 1}));
+  EXPECT_LT((KernelVersion{5, 19}), (KernelVersion{5, 20}));
+}
+
+// Each allowlist entry applies from the mainline release that added it to
+// pci_p2pdma_whitelist[]; pci_host_bridge_dev() takes a Root Port at any devfn from 5.19.
+TEST(VerdictTest, KernelVersionPicksThatReleasesAllowlist) {
+  auto at = [](int vendor, int device, KernelVersion k) {
+    return v(two_root_ports(vendor, device).load(), "01:00.0", "02:00.0", VerdictOptions{{}, {}, k}).type;
+  };
+  struct Case { int vendor, device; KernelVersion before, from; };
+  const Case cases[] = {
+      {0x8086, 0x09a2, {5, 17}, {5, 18}},  // 3rd gen Xeon Scalable
+      {0x1ae0, 0x4242, {7, 0}, {7, 1}},    // Google, any device
+      {0x8086, 0x0b25, {7, 1}, {7, 2}},    // DSA (SPR)
+      {0x8086, 0x4948, {7, 1}, {7, 2}},    // QAT 6xxx
+      {0x10de, 0x2f95, {7, 2}, {7, 3}},    // NVIDIA
+      {0x1d17, 0x1008, {7, 3}, {7, 4}},    // Zhaoxin
+  };
+  for (const Case& c : cases) {
+    EXPECT_EQ(at(c.vendor, c.device, c.before), MapType::not_supported) << c.device << " at " << c.before.to_string();
+    EXPECT_EQ(at(c.vendor, c.device, c.from), MapType::thru_host_bridge) << c.device << " at " << c.from.to_string();
+  }
+  // Linux 6.12 (Debian's linux-source-6.12): Xeon E5/E7, Skylake-E and 09a2 only.
+  for (int dev : {0x2020, 0x2030, 0x2031, 0x2032, 0x2033, 0x09a2, 0x3c00, 0x3c01, 0x2f00, 0x2f01})
+    EXPECT_EQ(at(0x8086, dev, {6, 12}), MapType::thru_host_bridge) << dev;
+  for (auto [vendor, dev] : {std::pair{0x8086, 0x0b25}, {0x1ae0, 0x0000}, {0x10de, 0x2f98}, {0x1d17, 0x1003}})
+    EXPECT_EQ(at(vendor, dev, {6, 12}), MapType::not_supported) << dev;
+  // A release newer than physr knows gets the newest rules.
+  EXPECT_EQ(at(0x1d17, 0x1008, {9, 0}), MapType::thru_host_bridge);
+  // Skylake without a 00.0 device: the first Root Port identifies the host bridge from 5.19.
+  auto rp = [](KernelVersion k) {
+    return v(two_root_ports(0x8086, 0x2030, "00:01.0", "root_port").load(), "01:00.0", "02:00.0", VerdictOptions{{}, {}, k}).type;
+  };
+  EXPECT_EQ(rp({5, 18}), MapType::not_supported);
+  EXPECT_EQ(rp({5, 19}), MapType::thru_host_bridge);
+  // Older than physr models: EINVAL naming both releases.
+  Topology t = two_root_ports(0x8086, 0x2020).load();
+  auto old = P2PEngine::create(t, VerdictOptions{{}, {}, {5, 8}});
+  ASSERT_FALSE(old.has_value());
+  EXPECT_EQ(old.error().code, EINVAL);
+  EXPECT_NE(old.error().message.find("5.8"), std::string::npos);
+  EXPECT_NE(old.error().message.find("5.9"), std::string::npos);
+  EXPECT_EQ(P2PEngine::create(t, VerdictOptions{{}, {}, {5, 9}})->kernel(), (KernelVersion{5, 9}));
+}
+
 TEST(VerdictTest, AmdZenAllowsThroughHostBridgePreZenDoesNot) {
   auto zen = two_host_bridges(0x3407, 0x3407);
   zen.text.replace(zen.text.find("GenuineIntel"), 12, "AuthenticAMD");
@@ -365,6 +446,78 @@ TEST(VerdictTest, DistanceManyAndFindMany) {
   EXPECT_FALSE(eu->find_many(std::vector<uint32_t>{*u.lookup("01:00.0")}, std::vector<uint32_t>{*u.lookup("02:00.0")}, first));
 }
 
+// A machine built in code: one host bridge, functions added with their upstream bridge.
+struct Built {
+  Topology t;
+  Built() {
+    t.source = "built";
+    t.host_bridges.push_back(HostBridge{0, 0, 0, {}});
+  }
+  uint32_t add(Bdf b, int32_t up, bool bridge) {
+    Function f;
+    f.bdf = b;
+    f.class_code = bridge ? kClassPciBridge : kClassNvme;
+    f.port_type = bridge ? (up < 0 ? PortType::root_port : PortType::switch_downstream) : PortType::endpoint;
+    f.upstream = up;
+    const auto i = static_cast<uint32_t>(t.functions.size());
+    if (up < 0) t.host_bridges[0].root_functions.push_back(i);
+    t.functions.push_back(f);
+    return i;
+  }
+};
+
+// Linux p2pdma.c pci_p2pmem_find_many(): closest_pdevs holds PAGE_SIZE / sizeof(void *) =
+// 512 devices; a provider at the same distance once it is full is skipped, a closer one
+// starts the list over.
+TEST(VerdictTest, FindManyKeepsTheFirst512TiedProvidersLikeTheKernel) {
+  Built m;
+  const uint32_t rp = m.add(Bdf{0, 0, 1, 0}, -1, true);
+  const uint32_t client = m.add(Bdf{0, 1, 0, 0}, static_cast<int32_t>(rp), false);
+  std::vector<uint32_t> pub;
+  for (int i = 0; i < 600; ++i)
+    pub.push_back(m.add(Bdf{0, static_cast<uint8_t>(2 + i / 256), static_cast<uint8_t>(i / 8 % 32), static_cast<uint8_t>(i % 8)},
+                        static_cast<int32_t>(rp), false));
+  auto e = P2PEngine::create(m.t);
+  ASSERT_TRUE(e.has_value());
+  EXPECT_EQ(e->distance_many(pub[599], std::vector<uint32_t>{client}), 2);
+  size_t asked = 0;
+  auto last = [&](size_t n) { asked = n; return n - 1; };
+  EXPECT_EQ(e->find_many(std::vector<uint32_t>{client}, pub, last), pub[511]);
+  EXPECT_EQ(asked, 512u);
+  pub.push_back(client);  // distance 0, after the list is full
+  EXPECT_EQ(e->find_many(std::vector<uint32_t>{client}, pub, last), client);
+  EXPECT_EQ(asked, 1u);
+}
+
+// Linux recomputes the distance in every calc_map_type_and_dist() call and caches only the
+// map type (p2pdma->map_types); physr caches the distance too, in 12 bits. A cached verdict
+// must equal the computed one, so the engine refuses trees too deep for the cache to hold
+// every distance (2 x 2047 levels; PCI's 256 bus numbers per domain never come close).
+TEST(VerdictTest, CachedVerdictEqualsComputedOrTheEngineRefusesTheTree) {
+  auto chains = [](int levels) {
+    Built m;
+    for (int tree = 0; tree < 2; ++tree) {
+      int32_t up = -1;
+      for (int d = 0; d < levels; ++d)
+        up = static_cast<int32_t>(m.add(Bdf{static_cast<uint32_t>(tree * 4096 + d), 0, 0, 0}, up, d + 1 < levels));
+    }
+    return m.t;
+  };
+  const Topology ok = chains(2047);
+  auto e = P2PEngine::create(ok, VerdictOptions{{}, true});  // AMD Zen: through the host bridge
+  ASSERT_TRUE(e.has_value()) << e.error().to_string();
+  const uint32_t a = 2046, b = static_cast<uint32_t>(ok.functions.size() - 1);
+  EXPECT_EQ(e->compute(a, b).distance, 4094);
+  EXPECT_EQ(e->verdict(a, b).distance, 4094);
+  EXPECT_EQ(e->verdict(a, b).distance, 4094);  // cached
+  EXPECT_EQ(e->distance_many(a, std::vector<uint32_t>{b, b}), 2 * 4094);
+  const Topology deep = chains(2048);
+  auto d = P2PEngine::create(deep);
+  ASSERT_FALSE(d.has_value());
+  EXPECT_EQ(d.error().code, EINVAL);
+  EXPECT_NE(d.error().message.find("2047"), std::string::npos) << d.error().message;
+}
+
 TEST(ExplainTest, NamesRedirectingPortsAndKernelParameter) {
   Topology t = switch_machine("RR").load();
   auto e = P2PEngine::create(t);
@@ -388,6 +541,59 @@ TEST(ExplainTest, NamesRedirectingPortsAndKernelParameter) {
 }
 
 // --- machine files -----------------------------------------------------------------------
+
+// Linux p2pdma.c host_bridge_whitelist(): with two host bridges the second is looked at
+// only if the first passes (its &&); calc_map_type_and_dist() logs the refusal.
+TEST(ExplainTest, SecondHostBridgeIsSkippedWhenTheFirstFailsAndTheKernelLogIsQuoted) {
+  Topology t = two_host_bridges(0x3407, 0x2020).load();
+  auto e = P2PEngine::create(t);
+  const Explanation x = e->explain(*t.lookup("01:00.0"), *t.lookup("81:00.0"));
+  EXPECT_EQ(x.verdict.type, MapType::not_supported);
+  ASSERT_EQ(x.allowlist.size(), 1u);
+  EXPECT_FALSE(x.allowlist[0].passes);
+  EXPECT_TRUE(x.second_host_bridge_skipped);
+  ASSERT_EQ(x.kernel_log.size(), 1u);  // no ACS redirect: no "not in P2PDMA whitelist" line
+  EXPECT_EQ(x.kernel_log[0], "0000:81:00.0: cannot be used for peer-to-peer DMA as the client and provider (0000:01:00.0) "
+                             "do not share an upstream bridge or whitelisted host bridge");
+  EXPECT_FALSE(x.newer_kernel_allows);
+  // The first passes: both are checked.
+  Topology both = two_host_bridges(0x2020, 0x3407).load();
+  auto eb = P2PEngine::create(both);
+  const Explanation y = eb->explain(*both.lookup("01:00.0"), *both.lookup("81:00.0"));
+  ASSERT_EQ(y.allowlist.size(), 2u);
+  EXPECT_TRUE(y.allowlist[0].passes);
+  EXPECT_FALSE(y.allowlist[1].passes);
+  EXPECT_FALSE(y.second_host_bridge_skipped);
+  // ACS redirect below a host bridge that is not listed: the kernel's three warnings and the refusal.
+  M m;
+  m.hb(0).fn("00:00.0", "host", "", "", 0x8086, 0x3407).fn("00:01.0", "root_port", "", "RR");
+  m.fn("01:00.0", "endpoint", "00:01.0").fn("01:00.1", "endpoint", "00:01.0");
+  Topology r = m.load();
+  auto er = P2PEngine::create(r);
+  const Explanation z = er->explain(*r.lookup("01:00.0"), *r.lookup("01:00.1"));
+  ASSERT_EQ(z.kernel_log.size(), 4u);
+  EXPECT_EQ(z.kernel_log[0], "0000:01:00.1: ACS redirect is set between the client and provider (0000:01:00.0)");
+  EXPECT_EQ(z.kernel_log[1], "0000:01:00.1: to disable ACS redirect for this path, add the kernel parameter: "
+                             "pci=disable_acs_redir=0000:00:01.0");
+  EXPECT_EQ(z.kernel_log[2], "0000:00:00.0: Host bridge not in P2PDMA whitelist: 8086:3407");
+  EXPECT_NE(z.kernel_log[3].find("cannot be used for peer-to-peer DMA"), std::string::npos);
+}
+
+TEST(ExplainTest, SaysWhichNewerKernelAllowsAPairTheChosenOneRefuses) {
+  Topology t = two_root_ports(0x1ae0, 0x0042).load();  // Google: allowlisted from 7.1
+  auto e = P2PEngine::create(t, VerdictOptions{{}, {}, {6, 12}});
+  const Explanation x = e->explain(*t.lookup("01:00.0"), *t.lookup("02:00.0"));
+  EXPECT_EQ(x.verdict.type, MapType::not_supported);
+  EXPECT_EQ(x.kernel, (KernelVersion{6, 12}));
+  ASSERT_TRUE(x.newer_kernel_allows);
+  EXPECT_EQ(*x.newer_kernel_allows, (KernelVersion{7, 1}));
+  auto newest = P2PEngine::create(t);
+  EXPECT_EQ(newest->explain(*t.lookup("01:00.0"), *t.lookup("02:00.0")).verdict.type, MapType::thru_host_bridge);
+  // Skylake identified by its first Root Port: allowed from 5.19.
+  Topology s = two_root_ports(0x8086, 0x2031, "00:01.0", "root_port").load();
+  auto es = P2PEngine::create(s, VerdictOptions{{}, {}, {5, 10}});
+  EXPECT_EQ(es->explain(*s.lookup("01:00.0"), *s.lookup("02:00.0")).newer_kernel_allows, (KernelVersion{5, 19}));
+}
 
 TEST(MachineFileTest, ErrorsNameLineKeyAndProblem) {
   struct Case {

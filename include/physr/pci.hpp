@@ -261,12 +261,35 @@ struct Verdict {
   int distance = 0;
 };
 
+/// A Linux release, major.minor. physr keys the version-dependent P2P rules (the allowlist
+/// entries, how the allowlist identifies a host bridge) on the mainline release that brought
+/// them; a stable kernel may carry some earlier (the Intel accelerator entries of 7.2 were
+/// sent to stable).
+struct KernelVersion {
+  unsigned major = 0, minor = 0;
+  /// "6.12".
+  std::string to_string() const;
+  friend auto operator<=>(const KernelVersion&, const KernelVersion&) = default;
+};
+/// The newest rules physr matches (the PCI tree's p2pdma branch after 7.3-rc1: 7.4) and
+/// the oldest release whose rules it models (5.9, where cpu_supports_p2pdma() came in).
+inline constexpr KernelVersion kNewestKernel{7, 4};
+inline constexpr KernelVersion kOldestKernel{5, 9};
+/// Parses "6.12", "6.12.117", "6.18.44-fc-v857" or "7.3-rc1" (what `uname -r` prints);
+/// EINVAL naming the text otherwise.
+Result<KernelVersion> parse_kernel_version(std::string_view text);
+/// The releases after kOldestKernel at which a P2P verdict can change, oldest first.
+std::span<const KernelVersion> kernel_rule_changes() noexcept;
+
 /// What-if settings on top of the loaded topology.
 struct VerdictOptions {
   /// Functions whose ACS redirect bits count as cleared (kernel pci=disable_acs_redir=).
   std::vector<Bdf> acs_redir_off;
   /// Override the CPU for the AMD Zen rule: nullopt uses the topology's CPU.
   std::optional<bool> assume_amd_zen;
+  /// The kernel whose rules apply: its allowlist and host bridge identification. Releases
+  /// newer than kNewestKernel get the newest rules; older than kOldestKernel is EINVAL.
+  KernelVersion kernel = kNewestKernel;
 };
 
 /// One hop of an explanation.
@@ -293,7 +316,15 @@ struct Explanation {
     bool requires_same_host_bridge = false;
     bool passes = false;
   };
-  std::vector<BridgeCheck> allowlist;  // one (same host bridge) or two checks; empty if not consulted
+  /// The checks Linux host_bridge_whitelist() makes: one (same host bridge) or two; its `&&`
+  /// skips the second host bridge when the first fails. Empty if not consulted.
+  std::vector<BridgeCheck> allowlist;
+  bool second_host_bridge_skipped = false;  // two host bridges, the first failed
+  /// What Linux logs for this pair when it first maps it (pci_p2pdma_map_type(), verbose),
+  /// one line each, "DEVICE: message" (the kernel prefixes the driver name: "nvme 0000:...").
+  std::vector<std::string> kernel_log;
+  KernelVersion kernel;                             // the rules applied
+  std::optional<KernelVersion> newer_kernel_allows;  // not_supported here, allowed from this release
   std::string link_class;              // nvidia-smi style: X, PIX, PXB, PHB, NODE, SYS
   std::string kernel_parameter;        // "pci=disable_acs_redir=..." when ACS redirect decides
 };
@@ -306,7 +337,8 @@ std::span<const std::pair<const char*, const char*>> link_class_legend();
 /// create() otherwise.
 class P2PEngine {
  public:
-  /// `topo` must outlive the engine. EINVAL when an option names a function not in it.
+  /// `topo` must outlive the engine. ENODEV when an option names a function not in it;
+  /// EINVAL for a tree more than 2047 levels deep (no PCI domain has one: 256 bus numbers).
   static Result<P2PEngine> create(const Topology& topo, VerdictOptions options = {});
 
   /// Verdict for (provider, client) function indices, computed once and cached per pair,
@@ -326,13 +358,17 @@ class P2PEngine {
   /// Linux pci_p2pdma_distance_many(): -1 if there are no clients or any is not supported,
   /// else the sum of distances.
   int distance_many(uint32_t provider, std::span<const uint32_t> clients) const;
-  /// Linux pci_p2pmem_find_many(): among `published` providers, one at the smallest
-  /// distance_many; ties broken by pick(n) returning an index below n (random in Linux).
+  /// Linux pci_p2pmem_find_many(): among `published` providers (in the kernel's
+  /// for_each_pci_dev() order), one at the smallest distance_many; like the kernel's one-page
+  /// closest_pdevs array, only the first 512 tied providers (4096 / sizeof(void *)) are
+  /// candidates; ties broken by pick(n) returning an index below n (random in Linux).
   std::optional<uint32_t> find_many(std::span<const uint32_t> clients, std::span<const uint32_t> published,
                                     const std::function<size_t(size_t)>& pick) const;
   /// Whether the allowlist check passes for the path between a and b (no common device).
   bool host_bridge_allowed(uint32_t a, uint32_t b) const;
   bool cpu_amd_zen() const noexcept { return amd_zen_; }
+  /// The kernel whose rules the engine applies (VerdictOptions::kernel).
+  KernelVersion kernel() const noexcept { return kernel_; }
   /// Whether function index `f` of the topology is the function at `bdf` (one load from a
   /// dense array: the DMA layer checks a provider's recorded index on every range).
   bool is_function(uint32_t f, const Bdf& bdf) const noexcept {
@@ -344,8 +380,10 @@ class P2PEngine {
   const Topology& topology() const noexcept { return *topo_; }
 
  private:
-  // A verdict packed in 16 bits: computed flag, map type, distance (saturated at 4095).
+  // A verdict packed in 16 bits: computed flag, map type, distance (12 bits). create()
+  // refuses trees deeper than kMaxDepth, so every distance, 2 x (depth + 1) at most, fits.
   static constexpr uint16_t kComputed = 0x8000;
+  static constexpr int kMaxDepth = 2046;
   // Rows of the verdict cache, one per provider, allocated on the provider's first lookup
   // and published with a compare-and-swap (a losing thread frees its copy), so lookups
   // never lock; each entry is written once with the value every thread computes alike.
@@ -363,10 +401,13 @@ class P2PEngine {
   bool redirects(uint32_t f) const noexcept { return redir_[f] != 0; }
   bool is_ancestor_or_self(uint32_t a, uint32_t b) const noexcept { return tin_[a] <= tin_[b] && tout_[b] <= tout_[a]; }
   std::optional<uint32_t> common_device(uint32_t provider, uint32_t client) const noexcept;
-  bool bridge_passes(uint32_t host_bridge, bool same, Explanation::BridgeCheck* out) const;
+  std::optional<uint32_t> identifying_device(uint32_t host_bridge, KernelVersion k) const;
+  bool bridge_passes(uint32_t host_bridge, bool same, KernelVersion k, Explanation::BridgeCheck* out) const;
+  bool allowlist_passes(uint32_t ha, uint32_t hb, KernelVersion k) const;
 
   const Topology* topo_;
   bool amd_zen_ = false;
+  KernelVersion kernel_ = kNewestKernel;
   std::vector<uint8_t> redir_;      // 1 if the function counts as ACS-redirecting
   std::vector<uint16_t> depth_;     // 0 on a root bus
   std::vector<uint32_t> acs_up_;    // redirecting devices from the function to its root, inclusive

@@ -100,6 +100,58 @@ expect 2 "PCI address 'xyz'" -- topo --machine amd-zen --assume-acs-off xyz
 expect 2 'excludes' -- topo --machine amd-zen --sysfs-root /
 expect 1 'not in builtin:amd-zen' -- topo --machine amd-zen --assume-acs-off 0000:44:00.0
 
+# --kernel: the P2P rules of that Linux release (allowlist entries, host bridge identification).
+cat > "$tmp/nvidia.toml" <<'EOF2'
+[[host_bridge]]
+bus = 0
+[[function]]
+bdf = "00:00.0"
+vendor = 0x10de
+device = 0x2f95
+class = 0x060000
+[[function]]
+bdf = "00:01.0"
+vendor = 0x10de
+device = 0x22b2
+class = 0x060400
+type = "root_port"
+[[function]]
+bdf = "00:02.0"
+vendor = 0x10de
+device = 0x22b2
+class = 0x060400
+type = "root_port"
+[[function]]
+bdf = "01:00.0"
+vendor = 0x144d
+device = 0xa80a
+class = 0x010802
+parent = "00:01.0"
+[[function]]
+bdf = "02:00.0"
+vendor = 0x144d
+device = 0xa80a
+class = 0x010802
+parent = "00:02.0"
+EOF2
+expect 0 'the P2P rules of Linux 7\.4 \(the newest physr knows\)' -- topo --machine two-socket-switch
+expect 0 'Verdict: thru_host_bridge, distance 4' -- explain 01:00.0 02:00.0 --machine "$tmp/nvidia.toml"
+expect 0 'rules +Linux 7\.2 \(--kernel\)' -- explain 01:00.0 02:00.0 --machine "$tmp/nvidia.toml" --kernel 7.2
+expect 0 'Verdict: not_supported, distance 4' -- explain 01:00.0 02:00.0 --machine "$tmp/nvidia.toml" --kernel 7.2.5
+expect 0 'Linux 7\.3 and newer allow this pair' -- explain 01:00.0 02:00.0 --machine "$tmp/nvidia.toml" --kernel 6.12
+expect 0 '0000:02:00.0: cannot be used for peer-to-peer DMA as the client and provider \(0000:01:00.0\) do not share an upstream bridge or whitelisted host bridge' -- explain 01:00.0 02:00.0 --machine "$tmp/nvidia.toml" --kernel 6.12
+expect 0 '^ +0 +0000:01:00.0 +B0 +--$' -- topo --machine "$tmp/nvidia.toml" --kernel 6.12.117-amd64
+expect 0 '^ +0 +0000:01:00.0 +B0 +H4$' -- topo --machine "$tmp/nvidia.toml" --kernel 7.3-rc1
+expect 0 'pci0000:00: not looked at: the first host bridge failed' -- explain nvme1 gpu0 --machine xeon-e5-two-sockets
+expect 0 'to disable ACS redirect for this path, add the kernel parameter: pci=disable_acs_redir=0000:02:11.0' -- explain nvme0 nic0 --machine two-socket-switch
+expect 2 "--kernel: kernel version 'banana': expected MAJOR.MINOR" -- topo --machine amd-zen --kernel banana
+expect 2 '--kernel 5.4: physr models the P2P rules of Linux 5\.9 and newer' -- explain nvme0 nic0 --machine two-socket-switch --kernel 5.4
+if "$physr" topo --machine "$tmp/nvidia.toml" --kernel 6.12 --json | python3 -c 'import json,sys; d=json.load(sys.stdin); k=d["kernel"]; assert k["version"]=="6.12" and k["from"]=="--kernel"; assert [p["map_type"] for p in d["pairs"]]==["bus_addr","not_supported","not_supported","bus_addr"]'; then
+  passes=$((passes + 1))
+else
+  echo "FAIL: topo --json --kernel 6.12: kernel field or pairs"; fails=$((fails + 1))
+fi
+
 # A machine with more devices than one matrix shows: a matrix per host bridge, then counts.
 {
   printf '[[host_bridge]]\nbus = 0\n[[host_bridge]]\nbus = 0x80\n'
@@ -115,6 +167,8 @@ expect 0 'not_supported across host bridges +800' -- topo --machine "$tmp/big.to
 # The live machine, where it exposes a PCI tree (containers may not: then a clear error).
 if compgen -G '/sys/devices/pci*' >/dev/null; then
   expect 0 'the live sysfs \(/sys\)' -- topo
+  expect 0 "the P2P rules of Linux [0-9]+\\.[0-9]+ \\(the running kernel, $(uname -r | sed 's/[.+]/\\&/g')\\)" -- topo
+  expect 0 'the P2P rules of Linux 6\.12 \(--kernel\)' -- topo --kernel 6.12
   expect 0 'digraph physr' -- topo --dot
   first=$("$physr" topo --json | python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["pairs"][0]["provider"] if d["pairs"] else "")')
   if [[ -n $first ]]; then expect 0 'Verdict: [a-z_]+, distance 0' -- explain "$first" "$first"; fi

@@ -2,7 +2,10 @@
 // of devices, as Linux drivers/pci/p2pdma.c would compute it.
 #include <fmt/core.h>
 
+#include <sys/utsname.h>
+
 #include <algorithm>
+#include <filesystem>
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -20,6 +23,7 @@ struct SourceOptions {
   std::string machine;
   std::string acs_off;
   std::string assume_cpu;
+  std::string kernel;
 };
 
 void add_source_options(CLI::App* c, const std::shared_ptr<SourceOptions>& o) {
@@ -28,6 +32,44 @@ void add_source_options(CLI::App* c, const std::shared_ptr<SourceOptions>& o) {
   s->excludes(m);
   c->add_option("--assume-acs-off", o->acs_off, "BDF[,BDF...]: as if pci=disable_acs_redir= listed them");
   c->add_option("--assume-cpu", o->assume_cpu, "amd-zen or other: override the CPU for the AMD Zen rule");
+  c->add_option("--kernel", o->kernel,
+                "VERSION: apply the P2P rules of Linux VERSION (default: the running kernel's for the live /sys, "
+                "else the newest physr knows, " + kNewestKernel.to_string() + ")");
+}
+
+/// Whether the options name this host's own sysfs: no source, --sysfs-root /, --machine /.
+bool live_host(const SourceOptions& o) {
+  const std::string& dir = !o.machine.empty() ? o.machine : o.sysfs_root.empty() ? std::string("/") : o.sysfs_root;
+  std::error_code ec;
+  return std::filesystem::is_directory(dir, ec) && std::filesystem::equivalent(dir, "/", ec);
+}
+
+/// The kernel whose rules apply and where that choice came from, for the output.
+struct KernelChoice {
+  KernelVersion version = kNewestKernel;
+  std::string from = "the newest physr knows";
+};
+
+KernelChoice kernel_choice(const SourceOptions& o) {
+  auto check = [](KernelVersion k, const std::string& what, bool usage) {
+    if (k >= kOldestKernel) return;
+    const std::string m = what + ": physr models the P2P rules of Linux " + kOldestKernel.to_string() + " and newer";
+    if (usage) throw UsageError(m);
+    throw Failure(m + "; choose the rules with --kernel VERSION");
+  };
+  if (!o.kernel.empty()) {
+    auto k = parse_kernel_version(o.kernel);
+    if (!k) throw UsageError(std::move(k).error().with_context("--kernel").message);
+    check(*k, "--kernel " + o.kernel, true);
+    return {*k, "--kernel"};
+  }
+  if (!live_host(o)) return {};
+  utsname u{};
+  if (uname(&u) != 0) throw Failure("uname failed; choose the rules with --kernel VERSION");
+  auto k = parse_kernel_version(u.release);
+  if (!k) throw Failure(std::move(k).error().with_context("the running kernel (uname -r)").message + "; choose the rules with --kernel VERSION");
+  check(*k, std::string("the running kernel ") + u.release, false);
+  return {*k, std::string("the running kernel, ") + u.release};
 }
 
 /// The loader's warnings, to stderr.
@@ -43,8 +85,9 @@ Topology load_topology(const SourceOptions& o) {
   return warned(failure_value(load_sysfs(o.sysfs_root.empty() ? "/" : o.sysfs_root)));
 }
 
-VerdictOptions verdict_options(const SourceOptions& o) {
+VerdictOptions verdict_options(const SourceOptions& o, const KernelChoice& k) {
   VerdictOptions v;
+  v.kernel = k.version;
   size_t pos = 0;
   while (pos < o.acs_off.size()) {
     size_t end = o.acs_off.find(',', pos);
@@ -228,11 +271,12 @@ void print_matrix(const Topology& t, P2PEngine& e, const std::vector<uint32_t>& 
   print_legend(t);
 }
 
-nlohmann::json to_json(const Topology& t, P2PEngine& e, const std::vector<uint32_t>& devs) {
+nlohmann::json to_json(const Topology& t, P2PEngine& e, const std::vector<uint32_t>& devs, const KernelChoice& k) {
   nlohmann::json j;
   j["source"] = t.source;
   j["machine"] = t.name;
   j["cpu"] = {{"vendor", t.cpu.vendor}, {"family", t.cpu.family}, {"amd_zen_rule", e.cpu_amd_zen()}};
+  j["kernel"] = {{"version", k.version.to_string()}, {"from", k.from}};
   auto& hbs = j["host_bridges"] = nlohmann::json::array();
   for (const HostBridge& hb : t.host_bridges) hbs.push_back({{"name", hb.name()}, {"numa_node", hb.numa_node}});
   auto& fns = j["functions"] = nlohmann::json::array();
@@ -297,21 +341,22 @@ struct TopoOptions {
 };
 
 void run_topo(const TopoOptions& o) {
+  const KernelChoice k = kernel_choice(*o.src);
   const Topology t = load_topology(*o.src);
-  P2PEngine e = failure_value(P2PEngine::create(t, verdict_options(*o.src)));
+  P2PEngine e = failure_value(P2PEngine::create(t, verdict_options(*o.src, k)));
   const auto devs = endpoints(t, o.devices);
   if (o.json) {
-    fmt::print("{}\n", to_json(t, e, devs).dump(1));
+    fmt::print("{}\n", to_json(t, e, devs, k).dump(1));
     return;
   }
   if (o.dot) {
     print_dot(t);
     return;
   }
-  fmt::print("{}: {}, CPU {}{}\n{} host bridges, {} functions\n\n", t.source, t.name,
+  fmt::print("{}: {}, CPU {}{}\n{} host bridges, {} functions; the P2P rules of Linux {} ({})\n\n", t.source, t.name,
              t.cpu.known() ? fmt::format("{} family {:#x}", t.cpu.vendor, t.cpu.family) : "unknown",
              e.cpu_amd_zen() ? " (AMD Zen: P2P through the host bridge is allowed)" : "", t.host_bridges.size(),
-             t.functions.size());
+             t.functions.size(), k.version.to_string(), k.from);
   print_tree(t, e);
   print_matrix(t, e, devs);
 }
@@ -328,8 +373,9 @@ void print_hop(const Topology& t, const PathHop& h, const char* note) {
 }
 
 void run_explain(const ExplainOptions& o) {
+  const KernelChoice k = kernel_choice(*o.src);
   const Topology t = load_topology(*o.src);
-  P2PEngine e = failure_value(P2PEngine::create(t, verdict_options(*o.src)));
+  P2PEngine e = failure_value(P2PEngine::create(t, verdict_options(*o.src, k)));
   auto lookup = [&](const std::string& s) {
     auto r = t.lookup(s);
     if (!r) {
@@ -342,8 +388,9 @@ void run_explain(const ExplainOptions& o) {
   const Explanation x = e.explain(p, c);
   const Function& fp = t.functions[p];
   const Function& fc = t.functions[c];
-  fmt::print("provider {} ({} {:04x}:{:04x})\nclient   {} ({} {:04x}:{:04x})\n\n", describe(fp), class_name(fp.class_code),
-             fp.vendor, fp.device, describe(fc), class_name(fc.class_code), fc.vendor, fc.device);
+  fmt::print("provider {} ({} {:04x}:{:04x})\nclient   {} ({} {:04x}:{:04x})\nrules    Linux {} ({})\n\n", describe(fp),
+             class_name(fp.class_code), fp.vendor, fp.device, describe(fc), class_name(fc.class_code), fc.vendor, fc.device,
+             x.kernel.to_string(), k.from);
   fmt::print("Path, from the provider up{}:\n", x.common ? " to the common upstream device, then down to the client" : " to its host bridge, then from the client's host bridge down");
   for (const PathHop& h : x.provider_path)
     print_hop(t, h, x.common && h.function == *x.common ? "  <- common upstream device" : "");
@@ -387,13 +434,23 @@ void run_explain(const ExplainOptions& o) {
                    chk.listed ? "in the allowlist" : "not in the allowlist",
                    chk.listed && chk.requires_same_host_bridge ? (x.same_host_bridge ? " (needs one host bridge: yes)" : " (only within one host bridge: fails)") : "");
       }
+      if (x.second_host_bridge_skipped)
+        fmt::print("  {}: not looked at: the first host bridge failed, and Linux checks the second only if it passes\n",
+                   t.host_bridges[fc.host_bridge].name());
     }
   }
   fmt::print("\nVerdict: {}, distance {}\n", map_type_name(x.verdict.type), x.verdict.distance);
+  if (x.newer_kernel_allows)
+    fmt::print("Linux {} and newer allow this pair through the host bridge (their allowlist passes); --kernel {} shows it.\n",
+               x.newer_kernel_allows->to_string(), x.newer_kernel_allows->to_string());
   std::string def;
-  for (const auto& [k, d] : link_class_legend())
-    if (x.link_class == k) def = d;
+  for (const auto& [cls, d] : link_class_legend())
+    if (x.link_class == cls) def = d;
   fmt::print("Link class: {} ({})\n", x.link_class, def);
+  if (!x.kernel_log.empty()) {
+    fmt::print("\nLinux logs, when the pair is first mapped (pci_warn; the kernel prefixes the driver name):\n");
+    for (const std::string& line : x.kernel_log) fmt::print("  {}\n", line);
+  }
   if (!x.kernel_parameter.empty())
     fmt::print("\nTo let this pair use bus addresses, boot with: {}\n(what-if: add --assume-acs-off {})\n", x.kernel_parameter,
                x.kernel_parameter.substr(std::string("pci=disable_acs_redir=").size()));
