@@ -628,6 +628,16 @@ TEST(MachineFileTest, ErrorsNameLineKeyAndProblem) {
       {hb + "[[function]]\nbdf = \"01:00.0\"\nvendor = 1\ndevice = 2\nclass = 0x060400\ntype = \"root_port\"\nparent = \"02:00.0\"\n" +
            "[[function]]\nbdf = \"02:00.0\"\nvendor = 1\ndevice = 2\nclass = 0x060400\ntype = \"root_port\"\nparent = \"01:00.0\"\n",
        "test: 0000:01:00.0: upstream bridges form a cycle"},
+      // BARs as PCI defines them: a power of two of at least 16 bytes, aligned to its size,
+      // one per index, none overlapping another (any function's).
+      {hb + f0 + "[[function.bar]]\nstart = 0x100000\nsize = \"3M\"\n", "test:10: function[0] (0000:00:00.0).bar[0].size: 3145728 bytes is not a power of two"},
+      {hb + f0 + "[[function.bar]]\nstart = 0x100000\nsize = 8\n", "is not a power of two of at least 16"},
+      {hb + f0 + "[[function.bar]]\nstart = 0x101000\nsize = \"1M\"\n", "bar[0].start: 0x101000 is not aligned to the BAR's size (1 MiB)"},
+      {hb + f0 + "[[function.bar]]\nindex = 1\nstart = 0x100000\nsize = \"1M\"\n[[function.bar]]\nindex = 1\nstart = 0x200000\nsize = \"4K\"\n",
+       "bar[1]: BAR 1 is defined twice for this function"},
+      {hb + f0 + "[[function.bar]]\nindex = 0\nstart = 0x100000\nsize = \"1M\"\n" +
+           "[[function]]\nbdf = \"00:01.0\"\nvendor = 1\ndevice = 2\nclass = 0x010802\n[[function.bar]]\nstart = 0x180000\nsize = \"4K\"\n",
+       "test:17: function[1] (0000:00:01.0).bar[0]: overlaps function[0] (0000:00:00.0).bar[0] (test:8, 0x100000 + 1 MiB)"},
   };
   for (const Case& c : cases) {
     auto t = parse_machine(c.text, "test");

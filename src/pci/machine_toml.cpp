@@ -98,6 +98,11 @@ Result<Topology> parse_machine(std::string_view text, std::string_view source) {
   std::vector<std::pair<std::string, const toml::node*>> parents;  // per function
   std::map<std::string, uint32_t> by_name;
   std::map<Bdf, uint32_t> by_bdf;
+  struct BarAt {
+    PhysSpan span;
+    std::string where, name;  // "FILE:LINE: ", "function[i] (BDF).bar[j]"
+  };
+  std::vector<BarAt> all_bars;  // every function's, for the overlap check
   const size_t nf = fns ? fns->size() : 0;
   for (size_t i = 0; i < nf; ++i) {
     const toml::table& ft = *(*fns)[i].as_table();
@@ -156,9 +161,22 @@ Result<Topology> parse_machine(std::string_view text, std::string_view source) {
         return make_error(EINVAL, c.where(bt) + bw + ": needs 'start' and a non-zero 'size'");
       if (**start + **size > kPhysAddrLimit)
         return make_error(EINVAL, c.where(bt) + bw + ": runs past the 52-bit physical address space");
+      // A memory BAR is a power of two of at least 16 bytes, aligned to its size (PCI Local
+      // Bus Specification, Base Address Registers: software sizes it by writing all ones).
+      const uint64_t sz = **size;
+      if (sz < 16 || (sz & (sz - 1)) != 0)
+        return make_error(EINVAL, c.where(*bt.get("size")) + bw + ".size: " + std::to_string(sz) +
+                                      " bytes is not a power of two of at least 16 (a memory BAR's size always is)");
+      if ((**start & (sz - 1)) != 0)
+        return make_error(EINVAL, c.where(*bt.get("start")) + bw + ".start: " + format_hex(**start) + " is not aligned to the BAR's size (" +
+                                      format_size(sz) + ")");
       Bar bar;
       bar.index = static_cast<unsigned>(idx->value_or(b));
+      for (const Bar& other : f.bars)
+        if (other.index == bar.index)
+          return make_error(EEXIST, c.where(bt) + bw + ": BAR " + std::to_string(bar.index) + " is defined twice for this function");
       bar.span = PhysSpan{PhysAddr(**start), **size};
+      all_bars.push_back({bar.span, c.where(bt), bw});
       bar.flags = 0x200 | (*pf ? 0x2000 : 0) | 0x100000;  // IORESOURCE_MEM | PREFETCH | MEM_64
       f.bars.push_back(bar);
     }
@@ -192,6 +210,14 @@ Result<Topology> parse_machine(std::string_view text, std::string_view source) {
     if (!f.name.empty()) by_name.emplace(f.name, static_cast<uint32_t>(t.functions.size()));
     t.functions.push_back(std::move(f));
   }
+
+  // No two BARs decode the same address (the PCI core refuses a conflicting resource).
+  std::sort(all_bars.begin(), all_bars.end(), [](const BarAt& a, const BarAt& b) { return a.span.base < b.span.base; });
+  for (size_t k = 1; k < all_bars.size(); ++k)
+    if (all_bars[k].span.base < all_bars[k - 1].span.base + all_bars[k - 1].span.size)
+      return make_error(EINVAL, all_bars[k].where + all_bars[k].name + ": overlaps " + all_bars[k - 1].name + " (" +
+                                    all_bars[k - 1].where.substr(0, all_bars[k - 1].where.size() - 2) + ", " +
+                                    format_hex(all_bars[k - 1].span.base.value()) + " + " + format_size(all_bars[k - 1].span.size) + ")");
 
   // Resolve parents and host bridges now that every function is known.
   for (uint32_t i = 0; i < t.functions.size(); ++i) {

@@ -88,6 +88,7 @@ void run_map(const MapOptions& o) {
   MapMachine m;
   m.topo = load_machine_arg(o.machine);
   m.model = failure_value(ModelPlatform::create(m.topo));
+  print_warnings(m.model->warnings);
   m.domain = failure_value(m.model->new_domain());
   const uint32_t client = usage_value(m.topo.lookup(o.device));
   const DmaDirection dir = parse_dir(o.dir);
