@@ -33,6 +33,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   c.coherent = (cfg >> 9) & 1;
   c.min_align_mask = (cfg >> 10) & 1 ? 0xfff : 0;
   c.debug = (cfg >> 11) & 1;
+  c.untrusted_one_iova = (cfg >> 12) & 1;
+  c.force_bounce = !c.domain && ((cfg >> 13) & 1);
   auto dev = std::move(DmaDevice::create(w->env(), c)).value();
   std::vector<DmaMapping> live;
   std::vector<std::pair<DmaSegment, DmaDirection>> phys;

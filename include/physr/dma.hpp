@@ -4,17 +4,23 @@
 // Mapping design (Linux kernel/dma/direct.c, drivers/iommu/dma-iommu.c, p2pdma.c)
 // - Each range of a list is classified by its provider tag and the P2P verdict for
 //   (provider owner, device): host memory; bus_addr (DMA address = phys + the provider's bus
-//   offset, never put in the IOMMU, flagged BUS_ADDR); thru_host_bridge (mapped like host
-//   memory with the MMIO attribute); not_supported (bounced through host memory when the
-//   provider allows CPU copies and the caller allows it, else EREMOTEIO for the whole call).
-// - Direct devices: DMA address = phys + dma_offset; host memory above the DMA mask, and
-//   all host memory of an untrusted device, is bounced. One segment per range, split to
-//   the device's max segment and boundary (Linux leaves that to the block layer).
+//   offset, never put in the IOMMU, flagged BUS_ADDR); thru_host_bridge (in a list, mapped
+//   as host memory, as Linux dma_direct_map_sg() and iommu_dma_map_sg() do; a single range,
+//   map_phys or iova_link, gets the MMIO attribute); not_supported (EREMOTEIO for the whole
+//   call, or, with kDmaAttrAllowBounce, bounced when the provider allows CPU copies).
+// - Direct devices (Linux dma_direct_map_phys()): DMA address = phys + dma_offset; bounced
+//   when above the DMA mask or when the device forces bouncing (swiotlb=force). One
+//   segment per range, split to the device's max segment and boundary (Linux leaves that
+//   to the block layer).
 // - IOMMU devices: Linux iommu_dma_map_sg(): one IOVA allocation for every IOMMU-mapped
 //   segment, each aligned to the granule, padded so no segment crosses the boundary mask,
 //   bus-address segments skipped, then __finalise_sg()'s merge of adjacent results within
-//   the device's limits. Untrusted devices bounce the sub-granule parts (iova_unaligned()),
-//   in whole zeroed granules. The page table is written in one batch (IommuDomain::map_many).
+//   the device's limits. The page table is written in one batch (IommuDomain::map_many).
+// - Untrusted devices behind an IOMMU: Linux iommu_dma_map_sg_swiotlb(): each range (cut to
+//   the limits) gets its own IOVA, with no P2P classification; ranges not aligned to the
+//   granule (iova_unaligned()) are bounced in whole zeroed granules. With
+//   DmaDeviceConfig::untrusted_one_iova they are laid out as a trusted device's, with the
+//   verdicts applied, bouncing the same ranges.
 // - Any failure undoes everything the call did: no IOVA, page-table entry or bounce slot
 //   stays behind.
 //
@@ -186,8 +192,13 @@ enum class DmaAttr : uint32_t {
   /// DMA_ATTR_SKIP_CPU_SYNC: unmap copies nothing back from bounce buffers and no cache
   /// maintenance is done at map or unmap; the caller syncs explicitly.
   skip_cpu_sync = 1,
-  /// P2P memory the device cannot reach may be bounced through host memory, when its
-  /// provider allows CPU copies. Without it such a range fails the call with EREMOTEIO.
+  /// physr's own (no Linux counterpart): P2P memory that Linux refuses to map is bounced
+  /// through host memory instead, when its provider allows CPU copies: a not_supported
+  /// verdict, and MMIO (map_phys, iova_link) a device cannot take in place (above a direct
+  /// device's mask, with forced bouncing, unaligned for an untrusted device behind an
+  /// IOMMU; also unaligned in a list with untrusted_one_iova). Without it such a range
+  /// fails the call with EREMOTEIO. Memory that Linux bounces itself (host memory, and P2P
+  /// through the host bridge in a list) needs no attribute.
   allow_bounce = 2,
 };
 using DmaAttrs = Flags<DmaAttr>;
@@ -200,7 +211,8 @@ enum class DmaSeg : uint32_t {
   bus_addr = 1,  // a PCI bus address (P2P under a shared switch): not in the IOMMU
   iommu = 2,     // an IOVA in the device's IOMMU domain
   bounced = 4,   // (some of) its bytes go through the bounce pool
-  mmio = 8,      // P2P memory reached through the host bridge (MMIO attribute)
+  mmio = 8,      // mapped with the MMIO attribute (Linux DMA_ATTR_MMIO: map_phys of P2P memory
+                 // through the host bridge; direct: the DMA address is phys, no offset)
 };
 using DmaSegFlags = Flags<DmaSeg>;
 inline constexpr DmaSegFlags kDmaSegBusAddr = DmaSeg::bus_addr;
@@ -232,7 +244,19 @@ struct DmaDeviceConfig {
   uint64_t seg_boundary_mask = 0xffffffff;  // Linux's default; 2^k - 1, at least 4 KiB - 1
   uint64_t min_align_mask = 0;          // offset bits a bounce must keep (NVMe: 4 KiB - 1)
   bool coherent = true;                 // false: map, unmap and sync do cache maintenance
-  bool untrusted = false;               // external device: host memory is bounced (see above)
+  /// An external device (Linux pci_dev->untrusted). Matters only behind an IOMMU (Linux
+  /// dev_use_swiotlb()): ranges not aligned to the granule are bounced in whole zeroed
+  /// granules, and a list maps each range at its own IOVA (below).
+  bool untrusted = false;
+  /// Untrusted behind an IOMMU: map a list as a trusted device does (one IOVA, merged
+  /// segments, the P2P verdicts applied), bouncing the same unaligned host ranges; MMIO is
+  /// then not bounced (EREMOTEIO unless kDmaAttrAllowBounce). physr's option; false is
+  /// Linux (dev_use_sg_swiotlb() -> iommu_dma_map_sg_swiotlb()).
+  bool untrusted_one_iova = false;
+  /// Direct mapping: every host range is bounced (Linux is_swiotlb_force_bounce():
+  /// swiotlb=force, confidential-computing guests); MMIO (map_phys) is then refused. EINVAL
+  /// with a domain.
+  bool force_bounce = false;
   uint64_t dma_offset = 0;              // direct mapping: DMA address = phys + dma_offset
   IommuDomain* domain = nullptr;        // the IOMMU domain (may be shared), or null: direct
   bool debug = false;                   // DMA-API debug: track every mapping, report misuse exactly
@@ -265,7 +289,8 @@ class DmaMapping {
   bool mapped() const noexcept { return dev_ != nullptr; }
   DmaDirection direction() const noexcept { return dir_; }
   uint64_t bytes() const noexcept { return bytes_; }
-  /// The IOVA range the call allocated (size 0 when nothing went through the IOMMU).
+  /// The IOVA range the call allocated (size 0 when nothing went through the IOMMU, and for
+  /// an untrusted device's list, whose IOMMU segments each have their own IOVA).
   DmaSpan iova() const noexcept { return DmaSpan{iova_, iova_len_}; }
 
  private:
@@ -283,6 +308,7 @@ class DmaMapping {
   uint64_t bytes_ = 0;
   uint64_t debug_id_ = 0;
   DmaDirection dir_ = DmaDirection::none;
+  bool per_range_iova_ = false;  // Linux sg_dma_mark_swiotlb(): each IOMMU segment is its own IOVA
   DmaAttrs attrs_{};
 };
 
@@ -318,8 +344,10 @@ class DmaDevice {
   /// EINVAL: empty list, direction none, a range naming an unregistered provider or lying
   /// outside its aperture, host memory inside a provider's aperture. EFAULT: a revoked
   /// provider. EREMOTEIO: a P2P range the device cannot reach and may not bounce (named).
-  /// ENOMEM: no IOVA space or bounce slots. EIO: a bounce the device cannot address, or no
-  /// bounce pool. On any error nothing stays mapped.
+  /// ENOMEM: no IOVA space or bounce slots. EIO: a bounce the device cannot address, no
+  /// bounce pool, or P2P memory to bounce whose provider forbids CPU copies (Linux's code
+  /// when dma_direct_map_phys() or iommu_dma_map_phys() fails in a list). On any error
+  /// nothing stays mapped.
   Result<DmaMapping> map(const RangeList& list, DmaDirection dir, DmaAttrs attrs = {});
   /// The same into `out`, reusing its storage (the hot path: no allocation once warm).
   /// `out` must not hold a live mapping (EBUSY).
@@ -372,6 +400,10 @@ class DmaDevice {
 
  private:
   explicit DmaDevice(std::unique_ptr<Impl> impl);
+  // An untrusted device's list behind an IOMMU (Linux iommu_dma_map_sg_swiotlb()).
+  Status map_into_swiotlb(DmaMapping& out, const RangeList& list, DmaDirection dir, DmaAttrs attrs);
+  // What every successful map_into does last: the mapping's fields, DMA-API debug, stats.
+  void finish_map(DmaMapping& out, const RangeList& list, DmaDirection dir, DmaAttrs attrs, uint64_t bounced);
   std::unique_ptr<Impl> impl_;
 };
 

@@ -23,6 +23,7 @@ DmaMapping& DmaMapping::operator=(DmaMapping&& o) noexcept {
   dev_ = std::exchange(o.dev_, nullptr);
   iova_ = o.iova_;
   iova_len_ = std::exchange(o.iova_len_, 0);
+  per_range_iova_ = std::exchange(o.per_range_iova_, false);
   bytes_ = std::exchange(o.bytes_, 0);
   debug_id_ = std::exchange(o.debug_id_, 0);
   dir_ = o.dir_;
@@ -91,6 +92,7 @@ Result<std::unique_ptr<DmaDevice>> DmaDevice::create(const DmaEnv& env, const Dm
   if ((c.min_align_mask & (c.min_align_mask + 1)) != 0 || c.min_align_mask >= 128 * KiB)
     return make_error(EINVAL, "DMA device: min_align_mask " + format_hex(c.min_align_mask) + " must be 2^k - 1 below 128 KiB");
   if (c.domain && c.dma_offset != 0) return make_error(EINVAL, "DMA device: a DMA offset applies to direct mapping only, not with an IOMMU domain");
+  if (c.domain && c.force_bounce) return make_error(EINVAL, "DMA device: forced bouncing applies to direct mapping only, not with an IOMMU domain");
   auto impl = std::make_unique<Impl>();
   impl->env = env;
   impl->cfg = c;

@@ -35,6 +35,20 @@ inline uint8_t dir_prot(DmaDirection d) {
 
 enum class Route : uint8_t { host, mmio, bus };
 
+// Whose rules classify() applies to P2P memory.
+enum class MapForm : uint8_t {
+  // One range (Linux dma_map_phys(), dma_iova_link()): memory through the host bridge is
+  // mapped with DMA_ATTR_MMIO, so it is never bounced by Linux and a direct device gets
+  // the physical address as the DMA address.
+  phys,
+  // A list (Linux dma_direct_map_sg(), iommu_dma_map_sg()): memory through the host bridge
+  // is mapped as host memory (no MMIO attribute, the list's permissions).
+  list,
+  // An untrusted device's list behind an IOMMU (Linux iommu_dma_map_sg_swiotlb()): no P2P
+  // classification at all.
+  list_swiotlb,
+};
+
 
 // First chunk of [a, a + len) that stays within max_seg and does not cross a multiple of
 // bmask + 1, in whatever address space a lives in.
@@ -43,6 +57,27 @@ inline uint64_t first_chunk(uint64_t a, uint64_t len, uint64_t max_seg, uint64_t
   if (bmask != ~uint64_t{0}) n = std::min(n, bmask - (a & bmask) + 1);
   return n;
 }
+
+// The verdicts of the last two providers a list met, for the rest of one map call (inside
+// its ReadGuard, so a provider pointer cannot be freed and its id not reused meanwhile). A
+// list alternating between a few providers then skips the verdict lookup (the provider's
+// function index, its check against the topology, the engine's row and entry: dependent
+// loads) for all but their first ranges.
+struct VerdictMemo {
+  const Provider* p[2] = {nullptr, nullptr};
+  std::optional<pci::MapType> t[2];
+  unsigned next = 0;  // the entry a miss replaces (the older one)
+  template <class F>
+  std::optional<pci::MapType> get(const Provider* q, F&& compute) {
+    if (q == p[0]) return t[0];
+    if (q == p[1]) return t[1];
+    const unsigned k = next;
+    next ^= 1;
+    p[k] = q;
+    t[k] = compute();
+    return t[k];
+  }
+};
 
 struct DebugEntry {
   uint64_t len;
@@ -54,6 +89,8 @@ struct DebugEntry {
 struct DmaDevice::Impl {
   using DebugEntry = dma_detail::DebugEntry;
   using Route = dma_detail::Route;
+  using MapForm = dma_detail::MapForm;
+  using VerdictMemo = dma_detail::VerdictMemo;
   static constexpr uint64_t kGMask = dma_detail::kGMask;
   static constexpr uint64_t kIovaTop = dma_detail::kIovaTop;
   DmaEnv env;
@@ -109,62 +146,102 @@ struct DmaDevice::Impl {
   }
 
   // Classifies [addr, addr + len) of provider tag `tag` (range `i` of a list, for
-  // messages): the route, whether it must bounce, and the provider (nullptr for host
-  // memory). Inside a ReadGuard.
+  // messages) by the rules of `form`: the route, whether it must bounce, and the provider
+  // (nullptr for host memory). Inside a ReadGuard. `memo` (a list's, or null) remembers
+  // the last providers' verdicts for the rest of the call. The hot cases (host memory,
+  // P2P by bus address, P2P through the host bridge in a list) stay in this function;
+  // messages are built out of line, on failure only.
   Status classify(size_t i, uint64_t addr, uint64_t len, ProviderId tag, DmaAttrs attrs, Route* route, bool* bounce,
-                  const Provider** provider) {
-    const auto where = [&] {
-      return "range " + std::to_string(i) + " [" + format_hex(addr) + ", +" + format_hex(len) + ")";
-    };
+                  const Provider** provider, MapForm form = MapForm::phys, VerdictMemo* memo = nullptr) {
     const ProviderRegistry* reg = env.providers;
     const Provider* p = nullptr;
     if (tag == kHostMemory) {
       if (reg) {  // host memory must not lie in a BAR: a list built wrongly is caught here
-        for (uint64_t done = 0, ext = 0; done < len; done += ext) {
-          if (const Provider* q = reg->find_extent(PhysAddr(addr + done), ext))
-            return make_error(EINVAL, where() + " is tagged host memory but " + format_hex(addr + done) + " is in provider " +
-                                          std::to_string(q->id()) + " (" + q->owner().to_string() + " BAR" + std::to_string(q->bar()) + ")");
-        }
+        for (uint64_t done = 0, ext = 0; done < len; done += ext)
+          if (const Provider* q = reg->find_extent(PhysAddr(addr + done), ext)) [[unlikely]]
+            return bad_range(i, addr, len, tag, q, addr + done);
       }
     } else {
-      if (!reg) return make_error(EINVAL, where() + " names provider " + std::to_string(tag) + " but the device has no provider registry");
+      if (!reg) [[unlikely]] return bad_range(i, addr, len, tag, nullptr, 0);
       p = tag == kIndirectProvider ? reg->find(PhysAddr(addr)) : reg->get(tag);
-      if (!p) return make_error(EINVAL, where() + " names provider " + (tag == kIndirectProvider ? std::string("(by address)") : std::to_string(tag)) + ", which is not registered");
-      if (!p->phys().contains(PhysSpan{PhysAddr(addr), len}))
-        return make_error(EINVAL, where() + " lies outside provider " + std::to_string(p->id()) + "'s aperture [" +
-                                      format_hex(p->phys().base.value()) + ", +" + format_hex(p->phys().size) + ")");
-      if (p->revoked()) return make_error(EFAULT, where() + " is in provider " + std::to_string(p->id()) + ", which was revoked");
+      if (!p || !p->phys().contains(PhysSpan{PhysAddr(addr), len}) || p->revoked()) [[unlikely]]
+        return bad_range(i, addr, len, tag, p, 0);
     }
-    *bounce = false;
     *provider = p;
-    if (!p) {
-      *route = Route::host;
-      if (cfg.domain) *bounce = cfg.untrusted && ((addr | len) & kGMask) != 0;  // Linux iova_unaligned()
-      else *bounce = cfg.untrusted || !capable(addr + cfg.dma_offset, len);
-      return {};
+    const bool unaligned = ((addr | len) & kGMask) != 0;  // Linux iova_unaligned()
+    // Linux iommu_dma_map_sg_swiotlb(): each entry goes to iommu_dma_map_phys() with the
+    // list's attributes and no pci_p2pdma_state(): P2P memory of any verdict is mapped (and
+    // bounced when unaligned) as host memory is.
+    if (p && form != MapForm::list_swiotlb) {
+      const auto t = memo ? memo->get(p, [&] { return verdict(*p); }) : verdict(*p);
+      if (t == pci::MapType::bus_addr) {
+        *route = Route::bus;
+        *bounce = false;
+        return {};
+      }
+      // Linux dma_direct_map_sg() (PCI_P2PDMA_MAP_THRU_HOST_BRIDGE falls through to the
+      // host case) and iommu_dma_map_sg() ("mapped with regular IOVAs", the list-wide prot):
+      // in a list, memory through the host bridge is host memory. physr's
+      // untrusted_one_iova option is the exception: MMIO is not bounced piecewise for an
+      // untrusted device.
+      const bool thru_host_bridge = t == pci::MapType::thru_host_bridge;
+      if (!(thru_host_bridge && form == MapForm::list && !(cfg.domain && cfg.untrusted && unaligned))) {
+        // A single range through the host bridge (MMIO), or memory Linux refuses. Linux
+        // dma_direct_map_phys() with DMA_ATTR_MMIO: DMA address = phys, dma_capable() of it,
+        // never swiotlb (forced bouncing refuses it); iommu_dma_map_phys(): DMA_ATTR_MMIO is
+        // never bounced, so an untrusted device cannot take it unaligned.
+        *route = Route::mmio;
+        *bounce = false;
+        if (thru_host_bridge && (cfg.domain ? !(cfg.untrusted && unaligned) : !cfg.force_bounce && capable(addr, len))) return {};
+        if ((attrs & kDmaAttrAllowBounce) && p->cpu_copy_allowed()) {  // physr's own: bounce what Linux refuses
+          *bounce = true;
+          return {};
+        }
+        return unreachable(i, addr, len, *p, t, attrs);
+      }
     }
-    const auto t = verdict(*p);
-    bool reachable = t.has_value() && *t != pci::MapType::not_supported;
-    if (t == pci::MapType::bus_addr) {
-      *route = Route::bus;
-      return {};
-    }
-    *route = Route::mmio;
-    // MMIO cannot be bounced piecewise for an untrusted device, nor reached above the mask.
-    if (reachable && !cfg.domain && !capable(addr + cfg.dma_offset, len)) reachable = false;
-    if (reachable && cfg.domain && cfg.untrusted && ((addr | len) & kGMask) != 0) reachable = false;
-    if (reachable) return {};
-    if ((attrs & kDmaAttrAllowBounce) && p->cpu_copy_allowed()) {
-      *bounce = true;
-      return {};
-    }
-    std::string why = !t ? "its owner " + p->owner().to_string() + " is not function " + std::to_string(p->function()) + " of the topology"
-                         : *t == pci::MapType::not_supported ? "P2P from " + p->owner().to_string() + " to " + who() + " is not supported"
-                         : cfg.domain ? "it is not granule-aligned and " + who() + " is untrusted"
-                                      : "it lies above " + who() + "'s DMA mask " + format_hex(cfg.dma_mask);
-    why += (attrs & kDmaAttrAllowBounce) ? " and provider " + std::to_string(p->id()) + " does not allow CPU copies"
+    // Host memory, and P2P memory mapped as host memory: Linux iommu_dma_map_phys() bounces
+    // when dev_use_swiotlb() (untrusted) and iova_unaligned(); dma_direct_map_phys() when
+    // is_swiotlb_force_bounce() or !dma_capable() of phys_to_dma() (untrusted plays no part).
+    *route = Route::host;
+    *bounce = cfg.domain ? cfg.untrusted && unaligned : cfg.force_bounce || !capable(addr + cfg.dma_offset, len);
+    if (*bounce && p && !p->cpu_copy_allowed()) [[unlikely]]  // swiotlb would copy it; this provider forbids that
+      return make_error(EIO, range_name(i, addr, len) + " in provider " + std::to_string(p->id()) + " must be bounced for " +
+                                 who() + " but the provider does not allow CPU copies");
+    return {};
+  }
+
+  // The EREMOTEIO for P2P memory classify() found unreachable and not to be bounced.
+  [[gnu::cold, gnu::noinline]] Status unreachable(size_t i, uint64_t addr, uint64_t len, const Provider& p, std::optional<pci::MapType> t, DmaAttrs attrs) const {
+    std::string why = !t ? "its owner " + p.owner().to_string() + " is not function " + std::to_string(p.function()) + " of the topology"
+                         : *t == pci::MapType::not_supported ? "P2P from " + p.owner().to_string() + " to " + who() + " is not supported"
+                         : cfg.domain       ? "it is not granule-aligned and " + who() + " is untrusted (MMIO is not bounced)"
+                         : cfg.force_bounce ? who() + " bounces everything (MMIO is not bounced)"
+                                            : "it lies above " + who() + "'s DMA mask " + format_hex(cfg.dma_mask);
+    why += (attrs & kDmaAttrAllowBounce) ? " and provider " + std::to_string(p.id()) + " does not allow CPU copies"
                                          : " and bouncing was not allowed";
-    return make_error(EREMOTEIO, where() + " in provider " + std::to_string(p->id()) + " is unreachable: " + why);
+    return make_error(EREMOTEIO, range_name(i, addr, len) + " in provider " + std::to_string(p.id()) + " is unreachable: " + why);
+  }
+
+  static std::string range_name(size_t i, uint64_t addr, uint64_t len) {
+    return "range " + std::to_string(i) + " [" + format_hex(addr) + ", +" + format_hex(len) + ")";
+  }
+
+  // The error for a range whose tag does not fit: host memory inside provider q's aperture
+  // (at `at`), no registry, an unregistered provider, outside its aperture, revoked.
+  [[gnu::cold, gnu::noinline]] Status bad_range(size_t i, uint64_t addr, uint64_t len, ProviderId tag, const Provider* q, uint64_t at) const {
+    const std::string where = range_name(i, addr, len);
+    if (tag == kHostMemory)
+      return make_error(EINVAL, where + " is tagged host memory but " + format_hex(at) + " is in provider " + std::to_string(q->id()) + " (" +
+                                    q->owner().to_string() + " BAR" + std::to_string(q->bar()) + ")");
+    if (!env.providers) return make_error(EINVAL, where + " names provider " + std::to_string(tag) + " but the device has no provider registry");
+    if (!q)
+      return make_error(EINVAL, where + " names provider " + (tag == kIndirectProvider ? std::string("(by address)") : std::to_string(tag)) +
+                                    ", which is not registered");
+    if (!q->phys().contains(PhysSpan{PhysAddr(addr), len}))
+      return make_error(EINVAL, where + " lies outside provider " + std::to_string(q->id()) + "'s aperture [" + format_hex(q->phys().base.value()) +
+                                    ", +" + format_hex(q->phys().size) + ")");
+    return make_error(EFAULT, where + " is in provider " + std::to_string(q->id()) + ", which was revoked");
   }
 
   // The provider owning `phys` (nullptr: host memory), and the tag a range list carries

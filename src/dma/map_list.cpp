@@ -21,9 +21,12 @@ Status DmaDevice::map_into(DmaMapping& out, const RangeList& list, DmaDirection 
   if (list.empty()) return make_error(EINVAL, "DMA map: empty range list");
   out.bounces_.clear();
   out.iova_len_ = 0;
+  out.per_range_iova_ = false;
   std::optional<ProviderRegistry::ReadGuard> guard;
   if (m.env.providers) guard.emplace();
   const bool iommu = c.domain != nullptr;
+  // Linux iommu_dma_map_sg(): dev_use_sg_swiotlb() is true for an untrusted device.
+  if (iommu && c.untrusted && !c.untrusted_one_iova) [[unlikely]] return map_into_swiotlb(out, list, dir, attrs);
   const uint64_t mask = c.seg_boundary_mask;
 
   // Segments and page-table operations are written through raw pointers into buffers that
@@ -85,27 +88,35 @@ Status DmaDevice::map_into(DmaMapping& out, const RangeList& list, DmaDirection 
   //    boundary, and the result stays within the max segment. The allocation is aligned
   //    to at least min(its size rounded up to a power of two, boundary), so whether a
   //    relative address sits on a boundary is the same as for the absolute one.
+  // Every IOMMU piece has the list-wide permissions (Linux iommu_dma_map_sg():
+  // dma_info_to_prot() once; memory through the host bridge gets no IOMMU_MMIO there).
   const uint8_t prot = dir_prot(dir);
   uint64_t iova_len = 0, cur_len = 0, cacheable = 0;
   uint64_t op_iova_end = 0, op_phys_end = 0;
-  uint8_t op_perm = 0;
   size_t idx = 0;
+  // Host memory needs classify() only behind an IOMMU for an untrusted device (here: the
+  // untrusted_one_iova option); a direct device bounces it by the same rule either way.
+  const bool host_inline = !(iommu && c.untrusted);
+  VerdictMemo memo;
   for (const PhysRange r : list) {
     const uint64_t addr = r.addr.value(), len = r.len;
     Route route = Route::host;
     bool bounce = false;
     const Provider* p = nullptr;
     uint64_t ext = 0;
-    // The hot case inline: trusted host memory with no provider in the way.
-    if (r.provider == kHostMemory && !c.untrusted &&
+    // The hot case inline: host memory with no provider in the way (Linux
+    // dma_direct_map_phys(): bounced when forced or not dma_capable()).
+    if (r.provider == kHostMemory && host_inline &&
         (!m.env.providers || m.env.providers->surely_host(r.addr, len) ||
          (!m.env.providers->find_extent(r.addr, ext) && ext >= len))) {
-      bounce = !iommu && !m.capable(addr + c.dma_offset, len);
-    } else if (auto st = m.classify(idx, addr, len, r.provider, attrs, &route, &bounce, &p); !st) {
+      bounce = !iommu && (c.force_bounce || !m.capable(addr + c.dma_offset, len));
+    } else if (auto st = m.classify(idx, addr, len, r.provider, attrs, &route, &bounce, &p, MapForm::list, &memo); !st) {
       return fail(std::move(st).error());
     }
     ++idx;
-    cacheable += route == Route::host || bounce;
+    // Cache maintenance for everything but bus addresses (Linux syncs the memory through the
+    // host bridge in a list too: it is mapped without DMA_ATTR_MMIO).
+    cacheable += route != Route::bus;
     if (route == Route::bus) {
       // The provider is the same for the whole range (ranges never cross providers).
       for (uint64_t a = p->to_bus(r.addr).value(), left = len; left != 0;) {  // cut to the limits in bus space
@@ -118,7 +129,7 @@ Status DmaDevice::map_into(DmaMapping& out, const RangeList& list, DmaDirection 
       continue;
     }
     if (!iommu) {
-      const DmaSegFlags flags = bounce ? kDmaSegBounced : route == Route::mmio ? kDmaSegMmio : DmaSegFlags{};
+      const DmaSegFlags flags = bounce ? kDmaSegBounced : DmaSegFlags{};
       for (uint64_t a = addr, left = len; left != 0;) {
         uint64_t n = left, d = a + c.dma_offset;
         if (bounce) {
@@ -140,9 +151,7 @@ Status DmaDevice::map_into(DmaMapping& out, const RangeList& list, DmaDirection 
       }
       continue;
     }
-    const bool mmio = route == Route::mmio && !bounce;
-    const uint8_t pr = static_cast<uint8_t>(prot | (mmio ? kIommuMmio : 0));
-    const DmaSegFlags flags = kDmaSegIommu | (bounce ? kDmaSegBounced : DmaSegFlags{}) | (mmio ? kDmaSegMmio : DmaSegFlags{});
+    const DmaSegFlags flags = kDmaSegIommu | (bounce ? kDmaSegBounced : DmaSegFlags{});
     const uint64_t wmask = bounce ? std::min(mask, BouncePool::kMaxMapping - 1) : mask;
     for (uint64_t a = addr, left = len; left != 0;) {
       const uint64_t n = first_chunk(a, left, c.max_segment, wmask);
@@ -161,15 +170,14 @@ Status DmaDevice::map_into(DmaMapping& out, const RangeList& list, DmaDirection 
       const uint64_t ph = phys - off;
       // One op per physically and virtually contiguous run; the last op's ends are kept in
       // locals (reading them back from the buffer cost a third of this loop).
-      if (nops && op_perm == pr && op_iova_end == iova_len && op_phys_end == ph) {
+      if (nops && op_iova_end == iova_len && op_phys_end == ph) {
         ops[nops - 1].size += s_length;
       } else {
         if (nops == s.ops.size()) [[unlikely]] {
           s.ops.resize(2 * nops);
           ops = s.ops.data();
         }
-        ops[nops++] = IoMapOp{DmaAddr(iova_len), PhysAddr(ph), s_length, pr};
-        op_perm = pr;
+        ops[nops++] = IoMapOp{DmaAddr(iova_len), PhysAddr(ph), s_length, prot};
       }
       op_iova_end = iova_len + s_length;
       op_phys_end = ph + s_length;
@@ -207,13 +215,19 @@ Status DmaDevice::map_into(DmaMapping& out, const RangeList& list, DmaDirection 
   }
 
   // Cache maintenance before the device owns the memory (Linux arch_sync_dma_for_device;
-  // none for MMIO).
+  // none for bus addresses).
   if (!(attrs & kDmaAttrSkipCpuSync)) m.count_cache(cacheable);
+  finish_map(out, list, dir, attrs, bounced);
+  return {};
+}
+
+void DmaDevice::finish_map(DmaMapping& out, const RangeList& list, DmaDirection dir, DmaAttrs attrs, uint64_t bounced) {
+  Impl& m = *impl_;
   out.dev_ = this;
   out.dir_ = dir;
   out.attrs_ = attrs;
   out.bytes_ = list.total_bytes();
-  if (c.debug) {
+  if (m.cfg.debug) {
     out.debug_id_ = m.next_id.fetch_add(1, std::memory_order_relaxed);
     std::lock_guard lock(m.dbg_mu);
     m.dbg_lists.emplace(out.debug_id_, DebugEntry{out.bytes_, dir});
@@ -221,6 +235,71 @@ Status DmaDevice::map_into(DmaMapping& out, const RangeList& list, DmaDirection 
   if (bounced) m.bounced.fetch_add(bounced, std::memory_order_relaxed);
   m.maps.fetch_add(1, std::memory_order_relaxed);
   m.live.fetch_add(1, std::memory_order_relaxed);
+}
+
+// Linux iommu_dma_map_sg_swiotlb(): an untrusted device behind an IOMMU maps each entry with
+// iommu_dma_map_phys(), with the list's attributes and no P2P classification: its own IOVA
+// (__iommu_dma_map(): the granules it touches, the SAC rule), bounced in whole zeroed
+// granules when not aligned to the granule (iommu_dma_map_swiotlb()), no merging. physr cuts
+// each range to the device's limits first (a bounced piece also within 256 KiB), each piece
+// with its own IOVA; the page table is written in one batch at the end (all or nothing).
+// Called by map_into inside its ReadGuard.
+Status DmaDevice::map_into_swiotlb(DmaMapping& out, const RangeList& list, DmaDirection dir, DmaAttrs attrs) {
+  Impl& m = *impl_;
+  const DmaDeviceConfig& c = m.cfg;
+  Scratch& s = t_scratch;
+  s.nops = 0;
+  size_t nseg = 0, nops = 0;
+  const auto fail = [&](Error e) -> Status {
+    for (size_t k = 0; k < nops; ++k) (void)c.domain->free_iova(s.ops[k].iova, s.ops[k].size);
+    for (const auto& b : out.bounces_) (void)m.env.bounce->unmap(b.addr, b.size, DmaDirection::none);
+    out.nseg_ = 0;
+    out.bounces_.clear();
+    m.failed.fetch_add(1, std::memory_order_relaxed);
+    return e;
+  };
+  const uint8_t prot = dir_prot(dir);
+  const uint64_t mask = c.seg_boundary_mask;
+  uint64_t bounced = 0;
+  size_t idx = 0;
+  for (const PhysRange r : list) {
+    Route route;
+    bool bounce;
+    const Provider* p;
+    if (auto st = m.classify(idx, r.addr.value(), r.len, r.provider, attrs, &route, &bounce, &p, MapForm::list_swiotlb); !st)
+      return fail(std::move(st).error());
+    ++idx;
+    const uint64_t wmask = bounce ? std::min(mask, BouncePool::kMaxMapping - 1) : mask;
+    for (uint64_t a = r.addr.value(), left = r.len; left != 0;) {
+      const uint64_t n = first_chunk(a, left, c.max_segment, wmask);
+      uint64_t phys = a;
+      if (bounce) {  // the bounce keeps the offset within the granule and zeroes the rest
+        if (!m.env.bounce) return fail(make_error(EIO, "DMA map: " + format_hex(a) + " must be bounced but " + m.who() + " has no bounce pool"));
+        auto b = m.env.bounce->map(PhysAddr(a), n, dir, c.min_align_mask, kGMask);
+        if (!b) return fail(std::move(b).error());
+        out.bounces_.push_back({*b, n});
+        bounced += n;
+        phys = b->value();
+      }
+      const uint64_t off = phys & kGMask, size = align_up(off + n);
+      auto iova = m.alloc_iova(size);
+      if (!iova) return fail(std::move(iova).error().with_context("DMA map for " + m.who()));
+      if (nops == s.ops.size()) s.ops.resize(2 * nops + 16);
+      s.ops[nops++] = IoMapOp{*iova, PhysAddr(phys - off), size, prot};
+      if (nseg == out.segs_.size()) out.segs_.resize(2 * nseg + 16);
+      out.segs_[nseg++] = DmaSegment{*iova + off, n, kDmaSegIommu | (bounce ? kDmaSegBounced : DmaSegFlags{})};
+      a += n;
+      left -= n;
+    }
+  }
+  if (auto st = c.domain->map_many(std::span<const IoMapOp>(s.ops.data(), nops)); !st)
+    return fail(std::move(st).error().with_context("DMA map for " + m.who()));
+  s.nops = nops;
+  out.nseg_ = nseg;
+  out.per_range_iova_ = true;
+  // iommu_dma_map_phys() syncs every entry (none is mapped with DMA_ATTR_MMIO).
+  if (!(attrs & kDmaAttrSkipCpuSync)) m.count_cache(list.size());
+  finish_map(out, list, dir, attrs, bounced);
   return {};
 }
 
@@ -248,10 +327,33 @@ Status DmaDevice::unmap(DmaMapping& mp) {
     mp.nseg_ = 0;
     mp.bounces_.clear();
     mp.iova_len_ = 0;
+    mp.per_range_iova_ = false;
     m.unmaps.fetch_add(1, std::memory_order_relaxed);
     m.live.fetch_sub(1, std::memory_order_relaxed);
   };
-  if (mp.iova_len_) {
+  if (mp.per_range_iova_) {
+    // Linux iommu_dma_unmap_sg_swiotlb(): each IOMMU segment is its own IOVA allocation.
+    Scratch& s = t_scratch;
+    s.runs.clear();
+    for (const DmaSegment& seg : mp.segments()) {
+      const uint64_t a = seg.addr.value() & ~kGMask, e = align_up(seg.addr.value() + seg.len);
+      s.runs.push_back(DmaSpan{DmaAddr(a), e - a});
+    }
+    if (Status st = m.cfg.domain->unmap_many(s.runs); !st) {  // all or nothing: nothing was torn down
+      if (rec) {
+        std::lock_guard lock(m.dbg_mu);
+        m.dbg_lists.emplace(mp.debug_id_, *rec);
+      }
+      return st;
+    }
+    Status freed;
+    for (const DmaSpan& run : s.runs)
+      if (Status st = m.cfg.domain->free_iova(run.base, run.size); !st && freed) freed = st;
+    if (!freed) {
+      done();
+      return freed;
+    }
+  } else if (mp.iova_len_) {
     // The mapped runs: every IOMMU segment's granules (merged segments never span padding).
     Scratch& s = t_scratch;
     s.runs.clear();

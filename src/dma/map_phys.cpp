@@ -39,7 +39,9 @@ Result<DmaSegment> DmaDevice::map_phys(PhysAddr phys, uint64_t size, DmaDirectio
     const DmaSegFlags mmio = route == Route::mmio && !bounce ? kDmaSegMmio : DmaSegFlags{};
     seg.flags = (bounce ? kDmaSegBounced : DmaSegFlags{}) | mmio;
     if (!c.domain) {
-      seg.addr = DmaAddr(a.value() + c.dma_offset);
+      // Linux dma_direct_map_phys(): phys_to_dma() (the offset), but with DMA_ATTR_MMIO the
+      // physical address itself.
+      seg.addr = DmaAddr(a.value() + (mmio ? 0 : c.dma_offset));
       if (bounce && !m.capable(seg.addr.value(), size)) {
         (void)m.env.bounce->unmap(a, size, DmaDirection::none);
         return make_error(EIO, "DMA map_phys: the bounce buffer at " + format_hex(a.value()) + " is above " + m.who() + "'s DMA mask");

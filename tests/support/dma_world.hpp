@@ -192,6 +192,9 @@ struct DmaWorld {
       if (!t || (perm && !(t->perm & (write ? kIommuWrite : kIommuRead)))) return std::nullopt;
       return t->phys;
     }
+    // A direct MMIO segment (map_phys of P2P through the host bridge, Linux DMA_ATTR_MMIO)
+    // is the physical address itself; everything else direct carries the DMA offset.
+    if ((flags & kDmaSegMmio) && !(flags & kDmaSegBounced)) return PhysAddr(dma);
     return PhysAddr(dma - c.dma_offset);
   }
 

@@ -197,7 +197,7 @@ void add_map_command(CLI::App& app) {
   c->add_option("--range", o->ranges, "host:ADDR:LEN or DEVICE.barN:OFFSET:LEN (repeatable; default: host memory and every peer's BAR)");
   c->add_option("--dir", o->dir, "to_device, from_device or bidirectional")->capture_default_str();
   c->add_flag("--direct", o->direct, "Map directly (no IOMMU)");
-  c->add_flag("--untrusted", o->untrusted, "An untrusted (external) device: host memory is bounced as Linux does");
+  c->add_flag("--untrusted", o->untrusted, "An untrusted (external) device: behind an IOMMU, each range at its own IOVA and unaligned ones bounced, as Linux does");
   c->add_flag("--allow-bounce", o->allow_bounce, "Bounce P2P memory the device cannot reach");
   c->add_option("--dma-mask", o->mask_bits, "DMA mask in bits (24-64)")->capture_default_str();
   c->add_option("--max-segment", o->max_segment, "Device max segment size")->capture_default_str();
