@@ -86,6 +86,7 @@ TEST(ErrorTest, NamesCodes) {
   EXPECT_STREQ(errno_name(EREMOTEIO), "EREMOTEIO");
   EXPECT_STREQ(errno_name(EEXIST), "EEXIST");
   EXPECT_STREQ(errno_name(123456), "E?");
+  EXPECT_STREQ(errno_name(EISDIR), "EISDIR");  // beyond the common ones: glibc's name
   EXPECT_EQ(make_error(ENOMEM, "pool empty").to_string(), "ENOMEM: pool empty");
 }
 

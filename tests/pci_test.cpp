@@ -638,6 +638,17 @@ TEST(MachineFileTest, ErrorsNameLineKeyAndProblem) {
       {hb + f0 + "[[function.bar]]\nindex = 0\nstart = 0x100000\nsize = \"1M\"\n" +
            "[[function]]\nbdf = \"00:01.0\"\nvendor = 1\ndevice = 2\nclass = 0x010802\n[[function.bar]]\nstart = 0x180000\nsize = \"4K\"\n",
        "test:17: function[1] (0000:00:01.0).bar[0]: overlaps function[0] (0000:00:00.0).bar[0] (test:8, 0x100000 + 1 MiB)"},
+      // Fields a user could get wrong silently: link fields of 0, ACS words that drop bits,
+      // names that forge output or clash with scenario words.
+      {hb + f0 + "link_width = 0\n", "test:8: function[0] (0000:00:00.0).link_width: 0 is out of range 1..32"},
+      {hb + f0 + "link_gen = 0\n", "link_gen: 0 is out of range 1..7"},
+      {hb + f0 + "acs = \"absent RR\"\n", "acs: 'absent' stands alone"},
+      {hb + f0 + "acs = \"none RR\"\n", "acs: 'none' stands alone"},
+      {hb + f0 + "acs = \"\"\n", "acs: empty"},
+      {hb + f0 + "name = \"gpu\\nfake line\"\n", "name: control character 0xa at byte 3"},
+      {hb + f0 + "name = \"gpu\\u202e0\"\n", "name: a bidirectional-text control (U+202E) at byte 3"},
+      {hb + f0 + "name = \"host\"\n", "name: 'host' is reserved"},
+      {hb + f0 + "name = \"nearest\"\n", "name: 'nearest' is reserved"},
   };
   for (const Case& c : cases) {
     auto t = parse_machine(c.text, "test");

@@ -2,6 +2,7 @@
 
 #include <cctype>
 #include <cstdio>
+#include <cstring>
 #include <limits>
 
 namespace physr {
@@ -23,7 +24,11 @@ const char* errno_name(int code) noexcept {
     case ENOSPC: return "ENOSPC";
     case EOVERFLOW: return "EOVERFLOW";
     case ENOTSUP: return "ENOTSUP";
-    default: return "E?";
+    default: {
+      // Every other errno by glibc's name (EISDIR, EPERM, E2BIG, ...).
+      const char* n = code > 0 ? strerrorname_np(code) : nullptr;
+      return n ? n : "E?";
+    }
   }
 }
 

@@ -2,6 +2,7 @@
 // addresses and dangling parents are errors that name FILE:LINE and the key, so a typo
 // never turns silently into a different machine.
 #include <algorithm>
+#include <cstdio>
 #include <fstream>
 #include <map>
 #include <set>
@@ -27,7 +28,18 @@ Result<AcsState> parse_acs(const Ctx& c, const toml::node& n, const std::string&
   s.kind = AcsState::Kind::present;
   static const std::pair<const char*, uint16_t> names[] = {{"SV", acs::SV}, {"TB", acs::TB}, {"RR", acs::RR}, {"CR", acs::CR},
                                                            {"UF", acs::UF}, {"EC", acs::EC}, {"DT", acs::DT}};
-  while (in >> tok) {
+  // "none", "absent" and "unknown" each say all there is: none of them combines with bits
+  // or with another ("absent RR" would silently drop the RR).
+  std::vector<std::string> toks;
+  while (in >> tok) toks.push_back(tok);
+  if (toks.empty()) return make_error(EINVAL, c.where(n) + what + ".acs: empty (use \"none\", \"absent\", \"unknown\" or bits such as \"RR CR\")");
+  for (const std::string& word : toks) {
+    const bool whole = word == "unknown" || word == "absent" || word == "none";
+    if (whole && toks.size() > 1)
+      return make_error(EINVAL, c.where(n) + what + ".acs: '" + word + "' stands alone and cannot be combined with '" + str->get() + "'s other words");
+  }
+  for (const std::string& word : toks) {
+    tok = word;
     if (tok == "unknown" || tok == "absent") {
       s.kind = tok == "unknown" ? AcsState::Kind::unknown : AcsState::Kind::absent;
       continue;
@@ -44,6 +56,27 @@ Result<AcsState> parse_acs(const Ctx& c, const toml::node& n, const std::string&
   }
   s.cap = s.kind == AcsState::Kind::present ? 0x7f : 0;
   return s;
+}
+
+// Why a function name is refused, or "" when it is fine.
+std::string check_name(const std::string& name) {
+  if (name == "host" || name == "nearest") return "'" + name + "' is reserved (scenarios use it for a buffer placement)";
+  for (size_t i = 0; i < name.size(); ++i) {
+    const auto ch = static_cast<unsigned char>(name[i]);
+    if (ch < 0x20 || ch == 0x7f) return "control character " + format_hex(ch) + " at byte " + std::to_string(i);
+    // U+202A..U+202E and U+2066..U+2069 (bidirectional embeddings, overrides, isolates):
+    // E2 80 AA..AE and E2 81 A6..A9 in UTF-8.
+    if (ch == 0xe2 && i + 2 < name.size()) {
+      const auto b1 = static_cast<unsigned char>(name[i + 1]), b2 = static_cast<unsigned char>(name[i + 2]);
+      if ((b1 == 0x80 && b2 >= 0xaa && b2 <= 0xae) || (b1 == 0x81 && b2 >= 0xa6 && b2 <= 0xa9)) {
+        const unsigned cp = (0x2u << 12) | ((b1 & 0x3fu) << 6) | (b2 & 0x3fu);
+        char u[8];
+        std::snprintf(u, sizeof u, "U+%04X", cp);
+        return std::string("a bidirectional-text control (") + u + ") at byte " + std::to_string(i);
+      }
+    }
+  }
+  return {};
 }
 
 double gen_speed(uint64_t gen) {
@@ -119,6 +152,11 @@ Result<Topology> parse_machine(std::string_view text, std::string_view source) {
     f.name = name.value_or("");
     if (!f.name.empty() && (by_name.count(f.name) || parse_bdf(f.name)))
       return make_error(EEXIST, c.where(ft) + what + ".name: '" + f.name + "' is used twice or looks like a PCI address");
+    // Names are printed in tables, trees, DOT and JSON and typed on command lines: control
+    // characters (a newline or ESC could forge output lines), bidirectional overrides, and
+    // the words scenarios give a meaning ("host", "nearest") are refused.
+    if (auto bad = check_name(f.name); !bad.empty())
+      return make_error(EINVAL, c.where(*ft.get("name")) + what + ".name: " + bad);
     for (auto [key, max, dst] : {std::tuple{"vendor", uint64_t{0xffff}, 0}, std::tuple{"device", uint64_t{0xffff}, 1},
                                  std::tuple{"class", uint64_t{0xffffff}, 2}}) {
       PHYSR_ASSIGN_OR_RETURN(const auto v, get_uint(c, ft, key, what, max));
@@ -142,8 +180,10 @@ Result<Topology> parse_machine(std::string_view text, std::string_view source) {
     PHYSR_ASSIGN_OR_RETURN(const auto node, get_uint(c, ft, "numa_node", what, 4095));
     f.numa_node = node.has_value() ? static_cast<int>(*node) : -1;
     PHYSR_ASSIGN_OR_RETURN(const auto gen, get_uint(c, ft, "link_gen", what, 7));
+    if (gen == uint64_t{0}) return make_error(EINVAL, c.where(*ft.get("link_gen")) + what + ".link_gen: 0 is out of range 1..7 (leave it out when unknown)");
     f.link_speed_gts = gen_speed(gen.value_or(0));
     PHYSR_ASSIGN_OR_RETURN(const auto width, get_uint(c, ft, "link_width", what, 32));
+    if (width == uint64_t{0}) return make_error(EINVAL, c.where(*ft.get("link_width")) + what + ".link_width: 0 is out of range 1..32 (leave it out when unknown)");
     f.link_width = static_cast<unsigned>(width.value_or(0));
 
     PHYSR_ASSIGN_OR_RETURN(const toml::array* const bars, get_table_array(c, ft, "bar"));

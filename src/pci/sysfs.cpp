@@ -265,7 +265,9 @@ Result<Topology> load_sysfs(const fs::path& root) {
     return make_error(ENOENT, "sysfs root '" + root.string() + "': no sys/devices directory (is it a snapshot root?)");
   Topology t;
   t.source = root == "/" ? std::string("the live sysfs (/sys)") : "sysfs snapshot " + root.string();
-  t.name = root == "/" ? "this machine" : root.filename().string();
+  // "snap/" names the folder "snap", not "" (a path's filename after a trailing slash is empty).
+  const fs::path named = root.has_filename() ? root : root.parent_path();
+  t.name = root == "/" ? "this machine" : named.filename().string();
   t.cpu = read_cpuinfo(root / "proc" / "cpuinfo", t.warnings);
 
   std::vector<std::pair<std::pair<uint32_t, uint8_t>, fs::path>> bridges;

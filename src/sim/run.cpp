@@ -25,8 +25,10 @@ Result<Scenario> load_scenario(std::string_view file_or_name) {
   const std::filesystem::path file(file_or_name);
   std::error_code ec;
   if (!file_or_name.empty() && std::filesystem::exists(file, ec)) {
+    if (std::filesystem::is_directory(file, ec))
+      return make_error(EISDIR, "scenario '" + file.string() + "': is a directory (a scenario is a TOML file)");
     std::ifstream in(file, std::ios::binary);
-    if (!in || std::filesystem::is_directory(file, ec)) return make_error(EIO, "scenario file '" + file.string() + "': cannot be read");
+    if (!in) return make_error(EIO, "scenario file '" + file.string() + "': cannot be read");
     const std::string text(std::istreambuf_iterator<char>(in), {});
     auto sc = parse_scenario(text, file.string());
     if (sc) sc->folder = file.parent_path();

@@ -329,5 +329,21 @@ else
   echo "FAIL: topo on a snapshot with FIFOs (exit $rc)"; echo "$out" | head -5; fails=$((fails + 1))
 fi
 
+# Arguments that name nothing: a directory where a file is expected, an empty value.
+expect 1 "pfn file '.*': is a directory" -- ranges --pfns "$tmp"
+expect 1 "EISDIR: scenario '.*': is a directory" -- sim "$tmp"
+expect 2 '--machine: empty argument' -- topo --machine ""
+expect 2 '--sysfs-root: empty argument' -- topo --sysfs-root ""
+expect 2 '--machine: empty argument' -- map --machine ""
+expect 2 '--pfns: empty argument' -- ranges --pfns ""
+expect 2 'scenario: empty argument' -- sim ""
+if printf '0x1000\n0x1001\n' | "$physr" ranges --pfns - | grep -q '^2 pfns (-) -> 1 ranges'; then passes=$((passes + 1)); else echo "FAIL: ranges --pfns - (stdin)"; fails=$((fails + 1)); fi
+# A trailing slash on --sysfs-root still names the machine after its folder.
+if "$physr" topo --sysfs-root "$fifo/" --json 2>/dev/null | grep -q '"machine": *"fifo-snap"'; then passes=$((passes + 1)); else echo "FAIL: --sysfs-root with a trailing slash"; fails=$((fails + 1)); fi
+# Names that could forge output lines, or that scenarios reserve, are refused; DOT escapes quotes.
+printf '[[host_bridge]]\nbus = 0\n[[function]]\nbdf = "00:01.0"\nname = "a\\nb"\nvendor = 1\ndevice = 2\nclass = 0x010802\n' > "$tmp/name-nl.toml"
+expect 1 'name-nl.toml:5: function\[0\] \(0000:00:01.0\).name: control character 0xa' -- topo --machine "$tmp/name-nl.toml"
+printf '[[host_bridge]]\nbus = 0\n[[function]]\nbdf = "00:01.0"\nname = "q\\"x\\\\y"\nvendor = 1\ndevice = 2\nclass = 0x010802\n' > "$tmp/name-q.toml"
+expect 0 '0000:00:01.0 \(q\\"x\\\\y\)' -- topo --machine "$tmp/name-q.toml" --dot
 echo "cli: $passes passed, $fails failed"
 [[ $fails -eq 0 ]]

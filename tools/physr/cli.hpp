@@ -23,6 +23,11 @@ struct Failure : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+/// CLI11 check for options naming a file, folder or machine: an empty value is a mistake
+/// (an unset shell variable), not a request for the default.
+inline const CLI::Validator kNonEmpty(
+    [](std::string& v) { return v.empty() ? std::string("empty argument") : std::string(); }, "", "NONEMPTY");
+
 /// The value of r, or a UsageError carrying its message (for values parsed from arguments).
 template <class T>
 T usage_value(Result<T> r) {

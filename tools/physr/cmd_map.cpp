@@ -192,7 +192,7 @@ void run_map(const MapOptions& o) {
 void add_map_command(CLI::App& app) {
   auto o = std::make_shared<MapOptions>();
   auto* c = app.add_subcommand("map", "Map a mixed host + P2P range list for one device of a machine and show each segment's path");
-  c->add_option("--machine", o->machine, "TOML machine file or built-in machine name")->capture_default_str();
+  c->add_option("--machine", o->machine, "TOML machine file or built-in machine name")->capture_default_str()->check(kNonEmpty);
   c->add_option("--device", o->device, "The DMA device (name or BDF)")->capture_default_str();
   c->add_option("--range", o->ranges, "host:ADDR:LEN or DEVICE.barN:OFFSET:LEN (repeatable; default: host memory and every peer's BAR)");
   c->add_option("--dir", o->dir, "to_device, from_device or bidirectional")->capture_default_str();

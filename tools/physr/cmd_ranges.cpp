@@ -2,7 +2,9 @@
 // with a scatterlist plus struct page.
 #include <fmt/core.h>
 
+#include <filesystem>
 #include <fstream>
+#include <iostream>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -25,9 +27,15 @@ struct RangesOptions {
 };
 
 std::string read_file(const std::string& path) {
+  std::ostringstream ss;
+  if (path == "-") {
+    ss << std::cin.rdbuf();
+    return ss.str();
+  }
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) throw Failure(fmt::format("pfn file '{}': is a directory", path));
   std::ifstream in(path, std::ios::binary);
   if (!in) throw Failure(fmt::format("cannot read pfn file '{}'", path));
-  std::ostringstream ss;
   ss << in.rdbuf();
   return ss.str();
 }
@@ -119,7 +127,7 @@ void add_ranges_command(CLI::App& app) {
   c->add_option("--pattern", o->pattern, "Generated input: contiguous, random, alternating or mixed")
       ->capture_default_str();
   c->add_option("--count", o->count, "Number of generated pfns")->capture_default_str()->check(CLI::Range(1, 1 << 28));
-  c->add_option("--pfns", o->pfns_file, "Read pfns from FILE (one per line, optional provider id)");
+  c->add_option("--pfns", o->pfns_file, "Read pfns from FILE (one per line, optional provider id; - for stdin)")->check(kNonEmpty);
   c->add_option("--max-segment", o->max_segment, "Longest range, e.g. 64K (default: none)");
   c->add_option("--boundary", o->boundary, "Segment boundary, a power of two, e.g. 4G (default: none)");
   c->add_option("--seed", o->seed, "Seed for generated input")->capture_default_str();

@@ -174,7 +174,7 @@ void run_sim(const SimOptions& o) {
 void add_sim_command(CLI::App& app) {
   auto o = std::make_shared<SimOptions>();
   auto* c = app.add_subcommand("sim", "Run a scenario on the machine model: jobs that move and verify real bytes, timed by the PCIe fabric");
-  c->add_option("scenario", o->scenario, "Scenario TOML file or built-in name")->capture_default_str();
+  c->add_option("scenario", o->scenario, "Scenario TOML file or built-in name")->capture_default_str()->check(kNonEmpty);
   c->add_flag("--json", o->json, "Print the report as JSON");
   c->add_option("--svg", o->svg, "Write a chart comparing the jobs to FILE");
   c->callback([o] { run_sim(*o); });

@@ -27,8 +27,8 @@ struct SourceOptions {
 };
 
 void add_source_options(CLI::App* c, const std::shared_ptr<SourceOptions>& o) {
-  auto* s = c->add_option("--sysfs-root", o->sysfs_root, "Read a sysfs snapshot rooted at DIR (default: the live /sys)");
-  auto* m = c->add_option("--machine", o->machine, "Read a TOML machine file, or a built-in machine by name");
+  auto* s = c->add_option("--sysfs-root", o->sysfs_root, "Read a sysfs snapshot rooted at DIR (default: the live /sys)")->check(kNonEmpty);
+  auto* m = c->add_option("--machine", o->machine, "Read a TOML machine file, or a built-in machine by name")->check(kNonEmpty);
   s->excludes(m);
   c->add_option("--assume-acs-off", o->acs_off, "BDF[,BDF...]: as if pci=disable_acs_redir= listed them");
   c->add_option("--assume-cpu", o->assume_cpu, "amd-zen or other: override the CPU for the AMD Zen rule");
@@ -309,6 +309,16 @@ nlohmann::json to_json(const Topology& t, P2PEngine& e, const std::vector<uint32
   return j;
 }
 
+// A DOT quoted string's content: '"' and '\\' escaped (names may hold them).
+std::string dot_escape(std::string_view text) {
+  std::string out;
+  for (char ch : text) {
+    if (ch == '"' || ch == '\\') out += '\\';
+    out += ch;
+  }
+  return out;
+}
+
 void print_dot(const Topology& t) {
   fmt::print("digraph physr {{\n  rankdir=TB;\n  node [shape=box, fontname=\"monospace\", fontsize=10];\n");
   for (uint32_t h = 0; h < t.host_bridges.size(); ++h) {
@@ -320,7 +330,7 @@ void print_dot(const Topology& t) {
       if (f.host_bridge != h) continue;
       const std::string port = port_label(f), acs = acs_label(f);
       const char* shape = f.port_type == PortType::switch_upstream ? "box3d" : is_pci_bridge(f) ? "box" : "component";
-      fmt::print("    \"{}\" [shape={}, label=\"{}\\n{:04x}:{:04x} {}{}{}\"];\n", f.bdf.to_string(), shape, describe(f), f.vendor,
+      fmt::print("    \"{}\" [shape={}, label=\"{}\\n{:04x}:{:04x} {}{}{}\"];\n", f.bdf.to_string(), shape, dot_escape(describe(f)), f.vendor,
                  f.device, class_name(f.class_code), port.empty() ? "" : "\\n" + port, acs.empty() ? "" : "\\n" + acs);
     }
     fmt::print("  }}\n");
