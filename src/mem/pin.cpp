@@ -57,9 +57,15 @@ Result<Pinned> AddressSpace::pin(uint64_t addr, uint64_t len, FollFlags flags) {
       for (uint64_t k = 0; k < n; ++k) ++c.pins[cp + k];
       c.pinned += n;
     } else if (v.order == kOrder4K) {
+      // Every folio of the VMA is one page: the pfn builder, then one pin per page at the
+      // page itself (its own head).
       const std::span<const uint64_t> pfns(v.pfns.data() + pi, n);
+      list.reserve(n);
       PHYSR_RETURN_IF_ERROR(list.append_pfns(pfns));
-      for (uint64_t pfn : pfns) mem_->add_pins(pfn, 1);
+      uint32_t* pins = mem_->pins_.data();
+      const uint64_t base = mem_->base_pfn_;
+      for (uint64_t pfn : pfns) ++pins[pfn - base];
+      mem_->pinned_ += n;
     } else {
       // Large folios: one piece and one pin update per run of pages within a folio, as
       // GUP grabs a folio once for all its pages (try_grab_folio(folio, refs, flags)).
@@ -100,6 +106,14 @@ Status AddressSpace::unpin_list(const RangeList& list) {
     const uint64_t e = a + r.len;
     if (r.provider == kHostMemory) {
       for (uint64_t pfn = a >> kPageShift, last = e >> kPageShift; pfn < last;) {
+        const uint64_t i = pfn - mem_->base_pfn_;
+        if (mem_->order_[i] == kOrder4K) {  // a page of its own: the common scattered case
+          PHYSR_ASSERT(mem_->pins_[i] != 0, "folio pin count underflow");
+          --mem_->pinned_;
+          if (--mem_->pins_[i] == 0 && mem_->refs_[i] == 0) mem_->free_folio(pfn);
+          ++pfn;
+          continue;
+        }
         const uint64_t folio_end = mem_->folio_head(pfn) + (uint64_t{1} << mem_->folio_order(pfn));
         const uint64_t k = std::min(last, folio_end) - pfn;
         mem_->drop_pins(pfn, static_cast<uint32_t>(k));
