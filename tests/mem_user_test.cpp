@@ -387,6 +387,19 @@ TEST_F(MemUserTest, PlugMergesContiguousHostBiosWithinLimits) {
   EXPECT_EQ(plug.requests()[0].nr_phys_segments, 4u);
   // The driver sees one segment: contiguous vecs merge (blk_map_iter_next()).
   EXPECT_EQ(request_segments(plug.requests()[0], l).size(), 1u);
+  // ll_front_merge_fn(): a bio ending where the last request starts joins it in front.
+  {
+    Plug front(q);
+    auto bio_at = [&](uint64_t sector, uint64_t off) {
+      return Bio{BlockOp::write, sector, *RangeList::from_ranges(std::vector<PhysRange>{{r[0].addr + off, 8 * KiB, 0}}), 0, false};
+    };
+    ASSERT_TRUE(front.submit(bio_at(100, 8 * KiB)).has_value());
+    ASSERT_TRUE(front.submit(bio_at(84, 0)).has_value());
+    ASSERT_EQ(front.requests().size(), 1u);
+    EXPECT_EQ(front.requests()[0].sector, 84u);
+    EXPECT_EQ(front.requests()[0].bios[0].sector, 84u);
+    EXPECT_EQ(request_segments(front.requests()[0], l).size(), 1u);  // [0, 8K) then [8K, 16K): contiguous
+  }
   // A bio of another operation or a non-adjacent sector starts a new request.
   Bio w{BlockOp::read, 128, *RangeList::from_ranges(std::vector<PhysRange>{{r[0].addr, 4096, 0}}), 0, false};
   ASSERT_TRUE(plug.submit(std::move(w)).has_value());

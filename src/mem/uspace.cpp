@@ -156,16 +156,17 @@ AddressSpace::~AddressSpace() {
   (void)munmap(0, kTaskSize);
 }
 
-// mm/mmap.c do_mmap() and get_unmapped_area(): the length is page-aligned, a fixed address
-// must be page-aligned and below TASK_SIZE, MAP_FIXED_NOREPLACE refuses an overlap (EEXIST).
+// mm/mmap.c do_mmap() and __get_unmapped_area(): the length is page-aligned, a fixed address
+// must end below TASK_SIZE (ENOMEM) and be page-aligned (EINVAL), and MAP_FIXED_NOREPLACE
+// refuses an overlap (EEXIST).
 Result<uint64_t> AddressSpace::place(const MmapOptions& opt, uint64_t len) {
   if (opt.len == 0) return make_error(EINVAL, "mmap: length 0");
   if (len > kTaskSize || len < opt.len) return make_error(ENOMEM, "mmap: length " + format_hex(opt.len) + " exceeds the address space");
   if (opt.addr != 0) {
-    if (opt.addr % kPageSize != 0) return make_error(EINVAL, "mmap: address " + format_hex(opt.addr) + " is not 4 KiB aligned");
     if (opt.addr > kTaskSize - len)
       return make_error(ENOMEM, "mmap: " + span_text(opt.addr, opt.addr + len) + " runs past the top of user space " +
                                     format_hex(kTaskSize));
+    if (opt.addr % kPageSize != 0) return make_error(EINVAL, "mmap: address " + format_hex(opt.addr) + " is not 4 KiB aligned");
     auto it = vmas_.lower_bound(opt.addr + len);
     if (it != vmas_.begin() && std::prev(it)->second.end > opt.addr) {
       --it;
