@@ -332,6 +332,26 @@ TEST_F(MemUserTest, BiosEndWhereTheProviderChanges) {
   EXPECT_TRUE(as->unpin(std::move(p)).has_value());
 }
 
+// Ids above 510 share the range-list tag kIndirectProvider: the bio still ends where the
+// provider changes (zone_device_pages_have_same_pgmap() compares pgmaps, not tags).
+TEST_F(MemUserTest, BiosEndBetweenProvidersOfIndirectIds) {
+  TestChunkSource x{PhysSpan{PhysAddr(0x3000000000), 1 * MiB}, 600, "0000:06:00.0"};
+  TestChunkSource y{PhysSpan{PhysAddr(0x3000100000), 1 * MiB}, 601, "0000:07:00.0"};
+  const uint64_t a = *as->mmap_p2p(x, at(0x10000000, 1 * MiB));
+  ASSERT_TRUE(as->mmap_p2p(y, at(a + 1 * MiB, 64 * KiB)).has_value());
+  auto p = *as->pin(a + 1 * MiB - 64 * KiB, 128 * KiB, Foll::pci_p2pdma);
+  ASSERT_EQ(p.ranges().size(), 2u);
+  EXPECT_EQ(p.ranges()[0].provider, kIndirectProvider);
+  EXPECT_EQ(p.ranges()[1].provider, kIndirectProvider);
+  auto bios = *build_bios(*as, p.ranges(), BlockOp::write, 0, nvme_queue(true));
+  ASSERT_EQ(bios.size(), 2u);
+  EXPECT_EQ(bios[0].provider, 600u);
+  EXPECT_EQ(bios[1].provider, 601u);
+  EXPECT_EQ(as->provider_at(p.ranges()[1].addr), 601u);
+  EXPECT_TRUE(as->unpin(std::move(p)).has_value());
+  EXPECT_TRUE(as->munmap(a, 1 * MiB + 64 * KiB).has_value());  // before the sources go
+}
+
 TEST_F(MemUserTest, BioHoldsAtMostBioMaxVecs) {
   const uint64_t a = *as->mmap_anon(at(0x10000000, 2 * MiB));
   auto p = *as->pin(a, 2 * MiB, {});

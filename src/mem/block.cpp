@@ -97,7 +97,7 @@ Result<std::vector<Bio>> build_bios(const AddressSpace& space, const RangeList& 
     Bio b;
     b.op = op;
     b.sector = next_sector;
-    PHYSR_ASSIGN_OR_RETURN(b.vecs, RangeList::from_ranges(cur, kNoMerge));
+    PHYSR_ASSIGN_OR_RETURN(b.vecs, RangeList::from_ranges(cur, kNoMerge));  // stores the tags
     b.provider = cur[0].provider;
     // block/bio.c bio_iov_iter_get_pages() (6.17+): a bio of P2P pages is REQ_NOMERGE.
     b.nomerge = b.provider != kHostMemory;
@@ -108,7 +108,10 @@ Result<std::vector<Bio>> build_bios(const AddressSpace& space, const RangeList& 
     return {};
   };
 
-  for (const PhysRange r : data) {
+  for (const PhysRange in : data) {
+    // Ids beyond the direct range share one tag: compare full ids, resolved by address.
+    PhysRange r = in;
+    if (r.provider == kIndirectProvider) r.provider = space.provider_at(r.addr);
     for (uint64_t off = 0; off < r.len;) {
       const PhysAddr a = r.addr + off;
       // lib/iov_iter.c get_contig_folio_len(): a bio_vec stays within one folio.

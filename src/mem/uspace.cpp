@@ -371,6 +371,14 @@ uint32_t AddressSpace::pins_at(uint64_t addr) const {
   return mem_->folio_pins(v->pfns[page]);
 }
 
+ProviderId AddressSpace::provider_at(PhysAddr a) const noexcept {
+  if (mem_->contains(a)) return kHostMemory;
+  auto it = chunks_.upper_bound(a.value());
+  if (it == chunks_.begin()) return kInvalidProvider;
+  --it;
+  return it->second->c.span.contains(a) ? it->second->c.provider : kInvalidProvider;
+}
+
 uint64_t AddressSpace::folio_bytes_left(PhysAddr a) const noexcept {
   if (!mem_->contains(a)) return kPageSize - (a.value() & (kPageSize - 1));  // a ZONE_DEVICE page: order 0
   const uint64_t pfn = a.value() >> kPageShift;

@@ -280,6 +280,10 @@ class AddressSpace {
   /// (every pinned page of the folio counts), or the P2P page itself. 0 when unmapped.
   uint32_t pins_at(uint64_t addr) const;
   HostMemory& memory() noexcept { return *mem_; }
+  /// The full provider id of physical address a: kHostMemory for host RAM, else the
+  /// provider of the live P2P chunk holding it (kInvalidProvider when none does). What
+  /// resolves a range list's kIndirectProvider tag for memory of this address space.
+  ProviderId provider_at(PhysAddr a) const noexcept;
   /// Bytes to the end of the folio holding physical address a: a host folio, or 4 KiB for a
   /// P2P page (ZONE_DEVICE pages are order 0). What bounds a bio_vec (get_contig_folio_len()).
   uint64_t folio_bytes_left(PhysAddr a) const noexcept;
