@@ -13,11 +13,13 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   using namespace physr;
   using namespace physr::mem;
   auto mem = std::move(HostMemory::create(PhysSpan{PhysAddr(1 * GiB), 16 * MiB}, size)).value();
-  physr::testing::TestChunkSource a(PhysSpan{PhysAddr(0x2000000000), 4 * MiB}, 3, "a");
-  physr::testing::TestChunkSource b(PhysSpan{PhysAddr(0x2000400000), 4 * MiB}, 600, "b");  // adjacent; an indirect id
-  QueueLimits lim = Queue::nvme_limits();
   size_t i = 0;
   auto byte = [&]() -> uint64_t { return i < size ? data[i++] : 0; };
+  // Two adjacent BARs: direct ids, or ids beyond 510 that share the range-list tag 511.
+  const bool indirect = byte() & 1;
+  physr::testing::TestChunkSource a(PhysSpan{PhysAddr(0x2000000000), 4 * MiB}, indirect ? 600 : 3, "a");
+  physr::testing::TestChunkSource b(PhysSpan{PhysAddr(0x2000400000), 4 * MiB}, indirect ? 601 : 4, "b");
+  QueueLimits lim = Queue::nvme_limits();
   lim.max_segments = 1 + static_cast<uint32_t>(byte() % 128);
   lim.max_sectors = 8 + static_cast<uint32_t>(byte() % 64) * 64;
   lim.seg_boundary_mask = (uint64_t{1} << (12 + byte() % 21)) - 1;
@@ -75,7 +77,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
           CHECK(segs.size() <= rq.nr_phys_segments);
           CHECK(segs.total_bytes() == rq.bytes);
           for (const PhysRange s : segs) {
-            CHECK(s.provider == rq.bios.front().provider);
+            CHECK(provider_tag(as.provider_at(s.addr)) == s.provider);
+            CHECK(as.provider_at(s.addr) == rq.bios.front().provider);
+            CHECK(as.provider_at(s.addr + (s.len - 1)) == rq.bios.front().provider);
             CHECK(s.len <= lim.max_segment_size);
             CHECK((s.addr.value() | lim.seg_boundary_mask) == ((s.addr.value() + s.len - 1) | lim.seg_boundary_mask));
           }
