@@ -261,6 +261,12 @@ TEST_F(MemUserTest, MunmapOfPinnedHostMemoryFreesItAtUnpin) {
 
 TEST_F(MemUserTest, UnpinRefusesEmptyAndForeignPins) {
   expect_error(as->unpin(Pinned()), EINVAL, "an empty Pinned");
+  const uint64_t mine = *as->mmap_anon({.len = 4096});
+  Pinned first = *as->pin(mine, 4096, {});
+  Pinned second = std::move(first);
+  EXPECT_TRUE(first.empty());  // NOLINT: a moved-from Pinned is empty, and unpinning it is refused
+  expect_error(as->unpin(std::move(first)), EINVAL, "an empty Pinned");
+  ASSERT_TRUE(as->unpin(std::move(second)).has_value());
   AddressSpace other(*mem);
   const uint64_t a = *other.mmap_anon({.len = 4096});
   auto p = *other.pin(a, 4096, {});

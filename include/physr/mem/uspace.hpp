@@ -33,6 +33,7 @@
 #include <span>
 #include <string>
 #include <unordered_set>
+#include <utility>
 #include <vector>
 
 #include "physr/core.hpp"
@@ -198,8 +199,23 @@ using FollFlags = Flags<Foll>;
 class Pinned {
  public:
   Pinned() = default;
-  Pinned(Pinned&&) noexcept = default;
-  Pinned& operator=(Pinned&&) noexcept = default;
+  /// A moved-from Pinned is empty.
+  Pinned(Pinned&& o) noexcept
+      : ranges_(std::move(o.ranges_)), pinned_(std::move(o.pinned_)), addr_(o.addr_), len_(o.len_), pages_(o.pages_),
+        id_(std::exchange(o.id_, 0)), flags_(o.flags_), trimmed_(o.trimmed_) {}
+  Pinned& operator=(Pinned&& o) noexcept {
+    if (this != &o) {
+      ranges_ = std::move(o.ranges_);
+      pinned_ = std::move(o.pinned_);
+      addr_ = o.addr_;
+      len_ = o.len_;
+      pages_ = o.pages_;
+      id_ = std::exchange(o.id_, 0);
+      flags_ = o.flags_;
+      trimmed_ = o.trimmed_;
+    }
+    return *this;
+  }
   Pinned(const Pinned&) = delete;
   Pinned& operator=(const Pinned&) = delete;
 
