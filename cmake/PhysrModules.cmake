@@ -100,8 +100,10 @@ function(physr_add_module)
   list(TRANSFORM arg_SOURCES PREPEND "${PROJECT_SOURCE_DIR}/src/${m}/")
   add_library(${target} ${type} ${arg_SOURCES})
   add_library(physr::${m} ALIAS ${target})
+  # The public header, and the headers of its folder include/physr/<module>/ if it has one.
+  file(GLOB_RECURSE sub_headers CONFIGURE_DEPENDS "${PROJECT_SOURCE_DIR}/include/physr/${m}/*.hpp")
   target_sources(${target} PUBLIC FILE_SET HEADERS BASE_DIRS "${PROJECT_SOURCE_DIR}/include"
-                 FILES "${PROJECT_SOURCE_DIR}/include/physr/${m}.hpp")
+                 FILES "${PROJECT_SOURCE_DIR}/include/physr/${m}.hpp" ${sub_headers})
   target_include_directories(${target} PRIVATE "${PROJECT_SOURCE_DIR}/src")
   target_compile_features(${target} PUBLIC cxx_std_20)
   set_target_properties(${target} PROPERTIES EXPORT_NAME ${m})

@@ -5,6 +5,7 @@
 #include <physr/dma.hpp>
 #include <physr/iommu.hpp>
 #include <physr/iova.hpp>
+#include <physr/mem.hpp>
 #include <physr/model.hpp>
 #include <physr/pci.hpp>
 #include <physr/physmem.hpp>
@@ -89,6 +90,18 @@ int main() {
   auto platform = Platform::create(*topo, memory, po);
   if (!platform) return fail("platform", platform.error());
   std::printf("platform verdict=%s\n", pci::map_type_name((*platform)->p2p().verdict(0, 0).type));
+
+  auto host = mem::HostMemory::create(PhysSpan{PhysAddr(1ull << 30), 4ull << 20});  // mem
+  if (!host) return fail("mem", host.error());
+  {
+    mem::AddressSpace as(**host);
+    auto va = as.mmap_anon({.len = 8192});
+    if (!va) return fail("mem", va.error());
+    auto pinned = as.pin(*va, 8192, mem::Foll::write);
+    if (!pinned) return fail("mem", pinned.error());
+    std::printf("mem pages=%llu\n", ull(pinned->pages()));
+    if (auto st = as.unpin(std::move(pinned).value()); !st) return fail("mem", st.error());
+  }
 
   auto model = ModelPlatform::create(*topo);  // model
   if (!model) return fail("model", model.error());
