@@ -257,7 +257,7 @@ TEST(DmaMapTest, UntrustedBouncesOnlyUnalignedHostRangesInWholeZeroedGranules) {
   ASSERT_TRUE(w.mem.read(t->phys, granule).has_value());
   std::vector<uint8_t> want(4096, 0);
   const auto buf = pattern(0x100, 1);
-  std::copy(buf.begin(), buf.end(), want.begin() + 0x100);
+  std::copy(buf.begin(), buf.end(), want.begin() + (m->segments()[0].addr.value() & 4095));
   EXPECT_EQ(granule, want);
   ASSERT_TRUE(dev->unmap(*m).has_value());
   // A trusted device maps the same list in place.
@@ -409,7 +409,7 @@ TEST(DmaMapTest, TwoStepApi) {
   EXPECT_FALSE(st.allocated());
   expect_clean(w, *dev, before);
   // Untrusted: an unaligned host link bounces, unlink copies back.
-  auto untrusted = w.device({.function = w.f_nvme, .untrusted = true, .domain = w.domain.get()});
+  auto untrusted = w.device({.function = w.f_nvme, .min_align_mask = 0xfff, .untrusted = true, .domain = w.domain.get()});
   ASSERT_TRUE(*untrusted->iova_try_alloc(st, PhysAddr(0x9100), 0x100));
   ASSERT_TRUE(untrusted->iova_link(st, PhysAddr(0x9100), 0, 0x100, DmaDirection::from_device).has_value());
   EXPECT_EQ(w.pool->used_slots(), 2u);  // one whole granule

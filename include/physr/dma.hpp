@@ -25,7 +25,8 @@
 //   the area of the CPU it runs on first, then the others.
 // - Alignment: the bounce address keeps the original's bits under the device's
 //   min_align_mask (NVMe needs the offset within its PRP pages), and mappings of a page or
-//   more start page-aligned otherwise.
+//   more start page-aligned when the device has no such mask; no mapping crosses the
+//   device's segment boundary.
 // - Copies follow the direction: to the bounce buffer at map and sync_for_device (to_device,
 //   bidirectional), back to the original at unmap and sync_for_cpu (from_device,
 //   bidirectional), through the MemoryAccess the pool was created on (the model's
@@ -138,10 +139,23 @@ struct BounceOptions {
   unsigned areas = 2;        // a power of two; the pool is split evenly between them
 };
 
+/// What a bounce must respect: the device's parameters Linux's swiotlb reads, and the
+/// alignment its caller asks for.
+struct BounceParams {
+  uint64_t min_align_mask = 0;    // dma_get_min_align_mask(): original bits the bounce address keeps
+  /// Alignment of the reservation (2^k - 1, 2 KiB - 1 to 128 KiB - 1), or 0: none asked.
+  /// iommu_dma_map_swiotlb() passes the IOVA granule's: the reservation is then whole
+  /// granules and its padding is zeroed.
+  uint64_t alloc_align_mask = 0;
+  uint64_t seg_boundary_mask = ~uint64_t{0};  // dma_get_seg_boundary(): no bounce crosses it
+  uint64_t dma_offset = 0;        // DMA address - physical address of the pool (phys_to_dma())
+};
+
 /// A swiotlb-style bounce pool. Thread-safe.
 class BouncePool {
  public:
-  static constexpr uint64_t kSlotSize = 2048;
+  static constexpr unsigned kSlotShift = 11;
+  static constexpr uint64_t kSlotSize = uint64_t{1} << kSlotShift;
   static constexpr unsigned kSegmentSlots = 128;
   static constexpr uint64_t kMaxMapping = kSlotSize * kSegmentSlots;  // 256 KiB
 
@@ -151,13 +165,20 @@ class BouncePool {
   ~BouncePool();
 
   /// Bounces [orig, orig + size): copies it in (whatever the direction, as Linux does) and
-  /// returns the bounce address. A non-zero alloc_align_mask (2^k - 1, 2 KiB to 128 KiB)
-  /// reserves whole aligned granules, keeps orig's offset in them and zeroes the padding
-  /// (for untrusted devices behind an IOMMU). EINVAL: size 0, more than 256 KiB with the
-  /// offset, direction none. ENOMEM: no area has room (nothing is reserved). EFAULT: orig
-  /// is not in memory.
+  /// returns the bounce address (Linux swiotlb_tbl_map_single()). The address keeps orig's
+  /// bits under min_align_mask (below the slot size, or up to alloc_align_mask when one is
+  /// given), the reservation starts on alloc_align_mask (on a page for a page or more when
+  /// neither mask is set) and covers whole alloc_align_mask + 1 units, whose padding is
+  /// zeroed; the bounce never crosses seg_boundary_mask in DMA address space. EINVAL: size
+  /// 0, more than 256 KiB with the offset, more than the boundary allows, a bad
+  /// alloc_align_mask, direction none. ENOMEM: no area has room (nothing is reserved).
+  /// EFAULT: orig is not in memory.
+  Result<PhysAddr> map(PhysAddr orig, uint64_t size, DmaDirection dir, const BounceParams& params);
+  /// The same with no segment boundary and no DMA offset.
   Result<PhysAddr> map(PhysAddr orig, uint64_t size, DmaDirection dir, uint64_t min_align_mask = 0,
-                       uint64_t alloc_align_mask = 0);
+                       uint64_t alloc_align_mask = 0) {
+    return map(orig, size, dir, BounceParams{.min_align_mask = min_align_mask, .alloc_align_mask = alloc_align_mask});
+  }
   /// Copies back if the direction says so, then frees. EINVAL: not a mapping of that size
   /// (nothing changes); EFAULT: the copy back failed (the slots are freed all the same).
   Status unmap(PhysAddr bounce, uint64_t size, DmaDirection dir);
@@ -241,6 +262,13 @@ struct DmaDeviceConfig {
   /// report goes to stderr.
   std::function<void(const std::string& report)> debug_report{};
 };
+
+/// What a device's bounces respect (the parameters Linux's swiotlb reads from the device),
+/// with the reservation alignment its caller asks for.
+inline BounceParams bounce_params(const DmaDeviceConfig& c, uint64_t alloc_align_mask = 0) noexcept {
+  return BounceParams{.min_align_mask = c.min_align_mask, .alloc_align_mask = alloc_align_mask,
+                      .seg_boundary_mask = c.seg_boundary_mask, .dma_offset = c.dma_offset};
+}
 
 struct DmaDeviceStats {
   uint64_t live_mappings = 0;    // map() and map_phys() results not yet unmapped

@@ -33,7 +33,7 @@ Result<DmaSegment> DmaDevice::map_phys(PhysAddr phys, uint64_t size, DmaDirectio
     PhysAddr a = phys;
     if (bounce) {
       if (!m.env.bounce) return make_error(EIO, "DMA map_phys: " + format_hex(phys.value()) + " must be bounced but " + m.who() + " has no bounce pool");
-      PHYSR_ASSIGN_OR_RETURN(a, m.env.bounce->map(phys, size, dir, c.min_align_mask, c.domain ? kGMask : 0));
+      PHYSR_ASSIGN_OR_RETURN(a, m.env.bounce->map(phys, size, dir, bounce_params(c, c.domain ? kGMask : 0)));
       m.bounced.fetch_add(size, std::memory_order_relaxed);
     }
     const DmaSegFlags mmio = route == Route::mmio && !bounce ? kDmaSegMmio : DmaSegFlags{};
