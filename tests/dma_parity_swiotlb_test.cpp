@@ -21,6 +21,17 @@ std::vector<uint8_t> pattern(size_t n, uint8_t seed) {
   return v;
 }
 
+uint64_t free_iova(IoDomain& d) {
+  d.flush();
+  d.iova().flush_caches();
+  return d.iova().stats().free_granules;
+}
+
+uint64_t mapped_pages(const IoDomain& d) {
+  const auto s = d.stats();
+  return s.mapped_4k + s.mapped_2m + s.mapped_1g;
+}
+
 // A pool of its own, one area, so the slot a search starts at is known.
 struct OnePool {
   PhysMemory mem;
@@ -129,6 +140,193 @@ TEST(SwiotlbParityTest, IommuIsSpanBoundaryKeepsBouncesWithinTheSegmentBoundary)
   // 65 KiB cannot fit in a 64 KiB window.
   EXPECT_EQ(dev->map_phys(PhysAddr(5 * GiB), 65 * KiB, DmaDirection::to_device).error().code, EINVAL);
   EXPECT_EQ(w.pool->used_slots(), 0u);
+}
+
+// ---------------------------------------------------------------------------------------
+// drivers/iommu/dma-iommu.c
+
+// dma_iova_try_alloc(): "if (WARN_ON_ONCE(!size)) return false" and "if (!addr) return
+// false": the caller falls back to the regular DMA API, there is no error to handle.
+TEST(DmaIommuParityTest, DmaIovaTryAllocReturnsFalseOnSizeZeroAndWhenNoIovaIsLeft) {
+  DmaWorld w;
+  auto dev = w.device({.function = w.f_nvme, .dma_mask = 0xffffffff, .domain = w.domain.get()});
+  const uint64_t before = free_iova(*w.domain);
+  DmaIovaState st;
+  auto r = dev->iova_try_alloc(st, PhysAddr(0x1000), 0);
+  ASSERT_TRUE(r.has_value()) << r.error().to_string();
+  EXPECT_FALSE(*r);
+  r = dev->iova_try_alloc(st, PhysAddr(0x1000), 8 * GiB);  // more than the 4 GiB the mask reaches
+  ASSERT_TRUE(r.has_value()) << r.error().to_string();
+  EXPECT_FALSE(*r);
+  EXPECT_FALSE(st.allocated());
+  r = dev->iova_try_alloc(st, PhysAddr(0x1000), 0x2000);
+  ASSERT_TRUE(r.has_value() && *r);
+  ASSERT_TRUE(dev->iova_destroy(st, 0, DmaDirection::to_device).has_value());
+  EXPECT_EQ(free_iova(*w.domain), before);
+}
+
+// dma_iova_link(): "if (WARN_ON_ONCE(iova_start_pad && offset > 0)) return -EIO": only
+// the link at offset 0 may start inside a granule.
+TEST(DmaIommuParityTest, DmaIovaLinkInsideAGranuleAtANonZeroOffsetIsEio) {
+  DmaWorld w;
+  auto dev = w.device({.function = w.f_nvme, .domain = w.domain.get()});
+  DmaIovaState st;
+  ASSERT_TRUE(*dev->iova_try_alloc(st, PhysAddr(0x20100), 0x3000));
+  auto e = dev->iova_link(st, PhysAddr(0x30100), 0x1000, 0x100, DmaDirection::to_device);
+  ASSERT_FALSE(e.has_value());
+  EXPECT_EQ(e.error().code, EIO);
+  EXPECT_EQ(mapped_pages(*w.domain), 0u);
+  ASSERT_TRUE(dev->iova_link(st, PhysAddr(0x20100), 0, 0x100, DmaDirection::to_device).has_value());  // offset 0 may
+  ASSERT_TRUE(dev->iova_destroy(st, 0x100, DmaDirection::to_device).has_value());
+}
+
+// dma_iova_link(): "if (dev_use_swiotlb(dev, size, dir) && iova_unaligned(iovad, phys,
+// size)) { if (attrs & DMA_ATTR_MMIO) return -EPERM; ...}": MMIO (P2P through the host
+// bridge) is never bounced, whether or not bouncing was allowed.
+TEST(DmaIommuParityTest, DmaIovaLinkOfMmioThatWouldBounceIsEperm) {
+  DmaWorld w;
+  auto dev = w.device({.function = w.f_nvme, .min_align_mask = 0xfff, .untrusted = true, .domain = w.domain.get()});
+  DmaIovaState st;
+  ASSERT_TRUE(*dev->iova_try_alloc(st, PhysAddr(DmaWorld::kNicBar + 0x100), 0x2000));
+  for (const DmaAttrs attrs : {kDmaAttrNone, kDmaAttrAllowBounce}) {
+    auto e = dev->iova_link(st, PhysAddr(DmaWorld::kNicBar + 0x100), 0, 0x100, DmaDirection::to_device, attrs);
+    ASSERT_FALSE(e.has_value());
+    EXPECT_EQ(e.error().code, EPERM) << e.error().to_string();
+  }
+  EXPECT_EQ(w.pool->used_slots(), 0u);
+  EXPECT_EQ(mapped_pages(*w.domain), 0u);
+  ASSERT_TRUE(dev->iova_destroy(st, 0, DmaDirection::to_device).has_value());
+  // Granule-aligned MMIO needs no bounce: linked with the MMIO attribute.
+  ASSERT_TRUE(*dev->iova_try_alloc(st, PhysAddr(DmaWorld::kNicBar), 0x1000));
+  ASSERT_TRUE(dev->iova_link(st, PhysAddr(DmaWorld::kNicBar), 0, 0x1000, DmaDirection::to_device).has_value());
+  EXPECT_EQ(w.domain->walk(st.addr)->perm, kIommuRead | kIommuMmio);
+  ASSERT_TRUE(dev->iova_destroy(st, 0x1000, DmaDirection::to_device).has_value());
+}
+
+// iommu_dma_iova_link_swiotlb(): an untrusted device bounces only the head (granule -
+// iova_start_pad bytes) and the iova_end_pad tail, each into one whole zeroed granule
+// (iommu_dma_iova_bounce_and_link()), and links the granules between in place; so a
+// link is not limited to what one bounce holds.
+TEST(DmaIommuParityTest, IommuDmaIovaLinkSwiotlbBouncesOnlyHeadAndTail) {
+  DmaWorld w;
+  auto dev = w.device({.function = w.f_nvme, .min_align_mask = 0xfff, .untrusted = true, .domain = w.domain.get()});
+  const uint64_t before = free_iova(*w.domain);
+  // 1 MiB + 0x200 from 0x100100: head 0xf00, 255 granules in place, tail 0x300.
+  const PhysAddr phys(0x100100);
+  const uint64_t size = 1 * MiB + 0x200;
+  const auto data = pattern(size, 3);
+  ASSERT_TRUE(w.mem.write(phys, data).has_value());
+  DmaIovaState st;
+  ASSERT_TRUE(*dev->iova_try_alloc(st, phys, size));
+  auto linked = dev->iova_link(st, phys, 0, size, DmaDirection::bidirectional);
+  ASSERT_TRUE(linked.has_value()) << linked.error().to_string();
+  EXPECT_EQ(w.pool->used_slots(), 4u);  // two granules: the head's and the tail's
+  EXPECT_EQ(dev->stats().bounced_bytes, 0xf00u + 0x300u);
+  const auto head = w.domain->walk(st.addr);
+  ASSERT_TRUE(head.has_value());
+  EXPECT_TRUE(w.pool->contains(head->phys));
+  EXPECT_EQ(head->phys.value() & 0xfff, 0x100u);
+  EXPECT_EQ(w.domain->walk(st.addr + 0xf00)->phys, PhysAddr(0x101000));  // in place
+  EXPECT_EQ(w.domain->walk(st.addr + (size - 0x300 - 1))->phys, PhysAddr(0x1ff000 + 0xfff));
+  const auto tail = w.domain->walk(st.addr + (size - 0x300));
+  ASSERT_TRUE(tail.has_value());
+  EXPECT_TRUE(w.pool->contains(tail->phys));
+  // The tail's granule holds the tail and zeros only.
+  std::vector<uint8_t> granule(4096), want(4096, 0);
+  ASSERT_TRUE(w.mem.read(tail->phys, granule).has_value());
+  std::copy(data.end() - 0x300, data.end(), want.begin());
+  EXPECT_EQ(granule, want);
+  ASSERT_TRUE(dev->iova_sync(st, 0, size).has_value());
+  DmaSegment whole{st.addr, size, kDmaSegIommu};
+  EXPECT_EQ(w.device_read(dev->config(), std::span(&whole, 1)), data);
+  const auto written = pattern(size, 77);
+  ASSERT_TRUE(w.device_write(dev->config(), std::span(&whole, 1), written));
+  ASSERT_TRUE(dev->iova_destroy(st, size, DmaDirection::bidirectional).has_value());
+  std::vector<uint8_t> back(size);
+  ASSERT_TRUE(w.mem.read(phys, back).has_value());
+  EXPECT_EQ(back, written);  // the bounced head and tail copied back
+  EXPECT_EQ(w.pool->used_slots(), 0u);
+  EXPECT_EQ(mapped_pages(*w.domain), 0u);
+  EXPECT_EQ(free_iova(*w.domain), before);
+}
+
+// iommu_dma_iova_bounce_and_link() links bounce_phys - iova_start_pad: the head's bounce
+// must keep its offset within the granule, which swiotlb_align_offset() gives only under
+// a min_align_mask that covers it; without one, Linux's iommu_map() refuses the unaligned
+// address (-EINVAL), and nothing stays linked or bounced.
+TEST(DmaIommuParityTest, IommuDmaIovaBounceAndLinkNeedsTheOffsetKept) {
+  DmaWorld w;
+  auto dev = w.device({.function = w.f_nvme, .untrusted = true, .domain = w.domain.get()});  // min_align_mask 0
+  DmaIovaState st;
+  ASSERT_TRUE(*dev->iova_try_alloc(st, PhysAddr(0x9100), 0x2000));
+  auto e = dev->iova_link(st, PhysAddr(0x9100), 0, 0x2000, DmaDirection::to_device);
+  ASSERT_FALSE(e.has_value());
+  EXPECT_EQ(e.error().code, EINVAL) << e.error().to_string();
+  EXPECT_EQ(w.pool->used_slots(), 0u);
+  EXPECT_EQ(mapped_pages(*w.domain), 0u);
+  // Starting on a granule, only the tail is bounced, at offset 0: that links.
+  ASSERT_TRUE(dev->iova_destroy(st, 0, DmaDirection::to_device).has_value());
+  ASSERT_TRUE(*dev->iova_try_alloc(st, PhysAddr(0x9000), 0x1100));
+  ASSERT_TRUE(dev->iova_link(st, PhysAddr(0x9000), 0, 0x1100, DmaDirection::to_device).has_value());
+  EXPECT_EQ(w.pool->used_slots(), 2u);
+  ASSERT_TRUE(dev->iova_destroy(st, 0x1100, DmaDirection::to_device).has_value());
+}
+
+// iommu_dma_iova_link_swiotlb()'s error path unlinks what the call mapped. Linux calls
+// dma_iova_unlink(dev, state, 0, mapped, ...), from offset 0 of the state rather than from
+// the link's offset; physr undoes exactly this call's mappings and bounces (the head's
+// bounce too) and leaves the earlier links alone.
+TEST(DmaIommuParityTest, IommuDmaIovaLinkSwiotlbFailureUndoesOnlyItsOwnLinks) {
+  DmaWorld w;
+  auto dev = w.device({.function = w.f_nvme, .min_align_mask = 0xfff, .untrusted = true, .domain = w.domain.get()});
+  // Fill the pool, leaving no granule free.
+  std::vector<std::pair<PhysAddr, uint64_t>> held;
+  for (;;) {
+    auto b = w.pool->map(PhysAddr(0x200000), 256 * KiB, DmaDirection::to_device);
+    if (!b) break;
+    held.emplace_back(*b, 256 * KiB);
+  }
+  ASSERT_FALSE(held.empty());
+  DmaIovaState st;
+  ASSERT_TRUE(*dev->iova_try_alloc(st, PhysAddr(0x300000), 0x3000));
+  ASSERT_TRUE(dev->iova_link(st, PhysAddr(0x300000), 0, 0x1000, DmaDirection::to_device).has_value());
+  // The second link's middle granule maps, its tail finds no bounce slot.
+  auto e = dev->iova_link(st, PhysAddr(0x400000), 0x1000, 0x1100, DmaDirection::to_device);
+  ASSERT_FALSE(e.has_value());
+  EXPECT_EQ(e.error().code, ENOMEM) << e.error().to_string();
+  EXPECT_FALSE(w.domain->walk(st.addr + 0x1000).has_value());  // its middle was unlinked
+  EXPECT_EQ(w.domain->walk(st.addr)->phys, PhysAddr(0x300000));  // the first link stays
+  ASSERT_TRUE(dev->iova_destroy(st, 0x1000, DmaDirection::to_device).has_value());
+  // One granule free: a link's head takes it, its tail finds none; the head goes back.
+  ASSERT_TRUE(w.pool->unmap(held.back().first, 256 * KiB, DmaDirection::to_device).has_value());
+  held.pop_back();
+  auto most = w.pool->map(PhysAddr(0x200000), 256 * KiB - 4 * KiB, DmaDirection::to_device);
+  ASSERT_TRUE(most.has_value());
+  held.emplace_back(*most, 256 * KiB - 4 * KiB);
+  const uint64_t used = w.pool->used_slots();
+  ASSERT_EQ(used, w.pool->total_slots() - 2);
+  ASSERT_TRUE(*dev->iova_try_alloc(st, PhysAddr(0x400100), 0x1100));
+  e = dev->iova_link(st, PhysAddr(0x400100), 0, 0x1100, DmaDirection::to_device);
+  ASSERT_FALSE(e.has_value());
+  EXPECT_EQ(e.error().code, ENOMEM) << e.error().to_string();
+  EXPECT_EQ(w.pool->used_slots(), used);
+  EXPECT_EQ(mapped_pages(*w.domain), 0u);
+  ASSERT_TRUE(dev->iova_destroy(st, 0, DmaDirection::to_device).has_value());
+  for (const auto& [b, n] : held) ASSERT_TRUE(w.pool->unmap(b, n, DmaDirection::to_device).has_value());
+  EXPECT_EQ(w.pool->used_slots(), 0u);
+}
+
+// dma_iova_sync() checks nothing: it syncs the IOTLB over the range (iommu_sync_map()),
+// linked or not.
+TEST(DmaIommuParityTest, DmaIovaSyncChecksNothing) {
+  DmaWorld w;
+  auto dev = w.device({.function = w.f_nvme, .domain = w.domain.get()});
+  DmaIovaState st;
+  ASSERT_TRUE(*dev->iova_try_alloc(st, PhysAddr(0x10000), 0x4000));
+  ASSERT_TRUE(dev->iova_link(st, PhysAddr(0x10000), 0, 0x1000, DmaDirection::to_device).has_value());
+  auto r = dev->iova_sync(st, 0, 0x4000);  // three of the four granules are not linked
+  EXPECT_TRUE(r.has_value()) << r.error().to_string();
+  ASSERT_TRUE(dev->iova_destroy(st, 0x1000, DmaDirection::to_device).has_value());
 }
 
 }  // namespace

@@ -372,17 +372,25 @@ class DmaDevice {
   Status sync_phys_for_device(const DmaSegment& seg, DmaDirection dir);
 
   // Two-step API (Linux 6.16+, dma_iova_*): reserve IOVA once, link ranges into it.
-  /// Reserves IOVA for `size` bytes starting at phys's offset in its granule. false: the
-  /// device maps directly (use map_phys instead). EINVAL: size 0. ENOMEM: no IOVA space.
+  /// Reserves IOVA for `size` bytes starting at phys's offset in its granule. false (Linux
+  /// dma_iova_try_alloc(): the caller falls back to map_phys): the device maps directly,
+  /// size is 0 or beyond the IOVA space, or no IOVA is left. EBUSY: the state already
+  /// holds an IOVA range (Linux would overwrite it and leak the range).
   Result<bool> iova_try_alloc(DmaIovaState& state, PhysAddr phys, uint64_t size);
-  /// Maps [phys, phys + size) at state.addr + offset. Only the first link (offset 0) may
-  /// start inside a granule; P2P memory through the host bridge gets the MMIO attribute;
-  /// bus-address P2P memory is EINVAL (it is not linked: use map_phys); unreachable P2P is
-  /// EREMOTEIO; untrusted devices bounce unaligned host ranges.
+  /// Maps [phys, phys + size) at state.addr + offset (Linux dma_iova_link()). EIO: a link
+  /// at offset > 0 that starts inside a granule (only the first may). P2P memory through
+  /// the host bridge gets the MMIO attribute, and is EPERM when an untrusted device would
+  /// have to bounce it (not granule-aligned); bus-address P2P memory is EINVAL (it is not
+  /// linked: use map_phys); unreachable P2P is EREMOTEIO. An untrusted device bounces the
+  /// head of an unaligned host range up to its first granule boundary and the tail after
+  /// its last one, and links the granules between in place (iommu_dma_iova_link_swiotlb();
+  /// the head keeps its offset only under a min_align_mask of the granule, else EINVAL as
+  /// Linux's iommu_map() gives). On any error this call leaves nothing linked or bounced.
   Status iova_link(DmaIovaState& state, PhysAddr phys, uint64_t offset, uint64_t size, DmaDirection dir,
                    DmaAttrs attrs = {});
-  /// Makes linked mappings visible to the device (iommu_sync_map). EINVAL when part of the
-  /// range is not linked.
+  /// Makes linked mappings visible to the device (iommu_sync_map). Like Linux, it does
+  /// not check that the range is linked; EINVAL only for a state holding no IOVA or a
+  /// range outside it.
   Status iova_sync(DmaIovaState& state, uint64_t offset, uint64_t size);
   /// Unmaps [offset, offset + size) of the state, keeping the IOVA reserved.
   Status iova_unlink(DmaIovaState& state, uint64_t offset, uint64_t size, DmaDirection dir, DmaAttrs attrs = {});
