@@ -329,5 +329,26 @@ TEST(DmaIommuParityTest, DmaIovaSyncChecksNothing) {
   ASSERT_TRUE(dev->iova_destroy(st, 0x1000, DmaDirection::to_device).has_value());
 }
 
+// __iommu_dma_map(): "if (dev_WARN_ONCE(dev, dma_get_min_align_mask(dev) > iova_mask(iovad),
+// ...)) return DMA_MAPPING_ERROR": the IOVA allocator cannot keep an alignment above the
+// granule, so a single mapping through the IOMMU is refused; a direct device keeps it.
+TEST(DmaIommuParityTest, IommuDmaMapRefusesMinAlignMaskAboveTheGranule) {
+  DmaWorld w;
+  auto iommu = w.device({.function = w.f_nvme, .min_align_mask = 0xffff, .domain = w.domain.get()});
+  auto e = iommu->map_phys(PhysAddr(0x12345), 100, DmaDirection::to_device);
+  ASSERT_FALSE(e.has_value());
+  EXPECT_EQ(e.error().code, EINVAL) << e.error().to_string();
+  EXPECT_EQ(mapped_pages(*w.domain), 0u);
+  EXPECT_EQ(iommu->stats().live_mappings, 0u);
+  auto within = w.device({.function = w.f_nvme, .min_align_mask = 0xfff, .domain = w.domain.get()});
+  auto s = within->map_phys(PhysAddr(0x12345), 100, DmaDirection::to_device);
+  ASSERT_TRUE(s.has_value());
+  ASSERT_TRUE(within->unmap_phys(*s, DmaDirection::to_device).has_value());
+  auto direct = w.device({.function = w.f_nvme, .min_align_mask = 0xffff});
+  s = direct->map_phys(PhysAddr(0x12345), 100, DmaDirection::to_device);
+  ASSERT_TRUE(s.has_value());
+  ASSERT_TRUE(direct->unmap_phys(*s, DmaDirection::to_device).has_value());
+}
+
 }  // namespace
 }  // namespace physr

@@ -362,8 +362,10 @@ class DmaDevice {
   Status sync_for_device(const DmaMapping& m);
 
   /// One physical range (Linux dma_map_phys): host or P2P memory, classified as map()
-  /// does; the result is one segment (never split). Errors as map(), plus EINVAL when a
-  /// needed bounce exceeds 256 KiB.
+  /// does; the result is one segment (never split; a bounce never crosses the segment
+  /// boundary). Errors as map(), plus EINVAL when a needed bounce exceeds 256 KiB or the
+  /// boundary, and for an IOMMU device whose min_align_mask exceeds the 4 KiB granule's
+  /// (Linux __iommu_dma_map()).
   Result<DmaSegment> map_phys(PhysAddr phys, uint64_t size, DmaDirection dir, DmaAttrs attrs = {});
   /// Undoes map_phys(), from the segment's flags. EINVAL/ENOENT for a segment that is not
   /// mapped (detected through the IOMMU or the bounce pool; always with debug on).

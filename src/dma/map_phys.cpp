@@ -24,6 +24,13 @@ Result<DmaSegment> DmaDevice::map_phys(PhysAddr phys, uint64_t size, DmaDirectio
     m.failed.fetch_add(1, std::memory_order_relaxed);
     return std::move(st).error();
   }
+  // Linux __iommu_dma_map(): an alignment the IOVA allocator cannot keep is refused.
+  if (c.domain && route != Route::bus && c.min_align_mask > kGMask) {
+    m.failed.fetch_add(1, std::memory_order_relaxed);
+    return make_error(EINVAL, "DMA map_phys of " + format_hex(phys.value()) + " on " + m.who() + ": min_align_mask " +
+                                  format_hex(c.min_align_mask) + " exceeds the IOVA granule mask " + format_hex(kGMask) +
+                                  " (unsupported alignment constraint)");
+  }
   DmaSegment seg{};
   seg.len = size;
   if (route == Route::bus) {
