@@ -108,9 +108,9 @@ TEST(BouncePoolTest, AllocAlignMaskReservesWholeZeroedGranules) {
   const auto data = pattern(5000, 3);
   const PhysAddr orig(0x7000 + 0x9a0);
   ASSERT_TRUE(f.mem.write(orig, data).has_value());
-  auto b = f.pool->map(orig, data.size(), DmaDirection::from_device, 0, 0xfff);
+  auto b = f.pool->map(orig, data.size(), DmaDirection::from_device, 0xfff, 0xfff);
   ASSERT_TRUE(b.has_value());
-  EXPECT_EQ(b->value() & 0xfff, 0x9a0u);  // offset within the granule kept
+  EXPECT_EQ(b->value() & 0xfff, 0x9a0u);  // offset within the granule kept (under min_align_mask)
   EXPECT_EQ(f.pool->used_slots(), 4u);    // [0x9a0, 0x9a0 + 5000) covers two whole 4 KiB granules
   const PhysAddr g0(b->value() & ~uint64_t{0xfff});
   EXPECT_EQ(f.bytes(g0, 0x9a0), std::vector<uint8_t>(0x9a0, 0));            // pre-padding zeroed

@@ -31,7 +31,8 @@
 //   the area of the CPU it runs on first, then the others.
 // - Alignment: the bounce address keeps the original's bits under the device's
 //   min_align_mask (NVMe needs the offset within its PRP pages), and mappings of a page or
-//   more start page-aligned otherwise.
+//   more start page-aligned when the device has no such mask; no mapping crosses the
+//   device's segment boundary.
 // - Copies follow the direction: to the bounce buffer at map and sync_for_device (to_device,
 //   bidirectional), back to the original at unmap and sync_for_cpu (from_device,
 //   bidirectional), through the MemoryAccess the pool was created on (the model's
@@ -144,10 +145,23 @@ struct BounceOptions {
   unsigned areas = 2;        // a power of two; the pool is split evenly between them
 };
 
+/// What a bounce must respect: the device's parameters Linux's swiotlb reads, and the
+/// alignment its caller asks for.
+struct BounceParams {
+  uint64_t min_align_mask = 0;    // dma_get_min_align_mask(): original bits the bounce address keeps
+  /// Alignment of the reservation (2^k - 1, 2 KiB - 1 to 128 KiB - 1), or 0: none asked.
+  /// iommu_dma_map_swiotlb() passes the IOVA granule's: the reservation is then whole
+  /// granules and its padding is zeroed.
+  uint64_t alloc_align_mask = 0;
+  uint64_t seg_boundary_mask = ~uint64_t{0};  // dma_get_seg_boundary(): no bounce crosses it
+  uint64_t dma_offset = 0;        // DMA address - physical address of the pool (phys_to_dma())
+};
+
 /// A swiotlb-style bounce pool. Thread-safe.
 class BouncePool {
  public:
-  static constexpr uint64_t kSlotSize = 2048;
+  static constexpr unsigned kSlotShift = 11;
+  static constexpr uint64_t kSlotSize = uint64_t{1} << kSlotShift;
   static constexpr unsigned kSegmentSlots = 128;
   static constexpr uint64_t kMaxMapping = kSlotSize * kSegmentSlots;  // 256 KiB
 
@@ -157,13 +171,20 @@ class BouncePool {
   ~BouncePool();
 
   /// Bounces [orig, orig + size): copies it in (whatever the direction, as Linux does) and
-  /// returns the bounce address. A non-zero alloc_align_mask (2^k - 1, 2 KiB to 128 KiB)
-  /// reserves whole aligned granules, keeps orig's offset in them and zeroes the padding
-  /// (for untrusted devices behind an IOMMU). EINVAL: size 0, more than 256 KiB with the
-  /// offset, direction none. ENOMEM: no area has room (nothing is reserved). EFAULT: orig
-  /// is not in memory.
+  /// returns the bounce address (Linux swiotlb_tbl_map_single()). The address keeps orig's
+  /// bits under min_align_mask (below the slot size, or up to alloc_align_mask when one is
+  /// given), the reservation starts on alloc_align_mask (on a page for a page or more when
+  /// neither mask is set) and covers whole alloc_align_mask + 1 units, whose padding is
+  /// zeroed; the bounce never crosses seg_boundary_mask in DMA address space. EINVAL: size
+  /// 0, more than 256 KiB with the offset, more than the boundary allows, a bad
+  /// alloc_align_mask, direction none. ENOMEM: no area has room (nothing is reserved).
+  /// EFAULT: orig is not in memory.
+  Result<PhysAddr> map(PhysAddr orig, uint64_t size, DmaDirection dir, const BounceParams& params);
+  /// The same with no segment boundary and no DMA offset.
   Result<PhysAddr> map(PhysAddr orig, uint64_t size, DmaDirection dir, uint64_t min_align_mask = 0,
-                       uint64_t alloc_align_mask = 0);
+                       uint64_t alloc_align_mask = 0) {
+    return map(orig, size, dir, BounceParams{.min_align_mask = min_align_mask, .alloc_align_mask = alloc_align_mask});
+  }
   /// Copies back if the direction says so, then frees. EINVAL: not a mapping of that size
   /// (nothing changes); EFAULT: the copy back failed (the slots are freed all the same).
   Status unmap(PhysAddr bounce, uint64_t size, DmaDirection dir);
@@ -266,6 +287,13 @@ struct DmaDeviceConfig {
   std::function<void(const std::string& report)> debug_report{};
 };
 
+/// What a device's bounces respect (the parameters Linux's swiotlb reads from the device),
+/// with the reservation alignment its caller asks for.
+inline BounceParams bounce_params(const DmaDeviceConfig& c, uint64_t alloc_align_mask = 0) noexcept {
+  return BounceParams{.min_align_mask = c.min_align_mask, .alloc_align_mask = alloc_align_mask,
+                      .seg_boundary_mask = c.seg_boundary_mask, .dma_offset = c.dma_offset};
+}
+
 struct DmaDeviceStats {
   uint64_t live_mappings = 0;    // map() and map_phys() results not yet unmapped
   uint64_t maps = 0, unmaps = 0, failed_maps = 0;
@@ -362,8 +390,10 @@ class DmaDevice {
   Status sync_for_device(const DmaMapping& m);
 
   /// One physical range (Linux dma_map_phys): host or P2P memory, classified as map()
-  /// does; the result is one segment (never split). Errors as map(), plus EINVAL when a
-  /// needed bounce exceeds 256 KiB.
+  /// does; the result is one segment (never split; a bounce never crosses the segment
+  /// boundary). Errors as map(), plus EINVAL when a needed bounce exceeds 256 KiB or the
+  /// boundary, and for an IOMMU device whose min_align_mask exceeds the 4 KiB granule's
+  /// (Linux __iommu_dma_map()).
   Result<DmaSegment> map_phys(PhysAddr phys, uint64_t size, DmaDirection dir, DmaAttrs attrs = {});
   /// Undoes map_phys(), from the segment's flags. EINVAL/ENOENT for a segment that is not
   /// mapped (detected through the IOMMU or the bounce pool; always with debug on).
@@ -372,17 +402,25 @@ class DmaDevice {
   Status sync_phys_for_device(const DmaSegment& seg, DmaDirection dir);
 
   // Two-step API (Linux 6.16+, dma_iova_*): reserve IOVA once, link ranges into it.
-  /// Reserves IOVA for `size` bytes starting at phys's offset in its granule. false: the
-  /// device maps directly (use map_phys instead). EINVAL: size 0. ENOMEM: no IOVA space.
+  /// Reserves IOVA for `size` bytes starting at phys's offset in its granule. false (Linux
+  /// dma_iova_try_alloc(): the caller falls back to map_phys): the device maps directly,
+  /// size is 0 or beyond the IOVA space, or no IOVA is left. EBUSY: the state already
+  /// holds an IOVA range (Linux would overwrite it and leak the range).
   Result<bool> iova_try_alloc(DmaIovaState& state, PhysAddr phys, uint64_t size);
-  /// Maps [phys, phys + size) at state.addr + offset. Only the first link (offset 0) may
-  /// start inside a granule; P2P memory through the host bridge gets the MMIO attribute;
-  /// bus-address P2P memory is EINVAL (it is not linked: use map_phys); unreachable P2P is
-  /// EREMOTEIO; untrusted devices bounce unaligned host ranges.
+  /// Maps [phys, phys + size) at state.addr + offset (Linux dma_iova_link()). EIO: a link
+  /// at offset > 0 that starts inside a granule (only the first may). P2P memory through
+  /// the host bridge gets the MMIO attribute, and is EPERM when an untrusted device would
+  /// have to bounce it (not granule-aligned); bus-address P2P memory is EINVAL (it is not
+  /// linked: use map_phys); unreachable P2P is EREMOTEIO. An untrusted device bounces the
+  /// head of an unaligned host range up to its first granule boundary and the tail after
+  /// its last one, and links the granules between in place (iommu_dma_iova_link_swiotlb();
+  /// the head keeps its offset only under a min_align_mask of the granule, else EINVAL as
+  /// Linux's iommu_map() gives). On any error this call leaves nothing linked or bounced.
   Status iova_link(DmaIovaState& state, PhysAddr phys, uint64_t offset, uint64_t size, DmaDirection dir,
                    DmaAttrs attrs = {});
-  /// Makes linked mappings visible to the device (iommu_sync_map). EINVAL when part of the
-  /// range is not linked.
+  /// Makes linked mappings visible to the device (iommu_sync_map). Like Linux, it does
+  /// not check that the range is linked; EINVAL only for a state holding no IOVA or a
+  /// range outside it.
   Status iova_sync(DmaIovaState& state, uint64_t offset, uint64_t size);
   /// Unmaps [offset, offset + size) of the state, keeping the IOVA reserved.
   Status iova_unlink(DmaIovaState& state, uint64_t offset, uint64_t size, DmaDirection dir, DmaAttrs attrs = {});

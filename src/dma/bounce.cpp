@@ -38,20 +38,48 @@ struct BouncePool::Impl {
   };
   std::vector<Area> areas;
 
-  // Linux swiotlb_search_pool_area(): from the hint, the first run of `n` free slots that
-  // stays in one segment, whose address matches `want` under `mask`, on a `stride` boundary.
-  bool search(Area& a, uint64_t n, uint64_t mask, uint64_t want, uint64_t stride, uint64_t* out) {
-    for (uint64_t tries = 0, i = a.hint; tries < a.count; ++tries, i = i + 1 < a.count ? i + 1 : 0) {
-      const uint64_t slot = a.first + i;
-      const uint64_t addr = base + slot * kSlotSize;
-      if ((addr & mask) != want || (slot % stride) != 0) continue;
-      if (slot % kSegmentSlots + n > kSegmentSlots || i + n > a.count) continue;
-      bool free = true;
-      for (uint64_t k = 0; k < n && free; ++k) free = !slots[slot + k].used;
-      if (!free) continue;
-      *out = slot;
-      a.hint = i + n < a.count ? i + n : 0;
-      return true;
+  // What one search looks for (Linux swiotlb_search_pool_area()'s locals).
+  struct Want {
+    uint64_t nslots;            // slots the mapping reserves
+    uint64_t orig;              // the original address
+    uint64_t alloc_align_mask;  // the reservation's alignment, at least a slot
+    uint64_t iotlb_align_mask;  // original bits the slot must match (above alloc_align_mask)
+    uint64_t stride;            // slots to step after an aligned slot did not fit
+    uint64_t tbl_dma;           // the pool's DMA address under the boundary mask
+    uint64_t max_slots;         // slots per boundary window (a power of two)
+  };
+
+  // Linux swiotlb_search_pool_area(): from the hint, the first slot whose DMA address is
+  // aligned under alloc_align_mask and matches the original under iotlb_align_mask, that
+  // starts a free run of nslots within one segment and that does not cross the boundary
+  // (iommu_is_span_boundary()); an aligned slot that does not fit moves the search on by
+  // the stride, any other by one slot, wrapping at the area's end.
+  bool search(Area& a, const Want& w, uint64_t* out) {
+    const uint64_t shift = (w.tbl_dma + kSlotSize - 1) >> kSlotShift;  // nr_slots(tbl_dma_addr)
+    uint64_t index = a.hint;
+    const auto wrap = [&](uint64_t i) { return i >= a.count ? 0 : i; };  // wrap_area_index()
+    for (uint64_t checked = 0; checked < a.count;) {
+      const uint64_t slot = a.first + index;
+      const uint64_t tlb = w.tbl_dma + slot * kSlotSize;
+      if ((tlb & w.alloc_align_mask) != 0 || (tlb & w.iotlb_align_mask) != (w.orig & w.iotlb_align_mask)) {
+        index = wrap(index + 1);
+        ++checked;
+        continue;
+      }
+      // iommu_is_span_boundary(slot, nslots, shift, max_slots), then the free run, which
+      // Linux's per-slot free count keeps within one segment.
+      const bool crosses = ((shift + slot) & (w.max_slots - 1)) + w.nslots > w.max_slots;
+      if (!crosses && slot % kSegmentSlots + w.nslots <= kSegmentSlots) {
+        bool free = true;
+        for (uint64_t k = 0; k < w.nslots && free; ++k) free = !slots[slot + k].used;
+        if (free) {
+          *out = slot;
+          a.hint = wrap(index + w.nslots);
+          return true;
+        }
+      }
+      index = wrap(index + w.stride);
+      checked += w.stride;
     }
     return false;
   }
@@ -111,29 +139,44 @@ Result<std::unique_ptr<BouncePool>> BouncePool::create(MemoryAccess& memory, con
   return std::unique_ptr<BouncePool>(new BouncePool(std::move(impl)));
 }
 
-Result<PhysAddr> BouncePool::map(PhysAddr orig, uint64_t size, DmaDirection dir, uint64_t min_align_mask,
-                                 uint64_t alloc_align_mask) {
+Result<PhysAddr> BouncePool::map(PhysAddr orig, uint64_t size, DmaDirection dir, const BounceParams& p) {
   Impl& m = *impl_;
+  const uint64_t alloc_align_mask = p.alloc_align_mask, min_align_mask = p.min_align_mask;
   if (dir == DmaDirection::none) return make_error(EINVAL, "bounce map of " + format_hex(orig.value()) + ": direction none");
   if (alloc_align_mask != 0 && ((alloc_align_mask & (alloc_align_mask + 1)) != 0 || alloc_align_mask < kSlotSize - 1 ||
                                 alloc_align_mask >= kMaxMapping))
     return make_error(EINVAL, "bounce map of " + format_hex(orig.value()) + ": alloc_align_mask " + format_hex(alloc_align_mask) +
                                   " must be 2^k - 1 between 2 KiB - 1 and 128 KiB - 1");
-  // Linux swiotlb_align_offset(): the original's offset within a slot under min_align_mask
-  // is kept; above the slot size, the mask decides which slots may be used. With an
-  // alloc_align_mask (iommu_dma_map_swiotlb() for untrusted devices), the reservation
-  // starts on that alignment and covers whole granules, and the offset within the
-  // granule is kept so the IOMMU can map the granules as they are.
-  const uint64_t offset = alloc_align_mask ? orig.value() & alloc_align_mask : orig.value() & min_align_mask & (kSlotSize - 1);
-  const uint64_t slot_mask = min_align_mask & ~(alloc_align_mask | (kSlotSize - 1));
+  // Linux swiotlb_align_offset(dev, alloc_align_mask, orig): the original's bits under
+  // min_align_mask within a slot, or within the alloc_align_mask unit when one is given
+  // (iommu_dma_map_swiotlb() for untrusted devices, so the IOMMU can map the unit as it
+  // is). Without a min_align_mask the bounce starts its reservation.
+  const uint64_t offset = orig.value() & min_align_mask & (alloc_align_mask | (kSlotSize - 1));
   if (size == 0 || size > kMaxMapping || size + offset > kMaxMapping)
     return make_error(EINVAL, "bounce map of " + format_hex(orig.value()) + " (+" + std::to_string(size) +
                                   " bytes): a mapping holds 1 byte to 256 KiB (less the alignment offset)");
-  const uint64_t unit = alloc_align_mask ? alloc_align_mask + 1 : kSlotSize;
-  const uint64_t n = (size + offset + unit - 1) / unit * (unit / kSlotSize);
-  // Without a device mask, mappings of a page or more start page-aligned (Linux's stride).
-  const uint64_t stride = alloc_align_mask ? unit / kSlotSize : (slot_mask == 0 && size >= kPageSize) ? kPageSize / kSlotSize : 1;
-  const uint64_t want = orig.value() & slot_mask;
+  // swiotlb_tbl_map_single(): ALIGN(size + offset, alloc_align_mask + 1) bytes reserved.
+  const uint64_t reserved = (size + offset + alloc_align_mask) & ~alloc_align_mask;
+  if (reserved > kMaxMapping)  // swiotlb_find_slots(): no segment holds it
+    return make_error(EINVAL, "bounce map of " + format_hex(orig.value()) + " (+" + std::to_string(size) + " bytes): " +
+                                  std::to_string(reserved) + " bytes with the alignment exceed a 256 KiB segment");
+  Impl::Want w{};
+  w.nslots = (reserved + kSlotSize - 1) >> kSlotShift;
+  w.orig = orig.value();
+  // swiotlb_search_pool_area(): mappings of a page or more start page-aligned only when
+  // the device asks for no alignment at all; the reservation is at least slot-aligned;
+  // min_align_mask bits kept by the offset are not matched again.
+  w.alloc_align_mask = alloc_align_mask;
+  if (alloc_align_mask == 0 && min_align_mask == 0 && reserved >= kPageSize) w.alloc_align_mask = kPageSize - 1;
+  w.alloc_align_mask |= kSlotSize - 1;
+  w.iotlb_align_mask = min_align_mask & ~w.alloc_align_mask;
+  w.stride = (std::max(w.alloc_align_mask, w.iotlb_align_mask) >> kSlotShift) + 1;  // get_max_slots()
+  w.tbl_dma = (m.base + p.dma_offset) & p.seg_boundary_mask;
+  w.max_slots = (p.seg_boundary_mask >> kSlotShift) + 1;
+  if (w.nslots > w.max_slots)
+    return make_error(EINVAL, "bounce map of " + format_hex(orig.value()) + " (+" + std::to_string(size) +
+                                  " bytes): larger than the segment boundary mask " + format_hex(p.seg_boundary_mask) + " allows");
+  const uint64_t n = w.nslots;
   uint64_t slot = 0;
   bool found = false;
   const int cpu = sched_getcpu();
@@ -142,7 +185,7 @@ Result<PhysAddr> BouncePool::map(PhysAddr orig, uint64_t size, DmaDirection dir,
     Impl::Area& a = m.areas[(start + k) % m.areas.size()];
     std::lock_guard lock(a.mu);
     if (a.count - a.used < n) continue;
-    if (m.search(a, n, slot_mask, want, stride, &slot)) {
+    if (m.search(a, w, &slot)) {
       found = true;
       for (uint64_t i = 0; i < n; ++i) m.slots[slot + i] = Impl::Slot{0, 0, 0, 0, true};
       m.slots[slot] = Impl::Slot{orig.value(), static_cast<uint32_t>(size), static_cast<uint32_t>(offset),

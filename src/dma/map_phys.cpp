@@ -24,6 +24,13 @@ Result<DmaSegment> DmaDevice::map_phys(PhysAddr phys, uint64_t size, DmaDirectio
     m.failed.fetch_add(1, std::memory_order_relaxed);
     return std::move(st).error();
   }
+  // Linux __iommu_dma_map(): an alignment the IOVA allocator cannot keep is refused.
+  if (c.domain && route != Route::bus && c.min_align_mask > kGMask) {
+    m.failed.fetch_add(1, std::memory_order_relaxed);
+    return make_error(EINVAL, "DMA map_phys of " + format_hex(phys.value()) + " on " + m.who() + ": min_align_mask " +
+                                  format_hex(c.min_align_mask) + " exceeds the IOVA granule mask " + format_hex(kGMask) +
+                                  " (unsupported alignment constraint)");
+  }
   DmaSegment seg{};
   seg.len = size;
   if (route == Route::bus) {
@@ -33,7 +40,7 @@ Result<DmaSegment> DmaDevice::map_phys(PhysAddr phys, uint64_t size, DmaDirectio
     PhysAddr a = phys;
     if (bounce) {
       if (!m.env.bounce) return make_error(EIO, "DMA map_phys: " + format_hex(phys.value()) + " must be bounced but " + m.who() + " has no bounce pool");
-      PHYSR_ASSIGN_OR_RETURN(a, m.env.bounce->map(phys, size, dir, c.min_align_mask, c.domain ? kGMask : 0));
+      PHYSR_ASSIGN_OR_RETURN(a, m.env.bounce->map(phys, size, dir, bounce_params(c, c.domain ? kGMask : 0)));
       m.bounced.fetch_add(size, std::memory_order_relaxed);
     }
     const DmaSegFlags mmio = route == Route::mmio && !bounce ? kDmaSegMmio : DmaSegFlags{};
