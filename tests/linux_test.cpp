@@ -504,6 +504,7 @@ TEST(DoctorTest, FakeHostWithIommuAcsAndP2pmem) {
 }
 
 TEST(DoctorTest, NoPciTreeIsAFindingNotAFailure) {
+  EXPECT_EQ(run_doctor(DoctorOptions{.root = "/nonexistent-physr-root"}).error().code, ENOENT);
   TempDir d("nopci");
   auto r = run_doctor(DoctorOptions{.root = d.path});
   ASSERT_TRUE(r.has_value());

@@ -460,6 +460,7 @@ Result<DoctorReport> run_doctor(const DoctorOptions& o) {
   DoctorReport r;
   r.root = o.root.string();
   std::error_code ec;
+  if (!fs::is_directory(o.root, ec)) return make_error(ENOENT, "root '" + r.root + "': not a directory");
   r.live = fs::equivalent(o.root, "/", ec);
   r.privileged = o.privileged ? *o.privileged : (r.live && ::geteuid() == 0);
 
