@@ -36,7 +36,8 @@ dma addr=0x80010000
 platform verdict=bus_addr
 model devices=1
 builtin default=1
-sim jobs=1 machine=two-socket-switch'
+sim jobs=1 machine=two-socket-switch
+linux provider=0000:03:00.0'
 # shellcheck disable=SC2034
 expected_range_only='ranges=2 bytes=12288'
 
