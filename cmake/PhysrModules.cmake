@@ -13,7 +13,8 @@ option(PHYSR_SHARED "Build the module libraries shared (default: static)" ${BUIL
 set(PHYSR_PC_EXTERNAL
   "Threads::Threads=-pthread"
   "tomlplusplus::tomlplusplus=tomlplusplus"
-  "PkgConfig::physr_urcu=liburcu-memb")
+  "PkgConfig::physr_urcu=liburcu-memb"
+  "ZLIB::ZLIB=zlib")
 
 # .pc files are relocatable: prefix is found from the .pc file's own folder, so an install
 # moved or made with `cmake --install --prefix DIR` needs no --define-variable.

@@ -345,5 +345,78 @@ printf '[[host_bridge]]\nbus = 0\n[[function]]\nbdf = "00:01.0"\nname = "a\\nb"\
 expect 1 'name-nl.toml:5: function\[0\] \(0000:00:01.0\).name: control character 0xa' -- topo --machine "$tmp/name-nl.toml"
 printf '[[host_bridge]]\nbus = 0\n[[function]]\nbdf = "00:01.0"\nname = "q\\"x\\\\y"\nvendor = 1\ndevice = 2\nclass = 0x010802\n' > "$tmp/name-q.toml"
 expect 0 '0000:00:01.0 \(q\\"x\\\\y\)' -- topo --machine "$tmp/name-q.toml" --dot
+# --- the linux layer: physr p2pmem-test and physr doctor ------------------------------------
+# p2pmem-test between two regular files through host memory, where O_DIRECT works (ext4, xfs;
+# tmpfs only since Linux 6.6): the build tree first, else the scratch folder.
+odir=""
+for base in "$PWD" "$tmp"; do
+  mkdir -p "$base/odirect.$$" && head -c 1048576 /dev/urandom > "$base/odirect.$$/src" && : > "$base/odirect.$$/dst"
+  if python3 -c 'import os,sys; os.close(os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECT))' "$base/odirect.$$/src" 2>/dev/null; then
+    odir=$base/odirect.$$; break
+  fi
+  rm -rf "$base/odirect.$$"
+done
+if [[ -n $odir ]]; then
+  expect 0 'Copied 1 MiB .* GB/s, [0-9]+ IOPS \(256 reads, 256 writes\)' -- p2pmem-test "$odir/src" "$odir/dst" -c 256 -t 2 --check
+  expect 0 'Checked every byte: 1 MiB compared' -- p2pmem-test "$odir/src" "$odir/dst" -c 256 --check
+  expect 0 'read: .*src .*host memory, not P2P' -- p2pmem-test "$odir/src" "$odir/dst" -c 16 -s 8K --seed 3
+  if cmp -s "$odir/src" "$odir/dst"; then passes=$((passes + 1)); else echo "FAIL: p2pmem-test --check: dst differs from src"; fails=$((fails + 1)); fi
+  head -c 4096 "$odir/src" > "$odir/small"
+  expect 1 'EIO: .*small: short read: 0 of 4096 bytes at offset 4096' -- p2pmem-test "$odir/small" "$odir/dst" -c 2
+  expect 1 'ENODEV: .*0000:00:1f.7/p2pmem|ENOENT: .*0000:00:1f.7: no such PCI function' -- p2pmem-test "$odir/src" "$odir/dst" 0000:00:1f.7
+  rm -rf "$odir"
+else
+  echo "note: no folder here supports O_DIRECT; p2pmem-test copies not run"
+fi
+# tmpfs: O_DIRECT works (Linux 6.6+) or is refused with a message that says why.
+if [[ -d /dev/shm && -w /dev/shm ]]; then
+  shm=$(mktemp -d /dev/shm/physr-cli.XXXXXX)
+  head -c 8192 /dev/zero > "$shm/a"; : > "$shm/b"
+  out=$(timeout 60 "$physr" p2pmem-test "$shm/a" "$shm/b" -c 2 2>&1); rc=$?
+  if [[ $rc -eq 0 ]] || { [[ $rc -eq 1 ]] && grep -q 'does not support O_DIRECT' <<<"$out"; }; then passes=$((passes + 1));
+  else echo "FAIL: p2pmem-test on tmpfs (exit $rc)"; echo "$out" | head -3; fails=$((fails + 1)); fi
+  rm -rf "$shm"
+fi
+mkfifo "$tmp/p2p-fifo"
+out=$(timeout 60 "$physr" p2pmem-test "$tmp/p2p-fifo" "$tmp/nothing" 2>&1); rc=$?
+if [[ $rc -eq 1 ]] && grep -q 'p2p-fifo: a FIFO, neither a block device nor a regular file' <<<"$out"; then passes=$((passes + 1));
+else echo "FAIL: p2pmem-test with a FIFO (exit $rc)"; fails=$((fails + 1)); fi
+expect 1 "ENOENT: .*missing-dev" -- p2pmem-test "$tmp/missing-dev" "$tmp/nothing"
+expect 2 'chunk-size 1000: must be a non-zero multiple of 512' -- p2pmem-test /dev/null /dev/null -s 1000
+expect 2 'chunks: must be at least 1' -- p2pmem-test /dev/null /dev/null -c 0
+expect 2 "'nvme0': expected a PCI address" -- p2pmem-test /dev/null /dev/null nvme0
+# A fake sysfs tree: p2pmem not published, one whose allocate is not the kernel's, a FIFO attribute.
+fk=$tmp/p2pfake/sys/bus/pci/devices/0000:05:00.0/p2pmem
+mkdir -p "$fk"; echo 16777216 > "$fk/size"; echo 16777216 > "$fk/available"; echo 0 > "$fk/published"; : > "$fk/allocate"
+: > "$tmp/p2p-src"
+expect 1 'ENODEV: .*published: 0: the P2P memory of 0000:05:00.0 is not published' -- p2pmem-test "$tmp/p2p-src" "$tmp/p2p-src" 05:00.0 --sysfs-root "$tmp/p2pfake"
+expect 1 'allocate: not on sysfs' -- p2pmem-test "$tmp/p2p-src" "$tmp/p2p-src" "$tmp/p2pfake/sys/bus/pci/devices/0000:05:00.0/p2pmem" --sysfs-root "$tmp/p2pfake" --allow-unpublished
+rm "$fk/available"; mkfifo "$fk/available"
+out=$(timeout 60 "$physr" p2pmem-test "$tmp/p2p-src" "$tmp/p2p-src" 05:00.0 --sysfs-root "$tmp/p2pfake" 2>&1); rc=$?
+if [[ $rc -eq 1 ]] && grep -q 'p2pmem/available: a FIFO, not a regular file' <<<"$out"; then passes=$((passes + 1));
+else echo "FAIL: p2pmem-test with a FIFO attribute (exit $rc)"; echo "$out" | head -3; fails=$((fails + 1)); fi
+
+# doctor on a snapshot: findings with severities and fixes, pairs with link classes, --json's keys.
+expect 0 '\[ +info +\] ACS unknown on .* \(acs.unknown\)' -- doctor --sysfs-root "$snaps/40intel64-2g2n4c+pci"
+expect 0 '0000:02:00.0 -> 0000:02:00.1 +bus_addr +2 +PHB +02:00.0 > 00:05.0 < 02:00.1' -- doctor --sysfs-root "$snaps/40intel64-2g2n4c+pci"
+expect 0 'PIX  = Connection traversing at most a single PCIe bridge' -- doctor --sysfs-root "$snaps/40intel64-2g2n4c+pci"
+if "$physr" doctor --sysfs-root "$snaps/40intel64-2g2n4c+pci" --json > "$tmp/doctor.json" && python3 - "$tmp/doctor.json" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+assert d["live"] is False and d["kernel"] == "", d["kernel"]
+ids = {f["id"] for f in d["findings"]}
+assert {"kernel.version", "kernel.p2pdma", "iommu", "pci", "acs.unknown", "p2pmem", "pairs"} <= ids, ids
+for f in d["findings"]:
+    assert set(f) == {"id", "severity", "title", "detail", "fix"}, f
+    assert f["severity"] in ("ok", "info", "warning", "error"), f
+p = d["pairs"][0]
+assert set(p) == {"provider", "client", "map_type", "distance", "link_class", "path"}, p
+assert set(d["link_classes"]) == {"X", "PIX", "PXB", "PHB", "NODE", "SYS"}
+PY
+then passes=$((passes + 1)); else echo "FAIL: doctor --json"; fails=$((fails + 1)); fi
+expect 1 "ENOENT: root '$tmp/no-root': not a directory" -- doctor --sysfs-root "$tmp/no-root"
+# This host, whoever runs it: it works, and unprivileged it says what root would add.
+if [[ $(id -u) -ne 0 ]]; then expect 0 'Unprivileged: some facts are missing' -- doctor; else expect 0 '\(kernel.version\)' -- doctor; fi
+
 echo "cli: $passes passed, $fails failed"
 [[ $fails -eq 0 ]]

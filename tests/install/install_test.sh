@@ -37,7 +37,8 @@ platform verdict=bus_addr
 mem pages=2
 model devices=1
 builtin default=1
-sim jobs=1 machine=two-socket-switch'
+sim jobs=1 machine=two-socket-switch
+linux provider=0000:03:00.0'
 # shellcheck disable=SC2034
 expected_range_only='ranges=2 bytes=12288'
 

@@ -55,6 +55,13 @@ void add_topo_commands(CLI::App& app);
 pci::Topology load_machine_arg(const std::string& machine);
 /// Prints warnings to stderr, one "physr: warning: ..." line each.
 void print_warnings(const std::vector<std::string>& warnings);
+/// What `physr explain` prints for (provider, client): the path hop by hop, ACS, the CPU
+/// and allowlist rules, the verdict, the link class and the kernel parameter that would help.
+void print_explanation(const pci::Topology& t, const pci::P2PEngine& e, uint32_t provider, uint32_t client);
+/// `physr p2pmem-test`.
+void add_p2pmem_command(CLI::App& app);
+/// `physr doctor`.
+void add_doctor_command(CLI::App& app);
 /// `physr map`.
 void add_map_command(CLI::App& app);
 /// `physr sim`.

@@ -394,7 +394,12 @@ void run_explain(const ExplainOptions& o) {
     }
     return *r;
   };
-  const uint32_t p = lookup(o.a), c = lookup(o.b);
+  print_explanation(t, e, lookup(o.a), lookup(o.b));
+}
+
+}  // namespace
+
+void print_explanation(const Topology& t, const P2PEngine& e, uint32_t p, uint32_t c) {
   const Explanation x = e.explain(p, c);
   const Function& fp = t.functions[p];
   const Function& fc = t.functions[c];
@@ -465,8 +470,6 @@ void run_explain(const ExplainOptions& o) {
     fmt::print("\nTo let this pair use bus addresses, boot with: {}\n(what-if: add --assume-acs-off {})\n", x.kernel_parameter,
                x.kernel_parameter.substr(std::string("pci=disable_acs_redir=").size()));
 }
-
-}  // namespace
 
 Topology load_machine_arg(const std::string& machine) { return warned(failure_value(load_machine(machine))); }
 

@@ -5,6 +5,7 @@
 #include <physr/dma.hpp>
 #include <physr/iommu.hpp>
 #include <physr/iova.hpp>
+#include <physr/linux.hpp>
 #include <physr/mem.hpp>
 #include <physr/model.hpp>
 #include <physr/pci.hpp>
@@ -113,5 +114,9 @@ int main() {
   auto scenario = sim::parse_scenario("[[job]]\ndevice = \"nvme0\"\nsize = \"1M\"\n", "consumer-scenario.toml");  // sim
   if (!scenario) return fail("sim", scenario.error());
   std::printf("sim jobs=%zu machine=%s\n", scenario->jobs.size(), scenario->machine.c_str());
+
+  auto bdf = lnx::parse_p2pmem_arg("/sys/bus/pci/devices/0000:03:00.0/p2pmem/allocate");  // linux
+  if (!bdf) return fail("linux", bdf.error());
+  std::printf("linux provider=%s\n", bdf->to_string().c_str());
   return 0;
 }
