@@ -142,6 +142,41 @@ TEST(SwiotlbParityTest, IommuIsSpanBoundaryKeepsBouncesWithinTheSegmentBoundary)
   EXPECT_EQ(w.pool->used_slots(), 0u);
 }
 
+// The same for lists (dma_direct_map_sg() -> swiotlb_map() per entry): each bounced piece is
+// cut to the boundary window and its slots are searched within one window, so it stays one
+// segment; a search that ignored the boundary put it across a window and the cut afterwards
+// made two segments of it.
+TEST(SwiotlbParityTest, MapOfAListBouncesEachPieceWithinTheSegmentBoundary) {
+  DmaWorld w;
+  const DmaDeviceConfig c{.function = w.f_nvme, .dma_mask = 0xffffffff, .seg_boundary_mask = 0xffff};
+  auto dev = w.device(c);
+  // A small bounce first, so the pool's next free slot is not on a window.
+  auto small = dev->map_phys(PhysAddr(5 * GiB + 0x100), 2 * KiB, DmaDirection::to_device);
+  ASSERT_TRUE(small.has_value()) << small.error().to_string();
+  RangeList list;
+  ASSERT_TRUE(list.append(PhysRange{PhysAddr(6 * GiB), 64 * KiB, kHostMemory}).has_value());
+  ASSERT_TRUE(list.append(PhysRange{PhysAddr(7 * GiB + 0x8000), 96 * KiB, kHostMemory}).has_value());
+  const auto data = pattern(64 * KiB, 3), data2 = pattern(96 * KiB, 4);
+  ASSERT_TRUE(w.mem.write(PhysAddr(6 * GiB), data).has_value());
+  ASSERT_TRUE(w.mem.write(PhysAddr(7 * GiB + 0x8000), data2).has_value());
+  auto m = dev->map(list, DmaDirection::to_device);
+  ASSERT_TRUE(m.has_value()) << m.error().to_string();
+  // 64 KiB in one window; 96 KiB from mid-window: 32 KiB then 64 KiB, each bounced whole.
+  ASSERT_EQ(m->segments().size(), 3u);
+  for (const DmaSegment& seg : m->segments()) {
+    EXPECT_EQ(seg.flags, kDmaSegBounced);
+    EXPECT_EQ(seg.addr.value() >> 16, (seg.addr.value() + seg.len - 1) >> 16) << format_hex(seg.addr.value()) << " +" << seg.len;
+  }
+  EXPECT_EQ(m->segments()[0].len, 64 * KiB);
+  EXPECT_EQ(m->segments()[1].len, 32 * KiB);
+  EXPECT_EQ(m->segments()[2].len, 64 * KiB);
+  EXPECT_EQ(w.device_read(dev->config(), m->segments().subspan(0, 1)), data);
+  EXPECT_EQ(w.device_read(dev->config(), m->segments().subspan(1, 2)), data2);
+  ASSERT_TRUE(dev->unmap(*m).has_value());
+  ASSERT_TRUE(dev->unmap_phys(*small, DmaDirection::to_device).has_value());
+  EXPECT_EQ(w.pool->used_slots(), 0u);
+}
+
 // ---------------------------------------------------------------------------------------
 // drivers/iommu/dma-iommu.c
 

@@ -67,7 +67,10 @@ Status DmaDevice::map_into(DmaMapping& out, const RangeList& list, DmaDirection 
   uint64_t bounced = 0;
   const auto bounce_one = [&](uint64_t phys, uint64_t len, PhysAddr* b) -> Status {
     if (!m.env.bounce) return make_error(EIO, "DMA map: " + format_hex(phys) + " must be bounced but " + m.who() + " has no bounce pool");
-    PHYSR_ASSIGN_OR_RETURN(*b, m.env.bounce->map(PhysAddr(phys), len, dir, c.min_align_mask, iommu ? kGMask : 0));
+    // Linux swiotlb_search_pool_area(): the slot search keeps the bounce within the device's
+    // segment boundary (iommu_is_span_boundary() over the pool's DMA addresses), with or
+    // without an IOMMU; the pieces bounced here are already cut to the boundary window.
+    PHYSR_ASSIGN_OR_RETURN(*b, m.env.bounce->map(PhysAddr(phys), len, dir, bounce_params(c, iommu ? kGMask : 0)));
     out.bounces_.push_back({*b, len});
     bounced += len;
     return {};
@@ -133,7 +136,7 @@ Status DmaDevice::map_into(DmaMapping& out, const RangeList& list, DmaDirection 
       for (uint64_t a = addr, left = len; left != 0;) {
         uint64_t n = left, d = a + c.dma_offset;
         if (bounce) {
-          n = first_chunk(a, left, ~uint64_t{0}, BouncePool::kMaxMapping - 1);
+          n = first_chunk(a, left, ~uint64_t{0}, std::min(mask, BouncePool::kMaxMapping - 1));
           PhysAddr b;
           if (auto st = bounce_one(a, n, &b); !st) return fail(std::move(st).error());
           d = b.value() + c.dma_offset;
