@@ -25,9 +25,14 @@
 //     the stealer sets steal, runs membarrier, waits for busy to clear and takes the
 //     thread's mutex, so either the thread sees steal (and takes its slow path, under that
 //     mutex) or the stealer sees busy (and waits for the operation to end).
-// Grace periods. A pending batch goes to urcu_memb_call_rcu(); its callback (liburcu's
-// call_rcu thread) puts the chunks back into the depot or the bitmap, so a chunk is handed
-// out again only after every read-side section that began before its free has ended.
+// Grace periods. A full pending batch is retired to the P2PMemory's list; one call_rcu
+// (urcu_memb_call_rcu) at a time covers every batch retired before it, and its callback
+// puts their chunks back into the depots or the bitmaps, so a chunk is handed out again
+// only after every read-side section that began before its free has ended. liburcu's
+// call_rcu thread batches for ~10 ms; a thread that needs memory sooner (alloc before
+// ENOMEM, barrier(), remove()) takes the lists, runs urcu_memb_synchronize_rcu() itself and
+// gives the batches back. Batches only travel under mutexes, so ThreadSanitizer sees every
+// hand-over.
 #include "physr/mem.hpp"
 
 #include <linux/membarrier.h>
@@ -46,21 +51,6 @@
 #include <unordered_map>
 #include <vector>
 
-// ThreadSanitizer does not see liburcu's hand-over of callbacks (its queue is not
-// instrumented): a batch is released before call_rcu and acquired in the callback.
-#if defined(__has_feature)
-#if __has_feature(thread_sanitizer)
-#define PHYSR_MEM_TSAN 1
-#endif
-#endif
-#if defined(__SANITIZE_THREAD__)
-#define PHYSR_MEM_TSAN 1
-#endif
-#ifdef PHYSR_MEM_TSAN
-extern "C" void __tsan_acquire(void* addr);
-extern "C" void __tsan_release(void* addr);
-#endif
-
 // The hot thread-local pointer uses initial-exec TLS in the static library (as iova does).
 #if defined(PHYSR_STATIC_TLS)
 #define PHYSR_MEM_TLS __attribute__((tls_model("initial-exec")))
@@ -74,22 +64,11 @@ namespace {
 
 constexpr unsigned kClasses = 10;         // cached chunk sizes: 4 KiB << 0 .. 9 (2 MiB)
 constexpr uint32_t kMagSize = 64;         // chunks per magazine
-constexpr uint32_t kRefill = 32;          // chunks a refill brings
+constexpr uint32_t kRefill = kMagSize;    // chunks a refill brings
 constexpr uint32_t kBatchSize = 128;      // frees per call_rcu
 constexpr size_t kDepotCap = 1024;        // free chunks a resource keeps per class
 constexpr uint32_t kMaxResources = 16;    // pci_p2pdma_add_resource() calls per function
 constexpr uint64_t kMaxChunk = kPhysAddrLimit;
-
-inline void tsan_release([[maybe_unused]] void* p) {
-#ifdef PHYSR_MEM_TSAN
-  __tsan_release(p);
-#endif
-}
-inline void tsan_acquire([[maybe_unused]] void* p) {
-#ifdef PHYSR_MEM_TSAN
-  __tsan_acquire(p);
-#endif
-}
 
 // The rare side's barrier: membarrier when the kernel has it (then the common side needs only
 // a compiler barrier), else a fence on both sides.
@@ -151,11 +130,13 @@ struct Resource {
   std::mutex mu;                                  // bits (writes), depot, cursors
   std::vector<uint64_t> depot[kClasses];
   uint64_t cursor[kClasses] = {};
+  uint64_t free_granules = 0;  // clear bits (under mu): no scan when too few are left
 
   uint64_t first_pfn() const { return span.base.value() >> kPageShift; }
   bool test(uint64_t i) const { return bits[i >> 6].load(std::memory_order_relaxed) >> (i & 63) & 1; }
-  // Sets (or clears) granules [i, i + n); under mu.
+  // Sets (or clears) granules [i, i + n), which are all clear (or all set); under mu.
   void assign(uint64_t i, uint64_t n, bool set) {
+    free_granules = set ? free_granules - n : free_granules + n;
     while (n) {
       const unsigned b = i & 63;
       const uint64_t take = std::min<uint64_t>(n, 64 - b);
@@ -223,6 +204,34 @@ struct Batch {
   uint32_t n = 0;
   Entry e[kBatchSize];
 };
+
+// Batches are recycled (they travel between threads; malloc would hand each one back to
+// the thread that freed it last).
+std::mutex g_batches_mu;
+std::vector<Batch*> g_batches;  // at most kSpareBatches
+constexpr size_t kSpareBatches = 256;
+Batch* new_batch() {
+  {
+    std::lock_guard g(g_batches_mu);
+    if (!g_batches.empty()) {
+      Batch* b = g_batches.back();
+      g_batches.pop_back();
+      b->n = 0;
+      return b;
+    }
+  }
+  return new Batch();
+}
+void recycle(Batch* b) {
+  {
+    std::lock_guard g(g_batches_mu);
+    if (g_batches.size() < kSpareBatches) {
+      g_batches.push_back(b);
+      return;
+    }
+  }
+  delete b;
+}
 
 // One thread's cache for one resource.
 struct ResCache {
@@ -292,6 +301,19 @@ struct P2PMemory::Impl {
   std::vector<std::unique_ptr<ThreadCache>> caches;  // every thread cache
   std::vector<Batch*> unsubmitted;                   // pending batches of exited threads
 
+  // Retired batches (header comment: grace periods). A batch retired before the sweeper's
+  // call_rcu is safe when the sweeper runs; any thread may instead take the lists, wait a
+  // grace period itself (synchronize_rcu) and give the batches back.
+  std::mutex retire_mu;
+  std::vector<Batch*> retired;   // not yet covered by a grace period in flight
+  std::vector<Batch*> sweeping;  // covered by the sweeper's call_rcu
+  bool sweep_armed = false;
+  struct SweepHead {
+    rcu_head head;  // first: a SweepHead* and its rcu_head* convert
+    Impl* impl;
+  } sweep_head{{}, this};
+  std::mutex process_mu;         // held while batches are given back
+
   mutable std::mutex track_mu;
   std::unordered_map<uint64_t, Tracked> tracked;
 
@@ -318,7 +340,10 @@ struct P2PMemory::Impl {
   void record(const P2PChunk& c, const char* owner, Resource* r);
 
   void submit(Batch* b);
-  static void reclaim(rcu_head* head);
+  void arm_locked(bool registered);
+  static void sweep(rcu_head* head);
+  static void give_back(Batch* b);
+  void grace_now();
   void flush_locked(ThreadCache* tc, bool drain_ready, bool only_dying);
   void steal_all(bool drain_ready, bool only_dying);
   void barrier();
@@ -417,15 +442,53 @@ void P2PMemory::Impl::flush_locked(ThreadCache* tc, bool drain_ready, bool only_
 // Deferred free
 
 void P2PMemory::Impl::submit(Batch* b) {
+  std::lock_guard g(retire_mu);
+  retired.push_back(b);
+  if (!sweep_armed) arm_locked(/*registered=*/false);
+}
+
+// Under retire_mu: the retired batches wait for the grace period of one call_rcu.
+void P2PMemory::Impl::arm_locked(bool registered) {
+  sweeping.insert(sweeping.end(), retired.begin(), retired.end());
+  retired.clear();
+  sweep_armed = true;
+  if (!registered) registered_thread();  // liburcu's own call_rcu thread is registered already
+  urcu_memb_call_rcu(&sweep_head.head, &Impl::sweep);
+}
+
+// The sweeper's grace period is over: the batches it covers go back; more retired since
+// get a grace period of their own.
+void P2PMemory::Impl::sweep(rcu_head* head) {
+  Impl* m = reinterpret_cast<SweepHead*>(head)->impl;
+  std::lock_guard p(m->process_mu);
+  std::vector<Batch*> done;
+  {
+    std::lock_guard g(m->retire_mu);
+    done.swap(m->sweeping);
+    m->sweep_armed = false;
+    if (!m->retired.empty()) m->arm_locked(/*registered=*/true);
+  }
+  for (Batch* b : done) give_back(b);
+}
+
+// Any thread: every batch retired so far goes back after one synchronize_rcu(), without
+// waiting for the call_rcu thread (which batches its work for ~10 ms). Not in a ReadGuard.
+void P2PMemory::Impl::grace_now() {
+  std::vector<Batch*> mine;
+  {
+    std::lock_guard g(retire_mu);
+    mine.swap(retired);
+    mine.insert(mine.end(), sweeping.begin(), sweeping.end());
+    sweeping.clear();
+  }
   registered_thread();
-  tsan_release(b);  // the batch's entries precede the callback
-  urcu_memb_call_rcu(&b->head, &Impl::reclaim);
+  urcu_memb_synchronize_rcu();  // every read-side section that began before has ended
+  std::lock_guard p(process_mu);
+  for (Batch* b : mine) give_back(b);
 }
 
 // The grace period of a batch is over: its chunks go back to their resources.
-void P2PMemory::Impl::reclaim(rcu_head* head) {
-  Batch* b = reinterpret_cast<Batch*>(reinterpret_cast<char*>(head) - offsetof(Batch, head));
-  tsan_acquire(b);
+void P2PMemory::Impl::give_back(Batch* b) {
   Resource* locked = nullptr;
   for (uint32_t i = 0; i < b->n; ++i) {
     const Batch::Entry& e = b->e[i];
@@ -438,7 +501,7 @@ void P2PMemory::Impl::reclaim(rcu_head* head) {
     e.r->deferred_done.fetch_add(e.size, std::memory_order_relaxed);
   }
   if (locked) locked->mu.unlock();
-  delete b;
+  recycle(b);
 }
 
 // Takes every thread's pending batch (and cached chunks, if asked) with the handshake in the
@@ -470,8 +533,7 @@ void P2PMemory::Impl::steal_all(bool drain_ready, bool only_dying) {
 // until the caches fill again.
 void P2PMemory::Impl::barrier() {
   steal_all(/*drain_ready=*/true, /*only_dying=*/false);
-  registered_thread();
-  urcu_memb_barrier();  // rcu_barrier(): every callback queued so far has run
+  grace_now();  // rcu_barrier(), for the frees so far
   std::vector<Resource*> rs;
   {
     std::lock_guard g(mu);
@@ -566,19 +628,41 @@ bool P2PMemory::Impl::alloc_locked(ThreadCache* tc, uint32_t f, uint64_t size, u
             d.pop_back();
           }
           const uint64_t g1 = uint64_t{1} << k;
-          for (int pass = 0; pass < 2 && m.n < kRefill; ++pass) {
+          uint64_t found[kRefill];
+          uint32_t nf = 0;
+          for (int pass = 0; pass < 2 && m.n + nf < kRefill && r->free_granules >= g1; ++pass) {
             uint64_t at = pass ? 0 : r->cursor[k];
-            while (m.n < kRefill) {
+            if (k == 0) {
+              // 4 KiB: every free bit of a word at once.
+              for (uint64_t wi = at >> 6; m.n + nf < kRefill && wi < (r->granules + 63) / 64; ++wi) {
+                std::atomic<uint64_t>& word = r->bits[wi];
+                uint64_t v = word.load(std::memory_order_relaxed);
+                uint64_t freeb = ~v & (~uint64_t{0} << (wi == at >> 6 ? at & 63 : 0));
+                while (freeb && m.n + nf < kRefill) {
+                  const unsigned bit = static_cast<unsigned>(std::countr_zero(freeb));
+                  freeb &= freeb - 1;
+                  v |= uint64_t{1} << bit;
+                  --r->free_granules;
+                  found[nf++] = r->span.base.value() + (((wi << 6) + bit) << kPageShift);
+                  at = (wi << 6) + bit + 1;
+                }
+                word.store(v, std::memory_order_relaxed);
+                if (!freeb) at = std::max(at, (wi + 1) << 6);
+                if (!r->free_granules) break;
+              }
+              r->cursor[k] = at;
+              continue;
+            }
+            while (m.n + nf < kRefill && r->free_granules >= g1) {
               const uint64_t s = r->find_run(at, g1, g1);
               if (s >= r->granules) break;
               r->assign(s, g1, true);
-              m.addr[m.n++] = r->span.base.value() + (s << kPageShift);
+              found[nf++] = r->span.base.value() + (s << kPageShift);
               at = s + g1;
             }
             r->cursor[k] = at;
           }
-          // Hand out the lowest address first.
-          std::sort(m.addr, m.addr + m.n, std::greater<uint64_t>());
+          while (nf) m.addr[m.n++] = found[--nf];  // the lowest address pops first
         }
         if (m.n) {
           a = m.addr[--m.n];
@@ -589,7 +673,7 @@ bool P2PMemory::Impl::alloc_locked(ThreadCache* tc, uint32_t f, uint64_t size, u
         // First fit, aligned (gen_pool_first_fit_align); also the fallback when no naturally
         // aligned chunk of a cached size is left.
         const uint64_t align_g = std::max<uint64_t>(align, kPageSize) >> kPageShift;
-        const uint64_t s = r->find_run(0, size >> kPageShift, align_g);
+        const uint64_t s = r->free_granules >= (size >> kPageShift) ? r->find_run(0, size >> kPageShift, align_g) : r->granules;
         if (s < r->granules) {
           r->assign(s, size >> kPageShift, true);
           a = r->span.base.value() + (s << kPageShift);
@@ -612,18 +696,18 @@ bool P2PMemory::Impl::alloc_locked(ThreadCache* tc, uint32_t f, uint64_t size, u
 
 Result<P2PChunk> P2PMemory::Impl::alloc_slow(uint32_t f, uint64_t size, const AllocOptions& o) {
   if (f >= nfns) return make_error(EINVAL, "p2pmem alloc: no function " + std::to_string(f));
-  const std::string who = platform->label(f);
-  if (size == 0) return make_error(EINVAL, "p2pmem alloc from " + who + ": size 0 (gen_pool_alloc returns nothing for 0 bytes)");
+  const auto who = [&] { return platform->label(f); };
+  if (size == 0) return make_error(EINVAL, "p2pmem alloc from " + who() + ": size 0 (gen_pool_alloc returns nothing for 0 bytes)");
   if (o.align < kPageSize || (o.align & (o.align - 1)))
-    return make_error(EINVAL, "p2pmem alloc from " + who + ": alignment " + hex(o.align) + " is not a power of two >= 4 KiB");
-  if (size - 1 >= kMaxChunk) return make_error(ENOMEM, "p2pmem alloc from " + who + ": " + hex(size) + " bytes is more than any BAR holds");
+    return make_error(EINVAL, "p2pmem alloc from " + who() + ": alignment " + hex(o.align) + " is not a power of two >= 4 KiB");
+  if (size - 1 >= kMaxChunk) return make_error(ENOMEM, "p2pmem alloc from " + who() + ": " + hex(size) + " bytes is more than any BAR holds");
   size = (size + kPageSize - 1) & ~(kPageSize - 1);
   FunctionState& fs = fns[f];
   const uint32_t n = fs.nres.load(std::memory_order_acquire);
   bool live = false;
   for (uint32_t i = 0; i < n; ++i) live |= !fs.res[i].load(std::memory_order_acquire)->dying.load(std::memory_order_acquire);
   // Linux pci_alloc_p2pmem(): NULL without pdev->p2pdma, or once percpu_ref_tryget_live fails.
-  if (!live) return make_error(ENODEV, "p2pmem alloc from " + who + ": " + (n ? "its P2P memory is being removed" : "it has no P2P memory"));
+  if (!live) return make_error(ENODEV, "p2pmem alloc from " + who() + ": " + (n ? "its P2P memory is being removed" : "it has no P2P memory"));
   ThreadCache* tc = cache_for(f);
   for (int attempt = 0; attempt < 2; ++attempt) {
     P2PChunk out;
@@ -642,8 +726,8 @@ Result<P2PChunk> P2PMemory::Impl::alloc_slow(uint32_t f, uint64_t size, const Al
   }
   bool dying = true;
   for (uint32_t i = 0; i < n; ++i) dying &= fs.res[i].load(std::memory_order_acquire)->dying.load(std::memory_order_acquire);
-  if (dying) return make_error(ENODEV, "p2pmem alloc from " + who + ": its P2P memory is being removed");
-  return make_error(ENOMEM, "p2pmem alloc from " + who + ": no free run of " + hex(size) + " bytes aligned to " + hex(o.align));
+  if (dying) return make_error(ENODEV, "p2pmem alloc from " + who() + ": its P2P memory is being removed");
+  return make_error(ENOMEM, "p2pmem alloc from " + who() + ": no free run of " + hex(size) + " bytes aligned to " + hex(o.align));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -711,7 +795,7 @@ void P2PMemory::Impl::free_slow(ThreadCache* tc, Resource* r, uint64_t addr, uin
   {
     std::lock_guard t(tc->mu);
     ResCache* slot = slot_for(tc, r);
-    if (!tc->pending) tc->pending = new Batch();
+    if (!tc->pending) tc->pending = new_batch();
     Batch* b = tc->pending;
     b->e[b->n++] = Batch::Entry{r, addr, size};
     bump(slot->chunks, -1);
@@ -719,7 +803,7 @@ void P2PMemory::Impl::free_slow(ThreadCache* tc, Resource* r, uint64_t addr, uin
     bump(slot->deferred_in, static_cast<int64_t>(size));
     if (b->n == kBatchSize) {
       full = b;
-      tc->pending = new Batch();
+      tc->pending = new_batch();
     }
   }
   if (full) submit(full);
@@ -756,8 +840,17 @@ P2PMemory::Impl::~Impl() {
     g_live.erase(uid);
   }
   steal_all(/*drain_ready=*/true, /*only_dying=*/false);
-  registered_thread();
-  urcu_memb_barrier();
+  grace_now();
+  // The sweeper may still be queued (it finds nothing left): wait for it, as rcu_barrier.
+  for (;;) {
+    {
+      std::lock_guard g(retire_mu);
+      if (!sweep_armed) break;
+    }
+    registered_thread();
+    urcu_memb_barrier();
+  }
+  { std::lock_guard p(process_mu); }  // and for the sweeper to finish giving back
   for (auto& r : resources) {
     if (r->removed.load()) continue;
     int64_t chunks, bytes, deferred;
@@ -842,6 +935,7 @@ Result<ProviderId> P2PMemory::add_resource(uint32_t function, unsigned bar, uint
   r->pagemap_align = max_pagemap_align(b->span.base, size, offset);
   r->name = name;
   r->granules = size >> kPageShift;
+  r->free_granules = r->granules;
   const uint64_t words = (r->granules + 63) / 64;
   r->bits = std::make_unique<std::atomic<uint64_t>[]>(words);
   for (uint64_t i = 0; i < words; ++i) r->bits[i].store(0, std::memory_order_relaxed);
@@ -951,8 +1045,7 @@ Status P2PMemory::remove(uint32_t function) {
   // Cached chunks and pending frees of these resources go back, so that what is left set in
   // their bitmaps is exactly what callers hold.
   m.steal_all(/*drain_ready=*/true, /*only_dying=*/true);
-  registered_thread();
-  urcu_memb_barrier();
+  m.grace_now();
   std::vector<P2PChunk> held;
   for (Resource* r : rs) {
     std::lock_guard g(r->mu);
@@ -999,8 +1092,7 @@ Status P2PMemory::remove(uint32_t function) {
   // pci_p2pdma_release(): synchronize_rcu() before gen_pool_destroy(); the frees since the
   // first barrier finish their grace periods too.
   m.steal_all(/*drain_ready=*/true, /*only_dying=*/true);
-  registered_thread();
-  urcu_memb_barrier();
+  m.grace_now();
   for (Resource* r : rs) {
     PHYSR_RETURN_IF_ERROR(m.platform->providers().set_published(r->provider, false));
     std::lock_guard g(r->mu);

@@ -143,7 +143,9 @@ struct MemWorld {
   std::unique_ptr<Platform> platform;
   uint32_t gpu = 0, nvme = 0, nic = 0, far = 0;
 
-  MemWorld() {
+  /// gpu_bar_size: BAR0 of the GPU resized (benchmarks use 64 GiB; it then overlaps the
+  /// other BARs, so only the GPU's may be registered).
+  explicit MemWorld(uint64_t gpu_bar_size = kGpuSize) {
     topo = pci::parse_machine(kMemWorldMachine, "mem-world").value();
     for (uint32_t i = 0; i < topo.functions.size(); ++i) {
       const std::string& n = topo.functions[i].name;
@@ -152,6 +154,7 @@ struct MemWorld {
       if (n == "nic") nic = i;
       if (n == "far") far = i;
     }
+    topo.functions[gpu].bars[0].span.size = gpu_bar_size;
     // An I/O BAR (IORESOURCE_IO), which machine files cannot declare.
     topo.functions[nvme].bars.push_back(pci::Bar{4, PhysSpan{PhysAddr(0x1000), 0x100}, 0x100});
     PlatformOptions po;
