@@ -197,6 +197,41 @@ TEST(MemPoolTest, RemoveRevokesHoldersThenAllocIsEnodev) {
   EXPECT_EQ(m->publish(w.gpu, true).error().code, ENODEV);
 }
 
+// A BAR removed and added again: frees find the live resource, not the removed one over
+// the same span (gen_pool_free_owner() looks the address up among the pool's live chunks).
+TEST(MemPoolTest, AfterRemoveAndReAddFreesFindTheLiveResource) {
+  MemWorld w;
+  auto m = make(w);
+  ASSERT_TRUE(m->add_resource(w.nvme, 2, 0, 0));
+  ASSERT_TRUE(m->remove(w.nvme));
+  ASSERT_TRUE(m->add_resource(w.nvme, 2, 0, 0));
+  P2PChunk c = m->alloc(w.nvme, 4096).value();
+  Status s = m->free(c);
+  EXPECT_TRUE(s) << s.error().to_string();
+  m->barrier();
+  EXPECT_EQ(m->stats(w.nvme).chunks, 0u);
+  EXPECT_EQ(m->stats(w.nvme).size, MemWorld::kNvmeSize);
+}
+
+// Each function's pool counts only its own chunks (pdev->p2pdma is per device): a chunk
+// held on one function neither shows in another's stats nor holds up its removal.
+TEST(MemPoolTest, PoolsOfTwoFunctionsCountApart) {
+  MemWorld w;
+  auto m = make(w);
+  ASSERT_TRUE(m->add_resource(w.nvme, 2, 0, 0));
+  ASSERT_TRUE(m->add_resource(w.nic, 0, 0, 0));
+  P2PChunk held = m->alloc(w.nvme, 8192).value();
+  P2PChunk freed = m->alloc(w.nvme, 4096).value();
+  ASSERT_TRUE(m->free(freed));
+  EXPECT_EQ(m->stats(w.nic).chunks, 0u);
+  EXPECT_EQ(m->stats(w.nic).allocated, 0u);
+  EXPECT_EQ(m->stats(w.nic).deferred, 0u);
+  EXPECT_EQ(m->stats(w.nvme).chunks, 1u);
+  Status s = m->remove(w.nic);
+  EXPECT_TRUE(s) << s.error().to_string();
+  ASSERT_TRUE(m->free(held));
+}
+
 TEST(MemPoolTest, RemoveWithAChunkStillHeldIsEbusyAndNamesTheOwner) {
   MemWorld w;
   std::vector<std::string> reports;

@@ -554,6 +554,7 @@ void P2PMemory::Impl::sum(const Resource* r, int64_t& chunks, int64_t& bytes, in
   std::lock_guard g(mu);
   for (auto& tc : caches) {
     std::lock_guard t(tc->mu);
+    if (tc->function != r->function) continue;  // ordinals count per function
     const ResCache* c = tc->rc[r->ordinal].get();
     if (!c) continue;
     chunks += c->chunks.load(std::memory_order_relaxed);
@@ -748,8 +749,8 @@ Status P2PMemory::Impl::free(const P2PChunk& c) {
   for (uint32_t i = 0; i < n; ++i) {
     Resource* x = fs.res[i].load(std::memory_order_relaxed);
     if (x->provider == c.provider && x->span.contains(c.span)) {
-      r = x;
-      break;
+      r = x;  // a removed resource only if no live one holds the span (the BAR re-added)
+      if (!x->removed.load(std::memory_order_acquire)) break;
     }
   }
   if ((a | size) & (kPageSize - 1) || size == 0) [[unlikely]]
