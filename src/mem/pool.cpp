@@ -208,7 +208,12 @@ struct Batch {
 // Batches are recycled (they travel between threads; malloc would hand each one back to
 // the thread that freed it last).
 std::mutex g_batches_mu;
-std::vector<Batch*> g_batches;  // at most kSpareBatches
+struct SpareBatches : std::vector<Batch*> {
+  ~SpareBatches() {
+    for (Batch* b : *this) delete b;
+  }
+};
+SpareBatches g_batches;  // at most kSpareBatches
 constexpr size_t kSpareBatches = 256;
 Batch* new_batch() {
   {
