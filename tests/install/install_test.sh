@@ -34,6 +34,7 @@ iommu phys=0x5000123
 physmem same=1
 dma addr=0x80010000
 platform verdict=bus_addr
+mem align=1073741824 nodev=1
 model devices=1
 builtin default=1
 sim jobs=1 machine=two-socket-switch'

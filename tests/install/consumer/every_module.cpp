@@ -5,6 +5,7 @@
 #include <physr/dma.hpp>
 #include <physr/iommu.hpp>
 #include <physr/iova.hpp>
+#include <physr/mem.hpp>
 #include <physr/model.hpp>
 #include <physr/pci.hpp>
 #include <physr/physmem.hpp>
@@ -89,6 +90,14 @@ int main() {
   auto platform = Platform::create(*topo, memory, po);
   if (!platform) return fail("platform", platform.error());
   std::printf("platform verdict=%s\n", pci::map_type_name((*platform)->p2p().verdict(0, 0).type));
+
+  {
+    auto p2pmem = mem::P2PMemory::create(**platform);  // mem (liburcu)
+    if (!p2pmem) return fail("mem", p2pmem.error());
+    auto none = (*p2pmem)->alloc(0, 4096);  // the host bridge has no P2P memory
+    std::printf("mem align=%llu nodev=%d\n", ull(mem::P2PMemory::max_pagemap_align(PhysAddr(0x40000000), GiB, 0)),
+                !none && none.error().code == ENODEV);
+  }
 
   auto model = ModelPlatform::create(*topo);  // model
   if (!model) return fail("model", model.error());
