@@ -32,7 +32,7 @@
 // call_rcu thread batches for ~10 ms; a thread that needs memory sooner (alloc before
 // ENOMEM, barrier(), remove()) takes the lists, runs urcu_memb_synchronize_rcu() itself and
 // gives the batches back. Batches only travel under mutexes, so ThreadSanitizer sees every
-// hand-over.
+// hand-over but the call_rcu itself (annotated).
 #include "physr/mem.hpp"
 
 #include <linux/membarrier.h>
@@ -50,6 +50,21 @@
 #include <thread>
 #include <unordered_map>
 #include <vector>
+
+// ThreadSanitizer does not see liburcu's hand-over of a callback to its call_rcu thread: the
+// sweeper's head is released before call_rcu and acquired in the callback.
+#if defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define PHYSR_MEM_TSAN 1
+#endif
+#endif
+#if defined(__SANITIZE_THREAD__)
+#define PHYSR_MEM_TSAN 1
+#endif
+#ifdef PHYSR_MEM_TSAN
+extern "C" void __tsan_acquire(void* addr);
+extern "C" void __tsan_release(void* addr);
+#endif
 
 // The hot thread-local pointer uses initial-exec TLS in the static library (as iova does).
 #if defined(PHYSR_STATIC_TLS)
@@ -69,6 +84,17 @@ constexpr uint32_t kBatchSize = 128;      // frees per call_rcu
 constexpr size_t kDepotCap = 1024;        // free chunks a resource keeps per class
 constexpr uint32_t kMaxResources = 16;    // pci_p2pdma_add_resource() calls per function
 constexpr uint64_t kMaxChunk = kPhysAddrLimit;
+
+inline void tsan_release([[maybe_unused]] void* p) {
+#ifdef PHYSR_MEM_TSAN
+  __tsan_release(p);
+#endif
+}
+inline void tsan_acquire([[maybe_unused]] void* p) {
+#ifdef PHYSR_MEM_TSAN
+  __tsan_acquire(p);
+#endif
+}
 
 // The rare side's barrier: membarrier when the kernel has it (then the common side needs only
 // a compiler barrier), else a fence on both sides.
@@ -458,12 +484,14 @@ void P2PMemory::Impl::arm_locked(bool registered) {
   retired.clear();
   sweep_armed = true;
   if (!registered) registered_thread();  // liburcu's own call_rcu thread is registered already
+  tsan_release(&sweep_head);
   urcu_memb_call_rcu(&sweep_head.head, &Impl::sweep);
 }
 
 // The sweeper's grace period is over: the batches it covers go back; more retired since
 // get a grace period of their own.
 void P2PMemory::Impl::sweep(rcu_head* head) {
+  tsan_acquire(head);
   Impl* m = reinterpret_cast<SweepHead*>(head)->impl;
   std::lock_guard p(m->process_mu);
   std::vector<Batch*> done;
@@ -778,8 +806,9 @@ Status P2PMemory::Impl::free(const P2PChunk& c) {
   if (ResCache* rc = tc->rc[r->ordinal].get()) {
     tc->busy.store(1, std::memory_order_relaxed);
     light_fence();
-    Batch* b = tc->pending;
-    if (!tc->steal.load(std::memory_order_acquire) && b) [[likely]] {
+    // Only after steal reads clear is the batch this thread's to touch.
+    Batch* b = tc->steal.load(std::memory_order_acquire) ? nullptr : tc->pending;
+    if (b) [[likely]] {
       b->e[b->n++] = Batch::Entry{r, a, size};
       bump(rc->chunks, -1);
       bump(rc->bytes, -static_cast<int64_t>(size));
