@@ -35,6 +35,7 @@ physmem same=1
 dma addr=0x80010000
 platform verdict=bus_addr
 mem pages=2
+mem align=1073741824 nodev=1
 model devices=1
 builtin default=1
 sim jobs=1 machine=two-socket-switch

@@ -103,6 +103,13 @@ int main() {
     std::printf("mem pages=%llu\n", ull(pinned->pages()));
     if (auto st = as.unpin(std::move(pinned).value()); !st) return fail("mem", st.error());
   }
+  {
+    auto p2pmem = mem::P2PMemory::create(**platform);  // mem (liburcu)
+    if (!p2pmem) return fail("mem", p2pmem.error());
+    auto none = (*p2pmem)->alloc(0, 4096);  // the host bridge has no P2P memory
+    std::printf("mem align=%llu nodev=%d\n", ull(mem::P2PMemory::max_pagemap_align(PhysAddr(0x40000000), GiB, 0)),
+                !none && none.error().code == ENODEV);
+  }
 
   auto model = ModelPlatform::create(*topo);  // model
   if (!model) return fail("model", model.error());

@@ -1,0 +1,263 @@
+// The mem module's benchmarks: P2P memory pools (physr/mem.hpp) against two peers measured
+// in the same run, on the same workload: a 64 GiB BAR whose first 64 MiB hold long-lived
+// 4 KiB chunks (allocated first, so where each allocator puts them: a driver's queues and
+// buffers made at probe time), then a ring of chunks in flight, as a driver's queue (each
+// iteration allocates one chunk and frees the oldest):
+//   genalloc  Linux lib/genalloc.c as pci_alloc_p2pmem() uses it: one bitmap bit per 4 KiB,
+//             gen_pool_first_fit (bitmap_find_next_zero_area), bitmap_set_ll/clear_ll with
+//             a cmpxchg per word, an atomic avail count; frees return at once.
+//   std_map   a mutex and a std::map of free extents, first fit, coalescing on free.
+// physr's frees are deferred by an RCU grace period and it still does more per free.
+#include <benchmark/benchmark.h>
+
+#include <atomic>
+#include <map>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "physr/mem.hpp"
+#include "support/mem_world.hpp"
+
+namespace {
+
+using physr::GiB;
+using physr::kPageSize;
+using physr::MiB;
+using physr::mem::P2PChunk;
+using physr::mem::P2PMemory;
+
+// Chunks in flight: a queue's worth of 4 KiB buffers, fewer of the big ones.
+size_t in_flight(uint64_t size) { return size <= 64 * 1024 ? 1024 : 64; }
+constexpr uint64_t kLongLived = 64 * MiB / kPageSize;  // 4 KiB chunks allocated first
+
+// ---------------------------------------------------------------------------------------
+// The genalloc peer: lib/genalloc.c's algorithm for one chunk, order PAGE_SHIFT.
+class GenPool {
+ public:
+  GenPool(uint64_t start, uint64_t size) : start_(start), nbits_(size >> 12), bits_((nbits_ + 63) / 64), avail_(static_cast<long>(size)) {}
+
+  // gen_pool_alloc_algo_owner() with gen_pool_first_fit.
+  uint64_t alloc(uint64_t size) {
+    const uint64_t nbits = (size + (1u << 12) - 1) >> 12;
+    if (static_cast<long>(size) > avail_.load(std::memory_order_relaxed)) return 0;
+    uint64_t start_bit = 0;
+    for (;;) {
+      start_bit = find_next_zero_area(start_bit, nbits);
+      if (start_bit >= nbits_) return 0;
+      const uint64_t remain = bitmap_set_ll(start_bit, nbits);
+      if (!remain) break;
+      bitmap_clear_ll(start_bit, nbits - remain);
+    }
+    avail_.fetch_sub(static_cast<long>(nbits << 12), std::memory_order_relaxed);
+    return start_ + (start_bit << 12);
+  }
+  // gen_pool_free_owner().
+  void free(uint64_t addr, uint64_t size) {
+    const uint64_t nbits = (size + (1u << 12) - 1) >> 12;
+    const uint64_t start_bit = (addr - start_) >> 12;
+    if (bitmap_clear_ll(start_bit, nbits)) std::abort();  // BUG_ON(remain)
+    avail_.fetch_add(static_cast<long>(nbits << 12), std::memory_order_relaxed);
+  }
+
+ private:
+  uint64_t find_next(uint64_t from, uint64_t end, bool set) const {
+    while (from < end) {
+      uint64_t w = bits_[from / 64].load(std::memory_order_relaxed);
+      if (!set) w = ~w;
+      w &= ~uint64_t{0} << (from % 64);
+      if (w) return std::min(end, from / 64 * 64 + static_cast<uint64_t>(__builtin_ctzll(w)));
+      from = from / 64 * 64 + 64;
+    }
+    return end;
+  }
+  // lib/bitmap.c bitmap_find_next_zero_area_off() with align_mask 0.
+  uint64_t find_next_zero_area(uint64_t start, uint64_t nr) const {
+    for (;;) {
+      const uint64_t index = find_next(start, nbits_, false);
+      const uint64_t end = index + nr;
+      if (end > nbits_) return end;
+      const uint64_t i = find_next(index, end, true);
+      if (i < end) {
+        start = i + 1;
+        continue;
+      }
+      return index;
+    }
+  }
+  // set_bits_ll()/clear_bits_ll(): a cmpxchg loop per word, -EBUSY when a bit is taken.
+  bool set_bits_ll(std::atomic<uint64_t>& w, uint64_t mask) {
+    uint64_t v = w.load(std::memory_order_relaxed);
+    do {
+      if (v & mask) return false;
+    } while (!w.compare_exchange_weak(v, v | mask));
+    return true;
+  }
+  bool clear_bits_ll(std::atomic<uint64_t>& w, uint64_t mask) {
+    uint64_t v = w.load(std::memory_order_relaxed);
+    do {
+      if ((v & mask) != mask) return false;
+    } while (!w.compare_exchange_weak(v, v & ~mask));
+    return true;
+  }
+  template <bool Set>
+  uint64_t ll(uint64_t start, uint64_t nr) {
+    uint64_t i = start;
+    while (nr) {
+      const uint64_t b = i % 64, take = std::min<uint64_t>(nr, 64 - b);
+      const uint64_t mask = (take == 64 ? ~uint64_t{0} : ((uint64_t{1} << take) - 1)) << b;
+      if (!(Set ? set_bits_ll(bits_[i / 64], mask) : clear_bits_ll(bits_[i / 64], mask))) return nr;
+      i += take;
+      nr -= take;
+    }
+    return 0;
+  }
+  uint64_t bitmap_set_ll(uint64_t start, uint64_t nr) { return ll<true>(start, nr); }
+  uint64_t bitmap_clear_ll(uint64_t start, uint64_t nr) { return ll<false>(start, nr); }
+
+  uint64_t start_, nbits_;
+  std::vector<std::atomic<uint64_t>> bits_;
+  std::atomic<long> avail_;
+};
+
+// ---------------------------------------------------------------------------------------
+// The std::map peer: free extents by base, first fit, coalescing.
+class MapPool {
+ public:
+  MapPool(uint64_t start, uint64_t size) { free_[start] = size; }
+  uint64_t alloc(uint64_t size) {
+    std::lock_guard g(mu_);
+    for (auto it = free_.begin(); it != free_.end(); ++it) {
+      if (it->second < size) continue;
+      const uint64_t a = it->first, left = it->second - size;
+      free_.erase(it);
+      if (left) free_.emplace(a + size, left);
+      return a;
+    }
+    return 0;
+  }
+  void free(uint64_t a, uint64_t size) {
+    std::lock_guard g(mu_);
+    auto next = free_.lower_bound(a);
+    if (next != free_.end() && next->first == a + size) {
+      size += next->second;
+      next = free_.erase(next);
+    }
+    if (next != free_.begin()) {
+      auto prev = std::prev(next);
+      if (prev->first + prev->second == a) {
+        prev->second += size;
+        return;
+      }
+    }
+    free_.emplace_hint(next, a, size);
+  }
+
+ private:
+  std::mutex mu_;
+  std::map<uint64_t, uint64_t> free_;
+};
+
+// A world with a 64 GiB BAR (the GPU's, enlarged) so deferred frees never run it dry.
+struct BenchWorld {
+  physr::testing::MemWorld w{64 * GiB};
+  std::unique_ptr<P2PMemory> m;
+  BenchWorld() {
+    physr::mem::P2PMemoryOptions o;
+    o.track = false;  // the allocator alone; tracking is the debug mode
+    m = P2PMemory::create(*w.platform, o).value();
+    if (!m->add_resource(w.gpu, 0, 0, 0)) std::abort();
+  }
+};
+
+constexpr uint64_t kPeerBase = 0x40'0000'0000, kPeerSize = 64 * GiB;
+
+void PhysrAllocFree(benchmark::State& state) {
+  const uint64_t size = static_cast<uint64_t>(state.range(0));
+  BenchWorld bw;
+  std::vector<P2PChunk> long_lived(kLongLived);
+  for (auto& c : long_lived) c = bw.m->alloc(bw.w.gpu, kPageSize).value();
+  std::vector<P2PChunk> ring(in_flight(size));
+  for (auto& c : ring) c = bw.m->alloc(bw.w.gpu, size).value();
+  size_t i = 0;
+  for (auto _ : state) {
+    auto c = bw.m->alloc(bw.w.gpu, size);
+    if (!c) [[unlikely]] {
+      state.SkipWithError(c.error().to_string().c_str());
+      break;
+    }
+    benchmark::DoNotOptimize(c->span);
+    if (!bw.m->free(ring[i])) [[unlikely]] std::abort();
+    ring[i] = *c;
+    i = i + 1 == ring.size() ? 0 : i + 1;
+  }
+  for (auto& c : ring) (void)bw.m->free(c);
+  for (auto& c : long_lived) (void)bw.m->free(c);
+  state.SetItemsProcessed(static_cast<int64_t>(state.iterations()));
+}
+
+template <class Pool>
+void PeerAllocFree(benchmark::State& state) {
+  const uint64_t size = static_cast<uint64_t>(state.range(0));
+  Pool pool(kPeerBase, kPeerSize);
+  for (uint64_t n = 0; n < kLongLived; ++n) benchmark::DoNotOptimize(pool.alloc(kPageSize));
+  std::vector<uint64_t> ring(in_flight(size));
+  for (auto& a : ring) a = pool.alloc(size);
+  size_t i = 0;
+  for (auto _ : state) {
+    const uint64_t a = pool.alloc(size);
+    if (!a) [[unlikely]] {
+      state.SkipWithError("peer pool ran dry");
+      break;
+    }
+    benchmark::DoNotOptimize(a);
+    pool.free(ring[i], size);
+    ring[i] = a;
+    i = i + 1 == ring.size() ? 0 : i + 1;
+  }
+  state.SetItemsProcessed(static_cast<int64_t>(state.iterations()));
+}
+
+// Deferred frees while a reader thread keeps entering and leaving read-side sections, so
+// every grace period has a reader to wait for. Items: frees (each iteration also allocates).
+void PhysrDeferredFree(benchmark::State& state) {
+  BenchWorld bw;
+  std::atomic<bool> stop{false};
+  std::thread reader([&] {
+    while (!stop.load(std::memory_order_relaxed)) {
+      P2PMemory::ReadGuard g;
+      benchmark::ClobberMemory();
+    }
+  });
+  std::vector<P2PChunk> ring(in_flight(kPageSize));
+  for (auto& c : ring) c = bw.m->alloc(bw.w.gpu, kPageSize).value();
+  size_t i = 0;
+  for (auto _ : state) {
+    if (!bw.m->free(ring[i])) [[unlikely]] std::abort();
+    auto c = bw.m->alloc(bw.w.gpu, kPageSize);
+    if (!c) [[unlikely]] {
+      state.SkipWithError(c.error().to_string().c_str());
+      break;
+    }
+    ring[i] = *c;
+    i = i + 1 == ring.size() ? 0 : i + 1;
+  }
+  stop.store(true);
+  reader.join();
+  for (auto& c : ring) (void)bw.m->free(c);
+  state.SetItemsProcessed(static_cast<int64_t>(state.iterations()));
+}
+
+const int kRegistered = [] {
+  for (const int64_t size : {int64_t{4096}, int64_t{2 * MiB}}) {
+    benchmark::RegisterBenchmark("P2PPoolAllocFree/physr", PhysrAllocFree)->Arg(size);
+    benchmark::RegisterBenchmark("P2PPoolAllocFree/genalloc", PeerAllocFree<GenPool>)->Arg(size);
+    benchmark::RegisterBenchmark("P2PPoolAllocFree/std_map", PeerAllocFree<MapPool>)->Arg(size);
+  }
+  benchmark::RegisterBenchmark("P2PPoolDeferredFree/physr", PhysrDeferredFree)->UseRealTime();
+  return 0;
+}();
+
+}  // namespace
+
+BENCHMARK_MAIN();

@@ -1,0 +1,457 @@
+// P2P memory pools (physr/mem.hpp): the kernel's rules (drivers/pci/p2pdma.c,
+// lib/genalloc.c), removal, publish/find_many, alignment, deferred free and leak reports.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <map>
+#include <random>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "physr/mem.hpp"
+#include "support/mem_world.hpp"
+
+namespace physr::mem {
+namespace {
+
+using physr::testing::MemWorld;
+
+std::unique_ptr<P2PMemory> make(MemWorld& w, bool track = true, std::function<void(const std::string&)> report = {}) {
+  P2PMemoryOptions o;
+  o.track = track;
+  o.report = std::move(report);
+  o.remove_timeout = std::chrono::milliseconds(50);
+  return P2PMemory::create(*w.platform, std::move(o)).value();
+}
+
+// Linux pci_p2pdma_add_resource(): EINVAL for a BAR that is not memory, offset >= length,
+// size + offset > length; size 0 means the rest of the BAR.
+TEST(MemPoolTest, AddResourceFollowsTheKernelsEinvalRules) {
+  MemWorld w;
+  auto m = make(w);
+  auto io = m->add_resource(w.nvme, 4, 0, 0);
+  ASSERT_FALSE(io);
+  EXPECT_EQ(io.error().code, EINVAL);
+  EXPECT_NE(io.error().message.find("not a memory BAR"), std::string::npos) << io.error().message;
+  EXPECT_EQ(m->add_resource(w.nvme, 3, 0, 0).error().code, EINVAL);  // no such BAR
+  auto off = m->add_resource(w.nvme, 2, 0, MemWorld::kNvmeSize);
+  ASSERT_FALSE(off);
+  EXPECT_EQ(off.error().code, EINVAL);
+  EXPECT_NE(off.error().message.find("offset 0x1000000 is not below"), std::string::npos) << off.error().message;
+  auto past = m->add_resource(w.nvme, 2, MemWorld::kNvmeSize, kPageSize);
+  ASSERT_FALSE(past);
+  EXPECT_EQ(past.error().code, EINVAL);
+  EXPECT_NE(past.error().message.find("runs past"), std::string::npos) << past.error().message;
+  EXPECT_EQ(m->add_resource(w.nvme, 2, 6000, 0).error().code, EINVAL);  // not whole granules
+  EXPECT_EQ(m->add_resource(999, 0, 0, 0).error().code, EINVAL);
+  EXPECT_EQ(m->stats(w.nvme).size, 0u);  // failures changed nothing
+  EXPECT_TRUE(w.platform->apertures().empty());
+
+  // size 0: the rest of the BAR from the offset; the BAR becomes a platform aperture.
+  auto id = m->add_resource(w.nvme, 2, 0, 4 * MiB);
+  ASSERT_TRUE(id) << id.error().to_string();
+  ASSERT_EQ(w.platform->apertures().size(), 1u);
+  EXPECT_EQ(w.platform->apertures()[0].id, *id);
+  EXPECT_FALSE(w.platform->apertures()[0].published);
+  EXPECT_EQ(m->stats(w.nvme).size, 12 * MiB);
+  // The same BAR again: the same aperture; overlapping spans are EEXIST.
+  auto second = m->add_resource(w.nvme, 2, 4 * MiB, 0);
+  ASSERT_TRUE(second) << second.error().to_string();
+  EXPECT_EQ(*second, *id);
+  EXPECT_EQ(m->add_resource(w.nvme, 2, 8 * KiB, 4 * MiB - 4 * KiB).error().code, EEXIST);
+  EXPECT_EQ(m->stats(w.nvme).size, 16 * MiB);
+}
+
+TEST(MemPoolTest, UsesTheAperturePlatformRegisteredAlready) {
+  MemWorld w;
+  const Aperture* ap = w.platform->add_bar(w.gpu, 0, true).value();
+  auto m = make(w);
+  EXPECT_EQ(m->add_resource(w.gpu, 0, 0, 0).value(), ap->id);
+  EXPECT_EQ(w.platform->apertures().size(), 1u);
+}
+
+// pci_alloc_p2pmem() -> gen_pool_alloc(): sizes round up to the 4 KiB granule; 0 is refused.
+TEST(MemPoolTest, AllocRoundsUpToGranulesAndFreeIsDeferred) {
+  MemWorld w;
+  auto m = make(w);
+  ASSERT_TRUE(m->add_resource(w.nvme, 2, 0, 0));
+  EXPECT_EQ(m->alloc(w.nvme, 0).error().code, EINVAL);
+  EXPECT_EQ(m->alloc(w.nvme, 4096, {.align = 6000}).error().code, EINVAL);
+  EXPECT_EQ(m->alloc(w.nvme, 4096, {.align = 2048}).error().code, EINVAL);
+  EXPECT_EQ(m->alloc(w.gpu, 4096).error().code, ENODEV);  // no P2P memory
+  auto c = m->alloc(w.nvme, 1);
+  ASSERT_TRUE(c) << c.error().to_string();
+  EXPECT_EQ(c->span.size, kPageSize);
+  EXPECT_EQ(c->function, w.nvme);
+  EXPECT_TRUE((PhysSpan{PhysAddr(MemWorld::kNvmeBar), MemWorld::kNvmeSize}.contains(c->span)));
+  auto d = m->alloc(w.nvme, 5000);
+  ASSERT_TRUE(d);
+  EXPECT_EQ(d->span.size, 2 * kPageSize);
+  EXPECT_FALSE(c->span.overlaps(d->span));
+  PoolStats s = m->stats(w.nvme);
+  EXPECT_EQ(s.chunks, 2u);
+  EXPECT_EQ(s.allocated, 3 * kPageSize);
+  ASSERT_TRUE(m->free(*c));
+  s = m->stats(w.nvme);
+  EXPECT_EQ(s.chunks, 1u);
+  EXPECT_EQ(s.allocated, 2 * kPageSize);
+  EXPECT_EQ(s.deferred, kPageSize);  // waits for its grace period
+  m->barrier();
+  EXPECT_EQ(m->stats(w.nvme).deferred, 0u);
+  ASSERT_TRUE(m->free(*d));
+  m->barrier();
+  s = m->stats(w.nvme);
+  EXPECT_EQ(s.chunks, 0u);
+  EXPECT_EQ(s.allocated, 0u);
+  EXPECT_EQ(s.deferred, 0u);
+}
+
+TEST(MemPoolTest, FillsTheBarExactlyThenEnomem) {
+  MemWorld w;
+  auto m = make(w);
+  ASSERT_TRUE(m->add_resource(w.nvme, 2, 64 * KiB, 0));
+  std::vector<P2PChunk> got;
+  for (int i = 0; i < 16; ++i) got.push_back(m->alloc(w.nvme, 4096).value());
+  auto full = m->alloc(w.nvme, 4096);
+  ASSERT_FALSE(full);
+  EXPECT_EQ(full.error().code, ENOMEM);
+  // Freed memory comes back after its grace period, which alloc waits for before ENOMEM.
+  ASSERT_TRUE(m->free(got.back()));
+  got.pop_back();
+  auto again = m->alloc(w.nvme, 4096);
+  ASSERT_TRUE(again) << again.error().to_string();
+  got.push_back(*again);
+  for (const P2PChunk& c : got) ASSERT_TRUE(m->free(c));
+}
+
+// gen_pool_free_owner() BUG()s on an address outside every chunk and on a granule already
+// free (BUG_ON(remain)); physr returns EINVAL naming the address and the rule, and changes
+// nothing.
+TEST(MemPoolTest, BadFreesAreEinvalAndChangeNothing) {
+  for (const bool track : {true, false}) {
+    SCOPED_TRACE(track ? "tracking" : "no tracking");
+    MemWorld w;
+    auto m = make(w, track);
+    const ProviderId id = m->add_resource(w.nvme, 2, 0, 0).value();
+    P2PChunk c = m->alloc(w.nvme, 8192).value();
+    const PoolStats before = m->stats(w.nvme);
+    auto expect_einval = [&](P2PChunk bad, const char* words) {
+      Status s = m->free(bad);
+      ASSERT_FALSE(s);
+      EXPECT_EQ(s.error().code, EINVAL);
+      EXPECT_NE(s.error().message.find(format_hex(bad.span.base.value())), std::string::npos) << s.error().message;
+      EXPECT_NE(s.error().message.find(words), std::string::npos) << s.error().message;
+      const PoolStats after = m->stats(w.nvme);
+      EXPECT_EQ(after.chunks, before.chunks);
+      EXPECT_EQ(after.allocated, before.allocated);
+      EXPECT_EQ(after.deferred, before.deferred);
+    };
+    expect_einval(P2PChunk{PhysSpan{c.span.base, 4000}, id, w.nvme}, "whole 4 KiB granules");
+    expect_einval(P2PChunk{PhysSpan{PhysAddr(c.span.base.value() + 1), 4096}, id, w.nvme}, "whole 4 KiB granules");
+    expect_einval(P2PChunk{PhysSpan{PhysAddr(MemWorld::kNicBar), 4096}, id, w.nvme}, "not inside any P2P resource");
+    expect_einval(P2PChunk{c.span, id + 7, w.nvme}, "not inside any P2P resource");
+    expect_einval(P2PChunk{c.span, id, 12345}, "no such function");
+    expect_einval(P2PChunk{PhysSpan{PhysAddr(MemWorld::kNvmeBar + 8 * MiB), 4096}, id, w.nvme}, "never handed out");
+    if (track) expect_einval(P2PChunk{PhysSpan{c.span.base, 4096}, id, w.nvme}, "freed whole");
+    ASSERT_TRUE(m->free(c));
+    if (!track) m->barrier();  // without tracking, a double free is seen once the first is back
+    Status twice = m->free(c);
+    ASSERT_FALSE(twice);
+    EXPECT_EQ(twice.error().code, EINVAL);
+    EXPECT_NE(twice.error().message.find("double free"), std::string::npos) << twice.error().message;
+    m->barrier();
+    EXPECT_EQ(m->stats(w.nvme).chunks, 0u);
+    EXPECT_EQ(m->stats(w.nvme).deferred, 0u);
+  }
+}
+
+// percpu_ref_kill() on removal: pci_alloc_p2pmem() fails at once (percpu_ref_tryget_live);
+// pci_p2pdma_unmap_mappings() revokes holders; memunmap_pages() waits for the last free.
+TEST(MemPoolTest, RemoveRevokesHoldersThenAllocIsEnodev) {
+  MemWorld w;
+  auto m = make(w);
+  ASSERT_TRUE(m->add_resource(w.gpu, 0, 0, 0));
+  ASSERT_TRUE(m->publish(w.gpu, true));
+  P2PChunk a = m->alloc(w.gpu, 4096, {.owner = "queue"}).value();
+  P2PChunk b = m->alloc(w.gpu, 2 * MiB).value();
+  std::vector<P2PChunk> revoked;
+  m->on_revoke(w.gpu, [&](const P2PChunk& c) {
+    revoked.push_back(c);
+    ASSERT_TRUE(m->free(c));  // the holder unmaps and frees
+    EXPECT_EQ(m->alloc(w.gpu, 4096).error().code, ENODEV);  // already refused
+  });
+  ASSERT_TRUE(m->remove(w.gpu));
+  ASSERT_EQ(revoked.size(), 2u);
+  EXPECT_EQ(revoked[0].span, a.span);
+  EXPECT_EQ(revoked[1].span, b.span);
+  auto after = m->alloc(w.gpu, 4096);
+  ASSERT_FALSE(after);
+  EXPECT_EQ(after.error().code, ENODEV);
+  EXPECT_EQ(m->stats(w.gpu).size, 0u);
+  EXPECT_EQ(m->remove(w.gpu).error().code, ENODEV);
+  EXPECT_EQ(m->free(a).error().code, EINVAL);  // its pool is gone
+  EXPECT_FALSE(m->find_many(std::vector<uint32_t>{w.nic}));
+  EXPECT_FALSE(w.platform->providers().get(a.provider)->published());
+  EXPECT_EQ(m->publish(w.gpu, true).error().code, ENODEV);
+}
+
+// A BAR removed and added again: frees find the live resource, not the removed one over
+// the same span (gen_pool_free_owner() looks the address up among the pool's live chunks).
+TEST(MemPoolTest, AfterRemoveAndReAddFreesFindTheLiveResource) {
+  MemWorld w;
+  auto m = make(w);
+  ASSERT_TRUE(m->add_resource(w.nvme, 2, 0, 0));
+  ASSERT_TRUE(m->remove(w.nvme));
+  ASSERT_TRUE(m->add_resource(w.nvme, 2, 0, 0));
+  P2PChunk c = m->alloc(w.nvme, 4096).value();
+  Status s = m->free(c);
+  EXPECT_TRUE(s) << s.error().to_string();
+  m->barrier();
+  EXPECT_EQ(m->stats(w.nvme).chunks, 0u);
+  EXPECT_EQ(m->stats(w.nvme).size, MemWorld::kNvmeSize);
+}
+
+// Each function's pool counts only its own chunks (pdev->p2pdma is per device): a chunk
+// held on one function neither shows in another's stats nor holds up its removal.
+TEST(MemPoolTest, PoolsOfTwoFunctionsCountApart) {
+  MemWorld w;
+  auto m = make(w);
+  ASSERT_TRUE(m->add_resource(w.nvme, 2, 0, 0));
+  ASSERT_TRUE(m->add_resource(w.nic, 0, 0, 0));
+  P2PChunk held = m->alloc(w.nvme, 8192).value();
+  P2PChunk freed = m->alloc(w.nvme, 4096).value();
+  ASSERT_TRUE(m->free(freed));
+  EXPECT_EQ(m->stats(w.nic).chunks, 0u);
+  EXPECT_EQ(m->stats(w.nic).allocated, 0u);
+  EXPECT_EQ(m->stats(w.nic).deferred, 0u);
+  EXPECT_EQ(m->stats(w.nvme).chunks, 1u);
+  Status s = m->remove(w.nic);
+  EXPECT_TRUE(s) << s.error().to_string();
+  ASSERT_TRUE(m->free(held));
+}
+
+TEST(MemPoolTest, RemoveWithAChunkStillHeldIsEbusyAndNamesTheOwner) {
+  MemWorld w;
+  std::vector<std::string> reports;
+  auto m = make(w, true, [&](const std::string& r) { reports.push_back(r); });
+  ASSERT_TRUE(m->add_resource(w.nvme, 2, 0, 0));
+  P2PChunk held = m->alloc(w.nvme, 4096, {.owner = "stuck holder"}).value();
+  Status s = m->remove(w.nvme);
+  ASSERT_FALSE(s);
+  EXPECT_EQ(s.error().code, EBUSY);
+  ASSERT_EQ(reports.size(), 1u);
+  EXPECT_NE(reports[0].find("stuck holder"), std::string::npos) << reports[0];
+  EXPECT_NE(reports[0].find(format_hex(held.span.base.value())), std::string::npos) << reports[0];
+  EXPECT_EQ(m->alloc(w.nvme, 4096).error().code, ENODEV);  // still being removed
+  ASSERT_TRUE(m->free(held));
+  ASSERT_TRUE(m->remove(w.nvme));
+  EXPECT_EQ(m->stats(w.nvme).size, 0u);
+}
+
+// pci_p2pmem_publish() / pci_p2pmem_find_many(): only published memory is found, nearest first.
+TEST(MemPoolTest, PublishDecidesWhatFindManyFinds) {
+  MemWorld w;
+  auto m = make(w);
+  ASSERT_TRUE(m->add_resource(w.gpu, 0, 0, 0));
+  ASSERT_TRUE(m->add_resource(w.nvme, 2, 0, 0));
+  ASSERT_TRUE(m->add_resource(w.far, 0, 0, 0));
+  const std::vector<uint32_t> nic{w.nic}, gpu{w.gpu}, far{w.far};
+  EXPECT_FALSE(m->find_many(nic));  // nothing published yet (pci_p2pdma_add_resource leaves it so)
+  ASSERT_TRUE(m->publish(w.nvme, true));
+  EXPECT_EQ(m->find_many(nic), w.nvme);
+  P2PChunk c = m->alloc(w.nvme, 4096).value();
+  EXPECT_TRUE(w.platform->providers().get(c.provider)->published());
+  ASSERT_TRUE(m->free(c));
+  ASSERT_TRUE(m->publish(w.gpu, true));
+  EXPECT_EQ(m->find_many(nic), w.gpu);  // same distance: the first
+  EXPECT_EQ(m->find_many(gpu), w.gpu);  // distance 0
+  ASSERT_TRUE(m->publish(w.far, true));
+  EXPECT_EQ(m->find_many(far), w.far);
+  const std::vector<uint32_t> both{w.nic, w.far};
+  EXPECT_FALSE(m->find_many(both));  // no provider reaches both (no shared host bridge allowlisted)
+  ASSERT_TRUE(m->publish(w.gpu, false));
+  ASSERT_TRUE(m->publish(w.nvme, false));
+  EXPECT_FALSE(m->find_many(nic));
+  EXPECT_EQ(m->publish(w.nic, true).error().code, ENODEV);
+}
+
+// pci_p2pdma_max_pagemap_align() (proposed): PUD, PMD or PAGE size by start, size and offset.
+TEST(MemPoolTest, HugeAlignmentWhereTheBarAllowsIt) {
+  EXPECT_EQ(P2PMemory::max_pagemap_align(PhysAddr(0x40'0000'0000), 2 * GiB, 0), GiB);
+  EXPECT_EQ(P2PMemory::max_pagemap_align(PhysAddr(0x40'0000'0000), 2 * GiB, 2 * MiB), 2 * MiB);
+  EXPECT_EQ(P2PMemory::max_pagemap_align(PhysAddr(0x40'0020'0000), 6 * MiB, 0), 2 * MiB);
+  EXPECT_EQ(P2PMemory::max_pagemap_align(PhysAddr(0x40'0000'0000), 2 * GiB, 4096), kPageSize);
+  MemWorld w;
+  auto m = make(w);
+  ASSERT_TRUE(m->add_resource(w.gpu, 0, 0, 0));
+  P2PChunk small = m->alloc(w.gpu, 4096).value();
+  P2PChunk g1 = m->alloc(w.gpu, GiB, {.align = GiB}).value();
+  EXPECT_EQ(g1.span.base.value() % GiB, 0u);
+  EXPECT_FALSE(g1.span.overlaps(small.span));
+  P2PChunk m2 = m->alloc(w.gpu, 2 * MiB).value();  // power-of-two sizes come naturally aligned
+  EXPECT_EQ(m2.span.base.value() % (2 * MiB), 0u);
+  P2PChunk m2b = m->alloc(w.gpu, 2 * MiB, {.align = 2 * MiB}).value();
+  EXPECT_EQ(m2b.span.base.value() % (2 * MiB), 0u);
+  EXPECT_FALSE(m2.span.overlaps(m2b.span));
+  EXPECT_EQ(m->alloc(w.gpu, GiB, {.align = GiB}).error().code, ENOMEM);  // the other GiB is in use
+  // A resource that starts 4 KiB into the BAR: 2 MiB chunks still come aligned, from inside.
+  ASSERT_TRUE(m->add_resource(w.nvme, 2, 0, 4096));
+  P2PChunk n2 = m->alloc(w.nvme, 2 * MiB, {.align = 2 * MiB}).value();
+  EXPECT_EQ(n2.span.base.value() % (2 * MiB), 0u);
+  for (const P2PChunk& c : {small, g1, m2, m2b, n2}) ASSERT_TRUE(m->free(c));
+}
+
+TEST(MemPoolTest, VirtToBusAddsTheBusOffset) {
+  MemWorld w;
+  auto m = make(w);
+  ASSERT_TRUE(m->add_resource(w.nvme, 2, 8 * MiB, 4 * MiB));
+  P2PChunk c = m->alloc(w.nvme, 4096).value();
+  EXPECT_EQ(m->virt_to_bus(w.nvme, c.span.base).value(), BusAddr(c.span.base.value()));
+  EXPECT_EQ(m->virt_to_bus(w.nvme, PhysAddr(MemWorld::kNvmeBar)).error().code, EINVAL);  // before the offset
+  EXPECT_EQ(m->virt_to_bus(w.gpu, c.span.base).error().code, EINVAL);
+  ASSERT_TRUE(m->free(c));
+}
+
+// Random alloc/free against a reference model: nothing is handed out twice, every chunk
+// lies in the resource with the size asked, and the accounting returns to zero.
+TEST(MemPoolTest, RandomAllocFreeMatchesAReferenceModel) {
+  for (const bool track : {true, false}) {
+    SCOPED_TRACE(track ? "tracking" : "no tracking");
+    MemWorld w;
+    auto m = make(w, track);
+    ASSERT_TRUE(m->add_resource(w.gpu, 0, 0, 0));
+    const PhysSpan bar{PhysAddr(MemWorld::kGpuBar), MemWorld::kGpuSize};
+    std::mt19937_64 rng(42);
+    std::map<uint64_t, P2PChunk> held;  // by base
+    uint64_t held_bytes = 0;
+    const uint64_t sizes[] = {4096, 8192, 12288, 65536, 100000, 2 * MiB};
+    for (int op = 0; op < 20000; ++op) {
+      if (held.empty() || (held.size() < 400 && rng() % 2)) {
+        const uint64_t want = sizes[rng() % std::size(sizes)];
+        const uint64_t align = rng() % 8 == 0 ? 64 * KiB : kPageSize;
+        auto c = m->alloc(w.gpu, want, {.align = align});
+        ASSERT_TRUE(c) << c.error().to_string();
+        ASSERT_EQ(c->span.size, (want + 4095) / 4096 * 4096);
+        ASSERT_EQ(c->span.base.value() % align, 0u);
+        ASSERT_TRUE(bar.contains(c->span));
+        auto next = held.lower_bound(c->span.base.value());
+        ASSERT_TRUE(next == held.end() || !next->second.span.overlaps(c->span)) << "handed out twice";
+        if (next != held.begin()) {
+          ASSERT_FALSE(std::prev(next)->second.span.overlaps(c->span)) << "handed out twice";
+        }
+        held.emplace(c->span.base.value(), *c);
+        held_bytes += c->span.size;
+      } else {
+        auto it = held.begin();
+        std::advance(it, rng() % held.size());
+        ASSERT_TRUE(m->free(it->second));
+        held_bytes -= it->second.span.size;
+        held.erase(it);
+      }
+      if (op % 2500 == 0) m->barrier();
+      if (op % 500 == 0) {
+        const PoolStats s = m->stats(w.gpu);
+        ASSERT_EQ(s.chunks, held.size());
+        ASSERT_EQ(s.allocated, held_bytes);
+      }
+    }
+    for (const auto& [base, c] : held) ASSERT_TRUE(m->free(c));
+    m->barrier();
+    const PoolStats s = m->stats(w.gpu);
+    EXPECT_EQ(s.chunks, 0u);
+    EXPECT_EQ(s.allocated, 0u);
+    EXPECT_EQ(s.deferred, 0u);
+    // Everything came back: the whole BAR can be allocated again in one piece.
+    auto all = m->alloc(w.gpu, MemWorld::kGpuSize);
+    ASSERT_TRUE(all) << all.error().to_string();
+    ASSERT_TRUE(m->free(*all));
+  }
+}
+
+// The grace period: a reader inside a read-side section that found chunks keeps them from
+// being handed out again, though they were freed; after it leaves they come back.
+TEST(MemPoolTest, AReaderHoldingChunksAcrossTheirFreeNeverSeesThemReused) {
+  MemWorld w;
+  auto m = make(w, /*track=*/false);
+  ASSERT_TRUE(m->add_resource(w.nvme, 2, 0, 0));  // 4096 granules
+  std::vector<P2PChunk> found;
+  for (int i = 0; i < 512; ++i) found.push_back(m->alloc(w.nvme, 4096).value());
+  std::set<uint64_t> freed;
+  for (const P2PChunk& c : found) freed.insert(c.span.base.value());
+  std::atomic<int> stage{0};
+  std::thread reader([&] {
+    P2PMemory::ReadGuard guard;  // found the chunks in here
+    stage.store(1);
+    while (stage.load() != 2) std::this_thread::yield();
+  });
+  while (stage.load() != 1) std::this_thread::yield();
+  for (const P2PChunk& c : found) ASSERT_TRUE(m->free(c));  // four batches go to call_rcu
+  // Every other granule of the BAR, while the reader is inside its section: none of them is
+  // one the reader may still use.
+  std::vector<P2PChunk> later;
+  for (int i = 0; i < 4096 - 512; ++i) {
+    P2PChunk c = m->alloc(w.nvme, 4096).value();
+    ASSERT_FALSE(freed.count(c.span.base.value())) << "reused inside the reader's section: " << format_hex(c.span.base.value());
+    later.push_back(c);
+  }
+  stage.store(2);
+  reader.join();
+  // The grace period is over: the only free granules left are the ones the reader held.
+  P2PChunk again = m->alloc(w.nvme, 4096).value();
+  EXPECT_TRUE(freed.count(again.span.base.value())) << format_hex(again.span.base.value());
+  later.push_back(again);
+  for (const P2PChunk& c : later) ASSERT_TRUE(m->free(c));
+}
+
+TEST(MemPoolTest, TeardownReportsChunksStillHeldWithOwners) {
+  std::vector<std::string> reports;
+  {
+    MemWorld w;
+    auto m = make(w, true, [&](const std::string& r) { reports.push_back(r); });
+    ASSERT_TRUE(m->add_resource(w.nvme, 2, 0, 0));
+    P2PChunk kept = m->alloc(w.nvme, 8192, {.owner = "leaky driver"}).value();
+    P2PChunk freed = m->alloc(w.nvme, 4096, {.owner = "good driver"}).value();
+    ASSERT_TRUE(m->free(freed));
+    m.reset();
+    ASSERT_EQ(reports.size(), 1u);
+    EXPECT_NE(reports[0].find("leaky driver"), std::string::npos) << reports[0];
+    EXPECT_NE(reports[0].find(format_hex(kept.span.base.value())), std::string::npos) << reports[0];
+    EXPECT_EQ(reports[0].find("good driver"), std::string::npos) << reports[0];
+    EXPECT_NE(reports[0].find("1 chunk(s)"), std::string::npos) << reports[0];
+  }
+  reports.clear();
+  {
+    MemWorld w;
+    auto m = make(w, true, [&](const std::string& r) { reports.push_back(r); });
+    ASSERT_TRUE(m->add_resource(w.nvme, 2, 0, 0));
+    ASSERT_TRUE(m->free(m->alloc(w.nvme, 4096).value()));
+  }
+  EXPECT_TRUE(reports.empty());
+}
+
+TEST(MemPoolTest, ChunksOfAnExitedThreadComeBack) {
+  MemWorld w;
+  auto m = make(w, /*track=*/false);
+  ASSERT_TRUE(m->add_resource(w.nvme, 2, 64 * KiB, 0));
+  std::vector<P2PChunk> got;
+  std::thread t([&] {
+    for (int i = 0; i < 8; ++i) got.push_back(m->alloc(w.nvme, 4096).value());
+    for (int i = 0; i < 4; ++i) ASSERT_TRUE(m->free(got[i]));
+  });
+  t.join();
+  EXPECT_EQ(m->stats(w.nvme).chunks, 4u);
+  // The thread's cached chunks and pending frees are not lost: all 12 free granules are
+  // still there (16 minus the 4 held).
+  std::vector<P2PChunk> rest;
+  for (int i = 0; i < 12; ++i) rest.push_back(m->alloc(w.nvme, 4096).value());
+  EXPECT_EQ(m->alloc(w.nvme, 4096).error().code, ENOMEM);
+  for (int i = 4; i < 8; ++i) ASSERT_TRUE(m->free(got[i]));
+  for (const P2PChunk& c : rest) ASSERT_TRUE(m->free(c));
+  m->barrier();
+  EXPECT_EQ(m->stats(w.nvme).chunks, 0u);
+}
+
+}  // namespace
+}  // namespace physr::mem
