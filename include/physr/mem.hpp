@@ -51,12 +51,8 @@
 
 namespace physr::mem {
 
-/// A piece of P2P memory handed out by a pool: CPU-physical span inside the provider's BAR.
-struct P2PChunk {
-  PhysSpan span;
-  ProviderId provider = 0;
-  uint32_t function = 0;
-};
+// P2PChunk (a piece of P2P memory a pool hands out) is in physr/mem/uspace.hpp, where the
+// address spaces' P2PChunkSource takes it too.
 
 struct AllocOptions {
   uint64_t align = kPageSize;  // power of two >= 4 KiB, of the CPU physical address

@@ -93,7 +93,7 @@ expect 1 'no such file and no built-in machine .*two-socket-switch' -- topo --ma
 printf '[[host_bridge]]\nbus = 0\n[[function]]\nbdf = "00:00.0"\nvendr = 1\n' > "$tmp/bad.toml"
 expect 1 "$tmp/bad.toml:5: function\\[0\\] \\(0000:00:00.0\\): unknown key 'vendr'" -- topo --machine "$tmp/bad.toml"
 expect 1 'no PCI function 0000:09:00.0' -- explain 09:00.0 nvme0 --machine two-socket-switch
-expect 2 "'banana' is neither a PCI address" -- explain banana nvme0 --machine two-socket-switch
+expect 1 "'banana' is neither a PCI address" -- explain banana nvme0 --machine two-socket-switch
 expect 2 'provider is required|required' -- explain --machine two-socket-switch
 expect 2 "--assume-cpu 'intel'" -- topo --machine amd-zen --assume-cpu intel
 expect 2 "PCI address 'xyz'" -- topo --machine amd-zen --assume-acs-off xyz
@@ -219,7 +219,8 @@ expect 2 'host memory is' -- map --range host:3G:4K
 expect 2 "--dir 'sideways'" -- map --dir sideways
 expect 2 'bits must be 24 to 64' -- map --dma-mask 8
 expect 2 'power of two' -- map --boundary 3K
-expect 2 "no PCI function|neither" -- map --device nosuch
+expect 1 "no PCI function|neither" -- map --device nosuch
+expect 1 'no PCI function 0000:99:00.0' -- explain 0000:99:00.0 nvme0 --machine two-socket-switch
 expect 2 'direct devices only' -- map --dma-offset 4K
 expect 1 'no such file' -- map --machine /nonexistent.toml
 

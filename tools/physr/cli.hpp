@@ -57,7 +57,8 @@ pci::Topology load_machine_arg(const std::string& machine);
 void print_warnings(const std::vector<std::string>& warnings);
 /// What `physr explain` prints for (provider, client): the path hop by hop, ACS, the CPU
 /// and allowlist rules, the verdict, the link class and the kernel parameter that would help.
-void print_explanation(const pci::Topology& t, const pci::P2PEngine& e, uint32_t provider, uint32_t client);
+void print_explanation(const pci::Topology& t, const pci::P2PEngine& e, uint32_t provider, uint32_t client,
+                       std::string_view rules_from = "the engine's kernel release");
 /// `physr p2pmem-test`.
 void add_p2pmem_command(CLI::App& app);
 /// `physr doctor`.

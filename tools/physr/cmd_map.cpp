@@ -90,7 +90,7 @@ void run_map(const MapOptions& o) {
   m.model = failure_value(ModelPlatform::create(m.topo));
   print_warnings(m.model->warnings);
   m.domain = failure_value(m.model->new_domain());
-  const uint32_t client = usage_value(m.topo.lookup(o.device));
+  const uint32_t client = failure_value(m.topo.lookup(o.device));  // as explain: exit 1
   const DmaDirection dir = parse_dir(o.dir);
   if (o.mask_bits < 24 || o.mask_bits > 64) throw UsageError(fmt::format("--dma-mask {}: bits must be 24 to 64", o.mask_bits));
   const uint64_t boundary = usage_value(parse_size(o.boundary));

@@ -386,26 +386,21 @@ void run_explain(const ExplainOptions& o) {
   const KernelChoice k = kernel_choice(*o.src);
   const Topology t = load_topology(*o.src);
   P2PEngine e = failure_value(P2PEngine::create(t, verdict_options(*o.src, k)));
-  auto lookup = [&](const std::string& s) {
-    auto r = t.lookup(s);
-    if (!r) {
-      if (r.error().code == EINVAL) throw UsageError(r.error().message);
-      throw Failure(r.error().message);
-    }
-    return *r;
-  };
-  print_explanation(t, e, lookup(o.a), lookup(o.b));
+  // A device the machine does not have is a failure (exit 1), by name or by address alike:
+  // the command line is well formed, the machine lacks it (docs/pci.md).
+  auto lookup = [&](const std::string& s) { return failure_value(t.lookup(s)); };
+  print_explanation(t, e, lookup(o.a), lookup(o.b), k.from);
 }
 
 }  // namespace
 
-void print_explanation(const Topology& t, const P2PEngine& e, uint32_t p, uint32_t c) {
+void print_explanation(const Topology& t, const P2PEngine& e, uint32_t p, uint32_t c, std::string_view rules_from) {
   const Explanation x = e.explain(p, c);
   const Function& fp = t.functions[p];
   const Function& fc = t.functions[c];
   fmt::print("provider {} ({} {:04x}:{:04x})\nclient   {} ({} {:04x}:{:04x})\nrules    Linux {} ({})\n\n", describe(fp),
              class_name(fp.class_code), fp.vendor, fp.device, describe(fc), class_name(fc.class_code), fc.vendor, fc.device,
-             x.kernel.to_string(), k.from);
+             x.kernel.to_string(), rules_from);
   fmt::print("Path, from the provider up{}:\n", x.common ? " to the common upstream device, then down to the client" : " to its host bridge, then from the client's host bridge down");
   for (const PathHop& h : x.provider_path)
     print_hop(t, h, x.common && h.function == *x.common ? "  <- common upstream device" : "");

@@ -131,10 +131,12 @@ class HostFile {
   std::vector<uint64_t> folios_;  // head pfn per folio index, 0 = not cached (pfn 0 is never RAM here)
 };
 
-/// One chunk of P2P memory: bytes of a provider's BAR, as the provider's pool hands it out.
+/// One chunk of P2P memory: bytes of a provider's BAR (CPU physical), as the provider's pool
+/// (P2PMemory, physr/mem.hpp) hands it out, with the function that owns the BAR.
 struct P2PChunk {
   PhysSpan span;
   ProviderId provider = kHostMemory;
+  uint32_t function = 0;
 };
 
 /// Where P2P VMAs get their memory: the p2pmem pool of one provider (implemented by the P2P
