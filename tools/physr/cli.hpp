@@ -54,6 +54,8 @@ void print_warnings(const std::vector<std::string>& warnings);
 void add_map_command(CLI::App& app);
 /// `physr sim`.
 void add_sim_command(CLI::App& app);
+/// `physr qemu`.
+void add_qemu_command(CLI::App& app);
 
 /// The default job: what physr is and a short demonstration of each module.
 void run_tour();

@@ -12,6 +12,7 @@ int main(int argc, char** argv) {
   add_topo_commands(app);
   add_map_command(app);
   add_sim_command(app);
+  add_qemu_command(app);
   try {
     try {
       app.parse(argc, argv);
