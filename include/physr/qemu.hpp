@@ -32,19 +32,20 @@ struct Options {
   bool iommu = false;
   /// Ports whose ACS redirect the guest kernel should clear: kernel parameter
   /// pci=disable_acs_redir=. Machine BDFs (the guest's, when bus numbers match) or names.
-  std::vector<std::string> disable_acs_redir;
+  std::vector<std::string> disable_acs_redir = {};
   /// All pcie-root-ports: pci=disable_acs_redir=pci:1b36:000c.
   bool disable_acs_redir_all = false;
   /// Override the machine's CPU for the AMD Zen rule (true: -cpu EPYC; false: default).
-  std::optional<bool> amd_zen;
+  std::optional<bool> amd_zen = {};
   std::string qemu = "qemu-system-x86_64";
-  std::string kernel, initrd;  // -kernel / -initrd when not empty
-  std::string append;          // added to the kernel command line
+  std::string kernel = {};  // -kernel when not empty
+  std::string initrd = {};  // -initrd when not empty
+  std::string append = {};  // added to the kernel command line
   unsigned memory_mb = 1024;
   unsigned cpus = 1;
   /// NVMe namespaces backed by raw files DIR/<serial>.img (which must exist) instead of
   /// null-co block devices that read zeroes and drop writes.
-  std::string disk_dir;
+  std::string disk_dir = {};
 };
 
 /// One emulated PCI function: where the machine has it and where the guest will.
