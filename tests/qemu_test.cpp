@@ -63,6 +63,10 @@ TEST(QemuTest, MultifunctionOnFunctionZeroAndPxbForASecondHostBridge) {
   EXPECT_TRUE(has_arg(*c, "pcie-root-port,id=f40-00-0,bus=hb40,addr=00.0,chassis=2,slot=2"));
   EXPECT_TRUE(has_arg(*c, "q35,kernel-irqchip=split"));
   EXPECT_EQ(c->kernel_cmdline, "console=ttyS0 panic=-1 intel_iommu=on pci=disable_acs_redir=0000:00:02.0");
+  // Linux __pci_config_acs(): a listed port keeps the firmware's bits (none on QEMU) outside
+  // RR CR EC, not the SV UF pci_std_enable_acs() set; the others keep SV RR CR UF.
+  EXPECT_TRUE(has_note(*c, "root port 0000:00:02.0: ACS absent in the machine; the guest kernel sets none"));
+  EXPECT_TRUE(has_note(*c, "root port 0000:40:00.0: ACS absent in the machine; the guest kernel sets SV RR CR UF"));
   // intel-iommu comes before every PCI device.
   const auto iommu = std::find(c->argv.begin(), c->argv.end(), "intel-iommu,intremap=on");
   const auto pxb = std::find(c->argv.begin(), c->argv.end(), "pxb-pcie,id=hb40,bus_nr=64,bus=pcie.0,addr=1e.0");

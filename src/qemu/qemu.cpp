@@ -73,17 +73,19 @@ std::string label(const Function& f) {
 }
 bool is_host_bridge_fn(const Function& f) { return f.subclass() == (pci::kClassHostBridge >> 8); }
 
-// The ACS control the guest kernel leaves on a QEMU root port (whose capability is SV TB RR
-// CR UF DT): Linux pci_std_enable_acs() sets SV RR CR UF when an IOMMU asked for ACS
-// (pci_request_acs()), and pci_disable_acs_redir() then clears RR CR (and EC) for listed
-// ports; without an IOMMU nothing is set.
 std::string acs_text(uint16_t ctrl) { return ctrl ? pci::acs_bits_string(ctrl) : "none"; }
 
+// The ACS control the guest kernel leaves on a QEMU root port (capability SV TB RR CR UF
+// DT; the firmware leaves the control 0). Linux drivers/pci/pci.c pci_enable_acs(): with an
+// IOMMU (pci_request_acs()) pci_std_enable_acs() sets SV RR CR UF; then, for a port that
+// pci=disable_acs_redir= lists, __pci_config_acs() takes the bits outside RR CR EC from the
+// firmware's value, not the kernel's, so such a port ends with nothing set. Without an
+// IOMMU nothing is set.
 uint16_t guest_root_port_acs(bool iommu, bool redir_off) {
-  if (!iommu) return 0;
-  uint16_t ctrl = pci::acs::SV | pci::acs::RR | pci::acs::CR | pci::acs::UF;
-  if (redir_off) ctrl &= static_cast<uint16_t>(~pci::acs::kRedirect);
-  return ctrl;
+  constexpr uint16_t kFirmware = 0;
+  if (redir_off) return kFirmware & static_cast<uint16_t>(~pci::acs::kRedirect);
+  if (!iommu) return kFirmware;
+  return pci::acs::SV | pci::acs::RR | pci::acs::CR | pci::acs::UF;
 }
 
 struct Builder {
