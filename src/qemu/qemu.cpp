@@ -118,12 +118,14 @@ struct Builder {
 Status Builder::check_bus(const std::vector<uint32_t>& fns, int parent, uint32_t hb) {
   std::set<uint8_t> devs_with_fn0;
   for (uint32_t i : fns)
-    if (t.functions[i].bdf.fn == 0) devs_with_fn0.insert(t.functions[i].bdf.dev);
+    if (emulated[i] && t.functions[i].bdf.fn == 0) devs_with_fn0.insert(t.functions[i].bdf.dev);
   const Function* up = parent >= 0 ? &t.functions[static_cast<uint32_t>(parent)] : nullptr;
   for (uint32_t i : fns) {
     const Function& f = t.functions[i];
+    if (!emulated[i]) continue;
     if (!devs_with_fn0.count(f.bdf.dev))
-      return fail(f, format("device {:02x} on bus {:02x} has no function 0; QEMU and Linux need one", f.bdf.dev, f.bdf.bus));
+      return fail(f, format("device {:02x} on bus {:02x} has no function 0 (or physr qemu left it out); QEMU and Linux need one",
+                            f.bdf.dev, f.bdf.bus));
     const bool bridge = pci::is_pci_bridge(f);
     if (bridge && f.port_type != PortType::root_port && f.port_type != PortType::switch_upstream &&
         f.port_type != PortType::switch_downstream)
@@ -133,9 +135,8 @@ Status Builder::check_bus(const std::vector<uint32_t>& fns, int parent, uint32_t
       if (bridge && f.port_type != PortType::root_port)
         return fail(f, format("a {} on a root bus: only root ports and endpoints sit there", pci::port_type_name(f.port_type)));
       const bool q35 = t.host_bridges[hb].domain == 0 && t.host_bridges[hb].bus == 0;
-      if (q35 && f.bdf.dev == 0 && !(f.bdf.fn == 0 && is_host_bridge_fn(f)))
-        return fail(f, "q35's host bridge is device 00 of bus 00; only a host bridge function can be at 00:00.0");
-      if (q35 && f.bdf.dev == kIch9Slot) return fail(f, "q35's ICH9 functions occupy device 1f of bus 00");
+      if (q35 && bridge && f.bdf.dev == 0) return fail(f, "a root port at device 00 of bus 00, where q35 has its host bridge");
+      if (q35 && bridge && f.bdf.dev == kIch9Slot) return fail(f, "a root port at device 1f of bus 00, where q35 has its ICH9 functions");
       continue;
     }
     if (up->port_type == PortType::switch_upstream) {
@@ -294,9 +295,6 @@ Status Builder::run() {
     if (hb.bus_offset != 0)
       note(format("host bridge {}: a bus offset of {:#x}; q35's windows do not translate (bus address = CPU address)", hb.name(), hb.bus_offset));
   }
-  for (uint32_t h = 0; h < t.host_bridges.size(); ++h) PHYSR_RETURN_IF_ERROR(check_bus(roots[h], -1, h));
-  for (uint32_t i = 0; i < n; ++i)
-    if (pci::is_pci_bridge(t.functions[i])) PHYSR_RETURN_IF_ERROR(check_bus(children[i], static_cast<int>(i), t.functions[i].host_bridge));
 
   // Host-bridge functions on root buses: q35's own at 00:00.0, none on a pxb-pcie bus.
   for (uint32_t h = 0; h < t.host_bridges.size(); ++h)
@@ -315,6 +313,30 @@ Status Builder::run() {
       }
     }
 
+  // Functions left out: bridges other than PCI bridges (ISA, host and other bridges QEMU
+  // has no model of; physr lists none of them in the verdict pairs) and the chipset
+  // functions a real machine has where q35 has its own (00:00.x, 00:1f.x).
+  for (uint32_t h = 0; h < t.host_bridges.size(); ++h)
+    for (uint32_t i : roots[h]) {
+      const Function& f = t.functions[i];
+      if (hb_bus[h] != "pcie.0" || pci::is_pci_bridge(f) || is_host_bridge_fn(f)) continue;
+      if (f.bdf.dev == kIch9Slot || f.bdf.dev == 0) {
+        emulated[i] = 0;
+        note(format("{} {} {}: left out; q35's own functions occupy devices 00 and 1f of bus 00", pci::class_name(f.class_code),
+                    label(f), ids(f)));
+      }
+    }
+  for (uint32_t i = 0; i < n; ++i) {
+    const Function& f = t.functions[i];
+    if (emulated[i] && pci::is_bridge(f) && !pci::is_pci_bridge(f)) {
+      emulated[i] = 0;
+      note(format("{} {} {}: left out (QEMU has no such bridge; not a P2P endpoint either way)", pci::class_name(f.class_code),
+                  label(f), ids(f)));
+    }
+  }
+  for (uint32_t h = 0; h < t.host_bridges.size(); ++h) PHYSR_RETURN_IF_ERROR(check_bus(roots[h], -1, h));
+  for (uint32_t i = 0; i < n; ++i)
+    if (pci::is_pci_bridge(t.functions[i])) PHYSR_RETURN_IF_ERROR(check_bus(children[i], static_cast<int>(i), t.functions[i].host_bridge));
   // Guest bus numbers and the notes for those that differ.
   std::map<unsigned, unsigned> renumbered;
   for (uint32_t h : order) {
