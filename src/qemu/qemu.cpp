@@ -3,10 +3,10 @@
 
 #include <algorithm>
 #include <cstdio>
-#include <string_view>
-#include <type_traits>
 #include <map>
 #include <set>
+#include <string_view>
+#include <type_traits>
 
 namespace physr::qemu {
 namespace {
