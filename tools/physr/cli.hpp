@@ -67,6 +67,8 @@ void add_doctor_command(CLI::App& app);
 void add_map_command(CLI::App& app);
 /// `physr sim`.
 void add_sim_command(CLI::App& app);
+/// `physr qemu`.
+void add_qemu_command(CLI::App& app);
 
 /// The default job: what physr is and a short demonstration of each module.
 void run_tour();

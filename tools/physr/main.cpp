@@ -14,6 +14,7 @@ int main(int argc, char** argv) {
   add_sim_command(app);
   add_p2pmem_command(app);
   add_doctor_command(app);
+  add_qemu_command(app);
   try {
     try {
       app.parse(argc, argv);
