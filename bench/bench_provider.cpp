@@ -2,8 +2,11 @@
 // the same run on the same layout and the same addresses: llvm::IntervalMap, boost ICL
 // interval_map, absl::btree_map and std::map (upper_bound, then step back).
 //
-// Layouts: "packed" = N tightly packed 4 KiB apertures (VFIO style); "mixed" = N
-// apertures of 4 KiB .. 64 GiB with gaps, sparse over the 52-bit space.
+// Layouts: "packed" = N tightly packed 4 KiB apertures; "mixed" = N apertures of 4 KiB ..
+// 64 GiB, naturally aligned, clustered with gaps, sparse over the 52-bit space; "random" =
+// N apertures of 4 KiB .. 2 MiB at uniformly random places in the 52-bit space; "vfio" =
+// runs of 4 KiB apertures packed right after a few 16 .. 64 GiB BARs (one per ~2000), as
+// VFIO assigns per-queue doorbell pages next to a GPU's memory BAR.
 // Address streams: uniform over all providers (cold at large N) and "hot" (64 providers).
 // physr readers hold one ReadGuard across a batch, as the DMA layer does for a whole list;
 // LookupGuarded takes a guard per lookup. Every structure's answer is its payload: the id
@@ -14,6 +17,7 @@
 #include <llvm/ADT/IntervalMap.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <boost/icl/interval_map.hpp>
 #include <map>
 #include <memory>
@@ -32,14 +36,42 @@ struct Layout {
   std::vector<uint64_t> cold, hot;                    // addresses to look up
 };
 
-const Layout& layout(bool mixed, size_t n) {
-  static std::map<std::pair<bool, size_t>, std::unique_ptr<Layout>> cache;
-  auto& slot = cache[{mixed, n}];
+enum class Shape { packed, mixed, random, vfio };
+
+const Layout& layout(Shape shape, size_t n) {
+  static std::map<std::pair<Shape, size_t>, std::unique_ptr<Layout>> cache;
+  auto& slot = cache[{shape, n}];
   if (slot) return *slot;
   slot = std::make_unique<Layout>();
-  std::mt19937_64 rng(n * 2 + mixed);
+  const bool mixed = shape == Shape::mixed;
+  std::mt19937_64 rng(n * 2 + mixed + (shape == Shape::random ? 7 : shape == Shape::vfio ? 11 : 0));
   uint64_t cursor = uint64_t{1} << 32;
-  for (size_t i = 0; i < n; ++i) {
+  if (shape == Shape::random) {
+    std::map<uint64_t, uint64_t> taken;  // base -> end
+    while (slot->ranges.size() < n) {
+      const uint64_t size = uint64_t{4096} << (rng() % 10);
+      const uint64_t base = (rng() % ((uint64_t{1} << 52) - size)) & ~uint64_t{4095};
+      auto it = taken.lower_bound(base);
+      if (it != taken.end() && it->first < base + size) continue;
+      if (it != taken.begin() && std::prev(it)->second > base) continue;
+      taken.emplace(base, base + size);
+      slot->ranges.emplace_back(base, size);
+    }
+  }
+  if (shape == Shape::vfio) {
+    while (slot->ranges.size() < n) {
+      const uint64_t big = uint64_t{16} << (30 + rng() % 3);  // 16, 32 or 64 GiB
+      cursor = (cursor + big - 1) / big * big + big * (rng() % 4);
+      slot->ranges.emplace_back(cursor, big);
+      cursor += big;
+      for (uint64_t k = 0, run = 1000 + rng() % 3000; k < run && slot->ranges.size() < n; ++k) {
+        slot->ranges.emplace_back(cursor, 4096);
+        cursor += 4096;
+      }
+      cursor += (1 + rng() % 64) << 30;
+    }
+  }
+  for (size_t i = 0; i < n && (shape == Shape::packed || mixed); ++i) {
     uint64_t size = 4096;
     if (mixed) {
       const unsigned k = static_cast<unsigned>(rng() % 8);
@@ -58,8 +90,10 @@ const Layout& layout(bool mixed, size_t n) {
   return *slot;
 }
 
+// Not inlined, so that `valgrind --tool=callgrind --toggle-collect='*run*'` counts the
+// timed loop alone (instructions and simulated cache misses per lookup).
 template <class Find>
-void run(benchmark::State& state, const std::vector<uint64_t>& addrs, Find&& find) {
+[[gnu::noinline]] void run(benchmark::State& state, const std::vector<uint64_t>& addrs, Find&& find) {
   size_t i = 0;
   uint64_t sum = 0;
   for (auto _ : state) {
@@ -81,8 +115,8 @@ struct Physr {
   }
 };
 
-void BM_Physr(benchmark::State& state, bool mixed, bool hot) {
-  const Layout& l = layout(mixed, static_cast<size_t>(state.range(0)));
+void BM_Physr(benchmark::State& state, Shape shape, bool hot) {
+  const Layout& l = layout(shape, static_cast<size_t>(state.range(0)));
   Physr p(l);
   ProviderRegistry::ReadGuard g;
   run(state, hot ? l.hot : l.cold, [&](uint64_t a) {
@@ -92,7 +126,7 @@ void BM_Physr(benchmark::State& state, bool mixed, bool hot) {
 }
 
 void BM_PhysrGuarded(benchmark::State& state) {
-  const Layout& l = layout(false, static_cast<size_t>(state.range(0)));
+  const Layout& l = layout(Shape::packed, static_cast<size_t>(state.range(0)));
   Physr p(l);
   run(state, l.cold, [&](uint64_t a) {
     ProviderRegistry::ReadGuard g;
@@ -100,8 +134,8 @@ void BM_PhysrGuarded(benchmark::State& state) {
   });
 }
 
-void BM_LlvmIntervalMap(benchmark::State& state, bool mixed, bool hot) {
-  const Layout& l = layout(mixed, static_cast<size_t>(state.range(0)));
+void BM_LlvmIntervalMap(benchmark::State& state, Shape shape, bool hot) {
+  const Layout& l = layout(shape, static_cast<size_t>(state.range(0)));
   using Map = llvm::IntervalMap<uint64_t, uint32_t>;
   Map::Allocator alloc;
   Map m(alloc);
@@ -110,8 +144,8 @@ void BM_LlvmIntervalMap(benchmark::State& state, bool mixed, bool hot) {
   run(state, hot ? l.hot : l.cold, [&](uint64_t a) { return uint64_t{m.lookup(a, 0)}; });
 }
 
-void BM_BoostIcl(benchmark::State& state, bool mixed, bool hot) {
-  const Layout& l = layout(mixed, static_cast<size_t>(state.range(0)));
+void BM_BoostIcl(benchmark::State& state, Shape shape, bool hot) {
+  const Layout& l = layout(shape, static_cast<size_t>(state.range(0)));
   boost::icl::interval_map<uint64_t, uint32_t> m;
   uint32_t id = 1;
   for (const auto& [b, s] : l.ranges) m.add({boost::icl::interval<uint64_t>::right_open(b, b + s), id++});
@@ -122,8 +156,8 @@ void BM_BoostIcl(benchmark::State& state, bool mixed, bool hot) {
 }
 
 template <class Map>
-void ordered_map_bench(benchmark::State& state, bool mixed, bool hot) {
-  const Layout& l = layout(mixed, static_cast<size_t>(state.range(0)));
+void ordered_map_bench(benchmark::State& state, Shape shape, bool hot) {
+  const Layout& l = layout(shape, static_cast<size_t>(state.range(0)));
   Map m;  // base -> (end, id)
   uint32_t id = 1;
   for (const auto& [b, s] : l.ranges) m.emplace(b, std::pair<uint64_t, uint32_t>{b + s, id++});
@@ -135,16 +169,16 @@ void ordered_map_bench(benchmark::State& state, bool mixed, bool hot) {
   });
 }
 
-void BM_AbslBtree(benchmark::State& state, bool mixed, bool hot) {
-  ordered_map_bench<absl::btree_map<uint64_t, std::pair<uint64_t, uint32_t>>>(state, mixed, hot);
+void BM_AbslBtree(benchmark::State& state, Shape shape, bool hot) {
+  ordered_map_bench<absl::btree_map<uint64_t, std::pair<uint64_t, uint32_t>>>(state, shape, hot);
 }
-void BM_StdMap(benchmark::State& state, bool mixed, bool hot) {
-  ordered_map_bench<std::map<uint64_t, std::pair<uint64_t, uint32_t>>>(state, mixed, hot);
+void BM_StdMap(benchmark::State& state, Shape shape, bool hot) {
+  ordered_map_bench<std::map<uint64_t, std::pair<uint64_t, uint32_t>>>(state, shape, hot);
 }
 
 // Both cores: this thread looks up while another adds and removes providers elsewhere.
 void BM_PhysrWithWriter(benchmark::State& state) {
-  const Layout& l = layout(false, static_cast<size_t>(state.range(0)));
+  const Layout& l = layout(Shape::packed, static_cast<size_t>(state.range(0)));
   Physr p(l);
   std::atomic<bool> stop{false};
   std::atomic<uint64_t> writes{0};
@@ -172,7 +206,7 @@ void BM_PhysrWithWriter(benchmark::State& state) {
 }
 
 void BM_GetById(benchmark::State& state) {
-  const Layout& l = layout(false, 100000);
+  const Layout& l = layout(Shape::packed, 100000);
   Physr p(l);
   std::vector<uint64_t> ids;
   std::mt19937_64 rng(1);
@@ -183,23 +217,42 @@ void BM_GetById(benchmark::State& state) {
   });
 }
 
-#define PROVIDER_SIZES ->Arg(16)->Arg(1000)->Arg(100000)->Arg(1000000)
+// PHYSR_BENCH_ITERATIONS=n runs each lookup benchmark exactly once, n iterations: with
+// callgrind (--toggle-collect='*run*'), instructions and cache misses per lookup are the
+// counts over n.
+void fixed_iterations(benchmark::internal::Benchmark* b) {
+  if (const char* n = std::getenv("PHYSR_BENCH_ITERATIONS")) b->Iterations(std::atoll(n));
+}
 
-BENCHMARK_CAPTURE(BM_Physr, packed, false, false)->Name("Lookup/physr") PROVIDER_SIZES;
-BENCHMARK_CAPTURE(BM_LlvmIntervalMap, packed, false, false)->Name("Lookup/llvm_interval_map") PROVIDER_SIZES;
-BENCHMARK_CAPTURE(BM_BoostIcl, packed, false, false)->Name("Lookup/boost_icl") PROVIDER_SIZES;
-BENCHMARK_CAPTURE(BM_AbslBtree, packed, false, false)->Name("Lookup/absl_btree") PROVIDER_SIZES;
-BENCHMARK_CAPTURE(BM_StdMap, packed, false, false)->Name("Lookup/std_map") PROVIDER_SIZES;
+#define PROVIDER_SIZES ->Arg(16)->Arg(1000)->Arg(100000)->Arg(1000000)->Apply(fixed_iterations)
 
-BENCHMARK_CAPTURE(BM_Physr, mixed, true, false)->Name("LookupMixed/physr") PROVIDER_SIZES;
-BENCHMARK_CAPTURE(BM_LlvmIntervalMap, mixed, true, false)->Name("LookupMixed/llvm_interval_map") PROVIDER_SIZES;
-BENCHMARK_CAPTURE(BM_BoostIcl, mixed, true, false)->Name("LookupMixed/boost_icl") PROVIDER_SIZES;
-BENCHMARK_CAPTURE(BM_AbslBtree, mixed, true, false)->Name("LookupMixed/absl_btree") PROVIDER_SIZES;
-BENCHMARK_CAPTURE(BM_StdMap, mixed, true, false)->Name("LookupMixed/std_map") PROVIDER_SIZES;
+BENCHMARK_CAPTURE(BM_Physr, packed, Shape::packed, false)->Name("Lookup/physr") PROVIDER_SIZES;
+BENCHMARK_CAPTURE(BM_LlvmIntervalMap, packed, Shape::packed, false)->Name("Lookup/llvm_interval_map") PROVIDER_SIZES;
+BENCHMARK_CAPTURE(BM_BoostIcl, packed, Shape::packed, false)->Name("Lookup/boost_icl") PROVIDER_SIZES;
+BENCHMARK_CAPTURE(BM_AbslBtree, packed, Shape::packed, false)->Name("Lookup/absl_btree") PROVIDER_SIZES;
+BENCHMARK_CAPTURE(BM_StdMap, packed, Shape::packed, false)->Name("Lookup/std_map") PROVIDER_SIZES;
 
-BENCHMARK_CAPTURE(BM_Physr, hot, false, true)->Name("LookupHot/physr")->Arg(100000);
-BENCHMARK_CAPTURE(BM_LlvmIntervalMap, hot, false, true)->Name("LookupHot/llvm_interval_map")->Arg(100000);
-BENCHMARK_CAPTURE(BM_AbslBtree, hot, false, true)->Name("LookupHot/absl_btree")->Arg(100000);
+BENCHMARK_CAPTURE(BM_Physr, mixed, Shape::mixed, false)->Name("LookupMixed/physr") PROVIDER_SIZES;
+BENCHMARK_CAPTURE(BM_LlvmIntervalMap, mixed, Shape::mixed, false)->Name("LookupMixed/llvm_interval_map") PROVIDER_SIZES;
+BENCHMARK_CAPTURE(BM_BoostIcl, mixed, Shape::mixed, false)->Name("LookupMixed/boost_icl") PROVIDER_SIZES;
+BENCHMARK_CAPTURE(BM_AbslBtree, mixed, Shape::mixed, false)->Name("LookupMixed/absl_btree") PROVIDER_SIZES;
+BENCHMARK_CAPTURE(BM_StdMap, mixed, Shape::mixed, false)->Name("LookupMixed/std_map") PROVIDER_SIZES;
+
+BENCHMARK_CAPTURE(BM_Physr, random, Shape::random, false)->Name("LookupRandom/physr") PROVIDER_SIZES;
+BENCHMARK_CAPTURE(BM_LlvmIntervalMap, random, Shape::random, false)->Name("LookupRandom/llvm_interval_map") PROVIDER_SIZES;
+BENCHMARK_CAPTURE(BM_BoostIcl, random, Shape::random, false)->Name("LookupRandom/boost_icl") PROVIDER_SIZES;
+BENCHMARK_CAPTURE(BM_AbslBtree, random, Shape::random, false)->Name("LookupRandom/absl_btree") PROVIDER_SIZES;
+BENCHMARK_CAPTURE(BM_StdMap, random, Shape::random, false)->Name("LookupRandom/std_map") PROVIDER_SIZES;
+
+BENCHMARK_CAPTURE(BM_Physr, vfio, Shape::vfio, false)->Name("LookupVfio/physr") PROVIDER_SIZES;
+BENCHMARK_CAPTURE(BM_LlvmIntervalMap, vfio, Shape::vfio, false)->Name("LookupVfio/llvm_interval_map") PROVIDER_SIZES;
+BENCHMARK_CAPTURE(BM_BoostIcl, vfio, Shape::vfio, false)->Name("LookupVfio/boost_icl") PROVIDER_SIZES;
+BENCHMARK_CAPTURE(BM_AbslBtree, vfio, Shape::vfio, false)->Name("LookupVfio/absl_btree") PROVIDER_SIZES;
+BENCHMARK_CAPTURE(BM_StdMap, vfio, Shape::vfio, false)->Name("LookupVfio/std_map") PROVIDER_SIZES;
+
+BENCHMARK_CAPTURE(BM_Physr, hot, Shape::packed, true)->Name("LookupHot/physr")->Arg(100000);
+BENCHMARK_CAPTURE(BM_LlvmIntervalMap, hot, Shape::packed, true)->Name("LookupHot/llvm_interval_map")->Arg(100000);
+BENCHMARK_CAPTURE(BM_AbslBtree, hot, Shape::packed, true)->Name("LookupHot/absl_btree")->Arg(100000);
 
 BENCHMARK(BM_PhysrGuarded)->Name("LookupGuarded/physr")->Arg(100000);
 BENCHMARK(BM_PhysrWithWriter)->Name("LookupWithWriter/physr")->Arg(100000)->UseRealTime();
