@@ -15,12 +15,8 @@ namespace physr {
 namespace {
 
 using testing::DmaWorld;
-
-std::vector<uint8_t> pattern(size_t n, uint8_t seed) {
-  std::vector<uint8_t> v(n);
-  for (size_t i = 0; i < n; ++i) v[i] = static_cast<uint8_t>(seed + i * 13 + (i >> 9));
-  return v;
-}
+using testing::free_iova;
+using testing::pattern;
 
 RangeList list_of(std::initializer_list<PhysRange> pieces) {
   RangeList l;
@@ -38,12 +34,6 @@ void fill(DmaWorld& w, const RangeList& l, uint8_t seed) {
     ASSERT_TRUE(w.mem.write(r.addr, std::span<const uint8_t>(data.data() + at, r.len)).has_value());
     at += r.len;
   }
-}
-
-uint64_t free_iova(IoDomain& d) {
-  d.flush();
-  d.iova().flush_caches();
-  return d.iova().stats().free_granules;
 }
 
 void expect_clean(DmaWorld& w, const DmaDevice& dev, uint64_t iova_free_before) {

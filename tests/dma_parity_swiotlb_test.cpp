@@ -14,18 +14,8 @@ namespace physr {
 namespace {
 
 using testing::DmaWorld;
-
-std::vector<uint8_t> pattern(size_t n, uint8_t seed) {
-  std::vector<uint8_t> v(n);
-  for (size_t i = 0; i < n; ++i) v[i] = static_cast<uint8_t>(seed + i * 13 + (i >> 9));
-  return v;
-}
-
-uint64_t free_iova(IoDomain& d) {
-  d.flush();
-  d.iova().flush_caches();
-  return d.iova().stats().free_granules;
-}
+using testing::free_iova;
+using testing::pattern;
 
 uint64_t mapped_pages(const IoDomain& d) {
   const auto s = d.stats();

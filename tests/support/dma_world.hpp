@@ -256,4 +256,19 @@ struct DmaWorld {
   }
 };
 
+/// n bytes that differ with the seed and along the buffer (the DMA parity tests' data).
+inline std::vector<uint8_t> pattern(size_t n, uint8_t seed) {
+  std::vector<uint8_t> v(n);
+  for (size_t i = 0; i < n; ++i) v[i] = static_cast<uint8_t>(seed + i * 13 + (i >> 9));
+  return v;
+}
+
+/// The domain's free IOVA granules once deferred frees and every rcache are flushed: what a
+/// test compares before and after to see that nothing stayed allocated.
+inline uint64_t free_iova(IoDomain& d) {
+  d.flush();
+  d.iova().flush_caches();
+  return d.iova().stats().free_granules;
+}
+
 }  // namespace physr::testing
