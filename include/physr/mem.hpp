@@ -33,8 +33,11 @@
 #pragma once
 
 // The layer's other parts: process address spaces, host pages, P2P VMAs and pinning; the
-// block layer model (bios, requests, O_DIRECT).
+// block layer model (bios, requests, O_DIRECT); dma-buf export/import and the devmem
+// binding of a dma-buf to an RX queue.
 #include "physr/mem/block.hpp"
+#include "physr/mem/devmem.hpp"
+#include "physr/mem/dmabuf.hpp"
 #include "physr/mem/uspace.hpp"
 
 #include <chrono>
