@@ -261,3 +261,69 @@ const int kRegistered = [] {
 }  // namespace
 
 BENCHMARK_MAIN();
+
+// ---------------------------------------------------------------------------------------
+// dma-buf (physr/mem/dmabuf.hpp): an importer's attach + map of a VFIO-style export of 256
+// ranges of a GPU BAR, then unmap and detach (items = attach + map operations). The NIC
+// shares the GPU's switch, so dma_buf_phys_vec_to_sgt()'s bus-address path. Peer in the
+// same run: DmaDevice::map() + unmap() of the same 256 ranges (what an sg exporter's
+// dma_map_sgtable() costs the importer).
+namespace {
+
+struct DmaBufBench {
+  physr::testing::MemWorld w;
+  std::unique_ptr<physr::DmaDevice> nic;
+  std::shared_ptr<physr::mem::DmaBuf> buf;
+  DmaBufBench() {
+    nic = std::move(physr::DmaDevice::create(w.platform->dma_env(), physr::DmaDeviceConfig{.function = w.nic})).value();
+    std::vector<physr::mem::DmaBufBarRange> r;
+    for (uint64_t i = 0; i < 256; ++i) r.push_back({i * 2 * kPageSize, kPageSize});
+    buf = std::move(physr::mem::DmaBuf::export_bar(*w.platform, w.gpu, 0, r)).value();
+  }
+};
+
+void DmaBufAttachMap(benchmark::State& state) {
+  DmaBufBench b;
+  physr::mem::DmaBufAttachOptions o;
+  o.allow_peer2peer = true;
+  o.move_notify = [](physr::mem::DmaBufAttachment&) {};
+  for (auto _ : state) {
+    auto a = b.buf->attach(*b.nic, o);
+    if (!a) [[unlikely]] {
+      state.SkipWithError(a.error().to_string().c_str());
+      break;
+    }
+    auto m = (*a)->map(physr::DmaDirection::from_device);
+    if (!m || m->segments().size() != 256) [[unlikely]] {
+      state.SkipWithError("map failed");
+      break;
+    }
+    benchmark::DoNotOptimize(m->segments().data());
+    (void)(*a)->unmap(*m);
+    (void)(*a)->detach();
+  }
+  state.SetItemsProcessed(static_cast<int64_t>(state.iterations()));
+}
+
+void DmaMapList(benchmark::State& state) {
+  DmaBufBench b;
+  const physr::RangeList list = b.buf->ranges();
+  physr::DmaMapping m;
+  for (auto _ : state) {
+    if (!b.nic->map_into(m, list, physr::DmaDirection::from_device)) [[unlikely]] {
+      state.SkipWithError("map failed");
+      break;
+    }
+    benchmark::DoNotOptimize(m.segments().data());
+    (void)b.nic->unmap(m);
+  }
+  state.SetItemsProcessed(static_cast<int64_t>(state.iterations()));
+}
+
+const int kDmaBufRegistered = [] {
+  benchmark::RegisterBenchmark("DmaBufAttachMap/256", DmaBufAttachMap);
+  benchmark::RegisterBenchmark("DmaBufAttachMap/256/dma_map_list", DmaMapList);
+  return 0;
+}();
+
+}  // namespace
