@@ -86,9 +86,13 @@ class DevmemBinding {
   /// ENODEV: revoked; EINVAL: not allocated.
   Result<PhysAddr> phys_addr(NetIov niov) const;
 
+  /// The binding stopped: the buffer was revoked or moved to a layout it cannot follow.
   bool revoked() const;
+  /// The chunks, in mapping order (a copy: a move updates their DMA addresses).
   std::vector<DevmemChunk> chunks() const;
+  /// Pool size and free bytes, allocations, releases and remaps so far.
   DevmemStats stats() const;
+  /// The binding's attachment to the buffer (valid while the binding lives).
   const DmaBufAttachment& attachment() const noexcept;
   /// Where the destructor's report of net_iovs still allocated goes; null: stderr.
   void on_report(std::function<void(const std::string&)> fn);
@@ -113,6 +117,7 @@ inline constexpr size_t kMaxDontneedFrags = 1024;
 /// Thread-safe. The binding must outlive it.
 class DevmemSocket {
  public:
+  /// A socket receiving into `binding`, with no frags held.
   explicit DevmemSocket(DevmemBinding& binding);
   /// Gives what the user still holds back to the binding (the socket's destruction).
   ~DevmemSocket();

@@ -153,12 +153,15 @@ class DmaBuf : public std::enable_shared_from_this<DmaBuf> {
   /// importers are notified. EINVAL: not revoked.
   Status unrevoke();
 
+  /// Whether revoke() ran (and unrevoke() did not follow).
   bool revoked() const;
-  /// The buffer's ranges now (a copy).
+  /// The buffer's ranges now (a copy: a move may replace them).
   RangeList ranges() const;
+  /// Bytes in the buffer (fixed for its life).
   uint64_t size() const;
-  /// The P2P provider of a single-provider buffer, or kHostMemory.
+  /// The P2P provider of a single-provider buffer, or kHostMemory (host or mixed).
   ProviderId provider() const;
+  /// Attachments and mappings live now, moves, revokes and mappings invalidated so far.
   DmaBufStats stats() const;
 
   struct Impl;
@@ -191,10 +194,15 @@ class DmaBufAttachment {
   /// EINVAL: already detached.
   Status detach();
 
+  /// False after detach().
   bool attached() const;
+  /// Whether the importer gave a move_notify (Linux dma_buf_attachment_is_dynamic()).
   bool dynamic() const noexcept;
+  /// Linux attach->peer2peer: the importer may be given P2P memory.
   bool peer2peer() const noexcept;
+  /// The importer's DMA device.
   DmaDevice& device() const noexcept;
+  /// The buffer attached to (held alive by the attachment).
   DmaBuf& buffer() const noexcept;
   /// Mappings detach() had to unmap (the importer forgot them).
   uint64_t leaked_mappings() const;
