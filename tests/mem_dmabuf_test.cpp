@@ -6,6 +6,7 @@
 
 #include "physr/mem.hpp"
 #include "support/dmabuf_world.hpp"
+#include "support/mem_world.hpp"
 
 namespace physr::mem {
 namespace {
@@ -156,6 +157,26 @@ TEST(DmaBufTest, EachImporterGetsItsOwnVerdict) {
   EXPECT_EQ(nic_direct->stats().live_mappings, 0u);
   EXPECT_EQ(nic->stats().live_mappings, 0u);
   EXPECT_FALSE(w.domain->translate(s.addr).has_value());
+}
+
+// Linux fill_sg_entry(): no DMA segment longer than MAX_SG_ENT_SZ (UINT_MAX aligned down
+// to a page), the sg entry's 32-bit length.
+TEST(DmaBufTest, SegmentsStopAtTheScatterlistEntryLimit) {
+  testing::MemWorld w(64 * GiB);
+  auto nic = DmaDevice::create(w.platform->dma_env(), DmaDeviceConfig{.function = w.nic}).value();
+  auto b = DmaBuf::export_bar(*w.platform, w.gpu, 0, std::vector<DmaBufBarRange>{{0, 8 * GiB}}).value();
+  DmaBufAttachOptions o;
+  o.allow_peer2peer = true;
+  o.move_notify = [](DmaBufAttachment&) {};
+  auto a = b->attach(*nic, o).value();
+  auto m = a->map(DmaDirection::to_device).value();
+  ASSERT_EQ(m.path(), DmaBufPath::bus_addr);
+  ASSERT_EQ(m.segments().size(), 3u);
+  EXPECT_EQ(m.segments()[0].len, 0xfffff000u);
+  EXPECT_EQ(m.segments()[1].addr.value(), testing::MemWorld::kGpuBar + 0xfffff000u);
+  EXPECT_EQ(m.segments()[1].len, 0xfffff000u);
+  EXPECT_EQ(m.segments()[2].len, 8 * KiB);
+  EXPECT_EQ(kDmaBufMaxSegment, 0xfffff000u);
 }
 
 // A host-memory buffer maps as an sg exporter's dma_map_sgtable(): through DmaDevice::map().
