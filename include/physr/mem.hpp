@@ -33,8 +33,11 @@
 #pragma once
 
 // The layer's other parts: process address spaces, host pages, P2P VMAs and pinning; the
-// block layer model (bios, requests, O_DIRECT).
+// block layer model (bios, requests, O_DIRECT); netmem handles and page pools with memory
+// providers.
 #include "physr/mem/block.hpp"
+#include "physr/mem/netmem.hpp"
+#include "physr/mem/page_pool.hpp"
 #include "physr/mem/uspace.hpp"
 
 #include <chrono>
