@@ -105,14 +105,12 @@ TEST(PagePoolTest, CreateFollowsPagePoolInitRules) {
   EXPECT_EQ(with([](PagePoolParams& p) { p.flags = kPPFlagDmaMap; p.dev = nullptr; }).error().code, EINVAL);
 
   // The ring: 1024 by default, pool_size up to 16384 (min(pool_size, 16384)).
-  for (const auto& [asked, got] : {std::pair{0u, 1024u}, {5000u, 5000u}, {16384u, 16384u}, {40000u, 16384u}}) {
-    PagePool* pool = make([&] {
-      PagePoolParams p = host_params(pw);
-      p.pool_size = asked;
-      return p;
-    }());
+  for (const auto& size : {std::pair{0u, 1024u}, {5000u, 5000u}, {16384u, 16384u}, {40000u, 16384u}}) {
+    PagePoolParams p = host_params(pw);
+    p.pool_size = size.first;
+    PagePool* pool = make(p);
     ASSERT_NE(pool, nullptr);
-    EXPECT_EQ(pool->ring_size(), got) << asked;
+    EXPECT_EQ(pool->ring_size(), size.second) << size.first;
     destroy_now(pool);
   }
   PagePool* sync = make([&] {
