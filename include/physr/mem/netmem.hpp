@@ -103,7 +103,9 @@ class NetIovArea {
   NetIovArea(const NetIovArea&) = delete;
   NetIovArea& operator=(const NetIovArea&) = delete;
 
+  /// The area's id in the handles (1 .. 65535).
   uint32_t id() const noexcept { return id_; }
+  /// Its configuration: buffers, where buffer 0 is, whose memory, handle kind, name.
   uint64_t count() const noexcept { return count_; }
   PhysAddr base() const noexcept { return base_; }
   ProviderId provider() const noexcept { return provider_; }

@@ -67,6 +67,7 @@ class HostPages {
   void put_page(Netmem n) noexcept;
   /// 4 KiB pages currently allocated.
   uint64_t allocated_pages() const;
+  /// The area holding every page's metadata.
   NetIovArea& area() noexcept { return *area_; }
 
  private:
@@ -118,9 +119,13 @@ class AreaMemoryProvider : public MemoryProvider {
   /// EBUSY: bound to another pool; E2BIG: the pool's order is not 0 (mp_dmabuf_devmem_init());
   /// errors of DmaDevice::map_phys (EREMOTEIO: the pool's device cannot reach the memory).
   Status init(PagePool& pool) override;
+  /// Unmaps the area; once revoked and every buffer is back, all_back() runs.
   void destroy(PagePool& pool) override;
+  /// A buffer from the free list, or none when revoked or all are out.
   Netmem alloc_netmems(PagePool& pool) override;
+  /// Back on the free list (false); a buffer with pp references left is reported, not taken.
   bool release_netmem(PagePool& pool, Netmem n) override;
+  /// The one area; its name.
   std::vector<NetIovArea*> areas() const override { return {area_.get()}; }
   std::string name() const override { return area_->name(); }
   /// The memory is going away: no more buffers are handed out, buffers in flight are
@@ -316,6 +321,7 @@ class PagePool {
   PagePoolStats stats() const noexcept;
   /// The pool's id (pool->user.id), for reports.
   uint32_t id() const noexcept { return id_; }
+  /// The parameters it was created with.
   const PagePoolParams& params() const noexcept;
   /// Buffers in the alloc cache now (owning thread).
   uint32_t cache_count() const noexcept { return count_; }
