@@ -215,7 +215,7 @@ bool PagePool::Impl::dma_map_netmem(Netmem n) noexcept {
     mapped.push_back(n);
     m.dma_index = static_cast<uint32_t>(mapped.size());
   }
-  if (self->dma_sync_.load(std::memory_order_relaxed)) self->sync_for_device(n, m, p.max_len);
+  if (self->dma_sync()) self->sync_for_device(n, m, p.max_len);
   return true;
 }
 
@@ -253,7 +253,7 @@ void PagePool::Impl::return_netmem(Netmem n) noexcept {
   if (put) m.pp.store(nullptr, std::memory_order_relaxed);  // page_pool_clear_pp_info()
   m.state.store(NetmemMeta::kFree, std::memory_order_relaxed);
   HostPages* pages = p.pages;
-  if (self->detached_.load(std::memory_order_acquire)) {
+  if (self->detached()) {
     // The retry thread waits on this; it frees the pool only after taking the mutex.
     std::lock_guard g(destroy_mu);
     release_cnt.fetch_add(1, std::memory_order_acq_rel);
@@ -324,7 +324,7 @@ Netmem PagePool::Impl::alloc_netmems_slow() noexcept {
       continue;
     }
     set_pp_info(n);
-    if (s.debug_) meta(n).state.store(NetmemMeta::kInPool, std::memory_order_relaxed);
+    if (s.debug()) meta(n).state.store(NetmemMeta::kInPool, std::memory_order_relaxed);
     s.cache_[s.count_++] = n;
     hold_cnt.store(hold_cnt.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
   }
@@ -336,7 +336,7 @@ Netmem PagePool::Impl::alloc_netmems_slow() noexcept {
 // A provider's area died (revoke): drop its buffers from the cache and the ring.
 void PagePool::Impl::flush_dead() noexcept {
   PagePool& s = *self;
-  s.flush_.store(false, std::memory_order_relaxed);
+  s.slow_.fetch_and(static_cast<uint8_t>(~kSlowFlush), std::memory_order_acq_rel);
   uint32_t kept = 0;
   for (uint32_t i = 0; i < s.count_; ++i) {
     const Netmem n = s.cache_[i];
@@ -388,7 +388,7 @@ Netmem PagePool::Impl::drain_frag(Netmem n) noexcept {
   NetmemMeta& m = meta(n);
   if (unref_netmem(m, drain_count) != 0) return {};
   if (n.is_net_iov() || m.page_refs.load(std::memory_order_relaxed) == 1) {
-    if (self->dma_sync_.load(std::memory_order_relaxed)) self->sync_for_device(n, m, kFullSync);
+    if (self->dma_sync()) self->sync_for_device(n, m, kFullSync);
     return n;
   }
   return_netmem(n);
@@ -416,7 +416,7 @@ void PagePool::Impl::scrub() noexcept {
     std::vector<Netmem> unmap;
     {
       std::lock_guard g(dma_mu);
-      s.dma_sync_.store(false, std::memory_order_relaxed);
+      s.set_dma_sync(false);
       unmap.swap(mapped);
       for (const Netmem n : unmap) meta(n).dma_index = 0;
     }
@@ -491,7 +491,7 @@ void PagePool::Impl::retry_loop() noexcept {
       std::string msg = "page_pool_release_retry() stalled pool shutdown: id " + std::to_string(self->id_) + ", " +
                         std::to_string(inflight) + " inflight " + std::to_string(sec) + " sec";
       if (!p.name.empty()) msg += " (" + p.name + ")";
-      if (self->debug_) msg += "; still out: " + still_out();
+      if (self->debug()) msg += "; still out: " + still_out();
       emit(p.report, msg);
       warn_at = now + p.defer_warn;
     }
@@ -540,8 +540,8 @@ Result<PagePool*> PagePool::create(PagePoolParams params) {
   m.self = pool;
   m.dma_map = dma_map;
   m.page_bytes = kPageSize << (m.p.order <= kMaxPageOrder ? m.p.order : 0);
-  pool->debug_ = m.p.debug;
-  pool->dma_sync_.store(dma_sync, std::memory_order_relaxed);
+  pool->slow_.store(static_cast<uint8_t>((m.p.debug ? kSlowDebug : 0) | (dma_sync ? kSlowSync : 0)),
+                    std::memory_order_relaxed);
   pool->id_ = g_pool_ids.fetch_add(1, std::memory_order_relaxed) + 1;
   if (m.p.napi) pool->owner_.store(pthread_self(), std::memory_order_relaxed);
   if (m.p.mp) {
@@ -561,7 +561,7 @@ void PagePool::destroy() {
   Impl& m = *impl_;
   disable_direct_recycling();
   m.free_frag();
-  detached_.store(true, std::memory_order_release);
+  slow_.fetch_or(kSlowDetached, std::memory_order_acq_rel);
   if (m.release() == 0) return;  // freed
   // page_pool_destroy(): the release is retried from delayed work (here a thread of its own).
   std::thread([&m] { m.retry_loop(); }).detach();
@@ -569,7 +569,7 @@ void PagePool::destroy() {
 
 Netmem PagePool::alloc_slow() noexcept {
   Impl& m = *impl_;
-  if (flush_.load(std::memory_order_acquire)) m.flush_dead();
+  if (slow_.load(std::memory_order_acquire) & kSlowFlush) m.flush_dead();
   Netmem n;
   if (count_ != 0) {
     n = cache_[--count_];
@@ -578,7 +578,7 @@ Netmem PagePool::alloc_slow() noexcept {
     n = m.refill_alloc_cache();
     if (!n) n = m.p.mp ? m.p.mp->alloc_netmems(*this) : m.alloc_netmems_slow();
   }
-  if (n && debug_) netmem_meta(n).state.store(NetmemMeta::kOut, std::memory_order_relaxed);
+  if (n && debug()) netmem_meta(n).state.store(NetmemMeta::kOut, std::memory_order_relaxed);
   return n;
 }
 
@@ -674,7 +674,7 @@ void PagePool::put_slow(Netmem n, NetmemMeta& m, NetIovArea& a) noexcept {
 // page_pool_recycle_in_ring(), then the ring_full release of page_pool_put_unrefed_netmem().
 void PagePool::recycle_in_ring_or_release(Netmem n, NetmemMeta& m) noexcept {
   Impl& im = *impl_;
-  if (debug_) m.state.store(NetmemMeta::kInPool, std::memory_order_relaxed);
+  if (debug()) m.state.store(NetmemMeta::kInPool, std::memory_order_relaxed);
   {
     std::lock_guard g(im.ring.producer_lock());
     if (im.ring.produce_locked(n.raw())) {
@@ -691,7 +691,7 @@ void PagePool::recycle_in_ring_or_release(Netmem n, NetmemMeta& m) noexcept {
 void PagePool::sync_for_device(Netmem n, NetmemMeta& m, uint32_t dma_sync_size) noexcept {
   Impl& im = *impl_;
   std::lock_guard g(im.dma_mu);
-  if (!dma_sync_.load(std::memory_order_relaxed)) return;
+  if (!dma_sync()) return;
   const uint32_t len = std::min(dma_sync_size, im.p.max_len);
   (void)n;
   (void)im.p.dev->sync_phys_for_device(

@@ -266,10 +266,11 @@ class PagePool {
   /// Linux page_pool_alloc_netmems(): the cache, else a refill from the ring, else the page
   /// allocator or the provider. Empty Netmem: no memory (the kernel's NULL).
   Netmem alloc_netmems() noexcept {
-    if (count_ != 0 && !flush_.load(std::memory_order_relaxed)) [[likely]] {
+    const uint8_t slow = slow_.load(std::memory_order_relaxed);
+    if (count_ != 0 && !(slow & kSlowFlush)) [[likely]] {
       const Netmem n = cache_[--count_];  // __page_pool_get_cached()
       bump(alloc_.fast);
-      if (debug_) netmem_meta(n).state.store(NetmemMeta::kOut, std::memory_order_relaxed);
+      if (slow & kSlowDebug) netmem_meta(n).state.store(NetmemMeta::kOut, std::memory_order_relaxed);
       return n;
     }
     return alloc_slow();
@@ -290,12 +291,13 @@ class PagePool {
   /// buffer of another pool, a double recycle or a pp_ref_count underflow.
   Status put_netmem(Netmem n, uint32_t dma_sync_size, bool allow_direct) noexcept {
     NetIovArea* a = netmem_area(n);
-    if (debug_) [[unlikely]] {
+    const uint8_t slow = slow_.load(std::memory_order_relaxed);
+    if (slow & kSlowDebug) [[unlikely]] {
       PHYSR_RETURN_IF_ERROR(check_put(n, a));
     }
     NetmemMeta& m = a->meta(n.index());
     if (!unref_and_test(m)) return {};
-    put_unrefed(n, m, *a, dma_sync_size, allow_direct);
+    put_unrefed(n, m, *a, dma_sync_size, allow_direct, slow);
     return {};
   }
   /// Linux page_pool_put_full_netmem(): put_netmem() syncing up to max_len.
@@ -331,7 +333,7 @@ class PagePool {
   uint32_t ring_size() const noexcept;
   /// Whether the pool syncs buffers for the device on recycle (DMA_SYNC_DEV, unless the
   /// provider turned it off).
-  bool dma_sync() const noexcept { return dma_sync_.load(std::memory_order_relaxed); }
+  bool dma_sync() const noexcept { return (slow_.load(std::memory_order_relaxed) & kSlowSync) != 0; }
 
   /// Linux page_pool_enable_direct_recycling(): the calling thread becomes the owner.
   void enable_direct_recycling() noexcept { owner_.store(pthread_self(), std::memory_order_relaxed); }
@@ -345,11 +347,17 @@ class PagePool {
   /// net_mp_niov_clear_page_pool(): clears the pp info (in release_netmem()).
   static void mp_niov_clear_page_pool(Netmem n) noexcept;
   /// The provider's init() may turn DMA sync for device and for CPU off (as devmem does).
-  void set_dma_sync(bool on) noexcept { dma_sync_.store(on, std::memory_order_relaxed); }
+  void set_dma_sync(bool on) noexcept {
+    if (on) {
+      slow_.fetch_or(kSlowSync, std::memory_order_relaxed);
+    } else {
+      slow_.fetch_and(static_cast<uint8_t>(~kSlowSync), std::memory_order_relaxed);
+    }
+  }
   void set_dma_sync_for_cpu(bool on) noexcept { dma_sync_for_cpu_ = on; }
   /// A provider's memory is being taken away: the next allocation drops the pool's cached
   /// buffers of dead areas first. Any thread.
-  void request_flush() noexcept { flush_.store(true, std::memory_order_release); }
+  void request_flush() noexcept { slow_.fetch_or(kSlowFlush, std::memory_order_release); }
 
   struct Impl;
 
@@ -376,17 +384,18 @@ class PagePool {
     return o != 0 && pthread_equal(o, pthread_self());
   }
   // page_pool_put_unrefed_netmem() with __page_pool_put_page() inlined.
-  void put_unrefed(Netmem n, NetmemMeta& m, NetIovArea& a, uint32_t dma_sync_size, bool allow_direct) noexcept {
+  void put_unrefed(Netmem n, NetmemMeta& m, NetIovArea& a, uint32_t dma_sync_size, bool allow_direct,
+                   uint8_t slow) noexcept {
     if (!allow_direct) allow_direct = napi_local();
-    // __page_pool_page_can_be_recycled(): a net_iov, or a page with one reference (physr
-    // models no pfmemalloc pages).
-    if ((n.is_net_iov() || m.page_refs.load(std::memory_order_relaxed) == 1) && !a.dead() &&
-        !detached_.load(std::memory_order_relaxed)) [[likely]] {
-      if (dma_sync_.load(std::memory_order_relaxed)) sync_for_device(n, m, dma_sync_size);
+    // __page_pool_page_can_be_recycled(): a net_iov (whose area is alive: physr), or a page
+    // with one reference (physr models no pfmemalloc pages); not after destroy (physr).
+    if (!(slow & kSlowDetached) &&
+        (n.is_net_iov() ? !a.dead() : m.page_refs.load(std::memory_order_relaxed) == 1)) [[likely]] {
+      if (slow & kSlowSync) sync_for_device(n, m, dma_sync_size);
       // page_pool_recycle_in_cache()
       if (allow_direct) {
         if (count_ != kAllocCacheSize) [[likely]] {
-          if (debug_) m.state.store(NetmemMeta::kInPool, std::memory_order_relaxed);
+          if (slow & kSlowDebug) m.state.store(NetmemMeta::kInPool, std::memory_order_relaxed);
           cache_[count_++] = n;
           bump(recycle_.cached);
           return;
@@ -407,10 +416,13 @@ class PagePool {
 
   // The owning context's (the kernel's pool->alloc and frag fields).
   uint32_t count_ = 0;
-  bool debug_ = true;
   bool dma_sync_for_cpu_ = true;
-  std::atomic<bool> dma_sync_{false};
-  std::atomic<bool> flush_{false}, detached_{false};
+  // What sends a put or an allocation off the fast path, in one byte read once per call:
+  // debug checks, DMA sync for device, a destroyed pool, a provider's dead area to flush.
+  enum : uint8_t { kSlowDebug = 1, kSlowSync = 2, kSlowDetached = 4, kSlowFlush = 8 };
+  std::atomic<uint8_t> slow_{0};
+  bool debug() const noexcept { return (slow_.load(std::memory_order_relaxed) & kSlowDebug) != 0; }
+  bool detached() const noexcept { return (slow_.load(std::memory_order_acquire) & kSlowDetached) != 0; }
   std::atomic<pthread_t> owner_{0};
   uint32_t id_ = 0;
   struct AllocCounters {
