@@ -263,6 +263,157 @@ const int kRegistered = [] {
 BENCHMARK_MAIN();
 
 // ---------------------------------------------------------------------------------------
+// Page pools (physr/mem/page_pool.hpp) and netmem metadata lookups (physr/mem/netmem.hpp).
+// Items are operations: one alloc + recycle pair, or one metadata lookup.
+//   PagePoolAllocRecycle/fast/physr    alloc from the cache, recycle_direct() into it (the
+//                                      kernel's bench_page_pool_simple "fast" loop)
+//   PagePoolAllocRecycle/ring/physr    alloc, then put from outside the owning context:
+//                                      through the ptr_ring, refilled 64 at a time
+//   PagePoolAllocRecycle/mutex_vector  the peer: a mutex and a std::vector of free buffers
+//   NetmemLookup/physr                 a handle's metadata (the table, then the flat array)
+//   NetmemLookup/absl_btree            the peer: an absl::btree_map from page index to
+//                                      metadata (the xarray stand-in)
+// Pools run without debug checks (as the P2P pool benchmarks run without tracking).
+#include <absl/container/btree_map.h>
+
+#include <cstdlib>
+#include <random>
+
+namespace {
+
+using physr::mem::HostPages;
+using physr::mem::Netmem;
+using physr::mem::NetmemMeta;
+using physr::mem::NetIovArea;
+using physr::mem::PagePool;
+using physr::mem::PagePoolParams;
+
+struct PoolBench {
+  std::unique_ptr<HostPages> pages =
+      HostPages::create(physr::PhysSpan{physr::PhysAddr(0x1'0000'0000), 64 * MiB}).value();
+  PagePool* pool = nullptr;
+  PoolBench() {
+    PagePoolParams p;
+    p.pages = pages.get();
+    p.debug = false;
+    pool = PagePool::create(std::move(p)).value();
+  }
+  ~PoolBench() { pool->destroy(); }
+};
+
+void PagePoolFast(benchmark::State& state) {
+  PoolBench b;
+  PagePool& pool = *b.pool;
+  for (auto _ : state) {
+    const Netmem n = pool.alloc_netmems();
+    benchmark::DoNotOptimize(n);
+    if (!pool.recycle_direct(n)) [[unlikely]] std::abort();
+  }
+  state.SetItemsProcessed(static_cast<int64_t>(state.iterations()));
+}
+
+void PagePoolRing(benchmark::State& state) {
+  PoolBench b;
+  PagePool& pool = *b.pool;
+  for (auto _ : state) {
+    const Netmem n = pool.alloc_netmems();
+    benchmark::DoNotOptimize(n);
+    if (!pool.put_full_netmem(n, false)) [[unlikely]] std::abort();
+  }
+  state.SetItemsProcessed(static_cast<int64_t>(state.iterations()));
+}
+
+// The peer: a mutex and a vector, preloaded with the same number of buffers.
+class MutexVectorPool {
+ public:
+  MutexVectorPool() {
+    for (uint64_t i = 0; i < 1024; ++i) free_.push_back(0x1'0000'0000 + i * kPageSize);
+  }
+  uint64_t alloc() {
+    std::lock_guard g(mu_);
+    if (free_.empty()) return 0;
+    const uint64_t v = free_.back();
+    free_.pop_back();
+    return v;
+  }
+  void recycle(uint64_t v) {
+    std::lock_guard g(mu_);
+    free_.push_back(v);
+  }
+
+ private:
+  std::mutex mu_;
+  std::vector<uint64_t> free_;
+};
+
+void PagePoolMutexVector(benchmark::State& state) {
+  MutexVectorPool pool;
+  for (auto _ : state) {
+    const uint64_t v = pool.alloc();
+    benchmark::DoNotOptimize(v);
+    pool.recycle(v);
+  }
+  state.SetItemsProcessed(static_cast<int64_t>(state.iterations()));
+}
+
+// 65536 buffers (256 MiB of a BAR); lookups in a fixed random order of 4096.
+constexpr uint64_t kLookupBuffers = 65536, kLookupOrder = 4096;
+
+std::vector<uint64_t> lookup_order() {
+  std::mt19937_64 rng(42);
+  std::vector<uint64_t> v(kLookupOrder);
+  for (auto& x : v) x = rng() % kLookupBuffers;
+  return v;
+}
+
+void NetmemLookupPhysr(benchmark::State& state) {
+  auto area = NetIovArea::create({.count = kLookupBuffers, .base = physr::PhysAddr(0x40'0000'0000), .provider = 1,
+                                  .net_iov = true, .name = "bench"})
+                  .value();
+  std::vector<Netmem> handles;
+  for (uint64_t i : lookup_order()) handles.push_back(area->netmem(i));
+  size_t i = 0;
+  for (auto _ : state) {
+    NetmemMeta& m = physr::mem::netmem_meta(handles[i]);
+    benchmark::DoNotOptimize(m.dma_addr);
+    i = (i + 1) & (kLookupOrder - 1);
+  }
+  state.SetItemsProcessed(static_cast<int64_t>(state.iterations()));
+}
+
+void NetmemLookupBtree(benchmark::State& state) {
+  std::vector<NetmemMeta> metas(kLookupBuffers);
+  absl::btree_map<uint64_t, NetmemMeta*> index;
+  for (uint64_t i = 0; i < kLookupBuffers; ++i) index.emplace((0x40'0000'0000 >> 12) + i, &metas[i]);
+  std::vector<uint64_t> keys;
+  for (uint64_t i : lookup_order()) keys.push_back((0x40'0000'0000 >> 12) + i);
+  size_t i = 0;
+  for (auto _ : state) {
+    NetmemMeta* m = index.find(keys[i])->second;
+    benchmark::DoNotOptimize(m->dma_addr);
+    i = (i + 1) & (kLookupOrder - 1);
+  }
+  state.SetItemsProcessed(static_cast<int64_t>(state.iterations()));
+}
+
+// PHYSR_BENCH_ITERATIONS=n runs each of these exactly once, n iterations: with callgrind
+// (--toggle-collect='*PagePoolFast*' etc.), two values of n give instructions per operation.
+void page_pool_iterations(benchmark::internal::Benchmark* b) {
+  if (const char* n = std::getenv("PHYSR_BENCH_ITERATIONS")) b->Iterations(std::atoll(n));
+}
+
+const int kPagePoolRegistered = [] {
+  benchmark::RegisterBenchmark("PagePoolAllocRecycle/fast/physr", PagePoolFast)->Apply(page_pool_iterations);
+  benchmark::RegisterBenchmark("PagePoolAllocRecycle/ring/physr", PagePoolRing)->Apply(page_pool_iterations);
+  benchmark::RegisterBenchmark("PagePoolAllocRecycle/mutex_vector", PagePoolMutexVector)->Apply(page_pool_iterations);
+  benchmark::RegisterBenchmark("NetmemLookup/physr", NetmemLookupPhysr)->Apply(page_pool_iterations);
+  benchmark::RegisterBenchmark("NetmemLookup/absl_btree", NetmemLookupBtree)->Apply(page_pool_iterations);
+  return 0;
+}();
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------
 // dma-buf (physr/mem/dmabuf.hpp): an importer's attach + map of a VFIO-style export of 256
 // ranges of a GPU BAR, then unmap and detach (items = attach + map operations). The NIC
 // shares the GPU's switch, so dma_buf_phys_vec_to_sgt()'s bus-address path. Peer in the
