@@ -13,10 +13,11 @@
 
 namespace physr::sim::detail {
 
-/// The runners of each job kind (nvme.cpp, copy.cpp, net.cpp), as run_job() describes them.
+/// The runners of each job kind (nvme.cpp, copy.cpp, net.cpp, odirect.cpp), as run_job() describes them.
 Result<JobResult> run_nvme_job(Machine& m, const Job& job, const NvmeJob& kind);
 Result<JobResult> run_copy_job(Machine& m, const Job& job, const CopyJob& kind);
 Result<JobResult> run_net_job(Machine& m, const Job& job, const NetJob& kind);
+Result<JobResult> run_direct_io_job(Machine& m, const Job& job, const DirectIoJob& kind);
 
 /// Fills `out` with the data at position `pos` of data stream `stream` (an NVMe namespace,
 /// a packet sequence; one per job): each 64-bit word is its own position plus a hash of its
@@ -108,7 +109,9 @@ class Stages {
   Stages(Simulator& sim, uint64_t items, uint64_t bytes, double slot_ns)
       : sim_(sim), bytes_(bytes), slot_ns_(slot_ns), items_(items) {}
   /// Starts item i now: `routes` in order, `served` the index of the one served in order.
-  void start(uint64_t i, std::vector<Route> routes, size_t served);
+  /// Each route carries the item's bytes, or bytes[k] over route k when `bytes` is given
+  /// (an item whose data goes several ways one after another).
+  void start(uint64_t i, std::vector<Route> routes, size_t served, std::vector<uint64_t> bytes = {});
   /// Moves the flows in `finished` (from Simulator::step or idle_until) on to their next
   /// stage; appends the latency of each item whose last stage ended to `lat` and returns
   /// how many did.
@@ -120,6 +123,7 @@ class Stages {
     double submit = 0;
     std::vector<Route> routes;
     size_t served = 0;
+    std::vector<uint64_t> bytes;  // per route; empty: bytes_ each
   };
   Simulator& sim_;
   uint64_t bytes_;
