@@ -8,7 +8,8 @@
 //
 // Timing: each block is two transfers one after the other, the read (first SSD -> buffer,
 // after its read latency, its media serving blocks in order) and the write (buffer ->
-// second SSD, after its write latency), each over the route its DMA addresses decoded to.
+// second SSD, after its write latency, through its media's write bandwidth), each over the
+// route its DMA addresses decoded to.
 // A block whose buffer mixes host and P2P memory is several requests each way; each request
 // is a transfer of its own bytes over its own route, one after the other.
 #include <algorithm>
@@ -99,6 +100,9 @@ Result<JobResult> run_direct_io_job(Machine& m, const Job& job, const DirectIoJo
   const MachineOptions& mo = m.options();
   RouteCache read_routes(fab, k.ssd, true), write_routes(fab, k.target, false);
   const Route copy = bar ? *fab.to_memory(bar->function, -1, true) : Route{};
+  // The target's media takes the written blocks at its write bandwidth, shared by the
+  // blocks in flight (the read side's media serves blocks in order, in Stages).
+  const uint32_t write_media = fab.add_resource(Resource::Kind::device, m.label(k.target) + " media (writes)", mo.nvme_write_gbps);
   Simulator sim(fab);
   Stages stages(sim, ios, bs, static_cast<double>(bs) / mo.nvme_read_gbps);
   std::vector<double> lat;
@@ -173,6 +177,7 @@ Result<JobResult> run_direct_io_job(Machine& m, const Job& job, const DirectIoJo
         PHYSR_ASSIGN_OR_RETURN_CTX(const Route* via_route, cache->get(p.acc), where);
         Route own = *via_route;
         if (first) own.latency_ns += read ? mo.nvme_read_latency_ns : mo.nvme_write_latency_ns;  // one command latency per block
+        if (!read) own.resources.push_back(write_media);
         first = false;
         if (p.acc.peer_switch || p.acc.peer_rc) {
           if (!p2p_taken) p2p_taken = via_route;  // the read's: where the SSD's data went
