@@ -1145,5 +1145,51 @@ size = "1M"
   }
 }
 
+// Jobs take BAR buffers from the BAR's P2P memory pool (pci_alloc_p2pmem) and give them
+// back at the end: memory another user holds is never a job's buffer (the job fails with
+// the pool's ENOMEM instead of writing over it), and after each job the pool's accounting
+// is back to zero.
+TEST(SimJobTest, BarBuffersComeFromThePoolAndGoBack) {
+  const auto t = machine("two-socket-switch");
+  auto m = build(t);
+  const uint32_t nvme0 = *t.lookup("nvme0"), nvme1 = *t.lookup("nvme1"), gpu0 = *t.lookup("gpu0");
+  Job j;
+  j.name = "into-cmb";
+  j.block_size = 128 * KiB;
+  j.queue_depth = 32;
+  j.size = 8 * MiB;
+  j.kind = NvmeJob{nvme0, false, nvme1, PathPolicy::p2p};
+  ASSERT_TRUE(run_job(*m, j).has_value());
+  const mem::PoolStats after = m->p2pmem().stats(nvme1);
+  EXPECT_EQ(after.size, 64 * MiB);  // the CMB became the pool's resource
+  EXPECT_EQ(after.allocated, 0u);
+  EXPECT_EQ(after.chunks, 0u);
+  EXPECT_EQ(after.deferred, 0u);
+  // Someone holds all but 2 MiB of the CMB: the job's 4 MiB of buffers do not fit.
+  auto held = m->p2pmem().alloc(nvme1, 62 * MiB);
+  ASSERT_TRUE(held.has_value()) << held.error().to_string();
+  auto r = run_job(*m, j);
+  ASSERT_FALSE(r.has_value());
+  EXPECT_EQ(r.error().code, ENOMEM) << r.error().to_string();
+  EXPECT_NE(r.error().message.find("job 'into-cmb': buffers in nvme1 BAR2 (CMB)"), std::string::npos) << r.error().message;
+  ASSERT_TRUE(m->p2pmem().free(*held));
+  // Network jobs too: RX buffers in the GPU's BAR, from its pool.
+  Job n;
+  n.name = "rx-gpu";
+  n.block_size = 4 * KiB;
+  n.queue_depth = 64;
+  n.size = 1 * MiB;
+  NetJob nj;
+  nj.sender = *t.lookup("nic0");
+  nj.receiver = *t.lookup("nic1");
+  nj.rx_buffer_function = gpu0;
+  n.kind = nj;
+  auto nr = run_job(*m, n);
+  ASSERT_TRUE(nr.has_value()) << nr.error().to_string();
+  EXPECT_EQ(nr->verified_bytes, n.size);
+  EXPECT_EQ(m->p2pmem().stats(gpu0).allocated, 0u);
+  EXPECT_EQ(m->p2pmem().stats(gpu0).size, 64 * GiB);
+}
+
 }  // namespace
 }  // namespace physr::sim

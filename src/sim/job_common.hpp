@@ -7,6 +7,7 @@
 #include <span>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "physr/sim.hpp"
@@ -50,6 +51,38 @@ Status verify_pattern(const Machine& m, PhysAddr at, uint64_t stream, uint64_t p
   });
   return st;
 }
+
+/// A job's buffers in a device's BAR: `bytes` (rounded up to 4 KiB) taken from the BAR
+/// owner's P2P memory pool through its allocate file (Machine::allocate_file, Linux
+/// pci_alloc_p2pmem()), given back when the job ends (pci_free_p2pmem(): back in the pool
+/// after a grace period, which the job waits for, so the next job finds the pool whole and
+/// its buffers at the same addresses). Move-only.
+class PoolBuffer {
+ public:
+  /// ENOMEM naming `where` and the BAR when the pool has no room; allocate_file()'s errors.
+  static Result<PoolBuffer> take(Machine& m, const Aperture& bar, uint64_t bytes, const std::string& where) {
+    PHYSR_ASSIGN_OR_RETURN_CTX(mem::P2PMemorySource* file, m.allocate_file(bar.function), where);
+    PHYSR_ASSIGN_OR_RETURN_CTX(const mem::P2PChunk c, file->alloc(bytes), where + ": buffers in " + bar.name);
+    return PoolBuffer(m, *file, c);
+  }
+  PoolBuffer(PoolBuffer&& o) noexcept : m_(o.m_), file_(std::exchange(o.file_, nullptr)), chunk_(o.chunk_) {}
+  PoolBuffer(const PoolBuffer&) = delete;
+  PoolBuffer& operator=(const PoolBuffer&) = delete;
+  PoolBuffer& operator=(PoolBuffer&&) = delete;
+  ~PoolBuffer() {
+    if (!file_) return;
+    const Status st = file_->release(chunk_.span);
+    PHYSR_ASSERT(st.has_value(), "a job's pool buffer goes back to the file it came from");
+    m_->p2pmem().barrier();
+  }
+  PhysAddr base() const noexcept { return chunk_.span.base; }
+
+ private:
+  PoolBuffer(Machine& m, mem::P2PMemorySource& file, const mem::P2PChunk& c) : m_(&m), file_(&file), chunk_(c) {}
+  Machine* m_;
+  mem::P2PMemorySource* file_;
+  mem::P2PChunk chunk_;
+};
 
 /// Whether the DMA layer bounced any segment of a mapping.
 inline bool any_bounced(std::span<const DmaSegment> segs) noexcept {
