@@ -61,6 +61,12 @@ Result<JobResult> run_direct_io_job(Machine& m, const Job& job, const DirectIoJo
                                     (bar->function == k.ssd ? "RDS" : "WDS") + " is clear)");
   }
 
+  // A p2p policy fails up front where the fabric refuses either SSD's access to the BAR,
+  // with the fabric's reason (as the block jobs do); otherwise the DMA layer decides.
+  if (bar && k.path == PathPolicy::p2p)
+    for (const auto& [dev, writes] : {std::pair{k.ssd, true}, std::pair{k.target, false}})
+      if (auto r = m.fabric().to_peer(dev, bar->function, writes); !r) return make_error(EREMOTEIO, where + ": " + r.error().message);
+
   // The process: host memory for its anonymous pages (the window block jobs use for host
   // buffers), an address space, and per queue slot a buffer at a fixed address: host_bytes
   // of anonymous memory, then the rest from the provider's allocate file.
