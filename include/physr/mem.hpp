@@ -171,9 +171,15 @@ class P2PMemorySource final : public P2PChunkSource {
   bool has_p2pdma() const override;
   /// The provider of the function's first live resource (kInvalidProvider when none).
   ProviderId provider() const override;
+  /// pci_alloc_p2pmem(function, size) with this file's owner: ENOMEM when no resource has
+  /// room, ENODEV when every resource is being removed (or none is left).
   Result<P2PChunk> alloc(uint64_t size) override;
+  /// pci_free_p2pmem() of a chunk alloc() handed out, whole (back in the pool after a grace
+  /// period). EINVAL for any other span; the pool's free() errors otherwise.
   Status release(PhysSpan span) override;
+  /// The device's name given at construction, for messages.
   std::string name() const override { return name_; }
+  /// The function whose pool this is.
   uint32_t function() const noexcept { return function_; }
   /// Chunks handed out and not yet released.
   size_t live_chunks() const noexcept { return live_.size(); }
