@@ -453,5 +453,53 @@ TEST(MemPoolTest, ChunksOfAnExitedThreadComeBack) {
   EXPECT_EQ(m->stats(w.nvme).chunks, 0u);
 }
 
+// drivers/pci/p2pdma.c p2pmem_alloc_mmap(): an address space maps chunks of the real pool
+// through the function's allocate file (P2PMemorySource); pins carry the pool's provider;
+// munmap with a pin left keeps the chunk, the last unpin frees it (p2pdma_folio_free ->
+// pci_free_p2pmem) and after a grace period the pool's accounting is back to zero.
+TEST(MemPoolTest, AddressSpacesMapThePoolThroughItsAllocateFile) {
+  MemWorld w;
+  auto m = make(w);
+  P2PMemorySource file(*m, w.nvme, "nvme");
+  auto host = HostMemory::create(PhysSpan{PhysAddr(1 * GiB), 64 * MiB}).value();
+  AddressSpace as(*host);
+  const MmapOptions opt{.len = 1 * MiB, .shared = true};
+  // No resource yet: pdev->p2pdma is NULL, ENODEV.
+  auto none = as.mmap_p2p(file, opt);
+  ASSERT_FALSE(none);
+  EXPECT_EQ(none.error().code, ENODEV) << none.error().to_string();
+  const ProviderId id = m->add_resource(w.nvme, 2, 0, 0).value();
+  EXPECT_EQ(file.provider(), id);
+  const uint64_t a = as.mmap_p2p(file, opt).value();
+  EXPECT_EQ(as.find_vma(a)->provider, id);
+  EXPECT_EQ(m->stats(w.nvme).allocated, 1 * MiB);
+  EXPECT_EQ(file.live_chunks(), 1u);
+  auto pin = as.pin(a + 64 * KiB, 128 * KiB, FollFlags(Foll::write) | Foll::pci_p2pdma).value();
+  for (const PhysRange& r : pin.ranges()) EXPECT_EQ(as.provider_at(r.addr), id);
+  ASSERT_TRUE(as.munmap(a, 1 * MiB));
+  EXPECT_EQ(m->stats(w.nvme).allocated, 1 * MiB);  // the pin holds the chunk
+  ASSERT_TRUE(as.unpin(std::move(pin)));
+  EXPECT_EQ(file.live_chunks(), 0u);
+  m->barrier();
+  const PoolStats s = m->stats(w.nvme);
+  EXPECT_EQ(s.allocated, 0u);
+  EXPECT_EQ(s.deferred, 0u);
+  EXPECT_EQ(s.chunks, 0u);
+  // gen_pool_alloc_owner() failing: ENOMEM, nothing mapped, nothing taken.
+  auto big = as.mmap_p2p(file, MmapOptions{.len = 2 * MemWorld::kNvmeSize, .shared = true});
+  ASSERT_FALSE(big);
+  EXPECT_EQ(big.error().code, ENOMEM) << big.error().to_string();
+  EXPECT_EQ(as.stats().vmas, 0u);
+  // Only chunks the file handed out go back through it.
+  auto foreign = file.release(PhysSpan{PhysAddr(MemWorld::kNvmeBar), kPageSize});
+  ASSERT_FALSE(foreign);
+  EXPECT_EQ(foreign.error().code, EINVAL);
+  // Provider removal: the pool is gone, mmap is ENODEV.
+  ASSERT_TRUE(m->remove(w.nvme));
+  auto gone = as.mmap_p2p(file, opt);
+  ASSERT_FALSE(gone);
+  EXPECT_EQ(gone.error().code, ENODEV) << gone.error().to_string();
+}
+
 }  // namespace
 }  // namespace physr::mem

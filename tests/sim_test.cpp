@@ -691,6 +691,10 @@ std::vector<std::string> random_jobs(const char* name, uint32_t seed, bool iommu
     log.push_back(line);
   }
   EXPECT_EQ(m->bounce().used_slots(), 0u);  // every bounce slot returned
+  m->p2pmem().barrier();
+  for (uint32_t f = 0; f < t.functions.size(); ++f) {
+    EXPECT_EQ(m->p2pmem().stats(f).allocated, 0u) << t.functions[f].name;  // every buffer returned
+  }
   return log;
 }
 
@@ -988,6 +992,282 @@ TEST(SimScenarioTest, MachinePathsAreRelativeToTheScenarioFolder) {
   EXPECT_EQ(failed.error().code, ENOENT);
   EXPECT_NE(failed.error().message.find("lost.toml: machine: machine 'machines/gone.toml': no such file"), std::string::npos)
       << failed.error().message;
+}
+
+// ---------------------------------------------------------------------------------------
+// O_DIRECT copies (p2pmem-test, SPDK cmb_copy): mmap of a provider's allocate file, pinning,
+// bios, the queue's P2PDMA feature, the DMA layer and the fabric.
+
+Job odirect_job(const pci::Topology& t, const char* buffer, uint64_t host_bytes = 0, bool p2pdma = true,
+                PathPolicy path = PathPolicy::p2p, uint64_t size = 4 * MiB) {
+  Job j;
+  j.name = "odirect";
+  j.block_size = 128 * KiB;
+  j.queue_depth = 8;
+  j.size = size;
+  DirectIoJob d{.ssd = *t.lookup("nvme0"), .target = *t.lookup("nvme1"), .buffer_function = {}, .host_bytes = host_bytes, .p2pdma = p2pdma, .path = path};
+  if (buffer) d.buffer_function = *t.lookup(buffer);
+  j.kind = d;
+  return j;
+}
+
+// block/fops.c __blkdev_direct_IO() into P2P memory: nvme0 reads into a chunk of nvme1's CMB
+// (mmap of its p2pmem allocate file), nvme1 writes it out from there; every byte is checked
+// in the buffer and in nvme1's namespace, the traffic stays under the switch, and the chunks go
+// back to the pool (its accounting is zero once the grace period passed).
+TEST(SimDirectIoTest, CopiesThroughACmbChunkAndReturnsItToThePool) {
+  const auto t = machine("two-socket-switch");
+  auto m = build(t);
+  const uint32_t nvme1 = *t.lookup("nvme1");
+  const Job j = odirect_job(t, "nvme1");
+  auto r = run_job(*m, j);
+  ASSERT_TRUE(r.has_value()) << r.error().to_string();
+  EXPECT_EQ(r->verified_bytes, j.size);
+  EXPECT_EQ(r->device, "nvme0 -> nvme1");
+  EXPECT_EQ(r->path, "p2p bus_addr (under the switch)");
+  EXPECT_EQ(r->via, static_cast<uint8_t>(Via::p2p_bus_addr));
+  EXPECT_EQ(r->host_memory_bytes, 0u);
+  EXPECT_EQ(r->rc_bytes, 0u);
+  EXPECT_EQ(r->requests, 2 * j.size / j.block_size);  // one request per block each way
+  EXPECT_GT(r->seconds, 0);
+  m->p2pmem().barrier();
+  const mem::PoolStats s = m->p2pmem().stats(nvme1);
+  EXPECT_EQ(s.size, 64 * MiB);
+  EXPECT_EQ(s.allocated, 0u);
+  EXPECT_EQ(s.chunks, 0u);
+  EXPECT_EQ(s.deferred, 0u);
+  // Again on the same machine: the same pool, the same answer (the chunks were reusable).
+  auto again = run_job(*m, j);
+  ASSERT_TRUE(again.has_value()) << again.error().to_string();
+  EXPECT_EQ(again->verified_bytes, j.size);
+}
+
+// One I/O whose buffer is host memory then P2P memory: two bios (they never share a
+// provider) and two requests each way (a P2P bio is REQ_NOMERGE), every byte checked.
+TEST(SimDirectIoTest, BuffersMixingHostAndP2PMemoryInOneIo) {
+  const auto t = machine("two-socket-switch");
+  auto m = build(t);
+  const Job j = odirect_job(t, "gpu0", 32 * KiB);
+  auto r = run_job(*m, j);
+  ASSERT_TRUE(r.has_value()) << r.error().to_string();
+  EXPECT_EQ(r->verified_bytes, j.size);
+  EXPECT_EQ(r->buffer, "gpu0 BAR1 + host memory");
+  EXPECT_TRUE(r->took(Via::p2p_bus_addr));
+  EXPECT_TRUE(r->took(Via::host_memory));
+  EXPECT_GT(r->host_memory_bytes, 0u);
+  EXPECT_EQ(r->requests, 4 * j.size / j.block_size);
+  m->p2pmem().barrier();
+  EXPECT_EQ(m->p2pmem().stats(*t.lookup("gpu0")).allocated, 0u);
+  // Host memory only works as well, through the IOMMU both ways.
+  auto h = run_job(*m, odirect_job(t, nullptr));
+  ASSERT_TRUE(h.has_value()) << h.error().to_string();
+  EXPECT_EQ(h->path, "host memory");
+  EXPECT_EQ(h->via, static_cast<uint8_t>(Via::host_memory));
+}
+
+// mm/gup.c try_grab_folio(): without BLK_FEAT_PCI_P2PDMA the block layer pins without
+// FOLL_PCI_P2PDMA, so a P2P buffer is EREMOTEIO and nothing is left pinned or held; host
+// buffers still work on such a queue.
+TEST(SimDirectIoTest, AQueueWithoutP2PDmaIsEremoteio) {
+  const auto t = machine("two-socket-switch");
+  auto m = build(t);
+  auto r = run_job(*m, odirect_job(t, "nvme1", 0, /*p2pdma=*/false));
+  ASSERT_FALSE(r.has_value());
+  EXPECT_EQ(r.error().code, EREMOTEIO) << r.error().to_string();
+  EXPECT_NE(r.error().message.find("O_DIRECT read of nvme0"), std::string::npos) << r.error().message;
+  m->p2pmem().barrier();
+  EXPECT_EQ(m->p2pmem().stats(*t.lookup("nvme1")).allocated, 0u);
+  auto mixed = run_job(*m, odirect_job(t, "nvme1", 64 * KiB, false));
+  ASSERT_FALSE(mixed.has_value());
+  EXPECT_EQ(mixed.error().code, EREMOTEIO);
+  auto h = run_job(*m, odirect_job(t, nullptr, 0, false));
+  ASSERT_TRUE(h.has_value()) << h.error().to_string();
+}
+
+// Shapes the job refuses, each EINVAL naming the rule; a BAR too small for the buffers'
+// chunks is the pool's ENOMEM.
+TEST(SimDirectIoTest, RefusesBadShapes) {
+  const auto t = machine("two-socket-switch");
+  auto m = build(t);
+  const auto refuses = [&](Job j, int code, const std::string& needle) {
+    auto r = run_job(*m, j);
+    ASSERT_FALSE(r.has_value()) << needle;
+    EXPECT_EQ(r.error().code, code) << r.error().to_string();
+    EXPECT_NE(r.error().message.find(needle), std::string::npos) << r.error().to_string();
+  };
+  refuses(odirect_job(t, "gpu0", 1000), EINVAL, "multiple of 4 KiB below the block size");
+  refuses(odirect_job(t, "gpu0", 128 * KiB), EINVAL, "below the block size");
+  refuses(odirect_job(t, nullptr, 4 * KiB), EINVAL, "host_bytes needs a P2P buffer");
+  refuses(odirect_job(t, "gpu0", 0, true, PathPolicy::bounce), EINVAL, "not bounce");
+  Job same = odirect_job(t, "gpu0");
+  std::get<DirectIoJob>(same.kind).target = *t.lookup("nvme0");
+  refuses(same, EINVAL, "another SSD");
+  Job gpu = odirect_job(t, "nvme1");
+  std::get<DirectIoJob>(gpu.kind).target = *t.lookup("gpu0");
+  refuses(gpu, EINVAL, "gpu0 is not an NVMe controller");
+  // The pool holds less than the 64 MiB CMB once a caller keeps most of it.
+  const uint32_t nvme1 = *t.lookup("nvme1");
+  ASSERT_TRUE(m->allocate_file(nvme1));
+  auto hog = m->p2pmem().alloc(nvme1, 63 * MiB + 512 * KiB);
+  ASSERT_TRUE(hog.has_value()) << hog.error().to_string();
+  refuses(odirect_job(t, "nvme1"), ENOMEM, "p2pmem mmap of nvme1");
+  ASSERT_TRUE(m->p2pmem().free(*hog));
+}
+
+// The scenario syntax: copy_to makes the job an O_DIRECT copy; host_bytes and p2pdma are
+// its alone.
+TEST(SimDirectIoTest, ScenarioSyntax) {
+  auto sc = parse_scenario(R"(
+[[job]]
+name = "cmb-copy"
+device = "nvme0"
+copy_to = "nvme1"
+buffer = "nvme1"
+host_bytes = "4K"
+p2pdma = false
+bs = "128K"
+size = "1M"
+)", "odirect.toml");
+  ASSERT_TRUE(sc.has_value()) << sc.error().to_string();
+  const auto t = pci::load_builtin_machine(sc->machine).value();
+  auto m = build(t);
+  auto j = resolve_job(sc->jobs[0], *m);
+  ASSERT_TRUE(j.has_value()) << j.error().to_string();
+  ASSERT_TRUE(std::holds_alternative<DirectIoJob>(j->kind));
+  const DirectIoJob& d = std::get<DirectIoJob>(j->kind);
+  EXPECT_EQ(d.ssd, *t.lookup("nvme0"));
+  EXPECT_EQ(d.target, *t.lookup("nvme1"));
+  EXPECT_EQ(d.buffer_function, *t.lookup("nvme1"));
+  EXPECT_EQ(d.host_bytes, 4 * KiB);
+  EXPECT_FALSE(d.p2pdma);
+  for (const char* bad : {"[[job]]\ndevice = \"nvme0\"\nhost_bytes = \"4K\"\n", "[[job]]\ndevice = \"nvme0\"\np2pdma = true\n",
+                          "[[job]]\ndevice = \"nvme0\"\ncopy_to = \"nvme1\"\nrw = \"read\"\n"}) {
+    auto b = parse_scenario(bad, "bad.toml");
+    ASSERT_FALSE(b.has_value()) << bad;
+    EXPECT_EQ(b.error().code, EINVAL);
+    EXPECT_NE(b.error().message.find("bad.toml:"), std::string::npos) << b.error().message;
+  }
+}
+
+// Jobs take BAR buffers from the BAR's P2P memory pool (pci_alloc_p2pmem) and give them
+// back at the end: memory another user holds is never a job's buffer (the job fails with
+// the pool's ENOMEM instead of writing over it), and after each job the pool's accounting
+// is back to zero.
+TEST(SimJobTest, BarBuffersComeFromThePoolAndGoBack) {
+  const auto t = machine("two-socket-switch");
+  auto m = build(t);
+  const uint32_t nvme0 = *t.lookup("nvme0"), nvme1 = *t.lookup("nvme1"), gpu0 = *t.lookup("gpu0");
+  Job j;
+  j.name = "into-cmb";
+  j.block_size = 128 * KiB;
+  j.queue_depth = 32;
+  j.size = 8 * MiB;
+  j.kind = NvmeJob{nvme0, false, nvme1, PathPolicy::p2p};
+  ASSERT_TRUE(run_job(*m, j).has_value());
+  const mem::PoolStats after = m->p2pmem().stats(nvme1);
+  EXPECT_EQ(after.size, 64 * MiB);  // the CMB became the pool's resource
+  EXPECT_EQ(after.allocated, 0u);
+  EXPECT_EQ(after.chunks, 0u);
+  EXPECT_EQ(after.deferred, 0u);
+  // Someone holds all but 2 MiB of the CMB: the job's 4 MiB of buffers do not fit.
+  auto held = m->p2pmem().alloc(nvme1, 62 * MiB);
+  ASSERT_TRUE(held.has_value()) << held.error().to_string();
+  auto r = run_job(*m, j);
+  ASSERT_FALSE(r.has_value());
+  EXPECT_EQ(r.error().code, ENOMEM) << r.error().to_string();
+  EXPECT_NE(r.error().message.find("job 'into-cmb': buffers in nvme1 BAR2 (CMB)"), std::string::npos) << r.error().message;
+  ASSERT_TRUE(m->p2pmem().free(*held));
+  // Network jobs too: RX buffers in the GPU's BAR, from its pool.
+  Job n;
+  n.name = "rx-gpu";
+  n.block_size = 4 * KiB;
+  n.queue_depth = 64;
+  n.size = 1 * MiB;
+  NetJob nj;
+  nj.sender = *t.lookup("nic0");
+  nj.receiver = *t.lookup("nic1");
+  nj.rx_buffer_function = gpu0;
+  n.kind = nj;
+  auto nr = run_job(*m, n);
+  ASSERT_TRUE(nr.has_value()) << nr.error().to_string();
+  EXPECT_EQ(nr->verified_bytes, n.size);
+  EXPECT_EQ(m->p2pmem().stats(gpu0).allocated, 0u);
+  EXPECT_EQ(m->p2pmem().stats(gpu0).size, 64 * GiB);
+}
+
+// Random O_DIRECT copies on every reference machine: any two SSDs, buffers in host memory
+// or any BAR (all P2P or mixed with host memory), queues with and without P2PDMA, either
+// path. Each copies and checks every byte, or fails exactly where the rules say: EINVAL
+// for a CMB without RDS (the reader's own) or WDS (the writer's own), EREMOTEIO for a p2p
+// path the fabric refuses or P2P memory on a queue without BLK_FEAT_PCI_P2PDMA; and after
+// each job the pools are back to zero.
+TEST(SimDirectIoTest, RandomCopiesVerifyOrFailByTheRules) {
+  size_t ran = 0, failed = 0;
+  for (const char* name : {"two-socket-switch", "amd-zen", "xeon-e5-two-sockets", "arm64-offset"}) {
+    const auto t = machine(name);
+    auto m = build(t);
+    std::vector<uint32_t> ssds, holders;
+    for (uint32_t f = 0; f < t.functions.size(); ++f) {
+      if (pci::is_nvme(t.functions[f])) ssds.push_back(f);
+      if (m->largest_bar(f) && m->largest_bar(f)->span.size >= 64 * KiB) holders.push_back(f);
+    }
+    if (ssds.size() < 2) continue;
+    std::mt19937_64 rng(7);
+    const auto pick = [&](uint64_t n) { return static_cast<uint64_t>(rng() % n); };
+    for (int round = 0; round < 16; ++round) {
+      Job j;
+      j.name = "r" + std::to_string(round);
+      j.block_size = 4 * KiB * (1 + pick(32));
+      j.queue_depth = static_cast<unsigned>(1 + pick(8));
+      DirectIoJob d;
+      d.ssd = ssds[pick(ssds.size())];
+      do d.target = ssds[pick(ssds.size())];
+      while (d.target == d.ssd);
+      if (pick(3) != 0) d.buffer_function = holders[pick(holders.size())];
+      if (d.buffer_function) {
+        const uint64_t bar = m->largest_bar(*d.buffer_function)->span.size;
+        j.block_size = std::min<uint64_t>(j.block_size, bar / 4096 * 4096 / 2);
+        j.queue_depth = static_cast<unsigned>(std::max<uint64_t>(1, std::min<uint64_t>(j.queue_depth, bar / j.block_size)));
+        if (pick(2)) d.host_bytes = 4 * KiB * pick(j.block_size / (4 * KiB));
+      }
+      j.size = j.block_size * (1 + pick(12));
+      d.p2pdma = pick(4) != 0;
+      d.path = pick(2) ? PathPolicy::p2p : PathPolicy::automatic;
+      j.kind = d;
+      const std::string what = std::string(name) + " " + j.name + " " + t.functions[d.ssd].name + " -> " + t.functions[d.target].name +
+                               " via " + (d.buffer_function ? t.functions[*d.buffer_function].name : "host") + " bs " +
+                               std::to_string(j.block_size) + " qd " + std::to_string(j.queue_depth) + " host_bytes " +
+                               std::to_string(d.host_bytes) + (d.p2pdma ? "" : " no-p2pdma") + " " + path_policy_name(d.path);
+      int expect = 0;
+      if (d.buffer_function) {
+        const uint32_t h = *d.buffer_function;
+        const auto& cmb = t.functions[h].cmb;
+        if (cmb && ((h == d.ssd && !cmb->rds) || (h == d.target && !cmb->wds))) expect = EINVAL;
+        else if (d.path == PathPolicy::p2p &&
+                 (!m->fabric().to_peer(d.ssd, h, true).has_value() || !m->fabric().to_peer(d.target, h, false).has_value()))
+          expect = EREMOTEIO;
+        else if (!d.p2pdma) expect = EREMOTEIO;
+      }
+      auto r = run_job(*m, j);
+      if (expect) {
+        ASSERT_FALSE(r.has_value()) << what;
+        EXPECT_EQ(r.error().code, expect) << what << ": " << r.error().to_string();
+        ++failed;
+      } else {
+        ASSERT_TRUE(r.has_value()) << what << ": " << r.error().to_string();
+        EXPECT_EQ(r->verified_bytes, j.size) << what;
+        EXPECT_EQ(r->iommu_faults, 0u) << what;
+        ++ran;
+      }
+      m->p2pmem().barrier();
+      if (d.buffer_function) {
+        EXPECT_EQ(m->p2pmem().stats(*d.buffer_function).allocated, 0u) << what;
+      }
+    }
+    EXPECT_EQ(m->bounce().used_slots(), 0u) << name;
+  }
+  EXPECT_GT(ran, 10u);
+  EXPECT_GT(failed, 3u);
 }
 
 }  // namespace

@@ -45,6 +45,7 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <span>
@@ -57,7 +58,8 @@
 namespace physr::mem {
 
 // P2PChunk (a piece of P2P memory a pool hands out) is in physr/mem/uspace.hpp, where the
-// address spaces' P2PChunkSource takes it too.
+// address spaces' P2PChunkSource takes it too; P2PMemorySource (below) is that seam over a
+// P2PMemory pool.
 
 struct AllocOptions {
   uint64_t align = kPageSize;  // power of two >= 4 KiB, of the CPU physical address
@@ -138,6 +140,9 @@ class P2PMemory {
   void barrier();
   /// The function's pool, summed over its live resources (zeros if it has none).
   PoolStats stats(uint32_t function) const;
+  /// The provider of the function's first live resource (the pgmap its pages belong to);
+  /// nullopt when it has none.
+  std::optional<ProviderId> provider_of(uint32_t function) const;
 
   /// An RCU read-side section (the provider registry's): a chunk found inside it is not
   /// handed out again before it ends, even if freed meanwhile.
@@ -148,6 +153,47 @@ class P2PMemory {
  private:
   explicit P2PMemory(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
+};
+
+/// The p2pmem allocate file of one function (drivers/pci/p2pdma.c p2pmem_alloc_mmap()'s
+/// pool side): a P2PChunkSource over a P2PMemory, so that AddressSpace::mmap_p2p() maps
+/// chunks of the function's real pool. alloc() is pci_alloc_p2pmem() (ENOMEM: no room,
+/// ENODEV: no resource left or every one being removed), release() is pci_free_p2pmem()
+/// (back in the pool after a grace period). It keeps the chunks it handed out, so release()
+/// of anything else is EINVAL and nothing goes back twice. Not thread-safe (as the address
+/// spaces that use it); the P2PMemory must outlive it, and it must outlive every VMA and pin
+/// of its memory.
+class P2PMemorySource final : public P2PChunkSource {
+ public:
+  /// `name` is the device in messages ("nvme1"); `owner` names the chunks in leak reports.
+  P2PMemorySource(P2PMemory& memory, uint32_t function, std::string name, std::string owner = "p2pmem mmap");
+  /// Chunks still held are left to the pool, which reports them at its teardown.
+  ~P2PMemorySource() override = default;
+  P2PMemorySource(const P2PMemorySource&) = delete;
+  P2PMemorySource& operator=(const P2PMemorySource&) = delete;
+
+  /// The function has a live P2P resource (pdev->p2pdma with memory in its pool).
+  bool has_p2pdma() const override;
+  /// The provider of the function's first live resource (kInvalidProvider when none).
+  ProviderId provider() const override;
+  /// pci_alloc_p2pmem(function, size) with this file's owner: ENOMEM when no resource has
+  /// room, ENODEV when every resource is being removed (or none is left).
+  Result<P2PChunk> alloc(uint64_t size) override;
+  /// pci_free_p2pmem() of a chunk alloc() handed out, whole (back in the pool after a grace
+  /// period). EINVAL for any other span; the pool's free() errors otherwise.
+  Status release(PhysSpan span) override;
+  /// The device's name given at construction, for messages.
+  std::string name() const override { return name_; }
+  /// The function whose pool this is.
+  uint32_t function() const noexcept { return function_; }
+  /// Chunks handed out and not yet released.
+  size_t live_chunks() const noexcept { return live_.size(); }
+
+ private:
+  P2PMemory* mem_;
+  uint32_t function_;
+  std::string name_, owner_;
+  std::map<uint64_t, P2PChunk> live_;  // by physical start
 };
 
 }  // namespace physr::mem

@@ -33,6 +33,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <span>
@@ -43,6 +44,7 @@
 #include "physr/builtin.hpp"
 #include "physr/core.hpp"
 #include "physr/dma.hpp"
+#include "physr/mem.hpp"
 #include "physr/pci.hpp"
 #include "physr/model.hpp"
 #include "physr/platform.hpp"
@@ -313,6 +315,14 @@ class Machine {
   std::vector<std::string> warnings;
   /// Name of a function for reports ("nvme0", or its address).
   std::string label(uint32_t function) const { return platform().label(function); }
+  /// The P2P memory pools of the machine's functions (Linux pdev->p2pdma of each device),
+  /// created with the machine; a function's pool gets its memory on first allocate_file().
+  mem::P2PMemory& p2pmem() noexcept { return *p2pmem_; }
+  /// The p2pmem allocate file of `function`: a P2PChunkSource over its pool, which holds
+  /// its largest BAR whole (added on first use, as a driver's pci_p2pdma_add_resource() of
+  /// its CMB or BAR). Lives as long as the machine. EINVAL: the function has no memory BAR;
+  /// add_resource()'s errors otherwise.
+  Result<mem::P2PMemorySource*> allocate_file(uint32_t function);
 
  private:
   Machine() = default;
@@ -327,6 +337,8 @@ class Machine {
   const pci::Topology* topo_ = nullptr;
   MachineOptions opt_;
   std::unique_ptr<ModelPlatform> model_;
+  std::unique_ptr<mem::P2PMemory> p2pmem_;  // after model_: goes first
+  std::map<uint32_t, std::unique_ptr<mem::P2PMemorySource>> files_;  // after p2pmem_: goes before it
   std::optional<Fabric> fabric_;
   std::vector<IommuFault> faults_;
   std::vector<Run> runs_;  // access()'s scratch
@@ -370,8 +382,30 @@ struct NetJob {
   PathPolicy path = PathPolicy::automatic;
 };
 
+/// An O_DIRECT copy, as p2pmem-test and SPDK's cmb_copy do it: a process maps its buffers
+/// (mmap of `buffer_function`'s p2pmem allocate file, AddressSpace::mmap_p2p, or anonymous
+/// host memory), then for each block reads `ssd` into a buffer with O_DIRECT and writes the
+/// buffer to `target` with O_DIRECT: pinning (FOLL_PCI_P2PDMA iff the queue has
+/// BLK_FEAT_PCI_P2PDMA), bios and requests (mem::direct_io), each request's segments mapped
+/// by the SSD's DmaDevice and moved over the fabric. Every byte is checked twice: in the
+/// buffer after the read, in the target's namespace after the write.
+struct DirectIoJob {
+  uint32_t ssd = 0;     // read from
+  uint32_t target = 0;  // written to (another NVMe SSD)
+  /// Whose P2P memory pool the buffers are mapped from (its largest BAR); unset: host memory.
+  std::optional<uint32_t> buffer_function;
+  /// With a P2P buffer: the first host_bytes of each block's buffer are anonymous host
+  /// memory, the rest P2P memory right after it, so one I/O mixes both (a 4 KiB multiple
+  /// below the block size; 0: all P2P).
+  uint64_t host_bytes = 0;
+  /// The queues have BLK_FEAT_PCI_P2PDMA (nvme-pci sets it); false models a queue without
+  /// it, where O_DIRECT into P2P memory is EREMOTEIO.
+  bool p2pdma = true;
+  PathPolicy path = PathPolicy::automatic;  // p2p or automatic (the DMA layer may bounce)
+};
+
 /// What moves a job's data.
-using JobKind = std::variant<NvmeJob, CopyJob, NetJob>;
+using JobKind = std::variant<NvmeJob, CopyJob, NetJob, DirectIoJob>;
 
 /// A workload and its shape. The kind says what moves the data; the shape is the same for all.
 struct Job {
@@ -381,7 +415,8 @@ struct Job {
   unsigned queue_depth = 16;        // commands or copies in flight, or the TX ring's packets
   uint64_t size = 256 * MiB;        // total bytes
 
-  /// The device that starts the job's DMA: the SSD, the copy engine's device, the sender.
+  /// The device that starts the job's DMA: the SSD, the copy engine's device, the sender
+  /// (for an O_DIRECT copy: the SSD read from).
   uint32_t device() const noexcept;
 };
 
@@ -416,6 +451,7 @@ struct JobResult {
   uint64_t rc_bytes = 0, host_memory_bytes = 0;
   std::vector<std::pair<std::string, uint64_t>> link_bytes;  // non-zero resources, by name
   uint64_t iommu_faults = 0;               // recorded during this job
+  uint64_t bios = 0, requests = 0;         // O_DIRECT jobs: the block layer's, reads and writes
 };
 
 /// Runs one job on a fresh fabric clock: every I/O (command, copy, packet) is mapped through
@@ -442,6 +478,9 @@ struct JobSpec {
   PathPolicy path = PathPolicy::automatic;
   std::string peer;                  // network jobs: the receiving NIC (empty: an NVMe job)
   std::string peer_buffer = "host";  // network jobs: where the receiver's RX buffers are
+  std::string copy_to;               // O_DIRECT jobs: the SSD the blocks are written to (empty: not one)
+  uint64_t host_bytes = 0;           // O_DIRECT jobs: DirectIoJob::host_bytes
+  bool p2pdma = true;                // O_DIRECT jobs: DirectIoJob::p2pdma
   std::string where;    // "FILE:LINE" for messages
 };
 

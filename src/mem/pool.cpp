@@ -1057,6 +1057,17 @@ PoolStats P2PMemory::stats(uint32_t function) const {
   return s;
 }
 
+std::optional<ProviderId> P2PMemory::provider_of(uint32_t function) const {
+  const Impl& m = *impl_;
+  if (function >= m.nfns) return std::nullopt;
+  const FunctionState& fs = m.fns[function];
+  for (uint32_t i = 0; i < fs.nres.load(std::memory_order_acquire); ++i) {
+    const Resource* r = fs.res[i].load(std::memory_order_acquire);
+    if (!r->removed.load(std::memory_order_acquire) && !r->dying.load(std::memory_order_acquire)) return r->provider;
+  }
+  return std::nullopt;
+}
+
 Status P2PMemory::remove(uint32_t function) {
   Impl& m = *impl_;
   std::lock_guard serial(m.remove_mu);

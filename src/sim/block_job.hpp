@@ -71,6 +71,14 @@ Result<JobResult> run_blocks(Machine& m, const Job& job, const BlockPlan& plan, 
   out.device = m.label(plan.device);
   out.buffer = bar ? bar->name : "host memory";
   const bool staged = bar && plan.path == PathPolicy::bounce;
+  // BAR buffers come from the BAR's P2P memory pool for the job's length; host buffers
+  // are a fixed window of host RAM.
+  std::optional<PoolBuffer> pooled;
+  if (bar) {
+    PHYSR_ASSIGN_OR_RETURN(PoolBuffer b, PoolBuffer::take(m, *bar, job.block_size * job.queue_depth, where()));
+    pooled.emplace(std::move(b));
+  }
+  const PhysAddr bar_base = pooled ? pooled->base() : PhysAddr(0);
   const DmaAttrs attrs = plan.path == PathPolicy::automatic ? kDmaAttrAllowBounce : kDmaAttrNone;
 
   // A p2p policy fails up front where the fabric refuses the pair, with the fabric's reason;
@@ -100,7 +108,7 @@ Result<JobResult> run_blocks(Machine& m, const Job& job, const BlockPlan& plan, 
   // timing on the fabric (in two stages when the data goes through host memory).
   const auto submit = [&](uint64_t i) -> Status {
     const uint64_t off = i * job.block_size, slot = (i % job.queue_depth) * job.block_size;
-    const PhysAddr target = bar ? bar->span.base + slot : PhysAddr(kHostBuffers + slot);
+    const PhysAddr target = bar ? bar_base + slot : PhysAddr(kHostBuffers + slot);
     const PhysAddr staging(kHostStaging + slot);
     RangeList list;
     PHYSR_RETURN_IF_ERROR(list.append(PhysRange{staged ? staging : target, job.block_size, bar && !staged ? bar->id : kHostMemory}));

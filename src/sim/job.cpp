@@ -1,5 +1,5 @@
 // Jobs: what every kind shares (its shape, its kind by device class) and the dispatch to
-// the kind's runner (nvme.cpp, copy.cpp, net.cpp).
+// the kind's runner (nvme.cpp, copy.cpp, net.cpp, odirect.cpp).
 #include <string>
 #include <variant>
 
@@ -23,6 +23,7 @@ uint32_t Job::device() const noexcept {
     uint32_t operator()(const NvmeJob& j) const noexcept { return j.ssd; }
     uint32_t operator()(const CopyJob& j) const noexcept { return j.device; }
     uint32_t operator()(const NetJob& j) const noexcept { return j.sender; }
+    uint32_t operator()(const DirectIoJob& j) const noexcept { return j.ssd; }
   } of;
   return std::visit(of, kind);
 }
@@ -43,6 +44,7 @@ Result<JobResult> run_job(Machine& m, const Job& job) {
     Result<JobResult> operator()(const NvmeJob& k) const { return detail::run_nvme_job(m, job, k); }
     Result<JobResult> operator()(const CopyJob& k) const { return detail::run_copy_job(m, job, k); }
     Result<JobResult> operator()(const NetJob& k) const { return detail::run_net_job(m, job, k); }
+    Result<JobResult> operator()(const DirectIoJob& k) const { return detail::run_direct_io_job(m, job, k); }
   } run{m, job};
   return std::visit(run, job.kind);
 }

@@ -7,16 +7,18 @@
 #include <span>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "physr/sim.hpp"
 
 namespace physr::sim::detail {
 
-/// The runners of each job kind (nvme.cpp, copy.cpp, net.cpp), as run_job() describes them.
+/// The runners of each job kind (nvme.cpp, copy.cpp, net.cpp, odirect.cpp), as run_job() describes them.
 Result<JobResult> run_nvme_job(Machine& m, const Job& job, const NvmeJob& kind);
 Result<JobResult> run_copy_job(Machine& m, const Job& job, const CopyJob& kind);
 Result<JobResult> run_net_job(Machine& m, const Job& job, const NetJob& kind);
+Result<JobResult> run_direct_io_job(Machine& m, const Job& job, const DirectIoJob& kind);
 
 /// Fills `out` with the data at position `pos` of data stream `stream` (an NVMe namespace,
 /// a packet sequence; one per job): each 64-bit word is its own position plus a hash of its
@@ -49,6 +51,38 @@ Status verify_pattern(const Machine& m, PhysAddr at, uint64_t stream, uint64_t p
   });
   return st;
 }
+
+/// A job's buffers in a device's BAR: `bytes` (rounded up to 4 KiB) taken from the BAR
+/// owner's P2P memory pool through its allocate file (Machine::allocate_file, Linux
+/// pci_alloc_p2pmem()), given back when the job ends (pci_free_p2pmem(): back in the pool
+/// after a grace period, which the job waits for, so the next job finds the pool whole and
+/// its buffers at the same addresses). Move-only.
+class PoolBuffer {
+ public:
+  /// ENOMEM naming `where` and the BAR when the pool has no room; allocate_file()'s errors.
+  static Result<PoolBuffer> take(Machine& m, const Aperture& bar, uint64_t bytes, const std::string& where) {
+    PHYSR_ASSIGN_OR_RETURN_CTX(mem::P2PMemorySource* file, m.allocate_file(bar.function), where);
+    PHYSR_ASSIGN_OR_RETURN_CTX(const mem::P2PChunk c, file->alloc(bytes), where + ": buffers in " + bar.name);
+    return PoolBuffer(m, *file, c);
+  }
+  PoolBuffer(PoolBuffer&& o) noexcept : m_(o.m_), file_(std::exchange(o.file_, nullptr)), chunk_(o.chunk_) {}
+  PoolBuffer(const PoolBuffer&) = delete;
+  PoolBuffer& operator=(const PoolBuffer&) = delete;
+  PoolBuffer& operator=(PoolBuffer&&) = delete;
+  ~PoolBuffer() {
+    if (!file_) return;
+    const Status st = file_->release(chunk_.span);
+    PHYSR_ASSERT(st.has_value(), "a job's pool buffer goes back to the file it came from");
+    m_->p2pmem().barrier();
+  }
+  PhysAddr base() const noexcept { return chunk_.span.base; }
+
+ private:
+  PoolBuffer(Machine& m, mem::P2PMemorySource& file, const mem::P2PChunk& c) : m_(&m), file_(&file), chunk_(c) {}
+  Machine* m_;
+  mem::P2PMemorySource* file_;
+  mem::P2PChunk chunk_;
+};
 
 /// Whether the DMA layer bounced any segment of a mapping.
 inline bool any_bounced(std::span<const DmaSegment> segs) noexcept {
@@ -108,7 +142,9 @@ class Stages {
   Stages(Simulator& sim, uint64_t items, uint64_t bytes, double slot_ns)
       : sim_(sim), bytes_(bytes), slot_ns_(slot_ns), items_(items) {}
   /// Starts item i now: `routes` in order, `served` the index of the one served in order.
-  void start(uint64_t i, std::vector<Route> routes, size_t served);
+  /// Each route carries the item's bytes, or bytes[k] over route k when `bytes` is given
+  /// (an item whose data goes several ways one after another).
+  void start(uint64_t i, std::vector<Route> routes, size_t served, std::vector<uint64_t> bytes = {});
   /// Moves the flows in `finished` (from Simulator::step or idle_until) on to their next
   /// stage; appends the latency of each item whose last stage ended to `lat` and returns
   /// how many did.
@@ -120,6 +156,7 @@ class Stages {
     double submit = 0;
     std::vector<Route> routes;
     size_t served = 0;
+    std::vector<uint64_t> bytes;  // per route; empty: bytes_ each
   };
   Simulator& sim_;
   uint64_t bytes_;

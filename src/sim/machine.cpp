@@ -43,7 +43,19 @@ Result<std::unique_ptr<Machine>> Machine::create(const pci::Topology& topo, cons
                                                                             .bounce_pool = o.bounce_pool, .verdicts = {}, .dma_debug = o.dma_debug}));
   m->warnings = m->model_->warnings;
   PHYSR_ASSIGN_OR_RETURN(m->fabric_, Fabric::create(m->platform().p2p(), o.fabric));
+  PHYSR_ASSIGN_OR_RETURN(m->p2pmem_, mem::P2PMemory::create(m->platform()));
   return m;
+}
+
+Result<mem::P2PMemorySource*> Machine::allocate_file(uint32_t function) {
+  if (const auto it = files_.find(function); it != files_.end()) return it->second.get();
+  const Aperture* bar = function < topo_->functions.size() ? largest_bar(function) : nullptr;
+  if (!bar) return make_error(EINVAL, "p2pmem of " + (function < topo_->functions.size() ? label(function) : std::to_string(function)) + ": no memory BAR");
+  PHYSR_RETURN_IF_ERROR(p2pmem_->add_resource(function, bar->bar, 0, 0));
+  auto file = std::make_unique<mem::P2PMemorySource>(*p2pmem_, function, label(function), "physr sim");
+  mem::P2PMemorySource* raw = file.get();
+  files_.emplace(function, std::move(file));
+  return raw;
 }
 
 void Machine::decode(uint32_t initiator, uint64_t dma, uint64_t len, bool write, std::vector<Run>& runs, DmaAccess& out) {

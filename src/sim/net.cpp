@@ -34,6 +34,13 @@ Result<JobResult> detail::run_net_job(Machine& m, const Job& job, const NetJob& 
     return make_error(EINVAL, where() + ": a buffer device has no memory BAR");
   for (const Aperture* a : {txbar, rxbar})
     if (a && a->span.size < window) return make_error(EINVAL, where() + ": " + a->name + " cannot hold " + format_size(window) + " of buffers");
+  // BAR buffers come from the BARs' P2P memory pools (each side its own chunk).
+  std::optional<detail::PoolBuffer> txpool, rxpool;
+  for (const auto& [a, pool] : {std::pair{txbar, &txpool}, std::pair{rxbar, &rxpool}})
+    if (a) {
+      PHYSR_ASSIGN_OR_RETURN(detail::PoolBuffer b, detail::PoolBuffer::take(m, *a, window, where()));
+      pool->emplace(std::move(b));
+    }
   PHYSR_ASSIGN_OR_RETURN(DmaDevice* txdev, m.device(tx));
   PHYSR_ASSIGN_OR_RETURN(DmaDevice* rxdev, m.device(rx));
   Fabric& fab = m.fabric();
@@ -77,8 +84,8 @@ Result<JobResult> detail::run_net_job(Machine& m, const Job& job, const NetJob& 
 
   const auto send = [&](uint64_t i) -> Status {
     const uint64_t slot = (i % job.queue_depth) * job.block_size;
-    const PhysAddr txa = txbar ? txbar->span.base + slot : PhysAddr(kTxHost + slot);
-    const PhysAddr rxa = rxbar ? rxbar->span.base + slot : PhysAddr(kRxHost + slot);
+    const PhysAddr txa = txbar ? txpool->base() + slot : PhysAddr(kTxHost + slot);
+    const PhysAddr rxa = rxbar ? rxpool->base() + slot : PhysAddr(kRxHost + slot);
     PHYSR_RETURN_IF_ERROR(detail::fill_pattern(m, txa, stream, i * job.block_size, job.block_size));
     RangeList tl, rl;
     PHYSR_RETURN_IF_ERROR(tl.append(PhysRange{txa, job.block_size, txbar ? txbar->id : kHostMemory}));

@@ -53,7 +53,7 @@ Result<Scenario> parse_scenario(std::string_view text, std::string_view source) 
   for (const toml::node& jn : *jobs) {
     const toml::table& t = *jn.as_table();
     const std::string what = "job";
-    PHYSR_RETURN_IF_ERROR(check_keys(c, t, what, {"name", "device", "rw", "bs", "qd", "size", "buffer", "path", "peer", "peer_buffer"}));
+    PHYSR_RETURN_IF_ERROR(check_keys(c, t, what, {"name", "device", "rw", "bs", "qd", "size", "buffer", "path", "peer", "peer_buffer", "copy_to", "host_bytes", "p2pdma"}));
     JobSpec j;
     j.where = c.where(t);
     j.where.pop_back();  // "FILE:LINE:" -> "FILE:LINE"
@@ -89,6 +89,20 @@ Result<Scenario> parse_scenario(std::string_view text, std::string_view source) 
       if (j.peer.empty()) return make_error(EINVAL, c.where(*t.get("peer_buffer")) + "job.peer_buffer: only network jobs (with a peer) have one");
       j.peer_buffer = *peer_buffer;
     }
+    PHYSR_ASSIGN_OR_RETURN(const std::optional<std::string> copy_to, get_string(c, t, "copy_to", what));
+    if (copy_to) {
+      if (copy_to->empty()) return make_error(EINVAL, c.where(*t.get("copy_to")) + "job.copy_to: is empty");
+      if (peer) return make_error(EINVAL, c.where(*t.get("copy_to")) + "job.copy_to: a network job (peer) has none");
+      if (rw) return make_error(EINVAL, c.where(*t.get("rw")) + "job.rw: an O_DIRECT copy (copy_to) reads the device and writes copy_to; leave rw out");
+      j.copy_to = *copy_to;
+    }
+    PHYSR_ASSIGN_OR_RETURN(const std::optional<uint64_t> host_bytes, get_uint(c, t, "host_bytes", what, 4 * MiB, true));
+    PHYSR_ASSIGN_OR_RETURN(j.p2pdma, get_bool(c, t, "p2pdma", what, true));
+    const bool p2pdma = t.get("p2pdma") != nullptr;
+    if ((host_bytes || p2pdma) && !copy_to)
+      return make_error(EINVAL, c.where(*t.get(host_bytes ? "host_bytes" : "p2pdma")) + "job." + (host_bytes ? "host_bytes" : "p2pdma") +
+                                    ": only O_DIRECT copies (with copy_to) have one");
+    if (host_bytes) j.host_bytes = *host_bytes;
     PHYSR_ASSIGN_OR_RETURN(const std::optional<std::string> path, get_string(c, t, "path", what));
     if (path) {
       if (*path == "p2p") j.path = PathPolicy::p2p;
@@ -135,6 +149,12 @@ Result<Job> resolve_job(const JobSpec& s, Machine& m) {
       nj.rx_buffer_function = *b;
     }
     j.kind = nj;
+    return j;
+  }
+  if (!s.copy_to.empty()) {
+    DirectIoJob dj{.ssd = device, .buffer_function = buffer, .host_bytes = s.host_bytes, .p2pdma = s.p2pdma, .path = s.path};
+    PHYSR_ASSIGN_OR_RETURN_CTX(dj.target, t.lookup(s.copy_to), at() + "copy_to");
+    j.kind = dj;
     return j;
   }
   PHYSR_ASSIGN_OR_RETURN_CTX(j.kind, job_kind_for(t, device, s.write, buffer), s.where + ": job '" + s.name + "'");

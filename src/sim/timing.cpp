@@ -7,8 +7,8 @@
 
 namespace physr::sim::detail {
 
-void Stages::start(uint64_t i, std::vector<Route> routes, size_t served) {
-  items_[i] = Item{sim_.now(), std::move(routes), served};
+void Stages::start(uint64_t i, std::vector<Route> routes, size_t served, std::vector<uint64_t> bytes) {
+  items_[i] = Item{sim_.now(), std::move(routes), served, std::move(bytes)};
   queue(i, 0);
 }
 
@@ -22,7 +22,7 @@ void Stages::queue(uint64_t i, size_t k) {
     at = start - r.latency_ns;
   }
   flow_of_.emplace_back(i, k);
-  sim_.add(r, bytes_, at);
+  sim_.add(r, x.bytes.empty() ? bytes_ : x.bytes[k], at);
 }
 
 uint64_t Stages::advance(const std::vector<size_t>& finished, std::vector<double>& lat) {

@@ -255,6 +255,18 @@ fi
 expect 0 '"verified_bytes": 4194304' -- sim "$tmp/small.toml" --json
 expect 0 'thru_host_bridge \(through the root complex\)' -- sim amd-zen
 expect 0 'The flagship scenario' --
+# O_DIRECT copies: the built-in odirect scenario, the flagship's line, the tour's, and a queue
+# without BLK_FEAT_PCI_P2PDMA (EREMOTEIO from pinning, as try_grab_folio()).
+expect 0 'cmb-copy +nvme0 -> nvme1 +nvme1 BAR2 \(CMB\) .* p2p bus_addr \(under the switch\)' -- sim odirect
+expect 0 'mixed-copy +nvme0 -> nvme1 +nvme1 BAR2 \(CMB\) \+ host memory .* 32 MiB +p2p bus_addr \(under the switch\) \+ host memory' -- sim odirect
+expect 0 'Every byte verified against its source: 256 MiB in 4 jobs' -- sim odirect
+expect 0 '"requests": 1024' -- sim odirect --json
+expect 0 'cmb-copy-odirect +nvme0 -> nvme1 +nvme1 BAR2 \(CMB\)' -- sim flagship
+expect 0 'cmb-copy-odirect: a process mapped nvme1.s p2pmem allocate file, and 2048 O_DIRECT requests' --
+printf '[[job]]\nname = "nop2p"\ndevice = "nvme0"\ncopy_to = "nvme1"\nbuffer = "nvme1"\np2pdma = false\nsize = "1M"\n' > "$tmp/nop2p.toml"
+expect 1 'nop2p .*failed: EREMOTEIO: .*O_DIRECT read of nvme0' -- sim "$tmp/nop2p.toml"
+printf '[[job]]\ndevice = "nvme0"\nhost_bytes = "4K"\n' > "$tmp/badhb.toml"
+expect 1 'badhb.toml:3: job.host_bytes: only O_DIRECT copies' -- sim "$tmp/badhb.toml"
 printf '[[job]]\ndevice = "nvme0"\nrw = "sideways"\n' > "$tmp/bad1.toml"
 expect 1 'bad1.toml:3: job.rw' -- sim "$tmp/bad1.toml"
 printf '[[job]]\ndevice = "nic0"\nsize = "1M"\n' > "$tmp/bad2.toml"

@@ -106,6 +106,7 @@ nlohmann::json to_json(const sim::Scenario& sc, const sim::ScenarioReport& rep) 
     x["via"] = nlohmann::json::array();
     for (sim::Via v : sim::kAllVia)
       if (r.took(v)) x["via"].push_back(sim::via_name(v));
+    if (r.requests) x["bios"] = r.bios, x["requests"] = r.requests;  // O_DIRECT jobs: the block layer's
     for (const auto& [name, bytes] : r.link_bytes) x["resource_bytes"][name] = bytes;
     j["jobs"].push_back(x);
   }

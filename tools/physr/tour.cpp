@@ -122,9 +122,16 @@ void run_tour() {
       fmt::print("  {:<20} {:>6.2f} GB/s  p99 {:>7.1f} us  {}\n", r.name, r.gbps, r.lat_p99_us, r.path);
     if (rs.size() >= 2 && rs[1].gbps > 0)
       fmt::print("  P2P into the GPU BAR: {:.2f}x the bounce buffer's throughput, no host memory traffic;\n"
-                 "  every byte of every job was checked against its source.\n"
-                 "  More: physr sim flagship --svg chart.svg; docs/sim.md\n\n",
+                 "  every byte of every job was checked against its source.\n",
                  rs[0].gbps / rs[1].gbps);
+    // The O_DIRECT copy: a process's mmap of nvme1's p2pmem allocate file, pinned into bios.
+    for (const auto& r : rs)
+      if (r.requests)
+        fmt::print("  {}: a process mapped nvme1's p2pmem allocate file, and {} O_DIRECT requests\n"
+                   "  moved {} from nvme0 through it into nvme1 (pinned with FOLL_PCI_P2PDMA: the queues\n"
+                   "  have BLK_FEAT_PCI_P2PDMA; without it, EREMOTEIO). More: physr sim odirect\n",
+                   r.name, r.requests, format_size(r.bytes));
+    fmt::print("  More: physr sim flagship --svg chart.svg; docs/sim.md\n\n");
   }
   const pci::Topology machine = failure_value(pci::load_builtin_machine(kDefaultMachine));
   const auto model = failure_value(ModelPlatform::create(machine));

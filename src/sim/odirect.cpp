@@ -1,0 +1,235 @@
+// O_DIRECT copy jobs: p2pmem-test's and SPDK cmb_copy's flow in the machine model. A process
+// maps its buffers (a provider's p2pmem allocate file, or anonymous host memory), reads each
+// block from one SSD into a buffer with O_DIRECT and writes the buffer to another SSD with
+// O_DIRECT. The block layer (mem::direct_io) pins, builds bios and requests and checks the
+// queue's P2PDMA feature; the driver here maps each request's segments through the SSD's
+// DmaDevice and moves the bytes over the machine's device side, as an NVMe controller does
+// with a command's data pointer.
+//
+// Timing: each block is two transfers one after the other, the read (first SSD -> buffer,
+// after its read latency, its media serving blocks in order) and the write (buffer ->
+// second SSD, after its write latency, through its media's write bandwidth), each over the
+// route its DMA addresses decoded to.
+// A block whose buffer mixes host and P2P memory is several requests each way; each request
+// is a transfer of its own bytes over its own route, one after the other.
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "physr/mem.hpp"
+#include "physr/sim.hpp"
+#include "sim/block_job.hpp"
+#include "sim/job_common.hpp"
+#include "sim/namespace.hpp"
+
+namespace physr::sim::detail {
+
+namespace {
+
+// What one request's DMA did, for the timing.
+struct Piece {
+  DmaAccess acc;
+  uint64_t bytes = 0;
+  bool bounced = false;
+};
+using Moved = std::vector<Piece>;
+
+}  // namespace
+
+Result<JobResult> run_direct_io_job(Machine& m, const Job& job, const DirectIoJob& k) {
+  const pci::Topology& topo = m.topology();
+  const std::string where = "job '" + job.name + "'";
+  for (const uint32_t f : {k.ssd, k.target}) {
+    if (f >= topo.functions.size()) return make_error(EINVAL, where + ": no such device");
+    if (!pci::is_nvme(topo.functions[f]))
+      return make_error(EINVAL, where + ": " + m.label(f) + " is not an NVMe controller (class " + format_hex(topo.functions[f].class_code) +
+                                    "): an O_DIRECT copy reads one NVMe SSD and writes another");
+  }
+  if (k.ssd == k.target) return make_error(EINVAL, where + ": copy_to is " + m.label(k.target) + " itself: an O_DIRECT copy goes to another SSD");
+  if (k.path == PathPolicy::bounce)
+    return make_error(EINVAL, where + ": an O_DIRECT copy's buffers are the ones the process mapped: path is p2p or auto, not bounce");
+  PHYSR_ASSIGN_OR_RETURN(const Aperture* bar, check_block_shape(m, job, k.buffer_function, where));
+  if (!bar && k.host_bytes != 0) return make_error(EINVAL, where + ": host_bytes needs a P2P buffer (the whole buffer is host memory already)");
+  if (k.host_bytes % kPageSize != 0 || (bar && k.host_bytes >= job.block_size))
+    return make_error(EINVAL, where + ": host_bytes " + std::to_string(k.host_bytes) + " must be a multiple of 4 KiB below the block size");
+  // A controller's own CMB holds command data only as CMBSZ allows (RDS for its reads, WDS
+  // for its writes); for the other SSD it is just P2P memory.
+  if (bar && topo.functions[bar->function].cmb) {
+    const pci::NvmeCmb& cmb = *topo.functions[bar->function].cmb;
+    if ((bar->function == k.ssd && !cmb.rds) || (bar->function == k.target && !cmb.wds))
+      return make_error(EINVAL, where + ": " + bar->name + " cannot hold " + (bar->function == k.ssd ? "read" : "write") + " command data (CMBSZ." +
+                                    (bar->function == k.ssd ? "RDS" : "WDS") + " is clear)");
+  }
+
+  // A p2p policy fails up front where the fabric refuses either SSD's access to the BAR,
+  // with the fabric's reason (as the block jobs do); otherwise the DMA layer decides.
+  if (bar && k.path == PathPolicy::p2p)
+    for (const auto& [dev, writes] : {std::pair{k.ssd, true}, std::pair{k.target, false}})
+      if (auto r = m.fabric().to_peer(dev, bar->function, writes); !r) return make_error(EREMOTEIO, where + ": " + r.error().message);
+
+  // The process: host memory for its anonymous pages (the window block jobs use for host
+  // buffers), an address space, and per queue slot a buffer at a fixed address: host_bytes
+  // of anonymous memory, then the rest from the provider's allocate file.
+  const uint64_t bs = job.block_size, qd = job.queue_depth, ios = job.size / bs;
+  const uint64_t stride = (bs + 2 * MiB - 1) & ~(2 * MiB - 1);
+  const uint64_t stream = m.next_job(), target_stream = m.next_job();
+  PHYSR_ASSIGN_OR_RETURN_CTX(auto host, mem::HostMemory::create(PhysSpan{PhysAddr(kHostBuffers), kHostWindow}, stream), where);
+  mem::AddressSpace as(*host);
+  mem::P2PMemorySource* file = nullptr;
+  if (bar) {
+    PHYSR_ASSIGN_OR_RETURN_CTX(file, m.allocate_file(bar->function), where);
+  }
+  const uint64_t host_part = bar ? k.host_bytes : bs;
+  const auto slot_addr = [&](uint64_t s) { return mem::AddressSpace::kMmapBase + s * stride; };
+  for (uint64_t s = 0; s < std::min(qd, ios); ++s) {
+    if (host_part) PHYSR_RETURN_IF_ERROR_CTX(as.mmap_anon({.addr = slot_addr(s), .len = host_part}), where);
+    if (bs > host_part)
+      PHYSR_RETURN_IF_ERROR_CTX(as.mmap_p2p(*file, {.addr = slot_addr(s) + host_part, .len = bs - host_part, .shared = true}), where);
+  }
+
+  // drivers/nvme/host/core.c: BLK_FEAT_PCI_P2PDMA when the controller supports P2PDMA.
+  PHYSR_ASSIGN_OR_RETURN_CTX(const mem::Queue qin, mem::Queue::nvme(m.label(k.ssd), k.p2pdma), where);
+  PHYSR_ASSIGN_OR_RETURN_CTX(const mem::Queue qout, mem::Queue::nvme(m.label(k.target), k.p2pdma), where);
+  PHYSR_ASSIGN_OR_RETURN(Namespace ns_in, Namespace::create(job.size, bs, stream));
+  PHYSR_ASSIGN_OR_RETURN(Namespace ns_out, Namespace::create(job.size, bs, target_stream));
+  PHYSR_ASSIGN_OR_RETURN(DmaDevice* in_dev, m.device(k.ssd));
+  PHYSR_ASSIGN_OR_RETURN(DmaDevice* out_dev, m.device(k.target));
+  const DmaAttrs attrs = k.path == PathPolicy::automatic ? kDmaAttrAllowBounce : kDmaAttrNone;
+
+  Fabric& fab = m.fabric();
+  fab.reset_counters();
+  const size_t faults_before = m.faults().size();
+  JobResult out;
+  out.name = job.name;
+  out.device = m.label(k.ssd) + " -> " + m.label(k.target);
+  out.buffer = !bar ? "host memory" : k.host_bytes ? bar->name + " + host memory" : bar->name;
+  const MachineOptions& mo = m.options();
+  RouteCache read_routes(fab, k.ssd, true), write_routes(fab, k.target, false);
+  const Route copy = bar ? *fab.to_memory(bar->function, -1, true) : Route{};
+  // The target's media takes the written blocks at its write bandwidth, shared by the
+  // blocks in flight (the read side's media serves blocks in order, in Stages).
+  const uint32_t write_media = fab.add_resource(Resource::Kind::device, m.label(k.target) + " media (writes)", mo.nvme_write_gbps);
+  Simulator sim(fab);
+  Stages stages(sim, ios, bs, static_cast<double>(bs) / mo.nvme_read_gbps);
+  std::vector<double> lat;
+  uint8_t via = 0;
+  const Route* p2p_taken = nullptr;
+  std::vector<uint8_t> got(std::min<uint64_t>(64 * KiB, bs));
+
+  // The driver's side of one request: map its segments, let the controller move the bytes
+  // between its namespace and memory by DMA address, unmap, and (for a read) check that
+  // memory holds what the namespace does.
+  const auto driver = [&](bool read, Moved* mv) {
+    return [&, read, mv](const mem::Request& rq, const RangeList& segs) -> Status {
+      Piece& moved = mv->emplace_back();
+      moved.bytes = rq.bytes;
+      const uint32_t dev = read ? k.ssd : k.target;
+      DmaDevice& dma = read ? *in_dev : *out_dev;
+      const uint64_t pos = rq.sector << mem::kSectorShift;
+      PHYSR_ASSIGN_OR_RETURN_CTX(DmaMapping map, dma.map(segs, read ? DmaDirection::from_device : DmaDirection::to_device, attrs),
+                                 where + ": " + m.label(dev));
+      const auto ds = map.segments();
+      (fits_prps(ds) ? out.prp_ios : out.sgl_ios)++;
+      moved.bounced |= any_bounced(ds);
+      Status st;
+      for (uint64_t b = 0; st && b < rq.bytes; b += kBurst) {
+        const uint64_t n = std::min(kBurst, rq.bytes - b);
+        st = read ? take_access(m.dma_write_from(dev, ds, b, n, [&](uint64_t o, std::span<uint8_t> dst) { return ns_in.read(pos + b + o, dst); }), moved.acc)
+                  : take_access(m.dma_read_to(dev, ds, b, n, [&](uint64_t o, std::span<const uint8_t> src) { return ns_out.write(pos + b + o, src); }),
+                                moved.acc);
+      }
+      Status un = dma.unmap(map);
+      PHYSR_RETURN_IF_ERROR_CTX(std::move(st), where);
+      PHYSR_RETURN_IF_ERROR_CTX(std::move(un), where);
+      if (!read) return {};
+      // The buffer's pages, in the request's order, hold the namespace's bytes (checked
+      // after unmap: bounced data lands only then).
+      uint64_t done = 0;
+      for (const PhysRange& r : segs) {
+        PHYSR_RETURN_IF_ERROR(m.memory().visit(r.addr, r.len, [&](uint64_t o, std::span<const uint8_t> have) -> Status {
+          PHYSR_ASSIGN_OR_RETURN(const size_t bad, ns_in.mismatch(pos + done + o, have));
+          if (bad == have.size()) return {};
+          return make_error(EIO, where + ": block at byte " + std::to_string(pos) + ": the buffer at " + format_hex(r.addr.value() + o + bad) +
+                                     " does not hold the byte " + std::to_string(pos + done + o + bad) + " of " + m.label(k.ssd));
+        }));
+        done += r.len;
+      }
+      return {};
+    };
+  };
+
+  const auto submit = [&](uint64_t i) -> Status {
+    const uint64_t addr = slot_addr(i % qd), sector = (i * bs) >> mem::kSectorShift;
+    Moved rd, wr;
+    PHYSR_ASSIGN_OR_RETURN_CTX(const mem::DirectIoStats r, mem::direct_io(as, qin, mem::BlockOp::read, addr, bs, sector, driver(true, &rd)), where);
+    PHYSR_ASSIGN_OR_RETURN_CTX(const mem::DirectIoStats w, mem::direct_io(as, qout, mem::BlockOp::write, addr, bs, sector, driver(false, &wr)), where);
+    out.bios += r.bios + w.bios;
+    out.requests += r.requests + w.requests;
+    // The target's namespace holds the first SSD's bytes, read back a piece at a time.
+    for (uint64_t b = 0; b < bs; b += got.size()) {
+      const std::span<uint8_t> piece(got.data(), std::min<uint64_t>(got.size(), bs - b));
+      PHYSR_RETURN_IF_ERROR(ns_out.read(i * bs + b, piece));
+      if (const size_t bad = pattern_mismatch(stream, i * bs + b, piece); bad != piece.size())
+        return make_error(EIO, where + ": " + m.label(k.target) + " does not hold byte " + std::to_string(i * bs + b + bad) + " of " + m.label(k.ssd));
+    }
+    out.verified_bytes += bs;
+    // Timing over the routes the addresses took; a bounced transfer adds the copy between
+    // host memory and the BAR (after the read, before the write).
+    std::vector<Route> routes;
+    std::vector<uint64_t> bytes;
+    for (const auto& [pieces, cache, read] : {std::tuple{&rd, &read_routes, true}, std::tuple{&wr, &write_routes, false}}) {
+      bool first = true;
+      for (const Piece& p : *pieces) {
+        PHYSR_ASSIGN_OR_RETURN_CTX(const Route* via_route, cache->get(p.acc), where);
+        Route own = *via_route;
+        if (first) own.latency_ns += read ? mo.nvme_read_latency_ns : mo.nvme_write_latency_ns;  // one command latency per block
+        if (!read) own.resources.push_back(write_media);
+        first = false;
+        if (p.acc.peer_switch || p.acc.peer_rc) {
+          if (!p2p_taken) p2p_taken = via_route;  // the read's: where the SSD's data went
+          via |= static_cast<uint8_t>(via_route->p2p == pci::MapType::bus_addr ? Via::p2p_bus_addr : Via::p2p_host_bridge);
+        }
+        if (p.acc.host_memory) via |= static_cast<uint8_t>(p.bounced ? Via::bounced : Via::host_memory);
+        if (p.bounced && !read) routes.push_back(copy), bytes.push_back(p.bytes);
+        routes.push_back(std::move(own)), bytes.push_back(p.bytes);
+        if (p.bounced && read) routes.push_back(copy), bytes.push_back(p.bytes);
+      }
+    }
+    stages.start(i, std::move(routes), 0, std::move(bytes));
+    return {};
+  };
+
+  // Queue depth as the block jobs keep it: a new block as soon as one completes.
+  uint64_t next = 0, completed = 0, in_flight = 0;
+  const auto on_done = [&](const std::vector<size_t>& finished) {
+    const uint64_t ended = stages.advance(finished, lat);
+    completed += ended;
+    in_flight -= ended;
+  };
+  Status st;
+  while (st && completed < ios) {
+    if (in_flight < qd && next < ios) {
+      st = submit(next++);
+      ++in_flight;
+      continue;
+    }
+    const auto finished = sim.step();
+    if (finished.empty()) st = make_error(EIO, where + ": the simulation stalled");  // cannot happen: every flow ends
+    on_done(finished);
+  }
+  // The process exits: its mappings go, and the P2P chunks back to the pool (after a grace period).
+  Status un = as.munmap(mem::AddressSpace::kMmapBase, std::min(qd, ios) * stride);
+  PHYSR_RETURN_IF_ERROR(st);
+  PHYSR_RETURN_IF_ERROR_CTX(std::move(un), where);
+  finish_result(out, m, sim, lat, job.size, ios, faults_before);
+  out.via = via;
+  out.path = !bar ? "host memory"
+             : out.took(Via::bounced) ? "bounce (DMA layer, swiotlb)"
+             : p2p_taken ? std::string("p2p ") + pci::map_type_name(p2p_taken->p2p) +
+                               (p2p_taken->resources.empty() ? " (inside the SSD)" : p2p_taken->through_rc ? " (through the root complex)" : " (under the switch)")
+                         : "host memory";
+  if (bar && k.host_bytes) out.path += " + host memory";
+  return out;
+}
+
+}  // namespace physr::sim::detail
