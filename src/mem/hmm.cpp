@@ -346,16 +346,16 @@ Status hmm_range_fault(HmmRange& r) {
 Result<RangeList> hmm_pfns_to_ranges(const AddressSpace& space, std::span<const uint64_t> pfns, uint64_t start) {
   RangeList list;
   const HostMemory& mem = HmmWalk::memory(space);
-  uint64_t run_pfn = 0, run_len = 0, lo = 0, hi = 0;
-  ProviderId run_prov = kInvalidProvider;
+  uint64_t run_pfn = 0, run_len = 0, lo = 0, hi = 0;  // [lo, hi): the chunk last looked up, of provider `cached`
+  ProviderId run_prov = kInvalidProvider, cached = kInvalidProvider;
   for (size_t i = 0; i < pfns.size(); ++i) {
     if (!(pfns[i] & kHmmPfnValid))
       return make_error(EFAULT, "hmm ranges: the page at " + format_hex(start + (i << kPageShift)) + " has no HMM_PFN_VALID");
     const uint64_t pfn = pfns[i] & ~kHmmPfnFlags, a = pfn << kPageShift;
     ProviderId prov = kHostMemory;
     if (!mem.contains(PhysAddr(a))) {
-      if (a < lo || a >= hi) prov = HmmWalk::chunk_of(space, a, &lo, &hi);
-      else prov = run_prov != kHostMemory ? run_prov : HmmWalk::chunk_of(space, a, &lo, &hi);
+      if (a < lo || a >= hi) cached = HmmWalk::chunk_of(space, a, &lo, &hi);
+      prov = cached;
       if (prov == kInvalidProvider)
         return make_error(EFAULT, "hmm ranges: the page at " + format_hex(start + (i << kPageShift)) + " maps " +
                                       format_hex(a) + ", which is neither host memory nor a live P2P chunk");
