@@ -51,8 +51,8 @@ TEST(HmmConcurrencyTest, RetryProtocolAgainstConcurrentMunmap) {
     });
   }
   std::mt19937_64 rng(7);
-  // At least 2000 changes, and on until the devices made 3000 accesses (bounded).
-  for (int step = 0; step < 2000 || (ok.load() < 3000 && step < 50000); ++step) {
+  // At least 800 changes, and on until the devices made 2000 accesses (bounded).
+  for (int step = 0; step < 800 || (ok.load() < 2000 && step < 20000); ++step) {
     std::this_thread::yield();
     const uint64_t p = rng() % kPages, n = 1 + rng() % std::min<uint64_t>(8, kPages - p);
     std::lock_guard g(as.mmap_lock());
