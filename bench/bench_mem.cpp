@@ -478,3 +478,101 @@ const int kDmaBufRegistered = [] {
 }();
 
 }  // namespace
+
+// ---------------------------------------------------------------------------------------
+// The mirror (physr/mem/hmm.hpp). Items = pages for HmmRangeFault, ranges for
+// HmmInvalidateRetry.
+//   HmmRangeFault/4k/1073741824      hmm_range_fault of a resident 1 GiB VMA of 4 KiB pages
+//   HmmRangeFault/2m/1073741824      the same of 2 MiB folios (PMD-mapped: order 9)
+//   HmmRangeFault/pin_peer_{4k,2m}/  the peer in the same run: pin + unpin of the same buffer
+//   HmmInvalidateRetry/2097152       an invalidation of a mirrored 2 MiB range (the driver's
+//                                    callback: its lock and set_seq), then the driver's retry:
+//                                    read_begin, hmm_range_fault of the 512 pages, read_retry
+#include "physr/mem/hmm.hpp"
+
+namespace {
+using namespace physr;
+using namespace physr::mem;
+
+struct HmmBenchSpace {
+  std::unique_ptr<HostMemory> mem = std::move(HostMemory::create(PhysSpan{PhysAddr(4 * GiB), 2 * GiB})).value();
+  AddressSpace as{*mem};
+  uint64_t addr = 0;
+  std::mutex driver;
+  std::unique_ptr<MmuIntervalNotifier> n;
+  HmmBenchSpace(uint64_t len, unsigned order) {
+    addr = as.mmap_anon({.addr = uint64_t{1} << 32, .len = len, .order = order}).value();
+    n = MmuIntervalNotifier::insert(as, addr, len, [this](MmuIntervalNotifier& sub, const MmuNotifierRange&, uint64_t seq) {
+          std::lock_guard g(driver);
+          sub.set_seq(seq);
+          return true;
+        }).value();
+  }
+};
+
+void BM_HmmRangeFault(benchmark::State& state, unsigned order) {
+  const uint64_t len = static_cast<uint64_t>(state.range(0));
+  HmmBenchSpace s(len, order);
+  std::vector<uint64_t> pfns(len >> kPageShift);
+  for (auto _ : state) {
+    HmmRange r{.notifier = s.n.get(), .notifier_seq = s.n->read_begin(), .start = s.addr, .end = s.addr + len, .hmm_pfns = pfns,
+               .default_flags = kHmmPfnReqFault};
+    std::lock_guard g(s.as.mmap_lock());
+    if (Status st = hmm_range_fault(r); !st) [[unlikely]] {
+      state.SkipWithError(st.error().to_string().c_str());
+      break;
+    }
+    benchmark::DoNotOptimize(pfns.data());
+  }
+  state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * pfns.size()));
+}
+
+void BM_HmmPinPeer(benchmark::State& state, unsigned order) {
+  const uint64_t len = static_cast<uint64_t>(state.range(0));
+  HmmBenchSpace s(len, order);
+  for (auto _ : state) {
+    auto p = s.as.pin(s.addr, len, Foll::write);
+    if (!p) [[unlikely]] {
+      state.SkipWithError(p.error().to_string().c_str());
+      break;
+    }
+    benchmark::DoNotOptimize(p->ranges().size());
+    if (!s.as.unpin(std::move(p).value())) [[unlikely]] std::abort();
+  }
+  state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * (len >> kPageShift)));
+}
+
+void BM_HmmInvalidateRetry(benchmark::State& state) {
+  const uint64_t len = static_cast<uint64_t>(state.range(0));
+  HmmBenchSpace s(len, kOrder4K);
+  std::vector<uint64_t> pfns(len >> kPageShift);
+  MmuNotifierSubscriptions& subs = *s.as.notifiers();
+  for (auto _ : state) {
+    subs.invalidate_start({s.addr, s.addr + len, MmuNotifyEvent::clear});
+    subs.invalidate_end();
+    HmmRange r{.notifier = s.n.get(), .notifier_seq = s.n->read_begin(), .start = s.addr, .end = s.addr + len, .hmm_pfns = pfns,
+               .default_flags = kHmmPfnReqFault};
+    {
+      std::lock_guard g(s.as.mmap_lock());
+      if (Status st = hmm_range_fault(r); !st) [[unlikely]] {
+        state.SkipWithError(st.error().to_string().c_str());
+        break;
+      }
+    }
+    std::lock_guard g(s.driver);
+    if (s.n->read_retry(r.notifier_seq)) [[unlikely]] std::abort();
+    benchmark::DoNotOptimize(pfns.data());
+  }
+  state.SetItemsProcessed(static_cast<int64_t>(state.iterations()));
+}
+
+const int kHmmRegistered = [] {
+  benchmark::RegisterBenchmark("HmmRangeFault/4k", BM_HmmRangeFault, kOrder4K)->Arg(int64_t{1} << 30);
+  benchmark::RegisterBenchmark("HmmRangeFault/2m", BM_HmmRangeFault, kOrder2M)->Arg(int64_t{1} << 30);
+  benchmark::RegisterBenchmark("HmmRangeFault/pin_peer_4k", BM_HmmPinPeer, kOrder4K)->Arg(int64_t{1} << 30);
+  benchmark::RegisterBenchmark("HmmRangeFault/pin_peer_2m", BM_HmmPinPeer, kOrder2M)->Arg(int64_t{1} << 30);
+  benchmark::RegisterBenchmark("HmmInvalidateRetry", BM_HmmInvalidateRetry)->Arg(int64_t{2} << 20);
+  return 0;
+}();
+
+}  // namespace

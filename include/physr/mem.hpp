@@ -34,10 +34,12 @@
 
 // The layer's other parts: process address spaces, host pages, P2P VMAs and pinning; the
 // block layer model (bios, requests, O_DIRECT); dma-buf export/import and the devmem
-// binding of a dma-buf to an RX queue; netmem handles and page pools with memory providers.
+// binding of a dma-buf to an RX queue; netmem handles and page pools with memory providers;
+// the mirror (interval notifiers, hmm_range_fault, device page tables).
 #include "physr/mem/block.hpp"
 #include "physr/mem/devmem.hpp"
 #include "physr/mem/dmabuf.hpp"
+#include "physr/mem/hmm.hpp"
 #include "physr/mem/netmem.hpp"
 #include "physr/mem/page_pool.hpp"
 #include "physr/mem/uspace.hpp"

@@ -23,6 +23,7 @@ Result<Pinned> AddressSpace::pin(uint64_t addr, uint64_t len, FollFlags flags) {
   // __get_user_pages() would return a short count (see docs/mem-user.md).
   auto it = vmas_.upper_bound(first);
   if (it != vmas_.begin()) --it;
+  bool missing = false;
   for (uint64_t cur = first; cur < end; ++it) {
     if (it == vmas_.end() || it->first > cur || it->second.end <= cur)
       return make_error(EFAULT, "pin: address " + format_hex(std::max(cur, addr)) + " is not mapped");
@@ -36,8 +37,12 @@ Result<Pinned> AddressSpace::pin(uint64_t addr, uint64_t len, FollFlags flags) {
       return make_error(EREMOTEIO, "pin: address " + format_hex(std::max(cur, addr)) + " is P2P memory of provider " +
                                        std::to_string(v.chunk->c.provider) + " (" + v.chunk->source->name() +
                                        ") and FOLL_PCI_P2PDMA is not set");
+    missing |= v.sparse;
     cur = v.end;
   }
+  // mm/gup.c __get_user_pages() -> faultin_page(): missing pages are faulted in first
+  // (and stay, as in Linux, even if the pin then fails).
+  if (missing) PHYSR_RETURN_IF_ERROR(fault_in(first, end));
 
   // Pass 2: build the list and count the pins. Pieces of different providers never merge
   // (RangeList's builders; include/linux/memremap.h zone_device_pages_have_same_pgmap()).

@@ -5,6 +5,7 @@
 #include <utility>
 
 #include "mem/uspace_detail.hpp"
+#include "physr/mem/hmm.hpp"
 
 namespace physr::mem {
 
@@ -190,9 +191,17 @@ Result<uint64_t> AddressSpace::mmap_anon(const MmapOptions& opt) {
     return make_error(EINVAL, "mmap: folio order " + std::to_string(opt.order) + " is neither 0 (4 KiB) nor 9 (2 MiB)");
   const uint64_t unit = kPageSize << opt.order;
   const uint64_t len = (opt.len + unit - 1) & ~(unit - 1);
+  if (!opt.populate && opt.order != kOrder4K)
+    return make_error(EINVAL, "mmap: only 4 KiB anonymous memory may be left unpopulated");
   PHYSR_ASSIGN_OR_RETURN(const uint64_t start, place(opt, len));
   Vma v{.end = start + len, .kind = VmaKind::anon, .prot = opt.prot, .shared = opt.shared, .order = opt.order};
   const uint64_t pages = len >> kPageShift;
+  if (!opt.populate) {  // every page missing (pfn 0) until faulted in
+    v.pfns.assign(pages, 0);
+    v.sparse = true;
+    insert(start, std::move(v));
+    return start;
+  }
   v.pfns.reserve(pages);
   for (uint64_t i = 0; i < pages; i += uint64_t{1} << opt.order) {
     auto head = mem_->alloc_folio(opt.order);
@@ -270,6 +279,10 @@ void AddressSpace::drop_pages(const Vma& v, uint64_t first, uint64_t n) {
   }
   for (uint64_t i = first; i < first + n;) {
     const uint64_t pfn = v.pfns[i];
+    if (pfn == 0) {  // a missing page of an unpopulated VMA
+      ++i;
+      continue;
+    }
     // A run of pages of one folio drops its references at once.
     const uint64_t folio_end = mem_->folio_head(pfn) + (uint64_t{1} << mem_->folio_order(pfn));
     uint64_t k = 1;
@@ -287,9 +300,11 @@ Status AddressSpace::maybe_release(Chunk& c) {
   return src->release(span);
 }
 
+Status AddressSpace::munmap(uint64_t addr, uint64_t len) { return unmap_range(addr, len, MmuNotifyEvent::unmap); }
+
 // mm/vma.c do_vmi_munmap(): the start must be page-aligned and the range below TASK_SIZE;
 // VMAs across either end are split; nothing mapped there is not an error.
-Status AddressSpace::munmap(uint64_t addr, uint64_t len_in) {
+Status AddressSpace::unmap_range(uint64_t addr, uint64_t len_in, MmuNotifyEvent event) {
   if (addr % kPageSize != 0) return make_error(EINVAL, "munmap: address " + format_hex(addr) + " is not 4 KiB aligned");
   if (len_in == 0) return make_error(EINVAL, "munmap: length 0");
   const uint64_t len = (len_in + kPageSize - 1) & ~(kPageSize - 1);
@@ -299,6 +314,8 @@ Status AddressSpace::munmap(uint64_t addr, uint64_t len_in) {
   Status result;
   auto it = vmas_.upper_bound(addr);
   if (it != vmas_.begin() && std::prev(it)->second.end > addr) --it;
+  // mm/memory.c unmap_vmas(): the notifiers hear of [addr, end) before any page goes.
+  const MmuNotifierScope notify(notifiers_.get(), {addr, end, event}, it != vmas_.end() && it->first < end);
   while (it != vmas_.end() && it->first < end) {
     const uint64_t vs = it->first;
     Vma v = std::move(it->second);
@@ -306,7 +323,8 @@ Status AddressSpace::munmap(uint64_t addr, uint64_t len_in) {
     const uint64_t s = std::max(vs, addr), e = std::min(v.end, end);
     drop_pages(v, (s - vs) >> kPageShift, (e - s) >> kPageShift);
     if (e < v.end) {  // the part after the hole
-      Vma right{.end = v.end, .kind = v.kind, .prot = v.prot, .shared = v.shared, .order = v.order, .file = v.file};
+      Vma right{.end = v.end, .kind = v.kind, .prot = v.prot, .shared = v.shared, .order = v.order, .file = v.file,
+                .sparse = v.sparse};
       if (v.kind == VmaKind::p2p) {
         right.chunk = v.chunk;
         right.chunk_page = v.chunk_page + ((e - vs) >> kPageShift);
@@ -368,7 +386,7 @@ uint32_t AddressSpace::pins_at(uint64_t addr) const {
   if (!v) return 0;
   const uint64_t page = (addr - start) >> kPageShift;
   if (v->kind == VmaKind::p2p) return v->chunk->pins[v->chunk_page + page];
-  return mem_->folio_pins(v->pfns[page]);
+  return v->pfns[page] == 0 ? 0 : mem_->folio_pins(v->pfns[page]);
 }
 
 ProviderId AddressSpace::provider_at(PhysAddr a) const noexcept {

@@ -8,9 +8,11 @@
 //   shapes. A folio is free again when its references and its pins are both zero.
 // - An AddressSpace is a process's VMAs (an ordered map by start address): anonymous
 //   memory, file-backed memory (the pages of a HostFile's page cache) and P2P memory made
-//   by mmap of a provider's p2pmem allocate file. Every VMA is populated at mmap time
-//   (MAP_POPULATE): host VMAs keep one pfn per virtual page, P2P VMAs one chunk of the
-//   provider's pool. There is no fault path, swap, COW or mremap.
+//   by mmap of a provider's p2pmem allocate file. VMAs are populated at mmap time
+//   (MAP_POPULATE) unless anonymous 4 KiB memory asks otherwise (its missing pages are
+//   faulted in by pin() and hmm_range_fault()): host VMAs keep one pfn per virtual page,
+//   P2P VMAs one chunk of the provider's pool. There is no swap, COW or mremap.
+//   munmap, mprotect, migrate and P2P revocation tell interval notifiers (hmm.hpp).
 // - pin() is pin_user_pages() / iov_iter_extract_pages(): a byte span of user addresses
 //   becomes a RangeList tagged with providers (built by the pfn builder), and each page
 //   it covers gains one pin, counted at its folio as GUP's try_grab_folio(folio, refs)
@@ -29,6 +31,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <span>
 #include <string>
@@ -177,6 +180,9 @@ struct MmapOptions {
   bool shared = false;        // MAP_SHARED (true) or MAP_PRIVATE (false)
   uint64_t offset = 0;        // file offset (vm_pgoff << PAGE_SHIFT)
   unsigned order = kOrder4K;  // anonymous memory: 4 KiB pages or 2 MiB folios (THP)
+  /// MAP_POPULATE (true). false, for anonymous 4 KiB memory only: every page is missing
+  /// until pin() or hmm_range_fault() faults it in.
+  bool populate = true;
 };
 
 /// A VMA as reported to callers.
@@ -249,6 +255,9 @@ struct AddressSpaceStats {
   size_t p2p_chunks_unmapped = 0; // of which no longer mapped: held only by pins
 };
 
+class MmuNotifierSubscriptions;  // physr/mem/hmm.hpp
+enum class MmuNotifyEvent : uint8_t;
+
 /// A process's virtual address space.
 class AddressSpace {
  public:
@@ -280,6 +289,24 @@ class AddressSpace {
   /// stay until unpin. EINVAL: unaligned addr, zero length, past kTaskSize. Unmapping
   /// addresses with no VMA is not an error (Linux returns 0).
   Status munmap(uint64_t addr, uint64_t len);
+  /// mprotect(): [addr, addr + len) (len rounded up) gets `prot`, VMAs across the ends are
+  /// split. EINVAL: unaligned addr; ENOMEM: a page of the span is not mapped (named; then
+  /// nothing changes). Length 0 does nothing (Linux returns 0). Notifies protection_vma.
+  Status mprotect(uint64_t addr, uint64_t len, ProtFlags prot);
+  /// Page migration (migrate_pages()): every present, unpinned 4 KiB page of anonymous
+  /// memory in [addr, addr + len) moves to a new physical page; pinned pages, 2 MiB folios,
+  /// file and P2P pages stay. Returns the pages moved. EINVAL: unaligned addr, len 0;
+  /// ENOMEM: no free page for the first one. Notifies migrate.
+  Result<uint64_t> migrate(uint64_t addr, uint64_t len);
+  /// Revocation of P2P memory (p2pdma's unmap_mapping_range() when the provider goes
+  /// away, what P2PMemory's revoke callback calls): every P2P VMA mapping a chunk that
+  /// overlaps `span` is unmapped, notifying p2p_revoke. Returns the VMAs unmapped.
+  Result<size_t> revoke_p2p(PhysSpan span);
+  /// mm->mmap_lock. Mutations and hmm_range_fault() need it held when a mirror works on
+  /// another thread (physr's lock is exclusive; Linux's is an rwsem).
+  std::mutex& mmap_lock() noexcept { return mmap_lock_; }
+  /// The interval notifiers (physr/mem/hmm.hpp), null before the first insert.
+  MmuNotifierSubscriptions* notifiers() const noexcept { return notifiers_.get(); }
 
   /// pin_user_pages() of the bytes [addr, addr + len): every page must be mapped (EFAULT
   /// naming the first unmapped address), writable with Foll::write (EFAULT naming the VMA),
@@ -318,7 +345,13 @@ class AddressSpace {
     std::shared_ptr<Chunk> chunk{};          // P2P VMAs
     uint64_t chunk_page = 0;                 // the chunk page of the VMA's first page
     HostFile* file = nullptr;
+    bool sparse = false;                     // made without MAP_POPULATE: pfns may be 0 (missing)
   };
+  friend struct HmmWalk;        // hmm.cpp: hmm_range_fault() walks the VMAs
+  friend class MmuIntervalNotifier;
+  Status unmap_range(uint64_t addr, uint64_t len, MmuNotifyEvent event);
+  void split_at(uint64_t addr);
+  Status fault_in(uint64_t first, uint64_t end);
   Result<uint64_t> place(const MmapOptions& opt, uint64_t len);
   void insert(uint64_t start, Vma v);
   void drop_pages(const Vma& v, uint64_t first_page, uint64_t npages);
@@ -331,6 +364,8 @@ class AddressSpace {
   std::map<uint64_t, std::shared_ptr<Chunk>> chunks_;  // live P2P chunks by physical start
   std::unordered_set<uint64_t> live_pins_;
   uint64_t pinned_pages_ = 0;
+  std::shared_ptr<MmuNotifierSubscriptions> notifiers_;
+  std::mutex mmap_lock_;
 };
 
 }  // namespace physr::mem
