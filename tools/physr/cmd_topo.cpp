@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cli.hpp"
+#include "json_writer.hpp"
 #include "physr/pci.hpp"
 
 namespace physr::cli {
@@ -271,42 +272,78 @@ void print_matrix(const Topology& t, P2PEngine& e, const std::vector<uint32_t>& 
   print_legend(t);
 }
 
-nlohmann::json to_json(const Topology& t, P2PEngine& e, const std::vector<uint32_t>& devs, const KernelChoice& k) {
-  nlohmann::json j;
-  j["source"] = t.source;
-  j["machine"] = t.name;
-  j["cpu"] = {{"vendor", t.cpu.vendor}, {"family", t.cpu.family}, {"amd_zen_rule", e.cpu_amd_zen()}};
-  j["kernel"] = {{"version", k.version.to_string()}, {"from", k.from}};
-  auto& hbs = j["host_bridges"] = nlohmann::json::array();
-  for (const HostBridge& hb : t.host_bridges) hbs.push_back({{"name", hb.name()}, {"numa_node", hb.numa_node}});
-  auto& fns = j["functions"] = nlohmann::json::array();
-  for (const Function& f : t.functions) {
-    nlohmann::json o = {{"bdf", f.bdf.to_string()},
-                        {"vendor", fmt::format("{:04x}", f.vendor)},
-                        {"device", fmt::format("{:04x}", f.device)},
-                        {"class", fmt::format("{:06x}", f.class_code)},
-                        {"class_name", class_name(f.class_code)},
-                        {"port_type", port_type_name(f.port_type)},
-                        {"port_type_inferred", f.port_type_inferred},
-                        {"acs", f.acs.kind == AcsState::Kind::unknown  ? "unknown"
-                                : f.acs.kind == AcsState::Kind::absent ? "absent"
-                                                                       : acs_bits_string(f.acs.ctrl)},
-                        {"numa_node", f.numa_node},
-                        {"host_bridge", t.host_bridges[f.host_bridge].name()}};
-    o["upstream"] = f.upstream >= 0 ? nlohmann::json(t.functions[static_cast<uint32_t>(f.upstream)].bdf.to_string()) : nlohmann::json();
-    if (!f.name.empty()) o["name"] = f.name;
-    fns.push_back(std::move(o));
-  }
-  auto& pairs = j["pairs"] = nlohmann::json::array();
+nlohmann::json function_json(const Topology& t, const Function& f) {
+  nlohmann::json o = {{"bdf", f.bdf.to_string()},
+                      {"vendor", fmt::format("{:04x}", f.vendor)},
+                      {"device", fmt::format("{:04x}", f.device)},
+                      {"class", fmt::format("{:06x}", f.class_code)},
+                      {"class_name", class_name(f.class_code)},
+                      {"port_type", port_type_name(f.port_type)},
+                      {"port_type_inferred", f.port_type_inferred},
+                      {"acs", f.acs.kind == AcsState::Kind::unknown  ? "unknown"
+                              : f.acs.kind == AcsState::Kind::absent ? "absent"
+                                                                     : acs_bits_string(f.acs.ctrl)},
+                      {"numa_node", f.numa_node},
+                      {"host_bridge", t.host_bridges[f.host_bridge].name()}};
+  o["upstream"] = f.upstream >= 0 ? nlohmann::json(t.functions[static_cast<uint32_t>(f.upstream)].bdf.to_string()) : nlohmann::json();
+  if (!f.name.empty()) o["name"] = f.name;
+  return o;
+}
+
+// `topo --json`: one object, streamed (keys in the sorted order nlohmann::json prints), so
+// memory stays bounded whatever the number of pairs. The pairs are computed as they are
+// printed, never cached: n^2 of them would not fit in the engine's bounded cache anyway.
+void print_json(const Topology& t, const P2PEngine& e, const std::vector<uint32_t>& devs, const KernelChoice& k) {
+  JsonWriter w(stdout, 1);
+  w.begin_object();
+  w.key("cpu");
+  w.value(nlohmann::json{{"vendor", t.cpu.vendor}, {"family", t.cpu.family}, {"amd_zen_rule", e.cpu_amd_zen()}});
+  w.key("functions");
+  w.begin_array();
+  for (const Function& f : t.functions) w.value(function_json(t, f));
+  w.end_array();
+  w.key("host_bridges");
+  w.begin_array();
+  for (const HostBridge& hb : t.host_bridges) w.value(nlohmann::json{{"name", hb.name()}, {"numa_node", hb.numa_node}});
+  w.end_array();
+  w.key("kernel");
+  w.value(nlohmann::json{{"version", k.version.to_string()}, {"from", k.from}});
+  w.key("machine");
+  w.string_value(t.name);
+  w.key("pairs");
+  w.begin_array();
+  std::vector<std::string> bdf(t.functions.size());
+  for (uint32_t d : devs) bdf[d] = JsonWriter::quoted(t.functions[d].bdf.to_string());
   for (uint32_t p : devs)
     for (uint32_t c : devs) {
-      const Verdict v = e.verdict(p, c);
-      pairs.push_back({{"provider", t.functions[p].bdf.to_string()},
-                       {"client", t.functions[c].bdf.to_string()},
-                       {"map_type", map_type_name(v.type)},
-                       {"distance", v.distance}});
+      const Verdict v = e.compute(p, c);
+      w.element([&](std::string& b, std::string_view in, std::string_view out) {
+        b += "{\n";
+        b += in;
+        b += "\"client\": ";
+        b += bdf[c];
+        b += ",\n";
+        b += in;
+        b += "\"distance\": ";
+        b += fmt::format_int(v.distance).c_str();
+        b += ",\n";
+        b += in;
+        b += "\"map_type\": \"";
+        b += map_type_name(v.type);
+        b += "\",\n";
+        b += in;
+        b += "\"provider\": ";
+        b += bdf[p];
+        b += '\n';
+        b += out;
+        b += '}';
+      });
     }
-  return j;
+  w.end_array();
+  w.key("source");
+  w.string_value(t.source);
+  w.end_object();
+  w.newline();
 }
 
 // A DOT quoted string's content: '"' and '\\' escaped (names may hold them).
@@ -356,7 +393,7 @@ void run_topo(const TopoOptions& o) {
   P2PEngine e = failure_value(P2PEngine::create(t, verdict_options(*o.src, k)));
   const auto devs = endpoints(t, o.devices);
   if (o.json) {
-    fmt::print("{}\n", to_json(t, e, devs, k).dump(1));
+    print_json(t, e, devs, k);
     return;
   }
   if (o.dot) {

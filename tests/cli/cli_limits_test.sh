@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# physr at scale: JSON written as a stream (byte for byte what the whole-document writer
+# printed, in bounded memory), out of memory as a clean exit 1, the limits of machine
+# files, and tables that stay aligned. No timing: time and memory targets are in
+# bench/cli_bench.sh.
+# Usage: cli_limits_test.sh PHYSR SOURCE
+set -u
+physr=$1
+src=$2
+golden=$src/tests/cli/golden
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+fails=0
+passes=0
+pass() { passes=$((passes + 1)); }
+fail() { echo "FAIL: $*"; fails=$((fails + 1)); }
+
+# --- the same JSON, byte for byte ------------------------------------------------------
+# The golden files are what physr printed when it built each document with nlohmann::json
+# and dumped it whole.
+same_json() {
+  local name=$1
+  shift
+  "$physr" "$@" > "$tmp/$name" 2>/dev/null
+  if cmp -s "$tmp/$name" "$golden/$name"; then pass; else fail "physr $* differs from $name"; diff "$tmp/$name" "$golden/$name" | head -5; fi
+}
+same_json topo-two-socket-switch.json topo --machine two-socket-switch --json
+same_json ranges-alternating-64.json ranges --pattern alternating --count 64 --max-segment 8K --json
+same_json map-two-socket-switch.json map --machine two-socket-switch --allow-bounce --json
+same_json map-xeon-e5-nvme1-eremoteio.json map --machine xeon-e5-two-sockets --device nvme1 --json
+
+# --- bounded memory under a limit ------------------------------------------------------
+# A wide machine: 768 NVMe functions on the root buses of three host bridges, 589,824 pairs.
+wide=$tmp/wide.toml
+{
+  printf 'name = "wide"\n[cpu]\nvendor = "GenuineIntel"\nfamily = 6\n'
+  for b in 0 1 2; do printf '[[host_bridge]]\nbus = %d\n' $((b * 0x40)); done
+  for b in 0 1 2; do
+    for d in $(seq 0 31); do
+      for f in $(seq 0 7); do
+        printf '[[function]]\nbdf = "0000:%02x:%02x.%d"\nvendor = 0x144d\ndevice = 0xa808\nclass = 0x010802\n' $((b * 0x40)) "$d" "$f"
+      done
+    done
+  done
+} > "$wide"
+# AddressSanitizer reserves terabytes of address space: a ulimit -v cannot apply to it.
+if grep -qa __asan_init "$physr"; then
+  echo "cli_limits: AddressSanitizer build, the ulimit -v checks are skipped"
+else
+  limit=300000  # KiB of address space; the whole documents below need more than 1 GB
+  out=$( (ulimit -v $limit; "$physr" ranges --pattern random --count 1000000 --json) 2>"$tmp/err"); rc=$?
+  if [[ $rc -eq 0 ]] && [[ $(grep -c '"addr"' <<<"$out") -eq 1000000 ]] && tail -1 <<<"$out" | grep -q '^}$'; then pass
+  else fail "ranges --count 1000000 --json under ulimit -v $limit exited $rc"; head -3 "$tmp/err"; fi
+  n=$( (ulimit -v $limit; "$physr" topo --machine "$wide" --json) 2>"$tmp/err" | grep -c '"map_type"'); rc=${PIPESTATUS[0]}
+  if [[ $n -eq 589824 ]]; then pass; else fail "topo --json of 768 functions under ulimit -v $limit printed $n pairs"; head -3 "$tmp/err"; fi
+  # Out of memory is a failure like any other: exit 1 and a message, never an abort.
+  out=$( (ulimit -v $limit; "$physr" ranges --pattern random --count 100000000 --json) 2>&1 >/dev/null); rc=$?
+  if [[ $rc -eq 1 ]] && grep -q '^physr: error: ENOMEM: out of memory' <<<"$out"; then pass
+  else fail "ranges --count 100000000 under ulimit -v $limit exited $rc: $out"; fi
+fi
+
+echo "cli_limits: $passes passed, $fails failed"
+[[ $fails -eq 0 ]]
