@@ -59,5 +59,52 @@ else
   else fail "ranges --count 100000000 under ulimit -v $limit exited $rc: $out"; fi
 fi
 
+# --- machine files: depth, and matrices that stay aligned ------------------------------
+# chain DOMAIN N: N bridges below a root port of its own host bridge (domain DOMAIN),
+# an NVMe SSD below the last, so the SSD is N levels below the host bridge.
+chain() {
+  local d=$1 n=$2 i parent=""
+  printf '[[host_bridge]]\ndomain = %d\n' "$d"
+  for i in $(seq 0 $((n - 1))); do
+    printf '[[function]]\nbdf = "%04x:%02x:00.0"\nvendor = 0x8086\ndevice = 0x2030\nclass = 0x060400\ntype = "%s"\n' \
+      "$d" "$i" "$([[ $i -eq 0 ]] && echo root_port || echo switch_downstream)"
+    [[ -n $parent ]] && printf 'parent = "%s"\n' "$parent"
+    parent=$(printf '%04x:%02x:00.0' "$d" "$i")
+  done
+  printf '[[function]]\nbdf = "%04x:%02x:00.0"\nvendor = 0x144d\ndevice = 0xa808\nclass = 0x010802\nparent = "%s"\n' "$d" "$n" "$parent"
+}
+chain 0 63 > "$tmp/levels64.toml"
+chain 0 64 > "$tmp/levels65.toml"
+out=$("$physr" topo --machine "$tmp/levels64.toml" 2>&1); rc=$?
+if [[ $rc -eq 0 ]]; then pass; else fail "a tree of 64 levels exited $rc: $(head -2 <<<"$out")"; fi
+line=$(grep -n 'parent = "0000:3f:00.0"' "$tmp/levels65.toml" | cut -d: -f1)
+out=$("$physr" topo --machine "$tmp/levels65.toml" 2>&1); rc=$?
+if [[ $rc -eq 1 ]] && grep -q "levels65.toml:$line: function\[64\] (0000:40:00.0): more than 64 levels below its host bridge" <<<"$out"; then pass
+else fail "a tree of 65 levels exited $rc: $(head -2 <<<"$out")"; fi
+# Two SSDs 50 levels deep under two host bridges: distance 102, and the columns still part.
+{ chain 0 50; chain 1 50; } > "$tmp/deep2.toml"
+out=$("$physr" topo --machine "$tmp/deep2.toml" --assume-cpu amd-zen 2>&1)
+if grep -qE '^ +0 +0000:32:00.0 +B0 +H102$' <<<"$out" && grep -qE '^ +1 +0001:32:00.0 +H102 +B0$' <<<"$out"; then pass
+else fail "matrix with distance 102"; grep -A3 'row = provider' <<<"$out"; fi
+
+# --- every pair counted, nothing cached: 16,384 functions in bounded memory ------------
+many=$tmp/many.toml
+{
+  for b in $(seq 0 63); do printf '[[host_bridge]]\nbus = %d\n' $((b * 4)); done
+  for b in $(seq 0 63); do
+    for d in $(seq 0 31); do
+      for f in $(seq 0 7); do
+        printf '[[function]]\nbdf = "0000:%02x:%02x.%d"\nvendor = 0x144d\ndevice = 0xa808\nclass = 0x010802\n' $((b * 4)) "$d" "$f"
+      done
+    done
+  done
+} > "$many"
+if grep -qa __asan_init "$physr"; then :; else
+  out=$( (ulimit -v 300000; "$physr" topo --machine "$many") 2>&1); rc=$?
+  if [[ $rc -eq 0 ]] && grep -qE '^  not_supported across host bridges +264241152$' <<<"$out" \
+     && grep -qE '^  bus_addr within pci0000:fc +256$' <<<"$out"; then pass
+  else fail "topo of 16,384 functions under ulimit -v 300000 exited $rc"; grep -A3 'Other pairs\|error' <<<"$out" | head -5; fi
+fi
+
 echo "cli_limits: $passes passed, $fails failed"
 [[ $fails -eq 0 ]]

@@ -223,13 +223,23 @@ void print_legend(const Topology& t) {
   fmt::print("  physr explain A B shows why.\n");
 }
 
+// Columns are 4 wide, wider when a verdict needs it (H102), so neighbours never touch.
+// Verdicts are computed, not cached: the engine's cache is for the DMA layer's lookups.
 void print_one_matrix(const Topology& t, P2PEngine& e, const std::vector<uint32_t>& devs) {
+  std::vector<std::string> cells;
+  cells.reserve(devs.size() * devs.size());
+  size_t w = std::max<size_t>(4, fmt::format_int(devs.size()).size() + 1);
+  for (uint32_t p : devs)
+    for (uint32_t c : devs) {
+      cells.push_back(short_verdict(e.compute(p, c)));
+      w = std::max(w, cells.back().size() + 1);
+    }
   fmt::print("{:>4}  {:<24}", "", "");
-  for (size_t j = 0; j < devs.size(); ++j) fmt::print("{:>4}", j);
+  for (size_t j = 0; j < devs.size(); ++j) fmt::print("{:>{}}", j, w);
   fmt::print("\n");
   for (size_t i = 0; i < devs.size(); ++i) {
     fmt::print("{:>4}  {:<24}", i, describe(t.functions[devs[i]]).substr(0, 24));
-    for (uint32_t c : devs) fmt::print("{:>4}", short_verdict(e.verdict(devs[i], c)));
+    for (size_t j = 0; j < devs.size(); ++j) fmt::print("{:>{}}", cells[i * devs.size() + j], w);
     fmt::print("\n");
   }
 }
@@ -250,21 +260,42 @@ void print_matrix(const Topology& t, P2PEngine& e, const std::vector<uint32_t>& 
   }
   std::map<uint32_t, std::vector<uint32_t>> by_bridge;
   for (uint32_t d : devs) by_bridge[t.functions[d].host_bridge].push_back(d);
+  // Counted without visiting every pair (a 65,535-function machine has 4 x 10^9): two
+  // devices with no common upstream device (different root ports, or host bridges) get
+  // the verdict Linux gives any such pair of their host bridges, so one pair stands for
+  // all; only pairs below one root port are computed one by one.
+  const auto tree_of = [&](uint32_t f) {
+    while (t.functions[f].upstream >= 0) f = static_cast<uint32_t>(t.functions[f].upstream);
+    return f;
+  };
   std::map<std::string, size_t> other;
   for (const auto& [h, group] : by_bridge) {
     if (group.size() <= kMaxColumns) {
       fmt::print("{} ({} devices)\n", t.host_bridges[h].name(), group.size());
       print_one_matrix(t, e, group);
       fmt::print("\n");
-    } else {
-      for (uint32_t p : group)
-        for (uint32_t c : group) ++other[std::string(map_type_name(e.verdict(p, c).type)) + " within " + t.host_bridges[h].name()];
+      continue;
     }
+    const std::string within = " within " + t.host_bridges[h].name();
+    std::map<uint32_t, std::vector<uint32_t>> trees;
+    for (uint32_t d : group) trees[tree_of(d)].push_back(d);
+    size_t same_tree = 0;
+    std::map<MapType, size_t> n;
+    for (const auto& [root, members] : trees) {
+      same_tree += members.size() * members.size();
+      for (uint32_t p : members)
+        for (uint32_t c : members) ++n[e.compute(p, c).type];
+    }
+    for (const auto& [type, count] : n) other[std::string(map_type_name(type)) + within] += count;
+    if (trees.size() > 1)
+      other[std::string(map_type_name(e.compute(trees.begin()->second[0], std::next(trees.begin())->second[0]).type)) + within] +=
+          group.size() * group.size() - same_tree;
   }
-  for (uint32_t p : devs)
-    for (uint32_t c : devs)
-      if (t.functions[p].host_bridge != t.functions[c].host_bridge)
-        ++other[std::string(map_type_name(e.verdict(p, c).type)) + " across host bridges"];
+  for (auto a = by_bridge.begin(); a != by_bridge.end(); ++a)
+    for (auto b = by_bridge.begin(); b != by_bridge.end(); ++b)
+      if (a != b)
+        other[std::string(map_type_name(e.compute(a->second[0], b->second[0]).type)) + " across host bridges"] +=
+            a->second.size() * b->second.size();
   if (!other.empty()) {
     fmt::print("Other pairs ({} devices in all; --devices picks some, --json lists every pair):\n", devs.size());
     for (const auto& [k, n] : other) fmt::print("  {:<40} {}\n", k, n);
