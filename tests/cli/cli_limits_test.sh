@@ -106,5 +106,22 @@ if grep -qa __asan_init "$physr"; then :; else
   else fail "topo of 16,384 functions under ulimit -v 300000 exited $rc"; grep -A3 'Other pairs\|error' <<<"$out" | head -5; fi
 fi
 
+# --- sim: a job that writes more than $TMPDIR holds is refused before it starts ----------
+printf 'name = "big-write"\nmachine = "two-socket-switch"\n[[job]]\nname = "w"\ndevice = "nvme0"\nrw = "write"\nsize = "16T"\nbuffer = "host"\n' > "$tmp/big-write.toml"
+if [[ $(df -Pk "$tmp" | awk 'NR == 2 { print $4 }') -lt $((16 << 30)) ]]; then
+  out=$(TMPDIR=$tmp timeout 120 "$physr" sim "$tmp/big-write.toml" 2>&1); rc=$?
+  if [[ $rc -eq 1 ]] && grep -q "ENOSPC: NVMe namespace: the job writes 16 TiB into a file in $tmp (TMPDIR), which has [0-9]* GiB free" <<<"$out"; then pass
+  else fail "sim writing 16 TiB into TMPDIR exited $rc"; head -3 <<<"$out"; fi
+fi
+
+# --- sim: progress inside a job on a terminal, none in a pipe ----------------------------
+printf 'name = "long-read"\nmachine = "two-socket-switch"\n[[job]]\nname = "r"\ndevice = "nvme0"\nrw = "read"\nsize = "4G"\nbuffer = "gpu0"\n' > "$tmp/long-read.toml"
+out=$("$physr" sim "$tmp/long-read.toml" 2>&1 >/dev/null)
+if grep -q 'ETA' <<<"$out"; then fail "sim printed a progress bar into a pipe"; else pass; fi
+if command -v script >/dev/null; then
+  out=$(script -qec "$(printf '%q ' "$physr" sim "$tmp/long-read.toml")" /dev/null 2>&1)
+  if grep -qE '\[1/1\] r +\[#*-*\] +[0-9]+%  ETA [0-9]+ s' <<<"$out"; then pass; else fail "sim on a terminal showed no progress inside the job"; tail -c 300 <<<"$out"; fi
+fi
+
 echo "cli_limits: $passes passed, $fails failed"
 [[ $fails -eq 0 ]]
