@@ -518,6 +518,28 @@ TEST(VerdictTest, CachedVerdictEqualsComputedOrTheEngineRefusesTheTree) {
   EXPECT_NE(d.error().message.find("2047"), std::string::npos) << d.error().message;
 }
 
+// Linux keeps one map_types xarray per provider, filled as clients map; the engine's
+// rows are 2 B per function, so on a machine at the 65,535-function limit a row is 128 KiB
+// and rows for every provider would be 8 GiB. The cache stops at kMaxCacheBytes and later
+// providers' verdicts are computed, equal to what a cache would have returned.
+TEST(VerdictTest, CacheStaysBoundedAtTheFunctionLimit) {
+  Built m;
+  for (uint32_t i = 0; i < 0xffff; ++i)
+    m.add(Bdf{i >> 16, static_cast<uint8_t>(i >> 8), static_cast<uint8_t>(i >> 3 & 31), static_cast<uint8_t>(i & 7)}, -1, false);
+  auto e = P2PEngine::create(m.t);
+  ASSERT_TRUE(e.has_value()) << e.error().to_string();
+  const uint32_t n = 0xffff;
+  for (uint32_t p = 0; p < n; p += 16) {
+    const uint32_t c = (p * 7 + 3) % n;
+    const Verdict v = e->verdict(p, c), w = e->compute(p, c);
+    ASSERT_EQ(v.type, w.type) << p;
+    ASSERT_EQ(v.distance, w.distance) << p;
+    ASSERT_EQ(e->verdict(p, c).distance, w.distance) << p;  // cached, or computed again
+  }
+  EXPECT_GT(e->cache_bytes(), 0u);
+  EXPECT_LE(e->cache_bytes(), P2PEngine::kMaxCacheBytes);
+}
+
 TEST(ExplainTest, NamesRedirectingPortsAndKernelParameter) {
   Topology t = switch_machine("RR").load();
   auto e = P2PEngine::create(t);

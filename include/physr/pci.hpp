@@ -351,8 +351,14 @@ class P2PEngine {
     }
     return verdict_slow(provider, client);
   }
-  /// The same, computed without touching the cache (for benchmarks and cross-checks).
+  /// The same, computed without touching the cache (for benchmarks and cross-checks, and
+  /// for callers that visit every pair once, such as `physr topo`).
   Verdict compute(uint32_t provider, uint32_t client) const;
+  /// The most the verdict cache holds: rows of 2 B per function, one per provider on its
+  /// first lookup (65,535 functions: 512 rows); past it, verdict() computes uncached.
+  static constexpr size_t kMaxCacheBytes = size_t{64} << 20;
+  /// Bytes the verdict cache holds now (at most kMaxCacheBytes).
+  size_t cache_bytes() const noexcept { return cache_.bytes.load(std::memory_order_relaxed); }
   /// Full explanation of one verdict.
   Explanation explain(uint32_t provider, uint32_t client) const;
   /// Linux pci_p2pdma_distance_many(): -1 if there are no clients or any is not supported,
@@ -390,8 +396,9 @@ class P2PEngine {
   struct Cache {
     std::unique_ptr<std::atomic<std::atomic<uint16_t>*>[]> rows;
     uint32_t n = 0;
+    std::atomic<size_t> bytes{0};  // rows allocated, reserved before each allocation
     Cache() = default;
-    Cache(Cache&& o) noexcept : rows(std::move(o.rows)), n(o.n) {}
+    Cache(Cache&& o) noexcept : rows(std::move(o.rows)), n(o.n), bytes(o.bytes.exchange(0)) {}
     Cache& operator=(Cache&& o) noexcept;
     ~Cache() { release(); }
     void release() noexcept;

@@ -312,6 +312,10 @@ class Machine {
   /// A new number for each job run on this machine, from 1: the job's data stream, so no
   /// job's bytes equal what an earlier job left in the same buffer.
   uint64_t next_job() noexcept { return ++jobs_; }
+  /// Called by the running job as its I/Os complete (`done` of `total` I/Os or packets),
+  /// about every 1/256 of the job; unset, nothing is. For progress lines: the job runs on
+  /// when it returns.
+  std::function<void(uint64_t done, uint64_t total)> on_progress;
   std::vector<std::string> warnings;
   /// Name of a function for reports ("nvme0", or its address).
   std::string label(uint32_t function) const { return platform().label(function); }
@@ -530,9 +534,11 @@ struct ScenarioReport {
 /// Runs a scenario: loads its machine (scenario_machine(), pci::load_machine), builds one
 /// Machine with the scenario's options, and resolves and runs each job on it in order;
 /// `progress(i, spec)` is called before job i. A job that fails records its error in its
-/// entry and the next job runs. Errors (no job ran): the machine cannot be loaded or built,
-/// naming the scenario and the machine.
+/// entry and the next job runs; `inside(i, done, total)`, if given, as job i's I/Os
+/// complete (Machine::on_progress). Errors (no job ran): the machine cannot be loaded or
+/// built, naming the scenario and the machine.
 Result<ScenarioReport> run_scenario(const Scenario& sc,
-                                    const std::function<void(size_t job, const JobSpec& spec)>& progress = {});
+                                    const std::function<void(size_t job, const JobSpec& spec)>& progress = {},
+                                    const std::function<void(size_t job, uint64_t done, uint64_t total)>& inside = {});
 
 }  // namespace physr::sim

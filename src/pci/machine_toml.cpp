@@ -16,6 +16,11 @@ namespace physr::pci {
 
 namespace {
 
+// Levels of a PCI tree, the root bus's functions the first: the sysfs loader's bound too.
+// No real tree comes close (every bridge level takes a bus number; switches two), and the
+// bound keeps the per-function walks up to the root short on machines of 65,535 functions.
+constexpr int kMaxLevels = 64;
+
 using namespace physr::toml_fields;
 
 
@@ -283,6 +288,31 @@ Result<Topology> parse_machine(std::string_view text, std::string_view source) {
       return make_error(EINVAL, c.where(*node) + what + ".parent: " + t.functions[*p].bdf.to_string() +
                                     " is not a PCI bridge (class 0x0604), so nothing can sit below it");
     f.upstream = static_cast<int32_t>(*p);
+  }
+  // No function more than kMaxLevels deep: each chain is walked up once, down to the first
+  // function whose level is known (a cycle stops the walk; validate() names it).
+  {
+    std::vector<int> level(t.functions.size(), -1);
+    std::vector<uint32_t> chain;
+    for (uint32_t i = 0; i < t.functions.size(); ++i) {
+      chain.clear();
+      int32_t u = static_cast<int32_t>(i);
+      while (u >= 0 && level[static_cast<uint32_t>(u)] == -1 && chain.size() <= t.functions.size()) {
+        chain.push_back(static_cast<uint32_t>(u));
+        level[static_cast<uint32_t>(u)] = -2;  // on this walk
+        u = t.functions[static_cast<uint32_t>(u)].upstream;
+      }
+      if (u >= 0 && level[static_cast<uint32_t>(u)] == -2) break;  // a cycle
+      int at = u >= 0 ? level[static_cast<uint32_t>(u)] : -1;
+      for (auto it = chain.rbegin(); it != chain.rend(); ++it) {
+        level[*it] = ++at;
+        if (at >= kMaxLevels)
+          return make_error(EINVAL, c.where(*parents[*it].second) + "function[" + std::to_string(*it) + "] (" +
+                                        t.functions[*it].bdf.to_string() + "): more than " + std::to_string(kMaxLevels) +
+                                        " levels below its host bridge (physr reads PCI trees up to " +
+                                        std::to_string(kMaxLevels) + " deep)");
+      }
+    }
   }
   // Host bridge and NUMA node come from the root of each chain (cycles checked first).
   PHYSR_RETURN_IF_ERROR_CTX(t.validate(true), c.source);

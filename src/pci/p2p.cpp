@@ -265,6 +265,7 @@ P2PEngine::Cache& P2PEngine::Cache::operator=(Cache&& o) noexcept {
     release();
     rows = std::move(o.rows);
     n = o.n;
+    bytes.store(o.bytes.exchange(0));
   }
   return *this;
 }
@@ -273,15 +274,28 @@ void P2PEngine::Cache::release() noexcept {
   if (!rows) return;
   for (uint32_t i = 0; i < n; ++i) delete[] rows[i].load(std::memory_order_relaxed);
   rows.reset();
+  bytes.store(0);
 }
 
 Verdict P2PEngine::verdict_slow(uint32_t p, uint32_t c) const {
   std::atomic<uint16_t>* row = cache_.rows[p].load(std::memory_order_acquire);
   if (!row) {
+    // A row is reserved from the budget before it is allocated, so the cache never holds
+    // more than kMaxCacheBytes (n^2 x 2 B would be 8 GiB at 65,535 functions); without
+    // room the verdict is computed, as Linux's distance_many() always does.
+    const size_t row_bytes = size_t{cache_.n} * sizeof(std::atomic<uint16_t>);
+    if (cache_.bytes.fetch_add(row_bytes, std::memory_order_relaxed) + row_bytes > kMaxCacheBytes) {
+      cache_.bytes.fetch_sub(row_bytes, std::memory_order_relaxed);
+      return compute(p, c);
+    }
     auto* fresh = new std::atomic<uint16_t>[cache_.n];
     for (uint32_t i = 0; i < cache_.n; ++i) fresh[i].store(0, std::memory_order_relaxed);
-    if (cache_.rows[p].compare_exchange_strong(row, fresh, std::memory_order_acq_rel, std::memory_order_acquire)) row = fresh;
-    else delete[] fresh;  // another thread published its row first: `row` now holds it
+    if (cache_.rows[p].compare_exchange_strong(row, fresh, std::memory_order_acq_rel, std::memory_order_acquire)) {
+      row = fresh;
+    } else {
+      delete[] fresh;  // another thread published its row first: `row` now holds it
+      cache_.bytes.fetch_sub(row_bytes, std::memory_order_relaxed);
+    }
   }
   const Verdict v = compute(p, c);
   row[c].store(static_cast<uint16_t>(kComputed | static_cast<unsigned>(v.type) << 12 | std::min(v.distance, 4095)),

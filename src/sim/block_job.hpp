@@ -100,7 +100,7 @@ Result<JobResult> run_blocks(Machine& m, const Job& job, const BlockPlan& plan, 
   const uint64_t ios = job.size / job.block_size;
   Stages stages(sim, ios, job.block_size, plan.slot_ns);
   std::vector<double> lat;
-  uint64_t next = 0, completed = 0;
+  uint64_t next = 0, completed = 0, next_report = 0;
   bool bounced_any = false;
   const Route* taken = nullptr;  // the P2P route the device's addresses took, if any
 
@@ -202,6 +202,7 @@ Result<JobResult> run_blocks(Machine& m, const Job& job, const BlockPlan& plan, 
     const auto finished = sim.step();
     if (finished.empty()) return make_error(EIO, where() + ": the simulation stalled");  // cannot happen: every flow ends
     on_done(finished);
+    report_progress(m, completed, ios, next_report);
   }
 
   if (bar && !staged && !bounced_any && !taken) return make_error(EIO, where() + ": the DMA lists for " + bar->name + " reached no BAR");

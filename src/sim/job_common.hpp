@@ -165,6 +165,14 @@ class Stages {
   std::vector<std::pair<uint64_t, size_t>> flow_of_;  // by flow index: item, stage
 };
 
+/// Tells the machine's on_progress hook (if set) how far a job is once `done` reaches
+/// `next`, then moves `next` on by 1/256 of the job: a compare per completion otherwise.
+inline void report_progress(const Machine& m, uint64_t done, uint64_t total, uint64_t& next) {
+  if (done < next) return;
+  if (m.on_progress) m.on_progress(done, total);
+  next = done + (total / 256 > 0 ? total / 256 : 1);
+}
+
 /// Fills the common part of a job's result from its run: bytes and I/O count, simulated
 /// time and throughput, latency p50/p99 (nearest rank of `lat`, in ns; sorted here), the
 /// bytes over every resource that carried any (and those through root complexes and

@@ -1,6 +1,7 @@
 #include "sim/namespace.hpp"
 
 #include <fcntl.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -14,9 +15,21 @@
 
 namespace physr::sim::detail {
 
-Result<Namespace> Namespace::create(uint64_t size, uint64_t unit, uint64_t stream) {
-  const char* dir = std::getenv("TMPDIR");
-  std::string path = std::string(dir && *dir ? dir : "/tmp") + "/physr-nvme-XXXXXX";
+Result<Namespace> Namespace::create(uint64_t size, uint64_t unit, uint64_t stream, uint64_t will_write) {
+  const char* env = std::getenv("TMPDIR");
+  const std::string dir = env && *env ? env : "/tmp";
+  // The file is sparse (blocks never written read as the pattern), so only what the job
+  // writes takes disk space: a job that writes more than the file system has free is
+  // refused before it starts, not hours later with ENOSPC halfway through.
+  struct statvfs fs {};
+  if (will_write > 0 && statvfs(dir.c_str(), &fs) == 0) {
+    const uint64_t free_bytes = static_cast<uint64_t>(fs.f_bavail) * fs.f_frsize;
+    if (will_write > free_bytes)
+      return make_error(ENOSPC, "NVMe namespace: the job writes " + format_size(will_write) + " into a file in " + dir +
+                                    " (TMPDIR), which has " + std::to_string(free_bytes >> 30) + " GiB" +
+                                    " free; set TMPDIR to a file system with room, or make the job smaller");
+  }
+  std::string path = dir + "/physr-nvme-XXXXXX";
   const int fd = mkstemp(path.data());
   if (fd < 0) return make_error(errno, "NVMe namespace: cannot create a file in " + path + ": " + std::strerror(errno));
   unlink(path.c_str());

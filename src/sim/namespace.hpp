@@ -15,7 +15,9 @@ namespace physr::sim::detail {
 class Namespace {
  public:
   /// A namespace of `size` bytes in $TMPDIR (or /tmp); errors name the file and errno.
-  static Result<Namespace> create(uint64_t size, uint64_t unit, uint64_t stream);
+  /// ENOSPC up front, naming the folder, when `will_write` (the bytes the job writes) is
+  /// more than its file system has free.
+  static Result<Namespace> create(uint64_t size, uint64_t unit, uint64_t stream, uint64_t will_write = 0);
   Namespace(Namespace&& o) noexcept;
   Namespace(const Namespace&) = delete;
   Namespace& operator=(const Namespace&) = delete;

@@ -79,7 +79,7 @@ Result<JobResult> detail::run_net_job(Machine& m, const Job& job, const NetJob& 
   const Route tx_copy = txbar ? *fab.to_memory(txbar->function, -1, true) : Route{};
   const Route rx_copy = rxbar ? *fab.to_memory(rxbar->function, -1, false) : Route{};
   detail::Stages stages(sim, packets, job.block_size, static_cast<double>(job.block_size) / m.options().wire_gbps);
-  uint64_t next = 0, done = 0, in_flight = 0;
+  uint64_t next = 0, done = 0, in_flight = 0, next_report = 0;
   bool bounced_any = false;
 
   const auto send = [&](uint64_t i) -> Status {
@@ -134,6 +134,7 @@ Result<JobResult> detail::run_net_job(Machine& m, const Job& job, const NetJob& 
     const uint64_t ended = stages.advance(finished, lat);
     done += ended;
     in_flight -= ended;
+    detail::report_progress(m, done, packets, next_report);
   }
   detail::finish_result(out, m, sim, lat, job.size, packets, faults_before);
   const auto p2p = [](const DmaAccess& a) { return a.peer_switch || a.peer_rc; };

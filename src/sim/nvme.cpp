@@ -66,7 +66,7 @@ Result<JobResult> run_nvme_job(Machine& m, const Job& job, const NvmeJob& nv) {
   plan.slot_ns = static_cast<double>(job.block_size) / (nv.write ? mo.nvme_write_gbps : mo.nvme_read_gbps);
   plan.inside = " (inside the SSD)";
   const uint64_t stream = m.next_job();
-  PHYSR_ASSIGN_OR_RETURN(Namespace ns, Namespace::create(job.size, job.block_size, stream));
+  PHYSR_ASSIGN_OR_RETURN(Namespace ns, Namespace::create(job.size, job.block_size, stream, nv.write ? job.size : 0));
   NvmeMedia media(std::move(ns), job.block_size, stream);
   return run_blocks(m, job, plan, media, stream);
 }

@@ -53,7 +53,8 @@ size_t ScenarioReport::failed() const noexcept {
   return n;
 }
 
-Result<ScenarioReport> run_scenario(const Scenario& sc, const std::function<void(size_t, const JobSpec&)>& progress) {
+Result<ScenarioReport> run_scenario(const Scenario& sc, const std::function<void(size_t, const JobSpec&)>& progress,
+                                    const std::function<void(size_t, uint64_t, uint64_t)>& inside) {
   ScenarioReport rep;
   rep.machine = scenario_machine(sc);
   PHYSR_ASSIGN_OR_RETURN_CTX(const pci::Topology& topo, pci::load_machine(rep.machine), sc.source + ": machine");
@@ -63,6 +64,7 @@ Result<ScenarioReport> run_scenario(const Scenario& sc, const std::function<void
   rep.jobs.reserve(sc.jobs.size());
   for (size_t i = 0; i < sc.jobs.size(); ++i) {
     if (progress) progress(i, sc.jobs[i]);
+    if (inside) m->on_progress = [&inside, i](uint64_t done, uint64_t total) { inside(i, done, total); };
     auto job = resolve_job(sc.jobs[i], *m);
     rep.jobs.push_back(JobOutcome{sc.jobs[i].name, job ? run_job(*m, *job) : Result<JobResult>(std::move(job).error())});
   }

@@ -4,9 +4,11 @@
 #include <fmt/core.h>
 
 #include <memory>
+#include <optional>
 #include <nlohmann/json.hpp>
 
 #include "cli.hpp"
+#include "json_writer.hpp"
 #include "physr/dma.hpp"
 #include "physr/model.hpp"
 #include "physr/platform.hpp"
@@ -126,18 +128,35 @@ void run_map(const MapOptions& o) {
   const uint64_t slots = pf.bounce()->used_slots();
   const auto ds = m.domain->stats();
 
-  nlohmann::json j;
   const std::string who = fmt::format("{} ({})", m.topo.functions[client].bdf.to_string(), pf.label(client));
   const std::string how = o.direct ? fmt::format("direct mapping, DMA offset {}", format_hex(c.dma_offset)) : "IOMMU domain (strict)";
-  if (o.json) {
-    j["machine"] = m.topo.name;
-    j["device"] = m.topo.functions[client].bdf.to_string();
-    j["mapping"] = o.direct ? "direct" : "iommu";
-    j["direction"] = dma_direction_name(dir);
+  // JSON is streamed in the sorted key order nlohmann::json prints, so a list of millions
+  // of segments never becomes one document in memory.
+  std::optional<JsonWriter> w;
+  const auto json_head = [&] {
+    w->key("device");
+    w->string_value(m.topo.functions[client].bdf.to_string());
+    w->key("direction");
+    w->string_value(dma_direction_name(dir));
+  };
+  const auto json_machine = [&] {
+    w->key("machine");
+    w->string_value(m.topo.name);
+    w->key("mapping");
+    w->string_value(o.direct ? "direct" : "iommu");
+  };
+  const auto json_range_list = [&] {
+    w->key("ranges");
+    w->begin_array();
     for (const PhysRange& r : list) {
       const auto [name, verdict] = place(r);
-      j["ranges"].push_back({{"phys", format_hex(r.addr.value())}, {"len", r.len}, {"memory", name}, {"verdict", verdict}});
+      w->value(nlohmann::json{{"phys", format_hex(r.addr.value())}, {"len", r.len}, {"memory", name}, {"verdict", verdict}});
     }
+    w->end_array();
+  };
+  if (o.json) {
+    w.emplace(stdout, 2);
+    w->begin_object();
   } else {
     fmt::print("Mapping {} ranges ({}) for {} on {}: {}, DMA mask {} bits, {}\n\n", list.size(), format_size(list.total_bytes()), who,
                m.topo.name, how, o.mask_bits, dma_direction_name(dir));
@@ -150,17 +169,51 @@ void run_map(const MapOptions& o) {
   }
   if (!mapped) {
     if (o.json) {
-      j["error"] = mapped.error().to_string();
-      fmt::print("{}\n", j.dump(2));
+      json_head();
+      w->key("error");
+      w->string_value(mapped.error().to_string());
+      json_machine();
+      json_range_list();
+      w->end_object();
+      w->newline();
+      w.reset();
     }
     throw Failure(mapped.error().to_string() + (o.allow_bounce ? "" : " (--allow-bounce lets the DMA layer bounce it when the provider allows CPU copies)"));
   }
   if (o.json) {
-    for (const DmaSegment& s : mapped->segments())
-      j["segments"].push_back({{"dma", format_hex(s.addr.value())}, {"len", s.len}, {"path", dma_seg_path(s.flags)}});
-    j["iova"] = {{"base", format_hex(mapped->iova().base.value())}, {"len", mapped->iova().size}};
-    j["bounce_slots"] = slots;
-    j["page_table_leaves"] = ds.mapped_4k + ds.mapped_2m + ds.mapped_1g;
+    w->key("bounce_slots");
+    w->unsigned_value(slots);
+    json_head();
+    w->key("iova");
+    w->value(nlohmann::json{{"base", format_hex(mapped->iova().base.value())}, {"len", mapped->iova().size}});
+    json_machine();
+    w->key("page_table_leaves");
+    w->unsigned_value(ds.mapped_4k + ds.mapped_2m + ds.mapped_1g);
+    json_range_list();
+    if (!mapped->segments().empty()) {
+      w->key("segments");
+      w->begin_array();
+      for (const DmaSegment& s : mapped->segments())
+        w->element([&](std::string& b, std::string_view in, std::string_view out) {
+          // format_hex() and the path names are plain ASCII: nothing to escape.
+          b += "{\n";
+          b += in;
+          b += "\"dma\": \"";
+          b += format_hex(s.addr.value());
+          b += "\",\n";
+          b += in;
+          b += "\"len\": ";
+          b += fmt::format_int(s.len).c_str();
+          b += ",\n";
+          b += in;
+          b += "\"path\": \"";
+          b += dma_seg_path(s.flags);
+          b += "\"\n";
+          b += out;
+          b += '}';
+        });
+      w->end_array();
+    }
   } else {
     fmt::print("\nDMA list: {} segments\n", mapped->segments().size());
     fmt::print("  #  DMA address        length     path\n");
@@ -179,8 +232,11 @@ void run_map(const MapOptions& o) {
   const auto after = m.domain->stats();
   const bool clean = after.mapped_4k + after.mapped_2m + after.mapped_1g == 0 && pf.bounce()->used_slots() == 0 && dev->stats().live_mappings == 0;
   if (o.json) {
-    j["unmapped_clean"] = clean;
-    fmt::print("{}\n", j.dump(2));
+    w->key("unmapped_clean");
+    w->value(nlohmann::json(clean));
+    w->end_object();
+    w->newline();
+    w.reset();
   } else {
     fmt::print("Unmapped: {}\n", clean ? "every IOVA, page-table entry and bounce slot returned" : "SOMETHING WAS LEFT BEHIND");
   }

@@ -6,10 +6,10 @@
 #include <fstream>
 #include <iostream>
 #include <memory>
-#include <nlohmann/json.hpp>
 #include <sstream>
 
 #include "cli.hpp"
+#include "json_writer.hpp"
 #include "physr/range.hpp"
 
 namespace physr::cli {
@@ -78,20 +78,46 @@ void run_ranges(const RangesOptions& o) {
   const size_t bytes = list.encoded_bytes();
 
   if (o.json) {
-    nlohmann::json j;
-    j["source"] = source;
-    j["pfns"] = input.pfns.size();
-    j["ranges"] = list.size();
-    j["total_bytes"] = list.total_bytes();
-    j["physr_bytes"] = bytes;
-    j["phys_vec_bytes"] = sg.phys_vec_bytes;
-    j["scatterlist_entries"] = sg.sg_entries;
-    j["scatterlist_bytes"] = sg.sg_bytes;
-    j["struct_page_bytes"] = sg.struct_page_bytes;
-    auto& arr = j["entries"] = nlohmann::json::array();
+    // Streamed, in the sorted key order nlohmann::json prints: the entries are written as
+    // the list is walked, so memory does not grow with them.
+    JsonWriter w(stdout, 2);
+    w.begin_object();
+    w.key("entries");
+    w.begin_array();
     for (const PhysRange r : list)
-      arr.push_back({{"addr", r.addr.value()}, {"len", r.len}, {"provider", r.provider}});
-    fmt::print("{}\n", j.dump(2));
+      w.element([&](std::string& b, std::string_view in, std::string_view out) {
+        b += "{\n";
+        b += in;
+        b += "\"addr\": ";
+        b += fmt::format_int(r.addr.value()).c_str();
+        b += ",\n";
+        b += in;
+        b += "\"len\": ";
+        b += fmt::format_int(r.len).c_str();
+        b += ",\n";
+        b += in;
+        b += "\"provider\": ";
+        b += fmt::format_int(r.provider).c_str();
+        b += '\n';
+        b += out;
+        b += '}';
+      });
+    w.end_array();
+    const std::pair<const char*, uint64_t> counts[] = {
+        {"pfns", input.pfns.size()},   {"phys_vec_bytes", sg.phys_vec_bytes},   {"physr_bytes", bytes},
+        {"ranges", list.size()},       {"scatterlist_bytes", sg.sg_bytes},     {"scatterlist_entries", sg.sg_entries}};
+    for (const auto& [k, v] : counts) {
+      w.key(k);
+      w.unsigned_value(v);
+    }
+    w.key("source");
+    w.string_value(source);
+    w.key("struct_page_bytes");
+    w.unsigned_value(sg.struct_page_bytes);
+    w.key("total_bytes");
+    w.unsigned_value(list.total_bytes());
+    w.end_object();
+    w.newline();
     return;
   }
 

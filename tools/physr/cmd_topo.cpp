@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cli.hpp"
+#include "json_writer.hpp"
 #include "physr/pci.hpp"
 
 namespace physr::cli {
@@ -222,13 +223,23 @@ void print_legend(const Topology& t) {
   fmt::print("  physr explain A B shows why.\n");
 }
 
+// Columns are 4 wide, wider when a verdict needs it (H102), so neighbours never touch.
+// Verdicts are computed, not cached: the engine's cache is for the DMA layer's lookups.
 void print_one_matrix(const Topology& t, P2PEngine& e, const std::vector<uint32_t>& devs) {
+  std::vector<std::string> cells;
+  cells.reserve(devs.size() * devs.size());
+  size_t w = std::max<size_t>(4, fmt::format_int(devs.size()).size() + 1);
+  for (uint32_t p : devs)
+    for (uint32_t c : devs) {
+      cells.push_back(short_verdict(e.compute(p, c)));
+      w = std::max(w, cells.back().size() + 1);
+    }
   fmt::print("{:>4}  {:<24}", "", "");
-  for (size_t j = 0; j < devs.size(); ++j) fmt::print("{:>4}", j);
+  for (size_t j = 0; j < devs.size(); ++j) fmt::print("{:>{}}", j, w);
   fmt::print("\n");
   for (size_t i = 0; i < devs.size(); ++i) {
     fmt::print("{:>4}  {:<24}", i, describe(t.functions[devs[i]]).substr(0, 24));
-    for (uint32_t c : devs) fmt::print("{:>4}", short_verdict(e.verdict(devs[i], c)));
+    for (size_t j = 0; j < devs.size(); ++j) fmt::print("{:>{}}", cells[i * devs.size() + j], w);
     fmt::print("\n");
   }
 }
@@ -249,21 +260,42 @@ void print_matrix(const Topology& t, P2PEngine& e, const std::vector<uint32_t>& 
   }
   std::map<uint32_t, std::vector<uint32_t>> by_bridge;
   for (uint32_t d : devs) by_bridge[t.functions[d].host_bridge].push_back(d);
+  // Counted without visiting every pair (a 65,535-function machine has 4 x 10^9): two
+  // devices with no common upstream device (different root ports, or host bridges) get
+  // the verdict Linux gives any such pair of their host bridges, so one pair stands for
+  // all; only pairs below one root port are computed one by one.
+  const auto tree_of = [&](uint32_t f) {
+    while (t.functions[f].upstream >= 0) f = static_cast<uint32_t>(t.functions[f].upstream);
+    return f;
+  };
   std::map<std::string, size_t> other;
   for (const auto& [h, group] : by_bridge) {
     if (group.size() <= kMaxColumns) {
       fmt::print("{} ({} devices)\n", t.host_bridges[h].name(), group.size());
       print_one_matrix(t, e, group);
       fmt::print("\n");
-    } else {
-      for (uint32_t p : group)
-        for (uint32_t c : group) ++other[std::string(map_type_name(e.verdict(p, c).type)) + " within " + t.host_bridges[h].name()];
+      continue;
     }
+    const std::string within = " within " + t.host_bridges[h].name();
+    std::map<uint32_t, std::vector<uint32_t>> trees;
+    for (uint32_t d : group) trees[tree_of(d)].push_back(d);
+    size_t same_tree = 0;
+    std::map<MapType, size_t> n;
+    for (const auto& [root, members] : trees) {
+      same_tree += members.size() * members.size();
+      for (uint32_t p : members)
+        for (uint32_t c : members) ++n[e.compute(p, c).type];
+    }
+    for (const auto& [type, count] : n) other[std::string(map_type_name(type)) + within] += count;
+    if (trees.size() > 1)
+      other[std::string(map_type_name(e.compute(trees.begin()->second[0], std::next(trees.begin())->second[0]).type)) + within] +=
+          group.size() * group.size() - same_tree;
   }
-  for (uint32_t p : devs)
-    for (uint32_t c : devs)
-      if (t.functions[p].host_bridge != t.functions[c].host_bridge)
-        ++other[std::string(map_type_name(e.verdict(p, c).type)) + " across host bridges"];
+  for (auto a = by_bridge.begin(); a != by_bridge.end(); ++a)
+    for (auto b = by_bridge.begin(); b != by_bridge.end(); ++b)
+      if (a != b)
+        other[std::string(map_type_name(e.compute(a->second[0], b->second[0]).type)) + " across host bridges"] +=
+            a->second.size() * b->second.size();
   if (!other.empty()) {
     fmt::print("Other pairs ({} devices in all; --devices picks some, --json lists every pair):\n", devs.size());
     for (const auto& [k, n] : other) fmt::print("  {:<40} {}\n", k, n);
@@ -271,42 +303,78 @@ void print_matrix(const Topology& t, P2PEngine& e, const std::vector<uint32_t>& 
   print_legend(t);
 }
 
-nlohmann::json to_json(const Topology& t, P2PEngine& e, const std::vector<uint32_t>& devs, const KernelChoice& k) {
-  nlohmann::json j;
-  j["source"] = t.source;
-  j["machine"] = t.name;
-  j["cpu"] = {{"vendor", t.cpu.vendor}, {"family", t.cpu.family}, {"amd_zen_rule", e.cpu_amd_zen()}};
-  j["kernel"] = {{"version", k.version.to_string()}, {"from", k.from}};
-  auto& hbs = j["host_bridges"] = nlohmann::json::array();
-  for (const HostBridge& hb : t.host_bridges) hbs.push_back({{"name", hb.name()}, {"numa_node", hb.numa_node}});
-  auto& fns = j["functions"] = nlohmann::json::array();
-  for (const Function& f : t.functions) {
-    nlohmann::json o = {{"bdf", f.bdf.to_string()},
-                        {"vendor", fmt::format("{:04x}", f.vendor)},
-                        {"device", fmt::format("{:04x}", f.device)},
-                        {"class", fmt::format("{:06x}", f.class_code)},
-                        {"class_name", class_name(f.class_code)},
-                        {"port_type", port_type_name(f.port_type)},
-                        {"port_type_inferred", f.port_type_inferred},
-                        {"acs", f.acs.kind == AcsState::Kind::unknown  ? "unknown"
-                                : f.acs.kind == AcsState::Kind::absent ? "absent"
-                                                                       : acs_bits_string(f.acs.ctrl)},
-                        {"numa_node", f.numa_node},
-                        {"host_bridge", t.host_bridges[f.host_bridge].name()}};
-    o["upstream"] = f.upstream >= 0 ? nlohmann::json(t.functions[static_cast<uint32_t>(f.upstream)].bdf.to_string()) : nlohmann::json();
-    if (!f.name.empty()) o["name"] = f.name;
-    fns.push_back(std::move(o));
-  }
-  auto& pairs = j["pairs"] = nlohmann::json::array();
+nlohmann::json function_json(const Topology& t, const Function& f) {
+  nlohmann::json o = {{"bdf", f.bdf.to_string()},
+                      {"vendor", fmt::format("{:04x}", f.vendor)},
+                      {"device", fmt::format("{:04x}", f.device)},
+                      {"class", fmt::format("{:06x}", f.class_code)},
+                      {"class_name", class_name(f.class_code)},
+                      {"port_type", port_type_name(f.port_type)},
+                      {"port_type_inferred", f.port_type_inferred},
+                      {"acs", f.acs.kind == AcsState::Kind::unknown  ? "unknown"
+                              : f.acs.kind == AcsState::Kind::absent ? "absent"
+                                                                     : acs_bits_string(f.acs.ctrl)},
+                      {"numa_node", f.numa_node},
+                      {"host_bridge", t.host_bridges[f.host_bridge].name()}};
+  o["upstream"] = f.upstream >= 0 ? nlohmann::json(t.functions[static_cast<uint32_t>(f.upstream)].bdf.to_string()) : nlohmann::json();
+  if (!f.name.empty()) o["name"] = f.name;
+  return o;
+}
+
+// `topo --json`: one object, streamed (keys in the sorted order nlohmann::json prints), so
+// memory stays bounded whatever the number of pairs. The pairs are computed as they are
+// printed, never cached: n^2 of them would not fit in the engine's bounded cache anyway.
+void print_json(const Topology& t, const P2PEngine& e, const std::vector<uint32_t>& devs, const KernelChoice& k) {
+  JsonWriter w(stdout, 1);
+  w.begin_object();
+  w.key("cpu");
+  w.value(nlohmann::json{{"vendor", t.cpu.vendor}, {"family", t.cpu.family}, {"amd_zen_rule", e.cpu_amd_zen()}});
+  w.key("functions");
+  w.begin_array();
+  for (const Function& f : t.functions) w.value(function_json(t, f));
+  w.end_array();
+  w.key("host_bridges");
+  w.begin_array();
+  for (const HostBridge& hb : t.host_bridges) w.value(nlohmann::json{{"name", hb.name()}, {"numa_node", hb.numa_node}});
+  w.end_array();
+  w.key("kernel");
+  w.value(nlohmann::json{{"version", k.version.to_string()}, {"from", k.from}});
+  w.key("machine");
+  w.string_value(t.name);
+  w.key("pairs");
+  w.begin_array();
+  std::vector<std::string> bdf(t.functions.size());
+  for (uint32_t d : devs) bdf[d] = JsonWriter::quoted(t.functions[d].bdf.to_string());
   for (uint32_t p : devs)
     for (uint32_t c : devs) {
-      const Verdict v = e.verdict(p, c);
-      pairs.push_back({{"provider", t.functions[p].bdf.to_string()},
-                       {"client", t.functions[c].bdf.to_string()},
-                       {"map_type", map_type_name(v.type)},
-                       {"distance", v.distance}});
+      const Verdict v = e.compute(p, c);
+      w.element([&](std::string& b, std::string_view in, std::string_view out) {
+        b += "{\n";
+        b += in;
+        b += "\"client\": ";
+        b += bdf[c];
+        b += ",\n";
+        b += in;
+        b += "\"distance\": ";
+        b += fmt::format_int(v.distance).c_str();
+        b += ",\n";
+        b += in;
+        b += "\"map_type\": \"";
+        b += map_type_name(v.type);
+        b += "\",\n";
+        b += in;
+        b += "\"provider\": ";
+        b += bdf[p];
+        b += '\n';
+        b += out;
+        b += '}';
+      });
     }
-  return j;
+  w.end_array();
+  w.key("source");
+  w.string_value(t.source);
+  w.end_object();
+  w.newline();
 }
 
 // A DOT quoted string's content: '"' and '\\' escaped (names may hold them).
@@ -356,7 +424,7 @@ void run_topo(const TopoOptions& o) {
   P2PEngine e = failure_value(P2PEngine::create(t, verdict_options(*o.src, k)));
   const auto devs = endpoints(t, o.devices);
   if (o.json) {
-    fmt::print("{}\n", to_json(t, e, devs, k).dump(1));
+    print_json(t, e, devs, k);
     return;
   }
   if (o.dot) {

@@ -1,6 +1,8 @@
 // physr: DMA to memory without struct page. Parses arguments and dispatches to commands.
 #include <fmt/core.h>
 
+#include <new>
+
 #include "cli.hpp"
 
 int main(int argc, char** argv) {
@@ -28,6 +30,10 @@ int main(int argc, char** argv) {
     return kExitUsage;
   } catch (const Failure& e) {
     fmt::print(stderr, "physr: error: {}\n", e.what());
+    return kExitFailure;
+  } catch (const std::bad_alloc&) {
+    // Not "std::bad_alloc": say what ran out, and exit 1 as any failed command does.
+    fmt::print(stderr, "physr: error: ENOMEM: out of memory (the input needs more than this machine or the process's limit, ulimit -v, allows)\n");
     return kExitFailure;
   } catch (const std::exception& e) {
     fmt::print(stderr, "physr: error: {}\n", e.what());
