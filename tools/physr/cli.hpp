@@ -55,10 +55,20 @@ void add_topo_commands(CLI::App& app);
 pci::Topology load_machine_arg(const std::string& machine);
 /// Prints warnings to stderr, one "physr: warning: ..." line each.
 void print_warnings(const std::vector<std::string>& warnings);
+/// How an explanation was asked for, for its output: where its rules come from, and the
+/// command that repeats it (without --assume-acs-off) with the ports already assumed off,
+/// so the what-if hint is a command that runs when pasted.
+struct ExplainContext {
+  std::string rules_from = "the engine's kernel release";
+  std::string command;  // "physr explain A B --machine M", shell-quoted; empty: the hint names only the option
+  std::string acs_off;  // --assume-acs-off as given (empty: none)
+};
 /// What `physr explain` prints for (provider, client): the path hop by hop, ACS, the CPU
 /// and allowlist rules, the verdict, the link class and the kernel parameter that would help.
 void print_explanation(const pci::Topology& t, const pci::P2PEngine& e, uint32_t provider, uint32_t client,
-                       std::string_view rules_from = "the engine's kernel release");
+                       const ExplainContext& how = {});
+/// `arg` quoted for a POSIX shell when it holds anything but letters, digits and _ . / : , = + - @ %.
+std::string shell_quote(std::string_view arg);
 /// `physr p2pmem-test`.
 void add_p2pmem_command(CLI::App& app);
 /// `physr doctor`.

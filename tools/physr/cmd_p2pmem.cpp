@@ -93,7 +93,11 @@ void run_p2pmem(const P2pmemOptions& o) {
       const auto& fn = where.side == lnx::TransferFailure::Side::write ? sides.writer : sides.reader;
       if (fn) {
         fmt::print("\nThe kernel refused P2P DMA (EREMOTEIO). physr's view of this pair:\n\n");
-        print_explanation(*sides.topo, *sides.engine, *sides.provider, *fn);
+        const auto& fns = sides.topo->functions;
+        ExplainContext how;
+        how.command = "physr explain " + fns[*sides.provider].bdf.to_string() + " " + fns[*fn].bdf.to_string() +
+                      (o.root == "/" ? "" : " --sysfs-root " + shell_quote(o.root));
+        print_explanation(*sides.topo, *sides.engine, *sides.provider, *fn, how);
       }
     }
     throw Failure(stats.error().to_string());

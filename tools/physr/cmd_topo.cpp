@@ -389,18 +389,34 @@ void run_explain(const ExplainOptions& o) {
   // A device the machine does not have is a failure (exit 1), by name or by address alike:
   // the command line is well formed, the machine lacks it (docs/pci.md).
   auto lookup = [&](const std::string& s) { return failure_value(t.lookup(s)); };
-  print_explanation(t, e, lookup(o.a), lookup(o.b), k.from);
+  // The command that repeats this explanation, for the what-if hint.
+  ExplainContext how{k.from, "physr explain " + shell_quote(o.a) + " " + shell_quote(o.b), o.src->acs_off};
+  const std::pair<const char*, const std::string*> opts[] = {
+      {"--sysfs-root", &o.src->sysfs_root}, {"--machine", &o.src->machine}, {"--assume-cpu", &o.src->assume_cpu}, {"--kernel", &o.src->kernel}};
+  for (const auto& [flag, value] : opts)
+    if (!value->empty()) how.command += std::string(" ") + flag + " " + shell_quote(*value);
+  print_explanation(t, e, lookup(o.a), lookup(o.b), how);
 }
 
 }  // namespace
 
-void print_explanation(const Topology& t, const P2PEngine& e, uint32_t p, uint32_t c, std::string_view rules_from) {
+std::string shell_quote(std::string_view arg) {
+  const bool plain = !arg.empty() && std::all_of(arg.begin(), arg.end(), [](char ch) {
+    return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') || std::string_view("_./:,=+-@%").find(ch) != std::string_view::npos;
+  });
+  if (plain) return std::string(arg);
+  std::string out = "'";
+  for (char ch : arg) out += ch == '\'' ? std::string("'\\''") : std::string(1, ch);
+  return out + "'";
+}
+
+void print_explanation(const Topology& t, const P2PEngine& e, uint32_t p, uint32_t c, const ExplainContext& how) {
   const Explanation x = e.explain(p, c);
   const Function& fp = t.functions[p];
   const Function& fc = t.functions[c];
   fmt::print("provider {} ({} {:04x}:{:04x})\nclient   {} ({} {:04x}:{:04x})\nrules    Linux {} ({})\n\n", describe(fp),
              class_name(fp.class_code), fp.vendor, fp.device, describe(fc), class_name(fc.class_code), fc.vendor, fc.device,
-             x.kernel.to_string(), rules_from);
+             x.kernel.to_string(), how.rules_from);
   fmt::print("Path, from the provider up{}:\n", x.common ? " to the common upstream device, then down to the client" : " to its host bridge, then from the client's host bridge down");
   for (const PathHop& h : x.provider_path)
     print_hop(t, h, x.common && h.function == *x.common ? "  <- common upstream device" : "");
@@ -461,9 +477,16 @@ void print_explanation(const Topology& t, const P2PEngine& e, uint32_t p, uint32
     fmt::print("\nLinux logs, when the pair is first mapped (pci_warn; the kernel prefixes the driver name):\n");
     for (const std::string& line : x.kernel_log) fmt::print("  {}\n", line);
   }
-  if (!x.kernel_parameter.empty())
-    fmt::print("\nTo let this pair use bus addresses, boot with: {}\n(what-if: add --assume-acs-off {})\n", x.kernel_parameter,
-               x.kernel_parameter.substr(std::string("pci=disable_acs_redir=").size()));
+  if (!x.kernel_parameter.empty()) {
+    // The kernel parameter separates ports with ';' (Linux calc_map_type_and_dist() prints
+    // it so); --assume-acs-off takes commas, and a shell would split at ';'. The hint adds
+    // the redirecting ports to those already assumed off, as one command.
+    std::string ports = how.acs_off;
+    for (uint32_t f : x.acs_redirecting) ports += (ports.empty() ? "" : ",") + t.functions[f].bdf.to_string();
+    const std::string option = "--assume-acs-off " + shell_quote(ports);
+    fmt::print("\nTo let this pair use bus addresses, boot with: {}\n(what-if: {})\n", x.kernel_parameter,
+               how.command.empty() ? "add " + option : how.command + " " + option);
+  }
 }
 
 Topology load_machine_arg(const std::string& machine) { return warned(failure_value(load_machine(machine))); }
