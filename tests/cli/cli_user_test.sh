@@ -106,5 +106,19 @@ fi
 hint=$("$physr" explain ssd gpu --machine "$tmp/two-redirects.toml" --assume-acs-off 02:00.0 | sed -n 's/^(what-if: \(.*\))$/\1/p')
 check "the what-if hint keeps the ports already assumed off: '$hint'" grep -q -- '--assume-acs-off 02:00.0,0000:02:01.0' <<<"$hint"
 
+# --- map --range DEVICE.barN:OFFSET:LEN with DEVICE a BDF (snapshot machines have no names) ------
+expect 0 '0 +gpu0 BAR1 +0x381000000000 +4 KiB +bus_addr' -- map --range 0000:05:00.0.bar1:0:4K
+expect 0 '0 +gpu0 BAR1 .* 4 KiB +bus_addr' -- map --range 05:00.0.bar1:4K:4K
+expect 0 '0 +gpu0 BAR1 .* 4 KiB +bus_addr' -- map --range gpu0.bar1:0:4K
+expect 2 "no PCI function 0000:09:00.0" -- map --range 0000:09:00.0.bar1:0:4K
+
+# --- map's hint follows the cause -------------------------------------------------------------
+# A direct device with a 24-bit mask and memory above 16 MiB needs a bounce buffer below the
+# mask; the pool is above it, so --allow-bounce cannot help and is not suggested.
+out=$("$physr" map --direct --dma-mask 24 --range host:0x2000000:8K 2>&1); rc=$?
+check "map --dma-mask 24 names the bounce pool above the mask (exit $rc): $out" \
+  bash -c '[[ $1 -eq 1 ]] && grep -q "bounce pool lies above the 24-bit DMA mask" <<<"$2" && ! grep -q -- "--allow-bounce" <<<"$2"' _ "$rc" "$out"
+expect 1 'EREMOTEIO.*--allow-bounce lets the DMA layer bounce it' -- map --machine xeon-e5-two-sockets --device nvme1
+
 echo "cli_user: $passes passed, $fails failed"
 [[ $fails -eq 0 ]]

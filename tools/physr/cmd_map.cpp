@@ -35,14 +35,21 @@ struct MapMachine {
   IoDomain* domain = nullptr;            // owned by the model
 };
 
-// "host:ADDR:LEN" or "NAME.barN:OFFSET:LEN" (NAME a device name or BDF).
+// "host:ADDR:LEN" or "NAME.barN:OFFSET:LEN" (NAME a device name or BDF). The two numbers
+// are the text after the last two colons, so a BDF's own colons stay in the place.
 PhysRange parse_range(MapMachine& m, const std::string& spec) {
   const auto bad = [&](const std::string& why) { return UsageError(fmt::format("--range '{}': {}", spec, why)); };
-  const size_t c1 = spec.find(':'), c2 = spec.rfind(':');
-  if (c1 == std::string::npos || c1 == c2) throw bad("expected host:ADDR:LEN or DEVICE.barN:OFFSET:LEN");
+  const size_t c2 = spec.rfind(':');
+  const size_t c1 = c2 == std::string::npos || c2 == 0 ? std::string::npos : spec.rfind(':', c2 - 1);
+  if (c1 == std::string::npos) throw bad("expected host:ADDR:LEN or DEVICE.barN:OFFSET:LEN");
   const std::string where = spec.substr(0, c1);
-  const uint64_t at = usage_value(parse_size(spec.substr(c1 + 1, c2 - c1 - 1)));
-  const uint64_t len = usage_value(parse_size(spec.substr(c2 + 1)));
+  const auto number = [&](const std::string& text, const char* what) {
+    auto v = parse_size(text);
+    if (!v) throw bad(std::string(what) + ": " + v.error().message);
+    return *v;
+  };
+  const uint64_t at = number(spec.substr(c1 + 1, c2 - c1 - 1), where == "host" ? "address" : "offset");
+  const uint64_t len = number(spec.substr(c2 + 1), "length");
   if (len == 0) throw bad("length 0");
   if (where == "host") {
     if (!m.model->memory().is_host_ram(PhysSpan{PhysAddr(at), len})) {
@@ -56,7 +63,9 @@ PhysRange parse_range(MapMachine& m, const std::string& spec) {
   }
   const size_t dot = where.rfind(".bar");
   if (dot == std::string::npos) throw bad("the place must be 'host' or DEVICE.barN");
-  const uint32_t f = usage_value(m.topo.lookup(where.substr(0, dot)));
+  auto found = m.topo.lookup(where.substr(0, dot));
+  if (!found) throw bad(found.error().message);
+  const uint32_t f = *found;
   std::string_view idx = std::string_view(where).substr(dot + 4);
   const auto n = consume_uint(idx, 10);
   if (!n || !idx.empty()) throw bad("BAR index must be a number");
@@ -149,11 +158,23 @@ void run_map(const MapOptions& o) {
     }
   }
   if (!mapped) {
+    // The hint follows the cause: P2P memory the device cannot reach may be bounced when
+    // allowed; a bounce buffer above the DMA mask (Linux swiotlb_map() fails the same way:
+    // "swiotlb addr ... overflow") is past what bouncing can fix.
+    std::string hint;
+    if (mapped.error().code == EREMOTEIO && !o.allow_bounce) {
+      hint = "--allow-bounce lets the DMA layer bounce it when the provider allows CPU copies";
+    } else if (mapped.error().code == EIO && o.direct && o.mask_bits < 64) {
+      hint = fmt::format("the bounce pool lies above the {}-bit DMA mask, so bouncing cannot help: map memory below {}, "
+                         "widen --dma-mask, or map through the IOMMU (without --direct)",
+                         o.mask_bits, format_size(c.dma_mask + 1));
+    }
     if (o.json) {
       j["error"] = mapped.error().to_string();
+      if (!hint.empty()) j["hint"] = hint;
       fmt::print("{}\n", j.dump(2));
     }
-    throw Failure(mapped.error().to_string() + (o.allow_bounce ? "" : " (--allow-bounce lets the DMA layer bounce it when the provider allows CPU copies)"));
+    throw Failure(mapped.error().to_string() + (hint.empty() ? "" : " (" + hint + ")"));
   }
   if (o.json) {
     for (const DmaSegment& s : mapped->segments())
@@ -194,7 +215,7 @@ void add_map_command(CLI::App& app) {
   auto* c = app.add_subcommand("map", "Map a mixed host + P2P range list for one device of a machine and show each segment's path");
   c->add_option("--machine", o->machine, "TOML machine file or built-in machine name")->capture_default_str()->check(kNonEmpty);
   c->add_option("--device", o->device, "The DMA device (name or BDF)")->capture_default_str();
-  c->add_option("--range", o->ranges, "host:ADDR:LEN or DEVICE.barN:OFFSET:LEN (repeatable; default: host memory and every peer's BAR)");
+  c->add_option("--range", o->ranges, "host:ADDR:LEN or DEVICE.barN:OFFSET:LEN, DEVICE a name or BDF (repeatable; default: host memory and every peer's BAR)");
   c->add_option("--dir", o->dir, "to_device, from_device or bidirectional")->capture_default_str();
   c->add_flag("--direct", o->direct, "Map directly (no IOMMU)");
   c->add_flag("--untrusted", o->untrusted, "An untrusted (external) device: behind an IOMMU, each range at its own IOVA and unaligned ones bounced, as Linux does");
