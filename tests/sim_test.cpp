@@ -962,7 +962,7 @@ size = "1M"
 }
 
 // A scenario file's relative machine path is taken from its folder first; a machine that
-// is nowhere fails the run, naming the scenario and the machine.
+// is nowhere fails the run, naming the scenario's machine key (FILE:LINE) and the machine.
 TEST(SimScenarioTest, MachinePathsAreRelativeToTheScenarioFolder) {
   const auto dir = std::filesystem::temp_directory_path() / ("physr-scen-" + std::to_string(::getpid()));
   std::filesystem::create_directories(dir / "machines");
@@ -986,7 +986,7 @@ TEST(SimScenarioTest, MachinePathsAreRelativeToTheScenarioFolder) {
   std::filesystem::remove_all(dir);
   ASSERT_FALSE(failed.has_value());
   EXPECT_EQ(failed.error().code, ENOENT);
-  EXPECT_NE(failed.error().message.find("lost.toml: machine: machine 'machines/gone.toml': no such file"), std::string::npos)
+  EXPECT_NE(failed.error().message.find("lost.toml:1: machine: machine 'machines/gone.toml': no such file"), std::string::npos)
       << failed.error().message;
 }
 

@@ -18,7 +18,11 @@ Result<Scenario> parse_scenario(std::string_view text, std::string_view source) 
   PHYSR_ASSIGN_OR_RETURN(const std::optional<std::string> description, get_string(c, root, "description", "scenario"));
   sc.description = description.value_or("");
   PHYSR_ASSIGN_OR_RETURN(const std::optional<std::string> machine, get_string(c, root, "machine", "scenario"));
-  if (machine) sc.machine = *machine;
+  if (machine) {
+    sc.machine = *machine;
+    sc.machine_where = c.where(*root.get("machine"));
+    sc.machine_where.resize(sc.machine_where.size() - 2);  // "FILE:LINE: " -> "FILE:LINE"
+  }
 
   if (const toml::node* on = root.get("options")) {
     const toml::table* o = on->as_table();

@@ -120,5 +120,63 @@ check "map --dma-mask 24 names the bounce pool above the mask (exit $rc): $out" 
   bash -c '[[ $1 -eq 1 ]] && grep -q "bounce pool lies above the 24-bit DMA mask" <<<"$2" && ! grep -q -- "--allow-bounce" <<<"$2"' _ "$rc" "$out"
 expect 1 'EREMOTEIO.*--allow-bounce lets the DMA layer bounce it' -- map --machine xeon-e5-two-sockets --device nvme1
 
+# --- a job that fails in the middle of a scenario: the others' results stay (as fio) -----------
+printf 'machine = "xeon-e5-two-sockets"\n[[job]]\nname = "ok"\ndevice = "nvme1"\nsize = "1M"\n[[job]]\nname = "refused"\ndevice = "nvme1"\nbuffer = "gpu0"\npath = "p2p"\nsize = "1M"\n[[job]]\nname = "after"\ndevice = "nvme1"\nsize = "1M"\n' > "$tmp/mid-fails.toml"
+expect 1 'refused +nvme1 +gpu0 +failed: EREMOTEIO' -- sim "$tmp/mid-fails.toml"
+expect 1 'Every byte verified against its source: 2 MiB in 2 jobs' -- sim "$tmp/mid-fails.toml"
+"$physr" sim "$tmp/mid-fails.toml" --json > "$tmp/mid.json" 2>/dev/null; rc=$?
+check "sim --json with a job refused by EREMOTEIO (exit $rc)" python3 - "$tmp/mid.json" "$rc" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+assert sys.argv[2] == "1"
+assert d["failed_jobs"] == 1
+ok, refused, after = d["jobs"]
+assert ok["verified_bytes"] == 1 << 20 and after["verified_bytes"] == 1 << 20
+assert refused["errno"] == "EREMOTEIO" and "refused" in refused["error"], refused
+PY
+
+# --- errors name the option or file and the cause -------------------------------------------------
+expect 2 "--max-segment: size '-5': expected a number" -- map --max-segment -5
+expect 2 "--boundary: size '5Q': unknown unit" -- ranges --boundary 5Q
+expect 2 "--dma-offset: size 'x': expected a number" -- map --direct --dma-offset x
+expect 2 "--chunk-size: size 'big': expected a number" -- p2pmem-test /dev/null /dev/null -s big
+expect 2 "--range 'host:-5:4K': address: size '-5'" -- map --range host:-5:4K
+# Out of memory: a clear error, exit 1 (an address-space limit makes 2^28 pfns fail; skipped
+# where the limit stops the program itself, as under ASan).
+if (ulimit -v 400000 && "$physr" --version) >/dev/null 2>&1; then
+  out=$(ulimit -v 400000; "$physr" ranges --count 200000000 --pattern contiguous 2>&1); rc=$?
+  check "out of memory names the command (exit $rc): $out" bash -c '[[ $1 -eq 1 ]] && grep -q "ENOMEM: out of memory while running physr ranges" <<<"$2"' _ "$rc" "$out"
+fi
+# A scenario's machine that does not exist: the scenario's key, FILE:LINE.
+printf 'name = "n"\nmachine = "nope"\n[[job]]\ndevice = "nvme0"\nsize = "1M"\n' > "$tmp/nope.toml"
+expect 1 "nope.toml:2: machine: machine 'nope': no such file" -- sim "$tmp/nope.toml"
+# A network job whose buffer device has no memory BAR: named.
+printf '[[job]]\nname = "rx"\ndevice = "nic0"\npeer = "nic1"\npeer_buffer = "switch0"\nbs = "4K"\nsize = "1M"\n' > "$tmp/nobar.toml"
+expect 1 "job 'rx': the RX buffer device switch0 has no memory BAR" -- sim "$tmp/nobar.toml"
+# Invalid UTF-8 (a Latin-1 file name, a byte of cpuinfo) in --json output: replaced, and
+# the output is JSON.
+lat=$tmp/$(printf 'caf\xe9').txt
+printf '0x100\n' > "$lat"
+"$physr" ranges --pfns "$lat" --json > "$tmp/lat.json" 2>&1
+check "ranges --json with a Latin-1 file name is JSON" python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); assert d["source"].endswith("caf\ufffd.txt"), d["source"]' "$tmp/lat.json"
+ls1=$tmp/latin-snap
+mkdir -p "$ls1/sys/devices/pci0000:00/0000:00:01.0" "$ls1/proc"
+d=$ls1/sys/devices/pci0000:00/0000:00:01.0
+printf '0x8086\n' > "$d/vendor"; printf '0x1234\n' > "$d/device"; printf '0x010802\n' > "$d/class"
+printf 'processor\t: 0\nvendor_id\t: Genu\xefneIntel\ncpu family\t: 6\n' > "$ls1/proc/cpuinfo"
+"$physr" topo --sysfs-root "$ls1" --json > "$tmp/ls1.json" 2>/dev/null
+check "topo --json with a Latin-1 byte in cpuinfo is JSON" python3 -c 'import json,sys; json.load(open(sys.argv[1]))' "$tmp/ls1.json"
+
+# --- what is used, not what was typed; negative numbers refused, not wrapped ---------------------
+expect 0 'max segment 4 KiB \(--max-segment 4097 rounded down to whole 4 KiB pages' -- ranges --max-segment 4097 --count 64 --pattern contiguous
+check "ranges --json reports the max segment used" python3 -c 'import json,sys; assert json.loads(sys.argv[1])["max_segment_bytes"] == 4096' \
+  "$("$physr" ranges --max-segment 4097 --count 8 --pattern contiguous --json)"
+expect 2 '--max-segment 100: .*below one 4 KiB page' -- ranges --max-segment 100
+expect 2 '--seed: must not be negative' -- ranges --seed -1
+expect 2 '--show: must not be negative' -- ranges --show -1
+expect 2 '--chunks: must not be negative' -- p2pmem-test /dev/null /dev/null -c -1
+expect 2 '--max-devices: must not be negative' -- doctor --max-devices -1
+expect 0 'seed 18446744073709551615' -- ranges --seed 18446744073709551615 --count 4
+
 echo "cli_user: $passes passed, $fails failed"
 [[ $fails -eq 0 ]]

@@ -102,16 +102,16 @@ void run_map(const MapOptions& o) {
   const uint32_t client = failure_value(m.topo.lookup(o.device));  // as explain: exit 1
   const DmaDirection dir = parse_dir(o.dir);
   if (o.mask_bits < 24 || o.mask_bits > 64) throw UsageError(fmt::format("--dma-mask {}: bits must be 24 to 64", o.mask_bits));
-  const uint64_t boundary = usage_value(parse_size(o.boundary));
+  const uint64_t boundary = size_arg("--boundary", o.boundary);
   if (boundary < kPageSize || (boundary & (boundary - 1)) != 0)
     throw UsageError(fmt::format("--boundary {}: must be a power of two of at least 4 KiB", o.boundary));
   DmaDeviceConfig c;
   c.function = client;
   c.dma_mask = o.mask_bits == 64 ? ~uint64_t{0} : (uint64_t{1} << o.mask_bits) - 1;
-  c.max_segment = usage_value(parse_size(o.max_segment));
+  c.max_segment = size_arg("--max-segment", o.max_segment);
   c.seg_boundary_mask = boundary - 1;
   c.untrusted = o.untrusted;
-  c.dma_offset = usage_value(parse_size(o.dma_offset));
+  c.dma_offset = size_arg("--dma-offset", o.dma_offset);
   c.domain = o.direct ? nullptr : m.domain;
   if (!o.direct && c.dma_offset) throw UsageError("--dma-offset applies to --direct devices only");
   Platform& pf = m.model->platform();
@@ -172,7 +172,7 @@ void run_map(const MapOptions& o) {
     if (o.json) {
       j["error"] = mapped.error().to_string();
       if (!hint.empty()) j["hint"] = hint;
-      fmt::print("{}\n", j.dump(2));
+      fmt::print("{}\n", json_text(j, 2));
     }
     throw Failure(mapped.error().to_string() + (hint.empty() ? "" : " (" + hint + ")"));
   }
@@ -201,7 +201,7 @@ void run_map(const MapOptions& o) {
   const bool clean = after.mapped_4k + after.mapped_2m + after.mapped_1g == 0 && pf.bounce()->used_slots() == 0 && dev->stats().live_mappings == 0;
   if (o.json) {
     j["unmapped_clean"] = clean;
-    fmt::print("{}\n", j.dump(2));
+    fmt::print("{}\n", json_text(j, 2));
   } else {
     fmt::print("Unmapped: {}\n", clean ? "every IOVA, page-table entry and bounce slot returned" : "SOMETHING WAS LEFT BEHIND");
   }
@@ -220,7 +220,7 @@ void add_map_command(CLI::App& app) {
   c->add_flag("--direct", o->direct, "Map directly (no IOMMU)");
   c->add_flag("--untrusted", o->untrusted, "An untrusted (external) device: behind an IOMMU, each range at its own IOVA and unaligned ones bounced, as Linux does");
   c->add_flag("--allow-bounce", o->allow_bounce, "Bounce P2P memory the device cannot reach");
-  c->add_option("--dma-mask", o->mask_bits, "DMA mask in bits (24-64)")->capture_default_str();
+  c->add_option("--dma-mask", o->mask_bits, "DMA mask in bits (24-64)")->capture_default_str()->check(kNonNegative);
   c->add_option("--max-segment", o->max_segment, "Device max segment size")->capture_default_str();
   c->add_option("--boundary", o->boundary, "Device segment boundary (power of two)")->capture_default_str();
   c->add_option("--dma-offset", o->dma_offset, "Direct mapping: DMA address = phys + offset")->capture_default_str();

@@ -158,7 +158,7 @@ void run_sim(const SimOptions& o) {
     std::ofstream f(o.svg);
     if (!f || !(f << svg_chart(sc, rep))) throw Failure(fmt::format("--svg {}: cannot write the file", o.svg));
   }
-  if (o.json) fmt::print("{}\n", to_json(sc, rep).dump(2));
+  if (o.json) fmt::print("{}\n", json_text(to_json(sc, rep), 2));
   else print_text(sc, rep, o.svg);
   // Every job reported (a failed one with its error); then the command fails naming them.
   if (const size_t n = rep.failed()) {

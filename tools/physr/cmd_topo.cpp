@@ -356,7 +356,7 @@ void run_topo(const TopoOptions& o) {
   P2PEngine e = failure_value(P2PEngine::create(t, verdict_options(*o.src, k)));
   const auto devs = endpoints(t, o.devices);
   if (o.json) {
-    fmt::print("{}\n", to_json(t, e, devs, k).dump(1));
+    fmt::print("{}\n", json_text(to_json(t, e, devs, k), 1));
     return;
   }
   if (o.dot) {

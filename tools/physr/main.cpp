@@ -1,6 +1,8 @@
 // physr: DMA to memory without struct page. Parses arguments and dispatches to commands.
 #include <fmt/core.h>
 
+#include <new>
+
 #include "cli.hpp"
 
 int main(int argc, char** argv) {
@@ -28,6 +30,10 @@ int main(int argc, char** argv) {
     return kExitUsage;
   } catch (const Failure& e) {
     fmt::print(stderr, "physr: error: {}\n", e.what());
+    return kExitFailure;
+  } catch (const std::bad_alloc&) {
+    const std::string what = app.get_subcommands().empty() ? "the tour" : "physr " + app.get_subcommands().front()->get_name();
+    fmt::print(stderr, "physr: error: ENOMEM: out of memory while running {} (a smaller input, or a higher memory limit)\n", what);
     return kExitFailure;
   } catch (const std::exception& e) {
     fmt::print(stderr, "physr: error: {}\n", e.what());
