@@ -64,6 +64,11 @@ constexpr std::pair<const char*, const char*> kLegend[] = {
 
 }  // namespace
 
+bool cpu_supports_p2pdma(const CpuInfo& cpu) noexcept {
+  // Linux p2pdma.c cpu_supports_p2pdma(): any AMD CPU whose family is Zen (0x17) or newer.
+  return cpu.vendor == "AuthenticAMD" && cpu.family >= 0x17;
+}
+
 const char* map_type_name(MapType t) noexcept {
   switch (t) {
     case MapType::bus_addr: return "bus_addr";
@@ -110,9 +115,7 @@ Result<P2PEngine> P2PEngine::create(const Topology& topo, VerdictOptions options
   e.kernel_ = options.kernel;
   const auto n = static_cast<uint32_t>(topo.functions.size());
   if (n > 0xffff) return make_error(EINVAL, topo.source + ": more than 65535 functions");
-  // Linux p2pdma.c cpu_supports_p2pdma(): any AMD CPU whose family is Zen (0x17) or newer.
-  e.amd_zen_ = options.assume_amd_zen ? *options.assume_amd_zen
-                                      : topo.cpu.vendor == "AuthenticAMD" && topo.cpu.family >= 0x17;
+  e.amd_zen_ = options.assume_amd_zen ? *options.assume_amd_zen : cpu_supports_p2pdma(topo.cpu);
   e.redir_.assign(n, 0);
   for (uint32_t i = 0; i < n; ++i) e.redir_[i] = topo.functions[i].acs.redirects() ? 1 : 0;
   for (const Bdf& b : options.acs_redir_off) {

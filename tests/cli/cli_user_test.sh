@@ -178,5 +178,13 @@ expect 2 '--chunks: must not be negative' -- p2pmem-test /dev/null /dev/null -c 
 expect 2 '--max-devices: must not be negative' -- doctor --max-devices -1
 expect 0 'seed 18446744073709551615' -- ranges --seed 18446744073709551615 --count 4
 
+# --- --assume-cpu against the detected CPU: said to be an override ------------------------------
+expect 0 'CPU rule overridden: detected GenuineIntel family 0x6 \(not AMD Zen\), assuming AMD Zen' -- explain nvme0 nic0 --machine two-socket-switch --assume-cpu amd-zen
+expect 0 'CPU rule overridden: detected AuthenticAMD family 0x19 \(AMD Zen\), assuming a CPU other than AMD Zen' -- explain gpu0 nvme1 --machine amd-zen --assume-cpu other
+expect 0 'CPU GenuineIntel family 0x6 \(CPU rule overridden: assuming AMD Zen' -- topo --machine two-socket-switch --assume-cpu amd-zen
+expect 0 'CPU: AuthenticAMD family 0x19: not AMD Zen|CPU: AMD family 0x19 \(Zen or newer\)' -- explain gpu0 nvme1 --machine amd-zen --assume-cpu amd-zen
+out=$("$physr" explain nvme0 nic0 --machine two-socket-switch --assume-cpu amd-zen 2>&1)
+check "an overridden CPU is not described as AMD Zen" bash -c '! grep -q "AMD family 0x6" <<<"$1"' _ "$out"
+
 echo "cli_user: $passes passed, $fails failed"
 [[ $fails -eq 0 ]]

@@ -363,9 +363,12 @@ void run_topo(const TopoOptions& o) {
     print_dot(t);
     return;
   }
+  const bool cpu_overridden = e.cpu_amd_zen() != cpu_supports_p2pdma(t.cpu);
   fmt::print("{}: {}, CPU {}{}\n{} host bridges, {} functions; the P2P rules of Linux {} ({})\n\n", t.source, t.name,
              t.cpu.known() ? fmt::format("{} family {:#x}", t.cpu.vendor, t.cpu.family) : "unknown",
-             e.cpu_amd_zen() ? " (AMD Zen: P2P through the host bridge is allowed)" : "", t.host_bridges.size(),
+             cpu_overridden ? (e.cpu_amd_zen() ? " (CPU rule overridden: assuming AMD Zen, P2P through the host bridge allowed)"
+                                               : " (CPU rule overridden: assuming a CPU other than AMD Zen)")
+             : e.cpu_amd_zen() ? " (AMD Zen: P2P through the host bridge is allowed)" : "", t.host_bridges.size(),
              t.functions.size(), k.version.to_string(), k.from);
   print_tree(t, e);
   print_matrix(t, e, devs);
@@ -444,11 +447,18 @@ void print_explanation(const Topology& t, const P2PEngine& e, uint32_t p, uint32
                                         t.host_bridges[fc.host_bridge].name());
   }
   if (x.verdict.type != MapType::bus_addr) {
-    if (x.cpu_amd_zen) {
+    const std::string cpu = t.cpu.known() ? fmt::format("{} family {:#x}", t.cpu.vendor, t.cpu.family) : "unknown";
+    if (x.cpu_amd_zen != cpu_supports_p2pdma(t.cpu)) {
+      // --assume-cpu contradicts the detected CPU: say so rather than describe the CPU wrongly.
+      fmt::print("CPU rule overridden: detected {} ({}), assuming {}.\n", cpu, x.cpu_amd_zen ? "not AMD Zen" : "AMD Zen",
+                 x.cpu_amd_zen ? "AMD Zen: Linux allows P2P through the host bridge"
+                               : "a CPU other than AMD Zen, so the host bridge allowlist decides");
+    } else if (x.cpu_amd_zen) {
       fmt::print("CPU: AMD family {:#x} (Zen or newer): Linux allows P2P through the host bridge.\n", t.cpu.family);
     } else {
-      fmt::print("CPU: {}: not AMD Zen, so the host bridge allowlist decides.\n",
-                 t.cpu.known() ? fmt::format("{} family {:#x}", t.cpu.vendor, t.cpu.family) : "unknown");
+      fmt::print("CPU: {}: not AMD Zen, so the host bridge allowlist decides.\n", cpu);
+    }
+    if (!x.cpu_amd_zen) {
       for (const auto& chk : x.allowlist) {
         const HostBridge& hb = t.host_bridges[chk.host_bridge];
         if (!chk.identifying) {
