@@ -55,9 +55,9 @@ std::string hex4(uint16_t v) {
 
 constexpr std::pair<const char*, const char*> kLegend[] = {
     {"X", "the same function"},
-    {"PIX", "through at most one PCIe switch (no host bridge)"},
-    {"PXB", "through several PCIe switches (no host bridge)"},
-    {"PHB", "through a PCIe host bridge (root port or root complex)"},
+    {"PIX", "by bus address through at most one PCIe switch, or one root port (not the host bridge)"},
+    {"PXB", "by bus address through several PCIe switches (not the host bridge)"},
+    {"PHB", "through a PCIe host bridge (between root ports, or sent up by ACS redirect)"},
     {"NODE", "between host bridges within one NUMA node"},
     {"SYS", "between NUMA nodes (across the inter-socket link)"},
 };
@@ -403,10 +403,16 @@ Explanation P2PEngine::explain(uint32_t p, uint32_t c) const {
         break;
       }
   }
-  // nvidia-smi style link class.
+  // nvidia-smi's link class, from the path the verdict takes. bus_addr: the TLPs turn at
+  // the common upstream device without entering the host bridge: PIX through at most one
+  // switch (its downstream ports and upstream port, or one root port as the common device
+  // of two functions of one device), PXB through more. Otherwise (ACS redirect, different
+  // root ports, or not supported at all) the path is through the host bridge: PHB within
+  // one, NODE or SYS between two. So a root port never makes PHB of a bus_addr pair, and a
+  // switch never makes PIX of a pair ACS sends to the root complex.
   if (p == c) {
     x.link_class = "X";
-  } else if (x.common && fn[*x.common].port_type != PortType::root_port) {
+  } else if (x.verdict.type == MapType::bus_addr) {
     size_t bridges = 0;
     for (const auto* path : {&x.provider_path, &x.client_path})
       for (const PathHop& h : *path)

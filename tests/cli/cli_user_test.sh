@@ -186,5 +186,38 @@ expect 0 'CPU: AuthenticAMD family 0x19: not AMD Zen|CPU: AMD family 0x19 \(Zen 
 out=$("$physr" explain nvme0 nic0 --machine two-socket-switch --assume-cpu amd-zen 2>&1)
 check "an overridden CPU is not described as AMD Zen" bash -c '! grep -q "AMD family 0x6" <<<"$1"' _ "$out"
 
+# --- the link class agrees with the verdict --------------------------------------------------------
+# Under a switch whose ports redirect, the pair goes through the host bridge: PHB, not PIX;
+# with the ports assumed off it is bus_addr below the switch: PIX.
+expect 0 'Link class: PHB' -- explain ssd gpu --machine "$tmp/two-redirects.toml"
+expect 0 'Link class: PIX' -- explain ssd gpu --machine "$tmp/two-redirects.toml" --assume-acs-off 02:00.0,02:01.0
+# Two functions of one device below a root port: bus_addr, distance 2, PIX (not PHB).
+cat > "$tmp/mf.toml" <<'TOML'
+[[host_bridge]]
+bus = 0
+[[function]]
+bdf = "00:01.0"
+vendor = 0x8086
+device = 0x2030
+class = 0x060400
+type = "root_port"
+[[function]]
+bdf = "01:00.0"
+vendor = 0x15b3
+device = 0x1017
+class = 0x020000
+parent = "00:01.0"
+[[function]]
+bdf = "01:00.1"
+vendor = 0x15b3
+device = 0x1017
+class = 0x020000
+parent = "00:01.0"
+TOML
+out=$("$physr" explain 01:00.0 01:00.1 --machine "$tmp/mf.toml" 2>&1)
+check "explain: two functions below one root port are bus_addr and PIX: $out" \
+  bash -c 'grep -q "Verdict: bus_addr, distance 2" <<<"$1" && grep -q "Link class: PIX" <<<"$1"' _ "$out"
+expect 0 'through a PCIe host bridge' -- explain ssd gpu --machine "$tmp/two-redirects.toml"
+
 echo "cli_user: $passes passed, $fails failed"
 [[ $fails -eq 0 ]]
