@@ -219,5 +219,13 @@ check "explain: two functions below one root port are bus_addr and PIX: $out" \
   bash -c 'grep -q "Verdict: bus_addr, distance 2" <<<"$1" && grep -q "Link class: PIX" <<<"$1"' _ "$out"
 expect 0 'through a PCIe host bridge' -- explain ssd gpu --machine "$tmp/two-redirects.toml"
 
+# --- buffer = "nearest": a provider that can serve the job -------------------------------------
+printf '[[job]]\nname = "ssd"\ndevice = "nvme2"\nsize = "4M"\nbuffer = "nearest"\n[[job]]\nname = "copy"\ndevice = "gpu0"\nsize = "4M"\nbuffer = "nearest"\n' > "$tmp/nearest.toml"
+out=$("$physr" sim "$tmp/nearest.toml" 2>&1); rc=$?
+check "sim: nearest picks memory that serves each job (exit $rc): $out" \
+  bash -c '[[ $1 -eq 0 ]] && ! grep -q "nvme2 BAR0" <<<"$2" && ! grep -qE "^  copy +gpu0 +gpu0" <<<"$2"' _ "$rc" "$out"
+printf 'machine = "xeon-e5-two-sockets"\n[[job]]\nname = "big"\ndevice = "nvme1"\nbs = "128K"\nqd = 1024\nsize = "128M"\nbuffer = "nearest"\n' > "$tmp/nearest-none.toml"
+expect 1 "job 'big': buffer = .nearest.: no published P2P memory of at least 128 MiB \(bs x qd\)" -- sim "$tmp/nearest-none.toml"
+
 echo "cli_user: $passes passed, $fails failed"
 [[ $fails -eq 0 ]]
