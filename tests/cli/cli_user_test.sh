@@ -227,5 +227,59 @@ check "sim: nearest picks memory that serves each job (exit $rc): $out" \
 printf 'machine = "xeon-e5-two-sockets"\n[[job]]\nname = "big"\ndevice = "nvme1"\nbs = "128K"\nqd = 1024\nsize = "128M"\nbuffer = "nearest"\n' > "$tmp/nearest-none.toml"
 expect 1 "job 'big': buffer = .nearest.: no published P2P memory of at least 128 MiB \(bs x qd\)" -- sim "$tmp/nearest-none.toml"
 
+# --- sim --svg: XML that parses whatever the names, a legend from the data, an axis with units ---
+cat > "$tmp/hostile.toml" <<'TOML'
+name = "x<y & \"z\""
+[[job]]
+name = "a<b & \"c\" 'd'"
+device = "nvme0"
+size = "4M"
+buffer = "gpu0"
+[[job]]
+name = "staged</text><x>"
+device = "nvme0"
+size = "4M"
+buffer = "gpu0"
+path = "bounce"
+[[job]]
+name = "net & p2p"
+device = "nic0"
+peer = "nic1"
+peer_buffer = "gpu0"
+bs = "4K"
+size = "1M"
+[[job]]
+name = "a-very-long-job-name-that-used-to-be-cut-off-at-the-edge-of-the-chart"
+device = "nvme1"
+size = "1M"
+TOML
+"$physr" sim "$tmp/hostile.toml" --svg "$tmp/hostile.svg" >/dev/null 2>&1
+check "sim --svg with hostile names parses as XML, with a truthful legend and an axis" python3 - "$tmp/hostile.svg" <<'PY'
+import sys, xml.etree.ElementTree as ET
+root = ET.parse(sys.argv[1]).getroot()
+ns = "{http://www.w3.org/2000/svg}"
+texts = [t.text or "" for t in root.iter(ns + "text")]
+for name in ["a<b & \"c\" 'd'", "staged</text><x>", "net & p2p"]:
+    assert name in texts, (name, texts)
+assert any("GB/s" in t and "10^9 bytes" in t for t in texts), texts
+legend = {t for t in texts if t in ("staged through a host buffer", "bounced through host memory",
+                                     "P2P through the root complex", "P2P by bus address", "host memory")}
+# The P2P network job sends from host memory and receives into gpu0 through the root
+# complex: both drawn, both in the legend; nothing was bounced, so that is not.
+assert legend == {"staged through a host buffer", "P2P through the root complex", "P2P by bus address", "host memory"}, legend
+fills = {r.get("fill") for r in root.iter(ns + "rect")}
+assert "#e08a1e" not in fills, fills
+# No label runs past the picture's right edge (7 px per character is generous at 12 px).
+width = float(root.get("width"))
+for t in root.iter(ns + "text"):
+    anchor = t.get("text-anchor", "start")
+    if anchor == "start":
+        assert float(t.get("x")) + 7 * len(t.text or "") <= width, (t.text, width)
+PY
+# The chart's path is checked before any job runs.
+out=$("$physr" sim "$tmp/hostile.toml" --svg "$tmp/no/such/dir/x.svg" 2>&1); rc=$?
+check "sim --svg to a folder that does not exist fails before running (exit $rc): $out" \
+  bash -c '[[ $1 -eq 1 ]] && grep -q -- "--svg .*no/such/dir/x.svg: cannot write the file" <<<"$2" && ! grep -q "running job" <<<"$2"' _ "$rc" "$out"
+
 echo "cli_user: $passes passed, $fails failed"
 [[ $fails -eq 0 ]]
