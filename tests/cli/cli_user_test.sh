@@ -281,5 +281,22 @@ out=$("$physr" sim "$tmp/hostile.toml" --svg "$tmp/no/such/dir/x.svg" 2>&1); rc=
 check "sim --svg to a folder that does not exist fails before running (exit $rc): $out" \
   bash -c '[[ $1 -eq 1 ]] && grep -q -- "--svg .*no/such/dir/x.svg: cannot write the file" <<<"$2" && ! grep -q "running job" <<<"$2"' _ "$rc" "$out"
 
+# --- what users of lspci, nvidia-smi and fio miss -------------------------------------------------
+# CLI11's own errors in physr's form.
+expect 2 '^physr: error: .*--frobnicate' -- map --frobnicate
+expect 2 '^physr: error: .*--dma-mask' -- map --dma-mask
+# --assume-acs-off by device name as well as BDF.
+expect 0 'Verdict: bus_addr, distance 4' -- explain nvme0 nic0 --machine two-socket-switch --assume-acs-off 0000:02:11.0
+sed -e 's/^bdf = "02:00.0"$/bdf = "02:00.0"\nname = "port0"/' -e 's/^bdf = "02:01.0"$/bdf = "02:01.0"\nname = "port1"/' "$tmp/two-redirects.toml" > "$tmp/named-ports.toml"
+expect 0 'Verdict: bus_addr, distance 4' -- explain ssd gpu --machine "$tmp/named-ports.toml" --assume-acs-off port0,port1
+expect 2 "--assume-acs-off: PCI address 'nosuch'.*nor a device name" -- explain ssd gpu --machine "$tmp/named-ports.toml" --assume-acs-off nosuch
+# map --show N.
+out=$("$physr" map --show 2 2>&1); rc=$?
+check "map --show 2 prints two rows of each table and says how many more (exit $rc)" \
+  bash -c '[[ $1 -eq 0 ]] && [[ $(grep -cE "^  [0-9]+ " <<<"$2") -eq 4 ]] && [[ $(grep -cE "^  \([0-9]+ more\)$" <<<"$2") -eq 2 ]]' _ "$rc" "$out"
+# JSON rates in bytes per second, beside the old keys.
+"$physr" sim "$tmp/nearest.toml" --json > "$tmp/rate.json" 2>/dev/null
+check "sim --json has bytes_per_second beside gbps" python3 -c 'import json,sys; j=json.load(open(sys.argv[1]))["jobs"][0]; assert abs(j["bytes_per_second"] - j["gbps"] * 1e9) < 1, j' "$tmp/rate.json"
+
 echo "cli_user: $passes passed, $fails failed"
 [[ $fails -eq 0 ]]

@@ -23,6 +23,7 @@ struct MapOptions {
   std::string dir = "to_device";
   bool direct = false, untrusted = false, allow_bounce = false, json = false;
   unsigned mask_bits = 64;
+  size_t show = ~size_t{0};  // ranges and segments printed (text output)
   std::string max_segment = "64K", boundary = "4G", dma_offset = "0";
 };
 
@@ -153,9 +154,11 @@ void run_map(const MapOptions& o) {
     fmt::print("  #  memory              physical           length     P2P verdict\n");
     size_t i = 0;
     for (const PhysRange& r : list) {
+      if (i == o.show) break;
       const auto [name, verdict] = place(r);
       fmt::print("  {:<2} {:<19} {:<18} {:<10} {}\n", i++, name, format_hex(r.addr.value()), format_size(r.len), verdict);
     }
+    if (list.size() > i) fmt::print("  ({} more)\n", list.size() - i);
   }
   if (!mapped) {
     // The hint follows the cause: P2P memory the device cannot reach may be bounced when
@@ -186,8 +189,11 @@ void run_map(const MapOptions& o) {
     fmt::print("\nDMA list: {} segments\n", mapped->segments().size());
     fmt::print("  #  DMA address        length     path\n");
     size_t i = 0;
-    for (const DmaSegment& s : mapped->segments())
+    for (const DmaSegment& s : mapped->segments()) {
+      if (i == o.show) break;
       fmt::print("  {:<2} {:<18} {:<10} {}\n", i++, format_hex(s.addr.value()), format_size(s.len), dma_seg_path(s.flags));
+    }
+    if (mapped->segments().size() > i) fmt::print("  ({} more)\n", mapped->segments().size() - i);
     if (mapped->iova().size)
       fmt::print("\nIOVA [{}, +{}), {} page-table leaves", format_hex(mapped->iova().base.value()), format_size(mapped->iova().size),
                  ds.mapped_4k + ds.mapped_2m + ds.mapped_1g);
@@ -224,6 +230,7 @@ void add_map_command(CLI::App& app) {
   c->add_option("--max-segment", o->max_segment, "Device max segment size")->capture_default_str();
   c->add_option("--boundary", o->boundary, "Device segment boundary (power of two)")->capture_default_str();
   c->add_option("--dma-offset", o->dma_offset, "Direct mapping: DMA address = phys + offset")->capture_default_str();
+  c->add_option("--show", o->show, "Ranges and segments to print (default: all; --json lists all)")->check(kNonNegative);
   c->add_flag("--json", o->json, "Print JSON");
   c->callback([o] { run_map(*o); });
 }

@@ -198,7 +198,7 @@ nlohmann::json to_json(const sim::Scenario& sc, const sim::ScenarioReport& rep) 
     const sim::JobResult& r = *o.result;
     nlohmann::json x = {{"name", r.name},           {"device", r.device},         {"buffer", r.buffer},
                         {"path", r.path},           {"bytes", r.bytes},           {"ios", r.ios},
-                        {"seconds", r.seconds},     {"gbps", r.gbps},             {"latency_p50_us", r.lat_p50_us},
+                        {"seconds", r.seconds},     {"gbps", r.gbps},             {"bytes_per_second", r.gbps * 1e9},             {"latency_p50_us", r.lat_p50_us},
                         {"latency_p99_us", r.lat_p99_us}, {"verified_bytes", r.verified_bytes},
                         {"root_complex_bytes", r.rc_bytes}, {"host_memory_bytes", r.host_memory_bytes},
                         {"prp_ios", r.prp_ios},     {"sgl_ios", r.sgl_ios},       {"iommu_faults", r.iommu_faults}};

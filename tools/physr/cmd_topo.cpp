@@ -30,7 +30,7 @@ void add_source_options(CLI::App* c, const std::shared_ptr<SourceOptions>& o) {
   auto* s = c->add_option("--sysfs-root", o->sysfs_root, "Read a sysfs snapshot rooted at DIR (default: the live /sys)")->check(kNonEmpty);
   auto* m = c->add_option("--machine", o->machine, "Read a TOML machine file, or a built-in machine by name")->check(kNonEmpty);
   s->excludes(m);
-  c->add_option("--assume-acs-off", o->acs_off, "BDF[,BDF...]: as if pci=disable_acs_redir= listed them");
+  c->add_option("--assume-acs-off", o->acs_off, "BDF or NAME[,...]: as if pci=disable_acs_redir= listed them");
   c->add_option("--assume-cpu", o->assume_cpu, "amd-zen or other: override the CPU for the AMD Zen rule");
   c->add_option("--kernel", o->kernel,
                 "VERSION: apply the P2P rules of Linux VERSION (default: the running kernel's for the live /sys, "
@@ -85,7 +85,7 @@ Topology load_topology(const SourceOptions& o) {
   return warned(failure_value(load_sysfs(o.sysfs_root.empty() ? "/" : o.sysfs_root)));
 }
 
-VerdictOptions verdict_options(const SourceOptions& o, const KernelChoice& k) {
+VerdictOptions verdict_options(const SourceOptions& o, const KernelChoice& k, const Topology& t) {
   VerdictOptions v;
   v.kernel = k.version;
   size_t pos = 0;
@@ -94,8 +94,14 @@ VerdictOptions verdict_options(const SourceOptions& o, const KernelChoice& k) {
     if (end == std::string::npos) end = o.acs_off.size();
     const std::string tok = o.acs_off.substr(pos, end - pos);
     if (!tok.empty()) {
+      // A BDF, or a device name of the machine (its BDF is what the kernel parameter takes).
       auto b = parse_bdf(tok);
-      if (!b) throw UsageError(std::move(b).error().with_context("--assume-acs-off").message);
+      if (!b) {
+        const auto byname = std::find_if(t.functions.begin(), t.functions.end(), [&](const Function& f) { return !f.name.empty() && f.name == tok; });
+        if (byname == t.functions.end())
+          throw UsageError(std::move(b).error().with_context("--assume-acs-off").message + ", nor a device name of " + t.source);
+        b = byname->bdf;
+      }
       v.acs_redir_off.push_back(*b);
     }
     pos = end + 1;
@@ -353,7 +359,7 @@ struct TopoOptions {
 void run_topo(const TopoOptions& o) {
   const KernelChoice k = kernel_choice(*o.src);
   const Topology t = load_topology(*o.src);
-  P2PEngine e = failure_value(P2PEngine::create(t, verdict_options(*o.src, k)));
+  P2PEngine e = failure_value(P2PEngine::create(t, verdict_options(*o.src, k, t)));
   const auto devs = endpoints(t, o.devices);
   if (o.json) {
     fmt::print("{}\n", json_text(to_json(t, e, devs, k), 1));
@@ -388,7 +394,7 @@ void print_hop(const Topology& t, const PathHop& h, const char* note) {
 void run_explain(const ExplainOptions& o) {
   const KernelChoice k = kernel_choice(*o.src);
   const Topology t = load_topology(*o.src);
-  P2PEngine e = failure_value(P2PEngine::create(t, verdict_options(*o.src, k)));
+  P2PEngine e = failure_value(P2PEngine::create(t, verdict_options(*o.src, k, t)));
   // A device the machine does not have is a failure (exit 1), by name or by address alike:
   // the command line is well formed, the machine lacks it (docs/pci.md).
   auto lookup = [&](const std::string& s) { return failure_value(t.lookup(s)); };

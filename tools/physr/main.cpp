@@ -10,6 +10,10 @@ int main(int argc, char** argv) {
   CLI::App app{"physr: DMA to memory that has no struct page (range lists, P2P verdicts, DMA mapping)", "physr"};
   app.set_version_flag("--version", std::string("physr ") + PHYSR_VERSION);
   app.require_subcommand(0, 1);
+  // CLI11's own errors (unknown option, missing argument, a failed check) in physr's form.
+  app.failure_message([](const CLI::App*, const CLI::Error& e) {
+    return std::string("physr: error: ") + e.what() + "\nRun with --help for usage.\n";
+  });
   add_ranges_command(app);
   add_topo_commands(app);
   add_map_command(app);
