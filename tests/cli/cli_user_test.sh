@@ -143,7 +143,7 @@ expect 2 "--chunk-size: size 'big': expected a number" -- p2pmem-test /dev/null 
 expect 2 "--range 'host:-5:4K': address: size '-5'" -- map --range host:-5:4K
 # Out of memory: a clear error, exit 1 (an address-space limit makes 2^28 pfns fail; skipped
 # where the limit stops the program itself, as under ASan).
-if (ulimit -v 400000 && "$physr" --version) >/dev/null 2>&1; then
+if bash -c 'ulimit -v 400000 && "$0" --version; exit $?' "$physr" >/dev/null 2>&1; then
   out=$(ulimit -v 400000; "$physr" ranges --count 200000000 --pattern contiguous 2>&1); rc=$?
   check "out of memory names the command (exit $rc): $out" bash -c '[[ $1 -eq 1 ]] && grep -q "ENOMEM: out of memory while running physr ranges" <<<"$2"' _ "$rc" "$out"
 fi
