@@ -377,15 +377,15 @@ TEST(DoctorSnapshotTest, XeonSnapshotWithoutPrivilegeOrConfig) {
   ASSERT_NE(find(*r, "kernel.p2pdma"), nullptr);
   EXPECT_EQ(find(*r, "kernel.p2pdma")->severity, Severity::warning);  // no config, no p2pmem: unknown
   EXPECT_EQ(find(*r, "privilege"), nullptr);                          // a snapshot, not this host
-  // Pairs: the NIC's two ports share root port 00:05.0 (bus_addr; PHB, as pci's link class
-  // counts a root port as the host bridge); the RAID card and the NIC do not.
+  // Pairs: the NIC's two ports share root port 00:05.0 (bus_addr, so PIX: the TLPs turn at
+  // the root port, not in the host bridge); the RAID card and the NIC do not (PHB).
   bool nic = false, across = false;
   for (const PairReport& p : r->pairs) {
     const std::string a = r->topology.functions[p.provider].bdf.to_string(), b = r->topology.functions[p.client].bdf.to_string();
     if (a == "0000:02:00.0" && b == "0000:02:00.1") {
       nic = true;
       EXPECT_EQ(p.verdict.type, pci::MapType::bus_addr);
-      EXPECT_EQ(p.link_class, "PHB");
+      EXPECT_EQ(p.link_class, "PIX");
       EXPECT_EQ(p.path, "02:00.0 > 00:05.0 < 02:00.1");
     }
     if (a == "0000:01:00.0" && b == "0000:02:00.0") {

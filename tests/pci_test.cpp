@@ -540,6 +540,56 @@ TEST(VerdictTest, CacheStaysBoundedAtTheFunctionLimit) {
   EXPECT_LE(e->cache_bytes(), P2PEngine::kMaxCacheBytes);
 }
 
+// The link class follows the path the verdict takes (nvidia-smi's legend: PIX at most one
+// bridge, PXB several without the host bridge, PHB through a host bridge): two functions of
+// one device below a root port meet there (Linux calc_map_type_and_dist(): bus_addr,
+// distance 2), so PIX; a switch whose port redirects (ACS RR) sends its pair through the
+// host bridge, so PHB; two cascaded switches are PXB.
+TEST(ExplainTest, LinkClassFollowsTheVerdict) {
+  M m;
+  m.hb(0)
+      .fn("00:00.0", "host", "", "", 0x8086, 0x2020)
+      .fn("00:01.0", "root_port")
+      .fn("01:00.0", "endpoint", "00:01.0")
+      .fn("01:00.1", "endpoint", "00:01.0")
+      .fn("00:02.0", "root_port")
+      .fn("02:00.0", "endpoint", "00:02.0");
+  const Topology t = m.load();
+  auto e = P2PEngine::create(t);
+  ASSERT_TRUE(e.has_value());
+  const Explanation mf = e->explain(*t.lookup("01:00.0"), *t.lookup("01:00.1"));
+  EXPECT_EQ(mf.verdict.type, MapType::bus_addr);
+  EXPECT_EQ(mf.verdict.distance, 2);
+  EXPECT_EQ(mf.link_class, "PIX");
+  const Explanation rp = e->explain(*t.lookup("01:00.0"), *t.lookup("02:00.0"));
+  EXPECT_EQ(rp.verdict.type, MapType::thru_host_bridge);
+  EXPECT_EQ(rp.link_class, "PHB");
+
+  for (const char* acs : {"", "RR"}) {
+    const Topology s = switch_machine(acs).load();
+    auto es = P2PEngine::create(s);
+    const Explanation x = es->explain(*s.lookup("03:00.0"), *s.lookup("04:00.0"));
+    EXPECT_EQ(x.link_class, x.verdict.type == MapType::bus_addr ? "PIX" : "PHB") << acs;
+    EXPECT_EQ(x.verdict.type, *acs ? MapType::thru_host_bridge : MapType::bus_addr) << acs;
+    // What-if: with the port assumed off, the same pair is bus_addr again, and PIX.
+    VerdictOptions off;
+    off.acs_redir_off.push_back(*parse_bdf("02:00.0"));
+    auto eo = P2PEngine::create(s, off);
+    EXPECT_EQ(eo->explain(*s.lookup("03:00.0"), *s.lookup("04:00.0")).link_class, "PIX") << acs;
+  }
+
+  M deep = switch_machine();
+  deep.fn("02:02.0", "switch_downstream", "01:00.0")
+      .fn("05:00.0", "switch_upstream", "02:02.0")
+      .fn("06:00.0", "switch_downstream", "05:00.0")
+      .fn("07:00.0", "endpoint", "06:00.0");
+  const Topology d = deep.load();
+  auto ed = P2PEngine::create(d);
+  const Explanation two = ed->explain(*d.lookup("03:00.0"), *d.lookup("07:00.0"));
+  EXPECT_EQ(two.verdict.type, MapType::bus_addr);
+  EXPECT_EQ(two.link_class, "PXB");
+}
+
 TEST(ExplainTest, NamesRedirectingPortsAndKernelParameter) {
   Topology t = switch_machine("RR").load();
   auto e = P2PEngine::create(t);
@@ -548,7 +598,7 @@ TEST(ExplainTest, NamesRedirectingPortsAndKernelParameter) {
   EXPECT_EQ(t.functions[*x.common].bdf.to_string(), "0000:01:00.0");
   ASSERT_EQ(x.acs_redirecting.size(), 1u);
   EXPECT_EQ(x.kernel_parameter, "pci=disable_acs_redir=0000:02:00.0");
-  EXPECT_EQ(x.link_class, "PIX");
+  EXPECT_EQ(x.link_class, "PHB");  // ACS sends the pair through the host bridge, under a switch
   ASSERT_EQ(x.allowlist.size(), 1u);
   EXPECT_TRUE(x.allowlist[0].passes);
   EXPECT_EQ(x.provider_path.size(), 3u);  // 03:00.0 02:00.0 01:00.0

@@ -876,6 +876,47 @@ device = "nvme1"
   EXPECT_NE(resolve_job(bad, *m).error().message.find("or use host or nearest"), std::string::npos);
 }
 
+// buffer = "nearest" picks a provider that can serve the job (Linux
+// pci_p2pmem_find_many() over the providers that qualify): published, large enough for
+// bs x qd, and not the device's own BAR unless it is an NVMe CMB; EINVAL naming the job
+// when none does.
+TEST(SimScenarioTest, NearestPicksAProviderThatCanServeTheJob) {
+  const auto resolve = [](const char* machine_name, const char* device, const char* size, const char* qd) {
+    const std::string text = std::string("[[job]]\nname = \"n\"\ndevice = \"") + device + "\"\nsize = \"" + size +
+                             "\"\nbs = \"128K\"\nqd = " + qd + "\nbuffer = \"nearest\"\n";
+    auto sc = parse_scenario(text, "n.toml");
+    EXPECT_TRUE(sc.has_value());
+    static std::vector<std::pair<pci::Topology, std::unique_ptr<Machine>>> keep;  // outlive the aperture
+    keep.emplace_back(machine(machine_name), nullptr);
+    keep.back().second = build(keep.back().first);
+    auto j = resolve_job(sc->jobs[0], *keep.back().second);
+    std::optional<std::string> buffer;
+    if (j) {
+      std::visit([&](const auto& k) {
+        if constexpr (requires { k.buffer_function; })
+          if (k.buffer_function) buffer = keep.back().first.functions[*k.buffer_function].name;
+      }, j->kind);
+    }
+    return std::pair{j.has_value() ? std::string() : j.error().to_string(), buffer.value_or("")};
+  };
+  // An SSD without a CMB: its 16 KiB register BAR is neither memory for 4 MiB nor its own to use.
+  auto [err, buf] = resolve("two-socket-switch", "nvme2", "4M", "32");
+  EXPECT_EQ(err, "");
+  EXPECT_NE(buf, "nvme2");
+  EXPECT_NE(buf, "");
+  // A GPU's copy engine cannot use its own BAR as the other end.
+  std::tie(err, buf) = resolve("two-socket-switch", "gpu0", "4M", "32");
+  EXPECT_EQ(err, "");
+  EXPECT_NE(buf, "gpu0");
+  // An SSD's own CMB is its nearest memory (distance 0), when it holds the buffers.
+  std::tie(err, buf) = resolve("two-socket-switch", "nvme0", "4M", "4");
+  EXPECT_EQ(err, "");
+  EXPECT_EQ(buf, "nvme0");
+  // Nothing qualifies: EINVAL naming the job and the size.
+  std::tie(err, buf) = resolve("xeon-e5-two-sockets", "nvme1", "128M", "1024");
+  EXPECT_NE(err.find("EINVAL: n.toml:1: job 'n': buffer = \"nearest\": no published P2P memory of at least 128 MiB"), std::string::npos) << err;
+}
+
 TEST(SimScenarioTest, BadFilesNameTheFileLineKeyAndProblem) {
   const std::pair<const char*, const char*> cases[] = {
       {"[[job]]\ndevice = \"nvme0\"\nbs = \"12Q\"\n", "f.toml:3: job.bs"},
@@ -966,7 +1007,7 @@ size = "1M"
 }
 
 // A scenario file's relative machine path is taken from its folder first; a machine that
-// is nowhere fails the run, naming the scenario and the machine.
+// is nowhere fails the run, naming the scenario's machine key (FILE:LINE) and the machine.
 TEST(SimScenarioTest, MachinePathsAreRelativeToTheScenarioFolder) {
   const auto dir = std::filesystem::temp_directory_path() / ("physr-scen-" + std::to_string(::getpid()));
   std::filesystem::create_directories(dir / "machines");
@@ -990,7 +1031,7 @@ TEST(SimScenarioTest, MachinePathsAreRelativeToTheScenarioFolder) {
   std::filesystem::remove_all(dir);
   ASSERT_FALSE(failed.has_value());
   EXPECT_EQ(failed.error().code, ENOENT);
-  EXPECT_NE(failed.error().message.find("lost.toml: machine: machine 'machines/gone.toml': no such file"), std::string::npos)
+  EXPECT_NE(failed.error().message.find("lost.toml:1: machine: machine 'machines/gone.toml': no such file"), std::string::npos)
       << failed.error().message;
 }
 

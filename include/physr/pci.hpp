@@ -193,6 +193,10 @@ struct CpuInfo {
   bool known() const noexcept { return !vendor.empty(); }
 };
 
+/// Whether Linux allows P2P through any host bridge on this CPU (p2pdma.c
+/// cpu_supports_p2pdma(): an AMD CPU of family 0x17, Zen, or newer).
+bool cpu_supports_p2pdma(const CpuInfo& cpu) noexcept;
+
 /// A machine's PCI topology.
 struct Topology {
   std::string source;  // where it came from, for messages

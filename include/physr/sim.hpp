@@ -493,6 +493,7 @@ struct Scenario {
   /// A built-in machine, a TOML machine file or a sysfs snapshot's root (pci::load_machine);
   /// a relative path is looked for in `folder` first (scenario_machine()).
   std::string machine{kDefaultMachine};
+  std::string machine_where;  // "FILE:LINE" of the machine key, for messages (empty: no key)
   /// The folder of the scenario's file (load_scenario sets it; empty for a built-in scenario
   /// or text parsed by parse_scenario).
   std::filesystem::path folder;

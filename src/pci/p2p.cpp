@@ -55,14 +55,19 @@ std::string hex4(uint16_t v) {
 
 constexpr std::pair<const char*, const char*> kLegend[] = {
     {"X", "the same function"},
-    {"PIX", "through at most one PCIe switch (no host bridge)"},
-    {"PXB", "through several PCIe switches (no host bridge)"},
-    {"PHB", "through a PCIe host bridge (root port or root complex)"},
+    {"PIX", "by bus address through at most one PCIe switch, or one root port (not the host bridge)"},
+    {"PXB", "by bus address through several PCIe switches (not the host bridge)"},
+    {"PHB", "through a PCIe host bridge (between root ports, or sent up by ACS redirect)"},
     {"NODE", "between host bridges within one NUMA node"},
     {"SYS", "between NUMA nodes (across the inter-socket link)"},
 };
 
 }  // namespace
+
+bool cpu_supports_p2pdma(const CpuInfo& cpu) noexcept {
+  // Linux p2pdma.c cpu_supports_p2pdma(): any AMD CPU whose family is Zen (0x17) or newer.
+  return cpu.vendor == "AuthenticAMD" && cpu.family >= 0x17;
+}
 
 const char* map_type_name(MapType t) noexcept {
   switch (t) {
@@ -110,9 +115,7 @@ Result<P2PEngine> P2PEngine::create(const Topology& topo, VerdictOptions options
   e.kernel_ = options.kernel;
   const auto n = static_cast<uint32_t>(topo.functions.size());
   if (n > 0xffff) return make_error(EINVAL, topo.source + ": more than 65535 functions");
-  // Linux p2pdma.c cpu_supports_p2pdma(): any AMD CPU whose family is Zen (0x17) or newer.
-  e.amd_zen_ = options.assume_amd_zen ? *options.assume_amd_zen
-                                      : topo.cpu.vendor == "AuthenticAMD" && topo.cpu.family >= 0x17;
+  e.amd_zen_ = options.assume_amd_zen ? *options.assume_amd_zen : cpu_supports_p2pdma(topo.cpu);
   e.redir_.assign(n, 0);
   for (uint32_t i = 0; i < n; ++i) e.redir_[i] = topo.functions[i].acs.redirects() ? 1 : 0;
   for (const Bdf& b : options.acs_redir_off) {
@@ -414,10 +417,16 @@ Explanation P2PEngine::explain(uint32_t p, uint32_t c) const {
         break;
       }
   }
-  // nvidia-smi style link class.
+  // nvidia-smi's link class, from the path the verdict takes. bus_addr: the TLPs turn at
+  // the common upstream device without entering the host bridge: PIX through at most one
+  // switch (its downstream ports and upstream port, or one root port as the common device
+  // of two functions of one device), PXB through more. Otherwise (ACS redirect, different
+  // root ports, or not supported at all) the path is through the host bridge: PHB within
+  // one, NODE or SYS between two. So a root port never makes PHB of a bus_addr pair, and a
+  // switch never makes PIX of a pair ACS sends to the root complex.
   if (p == c) {
     x.link_class = "X";
-  } else if (x.common && fn[*x.common].port_type != PortType::root_port) {
+  } else if (x.verdict.type == MapType::bus_addr) {
     size_t bridges = 0;
     for (const auto* path : {&x.provider_path, &x.client_path})
       for (const PathHop& h : *path)

@@ -30,8 +30,8 @@ Result<JobResult> detail::run_net_job(Machine& m, const Job& job, const NetJob& 
   if (window > kWindow) return make_error(EINVAL, where() + ": packet size x ring exceeds the 256 MiB of buffers");
   const Aperture* txbar = nj.tx_buffer_function ? m.largest_bar(*nj.tx_buffer_function) : nullptr;
   const Aperture* rxbar = nj.rx_buffer_function ? m.largest_bar(*nj.rx_buffer_function) : nullptr;
-  if ((nj.tx_buffer_function && !txbar) || (nj.rx_buffer_function && !rxbar))
-    return make_error(EINVAL, where() + ": a buffer device has no memory BAR");
+  for (const auto& [fn, bar, side] : {std::tuple{nj.tx_buffer_function, txbar, "TX"}, std::tuple{nj.rx_buffer_function, rxbar, "RX"}})
+    if (fn && !bar) return make_error(EINVAL, where() + ": the " + side + " buffer device " + m.label(*fn) + " has no memory BAR");
   for (const Aperture* a : {txbar, rxbar})
     if (a && a->span.size < window) return make_error(EINVAL, where() + ": " + a->name + " cannot hold " + format_size(window) + " of buffers");
   // BAR buffers come from the BARs' P2P memory pools (each side its own chunk).

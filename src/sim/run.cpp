@@ -57,9 +57,10 @@ Result<ScenarioReport> run_scenario(const Scenario& sc, const std::function<void
                                     const std::function<void(size_t, uint64_t, uint64_t)>& inside) {
   ScenarioReport rep;
   rep.machine = scenario_machine(sc);
-  PHYSR_ASSIGN_OR_RETURN_CTX(const pci::Topology& topo, pci::load_machine(rep.machine), sc.source + ": machine");
+  const std::string where = sc.machine_where.empty() ? sc.source : sc.machine_where;
+  PHYSR_ASSIGN_OR_RETURN_CTX(const pci::Topology& topo, pci::load_machine(rep.machine), where + ": machine");
   for (const std::string& w : topo.warnings) rep.warnings.push_back(topo.source + ": " + w);
-  PHYSR_ASSIGN_OR_RETURN_CTX(const std::unique_ptr<Machine> m, Machine::create(topo, sc.options), sc.source + ": machine " + rep.machine);
+  PHYSR_ASSIGN_OR_RETURN_CTX(const std::unique_ptr<Machine> m, Machine::create(topo, sc.options), where + ": machine " + rep.machine);
   for (const std::string& w : m->warnings) rep.warnings.push_back("machine " + rep.machine + ": " + w);
   rep.jobs.reserve(sc.jobs.size());
   for (size_t i = 0; i < sc.jobs.size(); ++i) {

@@ -1,6 +1,8 @@
 // Scenario files: a machine, options and fio-like jobs (docs/sim.md). Strict like machine
 // files: unknown keys, wrong types and bad values name FILE:LINE and the key.
 #include "physr/sim.hpp"
+
+#include <algorithm>
 #include "pci/toml_fields.hpp"
 
 namespace physr::sim {
@@ -18,7 +20,11 @@ Result<Scenario> parse_scenario(std::string_view text, std::string_view source) 
   PHYSR_ASSIGN_OR_RETURN(const std::optional<std::string> description, get_string(c, root, "description", "scenario"));
   sc.description = description.value_or("");
   PHYSR_ASSIGN_OR_RETURN(const std::optional<std::string> machine, get_string(c, root, "machine", "scenario"));
-  if (machine) sc.machine = *machine;
+  if (machine) {
+    sc.machine = *machine;
+    sc.machine_where = c.where(*root.get("machine"));
+    sc.machine_where.resize(sc.machine_where.size() - 2);  // "FILE:LINE: " -> "FILE:LINE"
+  }
 
   if (const toml::node* on = root.get("options")) {
     const toml::table* o = on->as_table();
@@ -115,6 +121,33 @@ Result<Scenario> parse_scenario(std::string_view text, std::string_view source) 
   return sc;
 }
 
+namespace {
+
+// buffer = "nearest": Linux pci_p2pmem_find_many() over the published providers that can
+// serve the job: a BAR that holds its bs x qd of buffers (Linux would pick by distance
+// alone and then fail pci_alloc_p2pmem(); a job cannot fall back, so physr filters first)
+// and is not the device's own, except an NVMe CMB (its SSD's own P2P memory, distance 0).
+// The owner's largest such BAR; nullptr if no provider qualifies.
+const Aperture* nearest_for_job(const Machine& m, uint32_t device, uint64_t window) {
+  const pci::Topology& t = m.topology();
+  const auto usable = [&](const Aperture& a) {
+    const bool own_cmb = t.functions[a.function].cmb && t.functions[a.function].cmb->bar == a.bar;
+    return a.published && a.span.size >= window && (a.function != device || own_cmb);
+  };
+  std::vector<uint32_t> owners;
+  for (const Aperture& a : m.apertures())
+    if (usable(a) && std::find(owners.begin(), owners.end(), a.function) == owners.end()) owners.push_back(a.function);
+  const uint32_t clients[] = {device};
+  const auto pick = m.platform().p2p().find_many(clients, owners, [](size_t) { return size_t{0}; });
+  if (!pick) return nullptr;
+  const Aperture* best = nullptr;
+  for (const Aperture& a : m.apertures())
+    if (a.function == *pick && usable(a) && (!best || a.span.size > best->span.size)) best = &a;
+  return best;
+}
+
+}  // namespace
+
 Result<Job> resolve_job(const JobSpec& s, Machine& m) {
   const pci::Topology& t = m.topology();
   const auto at = [&] { return s.where + ": job '" + s.name + "': "; };
@@ -126,9 +159,11 @@ Result<Job> resolve_job(const JobSpec& s, Machine& m) {
   PHYSR_ASSIGN_OR_RETURN_CTX(const uint32_t device, t.lookup(s.device), at() + "device");
   std::optional<uint32_t> buffer;
   if (s.buffer == "nearest") {
-    const uint32_t clients[] = {device};
-    const Aperture* a = m.nearest_provider(clients);
-    if (!a) return make_error(ENODEV, at() + "buffer: no published provider is reachable from " + s.device);
+    const uint64_t window = s.block_size * s.queue_depth;
+    const Aperture* a = nearest_for_job(m, device, window);
+    if (!a)
+      return make_error(EINVAL, at() + "buffer = \"nearest\": no published P2P memory of at least " + format_size(window) +
+                                    " (bs x qd) is reachable from " + s.device + ", other than its own registers");
     buffer = a->function;
   } else if (s.buffer != "host") {
     auto b = t.lookup(s.buffer);

@@ -491,7 +491,7 @@ else echo "FAIL: p2pmem-test with a FIFO attribute (exit $rc)"; echo "$out" | he
 
 # doctor on a snapshot: findings with severities and fixes, pairs with link classes, --json's keys.
 expect 0 '\[ +info +\] ACS unknown on .* \(acs.unknown\)' -- doctor --sysfs-root "$snaps/40intel64-2g2n4c+pci"
-expect 0 '0000:02:00.0 -> 0000:02:00.1 +bus_addr +2 +PHB +02:00.0 > 00:05.0 < 02:00.1' -- doctor --sysfs-root "$snaps/40intel64-2g2n4c+pci"
+expect 0 '0000:02:00.0 -> 0000:02:00.1 +bus_addr +2 +PIX +02:00.0 > 00:05.0 < 02:00.1' -- doctor --sysfs-root "$snaps/40intel64-2g2n4c+pci"
 expect 0 'PIX  = Connection traversing at most a single PCIe bridge' -- doctor --sysfs-root "$snaps/40intel64-2g2n4c+pci"
 if "$physr" doctor --sysfs-root "$snaps/40intel64-2g2n4c+pci" --json > "$tmp/doctor.json" && python3 - "$tmp/doctor.json" <<'PY'
 import json, sys

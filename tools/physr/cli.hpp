@@ -2,6 +2,7 @@
 #pragma once
 
 #include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
 #include <stdexcept>
 #include <string>
 
@@ -28,11 +29,26 @@ struct Failure : std::runtime_error {
 inline const CLI::Validator kNonEmpty(
     [](std::string& v) { return v.empty() ? std::string("empty argument") : std::string(); }, "", "NONEMPTY");
 
+/// CLI11 check for unsigned options: CLI11 converts "-1" to an unsigned type by wrapping
+/// (to 2^64 - 1); a minus sign is refused instead.
+inline const CLI::Validator kNonNegative(
+    [](std::string& v) {
+      const size_t i = v.find_first_not_of(" \t");
+      return i != std::string::npos && v[i] == '-' ? std::string("must not be negative, got ") + v : std::string();
+    },
+    "", "NONNEGATIVE");
+
 /// The value of r, or a UsageError carrying its message (for values parsed from arguments).
 template <class T>
 T usage_value(Result<T> r) {
   if (!r) throw UsageError(r.error().message);
   return std::move(r).value();
+}
+/// The size `text` given to `option` ("64K"), or a UsageError naming the option and the cause.
+inline uint64_t size_arg(std::string_view option, const std::string& text) {
+  auto v = parse_size(text);
+  if (!v) throw UsageError(std::string(option) + ": " + v.error().message);
+  return *v;
 }
 /// The value of r, or a Failure carrying its message.
 template <class T>
@@ -46,6 +62,12 @@ inline void failure_check(const Status& s) {
   if (!s) throw Failure(s.error().to_string());
 }
 
+/// `j` as JSON text, `indent` spaces per level. Names and file contents need not be UTF-8
+/// (a Latin-1 file name, a cpuinfo byte): invalid UTF-8 becomes U+FFFD instead of an error.
+inline std::string json_text(const nlohmann::json& j, int indent) {
+  return j.dump(indent, ' ', false, nlohmann::json::error_handler_t::replace);
+}
+
 void add_ranges_command(CLI::App& app);
 /// `physr topo` and `physr explain`.
 void add_topo_commands(CLI::App& app);
@@ -55,10 +77,20 @@ void add_topo_commands(CLI::App& app);
 pci::Topology load_machine_arg(const std::string& machine);
 /// Prints warnings to stderr, one "physr: warning: ..." line each.
 void print_warnings(const std::vector<std::string>& warnings);
+/// How an explanation was asked for, for its output: where its rules come from, and the
+/// command that repeats it (without --assume-acs-off) with the ports already assumed off,
+/// so the what-if hint is a command that runs when pasted.
+struct ExplainContext {
+  std::string rules_from = "the engine's kernel release";
+  std::string command;  // "physr explain A B --machine M", shell-quoted; empty: the hint names only the option
+  std::string acs_off;  // --assume-acs-off as given (empty: none)
+};
 /// What `physr explain` prints for (provider, client): the path hop by hop, ACS, the CPU
 /// and allowlist rules, the verdict, the link class and the kernel parameter that would help.
 void print_explanation(const pci::Topology& t, const pci::P2PEngine& e, uint32_t provider, uint32_t client,
-                       std::string_view rules_from = "the engine's kernel release");
+                       const ExplainContext& how = {});
+/// `arg` quoted for a POSIX shell when it holds anything but letters, digits and _ . / : , = + - @ %.
+std::string shell_quote(std::string_view arg);
 /// `physr p2pmem-test`.
 void add_p2pmem_command(CLI::App& app);
 /// `physr doctor`.

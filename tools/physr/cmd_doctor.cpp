@@ -60,7 +60,7 @@ void run_doctor_cmd(const DoctorCliOptions& o) {
   d.max_pair_devices = o.max_devices;
   const lnx::DoctorReport r = failure_value(lnx::run_doctor(d));
   if (o.json) {
-    fmt::print("{}\n", to_json(r).dump(1));
+    fmt::print("{}\n", json_text(to_json(r), 1));
     return;
   }
   fmt::print("physr doctor: {} ({}{})\n\n", r.root, r.live ? "this host" : "a snapshot", r.live ? (r.privileged ? ", as root" : ", unprivileged") : "");
@@ -92,7 +92,7 @@ void add_doctor_command(CLI::App& app) {
   c->add_option("--sysfs-root", o->root, "Examine a snapshot rooted at DIR (default: this host, /)");
   c->add_option("--release", o->release, "Kernel release for /boot/config-RELEASE (default: uname, or the snapshot's proc/sys/kernel/osrelease)");
   c->add_flag("--json", o->json, "Print one JSON object: findings[] {id, severity, title, detail, fix}, pairs[], p2pmem[]");
-  c->add_option("--max-devices", o->max_devices, "Devices that get pair verdicts (NVMe, GPUs, NICs first)")->capture_default_str();
+  c->add_option("--max-devices", o->max_devices, "Devices that get pair verdicts (NVMe, GPUs, NICs first)")->capture_default_str()->check(kNonNegative);
   c->callback([o] { run_doctor_cmd(*o); });
 }
 

@@ -25,6 +25,7 @@ struct MapOptions {
   std::string dir = "to_device";
   bool direct = false, untrusted = false, allow_bounce = false, json = false;
   unsigned mask_bits = 64;
+  size_t show = ~size_t{0};  // ranges and segments printed (text output)
   std::string max_segment = "64K", boundary = "4G", dma_offset = "0";
 };
 
@@ -37,14 +38,21 @@ struct MapMachine {
   IoDomain* domain = nullptr;            // owned by the model
 };
 
-// "host:ADDR:LEN" or "NAME.barN:OFFSET:LEN" (NAME a device name or BDF).
+// "host:ADDR:LEN" or "NAME.barN:OFFSET:LEN" (NAME a device name or BDF). The two numbers
+// are the text after the last two colons, so a BDF's own colons stay in the place.
 PhysRange parse_range(MapMachine& m, const std::string& spec) {
   const auto bad = [&](const std::string& why) { return UsageError(fmt::format("--range '{}': {}", spec, why)); };
-  const size_t c1 = spec.find(':'), c2 = spec.rfind(':');
-  if (c1 == std::string::npos || c1 == c2) throw bad("expected host:ADDR:LEN or DEVICE.barN:OFFSET:LEN");
+  const size_t c2 = spec.rfind(':');
+  const size_t c1 = c2 == std::string::npos || c2 == 0 ? std::string::npos : spec.rfind(':', c2 - 1);
+  if (c1 == std::string::npos) throw bad("expected host:ADDR:LEN or DEVICE.barN:OFFSET:LEN");
   const std::string where = spec.substr(0, c1);
-  const uint64_t at = usage_value(parse_size(spec.substr(c1 + 1, c2 - c1 - 1)));
-  const uint64_t len = usage_value(parse_size(spec.substr(c2 + 1)));
+  const auto number = [&](const std::string& text, const char* what) {
+    auto v = parse_size(text);
+    if (!v) throw bad(std::string(what) + ": " + v.error().message);
+    return *v;
+  };
+  const uint64_t at = number(spec.substr(c1 + 1, c2 - c1 - 1), where == "host" ? "address" : "offset");
+  const uint64_t len = number(spec.substr(c2 + 1), "length");
   if (len == 0) throw bad("length 0");
   if (where == "host") {
     if (!m.model->memory().is_host_ram(PhysSpan{PhysAddr(at), len})) {
@@ -58,7 +66,9 @@ PhysRange parse_range(MapMachine& m, const std::string& spec) {
   }
   const size_t dot = where.rfind(".bar");
   if (dot == std::string::npos) throw bad("the place must be 'host' or DEVICE.barN");
-  const uint32_t f = usage_value(m.topo.lookup(where.substr(0, dot)));
+  auto found = m.topo.lookup(where.substr(0, dot));
+  if (!found) throw bad(found.error().message);
+  const uint32_t f = *found;
   std::string_view idx = std::string_view(where).substr(dot + 4);
   const auto n = consume_uint(idx, 10);
   if (!n || !idx.empty()) throw bad("BAR index must be a number");
@@ -95,16 +105,16 @@ void run_map(const MapOptions& o) {
   const uint32_t client = failure_value(m.topo.lookup(o.device));  // as explain: exit 1
   const DmaDirection dir = parse_dir(o.dir);
   if (o.mask_bits < 24 || o.mask_bits > 64) throw UsageError(fmt::format("--dma-mask {}: bits must be 24 to 64", o.mask_bits));
-  const uint64_t boundary = usage_value(parse_size(o.boundary));
+  const uint64_t boundary = size_arg("--boundary", o.boundary);
   if (boundary < kPageSize || (boundary & (boundary - 1)) != 0)
     throw UsageError(fmt::format("--boundary {}: must be a power of two of at least 4 KiB", o.boundary));
   DmaDeviceConfig c;
   c.function = client;
   c.dma_mask = o.mask_bits == 64 ? ~uint64_t{0} : (uint64_t{1} << o.mask_bits) - 1;
-  c.max_segment = usage_value(parse_size(o.max_segment));
+  c.max_segment = size_arg("--max-segment", o.max_segment);
   c.seg_boundary_mask = boundary - 1;
   c.untrusted = o.untrusted;
-  c.dma_offset = usage_value(parse_size(o.dma_offset));
+  c.dma_offset = size_arg("--dma-offset", o.dma_offset);
   c.domain = o.direct ? nullptr : m.domain;
   if (!o.direct && c.dma_offset) throw UsageError("--dma-offset applies to --direct devices only");
   Platform& pf = m.model->platform();
@@ -163,22 +173,39 @@ void run_map(const MapOptions& o) {
     fmt::print("  #  memory              physical           length     P2P verdict\n");
     size_t i = 0;
     for (const PhysRange& r : list) {
+      if (i == o.show) break;
       const auto [name, verdict] = place(r);
       fmt::print("  {:<2} {:<19} {:<18} {:<10} {}\n", i++, name, format_hex(r.addr.value()), format_size(r.len), verdict);
     }
+    if (list.size() > i) fmt::print("  ({} more)\n", list.size() - i);
   }
   if (!mapped) {
+    // The hint follows the cause: P2P memory the device cannot reach may be bounced when
+    // allowed; a bounce buffer above the DMA mask (Linux swiotlb_map() fails the same way:
+    // "swiotlb addr ... overflow") is past what bouncing can fix.
+    std::string hint;
+    if (mapped.error().code == EREMOTEIO && !o.allow_bounce) {
+      hint = "--allow-bounce lets the DMA layer bounce it when the provider allows CPU copies";
+    } else if (mapped.error().code == EIO && o.direct && o.mask_bits < 64) {
+      hint = fmt::format("the bounce pool lies above the {}-bit DMA mask, so bouncing cannot help: map memory below {}, "
+                         "widen --dma-mask, or map through the IOMMU (without --direct)",
+                         o.mask_bits, format_size(c.dma_mask + 1));
+    }
     if (o.json) {
       json_head();
       w->key("error");
       w->string_value(mapped.error().to_string());
+      if (!hint.empty()) {
+        w->key("hint");
+        w->string_value(hint);
+      }
       json_machine();
       json_range_list();
       w->end_object();
       w->newline();
       w.reset();
     }
-    throw Failure(mapped.error().to_string() + (o.allow_bounce ? "" : " (--allow-bounce lets the DMA layer bounce it when the provider allows CPU copies)"));
+    throw Failure(mapped.error().to_string() + (hint.empty() ? "" : " (" + hint + ")"));
   }
   if (o.json) {
     w->key("bounce_slots");
@@ -218,8 +245,11 @@ void run_map(const MapOptions& o) {
     fmt::print("\nDMA list: {} segments\n", mapped->segments().size());
     fmt::print("  #  DMA address        length     path\n");
     size_t i = 0;
-    for (const DmaSegment& s : mapped->segments())
+    for (const DmaSegment& s : mapped->segments()) {
+      if (i == o.show) break;
       fmt::print("  {:<2} {:<18} {:<10} {}\n", i++, format_hex(s.addr.value()), format_size(s.len), dma_seg_path(s.flags));
+    }
+    if (mapped->segments().size() > i) fmt::print("  ({} more)\n", mapped->segments().size() - i);
     if (mapped->iova().size)
       fmt::print("\nIOVA [{}, +{}), {} page-table leaves", format_hex(mapped->iova().base.value()), format_size(mapped->iova().size),
                  ds.mapped_4k + ds.mapped_2m + ds.mapped_1g);
@@ -250,15 +280,16 @@ void add_map_command(CLI::App& app) {
   auto* c = app.add_subcommand("map", "Map a mixed host + P2P range list for one device of a machine and show each segment's path");
   c->add_option("--machine", o->machine, "TOML machine file or built-in machine name")->capture_default_str()->check(kNonEmpty);
   c->add_option("--device", o->device, "The DMA device (name or BDF)")->capture_default_str();
-  c->add_option("--range", o->ranges, "host:ADDR:LEN or DEVICE.barN:OFFSET:LEN (repeatable; default: host memory and every peer's BAR)");
+  c->add_option("--range", o->ranges, "host:ADDR:LEN or DEVICE.barN:OFFSET:LEN, DEVICE a name or BDF (repeatable; default: host memory and every peer's BAR)");
   c->add_option("--dir", o->dir, "to_device, from_device or bidirectional")->capture_default_str();
   c->add_flag("--direct", o->direct, "Map directly (no IOMMU)");
   c->add_flag("--untrusted", o->untrusted, "An untrusted (external) device: behind an IOMMU, each range at its own IOVA and unaligned ones bounced, as Linux does");
   c->add_flag("--allow-bounce", o->allow_bounce, "Bounce P2P memory the device cannot reach");
-  c->add_option("--dma-mask", o->mask_bits, "DMA mask in bits (24-64)")->capture_default_str();
+  c->add_option("--dma-mask", o->mask_bits, "DMA mask in bits (24-64)")->capture_default_str()->check(kNonNegative);
   c->add_option("--max-segment", o->max_segment, "Device max segment size")->capture_default_str();
   c->add_option("--boundary", o->boundary, "Device segment boundary (power of two)")->capture_default_str();
   c->add_option("--dma-offset", o->dma_offset, "Direct mapping: DMA address = phys + offset")->capture_default_str();
+  c->add_option("--show", o->show, "Ranges and segments to print (default: all; --json lists all)")->check(kNonNegative);
   c->add_flag("--json", o->json, "Print JSON");
   c->callback([o] { run_map(*o); });
 }

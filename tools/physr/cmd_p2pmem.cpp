@@ -41,7 +41,7 @@ std::string side_text(const Sides& s, const lnx::DeviceInfo& dev, const std::opt
 
 void run_p2pmem(const P2pmemOptions& o) {
   lnx::TransferOptions t;
-  t.chunk_size = usage_value(parse_size(o.chunk_size));
+  t.chunk_size = size_arg("--chunk-size", o.chunk_size);
   t.chunks = o.chunks;
   t.threads = o.threads;
   t.check = o.check;
@@ -93,7 +93,11 @@ void run_p2pmem(const P2pmemOptions& o) {
       const auto& fn = where.side == lnx::TransferFailure::Side::write ? sides.writer : sides.reader;
       if (fn) {
         fmt::print("\nThe kernel refused P2P DMA (EREMOTEIO). physr's view of this pair:\n\n");
-        print_explanation(*sides.topo, *sides.engine, *sides.provider, *fn);
+        const auto& fns = sides.topo->functions;
+        ExplainContext how;
+        how.command = "physr explain " + fns[*sides.provider].bdf.to_string() + " " + fns[*fn].bdf.to_string() +
+                      (o.root == "/" ? "" : " --sysfs-root " + shell_quote(o.root));
+        print_explanation(*sides.topo, *sides.engine, *sides.provider, *fn, how);
       }
     }
     throw Failure(stats.error().to_string());
@@ -113,10 +117,10 @@ void add_p2pmem_command(CLI::App& app) {
   c->add_option("WRITE_DEV", o->write_dev, "Block device (or file) written to (its contents are overwritten)")->required();
   c->add_option("P2PMEM", o->p2pmem, "PCI address of the p2pmem provider (or its sysfs folder); default: host memory");
   c->add_option("-s,--chunk-size", o->chunk_size, "Bytes per I/O (a multiple of the devices' logical block size)")->capture_default_str();
-  c->add_option("-c,--chunks,--count", o->chunks, "Number of chunks to copy")->capture_default_str();
-  c->add_option("-t,--threads", o->threads, "Threads, each with its own chunk of the buffer")->capture_default_str();
+  c->add_option("-c,--chunks,--count", o->chunks, "Number of chunks to copy")->capture_default_str()->check(kNonNegative);
+  c->add_option("-t,--threads", o->threads, "Threads, each with its own chunk of the buffer")->capture_default_str()->check(kNonNegative);
   c->add_flag("--check", o->check, "After the copy, read both ranges back and compare every byte");
-  c->add_option("--seed", o->seed, "Write a pattern of this seed to READ_DEV first (overwrites it) and check every chunk read");
+  c->add_option("--seed", o->seed, "Write a pattern of this seed to READ_DEV first (overwrites it) and check every chunk read")->check(kNonNegative);
   c->add_option("--sysfs-root", o->root, "Where sys/ is (p2pmem, the PCI tree)")->capture_default_str();
   c->add_flag("--allow-unpublished", o->allow_unpublished, "Map p2pmem even when the provider did not publish it");
   c->callback([o] { run_p2pmem(*o); });

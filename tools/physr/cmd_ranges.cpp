@@ -48,9 +48,9 @@ std::string provider_name(ProviderId p) {
 
 void run_ranges(const RangesOptions& o) {
   SegmentLimits limits;
-  if (!o.max_segment.empty()) limits.max_segment = usage_value(parse_size(o.max_segment));
+  if (!o.max_segment.empty()) limits.max_segment = size_arg("--max-segment", o.max_segment);
   if (!o.boundary.empty()) {
-    const uint64_t b = usage_value(parse_size(o.boundary));
+    const uint64_t b = size_arg("--boundary", o.boundary);
     if (b < kPageSize || (b & (b - 1)) != 0)
       throw UsageError(fmt::format("--boundary {}: must be a power of two of at least 4 KiB", o.boundary));
     limits.boundary_mask = b - 1;
@@ -66,7 +66,8 @@ void run_ranges(const RangesOptions& o) {
   }
   auto built = RangeList::from_pfns(input.pfns, input.providers, limits);
   if (!built) {
-    if (built.error().code == EINVAL) throw UsageError(built.error().message);
+    if (built.error().code == EINVAL)
+      throw UsageError((o.max_segment.empty() ? "" : "--max-segment " + o.max_segment + ": ") + built.error().message);
     throw Failure(fmt::format("{}: {}", source, built.error().to_string()));
   }
   const RangeList& list = *built;
@@ -76,6 +77,9 @@ void run_ranges(const RangesOptions& o) {
   const size_t sg_nents = RangeList::from_pfns(input.pfns, input.providers, sg_limits)->size();
   const ScatterlistCost sg = scatterlist_cost(sg_nents, input.pfns.size());
   const size_t bytes = list.encoded_bytes();
+  // The longest range built from pfns: whole pages (Linux sg_alloc_append_table_from_pages()
+  // aligns max_segment down to PAGE_SIZE), so --max-segment 4097 means 4 KiB.
+  const uint64_t used_max_segment = limits.max_segment & ~(kPageSize - 1);
 
   if (o.json) {
     // Streamed, in the sorted key order nlohmann::json prints: the entries are written as
@@ -103,6 +107,10 @@ void run_ranges(const RangesOptions& o) {
         b += '}';
       });
     w.end_array();
+    if (!o.max_segment.empty()) {
+      w.key("max_segment_bytes");
+      w.unsigned_value(used_max_segment);
+    }
     const std::pair<const char*, uint64_t> counts[] = {
         {"pfns", input.pfns.size()},   {"phys_vec_bytes", sg.phys_vec_bytes},   {"physr_bytes", bytes},
         {"ranges", list.size()},       {"scatterlist_bytes", sg.sg_bytes},     {"scatterlist_entries", sg.sg_entries}};
@@ -122,8 +130,11 @@ void run_ranges(const RangesOptions& o) {
   }
 
   fmt::print("{} pfns ({}) -> {} ranges, {}\n", input.pfns.size(), source, list.size(), format_size(list.total_bytes()));
-  fmt::print("limits: max segment {}, boundary {}\n\n",
-             limits.max_segment == ~uint64_t{0} ? "none" : format_size(limits.max_segment),
+  fmt::print("limits: max segment {}{}, boundary {}\n\n",
+             limits.max_segment == ~uint64_t{0} ? "none" : format_size(used_max_segment),
+             used_max_segment == limits.max_segment || o.max_segment.empty()
+                 ? ""
+                 : fmt::format(" (--max-segment {} rounded down to whole 4 KiB pages, as Linux does)", o.max_segment),
              limits.boundary_mask == ~uint64_t{0} ? "none" : format_size(limits.boundary_mask + 1));
   fmt::print("  {:>6}  {:<20} {:>10}  {:<13} {}\n", "#", "phys addr", "length", "provider", "encoding");
   size_t i = 0;
@@ -156,8 +167,8 @@ void add_ranges_command(CLI::App& app) {
   c->add_option("--pfns", o->pfns_file, "Read pfns from FILE (one per line, optional provider id; - for stdin)")->check(kNonEmpty);
   c->add_option("--max-segment", o->max_segment, "Longest range, e.g. 64K (default: none)");
   c->add_option("--boundary", o->boundary, "Segment boundary, a power of two, e.g. 4G (default: none)");
-  c->add_option("--seed", o->seed, "Seed for generated input")->capture_default_str();
-  c->add_option("--show", o->show, "Ranges to print")->capture_default_str();
+  c->add_option("--seed", o->seed, "Seed for generated input")->capture_default_str()->check(kNonNegative);
+  c->add_option("--show", o->show, "Ranges to print")->capture_default_str()->check(kNonNegative);
   c->add_flag("--json", o->json, "Print JSON instead of a table");
   c->callback([o] { run_ranges(*o); });
 }

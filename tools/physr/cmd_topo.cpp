@@ -31,7 +31,7 @@ void add_source_options(CLI::App* c, const std::shared_ptr<SourceOptions>& o) {
   auto* s = c->add_option("--sysfs-root", o->sysfs_root, "Read a sysfs snapshot rooted at DIR (default: the live /sys)")->check(kNonEmpty);
   auto* m = c->add_option("--machine", o->machine, "Read a TOML machine file, or a built-in machine by name")->check(kNonEmpty);
   s->excludes(m);
-  c->add_option("--assume-acs-off", o->acs_off, "BDF[,BDF...]: as if pci=disable_acs_redir= listed them");
+  c->add_option("--assume-acs-off", o->acs_off, "BDF or NAME[,...]: as if pci=disable_acs_redir= listed them");
   c->add_option("--assume-cpu", o->assume_cpu, "amd-zen or other: override the CPU for the AMD Zen rule");
   c->add_option("--kernel", o->kernel,
                 "VERSION: apply the P2P rules of Linux VERSION (default: the running kernel's for the live /sys, "
@@ -86,7 +86,7 @@ Topology load_topology(const SourceOptions& o) {
   return warned(failure_value(load_sysfs(o.sysfs_root.empty() ? "/" : o.sysfs_root)));
 }
 
-VerdictOptions verdict_options(const SourceOptions& o, const KernelChoice& k) {
+VerdictOptions verdict_options(const SourceOptions& o, const KernelChoice& k, const Topology& t) {
   VerdictOptions v;
   v.kernel = k.version;
   size_t pos = 0;
@@ -95,8 +95,14 @@ VerdictOptions verdict_options(const SourceOptions& o, const KernelChoice& k) {
     if (end == std::string::npos) end = o.acs_off.size();
     const std::string tok = o.acs_off.substr(pos, end - pos);
     if (!tok.empty()) {
+      // A BDF, or a device name of the machine (its BDF is what the kernel parameter takes).
       auto b = parse_bdf(tok);
-      if (!b) throw UsageError(std::move(b).error().with_context("--assume-acs-off").message);
+      if (!b) {
+        const auto byname = std::find_if(t.functions.begin(), t.functions.end(), [&](const Function& f) { return !f.name.empty() && f.name == tok; });
+        if (byname == t.functions.end())
+          throw UsageError(std::move(b).error().with_context("--assume-acs-off").message + ", nor a device name of " + t.source);
+        b = byname->bdf;
+      }
       v.acs_redir_off.push_back(*b);
     }
     pos = end + 1;
@@ -421,7 +427,7 @@ struct TopoOptions {
 void run_topo(const TopoOptions& o) {
   const KernelChoice k = kernel_choice(*o.src);
   const Topology t = load_topology(*o.src);
-  P2PEngine e = failure_value(P2PEngine::create(t, verdict_options(*o.src, k)));
+  P2PEngine e = failure_value(P2PEngine::create(t, verdict_options(*o.src, k, t)));
   const auto devs = endpoints(t, o.devices);
   if (o.json) {
     print_json(t, e, devs, k);
@@ -431,9 +437,12 @@ void run_topo(const TopoOptions& o) {
     print_dot(t);
     return;
   }
+  const bool cpu_overridden = e.cpu_amd_zen() != cpu_supports_p2pdma(t.cpu);
   fmt::print("{}: {}, CPU {}{}\n{} host bridges, {} functions; the P2P rules of Linux {} ({})\n\n", t.source, t.name,
              t.cpu.known() ? fmt::format("{} family {:#x}", t.cpu.vendor, t.cpu.family) : "unknown",
-             e.cpu_amd_zen() ? " (AMD Zen: P2P through the host bridge is allowed)" : "", t.host_bridges.size(),
+             cpu_overridden ? (e.cpu_amd_zen() ? " (CPU rule overridden: assuming AMD Zen, P2P through the host bridge allowed)"
+                                               : " (CPU rule overridden: assuming a CPU other than AMD Zen)")
+             : e.cpu_amd_zen() ? " (AMD Zen: P2P through the host bridge is allowed)" : "", t.host_bridges.size(),
              t.functions.size(), k.version.to_string(), k.from);
   print_tree(t, e);
   print_matrix(t, e, devs);
@@ -453,22 +462,38 @@ void print_hop(const Topology& t, const PathHop& h, const char* note) {
 void run_explain(const ExplainOptions& o) {
   const KernelChoice k = kernel_choice(*o.src);
   const Topology t = load_topology(*o.src);
-  P2PEngine e = failure_value(P2PEngine::create(t, verdict_options(*o.src, k)));
+  P2PEngine e = failure_value(P2PEngine::create(t, verdict_options(*o.src, k, t)));
   // A device the machine does not have is a failure (exit 1), by name or by address alike:
   // the command line is well formed, the machine lacks it (docs/pci.md).
   auto lookup = [&](const std::string& s) { return failure_value(t.lookup(s)); };
-  print_explanation(t, e, lookup(o.a), lookup(o.b), k.from);
+  // The command that repeats this explanation, for the what-if hint.
+  ExplainContext how{k.from, "physr explain " + shell_quote(o.a) + " " + shell_quote(o.b), o.src->acs_off};
+  const std::pair<const char*, const std::string*> opts[] = {
+      {"--sysfs-root", &o.src->sysfs_root}, {"--machine", &o.src->machine}, {"--assume-cpu", &o.src->assume_cpu}, {"--kernel", &o.src->kernel}};
+  for (const auto& [flag, value] : opts)
+    if (!value->empty()) how.command += std::string(" ") + flag + " " + shell_quote(*value);
+  print_explanation(t, e, lookup(o.a), lookup(o.b), how);
 }
 
 }  // namespace
 
-void print_explanation(const Topology& t, const P2PEngine& e, uint32_t p, uint32_t c, std::string_view rules_from) {
+std::string shell_quote(std::string_view arg) {
+  const bool plain = !arg.empty() && std::all_of(arg.begin(), arg.end(), [](char ch) {
+    return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') || std::string_view("_./:,=+-@%").find(ch) != std::string_view::npos;
+  });
+  if (plain) return std::string(arg);
+  std::string out = "'";
+  for (char ch : arg) out += ch == '\'' ? std::string("'\\''") : std::string(1, ch);
+  return out + "'";
+}
+
+void print_explanation(const Topology& t, const P2PEngine& e, uint32_t p, uint32_t c, const ExplainContext& how) {
   const Explanation x = e.explain(p, c);
   const Function& fp = t.functions[p];
   const Function& fc = t.functions[c];
   fmt::print("provider {} ({} {:04x}:{:04x})\nclient   {} ({} {:04x}:{:04x})\nrules    Linux {} ({})\n\n", describe(fp),
              class_name(fp.class_code), fp.vendor, fp.device, describe(fc), class_name(fc.class_code), fc.vendor, fc.device,
-             x.kernel.to_string(), rules_from);
+             x.kernel.to_string(), how.rules_from);
   fmt::print("Path, from the provider up{}:\n", x.common ? " to the common upstream device, then down to the client" : " to its host bridge, then from the client's host bridge down");
   for (const PathHop& h : x.provider_path)
     print_hop(t, h, x.common && h.function == *x.common ? "  <- common upstream device" : "");
@@ -496,11 +521,18 @@ void print_explanation(const Topology& t, const P2PEngine& e, uint32_t p, uint32
                                         t.host_bridges[fc.host_bridge].name());
   }
   if (x.verdict.type != MapType::bus_addr) {
-    if (x.cpu_amd_zen) {
+    const std::string cpu = t.cpu.known() ? fmt::format("{} family {:#x}", t.cpu.vendor, t.cpu.family) : "unknown";
+    if (x.cpu_amd_zen != cpu_supports_p2pdma(t.cpu)) {
+      // --assume-cpu contradicts the detected CPU: say so rather than describe the CPU wrongly.
+      fmt::print("CPU rule overridden: detected {} ({}), assuming {}.\n", cpu, x.cpu_amd_zen ? "not AMD Zen" : "AMD Zen",
+                 x.cpu_amd_zen ? "AMD Zen: Linux allows P2P through the host bridge"
+                               : "a CPU other than AMD Zen, so the host bridge allowlist decides");
+    } else if (x.cpu_amd_zen) {
       fmt::print("CPU: AMD family {:#x} (Zen or newer): Linux allows P2P through the host bridge.\n", t.cpu.family);
     } else {
-      fmt::print("CPU: {}: not AMD Zen, so the host bridge allowlist decides.\n",
-                 t.cpu.known() ? fmt::format("{} family {:#x}", t.cpu.vendor, t.cpu.family) : "unknown");
+      fmt::print("CPU: {}: not AMD Zen, so the host bridge allowlist decides.\n", cpu);
+    }
+    if (!x.cpu_amd_zen) {
       for (const auto& chk : x.allowlist) {
         const HostBridge& hb = t.host_bridges[chk.host_bridge];
         if (!chk.identifying) {
@@ -529,9 +561,16 @@ void print_explanation(const Topology& t, const P2PEngine& e, uint32_t p, uint32
     fmt::print("\nLinux logs, when the pair is first mapped (pci_warn; the kernel prefixes the driver name):\n");
     for (const std::string& line : x.kernel_log) fmt::print("  {}\n", line);
   }
-  if (!x.kernel_parameter.empty())
-    fmt::print("\nTo let this pair use bus addresses, boot with: {}\n(what-if: add --assume-acs-off {})\n", x.kernel_parameter,
-               x.kernel_parameter.substr(std::string("pci=disable_acs_redir=").size()));
+  if (!x.kernel_parameter.empty()) {
+    // The kernel parameter separates ports with ';' (Linux calc_map_type_and_dist() prints
+    // it so); --assume-acs-off takes commas, and a shell would split at ';'. The hint adds
+    // the redirecting ports to those already assumed off, as one command.
+    std::string ports = how.acs_off;
+    for (uint32_t f : x.acs_redirecting) ports += (ports.empty() ? "" : ",") + t.functions[f].bdf.to_string();
+    const std::string option = "--assume-acs-off " + shell_quote(ports);
+    fmt::print("\nTo let this pair use bus addresses, boot with: {}\n(what-if: {})\n", x.kernel_parameter,
+               how.command.empty() ? "add " + option : how.command + " " + option);
+  }
 }
 
 Topology load_machine_arg(const std::string& machine) { return warned(failure_value(load_machine(machine))); }

@@ -10,6 +10,10 @@ int main(int argc, char** argv) {
   CLI::App app{"physr: DMA to memory that has no struct page (range lists, P2P verdicts, DMA mapping)", "physr"};
   app.set_version_flag("--version", std::string("physr ") + PHYSR_VERSION);
   app.require_subcommand(0, 1);
+  // CLI11's own errors (unknown option, missing argument, a failed check) in physr's form.
+  app.failure_message([](const CLI::App*, const CLI::Error& e) {
+    return std::string("physr: error: ") + e.what() + "\nRun with --help for usage.\n";
+  });
   add_ranges_command(app);
   add_topo_commands(app);
   add_map_command(app);
@@ -32,8 +36,8 @@ int main(int argc, char** argv) {
     fmt::print(stderr, "physr: error: {}\n", e.what());
     return kExitFailure;
   } catch (const std::bad_alloc&) {
-    // Not "std::bad_alloc": say what ran out, and exit 1 as any failed command does.
-    fmt::print(stderr, "physr: error: ENOMEM: out of memory (the input needs more than this machine or the process's limit, ulimit -v, allows)\n");
+    const std::string what = app.get_subcommands().empty() ? "the tour" : "physr " + app.get_subcommands().front()->get_name();
+    fmt::print(stderr, "physr: error: ENOMEM: out of memory while running {} (a smaller input, or a higher memory limit)\n", what);
     return kExitFailure;
   } catch (const std::exception& e) {
     fmt::print(stderr, "physr: error: {}\n", e.what());
