@@ -37,6 +37,7 @@
 // binding of a dma-buf to an RX queue; netmem handles and page pools with memory providers.
 #include "physr/mem/block.hpp"
 #include "physr/mem/devmem.hpp"
+#include "physr/mem/devmem_provider.hpp"
 #include "physr/mem/dmabuf.hpp"
 #include "physr/mem/netmem.hpp"
 #include "physr/mem/page_pool.hpp"
