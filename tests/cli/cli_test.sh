@@ -290,6 +290,16 @@ expect 0 'h2d +gpu0 +host memory .* host memory' -- sim "$tmp/gpu.toml"
 expect 0 'to-cmb +gpu0 +nvme1 BAR2 .* p2p bus_addr \(under the switch\)' -- sim "$tmp/gpu.toml"
 expect 0 '"gpu0 copy engine"' -- sim "$tmp/gpu.toml" --json
 
+# Devmem receive (header split into a host page pool and GPU net_iovs) against RX into host
+# page-pool pages plus the GPU's copy, at 100 and 400 Gb/s: the built-in scenario.
+expect 0 'devmem-100g +nic1->nic0 .*RX devmem with header split \(128 B headers into host page-pool pages, payload into gpu0 BAR1 net_iovs' -- sim devmem
+expect 0 'host-copy-400g +nic1->nic0 .*RX host page-pool pages, then gpu0 BAR1.s copy engine' -- sim devmem
+expect 0 'Every byte verified against its source: 128 MiB in 4 jobs' -- sim devmem
+printf '[[job]]\ndevice = "nic1"\npeer = "nic0"\npeer_buffer = "gpu0"\nrx = "zerocopy"\nsize = "1M"\nbs = "4K"\n' > "$tmp/rx.toml"
+expect 1 "job.rx: 'zerocopy' must be plain, devmem or copy" -- sim "$tmp/rx.toml"
+printf '[[job]]\ndevice = "nic1"\npeer = "nic0"\npeer_buffer = "gpu0"\nrx = "devmem"\nheader = 4096\nsize = "1M"\nbs = "4K"\n' > "$tmp/hdr.toml"
+expect 1 'header split must be 1 byte to 4 KiB and less than the packet' -- sim "$tmp/hdr.toml"
+
 # A sysfs snapshot as the machine (a path relative to the scenario's folder): its real BARs
 # and tree. Its NICs receive into the VGA BAR across root ports: bounced, or EREMOTEIO.
 mkdir -p "$tmp/scen"
