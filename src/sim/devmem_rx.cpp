@@ -68,9 +68,7 @@ Result<JobResult> detail::run_pool_rx_job(Machine& m, const Job& job, const NetJ
   if (devmem) {
     const mem::DmaBufBarRange r[] = {{0, bar_window}};
     PHYSR_ASSIGN_OR_RETURN_CTX(buf, mem::DmaBuf::export_bar(m.platform(), gpu, bar->bar, r), where() + ": dma-buf of " + bar->name);
-    auto b = mem::DevmemBinding::bind(buf, *rxdev);
-    if (!b) return make_error(b.error().code == EREMOTEIO ? EREMOTEIO : b.error().code, where() + ": " + b.error().message);
-    binding = std::move(b).value();
+    PHYSR_ASSIGN_OR_RETURN_CTX(binding, mem::DevmemBinding::bind(buf, *rxdev), where());  // EREMOTEIO: the NIC cannot reach it
     PHYSR_ASSIGN_OR_RETURN_CTX(provider, mem::DevmemMemoryProvider::create(*binding), where());
   }
   PoolGuard guard;
@@ -123,6 +121,10 @@ Result<JobResult> detail::run_pool_rx_job(Machine& m, const Job& job, const NetJ
     // header split at `hdr` bytes, the rest 4 KiB per buffer.
     bufs.clear();
     segs.clear();
+    // A buffer the NIC does not get goes back to its pool (the first is the header's with devmem).
+    const auto give_back = [&] {
+      for (size_t k = 0; k < bufs.size(); ++k) (void)(devmem && k > 0 ? dpool : hpool)->put_full_netmem(bufs[k], false);
+    };
     uint64_t left = job.block_size;
     if (devmem) {
       const mem::Netmem h = hpool->alloc_netmems();
@@ -134,7 +136,10 @@ Result<JobResult> detail::run_pool_rx_job(Machine& m, const Job& job, const NetJ
     mem::PagePool* ppool = devmem ? dpool : hpool;
     while (left) {
       const mem::Netmem n = ppool->alloc_netmems();
-      if (!n) return make_error(ENOMEM, where() + ": the RX page pool is empty" + (devmem && binding->revoked() ? " (the dma-buf was revoked)" : ""));
+      if (!n) {
+        give_back();
+        return make_error(ENOMEM, where() + ": the RX page pool is empty" + (devmem && binding->revoked() ? " (the dma-buf was revoked)" : ""));
+      }
       bufs.push_back(n);
       const uint64_t len = std::min<uint64_t>(left, kPageSize);
       segs.push_back(DmaSegment{mem::PagePool::dma_addr(n), len, DmaSegFlags::from_bits(mem::netmem_meta(n).dma_flags)});
