@@ -787,6 +787,54 @@ TEST(SimMachineTest, SysfsSnapshotMachineUsesDeviceBarsOnly) {
   EXPECT_TRUE(vga_link);
 }
 
+// Devmem receive (net/core/devmem.c through the page pool's memory provider): headers into
+// host page-pool pages, payloads into net_iovs of the GPU's BAR, every byte checked where it
+// landed; against RX into host page-pool pages plus the GPU's copy engine.
+TEST(SimJobTest, DevmemReceiveSplitsHeadersIntoHostAndPayloadsIntoGpuMemory) {
+  const auto t = machine("two-socket-switch");
+  auto m = build(t);
+  Job j;
+  j.name = "devmem";
+  NetJob nj;
+  nj.sender = *t.lookup("nic1");
+  nj.receiver = *t.lookup("nic0");
+  nj.rx_buffer_function = *t.lookup("gpu0");
+  nj.rx = NetJob::Rx::devmem;
+  nj.header_bytes = 200;
+  j.kind = nj;
+  j.block_size = 9000;  // a jumbo frame: the payload over three net_iovs
+  j.queue_depth = 32;
+  j.size = 9000 * 300;
+  auto r = run_job(*m, j);
+  ASSERT_TRUE(r.has_value()) << r.error().to_string();
+  EXPECT_EQ(r->verified_bytes, j.size);
+  EXPECT_NE(r->path.find("RX devmem with header split (200 B headers into host page-pool pages, payload into gpu0 BAR1 net_iovs by p2p "
+                         "through the root complex; 900 buffers recycled)"),
+            std::string::npos)
+      << r->path;  // nic0 is behind an ACS-redirecting port
+  EXPECT_TRUE(r->took(Via::p2p_host_bridge));
+  EXPECT_EQ(r->host_memory_bytes, j.size);  // only the sender's reads
+  EXPECT_EQ(r->rc_bytes, j.size);
+  // The path without devmem: the packet crosses host memory three times.
+  nj.rx = NetJob::Rx::copy;
+  j.kind = nj;
+  r = run_job(*m, j);
+  ASSERT_TRUE(r.has_value()) << r.error().to_string();
+  EXPECT_EQ(r->verified_bytes, j.size);
+  EXPECT_TRUE(r->took(Via::staged));
+  EXPECT_EQ(r->host_memory_bytes, 3 * j.size);
+  EXPECT_NE(r->path.find("RX host page-pool pages, then gpu0 BAR1's copy engine (900 pages recycled)"), std::string::npos) << r->path;
+  // The split must leave a payload; a devmem job has a GPU to receive into.
+  nj.rx = NetJob::Rx::devmem;
+  nj.header_bytes = 9000;
+  j.kind = nj;
+  EXPECT_EQ(run_job(*m, j).error().code, EINVAL);
+  nj.header_bytes = 128;
+  nj.rx_buffer_function.reset();
+  j.kind = nj;
+  EXPECT_EQ(run_job(*m, j).error().code, EINVAL);
+}
+
 TEST(SimJobTest, NetworkPacketsReachTheReceiverBuffers) {
   const auto t = machine("two-socket-switch");
   auto m = build(t);

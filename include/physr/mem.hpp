@@ -38,6 +38,7 @@
 // the mirror (interval notifiers, hmm_range_fault, device page tables).
 #include "physr/mem/block.hpp"
 #include "physr/mem/devmem.hpp"
+#include "physr/mem/devmem_provider.hpp"
 #include "physr/mem/dmabuf.hpp"
 #include "physr/mem/hmm.hpp"
 #include "physr/mem/netmem.hpp"

@@ -384,6 +384,14 @@ struct NetJob {
   /// Where each side's buffers are (a function's largest BAR); unset: host memory.
   std::optional<uint32_t> tx_buffer_function, rx_buffer_function;
   PathPolicy path = PathPolicy::automatic;
+  /// How the receiver takes packets in (docs/sim.md, "Devmem receive"): into its RX
+  /// buffers (plain); with header split into page pools, headers into host pages and
+  /// payloads into net_iovs of rx_buffer_function's BAR exported as a dma-buf and bound
+  /// to the receiver (devmem); or into host page-pool pages and then copied by
+  /// rx_buffer_function's copy engine into its BAR (copy: the path without devmem).
+  enum class Rx : uint8_t { plain, devmem, copy } rx = Rx::plain;
+  uint32_t header_bytes = 128;  // devmem: the bytes of each packet that go to the header buffer
+  double wire_gbps = 0;         // the wire's rate for this job, GB/s (0: MachineOptions::wire_gbps)
 };
 
 /// An O_DIRECT copy, as p2pmem-test and SPDK's cmb_copy do it: a process maps its buffers
@@ -485,6 +493,9 @@ struct JobSpec {
   std::string copy_to;               // O_DIRECT jobs: the SSD the blocks are written to (empty: not one)
   uint64_t host_bytes = 0;           // O_DIRECT jobs: DirectIoJob::host_bytes
   bool p2pdma = true;                // O_DIRECT jobs: DirectIoJob::p2pdma
+  NetJob::Rx rx = NetJob::Rx::plain;  // network jobs: "plain", "devmem" or "copy" (NetJob::rx)
+  uint32_t header_bytes = 128;        // network jobs with rx = "devmem": the header split
+  double wire_gbps = 0;               // network jobs: the wire's rate, GB/s (0: the machine's)
   std::string where;    // "FILE:LINE" for messages
 };
 

@@ -25,6 +25,8 @@ struct DevmemBinding::Impl {
   bool unbound = false;
   DevmemStats st;
   std::function<void(const std::string&)> report;
+  std::mutex revoke_mu;  // held while on_revoke runs, and to change it
+  std::function<void()> on_revoke;
 
   bool allocated(NetIov n) const {
     return n.chunk < chunks.size() && n.index < chunks[n.chunk].c.num_niovs &&
@@ -32,22 +34,34 @@ struct DevmemBinding::Impl {
   }
   std::string name(NetIov n) const { return "net_iov " + std::to_string(n.chunk) + ":" + std::to_string(n.index); }
 
-  // Follows a move or revoke of the buffer (the attachment's move_notify).
+  // Follows a move or revoke of the buffer (the attachment's move_notify), then tells the
+  // on_revoke callback if the binding stopped.
   void invalidated() {
+    if (!follow()) return;
+    std::lock_guard g(revoke_mu);
+    if (on_revoke) on_revoke();
+  }
+  // true: the binding stopped now.
+  bool follow() {
     std::lock_guard lock(mu);
-    if (unbound || !att) return;  // unbinding, or still binding (bind() checks its mapping)
+    const bool was = revoked;
+    const bool now = follow_locked();
+    return now && !was;
+  }
+  bool follow_locked() {
+    if (unbound || !att) return revoked;  // unbinding, or still binding (bind() checks its mapping)
     mapping = DmaBufMapping{};  // already unmapped by the exporter
     if (buf->revoked()) {
       revoked = true;
       why = "the dma-buf was revoked";
-      return;
+      return true;
     }
     // Moved (or enabled again): remap and keep the chunks if the layout is the same.
     auto m = att->map(DmaDirection::from_device);
     if (!m) {
       revoked = true;
       why = "remap after a move failed: " + m.error().to_string();
-      return;
+      return true;
     }
     const auto segs = m->segments();
     bool same = segs.size() == chunks.size();
@@ -56,12 +70,13 @@ struct DevmemBinding::Impl {
       (void)att->unmap(*m);
       revoked = true;
       why = "the dma-buf moved to a different segment layout";
-      return;
+      return true;
     }
     for (size_t i = 0; i < segs.size(); ++i) chunks[i].c.base_dma = segs[i].addr;
     mapping = std::move(m).value();
     if (revoked) revoked = false;  // enabled again after a revoke
     ++st.remaps;
+    return false;
   }
 };
 
@@ -134,6 +149,11 @@ DevmemBinding::~DevmemBinding() {
     if (m.mapping.id()) (void)att->unmap(m.mapping);
     (void)att->detach();
   }
+}
+
+void DevmemBinding::on_revoke(std::function<void()> fn) {
+  std::lock_guard g(impl_->revoke_mu);
+  impl_->on_revoke = std::move(fn);
 }
 
 void DevmemBinding::on_report(std::function<void(const std::string&)> fn) {
@@ -257,11 +277,14 @@ const DmaBufAttachment& DevmemBinding::attachment() const noexcept { return *imp
 // Tokens
 
 DevmemSocket::DevmemSocket(DevmemBinding& binding) : binding_(&binding) {}
+DevmemSocket::DevmemSocket(std::function<Status(NetIov)> release) : release_(std::move(release)) {}
+
+Status DevmemSocket::give_back(NetIov niov) { return release_ ? release_(niov) : binding_->release_netmem(niov); }
 
 DevmemSocket::~DevmemSocket() {
   std::lock_guard lock(mu_);
   for (size_t t = 0; t < frags_.size(); ++t)
-    if (used_[t]) (void)binding_->release_netmem(frags_[t]);
+    if (used_[t]) (void)give_back(frags_[t]);
 }
 
 uint32_t DevmemSocket::deliver(NetIov niov) {
@@ -312,7 +335,7 @@ Result<unsigned> DevmemSocket::dontneed(std::span<const DmabufToken> tokens) {
   // napi_pp_put_page() outside the xarray lock, as the kernel batches them.
   unsigned n = 0;
   for (const NetIov& v : give) {
-    const Status s = binding_->release_netmem(v);
+    const Status s = give_back(v);
     PHYSR_ASSERT(s.has_value(), "devmem: a token's net_iov was not allocated");
     (void)s;
     ++n;

@@ -18,6 +18,7 @@ bool is_nic(const pci::Topology& t, uint32_t f) { return pci::is_network(t.funct
 Result<JobResult> detail::run_net_job(Machine& m, const Job& job, const NetJob& nj) {
   const pci::Topology& topo = m.topology();
   const auto where = [&] { return "job '" + job.name + "'"; };
+  if (nj.rx != NetJob::Rx::plain) return run_pool_rx_job(m, job, nj);
   const uint32_t tx = nj.sender, rx = nj.receiver;
   if (tx >= topo.functions.size() || rx >= topo.functions.size()) return make_error(EINVAL, where() + ": no such device");
   for (uint32_t f : {tx, rx})
@@ -58,7 +59,8 @@ Result<JobResult> detail::run_net_job(Machine& m, const Job& job, const NetJob& 
   // One route per packet, cut-through: the sender reads its buffer, the wire carries it,
   // the receiver writes its buffer; each side's route is where its addresses decoded.
   detail::RouteCache tx_routes(fab, tx, false), rx_routes(fab, rx, true);
-  const uint32_t wire = fab.add_resource(Resource::Kind::device, "wire " + m.label(tx) + " -> " + m.label(rx), m.options().wire_gbps);
+  const double wire_gbps = nj.wire_gbps > 0 ? nj.wire_gbps : m.options().wire_gbps;
+  const uint32_t wire = fab.add_resource(Resource::Kind::device, "wire " + m.label(tx) + " -> " + m.label(rx), wire_gbps);
   const Route* last_tx = nullptr;
   const Route* last_rx = nullptr;
   Route route;  // the last packet's, rebuilt only when a side's route changes
@@ -78,7 +80,7 @@ Result<JobResult> detail::run_net_job(Machine& m, const Job& job, const NetJob& 
   // at a time, in order.
   const Route tx_copy = txbar ? *fab.to_memory(txbar->function, -1, true) : Route{};
   const Route rx_copy = rxbar ? *fab.to_memory(rxbar->function, -1, false) : Route{};
-  detail::Stages stages(sim, packets, job.block_size, static_cast<double>(job.block_size) / m.options().wire_gbps);
+  detail::Stages stages(sim, packets, job.block_size, static_cast<double>(job.block_size) / wire_gbps);
   uint64_t next = 0, done = 0, in_flight = 0, next_report = 0;
   bool bounced_any = false;
 

@@ -59,7 +59,7 @@ Result<Scenario> parse_scenario(std::string_view text, std::string_view source) 
   for (const toml::node& jn : *jobs) {
     const toml::table& t = *jn.as_table();
     const std::string what = "job";
-    PHYSR_RETURN_IF_ERROR(check_keys(c, t, what, {"name", "device", "rw", "bs", "qd", "size", "buffer", "path", "peer", "peer_buffer", "copy_to", "host_bytes", "p2pdma"}));
+    PHYSR_RETURN_IF_ERROR(check_keys(c, t, what, {"name", "device", "rw", "bs", "qd", "size", "buffer", "path", "peer", "peer_buffer", "copy_to", "host_bytes", "p2pdma", "rx", "header", "wire_gbps"}));
     JobSpec j;
     j.where = c.where(t);
     j.where.pop_back();  // "FILE:LINE:" -> "FILE:LINE"
@@ -109,6 +109,24 @@ Result<Scenario> parse_scenario(std::string_view text, std::string_view source) 
       return make_error(EINVAL, c.where(*t.get(host_bytes ? "host_bytes" : "p2pdma")) + "job." + (host_bytes ? "host_bytes" : "p2pdma") +
                                     ": only O_DIRECT copies (with copy_to) have one");
     if (host_bytes) j.host_bytes = *host_bytes;
+    PHYSR_ASSIGN_OR_RETURN(const std::optional<std::string> rx, get_string(c, t, "rx", what));
+    if (rx) {
+      if (j.peer.empty()) return make_error(EINVAL, c.where(*t.get("rx")) + "job.rx: only network jobs (with a peer) have one");
+      if (*rx == "plain") j.rx = NetJob::Rx::plain;
+      else if (*rx == "devmem") j.rx = NetJob::Rx::devmem;
+      else if (*rx == "copy") j.rx = NetJob::Rx::copy;
+      else return make_error(EINVAL, c.where(*t.get("rx")) + "job.rx: '" + *rx + "' must be plain, devmem or copy");
+    }
+    PHYSR_ASSIGN_OR_RETURN(const std::optional<uint64_t> header, get_uint(c, t, "header", what, 4096));
+    if (header) {
+      if (j.rx != NetJob::Rx::devmem) return make_error(EINVAL, c.where(*t.get("header")) + "job.header: only jobs with rx = \"devmem\" split headers");
+      j.header_bytes = static_cast<uint32_t>(*header);
+    }
+    PHYSR_ASSIGN_OR_RETURN(const std::optional<double> wire, get_number(c, t, "wire_gbps", what, 0.001, 1e6));
+    if (wire) {
+      if (j.peer.empty()) return make_error(EINVAL, c.where(*t.get("wire_gbps")) + "job.wire_gbps: only network jobs (with a peer) have a wire");
+      j.wire_gbps = *wire;
+    }
     PHYSR_ASSIGN_OR_RETURN(const std::optional<std::string> path, get_string(c, t, "path", what));
     if (path) {
       if (*path == "p2p") j.path = PathPolicy::p2p;
@@ -183,6 +201,9 @@ Result<Job> resolve_job(const JobSpec& s, Machine& m) {
       if (!b) return make_error(b.error().code, at() + "peer_buffer: " + b.error().message + " (or use host)");
       nj.rx_buffer_function = *b;
     }
+    nj.rx = s.rx;
+    nj.header_bytes = s.header_bytes;
+    nj.wire_gbps = s.wire_gbps;
     j.kind = nj;
     return j;
   }

@@ -302,6 +302,22 @@ expect 0 'h2d +gpu0 +host memory .* host memory' -- sim "$tmp/gpu.toml"
 expect 0 'to-cmb +gpu0 +nvme1 BAR2 .* p2p bus_addr \(under the switch\)' -- sim "$tmp/gpu.toml"
 expect 0 '"gpu0 copy engine"' -- sim "$tmp/gpu.toml" --json
 
+# Devmem receive (header split into a host page pool and GPU net_iovs) against RX into host
+# page-pool pages plus the GPU's copy, at 100 and 400 Gb/s: the built-in scenario.
+expect 0 'devmem-100g +nic1->nic0 .*RX devmem with header split \(128 B headers into host page-pool pages, payload into gpu0 BAR1 net_iovs' -- sim devmem
+expect 0 'host-copy-400g +nic1->nic0 .*RX host page-pool pages, then gpu0 BAR1.s copy engine' -- sim devmem
+expect 0 'Every byte verified against its source: 128 MiB in 4 jobs' -- sim devmem
+printf '[[job]]\ndevice = "nic1"\npeer = "nic0"\npeer_buffer = "gpu0"\nrx = "zerocopy"\nsize = "1M"\nbs = "4K"\n' > "$tmp/rx.toml"
+expect 1 "job.rx: 'zerocopy' must be plain, devmem or copy" -- sim "$tmp/rx.toml"
+printf '[[job]]\ndevice = "nic1"\npeer = "nic0"\npeer_buffer = "gpu0"\nrx = "devmem"\nheader = 4096\nsize = "1M"\nbs = "4K"\n' > "$tmp/hdr.toml"
+expect 1 'header split must be 1 byte to 4 KiB and less than the packet' -- sim "$tmp/hdr.toml"
+# A job's own wire rate: 400 Gb/s lifts host-to-host above the default 100 Gb/s wire.
+printf '[[job]]\nname = "fast-wire"\ndevice = "nic1"\npeer = "nic0"\nwire_gbps = 50\nbs = "4K"\nqd = 64\nsize = "8M"\n[[job]]\nname = "slow-wire"\ndevice = "nic1"\npeer = "nic0"\nbs = "4K"\nqd = 64\nsize = "8M"\n' > "$tmp/wire.toml"
+expect 0 'fast-wire +nic1->nic0 +host -> host +15\.[0-9]+ ' -- sim "$tmp/wire.toml"
+expect 0 'slow-wire +nic1->nic0 +host -> host +12\.[0-9]+ ' -- sim "$tmp/wire.toml"
+printf '[[job]]\ndevice = "nvme0"\nwire_gbps = 50\n' > "$tmp/wire-nvme.toml"
+expect 1 'job.wire_gbps: only network jobs \(with a peer\) have a wire' -- sim "$tmp/wire-nvme.toml"
+
 # A sysfs snapshot as the machine (a path relative to the scenario's folder): its real BARs
 # and tree. Its NICs receive into the VGA BAR across root ports: bounced, or EREMOTEIO.
 mkdir -p "$tmp/scen"

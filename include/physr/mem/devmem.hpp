@@ -96,6 +96,10 @@ class DevmemBinding {
   const DmaBufAttachment& attachment() const noexcept;
   /// Where the destructor's report of net_iovs still allocated goes; null: stderr.
   void on_report(std::function<void(const std::string&)> fn);
+  /// Called (on the revoking thread, without the binding's lock) when the binding stops:
+  /// the buffer was revoked or moved to a layout it cannot follow. One callback; null
+  /// clears it, and returns once a call in progress is over.
+  void on_revoke(std::function<void()> fn);
 
   struct Impl;
 
@@ -119,6 +123,9 @@ class DevmemSocket {
  public:
   /// A socket receiving into `binding`, with no frags held.
   explicit DevmemSocket(DevmemBinding& binding);
+  /// A socket whose frags go back through `release` (to the page pool that handed them
+  /// out, as napi_pp_put_page() in sock_devmem_dontneed()) rather than to the binding.
+  explicit DevmemSocket(std::function<Status(NetIov)> release);
   /// Gives what the user still holds back to the binding (the socket's destruction).
   ~DevmemSocket();
   DevmemSocket(const DevmemSocket&) = delete;
@@ -136,7 +143,9 @@ class DevmemSocket {
   size_t outstanding() const;
 
  private:
-  DevmemBinding* binding_;
+  Status give_back(NetIov niov);
+  DevmemBinding* binding_ = nullptr;
+  std::function<Status(NetIov)> release_;
   mutable std::mutex mu_;           // xa_lock_bh(&sk->sk_user_frags)
   std::vector<NetIov> frags_;       // by token
   std::vector<uint8_t> used_;       // by token
