@@ -42,6 +42,7 @@ mem pages=2
 mem align=1073741824 nodev=1
 model devices=1
 builtin default=1
+qemu argv0=qemu-system-x86_64 functions=1
 sim jobs=1 machine=two-socket-switch
 linux provider=0000:03:00.0'
 # shellcheck disable=SC2034
