@@ -123,6 +123,8 @@ function(physr_add_module)
   set(libs_private "")
   set(module_deps "")
   set(module_private_deps "")
+  set(external_deps "")
+  set(external_private_deps "")
   foreach(scope IN ITEMS PUBLIC PRIVATE)
     if(scope STREQUAL PUBLIC)
       set(deps ${arg_DEPS})
@@ -141,6 +143,11 @@ function(physr_add_module)
       elseif(dep MATCHES "::" AND TARGET ${dep})
         target_link_libraries(${target} ${scope} ${dep})
         _physr_pc_external(${dep} pc)
+        if(scope STREQUAL PUBLIC)
+          list(APPEND external_deps ${dep})
+        else()
+          list(APPEND external_private_deps ${dep})
+        endif()
       else()
         message(FATAL_ERROR "physr: module '${m}' depends on '${dep}', which is neither a module added before it "
                             "(${modules}) nor a target")
@@ -172,11 +179,15 @@ function(physr_add_module)
   set_property(GLOBAL APPEND PROPERTY PHYSR_MODULES ${m})
   set_property(GLOBAL PROPERTY PHYSR_MODULE_${m}_DEPS "${module_deps}")
   set_property(GLOBAL PROPERTY PHYSR_MODULE_${m}_PRIVATE_DEPS "${module_private_deps}")
+  set_property(GLOBAL PROPERTY PHYSR_MODULE_${m}_EXTERNAL "${external_deps}")
+  set_property(GLOBAL PROPERTY PHYSR_MODULE_${m}_PRIVATE_EXTERNAL "${external_private_deps}")
 endfunction()
 
 # physr_finish_modules(): after the last physr_add_module(). Adds the umbrella target physr
-# (physr::physr: every module) and its pkg-config package physr, and writes the module graph
-# to ${PROJECT_BINARY_DIR}/physr-modules.txt for the layer check.
+# (physr::physr: every module) and its pkg-config package physr, writes the module graph
+# to ${PROJECT_BINARY_DIR}/physr-modules.txt for the layer check, and sets the global
+# property PHYSR_CONFIG_GRAPH to the graph as physrConfig.cmake reads it: per module its
+# modules (public and private) and its external targets (public and private).
 function(physr_finish_modules)
   get_property(modules GLOBAL PROPERTY PHYSR_MODULES)
   add_library(physr INTERFACE)
@@ -201,4 +212,14 @@ function(physr_finish_modules)
     string(APPEND graph "${line}\n")
   endforeach()
   file(CONFIGURE OUTPUT "${PROJECT_BINARY_DIR}/physr-modules.txt" CONTENT "${graph}" @ONLY)
+
+  set(config "")
+  foreach(m IN LISTS modules)
+    foreach(kind IN ITEMS DEPS PRIVATE_DEPS EXTERNAL PRIVATE_EXTERNAL)
+      get_property(value GLOBAL PROPERTY PHYSR_MODULE_${m}_${kind})
+      string(TOLOWER "${kind}" var)
+      string(APPEND config "set(_physr_${m}_${var} \"${value}\")\n")
+    endforeach()
+  endforeach()
+  set_property(GLOBAL PROPERTY PHYSR_CONFIG_GRAPH "${config}")
 endfunction()

@@ -444,6 +444,11 @@ TEST(FlagsTest, SetsTestCombineAndStayTyped) {
   static_assert(!std::is_convertible_v<Colors, uint8_t>);
   enum class Other : uint8_t { x = 1 };
   static_assert(!std::is_convertible_v<Flags<Other>, Colors>);
+  // has(set, bit), the free form, takes a flag or a set.
+  EXPECT_TRUE(has(c, Color::blue));
+  EXPECT_FALSE(has(c, Colors(Color::blue) | Color::red));
+  // Stored and passed as its underlying integer.
+  static_assert(sizeof(Colors) == sizeof(uint8_t) && std::is_trivially_copyable_v<Colors>);
 }
 
 }  // namespace

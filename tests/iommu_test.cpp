@@ -4,6 +4,7 @@
 
 #include <map>
 #include <random>
+#include <type_traits>
 
 namespace physr {
 namespace {
@@ -82,7 +83,10 @@ TEST(IoDomainTest, ConflictsRollBackAndBadUnmapsChangeNothing) {
   auto split = d->unmap(DmaAddr(2 * MiB), 4096);
   ASSERT_FALSE(split.has_value());
   EXPECT_NE(split.error().message.find("split the 2 MiB mapping"), std::string::npos);
-  EXPECT_EQ(d->map(DmaAddr(0x1000), PhysAddr(0x1000), 0x1000, 0).error().code, EINVAL);
+  EXPECT_EQ(d->map(DmaAddr(0x1000), PhysAddr(0x1000), 0x1000, IommuPerms{}).error().code, EINVAL);
+  EXPECT_EQ(d->map(DmaAddr(0x1000), PhysAddr(0x1000), 0x1000, IommuPerms::from_bits(8)).error().code, EINVAL);  // no such permission
+  EXPECT_EQ(d->map(DmaAddr(0x1000), PhysAddr(0x1000), 0x1000, kIommuMmio).error().code, EINVAL);  // MMIO is no access right
+  static_assert(!std::is_convertible_v<int, IommuPerms>, "permissions are a typed set, not an integer");
   EXPECT_EQ(d->map(DmaAddr(0x1001), PhysAddr(0x1000), 0x1000, kIommuRead).error().code, EINVAL);
   EXPECT_EQ(d->map(DmaAddr(uint64_t{1} << 48), PhysAddr(0), 0x1000, kIommuRead).error().code, EINVAL);
   EXPECT_EQ(IoDomain::create(IoDomainOptions{.iova = {.granule = 8192, .start = 8192}}).error().code, EINVAL);

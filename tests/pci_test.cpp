@@ -14,6 +14,7 @@
 #include <iterator>
 #include <filesystem>
 #include <random>
+#include <type_traits>
 #include <vector>
 
 namespace physr::pci {
@@ -728,6 +729,24 @@ TEST(MachineFileTest, ErrorsNameLineKeyAndProblem) {
     EXPECT_NE(t.error().message.find(c.want), std::string::npos) << "got: " << t.error().message << "\nwant: " << c.want;
   }
   EXPECT_EQ(load_machine_file("/nonexistent/x.toml").error().code, ENOENT);
+}
+
+TEST(MachineFileTest, BarsCarryTypedIoResourceFlags) {
+  // A machine file's BAR is what Linux's pci_read_bases() records for a 64-bit memory BAR:
+  // IORESOURCE_MEM | IORESOURCE_MEM_64, plus IORESOURCE_PREFETCH when prefetchable.
+  auto t = parse_machine("[[host_bridge]]\nbus = 0\n[[function]]\nbdf = \"00:02.0\"\nvendor = 1\ndevice = 2\nclass = 0x030000\n"
+                         "[[function.bar]]\nindex = 0\nstart = 0x80000000\nsize = 0x1000000\nprefetchable = false\n"
+                         "[[function.bar]]\nindex = 2\nstart = 0x4000000000\nsize = 0x10000000\n",
+                         "test");
+  ASSERT_TRUE(t.has_value()) << t.error().to_string();
+  const auto& bars = t->functions[0].bars;
+  ASSERT_EQ(bars.size(), 2u);
+  EXPECT_EQ(bars[0].flags, IoResourceFlags(IoResource::mem) | IoResource::mem_64);
+  EXPECT_TRUE(bars[0].is_mem());
+  EXPECT_FALSE(bars[0].prefetchable());
+  EXPECT_TRUE(has(bars[1].flags, IoResource::prefetch));
+  EXPECT_EQ(bars[1].flags.bits(), uint64_t{0x102200});  // the word sysfs `resource` would list
+  static_assert(!std::is_convertible_v<uint64_t, IoResourceFlags>, "BAR flags are a typed set");
 }
 
 TEST(MachineFileTest, ReferenceMachinesLoadWithExpectedVerdicts) {

@@ -459,7 +459,7 @@ TEST(SimJobTest, NvmeToGpuP2PStaysUnderTheSwitch) {
   auto m = build(t);
   const JobResult r = run(*m, t, "nvme0", "gpu0", PathPolicy::p2p, false, 64, 32 * MiB);
   EXPECT_EQ(r.path, "p2p bus_addr (under the switch)");
-  EXPECT_EQ(r.via, static_cast<uint8_t>(Via::p2p_bus_addr));
+  EXPECT_EQ(r.via, ViaFlags(Via::p2p_bus_addr));
   EXPECT_EQ(r.verified_bytes, 32 * MiB);
   EXPECT_EQ(r.rc_bytes, 0u);
   EXPECT_EQ(r.host_memory_bytes, 0u);
@@ -482,12 +482,12 @@ TEST(SimJobTest, BounceAndRedirectPathsGoThroughTheHost) {
   auto m = build(t);
   const JobResult staged = run(*m, t, "nvme0", "gpu0", PathPolicy::bounce);
   EXPECT_EQ(staged.path, "bounce via a host buffer + copy engine");
-  EXPECT_EQ(staged.via, static_cast<uint8_t>(Via::staged));
+  EXPECT_EQ(staged.via, ViaFlags(Via::staged));
   EXPECT_EQ(staged.host_memory_bytes, 2 * 8 * MiB);  // written by the SSD, read by the copy engine
   EXPECT_EQ(staged.verified_bytes, 8 * MiB);
   const JobResult nic = run(*m, t, "nvme0", "nic0", PathPolicy::p2p);
   EXPECT_EQ(nic.path, "p2p thru_host_bridge (through the root complex)");
-  EXPECT_EQ(nic.via, static_cast<uint8_t>(Via::p2p_host_bridge));
+  EXPECT_EQ(nic.via, ViaFlags(Via::p2p_host_bridge));
   EXPECT_EQ(nic.rc_bytes, 8 * MiB);
   const JobResult host = run(*m, t, "nvme1", nullptr, PathPolicy::automatic);
   EXPECT_EQ(host.path, "host memory");
@@ -516,7 +516,7 @@ TEST(SimJobTest, RefusedP2PFailsOrBouncesByPolicy) {
   r = run_job(*m, j);
   ASSERT_TRUE(r.has_value()) << r.error().to_string();
   EXPECT_EQ(r->path, "bounce (DMA layer, swiotlb)");
-  EXPECT_EQ(r->via, static_cast<uint8_t>(Via::bounced));
+  EXPECT_EQ(r->via, ViaFlags(Via::bounced));
   EXPECT_EQ(r->verified_bytes, 4 * MiB);
   EXPECT_EQ(m->bounce().used_slots(), 0u);
   ASSERT_EQ(t.functions[0].class_code >> 8, 0x0600u);  // the host bridge: neither an SSD nor a GPU
@@ -678,10 +678,10 @@ std::vector<std::string> random_jobs(const char* name, uint32_t seed, bool iommu
     EXPECT_EQ(r->verified_bytes, j.size) << what;
     EXPECT_EQ(r->iommu_faults, 0u) << what;
     // The structured path agrees with the text.
-    EXPECT_NE(r->via, 0u) << what;
+    EXPECT_FALSE(r->via.empty()) << what;
     EXPECT_EQ(r->took(Via::bounced), r->path.find("bounce") != std::string::npos && !r->took(Via::staged)) << what << ": " << r->path;
     if (!net) {
-      EXPECT_EQ(std::popcount(r->via), 1) << what;
+      EXPECT_EQ(std::popcount(r->via.bits()), 1) << what;
       EXPECT_EQ(r->took(Via::p2p_bus_addr), r->path.rfind("p2p bus_addr", 0) == 0) << what << ": " << r->path;
       EXPECT_EQ(r->took(Via::p2p_host_bridge), r->path.rfind("p2p thru_host_bridge", 0) == 0) << what << ": " << r->path;
       EXPECT_EQ(r->took(Via::host_memory), r->path == "host memory") << what << ": " << r->path;
@@ -778,7 +778,7 @@ TEST(SimMachineTest, SysfsSnapshotMachineUsesDeviceBarsOnly) {
   ASSERT_TRUE(r.has_value()) << r.error().to_string();
   EXPECT_EQ(r->verified_bytes, j.size);
   EXPECT_NE(r->path.find("bounced by the DMA layer"), std::string::npos) << r->path;  // across root ports, not allowlisted
-  EXPECT_EQ(r->via, static_cast<uint8_t>(Via::host_memory) | static_cast<uint8_t>(Via::bounced));  // TX from host memory, RX bounced
+  EXPECT_EQ(r->via, ViaFlags(Via::host_memory) | Via::bounced);  // TX from host memory, RX bounced
   // Host memory: TX reads the packet, RX writes the bounce buffer, the CPU's copy into the
   // framebuffer reads it back; the copy crosses the VGA's own link.
   EXPECT_EQ(r->host_memory_bytes, 3 * j.size);
@@ -852,7 +852,7 @@ TEST(SimJobTest, NetworkPacketsReachTheReceiverBuffers) {
   ASSERT_TRUE(r.has_value()) << r.error().to_string();
   EXPECT_EQ(r->verified_bytes, 4 * MiB);
   EXPECT_EQ(r->path, "network: TX host, RX host");
-  EXPECT_EQ(r->via, static_cast<uint8_t>(Via::host_memory));
+  EXPECT_EQ(r->via, ViaFlags(Via::host_memory));
   EXPECT_EQ(r->host_memory_bytes, 2 * 4 * MiB);  // read on one socket, written on the other
   // Wire-bound: 100 Gb/s.
   EXPECT_NEAR(r->gbps, 12.5, 12.5 * 0.05);
@@ -865,7 +865,7 @@ TEST(SimJobTest, NetworkPacketsReachTheReceiverBuffers) {
   r = run_job(*m, j);
   ASSERT_TRUE(r.has_value()) << r.error().to_string();
   EXPECT_EQ(r->path, "network: TX host, RX p2p, through the root complex");
-  EXPECT_EQ(r->via, static_cast<uint8_t>(Via::host_memory) | static_cast<uint8_t>(Via::p2p_host_bridge));
+  EXPECT_EQ(r->via, ViaFlags(Via::host_memory) | Via::p2p_host_bridge);
   EXPECT_EQ(r->host_memory_bytes, 4 * MiB);
   EXPECT_EQ(r->rc_bytes, 2 * 4 * MiB);  // both sockets' root complexes
   EXPECT_NEAR(r->gbps, pcie_link_gbps(8, 16) / 2, 0.05 * pcie_link_gbps(8, 16) / 2);
@@ -1114,7 +1114,7 @@ TEST(SimDirectIoTest, CopiesThroughACmbChunkAndReturnsItToThePool) {
   EXPECT_EQ(r->verified_bytes, j.size);
   EXPECT_EQ(r->device, "nvme0 -> nvme1");
   EXPECT_EQ(r->path, "p2p bus_addr (under the switch)");
-  EXPECT_EQ(r->via, static_cast<uint8_t>(Via::p2p_bus_addr));
+  EXPECT_EQ(r->via, ViaFlags(Via::p2p_bus_addr));
   EXPECT_EQ(r->host_memory_bytes, 0u);
   EXPECT_EQ(r->rc_bytes, 0u);
   EXPECT_EQ(r->requests, 2 * j.size / j.block_size);  // one request per block each way
@@ -1151,7 +1151,7 @@ TEST(SimDirectIoTest, BuffersMixingHostAndP2PMemoryInOneIo) {
   auto h = run_job(*m, odirect_job(t, nullptr));
   ASSERT_TRUE(h.has_value()) << h.error().to_string();
   EXPECT_EQ(h->path, "host memory");
-  EXPECT_EQ(h->via, static_cast<uint8_t>(Via::host_memory));
+  EXPECT_EQ(h->via, ViaFlags(Via::host_memory));
 }
 
 // mm/gup.c try_grab_folio(): without BLK_FEAT_PCI_P2PDMA the block layer pins without

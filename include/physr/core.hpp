@@ -345,7 +345,9 @@ std::string format_hex(uint64_t value);
 
 /// A set of the flags of enum E (whose enumerators are distinct bits), as a type of its
 /// own: sets of different enums do not mix, and integers do not convert. `if (set & flag)`
-/// tests a flag; {} is the empty set.
+/// tests a flag; {} is the empty set. The one mechanism for every flag set of the public
+/// API (`using DmaAttrs = Flags<DmaAttr>`): a trivially copyable wrapper of E's underlying
+/// integer, passed and stored exactly as that integer.
 template <class E>
 class Flags {
  public:
@@ -369,6 +371,10 @@ class Flags {
  private:
   Bits v_ = 0;
 };
+
+/// Whether `set` holds every flag of `bits`: `has(perms, IommuPerm::write)`.
+template <class E>
+constexpr bool has(Flags<E> set, std::type_identity_t<Flags<E>> bits) noexcept { return set.has(bits); }
 
 // ---------------------------------------------------------------------------------------
 // Strong addresses

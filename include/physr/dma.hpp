@@ -85,21 +85,26 @@ class MemoryAccess {
 
 /// Access rights of a mapping, plus the MMIO attribute (Linux IOMMU_MMIO: device memory,
 /// mapped uncached; P2P through the host bridge carries it).
-enum IommuPerm : uint8_t { kIommuRead = 1, kIommuWrite = 2, kIommuReadWrite = 3, kIommuMmio = 4 };
+enum class IommuPerm : uint8_t { read = 1, write = 2, mmio = 4 };
+using IommuPerms = Flags<IommuPerm>;
+inline constexpr IommuPerms kIommuRead = IommuPerm::read;
+inline constexpr IommuPerms kIommuWrite = IommuPerm::write;
+inline constexpr IommuPerms kIommuReadWrite = kIommuRead | kIommuWrite;
+inline constexpr IommuPerms kIommuMmio = IommuPerm::mmio;
 
 /// One mapping of a batch: [iova, iova + size) -> [phys, phys + size).
 struct IoMapOp {
   DmaAddr iova;
   PhysAddr phys;
   uint64_t size = 0;
-  uint8_t perm = 0;
+  IommuPerms perm{};
 };
 
 /// What the IOMMU answers for one DMA address.
 struct IoTranslation {
   PhysAddr phys;           // the translated address (page base + offset)
   uint64_t page_size = 0;  // 4 KiB, 2 MiB or 1 GiB: the leaf that mapped it
-  uint8_t perm = 0;
+  IommuPerms perm{};
 };
 
 
@@ -112,10 +117,10 @@ class IommuDomain {
   virtual ~IommuDomain() = default;
   /// The domain's IOVA allocator; lives as long as the domain.
   virtual IovaAllocator& iova() noexcept = 0;
-  /// Maps [iova, iova + size) to [phys, phys + size) with `perm` (IommuPerm bits). EINVAL:
+  /// Maps [iova, iova + size) to [phys, phys + size) with `perm`. EINVAL:
   /// zero or unaligned sizes or addresses, no permission; EEXIST: part of it is mapped.
   /// Nothing stays mapped on error.
-  virtual Status map(DmaAddr iova, PhysAddr phys, uint64_t size, uint8_t perm) = 0;
+  virtual Status map(DmaAddr iova, PhysAddr phys, uint64_t size, IommuPerms perm) = 0;
   /// Maps a batch, all or nothing (Linux iommu_map_sg()). Errors as map(), naming the op.
   virtual Status map_many(std::span<const IoMapOp> ops) = 0;
   /// Unmaps exactly what was mapped. ENOENT names the first unmapped page; nothing changes

@@ -46,7 +46,7 @@ class IoDomain final : public IommuDomain {
   /// alignment of both allows. EINVAL: zero or unaligned size/addresses, no permission,
   /// beyond the 48-bit IOVA or 52-bit physical space. EEXIST: part of the range is mapped
   /// (named); nothing stays mapped.
-  Status map(DmaAddr iova, PhysAddr phys, uint64_t size, uint8_t perm) override;
+  Status map(DmaAddr iova, PhysAddr phys, uint64_t size, IommuPerms perm) override;
   /// Maps a batch under one lock, all or nothing (Linux iommu_map_sg()): on any error
   /// nothing of the batch stays mapped. Errors as map(), prefixed "batch entry N: ".
   Status map_many(std::span<const IoMapOp> ops) override;

@@ -84,14 +84,24 @@ struct AcsState {
 /// "RR CR EC"-style list of the set control bits ("-" when none).
 std::string acs_bits_string(uint16_t ctrl);
 
+/// IORESOURCE_* bits of a BAR (include/linux/ioport.h) that physr reads; a set of them is
+/// IoResourceFlags, which keeps every other bit sysfs lists too (from_bits()).
+enum class IoResource : uint64_t {
+  io = 0x100,          // IORESOURCE_IO
+  mem = 0x200,         // IORESOURCE_MEM
+  prefetch = 0x2000,   // IORESOURCE_PREFETCH
+  mem_64 = 0x100000,   // IORESOURCE_MEM_64
+};
+using IoResourceFlags = Flags<IoResource>;
+
 /// One BAR as sysfs `resource` lists it: CPU physical [start, end] and IORESOURCE flags.
 struct Bar {
   unsigned index = 0;
-  PhysSpan span;       // the CPU addresses it decodes, half-open (sysfs lists the inclusive end)
-  uint64_t flags = 0;  // IORESOURCE_* bits, as sysfs lists them
+  PhysSpan span;          // the CPU addresses it decodes, half-open (sysfs lists the inclusive end)
+  IoResourceFlags flags;  // IORESOURCE_* bits, as sysfs lists them
   uint64_t size() const noexcept { return span.size; }
-  bool is_mem() const noexcept { return (flags & 0x200) != 0; }        // IORESOURCE_MEM
-  bool prefetchable() const noexcept { return (flags & 0x2000) != 0; } // IORESOURCE_PREFETCH
+  bool is_mem() const noexcept { return flags.has(IoResource::mem); }
+  bool prefetchable() const noexcept { return flags.has(IoResource::prefetch); }
 };
 
 /// An NVMe controller memory buffer (CMB): which BAR holds it and what its CMBSZ register

@@ -451,11 +451,13 @@ enum class Via : uint8_t {
 const char* via_name(Via v) noexcept;
 /// Every Via, in the order above.
 inline constexpr Via kAllVia[] = {Via::host_memory, Via::p2p_bus_addr, Via::p2p_host_bridge, Via::bounced, Via::staged};
+/// A set of Via flags.
+using ViaFlags = Flags<Via>;
 
 struct JobResult {
   std::string name, device, buffer, path;  // path actually taken
-  uint8_t via = 0;                         // the same as Via flags
-  bool took(Via v) const noexcept { return (via & static_cast<uint8_t>(v)) != 0; }
+  ViaFlags via;                             // the same as Via flags
+  bool took(Via v) const noexcept { return via.has(v); }
   uint64_t bytes = 0, ios = 0, verified_bytes = 0;
   double seconds = 0, gbps = 0;            // simulated time and throughput (GB/s)
   double lat_p50_us = 0, lat_p99_us = 0;

@@ -25,7 +25,7 @@ constexpr uint64_t kIovaTop = uint64_t{1} << 48;
 constexpr uint64_t align_up(uint64_t x) { return (x + kGMask) & ~kGMask; }
 
 // Linux dma_info_to_prot(): what the device may do to the memory.
-inline uint8_t dir_prot(DmaDirection d) {
+inline IommuPerms dir_prot(DmaDirection d) {
   switch (d) {
     case DmaDirection::to_device: return kIommuRead;
     case DmaDirection::from_device: return kIommuWrite;

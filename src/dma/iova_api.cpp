@@ -58,7 +58,7 @@ Status DmaDevice::iova_link(DmaIovaState& state, PhysAddr phys, uint64_t offset,
   if (route == Route::bus) return make_error(EINVAL, what() + ": P2P memory reached by bus address is not linked into an IOVA (use map_phys)");
   if (bounce && !m.env.bounce) return make_error(EIO, what() + ": must be bounced but " + m.who() + " has no bounce pool");
   const bool mmio = route == Route::mmio && !bounce;
-  const uint8_t prot = static_cast<uint8_t>(dir_prot(dir) | (mmio ? kIommuMmio : 0));
+  const IommuPerms prot = dir_prot(dir) | (mmio ? kIommuMmio : IommuPerms{});
   const bool sync = !(attrs & kDmaAttrSkipCpuSync) && !mmio;  // __dma_iova_link()'s arch_sync_dma_for_device()
   const DmaAddr at = state.addr + offset;
   if (!bounce) {  // __dma_iova_link() of the whole range

@@ -93,7 +93,7 @@ Status DmaDevice::map_into(DmaMapping& out, const RangeList& list, DmaDirection 
   //    relative address sits on a boundary is the same as for the absolute one.
   // Every IOMMU piece has the list-wide permissions (Linux iommu_dma_map_sg():
   // dma_info_to_prot() once; memory through the host bridge gets no IOMMU_MMIO there).
-  const uint8_t prot = dir_prot(dir);
+  const IommuPerms prot = dir_prot(dir);
   uint64_t iova_len = 0, cur_len = 0, cacheable = 0;
   uint64_t op_iova_end = 0, op_phys_end = 0;
   size_t idx = 0;
@@ -180,7 +180,15 @@ Status DmaDevice::map_into(DmaMapping& out, const RangeList& list, DmaDirection 
           s.ops.resize(2 * nops);
           ops = s.ops.data();
         }
-        ops[nops++] = IoMapOp{DmaAddr(iova_len), PhysAddr(ph), s_length, prot};
+        // Field by field: g++ 12 builds an aggregate with a class-type member (the typed
+        // permissions) on the stack and copies it with two overlapping 16-byte moves, whose
+        // load cannot be forwarded from the byte store before it (same instruction count,
+        // MapUnmap/iommu/256 3.7 -> 5.9 us).
+        IoMapOp& op = ops[nops++];
+        op.iova = DmaAddr(iova_len);
+        op.phys = PhysAddr(ph);
+        op.size = s_length;
+        op.perm = prot;
       }
       op_iova_end = iova_len + s_length;
       op_phys_end = ph + s_length;
@@ -261,7 +269,7 @@ Status DmaDevice::map_into_swiotlb(DmaMapping& out, const RangeList& list, DmaDi
     m.failed.fetch_add(1, std::memory_order_relaxed);
     return e;
   };
-  const uint8_t prot = dir_prot(dir);
+  const IommuPerms prot = dir_prot(dir);
   const uint64_t mask = c.seg_boundary_mask;
   uint64_t bounced = 0;
   size_t idx = 0;
@@ -288,7 +296,11 @@ Status DmaDevice::map_into_swiotlb(DmaMapping& out, const RangeList& list, DmaDi
       auto iova = m.alloc_iova(size);
       if (!iova) return fail(std::move(iova).error().with_context("DMA map for " + m.who()));
       if (nops == s.ops.size()) s.ops.resize(2 * nops + 16);
-      s.ops[nops++] = IoMapOp{*iova, PhysAddr(phys - off), size, prot};
+      IoMapOp& op = s.ops[nops++];  // field by field, as in map_into()
+      op.iova = *iova;
+      op.phys = PhysAddr(phys - off);
+      op.size = size;
+      op.perm = prot;
       if (nseg == out.segs_.size()) out.segs_.resize(2 * nseg + 16);
       out.segs_[nseg++] = DmaSegment{*iova + off, n, kDmaSegIommu | (bounce ? kDmaSegBounced : DmaSegFlags{})};
       a += n;

@@ -56,7 +56,7 @@ Result<DmaSegment> DmaDevice::map_phys(PhysAddr phys, uint64_t size, DmaDirectio
     } else {
       const uint64_t off = a.value() & kGMask, len = align_up(off + size);
       auto iova = m.alloc_iova(len);
-      Status st = iova ? c.domain->map(*iova, PhysAddr(a.value() - off), len, static_cast<uint8_t>(dir_prot(dir) | (mmio ? kIommuMmio : 0)))
+      Status st = iova ? c.domain->map(*iova, PhysAddr(a.value() - off), len, dir_prot(dir) | (mmio ? kIommuMmio : IommuPerms{}))
                        : Status(std::move(iova).error());
       if (!st) {
         if (iova) (void)c.domain->free_iova(*iova, len);

@@ -11,6 +11,8 @@
 namespace physr {
 
 namespace {
+// The permission bits as the page-table entries store them.
+constexpr uint8_t kPermRW = kIommuReadWrite.bits(), kPermMmio = kIommuMmio.bits();
 
 // Entry layout (x86-64 second-level / Arm64 stage-1 in spirit): bit 0 present, bits 1-2
 // read/write, bit 3 MMIO, bit 7 leaf, bits 12-51 the output address or the next table.
@@ -214,8 +216,8 @@ namespace {
 // The hot check is a few compares; the message is built only when it fails.
 inline bool map_args_ok(uint64_t a0, uint64_t p0, uint64_t size, uint8_t perm) {
   // Branch-free: one test for the batch's hot loop instead of eight.
-  const bool bad = (((a0 | p0 | size) & 4095) != 0) | (size == 0) | ((perm & kIommuReadWrite) == 0) |
-                   ((perm & ~(kIommuReadWrite | kIommuMmio)) != 0) | (a0 >= kIovaLimit) | (size > kIovaLimit - a0) |
+  const bool bad = (((a0 | p0 | size) & 4095) != 0) | (size == 0) | ((perm & kPermRW) == 0) |
+                   ((perm & ~(kPermRW | kPermMmio)) != 0) | (a0 >= kIovaLimit) | (size > kIovaLimit - a0) |
                    (p0 >= kPhysLimit) | (size > kPhysLimit - p0);
   return !bad;
 }
@@ -223,7 +225,7 @@ inline bool map_args_ok(uint64_t a0, uint64_t p0, uint64_t size, uint8_t perm) {
 [[gnu::noinline, gnu::cold]] Error map_args_error(uint64_t a0, uint64_t p0, uint64_t size, uint8_t perm) {
   if (size == 0 || ((a0 | p0 | size) & 4095) != 0)
     return make_error(EINVAL, "IOMMU map of " + format_hex(a0) + " -> " + format_hex(p0) + " (+" + format_hex(size) + "): size and addresses must be non-zero multiples of 4 KiB");
-  if ((perm & kIommuReadWrite) == 0 || (perm & ~(kIommuReadWrite | kIommuMmio)) != 0)
+  if ((perm & kPermRW) == 0 || (perm & ~(kPermRW | kPermMmio)) != 0)
     return make_error(EINVAL, "IOMMU map of " + format_hex(a0) + ": permission must be read, write or both (plus MMIO)");
   return make_error(EINVAL, "IOMMU map of " + format_hex(a0) + " -> " + format_hex(p0) + " (+" + format_hex(size) + "): beyond 48-bit IOVA or 52-bit physical space");
 }
@@ -264,7 +266,8 @@ Status IoDomain::Impl::map_locked(uint64_t a0, uint64_t p0, uint64_t size, uint8
   return {};
 }
 
-Status IoDomain::map(DmaAddr iova, PhysAddr phys, uint64_t size, uint8_t perm) {
+Status IoDomain::map(DmaAddr iova, PhysAddr phys, uint64_t size, IommuPerms perms) {
+  const uint8_t perm = perms.bits();
   if (!map_args_ok(iova.value(), phys.value(), size, perm)) return map_args_error(iova.value(), phys.value(), size, perm);
   Impl& m = *impl_;
   std::lock_guard lock(m.mu);
@@ -283,16 +286,16 @@ Status IoDomain::map_many(std::span<const IoMapOp> ops) {
     // The map_sg hot path: one 4 KiB leaf in the last-level table used just before (which
     // puts the IOVA in range), so only alignment, permission and the physical end remain.
     if (op.size == 4096 && (a >> 21) == m.last_l0_base &&
-        (((a | p) & 4095) | (op.perm & ~(kIommuReadWrite | kIommuMmio))) == 0 && (op.perm & kIommuReadWrite) != 0 &&
+        (((a | p) & 4095) | (op.perm.bits() & ~(kPermRW | kPermMmio))) == 0 && (op.perm.bits() & kPermRW) != 0 &&
         p < kPhysLimit - 4096) [[likely]] {
-      if (m.map_one(a, p, 0, op.perm) > 0) [[likely]] continue;  // map_one's cached-table path
+      if (m.map_one(a, p, 0, op.perm.bits()) > 0) [[likely]] continue;  // map_one's cached-table path
     }
     Status st;
     uint64_t done = 0;
-    if (!map_args_ok(a, p, op.size, op.perm)) {
-      st = map_args_error(a, p, op.size, op.perm);
+    if (!map_args_ok(a, p, op.size, op.perm.bits())) {
+      st = map_args_error(a, p, op.size, op.perm.bits());
     } else {
-      st = m.map_locked(a, p, op.size, op.perm, &done);
+      st = m.map_locked(a, p, op.size, op.perm.bits(), &done);
       if (st) continue;
     }
     m.clear_mapped_locked(a, done);
@@ -381,7 +384,7 @@ std::optional<IoTranslation> IoDomain::walk(DmaAddr iova) const {
   if (!impl_->find_leaf(a, &level, &e)) return std::nullopt;
   const uint64_t page = uint64_t{1} << shift_of(level);
   return IoTranslation{PhysAddr((e & kAddrMask & ~(page - 1)) + (a & (page - 1))), page,
-                       static_cast<uint8_t>((e >> kPermShift) & (kIommuReadWrite | kIommuMmio))};
+                       IommuPerms::from_bits(static_cast<uint8_t>((e >> kPermShift) & (kPermRW | kPermMmio)))};
 }
 
 std::optional<IoTranslation> IoDomain::translate(DmaAddr iova) {

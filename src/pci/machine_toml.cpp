@@ -222,7 +222,7 @@ Result<Topology> parse_machine(std::string_view text, std::string_view source) {
           return make_error(EEXIST, c.where(bt) + bw + ": BAR " + std::to_string(bar.index) + " is defined twice for this function");
       bar.span = PhysSpan{PhysAddr(**start), **size};
       all_bars.push_back({bar.span, c.where(bt), bw});
-      bar.flags = 0x200 | (*pf ? 0x2000 : 0) | 0x100000;  // IORESOURCE_MEM | PREFETCH | MEM_64
+      bar.flags = IoResourceFlags(IoResource::mem) | IoResource::mem_64 | (*pf ? IoResource::prefetch : IoResourceFlags{});
       f.bars.push_back(bar);
     }
 

@@ -119,7 +119,7 @@ Status read_resource(const fs::path& p, const std::string& text, Function& f) {
         return make_error(EINVAL, p.string() + ":" + std::to_string(index + 1) + ": end below start");
       if (v[1] - v[0] == ~uint64_t{0})
         return make_error(EINVAL, p.string() + ":" + std::to_string(index + 1) + ": a resource of 2^64 bytes");
-      f.bars.push_back(Bar{index, PhysSpan{PhysAddr(v[0]), v[1] - v[0] + 1}, v[2]});
+      f.bars.push_back(Bar{index, PhysSpan{PhysAddr(v[0]), v[1] - v[0] + 1}, IoResourceFlags::from_bits(v[2])});
     }
     if (++index > 64) return make_error(EINVAL, p.string() + ": more than 64 resource lines");
   }

@@ -212,11 +212,11 @@ Result<JobResult> run_blocks(Machine& m, const Job& job, const BlockPlan& plan, 
              : bounced_any ? "bounce (DMA layer, swiotlb)"
              : std::string("p2p ") + pci::map_type_name(taken->p2p) +
                    (taken->resources.empty() ? plan.inside : taken->through_rc ? " (through the root complex)" : " (under the switch)");
-  out.via = static_cast<uint8_t>(!bar ? Via::host_memory
-                                 : staged ? Via::staged
-                                 : bounced_any ? Via::bounced
-                                 : taken->p2p == pci::MapType::bus_addr ? Via::p2p_bus_addr
-                                                                        : Via::p2p_host_bridge);
+  out.via = !bar ? Via::host_memory
+            : staged ? Via::staged
+            : bounced_any ? Via::bounced
+            : taken->p2p == pci::MapType::bus_addr ? Via::p2p_bus_addr
+                                                   : Via::p2p_host_bridge;
   return out;
 }
 

@@ -210,14 +210,14 @@ Result<JobResult> detail::run_pool_rx_job(Machine& m, const Job& job, const NetJ
     out.path = std::string("network: TX host, RX devmem with header split (") + std::to_string(hdr) + " B headers into host page-pool pages, payload into " +
                bar->name + " net_iovs " + (p2p ? "by p2p" : "through host memory") + (rx_seen.peer_rc ? " through the root complex" : "") +
                "; " + std::to_string(recycled) + " buffers recycled)";
-    if (rx_seen.peer_switch) out.via |= static_cast<uint8_t>(Via::p2p_bus_addr);
-    if (rx_seen.peer_rc) out.via |= static_cast<uint8_t>(Via::p2p_host_bridge);
+    if (rx_seen.peer_switch) out.via |= Via::p2p_bus_addr;
+    if (rx_seen.peer_rc) out.via |= Via::p2p_host_bridge;
   } else {
     out.path = "network: TX host, RX host page-pool pages, then " + bar->name + "'s copy engine (" + std::to_string(recycled) +
                " pages recycled)";
-    out.via |= static_cast<uint8_t>(Via::staged);
+    out.via |= Via::staged;
   }
-  out.via |= static_cast<uint8_t>(Via::host_memory);
+  out.via |= Via::host_memory;
   return out;
 }
 

@@ -106,7 +106,7 @@ void Machine::decode(uint32_t initiator, uint64_t dma, uint64_t len, bool write,
     PhysAddr phys(at - dma_offset);
     if (dom) {
       const auto t = dom->translate(DmaAddr(at));
-      const uint8_t need = write ? kIommuWrite : kIommuRead;
+      const IommuPerms need = write ? kIommuWrite : kIommuRead;
       if (!t || !(t->perm & need)) {
         const char* why = !t ? "not mapped" : write ? "read-only mapping" : "write-only mapping";
         if (!faulting) faults_.push_back(IommuFault{initiator, DmaAddr(at), write, why});

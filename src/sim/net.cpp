@@ -144,11 +144,11 @@ Result<JobResult> detail::run_net_job(Machine& m, const Job& job, const NetJob& 
              (bounced_any ? " (bounced by the DMA layer)" : "") + (tx_seen.peer_rc || rx_seen.peer_rc ? ", through the root complex" : "");
   // Every way any packet went, per side (not only the last packet's).
   for (const auto& [bar, seen] : {std::pair{txbar, &tx_seen}, std::pair{rxbar, &rx_seen}}) {
-    if (seen->peer_switch) out.via |= static_cast<uint8_t>(Via::p2p_bus_addr);
-    if (seen->peer_rc) out.via |= static_cast<uint8_t>(Via::p2p_host_bridge);
-    if (!bar) out.via |= static_cast<uint8_t>(Via::host_memory);
+    if (seen->peer_switch) out.via |= Via::p2p_bus_addr;
+    if (seen->peer_rc) out.via |= Via::p2p_host_bridge;
+    if (!bar) out.via |= Via::host_memory;
   }
-  if (bounced_any) out.via |= static_cast<uint8_t>(Via::bounced);
+  if (bounced_any) out.via |= Via::bounced;
   return out;
 }
 

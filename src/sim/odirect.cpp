@@ -112,7 +112,7 @@ Result<JobResult> run_direct_io_job(Machine& m, const Job& job, const DirectIoJo
   Simulator sim(fab);
   Stages stages(sim, ios, bs, static_cast<double>(bs) / mo.nvme_read_gbps);
   std::vector<double> lat;
-  uint8_t via = 0;
+  ViaFlags via;
   const Route* p2p_taken = nullptr;
   std::vector<uint8_t> got(std::min<uint64_t>(64 * KiB, bs));
 
@@ -187,9 +187,9 @@ Result<JobResult> run_direct_io_job(Machine& m, const Job& job, const DirectIoJo
         first = false;
         if (p.acc.peer_switch || p.acc.peer_rc) {
           if (!p2p_taken) p2p_taken = via_route;  // the read's: where the SSD's data went
-          via |= static_cast<uint8_t>(via_route->p2p == pci::MapType::bus_addr ? Via::p2p_bus_addr : Via::p2p_host_bridge);
+          via |= via_route->p2p == pci::MapType::bus_addr ? Via::p2p_bus_addr : Via::p2p_host_bridge;
         }
-        if (p.acc.host_memory) via |= static_cast<uint8_t>(p.bounced ? Via::bounced : Via::host_memory);
+        if (p.acc.host_memory) via |= p.bounced ? Via::bounced : Via::host_memory;
         if (p.bounced && !read) routes.push_back(copy), bytes.push_back(p.bytes);
         routes.push_back(std::move(own)), bytes.push_back(p.bytes);
         if (p.bounced && read) routes.push_back(copy), bytes.push_back(p.bytes);

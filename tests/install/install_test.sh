@@ -8,7 +8,11 @@
 #   every_module  includes every public header and calls one function of each module
 #   range_only    range lists only, linked with physr::range / pkg-config physr-range: its
 #                 link line and its binary hold physr_range and physr_core and nothing
-#                 else of physr, and no toml++, absl or liburcu
+#                 else of physr, and no toml++, absl or liburcu; and once more through
+#                 find_package(physr COMPONENTS range) with toml++, absl, zlib and
+#                 pkg-config hidden (CMAKE_DISABLE_FIND_PACKAGE_*), which must configure,
+#                 build and run, while COMPONENTS pci so hidden must fail for the static
+#                 install (pci links toml++ privately) and configure for the shared one
 # Usage: install_test.sh BUILD CONSUMER CXX SOURCE
 set -euo pipefail
 build=$1
@@ -38,6 +42,7 @@ mem pages=2
 mem align=1073741824 nodev=1
 model devices=1
 builtin default=1
+qemu argv0=qemu-system-x86_64 functions=1
 sim jobs=1 machine=two-socket-switch
 linux provider=0000:03:00.0'
 # shellcheck disable=SC2034
@@ -65,7 +70,7 @@ check_range_only_link() {
 
 # consume KIND PREFIX: builds and runs both consumers against the install in PREFIX.
 consume() {
-  local kind=$1 prefix=$2 cbuild line pcdir static rpath flags
+  local kind=$1 prefix=$2 cbuild line pcdir static rpath flags hidden
   cbuild=$tmp/consumer-$kind
   # find_package(physr)
   cmake -S "$consumer" -B "$cbuild" -G Ninja -DCMAKE_CXX_COMPILER="$cxx" -DCMAKE_PREFIX_PATH="$prefix" >"$tmp/log" 2>&1 ||
@@ -75,6 +80,22 @@ consume() {
   run_and_check range_only "$cbuild/range_only"
   line=$(ninja -C "$cbuild" -t commands range_only)
   check_range_only_link "$kind find_package" "${line##*$'\n'}" "$cbuild/range_only"
+
+  # find_package(physr COMPONENTS ...) finds only what those modules need
+  hidden=(-DCMAKE_DISABLE_FIND_PACKAGE_tomlplusplus=ON -DCMAKE_DISABLE_FIND_PACKAGE_absl=ON
+          -DCMAKE_DISABLE_FIND_PACKAGE_ZLIB=ON -DCMAKE_DISABLE_FIND_PACKAGE_PkgConfig=ON)
+  cmake -S "$consumer" -B "$cbuild-range" -G Ninja -DCMAKE_CXX_COMPILER="$cxx" -DCMAKE_PREFIX_PATH="$prefix" \
+        -DPHYSR_CONSUMER_COMPONENTS=range "${hidden[@]}" >"$tmp/log" 2>&1 ||
+    { cat "$tmp/log"; fail "$kind: find_package(physr COMPONENTS range) asks for a package range does not need"; }
+  cmake --build "$cbuild-range" >"$tmp/log" 2>&1 || { cat "$tmp/log"; fail "$kind: building the COMPONENTS range consumer"; }
+  run_and_check range_only "$cbuild-range/range_only"
+  if cmake -S "$consumer" -B "$cbuild-pci" -G Ninja -DCMAKE_CXX_COMPILER="$cxx" -DCMAKE_PREFIX_PATH="$prefix" \
+           -DPHYSR_CONSUMER_COMPONENTS=pci "${hidden[@]}" >"$tmp/log" 2>&1; then
+    [[ $kind == shared ]] || fail "$kind: find_package(physr COMPONENTS pci) configured without toml++"
+  else
+    [[ $kind == static ]] || { cat "$tmp/log"; fail "$kind: find_package(physr COMPONENTS pci) needs an external package"; }
+    grep -q tomlplusplus "$tmp/log" || { cat "$tmp/log"; fail "$kind: COMPONENTS pci failed, but not for toml++"; }
+  fi
 
   # pkg-config: physr (every module) and physr-range
   pcdir=$(dirname "$(ls "$prefix"/lib*/pkgconfig/physr.pc)")
@@ -94,7 +115,7 @@ consume() {
   "$cxx" "$consumer/range_only.cpp" -o "$tmp/pc-range_only-$kind" $flags $rpath || fail "$kind: pkg-config $static physr-range: $flags"
   run_and_check range_only "$tmp/pc-range_only-$kind"
   check_range_only_link "$kind pkg-config" "$flags" "$tmp/pc-range_only-$kind"
-  echo "install: $kind: find_package and pkg-config ${static:+$static }consumers built and ran; range-only links physr_range and physr_core only"
+  echo "install: $kind: find_package and pkg-config ${static:+$static }consumers built and ran; range-only links physr_range and physr_core only and finds no external package"
 }
 
 # install KIND BUILD: installs BUILD into a scratch prefix, moves it to $tmp/KIND, checks

@@ -39,11 +39,11 @@ struct DmaBufWorld {
     f_gpu = *topo.lookup("gpu");
     f_nic = *topo.lookup("nic");
     f_far = *topo.lookup("far");
-    constexpr uint64_t kMem64Pref = 0x200 | 0x2000;  // IORESOURCE_MEM | IORESOURCE_PREFETCH
+    const pci::IoResourceFlags kMem64Pref = pci::IoResourceFlags(pci::IoResource::mem) | pci::IoResource::prefetch;
     topo.functions[f_gpu].bars.push_back(pci::Bar{1, PhysSpan{PhysAddr(kGpuBar), kGpuSize}, kMem64Pref});
     topo.functions[f_nic].bars.push_back(pci::Bar{0, PhysSpan{PhysAddr(kNicBar), kNicSize}, kMem64Pref});
     topo.functions[f_far].bars.push_back(pci::Bar{0, PhysSpan{PhysAddr(kFarBar), kFarSize}, kMem64Pref});
-    topo.functions[f_far].bars.push_back(pci::Bar{4, PhysSpan{PhysAddr(0x1000), 0x100}, 0x100});  // an I/O BAR
+    topo.functions[f_far].bars.push_back(pci::Bar{4, PhysSpan{PhysAddr(0x1000), 0x100}, pci::IoResource::io});  // an I/O BAR
     check(mem.add_region({PhysSpan{PhysAddr(0), kRam}, PhysRegion::Kind::host_ram, "ram"}));
     check(mem.add_region({PhysSpan{PhysAddr(kGpuBar), kGpuSize}, PhysRegion::Kind::bar, "gpu BAR1"}));
     check(mem.add_region({PhysSpan{PhysAddr(kNicBar), kNicSize}, PhysRegion::Kind::bar, "nic BAR0"}));

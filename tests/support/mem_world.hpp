@@ -156,7 +156,7 @@ struct MemWorld {
     }
     topo.functions[gpu].bars[0].span.size = gpu_bar_size;
     // An I/O BAR (IORESOURCE_IO), which machine files cannot declare.
-    topo.functions[nvme].bars.push_back(pci::Bar{4, PhysSpan{PhysAddr(0x1000), 0x100}, 0x100});
+    topo.functions[nvme].bars.push_back(pci::Bar{4, PhysSpan{PhysAddr(0x1000), 0x100}, pci::IoResource::io});
     PlatformOptions po;
     po.bounce.size = 0;  // no bounce pool: the memory has no host RAM
     platform = Platform::create(topo, memory, po).value();

@@ -12,6 +12,7 @@
 #include <physr/physmem.hpp>
 #include <physr/platform.hpp>
 #include <physr/provider.hpp>
+#include <physr/qemu.hpp>
 #include <physr/range.hpp>
 #include <physr/sim.hpp>
 
@@ -117,6 +118,10 @@ int main() {
 
   const auto machine = builtin_machine_text(kDefaultMachine);  // builtin
   std::printf("builtin default=%d\n", machine.has_value() && !machine->empty());
+
+  auto qemu = qemu::build(*topo);  // qemu
+  if (!qemu) return fail("qemu", qemu.error());
+  std::printf("qemu argv0=%s functions=%zu\n", qemu->argv.empty() ? "" : qemu->argv[0].c_str(), qemu->functions.size());
 
   auto scenario = sim::parse_scenario("[[job]]\ndevice = \"nvme0\"\nsize = \"1M\"\n", "consumer-scenario.toml");  // sim
   if (!scenario) return fail("sim", scenario.error());
