@@ -263,6 +263,8 @@ expect 0 'Every byte verified against its source: 256 MiB in 4 jobs' -- sim odir
 expect 0 '"requests": 1024' -- sim odirect --json
 expect 0 'cmb-copy-odirect +nvme0 -> nvme1 +nvme1 BAR2 \(CMB\)' -- sim flagship
 expect 0 'cmb-copy-odirect: a process mapped nvme1.s p2pmem allocate file, and 2048 O_DIRECT requests' --
+expect 0 'devmem-100g +[0-9.]+ GB/s +32 MiB through host memory +headers to host pages, payload to GPU net_iovs' --
+expect 0 'host-copy-100g +[0-9.]+ GB/s +96 MiB through host memory +host page-pool pages, then the GPU.s copy engine' --
 printf '[[job]]\nname = "nop2p"\ndevice = "nvme0"\ncopy_to = "nvme1"\nbuffer = "nvme1"\np2pdma = false\nsize = "1M"\n' > "$tmp/nop2p.toml"
 expect 1 'nop2p .*failed: EREMOTEIO: .*O_DIRECT read of nvme0' -- sim "$tmp/nop2p.toml"
 printf '[[job]]\ndevice = "nvme0"\nhost_bytes = "4K"\n' > "$tmp/badhb.toml"
