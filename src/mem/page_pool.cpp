@@ -242,6 +242,9 @@ void PagePool::Impl::unmap_netmem_dma(Netmem n) noexcept {
 // (release_netmem) or the pool unmaps it (__page_pool_release_netmem_dma) and puts the
 // page; pages_state_release_cnt counts it. Past the count the pool may be gone.
 void PagePool::Impl::return_netmem(Netmem n) noexcept {
+  // Marked free before the provider or the page allocator can hand it out again: a store
+  // after the release could land on a buffer another thread has already allocated.
+  meta(n).state.store(NetmemMeta::kFree, std::memory_order_relaxed);
   bool put = true;
   if (p.mp) {
     put = p.mp->release_netmem(*self, n);
@@ -251,7 +254,6 @@ void PagePool::Impl::return_netmem(Netmem n) noexcept {
   }
   NetmemMeta& m = meta(n);
   if (put) m.pp.store(nullptr, std::memory_order_relaxed);  // page_pool_clear_pp_info()
-  m.state.store(NetmemMeta::kFree, std::memory_order_relaxed);
   HostPages* pages = p.pages;
   if (self->detached()) {
     // The retry thread waits on this; it frees the pool only after taking the mutex.
