@@ -137,7 +137,7 @@ void BM_TwoStep(benchmark::State& state) {
   auto dev = w.device({.function = w.f_nvme, .domain = w.domain.get()});
   const RangeList l = bench_list(w, Path::iommu, n);
   std::vector<PhysAddr> pages;
-  for (const PhysRange r : l) pages.push_back(r.addr);
+  for (const PhysRange r : l) pages.push_back(r.base);
   DmaIovaState st;
   for (auto _ : state) {
     if (auto r = dev->iova_try_alloc(st, pages[0], n * 4096); !r || !*r) {

@@ -131,7 +131,7 @@ void BM_Iterate(benchmark::State& state, PfnPattern p) {
   const RangeList l = *RangeList::from_pfns(in.pfns, providers_of(p, in));
   for (auto _ : state) {
     uint64_t sum = 0;
-    for (const PhysRange r : l) sum += r.len + r.provider;
+    for (const PhysRange r : l) sum += r.size + r.provider;
     benchmark::DoNotOptimize(sum);
   }
   state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * l.size()));

@@ -91,7 +91,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       CHECK((byte() & 1 ? dev->sync_for_cpu(m) : dev->sync_for_device(m)).has_value());
     } else if (op == 4) {
       const PhysRange r = piece();
-      auto s = dev->map_phys(r.addr, r.len, dir, attrs);
+      auto s = dev->map_phys(r.base, r.size, dir, attrs);
       if (!s) {
         const int e = s.error().code;
         CHECK(e == EREMOTEIO || e == ENOMEM || e == EIO || e == EINVAL);

@@ -84,8 +84,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
           if (auto list = hmm_pfns_to_ranges(as, pfns, va)) {
             uint64_t bytes = 0;
             for (size_t k = 0; k < list->size(); ++k) {
-              bytes += (*list)[k].len;
-              if (k > 0) CHECK((*list)[k - 1].addr + (*list)[k - 1].len != (*list)[k].addr || (*list)[k - 1].provider != (*list)[k].provider);
+              bytes += (*list)[k].size;
+              if (k > 0) CHECK((*list)[k - 1].base + (*list)[k - 1].size != (*list)[k].base || (*list)[k - 1].provider != (*list)[k].provider);
             }
             CHECK(bytes == pfns.size() * kPageSize);
           }

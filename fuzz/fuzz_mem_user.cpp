@@ -58,7 +58,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         PhysRange prev{};
         bool first = true;
         for (const PhysRange x : r->ranges()) {
-          CHECK(first || prev.addr + prev.len != x.addr || prev.provider != x.provider);
+          CHECK(first || prev.base + prev.size != x.base || prev.provider != x.provider);
           if (!(f & Foll::pci_p2pdma)) CHECK(x.provider == kHostMemory);
           prev = x;
           first = false;
@@ -77,11 +77,11 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
           CHECK(segs.size() <= rq.nr_phys_segments);
           CHECK(segs.total_bytes() == rq.bytes);
           for (const PhysRange s : segs) {
-            CHECK(provider_tag(as.provider_at(s.addr)) == s.provider);
-            CHECK(as.provider_at(s.addr) == rq.bios.front().provider);
-            CHECK(as.provider_at(s.addr + (s.len - 1)) == rq.bios.front().provider);
-            CHECK(s.len <= lim.max_segment_size);
-            CHECK((s.addr.value() | lim.seg_boundary_mask) == ((s.addr.value() + s.len - 1) | lim.seg_boundary_mask));
+            CHECK(provider_tag(as.provider_at(s.base)) == s.provider);
+            CHECK(as.provider_at(s.base) == rq.bios.front().provider);
+            CHECK(as.provider_at(s.base + (s.size - 1)) == rq.bios.front().provider);
+            CHECK(s.size <= lim.max_segment_size);
+            CHECK((s.base.value() | lim.seg_boundary_mask) == ((s.base.value() + s.size - 1) | lim.seg_boundary_mask));
           }
           seen += rq.bytes;
           return {};

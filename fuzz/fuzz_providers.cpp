@@ -102,9 +102,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         CHECK(l->total_bytes() == len);
         for (const PhysRange r : *l) {
           uint64_t b = 0;
-          const auto* m = model.find(r.addr.value(), &b);
+          const auto* m = model.find(r.base.value(), &b);
           CHECK(r.provider == (m ? provider_tag(m->second) : kHostMemory));
-          const auto* last = model.find(r.addr.value() + r.len - 1, &b);
+          const auto* last = model.find(r.base.value() + r.size - 1, &b);
           CHECK(last == m);  // a range never crosses a provider boundary
         }
       }

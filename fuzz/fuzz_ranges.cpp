@@ -33,10 +33,10 @@ void check_list(const RangeList& l) {
   size_t i = 0;
   uint64_t total = 0;
   for (const PhysRange r : l) {
-    CHECK(r.len != 0);
-    CHECK(r.addr.value() < kRangeAddrLimit && r.len <= kRangeAddrLimit - r.addr.value());
+    CHECK(r.size != 0);
+    CHECK(r.base.value() < kRangeAddrLimit && r.size <= kRangeAddrLimit - r.base.value());
     CHECK(l[i] == r);
-    total += r.len;
+    total += r.size;
     ++i;
   }
   CHECK(i == l.size());
@@ -48,9 +48,9 @@ void check_list(const RangeList& l) {
 
 void check_limits(const RangeList& l, const SegmentLimits& lim) {
   for (const PhysRange r : l) {
-    CHECK(r.len <= lim.max_segment);
+    CHECK(r.size <= lim.max_segment);
     if (lim.boundary_mask != ~uint64_t{0})
-      CHECK((r.addr.value() & ~lim.boundary_mask) == ((r.addr.value() + r.len - 1) & ~lim.boundary_mask));
+      CHECK((r.base.value() & ~lim.boundary_mask) == ((r.base.value() + r.size - 1) & ~lim.boundary_mask));
   }
 }
 
@@ -124,8 +124,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       const uint64_t unit = std::min(lim.max_segment, lim.boundary_mask == ~uint64_t{0} ? ~uint64_t{0} : lim.boundary_mask + 1);
       uint64_t bytes = 0, estimate = 0;
       for (const PhysRange& r : pieces) {
-        bytes += std::min<uint64_t>(r.len, uint64_t{1} << 40);
-        estimate += r.len / unit + 2;
+        bytes += std::min<uint64_t>(r.size, uint64_t{1} << 40);
+        estimate += r.size / unit + 2;
       }
       if (estimate > (1u << 16) || bytes > (uint64_t{1} << 26)) break;
       auto l = RangeList::from_ranges(pieces, lim);
@@ -140,7 +140,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       auto sl = l->slice(off, (total - off) / 2);
       CHECK(sl.has_value());
       uint64_t sum = 0;
-      for (const PhysRange r : *sl) sum += r.len;
+      for (const PhysRange r : *sl) sum += r.size;
       CHECK(sum == (total - off) / 2);
       check_list(sl->to_list());
       break;

@@ -66,7 +66,7 @@ TEST(DmaMapConcurrencyTest, DevicesShareADomainAndAPool) {
         if (k % 4 == 1) r = PhysRange{PhysAddr(testing::DmaWorld::kGpuBar + bar_off + off), len, w.gpu};
         if (k % 4 == 2) r = PhysRange{PhysAddr(testing::DmaWorld::kNicBar + bar_off + off), len, w.nic};
         if (k % 4 == 3) r = PhysRange{PhysAddr(testing::DmaWorld::kFarBar + bar_off / 2 + off / 8), len, w.far};
-        if (align_p2p && r.provider != kHostMemory) r = PhysRange{PhysAddr(r.addr.value() & ~uint64_t{4095}), (len + 4095) & ~uint64_t{4095}, r.provider};
+        if (align_p2p && r.provider != kHostMemory) r = PhysRange{PhysAddr(r.base.value() & ~uint64_t{4095}), (len + 4095) & ~uint64_t{4095}, r.provider};
         if (!l.append(r)) errors.fetch_add(1);
       }
       const auto data = std::vector<uint8_t>(l.total_bytes(), static_cast<uint8_t>(rng()));

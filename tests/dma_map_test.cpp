@@ -34,8 +34,8 @@ void fill(DmaWorld& w, const RangeList& l, uint8_t seed) {
   const auto data = pattern(l.total_bytes(), seed);
   size_t at = 0;
   for (const PhysRange r : l) {
-    ASSERT_TRUE(w.mem.write(r.addr, std::span<const uint8_t>(data.data() + at, r.len)).has_value());
-    at += r.len;
+    ASSERT_TRUE(w.mem.write(r.base, std::span<const uint8_t>(data.data() + at, r.size)).has_value());
+    at += r.size;
   }
 }
 
@@ -446,7 +446,7 @@ std::string describe(const DmaDeviceConfig& c, DmaDirection dir, const RangeList
                   format_hex(c.dma_mask) + " max_seg " + format_hex(c.max_segment) + " boundary " + format_hex(c.seg_boundary_mask) +
                   " min_align " + format_hex(c.min_align_mask) + (c.untrusted ? " untrusted" : "") + " offset " + format_hex(c.dma_offset) +
                   " dir " + dma_direction_name(dir) + "\nranges:";
-  for (const PhysRange r : l) s += " [" + format_hex(r.addr.value()) + " +" + format_hex(r.len) + " p" + std::to_string(r.provider) + "]";
+  for (const PhysRange r : l) s += " [" + format_hex(r.base.value()) + " +" + format_hex(r.size) + " p" + std::to_string(r.provider) + "]";
   s += "\nsegments:";
   for (const DmaSegment& g : m.segments()) s += " [" + format_hex(g.addr.value()) + " +" + format_hex(g.len) + " " + dma_seg_path(g.flags) + "]";
   return s;
@@ -489,12 +489,12 @@ TEST(DmaMapTest, PropertyRandomListsAndDevices) {
         case 0: r = prov(w.gpu, DmaWorld::kGpuBar + (rng() % 4096) * 4096 + rng() % 4096, len); break;
         case 1: r = prov(w.nic, DmaWorld::kNicBar + (rng() % 1024) * 4096 + rng() % 4096, len); break;
         case 2: r = prov(rng() % 2 ? w.far : w.far2, (rng() % 2 ? DmaWorld::kFarBar : DmaWorld::kFar2Bar) + (rng() % 1024) * 4096 + rng() % 4096, len);
-                r.provider = r.addr.value() >= DmaWorld::kFar2Bar ? w.far2 : w.far;
+                r.provider = r.base.value() >= DmaWorld::kFar2Bar ? w.far2 : w.far;
                 break;
         default: r = host((rng() % 2 ? 0x4000'0000 : 5 * GiB) + (rng() % 65536) * 4096 + rng() % 4096, len); break;
       }
       // Ranges of one list never overlap (the device would write the same bytes twice).
-      const PhysSpan span{r.addr, r.len};
+      const PhysSpan span{r.base, r.size};
       if (std::any_of(used.begin(), used.end(), [&](const PhysSpan& u) { return u.overlaps(span); })) continue;
       used.push_back(span);
       ASSERT_TRUE(l.append(r).has_value());
@@ -510,14 +510,14 @@ TEST(DmaMapTest, PropertyRandomListsAndDevices) {
       for (const PhysRange r : l) {
         if (r.provider == kHostMemory) continue;
         const Provider* p = w.reg.get(r.provider);
-        const bool unaligned = ((r.addr.value() | r.len) & 4095) != 0;
+        const bool unaligned = ((r.base.value() | r.size) & 4095) != 0;
         int code = 0;
         if (iommu && c.untrusted && !c.untrusted_one_iova) {
           if (unaligned && !p->cpu_copy_allowed()) code = EIO;
         } else {
           const auto v = w.engine->compute(*w.topo.find(p->owner()), c.function).type;
           bool reach = v != pci::MapType::not_supported;
-          if (v == pci::MapType::thru_host_bridge && !iommu && (c.force_bounce || r.addr.value() + r.len - 1 > c.dma_mask) &&
+          if (v == pci::MapType::thru_host_bridge && !iommu && (c.force_bounce || r.base.value() + r.size - 1 > c.dma_mask) &&
               !p->cpu_copy_allowed())
             code = EIO;
           if (v == pci::MapType::thru_host_bridge && iommu && c.untrusted && unaligned) reach = false;

@@ -31,8 +31,8 @@ void fill(DmaWorld& w, const RangeList& l, uint8_t seed) {
   const auto data = pattern(l.total_bytes(), seed);
   size_t at = 0;
   for (const PhysRange r : l) {
-    ASSERT_TRUE(w.mem.write(r.addr, std::span<const uint8_t>(data.data() + at, r.len)).has_value());
-    at += r.len;
+    ASSERT_TRUE(w.mem.write(r.base, std::span<const uint8_t>(data.data() + at, r.size)).has_value());
+    at += r.size;
   }
 }
 

@@ -178,9 +178,9 @@ TEST(PagemapTest, TranslatesPagesIntoATaggedRangeList) {
   auto ranges = ranges_of(reinterpret_cast<const void*>(16 * kPageSize), 4 * kPageSize, 7, o);
   ASSERT_TRUE(ranges.has_value()) << ranges.error().to_string();
   ASSERT_EQ(ranges->size(), 2u);
-  EXPECT_EQ((*ranges)[0].addr.value(), 0x100 * kPageSize);
-  EXPECT_EQ((*ranges)[0].len, 2 * kPageSize);
-  EXPECT_EQ((*ranges)[1].addr.value(), 0x200 * kPageSize);
+  EXPECT_EQ((*ranges)[0].base.value(), 0x100 * kPageSize);
+  EXPECT_EQ((*ranges)[0].size, 2 * kPageSize);
+  EXPECT_EQ((*ranges)[1].base.value(), 0x200 * kPageSize);
   EXPECT_EQ((*ranges)[0].provider, 7u);
   EXPECT_EQ(pfns_of(16 * kPageSize + 1, kPageSize, o).error().code, EINVAL);
 }

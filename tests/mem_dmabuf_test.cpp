@@ -54,9 +54,9 @@ TEST(DmaBufTest, BarExportValidatesLikeVfio) {
   auto b = gpu_buffer(w, {{0, 4096}, {4096, 8192}, {64 * KiB, 4096}});
   const RangeList r = b->ranges();
   ASSERT_EQ(r.size(), 3u);
-  EXPECT_EQ(r[0].addr.value(), kGpu);
-  EXPECT_EQ(r[1].addr.value(), kGpu + 4096);
-  EXPECT_EQ(r[2].addr.value(), kGpu + 64 * KiB);
+  EXPECT_EQ(r[0].base.value(), kGpu);
+  EXPECT_EQ(r[1].base.value(), kGpu + 4096);
+  EXPECT_EQ(r[2].base.value(), kGpu + 64 * KiB);
   EXPECT_EQ(b->size(), 16 * KiB);
   EXPECT_NE(b->provider(), kHostMemory);
 }
@@ -108,8 +108,8 @@ TEST(DmaBufTest, EachImporterGetsItsOwnVerdict) {
   EXPECT_EQ(m1->path(), DmaBufPath::bus_addr);
   ASSERT_EQ(m1->segments().size(), 3u);
   for (size_t i = 0; i < 3; ++i) {
-    EXPECT_EQ(m1->segments()[i].addr.value(), ranges[i].addr.value());  // bus offset 0 here
-    EXPECT_EQ(m1->segments()[i].len, ranges[i].len);
+    EXPECT_EQ(m1->segments()[i].addr.value(), ranges[i].base.value());  // bus offset 0 here
+    EXPECT_EQ(m1->segments()[i].len, ranges[i].size);
     EXPECT_TRUE(m1->segments()[i].flags & kDmaSegBusAddr);
   }
   EXPECT_EQ(nvme->stats().live_mappings, 0u);  // no IOVA, nothing in the DMA layer
@@ -126,10 +126,10 @@ TEST(DmaBufTest, EachImporterGetsItsOwnVerdict) {
   // Every page of the IOVA range reaches the buffer's bytes in order, as MMIO.
   uint64_t at = 0;
   for (const PhysRange r : ranges)
-    for (uint64_t off = 0; off < r.len; off += 4096, at += 4096) {
+    for (uint64_t off = 0; off < r.size; off += 4096, at += 4096) {
       auto t = w.domain->translate(DmaAddr(s.addr.value() + at));
       ASSERT_TRUE(t.has_value());
-      EXPECT_EQ(t->phys.value(), r.addr.value() + off);
+      EXPECT_EQ(t->phys.value(), r.base.value() + off);
       EXPECT_TRUE(t->perm & kIommuMmio);
     }
 
@@ -139,7 +139,7 @@ TEST(DmaBufTest, EachImporterGetsItsOwnVerdict) {
   EXPECT_EQ(m3->path(), DmaBufPath::phys);
   ASSERT_EQ(m3->segments().size(), 3u);
   for (size_t i = 0; i < 3; ++i) {
-    EXPECT_EQ(m3->segments()[i].addr.value(), ranges[i].addr.value());  // DMA_ATTR_MMIO: phys, no offset
+    EXPECT_EQ(m3->segments()[i].addr.value(), ranges[i].base.value());  // DMA_ATTR_MMIO: phys, no offset
     EXPECT_TRUE(m3->segments()[i].flags & kDmaSegMmio);
   }
   EXPECT_EQ(nic_direct->stats().live_mappings, 3u);

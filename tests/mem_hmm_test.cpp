@@ -344,11 +344,11 @@ TEST_F(HmmTest, RangeListFormMergesPerProviderOnly) {
   auto list = hmm_pfns_to_ranges(*as, pfns, kBase);
   ASSERT_TRUE(list.has_value()) << list.error().to_string();
   ASSERT_EQ(list->size(), 3u);
-  EXPECT_EQ((*list)[0].len, 2 * MiB);
+  EXPECT_EQ((*list)[0].size, 2 * MiB);
   EXPECT_EQ((*list)[0].provider, kHostMemory);
-  EXPECT_EQ((*list)[1].addr.value(), 0x2000000000u);
+  EXPECT_EQ((*list)[1].base.value(), 0x2000000000u);
   EXPECT_EQ((*list)[1].provider, 3u);
-  EXPECT_EQ((*list)[2].addr.value(), 0x2000004000u);
+  EXPECT_EQ((*list)[2].base.value(), 0x2000004000u);
   EXPECT_EQ((*list)[2].provider, 4u);
   pfns[5] = 0;
   expect_error(hmm_pfns_to_ranges(*as, pfns, kBase), EFAULT, "0x10005000 has no HMM_PFN_VALID");

@@ -475,7 +475,7 @@ TEST(MemPoolTest, AddressSpacesMapThePoolThroughItsAllocateFile) {
   EXPECT_EQ(m->stats(w.nvme).allocated, 1 * MiB);
   EXPECT_EQ(file.live_chunks(), 1u);
   auto pin = as.pin(a + 64 * KiB, 128 * KiB, FollFlags(Foll::write) | Foll::pci_p2pdma).value();
-  for (const PhysRange& r : pin.ranges()) EXPECT_EQ(as.provider_at(r.addr), id);
+  for (const PhysRange& r : pin.ranges()) EXPECT_EQ(as.provider_at(r.base), id);
   ASSERT_TRUE(as.munmap(a, 1 * MiB));
   EXPECT_EQ(m->stats(w.nvme).allocated, 1 * MiB);  // the pin holds the chunk
   ASSERT_TRUE(as.unpin(std::move(pin)));

@@ -56,7 +56,7 @@ TEST_F(MemUserTest, FourKPagesAreScatteredAndTwoMegFoliosContiguous) {
   auto b = *as->mmap_anon({.len = 8 * MiB, .order = kOrder2M});
   auto q = *as->pin(b, 8 * MiB, {});
   EXPECT_EQ(q.ranges().size(), 1u);  // four 2 MiB folios handed out in address order
-  EXPECT_EQ(q.ranges()[0].len, 8 * MiB);
+  EXPECT_EQ(q.ranges()[0].size, 8 * MiB);
   EXPECT_TRUE(as->unpin(std::move(q)).has_value());
 }
 
@@ -202,7 +202,7 @@ TEST_F(MemUserTest, PinNeverMergesAcrossProviders) {
   ASSERT_EQ(p.ranges().size(), 2u);
   EXPECT_EQ(p.ranges()[0].provider, kGpu);
   EXPECT_EQ(p.ranges()[1].provider, kGpu + 1);
-  EXPECT_EQ(p.ranges()[0].addr + 4096, p.ranges()[1].addr);
+  EXPECT_EQ(p.ranges()[0].base + 4096, p.ranges()[1].base);
   EXPECT_TRUE(as->unpin(std::move(p)).has_value());
   EXPECT_TRUE(as->munmap(b, 4096).has_value());
 }
@@ -230,7 +230,7 @@ TEST_F(MemUserTest, PinHoldsExactlyTheBytes) {
   auto p = *as->pin(a + 100, 3 * 4096, {});  // touches four pages
   EXPECT_EQ(p.ranges().total_bytes(), 3 * 4096u);
   EXPECT_EQ(p.pages(), 4u);
-  EXPECT_EQ(p.ranges()[0].addr, whole.ranges()[0].addr + 100);
+  EXPECT_EQ(p.ranges()[0].base, whole.ranges()[0].base + 100);
   EXPECT_EQ(as->pins_at(a), 2u);
   EXPECT_EQ(as->pins_at(a + 4 * 4096), 1u);
   EXPECT_TRUE(as->unpin(std::move(p)).has_value());
@@ -353,7 +353,7 @@ TEST_F(MemUserTest, BiosEndBetweenProvidersOfIndirectIds) {
   ASSERT_EQ(bios.size(), 2u);
   EXPECT_EQ(bios[0].provider, 600u);
   EXPECT_EQ(bios[1].provider, 601u);
-  EXPECT_EQ(as->provider_at(p.ranges()[1].addr), 601u);
+  EXPECT_EQ(as->provider_at(p.ranges()[1].base), 601u);
   EXPECT_TRUE(as->unpin(std::move(p)).has_value());
   EXPECT_TRUE(as->munmap(a, 1 * MiB + 64 * KiB).has_value());  // before the sources go
 }
@@ -405,7 +405,7 @@ TEST_F(MemUserTest, PlugMergesContiguousHostBiosWithinLimits) {
   Plug plug(q);
   const RangeList& r = p.ranges();
   for (uint64_t off = 0; off < 64 * KiB; off += 8 * KiB) {
-    Bio b{BlockOp::write, off >> 9, *RangeList::from_ranges(std::vector<PhysRange>{{r[0].addr + off, 8 * KiB, 0}}), 0, false};
+    Bio b{BlockOp::write, off >> 9, *RangeList::from_ranges(std::vector<PhysRange>{{r[0].base + off, 8 * KiB, 0}}), 0, false};
     ASSERT_TRUE(plug.submit(std::move(b)).has_value());
   }
   ASSERT_EQ(plug.requests().size(), 2u);  // max_sectors stops the back merge at 32 KiB
@@ -417,7 +417,7 @@ TEST_F(MemUserTest, PlugMergesContiguousHostBiosWithinLimits) {
   {
     Plug front(q);
     auto bio_at = [&](uint64_t sector, uint64_t off) {
-      return Bio{BlockOp::write, sector, *RangeList::from_ranges(std::vector<PhysRange>{{r[0].addr + off, 8 * KiB, 0}}), 0, false};
+      return Bio{BlockOp::write, sector, *RangeList::from_ranges(std::vector<PhysRange>{{r[0].base + off, 8 * KiB, 0}}), 0, false};
     };
     ASSERT_TRUE(front.submit(bio_at(100, 8 * KiB)).has_value());
     ASSERT_TRUE(front.submit(bio_at(84, 0)).has_value());
@@ -427,7 +427,7 @@ TEST_F(MemUserTest, PlugMergesContiguousHostBiosWithinLimits) {
     EXPECT_EQ(request_segments(front.requests()[0], l).size(), 1u);  // [0, 8K) then [8K, 16K): contiguous
   }
   // A bio of another operation or a non-adjacent sector starts a new request.
-  Bio w{BlockOp::read, 128, *RangeList::from_ranges(std::vector<PhysRange>{{r[0].addr, 4096, 0}}), 0, false};
+  Bio w{BlockOp::read, 128, *RangeList::from_ranges(std::vector<PhysRange>{{r[0].base, 4096, 0}}), 0, false};
   ASSERT_TRUE(plug.submit(std::move(w)).has_value());
   EXPECT_EQ(plug.requests().size(), 3u);
   EXPECT_TRUE(as->unpin(std::move(p)).has_value());
@@ -439,7 +439,7 @@ TEST_F(MemUserTest, RequestSegmentsRespectTheBoundary) {
   const uint64_t a = *as->mmap_anon({.addr = 0x40000000, .len = 2 * MiB, .order = kOrder2M});
   auto p = *as->pin(a, 128 * KiB, {});
   Request rq;
-  rq.bios.push_back(Bio{BlockOp::write, 0, *RangeList::from_ranges(std::vector<PhysRange>{{p.ranges()[0].addr, 128 * KiB, 0}}), 0, false});
+  rq.bios.push_back(Bio{BlockOp::write, 0, *RangeList::from_ranges(std::vector<PhysRange>{{p.ranges()[0].base, 128 * KiB, 0}}), 0, false});
   EXPECT_EQ(request_segments(rq, l).size(), 2u);  // 2 MiB folios are 64 KiB aligned
   EXPECT_TRUE(as->unpin(std::move(p)).has_value());
 }
@@ -524,7 +524,7 @@ TEST_F(MemUserTest, RandomOpsMatchAReferenceModel) {
           auto probe = *space.pin(addr, o.len, Foll::pci_p2pdma);  // read back what got mapped
           uint64_t k = 0;
           for (const PhysRange pr : probe.ranges())
-            for (uint64_t off = 0; off < pr.len; off += 4096) ref[addr + 4096 * k++] = {pr.addr.value() + off, pr.provider};
+            for (uint64_t off = 0; off < pr.size; off += 4096) ref[addr + 4096 * k++] = {pr.base.value() + off, pr.provider};
           ASSERT_EQ(k, o.len / 4096);
           ASSERT_TRUE(space.unpin(std::move(probe)).has_value());
         } else if (op == 2) {
@@ -555,18 +555,18 @@ TEST_F(MemUserTest, RandomOpsMatchAReferenceModel) {
           ASSERT_EQ(r->ranges().total_bytes(), blen);
           uint64_t v = addr + off;
           for (const PhysRange pr : r->ranges()) {
-            for (uint64_t b = 0; b < pr.len;) {
+            for (uint64_t b = 0; b < pr.size;) {
               const RefPage& rp = ref.at(v & ~uint64_t{4095});
-              ASSERT_EQ(pr.addr.value() + b, rp.phys + (v & 4095));
+              ASSERT_EQ(pr.base.value() + b, rp.phys + (v & 4095));
               ASSERT_EQ(pr.provider, rp.provider);
-              const uint64_t step_bytes = std::min(pr.len - b, 4096 - (v & 4095));
+              const uint64_t step_bytes = std::min(pr.size - b, 4096 - (v & 4095));
               b += step_bytes;
               v += step_bytes;
             }
           }
           for (size_t i = 1; i < r->ranges().size(); ++i) {  // merged as far as allowed, never across providers
             const PhysRange x = r->ranges()[i - 1], y = r->ranges()[i];
-            ASSERT_TRUE(x.addr + x.len != y.addr || x.provider != y.provider);
+            ASSERT_TRUE(x.base + x.size != y.base || x.provider != y.provider);
           }
           pins.push_back({std::move(r).value(), want});
         } else if (!pins.empty()) {

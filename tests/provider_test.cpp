@@ -258,7 +258,7 @@ TEST(ProviderTaggingTest, TagsSplitsAtBoundariesAndNeverMergesAcross) {
   auto h = tag_ranges(reg, host);
   ASSERT_TRUE(h.has_value());
   EXPECT_EQ(h->size(), 1u);
-  EXPECT_EQ((*h)[0].len, uint64_t{3} << 30);
+  EXPECT_EQ((*h)[0].size, uint64_t{3} << 30);
 }
 
 TEST(ProviderTaggingTest, RevokedProviderFailsWithEfault) {

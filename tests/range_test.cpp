@@ -29,8 +29,8 @@ std::vector<PhysRange> naive_from_pfns(const std::vector<uint64_t>& pfns, const 
     const ProviderId p = prov.empty() ? 0 : prov[i];
     if (!out.empty() && l.merge) {
       PhysRange& t = out.back();
-      if (full.back() == p && t.addr.value() + t.len == a && t.len + kPageSize <= cap_at(t.addr.value(), l)) {
-        t.len += kPageSize;
+      if (full.back() == p && t.base.value() + t.size == a && t.size + kPageSize <= cap_at(t.base.value(), l)) {
+        t.size += kPageSize;
         continue;
       }
     }
@@ -47,9 +47,9 @@ std::vector<PhysRange> naive_slice(const std::vector<PhysRange>& v, uint64_t off
   std::vector<PhysRange> out;
   uint64_t acc = 0;
   for (const PhysRange& r : v) {
-    const uint64_t lo = std::max(acc, off), hi = std::min(acc + r.len, off + len);
-    if (lo < hi) out.push_back({r.addr + (lo - acc), hi - lo, r.provider});
-    acc += r.len;
+    const uint64_t lo = std::max(acc, off), hi = std::min(acc + r.size, off + len);
+    if (lo < hi) out.push_back({r.base + (lo - acc), hi - lo, r.provider});
+    acc += r.size;
   }
   return out;
 }
@@ -58,16 +58,16 @@ std::vector<PhysRange> naive_slice(const std::vector<PhysRange>& v, uint64_t off
 std::vector<std::pair<uint64_t, ProviderId>> pages_of(const RangeList& l) {
   std::vector<std::pair<uint64_t, ProviderId>> out;
   for (const PhysRange r : l)
-    for (uint64_t o = 0; o < r.len; o += kPageSize) out.emplace_back(r.addr.value() + o, r.provider);
+    for (uint64_t o = 0; o < r.size; o += kPageSize) out.emplace_back(r.base.value() + o, r.provider);
   return out;
 }
 
 void expect_limits(const RangeList& l, const SegmentLimits& lim) {
   for (const PhysRange r : l) {
-    ASSERT_GT(r.len, 0u);
-    ASSERT_LE(r.len, lim.max_segment);
+    ASSERT_GT(r.size, 0u);
+    ASSERT_LE(r.size, lim.max_segment);
     if (lim.boundary_mask != kNone) {
-      ASSERT_EQ(r.addr.value() & ~lim.boundary_mask, (r.addr.value() + r.len - 1) & ~lim.boundary_mask)
+      ASSERT_EQ(r.base.value() & ~lim.boundary_mask, (r.base.value() + r.size - 1) & ~lim.boundary_mask)
           << "range crosses a boundary";
     }
   }
@@ -79,7 +79,7 @@ void expect_index_consistent(const RangeList& l) {
   for (const PhysRange r : l) {
     ASSERT_LT(i, l.size());
     ASSERT_EQ(l[i], r) << "operator[] disagrees with iteration at " << i;
-    total += r.len;
+    total += r.size;
     ++i;
   }
   ASSERT_EQ(i, l.size());
@@ -194,7 +194,7 @@ TEST(RangeListTest, NeverMergesAcrossProviders) {
   ASSERT_EQ(l->size(), 2u);
   EXPECT_EQ((*l)[0].provider, kIndirectProvider);
   EXPECT_EQ((*l)[1].provider, kIndirectProvider);
-  EXPECT_EQ((*l)[0].len, 32 * kPageSize);
+  EXPECT_EQ((*l)[0].size, 32 * kPageSize);
 }
 
 TEST(RangeListTest, ContiguousInputMergesToOneCompactWord) {
@@ -223,13 +223,13 @@ TEST(RangeListTest, EncodingSizes) {
   RangeList high;
   ASSERT_TRUE(high.append({PhysAddr(uint64_t{1} << 53), 4096}).has_value());
   EXPECT_EQ(high.encoded_bytes(), 16u);
-  EXPECT_EQ(high[0].addr.value(), uint64_t{1} << 53);
+  EXPECT_EQ(high[0].base.value(), uint64_t{1} << 53);
 }
 
 TEST(RangeListTest, RangeEndingAtPhysicalLimitIsAcceptedAndOneByteMoreIsNot) {
   RangeList l;
   ASSERT_TRUE(l.append({PhysAddr(kRangeAddrLimit - 4096), 4096}).has_value());
-  EXPECT_EQ(l[0].addr.value() + l[0].len, kRangeAddrLimit);
+  EXPECT_EQ(l[0].base.value() + l[0].size, kRangeAddrLimit);
   auto bad = l.append({PhysAddr(kRangeAddrLimit - 4096), 4097});
   ASSERT_FALSE(bad.has_value());
   EXPECT_EQ(bad.error().code, ERANGE);
@@ -281,15 +281,15 @@ TEST(RangeListTest, FromRangesMergesSplitsAndCoversInput) {
     uint64_t po = 0;
     for (const PhysRange r : *l) {
       uint64_t done = 0;
-      while (done < r.len) {
+      while (done < r.size) {
         ASSERT_LT(pi, pieces.size());
         const PhysRange& p = pieces[pi];
-        ASSERT_EQ(r.addr.value() + done, p.addr.value() + po);
+        ASSERT_EQ(r.base.value() + done, p.base.value() + po);
         ASSERT_EQ(r.provider, provider_tag(p.provider));
-        const uint64_t step = std::min(r.len - done, p.len - po);
+        const uint64_t step = std::min(r.size - done, p.size - po);
         done += step;
         po += step;
-        if (po == p.len) { ++pi; po = 0; }
+        if (po == p.size) { ++pi; po = 0; }
       }
     }
     ASSERT_EQ(pi, pieces.size());
@@ -308,7 +308,7 @@ TEST(RangeListTest, FailedAppendLeavesListUnchanged) {
     // Contiguous with the tail (so a merge starts) and then a pfn past the limit.
     const PhysRange t = (*l)[l->size() - 1];
     std::vector<uint64_t> pfns;
-    const uint64_t start = (t.addr.value() + t.len + kPageSize - 1) >> 12;
+    const uint64_t start = (t.base.value() + t.size + kPageSize - 1) >> 12;
     for (int k = 0; k < 50; ++k) pfns.push_back(start + static_cast<uint64_t>(k));
     pfns.push_back(uint64_t{1} << 50);
     auto r = l->append_pfns(pfns);

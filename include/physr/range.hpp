@@ -62,14 +62,14 @@ constexpr ProviderId provider_tag(ProviderId id) noexcept {
 inline constexpr unsigned kRangeAddrBits = 54;
 inline constexpr uint64_t kRangeAddrLimit = uint64_t{1} << kRangeAddrBits;
 
-/// One physical range as read from a list: bytes [addr, addr + len) of `provider`
+/// One physical range as read from a list: bytes [base, base + size) of `provider`
 /// (the stored tag: kIndirectProvider for ids beyond the direct range).
 struct PhysRange {
-  PhysAddr addr;
-  uint64_t len = 0;
+  PhysAddr base;
+  uint64_t size = 0;
   ProviderId provider = kHostMemory;
 
-  PhysSpan span() const noexcept { return {addr, len}; }
+  PhysSpan span() const noexcept { return {base, size}; }
   friend bool operator==(const PhysRange&, const PhysRange&) = default;
 };
 
@@ -295,12 +295,12 @@ class RangeSlice {
     const_iterator(const uint64_t* w, uint64_t skip, uint64_t remaining) : w_(w), skip_(skip), remaining_(remaining) {}
     PhysRange operator*() const noexcept {
       PhysRange r = detail::enc::decode(w_);
-      r.addr += skip_;
-      r.len = std::min(r.len - skip_, remaining_);
+      r.base += skip_;
+      r.size = std::min(r.size - skip_, remaining_);
       return r;
     }
     const_iterator& operator++() noexcept {
-      remaining_ -= (**this).len;
+      remaining_ -= (**this).size;
       skip_ = 0;
       w_ = detail::enc::next(w_);
       return *this;

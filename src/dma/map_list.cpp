@@ -102,7 +102,7 @@ Status DmaDevice::map_into(DmaMapping& out, const RangeList& list, DmaDirection 
   const bool host_inline = !(iommu && c.untrusted);
   VerdictMemo memo;
   for (const PhysRange r : list) {
-    const uint64_t addr = r.addr.value(), len = r.len;
+    const uint64_t addr = r.base.value(), len = r.size;
     Route route = Route::host;
     bool bounce = false;
     const Provider* p = nullptr;
@@ -110,8 +110,8 @@ Status DmaDevice::map_into(DmaMapping& out, const RangeList& list, DmaDirection 
     // The hot case inline: host memory with no provider in the way (Linux
     // dma_direct_map_phys(): bounced when forced or not dma_capable()).
     if (r.provider == kHostMemory && host_inline &&
-        (!m.env.providers || m.env.providers->surely_host(r.addr, len) ||
-         (!m.env.providers->find_extent(r.addr, ext) && ext >= len))) {
+        (!m.env.providers || m.env.providers->surely_host(r.base, len) ||
+         (!m.env.providers->find_extent(r.base, ext) && ext >= len))) {
       bounce = !iommu && (c.force_bounce || !m.capable(addr + c.dma_offset, len));
     } else if (auto st = m.classify(idx, addr, len, r.provider, attrs, &route, &bounce, &p, MapForm::list, &memo); !st) {
       return fail(std::move(st).error());
@@ -122,7 +122,7 @@ Status DmaDevice::map_into(DmaMapping& out, const RangeList& list, DmaDirection 
     cacheable += route != Route::bus;
     if (route == Route::bus) {
       // The provider is the same for the whole range (ranges never cross providers).
-      for (uint64_t a = p->to_bus(r.addr).value(), left = len; left != 0;) {  // cut to the limits in bus space
+      for (uint64_t a = p->to_bus(r.base).value(), left = len; left != 0;) {  // cut to the limits in bus space
         const uint64_t n = first_chunk(a, left, c.max_segment, mask);
         push_seg(DmaSegment{DmaAddr(a), n, kDmaSegBusAddr});
         a += n;
@@ -277,11 +277,11 @@ Status DmaDevice::map_into_swiotlb(DmaMapping& out, const RangeList& list, DmaDi
     Route route;
     bool bounce;
     const Provider* p;
-    if (auto st = m.classify(idx, r.addr.value(), r.len, r.provider, attrs, &route, &bounce, &p, MapForm::list_swiotlb); !st)
+    if (auto st = m.classify(idx, r.base.value(), r.size, r.provider, attrs, &route, &bounce, &p, MapForm::list_swiotlb); !st)
       return fail(std::move(st).error());
     ++idx;
     const uint64_t wmask = bounce ? std::min(mask, BouncePool::kMaxMapping - 1) : mask;
-    for (uint64_t a = r.addr.value(), left = r.len; left != 0;) {
+    for (uint64_t a = r.base.value(), left = r.size; left != 0;) {
       const uint64_t n = first_chunk(a, left, c.max_segment, wmask);
       uint64_t phys = a;
       if (bounce) {  // the bounce keeps the offset within the granule and zeroes the rest

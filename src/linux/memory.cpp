@@ -159,8 +159,8 @@ Status MappedMemory::add(uint8_t* data, const RangeList& ranges, bool host_ram) 
   std::vector<Piece> add;
   uint64_t off = 0;
   for (const PhysRange r : ranges) {
-    add.push_back(Piece{r.addr.value(), r.len, data + off, host_ram});
-    off += r.len;
+    add.push_back(Piece{r.base.value(), r.size, data + off, host_ram});
+    off += r.size;
   }
   std::vector<Piece> all = pieces_;
   all.insert(all.end(), add.begin(), add.end());

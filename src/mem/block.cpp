@@ -83,10 +83,10 @@ Result<std::vector<Bio>> build_bios(const AddressSpace& space, const RangeList& 
     std::vector<PhysRange> carry;
     for (uint64_t left = trim; left != 0;) {
       PhysRange& last = cur.back();
-      const uint64_t take = std::min(left, last.len);
-      carry.insert(carry.begin(), PhysRange{last.addr + (last.len - take), take, last.provider});
-      last.len -= take;
-      if (last.len == 0) cur.pop_back();
+      const uint64_t take = std::min(left, last.size);
+      carry.insert(carry.begin(), PhysRange{last.base + (last.size - take), take, last.provider});
+      last.size -= take;
+      if (last.size == 0) cur.pop_back();
       left -= take;
     }
     if (cur_bytes == trim)
@@ -111,11 +111,11 @@ Result<std::vector<Bio>> build_bios(const AddressSpace& space, const RangeList& 
   for (const PhysRange in : data) {
     // Ids beyond the direct range share one tag: compare full ids, resolved by address.
     PhysRange r = in;
-    if (r.provider == kIndirectProvider) r.provider = space.provider_at(r.addr);
-    for (uint64_t off = 0; off < r.len;) {
-      const PhysAddr a = r.addr + off;
+    if (r.provider == kIndirectProvider) r.provider = space.provider_at(r.base);
+    for (uint64_t off = 0; off < r.size;) {
+      const PhysAddr a = r.base + off;
       // lib/iov_iter.c get_contig_folio_len(): a bio_vec stays within one folio.
-      const uint64_t len = std::min(r.len - off, space.folio_bytes_left(a));
+      const uint64_t len = std::min(r.size - off, space.folio_bytes_left(a));
       // lib/iov_iter.c iov_iter_extract_bvecs(): the bio ends where the pgmap changes
       // (zone_device_pages_have_same_pgmap()), when its vecs run out (BIO_MAX_VECS) or at
       // UINT_MAX bytes.
@@ -139,7 +139,7 @@ Result<std::vector<Bio>> build_bios(const AddressSpace& space, const RangeList& 
 // block/blk-merge.c bvec_split_segs(), without a bytes limit.
 unsigned vec_segments(const PhysRange& vec, const QueueLimits& l) noexcept {
   unsigned n = 0;
-  for (uint64_t a = vec.addr.value(), len = vec.len; len != 0;) {
+  for (uint64_t a = vec.base.value(), len = vec.size; len != 0;) {
     const uint64_t seg = max_segment_bytes(l, a, len);
     ++n;
     a += seg;
@@ -156,15 +156,15 @@ std::optional<unsigned> bio_fits(const Bio& bio, const QueueLimits& l, uint64_t*
   uint64_t bytes = 0;
   for (const PhysRange v : bio.vecs) {
     const uint64_t max_len = max_bytes - bytes;
-    uint64_t len = std::min(v.len, max_len), total = 0;
+    uint64_t len = std::min(v.size, max_len), total = 0;
     while (len != 0 && nsegs < l.max_segments) {
-      const uint64_t seg = max_segment_bytes(l, v.addr.value() + total, len);
+      const uint64_t seg = max_segment_bytes(l, v.base.value() + total, len);
       ++nsegs;
       total += seg;
       len -= seg;
     }
     bytes += total;
-    if (len > 0 || v.len > max_len) {
+    if (len > 0 || v.size > max_len) {
       if (split_bytes) *split_bytes = bytes & ~(uint64_t{l.logical_block_size} - 1);
       return std::nullopt;
     }
@@ -247,19 +247,19 @@ RangeList request_segments(const Request& rq, const QueueLimits& l) {
   uint64_t done = 0;  // bytes of vecs[i] already emitted
   while (i < vecs.size()) {
     const PhysRange v = vecs[i];
-    const uint64_t a = v.addr.value() + done;
+    const uint64_t a = v.base.value() + done;
     const uint64_t max_size = max_segment_bytes(l, a, kBioMaxBytes);
-    uint64_t len = std::min(v.len - done, max_size);
+    uint64_t len = std::min(v.size - done, max_size);
     done += len;
-    if (done == v.len) {
+    if (done == v.size) {
       ++i;
       done = 0;
       while (i < vecs.size()) {
         const PhysRange n = vecs[i];
-        const bool mergeable = a + len == n.addr.value() && (a | mask) == ((n.addr.value() + n.len - 1) | mask) &&
+        const bool mergeable = a + len == n.base.value() && (a | mask) == ((n.base.value() + n.size - 1) | mask) &&
                                n.provider == v.provider;
-        if (len + n.len > max_size || !mergeable) break;
-        len += n.len;
+        if (len + n.size > max_size || !mergeable) break;
+        len += n.size;
         ++i;
       }
     }

@@ -251,8 +251,8 @@ Result<PhysAddr> DevmemBinding::phys_addr(NetIov n) const {
   }
   const RangeList r = m.buf->ranges();
   for (const PhysRange x : r) {
-    if (off < x.len) return PhysAddr(x.addr.value() + off);
-    off -= x.len;
+    if (off < x.size) return PhysAddr(x.base.value() + off);
+    off -= x.size;
   }
   return make_error(EINVAL, "devmem phys_addr: " + m.name(n) + " lies past the buffer");
 }

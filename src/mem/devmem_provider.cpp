@@ -27,9 +27,9 @@ Result<std::unique_ptr<DevmemMemoryProvider>> DevmemMemoryProvider::create(Devme
     const uint64_t lo = chunks[k].base_virtual, hi = lo + uint64_t{chunks[k].num_niovs} * kPageSize;
     uint64_t at = 0;
     for (const PhysRange r : ranges) {
-      const uint64_t a = std::max(lo, at), b = std::min(hi, at + r.len);
+      const uint64_t a = std::max(lo, at), b = std::min(hi, at + r.size);
       if (a < b) {
-        const PhysAddr base(r.addr.value() + (a - at));
+        const PhysAddr base(r.base.value() + (a - at));
         if ((a - lo) % kPageSize || (b - a) % kPageSize || base.value() % kPageSize)
           return make_error(EINVAL, "devmem provider: chunk " + std::to_string(k) + " has a piece at " +
                                         format_hex(base.value()) + " +" + format_hex(b - a) + " that is not whole pages");
@@ -43,7 +43,7 @@ Result<std::unique_ptr<DevmemMemoryProvider>> DevmemMemoryProvider::create(Devme
                                                                     std::to_string(pc.first)}));
         p->chunks_[k].push_back(std::move(pc));
       }
-      at += r.len;
+      at += r.size;
       if (at >= hi) break;
     }
   }

@@ -120,14 +120,14 @@ Status classify(const Platform& platform, const RangeList& ranges, DmaBuf::Impl&
   ProviderRegistry::ReadGuard guard;
   bool first = true;
   for (const PhysRange r : ranges) {
-    if (!page_aligned(r.addr.value()) || !page_aligned(r.len))
-      return make_error(EINVAL, "dma-buf export: range " + format_hex(r.addr.value()) + " +" + format_hex(r.len) +
+    if (!page_aligned(r.base.value()) || !page_aligned(r.size))
+      return make_error(EINVAL, "dma-buf export: range " + format_hex(r.base.value()) + " +" + format_hex(r.size) +
                                     " is not page-aligned");
     ProviderId id = kHostMemory;
     if (r.provider != kHostMemory) {
-      const Provider* p = r.provider == kIndirectProvider ? reg.find(r.addr) : reg.get(r.provider);
+      const Provider* p = r.provider == kIndirectProvider ? reg.find(r.base) : reg.get(r.provider);
       if (!p || !p->phys().contains(r.span()))
-        return make_error(EINVAL, "dma-buf export: range " + format_hex(r.addr.value()) + " +" + format_hex(r.len) +
+        return make_error(EINVAL, "dma-buf export: range " + format_hex(r.base.value()) + " +" + format_hex(r.size) +
                                       " lies outside provider " + std::to_string(r.provider));
       if (p->revoked())
         return make_error(ENODEV, "dma-buf export: provider " + std::to_string(p->id()) + " is revoked");
@@ -363,22 +363,22 @@ Status map_p2p(const Platform& platform, ProviderId id, const RangeList& ranges,
     case pci::MapType::bus_addr:
       // pci_p2pdma_bus_addr_map(): no IOVA at all.
       r.path = DmaBufPath::bus_addr;
-      for (const PhysRange x : ranges) fill_sg_entry(segs, DmaAddr(x.addr.value() + bus_offset), x.len, kDmaSegBusAddr);
+      for (const PhysRange x : ranges) fill_sg_entry(segs, DmaAddr(x.base.value() + bus_offset), x.size, kDmaSegBusAddr);
       return {};
     case pci::MapType::thru_host_bridge: {
-      PHYSR_ASSIGN_OR_RETURN_CTX(const bool use_iova, dev.iova_try_alloc(r.iova, ranges[0].addr, size), "dma-buf map for " + who);
+      PHYSR_ASSIGN_OR_RETURN_CTX(const bool use_iova, dev.iova_try_alloc(r.iova, ranges[0].base, size), "dma-buf map for " + who);
       if (use_iova) {
         r.path = DmaBufPath::iova;
         for (const PhysRange x : ranges) {
           // dma_iova_link() with DMA_ATTR_MMIO (physr's DMA layer sets MMIO for P2P
           // through the host bridge). Linux passes offset 0 for every range; physr links
           // each at its offset in the buffer.
-          Status s = dev.iova_link(r.iova, x.addr, r.mapped_len, x.len, r.dir);
+          Status s = dev.iova_link(r.iova, x.base, r.mapped_len, x.size, r.dir);
           if (!s) {
             (void)dev.iova_destroy(r.iova, r.mapped_len, r.dir);
             return s.error().with_context("dma-buf map for " + who);
           }
-          r.mapped_len += x.len;
+          r.mapped_len += x.size;
         }
         Status s = dev.iova_sync(r.iova, 0, r.mapped_len);
         if (!s) {
@@ -390,7 +390,7 @@ Status map_p2p(const Platform& platform, ProviderId id, const RangeList& ranges,
       }
       r.path = DmaBufPath::phys;
       for (const PhysRange x : ranges) {
-        auto seg = dev.map_phys(x.addr, x.len, r.dir);
+        auto seg = dev.map_phys(x.base, x.size, r.dir);
         if (!seg) {
           for (const DmaSegment& done : r.phys_segs) (void)dev.unmap_phys(done, r.dir);
           r.phys_segs.clear();

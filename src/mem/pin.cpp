@@ -107,8 +107,8 @@ Result<Pinned> AddressSpace::pin(uint64_t addr, uint64_t len, FollFlags flags) {
 Status AddressSpace::unpin_list(const RangeList& list) {
   Status result;
   for (const PhysRange r : list) {
-    uint64_t a = r.addr.value();
-    const uint64_t e = a + r.len;
+    uint64_t a = r.base.value();
+    const uint64_t e = a + r.size;
     if (r.provider == kHostMemory) {
       for (uint64_t pfn = a >> kPageShift, last = e >> kPageShift; pfn < last;) {
         const uint64_t i = pfn - mem_->base_pfn_;

@@ -123,7 +123,7 @@ void RangeList::pop_back() noexcept {
   const bool ext = words_[pos] & kExtFlag;
   words_.resize_uninit(pos);
   --count_;
-  total_ -= r.len;
+  total_ -= r.size;
   if (ext) --ext_count_;
   if (index_built_) {
     index_[count_ >> 6].ext_bitmap &= ~(uint64_t{1} << (count_ & 63));
@@ -193,13 +193,13 @@ void RangeList::append_split(uint64_t addr, uint64_t len, ProviderId full, const
   const ProviderId tag = provider_tag(full);
   if (merge_first && l.merge && count_ != 0 && full != kInvalidProvider && tail_provider_ == full) {
     const PhysRange tail = (*this)[count_ - 1];
-    const uint64_t tail_addr = tail.addr.value();
-    if (tail_addr + tail.len == addr) {
+    const uint64_t tail_addr = tail.base.value();
+    if (tail_addr + tail.size == addr) {
       const uint64_t cap = cap_at(tail_addr, l);
-      if (tail.len < cap) {
-        const uint64_t take = std::min(len, cap - tail.len);
+      if (tail.size < cap) {
+        const uint64_t take = std::min(len, cap - tail.size);
         pop_back();
-        push(tail_addr, tail.len + take, tag);
+        push(tail_addr, tail.size + take, tag);
         addr += take;
         len -= take;
       }
@@ -332,10 +332,10 @@ Result<RangeList> RangeList::from_pfns(std::span<const uint64_t> pfns, std::span
 }
 
 static Status check_piece(const PhysRange& r, size_t index) {
-  const uint64_t a = r.addr.value();
-  if (r.len == 0) return make_error(EINVAL, "range " + std::to_string(index) + " at " + format_hex(a) + " has length 0");
-  if (a >= kRangeAddrLimit || r.len > kRangeAddrLimit - a)
-    return make_error(ERANGE, "range " + std::to_string(index) + " [" + format_hex(a) + ", +" + format_hex(r.len) +
+  const uint64_t a = r.base.value();
+  if (r.size == 0) return make_error(EINVAL, "range " + std::to_string(index) + " at " + format_hex(a) + " has length 0");
+  if (a >= kRangeAddrLimit || r.size > kRangeAddrLimit - a)
+    return make_error(ERANGE, "range " + std::to_string(index) + " [" + format_hex(a) + ", +" + format_hex(r.size) +
                                   ") runs past the physical limit 2^54");
   if (r.provider == kInvalidProvider)
     return make_error(EINVAL, "range " + std::to_string(index) + " has the reserved invalid provider id");
@@ -345,7 +345,7 @@ static Status check_piece(const PhysRange& r, size_t index) {
 Status RangeList::append(PhysRange piece, const SegmentLimits& limits) {
   PHYSR_RETURN_IF_ERROR(validate_limits(limits, false));
   PHYSR_RETURN_IF_ERROR(check_piece(piece, count_));
-  append_split(piece.addr.value(), piece.len, piece.provider, limits, true);
+  append_split(piece.base.value(), piece.size, piece.provider, limits, true);
   return {};
 }
 
@@ -354,7 +354,7 @@ Result<RangeList> RangeList::from_ranges(std::span<const PhysRange> pieces, cons
   for (size_t i = 0; i < pieces.size(); ++i) PHYSR_RETURN_IF_ERROR(check_piece(pieces[i], i));
   RangeList out;
   out.words_.reserve(pieces.size());
-  for (const PhysRange& r : pieces) out.append_split(r.addr.value(), r.len, r.provider, limits, true);
+  for (const PhysRange& r : pieces) out.append_split(r.base.value(), r.size, r.provider, limits, true);
   return out;
 }
 
@@ -366,7 +366,7 @@ Status RangeList::append(const RangeList& other_in, const SegmentLimits& limits)
   bool first = true;
   for (const PhysRange r : other) {
     const ProviderId full = r.provider == kIndirectProvider ? kInvalidProvider : r.provider;
-    append_split(r.addr.value(), r.len, full, limits, first);
+    append_split(r.base.value(), r.size, full, limits, first);
     first = false;
   }
   return {};
@@ -384,7 +384,7 @@ Result<RangeList> RangeList::split(const SegmentLimits& limits) const {
   out.words_.reserve(words_.size());
   for (const PhysRange r : *this) {
     const ProviderId full = r.provider == kIndirectProvider ? kInvalidProvider : r.provider;
-    out.append_split(r.addr.value(), r.len, full, limits, false);
+    out.append_split(r.base.value(), r.size, full, limits, false);
   }
   return out;
 }
@@ -404,7 +404,7 @@ Result<RangeList> RangeList::decode(std::span<const uint64_t> words) {
     const auto tag = static_cast<ProviderId>((w >> kTagShift) & kTagMask);
     if (!(w & kExtFlag)) {
       const PhysRange r = detail::enc::decode(&w);
-      out.push(r.addr.value(), r.len, tag);
+      out.push(r.base.value(), r.size, tag);
       ++i;
       continue;
     }
@@ -442,7 +442,7 @@ Result<RangeSlice> RangeList::slice(uint64_t offset, uint64_t len) const {
   uint64_t acc = 0;
   // Entries wholly before offset. With len == 0 the slice is empty wherever it sits.
   while (w != end) {
-    const uint64_t l = detail::enc::decode(w).len;
+    const uint64_t l = detail::enc::decode(w).size;
     if (acc + l > offset) break;
     acc += l;
     w = next(w);
@@ -456,7 +456,7 @@ Result<RangeSlice> RangeList::slice(uint64_t offset, uint64_t len) const {
   }
   uint64_t remaining = len, skip = s.skip_;
   while (remaining != 0) {
-    const uint64_t l = detail::enc::decode(w).len - skip;
+    const uint64_t l = detail::enc::decode(w).size - skip;
     remaining -= std::min(l, remaining);
     skip = 0;
     ++s.count_;
@@ -468,7 +468,7 @@ Result<RangeSlice> RangeList::slice(uint64_t offset, uint64_t len) const {
 
 RangeList RangeSlice::to_list() const {
   RangeList out;
-  for (const PhysRange r : *this) out.push(r.addr.value(), r.len, r.provider);
+  for (const PhysRange r : *this) out.push(r.base.value(), r.size, r.provider);
   if (!out.empty()) {
     const ProviderId tag = out[out.size() - 1].provider;
     out.tail_provider_ = tag == kIndirectProvider ? kInvalidProvider : tag;

@@ -146,13 +146,13 @@ Result<JobResult> run_direct_io_job(Machine& m, const Job& job, const DirectIoJo
       // after unmap: bounced data lands only then).
       uint64_t done = 0;
       for (const PhysRange& r : segs) {
-        PHYSR_RETURN_IF_ERROR(m.memory().visit(r.addr, r.len, [&](uint64_t o, std::span<const uint8_t> have) -> Status {
+        PHYSR_RETURN_IF_ERROR(m.memory().visit(r.base, r.size, [&](uint64_t o, std::span<const uint8_t> have) -> Status {
           PHYSR_ASSIGN_OR_RETURN(const size_t bad, ns_in.mismatch(pos + done + o, have));
           if (bad == have.size()) return {};
-          return make_error(EIO, where + ": block at byte " + std::to_string(pos) + ": the buffer at " + format_hex(r.addr.value() + o + bad) +
+          return make_error(EIO, where + ": block at byte " + std::to_string(pos) + ": the buffer at " + format_hex(r.base.value() + o + bad) +
                                      " does not hold the byte " + std::to_string(pos + done + o + bad) + " of " + m.label(k.ssd));
         }));
-        done += r.len;
+        done += r.size;
       }
       return {};
     };

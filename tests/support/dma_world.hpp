@@ -241,8 +241,8 @@ struct DmaWorld {
     std::vector<uint8_t> out;
     for (const PhysRange r : l) {
       const size_t at = out.size();
-      out.resize(at + r.len);
-      check(mem.read(r.addr, std::span<uint8_t>(out.data() + at, r.len)));
+      out.resize(at + r.size);
+      check(mem.read(r.base, std::span<uint8_t>(out.data() + at, r.size)));
     }
     return out;
   }

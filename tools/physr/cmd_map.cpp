@@ -160,7 +160,7 @@ void run_map(const MapOptions& o) {
     w->begin_array();
     for (const PhysRange& r : list) {
       const auto [name, verdict] = place(r);
-      w->value(nlohmann::json{{"phys", format_hex(r.addr.value())}, {"len", r.len}, {"memory", name}, {"verdict", verdict}});
+      w->value(nlohmann::json{{"phys", format_hex(r.base.value())}, {"len", r.size}, {"memory", name}, {"verdict", verdict}});
     }
     w->end_array();
   };
@@ -175,7 +175,7 @@ void run_map(const MapOptions& o) {
     for (const PhysRange& r : list) {
       if (i == o.show) break;
       const auto [name, verdict] = place(r);
-      fmt::print("  {:<2} {:<19} {:<18} {:<10} {}\n", i++, name, format_hex(r.addr.value()), format_size(r.len), verdict);
+      fmt::print("  {:<2} {:<19} {:<18} {:<10} {}\n", i++, name, format_hex(r.base.value()), format_size(r.size), verdict);
     }
     if (list.size() > i) fmt::print("  ({} more)\n", list.size() - i);
   }

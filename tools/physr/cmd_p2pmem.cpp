@@ -80,7 +80,7 @@ void run_p2pmem(const P2pmemOptions& o) {
              buffer.describe(), format_size(buffer.size()));
   // Where the buffer is physically (the pagemap: root only).
   if (auto ranges = lnx::ranges_of(buffer, buffer.is_p2pmem() ? 1 : 0)) {
-    fmt::print("  buffer at physical {} ({} range{})\n", format_hex((*ranges)[0].addr.value()), ranges->size(), ranges->size() == 1 ? "" : "s");
+    fmt::print("  buffer at physical {} ({} range{})\n", format_hex((*ranges)[0].base.value()), ranges->size(), ranges->size() == 1 ? "" : "s");
   } else {
     fmt::print("  buffer's physical addresses unknown: {}\n", ranges.error().to_string());
   }

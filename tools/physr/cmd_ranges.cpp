@@ -93,11 +93,11 @@ void run_ranges(const RangesOptions& o) {
         b += "{\n";
         b += in;
         b += "\"addr\": ";
-        b += fmt::format_int(r.addr.value()).c_str();
+        b += fmt::format_int(r.base.value()).c_str();
         b += ",\n";
         b += in;
         b += "\"len\": ";
-        b += fmt::format_int(r.len).c_str();
+        b += fmt::format_int(r.size).c_str();
         b += ",\n";
         b += in;
         b += "\"provider\": ";
@@ -140,7 +140,7 @@ void run_ranges(const RangesOptions& o) {
   size_t i = 0;
   for (auto it = list.begin(); it != list.end() && i < o.show; ++it, ++i) {
     const PhysRange r = *it;
-    fmt::print("  {:>6}  {:#018x}   {:>10}  {:<13} {} B\n", i, r.addr.value(), format_size(r.len),
+    fmt::print("  {:>6}  {:#018x}   {:>10}  {:<13} {} B\n", i, r.base.value(), format_size(r.size),
                provider_name(r.provider), (*it.word() >> 63) ? 16 : 8);
   }
   if (list.size() > i) fmt::print("  ({} more)\n", list.size() - i);

@@ -69,7 +69,7 @@ void providers_section(const pci::Topology& t, const Platform& pf) {
       where = fmt::format("provider {} ({} BAR{}): {}, {}", r.provider, t.functions[f].name, reg.get(r.provider)->bar(),
                           map_type_name(v.type), path);
     }
-    fmt::print("  {:#014x} +{:<8} {}\n", r.addr.value(), format_size(r.len), where);
+    fmt::print("  {:#014x} +{:<8} {}\n", r.base.value(), format_size(r.size), where);
   }
   fmt::print("\n");
 }
