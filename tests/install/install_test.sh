@@ -13,6 +13,7 @@
 #                 pkg-config hidden (CMAKE_DISABLE_FIND_PACKAGE_*), which must configure,
 #                 build and run, while COMPONENTS pci so hidden must fail for the static
 #                 install (pci links toml++ privately) and configure for the shared one
+#   one_module    once per module, with only that module's header and pkg-config physr-<module>
 # Usage: install_test.sh BUILD CONSUMER CXX SOURCE
 set -euo pipefail
 build=$1
@@ -68,6 +69,35 @@ check_range_only_link() {
   if grep -oE 'libphysr_[a-z]+' <<<"$needed" | grep -qvE 'libphysr_(range|core)$'; then fail "$what: range_only needs $needed"; fi
 }
 
+# consume_each_module KIND PCDIR STATIC RPATH: every module of src/CMakeLists.txt has its
+# physr-<module>.pc, and one_module.cpp built for that module alone, with only what
+# `pkg-config [--static] physr-<module>` gives, links and prints that module's line.
+consume_each_module() {
+  local kind=$1 pcdir=$2 static=$3 rpath=$4 modules m flags want out n=0
+  modules=$(grep -oE 'physr_add_module\(NAME [a-z]+' "$src/src/CMakeLists.txt" | awk '{print $2}')
+  [[ -n $modules ]] || fail "no physr_add_module in $src/src/CMakeLists.txt"
+  for m in $modules; do
+    [[ -f $pcdir/physr-$m.pc ]] || fail "$kind: module $m has no physr-$m.pc in $pcdir"
+    flags=$(PKG_CONFIG_PATH=$pcdir pkg-config $static --cflags --libs "physr-$m") || fail "$kind: pkg-config $static physr-$m"
+    # shellcheck disable=SC2086
+    "$cxx" -DPHYSR_MODULE_$m "$consumer/one_module.cpp" -o "$tmp/pc-$m-$kind" $flags $rpath >"$tmp/log" 2>&1 ||
+      { cat "$tmp/log"; fail "$kind: the $m consumer does not build with pkg-config $static physr-$m: $flags"; }
+    want=$(grep -m1 "^$m " <<<"$expected_every_module") || fail "no expected line for module $m"
+    out=$("$tmp/pc-$m-$kind") || fail "$kind: the $m consumer exited $?"
+    [[ $out == "$want" ]] || fail "$kind: the $m consumer printed '$out', expected '$want'"
+    n=$((n + 1))
+  done
+  # The control: a physr-iova.pc that forgets its library must fail to link.
+  mkdir -p "$tmp/broken-pc-$kind" && cp "$pcdir"/*.pc "$tmp/broken-pc-$kind/"
+  sed -i "s|^prefix=.*|prefix=$pcdir/../..|; s|^Libs:.*|Libs:|" "$tmp/broken-pc-$kind/physr-iova.pc"
+  flags=$(PKG_CONFIG_PATH=$tmp/broken-pc-$kind pkg-config $static --cflags --libs physr-iova)
+  # shellcheck disable=SC2086
+  if "$cxx" -DPHYSR_MODULE_iova "$consumer/one_module.cpp" -o "$tmp/pc-broken-$kind" $flags $rpath >"$tmp/log" 2>&1; then
+    fail "$kind: the iova consumer linked with a physr-iova.pc that has no Libs (the per-module check cannot fail)"
+  fi
+  echo "install: $kind: each of the $n modules built alone with pkg-config ${static:+$static }physr-<module> and ran; a .pc without its library fails to link"
+}
+
 # consume KIND PREFIX: builds and runs both consumers against the install in PREFIX.
 consume() {
   local kind=$1 prefix=$2 cbuild line pcdir static rpath flags hidden
@@ -115,6 +145,7 @@ consume() {
   "$cxx" "$consumer/range_only.cpp" -o "$tmp/pc-range_only-$kind" $flags $rpath || fail "$kind: pkg-config $static physr-range: $flags"
   run_and_check range_only "$tmp/pc-range_only-$kind"
   check_range_only_link "$kind pkg-config" "$flags" "$tmp/pc-range_only-$kind"
+  consume_each_module "$kind" "$pcdir" "$static" "$rpath"
   echo "install: $kind: find_package and pkg-config ${static:+$static }consumers built and ran; range-only links physr_range and physr_core only and finds no external package"
 }
 
