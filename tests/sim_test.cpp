@@ -464,6 +464,33 @@ TEST(SimPatternTest, EveryByteIsCheckedAndDataIsUniqueToPositionAndStream) {
   EXPECT_EQ(detail::pattern_mismatch(9, 1021 + 4001, std::span(whole.data() + 4001, 5000)), 5000u);
 }
 
+// Whole pages are generated and checked in one run of the vector code (the per-page salt
+// computed inside it): the same bytes as page by page, and a flipped byte in any page of the
+// run, first, middle or last, at a page edge or inside, is found at its index.
+TEST(SimPatternTest, WholePagesInOneRunEqualPageByPageAndEveryByteIsChecked) {
+  for (uint64_t pos : {uint64_t{0}, uint64_t{8 * 4096}, uint64_t{4096 - 8}, uint64_t{100}}) {
+    const size_t len = 5 * 4096 + 24;
+    std::vector<uint8_t> run(len), pages(len);
+    detail::pattern(3, pos, run);
+    for (size_t at = 0; at < len;) {  // piece by piece, none longer than to the next page edge
+      const size_t n = std::min<size_t>(len - at, 4096 - ((pos + at) & 4095));
+      detail::pattern(3, pos + at, std::span(pages.data() + at, n));
+      at += n;
+    }
+    ASSERT_EQ(run, pages) << "pos " << pos;
+    ASSERT_EQ(detail::pattern_mismatch(3, pos, run), len);
+    for (size_t k = 0; k < len; k += 4096 / 2 - 1) {
+      auto bad = run;
+      bad[k] ^= 0x80;
+      ASSERT_EQ(detail::pattern_mismatch(3, pos, bad), k) << "pos " << pos;
+    }
+    auto last = run;
+    last[len - 1] ^= 0x80;
+    ASSERT_EQ(detail::pattern_mismatch(3, pos, last), len - 1);
+    EXPECT_EQ(detail::pattern_mismatch(4, pos, run), 0u);  // another stream differs at once
+  }
+}
+
 JobResult run(Machine& m, const pci::Topology& t, const char* dev, const char* buffer, PathPolicy p, bool write = false,
               unsigned qd = 8, uint64_t size = 8 * MiB) {
   Job j;
