@@ -226,10 +226,10 @@ size_t pattern_mismatch_pieces(uint64_t stream, uint64_t pos, std::span<const ui
 void pattern(uint64_t stream, uint64_t pos, std::span<uint8_t> out) noexcept {
   const auto [first, pages] = whole_pages(pos, out.size());
   if (pages == 0) return pattern_pieces(stream, pos, out);
-  pattern_pieces(stream, pos, out.first(first));
+  if (first != 0) pattern_pieces(stream, pos, out.first(first));
   fill_pages(out.data() + first, stream, pos + first, pages);
   const uint64_t end = first + pages * kPageSize;
-  pattern_pieces(stream, pos + end, out.subspan(end));
+  if (end != out.size()) pattern_pieces(stream, pos + end, out.subspan(end));
 }
 
 size_t pattern_mismatch(uint64_t stream, uint64_t pos, std::span<const uint8_t> have) noexcept {
@@ -237,10 +237,11 @@ size_t pattern_mismatch(uint64_t stream, uint64_t pos, std::span<const uint8_t> 
   if (pages == 0) return pattern_mismatch_pieces(stream, pos, have);
   // The whole pages are compared in one pass; only a difference there looks for its byte.
   const uint64_t end = first + pages * kPageSize;
-  if (const size_t k = pattern_mismatch_pieces(stream, pos, have.first(first)); k != first) return k;
+  if (first != 0)
+    if (const size_t k = pattern_mismatch_pieces(stream, pos, have.first(first)); k != first) return k;
   if (!pages_match(have.data() + first, stream, pos + first, pages))
     return first + pattern_mismatch_pieces(stream, pos + first, have.subspan(first, pages * kPageSize));
-  return end + pattern_mismatch_pieces(stream, pos + end, have.subspan(end));
+  return end == have.size() ? end : end + pattern_mismatch_pieces(stream, pos + end, have.subspan(end));
 }
 
 }  // namespace detail
