@@ -5,6 +5,9 @@
 //                        per wall second; events_per_second = simulator events per wall
 //                        second
 //   Memcpy/1048576       memcpy of 1 MiB between warm buffers, the peer for SimTransfer
+//   MemcpyFootprint/1048576  memcpy of 1 MiB per iteration rotating over 32 source/destination
+//                        pairs: the peer with SimTransfer/1048576's footprint (its 32 slots of
+//                        1 MiB in flight, 32 MiB, do not stay in the caches either)
 //   SimPeakMemory        a 10 GiB read job (1 MiB transfers, queue depth 32, into the GPU's
 //                        64 GiB BAR and, second job, into host memory): counters
 //                        peak_rss_bytes (the process's peak resident set after the job),
@@ -108,6 +111,7 @@ void BM_SimPeakMemory(benchmark::State& state) {
 
 BENCHMARK(BM_SimTransfer)->Name("SimTransfer")->Arg(4096)->Arg(1048576)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_Memcpy)->Name("Memcpy")->Arg(1048576);
+BENCHMARK(BM_MemcpyFootprint)->Name("MemcpyFootprint")->Arg(1048576);
 BENCHMARK(BM_SimPeakMemory)->Name("SimPeakMemory")->Unit(benchmark::kSecond)->Iterations(1);
 BENCHMARK(BM_SimEvents)->Name("SimEvents")->Unit(benchmark::kMillisecond);
 

@@ -24,6 +24,25 @@ TEST(PhysMemoryTest, ReadsWhatWasWrittenAcrossChunksAndZeroElsewhere) {
   EXPECT_LE(m.backed_bytes(), 5 * 64 * KiB);
 }
 
+// backed() hands out the written chunk in place from the address to the chunk's end, or to
+// its region's end where that comes first; nothing for unwritten chunks or outside regions.
+TEST(PhysMemoryTest, BackedIsTheWrittenChunkInPlaceUpToItsEndOrItsRegionsEnd) {
+  PhysMemory m;
+  ASSERT_TRUE(m.add_region({PhysSpan{PhysAddr(0), 1 * MiB + 4 * KiB}, PhysRegion::Kind::host_ram, "ram"}).has_value());
+  EXPECT_TRUE(m.backed(PhysAddr(4096)).empty());  // never written
+  EXPECT_TRUE(m.backed(PhysAddr(4 * MiB)).empty());  // in no region
+  std::vector<uint8_t> data(100);
+  std::iota(data.begin(), data.end(), uint8_t{1});
+  ASSERT_TRUE(m.write(PhysAddr(64 * KiB + 1000), data).has_value());
+  const auto s = m.backed(PhysAddr(64 * KiB + 1000));
+  ASSERT_EQ(s.size(), 64 * KiB - 1000);
+  EXPECT_TRUE(std::equal(data.begin(), data.end(), s.begin()));
+  EXPECT_EQ(m.backed(PhysAddr(64 * KiB)).data() + 1000, s.data());  // the same bytes, in place
+  // The last chunk runs 60 KiB past the region's end: backed() stops at the region's end.
+  ASSERT_TRUE(m.write(PhysAddr(1 * MiB), data).has_value());
+  EXPECT_EQ(m.backed(PhysAddr(1 * MiB + 10)).size(), 4 * KiB - 10);
+}
+
 TEST(PhysMemoryTest, CopyMovesBytesBetweenRegions) {
   PhysMemory m;
   ASSERT_TRUE(m.add_region({PhysSpan{PhysAddr(0), 1 * GiB}, PhysRegion::Kind::host_ram, "ram"}).has_value());

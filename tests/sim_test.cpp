@@ -339,6 +339,33 @@ TEST(SimMachineTest, DecodesEveryPageAndThroughTheDomainTheDeviceUses) {
   ASSERT_TRUE(dev->unmap(*mp).has_value());
 }
 
+// The switch routes a peer window as one piece, but no further: a segment that runs out of
+// the GPU's bus window reaches the GPU up to the window's end and the IOMMU after it.
+TEST(SimMachineTest, ASegmentLeavingAPeerWindowIsDecodedAgainPastItsEnd) {
+  const auto t = machine("arm64-offset");
+  auto m = build(t);
+  const uint32_t nvme = *t.lookup("nvme0"), gpu = *t.lookup("gpu0");
+  ASSERT_TRUE(m->device(nvme).has_value());
+  IoDomain* dom = m->domain(nvme);
+  const Aperture* vram = m->largest_bar(gpu);
+  const uint64_t end = vram->bus().base.value() + vram->bus().size;
+  ASSERT_EQ(m->platform().aperture_at_bus(t.functions[nvme].host_bridge, BusAddr(end), 4096), nullptr)
+      << "the test needs no peer window right after the GPU's";
+  ASSERT_TRUE(dom->map(DmaAddr(end), PhysAddr(0x500000), 8192, kIommuReadWrite).has_value());
+  std::vector<uint8_t> data(3 * 4096);
+  detail::pattern(9, 0, data);
+  const DmaSegment leaving{DmaAddr(end - 4096), data.size(), kDmaSegIommu};
+  auto r = m->dma_write(nvme, std::span(&leaving, 1), data);
+  ASSERT_TRUE(r.has_value() && r->ok()) << (r ? r->why : r.error().to_string());
+  EXPECT_TRUE(r->peer_switch && r->host_memory);
+  std::vector<uint8_t> back(4096), ram(8192);
+  ASSERT_TRUE(m->memory().read(vram->span.base + vram->span.size - 4096, back).has_value());
+  EXPECT_TRUE(std::equal(back.begin(), back.end(), data.begin()));
+  ASSERT_TRUE(m->memory().read(PhysAddr(0x500000), ram).has_value());
+  EXPECT_TRUE(std::equal(ram.begin(), ram.end(), data.begin() + 4096));
+  ASSERT_TRUE(dom->unmap(DmaAddr(end), 8192).has_value());
+}
+
 // The machine's IOMMU domains leave the P2P BARs' bus ranges out of their IOVA space (Linux
 // iova_reserve_pci_windows()), so no IOVA can be captured by a switch on its way up.
 TEST(SimMachineTest, IovaSpaceAvoidsPeerBusRanges) {
@@ -435,6 +462,33 @@ TEST(SimPatternTest, EveryByteIsCheckedAndDataIsUniqueToPositionAndStream) {
     detail::pattern(9, 1021 + at, std::span(parts.data() + at, std::min(n, parts.size() - at)));
   EXPECT_EQ(whole, parts);
   EXPECT_EQ(detail::pattern_mismatch(9, 1021 + 4001, std::span(whole.data() + 4001, 5000)), 5000u);
+}
+
+// Whole pages are generated and checked in one run of the vector code (the per-page salt
+// computed inside it): the same bytes as page by page, and a flipped byte in any page of the
+// run, first, middle or last, at a page edge or inside, is found at its index.
+TEST(SimPatternTest, WholePagesInOneRunEqualPageByPageAndEveryByteIsChecked) {
+  for (uint64_t pos : {uint64_t{0}, uint64_t{8 * 4096}, uint64_t{4096 - 8}, uint64_t{100}}) {
+    const size_t len = 5 * 4096 + 24;
+    std::vector<uint8_t> run(len), pages(len);
+    detail::pattern(3, pos, run);
+    for (size_t at = 0; at < len;) {  // piece by piece, none longer than to the next page edge
+      const size_t n = std::min<size_t>(len - at, 4096 - ((pos + at) & 4095));
+      detail::pattern(3, pos + at, std::span(pages.data() + at, n));
+      at += n;
+    }
+    ASSERT_EQ(run, pages) << "pos " << pos;
+    ASSERT_EQ(detail::pattern_mismatch(3, pos, run), len);
+    for (size_t k = 0; k < len; k += 4096 / 2 - 1) {
+      auto bad = run;
+      bad[k] ^= 0x80;
+      ASSERT_EQ(detail::pattern_mismatch(3, pos, bad), k) << "pos " << pos;
+    }
+    auto last = run;
+    last[len - 1] ^= 0x80;
+    ASSERT_EQ(detail::pattern_mismatch(3, pos, last), len - 1);
+    EXPECT_EQ(detail::pattern_mismatch(4, pos, run), 0u);  // another stream differs at once
+  }
 }
 
 JobResult run(Machine& m, const pci::Topology& t, const char* dev, const char* buffer, PathPolicy p, bool write = false,
@@ -624,7 +678,7 @@ std::vector<std::string> random_jobs(const char* name, uint32_t seed, bool iommu
     j.name = "r" + std::to_string(k);
     const bool net = nics.size() >= 2 && k % 4 == 3, copy = !net && !gpus.empty() && k % 4 == 2;
     const uint32_t device = net ? nics[0] : copy ? gpus[pick(gpus.size())] : ssds[pick(ssds.size())];
-    const std::optional<uint32_t> peer = net ? std::optional(nics[1]) : std::nullopt;
+    const uint32_t peer = net ? nics[1] : pci::kNoFunction;  // the receiving NIC of a network job
     const bool write = !net && pick(2) == 1;
     j.block_size = net ? 1 + pick(64 * KiB) : 512 * (1 + pick(512));  // packets of any size
     j.queue_depth = static_cast<unsigned>(1 + pick(32));
@@ -647,7 +701,7 @@ std::vector<std::string> random_jobs(const char* name, uint32_t seed, bool iommu
     std::optional<uint32_t> buffer_function, peer_buffer_function;
     (net && pick(2) ? peer_buffer_function : buffer_function) = holder;
     if (net)
-      j.kind = NetJob{device, *peer, buffer_function, peer_buffer_function, path};
+      j.kind = NetJob{device, peer, buffer_function, peer_buffer_function, path};
     else if (copy)
       j.kind = CopyJob{device, write, buffer_function, path};
     else
@@ -655,7 +709,7 @@ std::vector<std::string> random_jobs(const char* name, uint32_t seed, bool iommu
     // The fabric's verdict, independent of the job: a P2P-only job fails where it refuses.
     bool refused = false;
     if (holder && path == PathPolicy::p2p) {
-      const uint32_t dev = net && peer_buffer_function ? *peer : device;
+      const uint32_t dev = net && peer_buffer_function ? peer : device;
       const bool dev_writes = net ? peer_buffer_function.has_value() : !write;
       refused = !m->fabric().to_peer(dev, *holder, dev_writes).has_value();
     }

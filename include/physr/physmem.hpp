@@ -58,6 +58,11 @@ class PhysMemory final : public MemoryAccess {
   /// Hands the bytes [a, a + len) to `consume` a piece at a time, in place (never-written
   /// bytes as zeros). EFAULT as for read; the first error `consume` returns stops the walk.
   Status visit(PhysAddr a, uint64_t len, const std::function<Status(uint64_t off, std::span<const uint8_t> piece)>& consume) const;
+  /// The backing bytes from `a` to the end of its 64 KiB chunk (or of its region, if that
+  /// ends first), in place, for a reader that checks memory a piece at a time without a walk
+  /// per piece; empty if `a` is in no region or its chunk was never written. The bytes stay
+  /// valid while this PhysMemory lives (backing is never freed).
+  std::span<const uint8_t> backed(PhysAddr a) const noexcept;
   /// Compares the bytes at `a` with `expected` in place (no copy): the offset of the first
   /// byte that differs, or nullopt if all match. EFAULT as for read.
   Result<std::optional<uint64_t>> mismatch(PhysAddr a, std::span<const uint8_t> expected) const;

@@ -146,6 +146,20 @@ Status PhysMemory::visit(PhysAddr a, uint64_t len, const std::function<Status(ui
   return impl_->consume(a.value(), len, consume);
 }
 
+std::span<const uint8_t> PhysMemory::backed(PhysAddr a) const noexcept {
+  uint64_t end = 0;
+  {
+    std::shared_lock lock(impl_->regions_mu);
+    const PhysRegion* r = impl_->find(a.value());
+    if (!r) return {};
+    end = r->span.base.value() + r->span.size;
+  }
+  const uint8_t* c = impl_->chunk(a.value() >> kChunkShift, false);
+  if (!c) return {};
+  const uint64_t off = a.value() & (kChunk - 1);
+  return {c + off, std::min<uint64_t>(kChunk - off, end - a.value())};
+}
+
 Status PhysMemory::write(PhysAddr a, std::span<const uint8_t> bytes) {
   PHYSR_RETURN_IF_ERROR(check_covered(*impl_, "write", a.value(), bytes.size()));
   return impl_->produce(a.value(), bytes.size(), [&](uint64_t off, std::span<uint8_t> piece) {

@@ -23,6 +23,11 @@ inline constexpr uint64_t kHostBuffers = 1 * GiB, kHostStaging = 1536 * MiB, kHo
 /// The device moves an I/O in bursts this size (real engines move max-payload-size TLPs):
 /// small enough that a burst checked as it lands is still in the CPU's L1 cache.
 inline constexpr uint64_t kBurst = 32 * KiB;
+/// A burst the device writes into the buffer itself is checked in pieces this size as each
+/// lands: a quarter of the L1 data cache of current x86 and Arm cores, so the check reads
+/// what was just written from L1 rather than from L2 (a whole 32 KiB burst fills L1, and
+/// its first lines are gone by the time the check reaches them).
+inline constexpr uint64_t kLanding = 8 * KiB;
 
 /// What the loop needs to know about a block job, checked by its kind.
 struct BlockPlan {
@@ -103,6 +108,8 @@ Result<JobResult> run_blocks(Machine& m, const Job& job, const BlockPlan& plan, 
   uint64_t next = 0, completed = 0, next_report = 0;
   bool bounced_any = false;
   const Route* taken = nullptr;  // the P2P route the device's addresses took, if any
+  const uint8_t* view = nullptr;  // the CPU's view of buffer bytes [view_lo, view_hi), for the landing checks
+  uint64_t view_lo = 0, view_hi = 0;
 
   // Submits I/O `i`: maps its buffer, moves and checks its bytes, unmaps, then queues its
   // timing on the fabric (in two stages when the data goes through host memory).
@@ -136,11 +143,29 @@ Result<JobResult> run_blocks(Machine& m, const Job& job, const BlockPlan& plan, 
                                    std::to_string(from + o + k) + ")");
       });
     };
-    // When the device writes the buffer itself (no bounce, no staging), each burst is checked
-    // as it lands, while it is in the CPU's caches: each byte of the I/O goes to exactly one
-    // place and its data is unique to its position and this job, so a byte that went astray
-    // fails its own check even if a later burst lands on top of it. Bounced or staged data
-    // reaches the buffer only at unmap or at the copy, and is checked after them.
+    // The same check through the CPU's view of the buffer held from one piece to the next
+    // (PhysMemory::backed, one look-up per 64 KiB of buffer), falling back to check_buffer
+    // where the buffer was never backed: nothing landed there.
+    const auto check_landed = [&](uint64_t from, uint64_t len) -> Status {
+      const uint64_t p = target.value() + from;
+      if (p < view_lo || p + len > view_hi) {
+        const std::span<const uint8_t> s = m.memory().backed(PhysAddr(p));
+        if (s.size() < len) return check_buffer(from, len);
+        view = s.data();
+        view_lo = p;
+        view_hi = p + s.size();
+      }
+      const std::span<const uint8_t> have(view + (p - view_lo), len);
+      PHYSR_ASSIGN_OR_RETURN(const size_t k, media.mismatch(off + from, have));
+      if (k == have.size()) return {};
+      return make_error(EIO, what() + ": data mismatch at " + format_hex(p + k) + " (byte " + std::to_string(from + k) + ")");
+    };
+    // When the device writes the buffer itself (no bounce, no staging), each piece of kLanding
+    // bytes is checked as it lands, while it is in the CPU's L1 cache, through the CPU's own
+    // view of the buffer (not the device's addresses): each byte of the I/O goes to exactly
+    // one place and its data is unique to its position and this job, so a byte that went
+    // astray fails its own check even if a later piece lands on top of it. Bounced or staged
+    // data reaches the buffer only at unmap or at the copy, and is checked after them.
     const bool lands_in_place = !write && !bounced && !staged;
     Status st;
     DmaAccess acc;
@@ -148,9 +173,19 @@ Result<JobResult> run_blocks(Machine& m, const Job& job, const BlockPlan& plan, 
       const uint64_t n = std::min(kBurst, job.block_size - b);
       if (write) {
         st = take_access(m.dma_read_to(plan.device, segs, b, n, [&](uint64_t o, std::span<const uint8_t> src) { return media.write(i, b + o, src); }), acc);
-      } else {
+      } else if (!lands_in_place) {
         st = take_access(m.dma_write_from(plan.device, segs, b, n, [&](uint64_t o, std::span<uint8_t> dst) { return media.read(i, b + o, dst); }), acc);
-        if (st && lands_in_place) st = check_buffer(b, n);
+      } else {
+        st = take_access(m.dma_write_from(plan.device, segs, b, n,
+                                          [&](uint64_t o, std::span<uint8_t> dst) -> Status {
+                                            for (uint64_t k = 0; k < dst.size(); k += kLanding) {
+                                              const auto piece = dst.subspan(k, std::min<uint64_t>(kLanding, dst.size() - k));
+                                              PHYSR_RETURN_IF_ERROR(media.read(i, b + o + k, piece));
+                                              PHYSR_RETURN_IF_ERROR(check_landed(b + o + k, piece.size()));
+                                            }
+                                            return {};
+                                          }),
+                         acc);
       }
     }
     Status un = dma.unmap(map);

@@ -93,6 +93,8 @@ void Machine::decode(uint32_t initiator, uint64_t dma, uint64_t len, bool write,
       if (switched && p.p2p().verdict(switched->function, initiator).type != pci::MapType::bus_addr) switched = nullptr;
     }
     if (switched) {
+      // The switch routes the whole window alike: the rest of the piece inside it is one step.
+      run = std::min<uint64_t>(len - done, switched->bus().base.value() + switched->bus().size - at);
       add_run(switched->span.base + (at - switched->bus().base.value()), run);
       out.peer_switch = true;
       out.peer = switched->function;
