@@ -16,6 +16,9 @@ import sys
 PAIR = re.compile(r"physr-oracle: pair provider=(\S+) client=(\S+) p2pmem=(\d) distance=(-?\d+) map=(\S+)")
 DONE = re.compile(r"physr-oracle: done pairs=(\d+)")
 CHECK_END = re.compile(r"PHYSR-CHECK-END (\S+) rc=(\d+)")
+P2PMEM_HEAD = re.compile(r"^PHYSR-P2PMEM mode=(\S+) providers=(\S*) namespaces=(\d+)$", re.M)
+P2PMEM_RUN = re.compile(r"^PHYSR-P2PMEM provider=(\S+) read=(\S+) write=(\S+) mode=(\S+) rc=(\d+) failed=(\S+) errno=(\S+)\n((?:    .*\n)*)", re.M)
+SIDE_VERDICT = re.compile(r"^ +(read|write): +\S+ \((\S+)\): P2P with p2pmem of (\S+); physr's verdict (\S+),", re.M)
 
 # What the guest kernel leaves in a QEMU pcie-root-port's ACS Control (capability SV TB RR
 # CR UF DT, firmware value 0): Linux pci_enable_acs() sets SV RR CR UF when an IOMMU
@@ -26,6 +29,71 @@ def expected_root_port_acs(iommu, redir_off):
     if redir_off or not iommu:
         return "-"
     return "SV RR CR UF"
+
+
+def check_p2pmem(text, physr, oracle, p2pmem, fail):
+    """The p2pmem data path (guest/checks.d/p2pmem.sh): each `physr p2pmem-test READ WRITE
+    PROVIDER` must fail with EREMOTEIO on the read exactly when physr's verdict for
+    (provider, READ's controller) is not_supported, else on the write exactly when it is for
+    (provider, WRITE's controller), and succeed otherwise, with every byte checked when the
+    guest has no IOMMU. The expectation is physr's verdict in this guest (topo --json), which
+    must also be the kernel's map type (the oracle) and what p2pmem-test itself printed."""
+    head = P2PMEM_HEAD.search(text)
+    if not head:
+        skipped = "PHYSR-P2PMEM skipped" in text
+        if p2pmem and not skipped:
+            fail("p2pmem check: no result (the guest has p2pmem)")
+        return "p2pmem-test skipped (no p2pmem or no namespace)" if skipped else "no p2pmem-test"
+    mode, providers, namespaces = head.group(1), [p for p in head.group(2).split(",") if p], int(head.group(3))
+    if set(providers) != p2pmem:
+        fail(f"p2pmem check: providers {providers}, the oracle saw p2pmem on {sorted(p2pmem)}")
+    runs = list(P2PMEM_RUN.finditer(text))
+    per_provider = namespaces * (namespaces - 1) if namespaces > 1 else 1
+    if len(runs) != 1 + len(providers) * per_provider:
+        fail(f"p2pmem check: {len(runs)} runs, expected {1 + len(providers) * per_provider}")
+    outcomes = {"ok": 0, "read": 0, "write": 0}
+    data_checked = 0
+    for m in runs:
+        prov, rd, wr, rmode, rc, failed, err, out = m.groups()
+        what = f"p2pmem-test {rd} -> {prov} -> {wr}"
+        checked = "Checked every byte" in out
+        if prov == "host":
+            if rc != "0" or (rmode == "data" and not checked):
+                fail(f"{what}: through host memory it must copy every byte: rc={rc} failed={failed} errno={err}")
+            continue
+        want = "ok"
+        for side, client in (("read", rd), ("write", wr)):
+            v = physr.get((prov, client))
+            if v is None:
+                fail(f"{what}: physr lists no pair {prov} -> {client}")
+                want = None
+                break
+            k = oracle.get((prov, client))
+            if k is None or k[1] != v[0]:
+                fail(f"{what}: physr's verdict {v[0]} for {prov} -> {client}, the kernel's map type {k[1] if k else 'missing'}")
+            if v[0] == "not_supported":
+                want = side
+                break
+        for sm in SIDE_VERDICT.finditer(out):
+            side, client, sprov, verdict = sm.groups()
+            pv = physr.get((sprov, client))
+            if pv and pv[0] != verdict:
+                fail(f"{what}: p2pmem-test printed {side} verdict {verdict} for {sprov} -> {client}, physr topo says {pv[0]}")
+        if want is None:
+            continue
+        got = "ok" if rc == "0" else failed if err == "EREMOTEIO" else f"{failed} {err}"
+        if got != want:
+            expect = "success" if want == "ok" else f"EREMOTEIO on the {want}"
+            fail(f"{what}: expected {expect} (physr's verdicts), got rc={rc} failed={failed} errno={err}")
+            continue
+        outcomes[want] += 1
+        if want == "ok" and rmode == "data":
+            if checked:
+                data_checked += 1
+            else:
+                fail(f"{what}: succeeded without checking the bytes")
+    return (f"{len(runs)} p2pmem-tests ({mode}: {outcomes['ok']} copied{f', {data_checked} byte-checked' if mode == 'data' else ''}, "
+            f"{outcomes['read']} + {outcomes['write']} EREMOTEIO on read + write)")
 
 
 def main():
@@ -93,6 +161,8 @@ def main():
             if kmap != ptype:
                 fail(f"pair {k[0]} -> {k[1]}: kernel dma_map_sgtable() gave {kmap}, physr says {ptype}")
 
+    p2pmem_summary = check_p2pmem(text, physr, oracle, p2pmem, fail)
+
     # The tree physr qemu built: every machine function at its address with its port type
     # (host-bridge functions aside: q35 has its own), and p2pmem exactly on the CMBs.
     gfn = {f["bdf"]: f for f in guest["functions"]}
@@ -128,7 +198,7 @@ def main():
         print(f"FAIL {case}: {msg}")
     status = "FAIL" if fails else "PASS"
     print(f"{status} {case}: {len(oracle)} pairs (distance), {compared_maps} map types, "
-          f"{acs_checked} root ports' ACS, {len(machine['functions'])} machine functions; "
+          f"{acs_checked} root ports' ACS, {len(machine['functions'])} machine functions, {p2pmem_summary}; "
           f"cpu {guest['cpu']['vendor']} family {guest['cpu']['family']:#x} "
           f"amd_zen_rule={guest['cpu']['amd_zen_rule']}")
     return 1 if fails else 0
