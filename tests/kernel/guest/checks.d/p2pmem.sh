@@ -37,7 +37,7 @@ for ns in $namespaces; do
 done
 count=0
 for ns in $namespaces; do count=$((count + 1)); done
-echo "PHYSR-P2PMEM mode=$mode providers=$(echo $providers | tr ' ' ,) namespaces=$count"
+echo "PHYSR-P2PMEM mode=$mode providers=$(printf %s "${providers# }" | tr ' ' ,) namespaces=$count"
 
 # The kernel's "critical target error" lines for refused I/O would interleave with the
 # result lines on the serial console: keep them in the ring buffer only while this runs.
@@ -74,6 +74,7 @@ run() {
 
 seed=1
 # host memory first: the engine and the namespaces work at all
+# shellcheck disable=SC2086  # a word list by design
 set -- $namespaces
 if [ $count -gt 1 ]; then run host "$1" "$2"; else run host "$1" "$1"; fi
 for p in $providers; do
