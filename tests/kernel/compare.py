@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Compares one guest boot of scripts/test-kernel: physr's verdicts on the live sysfs with
 the kernel's own (tests/kernel/oracle), pair by pair, and the guest's tree with the machine
-file `physr qemu` built it from.
+file `physr qemu` built it from, and judges the guest checks: the p2pmem data path
+(checks.d/p2pmem.sh, check_p2pmem()) and physr doctor (checks.d/doctor.sh, check_doctor()).
 
 Usage: compare.py CASE LOG MACHINE_JSON QEMU_SH [physr qemu options of the case]
   LOG           the guest's serial console (tests/kernel/guest/init's markers)
@@ -78,9 +79,8 @@ def check_doctor(text, guest, oracle, p2pmem, iommu, acs_off, fail):
     for bdf in set(reported) & set(redirecting):
         f = findings["acs." + bdf]
         ctl = raw[bdf]
-        for want in (f"ACS Control {ctl:04x}",):
-            if want not in f["detail"]:
-                fail(f"doctor check: acs.{bdf} detail lacks '{want}': {f['detail']}")
+        if f"ACS Control {ctl:04x}" not in f["detail"]:
+            fail(f"doctor check: acs.{bdf} detail lacks 'ACS Control {ctl:04x}': {f['detail']}")
         for want in (f"pci=disable_acs_redir={bdf}", f"setpci -s {bdf} ECAP_ACS+6.w={ctl & ~(ACS_RR | ACS_CR | ACS_EC):04x}",
                      f"revert with: setpci -s {bdf} ECAP_ACS+6.w={ctl:04x}"):
             if want not in f["fix"]:
