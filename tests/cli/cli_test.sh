@@ -315,8 +315,29 @@ printf '[[job]]\ndevice = "nic1"\npeer = "nic0"\npeer_buffer = "gpu0"\nrx = "dev
 expect 1 'header split must be 1 byte to 4 KiB and less than the packet' -- sim "$tmp/hdr.toml"
 # A job's own wire rate: 400 Gb/s lifts host-to-host above the default 100 Gb/s wire.
 printf '[[job]]\nname = "fast-wire"\ndevice = "nic1"\npeer = "nic0"\nwire_gbps = 50\nbs = "4K"\nqd = 64\nsize = "8M"\n[[job]]\nname = "slow-wire"\ndevice = "nic1"\npeer = "nic0"\nbs = "4K"\nqd = 64\nsize = "8M"\n' > "$tmp/wire.toml"
-expect 0 'fast-wire +nic1->nic0 +host -> host +15\.[0-9]+ ' -- sim "$tmp/wire.toml"
-expect 0 'slow-wire +nic1->nic0 +host -> host +12\.[0-9]+ ' -- sim "$tmp/wire.toml"
+expect 0 'fast-wire +nic1->nic0 +host -> host +send +4K +64 +8 MiB +15\.[0-9]+ ' -- sim "$tmp/wire.toml"
+expect 0 'slow-wire +nic1->nic0 +host -> host +send +4K +64 +8 MiB +12\.[0-9]+ ' -- sim "$tmp/wire.toml"
+# The SSD model: 512 B reads stop at the 1 M IOPS limit, latency is a distribution, and the
+# report gives each job's rw, bs, qd and size (text and JSON, as fio does).
+printf 'name = "ssd"\n[[job]]\nname = "r512"\ndevice = "nvme0"\nbs = 512\nqd = 256\nsize = "8M"\n[[job]]\nname = "rand4k"\ndevice = "nvme0"\nrw = "randread"\nbs = "4K"\nqd = 1\nsize = "8M"\n' > "$tmp/ssd.toml"
+expect 0 'r512 +nvme0 +host memory +read +512 +256 +8 MiB +[0-9.]+ +(9[0-9][0-9]\.[0-9]K|1\.00M) ' -- sim "$tmp/ssd.toml"
+expect 0 'rand4k +nvme0 +host memory +randread +4K +1 +8 MiB ' -- sim "$tmp/ssd.toml"
+"$physr" sim "$tmp/ssd.toml" --json > "$tmp/ssd.json" 2>/dev/null
+if python3 - "$tmp/ssd.json" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+r512, rnd = d["jobs"]
+assert r512["rw"] == "read" and r512["bs"] == 512 and r512["qd"] == 256 and r512["size"] == 8 << 20, r512
+assert r512["iops"] <= 1e6 and r512["ios"] / r512["seconds"] <= 1e6, r512
+assert rnd["rw"] == "randread" and rnd["qd"] == 1, rnd
+assert rnd["latency_p50_us"] < rnd["latency_p99_us"] < rnd["latency_p999_us"], rnd
+PY
+then passes=$((passes + 1)); else echo "FAIL: sim --json: rw/bs/qd/size/iops and p50 < p99 < p99.9 for the SSD jobs"; fails=$((fails + 1)); fi
+printf '[options]\nseed = 2\n[[job]]\ndevice = "nvme0"\nrw = "randread"\nbs = "4K"\nqd = 1\nsize = "4M"\n' > "$tmp/seed2.toml"
+a=$("$physr" sim "$tmp/seed2.toml" --json 2>/dev/null); b=$("$physr" sim "$tmp/seed2.toml" --json 2>/dev/null)
+if [ -n "$a" ] && [ "$a" = "$b" ]; then passes=$((passes + 1)); else echo "FAIL: sim: the same seed gives the same report"; fails=$((fails + 1)); fi
+printf '[[job]]\ndevice = "nvme0"\nrw = "sideways"\n' > "$tmp/rw.toml"
+expect 1 "job.rw: 'sideways' must be read, write, randread or randwrite" -- sim "$tmp/rw.toml"
 printf '[[job]]\ndevice = "nvme0"\nwire_gbps = 50\n' > "$tmp/wire-nvme.toml"
 expect 1 'job.wire_gbps: only network jobs \(with a peer\) have a wire' -- sim "$tmp/wire-nvme.toml"
 
