@@ -550,5 +550,35 @@ expect 1 "ENOENT: root '$tmp/no-root': not a directory" -- doctor --sysfs-root "
 # This host, whoever runs it: it works, and unprivileged it says what root would add.
 if [[ $(id -u) -ne 0 ]]; then expect 0 'Unprivileged: some facts are missing' -- doctor; else expect 0 '\(kernel.version\)' -- doctor; fi
 
+# explain --json: the explanation as data; topo --json: BARs, link speed and width, and the
+# allowlist's answer per host bridge (fields added; pairs keep provider, client, map_type, distance).
+if "$physr" explain nic0 gpu0 --machine two-socket-switch --json > "$tmp/explain.json" 2>/dev/null && python3 - "$tmp/explain.json" <<'PY'
+import json, sys
+x = json.load(open(sys.argv[1]))
+assert x["map_type"] == "thru_host_bridge" and x["link_class"] == "PHB", x["map_type"]
+assert x["acs_redirecting"] == ["0000:02:11.0"] and x["common_upstream"] == "0000:01:00.0"
+assert x["allowlist"][0]["listed"] and x["allowlist"][0]["passes"]
+assert x["kernel_parameter"].startswith("pci=disable_acs_redir=") and "--assume-acs-off 0000:02:11.0" in x["what_if"]
+assert x["provider"]["name"] == "nic0" and x["client"]["name"] == "gpu0"
+assert [h["bdf"] for h in x["client_path"]] == ["0000:02:10.0", "0000:05:00.0"]
+PY
+then passes=$((passes + 1)); else echo "FAIL: explain --json"; fails=$((fails + 1)); fi
+if "$physr" topo --machine two-socket-switch --json > "$tmp/topo.json" 2>/dev/null && python3 - "$tmp/topo.json" <<'PY'
+import json, sys
+t = json.load(open(sys.argv[1]))
+gpu = next(f for f in t["functions"] if f.get("name") == "gpu0")
+assert gpu["link_speed_gts"] == 16.0 and gpu["link_width"] == 16, gpu
+bar1 = next(b for b in gpu["bars"] if b["bar"] == 1)
+assert bar1["size"] == 64 << 30 and bar1["prefetchable"] and bar1["memory"] and bar1["base"] > 0, bar1
+assert all("allowlisted" in h and "identifying_device" in h for h in t["host_bridges"])
+assert set(t["pairs"][0]) >= {"provider", "client", "map_type", "distance"}
+PY
+then passes=$((passes + 1)); else echo "FAIL: topo --json BARs, link and allowlist fields"; fails=$((fails + 1)); fi
+# --assume-acs-off by name as well as by address.
+sed 's/^bdf = "0000:02:11.0"$/bdf = "0000:02:11.0"\nname = "sw0-dp3"/' "$src/machines/two-socket-switch.toml" > "$tmp/named-port.toml"
+expect 0 'Verdict: bus_addr' -- explain nic0 gpu0 --machine "$tmp/named-port.toml" --assume-acs-off sw0-dp3
+expect 0 'Verdict: bus_addr' -- explain nic0 gpu0 --machine "$tmp/named-port.toml" --assume-acs-off 0000:02:11.0
+expect 2 "nosuch.*nor a device name of" -- explain nic0 gpu0 --machine "$tmp/named-port.toml" --assume-acs-off nosuch
+
 echo "cli: $passes passed, $fails failed"
 [[ $fails -eq 0 ]]

@@ -324,6 +324,29 @@ nlohmann::json function_json(const Topology& t, const Function& f) {
                       {"host_bridge", t.host_bridges[f.host_bridge].name()}};
   o["upstream"] = f.upstream >= 0 ? nlohmann::json(t.functions[static_cast<uint32_t>(f.upstream)].bdf.to_string()) : nlohmann::json();
   if (!f.name.empty()) o["name"] = f.name;
+  // Added fields (none renamed): the BARs as lspci -v lists them, exact bytes; the link as
+  // LnkSta gives it (null when unknown).
+  o["bars"] = nlohmann::json::array();
+  for (const Bar& b : f.bars)
+    o["bars"].push_back({{"bar", b.index}, {"base", b.span.base.value()}, {"size", b.size()}, {"size_text", format_size(b.size())},
+                         {"memory", b.is_mem()}, {"prefetchable", b.prefetchable()}});
+  o["link_speed_gts"] = f.link_speed_gts > 0 ? nlohmann::json(f.link_speed_gts) : nlohmann::json();
+  o["link_width"] = f.link_width > 0 ? nlohmann::json(f.link_width) : nlohmann::json();
+  return o;
+}
+
+// A host bridge in `topo --json`: its name and node, and what Linux's allowlist says for
+// P2P between two root ports below it (the text tree's line).
+nlohmann::json host_bridge_json(const Topology& t, const P2PEngine& e, uint32_t h) {
+  const HostBridge& hb = t.host_bridges[h];
+  nlohmann::json o = {{"name", hb.name()}, {"numa_node", hb.numa_node}};
+  if (const auto id = e.identifying_device(h)) {
+    o["identifying_device"] = t.functions[*id].bdf.to_string();
+    o["allowlisted"] = e.host_bridge_allowed(*id, *id);
+  } else {
+    o["identifying_device"] = nullptr;
+    o["allowlisted"] = false;
+  }
   return o;
 }
 
@@ -341,7 +364,7 @@ void print_json(const Topology& t, const P2PEngine& e, const std::vector<uint32_
   w.end_array();
   w.key("host_bridges");
   w.begin_array();
-  for (const HostBridge& hb : t.host_bridges) w.value(nlohmann::json{{"name", hb.name()}, {"numa_node", hb.numa_node}});
+  for (uint32_t h = 0; h < t.host_bridges.size(); ++h) w.value(host_bridge_json(t, e, h));
   w.end_array();
   w.key("kernel");
   w.value(nlohmann::json{{"version", k.version.to_string()}, {"from", k.from}});
@@ -451,7 +474,54 @@ void run_topo(const TopoOptions& o) {
 struct ExplainOptions {
   std::shared_ptr<SourceOptions> src = std::make_shared<SourceOptions>();
   std::string a, b;
+  bool json = false;
 };
+
+// `explain --json`: the explanation as data, the text's facts under stable keys.
+nlohmann::json explanation_json(const Topology& t, const P2PEngine& e, uint32_t p, uint32_t c, const ExplainContext& how) {
+  const Explanation x = e.explain(p, c);
+  const auto hop = [&](const PathHop& h) {
+    const Function& f = t.functions[h.function];
+    return nlohmann::json{{"bdf", f.bdf.to_string()}, {"class_name", class_name(f.class_code)}, {"port_type", port_type_name(f.port_type)},
+                          {"acs", acs_label(f)}, {"redirects", h.redirects}, {"acs_unknown", h.acs_unknown}};
+  };
+  const auto dev = [&](uint32_t f) {
+    nlohmann::json o = function_json(t, t.functions[f]);
+    return o;
+  };
+  nlohmann::json j = {{"provider", dev(p)}, {"client", dev(c)}, {"kernel", {{"version", x.kernel.to_string()}, {"from", how.rules_from}}}};
+  j["provider_path"] = nlohmann::json::array();
+  for (const PathHop& h : x.provider_path) j["provider_path"].push_back(hop(h));
+  j["client_path"] = nlohmann::json::array();
+  for (auto it = x.client_path.rbegin(); it != x.client_path.rend(); ++it) j["client_path"].push_back(hop(*it));
+  j["common_upstream"] = x.common ? nlohmann::json(t.functions[*x.common].bdf.to_string()) : nlohmann::json();
+  j["acs_redirecting"] = nlohmann::json::array();
+  for (uint32_t f : x.acs_redirecting) j["acs_redirecting"].push_back(t.functions[f].bdf.to_string());
+  j["acs_unknown_on_path"] = x.acs_unknown_on_path;
+  j["same_host_bridge"] = x.same_host_bridge;
+  j["cpu"] = {{"vendor", t.cpu.vendor}, {"family", t.cpu.family}, {"amd_zen_rule", x.cpu_amd_zen},
+              {"overridden", x.cpu_amd_zen != cpu_supports_p2pdma(t.cpu)}};
+  j["allowlist"] = nlohmann::json::array();
+  for (const auto& chk : x.allowlist)
+    j["allowlist"].push_back({{"host_bridge", t.host_bridges[chk.host_bridge].name()},
+                              {"identifying_device", chk.identifying ? nlohmann::json(t.functions[*chk.identifying].bdf.to_string()) : nlohmann::json()},
+                              {"listed", chk.listed},
+                              {"requires_same_host_bridge", chk.requires_same_host_bridge},
+                              {"passes", chk.passes}});
+  j["second_host_bridge_skipped"] = x.second_host_bridge_skipped;
+  j["map_type"] = map_type_name(x.verdict.type);
+  j["distance"] = x.verdict.distance;
+  j["link_class"] = x.link_class;
+  j["newer_kernel_allows"] = x.newer_kernel_allows ? nlohmann::json(x.newer_kernel_allows->to_string()) : nlohmann::json();
+  j["kernel_log"] = x.kernel_log;
+  j["kernel_parameter"] = x.kernel_parameter.empty() ? nlohmann::json() : nlohmann::json(x.kernel_parameter);
+  if (!x.kernel_parameter.empty()) {
+    std::string ports = how.acs_off;
+    for (uint32_t f : x.acs_redirecting) ports += (ports.empty() ? "" : ",") + t.functions[f].bdf.to_string();
+    j["what_if"] = how.command + " --assume-acs-off " + shell_quote(ports);
+  }
+  return j;
+}
 
 void print_hop(const Topology& t, const PathHop& h, const char* note) {
   const Function& f = t.functions[h.function];
@@ -472,6 +542,10 @@ void run_explain(const ExplainOptions& o) {
       {"--sysfs-root", &o.src->sysfs_root}, {"--machine", &o.src->machine}, {"--assume-cpu", &o.src->assume_cpu}, {"--kernel", &o.src->kernel}};
   for (const auto& [flag, value] : opts)
     if (!value->empty()) how.command += std::string(" ") + flag + " " + shell_quote(*value);
+  if (o.json) {
+    fmt::print("{}\n", json_text(explanation_json(t, e, lookup(o.a), lookup(o.b), how), 2));
+    return;
+  }
   print_explanation(t, e, lookup(o.a), lookup(o.b), how);
 }
 
@@ -593,6 +667,7 @@ void add_topo_commands(CLI::App& app) {
   CLI::App* e = app.add_subcommand("explain", "Explain the P2P verdict between two devices, hop by hop");
   e->add_option("provider", x->a, "The device whose memory is used (BDF or name)")->required();
   e->add_option("client", x->b, "The device doing the DMA (BDF or name)")->required();
+  e->add_flag("--json", x->json, "Print the explanation as one JSON object (path, ACS, CPU rule, allowlist, verdict, link class)");
   add_source_options(e, x->src);
   e->callback([x] { run_explain(*x); });
 }
