@@ -321,6 +321,11 @@ bool Simulator::advance(double horizon, std::vector<size_t>& done) {
   if (next_ == order_.size()) {  // everything started: drop the consumed prefix
     order_.clear();
     next_ = 0;
+  } else if (next_ >= 1024 && 2 * next_ >= order_.size()) {
+    // Flows still pending (a job keeps some in their latency at all times): drop the started
+    // prefix once it is half the list, so the list stays bounded by the flows pending.
+    order_.erase(order_.begin(), order_.begin() + static_cast<long>(next_));
+    next_ = 0;
   }
   return true;
 }
