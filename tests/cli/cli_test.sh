@@ -574,6 +574,19 @@ assert all("allowlisted" in h and "identifying_device" in h for h in t["host_bri
 assert set(t["pairs"][0]) >= {"provider", "client", "map_type", "distance"}
 PY
 then passes=$((passes + 1)); else echo "FAIL: topo --json BARs, link and allowlist fields"; fails=$((fails + 1)); fi
+# topo --json's link class per pair (derived from the verdict) agrees with explain's (from
+# the path) on every pair of every built-in machine.
+if python3 - "$physr" <<'PY'
+import json, subprocess, sys
+physr = sys.argv[1]
+for machine in ["two-socket-switch", "amd-zen", "xeon-e5-two-sockets", "arm64-offset"]:
+    topo = json.loads(subprocess.run([physr, "topo", "--machine", machine, "--json"], capture_output=True, check=True).stdout)
+    for pair in topo["pairs"]:
+        x = json.loads(subprocess.run([physr, "explain", pair["provider"], pair["client"], "--machine", machine, "--json"],
+                                      capture_output=True, check=True).stdout)
+        assert pair["link_class"] == x["link_class"], (machine, pair, x["link_class"])
+PY
+then passes=$((passes + 1)); else echo "FAIL: topo --json link_class differs from explain's"; fails=$((fails + 1)); fi
 # --assume-acs-off by name as well as by address.
 sed 's/^bdf = "0000:02:11.0"$/bdf = "0000:02:11.0"\nname = "sw0-dp3"/' "$src/machines/two-socket-switch.toml" > "$tmp/named-port.toml"
 expect 0 'Verdict: bus_addr' -- explain nic0 gpu0 --machine "$tmp/named-port.toml" --assume-acs-off sw0-dp3

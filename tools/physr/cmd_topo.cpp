@@ -350,6 +350,21 @@ nlohmann::json host_bridge_json(const Topology& t, const P2PEngine& e, uint32_t 
   return o;
 }
 
+// nvidia-smi's link class of a pair from its verdict alone, as P2PEngine::explain() derives
+// it from the path (a CLI test compares the two on every pair of the built-in machines):
+// bus_addr through at most one switch (distance up to 4: three bridges) is PIX, through more
+// PXB; any other verdict goes through the host bridge: PHB within one, NODE or SYS between two.
+const char* pair_link_class(const Topology& t, uint32_t p, uint32_t c, const Verdict& v) {
+  if (p == c) return "X";
+  if (v.type == MapType::bus_addr) return v.distance <= 4 ? "PIX" : "PXB";
+  const Function& a = t.functions[p];
+  const Function& b = t.functions[c];
+  if (a.host_bridge == b.host_bridge) return "PHB";
+  const int fa = a.numa_node >= 0 ? a.numa_node : t.host_bridges[a.host_bridge].numa_node;
+  const int fb = b.numa_node >= 0 ? b.numa_node : t.host_bridges[b.host_bridge].numa_node;
+  return fa == fb ? "NODE" : "SYS";
+}
+
 // `topo --json`: one object, streamed (keys in the sorted order nlohmann::json prints), so
 // memory stays bounded whatever the number of pairs. The pairs are computed as they are
 // printed, never cached: n^2 of them would not fit in the engine's bounded cache anyway.
@@ -387,6 +402,10 @@ void print_json(const Topology& t, const P2PEngine& e, const std::vector<uint32_
         b += "\"distance\": ";
         b += fmt::format_int(v.distance).c_str();
         b += ",\n";
+        b += in;
+        b += "\"link_class\": \"";
+        b += pair_link_class(t, p, c, v);
+        b += "\",\n";
         b += in;
         b += "\"map_type\": \"";
         b += map_type_name(v.type);
