@@ -587,6 +587,8 @@ for machine in ["two-socket-switch", "amd-zen", "xeon-e5-two-sockets", "arm64-of
         assert pair["link_class"] == x["link_class"], (machine, pair, x["link_class"])
 PY
 then passes=$((passes + 1)); else echo "FAIL: topo --json link_class differs from explain's"; fails=$((fails + 1)); fi
+# The text tree tells each BAR's size and the link, as lspci -v does.
+expect 0 '\(gpu0\) .*BAR0 16M BAR1 64G pref  LnkSta 16GT/s x16' -- topo --machine two-socket-switch
 # --assume-acs-off by name as well as by address.
 sed 's/^bdf = "0000:02:11.0"$/bdf = "0000:02:11.0"\nname = "sw0-dp3"/' "$src/machines/two-socket-switch.toml" > "$tmp/named-port.toml"
 expect 0 'Verdict: bus_addr' -- explain nic0 gpu0 --machine "$tmp/named-port.toml" --assume-acs-off sw0-dp3

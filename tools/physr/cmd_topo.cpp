@@ -163,6 +163,24 @@ bool device_matches(const Function& f, const std::string& filter) {
   return false;
 }
 
+// A size as lspci prints it: 16K, 16M, 64G (exact multiples), else bytes.
+std::string lspci_size(uint64_t v) {
+  for (const auto& [unit, suffix] : {std::pair{GiB, "G"}, std::pair{MiB, "M"}, std::pair{KiB, "K"}})
+    if (v >= unit && v % unit == 0) return fmt::format("{}{}", v / unit, suffix);
+  return std::to_string(v);
+}
+
+// The tree's last column, as lspci -v tells it: each BAR's size (pref: prefetchable), and the
+// link's speed and width (LnkSta) when known.
+std::string bars_and_link(const Function& f) {
+  std::string out;
+  for (const Bar& b : f.bars)
+    out += fmt::format("{}BAR{} {}{}", out.empty() ? "" : " ", b.index, lspci_size(b.size()), b.prefetchable() ? " pref" : "");
+  if (f.link_speed_gts > 0 && f.link_width > 0)
+    out += fmt::format("{}LnkSta {:g}GT/s x{}", out.empty() ? "" : "  ", f.link_speed_gts, f.link_width);
+  return out;
+}
+
 void print_tree(const Topology& t, P2PEngine& e) {
   std::vector<std::vector<uint32_t>> children(t.functions.size());
   for (uint32_t i = 0; i < t.functions.size(); ++i)
@@ -191,7 +209,7 @@ void print_tree(const Topology& t, P2PEngine& e) {
       const Function& f = t.functions[i];
       rows.push_back({std::string(static_cast<size_t>(depth) * 2, ' ') + describe(f), fmt::format("{:04x}:{:04x}", f.vendor, f.device),
                       class_name(f.class_code), port_label(f), acs_label(f),
-                      f.bars.empty() ? "" : fmt::format("BARs {}", f.bars.size())});
+                      bars_and_link(f)});
       for (auto it = children[i].rbegin(); it != children[i].rend(); ++it) stack.push_back({*it, depth + 1});
     }
     size_t w[4] = {0, 0, 0, 0};
