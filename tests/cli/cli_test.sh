@@ -589,6 +589,10 @@ PY
 then passes=$((passes + 1)); else echo "FAIL: topo --json link_class differs from explain's"; fails=$((fails + 1)); fi
 # The text tree tells each BAR's size and the link, as lspci -v does.
 expect 0 '\(gpu0\) .*BAR0 16M BAR1 64G pref  LnkSta 16GT/s x16' -- topo --machine two-socket-switch
+# The matrix's columns are headed by device names, and the link classes follow with their legend.
+expect 0 'nvme0 nvme1  gpu0  nic0 nvme2  nic1' -- topo --machine two-socket-switch
+expect 0 '\(gpu0\) +PIX +PIX +X +PHB +SYS +SYS' -- topo --machine two-socket-switch
+expect 0 'PHB  = through a PCIe host bridge' -- topo --machine two-socket-switch
 # --assume-acs-off by name as well as by address.
 sed 's/^bdf = "0000:02:11.0"$/bdf = "0000:02:11.0"\nname = "sw0-dp3"/' "$src/machines/two-socket-switch.toml" > "$tmp/named-port.toml"
 expect 0 'Verdict: bus_addr' -- explain nic0 gpu0 --machine "$tmp/named-port.toml" --assume-acs-off sw0-dp3

@@ -235,10 +235,26 @@ std::vector<uint32_t> endpoints(const Topology& t, const std::string& filter) {
   return out;
 }
 
+// nvidia-smi's link class of a pair from its verdict alone, as P2PEngine::explain() derives
+// it from the path (a CLI test compares the two on every pair of the built-in machines):
+// bus_addr through at most one switch (distance up to 4: three bridges) is PIX, through more
+// PXB; any other verdict goes through the host bridge: PHB within one, NODE or SYS between two.
+const char* pair_link_class(const Topology& t, uint32_t p, uint32_t c, const Verdict& v) {
+  if (p == c) return "X";
+  if (v.type == MapType::bus_addr) return v.distance <= 4 ? "PIX" : "PXB";
+  const Function& a = t.functions[p];
+  const Function& b = t.functions[c];
+  if (a.host_bridge == b.host_bridge) return "PHB";
+  const int fa = a.numa_node >= 0 ? a.numa_node : t.host_bridges[a.host_bridge].numa_node;
+  const int fb = b.numa_node >= 0 ? b.numa_node : t.host_bridges[b.host_bridge].numa_node;
+  return fa == fb ? "NODE" : "SYS";
+}
+
 void print_legend(const Topology& t) {
   fmt::print("\n  Bn = bus_addr (PCI bus address, below a common switch or bridge), distance n\n"
              "  Hn = thru_host_bridge (via the root complex, IOMMU applies), distance n\n"
              "  -- = not_supported (the DMA layer must bounce or fail with EREMOTEIO)\n");
+  for (const auto& [cls, def] : link_class_legend()) fmt::print("  {:<4} = {}\n", cls, def);
   bool any_unknown = false;
   for (const Function& f : t.functions) any_unknown = any_unknown || f.acs.kind == AcsState::Kind::unknown;
   if (any_unknown)
@@ -247,25 +263,40 @@ void print_legend(const Topology& t) {
   fmt::print("  physr explain A B shows why.\n");
 }
 
-// Columns are 4 wide, wider when a verdict needs it (H102), so neighbours never touch.
+// Columns are 4 wide, wider when a verdict or a device's name needs it (H102), so
+// neighbours never touch; a column is headed by its device's name (its index when it has
+// none), as nvidia-smi topo -m heads them. Then the same pairs as nvidia-smi's link classes.
 // Verdicts are computed, not cached: the engine's cache is for the DMA layer's lookups.
 void print_one_matrix(const Topology& t, P2PEngine& e, const std::vector<uint32_t>& devs) {
-  std::vector<std::string> cells;
+  std::vector<std::string> cells, classes, heads;
   cells.reserve(devs.size() * devs.size());
+  classes.reserve(devs.size() * devs.size());
   size_t w = std::max<size_t>(4, fmt::format_int(devs.size()).size() + 1);
+  for (size_t j = 0; j < devs.size(); ++j) {
+    const Function& f = t.functions[devs[j]];
+    heads.push_back(!f.name.empty() && f.name.size() <= 12 ? f.name : std::to_string(j));
+    w = std::max(w, heads.back().size() + 1);
+  }
   for (uint32_t p : devs)
     for (uint32_t c : devs) {
-      cells.push_back(short_verdict(e.compute(p, c)));
+      const Verdict v = e.compute(p, c);
+      cells.push_back(short_verdict(v));
+      classes.push_back(pair_link_class(t, p, c, v));
       w = std::max(w, cells.back().size() + 1);
     }
-  fmt::print("{:>4}  {:<24}", "", "");
-  for (size_t j = 0; j < devs.size(); ++j) fmt::print("{:>{}}", j, w);
-  fmt::print("\n");
-  for (size_t i = 0; i < devs.size(); ++i) {
-    fmt::print("{:>4}  {:<24}", i, describe(t.functions[devs[i]]).substr(0, 24));
-    for (size_t j = 0; j < devs.size(); ++j) fmt::print("{:>{}}", cells[i * devs.size() + j], w);
+  const auto grid = [&](const std::vector<std::string>& g) {
+    fmt::print("{:>4}  {:<24}", "", "");
+    for (size_t j = 0; j < devs.size(); ++j) fmt::print("{:>{}}", heads[j], w);
     fmt::print("\n");
-  }
+    for (size_t i = 0; i < devs.size(); ++i) {
+      fmt::print("{:>4}  {:<24}", i, describe(t.functions[devs[i]]).substr(0, 24));
+      for (size_t j = 0; j < devs.size(); ++j) fmt::print("{:>{}}", g[i * devs.size() + j], w);
+      fmt::print("\n");
+    }
+  };
+  grid(cells);
+  fmt::print("\n  Link classes (nvidia-smi topo -m):\n");
+  grid(classes);
 }
 
 // Up to 32 devices: one matrix. More: a matrix per host bridge that has at most 32, and
@@ -366,21 +397,6 @@ nlohmann::json host_bridge_json(const Topology& t, const P2PEngine& e, uint32_t 
     o["allowlisted"] = false;
   }
   return o;
-}
-
-// nvidia-smi's link class of a pair from its verdict alone, as P2PEngine::explain() derives
-// it from the path (a CLI test compares the two on every pair of the built-in machines):
-// bus_addr through at most one switch (distance up to 4: three bridges) is PIX, through more
-// PXB; any other verdict goes through the host bridge: PHB within one, NODE or SYS between two.
-const char* pair_link_class(const Topology& t, uint32_t p, uint32_t c, const Verdict& v) {
-  if (p == c) return "X";
-  if (v.type == MapType::bus_addr) return v.distance <= 4 ? "PIX" : "PXB";
-  const Function& a = t.functions[p];
-  const Function& b = t.functions[c];
-  if (a.host_bridge == b.host_bridge) return "PHB";
-  const int fa = a.numa_node >= 0 ? a.numa_node : t.host_bridges[a.host_bridge].numa_node;
-  const int fb = b.numa_node >= 0 ? b.numa_node : t.host_bridges[b.host_bridge].numa_node;
-  return fa == fb ? "NODE" : "SYS";
 }
 
 // `topo --json`: one object, streamed (keys in the sorted order nlohmann::json prints), so
