@@ -510,7 +510,9 @@ JobResult run(Machine& m, const pci::Topology& t, const char* dev, const char* b
 
 TEST(SimJobTest, NvmeToGpuP2PStaysUnderTheSwitch) {
   const auto t = machine("two-socket-switch");
-  auto m = build(t);
+  MachineOptions fixed;
+  fixed.nvme_latency_sigma = 0;  // every command takes the 80 us: the fabric's timing alone
+  auto m = build(t, fixed);
   const JobResult r = run(*m, t, "nvme0", "gpu0", PathPolicy::p2p, false, 64, 32 * MiB);
   EXPECT_EQ(r.path, "p2p bus_addr (under the switch)");
   EXPECT_EQ(r.via, ViaFlags(Via::p2p_bus_addr));
@@ -1024,7 +1026,7 @@ TEST(SimScenarioTest, BadFilesNameTheFileLineKeyAndProblem) {
       {"[[job]]\ndevice = \"nvme0\"\nbs = \"12Q\"\n", "f.toml:3: job.bs"},
       {"[[job]]\ndevice = \"nvme0\"\nbs = 1000\n", "multiple of 512"},
       {"[[job]]\ndevice = \"nvme0\"\nsize = \"1M\"\nbs = \"3M\"\n", "job.size"},
-      {"[[job]]\ndevice = \"nvme0\"\nrw = \"sideways\"\n", "f.toml:3: job.rw: 'sideways' must be read or write"},
+      {"[[job]]\ndevice = \"nvme0\"\nrw = \"sideways\"\n", "f.toml:3: job.rw: 'sideways' must be read, write, randread or randwrite"},
       {"[[job]]\ndevice = \"nvme0\"\npath = \"teleport\"\n", "job.path"},
       {"[[job]]\ndevice = \"nvme0\"\nqd = 0\n", "job.qd"},
       {"[[job]]\ndevice = \"nvme0\"\nqd = 5000\n", "out of range"},
@@ -1411,6 +1413,207 @@ TEST(SimDirectIoTest, RandomCopiesVerifyOrFailByTheRules) {
   }
   EXPECT_GT(ran, 10u);
   EXPECT_GT(failed, 3u);
+}
+
+
+// ---------------------------------------------------------------------------------------
+// The SSD model: an IOPS limit per device and a seeded latency distribution per command.
+
+JobResult nvme_job(Machine& m, const pci::Topology& t, uint64_t bs, unsigned qd, uint64_t size, bool write = false, bool random = false) {
+  Job j;
+  j.name = "ssd";
+  NvmeJob nv{*t.lookup("nvme0"), write, std::nullopt};
+  nv.random = random;
+  j.kind = nv;
+  j.block_size = bs;
+  j.queue_depth = qd;
+  j.size = size;
+  auto r = run_job(m, j);
+  EXPECT_TRUE(r.has_value()) << r.error().to_string();
+  return r.value_or(JobResult{});
+}
+
+double iops(const JobResult& r) { return static_cast<double>(r.ios) / r.seconds; }
+
+TEST(SimSsdModelTest, SmallReadsAreBoundByTheIopsLimit) {
+  const auto t = machine("two-socket-switch");
+  auto m = build(t);
+  // 512 B reads at queue depth 128: 6.8 GB/s of media would be 13 M IOPS; the SSD does 1 M.
+  const JobResult r = nvme_job(*m, t, 512, 128, 512 * 20'000);
+  EXPECT_EQ(r.verified_bytes, 512u * 20'000);
+  EXPECT_LE(iops(r), 1e6);
+  EXPECT_GT(iops(r), 0.95e6);
+  // Writes: 300 K IOPS.
+  const JobResult w = nvme_job(*m, t, 4 * KiB, 64, 4 * KiB * 6000, true);
+  EXPECT_LE(iops(w), 300e3);
+  EXPECT_GT(iops(w), 0.95 * 300e3);
+  // Large blocks stay bound by the bandwidth: 128 KiB at 6.8 GB/s is 52 K IOPS.
+  const JobResult big = nvme_job(*m, t, 128 * KiB, 64, 64 * MiB);
+  EXPECT_NEAR(big.gbps, 6.8, 0.4);
+  // A limit the scenario sets: 100 K IOPS.
+  MachineOptions slow;
+  slow.nvme_read_iops = 100e3;
+  auto m2 = build(t, slow);
+  const JobResult s = nvme_job(*m2, t, 4 * KiB, 32, 4 * KiB * 3000);
+  EXPECT_LE(iops(s), 100e3);
+  EXPECT_GT(iops(s), 95e3);
+}
+
+TEST(SimSsdModelTest, CommandLatencyIsLogNormalAndSeeded) {
+  const auto t = machine("two-socket-switch");
+  auto m = build(t);
+  // Queue depth 1: each command's latency is its device latency plus the transfer.
+  const JobResult a = nvme_job(*m, t, 4 * KiB, 1, 4 * KiB * 4000);
+  EXPECT_LT(a.lat_p50_us, a.lat_p99_us);
+  EXPECT_LT(a.lat_p99_us, a.lat_p999_us);
+  // Median 80 us; sigma 0.3 puts p99 at 80 x exp(0.3 x 2.326) = 161 us, p99.9 at 203 us.
+  EXPECT_NEAR(a.lat_p50_us, 80.6, 3);
+  EXPECT_NEAR(a.lat_p99_us, 161, 161 * 0.08);
+  EXPECT_NEAR(a.lat_p999_us, 203, 203 * 0.15);
+  // Exactly, for seed 1 (the default) and this machine's first job.
+  EXPECT_DOUBLE_EQ(a.lat_p50_us, 81.6635);
+  EXPECT_DOUBLE_EQ(a.lat_p99_us, 159.2315);
+  EXPECT_DOUBLE_EQ(a.lat_p999_us, 194.0475);
+  // The same seed gives the same report, to the last digit.
+  auto again = build(t);
+  const JobResult b = nvme_job(*again, t, 4 * KiB, 1, 4 * KiB * 4000);
+  EXPECT_EQ(a.lat_p50_us, b.lat_p50_us);
+  EXPECT_EQ(a.lat_p99_us, b.lat_p99_us);
+  EXPECT_EQ(a.lat_p999_us, b.lat_p999_us);
+  EXPECT_EQ(a.seconds, b.seconds);
+  // Another seed, other draws.
+  MachineOptions other;
+  other.seed = 7;
+  auto m7 = build(t, other);
+  const JobResult c = nvme_job(*m7, t, 4 * KiB, 1, 4 * KiB * 4000);
+  EXPECT_NE(a.seconds, c.seconds);
+  // sigma 0: every command takes the median (the model before the distribution).
+  MachineOptions fixed;
+  fixed.nvme_latency_sigma = 0;
+  auto m0 = build(t, fixed);
+  const JobResult d = nvme_job(*m0, t, 4 * KiB, 1, 4 * KiB * 1000);
+  EXPECT_EQ(d.lat_p50_us, d.lat_p99_us);
+}
+
+TEST(SimSsdModelTest, ADeepQueueNeverExceedsTheLimitAndP99StaysAboveP50) {
+  const auto t = machine("two-socket-switch");
+  for (uint64_t seed : {1u, 2u, 3u}) {
+    MachineOptions o;
+    o.seed = seed;
+    auto m = build(t, o);
+    for (unsigned qd : {1u, 4u, 32u, 256u}) {
+      const JobResult r = nvme_job(*m, t, 4 * KiB, qd, 4 * KiB * 2048, false, true);
+      EXPECT_LE(iops(r), 1e6) << "qd " << qd;
+      EXPECT_GE(r.lat_p99_us, r.lat_p50_us) << "qd " << qd;
+      EXPECT_GE(r.lat_p999_us, r.lat_p99_us) << "qd " << qd;
+    }
+  }
+}
+
+TEST(SimSsdModelTest, RandomReadsAndWritesVisitEveryBlockOnceAndVerify) {
+  const auto t = machine("two-socket-switch");
+  auto m = build(t);
+  const JobResult r = nvme_job(*m, t, 4 * KiB, 16, 4 * KiB * 1000, false, true);
+  EXPECT_EQ(r.verified_bytes, 4 * KiB * 1000);
+  EXPECT_EQ(r.rw, "randread");
+  EXPECT_EQ(r.block_size, 4 * KiB);
+  EXPECT_EQ(r.queue_depth, 16u);
+  const JobResult w = nvme_job(*m, t, 4 * KiB, 16, 4 * KiB * 1000, true, true);
+  EXPECT_EQ(w.verified_bytes, 4 * KiB * 1000);
+  EXPECT_EQ(w.rw, "randwrite");
+  for (uint64_t n : {1u, 2u, 3u, 1000u, 4096u, 4097u}) {
+    const detail::Permutation p(n, 42);
+    std::vector<bool> seen(n);
+    uint64_t moved = 0;
+    for (uint64_t i = 0; i < n; ++i) {
+      const uint64_t x = p(i);
+      ASSERT_LT(x, n);
+      EXPECT_FALSE(seen[x]) << "block " << x << " twice";
+      seen[x] = true;
+      moved += x != i;
+    }
+    if (n >= 1000) {
+      EXPECT_GT(moved, n / 2);  // an order, not the identity
+    }
+  }
+}
+
+TEST(SimSsdModelTest, LatencyHistogramIsWithinItsPrecision) {
+  detail::LatencyHistogram h;
+  EXPECT_EQ(h.percentile(0.5), 0);
+  std::vector<double> v;
+  std::mt19937_64 rng(5);
+  for (int i = 0; i < 100'000; ++i) v.push_back(static_cast<double>(rng() % 10'000'000));
+  for (double x : v) h.add(x);
+  std::sort(v.begin(), v.end());
+  for (double p : {0.0, 0.5, 0.9, 0.99, 0.999, 1.0}) {
+    const double want = v[static_cast<size_t>(p * static_cast<double>(v.size() - 1) + 0.5)];
+    EXPECT_NEAR(h.percentile(p), want, want / 256 + 0.5) << p;
+  }
+  detail::LatencyHistogram exact;
+  for (double x : {3.0, 100.0, 127.0}) exact.add(x);
+  EXPECT_EQ(exact.percentile(0), 3);
+  EXPECT_EQ(exact.percentile(1), 127);
+}
+
+TEST(SimSsdModelTest, ScenarioKeysForTheSsdModel) {
+  auto sc = parse_scenario(R"(
+[options]
+nvme_read_iops = 800000
+nvme_write_iops = 250000
+nvme_latency_sigma = 0.5
+seed = 99
+[[job]]
+device = "nvme0"
+rw = "randwrite"
+bs = "4K"
+size = "4M"
+)", "t.toml");
+  ASSERT_TRUE(sc.has_value()) << sc.error().to_string();
+  EXPECT_EQ(sc->options.nvme_read_iops, 800e3);
+  EXPECT_EQ(sc->options.nvme_write_iops, 250e3);
+  EXPECT_EQ(sc->options.nvme_latency_sigma, 0.5);
+  EXPECT_EQ(sc->options.seed, 99u);
+  EXPECT_TRUE(sc->jobs[0].write);
+  EXPECT_TRUE(sc->jobs[0].random);
+  const auto bad = parse_scenario("[options]\nnvme_read_iops = 0\n[[job]]\ndevice = \"nvme0\"\n", "b.toml");
+  ASSERT_FALSE(bad.has_value());
+  EXPECT_NE(bad.error().message.find("nvme_read_iops"), std::string::npos);
+  // randread on a GPU's copy engine: refused naming the job.
+  const auto t = machine("two-socket-switch");
+  auto m = build(t);
+  auto g = parse_scenario("[[job]]\nname = \"g\"\ndevice = \"gpu0\"\nrw = \"randread\"\n", "g.toml");
+  ASSERT_TRUE(g.has_value()) << g.error().to_string();
+  auto j = resolve_job(g->jobs[0], *m);
+  ASSERT_FALSE(j.has_value());
+  EXPECT_NE(j.error().message.find("NVMe"), std::string::npos);
+}
+
+TEST(SimSsdModelTest, MemoryPerJobIsBoundedByTheIosInFlight) {
+  // The simulator's flow records and the stages' item records are reused as I/Os end: a
+  // job's records do not grow with its I/O count.
+  const auto t = machine("two-socket-switch");
+  auto f = std::move(Fabric::create(t)).value();
+  Simulator sim(f);
+  const Route r = *f.to_memory(*t.lookup("nvme0"));
+  detail::Stages st(sim, 100'000, 4096, 100);
+  detail::LatencyHistogram lat;
+  uint64_t done = 0, next = 0, in = 0;
+  size_t most = 0;
+  while (done < 100'000) {
+    if (in < 8 && next < 100'000) {
+      st.start(next++, {r}, 0);
+      ++in;
+      continue;
+    }
+    const auto fin = sim.step();
+    for (size_t id : fin) most = std::max(most, id + 1);
+    const uint64_t e = st.advance(fin, lat);
+    done += e;
+    in -= e;
+  }
+  EXPECT_EQ(lat.count(), 100'000u);
+  EXPECT_LE(most, 8u);  // flow indices stay within the queue depth
 }
 
 }  // namespace

@@ -27,7 +27,8 @@
 //   through the IOMMU or the DMA offset to the root complex), so every simulated transfer
 //   tests the addresses map() produced, and a job times each I/O over the route its
 //   addresses took.
-// - Deterministic: no randomness, no wall clock; the same inputs give the same times.
+// - Deterministic: no wall clock; the SSDs' latency draws and random offsets come from
+//   MachineOptions::seed, so the same inputs and seed give the same times.
 #pragma once
 
 #include <cstdint>
@@ -157,6 +158,10 @@ class Simulator {
   /// Adds a transfer of `bytes` over `route`, submitted at `at_ns`; its data starts moving
   /// after the route's latency. Returns its index.
   size_t add(const Route& route, uint64_t bytes, double at_ns);
+  /// Gives back the record of a finished transfer the caller asks nothing more about: a
+  /// later add() may return its index again, so memory stays bounded by the transfers in
+  /// flight however many a run makes.
+  void release(size_t flow) { free_.push_back(flow); }
   /// Runs until every transfer has finished; returns the time of the last completion.
   double run();
   /// Runs to the next completion (later transfers may still be added) and returns the
@@ -191,6 +196,7 @@ class Simulator {
   std::vector<size_t> order_;   // flows not yet started, by start time from next_
   size_t next_ = 0;
   std::vector<size_t> active_;  // flows moving data
+  std::vector<size_t> free_;    // released flows, reused by add()
 };
 
 // -------------------------------------------------------------------------------------
@@ -204,7 +210,15 @@ struct MachineOptions {
   bool dma_debug = true;        // DMA-API debug on every device: mappings shadow-tracked, leaks reported
   // NVMe SSD parameters (docs/sim.md gives the sources of the defaults).
   double nvme_read_gbps = 6.8, nvme_write_gbps = 4.0;
-  double nvme_read_latency_ns = 80'000, nvme_write_latency_ns = 20'000;
+  double nvme_read_latency_ns = 80'000, nvme_write_latency_ns = 20'000;  // a command's median device latency
+  // Commands per second the SSD completes at most (4 KiB random, a data-centre PCIe 4.0 SSD):
+  // each command holds the media for max(bs / bandwidth, 1 / IOPS).
+  double nvme_read_iops = 1'000'000, nvme_write_iops = 300'000;
+  // A command's device latency is log-normal around its median: latency x exp(sigma x Z), Z a
+  // standard normal drawn from `seed`, the job and the command (0: every command takes the
+  // median, the fabric's timing alone).
+  double nvme_latency_sigma = 0.3;
+  uint64_t seed = 1;  // the latency draws and random offsets: the same seed gives the same report
   double copy_engine_gbps = 20.0;  // a GPU's copy engine (copy jobs, and staging host <-> BAR)
   double copy_engine_latency_ns = 2000;  // from a copy's submission to its first byte
   // The wire between two NICs.
@@ -365,6 +379,9 @@ struct NvmeJob {
   /// host memory.
   std::optional<uint32_t> buffer_function;
   PathPolicy path = PathPolicy::automatic;
+  /// The command for I/O i addresses block perm(i) of the namespace, perm a seeded
+  /// permutation (fio's randread/randwrite with its random map: every block once).
+  bool random = false;
 };
 
 /// A copy-engine job: a GPU's or accelerator's engine copies between its own memory (its
@@ -460,7 +477,12 @@ struct JobResult {
   bool took(Via v) const noexcept { return via.has(v); }
   uint64_t bytes = 0, ios = 0, verified_bytes = 0;
   double seconds = 0, gbps = 0;            // simulated time and throughput (GB/s)
-  double lat_p50_us = 0, lat_p99_us = 0;
+  double lat_p50_us = 0, lat_p99_us = 0, lat_p999_us = 0;  // from a log-linear histogram: within 0.4%
+  /// The job's shape, as fio reports it: rw (read, write, randread, randwrite; copy for an
+  /// O_DIRECT copy, send for a network job), bs and qd (the size is `bytes`).
+  std::string rw;
+  uint64_t block_size = 0;
+  unsigned queue_depth = 0;
   uint64_t prp_ios = 0, sgl_ios = 0;       // how the commands described their DMA lists
   uint64_t rc_bytes = 0, host_memory_bytes = 0;
   std::vector<std::pair<std::string, uint64_t>> link_bytes;  // non-zero resources, by name
@@ -485,6 +507,7 @@ struct JobSpec {
   std::string name;
   std::string device;   // the NVMe SSD, GPU or accelerator, or sending NIC (name or BDF)
   bool write = false;
+  bool random = false;  // rw = randread or randwrite (NVMe jobs): NvmeJob::random
   uint64_t block_size = 128 * KiB;
   unsigned queue_depth = 32;
   uint64_t size = 256 * MiB;

@@ -35,7 +35,8 @@ struct BlockPlan {
   bool write = false;
   PathPolicy path = PathPolicy::automatic;
   const Aperture* bar = nullptr;      // the buffers' BAR; null: host memory
-  double latency_ns = 0, slot_ns = 0;  // per block: the device's latency and its in-order slot
+  double latency_ns = 0, slot_ns = 0;  // per block: the device's (median) latency and its in-order slot
+  double latency_sigma = 0;            // a block's latency is latency_ns x lognormal_factor(.., sigma)
   std::optional<uint32_t> engine;     // a resource every transfer also crosses (a copy engine)
   const char* inside = "";            // how a P2P route with no link is described
 };
@@ -104,7 +105,7 @@ Result<JobResult> run_blocks(Machine& m, const Job& job, const BlockPlan& plan, 
   Simulator sim(fab);
   const uint64_t ios = job.size / job.block_size;
   Stages stages(sim, ios, job.block_size, plan.slot_ns);
-  std::vector<double> lat;
+  LatencyHistogram lat;
   uint64_t next = 0, completed = 0, next_report = 0;
   bool bounced_any = false;
   const Route* taken = nullptr;  // the P2P route the device's addresses took, if any
@@ -202,8 +203,13 @@ Result<JobResult> run_blocks(Machine& m, const Job& job, const BlockPlan& plan, 
     // memory and the BAR when they went to host memory instead of the BAR (the DMA layer
     // bounced, or the job staged): before the device for writes, after it for reads.
     PHYSR_ASSIGN_OR_RETURN_CTX(const Route* via, routes_of.get(acc), where());
+    // The device's latency for this block, log-normal around the median (docs/sim.md, "The
+    // SSD model"): up to the median it passes before the block takes its in-order slot, the
+    // rest after it, so a slow command holds up no other.
+    const double dev_ns = plan.latency_ns * lognormal_factor(m.options().seed, stream, i, plan.latency_sigma);
+    const double head = std::min(dev_ns, plan.latency_ns);
     Route own = *via;
-    own.latency_ns += plan.latency_ns;
+    own.latency_ns += head;
     if (plan.engine) own.resources.push_back(*plan.engine);
     if (acc.peer_switch || acc.peer_rc) taken = via;
     std::vector<Route> routes;
@@ -212,7 +218,7 @@ Result<JobResult> run_blocks(Machine& m, const Job& job, const BlockPlan& plan, 
     const size_t served = routes.size();  // the device's media (or copy engine) serves this one
     routes.push_back(own);
     if (two && !write) routes.push_back(copy);
-    stages.start(i, std::move(routes), served);
+    stages.start(i, std::move(routes), served, {}, dev_ns - head);
     return {};
   };
 

@@ -99,7 +99,7 @@ Result<JobResult> detail::run_pool_rx_job(Machine& m, const Job& job, const NetJ
                       : "host -> host page pool, copied to " + bar->name;
   std::vector<uint8_t> sent(job.block_size), staged(job.block_size);
   Simulator sim(fab);
-  std::vector<double> lat;
+  detail::LatencyHistogram lat;
   const uint64_t packets = job.size / job.block_size;
   detail::Stages stages(sim, packets, job.block_size, static_cast<double>(job.block_size) / wire_gbps);
   uint64_t next = 0, done = 0, in_flight = 0;

@@ -202,14 +202,21 @@ void Fabric::through_rc(uint32_t a, uint32_t b, bool initiator_writes, Route& r)
 // ---------------------------------------------------------------------------------------
 
 size_t Simulator::add(const Route& route, uint64_t bytes, double at_ns) {
-  Flow f;
-  f.res = route.resources;
+  size_t id = flows_.size();
+  if (!free_.empty()) {
+    id = free_.back();
+    free_.pop_back();
+  } else {
+    flows_.emplace_back();
+  }
+  Flow& f = flows_[id];
+  f.res.assign(route.resources.begin(), route.resources.end());  // a reused record keeps its capacity
   f.submit = std::max(at_ns, now_);
   f.start = f.submit + route.latency_ns;
+  f.finish = -1;
   f.remaining = static_cast<double>(bytes);
+  f.rate = 0;
   f.bytes = bytes;
-  flows_.push_back(std::move(f));
-  const size_t id = flows_.size() - 1;
   // Keep the pending flows ordered by start (stable for equal starts).
   const auto pos = std::upper_bound(order_.begin() + static_cast<long>(next_), order_.end(), id,
                                     [&](size_t x, size_t y) { return flows_[x].start < flows_[y].start; });
@@ -313,6 +320,11 @@ bool Simulator::advance(double horizon, std::vector<size_t>& done) {
   });
   if (next_ == order_.size()) {  // everything started: drop the consumed prefix
     order_.clear();
+    next_ = 0;
+  } else if (next_ >= 1024 && 2 * next_ >= order_.size()) {
+    // Flows still pending (a job keeps some in their latency at all times): drop the started
+    // prefix once it is half the list, so the list stays bounded by the flows pending.
+    order_.erase(order_.begin(), order_.begin() + static_cast<long>(next_));
     next_ = 0;
   }
   return true;

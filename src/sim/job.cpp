@@ -46,7 +46,19 @@ Result<JobResult> run_job(Machine& m, const Job& job) {
     Result<JobResult> operator()(const NetJob& k) const { return detail::run_net_job(m, job, k); }
     Result<JobResult> operator()(const DirectIoJob& k) const { return detail::run_direct_io_job(m, job, k); }
   } run{m, job};
-  return std::visit(run, job.kind);
+  auto r = std::visit(run, job.kind);
+  if (!r) return r;
+  // The job's shape in its report, as fio prints it.
+  struct {
+    std::string operator()(const NvmeJob& k) const { return std::string(k.random ? "rand" : "") + (k.write ? "write" : "read"); }
+    std::string operator()(const CopyJob& k) const { return k.write ? "write" : "read"; }
+    std::string operator()(const NetJob&) const { return "send"; }
+    std::string operator()(const DirectIoJob&) const { return "copy"; }
+  } rw;
+  r->rw = std::visit(rw, job.kind);
+  r->block_size = job.block_size;
+  r->queue_depth = job.queue_depth;
+  return r;
 }
 
 namespace detail {

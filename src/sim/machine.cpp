@@ -1,5 +1,6 @@
 // The machine: the model's platform, the fabric, and the device side of DMA, which decodes
 // every DMA address as the PCI fabric does (never trusting the DMA layer's segment flags).
+#include <cmath>
 #include <algorithm>
 #include <cstring>
 
@@ -36,6 +37,10 @@ Machine::~Machine() = default;
 Result<std::unique_ptr<Machine>> Machine::create(const pci::Topology& topo, const MachineOptions& o) {
   for (double v : {o.nvme_read_gbps, o.nvme_write_gbps, o.copy_engine_gbps, o.wire_gbps})
     if (!(v > 0)) return make_error(EINVAL, "machine: device bandwidths must be positive");
+  for (double v : {o.nvme_read_iops, o.nvme_write_iops})
+    if (!(v > 0) || !std::isfinite(v)) return make_error(EINVAL, "machine: SSD IOPS limits must be positive");
+  if (!(o.nvme_latency_sigma >= 0) || !std::isfinite(o.nvme_latency_sigma))
+    return make_error(EINVAL, "machine: the SSD latency spread (nvme_latency_sigma) must be 0 or more");
   std::unique_ptr<Machine> m(new Machine());
   m->topo_ = &topo;
   m->opt_ = o;

@@ -73,7 +73,7 @@ Result<JobResult> detail::run_net_job(Machine& m, const Job& job, const NetJob& 
   const DmaAttrs attrs = nj.path == PathPolicy::automatic ? kDmaAttrAllowBounce : kDmaAttrNone;
   std::vector<uint8_t> sent(job.block_size);  // the packet in the NICs' FIFOs
   Simulator sim(fab);
-  std::vector<double> lat;
+  detail::LatencyHistogram lat;
   const uint64_t packets = job.size / job.block_size;
   // A side the DMA layer bounced adds the CPU's copy between the BAR and the bounce buffer
   // in host memory: before the wire for TX, after it for RX. The wire carries one packet

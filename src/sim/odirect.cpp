@@ -110,8 +110,10 @@ Result<JobResult> run_direct_io_job(Machine& m, const Job& job, const DirectIoJo
   // blocks in flight (the read side's media serves blocks in order, in Stages).
   const uint32_t write_media = fab.add_resource(Resource::Kind::device, m.label(k.target) + " media (writes)", mo.nvme_write_gbps);
   Simulator sim(fab);
-  Stages stages(sim, ios, bs, static_cast<double>(bs) / mo.nvme_read_gbps);
-  std::vector<double> lat;
+  // The source's media slot per block as for NVMe jobs: its bytes at the read bandwidth, and
+  // no less than one command at the read IOPS limit.
+  Stages stages(sim, ios, bs, std::max(static_cast<double>(bs) / mo.nvme_read_gbps, 1e9 / mo.nvme_read_iops));
+  LatencyHistogram lat;
   ViaFlags via;
   const Route* p2p_taken = nullptr;
   std::vector<uint8_t> got(std::min<uint64_t>(64 * KiB, bs));

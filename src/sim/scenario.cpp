@@ -31,7 +31,8 @@ Result<Scenario> parse_scenario(std::string_view text, std::string_view source) 
     if (!o) return make_error(EINVAL, c.where(*on) + "options: expected a table ([options])");
     PHYSR_RETURN_IF_ERROR(check_keys(c, *o, "options",
                          {"iommu", "ram", "rc_p2p_gbps", "memory_gbps", "inter_socket_gbps", "nvme_read_gbps", "nvme_write_gbps",
-                          "nvme_read_latency_us", "nvme_write_latency_us", "copy_engine_gbps", "copy_engine_latency_us"}));
+                          "nvme_read_latency_us", "nvme_write_latency_us", "copy_engine_gbps", "copy_engine_latency_us",
+                          "nvme_read_iops", "nvme_write_iops", "nvme_latency_sigma", "seed"}));
     MachineOptions& mo = sc.options;
     PHYSR_ASSIGN_OR_RETURN(mo.iommu, get_bool(c, *o, "iommu", "options", true));
     PHYSR_ASSIGN_OR_RETURN(const std::optional<uint64_t> ram, get_uint(c, *o, "ram", "options", uint64_t{1} << 50, true));
@@ -52,6 +53,15 @@ Result<Scenario> parse_scenario(std::string_view text, std::string_view source) 
       PHYSR_ASSIGN_OR_RETURN(const std::optional<double> v, get_number(c, *o, key, "options", 0, 1e6));
       if (v) *dst = *v * 1000;
     }
+    // The SSD model (docs/sim.md): IOPS limits, the spread of a command's latency, the seed.
+    for (const auto& [key, dst] : {std::pair{"nvme_read_iops", &mo.nvme_read_iops}, std::pair{"nvme_write_iops", &mo.nvme_write_iops}}) {
+      PHYSR_ASSIGN_OR_RETURN(const std::optional<double> v, get_number(c, *o, key, "options", 1, 1e9));
+      if (v) *dst = *v;
+    }
+    PHYSR_ASSIGN_OR_RETURN(const std::optional<double> sigma, get_number(c, *o, "nvme_latency_sigma", "options", 0, 2));
+    if (sigma) mo.nvme_latency_sigma = *sigma;
+    PHYSR_ASSIGN_OR_RETURN(const std::optional<uint64_t> seed, get_uint(c, *o, "seed", "options", UINT64_MAX));
+    if (seed) mo.seed = *seed;
   }
 
   PHYSR_ASSIGN_OR_RETURN(const toml::array* jobs, get_table_array(c, root, "job"));
@@ -72,8 +82,11 @@ Result<Scenario> parse_scenario(std::string_view text, std::string_view source) 
     j.device = *dev;
     PHYSR_ASSIGN_OR_RETURN(const std::optional<std::string> rw, get_string(c, t, "rw", what));
     if (rw) {
-      if (*rw != "read" && *rw != "write") return make_error(EINVAL, c.where(*t.get("rw")) + "job.rw: '" + *rw + "' must be read or write");
-      j.write = *rw == "write";
+      if (*rw != "read" && *rw != "write" && *rw != "randread" && *rw != "randwrite")
+        return make_error(EINVAL, c.where(*t.get("rw")) + "job.rw: '" + *rw + "' must be read, write, randread or randwrite");
+      j.write = *rw == "write" || *rw == "randwrite";
+      j.random = rw->starts_with("rand");
+      if (j.random && t.get("peer")) return make_error(EINVAL, c.where(*t.get("rw")) + "job.rw: " + *rw + " is for NVMe jobs (a network job has no offsets)");
     }
     PHYSR_ASSIGN_OR_RETURN(const std::optional<uint64_t> bs, get_uint(c, t, "bs", what, 4 * MiB, true));
     if (bs) j.block_size = *bs;
@@ -215,6 +228,11 @@ Result<Job> resolve_job(const JobSpec& s, Machine& m) {
   }
   PHYSR_ASSIGN_OR_RETURN_CTX(j.kind, job_kind_for(t, device, s.write, buffer), s.where + ": job '" + s.name + "'");
   std::visit([&](auto& k) { k.path = s.path; }, j.kind);
+  if (s.random) {
+    auto* nv = std::get_if<NvmeJob>(&j.kind);
+    if (!nv) return make_error(EINVAL, at() + "rw = \"" + (s.write ? "randwrite" : "randread") + "\" is for NVMe SSDs; " + s.device + " is not one");
+    nv->random = true;
+  }
   return j;
 }
 

@@ -1,58 +1,157 @@
 // The timing every job shares: items (I/Os, packets) crossing their routes, one stage
-// served in order by a device, and the result's common part.
+// served in order by a device, their latencies, and the result's common part.
 #include <algorithm>
+#include <bit>
+#include <cmath>
+#include <numbers>
 #include <vector>
 
 #include "sim/job_common.hpp"
 
 namespace physr::sim::detail {
 
-void Stages::start(uint64_t i, std::vector<Route> routes, size_t served, std::vector<uint64_t> bytes) {
-  items_[i] = Item{sim_.now(), std::move(routes), served, std::move(bytes)};
-  queue(i, 0);
+namespace {
+
+constexpr unsigned kSubBits = 7;  // 128 buckets per power of two
+constexpr uint64_t kSub = uint64_t{1} << kSubBits;
+
+size_t bucket_of(uint64_t v) noexcept {
+  if (v < kSub) return static_cast<size_t>(v);
+  const unsigned e = static_cast<unsigned>(std::bit_width(v)) - 1;  // >= kSubBits
+  const unsigned shift = e - kSubBits;
+  return static_cast<size_t>(kSub + (e - kSubBits) * kSub + ((v >> shift) - kSub));
 }
 
-void Stages::queue(uint64_t i, size_t k) {
-  const Item& x = items_[i];
+// The midpoint of a bucket's values (the value itself below kSub).
+double bucket_value(size_t b) noexcept {
+  if (b < kSub) return static_cast<double>(b);
+  const uint64_t shift = (b - kSub) / kSub, sub = (b - kSub) % kSub;
+  const uint64_t low = (kSub + sub) << shift, width = uint64_t{1} << shift;
+  return static_cast<double>(low) + static_cast<double>(width - 1) / 2;
+}
+
+uint64_t splitmix64(uint64_t x) noexcept {
+  x += 0x9e3779b97f4a7c15ULL;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+  return x ^ (x >> 31);
+}
+
+}  // namespace
+
+void LatencyHistogram::add(double ns) {
+  const uint64_t v = ns <= 0 ? 0 : ns >= 9.2e18 ? UINT64_MAX : static_cast<uint64_t>(std::llround(ns));
+  const size_t b = bucket_of(v);
+  if (b >= counts_.size()) counts_.resize(b + 1, 0);
+  ++counts_[b];
+  ++n_;
+}
+
+double LatencyHistogram::percentile(double p) const {
+  if (n_ == 0) return 0;
+  const auto rank = std::min<uint64_t>(n_ - 1, static_cast<uint64_t>(p * static_cast<double>(n_ - 1) + 0.5));
+  uint64_t seen = 0;
+  for (size_t b = 0; b < counts_.size(); ++b) {
+    seen += counts_[b];
+    if (seen > rank) return bucket_value(b);
+  }
+  return bucket_value(counts_.size() - 1);
+}
+
+double lognormal_factor(uint64_t seed, uint64_t stream, uint64_t i, double sigma) noexcept {
+  if (sigma == 0) return 1;
+  const uint64_t h1 = splitmix64(splitmix64(seed ^ splitmix64(stream)) ^ (2 * i));
+  const uint64_t h2 = splitmix64(h1 ^ (2 * i + 1));
+  // Uniforms in (0, 1): 53 bits, centred in their step so neither end is reached.
+  const double u1 = (static_cast<double>(h1 >> 11) + 0.5) * 0x1p-53, u2 = (static_cast<double>(h2 >> 11) + 0.5) * 0x1p-53;
+  const double z = std::sqrt(-2 * std::log(u1)) * std::cos(2 * std::numbers::pi * u2);
+  return std::exp(sigma * z);
+}
+
+Permutation::Permutation(uint64_t n, uint64_t seed) noexcept : n_(n) {
+  const unsigned bits = n <= 1 ? 1 : static_cast<unsigned>(std::bit_width(n - 1));
+  mask_ = bits >= 64 ? ~uint64_t{0} : (uint64_t{1} << bits) - 1;
+  half_ = std::max(1u, bits / 2);
+  k1_ = splitmix64(seed) | 1;  // odd: invertible modulo a power of two
+  k2_ = splitmix64(seed + 1);
+}
+
+uint64_t Permutation::operator()(uint64_t i) const noexcept {
+  uint64_t x = i;
+  do {  // a bijection on [0, mask_]; walking its cycle from i reaches a value below n_
+    for (int round = 0; round < 3; ++round) {
+      x = (x * k1_) & mask_;
+      x ^= x >> half_;
+      x = (x + k2_) & mask_;
+    }
+  } while (x >= n_);
+  return x;
+}
+
+void Stages::start(uint64_t, std::vector<Route> routes, size_t served, std::vector<uint64_t> bytes, double tail_ns) {
+  uint32_t slot;
+  if (!free_items_.empty()) {
+    slot = free_items_.back();
+    free_items_.pop_back();
+  } else {
+    slot = static_cast<uint32_t>(items_.size());
+    items_.emplace_back();
+  }
+  items_[slot] = Item{sim_.now(), tail_ns, std::move(routes), served, std::move(bytes)};
+  queue(slot, 0);
+}
+
+void Stages::queue(uint32_t slot, size_t k) {
+  const Item& x = items_[slot];
   const Route& r = x.routes[k];
   double at = sim_.now();
   if (k == x.served) {
     const double start = std::max(sim_.now() + r.latency_ns, free_);
     free_ = start + slot_ns_;
-    at = start - r.latency_ns;
+    at = start - r.latency_ns + x.tail;
   }
-  flow_of_.emplace_back(i, k);
-  sim_.add(r, x.bytes.empty() ? bytes_ : x.bytes[k], at);
+  const size_t id = sim_.add(r, x.bytes.empty() ? bytes_ : x.bytes[k], at);
+  if (id >= flow_of_.size()) flow_of_.resize(id + 1);
+  flow_of_[id] = {slot, static_cast<uint32_t>(k)};
 }
 
-uint64_t Stages::advance(const std::vector<size_t>& finished, std::vector<double>& lat) {
+template <class Add>
+uint64_t Stages::advance_with(const std::vector<size_t>& finished, const Add& add) {
   uint64_t ended = 0;
   for (size_t f : finished) {
-    const auto [i, k] = flow_of_[f];
-    Item& x = items_[i];
+    const auto [slot, k] = flow_of_[f];
+    sim_.release(f);
+    Item& x = items_[slot];
     if (k + 1 < x.routes.size()) {
-      queue(i, k + 1);
+      queue(slot, k + 1);
       continue;
     }
-    lat.push_back(sim_.now() - x.submit);
+    add(sim_.now() - x.submit);
     x.routes.clear();
+    x.bytes.clear();
+    free_items_.push_back(slot);
     ++ended;
   }
   return ended;
 }
 
-void finish_result(JobResult& out, const Machine& m, const Simulator& sim, std::vector<double>& lat, uint64_t bytes,
+uint64_t Stages::advance(const std::vector<size_t>& finished, LatencyHistogram& lat) {
+  return advance_with(finished, [&](double ns) { lat.add(ns); });
+}
+
+uint64_t Stages::advance(const std::vector<size_t>& finished, std::vector<double>& lat) {
+  return advance_with(finished, [&](double ns) { lat.push_back(ns); });
+}
+
+void finish_result(JobResult& out, const Machine& m, const Simulator& sim, const LatencyHistogram& lat, uint64_t bytes,
                    uint64_t ios, size_t faults_before) {
   out.ios = ios;
   out.bytes = bytes;
   out.seconds = sim.now() * 1e-9;
   out.gbps = sim.now() > 0 ? static_cast<double>(bytes) / sim.now() : 0;
-  std::sort(lat.begin(), lat.end());
-  const auto pct = [&](double p) {
-    return lat.empty() ? 0.0 : lat[std::min(lat.size() - 1, static_cast<size_t>(p * static_cast<double>(lat.size() - 1) + 0.5))];
-  };
-  out.lat_p50_us = pct(0.50) / 1000;
-  out.lat_p99_us = pct(0.99) / 1000;
+  out.lat_p50_us = lat.percentile(0.50) / 1000;
+  out.lat_p99_us = lat.percentile(0.99) / 1000;
+  out.lat_p999_us = lat.percentile(0.999) / 1000;
   for (const Resource& r : m.fabric().resources()) {
     if (r.bytes == 0) continue;
     out.link_bytes.emplace_back(r.name, r.bytes);
@@ -60,6 +159,13 @@ void finish_result(JobResult& out, const Machine& m, const Simulator& sim, std::
     if (r.kind == Resource::Kind::memory) out.host_memory_bytes += r.bytes;
   }
   out.iommu_faults = m.faults().size() - faults_before;
+}
+
+void finish_result(JobResult& out, const Machine& m, const Simulator& sim, std::vector<double>& lat, uint64_t bytes,
+                   uint64_t ios, size_t faults_before) {
+  LatencyHistogram h;
+  for (double ns : lat) h.add(ns);
+  finish_result(out, m, sim, h, bytes, ios, faults_before);
 }
 
 }  // namespace physr::sim::detail

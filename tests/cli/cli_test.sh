@@ -315,8 +315,29 @@ printf '[[job]]\ndevice = "nic1"\npeer = "nic0"\npeer_buffer = "gpu0"\nrx = "dev
 expect 1 'header split must be 1 byte to 4 KiB and less than the packet' -- sim "$tmp/hdr.toml"
 # A job's own wire rate: 400 Gb/s lifts host-to-host above the default 100 Gb/s wire.
 printf '[[job]]\nname = "fast-wire"\ndevice = "nic1"\npeer = "nic0"\nwire_gbps = 50\nbs = "4K"\nqd = 64\nsize = "8M"\n[[job]]\nname = "slow-wire"\ndevice = "nic1"\npeer = "nic0"\nbs = "4K"\nqd = 64\nsize = "8M"\n' > "$tmp/wire.toml"
-expect 0 'fast-wire +nic1->nic0 +host -> host +15\.[0-9]+ ' -- sim "$tmp/wire.toml"
-expect 0 'slow-wire +nic1->nic0 +host -> host +12\.[0-9]+ ' -- sim "$tmp/wire.toml"
+expect 0 'fast-wire +nic1->nic0 +host -> host +send +4K +64 +8 MiB +15\.[0-9]+ ' -- sim "$tmp/wire.toml"
+expect 0 'slow-wire +nic1->nic0 +host -> host +send +4K +64 +8 MiB +12\.[0-9]+ ' -- sim "$tmp/wire.toml"
+# The SSD model: 512 B reads stop at the 1 M IOPS limit, latency is a distribution, and the
+# report gives each job's rw, bs, qd and size (text and JSON, as fio does).
+printf 'name = "ssd"\n[[job]]\nname = "r512"\ndevice = "nvme0"\nbs = 512\nqd = 256\nsize = "8M"\n[[job]]\nname = "rand4k"\ndevice = "nvme0"\nrw = "randread"\nbs = "4K"\nqd = 1\nsize = "8M"\n' > "$tmp/ssd.toml"
+expect 0 'r512 +nvme0 +host memory +read +512 +256 +8 MiB +[0-9.]+ +(9[0-9][0-9]\.[0-9]K|1\.00M) ' -- sim "$tmp/ssd.toml"
+expect 0 'rand4k +nvme0 +host memory +randread +4K +1 +8 MiB ' -- sim "$tmp/ssd.toml"
+"$physr" sim "$tmp/ssd.toml" --json > "$tmp/ssd.json" 2>/dev/null
+if python3 - "$tmp/ssd.json" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+r512, rnd = d["jobs"]
+assert r512["rw"] == "read" and r512["bs"] == 512 and r512["qd"] == 256 and r512["size"] == 8 << 20, r512
+assert r512["iops"] <= 1e6 and r512["ios"] / r512["seconds"] <= 1e6, r512
+assert rnd["rw"] == "randread" and rnd["qd"] == 1, rnd
+assert rnd["latency_p50_us"] < rnd["latency_p99_us"] < rnd["latency_p999_us"], rnd
+PY
+then passes=$((passes + 1)); else echo "FAIL: sim --json: rw/bs/qd/size/iops and p50 < p99 < p99.9 for the SSD jobs"; fails=$((fails + 1)); fi
+printf '[options]\nseed = 2\n[[job]]\ndevice = "nvme0"\nrw = "randread"\nbs = "4K"\nqd = 1\nsize = "4M"\n' > "$tmp/seed2.toml"
+a=$("$physr" sim "$tmp/seed2.toml" --json 2>/dev/null); b=$("$physr" sim "$tmp/seed2.toml" --json 2>/dev/null)
+if [ -n "$a" ] && [ "$a" = "$b" ]; then passes=$((passes + 1)); else echo "FAIL: sim: the same seed gives the same report"; fails=$((fails + 1)); fi
+printf '[[job]]\ndevice = "nvme0"\nrw = "sideways"\n' > "$tmp/rw.toml"
+expect 1 "job.rw: 'sideways' must be read, write, randread or randwrite" -- sim "$tmp/rw.toml"
 printf '[[job]]\ndevice = "nvme0"\nwire_gbps = 50\n' > "$tmp/wire-nvme.toml"
 expect 1 'job.wire_gbps: only network jobs \(with a peer\) have a wire' -- sim "$tmp/wire-nvme.toml"
 
@@ -528,6 +549,55 @@ then passes=$((passes + 1)); else echo "FAIL: doctor --json"; fails=$((fails + 1
 expect 1 "ENOENT: root '$tmp/no-root': not a directory" -- doctor --sysfs-root "$tmp/no-root"
 # This host, whoever runs it: it works, and unprivileged it says what root would add.
 if [[ $(id -u) -ne 0 ]]; then expect 0 'Unprivileged: some facts are missing' -- doctor; else expect 0 '\(kernel.version\)' -- doctor; fi
+
+# explain --json: the explanation as data; topo --json: BARs, link speed and width, and the
+# allowlist's answer per host bridge (fields added; pairs keep provider, client, map_type, distance).
+if "$physr" explain nic0 gpu0 --machine two-socket-switch --json > "$tmp/explain.json" 2>/dev/null && python3 - "$tmp/explain.json" <<'PY'
+import json, sys
+x = json.load(open(sys.argv[1]))
+assert x["map_type"] == "thru_host_bridge" and x["link_class"] == "PHB", x["map_type"]
+assert x["acs_redirecting"] == ["0000:02:11.0"] and x["common_upstream"] == "0000:01:00.0"
+assert x["allowlist"][0]["listed"] and x["allowlist"][0]["passes"]
+assert x["kernel_parameter"].startswith("pci=disable_acs_redir=") and "--assume-acs-off 0000:02:11.0" in x["what_if"]
+assert x["provider"]["name"] == "nic0" and x["client"]["name"] == "gpu0"
+assert [h["bdf"] for h in x["client_path"]] == ["0000:02:10.0", "0000:05:00.0"]
+PY
+then passes=$((passes + 1)); else echo "FAIL: explain --json"; fails=$((fails + 1)); fi
+if "$physr" topo --machine two-socket-switch --json > "$tmp/topo.json" 2>/dev/null && python3 - "$tmp/topo.json" <<'PY'
+import json, sys
+t = json.load(open(sys.argv[1]))
+gpu = next(f for f in t["functions"] if f.get("name") == "gpu0")
+assert gpu["link_speed_gts"] == 16.0 and gpu["link_width"] == 16, gpu
+bar1 = next(b for b in gpu["bars"] if b["bar"] == 1)
+assert bar1["size"] == 64 << 30 and bar1["prefetchable"] and bar1["memory"] and bar1["base"] > 0, bar1
+assert all("allowlisted" in h and "identifying_device" in h for h in t["host_bridges"])
+assert set(t["pairs"][0]) >= {"provider", "client", "map_type", "distance"}
+PY
+then passes=$((passes + 1)); else echo "FAIL: topo --json BARs, link and allowlist fields"; fails=$((fails + 1)); fi
+# topo --json's link class per pair (derived from the verdict) agrees with explain's (from
+# the path) on every pair of every built-in machine.
+if python3 - "$physr" <<'PY'
+import json, subprocess, sys
+physr = sys.argv[1]
+for machine in ["two-socket-switch", "amd-zen", "xeon-e5-two-sockets", "arm64-offset"]:
+    topo = json.loads(subprocess.run([physr, "topo", "--machine", machine, "--json"], capture_output=True, check=True).stdout)
+    for pair in topo["pairs"]:
+        x = json.loads(subprocess.run([physr, "explain", pair["provider"], pair["client"], "--machine", machine, "--json"],
+                                      capture_output=True, check=True).stdout)
+        assert pair["link_class"] == x["link_class"], (machine, pair, x["link_class"])
+PY
+then passes=$((passes + 1)); else echo "FAIL: topo --json link_class differs from explain's"; fails=$((fails + 1)); fi
+# The text tree tells each BAR's size and the link, as lspci -v does.
+expect 0 '\(gpu0\) .*BAR0 16M BAR1 64G pref  LnkSta 16GT/s x16' -- topo --machine two-socket-switch
+# The matrix's columns are headed by device names, and the link classes follow with their legend.
+expect 0 'nvme0 nvme1  gpu0  nic0 nvme2  nic1' -- topo --machine two-socket-switch
+expect 0 '\(gpu0\) +PIX +PIX +X +PHB +SYS +SYS' -- topo --machine two-socket-switch
+expect 0 'PHB  = through a PCIe host bridge' -- topo --machine two-socket-switch
+# --assume-acs-off by name as well as by address.
+sed 's/^bdf = "0000:02:11.0"$/bdf = "0000:02:11.0"\nname = "sw0-dp3"/' "$src/machines/two-socket-switch.toml" > "$tmp/named-port.toml"
+expect 0 'Verdict: bus_addr' -- explain nic0 gpu0 --machine "$tmp/named-port.toml" --assume-acs-off sw0-dp3
+expect 0 'Verdict: bus_addr' -- explain nic0 gpu0 --machine "$tmp/named-port.toml" --assume-acs-off 0000:02:11.0
+expect 2 "nosuch.*nor a device name of" -- explain nic0 gpu0 --machine "$tmp/named-port.toml" --assume-acs-off nosuch
 
 echo "cli: $passes passed, $fails failed"
 [[ $fails -eq 0 ]]

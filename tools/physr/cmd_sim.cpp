@@ -24,6 +24,18 @@ struct SimOptions {
 };
 
 std::string gb(double bytes_per_ns) { return fmt::format("{:.2f}", bytes_per_ns); }
+// I/Os per second for people: 812, 45.3K, 1.00M.
+std::string iops_text(double v) {
+  if (v >= 1e6) return fmt::format("{:.2f}M", v / 1e6);
+  if (v >= 1e4) return fmt::format("{:.1f}K", v / 1e3);
+  return fmt::format("{:.0f}", v);
+}
+// A block size as fio writes it: 512, 4K, 128K, 1M (exact multiples), else bytes.
+std::string short_size(uint64_t v) {
+  if (v >= MiB && v % MiB == 0) return fmt::format("{}M", v / MiB);
+  if (v >= KiB && v % KiB == 0) return fmt::format("{}K", v / KiB);
+  return std::to_string(v);
+}
 
 // SVG text content or attribute value: the five XML specials escaped (job names, paths and
 // the scenario's name are free text).
@@ -200,7 +212,10 @@ nlohmann::json to_json(const sim::Scenario& sc, const sim::ScenarioReport& rep) 
     nlohmann::json x = {{"name", r.name},           {"device", r.device},         {"buffer", r.buffer},
                         {"path", r.path},           {"bytes", r.bytes},           {"ios", r.ios},
                         {"seconds", r.seconds},     {"gbps", r.gbps},             {"bytes_per_second", r.gbps * 1e9},             {"latency_p50_us", r.lat_p50_us},
-                        {"latency_p99_us", r.lat_p99_us}, {"verified_bytes", r.verified_bytes},
+                        {"latency_p99_us", r.lat_p99_us}, {"latency_p999_us", r.lat_p999_us},
+                        {"rw", r.rw},               {"bs", r.block_size},         {"qd", r.queue_depth},
+                        {"size", r.bytes},          {"iops", r.seconds > 0 ? static_cast<double>(r.ios) / r.seconds : 0.0},
+                        {"verified_bytes", r.verified_bytes},
                         {"root_complex_bytes", r.rc_bytes}, {"host_memory_bytes", r.host_memory_bytes},
                         {"prp_ios", r.prp_ios},     {"sgl_ios", r.sgl_ios},       {"iommu_faults", r.iommu_faults}};
     x["via"] = nlohmann::json::array();
@@ -224,8 +239,8 @@ void print_text(const sim::Scenario& sc, const sim::ScenarioReport& rep, const s
     wd = std::max(wd, o.result ? o.result->device.size() : sc.jobs[i].device.size());
     wb = std::max(wb, o.result ? o.result->buffer.size() : sc.jobs[i].buffer.size());
   }
-  fmt::print("  {:<{}} {:<{}} {:<{}} {:>6} {:>8} {:>8} {:>9} {:>9}  {}\n", "job", wj, "device", wd, "buffer", wb, "GB/s", "p50 us",
-             "p99 us", "via RC", "via host", "path");
+  fmt::print("  {:<{}} {:<{}} {:<{}} {:<9} {:>5} {:>4} {:>9} {:>6} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9}  {}\n", "job", wj, "device", wd,
+             "buffer", wb, "rw", "bs", "qd", "size", "GB/s", "IOPS", "p50 us", "p99 us", "p99.9 us", "via RC", "via host", "path");
   uint64_t verified = 0;
   size_t ok = 0;
   for (size_t i = 0; i < rep.jobs.size(); ++i) {
@@ -235,8 +250,10 @@ void print_text(const sim::Scenario& sc, const sim::ScenarioReport& rep, const s
       continue;
     }
     const sim::JobResult& r = *o.result;
-    fmt::print("  {:<{}} {:<{}} {:<{}} {:>6} {:>8.1f} {:>8.1f} {:>9} {:>9}  {}\n", r.name, wj, r.device, wd, r.buffer, wb, gb(r.gbps),
-               r.lat_p50_us, r.lat_p99_us, format_size(r.rc_bytes), format_size(r.host_memory_bytes), r.path);
+    fmt::print("  {:<{}} {:<{}} {:<{}} {:<9} {:>5} {:>4} {:>9} {:>6} {:>8} {:>8.1f} {:>8.1f} {:>8.1f} {:>9} {:>9}  {}\n", r.name, wj, r.device,
+               wd, r.buffer, wb, r.rw, short_size(r.block_size), r.queue_depth, format_size(r.bytes), gb(r.gbps),
+               iops_text(r.seconds > 0 ? static_cast<double>(r.ios) / r.seconds : 0), r.lat_p50_us, r.lat_p99_us, r.lat_p999_us,
+               format_size(r.rc_bytes), format_size(r.host_memory_bytes), r.path);
     verified += r.verified_bytes;
     ++ok;
   }

@@ -163,6 +163,24 @@ bool device_matches(const Function& f, const std::string& filter) {
   return false;
 }
 
+// A size as lspci prints it: 16K, 16M, 64G (exact multiples), else bytes.
+std::string lspci_size(uint64_t v) {
+  for (const auto& [unit, suffix] : {std::pair{GiB, "G"}, std::pair{MiB, "M"}, std::pair{KiB, "K"}})
+    if (v >= unit && v % unit == 0) return fmt::format("{}{}", v / unit, suffix);
+  return std::to_string(v);
+}
+
+// The tree's last column, as lspci -v tells it: each BAR's size (pref: prefetchable), and the
+// link's speed and width (LnkSta) when known.
+std::string bars_and_link(const Function& f) {
+  std::string out;
+  for (const Bar& b : f.bars)
+    out += fmt::format("{}BAR{} {}{}", out.empty() ? "" : " ", b.index, lspci_size(b.size()), b.prefetchable() ? " pref" : "");
+  if (f.link_speed_gts > 0 && f.link_width > 0)
+    out += fmt::format("{}LnkSta {:g}GT/s x{}", out.empty() ? "" : "  ", f.link_speed_gts, f.link_width);
+  return out;
+}
+
 void print_tree(const Topology& t, P2PEngine& e) {
   std::vector<std::vector<uint32_t>> children(t.functions.size());
   for (uint32_t i = 0; i < t.functions.size(); ++i)
@@ -191,7 +209,7 @@ void print_tree(const Topology& t, P2PEngine& e) {
       const Function& f = t.functions[i];
       rows.push_back({std::string(static_cast<size_t>(depth) * 2, ' ') + describe(f), fmt::format("{:04x}:{:04x}", f.vendor, f.device),
                       class_name(f.class_code), port_label(f), acs_label(f),
-                      f.bars.empty() ? "" : fmt::format("BARs {}", f.bars.size())});
+                      bars_and_link(f)});
       for (auto it = children[i].rbegin(); it != children[i].rend(); ++it) stack.push_back({*it, depth + 1});
     }
     size_t w[4] = {0, 0, 0, 0};
@@ -217,10 +235,26 @@ std::vector<uint32_t> endpoints(const Topology& t, const std::string& filter) {
   return out;
 }
 
+// nvidia-smi's link class of a pair from its verdict alone, as P2PEngine::explain() derives
+// it from the path (a CLI test compares the two on every pair of the built-in machines):
+// bus_addr through at most one switch (distance up to 4: three bridges) is PIX, through more
+// PXB; any other verdict goes through the host bridge: PHB within one, NODE or SYS between two.
+const char* pair_link_class(const Topology& t, uint32_t p, uint32_t c, const Verdict& v) {
+  if (p == c) return "X";
+  if (v.type == MapType::bus_addr) return v.distance <= 4 ? "PIX" : "PXB";
+  const Function& a = t.functions[p];
+  const Function& b = t.functions[c];
+  if (a.host_bridge == b.host_bridge) return "PHB";
+  const int fa = a.numa_node >= 0 ? a.numa_node : t.host_bridges[a.host_bridge].numa_node;
+  const int fb = b.numa_node >= 0 ? b.numa_node : t.host_bridges[b.host_bridge].numa_node;
+  return fa == fb ? "NODE" : "SYS";
+}
+
 void print_legend(const Topology& t) {
   fmt::print("\n  Bn = bus_addr (PCI bus address, below a common switch or bridge), distance n\n"
              "  Hn = thru_host_bridge (via the root complex, IOMMU applies), distance n\n"
              "  -- = not_supported (the DMA layer must bounce or fail with EREMOTEIO)\n");
+  for (const auto& [cls, def] : link_class_legend()) fmt::print("  {:<4} = {}\n", cls, def);
   bool any_unknown = false;
   for (const Function& f : t.functions) any_unknown = any_unknown || f.acs.kind == AcsState::Kind::unknown;
   if (any_unknown)
@@ -229,25 +263,40 @@ void print_legend(const Topology& t) {
   fmt::print("  physr explain A B shows why.\n");
 }
 
-// Columns are 4 wide, wider when a verdict needs it (H102), so neighbours never touch.
+// Columns are 4 wide, wider when a verdict or a device's name needs it (H102), so
+// neighbours never touch; a column is headed by its device's name (its index when it has
+// none), as nvidia-smi topo -m heads them. Then the same pairs as nvidia-smi's link classes.
 // Verdicts are computed, not cached: the engine's cache is for the DMA layer's lookups.
 void print_one_matrix(const Topology& t, P2PEngine& e, const std::vector<uint32_t>& devs) {
-  std::vector<std::string> cells;
+  std::vector<std::string> cells, classes, heads;
   cells.reserve(devs.size() * devs.size());
+  classes.reserve(devs.size() * devs.size());
   size_t w = std::max<size_t>(4, fmt::format_int(devs.size()).size() + 1);
+  for (size_t j = 0; j < devs.size(); ++j) {
+    const Function& f = t.functions[devs[j]];
+    heads.push_back(!f.name.empty() && f.name.size() <= 12 ? f.name : std::to_string(j));
+    w = std::max(w, heads.back().size() + 1);
+  }
   for (uint32_t p : devs)
     for (uint32_t c : devs) {
-      cells.push_back(short_verdict(e.compute(p, c)));
+      const Verdict v = e.compute(p, c);
+      cells.push_back(short_verdict(v));
+      classes.push_back(pair_link_class(t, p, c, v));
       w = std::max(w, cells.back().size() + 1);
     }
-  fmt::print("{:>4}  {:<24}", "", "");
-  for (size_t j = 0; j < devs.size(); ++j) fmt::print("{:>{}}", j, w);
-  fmt::print("\n");
-  for (size_t i = 0; i < devs.size(); ++i) {
-    fmt::print("{:>4}  {:<24}", i, describe(t.functions[devs[i]]).substr(0, 24));
-    for (size_t j = 0; j < devs.size(); ++j) fmt::print("{:>{}}", cells[i * devs.size() + j], w);
+  const auto grid = [&](const std::vector<std::string>& g) {
+    fmt::print("{:>4}  {:<24}", "", "");
+    for (size_t j = 0; j < devs.size(); ++j) fmt::print("{:>{}}", heads[j], w);
     fmt::print("\n");
-  }
+    for (size_t i = 0; i < devs.size(); ++i) {
+      fmt::print("{:>4}  {:<24}", i, describe(t.functions[devs[i]]).substr(0, 24));
+      for (size_t j = 0; j < devs.size(); ++j) fmt::print("{:>{}}", g[i * devs.size() + j], w);
+      fmt::print("\n");
+    }
+  };
+  grid(cells);
+  fmt::print("\n  Link classes (nvidia-smi topo -m):\n");
+  grid(classes);
 }
 
 // Up to 32 devices: one matrix. More: a matrix per host bridge that has at most 32, and
@@ -324,6 +373,29 @@ nlohmann::json function_json(const Topology& t, const Function& f) {
                       {"host_bridge", t.host_bridges[f.host_bridge].name()}};
   o["upstream"] = f.upstream >= 0 ? nlohmann::json(t.functions[static_cast<uint32_t>(f.upstream)].bdf.to_string()) : nlohmann::json();
   if (!f.name.empty()) o["name"] = f.name;
+  // Added fields (none renamed): the BARs as lspci -v lists them, exact bytes; the link as
+  // LnkSta gives it (null when unknown).
+  o["bars"] = nlohmann::json::array();
+  for (const Bar& b : f.bars)
+    o["bars"].push_back({{"bar", b.index}, {"base", b.span.base.value()}, {"size", b.size()}, {"size_text", format_size(b.size())},
+                         {"memory", b.is_mem()}, {"prefetchable", b.prefetchable()}});
+  o["link_speed_gts"] = f.link_speed_gts > 0 ? nlohmann::json(f.link_speed_gts) : nlohmann::json();
+  o["link_width"] = f.link_width > 0 ? nlohmann::json(f.link_width) : nlohmann::json();
+  return o;
+}
+
+// A host bridge in `topo --json`: its name and node, and what Linux's allowlist says for
+// P2P between two root ports below it (the text tree's line).
+nlohmann::json host_bridge_json(const Topology& t, const P2PEngine& e, uint32_t h) {
+  const HostBridge& hb = t.host_bridges[h];
+  nlohmann::json o = {{"name", hb.name()}, {"numa_node", hb.numa_node}};
+  if (const auto id = e.identifying_device(h)) {
+    o["identifying_device"] = t.functions[*id].bdf.to_string();
+    o["allowlisted"] = e.host_bridge_allowed(*id, *id);
+  } else {
+    o["identifying_device"] = nullptr;
+    o["allowlisted"] = false;
+  }
   return o;
 }
 
@@ -341,7 +413,7 @@ void print_json(const Topology& t, const P2PEngine& e, const std::vector<uint32_
   w.end_array();
   w.key("host_bridges");
   w.begin_array();
-  for (const HostBridge& hb : t.host_bridges) w.value(nlohmann::json{{"name", hb.name()}, {"numa_node", hb.numa_node}});
+  for (uint32_t h = 0; h < t.host_bridges.size(); ++h) w.value(host_bridge_json(t, e, h));
   w.end_array();
   w.key("kernel");
   w.value(nlohmann::json{{"version", k.version.to_string()}, {"from", k.from}});
@@ -364,6 +436,10 @@ void print_json(const Topology& t, const P2PEngine& e, const std::vector<uint32_
         b += "\"distance\": ";
         b += fmt::format_int(v.distance).c_str();
         b += ",\n";
+        b += in;
+        b += "\"link_class\": \"";
+        b += pair_link_class(t, p, c, v);
+        b += "\",\n";
         b += in;
         b += "\"map_type\": \"";
         b += map_type_name(v.type);
@@ -451,7 +527,54 @@ void run_topo(const TopoOptions& o) {
 struct ExplainOptions {
   std::shared_ptr<SourceOptions> src = std::make_shared<SourceOptions>();
   std::string a, b;
+  bool json = false;
 };
+
+// `explain --json`: the explanation as data, the text's facts under stable keys.
+nlohmann::json explanation_json(const Topology& t, const P2PEngine& e, uint32_t p, uint32_t c, const ExplainContext& how) {
+  const Explanation x = e.explain(p, c);
+  const auto hop = [&](const PathHop& h) {
+    const Function& f = t.functions[h.function];
+    return nlohmann::json{{"bdf", f.bdf.to_string()}, {"class_name", class_name(f.class_code)}, {"port_type", port_type_name(f.port_type)},
+                          {"acs", acs_label(f)}, {"redirects", h.redirects}, {"acs_unknown", h.acs_unknown}};
+  };
+  const auto dev = [&](uint32_t f) {
+    nlohmann::json o = function_json(t, t.functions[f]);
+    return o;
+  };
+  nlohmann::json j = {{"provider", dev(p)}, {"client", dev(c)}, {"kernel", {{"version", x.kernel.to_string()}, {"from", how.rules_from}}}};
+  j["provider_path"] = nlohmann::json::array();
+  for (const PathHop& h : x.provider_path) j["provider_path"].push_back(hop(h));
+  j["client_path"] = nlohmann::json::array();
+  for (auto it = x.client_path.rbegin(); it != x.client_path.rend(); ++it) j["client_path"].push_back(hop(*it));
+  j["common_upstream"] = x.common ? nlohmann::json(t.functions[*x.common].bdf.to_string()) : nlohmann::json();
+  j["acs_redirecting"] = nlohmann::json::array();
+  for (uint32_t f : x.acs_redirecting) j["acs_redirecting"].push_back(t.functions[f].bdf.to_string());
+  j["acs_unknown_on_path"] = x.acs_unknown_on_path;
+  j["same_host_bridge"] = x.same_host_bridge;
+  j["cpu"] = {{"vendor", t.cpu.vendor}, {"family", t.cpu.family}, {"amd_zen_rule", x.cpu_amd_zen},
+              {"overridden", x.cpu_amd_zen != cpu_supports_p2pdma(t.cpu)}};
+  j["allowlist"] = nlohmann::json::array();
+  for (const auto& chk : x.allowlist)
+    j["allowlist"].push_back({{"host_bridge", t.host_bridges[chk.host_bridge].name()},
+                              {"identifying_device", chk.identifying ? nlohmann::json(t.functions[*chk.identifying].bdf.to_string()) : nlohmann::json()},
+                              {"listed", chk.listed},
+                              {"requires_same_host_bridge", chk.requires_same_host_bridge},
+                              {"passes", chk.passes}});
+  j["second_host_bridge_skipped"] = x.second_host_bridge_skipped;
+  j["map_type"] = map_type_name(x.verdict.type);
+  j["distance"] = x.verdict.distance;
+  j["link_class"] = x.link_class;
+  j["newer_kernel_allows"] = x.newer_kernel_allows ? nlohmann::json(x.newer_kernel_allows->to_string()) : nlohmann::json();
+  j["kernel_log"] = x.kernel_log;
+  j["kernel_parameter"] = x.kernel_parameter.empty() ? nlohmann::json() : nlohmann::json(x.kernel_parameter);
+  if (!x.kernel_parameter.empty()) {
+    std::string ports = how.acs_off;
+    for (uint32_t f : x.acs_redirecting) ports += (ports.empty() ? "" : ",") + t.functions[f].bdf.to_string();
+    j["what_if"] = how.command + " --assume-acs-off " + shell_quote(ports);
+  }
+  return j;
+}
 
 void print_hop(const Topology& t, const PathHop& h, const char* note) {
   const Function& f = t.functions[h.function];
@@ -472,6 +595,10 @@ void run_explain(const ExplainOptions& o) {
       {"--sysfs-root", &o.src->sysfs_root}, {"--machine", &o.src->machine}, {"--assume-cpu", &o.src->assume_cpu}, {"--kernel", &o.src->kernel}};
   for (const auto& [flag, value] : opts)
     if (!value->empty()) how.command += std::string(" ") + flag + " " + shell_quote(*value);
+  if (o.json) {
+    fmt::print("{}\n", json_text(explanation_json(t, e, lookup(o.a), lookup(o.b), how), 2));
+    return;
+  }
   print_explanation(t, e, lookup(o.a), lookup(o.b), how);
 }
 
@@ -593,6 +720,7 @@ void add_topo_commands(CLI::App& app) {
   CLI::App* e = app.add_subcommand("explain", "Explain the P2P verdict between two devices, hop by hop");
   e->add_option("provider", x->a, "The device whose memory is used (BDF or name)")->required();
   e->add_option("client", x->b, "The device doing the DMA (BDF or name)")->required();
+  e->add_flag("--json", x->json, "Print the explanation as one JSON object (path, ACS, CPU rule, allowlist, verdict, link class)");
   add_source_options(e, x->src);
   e->callback([x] { run_explain(*x); });
 }
