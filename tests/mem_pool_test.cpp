@@ -370,6 +370,58 @@ TEST(MemPoolTest, RandomAllocFreeMatchesAReferenceModel) {
   }
 }
 
+// The thread's own frees come back to it (as the kernel's per-cpu page lists keep freed
+// pages near the CPU): once enough batches wait, the allocating thread ends a grace period
+// itself (synchronize_rcu) and reuses them, so a ring of chunks in flight stays within a
+// bounded set of addresses instead of walking the whole BAR while call_rcu batches. Also:
+// removal with batches waiting and ready on the thread leaves nothing behind.
+TEST(MemPoolTest, AThreadReusesItsOwnFreesAfterItsOwnGracePeriod) {
+  MemWorld w;
+  auto m = make(w, /*track=*/false);
+  ASSERT_TRUE(m->add_resource(w.gpu, 0, 0, 0));  // 524288 granules
+  std::vector<P2PChunk> ring;
+  for (int i = 0; i < 1024; ++i) ring.push_back(m->alloc(w.gpu, 4096).value());
+  std::set<uint64_t> seen;
+  for (const P2PChunk& c : ring) seen.insert(c.span.base.value());
+  for (size_t i = 0; i < 32768; ++i) {
+    P2PChunk c = m->alloc(w.gpu, 4096).value();
+    seen.insert(c.span.base.value());
+    ASSERT_TRUE(m->free(ring[i % ring.size()]));
+    ring[i % ring.size()] = c;
+  }
+  // In flight (1024), waiting for the thread's grace period (16 batches of 128), the
+  // pending batch and one refill: never more than 4096 distinct granules.
+  EXPECT_LE(seen.size(), 4096u);
+  PoolStats s = m->stats(w.gpu);
+  EXPECT_EQ(s.chunks, 1024u);
+  EXPECT_EQ(s.allocated, 1024u * 4096);
+  for (const P2PChunk& c : ring) ASSERT_TRUE(m->free(c));
+  ASSERT_TRUE(m->remove(w.gpu));
+  s = m->stats(w.gpu);
+  EXPECT_EQ(s.chunks + s.allocated + s.deferred, 0u);
+}
+
+// 2 MiB chunks are found a word of the bitmap at a time where the resource starts on a
+// 256 KiB boundary; they are still aligned to 2 MiB of physical address, not to the word.
+TEST(MemPoolTest, HugeChunksOfAQuarterMibOffsetResourceAreNaturallyAligned) {
+  MemWorld w;
+  auto m = make(w, /*track=*/false);
+  ASSERT_TRUE(m->add_resource(w.gpu, 0, 0, 256 * KiB));
+  std::vector<P2PChunk> got;
+  // [256 KiB, 2 GiB) of a 1 GiB-aligned BAR holds 1023 aligned 2 MiB windows.
+  for (int i = 0; i < 1023; ++i) {
+    auto c = m->alloc(w.gpu, 2 * MiB);
+    ASSERT_TRUE(c) << i << ": " << c.error().to_string();
+    ASSERT_EQ(c->span.base.value() % (2 * MiB), 0u) << format_hex(c->span.base.value());
+    got.push_back(*c);
+  }
+  EXPECT_EQ(m->alloc(w.gpu, 2 * MiB).error().code, ENOMEM);
+  P2PChunk small = m->alloc(w.gpu, 4096).value();  // the 1792 KiB before the first window
+  EXPECT_LT(small.span.base.value(), MemWorld::kGpuBar + 2 * MiB);
+  got.push_back(small);
+  for (const P2PChunk& c : got) ASSERT_TRUE(m->free(c));
+}
+
 // The grace period: a reader inside a read-side section that found chunks keeps them from
 // being handed out again, though they were freed; after it leaves they come back.
 TEST(MemPoolTest, AReaderHoldingChunksAcrossTheirFreeNeverSeesThemReused) {
