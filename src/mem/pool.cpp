@@ -186,8 +186,16 @@ struct Resource {
       n -= take;
     }
   }
+  // all_set() for one granule or whole words; false (the caller takes the full path) else.
+  [[gnu::always_inline]] bool all_set_quick(uint64_t i, uint64_t n) const {
+    if (n == 1) return test(i);
+    if ((i | n) & 63) return false;
+    for (uint64_t w = i >> 6, e = (i + n) >> 6; w < e; ++w)
+      if (bits[w].load(std::memory_order_relaxed) != ~uint64_t{0}) return false;
+    return true;
+  }
   // Whether all of [i, i + n) is set (held or in flight).
-  [[gnu::always_inline]] bool all_set(uint64_t i, uint64_t n) const {
+  bool all_set(uint64_t i, uint64_t n) const {
     if (n == 1) return test(i);
     if (!((i | n) & 63)) {  // whole words (a chunk of 256 KiB or more)
       for (uint64_t w = i >> 6, e = (i + n) >> 6; w < e; ++w)
@@ -410,7 +418,7 @@ struct P2PMemory::Impl {
   Status free_error(const P2PChunk& c, const std::string& why) const;
   void free_slow(ThreadCache* tc, Resource* r, uint64_t addr, uint64_t size);
   Batch* retire_locked(ThreadCache* tc, Batch* b);
-  void retire(ThreadCache* tc, Batch* b);
+  [[gnu::noinline]] Status retire(ThreadCache* tc, Batch* b);
   bool grace_local(ThreadCache* tc, std::unique_lock<std::mutex>& lk);
   uint32_t take_ready(ThreadCache* tc, ResCache* c, unsigned k);
   void record(const P2PChunk& c, const char* owner, Resource* r);
@@ -861,7 +869,7 @@ inline Status P2PMemory::Impl::free(const P2PChunk& c) {
     if (rc) [[likely]] {
       Resource* r = rc->r;
       if (r->provider == c.provider && r->span.contains(c.span) && !((a | size) & (kPageSize - 1)) &&
-          !r->removed.load(std::memory_order_acquire) && r->all_set((a - r->span.base.value()) >> kPageShift, size >> kPageShift)) [[likely]] {
+          !r->removed.load(std::memory_order_acquire) && r->all_set_quick((a - r->span.base.value()) >> kPageShift, size >> kPageShift)) [[likely]] {
         tc->busy.store(1, std::memory_order_relaxed);
         light_fence();
         Batch* b = tc->steal.load(std::memory_order_acquire) ? nullptr : tc->pending;
@@ -873,7 +881,7 @@ inline Status P2PMemory::Impl::free(const P2PChunk& c) {
           const bool full = b->n == kBatchSize;
           if (full) tc->pending = nullptr;
           tc->busy.store(0, std::memory_order_release);
-          if (full) [[unlikely]] retire(tc, b);
+          if (full) [[unlikely]] return retire(tc, b);  // tail calls: the fast path needs no frame
           return {};
         }
         tc->busy.store(0, std::memory_order_release);
@@ -927,7 +935,7 @@ Status P2PMemory::Impl::free_full(const P2PChunk& c) {
       const bool full = b->n == kBatchSize;
       if (full) tc->pending = nullptr;
       tc->busy.store(0, std::memory_order_release);
-      if (full) [[unlikely]] retire(tc, b);
+      if (full) [[unlikely]] return retire(tc, b);
       return {};
     }
     tc->busy.store(0, std::memory_order_release);
@@ -965,7 +973,7 @@ Batch* P2PMemory::Impl::retire_locked(ThreadCache* tc, Batch* b) {
   return old;
 }
 
-void P2PMemory::Impl::retire(ThreadCache* tc, Batch* b) {
+Status P2PMemory::Impl::retire(ThreadCache* tc, Batch* b) {
   Batch* over;
   {
     std::lock_guard t(tc->mu);
@@ -973,6 +981,7 @@ void P2PMemory::Impl::retire(ThreadCache* tc, Batch* b) {
     if (!tc->pending) tc->pending = new_batch();
   }
   if (over) submit(over);
+  return {};
 }
 
 // Under lk (tc->mu), which it drops meanwhile: the thread's own grace period
@@ -1004,11 +1013,12 @@ uint32_t P2PMemory::Impl::take_ready(ThreadCache* tc, ResCache* c, unsigned k) {
     Batch* b = tc->ready.back();
     if (live) {
       // The common case: the magazine's own resource and size, straight in.
-      uint32_t n = b->n, mn = m.n;
-      while (n && mn < kRefill && b->e[n - 1].r == r && b->e[n - 1].size == csize) m.addr[mn++] = b->e[--n].addr;
-      bump(c->deferred_out, static_cast<int64_t>((mn - m.n) * csize));
-      b->n = n;
-      m.n = mn;
+      const uint32_t n = b->n, mn = m.n, want = std::min(n, kRefill - mn);
+      uint32_t j = 0;
+      for (const Batch::Entry* e = b->e + n - 1; j < want && e->r == r && e->size == csize; ++j, --e) m.addr[mn + j] = e->addr;
+      bump(c->deferred_out, static_cast<int64_t>(j * csize));
+      b->n = n - j;
+      m.n = mn + j;
     }
     while (b->n && m.n < kRefill) {
       const Batch::Entry& e = b->e[--b->n];
