@@ -336,6 +336,7 @@ struct FunctionState {
   std::atomic<uint32_t> nres{0};
   std::atomic<bool> published{false};
   P2PMemory::RevokeFn revoke;  // under Impl::mu
+  std::vector<P2PMemorySource*> files;  // its allocate files (under Impl::mu)
 };
 
 struct Tracked {
@@ -1238,6 +1239,16 @@ void P2PMemory::on_revoke(uint32_t function, RevokeFn fn) {
 
 void P2PMemory::barrier() { impl_->barrier(); }
 
+void P2PMemory::attach_file(uint32_t function, P2PMemorySource* file) {
+  std::lock_guard g(impl_->mu);
+  if (function < impl_->nfns) impl_->fns[function].files.push_back(file);
+}
+
+void P2PMemory::detach_file(uint32_t function, P2PMemorySource* file) {
+  std::lock_guard g(impl_->mu);
+  if (function < impl_->nfns) std::erase(impl_->fns[function].files, file);
+}
+
 PoolStats P2PMemory::stats(uint32_t function) const {
   Impl& m = *impl_;
   PoolStats s;
@@ -1288,6 +1299,16 @@ Status P2PMemory::remove(uint32_t function) {
   for (Resource* r : rs) r->dying.store(true, std::memory_order_release);
   fs.published.store(false, std::memory_order_release);
   heavy_fence();
+  // pci_p2pdma_unmap_mappings(): unmap_mapping_range() on the allocate file, so that no
+  // user mapping of the memory is left (a later pin of those addresses is EFAULT). Chunks
+  // only mapped are freed now; pinned ones (an I/O in flight) hold on until their unpin,
+  // which the wait below sees, as memunmap_pages() waits for pgmap->ref.
+  std::vector<P2PMemorySource*> files;
+  {
+    std::lock_guard g(m.mu);
+    files = fs.files;
+  }
+  for (P2PMemorySource* file : files) file->unmap_mapping_range();
   // Cached chunks and pending frees of these resources go back, so that what is left set in
   // their bitmaps is exactly what callers hold.
   m.steal_all(/*drain_ready=*/true, /*only_dying=*/true);
