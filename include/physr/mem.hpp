@@ -207,7 +207,9 @@ class P2PMemorySource final : public P2PChunkSource {
   /// Chunks that are also pinned stay held until the last unpin. P2PMemory::remove() calls
   /// it; the number of VMAs unmapped.
   size_t unmap_mapping_range();
+  /// Registers `space` in the file's i_mapping (its first mmap_p2p of this file).
   void mapped_by(AddressSpace& space) override;
+  /// Forgets `space` (its destructor), after any unmap_mapping_range() in progress.
   void unmapped_by(AddressSpace& space) override;
 
  private:
