@@ -370,6 +370,58 @@ TEST(MemPoolTest, RandomAllocFreeMatchesAReferenceModel) {
   }
 }
 
+// The thread's own frees come back to it (as the kernel's per-cpu page lists keep freed
+// pages near the CPU): once enough batches wait, the allocating thread ends a grace period
+// itself (synchronize_rcu) and reuses them, so a ring of chunks in flight stays within a
+// bounded set of addresses instead of walking the whole BAR while call_rcu batches. Also:
+// removal with batches waiting and ready on the thread leaves nothing behind.
+TEST(MemPoolTest, AThreadReusesItsOwnFreesAfterItsOwnGracePeriod) {
+  MemWorld w;
+  auto m = make(w, /*track=*/false);
+  ASSERT_TRUE(m->add_resource(w.gpu, 0, 0, 0));  // 524288 granules
+  std::vector<P2PChunk> ring;
+  for (int i = 0; i < 1024; ++i) ring.push_back(m->alloc(w.gpu, 4096).value());
+  std::set<uint64_t> seen;
+  for (const P2PChunk& c : ring) seen.insert(c.span.base.value());
+  for (size_t i = 0; i < 32768; ++i) {
+    P2PChunk c = m->alloc(w.gpu, 4096).value();
+    seen.insert(c.span.base.value());
+    ASSERT_TRUE(m->free(ring[i % ring.size()]));
+    ring[i % ring.size()] = c;
+  }
+  // In flight (1024), waiting for the thread's grace period (16 batches of 128), the
+  // pending batch and one refill: never more than 4096 distinct granules.
+  EXPECT_LE(seen.size(), 4096u);
+  PoolStats s = m->stats(w.gpu);
+  EXPECT_EQ(s.chunks, 1024u);
+  EXPECT_EQ(s.allocated, 1024u * 4096);
+  for (const P2PChunk& c : ring) ASSERT_TRUE(m->free(c));
+  ASSERT_TRUE(m->remove(w.gpu));
+  s = m->stats(w.gpu);
+  EXPECT_EQ(s.chunks + s.allocated + s.deferred, 0u);
+}
+
+// 2 MiB chunks are found a word of the bitmap at a time where the resource starts on a
+// 256 KiB boundary; they are still aligned to 2 MiB of physical address, not to the word.
+TEST(MemPoolTest, HugeChunksOfAQuarterMibOffsetResourceAreNaturallyAligned) {
+  MemWorld w;
+  auto m = make(w, /*track=*/false);
+  ASSERT_TRUE(m->add_resource(w.gpu, 0, 0, 256 * KiB));
+  std::vector<P2PChunk> got;
+  // [256 KiB, 2 GiB) of a 1 GiB-aligned BAR holds 1023 aligned 2 MiB windows.
+  for (int i = 0; i < 1023; ++i) {
+    auto c = m->alloc(w.gpu, 2 * MiB);
+    ASSERT_TRUE(c) << i << ": " << c.error().to_string();
+    ASSERT_EQ(c->span.base.value() % (2 * MiB), 0u) << format_hex(c->span.base.value());
+    got.push_back(*c);
+  }
+  EXPECT_EQ(m->alloc(w.gpu, 2 * MiB).error().code, ENOMEM);
+  P2PChunk small = m->alloc(w.gpu, 4096).value();  // the 1792 KiB before the first window
+  EXPECT_LT(small.span.base.value(), MemWorld::kGpuBar + 2 * MiB);
+  got.push_back(small);
+  for (const P2PChunk& c : got) ASSERT_TRUE(m->free(c));
+}
+
 // The grace period: a reader inside a read-side section that found chunks keeps them from
 // being handed out again, though they were freed; after it leaves they come back.
 TEST(MemPoolTest, AReaderHoldingChunksAcrossTheirFreeNeverSeesThemReused) {
@@ -499,6 +551,81 @@ TEST(MemPoolTest, AddressSpacesMapThePoolThroughItsAllocateFile) {
   auto gone = as.mmap_p2p(file, opt);
   ASSERT_FALSE(gone);
   EXPECT_EQ(gone.error().code, ENODEV) << gone.error().to_string();
+}
+
+// drivers/pci/p2pdma.c, a provider going away under O_DIRECT into its memory:
+// pci_p2pdma_unmap_mappings() runs unmap_mapping_range() on the allocate file, so every
+// user mapping goes at once, while an I/O in flight keeps its pinned pages (each holds the
+// pgmap reference that memunmap_pages() waits for): the I/O completes, its unpin frees the
+// chunk, and only then does the removal finish. Afterwards a pin of the old address is
+// EFAULT (the new O_DIRECT fails naming it) and nothing of the pool is left.
+TEST(MemPoolTest, RemovalUnmapsUserMappingsAndWaitsForTheIoInFlight) {
+  MemWorld w;
+  P2PMemoryOptions o;
+  o.remove_timeout = std::chrono::seconds(30);  // the removal must wait for the unpin, not give up
+  auto m = P2PMemory::create(*w.platform, std::move(o)).value();
+  ASSERT_TRUE(m->add_resource(w.nvme, 2, 0, 0));
+  P2PMemorySource file(*m, w.nvme, "nvme");
+  auto host = HostMemory::create(PhysSpan{PhysAddr(1 * GiB), 64 * MiB}).value();
+  AddressSpace as(*host);
+  uint64_t a = 0, idle = 0;
+  {
+    std::lock_guard l(as.mmap_lock());
+    a = as.mmap_p2p(file, {.len = 256 * KiB, .shared = true}).value();  // the I/O's buffer
+    idle = as.mmap_p2p(file, {.len = 64 * KiB, .shared = true}).value();  // mapped, never pinned
+  }
+  EXPECT_EQ(m->stats(w.nvme).chunks, 2u);
+  const Queue q = Queue::nvme("nvme0n1", /*ctrl_supports_pci_p2pdma=*/true).value();
+  std::atomic<bool> removed{false};
+  Status removal;
+  std::thread remover;
+  bool unmapped_in_flight = false;
+  Status refused_pin;
+  const auto driver = [&](const Request&, const RangeList& segs) -> Status {
+    if (remover.joinable()) return {};
+    // The device is moving the bytes when its provider starts going away.
+    remover = std::thread([&] {
+      removal = m->remove(w.nvme);
+      removed.store(true);
+    });
+    for (;;) {  // until the mapping is gone (or, were it never unmapped, the removal gave up)
+      {
+        std::lock_guard l(as.mmap_lock());
+        if (!as.find_vma(a) && !as.find_vma(idle)) {
+          unmapped_in_flight = true;
+          auto p = as.pin(a, kPageSize, FollFlags(Foll::write) | Foll::pci_p2pdma);
+          refused_pin = p ? Status{} : Status(p.error());
+          if (p) (void)as.unpin(std::move(*p));
+          break;
+        }
+      }
+      if (removed.load()) break;
+      std::this_thread::yield();
+    }
+    EXPECT_FALSE(removed.load()) << "the removal ended while the I/O still held its pages";
+    for (const PhysRange& r : segs) EXPECT_NE(as.provider_at(r.base), kInvalidProvider);  // still held by the pins
+    return {};  // the I/O completes
+  };
+  auto io = direct_io(as, q, BlockOp::read, a, 256 * KiB, 0, driver);
+  ASSERT_TRUE(remover.joinable());
+  remover.join();
+  ASSERT_TRUE(io) << io.error().to_string();
+  EXPECT_TRUE(unmapped_in_flight) << "the user mappings survived the provider's removal";
+  ASSERT_FALSE(refused_pin);
+  EXPECT_EQ(refused_pin.error().code, EFAULT);
+  EXPECT_TRUE(removal) << removal.error().to_string();
+  // A new O_DIRECT at the old address: EFAULT, naming it.
+  auto again = direct_io(as, q, BlockOp::read, a, 4096, 0, [](const Request&, const RangeList&) -> Status { return {}; });
+  ASSERT_FALSE(again);
+  EXPECT_EQ(again.error().code, EFAULT);
+  EXPECT_NE(again.error().to_string().find(format_hex(a)), std::string::npos) << again.error().to_string();
+  // Nothing left: the file, the address space and the pool.
+  EXPECT_EQ(file.live_chunks(), 0u);
+  EXPECT_EQ(as.stats().p2p_chunks, 0u);
+  EXPECT_EQ(as.stats().vmas, 0u);
+  const PoolStats s = m->stats(w.nvme);
+  EXPECT_EQ(s.chunks + s.allocated + s.deferred + s.size, 0u);
+  EXPECT_EQ(as.mmap_p2p(file, {.len = 4096, .shared = true}).error().code, ENODEV);
 }
 
 }  // namespace

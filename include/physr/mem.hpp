@@ -50,6 +50,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <span>
 #include <string>
@@ -83,6 +84,8 @@ struct P2PMemoryOptions {
   /// Receives leak reports (chunks still held at remove() timeout or teardown); null: stderr.
   std::function<void(const std::string& report)> report{};
 };
+
+class P2PMemorySource;
 
 /// The p2pdma state of every provider on a Platform (Linux: pdev->p2pdma for each device).
 /// Set-up (add_resource, publish, on_revoke) and remove() are serialised against each other;
@@ -128,8 +131,11 @@ class P2PMemory {
   /// 4 KiB) that the BAR's start, `size` and `offset` are all aligned to.
   static uint64_t max_pagemap_align(PhysAddr bar_start, uint64_t size, uint64_t offset) noexcept;
   /// Provider removal (the device's P2P memory going away): new allocations fail with
-  /// ENODEV at once; the revoke callbacks run for every chunk still held; then it waits (up
-  /// to remove_timeout) for them to be freed, waits a grace period and frees the pool.
+  /// ENODEV at once; every user mapping of the function's allocate files goes
+  /// (P2PMemorySource::unmap_mapping_range(), pins keep their chunks); the revoke callbacks
+  /// run for every chunk still held; then it waits (up to remove_timeout) for them to be
+  /// freed (the last unpin of an I/O in flight), waits a grace period and frees the pool.
+  /// Not with an address space's mmap_lock held (the unmap takes it).
   /// ENODEV: no P2P memory; EBUSY: chunks still held after the timeout (reported; the
   /// function stays removed for allocations and a later remove() finishes the job).
   Status remove(uint32_t function);
@@ -154,7 +160,10 @@ class P2PMemory {
   struct Impl;
 
  private:
+  friend class P2PMemorySource;  // registers itself as the function's allocate file
   explicit P2PMemory(std::unique_ptr<Impl> impl);
+  void attach_file(uint32_t function, P2PMemorySource* file);
+  void detach_file(uint32_t function, P2PMemorySource* file);
   std::unique_ptr<Impl> impl_;
 };
 
@@ -163,15 +172,16 @@ class P2PMemory {
 /// chunks of the function's real pool. alloc() is pci_alloc_p2pmem() (ENOMEM: no room,
 /// ENODEV: no resource left or every one being removed), release() is pci_free_p2pmem()
 /// (back in the pool after a grace period). It keeps the chunks it handed out, so release()
-/// of anything else is EINVAL and nothing goes back twice. Not thread-safe (as the address
-/// spaces that use it); the P2PMemory must outlive it, and it must outlive every VMA and pin
-/// of its memory.
+/// of anything else is EINVAL and nothing goes back twice. It knows the address spaces that
+/// map it (the file's i_mapping), so that the provider's removal unmaps them. Thread-safe
+/// (an address space's thread and a removal's may use it at once); the P2PMemory must
+/// outlive it, and it must outlive every address space that mapped it.
 class P2PMemorySource final : public P2PChunkSource {
  public:
   /// `name` is the device in messages ("nvme1"); `owner` names the chunks in leak reports.
   P2PMemorySource(P2PMemory& memory, uint32_t function, std::string name, std::string owner = "p2pmem mmap");
   /// Chunks still held are left to the pool, which reports them at its teardown.
-  ~P2PMemorySource() override = default;
+  ~P2PMemorySource() override;
   P2PMemorySource(const P2PMemorySource&) = delete;
   P2PMemorySource& operator=(const P2PMemorySource&) = delete;
 
@@ -190,13 +200,26 @@ class P2PMemorySource final : public P2PChunkSource {
   /// The function whose pool this is.
   uint32_t function() const noexcept { return function_; }
   /// Chunks handed out and not yet released.
-  size_t live_chunks() const noexcept { return live_.size(); }
+  size_t live_chunks() const;
+  /// Linux unmap_mapping_range(file->f_mapping, 0, 0, 1), as pci_p2pdma_unmap_mappings()
+  /// does when the provider goes: every P2P VMA of every address space that maps one of
+  /// this file's chunks is unmapped (under its mmap_lock; MMU_NOTIFY_CLEAR for p2p_revoke).
+  /// Chunks that are also pinned stay held until the last unpin. P2PMemory::remove() calls
+  /// it; the number of VMAs unmapped.
+  size_t unmap_mapping_range();
+  /// Registers `space` in the file's i_mapping (its first mmap_p2p of this file).
+  void mapped_by(AddressSpace& space) override;
+  /// Forgets `space` (its destructor), after any unmap_mapping_range() in progress.
+  void unmapped_by(AddressSpace& space) override;
 
  private:
   P2PMemory* mem_;
   uint32_t function_;
   std::string name_, owner_;
-  std::map<uint64_t, P2PChunk> live_;  // by physical start
+  mutable std::mutex mu_;                // live_ and spaces_
+  std::mutex unmap_mu_;                  // held while unmap_mapping_range() walks spaces_
+  std::map<uint64_t, P2PChunk> live_;    // by physical start
+  std::vector<AddressSpace*> spaces_;    // that mapped this file (its i_mapping)
 };
 
 }  // namespace physr::mem

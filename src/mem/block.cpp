@@ -4,6 +4,8 @@
 #include <algorithm>
 #include <bit>
 #include <limits>
+#include <mutex>
+#include <optional>
 
 namespace physr::mem {
 
@@ -291,19 +293,27 @@ Result<DirectIoStats> direct_io(AddressSpace& space, const Queue& q, BlockOp op,
   FollFlags flags;
   if (op == BlockOp::read) flags |= Foll::write;
   if (q.pci_p2pdma()) flags |= Foll::pci_p2pdma;
+  // mm/gup.c: pinning holds mmap_lock (mmap_read_lock), the I/O does not: a provider's
+  // removal may unmap the buffer meanwhile (unmap_mapping_range), and the pins keep its
+  // memory until the I/O ends (the pgmap reference memunmap_pages() waits for).
+  std::unique_lock lk(space.mmap_lock());
   PHYSR_ASSIGN_OR_RETURN_CTX(Pinned pinned, space.pin(addr, len, flags), what);
 
   DirectIoStats stats;
   stats.pinned_pages = pinned.pages();
-  auto run = [&]() -> Status {
+  std::optional<Plug> plug;
+  auto build = [&]() -> Status {
     PHYSR_ASSIGN_OR_RETURN_CTX(std::vector<Bio> bios, build_bios(space, pinned.ranges(), op, sector, q), what);
-    Plug plug(q);
+    plug.emplace(q);
     for (Bio& b : bios) {
       PHYSR_ASSIGN_OR_RETURN_CTX(std::vector<Bio> pieces, split_to_limits(std::move(b), q), what);
       stats.bios += pieces.size();
-      for (Bio& p : pieces) PHYSR_RETURN_IF_ERROR_CTX(plug.submit(std::move(p)), what);
+      for (Bio& p : pieces) PHYSR_RETURN_IF_ERROR_CTX(plug->submit(std::move(p)), what);
     }
-    for (const Request& rq : plug.requests()) {
+    return {};
+  };
+  auto run = [&]() -> Status {
+    for (const Request& rq : plug->requests()) {
       const RangeList segs = request_segments(rq, l);
       ++stats.requests;
       stats.segments += segs.size();
@@ -312,7 +322,10 @@ Result<DirectIoStats> direct_io(AddressSpace& space, const Queue& q, BlockOp op,
     }
     return {};
   };
-  Status st = run();
+  Status st = build();
+  lk.unlock();
+  if (st) st = run();
+  lk.lock();
   Status un = space.unpin(std::move(pinned));
   PHYSR_RETURN_IF_ERROR(st);
   PHYSR_RETURN_IF_ERROR_CTX(std::move(un), what);

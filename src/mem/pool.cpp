@@ -25,14 +25,24 @@
 //     the stealer sets steal, runs membarrier, waits for busy to clear and takes the
 //     thread's mutex, so either the thread sees steal (and takes its slow path, under that
 //     mutex) or the stealer sees busy (and waits for the operation to end).
-// Grace periods. A full pending batch is retired to the P2PMemory's list; one call_rcu
-// (urcu_memb_call_rcu) at a time covers every batch retired before it, and its callback
-// puts their chunks back into the depots or the bitmaps, so a chunk is handed out again
-// only after every read-side section that began before its free has ended. liburcu's
-// call_rcu thread batches for ~10 ms; a thread that needs memory sooner (alloc before
-// ENOMEM, barrier(), remove()) takes the lists, runs urcu_memb_synchronize_rcu() itself and
-// gives the batches back. Batches only travel under mutexes, so ThreadSanitizer sees every
-// hand-over but the call_rcu itself (annotated).
+// Grace periods. A full pending batch waits on its thread (the kernel's per-cpu page lists
+// keep freed pages near the CPU that freed them). When the thread's magazine runs dry and
+// 16 batches wait, or the pool is dry and any wait, the thread runs
+// urcu_memb_synchronize_rcu() itself (never inside a read-side section: then it takes the
+// pool instead) and its waiting batches are ready: the next refills take their chunks
+// straight into the magazines, no lock, no bitmap. Batches of a thread that frees more than
+// it allocates (over 64 waiting), of exited threads and every batch a stealer takes go the
+// shared way: retired to the P2PMemory's list, where one call_rcu (urcu_memb_call_rcu) at a
+// time covers every batch retired before it and its callback puts their chunks back into
+// the depots or the bitmaps. Either way a chunk is handed out again only after every
+// read-side section that began before its free has ended. liburcu's call_rcu thread batches
+// for ~10 ms; a thread that needs memory sooner (alloc before ENOMEM, barrier(), remove())
+// takes the lists, runs urcu_memb_synchronize_rcu() itself and gives the batches back.
+// Batches only travel under mutexes, so ThreadSanitizer sees every hand-over but the
+// call_rcu itself (annotated).
+// The 2 MiB path. Chunks of 256 KiB and more are found a bitmap word at a time (a clear
+// word is 64 free granules) where the resource starts on a 256 KiB boundary, and checked on
+// free a word at a time: 8 words for 2 MiB, not 512 bits.
 #include "physr/mem.hpp"
 
 #include <linux/membarrier.h>
@@ -80,7 +90,9 @@ namespace {
 constexpr unsigned kClasses = 10;         // cached chunk sizes: 4 KiB << 0 .. 9 (2 MiB)
 constexpr uint32_t kMagSize = 64;         // chunks per magazine
 constexpr uint32_t kRefill = kMagSize;    // chunks a refill brings
-constexpr uint32_t kBatchSize = 128;      // frees per call_rcu
+constexpr uint32_t kBatchSize = 128;      // frees per batch
+constexpr size_t kSyncBatches = 16;       // a thread's own grace period when this many wait
+constexpr size_t kMaxWaiting = 64;        // more go to call_rcu (a thread that frees, not allocates)
 constexpr size_t kDepotCap = 1024;        // free chunks a resource keeps per class
 constexpr uint32_t kMaxResources = 16;    // pci_p2pdma_add_resource() calls per function
 constexpr uint64_t kMaxChunk = kPhysAddrLimit;
@@ -118,7 +130,7 @@ void heavy_fence() {
 }
 
 // A counter only its thread writes (others sum it): a plain add, no lock prefix.
-inline void bump(std::atomic<int64_t>& c, int64_t d) { c.store(c.load(std::memory_order_relaxed) + d, std::memory_order_relaxed); }
+[[gnu::always_inline]] inline void bump(std::atomic<int64_t>& c, int64_t d) { c.store(c.load(std::memory_order_relaxed) + d, std::memory_order_relaxed); }
 
 std::string hex(uint64_t v) { return format_hex(v); }
 std::string describe(PhysSpan s) { return "[" + hex(s.base.value()) + ", +" + hex(s.size) + ")"; }
@@ -174,8 +186,22 @@ struct Resource {
       n -= take;
     }
   }
+  // all_set() for one granule or whole words; false (the caller takes the full path) else.
+  [[gnu::always_inline]] bool all_set_quick(uint64_t i, uint64_t n) const {
+    if (n == 1) return test(i);
+    if ((i | n) & 63) return false;
+    for (uint64_t w = i >> 6, e = (i + n) >> 6; w < e; ++w)
+      if (bits[w].load(std::memory_order_relaxed) != ~uint64_t{0}) return false;
+    return true;
+  }
   // Whether all of [i, i + n) is set (held or in flight).
   bool all_set(uint64_t i, uint64_t n) const {
+    if (n == 1) return test(i);
+    if (!((i | n) & 63)) {  // whole words (a chunk of 256 KiB or more)
+      for (uint64_t w = i >> 6, e = (i + n) >> 6; w < e; ++w)
+        if (bits[w].load(std::memory_order_relaxed) != ~uint64_t{0}) return false;
+      return true;
+    }
     while (n) {
       const unsigned b = i & 63;
       const uint64_t take = std::min<uint64_t>(n, 64 - b);
@@ -208,6 +234,22 @@ struct Resource {
       const uint64_t z = next(s, granules, false);
       if (z == granules) break;
       i = up(z);
+    }
+    return granules;
+  }
+  // The first naturally aligned run of n = 64 << j free granules at or after `from`, a word
+  // at a time (a clear word is 64 free granules), or granules if none. Only when the
+  // resource starts on a 256 KiB boundary (pfn0 % 64 == 0), so that word and chunk
+  // alignment agree; find_run() otherwise.
+  uint64_t find_words(uint64_t from, uint64_t n) const {
+    const uint64_t pfn0 = first_pfn(), wn = n >> 6;
+    auto up = [&](uint64_t i) { return ((pfn0 + i + n - 1) & ~(n - 1)) - pfn0; };
+    for (uint64_t i = up(from); i + n <= granules && i + n > i;) {
+      const uint64_t w = i >> 6;
+      uint64_t j = 0;
+      while (j < wn && !bits[w + j].load(std::memory_order_relaxed)) ++j;
+      if (j == wn) return i;
+      i = up((w + j + 1) << 6);  // the next aligned run past the busy word
     }
     return granules;
   }
@@ -267,7 +309,9 @@ void recycle(Batch* b) {
 // One thread's cache for one resource.
 struct ResCache {
   Resource* r = nullptr;
-  std::atomic<int64_t> chunks{0}, bytes{0}, deferred_in{0};  // written by the owner only
+  // Written by the owner only. deferred_out: freed bytes whose grace period ended and that
+  // the thread took back itself (the rest is the resource's deferred_done).
+  std::atomic<int64_t> chunks{0}, bytes{0}, deferred_in{0}, deferred_out{0};
   Mag ready[kClasses];
 };
 
@@ -279,6 +323,10 @@ struct ThreadCache {
   Batch* pending = nullptr;  // never full outside an operation
   std::unique_ptr<ResCache> rc[kMaxResources];
   std::mutex mu;             // the slow path; whoever steals
+  // Full batches of this thread's frees (under mu): waiting for a grace period, and ready
+  // (the grace period that began after they filled has ended; back() is taken first).
+  std::vector<Batch*> waiting, ready;
+  uint64_t taken = 0;  // bumped (under mu) when a stealer takes waiting
   uint32_t function = 0;
   bool orphan = false;       // its thread exited (under Impl::mu)
 };
@@ -288,6 +336,7 @@ struct FunctionState {
   std::atomic<uint32_t> nres{0};
   std::atomic<bool> published{false};
   P2PMemory::RevokeFn revoke;  // under Impl::mu
+  std::vector<P2PMemorySource*> files;  // its allocate files (under Impl::mu)
 };
 
 struct Tracked {
@@ -364,10 +413,15 @@ struct P2PMemory::Impl {
 
   Result<P2PChunk> alloc(uint32_t f, uint64_t size, const AllocOptions& o);
   Result<P2PChunk> alloc_slow(uint32_t f, uint64_t size, const AllocOptions& o);
-  bool alloc_locked(ThreadCache* tc, uint32_t f, uint64_t size, uint64_t align, P2PChunk& out, Resource*& from);
+  bool alloc_locked(ThreadCache* tc, std::unique_lock<std::mutex>& lk, uint32_t f, uint64_t size, uint64_t align, P2PChunk& out, Resource*& from);
   Status free(const P2PChunk& c);
+  [[gnu::noinline]] Status free_full(const P2PChunk& c);
   Status free_error(const P2PChunk& c, const std::string& why) const;
   void free_slow(ThreadCache* tc, Resource* r, uint64_t addr, uint64_t size);
+  Batch* retire_locked(ThreadCache* tc, Batch* b);
+  [[gnu::noinline]] Status retire(ThreadCache* tc, Batch* b);
+  bool grace_local(ThreadCache* tc, std::unique_lock<std::mutex>& lk);
+  uint32_t take_ready(ThreadCache* tc, ResCache* c, unsigned k);
   void record(const P2PChunk& c, const char* owner, Resource* r);
 
   void submit(Batch* b);
@@ -437,6 +491,19 @@ ThreadCache* P2PMemory::Impl::find_cache(uint32_t f) {
   return tc;
 }
 
+// Takes a thread's waiting and ready batches (they get a grace period of their own again);
+// under tc->mu.
+static void take_batches(ThreadCache* tc, std::vector<Batch*>& out) {
+  for (std::vector<Batch*>* v : {&tc->waiting, &tc->ready}) {
+    for (Batch* b : *v) {
+      if (b->n) out.push_back(b);
+      else recycle(b);
+    }
+    v->clear();
+  }
+  ++tc->taken;
+}
+
 // A thread exited: its cached chunks go back, its pending frees wait for the next barrier
 // (its liburcu registration may already be gone), and its counts stay with the cache.
 void P2PMemory::Impl::orphan(ThreadCache* tc) {
@@ -447,6 +514,7 @@ void P2PMemory::Impl::orphan(ThreadCache* tc) {
     unsubmitted.push_back(tc->pending);
     tc->pending = nullptr;
   }
+  take_batches(tc, unsubmitted);
   tc->hot = nullptr;
   tc->orphan = true;
 }
@@ -553,6 +621,7 @@ void P2PMemory::Impl::steal_all(bool drain_ready, bool only_dying) {
         batches.push_back(tc->pending);
         tc->pending = nullptr;
       }
+      take_batches(tc.get(), batches);
       tc->steal.store(0, std::memory_order_release);
     }
     batches.insert(batches.end(), unsubmitted.begin(), unsubmitted.end());
@@ -592,7 +661,7 @@ void P2PMemory::Impl::sum(const Resource* r, int64_t& chunks, int64_t& bytes, in
     if (!c) continue;
     chunks += c->chunks.load(std::memory_order_relaxed);
     bytes += c->bytes.load(std::memory_order_relaxed);
-    deferred_in += c->deferred_in.load(std::memory_order_relaxed);
+    deferred_in += c->deferred_in.load(std::memory_order_relaxed) - c->deferred_out.load(std::memory_order_relaxed);
   }
 }
 
@@ -635,7 +704,8 @@ void P2PMemory::Impl::record(const P2PChunk& c, const char* owner, Resource* r) 
 
 // Under tc->mu: an allocation from the function's resources in order (gen_pool_alloc walks
 // its chunks in order), taking the live reference first.
-bool P2PMemory::Impl::alloc_locked(ThreadCache* tc, uint32_t f, uint64_t size, uint64_t align, P2PChunk& out, Resource*& from) {
+bool P2PMemory::Impl::alloc_locked(ThreadCache* tc, std::unique_lock<std::mutex>& lk, uint32_t f, uint64_t size, uint64_t align, P2PChunk& out,
+                                   Resource*& from) {
   FunctionState& fs = fns[f];
   const uint32_t n = fs.nres.load(std::memory_order_acquire);
   const unsigned k = class_of(size, align);
@@ -651,7 +721,16 @@ bool P2PMemory::Impl::alloc_locked(ThreadCache* tc, uint32_t f, uint64_t size, u
     }
     uint64_t a = 0;
     bool got = false;
-    {
+    if (k < kClasses && !c->ready[k].n) {
+      // The thread's own frees whose grace period is over come back first, without a lock
+      // (per-thread lists, as the kernel's per-cpu page lists in front of the buddy), then a
+      // grace period of the thread's own once many batches wait for one.
+      if (!take_ready(tc, c, k) && tc->waiting.size() >= kSyncBatches && grace_local(tc, lk)) take_ready(tc, c, k);
+    }
+    if (k < kClasses && c->ready[k].n) {
+      a = c->ready[k].addr[--c->ready[k].n];
+      got = true;
+    } else {
       std::lock_guard g(r->mu);
       if (k < kClasses) {
         Mag& m = c->ready[k];
@@ -687,8 +766,10 @@ bool P2PMemory::Impl::alloc_locked(ThreadCache* tc, uint32_t f, uint64_t size, u
               r->cursor[k] = at;
               continue;
             }
+            // 256 KiB and up: a word at a time when words and chunks align.
+            const bool words = g1 >= 64 && !(r->first_pfn() & 63);
             while (m.n + nf < kRefill && r->free_granules >= g1) {
-              const uint64_t s = r->find_run(at, g1, g1);
+              const uint64_t s = words ? r->find_words(at, g1) : r->find_run(at, g1, g1);
               if (s >= r->granules) break;
               r->assign(s, g1, true);
               found[nf++] = r->span.base.value() + (s << kPageShift);
@@ -714,6 +795,11 @@ bool P2PMemory::Impl::alloc_locked(ThreadCache* tc, uint32_t f, uint64_t size, u
           got = true;
         }
       }
+    }
+    // The pool is dry but this thread's frees wait for a grace period: end one and take them.
+    if (!got && k < kClasses && !tc->waiting.empty() && grace_local(tc, lk) && take_ready(tc, c, k)) {
+      a = c->ready[k].addr[--c->ready[k].n];
+      got = true;
     }
     if (!got) {
       bump(c->chunks, -1);
@@ -748,8 +834,8 @@ Result<P2PChunk> P2PMemory::Impl::alloc_slow(uint32_t f, uint64_t size, const Al
     Resource* from = nullptr;
     bool got;
     {
-      std::lock_guard t(tc->mu);
-      got = alloc_locked(tc, f, size, o.align, out, from);
+      std::unique_lock t(tc->mu);
+      got = alloc_locked(tc, t, f, size, o.align, out, from);
     }
     if (got) {
       if (track) record(out, o.owner, from);
@@ -772,7 +858,41 @@ Status P2PMemory::Impl::free_error(const P2PChunk& c, const std::string& why) co
                                 std::to_string(c.function) + "): " + why);
 }
 
-Status P2PMemory::Impl::free(const P2PChunk& c) {
+// The common free, without tracking, of a chunk of the resource the thread last allocated
+// from: the same checks as free_full() (the live resource holding the span is unique, as
+// resources never overlap), pushed onto the thread's batch; anything else is free_full().
+inline Status P2PMemory::Impl::free(const P2PChunk& c) {
+  const uint32_t f = c.function;
+  if (!track && f < nfns && t_last.mem == uid && t_last.function == f) [[likely]] {
+    ThreadCache* tc = t_last.tc;
+    ResCache* rc = tc->hot;
+    const uint64_t a = c.span.base.value(), size = c.span.size;
+    if (rc) [[likely]] {
+      Resource* r = rc->r;
+      if (r->provider == c.provider && r->span.contains(c.span) && !((a | size) & (kPageSize - 1)) &&
+          !r->removed.load(std::memory_order_acquire) && r->all_set_quick((a - r->span.base.value()) >> kPageShift, size >> kPageShift)) [[likely]] {
+        tc->busy.store(1, std::memory_order_relaxed);
+        light_fence();
+        Batch* b = tc->steal.load(std::memory_order_acquire) ? nullptr : tc->pending;
+        if (b) [[likely]] {
+          b->e[b->n++] = Batch::Entry{r, a, size};
+          bump(rc->chunks, -1);
+          bump(rc->bytes, -static_cast<int64_t>(size));
+          bump(rc->deferred_in, static_cast<int64_t>(size));
+          const bool full = b->n == kBatchSize;
+          if (full) tc->pending = nullptr;
+          tc->busy.store(0, std::memory_order_release);
+          if (full) [[unlikely]] return retire(tc, b);  // tail calls: the fast path needs no frame
+          return {};
+        }
+        tc->busy.store(0, std::memory_order_release);
+      }
+    }
+  }
+  return free_full(c);
+}
+
+Status P2PMemory::Impl::free_full(const P2PChunk& c) {
   const uint32_t f = c.function;
   if (f >= nfns) [[unlikely]] return free_error(c, "no such function");
   const uint64_t a = c.span.base.value(), size = c.span.size;
@@ -816,7 +936,7 @@ Status P2PMemory::Impl::free(const P2PChunk& c) {
       const bool full = b->n == kBatchSize;
       if (full) tc->pending = nullptr;
       tc->busy.store(0, std::memory_order_release);
-      if (full) submit(b);
+      if (full) [[unlikely]] return retire(tc, b);
       return {};
     }
     tc->busy.store(0, std::memory_order_release);
@@ -837,11 +957,88 @@ void P2PMemory::Impl::free_slow(ThreadCache* tc, Resource* r, uint64_t addr, uin
     bump(slot->bytes, -static_cast<int64_t>(size));
     bump(slot->deferred_in, static_cast<int64_t>(size));
     if (b->n == kBatchSize) {
-      full = b;
+      full = retire_locked(tc, b);
       tc->pending = new_batch();
     }
   }
   if (full) submit(full);
+}
+
+// Under tc->mu: a full batch waits on the thread for a grace period; the oldest goes to
+// call_rcu when too many wait (a thread that frees more than it allocates). Returns it.
+Batch* P2PMemory::Impl::retire_locked(ThreadCache* tc, Batch* b) {
+  tc->waiting.push_back(b);
+  if (tc->waiting.size() <= kMaxWaiting) return nullptr;
+  Batch* old = tc->waiting.front();
+  tc->waiting.erase(tc->waiting.begin());
+  return old;
+}
+
+Status P2PMemory::Impl::retire(ThreadCache* tc, Batch* b) {
+  Batch* over;
+  {
+    std::lock_guard t(tc->mu);
+    over = retire_locked(tc, b);
+    if (!tc->pending) tc->pending = new_batch();
+  }
+  if (over) submit(over);
+  return {};
+}
+
+// Under lk (tc->mu), which it drops meanwhile: the thread's own grace period
+// (synchronize_rcu(), not inside a read-side section), after which every batch that was
+// waiting is ready, unless a stealer took them meanwhile. Whether any became ready.
+bool P2PMemory::Impl::grace_local(ThreadCache* tc, std::unique_lock<std::mutex>& lk) {
+  if (tc->waiting.empty() || urcu_memb_read_ongoing()) return false;
+  const size_t n = tc->waiting.size();
+  const uint64_t taken = tc->taken;
+  lk.unlock();
+  registered_thread();
+  urcu_memb_synchronize_rcu();  // every read-side section that began before has ended
+  lk.lock();
+  if (tc->taken != taken) return false;
+  tc->ready.insert(tc->ready.end(), tc->waiting.begin(), tc->waiting.begin() + static_cast<std::ptrdiff_t>(n));
+  tc->waiting.erase(tc->waiting.begin(), tc->waiting.begin() + static_cast<std::ptrdiff_t>(n));
+  return true;
+}
+
+// Under tc->mu: refills c's magazine of class k from the thread's ready batches; entries of
+// other resources or classes go to their own magazines, or back to their pools when those
+// are full or dying. The magazine's count afterwards.
+uint32_t P2PMemory::Impl::take_ready(ThreadCache* tc, ResCache* c, unsigned k) {
+  Mag& m = c->ready[k];
+  Resource* const r = c->r;
+  const bool live = !r->dying.load(std::memory_order_relaxed) && !r->removed.load(std::memory_order_relaxed);
+  const uint64_t csize = kPageSize << k;
+  while (m.n < kRefill && !tc->ready.empty()) {
+    Batch* b = tc->ready.back();
+    if (live) {
+      // The common case: the magazine's own resource and size, straight in.
+      const uint32_t n = b->n, mn = m.n, want = std::min(n, kRefill - mn);
+      uint32_t j = 0;
+      for (const Batch::Entry* e = b->e + n - 1; j < want && e->r == r && e->size == csize; ++j, --e) m.addr[mn + j] = e->addr;
+      bump(c->deferred_out, static_cast<int64_t>(j * csize));
+      b->n = n - j;
+      m.n = mn + j;
+    }
+    while (b->n && m.n < kRefill) {
+      const Batch::Entry& e = b->e[--b->n];
+      ResCache* slot = e.r == c->r ? c : slot_for(tc, e.r);
+      bump(slot->deferred_out, static_cast<int64_t>(e.size));
+      if (e.r->removed.load(std::memory_order_relaxed)) continue;  // its pool is gone
+      const unsigned ek = class_of(e.size, e.size);
+      if (ek < kClasses && slot->ready[ek].n < kMagSize && !e.r->dying.load(std::memory_order_relaxed)) {
+        slot->ready[ek].addr[slot->ready[ek].n++] = e.addr;
+      } else {
+        std::lock_guard g(e.r->mu);
+        e.r->give_back(e.addr, e.size);
+      }
+    }
+    if (b->n) break;
+    tc->ready.pop_back();
+    recycle(b);
+  }
+  return m.n;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -894,7 +1091,11 @@ P2PMemory::Impl::~Impl() {
       report("physr mem: P2P memory of " + r->name + " " + describe(r->span) + " torn down with " + std::to_string(chunks) +
              " chunk(s) (" + hex(static_cast<uint64_t>(bytes)) + " bytes) still held:" + holders(r.get()));
   }
-  for (auto& tc : caches) delete tc->pending;
+  for (auto& tc : caches) {
+    delete tc->pending;
+    for (Batch* b : tc->waiting) delete b;
+    for (Batch* b : tc->ready) delete b;
+  }
   for (Batch* b : unsubmitted) delete b;
 }
 
@@ -1038,6 +1239,16 @@ void P2PMemory::on_revoke(uint32_t function, RevokeFn fn) {
 
 void P2PMemory::barrier() { impl_->barrier(); }
 
+void P2PMemory::attach_file(uint32_t function, P2PMemorySource* file) {
+  std::lock_guard g(impl_->mu);
+  if (function < impl_->nfns) impl_->fns[function].files.push_back(file);
+}
+
+void P2PMemory::detach_file(uint32_t function, P2PMemorySource* file) {
+  std::lock_guard g(impl_->mu);
+  if (function < impl_->nfns) std::erase(impl_->fns[function].files, file);
+}
+
 PoolStats P2PMemory::stats(uint32_t function) const {
   Impl& m = *impl_;
   PoolStats s;
@@ -1088,6 +1299,16 @@ Status P2PMemory::remove(uint32_t function) {
   for (Resource* r : rs) r->dying.store(true, std::memory_order_release);
   fs.published.store(false, std::memory_order_release);
   heavy_fence();
+  // pci_p2pdma_unmap_mappings(): unmap_mapping_range() on the allocate file, so that no
+  // user mapping of the memory is left (a later pin of those addresses is EFAULT). Chunks
+  // only mapped are freed now; pinned ones (an I/O in flight) hold on until their unpin,
+  // which the wait below sees, as memunmap_pages() waits for pgmap->ref.
+  std::vector<P2PMemorySource*> files;
+  {
+    std::lock_guard g(m.mu);
+    files = fs.files;
+  }
+  for (P2PMemorySource* file : files) file->unmap_mapping_range();
   // Cached chunks and pending frees of these resources go back, so that what is left set in
   // their bitmaps is exactly what callers hold.
   m.steal_all(/*drain_ready=*/true, /*only_dying=*/true);

@@ -154,6 +154,9 @@ Result<uint64_t> HostFile::page(uint64_t index) {
 
 AddressSpace::~AddressSpace() {
   PHYSR_ASSERT(live_pins_.empty(), "an AddressSpace destroyed with pins still live");
+  // First out of every allocate file's i_mapping (waiting for an unmap_mapping_range() in
+  // progress on another thread), so no provider removal reaches it while it goes.
+  for (P2PChunkSource* s : sources_) s->unmapped_by(*this);
   (void)munmap(0, kTaskSize);
 }
 
@@ -269,6 +272,11 @@ Result<uint64_t> AddressSpace::mmap_p2p(P2PChunkSource& source, const MmapOption
   v.chunk = std::move(chunk);
   v.chunk_page = 0;
   insert(start, std::move(v));
+  // The VMA joins the file's i_mapping (vma_interval_tree_insert in __mmap_region()).
+  if (std::find(sources_.begin(), sources_.end(), &source) == sources_.end()) {
+    sources_.push_back(&source);
+    source.mapped_by(*this);
+  }
   return start;
 }
 

@@ -142,6 +142,8 @@ struct P2PChunk {
   uint32_t function = 0;
 };
 
+class AddressSpace;
+
 /// Where P2P VMAs get their memory: the p2pmem pool of one provider (implemented by the P2P
 /// memory pool; tests implement it directly). The source must outlive every VMA and pin of
 /// its memory.
@@ -161,6 +163,12 @@ class P2PChunkSource {
   virtual Status release(PhysSpan span) = 0;
   /// The device, for messages ("0000:03:00.0").
   virtual std::string name() const = 0;
+  /// `space` maps the source's memory (its first mmap_p2p of it): the allocate file's
+  /// i_mapping, which the source's unmap_mapping_range() walks. Nothing by default.
+  virtual void mapped_by(AddressSpace& space) { (void)space; }
+  /// `space` is going away (its destructor, before it unmaps): waits for an unmap of the
+  /// source's mappings in progress, then forgets it. Nothing by default.
+  virtual void unmapped_by(AddressSpace& space) { (void)space; }
 };
 
 /// Memory protections of a VMA.
@@ -267,7 +275,8 @@ class AddressSpace {
 
   explicit AddressSpace(HostMemory& memory) : mem_(&memory) {}
   /// Unmaps everything. Every Pinned must have been unpinned first (asserted): a pin
-  /// outliving its address space would hold its pages forever.
+  /// outliving its address space would hold its pages forever. Every P2PChunkSource it
+  /// mapped from must still exist (it is told first: unmapped_by).
   ~AddressSpace();
   AddressSpace(const AddressSpace&) = delete;
   AddressSpace& operator=(const AddressSpace&) = delete;
@@ -365,6 +374,7 @@ class AddressSpace {
   std::unordered_set<uint64_t> live_pins_;
   uint64_t pinned_pages_ = 0;
   std::shared_ptr<MmuNotifierSubscriptions> notifiers_;
+  std::vector<P2PChunkSource*> sources_;  // every source mmap_p2p mapped from (told at destruction)
   std::mutex mmap_lock_;
 };
 
