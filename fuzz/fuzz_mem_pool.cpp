@@ -96,7 +96,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         continue;
       }
       // Removal: the revoke callback frees what the model holds of that function.
-      m->on_revoke(fns[k], [&](const P2PChunk&) {});
+      const P2PMemory::RevokeToken tok = m->on_revoke(fns[k], [&](const P2PChunk&) {});
+      CHECK(tok.id != 0);
       for (auto it = live.begin(); it != live.end();) {
         if (it->second.function == fns[k]) {
           CHECK(m->free(it->second).has_value());
@@ -106,6 +107,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         }
       }
       CHECK(m->remove(fns[k]).has_value());
+      CHECK(m->off_revoke(tok).has_value());
+      CHECK(!m->off_revoke(tok).has_value());  // ended: EINVAL
       std::erase_if(freed, [&](const auto& e) { return e.second.function == fns[k]; });
       added[k] = false;
       CHECK(m->alloc(fns[k], 4096).error().code == ENODEV);

@@ -203,5 +203,54 @@ TEST(DevmemProviderTest, ReleaseWithPpReferencesLeftIsReportedAndKept) {
   EXPECT_EQ(bd->stats().avail, bd->stats().size);
 }
 
+// The bad input on devmem buffers (debug mode): a double recycle, a recycle into the
+// other pool sharing the binding, a put after the buffer went back to the binding, and the
+// dma-buf revoked with buffers in flight: each refused with EINVAL naming the buffer and
+// the rule, nothing changed, and at the end every net_iov is back in the binding.
+TEST(DevmemProviderTest, BadInputOnDevmemBuffersIsRefusedWithAClearMessage) {
+  DmaBufWorld w;
+  auto nic = w.device(w.f_nic, true);
+  auto buf = gpu_buffer(w, {{0, 32 * KiB}});
+  auto bd = DevmemBinding::bind(buf, *nic).value();
+  auto mp = DevmemMemoryProvider::create(*bd).value();
+  std::string report;
+  PagePool* a = PagePool::create(rx_params(*nic, *mp, &report)).value();
+  PagePool* b = PagePool::create(rx_params(*nic, *mp, &report)).value();
+  const auto msg = [](const Status& s) { return s ? std::string("ok") : s.error().message; };
+  const Netmem n = a->alloc_netmems(), k = a->alloc_netmems();
+  ASSERT_TRUE(n && k);
+  ASSERT_TRUE(a->recycle_direct(n));
+  const PagePoolStats before = a->stats();
+  Status again = a->recycle_direct(n);
+  ASSERT_FALSE(again);
+  EXPECT_EQ(again.error().code, EINVAL);
+  EXPECT_NE(msg(again).find("double recycle: " + netmem_name(n) + " is already back in the pool"), std::string::npos) << msg(again);
+  EXPECT_EQ(a->stats().recycle.cached, before.recycle.cached);
+  Status wrong = b->put_full_netmem(k, false);
+  ASSERT_FALSE(wrong);
+  EXPECT_NE(msg(wrong).find("recycle into the wrong pool: " + netmem_name(k) + " belongs to page_pool " + std::to_string(a->id())),
+            std::string::npos)
+      << msg(wrong);
+  EXPECT_EQ(b->inflight(), 0);
+  // The provider's memory revoked with k in flight: k goes back to the binding when put,
+  // after which it belongs to no pool.
+  ASSERT_TRUE(buf->revoke());
+  EXPECT_FALSE(a->alloc_netmems());
+  ASSERT_TRUE(a->put_full_netmem(k, false));
+  const DevmemStats released = bd->stats();
+  Status late = a->put_full_netmem(k, false);
+  ASSERT_FALSE(late);
+  EXPECT_NE(msg(late).find("use after release: " + netmem_name(k) + " belongs to no page pool"), std::string::npos) << msg(late);
+  EXPECT_EQ(bd->stats().releases, released.releases);
+  EXPECT_EQ(bd->stats().bad_releases, 0u);
+  EXPECT_EQ(a->inflight(), 0);
+  a->destroy();
+  b->destroy();
+  EXPECT_EQ(bd->stats().avail, bd->stats().size);
+  EXPECT_EQ(bd->stats().allocs, bd->stats().releases);
+  EXPECT_EQ(report, "");
+  EXPECT_EQ(nic->stats().live_mappings, 0u);
+}
+
 }  // namespace
 }  // namespace physr::mem

@@ -1,5 +1,6 @@
 // The devmem binding: chunks per DMA segment, genalloc's allocation of 4 KiB net_iovs,
-// SO_DEVMEM_DONTNEED's limits, and what a move or revoke does to the binding.
+// SO_DEVMEM_DONTNEED's limits, what a move or revoke does to the binding, and devmem TX
+// (a TX binding's tx_vec and sendmsg with SCM_DEVMEM_DMABUF).
 #include <gtest/gtest.h>
 
 #include <string>
@@ -177,6 +178,94 @@ TEST(DevmemTest, MoveRemapsTheChunks) {
   EXPECT_TRUE(bd->revoked());
   EXPECT_EQ(bd->dma_addr(n).error().code, ENODEV);
   ASSERT_TRUE(bd->release_netmem(n));
+}
+
+// Linux net_devmem_bind_dmabuf() with DMA_TO_DEVICE (netdev_nl_bind_tx_doit()): the buffer
+// mapped TO_DEVICE, tx_vec filled (net_devmem_get_niov_at(): NULL at or past the size);
+// only from_device and to_device bind; a TX binding feeds no RX queue.
+TEST(DevmemTest, TxBindingMapsToDeviceAndFindsNetIovsByOffset) {
+  DmaBufWorld w;
+  auto nvme = w.device(w.f_nvme, false);
+  auto b = gpu_buffer(w, {{0, 8 * KiB}, {1 * MiB, 16 * KiB}});
+  for (DmaDirection d : {DmaDirection::bidirectional, DmaDirection::none}) {
+    auto r = DevmemBinding::bind(b, *nvme, d);
+    ASSERT_FALSE(r);
+    EXPECT_EQ(r.error().code, EINVAL);
+    EXPECT_NE(r.error().message.find("direction"), std::string::npos) << r.error().message;
+  }
+  EXPECT_EQ(b->stats().attachments, 0u);
+  auto tx = DevmemBinding::bind(b, *nvme, DmaDirection::to_device).value();
+  auto rx = DevmemBinding::bind(b, *nvme).value();
+  EXPECT_EQ(tx->direction(), DmaDirection::to_device);
+  EXPECT_EQ(rx->direction(), DmaDirection::from_device);
+  EXPECT_NE(tx->id(), 0u);
+  EXPECT_NE(tx->id(), rx->id());
+  // tx_vec[virt / PAGE_SIZE]: the second chunk starts 8 KiB into the buffer.
+  const DevmemTxSlice s = tx->niov_at(8 * KiB + 5 * KiB + 100).value();
+  EXPECT_EQ(s.niov, (NetIov{1, 1}));
+  EXPECT_EQ(s.offset, 1 * KiB + 100);
+  EXPECT_EQ(s.size, 3 * KiB - 100);
+  EXPECT_EQ(tx->dma_addr(s.niov)->value(), kGpu + 1 * MiB + 4 * KiB);  // no allocation needed for TX
+  EXPECT_EQ(tx->phys_addr(s.niov)->value(), kGpu + 1 * MiB + 4 * KiB);
+  EXPECT_EQ(tx->niov_at(24 * KiB - 1)->niov, (NetIov{1, 3}));
+  EXPECT_EQ(tx->niov_at(24 * KiB).error().code, EFAULT);
+  EXPECT_EQ(rx->niov_at(0).error().code, EINVAL);
+  EXPECT_EQ(tx->alloc_netmem().error().code, EINVAL);
+  auto p = DevmemMemoryProvider::create(*tx);
+  ASSERT_FALSE(p);
+  EXPECT_EQ(p.error().code, EINVAL);
+}
+
+// Linux tcp_sendmsg_locked() with SCM_DEVMEM_DMABUF: EINVAL without MSG_ZEROCOPY or
+// SO_ZEROCOPY; net_devmem_get_binding(): EINVAL for an unknown id or an RX binding, ENODEV
+// for another device; zerocopy_fill_skb_from_devmem(): frags cut at 4 KiB boundaries,
+// EFAULT past the buffer.
+TEST(DevmemTest, SendmsgFollowsTcpSendmsgLockedDevmemRules) {
+  DmaBufWorld w;
+  auto nvme = w.device(w.f_nvme, false);
+  auto nic = w.device(w.f_nic, true);
+  auto b = gpu_buffer(w, {{0, 8 * KiB}, {1 * MiB, 16 * KiB}});
+  auto tx = DevmemBinding::bind(b, *nvme, DmaDirection::to_device).value();
+  auto rx = DevmemBinding::bind(b, *nvme).value();
+  DevmemTxSocket sk(*nvme);
+  const DevmemIov iov[] = {{6 * KiB, 4 * KiB}, {20 * KiB, 100}};
+  const auto code = [&](const DevmemMsg& m) { auto r = sk.sendmsg(m); return r ? 0 : r.error().code; };
+  EXPECT_EQ(code({.iov = iov, .msg_zerocopy = true, .dmabuf_id = tx->id()}), EINVAL);  // no SO_ZEROCOPY
+  sk.set_zerocopy(true);
+  EXPECT_EQ(code({.iov = iov, .msg_zerocopy = false, .dmabuf_id = tx->id()}), EINVAL);  // no MSG_ZEROCOPY
+  EXPECT_EQ(code({.iov = iov, .msg_zerocopy = true, .dmabuf_id = 0}), EINVAL);
+  EXPECT_EQ(code({.iov = iov, .msg_zerocopy = true, .dmabuf_id = rx->id()}), EINVAL);  // not a TX binding
+  EXPECT_EQ(code({.iov = iov, .msg_zerocopy = true, .dmabuf_id = tx->id() + rx->id() + 1000}), EINVAL);
+  DevmemTxSocket other(*nic);
+  other.set_zerocopy(true);
+  auto r = other.sendmsg({.iov = iov, .msg_zerocopy = true, .dmabuf_id = tx->id()});
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().code, ENODEV);  // the binding is nvme's, the route nic's
+  // Past the end: one byte over, or an offset at the size.
+  const DevmemIov over[] = {{0, 4 * KiB}, {20 * KiB, 4 * KiB + 1}};
+  EXPECT_EQ(code({.iov = over, .msg_zerocopy = true, .dmabuf_id = tx->id()}), EFAULT);
+  const DevmemIov at_end[] = {{24 * KiB, 1}};
+  EXPECT_EQ(code({.iov = at_end, .msg_zerocopy = true, .dmabuf_id = tx->id()}), EFAULT);
+  // The frags: 6K..8K in chunk 0, 8K..10K in chunk 1 (a chunk boundary), 20K +100.
+  auto f = sk.sendmsg({.iov = iov, .msg_zerocopy = true, .dmabuf_id = tx->id()});
+  ASSERT_TRUE(f) << f.error().to_string();
+  ASSERT_EQ(f->size(), 3u);
+  EXPECT_EQ((*f)[0].niov, (NetIov{0, 1}));
+  EXPECT_EQ((*f)[0].offset, 2 * KiB);
+  EXPECT_EQ((*f)[0].len, 2 * KiB);
+  EXPECT_EQ((*f)[0].dma.value(), kGpu + 6 * KiB);
+  EXPECT_EQ((*f)[1].niov, (NetIov{1, 0}));
+  EXPECT_EQ((*f)[1].len, 2 * KiB);
+  EXPECT_EQ((*f)[1].dma.value(), kGpu + 1 * MiB);
+  EXPECT_EQ((*f)[2].niov, (NetIov{1, 3}));
+  EXPECT_EQ((*f)[2].len, 100u);
+  EXPECT_EQ((*f)[2].dma.value(), kGpu + 1 * MiB + 12 * KiB);
+  // A binding gone is an unknown id; a revoked one is ENODEV.
+  const uint32_t id = rx->id();
+  rx.reset();
+  EXPECT_EQ(code({.iov = iov, .msg_zerocopy = true, .dmabuf_id = id}), EINVAL);
+  ASSERT_TRUE(b->revoke());
+  EXPECT_EQ(code({.iov = iov, .msg_zerocopy = true, .dmabuf_id = tx->id()}), ENODEV);
 }
 
 }  // namespace

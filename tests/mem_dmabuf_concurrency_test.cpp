@@ -1,9 +1,11 @@
 // dma-buf and devmem under concurrency (label `concurrency`, run under TSan): a thread
-// receiving into a devmem binding while another revokes the buffer, and importers mapping
-// while the exporter moves.
+// receiving into a devmem binding while another revokes the buffer, directly and through a
+// page pool over the devmem memory provider, and importers mapping while the exporter moves.
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <deque>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -71,6 +73,136 @@ TEST(DevmemConcurrencyTest, RevokeDuringReceive) {
   EXPECT_EQ(bd->stats().avail, bd->stats().size);  // the socket gave everything back
   EXPECT_EQ(nic->stats().live_mappings, 0u);
 }
+
+// Revoke during receive through the provider (mp_dmabuf_devmem_alloc_netmems() behind a page
+// pool): the receive thread owns the pool, allocates net_iovs, "DMAs" into their bytes and
+// hands them to a consumer thread that checks and puts them back (into the ring, from
+// another thread) while it also recycles some itself (into the cache); the main thread
+// revokes the dma-buf. No buffer is handed out once the revoke has returned, every buffer
+// comes back to the binding, and the pool's and the binding's counts agree.
+// With `cached`, the receive thread pauses right after recycling a batch into its cache
+// and the revoke runs then (the consumer still putting buffers back meanwhile): the revoke
+// must flush what the cache holds. Without, the revoke lands wherever it lands.
+void revoke_during_pool_receive(bool cached) {
+  DmaBufWorld w;
+  auto nic = w.device(w.f_nic, true);
+  auto b = DmaBuf::export_bar(*w.platform, w.f_gpu, 1, std::vector<DmaBufBarRange>{{0, 256 * KiB}, {1 * MiB, 256 * KiB}}).value();
+  auto bd = DevmemBinding::bind(b, *nic).value();
+  auto mp = DevmemMemoryProvider::create(*bd).value();
+  std::string report;
+  std::mutex report_mu;
+  std::atomic<PagePool*> pool{nullptr};
+  std::atomic<uint64_t> received{0};
+  std::atomic<bool> revoked_done{false}, rx_done{false}, rx_paused{false};
+  std::atomic<int> after_revoke{0}, bad_puts{0}, bad_bytes{0};
+  std::mutex qmu;
+  std::deque<Netmem> q;  // received, not yet consumed
+  std::thread rx([&] {
+    PagePoolParams p;
+    p.flags = kPPFlagDmaMap | kPPFlagDmaSyncDev;
+    p.dev = nic.get();
+    p.max_len = 4096;
+    p.napi = true;  // owned by this thread: its own recycles go into the cache
+    p.mp = mp.get();
+    p.debug = true;
+    p.report = [&](const std::string& s) {
+      std::lock_guard g(report_mu);
+      report += s + "\n";
+    };
+    PagePool* pp = PagePool::create(p).value();
+    pool = pp;
+    std::vector<uint8_t> payload(4096);
+    std::vector<Netmem> drop;
+    for (uint64_t i = 0;; ++i) {
+      const bool was_revoked = revoked_done.load();  // before the allocation
+      const Netmem n = pp->alloc_netmems();
+      if (!n) {
+        if (was_revoked) break;  // nothing more comes: the binding is gone
+        std::this_thread::yield();  // everything is out with the consumer
+        continue;
+      }
+      if (was_revoked) ++after_revoke;
+      payload.assign(payload.size(), static_cast<uint8_t>(i));
+      if (!w.mem.write(netmem_phys(n), payload)) ++bad_bytes;
+      received.fetch_add(1);
+      if (i % 3 == 0) {  // the stack drops it (page_pool_recycle_direct()), in batches: the cache holds some
+        drop.push_back(n);
+        if (drop.size() == 16) {
+          for (Netmem d : drop)
+            if (!pp->recycle_direct(d)) ++bad_puts;
+          drop.clear();
+          if (cached && !rx_paused.load() && received.load() >= 2000) {  // 16 in the cache now
+            rx_paused = true;
+            while (!revoked_done.load()) std::this_thread::yield();
+          }
+        }
+        continue;
+      }
+      std::lock_guard g(qmu);
+      q.push_back(n);
+    }
+    for (Netmem d : drop)
+      if (!pp->recycle_direct(d)) ++bad_puts;
+    rx_done = true;
+  });
+  std::thread consumer([&] {
+    std::vector<uint8_t> have(4096);
+    for (;;) {
+      Netmem n;
+      {
+        std::lock_guard g(qmu);
+        if (!q.empty()) {
+          n = q.front();
+          q.pop_front();
+        }
+      }
+      if (!n) {
+        if (rx_done.load()) {
+          std::lock_guard g(qmu);
+          if (q.empty()) break;
+        }
+        std::this_thread::yield();
+        continue;
+      }
+      // The bytes are the receive's until the buffer goes back (a revoke does not take the
+      // memory away: the BAR is still there, only the DMA mappings are gone).
+      if (!w.mem.read(netmem_phys(n), have) || have[0] != have[4095]) ++bad_bytes;
+      if (!pool.load()->put_full_netmem(n, false)) ++bad_puts;  // another thread: the ring
+    }
+  });
+  if (cached) {
+    while (!rx_paused.load()) std::this_thread::yield();
+  } else {
+    while (received.load() < 2000) std::this_thread::yield();
+  }
+  ASSERT_TRUE(b->revoke());
+  revoked_done = true;
+  rx.join();
+  consumer.join();
+  PagePool* pp = pool.load();
+  EXPECT_EQ(after_revoke.load(), 0);
+  EXPECT_EQ(bad_puts.load(), 0);
+  EXPECT_EQ(bad_bytes.load(), 0);
+  EXPECT_TRUE(mp->revoked());
+  const PagePoolStats ps = pp->stats();
+  EXPECT_GT(ps.recycle.cached, 0u);
+  EXPECT_GT(ps.recycle.ring, 0u);
+  // Nothing is cached any more; a buffer put into the ring while the revoke ran may still
+  // sit there (a later refill would release it: dead areas are never handed out), and the
+  // destroy's scrub releases it.
+  pp->destroy();
+  EXPECT_EQ(mp->pools(), 0u);
+  const DevmemStats st = bd->stats();
+  EXPECT_EQ(st.avail, st.size);  // every net_iov back in the binding
+  EXPECT_EQ(st.allocs, st.releases);
+  EXPECT_EQ(st.bad_releases, 0u);
+  EXPECT_EQ(nic->stats().live_mappings, 0u);
+  std::lock_guard g(report_mu);
+  EXPECT_EQ(report, "");
+}
+
+TEST(DevmemConcurrencyTest, RevokeDuringReceiveThroughThePagePool) { revoke_during_pool_receive(false); }
+TEST(DevmemConcurrencyTest, RevokeDuringReceiveFlushesThePoolsCache) { revoke_during_pool_receive(true); }
 
 // Importers map, check and unmap while the exporter moves the buffer back and forth; each
 // mapping either stays valid until its unmap or is reported stale.

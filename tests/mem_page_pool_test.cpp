@@ -603,7 +603,9 @@ TEST(PagePoolTest, ProviderRemovedWhileBuffersAreInFlight) {
   for (int i = 8; i < 12; ++i) ASSERT_TRUE(pool->put_full_netmem(out[i], false));  // ring
   auto removed = pw.p2p->remove(pw.w.gpu);
   ASSERT_FALSE(removed);
-  EXPECT_EQ(removed.error().code, EBUSY);  // the chunk is still held
+  EXPECT_EQ(removed.error().code, EBUSY);  // the chunk is still held, and the error says so
+  EXPECT_NE(removed.error().message.find("still has 1 chunk(s) held; they must be freed first"), std::string::npos)
+      << removed.error().message;
   EXPECT_TRUE(dev->revoked());
   EXPECT_EQ(pool->alloc_netmems(), Netmem{});  // the cache and ring of the dead area dropped
   EXPECT_EQ(pool->inflight(), 4);

@@ -156,5 +156,40 @@ TEST(MemPoolConcurrencyTest, BarrierAndStatsWhileOthersFree) {
   EXPECT_EQ(s.deferred, 0u);
 }
 
+// off_revoke() while remove() runs the subscriber's callback on another thread: it returns
+// only once that call is over, and the callback is not called again.
+TEST(MemPoolConcurrencyTest, OffRevokeWaitsForACallInProgress) {
+  MemWorld w;
+  auto m = P2PMemory::create(*w.platform).value();
+  ASSERT_TRUE(m->add_resource(w.gpu, 0, 0, 0));
+  std::vector<P2PChunk> held;
+  for (int i = 0; i < 4; ++i) held.push_back(m->alloc(w.gpu, 4096).value());
+  std::atomic<bool> in_call{false}, off_started{false}, off_returned{false}, seen_return_in_call{false};
+  std::atomic<int> calls{0};
+  const auto t = m->on_revoke(w.gpu, [&](const P2PChunk&) {
+    calls.fetch_add(1);
+    in_call = true;
+    while (!off_started.load()) std::this_thread::yield();
+    for (int i = 0; i < 200; ++i) {
+      if (off_returned.load()) seen_return_in_call = true;  // off_revoke did not wait
+      std::this_thread::yield();
+    }
+    in_call = false;
+  });
+  // The holder frees everything once its subscription is over.
+  std::thread remover([&] { EXPECT_TRUE(m->remove(w.gpu)); });
+  while (!in_call.load()) std::this_thread::yield();
+  off_started = true;
+  ASSERT_TRUE(m->off_revoke(t));
+  off_returned = true;
+  const int at_return = calls.load();
+  EXPECT_FALSE(in_call.load());
+  for (const P2PChunk& c : held) ASSERT_TRUE(m->free(c));
+  remover.join();
+  EXPECT_FALSE(seen_return_in_call.load());
+  EXPECT_EQ(calls.load(), at_return);  // not called again once off_revoke returned (how many
+                                       // calls ran before depends on who takes the lock first)
+}
+
 }  // namespace
 }  // namespace physr::mem

@@ -197,6 +197,47 @@ TEST(MemPoolTest, RemoveRevokesHoldersThenAllocIsEnodev) {
   EXPECT_EQ(m->publish(w.gpu, true).error().code, ENODEV);
 }
 
+// Several importers and pools may hang off one provider: every subscriber to its removal is
+// called, in order, with every chunk still held, and picks out its own; off_revoke() ends a
+// subscription (also from inside its own callback), an ended or empty token is EINVAL.
+TEST(MemPoolTest, RevokeCallsEverySubscriberAndOffRevokeEndsOne) {
+  MemWorld w;
+  auto m = make(w);
+  ASSERT_TRUE(m->add_resource(w.gpu, 0, 0, 0));
+  P2PChunk a = m->alloc(w.gpu, 4096, {.owner = "a"}).value();
+  P2PChunk b = m->alloc(w.gpu, 8192, {.owner = "b"}).value();
+  std::vector<std::string> calls;
+  const auto frees = [&](const char* who, const P2PChunk& mine) {
+    return [&, who, mine](const P2PChunk& c) {
+      calls.push_back(std::string(who) + ":" + std::to_string(c.span.size));
+      if (c.span == mine.span) {
+        ASSERT_TRUE(m->free(c));
+      }
+    };
+  };
+  const auto ta = m->on_revoke(w.gpu, frees("a", a));
+  const auto gone = m->on_revoke(w.gpu, [&](const P2PChunk&) { calls.push_back("gone"); });
+  const auto tb = m->on_revoke(w.gpu, frees("b", b));
+  P2PMemory::RevokeToken self{};
+  self = m->on_revoke(w.gpu, [&](const P2PChunk&) {
+    calls.push_back("once");
+    ASSERT_TRUE(m->off_revoke(self));  // ends itself: not called for the second chunk
+  });
+  EXPECT_NE(ta.id, tb.id);
+  EXPECT_EQ(m->on_revoke(w.gpu, nullptr).id, 0u);
+  EXPECT_EQ(m->on_revoke(12345, [](const P2PChunk&) {}).id, 0u);
+  ASSERT_TRUE(m->off_revoke(gone));
+  auto again = m->off_revoke(gone);
+  ASSERT_FALSE(again);
+  EXPECT_EQ(again.error().code, EINVAL);
+  EXPECT_EQ(m->off_revoke({}).error().code, EINVAL);
+  ASSERT_TRUE(m->remove(w.gpu));  // both chunks freed by their own subscriber: no EBUSY
+  EXPECT_EQ(calls, (std::vector<std::string>{"a:4096", "a:8192", "b:4096", "b:8192", "once"}));
+  EXPECT_EQ(m->off_revoke(self).error().code, EINVAL);
+  EXPECT_TRUE(m->off_revoke(ta));
+  EXPECT_TRUE(m->off_revoke(tb));
+}
+
 // A BAR removed and added again: frees find the live resource, not the removed one over
 // the same span (gen_pool_free_owner() looks the address up among the pool's live chunks).
 TEST(MemPoolTest, AfterRemoveAndReAddFreesFindTheLiveResource) {

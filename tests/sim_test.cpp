@@ -891,6 +891,50 @@ TEST(SimJobTest, DevmemReceiveSplitsHeadersIntoHostAndPayloadsIntoGpuMemory) {
   EXPECT_EQ(run_job(*m, j).error().code, EINVAL);
 }
 
+// Devmem transmit (net/core/devmem.c TX binding, tcp_sendmsg_locked() with
+// SCM_DEVMEM_DMABUF): headers from host memory, payloads straight from net_iovs of the GPU's
+// BAR, every byte checked at the receiver in host memory.
+TEST(SimJobTest, DevmemTransmitSendsPayloadsFromGpuMemoryHeadersFromHost) {
+  const auto t = machine("two-socket-switch");
+  auto m = build(t);
+  Job j;
+  j.name = "devmem-tx";
+  NetJob nj;
+  nj.sender = *t.lookup("nic0");
+  nj.receiver = *t.lookup("nic1");
+  nj.tx_buffer_function = *t.lookup("gpu0");
+  nj.tx = NetJob::Tx::devmem;
+  nj.header_bytes = 200;
+  j.kind = nj;
+  j.block_size = 9000;  // 8800 B of payload: three frags, or four across a 4 KiB boundary
+  j.queue_depth = 32;
+  j.size = 9000 * 300;
+  auto r = run_job(*m, j);
+  ASSERT_TRUE(r.has_value()) << r.error().to_string();
+  EXPECT_EQ(r->verified_bytes, j.size);
+  EXPECT_NE(r->path.find("TX devmem (200 B headers from host memory, payload from gpu0 BAR1 net_iovs by p2p through the root complex; "),
+            std::string::npos)
+      << r->path;
+  EXPECT_NE(r->path.find("), RX host"), std::string::npos) << r->path;
+  EXPECT_TRUE(r->took(Via::p2p_host_bridge));
+  // Host memory: the packets written at the receiver (each packet's timing takes the
+  // payload's route, as devmem RX's does: the headers' few bytes are not timed apart).
+  EXPECT_EQ(r->host_memory_bytes, j.size);
+  EXPECT_EQ(r->rc_bytes, j.size);
+  // A devmem sender needs its GPU, a header shorter than the packet, and a plain receiver.
+  nj.header_bytes = 9000;
+  j.kind = nj;
+  EXPECT_EQ(run_job(*m, j).error().code, EINVAL);
+  nj.header_bytes = 128;
+  nj.rx = NetJob::Rx::copy;
+  j.kind = nj;
+  EXPECT_EQ(run_job(*m, j).error().code, EINVAL);
+  nj.rx = NetJob::Rx::plain;
+  nj.tx_buffer_function.reset();
+  j.kind = nj;
+  EXPECT_EQ(run_job(*m, j).error().code, EINVAL);
+}
+
 TEST(SimJobTest, NetworkPacketsReachTheReceiverBuffers) {
   const auto t = machine("two-socket-switch");
   auto m = build(t);

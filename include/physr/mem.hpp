@@ -88,7 +88,8 @@ struct P2PMemoryOptions {
 class P2PMemorySource;
 
 /// The p2pdma state of every provider on a Platform (Linux: pdev->p2pdma for each device).
-/// Set-up (add_resource, publish, on_revoke) and remove() are serialised against each other;
+/// Set-up (add_resource, publish, on_revoke, off_revoke) and remove() are serialised against
+/// each other (off_revoke also against a callback of its subscription running in remove());
 /// alloc, free, find_many, virt_to_bus and stats may run concurrently from any thread.
 class P2PMemory {
  public:
@@ -143,7 +144,20 @@ class P2PMemory {
   /// the p2pmem allocate file), once per chunk still held (with tracking off: once per run
   /// of held granules), without locks held: it may call free().
   using RevokeFn = std::function<void(const P2PChunk&)>;
-  void on_revoke(uint32_t function, RevokeFn fn);
+  /// A subscription to a function's removal (on_revoke()), to end it with off_revoke().
+  struct RevokeToken {
+    uint32_t function = 0;
+    uint64_t id = 0;  // 0: no subscription
+  };
+  /// Subscribes `fn` to the function's removal; several importers and pools may hang off
+  /// one provider, so every subscriber is called, in subscription order, with every chunk
+  /// still held (each picks out its own). A null `fn` or an unknown function subscribes
+  /// nothing (an empty token).
+  RevokeToken on_revoke(uint32_t function, RevokeFn fn);
+  /// Ends a subscription: returns once a call of it in progress on another thread is over,
+  /// and it is not called again (it may be called from inside its own callback). EINVAL: not
+  /// a live subscription (an empty token, or ended already).
+  Status off_revoke(RevokeToken token);
   /// Every free that returned before the call, on any thread, is back in its pool
   /// (rcu_barrier). Not from inside a ReadGuard.
   void barrier();

@@ -407,7 +407,12 @@ struct NetJob {
   /// to the receiver (devmem); or into host page-pool pages and then copied by
   /// rx_buffer_function's copy engine into its BAR (copy: the path without devmem).
   enum class Rx : uint8_t { plain, devmem, copy } rx = Rx::plain;
-  uint32_t header_bytes = 128;  // devmem: the bytes of each packet that go to the header buffer
+  /// How the sender sends (docs/sim.md, "Devmem transmit"): from its TX buffers (plain), or
+  /// as devmem TX does, each packet's header from host memory and its payload straight from
+  /// net_iovs of tx_buffer_function's BAR exported as a dma-buf and bound to the sender for
+  /// TX (devmem; the receiver takes the packets into host memory, rx plain).
+  enum class Tx : uint8_t { plain, devmem } tx = Tx::plain;
+  uint32_t header_bytes = 128;  // devmem (RX or TX): the bytes of each packet in the header buffer
   double wire_gbps = 0;         // the wire's rate for this job, GB/s (0: MachineOptions::wire_gbps)
 };
 
@@ -519,7 +524,8 @@ struct JobSpec {
   uint64_t host_bytes = 0;           // O_DIRECT jobs: DirectIoJob::host_bytes
   bool p2pdma = true;                // O_DIRECT jobs: DirectIoJob::p2pdma
   NetJob::Rx rx = NetJob::Rx::plain;  // network jobs: "plain", "devmem" or "copy" (NetJob::rx)
-  uint32_t header_bytes = 128;        // network jobs with rx = "devmem": the header split
+  NetJob::Tx tx = NetJob::Tx::plain;  // network jobs: "plain" or "devmem" (NetJob::tx)
+  uint32_t header_bytes = 128;        // network jobs with rx or tx = "devmem": the header split
   double wire_gbps = 0;               // network jobs: the wire's rate, GB/s (0: the machine's)
   std::string where;    // "FILE:LINE" for messages
 };

@@ -1,16 +1,22 @@
-// A dma-buf bound to an RX queue (Linux net/core/devmem.c) and a socket's tokens
-// (net/core/sock.c sock_devmem_dontneed()).
+// A dma-buf bound to an RX queue or for TX (Linux net/core/devmem.c), a socket's tokens
+// (net/core/sock.c sock_devmem_dontneed()) and a devmem send (net/ipv4/tcp.c
+// tcp_sendmsg_locked(), net/core/datagram.c zerocopy_fill_skb_from_devmem()).
 #include "physr/mem/devmem.hpp"
 
 #include <algorithm>
 #include <bit>
 #include <cstdio>
 #include <functional>
+#include <map>
 
 namespace physr::mem {
 
 struct DevmemBinding::Impl {
   mutable std::mutex mu;
+  DmaDirection dir = DmaDirection::from_device;
+  const DmaDevice* dev = nullptr;
+  uint32_t id = 0;
+  std::vector<NetIov> tx_vec;  // TX: the net_iov of every 4 KiB of the buffer, by offset
   std::shared_ptr<DmaBuf> buf;
   std::shared_ptr<DmaBufAttachment> att;
   DmaBufMapping mapping;
@@ -31,6 +37,11 @@ struct DevmemBinding::Impl {
   bool allocated(NetIov n) const {
     return n.chunk < chunks.size() && n.index < chunks[n.chunk].c.num_niovs &&
            (chunks[n.chunk].bits[n.index >> 6] >> (n.index & 63) & 1);
+  }
+  bool tx() const { return dir == DmaDirection::to_device; }
+  // A net_iov the NIC may use: allocated (RX), or any of the buffer's (TX: tx_vec).
+  bool usable(NetIov n) const {
+    return tx() ? n.chunk < chunks.size() && n.index < chunks[n.chunk].c.num_niovs : allocated(n);
   }
   std::string name(NetIov n) const { return "net_iov " + std::to_string(n.chunk) + ":" + std::to_string(n.index); }
 
@@ -57,7 +68,7 @@ struct DevmemBinding::Impl {
       return true;
     }
     // Moved (or enabled again): remap and keep the chunks if the layout is the same.
-    auto m = att->map(DmaDirection::from_device);
+    auto m = att->map(dir);
     if (!m) {
       revoked = true;
       why = "remap after a move failed: " + m.error().to_string();
@@ -80,10 +91,45 @@ struct DevmemBinding::Impl {
   }
 };
 
+namespace {
+// Linux net_devmem_dmabuf_bindings: every live binding by id (XA_FLAGS_ALLOC1: ids from 1,
+// handed out cyclically by xa_alloc_cyclic()).
+std::mutex g_bindings_mu;
+std::map<uint32_t, std::weak_ptr<DevmemBinding::Impl>> g_bindings;
+uint32_t g_next_id = 1;
+
+uint32_t register_binding(const std::shared_ptr<DevmemBinding::Impl>& b) {
+  std::lock_guard g(g_bindings_mu);
+  uint32_t id = g_next_id;
+  while (id == 0 || g_bindings.count(id)) ++id;  // wraps past UINT32_MAX to 1
+  g_next_id = id + 1;
+  g_bindings.emplace(id, b);
+  return id;
+}
+void unregister_binding(uint32_t id) {
+  std::lock_guard g(g_bindings_mu);
+  g_bindings.erase(id);
+}
+// net_devmem_lookup_dmabuf(): the binding with the id, if it is alive.
+std::shared_ptr<DevmemBinding::Impl> lookup_binding(uint32_t id) {
+  std::lock_guard g(g_bindings_mu);
+  auto it = g_bindings.find(id);
+  return it == g_bindings.end() ? nullptr : it->second.lock();
+}
+}  // namespace
+
 DevmemBinding::DevmemBinding(std::shared_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
 Result<std::unique_ptr<DevmemBinding>> DevmemBinding::bind(std::shared_ptr<DmaBuf> buf, DmaDevice& nic) {
+  return bind(std::move(buf), nic, DmaDirection::from_device);
+}
+
+Result<std::unique_ptr<DevmemBinding>> DevmemBinding::bind(std::shared_ptr<DmaBuf> buf, DmaDevice& nic, DmaDirection direction) {
   if (!buf) return make_error(EINVAL, "devmem bind: no dma-buf");
+  // netdev_nl_bind_rx_doit() binds DMA_FROM_DEVICE, netdev_nl_bind_tx_doit() DMA_TO_DEVICE.
+  if (direction != DmaDirection::from_device && direction != DmaDirection::to_device)
+    return make_error(EINVAL, std::string("devmem bind: direction ") + dma_direction_name(direction) +
+                                  " (a binding is for RX, from_device, or for TX, to_device)");
   // The state lives in a shared block so a move_notify racing with the unbind finds it
   // alive (or finds it gone, through the weak pointer).
   auto holder = std::make_shared<Impl>();
@@ -94,11 +140,12 @@ Result<std::unique_ptr<DevmemBinding>> DevmemBinding::bind(std::shared_ptr<DmaBu
   o.move_notify = [weak](DmaBufAttachment&) {
     if (auto s = weak.lock()) s->invalidated();
   };
-  // Linux net_devmem_bind_dmabuf(): dma_buf_attach(), then map FROM_DEVICE.
+  // Linux net_devmem_bind_dmabuf(): dma_buf_attach(), then map in the binding's direction.
   PHYSR_ASSIGN_OR_RETURN_CTX(auto att, buf->attach(nic, std::move(o)), "devmem bind");
-  PHYSR_ASSIGN_OR_RETURN_CTX(auto mapping, att->map(DmaDirection::from_device), "devmem bind");
+  PHYSR_ASSIGN_OR_RETURN_CTX(auto mapping, att->map(direction), "devmem bind");
   uint64_t virt = 0;
   std::vector<Impl::Chunk> chunks;
+  std::vector<NetIov> tx_vec;
   for (const DmaSegment& s : mapping.segments()) {
     if (s.len % kPageSize || s.addr.value() % kPageSize) {
       (void)att->unmap(mapping);
@@ -109,11 +156,17 @@ Result<std::unique_ptr<DevmemBinding>> DevmemBinding::bind(std::shared_ptr<DmaBu
     c.c = DevmemChunk{s.addr, virt, static_cast<uint32_t>(s.len / kPageSize)};
     c.bits.assign((c.c.num_niovs + 63) / 64, 0);
     c.avail = c.c.num_niovs;
+    // TX: binding->tx_vec[owner->area.base_virtual / PAGE_SIZE + i] = niov.
+    if (direction == DmaDirection::to_device)
+      for (uint32_t i = 0; i < c.c.num_niovs; ++i) tx_vec.push_back(NetIov{static_cast<uint32_t>(chunks.size()), i});
     chunks.push_back(std::move(c));
     virt += s.len;
   }
   {
     std::lock_guard lock(holder->mu);
+    holder->dir = direction;
+    holder->dev = &nic;
+    holder->tx_vec = std::move(tx_vec);
     holder->buf = std::move(buf);
     holder->att = std::move(att);
     holder->mapping = std::move(mapping);
@@ -125,11 +178,13 @@ Result<std::unique_ptr<DevmemBinding>> DevmemBinding::bind(std::shared_ptr<DmaBu
       return make_error(ESTALE, "devmem bind: the dma-buf moved or was revoked while binding");
     }
   }
+  holder->id = register_binding(holder);
   return std::unique_ptr<DevmemBinding>(new DevmemBinding(std::move(holder)));
 }
 
 DevmemBinding::~DevmemBinding() {
   Impl& m = *impl_;
+  unregister_binding(m.id);
   std::shared_ptr<DmaBufAttachment> att;
   uint64_t held = 0;
   {
@@ -187,9 +242,17 @@ bool genpool_alloc(DevmemBinding::Impl& m, NetIov& out) {
 }
 }  // namespace
 
+namespace {
+Status not_for_tx(const DevmemBinding::Impl& m) {
+  if (m.dir == DmaDirection::to_device) return make_error(EINVAL, "devmem alloc: a TX binding is bound to no RX queue");
+  return {};
+}
+}  // namespace
+
 Result<NetIov> DevmemBinding::alloc_netmem() {
   Impl& m = *impl_;
   std::lock_guard lock(m.mu);
+  PHYSR_RETURN_IF_ERROR(not_for_tx(m));
   if (m.revoked) return make_error(ENODEV, "devmem alloc: " + m.why);
   NetIov n;
   if (!genpool_alloc(m, n)) return make_error(ENOMEM, "devmem alloc: every net_iov of the binding is in use");
@@ -199,6 +262,7 @@ Result<NetIov> DevmemBinding::alloc_netmem() {
 Result<size_t> DevmemBinding::alloc_netmems(std::span<NetIov> out) {
   Impl& m = *impl_;
   std::lock_guard lock(m.mu);
+  PHYSR_RETURN_IF_ERROR(not_for_tx(m));
   if (m.revoked) return make_error(ENODEV, "devmem alloc: " + m.why);
   size_t n = 0;
   while (n < out.size() && genpool_alloc(m, out[n])) ++n;
@@ -227,7 +291,7 @@ Result<DmaAddr> DevmemBinding::dma_addr(NetIov n) const {
   const Impl& m = *impl_;
   std::lock_guard lock(m.mu);
   if (m.revoked) return make_error(ENODEV, "devmem dma_addr of " + m.name(n) + ": " + m.why);
-  if (!m.allocated(n)) return make_error(EINVAL, "devmem dma_addr: " + m.name(n) + " is not allocated");
+  if (!m.usable(n)) return make_error(EINVAL, "devmem dma_addr: " + m.name(n) + (m.tx() ? " is not in this binding" : " is not allocated"));
   // Linux net_devmem_get_dma_addr(): owner->base_dma_addr + (index << PAGE_SHIFT).
   return DmaAddr(m.chunks[n.chunk].c.base_dma.value() + (uint64_t{n.index} << kPageShift));
 }
@@ -246,7 +310,7 @@ Result<PhysAddr> DevmemBinding::phys_addr(NetIov n) const {
   {
     std::lock_guard lock(m.mu);
     if (m.revoked) return make_error(ENODEV, "devmem phys_addr of " + m.name(n) + ": " + m.why);
-    if (!m.allocated(n)) return make_error(EINVAL, "devmem phys_addr: " + m.name(n) + " is not allocated");
+    if (!m.usable(n)) return make_error(EINVAL, "devmem phys_addr: " + m.name(n) + (m.tx() ? " is not in this binding" : " is not allocated"));
     off = m.chunks[n.chunk].c.base_virtual + (uint64_t{n.index} << kPageShift);
   }
   const RangeList r = m.buf->ranges();
@@ -256,6 +320,25 @@ Result<PhysAddr> DevmemBinding::phys_addr(NetIov n) const {
   }
   return make_error(EINVAL, "devmem phys_addr: " + m.name(n) + " lies past the buffer");
 }
+
+// Linux net_devmem_get_niov_at(): NULL at or past dmabuf->size, else
+// tx_vec[virt_addr / PAGE_SIZE] with *off = virt_addr % PAGE_SIZE, *size = PAGE_SIZE - *off.
+Result<DevmemTxSlice> DevmemBinding::niov_at(uint64_t virt_addr) const {
+  const Impl& m = *impl_;
+  std::lock_guard lock(m.mu);
+  if (!m.tx()) return make_error(EINVAL, "devmem niov_at: an RX binding has no tx_vec");
+  if (virt_addr >= m.st.size)
+    return make_error(EFAULT, "devmem niov_at: offset " + format_hex(virt_addr) + " is past the dma-buf's " + format_hex(m.st.size) + " bytes");
+  DevmemTxSlice s;
+  s.niov = m.tx_vec[virt_addr >> kPageShift];
+  s.offset = static_cast<uint32_t>(virt_addr % kPageSize);
+  s.size = static_cast<uint32_t>(kPageSize - s.offset);
+  return s;
+}
+
+DmaDirection DevmemBinding::direction() const noexcept { return impl_->dir; }
+uint32_t DevmemBinding::id() const noexcept { return impl_->id; }
+const DmaDevice& DevmemBinding::device() const noexcept { return *impl_->dev; }
 
 bool DevmemBinding::revoked() const {
   std::lock_guard lock(impl_->mu);
@@ -272,6 +355,49 @@ DevmemStats DevmemBinding::stats() const {
   return impl_->st;
 }
 const DmaBufAttachment& DevmemBinding::attachment() const noexcept { return *impl_->att; }
+
+// ---------------------------------------------------------------------------------------
+// Transmit
+
+Result<std::vector<DevmemTxFrag>> DevmemTxSocket::sendmsg(const DevmemMsg& msg) const {
+  uint64_t size = 0;
+  for (const DevmemIov& v : msg.iov) size += v.len;
+  if (!msg.dmabuf_id)
+    return make_error(EINVAL, "devmem sendmsg: no SCM_DEVMEM_DMABUF (a send from user memory is not modelled)");
+  // tcp_sendmsg_locked(): a dmabuf id without MSG_ZEROCOPY or without SO_ZEROCOPY is EINVAL.
+  if (!msg.msg_zerocopy || !zerocopy_)
+    return make_error(EINVAL, std::string("devmem sendmsg: SCM_DEVMEM_DMABUF needs ") + (msg.msg_zerocopy ? "SO_ZEROCOPY on the socket" : "MSG_ZEROCOPY"));
+  std::vector<DevmemTxFrag> frags;
+  if (!size) return frags;  // (flags & MSG_ZEROCOPY) && size: nothing to send, no binding looked up
+  // net_devmem_get_binding(): no binding with the id, or one without tx_vec, EINVAL; a
+  // binding for another device than the route's (dst_dev != binding->dev) ENODEV.
+  const std::shared_ptr<DevmemBinding::Impl> b = lookup_binding(msg.dmabuf_id);
+  if (!b) return make_error(EINVAL, "devmem sendmsg: no dma-buf binding " + std::to_string(msg.dmabuf_id));
+  std::lock_guard lock(b->mu);
+  if (!b->tx()) return make_error(EINVAL, "devmem sendmsg: binding " + std::to_string(msg.dmabuf_id) + " is an RX binding");
+  if (b->dev != dev_) return make_error(ENODEV, "devmem sendmsg: binding " + std::to_string(msg.dmabuf_id) + " is for another device than the socket's route");
+  if (b->revoked) return make_error(ENODEV, "devmem sendmsg: binding " + std::to_string(msg.dmabuf_id) + ": " + b->why);
+  // zerocopy_fill_skb_from_devmem(): net_devmem_get_niov_at() NULL (an address at or past
+  // the buffer's size) is EFAULT. physr checks every iovec first and sends nothing then.
+  for (const DevmemIov& v : msg.iov)
+    if (v.len && (v.offset >= b->st.size || v.len > b->st.size - v.offset))
+      return make_error(EFAULT, "devmem sendmsg: iovec " + format_hex(v.offset) + " +" + format_hex(v.len) + " reaches past the dma-buf's " +
+                                    format_hex(b->st.size) + " bytes");
+  // Each frag: size = min(PAGE_SIZE - off, length, iov_len); skb_add_rx_frag_netmem() at
+  // off in the net_iov; the NIC reads it at the net_iov's DMA address + off.
+  for (const DevmemIov& v : msg.iov) {
+    for (uint64_t at = v.offset, left = v.len; left;) {
+      const NetIov n = b->tx_vec[at >> kPageShift];
+      const uint32_t off = static_cast<uint32_t>(at % kPageSize);
+      const uint32_t len = static_cast<uint32_t>(std::min<uint64_t>(kPageSize - off, left));
+      const DmaAddr dma(b->chunks[n.chunk].c.base_dma.value() + (uint64_t{n.index} << kPageShift) + off);
+      frags.push_back(DevmemTxFrag{n, off, len, dma});
+      at += len;
+      left -= len;
+    }
+  }
+  return frags;
+}
 
 // ---------------------------------------------------------------------------------------
 // Tokens

@@ -16,6 +16,8 @@ void warn(const PagePool& pool, const std::string& msg) {
 
 Result<std::unique_ptr<DevmemMemoryProvider>> DevmemMemoryProvider::create(DevmemBinding& binding) {
   if (binding.revoked()) return make_error(ENODEV, "devmem provider: the binding is revoked");
+  // Only netdev_nl_bind_rx_doit()'s bindings are installed as an RX queue's memory provider.
+  if (binding.direction() != DmaDirection::from_device) return make_error(EINVAL, "devmem provider: a TX binding is bound to no RX queue");
   std::unique_ptr<DevmemMemoryProvider> p(new DevmemMemoryProvider(binding));
   const DmaBuf& buf = binding.attachment().buffer();
   const RangeList ranges = buf.ranges();

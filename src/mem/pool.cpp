@@ -331,11 +331,21 @@ struct ThreadCache {
   bool orphan = false;       // its thread exited (under Impl::mu)
 };
 
+// One revoke subscriber: `call_mu` is held while remove() calls it, and by off_revoke() to
+// end it, so the subscriber's state outlives every call (recursive: a callback may end its
+// own subscription).
+struct RevokeSub {
+  uint64_t id = 0;
+  P2PMemory::RevokeFn fn;
+  std::recursive_mutex call_mu;
+  bool ended = false;  // under call_mu
+};
+
 struct FunctionState {
   std::atomic<Resource*> res[kMaxResources] = {};
   std::atomic<uint32_t> nres{0};
   std::atomic<bool> published{false};
-  P2PMemory::RevokeFn revoke;  // under Impl::mu
+  std::vector<std::shared_ptr<RevokeSub>> revoke;  // under Impl::mu, in subscription order
   std::vector<P2PMemorySource*> files;  // its allocate files (under Impl::mu)
 };
 
@@ -375,7 +385,8 @@ struct P2PMemory::Impl {
   uint32_t nfns = 0;
   std::unique_ptr<FunctionState[]> fns;
 
-  std::mutex mu;         // set-up, the cache list, revoke functions, unsubmitted batches
+  std::mutex mu;         // set-up, the cache list, revoke subscribers, unsubmitted batches
+  uint64_t next_revoke_id = 0;  // under mu
   std::mutex remove_mu;  // one remove() at a time
   std::vector<std::unique_ptr<Resource>> resources;  // every resource ever added
   std::vector<std::unique_ptr<ThreadCache>> caches;  // every thread cache
@@ -1232,9 +1243,36 @@ Result<BusAddr> P2PMemory::virt_to_bus(uint32_t function, PhysAddr a) const {
   return make_error(EINVAL, "p2pmem virt_to_bus: " + hex(a.value()) + " is in no P2P resource of " + m.platform->label(function));
 }
 
-void P2PMemory::on_revoke(uint32_t function, RevokeFn fn) {
+P2PMemory::RevokeToken P2PMemory::on_revoke(uint32_t function, RevokeFn fn) {
   std::lock_guard g(impl_->mu);
-  if (function < impl_->nfns) impl_->fns[function].revoke = std::move(fn);
+  if (function >= impl_->nfns || !fn) return {};
+  auto sub = std::make_shared<RevokeSub>();
+  sub->id = ++impl_->next_revoke_id;
+  sub->fn = std::move(fn);
+  impl_->fns[function].revoke.push_back(sub);
+  return RevokeToken{function, sub->id};
+}
+
+Status P2PMemory::off_revoke(RevokeToken token) {
+  std::shared_ptr<RevokeSub> sub;
+  {
+    std::lock_guard g(impl_->mu);
+    if (token.function < impl_->nfns) {
+      auto& v = impl_->fns[token.function].revoke;
+      auto it = std::find_if(v.begin(), v.end(), [&](const auto& s) { return s->id == token.id; });
+      if (token.id && it != v.end()) {
+        sub = *it;
+        v.erase(it);
+      }
+    }
+  }
+  if (!sub)
+    return make_error(EINVAL, "p2pmem off_revoke: no subscription " + std::to_string(token.id) + " to " +
+                                  (token.function < impl_->nfns ? impl_->platform->label(token.function) : "function " + std::to_string(token.function)));
+  // A remove() calling it holds call_mu: wait for that call to end.
+  std::lock_guard c(sub->call_mu);
+  sub->ended = true;
+  return {};
 }
 
 void P2PMemory::barrier() { impl_->barrier(); }
@@ -1286,7 +1324,7 @@ Status P2PMemory::remove(uint32_t function) {
   FunctionState& fs = m.fns[function];
   const std::string who = m.platform->label(function);
   std::vector<Resource*> rs;
-  RevokeFn revoke;
+  std::vector<std::shared_ptr<RevokeSub>> revoke;
   {
     std::lock_guard g(m.mu);
     for (uint32_t i = 0; i < fs.nres.load(); ++i)
@@ -1334,9 +1372,13 @@ Status P2PMemory::remove(uint32_t function) {
       if (std::find(rs.begin(), rs.end(), t.r) != rs.end()) held.push_back(P2PChunk{PhysSpan{PhysAddr(a), t.size}, t.r->provider, function});
     std::sort(held.begin(), held.end(), [](const P2PChunk& x, const P2PChunk& y) { return x.span.base < y.span.base; });
   }
-  // pci_p2pdma_unmap_mappings(): holders stop using the memory (and free it).
-  if (revoke)
-    for (const P2PChunk& c : held) revoke(c);
+  // pci_p2pdma_unmap_mappings(): holders stop using the memory (and free it); every
+  // subscriber in turn, each with every chunk, unless its subscription ended meanwhile.
+  for (const auto& sub : revoke)
+    for (const P2PChunk& ch : held) {
+      std::lock_guard c(sub->call_mu);  // per call: an off_revoke() waits for one call only
+      if (!sub->ended) sub->fn(ch);
+    }
   // memunmap_pages() waits for pgmap->ref to drop to zero; physr waits up to the timeout.
   const auto deadline = std::chrono::steady_clock::now() + m.opt.remove_timeout;
   for (;;) {

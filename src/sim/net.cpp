@@ -18,6 +18,7 @@ bool is_nic(const pci::Topology& t, uint32_t f) { return pci::is_network(t.funct
 Result<JobResult> detail::run_net_job(Machine& m, const Job& job, const NetJob& nj) {
   const pci::Topology& topo = m.topology();
   const auto where = [&] { return "job '" + job.name + "'"; };
+  if (nj.tx == NetJob::Tx::devmem) return run_devmem_tx_job(m, job, nj);
   if (nj.rx != NetJob::Rx::plain) return run_pool_rx_job(m, job, nj);
   const uint32_t tx = nj.sender, rx = nj.receiver;
   if (tx >= topo.functions.size() || rx >= topo.functions.size()) return make_error(EINVAL, where() + ": no such device");

@@ -69,7 +69,7 @@ Result<Scenario> parse_scenario(std::string_view text, std::string_view source) 
   for (const toml::node& jn : *jobs) {
     const toml::table& t = *jn.as_table();
     const std::string what = "job";
-    PHYSR_RETURN_IF_ERROR(check_keys(c, t, what, {"name", "device", "rw", "bs", "qd", "size", "buffer", "path", "peer", "peer_buffer", "copy_to", "host_bytes", "p2pdma", "rx", "header", "wire_gbps"}));
+    PHYSR_RETURN_IF_ERROR(check_keys(c, t, what, {"name", "device", "rw", "bs", "qd", "size", "buffer", "path", "peer", "peer_buffer", "copy_to", "host_bytes", "p2pdma", "rx", "tx", "header", "wire_gbps"}));
     JobSpec j;
     j.where = c.where(t);
     j.where.pop_back();  // "FILE:LINE:" -> "FILE:LINE"
@@ -130,9 +130,19 @@ Result<Scenario> parse_scenario(std::string_view text, std::string_view source) 
       else if (*rx == "copy") j.rx = NetJob::Rx::copy;
       else return make_error(EINVAL, c.where(*t.get("rx")) + "job.rx: '" + *rx + "' must be plain, devmem or copy");
     }
+    PHYSR_ASSIGN_OR_RETURN(const std::optional<std::string> tx, get_string(c, t, "tx", what));
+    if (tx) {
+      if (j.peer.empty()) return make_error(EINVAL, c.where(*t.get("tx")) + "job.tx: only network jobs (with a peer) have one");
+      if (*tx == "plain") j.tx = NetJob::Tx::plain;
+      else if (*tx == "devmem") j.tx = NetJob::Tx::devmem;
+      else return make_error(EINVAL, c.where(*t.get("tx")) + "job.tx: '" + *tx + "' must be plain or devmem");
+      if (j.tx == NetJob::Tx::devmem && j.rx != NetJob::Rx::plain)
+        return make_error(EINVAL, c.where(*t.get("tx")) + "job.tx: a devmem sender's receiver takes packets into its RX buffers (rx = \"plain\")");
+    }
     PHYSR_ASSIGN_OR_RETURN(const std::optional<uint64_t> header, get_uint(c, t, "header", what, 4096));
     if (header) {
-      if (j.rx != NetJob::Rx::devmem) return make_error(EINVAL, c.where(*t.get("header")) + "job.header: only jobs with rx = \"devmem\" split headers");
+      if (j.rx != NetJob::Rx::devmem && j.tx != NetJob::Tx::devmem)
+        return make_error(EINVAL, c.where(*t.get("header")) + "job.header: only jobs with rx or tx = \"devmem\" split headers");
       j.header_bytes = static_cast<uint32_t>(*header);
     }
     PHYSR_ASSIGN_OR_RETURN(const std::optional<double> wire, get_number(c, t, "wire_gbps", what, 0.001, 1e6));
@@ -215,6 +225,7 @@ Result<Job> resolve_job(const JobSpec& s, Machine& m) {
       nj.rx_buffer_function = *b;
     }
     nj.rx = s.rx;
+    nj.tx = s.tx;
     nj.header_bytes = s.header_bytes;
     nj.wire_gbps = s.wire_gbps;
     j.kind = nj;

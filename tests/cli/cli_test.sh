@@ -265,6 +265,7 @@ expect 0 'cmb-copy-odirect +nvme0 -> nvme1 +nvme1 BAR2 \(CMB\)' -- sim flagship
 expect 0 'cmb-copy-odirect: a process mapped nvme1.s p2pmem allocate file, and 2048 O_DIRECT requests' --
 expect 0 'devmem-100g +[0-9.]+ GB/s +32 MiB through host memory +headers to host pages, payload to GPU net_iovs' --
 expect 0 'host-copy-100g +[0-9.]+ GB/s +96 MiB through host memory +host page-pool pages, then the GPU.s copy engine' --
+expect 0 'devmem-tx-100g +[0-9.]+ GB/s +32 MiB through host memory +headers from host memory, payload sent from GPU net_iovs' --
 printf '[[job]]\nname = "nop2p"\ndevice = "nvme0"\ncopy_to = "nvme1"\nbuffer = "nvme1"\np2pdma = false\nsize = "1M"\n' > "$tmp/nop2p.toml"
 expect 1 'nop2p .*failed: EREMOTEIO: .*O_DIRECT read of nvme0' -- sim "$tmp/nop2p.toml"
 printf '[[job]]\ndevice = "nvme0"\nhost_bytes = "4K"\n' > "$tmp/badhb.toml"
@@ -308,7 +309,13 @@ expect 0 '"gpu0 copy engine"' -- sim "$tmp/gpu.toml" --json
 # page-pool pages plus the GPU's copy, at 100 and 400 Gb/s: the built-in scenario.
 expect 0 'devmem-100g +nic1->nic0 .*RX devmem with header split \(128 B headers into host page-pool pages, payload into gpu0 BAR1 net_iovs' -- sim devmem
 expect 0 'host-copy-400g +nic1->nic0 .*RX host page-pool pages, then gpu0 BAR1.s copy engine' -- sim devmem
-expect 0 'Every byte verified against its source: 128 MiB in 4 jobs' -- sim devmem
+# Devmem transmit: headers from host memory, payloads from GPU net_iovs of a TX binding.
+expect 0 'devmem-tx-100g +nic0->nic1 .*TX devmem \(128 B headers from host memory, payload from gpu0 BAR1 net_iovs by p2p' -- sim devmem
+expect 0 'Every byte verified against its source: 192 MiB in 6 jobs' -- sim devmem
+printf '[[job]]\ndevice = "nic0"\nbuffer = "gpu0"\npeer = "nic1"\ntx = "sendfile"\nsize = "1M"\nbs = "4K"\n' > "$tmp/tx.toml"
+expect 1 "job.tx: 'sendfile' must be plain or devmem" -- sim "$tmp/tx.toml"
+printf '[[job]]\ndevice = "nic0"\nbuffer = "gpu0"\npeer = "nic1"\npeer_buffer = "gpu1"\nrx = "copy"\ntx = "devmem"\nsize = "1M"\nbs = "4K"\n' > "$tmp/txrx.toml"
+expect 1 'job.tx: a devmem sender.s receiver takes packets into its RX buffers' -- sim "$tmp/txrx.toml"
 printf '[[job]]\ndevice = "nic1"\npeer = "nic0"\npeer_buffer = "gpu0"\nrx = "zerocopy"\nsize = "1M"\nbs = "4K"\n' > "$tmp/rx.toml"
 expect 1 "job.rx: 'zerocopy' must be plain, devmem or copy" -- sim "$tmp/rx.toml"
 printf '[[job]]\ndevice = "nic1"\npeer = "nic0"\npeer_buffer = "gpu0"\nrx = "devmem"\nheader = 4096\nsize = "1M"\nbs = "4K"\n' > "$tmp/hdr.toml"

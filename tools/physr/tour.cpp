@@ -136,7 +136,7 @@ void run_tour() {
   {
     // Devmem TCP (page pools over device memory): the payload lands in GPU memory through a
     // dma-buf bound to the RX queue; without it, host pages and a copy.
-    fmt::print("== NIC receive into GPU memory: devmem with header split (physr sim devmem) ==\n");
+    fmt::print("== NIC receive into and transmit from GPU memory: devmem (physr sim devmem) ==\n");
     const sim::Scenario sc = failure_value(sim::load_scenario("devmem"));
     const sim::ScenarioReport rep = failure_value(sim::run_scenario(sc));
     print_warnings(rep.warnings);
@@ -144,14 +144,19 @@ void run_tour() {
     for (const auto& j : rep.jobs) {
       const sim::JobResult r = failure_value(j.result);
       const bool staged = r.took(sim::Via::staged);
+      const bool tx = r.path.starts_with("network: TX devmem");
       devmem_via_rc |= !staged && r.took(sim::Via::p2p_host_bridge);
       fmt::print("  {:<16} {:>6.2f} GB/s  {:>8} through host memory  {}\n", r.name, r.gbps, format_size(r.host_memory_bytes),
-                 staged ? "host page-pool pages, then the GPU's copy engine" : "headers to host pages, payload to GPU net_iovs");
+                 staged ? "host page-pool pages, then the GPU's copy engine"
+                 : tx   ? "headers from host memory, payload sent from GPU net_iovs"
+                        : "headers to host pages, payload to GPU net_iovs");
     }
     if (devmem_via_rc)
-      fmt::print("  Devmem crosses host memory once (the sender's reads), the copy path three times; here\n"
-                 "  the NIC reaches the GPU only through the host bridge, so its writes cross the root complex.\n");
-    fmt::print("  Every payload byte was checked in GPU memory; page-pool buffers were recycled.\n"
+      fmt::print("  Devmem crosses host memory once (RX: the sender's reads; TX: the receiver's writes), the\n"
+                 "  copy path three times; here the NIC reaches the GPU only through the host bridge, so its\n"
+                 "  DMA to and from GPU memory crosses the root complex.\n");
+    fmt::print("  Every payload byte was checked where it landed (GPU memory for RX, the receiver's host\n"
+               "  memory for TX); page-pool buffers were recycled.\n"
                "  More: physr sim devmem; docs/page-pool.md, docs/dmabuf.md\n\n");
   }
   const pci::Topology machine = failure_value(pci::load_builtin_machine(kDefaultMachine));

@@ -35,7 +35,7 @@ namespace physr::mem {
 class DevmemMemoryProvider final : public MemoryProvider {
  public:
   /// One NetIovArea per physically contiguous piece of each chunk of the binding. EINVAL:
-  /// a piece not 4 KiB aligned in the buffer's ranges; ENODEV: the binding is revoked;
+  /// a TX binding, or a piece not 4 KiB aligned in the buffer's ranges; ENODEV: the binding is revoked;
   /// errors of NetIovArea::create.
   static Result<std::unique_ptr<DevmemMemoryProvider>> create(DevmemBinding& binding);
   /// Unhooks from the binding's revocation. Every pool using it must be gone.
