@@ -2,7 +2,8 @@
 // machine (Machine: the model's platform with RAM and every P2P BAR as real bytes, IOMMU
 // domains and DMA devices) and its device side, which decodes every DMA address as the
 // fabric does; fio-like jobs that move and verify real bytes through the DMA layer (NVMe
-// SSDs, GPU and accelerator copy engines, NIC-to-NIC packets); scenario files; and the
+// SSDs, GPU and accelerator copy engines, NIC-to-NIC packets, O_DIRECT copies, devices
+// working on a process's memory through an HMM mirror); scenario files; and the
 // runner that runs a scenario's jobs on its machine.
 //
 // Design rationale
@@ -470,7 +471,7 @@ struct Job {
   uint64_t size = 256 * MiB;        // total bytes
 
   /// The device that starts the job's DMA: the SSD, the copy engine's device, the sender
-  /// (for an O_DIRECT copy: the SSD read from).
+  /// (for an O_DIRECT copy: the SSD read from; for an HMM job: the device with the mirror).
   uint32_t device() const noexcept;
 };
 
