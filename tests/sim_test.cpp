@@ -499,7 +499,9 @@ JobResult run(Machine& m, const pci::Topology& t, const char* dev, const char* b
   EXPECT_TRUE(kind.has_value()) << kind.error().to_string();
   if (!kind) return {};
   j.kind = *kind;
-  std::visit([&](auto& k) { k.path = p; }, j.kind);
+  std::visit([&](auto& k) {
+    if constexpr (requires { k.path; }) k.path = p;
+  }, j.kind);
   j.size = size;
   j.block_size = 128 * KiB;
   j.queue_depth = qd;
@@ -1658,6 +1660,248 @@ TEST(SimSsdModelTest, MemoryPerJobIsBoundedByTheIosInFlight) {
   }
   EXPECT_EQ(lat.count(), 100'000u);
   EXPECT_LE(most, 8u);  // flow indices stay within the queue depth
+}
+
+// ---------------------------------------------------------------------------------------
+// HMM jobs: a device works on a process buffer through a mirror (mm/hmm.c, mm/mmu_notifier.c)
+// while the process remaps parts of it.
+
+// gpu0 on 4 blocks of 64 KiB: the first 16 KiB of each anonymous, the rest nvme1's CMB.
+Job hmm_job(const pci::Topology& t, const char* device = "gpu0", const char* buffer = "nvme1", uint64_t host_bytes = 16 * KiB) {
+  Job j;
+  j.name = "hmm";
+  j.block_size = 64 * KiB;
+  j.queue_depth = 4;
+  j.size = 4 * MiB;
+  HmmJob h;
+  h.device = *t.lookup(device);
+  h.host_bytes = host_bytes;
+  if (buffer) h.buffer_function = *t.lookup(buffer);
+  j.kind = h;
+  return j;
+}
+
+// The simulated time of a job's midpoint, from a run without events: an event then lands
+// after the device has touched every page of the buffer (the first of 64 passes). Faults
+// cost no time in such a job, so events do not shift the timeline: events at different
+// times land at different blocks.
+double midpoint_us(Machine& m, Job& j) {
+  std::get<HmmJob>(j.kind).fault_latency_us = 0;
+  auto r = run_job(m, j);
+  EXPECT_TRUE(r.has_value()) << r.error().to_string();
+  return r.has_value() ? r->seconds * 1e6 / 2 : 0;
+}
+
+// Documentation/mm/hmm.rst: the device works through its mirror, faulting pages in on
+// first touch (hmm_range_fault(), hmm_dma_map_pfn()); every byte it reads equals what the
+// process maps there and every byte it writes reaches the process's page. Its P2P part goes
+// by PCI bus address (nvme1's CMB under gpu0's switch: HMM_PFN_P2PDMA_BUS), its anonymous
+// part through host memory; at the end nothing is left mapped, and the pool is whole again.
+TEST(SimHmmTest, TheDeviceWorksThroughItsMirrorAndEveryByteIsChecked) {
+  const auto t = machine("two-socket-switch");
+  auto m = build(t);
+  const Job j = hmm_job(t);
+  auto r = run_job(*m, j);
+  ASSERT_TRUE(r.has_value()) << r.error().to_string();
+  EXPECT_EQ(r->verified_bytes, 2 * j.size);  // each block read and written
+  EXPECT_EQ(r->bytes, 2 * j.size);
+  EXPECT_EQ(r->device, "gpu0");
+  EXPECT_EQ(r->buffer, "nvme1 BAR2 (CMB) + host memory");
+  EXPECT_EQ(r->via, ViaFlags(Via::p2p_bus_addr) | Via::host_memory);
+  // 256 KiB of buffer in 16-page fault windows: 4 faults, one per block, all in the first pass.
+  EXPECT_EQ(r->hmm_faults, 4u);
+  EXPECT_EQ(r->hmm_invalidations, 0u);
+  EXPECT_EQ(r->hmm_events, 0u);
+  EXPECT_EQ(r->path, "hmm mirror: p2p bus_addr (under the switch) + host memory; 4 faults, 0 invalidations, 0 retries, 0 of 0 events");
+  EXPECT_EQ(r->host_memory_bytes, 2 * j.size / 4);  // the anonymous quarter, both ways
+  EXPECT_EQ(r->rc_bytes, 0u);
+  EXPECT_EQ(r->iommu_faults, 0u);
+  m->p2pmem().barrier();
+  EXPECT_EQ(m->p2pmem().stats(*t.lookup("nvme1")).allocated, 0u);
+}
+
+// mm/hmm.c hmm_range_fault() with the notifier's invalidations (mmu_interval_notifier's
+// invalidate callback): the process remaps the P2P part of a block as anonymous memory
+// and later back as P2P memory, and migrates anonymous pages; the notifier invalidates the
+// device's entries each time, the device faults again and sees the new memory (every byte
+// checked against the process's pages at that moment).
+TEST(SimHmmTest, RemapsOfP2PToAnonymousAndBackAreSeenByTheDevice) {
+  const auto t = machine("two-socket-switch");
+  auto m = build(t);
+  Job j = hmm_job(t);
+  const double mid = midpoint_us(*m, j);
+  auto& h = std::get<HmmJob>(j.kind);
+  h.events = {{.at_us = mid, .op = HmmEvent::Op::anon, .offset = 16 * KiB, .len = 48 * KiB},
+              {.at_us = mid * 1.5, .op = HmmEvent::Op::p2p, .offset = 16 * KiB, .len = 48 * KiB},
+              {.at_us = mid / 2, .op = HmmEvent::Op::migrate, .offset = 64 * KiB, .len = 16 * KiB}};
+  auto r = run_job(*m, j);
+  ASSERT_TRUE(r.has_value()) << r.error().to_string();
+  EXPECT_EQ(r->verified_bytes, 2 * j.size);
+  EXPECT_EQ(r->hmm_events, 3u);
+  EXPECT_EQ(r->hmm_invalidations, 3u);  // munmap, migrate, munmap (an mmap into a hole invalidates nothing)
+  EXPECT_EQ(r->hmm_faults, 4u + 3u) << r->path;  // the first pass, then one per changed span
+  EXPECT_EQ(r->via, ViaFlags(Via::p2p_bus_addr) | Via::host_memory);
+  // While block 0's P2P part was anonymous memory, its bytes went through host memory: more
+  // than the quarter of the run without events.
+  EXPECT_GT(r->host_memory_bytes, 2 * j.size / 4);
+  m->p2pmem().barrier();
+  EXPECT_EQ(m->p2pmem().stats(*t.lookup("nvme1")).allocated, 0u);
+}
+
+// The rule the byte checks pin (Documentation/mm/hmm.rst, mmu_interval_notifier_ops
+// invalidate): a driver whose notifier no longer reaches its device page table keeps using
+// the old translation after a remap, and the job's check of every byte the device reads
+// and writes against the process's pages fails with EIO. The same job with the notifier
+// in place passes.
+TEST(SimHmmTest, AMirrorWithoutInvalidationFailsTheByteCheck) {
+  const auto t = machine("two-socket-switch");
+  auto m = build(t);
+  Job j = hmm_job(t);
+  const double mid = midpoint_us(*m, j);
+  auto& h = std::get<HmmJob>(j.kind);
+  h.events = {{.at_us = mid, .op = HmmEvent::Op::anon, .offset = 16 * KiB, .len = 48 * KiB}};
+  auto good = run_job(*m, j);
+  ASSERT_TRUE(good.has_value()) << good.error().to_string();
+  EXPECT_EQ(good->hmm_events, 1u);
+  h.test_drop_notifier = true;
+  auto bad = run_job(*m, j);
+  ASSERT_FALSE(bad.has_value());
+  EXPECT_EQ(bad.error().code, EIO) << bad.error().to_string();
+  EXPECT_NE(bad.error().message.find("a stale translation"), std::string::npos) << bad.error().message;
+  // Migration too: it keeps the data, but the device's entries still point at the old pages
+  // (freed, and here reused for the next page migrated).
+  h.events = {{.at_us = mid, .op = HmmEvent::Op::migrate, .offset = 0, .len = 16 * KiB}};
+  bad = run_job(*m, j);
+  ASSERT_FALSE(bad.has_value());
+  EXPECT_EQ(bad.error().code, EIO) << bad.error().to_string();
+  EXPECT_NE(bad.error().message.find("gpu0 read 0x100000000"), std::string::npos) << bad.error().message;
+  h.test_drop_notifier = false;
+  auto again = run_job(*m, j);
+  ASSERT_TRUE(again.has_value()) << again.error().to_string();
+}
+
+// mmu_interval_read_retry() under the driver lock: a remap that lands while a device fault
+// is between its hmm_range_fault() and its commit makes that attempt stale; the mirror
+// retries and maps the new memory.
+TEST(SimHmmTest, ARemapDuringAFaultIsRetried) {
+  const auto t = machine("two-socket-switch");
+  auto m = build(t);
+  Job j = hmm_job(t);
+  std::get<HmmJob>(j.kind).events = {{.at_us = 0, .op = HmmEvent::Op::anon, .offset = 0, .len = 64 * KiB, .race = true}};
+  auto r = run_job(*m, j);
+  ASSERT_TRUE(r.has_value()) << r.error().to_string();
+  EXPECT_EQ(r->hmm_retries, 1u);
+  EXPECT_EQ(r->hmm_events, 1u);
+  EXPECT_EQ(r->hmm_invalidations, 1u);
+  EXPECT_EQ(r->verified_bytes, 2 * j.size);
+}
+
+// mm/hmm.c hmm_dma_map_pfn(): an RDMA NIC with on-demand paging reaches the GPU's BAR only
+// through the host bridge (nic0 is behind an ACS-redirecting port): P2P pages are mapped
+// through its IOMMU domain with the MMIO attribute (HMM_PFN_P2PDMA) and cross the root
+// complex; all-anonymous buffers go through host memory only.
+TEST(SimHmmTest, AnOdpNicReachesP2PMemoryThroughTheHostBridge) {
+  const auto t = machine("two-socket-switch");
+  auto m = build(t);
+  Job j = hmm_job(t, "nic0", "gpu0");
+  auto r = run_job(*m, j);
+  ASSERT_TRUE(r.has_value()) << r.error().to_string();
+  EXPECT_EQ(r->via, ViaFlags(Via::p2p_host_bridge) | Via::host_memory);
+  EXPECT_EQ(r->rc_bytes, 2 * j.size * 3 / 4);
+  EXPECT_NE(r->path.find("p2p thru_host_bridge (through the root complex) + host memory"), std::string::npos) << r->path;
+  auto host = run_job(*m, hmm_job(t, "nic0", nullptr, 0));
+  ASSERT_TRUE(host.has_value()) << host.error().to_string();
+  EXPECT_EQ(host->via, ViaFlags(Via::host_memory));
+  EXPECT_EQ(host->buffer, "host memory");
+}
+
+TEST(SimHmmTest, RefusesBadShapes) {
+  const auto t = machine("two-socket-switch");
+  auto m = build(t);
+  const auto refuses = [&](Job j, const std::string& needle) {
+    auto r = run_job(*m, j);
+    ASSERT_FALSE(r.has_value()) << needle;
+    EXPECT_EQ(r.error().code, EINVAL) << r.error().to_string();
+    EXPECT_NE(r.error().message.find(needle), std::string::npos) << r.error().to_string();
+  };
+  refuses(hmm_job(t, "nvme0"), "nvme0 is neither a GPU or accelerator nor a NIC");
+  refuses(hmm_job(t, "gpu0", "gpu0"), "another device's");
+  refuses(hmm_job(t, "gpu0", "nvme1", 1000), "multiple of 4 KiB below the block size");
+  refuses(hmm_job(t, "gpu0", nullptr, 4 * KiB), "host_bytes needs a P2P buffer");
+  Job odd = hmm_job(t);
+  odd.block_size = 6 * KiB + 512;
+  odd.size = odd.block_size * 8;
+  refuses(odd, "multiple of 4 KiB");
+  Job ev = hmm_job(t);
+  std::get<HmmJob>(ev.kind).events = {{.at_us = 1, .op = HmmEvent::Op::anon, .offset = 192 * KiB, .len = 128 * KiB}};
+  refuses(ev, "event 1: [196608, +131072) must be whole pages of the 256 KiB buffer");
+  Job p2p = hmm_job(t, "gpu0", nullptr, 0);
+  std::get<HmmJob>(p2p.kind).events = {{.at_us = 1, .op = HmmEvent::Op::p2p, .offset = 0, .len = 4 * KiB}};
+  refuses(p2p, "needs a P2P buffer device");
+}
+
+// The scenario syntax: hmm = true makes the job an HMM job; fault_pages, fault_us and
+// [[job.event]] are its alone, host_bytes it shares with O_DIRECT copies.
+TEST(SimHmmTest, ScenarioSyntax) {
+  auto sc = parse_scenario(R"(
+[[job]]
+name = "svm"
+device = "gpu0"
+hmm = true
+buffer = "nvme1"
+host_bytes = "16K"
+fault_pages = 4
+fault_us = 5
+bs = "64K"
+qd = 4
+size = "1M"
+[[job.event]]
+at_us = 10
+op = "anon"
+offset = "16K"
+len = "48K"
+[[job.event]]
+at_us = 20.5
+op = "p2p"
+len = "4K"
+race = true
+)", "hmm.toml");
+  ASSERT_TRUE(sc.has_value()) << sc.error().to_string();
+  const auto t = pci::load_builtin_machine(sc->machine).value();
+  auto m = build(t);
+  auto j = resolve_job(sc->jobs[0], *m);
+  ASSERT_TRUE(j.has_value()) << j.error().to_string();
+  ASSERT_TRUE(std::holds_alternative<HmmJob>(j->kind));
+  const HmmJob& h = std::get<HmmJob>(j->kind);
+  EXPECT_EQ(h.device, *t.lookup("gpu0"));
+  EXPECT_EQ(h.buffer_function, *t.lookup("nvme1"));
+  EXPECT_EQ(h.host_bytes, 16 * KiB);
+  EXPECT_EQ(h.fault_pages, 4u);
+  EXPECT_EQ(h.fault_latency_us, 5);
+  ASSERT_EQ(h.events.size(), 2u);
+  EXPECT_EQ(h.events[0].op, HmmEvent::Op::anon);
+  EXPECT_EQ(h.events[0].offset, 16 * KiB);
+  EXPECT_EQ(h.events[0].len, 48 * KiB);
+  EXPECT_FALSE(h.events[0].race);
+  EXPECT_EQ(h.events[1].at_us, 20.5);
+  EXPECT_EQ(h.events[1].op, HmmEvent::Op::p2p);
+  EXPECT_EQ(h.events[1].offset, 0u);
+  EXPECT_TRUE(h.events[1].race);
+  auto r = run_job(*m, *j);
+  ASSERT_TRUE(r.has_value()) << r.error().to_string();
+  EXPECT_EQ(r->hmm_events, 2u);
+  for (const char* bad : {"[[job]]\ndevice = \"gpu0\"\nfault_pages = 4\n", "[[job]]\ndevice = \"gpu0\"\nhmm = true\nrw = \"read\"\n",
+                          "[[job]]\ndevice = \"gpu0\"\nhmm = true\npath = \"p2p\"\n", "[[job]]\ndevice = \"nic0\"\npeer = \"nic1\"\nhmm = true\n",
+                          "[[job]]\ndevice = \"gpu0\"\n[[job.event]]\nat_us = 1\nop = \"anon\"\nlen = \"4K\"\n",
+                          "[[job]]\ndevice = \"gpu0\"\nhmm = true\n[[job.event]]\nat_us = 1\nop = \"mremap\"\nlen = \"4K\"\n",
+                          "[[job]]\ndevice = \"gpu0\"\nhmm = true\n[[job.event]]\nat_us = 1\nop = \"anon\"\nlen = 100\n",
+                          "[[job]]\ndevice = \"gpu0\"\nhmm = true\n[[job.event]]\nop = \"anon\"\nlen = \"4K\"\n",
+                          "[[job]]\ndevice = \"gpu0\"\nhmm = true\n[[job.event]]\nat_us = 1\nop = \"anon\"\nlen = \"4K\"\nwhen = 3\n"}) {
+    auto b = parse_scenario(bad, "bad.toml");
+    ASSERT_FALSE(b.has_value()) << bad;
+    EXPECT_EQ(b.error().code, EINVAL);
+    EXPECT_NE(b.error().message.find("bad.toml:"), std::string::npos) << b.error().message;
+  }
 }
 
 }  // namespace

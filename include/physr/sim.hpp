@@ -2,7 +2,8 @@
 // machine (Machine: the model's platform with RAM and every P2P BAR as real bytes, IOMMU
 // domains and DMA devices) and its device side, which decodes every DMA address as the
 // fabric does; fio-like jobs that move and verify real bytes through the DMA layer (NVMe
-// SSDs, GPU and accelerator copy engines, NIC-to-NIC packets); scenario files; and the
+// SSDs, GPU and accelerator copy engines, NIC-to-NIC packets, O_DIRECT copies, devices
+// working on a process's memory through an HMM mirror); scenario files; and the
 // runner that runs a scenario's jobs on its machine.
 //
 // Design rationale
@@ -438,8 +439,50 @@ struct DirectIoJob {
   PathPolicy path = PathPolicy::automatic;  // p2p or automatic (the DMA layer may bounce)
 };
 
+/// A change the process makes to its buffer while an HmmJob runs: at `at_us` of simulated
+/// time it remaps [offset, offset + len) of the buffer (munmap, then mmap at the same
+/// address) as anonymous memory or as P2P memory (mmap of the buffer device's p2pmem
+/// allocate file) and writes fresh data into it, or migrates the anonymous pages there
+/// (migrate_pages(), which copies them).
+struct HmmEvent {
+  enum class Op : uint8_t { anon, p2p, migrate };
+  double at_us = 0;
+  Op op = Op::anon;
+  uint64_t offset = 0, len = 0;  // bytes of the buffer, 4 KiB aligned
+  /// The change lands inside the device's first fault from at_us on, between its
+  /// hmm_range_fault() and the mirror's commit (a munmap on another CPU), so that fault
+  /// retries; with no fault after at_us it never lands (JobResult::hmm_events counts those
+  /// that did).
+  bool race = false;
+};
+const char* hmm_event_op_name(HmmEvent::Op op) noexcept;
+
+/// A device working on a process's buffer through a mirror of its address space (HMM:
+/// mem::HmmMirror, no pinning): a GPU or accelerator with shared virtual memory, or an RDMA
+/// NIC with on-demand paging. The process maps `queue_depth` blocks of `block_size` bytes,
+/// each block's first host_bytes anonymous memory and the rest P2P memory from
+/// buffer_function's p2pmem allocate file (all anonymous without one), and fills them. For
+/// each block of the job the device reads the block and writes new data into it, page by
+/// page through the mirror: a page it has no entry for faults, the mirror resolves it
+/// (hmm_range_fault) and maps it through the device's DmaDevice (hmm_dma_map_pfn); the
+/// process's events change the buffer meanwhile and the notifier invalidates the device's
+/// entries. Every byte the device reads is checked against what the process's page tables
+/// map at that moment, every byte it writes read back through them.
+struct HmmJob {
+  uint32_t device = 0;
+  std::optional<uint32_t> buffer_function;
+  uint64_t host_bytes = 0;  // with a P2P buffer: a 4 KiB multiple below the block size (0: all P2P)
+  uint32_t fault_pages = 16;     // the mirror's fault-around window (HmmMirrorOptions::fault_pages)
+  double fault_latency_us = 20;  // what one device fault adds to its block's latency
+  std::vector<HmmEvent> events;  // in any order; applied by time
+  /// Tests only (no scenario key): the mirror's notifier is removed before the first event,
+  /// so the process's changes never reach the device page table: the broken driver whose
+  /// stale translations the byte checks must catch.
+  bool test_drop_notifier = false;
+};
+
 /// What moves a job's data.
-using JobKind = std::variant<NvmeJob, CopyJob, NetJob, DirectIoJob>;
+using JobKind = std::variant<NvmeJob, CopyJob, NetJob, DirectIoJob, HmmJob>;
 
 /// A workload and its shape. The kind says what moves the data; the shape is the same for all.
 struct Job {
@@ -450,7 +493,7 @@ struct Job {
   uint64_t size = 256 * MiB;        // total bytes
 
   /// The device that starts the job's DMA: the SSD, the copy engine's device, the sender
-  /// (for an O_DIRECT copy: the SSD read from).
+  /// (for an O_DIRECT copy: the SSD read from; for an HMM job: the device with the mirror).
   uint32_t device() const noexcept;
 };
 
@@ -493,6 +536,9 @@ struct JobResult {
   std::vector<std::pair<std::string, uint64_t>> link_bytes;  // non-zero resources, by name
   uint64_t iommu_faults = 0;               // recorded during this job
   uint64_t bios = 0, requests = 0;         // O_DIRECT jobs: the block layer's, reads and writes
+  /// HMM jobs: the mirror's device faults, invalidations and retried faults (HmmMirrorStats),
+  /// and the process's events applied.
+  uint64_t hmm_faults = 0, hmm_invalidations = 0, hmm_retries = 0, hmm_events = 0;
 };
 
 /// Runs one job on a fresh fabric clock: every I/O (command, copy, packet) is mapped through
@@ -527,6 +573,10 @@ struct JobSpec {
   NetJob::Tx tx = NetJob::Tx::plain;  // network jobs: "plain" or "devmem" (NetJob::tx)
   uint32_t header_bytes = 128;        // network jobs with rx or tx = "devmem": the header split
   double wire_gbps = 0;               // network jobs: the wire's rate, GB/s (0: the machine's)
+  bool hmm = false;                   // an HMM job (HmmJob): the device works through a mirror
+  uint32_t fault_pages = 16;          // HMM jobs: HmmJob::fault_pages
+  double fault_us = 20;               // HMM jobs: HmmJob::fault_latency_us
+  std::vector<HmmEvent> events;       // HMM jobs: the process's changes ([[job.event]])
   std::string where;    // "FILE:LINE" for messages
 };
 

@@ -1,5 +1,5 @@
 // Jobs: what every kind shares (its shape, its kind by device class) and the dispatch to
-// the kind's runner (nvme.cpp, copy.cpp, net.cpp, odirect.cpp).
+// the kind's runner (nvme.cpp, copy.cpp, net.cpp, odirect.cpp, devmem_rx.cpp, hmm_job.cpp).
 #include <string>
 #include <variant>
 
@@ -24,6 +24,7 @@ uint32_t Job::device() const noexcept {
     uint32_t operator()(const CopyJob& j) const noexcept { return j.device; }
     uint32_t operator()(const NetJob& j) const noexcept { return j.sender; }
     uint32_t operator()(const DirectIoJob& j) const noexcept { return j.ssd; }
+    uint32_t operator()(const HmmJob& j) const noexcept { return j.device; }
   } of;
   return std::visit(of, kind);
 }
@@ -45,6 +46,7 @@ Result<JobResult> run_job(Machine& m, const Job& job) {
     Result<JobResult> operator()(const CopyJob& k) const { return detail::run_copy_job(m, job, k); }
     Result<JobResult> operator()(const NetJob& k) const { return detail::run_net_job(m, job, k); }
     Result<JobResult> operator()(const DirectIoJob& k) const { return detail::run_direct_io_job(m, job, k); }
+    Result<JobResult> operator()(const HmmJob& k) const { return detail::run_hmm_job(m, job, k); }
   } run{m, job};
   auto r = std::visit(run, job.kind);
   if (!r) return r;

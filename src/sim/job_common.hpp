@@ -23,6 +23,8 @@ Result<JobResult> run_direct_io_job(Machine& m, const Job& job, const DirectIoJo
 Result<JobResult> run_pool_rx_job(Machine& m, const Job& job, const NetJob& kind);
 /// A network job whose sender transmits from device memory (NetJob::tx devmem): devmem_tx.cpp.
 Result<JobResult> run_devmem_tx_job(Machine& m, const Job& job, const NetJob& kind);
+/// A device working on a process's buffer through a mirror (HmmJob): hmm_job.cpp.
+Result<JobResult> run_hmm_job(Machine& m, const Job& job, const HmmJob& kind);
 
 /// Fills `out` with the data at position `pos` of data stream `stream` (an NVMe namespace,
 /// a packet sequence; one per job): each 64-bit word is its own position plus a hash of its

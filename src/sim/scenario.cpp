@@ -69,7 +69,8 @@ Result<Scenario> parse_scenario(std::string_view text, std::string_view source) 
   for (const toml::node& jn : *jobs) {
     const toml::table& t = *jn.as_table();
     const std::string what = "job";
-    PHYSR_RETURN_IF_ERROR(check_keys(c, t, what, {"name", "device", "rw", "bs", "qd", "size", "buffer", "path", "peer", "peer_buffer", "copy_to", "host_bytes", "p2pdma", "rx", "tx", "header", "wire_gbps"}));
+    PHYSR_RETURN_IF_ERROR(check_keys(c, t, what, {"name", "device", "rw", "bs", "qd", "size", "buffer", "path", "peer", "peer_buffer", "copy_to", "host_bytes", "p2pdma", "rx", "tx", "header", "wire_gbps",
+                                          "hmm", "fault_pages", "fault_us", "event"}));
     JobSpec j;
     j.where = c.where(t);
     j.where.pop_back();  // "FILE:LINE:" -> "FILE:LINE"
@@ -115,12 +116,57 @@ Result<Scenario> parse_scenario(std::string_view text, std::string_view source) 
       if (rw) return make_error(EINVAL, c.where(*t.get("rw")) + "job.rw: an O_DIRECT copy (copy_to) reads the device and writes copy_to; leave rw out");
       j.copy_to = *copy_to;
     }
+    // hmm = true: the device works on a process's buffer through a mirror (HmmJob).
+    PHYSR_ASSIGN_OR_RETURN(j.hmm, get_bool(c, t, "hmm", what, false));
+    if (j.hmm) {
+      const toml::node* hn = t.get("hmm");
+      if (peer) return make_error(EINVAL, c.where(*hn) + "job.hmm: a network job (peer) has no mirror");
+      if (copy_to) return make_error(EINVAL, c.where(*hn) + "job.hmm: an O_DIRECT copy (copy_to) pins its buffers; it has no mirror");
+      if (rw) return make_error(EINVAL, c.where(*t.get("rw")) + "job.rw: an HMM job's device reads each block and writes it back; leave rw out");
+      if (t.get("path")) return make_error(EINVAL, c.where(*t.get("path")) + "job.path: an HMM job's path is where the process's pages are; leave path out");
+    }
+    PHYSR_ASSIGN_OR_RETURN(const std::optional<uint64_t> fault_pages, get_uint(c, t, "fault_pages", what, 512));
+    PHYSR_ASSIGN_OR_RETURN(const std::optional<double> fault_us, get_number(c, t, "fault_us", what, 0, 1e6));
+    PHYSR_ASSIGN_OR_RETURN(const toml::array* evs, get_table_array(c, t, "event"));
+    for (const char* key : {"fault_pages", "fault_us", "event"})
+      if (t.get(key) && !j.hmm) return make_error(EINVAL, c.where(*t.get(key)) + "job." + key + ": only HMM jobs (hmm = true) have one");
+    if (fault_pages) {
+      if (*fault_pages == 0) return make_error(EINVAL, c.where(*t.get("fault_pages")) + "job.fault_pages: must be at least 1");
+      j.fault_pages = static_cast<uint32_t>(*fault_pages);
+    }
+    if (fault_us) j.fault_us = *fault_us;
+    if (evs) {
+      for (const toml::node& en : *evs) {
+        const toml::table& e = *en.as_table();
+        const std::string ew = "job.event";
+        PHYSR_RETURN_IF_ERROR(check_keys(c, e, ew, {"at_us", "op", "offset", "len", "race"}));
+        HmmEvent ev;
+        PHYSR_ASSIGN_OR_RETURN(const std::optional<double> at, get_number(c, e, "at_us", ew, 0, 1e12));
+        if (!at) return make_error(EINVAL, c.where(e) + "job.event: missing key 'at_us' (when the process makes the change)");
+        ev.at_us = *at;
+        PHYSR_ASSIGN_OR_RETURN(const std::optional<std::string> op, get_string(c, e, "op", ew));
+        if (!op) return make_error(EINVAL, c.where(e) + "job.event: missing key 'op' (anon, p2p or migrate)");
+        if (*op == "anon") ev.op = HmmEvent::Op::anon;
+        else if (*op == "p2p") ev.op = HmmEvent::Op::p2p;
+        else if (*op == "migrate") ev.op = HmmEvent::Op::migrate;
+        else return make_error(EINVAL, c.where(*e.get("op")) + "job.event.op: '" + *op + "' must be anon, p2p or migrate");
+        PHYSR_ASSIGN_OR_RETURN(const std::optional<uint64_t> off, get_uint(c, e, "offset", ew, uint64_t{1} << 40, true));
+        PHYSR_ASSIGN_OR_RETURN(const std::optional<uint64_t> len, get_uint(c, e, "len", ew, uint64_t{1} << 40, true));
+        if (!len) return make_error(EINVAL, c.where(e) + "job.event: missing key 'len' (the bytes of the buffer it changes)");
+        ev.offset = off.value_or(0);
+        ev.len = *len;
+        if (ev.len == 0 || ev.offset % kPageSize != 0 || ev.len % kPageSize != 0)
+          return make_error(EINVAL, c.where(e) + "job.event: offset and len must be whole 4 KiB pages, len at least one");
+        PHYSR_ASSIGN_OR_RETURN(ev.race, get_bool(c, e, "race", ew, false));
+        j.events.push_back(ev);
+      }
+    }
     PHYSR_ASSIGN_OR_RETURN(const std::optional<uint64_t> host_bytes, get_uint(c, t, "host_bytes", what, 4 * MiB, true));
     PHYSR_ASSIGN_OR_RETURN(j.p2pdma, get_bool(c, t, "p2pdma", what, true));
     const bool p2pdma = t.get("p2pdma") != nullptr;
-    if ((host_bytes || p2pdma) && !copy_to)
-      return make_error(EINVAL, c.where(*t.get(host_bytes ? "host_bytes" : "p2pdma")) + "job." + (host_bytes ? "host_bytes" : "p2pdma") +
-                                    ": only O_DIRECT copies (with copy_to) have one");
+    if (host_bytes && !copy_to && !j.hmm)
+      return make_error(EINVAL, c.where(*t.get("host_bytes")) + "job.host_bytes: only O_DIRECT copies (with copy_to) and HMM jobs (hmm = true) have one");
+    if (p2pdma && !copy_to) return make_error(EINVAL, c.where(*t.get("p2pdma")) + "job.p2pdma: only O_DIRECT copies (with copy_to) have one");
     if (host_bytes) j.host_bytes = *host_bytes;
     PHYSR_ASSIGN_OR_RETURN(const std::optional<std::string> rx, get_string(c, t, "rx", what));
     if (rx) {
@@ -231,6 +277,11 @@ Result<Job> resolve_job(const JobSpec& s, Machine& m) {
     j.kind = nj;
     return j;
   }
+  if (s.hmm) {
+    j.kind = HmmJob{.device = device, .buffer_function = buffer, .host_bytes = s.host_bytes, .fault_pages = s.fault_pages,
+                    .fault_latency_us = s.fault_us, .events = s.events, .test_drop_notifier = false};
+    return j;
+  }
   if (!s.copy_to.empty()) {
     DirectIoJob dj{.ssd = device, .buffer_function = buffer, .host_bytes = s.host_bytes, .p2pdma = s.p2pdma, .path = s.path};
     PHYSR_ASSIGN_OR_RETURN_CTX(dj.target, t.lookup(s.copy_to), at() + "copy_to");
@@ -238,7 +289,9 @@ Result<Job> resolve_job(const JobSpec& s, Machine& m) {
     return j;
   }
   PHYSR_ASSIGN_OR_RETURN_CTX(j.kind, job_kind_for(t, device, s.write, buffer), s.where + ": job '" + s.name + "'");
-  std::visit([&](auto& k) { k.path = s.path; }, j.kind);
+  std::visit([&](auto& k) {
+    if constexpr (requires { k.path; }) k.path = s.path;
+  }, j.kind);
   if (s.random) {
     auto* nv = std::get_if<NvmeJob>(&j.kind);
     if (!nv) return make_error(EINVAL, at() + "rw = \"" + (s.write ? "randwrite" : "randread") + "\" is for NVMe SSDs; " + s.device + " is not one");

@@ -320,6 +320,32 @@ printf '[[job]]\ndevice = "nic1"\npeer = "nic0"\npeer_buffer = "gpu0"\nrx = "zer
 expect 1 "job.rx: 'zerocopy' must be plain, devmem or copy" -- sim "$tmp/rx.toml"
 printf '[[job]]\ndevice = "nic1"\npeer = "nic0"\npeer_buffer = "gpu0"\nrx = "devmem"\nheader = 4096\nsize = "1M"\nbs = "4K"\n' > "$tmp/hdr.toml"
 expect 1 'header split must be 1 byte to 4 KiB and less than the packet' -- sim "$tmp/hdr.toml"
+# HMM jobs: a GPU and an ODP NIC on a process buffer through a mirror while the process
+# remaps it (the built-in scenario), the mirror's counts in JSON, the tour's lines, bad keys.
+expect 0 'gpu-svm +gpu0 +nvme1 BAR2 \(CMB\) \+ host memory .*hmm mirror: p2p bus_addr \(under the switch\) \+ host memory; [0-9]+ faults, 5 invalidations, 1 retry, 5 of 5 events' -- sim hmm
+expect 0 'rdma-odp +nic0 +gpu0 BAR1 \+ host memory .*hmm mirror: p2p thru_host_bridge \(through the root complex\) \+ host memory; [0-9]+ faults, 5 invalidations, 1 retry, 5 of 5 events' -- sim hmm
+expect 0 'Every byte verified against its source: 128 MiB in 2 jobs' -- sim hmm
+"$physr" sim hmm --json > "$tmp/hmm.json" 2>/dev/null
+rc=$?
+if [[ $rc -eq 0 ]] && python3 - "$tmp/hmm.json" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+gpu, nic = d["jobs"]
+for j in (gpu, nic):
+    assert j["hmm_events"] == 5 and j["hmm_invalidations"] == 5 and j["hmm_retries"] == 1 and j["hmm_faults"] > 32, j
+    assert j["verified_bytes"] == 2 * 32 * 2**20, j
+assert gpu["via"] == ["host_memory", "p2p_bus_addr"] and gpu["root_complex_bytes"] == 0, gpu
+assert nic["via"] == ["host_memory", "p2p_host_bridge"] and nic["root_complex_bytes"] > 0, nic
+PY
+then passes=$((passes + 1)); else echo "FAIL: sim hmm --json (exit $rc)"; fails=$((fails + 1)); fi
+expect 0 'gpu-svm +[0-9.]+ GB/s +faults [0-9]+, invalidations 5, retries 1, changes by the process 5 +P2P by bus address' --
+expect 0 'rdma-odp +[0-9.]+ GB/s +faults [0-9]+, invalidations 5, retries 1, changes by the process 5 +P2P through the host bridge' --
+printf '[[job]]\ndevice = "gpu0"\nhmm = true\nsize = "1M"\n[[job.event]]\nat_us = 1\nop = "mremap"\nlen = "4K"\n' > "$tmp/hmmop.toml"
+expect 1 "hmmop.toml:7: job.event.op: 'mremap' must be anon, p2p or migrate" -- sim "$tmp/hmmop.toml"
+printf '[[job]]\ndevice = "gpu0"\nfault_us = 5\n' > "$tmp/hmmkey.toml"
+expect 1 'hmmkey.toml:3: job.fault_us: only HMM jobs \(hmm = true\) have one' -- sim "$tmp/hmmkey.toml"
+printf '[[job]]\nname = "svm"\ndevice = "gpu0"\nhmm = true\nbuffer = "nvme1"\nbs = "64K"\nqd = 4\nsize = "1M"\n[[job.event]]\nat_us = 0\nop = "p2p"\noffset = "240K"\nlen = "32K"\n' > "$tmp/hmmrange.toml"
+expect 1 'svm .*failed: EINVAL: .*event 1: \[245760, \+32768\) must be whole pages of the 256 KiB buffer' -- sim "$tmp/hmmrange.toml"
 # A job's own wire rate: 400 Gb/s lifts host-to-host above the default 100 Gb/s wire.
 printf '[[job]]\nname = "fast-wire"\ndevice = "nic1"\npeer = "nic0"\nwire_gbps = 50\nbs = "4K"\nqd = 64\nsize = "8M"\n[[job]]\nname = "slow-wire"\ndevice = "nic1"\npeer = "nic0"\nbs = "4K"\nqd = 64\nsize = "8M"\n' > "$tmp/wire.toml"
 expect 0 'fast-wire +nic1->nic0 +host -> host +send +4K +64 +8 MiB +15\.[0-9]+ ' -- sim "$tmp/wire.toml"

@@ -222,6 +222,9 @@ nlohmann::json to_json(const sim::Scenario& sc, const sim::ScenarioReport& rep) 
     for (sim::Via v : sim::kAllVia)
       if (r.took(v)) x["via"].push_back(sim::via_name(v));
     if (r.requests) x["bios"] = r.bios, x["requests"] = r.requests;  // O_DIRECT jobs: the block layer's
+    if (r.hmm_faults)  // HMM jobs: the mirror's counts (every HMM job faults its buffer in)
+      x["hmm_faults"] = r.hmm_faults, x["hmm_invalidations"] = r.hmm_invalidations, x["hmm_retries"] = r.hmm_retries,
+      x["hmm_events"] = r.hmm_events;
     for (const auto& [name, bytes] : r.link_bytes) x["resource_bytes"][name] = bytes;
     j["jobs"].push_back(x);
   }

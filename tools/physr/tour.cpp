@@ -159,6 +159,23 @@ void run_tour() {
                "  memory for TX); page-pool buffers were recycled.\n"
                "  More: physr sim devmem; docs/page-pool.md, docs/dmabuf.md\n\n");
   }
+  {
+    // HMM: devices on a process's memory through a mirror (no pinning), while the process
+    // remaps it; every byte checked against the process's pages at that moment.
+    fmt::print("== A GPU and an RDMA NIC on a process's memory through a mirror (physr sim hmm) ==\n");
+    const sim::Scenario sc = failure_value(sim::load_scenario("hmm"));
+    const sim::ScenarioReport rep = failure_value(sim::run_scenario(sc));
+    print_warnings(rep.warnings);
+    for (const auto& j : rep.jobs) {
+      const sim::JobResult r = failure_value(j.result);
+      fmt::print("  {:<9} {:>6.2f} GB/s  faults {}, invalidations {}, retries {}, changes by the process {}  {}\n", r.name, r.gbps, r.hmm_faults,
+                 r.hmm_invalidations, r.hmm_retries, r.hmm_events,
+                 r.took(sim::Via::p2p_bus_addr) ? "P2P by bus address" : "P2P through the host bridge");
+    }
+    fmt::print("  The buffer mixes anonymous memory and another device's P2P memory; the process remaps\n"
+               "  parts of it as the job runs, the notifier invalidates, the device faults again: no byte\n"
+               "  it read or wrote came from a stale translation. More: physr sim hmm; docs/hmm.md\n\n");
+  }
   const pci::Topology machine = failure_value(pci::load_builtin_machine(kDefaultMachine));
   const auto model = failure_value(ModelPlatform::create(machine));
   default_machine_section(machine, model->platform().p2p());
