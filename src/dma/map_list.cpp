@@ -232,7 +232,10 @@ Status DmaDevice::map_into(DmaMapping& out, const RangeList& list, DmaDirection 
   return {};
 }
 
-void DmaDevice::finish_map(DmaMapping& out, const RangeList& list, DmaDirection dir, DmaAttrs attrs, uint64_t bounced) {
+// Inline (its callers are in this file): as an out-of-line member of a class with default
+// visibility, g++ does not inline it into -fPIC code, which cost MapUnmap/direct/1 about 23
+// instructions per call (docs/ARCHITECTURE.md, "Architecture A/B").
+inline void DmaDevice::finish_map(DmaMapping& out, const RangeList& list, DmaDirection dir, DmaAttrs attrs, uint64_t bounced) {
   Impl& m = *impl_;
   out.dev_ = this;
   out.dir_ = dir;
