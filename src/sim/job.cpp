@@ -56,6 +56,7 @@ Result<JobResult> run_job(Machine& m, const Job& job) {
     std::string operator()(const CopyJob& k) const { return k.write ? "write" : "read"; }
     std::string operator()(const NetJob&) const { return "send"; }
     std::string operator()(const DirectIoJob&) const { return "copy"; }
+    std::string operator()(const HmmJob&) const { return "readwrite"; }  // each block read, then written (fio's rw = readwrite)
   } rw;
   r->rw = std::visit(rw, job.kind);
   r->block_size = job.block_size;
