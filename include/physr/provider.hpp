@@ -143,15 +143,12 @@ class ProviderRegistry {
     // partial leaf, which covers only part of its slot and is checked against the aperture.
     uintptr_t e = root_.slot[pfn >> 30].load(std::memory_order_acquire);
     unsigned shift = 30;
-    while (!(e & kLeafTag)) {
+    while ((e & kTagMask) == 0) {  // a node, or nothing
       if (e == 0) return nullptr;
-      if (e & kRunTag) {
-        e = run_find(e, static_cast<int32_t>(pfn & ((uint64_t{1} << shift) - 1)));
-        break;
-      }
       shift -= 10;
       e = reinterpret_cast<const Node*>(e)->slot[(pfn >> shift) & 1023].load(std::memory_order_acquire);
     }
+    if (!(e & kLeafTag)) e = run_find(e, static_cast<int32_t>(pfn & ((uint64_t{1} << shift) - 1)));
     const auto* p = reinterpret_cast<const Provider*>(e & ~uintptr_t{3});
     if ((e & kPartialTag) && !p->phys().contains(a)) return nullptr;
     return p;
@@ -187,7 +184,7 @@ class ProviderRegistry {
   };
   // Slot tags: a leaf has bit 0 (bit 1: partial); a run has bit 1 and not bit 0, and bit 2
   // when it has a top line (more than one block); a node has none.
-  static constexpr uintptr_t kLeafTag = 1, kPartialTag = 2, kRunTag = 2, kRunTopTag = 4;
+  static constexpr uintptr_t kLeafTag = 1, kPartialTag = 2, kRunTag = 2, kRunTopTag = 4, kTagMask = 7;
   // A run: the pieces of one slot, each [start, next start) -> a whole leaf or 0 (a gap),
   // starts as page offsets within the slot. Immutable once published; copy-on-write.
   // Memory (128-aligned, the slot points at K): a header line at K - 64; with kRunTopTag a
@@ -216,8 +213,13 @@ class ProviderRegistry {
   /// branch: a run without a top line counts its only block twice (the second time cached).
   static uintptr_t run_find(uintptr_t e, int32_t off) noexcept {
     const char* k = reinterpret_cast<const char*>(e & ~uintptr_t{127});
+    // The value lines are fetched while the starts are compared, not after.
+    __builtin_prefetch(k + 64);
+    __builtin_prefetch(k + 128);
     const uintptr_t top = (e & kRunTopTag) ? 1 : 0;
     const char* block = k + top * (64 + kRunBlock * count_le16(k, off));
+    __builtin_prefetch(block + 64);
+    __builtin_prefetch(block + 128);
     const unsigned i = count_le16(block, off) - 1;
     return reinterpret_cast<const uintptr_t*>(block + 64)[i];
   }
