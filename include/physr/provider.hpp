@@ -9,9 +9,14 @@
 //   dependent loads, of which the upper ones stay in cache: about one miss, against the ~17
 //   of an interval tree at 100k ranges. Apertures are therefore 4 KiB-granular.
 // - Path compression: a slot that one provider covers only in part holds a "partial leaf"
-//   (the provider, checked against its aperture on lookup) instead of a chain of nodes.
-//   Only when a second provider needs the same slot does it become a node. So an isolated
-//   aperture, however small and wherever in the 52-bit space, costs no node at all.
+//   (the provider, checked against its aperture on lookup) instead of a chain of nodes,
+//   so an isolated aperture, however small and wherever in the 52-bit space, costs no node.
+// - Runs: a slot that several providers share holds their pieces (and the gaps), sorted,
+//   16 starts per cache line with the values in the next two lines and a top line above
+//   16 pieces, searched with SSE2 compares and no branch. Only past 272 pieces does a slot
+//   become a node of the next level. So clustered mixed apertures cost a few lines per
+//   slot instead of a sparsely used 8 KiB node, and packed ones keep their leaf nodes.
+//   Runs are copy-on-write, published with one release store, freed after a grace period.
 // - get(id) is one load from a flat table of 2^24 pointers in reserved virtual memory
 //   (mmap MAP_NORESERVE, 128 MiB of address space): only the pages that hold registered
 //   ids are ever backed, so a thousand providers cost one 4 KiB page, and there is no
@@ -32,7 +37,7 @@
 //
 // Memory per provider: the Provider object (~120 B) and an id slot (8 B), plus the table:
 // ~16 B for tightly packed 4 KiB apertures (a leaf node shared with 1023 neighbours), none
-// for an isolated aperture, ~2 KiB in clustered mixed layouts (see docs/providers.md).
+// for an isolated aperture, ~56 B in clustered mixed layouts (see docs/providers.md).
 #pragma once
 
 #include <atomic>
