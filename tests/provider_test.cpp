@@ -98,9 +98,11 @@ TEST(ProviderRegistryTest, ClusteredAperturesShareRunsAndMatchReference) {
     ref.v.emplace_back(cursor, size, *id);
     cursor += size;
   }
-  // One slot of 4 MiB holding 200 pieces: a run with a top line and 13 blocks.
+  // One slot of 4 GiB holding 200 pieces, each in its own 4 MiB: a run with a top line
+  // and 13 blocks.
+  const uint64_t slot = ((cursor >> 32) + 1) << 32;
   for (uint64_t k = 0; k < 100; ++k) {
-    const uint64_t b = cursor + (uint64_t{1} << 22) + k * 8192 * 5;
+    const uint64_t b = slot + k * (uint64_t{40} << 20);
     auto id = reg.add(aperture(b, 4096 * (1 + k % 4)));
     ASSERT_TRUE(id.has_value()) << id.error().to_string();
     ref.v.emplace_back(b, 4096 * (1 + k % 4), *id);
@@ -138,7 +140,7 @@ TEST(ProviderRegistryTest, ClusteredAperturesShareRunsAndMatchReference) {
   for (const auto& [b, s, id] : ref.v) ASSERT_TRUE(reg.remove(id).has_value());
   reg.wait_for_frees();
   ProviderRegistry::ReadGuard g;
-  for (uint64_t a = uint64_t{1} << 40; a < cursor + (uint64_t{1} << 24); a += uint64_t{1} << 20) ASSERT_EQ(reg.find(PhysAddr(a)), nullptr);
+  for (uint64_t a = uint64_t{1} << 40; a < slot + (uint64_t{4} << 30); a += uint64_t{1} << 20) ASSERT_EQ(reg.find(PhysAddr(a)), nullptr);
   // Only nodes stay (they are never freed while the registry lives); every run is gone.
   EXPECT_EQ((reg.table_bytes() - empty) % 8192, 0u);
 }

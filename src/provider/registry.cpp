@@ -130,8 +130,10 @@ inline uint64_t first_page(const Provider* p) { return p->phys().base.value() >>
 inline uint64_t end_page(const Provider* p) { return (p->phys().base.value() + p->phys().size) >> kPageShift; }
 
 // The most pieces a run holds: 17 blocks of 16 under a top line of 16 starts. A slot with
-// more becomes a node of the next level (its slots take leaves and runs again).
-constexpr size_t kRunMaxPieces = 16 * 17;
+// more becomes a node of the next level (its slots take leaves and runs again). A 4 MiB
+// slot becomes a node of single-page leaves (one line per lookup) already past 64 pieces,
+// where the 8 KiB node costs at most 256 B per provider.
+constexpr size_t kRunMaxPieces = 16 * 17, kLeafNodeMinPieces = 64;
 constexpr int32_t kNoStart = INT32_MAX;
 
 }  // namespace
@@ -199,7 +201,7 @@ uintptr_t ProviderRegistry::build(unsigned level, uint64_t lo, uint64_t hi, cons
     cursor = q.e;
   }
   if (cursor < hi) pieces.emplace_back(cursor, 0);
-  if (pieces.size() > kRunMaxPieces) {
+  if (pieces.size() > (level == 2 ? kLeafNodeMinPieces : kRunMaxPieces)) {
     PHYSR_ASSERT(level < 3, "a single-page slot holds one provider");
     Node* child = new Node{};
     table_bytes_.fetch_add(sizeof(Node), std::memory_order_relaxed);
