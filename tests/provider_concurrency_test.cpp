@@ -14,9 +14,9 @@ namespace {
 // Readers look up continuously while writers add, revoke and remove. Every provider a
 // reader sees must be alive (its magic intact, its aperture holding the address) and
 // within its lifetime; run under TSan and ASan by scripts/test.
-TEST(ProviderConcurrencyTest, ReadersNeverSeeFreedOrForeignProviders) {
+// `slots` places for apertures of one or two pages, `stride` pages apart.
+void churn(uint64_t slots, uint64_t stride) {
   ProviderRegistry reg;
-  constexpr uint64_t kSlots = 512;
   constexpr uint64_t kBase = uint64_t{1} << 36;
   std::atomic<bool> stop{false};
   std::atomic<uint64_t> lookups{0}, hits{0};
@@ -26,7 +26,7 @@ TEST(ProviderConcurrencyTest, ReadersNeverSeeFreedOrForeignProviders) {
     while (!stop.load(std::memory_order_relaxed)) {
       ProviderRegistry::ReadGuard g;
       for (int k = 0; k < 256; ++k) {
-        const uint64_t a = kBase + (rng() % (kSlots * 2)) * 4096 + rng() % 4096;
+        const uint64_t a = kBase + (rng() % (slots * stride)) * 4096 + rng() % 4096;
         const Provider* p = reg.find(PhysAddr(a));
         if (p) {
           hits.fetch_add(1, std::memory_order_relaxed);
@@ -45,12 +45,12 @@ TEST(ProviderConcurrencyTest, ReadersNeverSeeFreedOrForeignProviders) {
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(700);
   size_t ops = 0;
   while (std::chrono::steady_clock::now() < deadline || ops < 2000) {
-    const uint64_t slot = rng() % kSlots;
+    const uint64_t slot = rng() % slots;
     auto it = live.find(slot);
     if (it == live.end()) {
       ProviderDesc d;
       d.owner = pci::Bdf{0, 7, static_cast<uint8_t>(slot % 32), 0};
-      d.phys = PhysSpan{PhysAddr(kBase + slot * 8192), 4096 * (1 + rng() % 2)};
+      d.phys = PhysSpan{PhysAddr(kBase + slot * stride * 4096), 4096 * (1 + rng() % 2)};
       auto id = reg.add(std::move(d));
       ASSERT_TRUE(id.has_value()) << id.error().to_string();
       live[slot] = *id;
@@ -74,6 +74,13 @@ TEST(ProviderConcurrencyTest, ReadersNeverSeeFreedOrForeignProviders) {
   EXPECT_EQ(reg.pending_frees(), 0u);
   EXPECT_EQ(reg.size(), 0u);
 }
+
+// Dense: the shared slot soon has too many pieces for a run and becomes a node of leaves.
+TEST(ProviderConcurrencyTest, ReadersNeverSeeFreedOrForeignProviders) { churn(512, 2); }
+
+// Sparse: 48 places in one 4 MiB slot, so every add and remove replaces the slot's run
+// (copy-on-write, the old run freed after a grace period) while readers search it.
+TEST(ProviderConcurrencyTest, ReadersSearchRunsWhileWritersReplaceThem) { churn(48, 21); }
 
 }  // namespace
 }  // namespace physr

@@ -9,9 +9,14 @@
 //   dependent loads, of which the upper ones stay in cache: about one miss, against the ~17
 //   of an interval tree at 100k ranges. Apertures are therefore 4 KiB-granular.
 // - Path compression: a slot that one provider covers only in part holds a "partial leaf"
-//   (the provider, checked against its aperture on lookup) instead of a chain of nodes.
-//   Only when a second provider needs the same slot does it become a node. So an isolated
-//   aperture, however small and wherever in the 52-bit space, costs no node at all.
+//   (the provider, checked against its aperture on lookup) instead of a chain of nodes,
+//   so an isolated aperture, however small and wherever in the 52-bit space, costs no node.
+// - Runs: a slot that several providers share holds their pieces (and the gaps), sorted,
+//   16 starts per cache line with the values in the next two lines and a top line above
+//   16 pieces, searched with SSE2 compares and no branch. Only past 272 pieces does a slot
+//   become a node of the next level. So clustered mixed apertures cost a few lines per
+//   slot instead of a sparsely used 8 KiB node, and packed ones keep their leaf nodes.
+//   Runs are copy-on-write, published with one release store, freed after a grace period.
 // - get(id) is one load from a flat table of 2^24 pointers in reserved virtual memory
 //   (mmap MAP_NORESERVE, 128 MiB of address space): only the pages that hold registered
 //   ids are ever backed, so a thousand providers cost one 4 KiB page, and there is no
@@ -32,7 +37,7 @@
 //
 // Memory per provider: the Provider object (~120 B) and an id slot (8 B), plus the table:
 // ~16 B for tightly packed 4 KiB apertures (a leaf node shared with 1023 neighbours), none
-// for an isolated aperture, ~2 KiB in clustered mixed layouts (see docs/providers.md).
+// for an isolated aperture, ~56 B in clustered mixed layouts (see docs/providers.md).
 #pragma once
 
 #include <atomic>
@@ -42,6 +47,10 @@
 #include <mutex>
 #include <span>
 #include <vector>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "physr/core.hpp"
 #include "physr/pci.hpp"
@@ -134,16 +143,19 @@ class ProviderRegistry {
     const uint64_t pfn = a.value() >> kPageShift;
     if (pfn >> kPfnBits) [[unlikely]] return nullptr;
     // Level 0 covers 2^30 pages per slot, then 2^20, 2^10 and single pages. A slot holds 0
-    // (host memory), a child node, or a provider tagged with bit 0 (a leaf); bit 1 marks a
+    // (host memory), a child node, a run (tag 2: the sorted pieces of a slot several
+    // providers share), or a provider tagged with bit 0 (a leaf); bit 1 on a leaf marks a
     // partial leaf, which covers only part of its slot and is checked against the aperture.
     uintptr_t e = root_.slot[pfn >> 30].load(std::memory_order_acquire);
-    for (unsigned shift = 20; !(e & 1); shift -= 10) {
+    unsigned shift = 30;
+    while ((e & kTagMask) == 0) {  // a node, or nothing
       if (e == 0) return nullptr;
+      shift -= 10;
       e = reinterpret_cast<const Node*>(e)->slot[(pfn >> shift) & 1023].load(std::memory_order_acquire);
-      if (shift == 0) break;
     }
+    if (!(e & kLeafTag)) e = run_find(e, static_cast<int32_t>(pfn & ((uint64_t{1} << shift) - 1)));
     const auto* p = reinterpret_cast<const Provider*>(e & ~uintptr_t{3});
-    if ((e & 2) && !p->phys().contains(a)) return nullptr;
+    if ((e & kPartialTag) && !p->phys().contains(a)) return nullptr;
     return p;
   }
   /// The provider with this id, or nullptr. Inside a ReadGuard.
@@ -175,6 +187,57 @@ class ProviderRegistry {
   struct Node {
     std::atomic<uintptr_t> slot[1024];
   };
+  // Slot tags: a leaf has bit 0 (bit 1: partial); a run has bit 1 and not bit 0, and bit 2
+  // when it has a top line (more than one block); a node has none.
+  static constexpr uintptr_t kLeafTag = 1, kPartialTag = 2, kRunTag = 2, kRunTopTag = 4, kTagMask = 7;
+  // A run: the pieces of one slot, each [start, next start) -> a whole leaf or 0 (a gap),
+  // starts as page offsets within the slot. Immutable once published; copy-on-write.
+  // Memory (128-aligned, the slot points at K): a header line at K - 64; with kRunTopTag a
+  // top line at K (the first start of blocks 1..16, INT32_MAX after the last) and the
+  // blocks from K + 64; without, block 0 at K. A block is 16 starts (INT32_MAX after the
+  // last piece) in one line and the pieces' slot values in the next two: 192 bytes.
+  static constexpr size_t kRunBlock = 192;
+  /// The number of the 16 starts at k that are <= off (SSE2: four compares, no branch).
+  static unsigned count_le16(const void* k, int32_t off) noexcept {
+#if defined(__SSE2__)
+    const __m128i* v = static_cast<const __m128i*>(k);
+    const __m128i x = _mm_set1_epi32(off);
+    __m128i s = _mm_add_epi32(_mm_add_epi32(_mm_cmpgt_epi32(_mm_load_si128(v), x), _mm_cmpgt_epi32(_mm_load_si128(v + 1), x)),
+                              _mm_add_epi32(_mm_cmpgt_epi32(_mm_load_si128(v + 2), x), _mm_cmpgt_epi32(_mm_load_si128(v + 3), x)));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return static_cast<unsigned>(16 + _mm_cvtsi128_si32(s));  // s = -(starts > off)
+#else
+    const int32_t* s = static_cast<const int32_t*>(k);
+    unsigned n = 0;
+    for (int i = 0; i < 16; ++i) n += s[i] <= off;
+    return n;
+#endif
+  }
+  /// The slot value of the run piece holding page offset `off` (a whole leaf or 0). Without a
+  /// branch: a run without a top line counts its only block twice (the second time cached).
+  static uintptr_t run_find(uintptr_t e, int32_t off) noexcept {
+    const char* k = reinterpret_cast<const char*>(e & ~uintptr_t{127});
+    // The value lines are fetched while the starts are compared, not after.
+    __builtin_prefetch(k + 64);
+    __builtin_prefetch(k + 128);
+    const uintptr_t top = (e & kRunTopTag) ? 1 : 0;
+    const char* block = k + top * (64 + kRunBlock * count_le16(k, off));
+    __builtin_prefetch(block + 64);
+    __builtin_prefetch(block + 128);
+    const unsigned i = count_le16(block, off) - 1;
+    return reinterpret_cast<const uintptr_t*>(block + 64)[i];
+  }
+  struct RunInfo;
+  struct Piece {
+    uint64_t s, e;  // pages
+    const Provider* p;
+  };
+  void collect(uintptr_t x, uint64_t lo, uint64_t hi, std::vector<Piece>& out) const;
+  uintptr_t build(unsigned level, uint64_t lo, uint64_t hi, const std::vector<Piece>& provs);
+  void retire(uintptr_t x);
+  void insert_slot(std::atomic<uintptr_t>& slot, unsigned level, uint64_t lo, uint64_t hi, uint64_t s, uint64_t e, const Provider* p);
+  void erase_slot(std::atomic<uintptr_t>& slot, unsigned level, uint64_t lo, uint64_t hi, uint64_t s, uint64_t e, const Provider* p);
   static void reclaim(void* head);
   bool overlaps(const Node& n, unsigned level, uint64_t base, uint64_t s, uint64_t e, const Provider** who) const;
   void insert(Node& n, unsigned level, uint64_t base, uint64_t s, uint64_t e, const Provider* p);

@@ -4,6 +4,7 @@
 #include <urcu/urcu-memb.h>
 
 #include <algorithm>
+#include <climits>
 #include <cstddef>
 #include <cstdio>
 #include <new>
@@ -118,83 +119,217 @@ ProviderRegistry::~ProviderRegistry() {
   free_nodes(root_, 0);
 }
 
+namespace {
+
+constexpr uintptr_t kLeaf = 1, kPartial = 2, kRun = 2, kRunTop = 4, kTags = 7;
+inline const Provider* leaf_ptr(uintptr_t x) { return reinterpret_cast<const Provider*>(x & ~uintptr_t{3}); }
+inline bool is_leaf(uintptr_t x) { return x & kLeaf; }
+inline bool is_run(uintptr_t x) { return (x & (kLeaf | kRun)) == kRun; }
+inline bool is_node(uintptr_t x) { return x != 0 && (x & kTags) == 0; }
+inline uint64_t first_page(const Provider* p) { return p->phys().base.value() >> kPageShift; }
+inline uint64_t end_page(const Provider* p) { return (p->phys().base.value() + p->phys().size) >> kPageShift; }
+
+// The most pieces a run holds: 17 blocks of 16 under a top line of 16 starts. A slot with
+// more becomes a node of the next level (its slots take leaves and runs again). A 4 MiB
+// slot becomes a node of single-page leaves (one line per lookup) already past 64 pieces,
+// where the 8 KiB node costs at most 256 B per provider.
+constexpr size_t kRunMaxPieces = 16 * 17, kLeafNodeMinPieces = 64;
+constexpr int32_t kNoStart = INT32_MAX;
+
+}  // namespace
+
+// The header line in front of a run's first line (see Node and run_find in provider.hpp).
+struct ProviderRegistry::RunInfo {
+  rcu_head head;     // for call_rcu when the run is replaced
+  uint32_t pieces;   // pieces, gaps included
+  uint32_t bytes;    // allocation size
+};
+static_assert(sizeof(rcu_head) + 8 <= 64, "a run's header fits its line");
+
+namespace {
+inline char* run_lines(uintptr_t x) { return reinterpret_cast<char*>(x & ~uintptr_t{127}); }
+}  // namespace
+
 void ProviderRegistry::free_nodes(Node& n, unsigned level) {
   for (auto& s : n.slot) {
     const uintptr_t e = s.load(std::memory_order_relaxed);
-    if (e == 0 || (e & 1) || level == 3) continue;
-    Node* child = reinterpret_cast<Node*>(e);
-    free_nodes(*child, level + 1);
-    delete child;
+    if (is_run(e)) {
+      ::operator delete(run_lines(e) - 128, std::align_val_t{128});
+    } else if (is_node(e) && level < 3) {
+      Node* child = reinterpret_cast<Node*>(e);
+      free_nodes(*child, level + 1);
+      delete child;
+    }
   }
 }
 
-constexpr uintptr_t kLeaf = 1, kPartial = 2;
-inline const Provider* leaf_ptr(uintptr_t x) { return reinterpret_cast<const Provider*>(x & ~uintptr_t{3}); }
-inline bool is_child(uintptr_t x, unsigned level) { return x != 0 && !(x & kLeaf) && level != 3; }
-inline uint64_t first_page(const Provider* p) { return p->phys().base.value() >> kPageShift; }
-inline uint64_t end_page(const Provider* p) { return (p->phys().base.value() + p->phys().size) >> kPageShift; }
+// The providers of a slot [lo, hi) that holds a leaf or a run, clipped to the slot, in order.
+void ProviderRegistry::collect(uintptr_t x, uint64_t lo, uint64_t hi, std::vector<Piece>& out) const {
+  if (x == 0) return;
+  if (is_leaf(x)) {
+    const Provider* q = leaf_ptr(x);
+    out.push_back({std::max(first_page(q), lo), std::min(end_page(q), hi), q});
+    return;
+  }
+  const char* k = run_lines(x);
+  const auto* info = reinterpret_cast<const RunInfo*>(k - 64);
+  const char* blocks = k + ((x & kRunTop) ? 64 : 0);
+  auto start = [&](size_t i) { return reinterpret_cast<const int32_t*>(blocks + kRunBlock * (i / 16))[i % 16]; };
+  for (size_t i = 0; i < info->pieces; ++i) {
+    const uintptr_t v = reinterpret_cast<const uintptr_t*>(blocks + kRunBlock * (i / 16) + 64)[i % 16];
+    if (v == 0) continue;
+    const uint64_t end = i + 1 < info->pieces ? lo + static_cast<uint64_t>(start(i + 1)) : hi;
+    out.push_back({lo + static_cast<uint64_t>(start(i)), end, leaf_ptr(v)});
+  }
+}
+
+// The slot value for providers `provs` (sorted, disjoint, clipped to [lo, hi)): 0, a leaf,
+// a run, or, for more pieces than a run holds, a new node of level + 1. Everything it
+// allocates is complete before the caller publishes the value with a release store.
+uintptr_t ProviderRegistry::build(unsigned level, uint64_t lo, uint64_t hi, const std::vector<Piece>& provs) {
+  if (provs.empty()) return 0;
+  if (provs.size() == 1) {
+    const Piece& q = provs[0];
+    return reinterpret_cast<uintptr_t>(q.p) | kLeaf | (q.s == lo && q.e == hi ? 0 : kPartial);
+  }
+  // Pieces: the providers and the gaps between them, covering the slot.
+  std::vector<std::pair<uint64_t, uintptr_t>> pieces;  // start page, slot value
+  uint64_t cursor = lo;
+  for (const Piece& q : provs) {
+    if (q.s > cursor) pieces.emplace_back(cursor, 0);
+    pieces.emplace_back(q.s, reinterpret_cast<uintptr_t>(q.p) | kLeaf);
+    cursor = q.e;
+  }
+  if (cursor < hi) pieces.emplace_back(cursor, 0);
+  if (pieces.size() > (level == 2 ? kLeafNodeMinPieces : kRunMaxPieces)) {
+    PHYSR_ASSERT(level < 3, "a single-page slot holds one provider");
+    Node* child = new Node{};
+    table_bytes_.fetch_add(sizeof(Node), std::memory_order_relaxed);
+    for (const Piece& q : provs) insert(*child, level + 1, lo, q.s, q.e, q.p);
+    return reinterpret_cast<uintptr_t>(child);
+  }
+  const size_t n = pieces.size(), blocks = (n + 15) / 16, last = n - 16 * (blocks - 1);
+  const bool top = blocks > 1;
+  const size_t bytes = 128 + (top ? 64 : 0) + kRunBlock * (blocks - 1) + 64 + 8 * last;
+  char* base = static_cast<char*>(::operator new(bytes, std::align_val_t{128}));
+  char* k = base + 128;
+  auto* info = new (k - 64) RunInfo{};
+  info->pieces = static_cast<uint32_t>(n);
+  info->bytes = static_cast<uint32_t>(bytes);
+  char* first = k + (top ? 64 : 0);
+  if (top) {
+    auto* t = reinterpret_cast<int32_t*>(k);
+    for (size_t j = 0; j < 16; ++j) t[j] = j + 1 < blocks ? static_cast<int32_t>(pieces[16 * (j + 1)].first - lo) : kNoStart;
+  }
+  for (size_t b = 0; b < blocks; ++b) {
+    auto* starts = reinterpret_cast<int32_t*>(first + kRunBlock * b);
+    auto* vals = reinterpret_cast<uintptr_t*>(first + kRunBlock * b + 64);
+    for (size_t j = 0; j < 16; ++j) {
+      const size_t i = 16 * b + j;
+      starts[j] = i < n ? static_cast<int32_t>(pieces[i].first - lo) : kNoStart;
+      if (i < n) vals[j] = pieces[i].second;
+    }
+  }
+  table_bytes_.fetch_add(bytes, std::memory_order_relaxed);
+  return reinterpret_cast<uintptr_t>(k) | kRun | (top ? kRunTop : 0);
+}
+
+// Frees a replaced run after a grace period: a reader that loaded it may still search it.
+void ProviderRegistry::retire(uintptr_t x) {
+  if (!is_run(x)) return;
+  char* k = run_lines(x);
+  auto* info = reinterpret_cast<RunInfo*>(k - 64);
+  table_bytes_.fetch_sub(info->bytes, std::memory_order_relaxed);
+  tsan_reader_done();  // the writer's accesses precede the free (liburcu's queue is not seen)
+  urcu_memb_call_rcu(&info->head, [](rcu_head* h) {
+    tsan_grace_period_over();
+    ::operator delete(reinterpret_cast<char*>(h) - 64, std::align_val_t{128});
+  });
+}
 
 // Pages [s, e) within node n (level `level`, first page `base`): is any already mapped?
 bool ProviderRegistry::overlaps(const Node& n, unsigned level, uint64_t base, uint64_t s, uint64_t e,
                                 const Provider** who) const {
   const unsigned sh = shift_of(level);
+  std::vector<Piece> provs;
   for (uint64_t i = (s - base) >> sh, last = (e - 1 - base) >> sh; i <= last; ++i) {
     const uintptr_t x = n.slot[i].load(std::memory_order_relaxed);
     if (x == 0) continue;
     const uint64_t lo = base + (i << sh), hi = lo + (uint64_t{1} << sh);
     const uint64_t cs = std::max(s, lo), ce = std::min(e, hi);
-    if (is_child(x, level)) {
+    if (is_node(x)) {
       if (overlaps(*reinterpret_cast<const Node*>(x), level + 1, lo, cs, ce, who)) return true;
       continue;
     }
-    const Provider* q = leaf_ptr(x);
-    if (!(x & kPartial) || (first_page(q) < ce && cs < end_page(q))) {
-      *who = q;
-      return true;
+    provs.clear();
+    collect(x, lo, hi, provs);
+    for (const Piece& q : provs) {
+      if (q.s < ce && cs < q.e) {
+        *who = q.p;
+        return true;
+      }
     }
   }
   return false;
 }
 
-// Maps pages [s, e) of node n to p. A slot p covers whole takes a leaf; an empty slot it
-// covers in part takes a partial leaf; a slot already holding another provider's partial
-// leaf becomes a node holding both. A new node is filled before it is published, and
-// nodes are never replaced or freed while the registry lives, so a reader that loaded a
-// node pointer always finds it alive and complete.
+// Maps pages [s, e) of slot `slot` (level `level`, pages [lo, hi)) to p. An empty slot takes
+// a leaf (partial unless p covers it whole); a slot that already holds other providers'
+// pieces (a partial leaf or a run) gets a new run with p's piece added, or a new node when
+// the run would be too long. New runs and nodes are complete before they are published
+// with one release store; a replaced run is freed after a grace period, nodes never while
+// the registry lives, so a reader always finds what it loaded alive and complete.
+void ProviderRegistry::insert_slot(std::atomic<uintptr_t>& slot, unsigned level, uint64_t lo, uint64_t hi, uint64_t s, uint64_t e,
+                                   const Provider* p) {
+  const uintptr_t x = slot.load(std::memory_order_relaxed);
+  if (is_node(x)) {
+    insert(*reinterpret_cast<Node*>(x), level + 1, lo, s, e, p);
+    return;
+  }
+  std::vector<Piece> provs;
+  collect(x, lo, hi, provs);
+  provs.push_back({s, e, p});
+  std::sort(provs.begin(), provs.end(), [](const Piece& a, const Piece& b) { return a.s < b.s; });
+  slot.store(build(level, lo, hi, provs), std::memory_order_release);
+  retire(x);
+}
+
 void ProviderRegistry::insert(Node& n, unsigned level, uint64_t base, uint64_t s, uint64_t e, const Provider* p) {
   const unsigned sh = shift_of(level);
   for (uint64_t i = (s - base) >> sh, last = (e - 1 - base) >> sh; i <= last; ++i) {
     const uint64_t lo = base + (i << sh), hi = lo + (uint64_t{1} << sh);
-    const uint64_t cs = std::max(s, lo), ce = std::min(e, hi);
-    const uintptr_t x = n.slot[i].load(std::memory_order_relaxed);
-    if (is_child(x, level)) {
-      insert(*reinterpret_cast<Node*>(x), level + 1, lo, cs, ce, p);
-      continue;
-    }
-    const bool whole = cs == lo && ce == hi;
-    if (x == 0) {
-      n.slot[i].store(reinterpret_cast<uintptr_t>(p) | kLeaf | (whole ? 0 : kPartial), std::memory_order_release);
-      continue;
-    }
-    // Another provider's partial leaf (a whole leaf would have been an overlap): split.
-    const Provider* q = leaf_ptr(x);
-    PHYSR_ASSERT((x & kLeaf) && (x & kPartial) && q != p, "only another provider's partial leaf shares a slot");
-    Node* child = new Node{};
-    table_bytes_.fetch_add(sizeof(Node), std::memory_order_relaxed);
-    insert(*child, level + 1, lo, std::max(first_page(q), lo), std::min(end_page(q), hi), q);
-    insert(*child, level + 1, lo, cs, ce, p);
-    n.slot[i].store(reinterpret_cast<uintptr_t>(child), std::memory_order_release);
+    insert_slot(n.slot[i], level, lo, hi, std::max(s, lo), std::min(e, hi), p);
   }
 }
 
-// Unmaps p's pages [s, e): clears its leaves and partial leaves; nodes stay.
+// Unmaps p's pages [s, e) of one slot: clears its leaf, or rebuilds the run without it
+// (down to a leaf or nothing); nodes stay.
+void ProviderRegistry::erase_slot(std::atomic<uintptr_t>& slot, unsigned level, uint64_t lo, uint64_t hi, uint64_t s, uint64_t e,
+                                  const Provider* p) {
+  const uintptr_t x = slot.load(std::memory_order_relaxed);
+  if (is_node(x)) {
+    erase(*reinterpret_cast<Node*>(x), level + 1, lo, s, e, p);
+    return;
+  }
+  if (x == 0) return;
+  if (is_leaf(x)) {
+    if (leaf_ptr(x) == p) slot.store(0, std::memory_order_release);
+    return;
+  }
+  std::vector<Piece> provs;
+  collect(x, lo, hi, provs);
+  const auto gone = std::remove_if(provs.begin(), provs.end(), [p](const Piece& q) { return q.p == p; });
+  if (gone == provs.end()) return;
+  provs.erase(gone, provs.end());
+  slot.store(build(level, lo, hi, provs), std::memory_order_release);
+  retire(x);
+}
+
 void ProviderRegistry::erase(Node& n, unsigned level, uint64_t base, uint64_t s, uint64_t e, const Provider* p) {
   const unsigned sh = shift_of(level);
   for (uint64_t i = (s - base) >> sh, last = (e - 1 - base) >> sh; i <= last; ++i) {
     const uint64_t lo = base + (i << sh), hi = lo + (uint64_t{1} << sh);
-    const uintptr_t x = n.slot[i].load(std::memory_order_relaxed);
-    if (is_child(x, level)) erase(*reinterpret_cast<Node*>(x), level + 1, lo, std::max(s, lo), std::min(e, hi), p);
-    else if (x != 0 && leaf_ptr(x) == p) n.slot[i].store(0, std::memory_order_release);
+    erase_slot(n.slot[i], level, lo, hi, std::max(s, lo), std::min(e, hi), p);
   }
 }
 
@@ -212,6 +347,7 @@ Result<ProviderId> ProviderRegistry::add(ProviderDesc desc) {
     return make_error(EINVAL, "provider aperture " + describe(r) + " runs past the 52-bit physical address space");
   const uint64_t s = r.base.value() >> kPageShift, e = s + (r.size >> kPageShift);
 
+  ensure_registered();  // replacing a run hands the old one to call_rcu
   std::lock_guard lock(writer_);
   const Provider* who = nullptr;
   if (overlaps(root_, 0, 0, s, e, &who))
@@ -314,23 +450,39 @@ const Provider* ProviderRegistry::find_extent(PhysAddr a, uint64_t& bytes) const
   }
   uintptr_t e = root_.slot[pfn >> 30].load(std::memory_order_acquire);
   unsigned sh = 30;
-  for (unsigned level = 0;; ++level, sh -= 10) {
+  uint64_t slot_end = ((pfn >> sh) + 1) << sh;  // page after the slot e came from
+  for (;; sh -= 10) {
     if (e & kLeaf) break;
     if (e == 0) {
       // Host memory at least to the end of this empty slot.
-      const uint64_t end = ((pfn >> sh) + 1) << sh;
+      bytes = (slot_end << kPageShift) - a.value();
+      return nullptr;
+    }
+    if (is_run(e)) {
+      // The piece holding the page; a gap ends at the next piece or the slot's end.
+      const uint64_t lo = slot_end - (uint64_t{1} << sh);
+      const auto off = static_cast<int32_t>(pfn - lo);
+      const char* k = run_lines(e);
+      const bool top = e & kRunTop;
+      const char* block = k + (top ? 64 + kRunBlock * count_le16(k, off) : 0);
+      const unsigned j = count_le16(block, off) - 1;
+      e = reinterpret_cast<const uintptr_t*>(block + 64)[j];
+      if (e != 0) break;
+      int32_t next = j + 1 < 16 ? reinterpret_cast<const int32_t*>(block)[j + 1] : kNoStart;
+      if (j + 1 == 16 && top) next = reinterpret_cast<const int32_t*>(k)[(block - k - 64) / static_cast<ptrdiff_t>(kRunBlock)];
+      const uint64_t end = next != kNoStart ? lo + static_cast<uint64_t>(next) : slot_end;
       bytes = (end << kPageShift) - a.value();
       return nullptr;
     }
-    if (level == 3) break;
+    if (sh == 0) break;
+    slot_end = ((pfn >> (sh - 10)) + 1) << (sh - 10);
     e = reinterpret_cast<const Node*>(e)->slot[(pfn >> (sh - 10)) & 1023].load(std::memory_order_acquire);
   }
   const Provider* p = leaf_ptr(e);
   const uint64_t start = p->phys().base.value(), end = start + p->phys().size;
   if ((e & kPartial) && !p->phys().contains(a)) {
     // Host memory up to the provider, or to the end of the slot past it.
-    const uint64_t slot_end = (((pfn >> sh) + 1) << sh) << kPageShift;
-    bytes = (a.value() < start ? start : slot_end) - a.value();
+    bytes = (a.value() < start ? start : slot_end << kPageShift) - a.value();
     return nullptr;
   }
   bytes = end - a.value();
