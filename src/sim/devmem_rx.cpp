@@ -102,7 +102,6 @@ Result<JobResult> detail::run_pool_rx_job(Machine& m, const Job& job, const NetJ
   detail::LatencyHistogram lat;
   const uint64_t packets = job.size / job.block_size;
   detail::Stages stages(sim, packets, job.block_size, static_cast<double>(job.block_size) / wire_gbps);
-  uint64_t next = 0, done = 0, in_flight = 0;
   std::vector<mem::Netmem> bufs;
   std::vector<DmaSegment> segs;
 
@@ -194,14 +193,7 @@ Result<JobResult> detail::run_pool_rx_job(Machine& m, const Job& job, const NetJ
     stages.start(i, std::move(routes), 0);
     return {};
   };
-  while (done < packets) {
-    for (; in_flight < job.queue_depth && next < packets; ++next, ++in_flight) PHYSR_RETURN_IF_ERROR(send(next));
-    const auto finished = sim.step();
-    if (finished.empty()) return make_error(EIO, where() + ": the simulation stalled");
-    const uint64_t ended = stages.advance(finished, lat);
-    done += ended;
-    in_flight -= ended;
-  }
+  PHYSR_RETURN_IF_ERROR(detail::run_packets(m, sim, stages, lat, packets, job.queue_depth, job.name, send));
   detail::finish_result(out, m, sim, lat, job.size, packets, faults_before);
   const mem::PagePoolStats ps = (devmem ? dpool : hpool)->stats();
   const uint64_t recycled = ps.recycle.cached + ps.recycle.ring;

@@ -72,7 +72,7 @@ Result<JobResult> detail::run_devmem_tx_job(Machine& m, const Job& job, const Ne
   std::vector<double> lat;
   const uint64_t packets = job.size / job.block_size;
   detail::Stages stages(sim, packets, job.block_size, static_cast<double>(job.block_size) / wire_gbps);
-  uint64_t next = 0, done = 0, in_flight = 0, frags = 0;
+  uint64_t frags = 0;
   std::vector<DmaSegment> segs;
 
   const auto send = [&](uint64_t i) -> Status {
@@ -126,14 +126,7 @@ Result<JobResult> detail::run_devmem_tx_job(Machine& m, const Job& job, const Ne
     stages.start(i, std::move(routes), 0);
     return {};
   };
-  while (done < packets) {
-    for (; in_flight < job.queue_depth && next < packets; ++next, ++in_flight) PHYSR_RETURN_IF_ERROR(send(next));
-    const auto finished = sim.step();
-    if (finished.empty()) return make_error(EIO, where() + ": the simulation stalled");
-    const uint64_t ended = stages.advance(finished, lat);
-    done += ended;
-    in_flight -= ended;
-  }
+  PHYSR_RETURN_IF_ERROR(detail::run_packets(m, sim, stages, lat, packets, job.queue_depth, job.name, send));
   detail::finish_result(out, m, sim, lat, job.size, packets, faults_before);
   const bool p2p = tx_seen.peer_switch || tx_seen.peer_rc;
   out.path = std::string("network: TX devmem (") + std::to_string(hdr) + " B headers from host memory, payload from " + bar->name +

@@ -223,6 +223,25 @@ inline void report_progress(const Machine& m, uint64_t done, uint64_t total, uin
   next = done + (total / 256 > 0 ? total / 256 : 1);
 }
 
+/// The loop every packet job runs: keeps `queue_depth` packets in flight through `send(i)`
+/// (which starts packet i on `stages`), steps the simulator and moves finished flows on,
+/// until `packets` have ended; progress reported as block jobs do.
+template <class Latencies, class Send>
+Status run_packets(const Machine& m, Simulator& sim, Stages& stages, Latencies& lat, uint64_t packets,
+                   uint64_t queue_depth, const std::string& job_name, const Send& send) {
+  uint64_t next = 0, done = 0, in_flight = 0, next_report = 0;
+  while (done < packets) {
+    for (; in_flight < queue_depth && next < packets; ++next, ++in_flight) PHYSR_RETURN_IF_ERROR(send(next));
+    const auto finished = sim.step();
+    if (finished.empty()) return make_error(EIO, "job '" + job_name + "': the simulation stalled");
+    const uint64_t ended = stages.advance(finished, lat);
+    done += ended;
+    in_flight -= ended;
+    report_progress(m, done, packets, next_report);
+  }
+  return {};
+}
+
 /// Fills the common part of a job's result from its run: bytes and I/O count, simulated
 /// time and throughput, latency p50/p99/p99.9 (nearest rank of `lat`, in ns), the bytes
 /// over every resource that carried any (and those through root complexes and host

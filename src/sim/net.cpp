@@ -82,7 +82,6 @@ Result<JobResult> detail::run_net_job(Machine& m, const Job& job, const NetJob& 
   const Route tx_copy = txbar ? *fab.to_memory(txbar->function, -1, true) : Route{};
   const Route rx_copy = rxbar ? *fab.to_memory(rxbar->function, -1, false) : Route{};
   detail::Stages stages(sim, packets, job.block_size, static_cast<double>(job.block_size) / wire_gbps);
-  uint64_t next = 0, done = 0, in_flight = 0, next_report = 0;
   bool bounced_any = false;
 
   const auto send = [&](uint64_t i) -> Status {
@@ -130,15 +129,7 @@ Result<JobResult> detail::run_net_job(Machine& m, const Job& job, const NetJob& 
     stages.start(i, std::move(routes), on_wire);
     return {};
   };
-  while (done < packets) {
-    for (; in_flight < job.queue_depth && next < packets; ++next, ++in_flight) PHYSR_RETURN_IF_ERROR(send(next));
-    const auto finished = sim.step();
-    if (finished.empty()) return make_error(EIO, where() + ": the simulation stalled");
-    const uint64_t ended = stages.advance(finished, lat);
-    done += ended;
-    in_flight -= ended;
-    detail::report_progress(m, done, packets, next_report);
-  }
+  PHYSR_RETURN_IF_ERROR(detail::run_packets(m, sim, stages, lat, packets, job.queue_depth, job.name, send));
   detail::finish_result(out, m, sim, lat, job.size, packets, faults_before);
   const auto p2p = [](const DmaAccess& a) { return a.peer_switch || a.peer_rc; };
   out.path = std::string("network: TX ") + (p2p(tx_seen) ? "p2p" : "host") + ", RX " + (p2p(rx_seen) ? "p2p" : "host") +
