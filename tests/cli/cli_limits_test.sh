@@ -8,12 +8,7 @@ set -u
 physr=$1
 src=$2
 golden=$src/tests/cli/golden
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-fails=0
-passes=0
-pass() { passes=$((passes + 1)); }
-fail() { echo "FAIL: $*"; fails=$((fails + 1)); }
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # --- the same JSON, byte for byte ------------------------------------------------------
 # The golden files are what physr printed when it built each document with nlohmann::json
@@ -123,5 +118,4 @@ if command -v script >/dev/null; then
   if grep -qE '\[1/1\] r +\[#*-*\] +[0-9]+%  ETA [0-9]+ s' <<<"$out"; then pass; else fail "sim on a terminal showed no progress inside the job"; tail -c 300 <<<"$out"; fi
 fi
 
-echo "cli_limits: $passes passed, $fails failed"
-[[ $fails -eq 0 ]]
+finish cli_limits

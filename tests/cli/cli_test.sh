@@ -6,28 +6,8 @@
 set -u
 physr=$1
 src=$2
-tmp=$(mktemp -d)
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 snaps=${3:-$tmp/snapshots}
-trap 'rm -rf "$tmp"' EXIT
-fails=0
-passes=0
-
-# expect CODE PATTERN -- ARGS...: run physr ARGS, check the exit code and that PATTERN
-# appears in stdout+stderr.
-expect() {
-  local code=$1 pattern=$2
-  shift 3
-  local out rc
-  out=$("$physr" "$@" 2>&1)
-  rc=$?
-  if [[ $rc -ne $code ]]; then
-    echo "FAIL: physr $* exited $rc, expected $code"; echo "$out" | head -5; fails=$((fails + 1)); return
-  fi
-  if ! grep -qE -- "$pattern" <<<"$out"; then
-    echo "FAIL: physr $* output lacks /$pattern/"; echo "$out" | head -5; fails=$((fails + 1)); return
-  fi
-  passes=$((passes + 1))
-}
 
 expect 0 '^physr [0-9]+\.[0-9]+\.[0-9]+' -- --version
 expect 0 'ranges' -- --help
@@ -632,5 +612,4 @@ expect 0 'Verdict: bus_addr' -- explain nic0 gpu0 --machine "$tmp/named-port.tom
 expect 0 'Verdict: bus_addr' -- explain nic0 gpu0 --machine "$tmp/named-port.toml" --assume-acs-off 0000:02:11.0
 expect 2 "nosuch.*nor a device name of" -- explain nic0 gpu0 --machine "$tmp/named-port.toml" --assume-acs-off nosuch
 
-echo "cli: $passes passed, $fails failed"
-[[ $fails -eq 0 ]]
+finish cli

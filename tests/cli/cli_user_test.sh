@@ -6,33 +6,7 @@
 set -u
 physr=$1
 src=$2
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-fails=0
-passes=0
-
-# expect CODE PATTERN -- ARGS...: run physr ARGS, check the exit code and that PATTERN
-# appears in stdout+stderr.
-expect() {
-  local code=$1 pattern=$2
-  shift 3
-  local out rc
-  out=$("$physr" "$@" 2>&1)
-  rc=$?
-  if [[ $rc -ne $code ]]; then
-    echo "FAIL: physr $* exited $rc, expected $code"; echo "$out" | head -5; fails=$((fails + 1)); return
-  fi
-  if ! grep -qE -- "$pattern" <<<"$out"; then
-    echo "FAIL: physr $* output lacks /$pattern/"; echo "$out" | head -5; fails=$((fails + 1)); return
-  fi
-  passes=$((passes + 1))
-}
-# check NAME COMMAND...: a pass if COMMAND succeeds.
-check() {
-  local name=$1
-  shift
-  if "$@"; then passes=$((passes + 1)); else echo "FAIL: $name"; fails=$((fails + 1)); fi
-}
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # A switch whose two downstream ports both redirect peer requests (ACS RR), below a root port.
 cat > "$tmp/two-redirects.toml" <<'TOML'
@@ -298,5 +272,4 @@ check "map --show 2 prints two rows of each table and says how many more (exit $
 "$physr" sim "$tmp/nearest.toml" --json > "$tmp/rate.json" 2>/dev/null
 check "sim --json has bytes_per_second beside gbps" python3 -c 'import json,sys; j=json.load(open(sys.argv[1]))["jobs"][0]; assert abs(j["bytes_per_second"] - j["gbps"] * 1e9) < 1, j' "$tmp/rate.json"
 
-echo "cli_user: $passes passed, $fails failed"
-[[ $fails -eq 0 ]]
+finish cli_user
