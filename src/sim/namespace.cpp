@@ -15,6 +15,61 @@
 
 namespace physr::sim::detail {
 
+bool WrittenBlocks::test(uint64_t block) const {
+  if (partial_.empty() && full_.empty()) return false;  // a read job's namespace: no lookup
+  const uint64_t page = block >> kPageShift;
+  if (const auto it = partial_.find(page); it != partial_.end()) {
+    const uint64_t i = block & ((uint64_t{1} << kPageShift) - 1);
+    return (it->second->bits[i / 64] >> (i % 64)) & 1;
+  }
+  return page_full(page);
+}
+
+bool WrittenBlocks::page_full(uint64_t page) const {
+  auto it = full_.upper_bound(page);
+  if (it == full_.begin()) return false;
+  --it;
+  return page < it->second;
+}
+
+void WrittenBlocks::set(uint64_t block) {
+  const uint64_t page = block >> kPageShift;
+  if (page_full(page)) return;
+  auto& slot = partial_[page];
+  if (!slot) slot = std::make_unique<Page>();
+  const uint64_t i = block & ((uint64_t{1} << kPageShift) - 1);
+  uint64_t& word = slot->bits[i / 64];
+  if ((word >> (i % 64)) & 1) return;
+  word |= uint64_t{1} << (i % 64);
+  // The last page holds what is left of the namespace.
+  const uint64_t capacity = std::min<uint64_t>(uint64_t{1} << kPageShift, blocks_ - (page << kPageShift));
+  if (++slot->count < capacity) return;
+  partial_.erase(page);
+  add_full(page);
+}
+
+void WrittenBlocks::add_full(uint64_t page) {
+  uint64_t first = page, end = page + 1;
+  auto next = full_.find(end);
+  if (next != full_.end()) {
+    end = next->second;
+    full_.erase(next);
+  }
+  auto it = full_.lower_bound(page);
+  if (it != full_.begin() && std::prev(it)->second == page) {
+    --it;
+    first = it->first;
+  }
+  full_[first] = end;
+}
+
+size_t WrittenBlocks::memory_bytes() const noexcept {
+  // Node sizes as libstdc++ allocates them: a map node holds its pair and three pointers and
+  // a colour; a hash node its pair and a next pointer, plus a bucket pointer.
+  return partial_.size() * (sizeof(Page) + 4 * sizeof(void*)) + partial_.bucket_count() * sizeof(void*) +
+         full_.size() * (2 * sizeof(uint64_t) + 4 * sizeof(void*));
+}
+
 Result<Namespace> Namespace::create(uint64_t size, uint64_t unit, uint64_t stream, uint64_t will_write) {
   const char* env = std::getenv("TMPDIR");
   const std::string dir = env && *env ? env : "/tmp";
@@ -41,7 +96,7 @@ Result<Namespace> Namespace::create(uint64_t size, uint64_t unit, uint64_t strea
   Namespace ns(fd);
   ns.unit_ = unit;
   ns.stream_ = stream;
-  ns.written_.assign(size / unit, false);
+  ns.written_ = WrittenBlocks(size / unit);
   return ns;
 }
 
@@ -53,7 +108,7 @@ Namespace::~Namespace() {
 }
 
 Status Namespace::read(uint64_t off, std::span<uint8_t> out) const {
-  if (!written_[off / unit_]) {
+  if (!written_.test(off / unit_)) {
     pattern(stream_, off, out);
     return {};
   }
@@ -65,12 +120,12 @@ Status Namespace::read(uint64_t off, std::span<uint8_t> out) const {
 Status Namespace::write(uint64_t off, std::span<const uint8_t> in) {
   if (pwrite(fd_, in.data(), in.size(), static_cast<off_t>(off)) != static_cast<ssize_t>(in.size()))
     return make_error(EIO, "NVMe namespace: short write at " + format_hex(off));
-  written_[off / unit_] = true;
+  written_.set(off / unit_);
   return {};
 }
 
 Result<size_t> Namespace::mismatch(uint64_t off, std::span<const uint8_t> have) const {
-  if (!written_[off / unit_]) return pattern_mismatch(stream_, off, have);
+  if (!written_.test(off / unit_)) return pattern_mismatch(stream_, off, have);
   std::vector<uint8_t> mine(have.size());
   PHYSR_RETURN_IF_ERROR(read(off, mine));
   return static_cast<size_t>(std::mismatch(mine.begin(), mine.end(), have.begin()).first - mine.begin());

@@ -1,0 +1,73 @@
+// The model SSDs' namespaces: written blocks read back, unwritten blocks read as the
+// pattern, and the record of written blocks takes memory for what was written, not for the
+// namespace's size.
+#include <gtest/gtest.h>
+
+#include <random>
+#include <vector>
+
+#include "sim/job_common.hpp"
+#include "sim/namespace.hpp"
+
+namespace physr::sim::detail {
+namespace {
+
+constexpr uint64_t kBlock = 512;
+
+TEST(SimNamespaceTest, WrittenBlocksMatchAReferenceSet) {
+  // 3 pages and a partial one, written in a random order with repeats.
+  const uint64_t blocks = 3 * 32768 + 1000;
+  WrittenBlocks w(blocks);
+  std::vector<bool> ref(blocks);
+  std::mt19937_64 rng(7);
+  for (int k = 0; k < 400000; ++k) {
+    const uint64_t b = rng() % blocks;
+    w.set(b);
+    ref[b] = true;
+  }
+  for (uint64_t b = 0; b < blocks; ++b) ASSERT_EQ(w.test(b), ref[b]) << "block " << b;
+  // Every block: the pages become runs and merge into one.
+  for (uint64_t b = 0; b < blocks; ++b) w.set(b);
+  for (uint64_t b = 0; b < blocks; ++b) ASSERT_TRUE(w.test(b)) << "block " << b;
+  EXPECT_LT(w.memory_bytes(), 1024u);
+}
+
+TEST(SimNamespaceTest, PagesFilledOutOfOrderMergeIntoOneRun) {
+  const uint64_t blocks = 8 * 32768;
+  WrittenBlocks w(blocks);
+  for (uint64_t page : {5, 1, 3, 2, 7, 6, 0, 4})
+    for (uint64_t b = 0; b < 32768; ++b) w.set(page * 32768 + b);
+  for (uint64_t b = 0; b < blocks; b += 977) ASSERT_TRUE(w.test(b));
+  EXPECT_LT(w.memory_bytes(), 1024u);  // one run, no bitmap page left
+}
+
+TEST(SimNamespaceTest, TrackingMemoryFollowsWhatWasWrittenNotTheSize) {
+  // 8 TiB of 512 B blocks: one bit per block would be 2 GiB.
+  auto ns = Namespace::create(uint64_t{8} << 40, kBlock, 42);
+  ASSERT_TRUE(ns.has_value()) << ns.error().to_string();
+  EXPECT_LT(ns->tracking_bytes(), 4096u) << "a namespace never written";
+  std::vector<uint8_t> buf(kBlock), back(kBlock);
+  // A sequential write of 64 MiB ends as one run of full pages.
+  for (uint64_t off = 0; off < 64 * MiB; off += kBlock) {
+    pattern(99, off, buf);
+    ASSERT_TRUE(ns->write(off, buf).has_value());
+  }
+  EXPECT_LT(ns->tracking_bytes(), 16 * 1024u);
+  // Scattered writes cost a bitmap page each.
+  const uint64_t far = uint64_t{4} << 40;
+  for (uint64_t k = 0; k < 16; ++k) ASSERT_TRUE(ns->write(far + k * GiB, buf).has_value());
+  EXPECT_LT(ns->tracking_bytes(), 17 * 4200u + 16 * 1024u);
+  // What was written reads back; what was not reads as the namespace's pattern.
+  ASSERT_TRUE(ns->read(far + 3 * GiB, back).has_value());
+  EXPECT_EQ(back, buf);
+  ASSERT_TRUE(ns->read(far + 3 * GiB + kBlock, back).has_value());
+  std::vector<uint8_t> factory(kBlock);
+  pattern(42, far + 3 * GiB + kBlock, factory);
+  EXPECT_EQ(back, factory);
+  auto mm = ns->mismatch(12345 * kBlock, back);
+  ASSERT_TRUE(mm.has_value());
+  EXPECT_LT(*mm, kBlock) << "block 12345 holds stream 99's data, not this";
+}
+
+}  // namespace
+}  // namespace physr::sim::detail
