@@ -178,7 +178,7 @@ TEST(SimMachineTest, IommuFaultsAreRecordedAndMoveNothing) {
   const DmaSegment stray{DmaAddr(0x12345000), 4096, kDmaSegIommu};
   auto r = m->dma_write(nvme, std::span(&stray, 1), data);
   ASSERT_TRUE(r.has_value());  // a bus outcome, not an error
-  EXPECT_EQ(r->result, BusResult::iommu_fault);
+  EXPECT_EQ(r->result, kBusIommuFault);
   EXPECT_NE(r->why.find("IOMMU fault"), std::string::npos);
   ASSERT_EQ(m->faults().size(), 1u);
   EXPECT_EQ(m->faults()[0].why, "not mapped");
@@ -190,7 +190,7 @@ TEST(SimMachineTest, IommuFaultsAreRecordedAndMoveNothing) {
   std::vector<uint8_t> two(8192, 0x5a);
   r = m->dma_write(nvme, mp->segments(), two);
   ASSERT_TRUE(r.has_value());
-  EXPECT_EQ(r->result, BusResult::iommu_fault);
+  EXPECT_EQ(r->result, kBusIommuFault);
   EXPECT_EQ(m->faults().back().why, "read-only mapping");
   ASSERT_TRUE(m->memory().read(PhysAddr(0x100000), back).has_value());
   EXPECT_EQ(back, std::vector<uint8_t>(4096, 0));  // nothing written, not even the first page
@@ -200,7 +200,7 @@ TEST(SimMachineTest, IommuFaultsAreRecordedAndMoveNothing) {
   ASSERT_TRUE(dev->unmap(*mp).has_value());
   // After unmap (strict domain) the same IOVA faults.
   const DmaSegment old{DmaAddr(0xffffe000), 4096, kDmaSegIommu};
-  EXPECT_EQ(m->dma_read(nvme, std::span(&old, 1), std::span(in.data(), 4096))->result, BusResult::iommu_fault);
+  EXPECT_EQ(m->dma_read(nvme, std::span(&old, 1), std::span(in.data(), 4096))->result, kBusIommuFault);
 }
 
 // The device side decodes DMA addresses as the fabric does and never trusts the segments'
@@ -243,7 +243,7 @@ TEST(SimMachineTest, DecodesByAddressSoAWrongBusOffsetFails) {
     const DmaSegment no_offset{DmaAddr(at.value()), 8192, kDmaSegBusAddr};
     r = m->dma_write(nvme, std::span(&no_offset, 1), other);
     ASSERT_TRUE(r.has_value());
-    EXPECT_EQ(r->result, iommu ? BusResult::iommu_fault : BusResult::unsupported_request) << bus_result_name(r->result);
+    EXPECT_EQ(r->result, iommu ? kBusIommuFault : kBusUnsupportedRequest) << bus_result_name(r->result);
     ASSERT_TRUE(m->memory().read(at, back).has_value());
     EXPECT_EQ(back, data);
     // A lying flag does not steer: the bus address flagged as an IOVA still decodes at the switch.
@@ -273,17 +273,17 @@ TEST(SimMachineTest, DecodesByAddressSoAWrongBusOffsetFails) {
       const DmaSegment peer{DmaAddr(at.value()), 4096, {}};
       r = m->dma_write(nic, std::span(&peer, 1), std::span(data.data(), 4096));
       ASSERT_TRUE(r.has_value());
-      EXPECT_EQ(r->result, BusResult::unsupported_request);
+      EXPECT_EQ(r->result, kBusUnsupportedRequest);
       // The 32-bit MMIO hole holds neither RAM nor a BAR: a decode error.
       const DmaSegment hole{DmaAddr(0x9000'0000), 4096, {}};
       r = m->dma_write(nic, std::span(&hole, 1), std::span(data.data(), 4096));
       ASSERT_TRUE(r.has_value());
-      EXPECT_EQ(r->result, BusResult::decode_error);
+      EXPECT_EQ(r->result, kBusDecodeError);
       // Outcomes of the pieces of one access are OR'ed; nothing of it moves.
       const DmaSegment both[] = {peer, hole};
       r = m->dma_write(nic, both, std::span(data.data(), 8192));
       ASSERT_TRUE(r.has_value());
-      EXPECT_EQ(r->result, BusResult::unsupported_request | BusResult::decode_error);
+      EXPECT_EQ(r->result, kBusUnsupportedRequest | kBusDecodeError);
       EXPECT_EQ(bus_result_name(r->result), "decode_error|unsupported_request");
     }
   }
@@ -321,7 +321,7 @@ TEST(SimMachineTest, DecodesEveryPageAndThroughTheDomainTheDeviceUses) {
   const DmaSegment stray{DmaAddr(0x7000'0000), big.size(), kDmaSegIommu};
   r = m->dma_write(nvme, std::span(&stray, 1), big);
   ASSERT_TRUE(r.has_value());
-  EXPECT_EQ(r->result, BusResult::iommu_fault);
+  EXPECT_EQ(r->result, kBusIommuFault);
   EXPECT_EQ(m->faults().size(), before + 1);
   // nvme1's device, made by the caller with a domain of its own: its IOVAs decode there.
   IoDomain* own = *m->model().new_domain();

@@ -237,32 +237,32 @@ struct IommuFault {
   std::string why;
 };
 
-/// The bus outcome of one DMA access (QEMU's MemTxResult): data, not an error. The
-/// outcomes of the pieces an access splits into are OR'ed together.
-enum class BusResult : uint8_t {
-  ok = 0,
+/// One bus error of a DMA access (QEMU's MEMTX_DECODE_ERROR, MEMTX_ACCESS_ERROR bits).
+enum class BusError : uint8_t {
   decode_error = 1,         // no memory or BAR decodes the address
   iommu_fault = 2,          // the device's IOMMU domain has no mapping with that permission
   unsupported_request = 4,  // a peer's BAR reached through a root complex that does not forward peer traffic
 };
-constexpr BusResult operator|(BusResult a, BusResult b) noexcept {
-  return static_cast<BusResult>(static_cast<uint8_t>(a) | static_cast<uint8_t>(b));
-}
-constexpr BusResult& operator|=(BusResult& a, BusResult b) noexcept { return a = a | b; }
-constexpr bool any(BusResult r) noexcept { return r != BusResult::ok; }
+/// The bus outcome of one DMA access (QEMU's MemTxResult): data, not an error. The set of
+/// errors met, OR'ed over the pieces an access splits into; empty (kBusOk) when none.
+using BusResult = Flags<BusError>;
+inline constexpr BusResult kBusOk{};
+inline constexpr BusResult kBusDecodeError = BusError::decode_error;
+inline constexpr BusResult kBusIommuFault = BusError::iommu_fault;
+inline constexpr BusResult kBusUnsupportedRequest = BusError::unsupported_request;
 /// "ok", or the outcomes set, joined by '|' ("decode_error|iommu_fault").
 std::string bus_result_name(BusResult r);
 
 /// What one DMA access did on the fabric, decoded from its addresses alone (never from the
 /// DMA segments' flags): its outcome, and where its bytes went, for the timing.
 struct DmaAccess {
-  BusResult result = BusResult::ok;
+  BusResult result = kBusOk;
   bool host_memory = false;  // bytes went to or from host RAM (through the root complex)
   bool peer_switch = false;  // to or from a peer's BAR, turned around below the root complex
   bool peer_rc = false;      // to or from a peer's BAR through the root complex
   uint32_t peer = pci::kNoFunction;  // the owner of the BAR reached
   std::string why;           // the first failing piece, when result is not ok
-  bool ok() const noexcept { return result == BusResult::ok; }
+  bool ok() const noexcept { return result.empty(); }
   /// Merges another access of the same transfer (a later burst).
   void merge(const DmaAccess& o);
 };

@@ -5,13 +5,62 @@ namespace physr {
 
 using namespace dma_detail;
 
-// Per-thread buffers of map_into (kept between calls so the hot path does not allocate).
+// Per-thread buffers of map_into and unmap (kept between calls so the hot path does not
+// allocate). The hot path reads a constant-initialised thread-local pointer: a
+// thread_local Scratch itself (two vectors, a destructor) is reached through g++'s TLS
+// init wrapper on every access, which cost MapUnmap/direct/1 6 instructions per call. Its
+// owner, with the destructor, is touched once per thread.
 struct Scratch {
   std::vector<IoMapOp> ops;
   std::vector<DmaSpan> runs;
-  size_t nops = 0;
 };
-thread_local Scratch t_scratch;
+constinit thread_local Scratch* t_scratch = nullptr;
+
+[[gnu::cold, gnu::noinline]] Scratch& first_scratch() {
+  thread_local struct Owner {
+    Scratch s;
+    ~Owner() { t_scratch = nullptr; }
+  } owner;
+  t_scratch = &owner.s;
+  return owner.s;
+}
+
+inline Scratch& scratch() {
+  Scratch* s = t_scratch;
+  return s ? *s : first_scratch();
+}
+
+// Undo for every failure of map_into: nothing the call did stays behind. `ops[0, nops)`
+// are the page-table operations written (none when the batch was not written). Out of
+// line, on failure only: as a lambda capturing map_into's locals by reference it kept them
+// in memory on the hot path.
+Status DmaDevice::Impl::undo_map(DmaMapping& out, Error e, const IoMapOp* ops, size_t nops) {
+  if (nops) {
+    std::vector<DmaSpan> runs;
+    runs.reserve(nops);
+    for (size_t k = 0; k < nops; ++k) runs.push_back(DmaSpan{ops[k].iova, ops[k].size});
+    (void)cfg.domain->unmap_many(runs);
+  }
+  if (out.iova_len_) (void)cfg.domain->free_iova(out.iova_, out.iova_len_);
+  for (const auto& b : out.bounces_) (void)env.bounce->unmap(b.addr, b.size, DmaDirection::none);
+  out.nseg_ = 0;
+  out.bounces_.clear();
+  out.iova_len_ = 0;
+  failed.fetch_add(1, std::memory_order_relaxed);
+  return e;
+}
+
+// One piece of a list bounced (map_into's rule): into *b, recorded in out's bounces. Out of
+// line for the same reason as undo_map().
+Status DmaDevice::Impl::bounce_piece(DmaMapping& out, uint64_t phys, uint64_t len, DmaDirection dir, bool iommu, PhysAddr* b) {
+  if (!env.bounce) return make_error(EIO, "DMA map: " + format_hex(phys) + " must be bounced but " + who() + " has no bounce pool");
+  // Linux swiotlb_search_pool_area(): the slot search keeps the bounce within the device's
+  // segment boundary (iommu_is_span_boundary() over the pool's DMA addresses), with or
+  // without an IOMMU; the pieces bounced here are already cut to the boundary window.
+  PHYSR_ASSIGN_OR_RETURN(*b, env.bounce->map(PhysAddr(phys), len, dir, bounce_params(cfg, iommu ? kGMask : 0)));
+  out.bounces_.push_back({*b, len});
+  return {};
+}
 
 Status DmaDevice::map_into(DmaMapping& out, const RangeList& list, DmaDirection dir, DmaAttrs attrs) {
   Impl& m = *impl_;
@@ -31,9 +80,7 @@ Status DmaDevice::map_into(DmaMapping& out, const RangeList& list, DmaDirection 
 
   // Segments and page-table operations are written through raw pointers into buffers that
   // only grow: vector's push_back reloads its members after every store and cost ~20
-  // instructions a segment.
-  Scratch& s = t_scratch;
-  s.nops = 0;
+  // instructions a segment. The per-thread buffer of operations only behind an IOMMU.
   if (out.segs_.size() < list.size() + 16) out.segs_.resize(2 * list.size() + 16);
   DmaSegment* seg = out.segs_.data();
   size_t nseg = 0;
@@ -44,34 +91,21 @@ Status DmaDevice::map_into(DmaMapping& out, const RangeList& list, DmaDirection 
     }
     seg[nseg++] = g;
   };
-  if (iommu && s.ops.size() < list.size() + 16) s.ops.resize(2 * list.size() + 16);
-  IoMapOp* ops = s.ops.data();
+  Scratch* s = nullptr;
+  IoMapOp* ops = nullptr;
+  if (iommu) {
+    s = &scratch();
+    if (s->ops.size() < list.size() + 16) s->ops.resize(2 * list.size() + 16);
+    ops = s->ops.data();
+  }
   size_t nops = 0;
 
-  // Undo for every failure: nothing the call did stays behind.
+  // Undo for every failure (undo_map()); the page-table operations once the batch is written.
   bool iova_mapped = false;
-  const auto fail = [&](Error e) -> Status {
-    if (iova_mapped) {
-      s.runs.clear();
-      for (size_t k = 0; k < nops; ++k) s.runs.push_back(DmaSpan{ops[k].iova, ops[k].size});
-      (void)c.domain->unmap_many(s.runs);
-    }
-    if (out.iova_len_) (void)c.domain->free_iova(out.iova_, out.iova_len_);
-    for (const auto& b : out.bounces_) (void)m.env.bounce->unmap(b.addr, b.size, DmaDirection::none);
-    out.nseg_ = 0;
-    out.bounces_.clear();
-    out.iova_len_ = 0;
-    m.failed.fetch_add(1, std::memory_order_relaxed);
-    return e;
-  };
+  const auto fail = [&](Error e) -> Status { return m.undo_map(out, std::move(e), ops, iova_mapped ? nops : 0); };
   uint64_t bounced = 0;
   const auto bounce_one = [&](uint64_t phys, uint64_t len, PhysAddr* b) -> Status {
-    if (!m.env.bounce) return make_error(EIO, "DMA map: " + format_hex(phys) + " must be bounced but " + m.who() + " has no bounce pool");
-    // Linux swiotlb_search_pool_area(): the slot search keeps the bounce within the device's
-    // segment boundary (iommu_is_span_boundary() over the pool's DMA addresses), with or
-    // without an IOMMU; the pieces bounced here are already cut to the boundary window.
-    PHYSR_ASSIGN_OR_RETURN(*b, m.env.bounce->map(PhysAddr(phys), len, dir, bounce_params(c, iommu ? kGMask : 0)));
-    out.bounces_.push_back({*b, len});
+    PHYSR_RETURN_IF_ERROR(m.bounce_piece(out, phys, len, dir, iommu, b));
     bounced += len;
     return {};
   };
@@ -176,9 +210,9 @@ Status DmaDevice::map_into(DmaMapping& out, const RangeList& list, DmaDirection 
       if (nops && op_iova_end == iova_len && op_phys_end == ph) {
         ops[nops - 1].size += s_length;
       } else {
-        if (nops == s.ops.size()) [[unlikely]] {
-          s.ops.resize(2 * nops);
-          ops = s.ops.data();
+        if (nops == s->ops.size()) [[unlikely]] {
+          s->ops.resize(2 * nops);
+          ops = s->ops.data();
         }
         // Field by field: g++ 12 builds an aggregate with a class-type member (the typed
         // permissions) on the stack and copies it with two overlapping 16-byte moves, whose
@@ -219,7 +253,6 @@ Status DmaDevice::map_into(DmaMapping& out, const RangeList& list, DmaDirection 
     for (size_t k = 0; k < nops; ++k) ops[k].iova += base;
     for (size_t k = 0; k < nseg; ++k)
       if (seg[k].flags & kDmaSegIommu) seg[k].addr += base;
-    s.nops = nops;
     if (auto st = c.domain->map_many(std::span<const IoMapOp>(ops, nops)); !st)
       return fail(std::move(st).error().with_context("DMA map for " + m.who()));
     iova_mapped = true;
@@ -261,8 +294,7 @@ inline void DmaDevice::finish_map(DmaMapping& out, const RangeList& list, DmaDir
 Status DmaDevice::map_into_swiotlb(DmaMapping& out, const RangeList& list, DmaDirection dir, DmaAttrs attrs) {
   Impl& m = *impl_;
   const DmaDeviceConfig& c = m.cfg;
-  Scratch& s = t_scratch;
-  s.nops = 0;
+  Scratch& s = scratch();
   size_t nseg = 0, nops = 0;
   const auto fail = [&](Error e) -> Status {
     for (size_t k = 0; k < nops; ++k) (void)c.domain->free_iova(s.ops[k].iova, s.ops[k].size);
@@ -277,9 +309,9 @@ Status DmaDevice::map_into_swiotlb(DmaMapping& out, const RangeList& list, DmaDi
   uint64_t bounced = 0;
   size_t idx = 0;
   for (const PhysRange r : list) {
-    Route route;
-    bool bounce;
-    const Provider* p;
+    Route route = Route::host;
+    bool bounce = false;
+    const Provider* p = nullptr;
     if (auto st = m.classify(idx, r.base.value(), r.size, r.provider, attrs, &route, &bounce, &p, MapForm::list_swiotlb); !st)
       return fail(std::move(st).error());
     ++idx;
@@ -312,7 +344,6 @@ Status DmaDevice::map_into_swiotlb(DmaMapping& out, const RangeList& list, DmaDi
   }
   if (auto st = c.domain->map_many(std::span<const IoMapOp>(s.ops.data(), nops)); !st)
     return fail(std::move(st).error().with_context("DMA map for " + m.who()));
-  s.nops = nops;
   out.nseg_ = nseg;
   out.per_range_iova_ = true;
   // iommu_dma_map_phys() syncs every entry (none is mapped with DMA_ATTR_MMIO).
@@ -321,23 +352,38 @@ Status DmaDevice::map_into_swiotlb(DmaMapping& out, const RangeList& list, DmaDi
   return {};
 }
 
+// unmap()'s refusals and its DMA-API debug bookkeeping, out of line: their messages kept
+// registers and stack in use on the hot path (MapUnmap/direct/1).
+[[gnu::cold, gnu::noinline]] Status DmaDevice::Impl::unmap_refused(const DmaMapping& mp) const {
+  if (!mp.mapped()) return make_error(EINVAL, "DMA unmap: the mapping is not live (never mapped, or already unmapped)");
+  return make_error(EINVAL, "DMA unmap on " + who() + ": the mapping belongs to another device");
+}
+
+[[gnu::noinline]] Status DmaDevice::Impl::debug_take(uint64_t id, DebugEntry* rec) {
+  std::lock_guard lock(dbg_mu);
+  auto it = dbg_lists.find(id);
+  if (it == dbg_lists.end())
+    return make_error(EINVAL, "DMA-API debug: unmap on " + who() + " of mapping " + std::to_string(id) + ", which is not live");
+  *rec = it->second;
+  dbg_lists.erase(it);
+  return {};
+}
+
+[[gnu::cold, gnu::noinline]] void DmaDevice::Impl::debug_put_back(uint64_t id, const DebugEntry& rec) {
+  std::lock_guard lock(dbg_mu);
+  dbg_lists.emplace(id, rec);
+}
+
 Status DmaDevice::unmap(DmaMapping& mp) {
   Impl& m = *impl_;
-  if (!mp.mapped()) return make_error(EINVAL, "DMA unmap: the mapping is not live (never mapped, or already unmapped)");
-  if (mp.dev_ != this) return make_error(EINVAL, "DMA unmap on " + m.who() + ": the mapping belongs to another device");
+  if (!mp.mapped() || mp.dev_ != this) [[unlikely]] return m.unmap_refused(mp);
   // DMA-API debug: the record is taken out before anything is torn down, so a second unmap
   // of the same mapping racing this one is reported rather than run (it could otherwise
   // unmap an IOVA that a third mapping got in between); it goes back only if nothing was
   // torn down.
-  std::optional<DebugEntry> rec;
-  if (m.cfg.debug) {
-    std::lock_guard lock(m.dbg_mu);
-    auto it = m.dbg_lists.find(mp.debug_id_);
-    if (it == m.dbg_lists.end())
-      return make_error(EINVAL, "DMA-API debug: unmap on " + m.who() + " of mapping " + std::to_string(mp.debug_id_) + ", which is not live");
-    rec = it->second;
-    m.dbg_lists.erase(it);
-  }
+  DebugEntry rec{};
+  if (m.cfg.debug) [[unlikely]]
+    PHYSR_RETURN_IF_ERROR(m.debug_take(mp.debug_id_, &rec));
   // Past the first teardown step the mapping is gone whatever else fails: it is marked
   // unmapped, so a retry is refused instead of tearing down twice.
   const auto done = [&] {
@@ -351,17 +397,14 @@ Status DmaDevice::unmap(DmaMapping& mp) {
   };
   if (mp.per_range_iova_) {
     // Linux iommu_dma_unmap_sg_swiotlb(): each IOMMU segment is its own IOVA allocation.
-    Scratch& s = t_scratch;
+    Scratch& s = scratch();
     s.runs.clear();
     for (const DmaSegment& seg : mp.segments()) {
       const uint64_t a = seg.addr.value() & ~kGMask, e = align_up(seg.addr.value() + seg.len);
       s.runs.push_back(DmaSpan{DmaAddr(a), e - a});
     }
     if (Status st = m.cfg.domain->unmap_many(s.runs); !st) {  // all or nothing: nothing was torn down
-      if (rec) {
-        std::lock_guard lock(m.dbg_mu);
-        m.dbg_lists.emplace(mp.debug_id_, *rec);
-      }
+      if (m.cfg.debug) m.debug_put_back(mp.debug_id_, rec);
       return st;
     }
     Status freed;
@@ -373,7 +416,7 @@ Status DmaDevice::unmap(DmaMapping& mp) {
     }
   } else if (mp.iova_len_) {
     // The mapped runs: every IOMMU segment's granules (merged segments never span padding).
-    Scratch& s = t_scratch;
+    Scratch& s = scratch();
     s.runs.clear();
     for (const DmaSegment& seg : mp.segments()) {
       if (!(seg.flags & kDmaSegIommu)) continue;
@@ -382,10 +425,7 @@ Status DmaDevice::unmap(DmaMapping& mp) {
       else s.runs.push_back(DmaSpan{DmaAddr(a), e - a});
     }
     if (Status st = m.cfg.domain->unmap_many(s.runs); !st) {  // all or nothing: nothing was torn down
-      if (rec) {
-        std::lock_guard lock(m.dbg_mu);
-        m.dbg_lists.emplace(mp.debug_id_, *rec);
-      }
+      if (m.cfg.debug) m.debug_put_back(mp.debug_id_, rec);
       return st;
     }
     if (Status st = m.cfg.domain->free_iova(mp.iova_, mp.iova_len_); !st) {

@@ -38,6 +38,8 @@ inline uint64_t reserved_for(uint64_t size, unsigned shift) {
 }
 // Linux order_base_2(): the rcache a size belongs to.
 inline unsigned order_of(uint64_t g) { return static_cast<unsigned>(std::bit_width(std::bit_ceil(g)) - 1); }
+// The same for 1 <= g <= 32 granules (the fast paths): order_base_2(g) = bit_width(g - 1).
+inline unsigned fast_order(uint64_t g) { return static_cast<unsigned>(std::bit_width(g - 1)); }
 
 // An allocated or reserved range of the tree, keyed by its first granule (Linux struct iova).
 struct Node {
@@ -95,7 +97,9 @@ struct IovaAllocator::Impl {
   unsigned shift = 12;
   uint64_t start_pfn = 0, end_pfn = 0;
   bool caching = true, check = false;
-  bool fast = false;  // caching && !check: the inline fast paths apply
+  // The inline fast paths apply to sizes of 1 to fast_max bytes: 32 granules when caching
+  // && !check, else 0 (none). One compare tests both.
+  uint64_t fast_max = 0;
 
   // --- the tree (Linux iova_rbtree_lock) ---
   mutable std::mutex tree_mu;
@@ -514,7 +518,7 @@ Result<std::unique_ptr<IovaAllocator>> IovaAllocator::create(const IovaOptions& 
   m.end_pfn = o.end >> m.shift;
   m.caching = o.caching;
   m.check = o.check;
-  m.fast = o.caching && !o.check;
+  m.fast_max = o.caching && !o.check ? uint64_t{32} << m.shift : 0;
   m.depot_delay = std::chrono::milliseconds(o.depot_delay_ms);
   m.online_cpus = std::max(1u, std::thread::hardware_concurrency());
   // Linux init_iova_domain()
@@ -616,22 +620,26 @@ namespace {
 Result<DmaAddr> IovaAllocator::alloc(uint64_t size, uint64_t limit) {
   const Impl& m = *impl_;
   const uint64_t gsize = uint64_t{1} << m.shift;
-  if (m.fast && size - 1 < 32 * gsize) [[likely]] {
+  if (size - 1 < m.fast_max) [[likely]] {
     ThreadCache* c = t_last;
     if (c && c->owner == m.id) [[likely]] {
-      // size <= 32 granules here, so reserved_for() reduces to this bit_ceil and cannot
-      // overflow.
-      const uint64_t g = std::bit_ceil((size + gsize - 1) >> m.shift);
-      const unsigned k = static_cast<unsigned>(std::countr_zero(g));
-      const uint64_t limit_pfn = std::min(limit >> m.shift, m.end_pfn);
+      // size <= 32 granules here, so reserved_for() reduces to a bit_ceil and cannot
+      // overflow; its order straight from the bit width (bit_ceil, then countr_zero, cost
+      // two instructions more).
+      const unsigned k = fast_order((size + gsize - 1) >> m.shift);
+      const uint64_t g = uint64_t{1} << k;
+      const unsigned shift = m.shift;
+      const uint64_t limit_pfn = std::min(limit >> shift, m.end_pfn);
       c->busy.store(1, std::memory_order_relaxed);
       std::atomic_signal_fence(std::memory_order_seq_cst);  // paired with heavy_barrier()
       if (c->flush_req.load(std::memory_order_acquire) == 0) [[likely]] {
         Magazine* mg = c->loaded[k];
         if (mg->size != 0 && mg->pfns[mg->size - 1] + g <= limit_pfn) [[likely]] {
-          const uint64_t pfn = mg->pfns[--mg->size];
+          // The address before busy is cleared (after the release store, m.shift would be
+          // loaded again).
+          const DmaAddr a(mg->pfns[--mg->size] << shift);
           c->busy.store(0, std::memory_order_release);
-          return DmaAddr(pfn << m.shift);
+          return a;
         }
       }
       c->busy.store(0, std::memory_order_release);
@@ -644,15 +652,15 @@ Status IovaAllocator::free(DmaAddr iova, uint64_t size) {
   const Impl& m = *impl_;
   const uint64_t gsize = uint64_t{1} << m.shift;
   const uint64_t pfn = iova.value() >> m.shift;
-  if (m.fast && size - 1 < 32 * gsize && (iova.value() & (gsize - 1)) == 0 && pfn >= m.start_pfn && pfn < m.end_pfn)
+  if (size - 1 < m.fast_max && (iova.value() & (gsize - 1)) == 0 && pfn >= m.start_pfn && pfn < m.end_pfn)
       [[likely]] {
     ThreadCache* c = t_last;
     if (c && c->owner == m.id) [[likely]] {
-      const uint64_t g = std::bit_ceil((size + gsize - 1) >> m.shift);  // as in alloc()
+      const unsigned k = fast_order((size + gsize - 1) >> m.shift);  // as in alloc()
       c->busy.store(1, std::memory_order_relaxed);
       std::atomic_signal_fence(std::memory_order_seq_cst);  // paired with heavy_barrier()
       if (c->flush_req.load(std::memory_order_acquire) == 0) [[likely]] {
-        Magazine* mg = c->loaded[std::countr_zero(g)];
+        Magazine* mg = c->loaded[k];
         if (mg->size != kMagSize) [[likely]] {
           mg->pfns[mg->size++] = pfn;
           c->busy.store(0, std::memory_order_release);

@@ -104,10 +104,7 @@ inline Status take_access(Result<DmaAccess> r, DmaAccess& acc) {
   PHYSR_ASSIGN_OR_RETURN(const DmaAccess& a, std::move(r));
   acc.merge(a);
   if (a.ok()) return {};
-  const auto bits = static_cast<uint8_t>(a.result);
-  const int code = bits & static_cast<uint8_t>(BusResult::iommu_fault)           ? EFAULT
-                   : bits & static_cast<uint8_t>(BusResult::unsupported_request) ? EREMOTEIO
-                                                                                 : EIO;
+  const int code = a.result & kBusIommuFault ? EFAULT : a.result & kBusUnsupportedRequest ? EREMOTEIO : EIO;
   return make_error(code, a.why);
 }
 

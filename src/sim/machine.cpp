@@ -9,11 +9,11 @@
 namespace physr::sim {
 
 std::string bus_result_name(BusResult r) {
-  if (r == BusResult::ok) return "ok";
+  if (r.empty()) return "ok";
   std::string s;
-  for (auto [bit, name] : {std::pair{BusResult::decode_error, "decode_error"}, {BusResult::iommu_fault, "iommu_fault"},
-                           {BusResult::unsupported_request, "unsupported_request"}})
-    if ((static_cast<uint8_t>(r) & static_cast<uint8_t>(bit)) != 0) s += (s.empty() ? "" : "|") + std::string(name);
+  for (auto [bit, name] : {std::pair{kBusDecodeError, "decode_error"}, {kBusIommuFault, "iommu_fault"},
+                           {kBusUnsupportedRequest, "unsupported_request"}})
+    if (r & bit) s += (s.empty() ? "" : "|") + std::string(name);
   return s;
 }
 
@@ -118,7 +118,7 @@ void Machine::decode(uint32_t initiator, uint64_t dma, uint64_t len, bool write,
         const char* why = !t ? "not mapped" : write ? "read-only mapping" : "write-only mapping";
         if (!faulting) faults_.push_back(IommuFault{initiator, DmaAddr(at), write, why});
         faulting = true;
-        fail(BusResult::iommu_fault,
+        fail(kBusIommuFault,
              [&] { return "IOMMU fault: " + label(initiator) + " " + (write ? "wrote " : "read ") + format_hex(at) + " (" + why + ")"; });
         done += run;
         continue;
@@ -133,7 +133,7 @@ void Machine::decode(uint32_t initiator, uint64_t dma, uint64_t len, bool write,
     const PhysSpan piece{phys, run};
     if (!region || !region->span.contains(piece)) region = memory().region_of(phys);
     if (!region || !region->span.contains(piece)) {
-      fail(BusResult::decode_error, [&] {
+      fail(kBusDecodeError, [&] {
         return "decode error: nothing decodes " + format_hex(phys.value()) + " (" + label(initiator) + " DMA address " + format_hex(at) + ")";
       });
       region = nullptr;
@@ -148,7 +148,7 @@ void Machine::decode(uint32_t initiator, uint64_t dma, uint64_t len, bool write,
         owner_span = PhysSpan{phys, ext};
       }
       if (owner_fn == pci::kNoFunction || !fabric_->rc_forwards(initiator, owner_fn)) {
-        fail(BusResult::unsupported_request, [&] {
+        fail(kBusUnsupportedRequest, [&] {
           return "unsupported request: the root complex does not forward " + label(initiator) + "'s DMA to " + region->name + " at " +
                  format_hex(phys.value());
         });
