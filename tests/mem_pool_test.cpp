@@ -197,6 +197,28 @@ TEST(MemPoolTest, RemoveRevokesHoldersThenAllocIsEnodev) {
   EXPECT_EQ(m->publish(w.gpu, true).error().code, ENODEV);
 }
 
+// Without tracking, a late free into a removed pool is EINVAL too, from the thread whose
+// fast path still names that resource: the free fast path does not test `removed`, because
+// remove() ends with every granule clear, so the bitmap test (gen_pool_free's BUG_ON(remain))
+// sends it to the full checks. One granule and whole bitmap words (2 MiB) both.
+TEST(MemPoolTest, ALateFreeIntoARemovedPoolIsEinvalWithoutTracking) {
+  MemWorld w;
+  auto m = make(w, /*track=*/false);
+  ASSERT_TRUE(m->add_resource(w.gpu, 0, 0, 0));
+  P2PChunk a = m->alloc(w.gpu, 4096).value();
+  P2PChunk b = m->alloc(w.gpu, 2 * MiB).value();
+  m->on_revoke(w.gpu, [&](const P2PChunk& c) { ASSERT_TRUE(m->free(c)); });
+  ASSERT_TRUE(m->remove(w.gpu));
+  for (const P2PChunk& c : {a, b}) {
+    Status s = m->free(c);
+    ASSERT_FALSE(s);
+    EXPECT_EQ(s.error().code, EINVAL);
+    EXPECT_NE(s.error().message.find("removed"), std::string::npos) << s.error().message;
+  }
+  EXPECT_EQ(m->stats(w.gpu).chunks, 0u);
+  EXPECT_EQ(m->alloc(w.gpu, 4096).error().code, ENODEV);
+}
+
 // Several importers and pools may hang off one provider: every subscriber to its removal is
 // called, in order, with every chunk still held, and picks out its own; off_revoke() ends a
 // subscription (also from inside its own callback), an ended or empty token is EINVAL.

@@ -4,7 +4,7 @@
 // pool: held by a caller, cached by a thread, or freed and waiting for its grace period),
 // as genalloc keeps one bit per min_alloc_order granule, plus constants: a bounded depot of
 // free chunks per size class, a next-fit cursor per class, and per thread a magazine per
-// class (at most 64 chunks each) and one batch of pending frees. A buddy allocator would
+// class (at most 128 chunks up to 32 KiB, 64 above) and one batch of pending frees. A buddy allocator would
 // need its free lists stored in the free memory itself (which is a device's BAR here, not
 // ours to write) or a bit per buddy per order; the bitmap with caches gets the hot path to
 // a thread-local pop/push and keeps the search (first-fit, aligned) for the rare sizes.
@@ -56,6 +56,7 @@
 #include <bit>
 #include <cstddef>
 #include <cstdio>
+#include <cstring>
 #include <mutex>
 #include <thread>
 #include <unordered_map>
@@ -88,14 +89,17 @@ namespace physr::mem {
 namespace {
 
 constexpr unsigned kClasses = 10;         // cached chunk sizes: 4 KiB << 0 .. 9 (2 MiB)
-constexpr uint32_t kMagSize = 64;         // chunks per magazine
-constexpr uint32_t kRefill = kMagSize;    // chunks a refill brings
+constexpr uint32_t kMagSize = 128;        // chunks per magazine, at most
+// Chunks a magazine holds and a refill brings: 128 up to 32 KiB (a whole batch of frees),
+// 64 above (what a thread's caches keep from the pool stays bounded).
+constexpr uint32_t mag_cap(unsigned k) { return k < 4 ? 128 : 64; }
 constexpr uint32_t kBatchSize = 128;      // frees per batch
 constexpr size_t kSyncBatches = 16;       // a thread's own grace period when this many wait
 constexpr size_t kMaxWaiting = 64;        // more go to call_rcu (a thread that frees, not allocates)
 constexpr size_t kDepotCap = 1024;        // free chunks a resource keeps per class
 constexpr uint32_t kMaxResources = 16;    // pci_p2pdma_add_resource() calls per function
 constexpr uint64_t kMaxChunk = kPhysAddrLimit;
+constexpr uint64_t kMaxClassSize = kPageSize << (kClasses - 1);  // the largest cached size
 
 inline void tsan_release([[maybe_unused]] void* p) {
 #ifdef PHYSR_MEM_TSAN
@@ -131,6 +135,8 @@ void heavy_fence() {
 
 // A counter only its thread writes (others sum it): a plain add, no lock prefix.
 [[gnu::always_inline]] inline void bump(std::atomic<int64_t>& c, int64_t d) { c.store(c.load(std::memory_order_relaxed) + d, std::memory_order_relaxed); }
+// A monotonic byte counter of one thread (it wraps; readers take differences modulo 2^64).
+[[gnu::always_inline]] inline void bump(std::atomic<uint64_t>& c, uint64_t d) { c.store(c.load(std::memory_order_relaxed) + d, std::memory_order_relaxed); }
 
 std::string hex(uint64_t v) { return format_hex(v); }
 std::string describe(PhysSpan s) { return "[" + hex(s.base.value()) + ", +" + hex(s.size) + ")"; }
@@ -155,6 +161,7 @@ struct Resource {
   ProviderId provider = 0;
   uint32_t function = 0;
   uint32_t ordinal = 0;  // index among the function's resources
+  uint64_t key = 0;      // owner_key(provider, function)
   unsigned bar = 0;
   PhysSpan span;
   uint64_t bus_offset = 0;
@@ -309,9 +316,14 @@ void recycle(Batch* b) {
 // One thread's cache for one resource.
 struct ResCache {
   Resource* r = nullptr;
-  // Written by the owner only. deferred_out: freed bytes whose grace period ended and that
-  // the thread took back itself (the rest is the resource's deferred_done).
-  std::atomic<int64_t> chunks{0}, bytes{0}, deferred_in{0}, deferred_out{0};
+  // Written by the owner only. chunks: held (allocated minus freed by this thread; the live
+  // reference). The byte counters only grow (modulo 2^64): handed out, freed (which is also
+  // the bytes put into deferral), and deferred_out: freed bytes whose grace period ended and
+  // that the thread took back itself (the rest is the resource's deferred_done). Bytes held
+  // are handed_out - freed, bytes deferred freed - deferred_out - deferred_done, summed over
+  // the threads: one counter fewer to write on every free.
+  std::atomic<int64_t> chunks{0};
+  std::atomic<uint64_t> handed_out{0}, freed{0}, deferred_out{0};
   Mag ready[kClasses];
 };
 
@@ -382,6 +394,7 @@ struct P2PMemory::Impl {
   P2PMemoryOptions opt;
   bool track = true;
   uint64_t uid = 0;
+  uint64_t plain_uid = ~uint64_t{0};  // uid when untracked with membarrier, else no uid
   uint32_t nfns = 0;
   std::unique_ptr<FunctionState[]> fns;
 
@@ -424,16 +437,26 @@ struct P2PMemory::Impl {
 
   Result<P2PChunk> alloc(uint32_t f, uint64_t size, const AllocOptions& o);
   Result<P2PChunk> alloc_slow(uint32_t f, uint64_t size, const AllocOptions& o);
+  [[gnu::noinline]] Result<P2PChunk> alloc_general(uint32_t f, uint64_t s, const AllocOptions& o);
+  template <bool kPlain>
+  Result<P2PChunk> alloc_cached(ThreadCache* tc, uint32_t f, uint64_t s, const AllocOptions& o);
+  [[gnu::noinline]] Result<P2PChunk> alloc_refill(ThreadCache* tc, uint32_t f, uint64_t size, const AllocOptions& o);
   bool alloc_locked(ThreadCache* tc, std::unique_lock<std::mutex>& lk, uint32_t f, uint64_t size, uint64_t align, P2PChunk& out, Resource*& from);
-  Status free(const P2PChunk& c);
-  [[gnu::noinline]] Status free_full(const P2PChunk& c);
-  Status free_error(const P2PChunk& c, const std::string& why) const;
+  // The free path returns its error as a raw owning pointer (null: done), which comes back in
+  // a register, so that the fast path's calls are tail calls and it needs no stack frame.
+  Error* free(const P2PChunk& c);
+  [[gnu::noinline]] Error* free_full(const P2PChunk& c);
+  [[gnu::noinline]] Error* free_general(const P2PChunk& c);
+  template <bool kPlain>
+  Error* free_cached(const P2PChunk& c);
+  Error* free_error(const P2PChunk& c, const std::string& why) const;
   void free_slow(ThreadCache* tc, Resource* r, uint64_t addr, uint64_t size);
   Batch* retire_locked(ThreadCache* tc, Batch* b);
-  [[gnu::noinline]] Status retire(ThreadCache* tc, Batch* b);
+  [[gnu::noinline]] Error* retire(ThreadCache* tc, Batch* b);
   bool grace_local(ThreadCache* tc, std::unique_lock<std::mutex>& lk);
   uint32_t take_ready(ThreadCache* tc, ResCache* c, unsigned k);
   void record(const P2PChunk& c, const char* owner, Resource* r);
+  [[gnu::noinline]] Result<P2PChunk> tracked_chunk(const P2PChunk& c, const char* owner, Resource* r);
 
   void submit(Batch* b);
   void arm_locked(bool registered);
@@ -670,42 +693,103 @@ void P2PMemory::Impl::sum(const Resource* r, int64_t& chunks, int64_t& bytes, in
     if (tc->function != r->function) continue;  // ordinals count per function
     const ResCache* c = tc->rc[r->ordinal].get();
     if (!c) continue;
+    const uint64_t freed = c->freed.load(std::memory_order_relaxed);
     chunks += c->chunks.load(std::memory_order_relaxed);
-    bytes += c->bytes.load(std::memory_order_relaxed);
-    deferred_in += c->deferred_in.load(std::memory_order_relaxed) - c->deferred_out.load(std::memory_order_relaxed);
+    bytes += static_cast<int64_t>(c->handed_out.load(std::memory_order_relaxed) - freed);
+    deferred_in += static_cast<int64_t>(freed - c->deferred_out.load(std::memory_order_relaxed));
   }
 }
 
 // ---------------------------------------------------------------------------------------
 // Allocation
 
+// A chunk of r; (provider, function) is one 8-byte copy of r->key.
+[[gnu::always_inline]] inline P2PChunk chunk_of(const Resource* r, uint64_t a, uint64_t size) {
+  P2PChunk out;
+  out.span = PhysSpan{PhysAddr(a), size};
+  std::memcpy(&out.provider, &r->key, sizeof r->key);
+  return out;
+}
+
+// The fast path: a chunk of a cached class popped from the calling thread's magazine of the
+// resource it last allocated from, under the busy/steal and live-reference handshakes of the
+// header comment. The class test is one rounding and three compares: the rounded size a power
+// of two up to 2 MiB, the alignment a power of two from 4 KiB to that size (align - 4 KiB <
+// size is align <= size for powers of two, and wraps for align < 4 KiB). plain_uid is uid
+// only for a pool without tracking on a kernel with membarrier, so that one compare picks the
+// thread's cache and the variant that needs neither a fence nor a record; others take
+// alloc_general().
 inline Result<P2PChunk> P2PMemory::Impl::alloc(uint32_t f, uint64_t size, const AllocOptions& o) {
-  if (f < nfns && size - 1 < kMaxChunk && !(o.align & (o.align - 1)) && o.align >= kPageSize) [[likely]] {
-    // gen_pool_alloc rounds the size up to the pool's granule (PAGE_SHIFT for p2pdma).
-    size = (size + kPageSize - 1) & ~(kPageSize - 1);
-    const unsigned k = class_of(size, o.align);
-    if (k < kClasses) {
-      ThreadCache* tc = cache_for(f);
-      if (ResCache* c = tc->hot) {
-        tc->busy.store(1, std::memory_order_relaxed);
-        bump(c->chunks, 1);  // counted before the dying check (percpu_ref_tryget_live)
-        light_fence();
-        Mag& m = c->ready[k];
-        if (!(tc->steal.load(std::memory_order_acquire) | c->r->dying.load(std::memory_order_relaxed)) && m.n) [[likely]] {
-          const uint64_t a = m.addr[--m.n];
-          bump(c->bytes, static_cast<int64_t>(size));
-          Resource* r = c->r;
-          tc->busy.store(0, std::memory_order_release);
-          P2PChunk out{PhysSpan{PhysAddr(a), size}, r->provider, f};
-          if (track) record(out, o.owner, r);
-          return out;
-        }
-        bump(c->chunks, -1);
-        tc->busy.store(0, std::memory_order_release);
-      }
-    }
+  // gen_pool_alloc rounds the size up to the pool's granule (PAGE_SHIFT for p2pdma).
+  const uint64_t s = (size + kPageSize - 1) & ~(kPageSize - 1);
+  const uint64_t align = o.align;
+  if (size - 1 < kMaxClassSize && !(s & (s - 1)) && (align == kPageSize || (!(align & (align - 1)) && align - kPageSize < s))) [[likely]] {
+    // t_last names only functions that exist (find_cache runs after the function is checked).
+    if (t_last.mem == plain_uid && t_last.function == f) [[likely]] return alloc_cached<true>(t_last.tc, f, s, o);
+    return alloc_general(f, s, o);
   }
   return alloc_slow(f, size, o);
+}
+
+// A cached class (s rounded), not the plain pool's common case: another function or
+// P2PMemory than the thread's last (which this one becomes), tracking, or no membarrier.
+Result<P2PChunk> P2PMemory::Impl::alloc_general(uint32_t f, uint64_t s, const AllocOptions& o) {
+  if (t_last.mem != uid || t_last.function != f) {
+    if (f >= nfns) return alloc_slow(f, s, o);
+    find_cache(f);
+  }
+  if (plain_uid == uid) return alloc_cached<true>(t_last.tc, f, s, o);
+  return alloc_cached<false>(t_last.tc, f, s, o);
+}
+
+// kPlain: untracked, and the membarrier makes the light side of the handshakes a compiler
+// barrier.
+template <bool kPlain>
+[[gnu::always_inline]] inline Result<P2PChunk> P2PMemory::Impl::alloc_cached(ThreadCache* tc, uint32_t f, uint64_t s, const AllocOptions& o) {
+  ResCache* const c = tc->hot;
+  if (!c) [[unlikely]] return alloc_slow(f, s, o);
+  const unsigned k = static_cast<unsigned>(std::countr_zero(s)) - kPageShift;
+  Resource* const r = c->r;
+  tc->busy.store(1, std::memory_order_relaxed);
+  bump(c->chunks, 1);  // counted before the dying check (percpu_ref_tryget_live)
+  if constexpr (kPlain) std::atomic_signal_fence(std::memory_order_seq_cst);
+  else light_fence();
+  const bool stop = tc->steal.load(std::memory_order_acquire) || r->dying.load(std::memory_order_relaxed);
+  if (!stop) [[likely]] {
+    Mag& m = c->ready[k];
+    if (const uint32_t n = m.n) [[likely]] {
+      m.n = n - 1;
+      const uint64_t a = m.addr[n - 1];
+      bump(c->handed_out, s);
+      tc->busy.store(0, std::memory_order_release);
+      if (kPlain || !track) return chunk_of(r, a, s);
+      return tracked_chunk(chunk_of(r, a, s), o.owner, r);
+    }
+  }
+  bump(c->chunks, -1);
+  tc->busy.store(0, std::memory_order_release);
+  if (!stop) return alloc_refill(tc, f, s, o);  // the magazine is empty
+  return alloc_slow(f, s, o);
+}
+
+// The fast path's arguments are valid and the thread's magazine is empty: refill it (under
+// the thread's lock) without alloc_slow()'s checks, which the failures still go through.
+Result<P2PChunk> P2PMemory::Impl::alloc_refill(ThreadCache* tc, uint32_t f, uint64_t size, const AllocOptions& o) {
+  P2PChunk out;
+  Resource* from = nullptr;
+  bool got;
+  {
+    std::unique_lock t(tc->mu);
+    got = alloc_locked(tc, t, f, size, o.align, out, from);
+  }
+  if (!got) return alloc_slow(f, size, o);
+  if (track) record(out, o.owner, from);
+  return out;
+}
+
+Result<P2PChunk> P2PMemory::Impl::tracked_chunk(const P2PChunk& c, const char* owner, Resource* r) {
+  record(c, owner, r);
+  return c;
 }
 
 void P2PMemory::Impl::record(const P2PChunk& c, const char* owner, Resource* r) {
@@ -747,22 +831,23 @@ bool P2PMemory::Impl::alloc_locked(ThreadCache* tc, std::unique_lock<std::mutex>
         Mag& m = c->ready[k];
         if (!m.n) {
           std::vector<uint64_t>& d = r->depot[k];
-          while (m.n < kRefill && !d.empty()) {
+          const uint32_t cap = mag_cap(k);
+          while (m.n < cap && !d.empty()) {
             m.addr[m.n++] = d.back();
             d.pop_back();
           }
           const uint64_t g1 = uint64_t{1} << k;
-          uint64_t found[kRefill];
+          uint64_t found[kMagSize];
           uint32_t nf = 0;
-          for (int pass = 0; pass < 2 && m.n + nf < kRefill && r->free_granules >= g1; ++pass) {
+          for (int pass = 0; pass < 2 && m.n + nf < cap && r->free_granules >= g1; ++pass) {
             uint64_t at = pass ? 0 : r->cursor[k];
             if (k == 0) {
               // 4 KiB: every free bit of a word at once.
-              for (uint64_t wi = at >> 6; m.n + nf < kRefill && wi < (r->granules + 63) / 64; ++wi) {
+              for (uint64_t wi = at >> 6; m.n + nf < cap && wi < (r->granules + 63) / 64; ++wi) {
                 std::atomic<uint64_t>& word = r->bits[wi];
                 uint64_t v = word.load(std::memory_order_relaxed);
                 uint64_t freeb = ~v & (~uint64_t{0} << (wi == at >> 6 ? at & 63 : 0));
-                while (freeb && m.n + nf < kRefill) {
+                while (freeb && m.n + nf < cap) {
                   const unsigned bit = static_cast<unsigned>(std::countr_zero(freeb));
                   freeb &= freeb - 1;
                   v |= uint64_t{1} << bit;
@@ -779,7 +864,7 @@ bool P2PMemory::Impl::alloc_locked(ThreadCache* tc, std::unique_lock<std::mutex>
             }
             // 256 KiB and up: a word at a time when words and chunks align.
             const bool words = g1 >= 64 && !(r->first_pfn() & 63);
-            while (m.n + nf < kRefill && r->free_granules >= g1) {
+            while (m.n + nf < cap && r->free_granules >= g1) {
               const uint64_t s = words ? r->find_words(at, g1) : r->find_run(at, g1, g1);
               if (s >= r->granules) break;
               r->assign(s, g1, true);
@@ -816,7 +901,7 @@ bool P2PMemory::Impl::alloc_locked(ThreadCache* tc, std::unique_lock<std::mutex>
       bump(c->chunks, -1);
       continue;
     }
-    bump(c->bytes, static_cast<int64_t>(size));
+    bump(c->handed_out, size);
     if (k < kClasses) tc->hot = c;
     out = P2PChunk{PhysSpan{PhysAddr(a), size}, r->provider, f};
     from = r;
@@ -864,46 +949,83 @@ Result<P2PChunk> P2PMemory::Impl::alloc_slow(uint32_t f, uint64_t size, const Al
 // ---------------------------------------------------------------------------------------
 // Free
 
-Status P2PMemory::Impl::free_error(const P2PChunk& c, const std::string& why) const {
-  return make_error(EINVAL, "p2pmem free of " + describe(c.span) + " (provider " + std::to_string(c.provider) + ", function " +
-                                std::to_string(c.function) + "): " + why);
+Error* P2PMemory::Impl::free_error(const P2PChunk& c, const std::string& why) const {
+  return physr::detail::new_error(make_error(EINVAL, "p2pmem free of " + describe(c.span) + " (provider " + std::to_string(c.provider) + ", function " +
+                                std::to_string(c.function) + "): " + why));
+}
+
+// Pushes a free onto the thread's pending batch, counted out of the thread's live reference
+// and into deferral. Only after steal reads clear is the batch this thread's to touch (the
+// handshake in the header comment): stolen, when it is not, and nothing is done. full: the
+// batch is full and taken off the thread (the caller retires it).
+enum class Push { done, full, stolen };
+template <bool kPlain = false>
+[[gnu::always_inline]] inline Push push_free(ThreadCache* tc, ResCache* rc, Resource* r, uint64_t a, uint64_t size, Batch*& b) {
+  tc->busy.store(1, std::memory_order_relaxed);
+  if constexpr (kPlain) std::atomic_signal_fence(std::memory_order_seq_cst);
+  else light_fence();
+  b = tc->steal.load(std::memory_order_acquire) ? nullptr : tc->pending;
+  if (!b) [[unlikely]] {
+    tc->busy.store(0, std::memory_order_release);
+    return Push::stolen;
+  }
+  const uint32_t n = b->n;
+  b->e[n] = Batch::Entry{r, a, size};
+  b->n = n + 1;
+  bump(rc->chunks, -1);
+  bump(rc->freed, size);
+  const bool full = n + 1 == kBatchSize;
+  if (full) tc->pending = nullptr;
+  tc->busy.store(0, std::memory_order_release);
+  return full ? Push::full : Push::done;
 }
 
 // The common free, without tracking, of a chunk of the resource the thread last allocated
-// from: the same checks as free_full() (the live resource holding the span is unique, as
-// resources never overlap), pushed onto the thread's batch; anything else is free_full().
-inline Status P2PMemory::Impl::free(const P2PChunk& c) {
-  const uint32_t f = c.function;
-  if (!track && f < nfns && t_last.mem == uid && t_last.function == f) [[likely]] {
-    ThreadCache* tc = t_last.tc;
-    ResCache* rc = tc->hot;
-    const uint64_t a = c.span.base.value(), size = c.span.size;
-    if (rc) [[likely]] {
-      Resource* r = rc->r;
-      if (r->provider == c.provider && r->span.contains(c.span) && !((a | size) & (kPageSize - 1)) &&
-          !r->removed.load(std::memory_order_acquire) && r->all_set_quick((a - r->span.base.value()) >> kPageShift, size >> kPageShift)) [[likely]] {
-        tc->busy.store(1, std::memory_order_relaxed);
-        light_fence();
-        Batch* b = tc->steal.load(std::memory_order_acquire) ? nullptr : tc->pending;
-        if (b) [[likely]] {
-          b->e[b->n++] = Batch::Entry{r, a, size};
-          bump(rc->chunks, -1);
-          bump(rc->bytes, -static_cast<int64_t>(size));
-          bump(rc->deferred_in, static_cast<int64_t>(size));
-          const bool full = b->n == kBatchSize;
-          if (full) tc->pending = nullptr;
-          tc->busy.store(0, std::memory_order_release);
-          if (full) [[unlikely]] return retire(tc, b);  // tail calls: the fast path needs no frame
-          return {};
-        }
-        tc->busy.store(0, std::memory_order_release);
-      }
+// from: the same checks as free_full() (the live resource of the provider holding the whole
+// span is unique, as resources never overlap; whole granules; every granule held), pushed
+// onto the thread's batch; anything else is free_full().
+// The hot resource is of the thread's last function, so one compare of (provider, function)
+// checks both.
+namespace {
+inline uint64_t owner_key(ProviderId provider, uint32_t function) { return uint64_t{provider} | uint64_t{function} << 32; }
+inline uint64_t owner_key(const P2PChunk& c) {
+  static_assert(offsetof(P2PChunk, function) == offsetof(P2PChunk, provider) + 4 && sizeof(ProviderId) == 4 && std::endian::native == std::endian::little);
+  uint64_t k;
+  std::memcpy(&k, &c.provider, sizeof k);
+  return k;
+}
+}  // namespace
+
+template <bool kPlain>
+[[gnu::always_inline]] inline Error* P2PMemory::Impl::free_cached(const P2PChunk& c) {
+  ThreadCache* tc = t_last.tc;
+  if (ResCache* rc = tc->hot) [[likely]] {
+    Resource* r = rc->r;
+    const uint64_t a = c.span.base.value(), size = c.span.size, off = a - r->span.base.value();
+    // No test of removed: remove() ends only once every chunk came back, with every granule
+    // of the resource clear, so the bitmap test fails for a removed resource too.
+    if (owner_key(c) == r->key && off < r->span.size && size - 1 < r->span.size - off && !((a | size) & (kPageSize - 1)) &&
+        r->all_set_quick(off >> kPageShift, size >> kPageShift)) [[likely]] {
+      Batch* b;
+      const Push p = push_free<kPlain>(tc, rc, r, a, size, b);
+      if (p == Push::done) [[likely]] return nullptr;
+      if (p == Push::full) return retire(tc, b);
     }
   }
   return free_full(c);
 }
 
-Status P2PMemory::Impl::free_full(const P2PChunk& c) {
+inline Error* P2PMemory::Impl::free(const P2PChunk& c) {
+  if (t_last.mem == plain_uid) [[likely]] return free_cached<true>(c);
+  return free_general(c);
+}
+
+Error* P2PMemory::Impl::free_general(const P2PChunk& c) {
+  if (!track && t_last.mem == uid) return free_cached<false>(c);
+  return free_full(c);
+}
+
+Error* P2PMemory::Impl::free_full(const P2PChunk& c) {
   const uint32_t f = c.function;
   if (f >= nfns) [[unlikely]] return free_error(c, "no such function");
   const uint64_t a = c.span.base.value(), size = c.span.size;
@@ -935,25 +1057,13 @@ Status P2PMemory::Impl::free_full(const P2PChunk& c) {
   }
   ThreadCache* tc = cache_for(f);
   if (ResCache* rc = tc->rc[r->ordinal].get()) {
-    tc->busy.store(1, std::memory_order_relaxed);
-    light_fence();
-    // Only after steal reads clear is the batch this thread's to touch.
-    Batch* b = tc->steal.load(std::memory_order_acquire) ? nullptr : tc->pending;
-    if (b) [[likely]] {
-      b->e[b->n++] = Batch::Entry{r, a, size};
-      bump(rc->chunks, -1);
-      bump(rc->bytes, -static_cast<int64_t>(size));
-      bump(rc->deferred_in, static_cast<int64_t>(size));
-      const bool full = b->n == kBatchSize;
-      if (full) tc->pending = nullptr;
-      tc->busy.store(0, std::memory_order_release);
-      if (full) [[unlikely]] return retire(tc, b);
-      return {};
-    }
-    tc->busy.store(0, std::memory_order_release);
+    Batch* b;
+    const Push p = push_free(tc, rc, r, a, size, b);
+    if (p == Push::done) [[likely]] return nullptr;
+    if (p == Push::full) return retire(tc, b);
   }
   free_slow(tc, r, a, size);
-  return {};
+  return nullptr;
 }
 
 void P2PMemory::Impl::free_slow(ThreadCache* tc, Resource* r, uint64_t addr, uint64_t size) {
@@ -965,8 +1075,7 @@ void P2PMemory::Impl::free_slow(ThreadCache* tc, Resource* r, uint64_t addr, uin
     Batch* b = tc->pending;
     b->e[b->n++] = Batch::Entry{r, addr, size};
     bump(slot->chunks, -1);
-    bump(slot->bytes, -static_cast<int64_t>(size));
-    bump(slot->deferred_in, static_cast<int64_t>(size));
+    bump(slot->freed, size);
     if (b->n == kBatchSize) {
       full = retire_locked(tc, b);
       tc->pending = new_batch();
@@ -985,7 +1094,7 @@ Batch* P2PMemory::Impl::retire_locked(ThreadCache* tc, Batch* b) {
   return old;
 }
 
-Status P2PMemory::Impl::retire(ThreadCache* tc, Batch* b) {
+Error* P2PMemory::Impl::retire(ThreadCache* tc, Batch* b) {
   Batch* over;
   {
     std::lock_guard t(tc->mu);
@@ -993,7 +1102,7 @@ Status P2PMemory::Impl::retire(ThreadCache* tc, Batch* b) {
     if (!tc->pending) tc->pending = new_batch();
   }
   if (over) submit(over);
-  return {};
+  return nullptr;
 }
 
 // Under lk (tc->mu), which it drops meanwhile: the thread's own grace period
@@ -1021,24 +1130,28 @@ uint32_t P2PMemory::Impl::take_ready(ThreadCache* tc, ResCache* c, unsigned k) {
   Resource* const r = c->r;
   const bool live = !r->dying.load(std::memory_order_relaxed) && !r->removed.load(std::memory_order_relaxed);
   const uint64_t csize = kPageSize << k;
-  while (m.n < kRefill && !tc->ready.empty()) {
+  const uint32_t cap = mag_cap(k);
+  while (m.n < cap && !tc->ready.empty()) {
     Batch* b = tc->ready.back();
     if (live) {
       // The common case: the magazine's own resource and size, straight in.
-      const uint32_t n = b->n, mn = m.n, want = std::min(n, kRefill - mn);
-      uint32_t j = 0;
-      for (const Batch::Entry* e = b->e + n - 1; j < want && e->r == r && e->size == csize; ++j, --e) m.addr[mn + j] = e->addr;
-      bump(c->deferred_out, static_cast<int64_t>(j * csize));
+      const uint32_t n = b->n, mn = m.n, want = std::min(n, cap - mn);
+      const Batch::Entry* e = b->e + n;
+      uint64_t* out = m.addr + mn;
+      uint64_t* const end = out + want;
+      while (out != end && e[-1].r == r && e[-1].size == csize) *out++ = (--e)->addr;
+      const uint32_t j = static_cast<uint32_t>(out - (m.addr + mn));
+      bump(c->deferred_out, j * csize);
       b->n = n - j;
       m.n = mn + j;
     }
-    while (b->n && m.n < kRefill) {
+    while (b->n && m.n < cap) {
       const Batch::Entry& e = b->e[--b->n];
       ResCache* slot = e.r == c->r ? c : slot_for(tc, e.r);
-      bump(slot->deferred_out, static_cast<int64_t>(e.size));
+      bump(slot->deferred_out, e.size);
       if (e.r->removed.load(std::memory_order_relaxed)) continue;  // its pool is gone
       const unsigned ek = class_of(e.size, e.size);
-      if (ek < kClasses && slot->ready[ek].n < kMagSize && !e.r->dying.load(std::memory_order_relaxed)) {
+      if (ek < kClasses && slot->ready[ek].n < mag_cap(ek) && !e.r->dying.load(std::memory_order_relaxed)) {
         slot->ready[ek].addr[slot->ready[ek].n++] = e.addr;
       } else {
         std::lock_guard g(e.r->mu);
@@ -1122,6 +1235,7 @@ Result<std::unique_ptr<P2PMemory>> P2PMemory::create(Platform& platform, P2PMemo
   impl->track = options.track;
   impl->opt = std::move(options);
   impl->uid = g_next_uid.fetch_add(1);
+  if (!impl->track && g_membarrier.load(std::memory_order_relaxed)) impl->plain_uid = impl->uid;
   impl->nfns = static_cast<uint32_t>(platform.topology().functions.size());
   impl->fns = std::make_unique<FunctionState[]>(impl->nfns);
   {
@@ -1176,6 +1290,7 @@ Result<ProviderId> P2PMemory::add_resource(uint32_t function, unsigned bar, uint
   r->provider = ap->id;
   r->function = function;
   r->ordinal = n;
+  r->key = owner_key(r->provider, function);
   r->bar = bar;
   r->span = span;
   r->bus_offset = ap->bus_offset;
@@ -1213,7 +1328,10 @@ Status P2PMemory::publish(uint32_t function, bool publish) {
 }
 
 Result<P2PChunk> P2PMemory::alloc(uint32_t function, uint64_t size, const AllocOptions& o) { return impl_->alloc(function, size, o); }
-Status P2PMemory::free(const P2PChunk& chunk) { return impl_->free(chunk); }
+Status P2PMemory::free(const P2PChunk& chunk) {
+  if (Error* e = impl_->free(chunk)) [[unlikely]] return physr::detail::Failure(e);
+  return {};
+}
 
 std::optional<uint32_t> P2PMemory::find_many(std::span<const uint32_t> clients) const {
   const Impl& m = *impl_;
