@@ -128,6 +128,8 @@ class Fabric {
   const pci::Topology& topology() const noexcept { return *topo_; }
   /// The NUMA node of a function (its host bridge's when unknown; 0 when neither says).
   int numa_of(uint32_t function) const;
+  /// The machine's distinct NUMA nodes, sorted (at least one).
+  const std::vector<int>& numa_nodes() const noexcept { return numa_nodes_; }
 
  private:
   Fabric() = default;
@@ -267,6 +269,46 @@ struct DmaAccess {
   void merge(const DmaAccess& o);
 };
 
+/// Host RAM for the jobs' buffers, machine-wide: per NUMA node an arena of the RAM above
+/// 4 GiB (split evenly between the nodes, 2 MiB aligned), from which every job takes its
+/// host buffers and to which it gives them back at its end, so jobs that run at once get
+/// disjoint buffers. Page granular and physically contiguous, first fit at the asked
+/// alignment, as dma_alloc_coherent() hands out large buffers from a contiguous area
+/// (Linux mm/cma.c cma_alloc(): the first free run of the bitmap at the alignment); a node
+/// whose arena is full falls back to the other nodes in order, as the page allocator's
+/// zonelist does (the timing still takes the device's own node). Not thread-safe (jobs run
+/// on one thread).
+class HostAllocator {
+ public:
+  /// Arenas over `ram` (2 MiB aligned, non-empty) split between `nodes` (sorted, distinct,
+  /// at least one). EINVAL otherwise.
+  static Result<HostAllocator> create(PhysSpan ram, std::vector<int> nodes);
+  /// `bytes` (rounded up to 4 KiB) at an `align` (a power of two, at least 4 KiB) from
+  /// `node`'s arena, else the next node's that has room; recorded for `owner`. ENOMEM
+  /// naming owner, the size and what is free; EINVAL for a zero size, a bad alignment or an
+  /// unknown node.
+  Result<PhysSpan> alloc(uint64_t bytes, int node, const std::string& owner, uint64_t align = 4096);
+  /// Gives a span back (exactly as alloc() returned it); free runs coalesce. EINVAL naming
+  /// the span when it is not one handed out (a double free, a part of one).
+  Status free(PhysSpan span);
+  /// Bytes handed out and not yet given back (0 between jobs).
+  uint64_t allocated() const noexcept { return allocated_; }
+  /// The spans handed out now with their owners, by address.
+  std::vector<std::pair<PhysSpan, std::string>> live() const;
+  /// The arena of `node` (empty span for an unknown node).
+  PhysSpan arena(int node) const noexcept;
+
+ private:
+  struct Arena {
+    int node;
+    PhysSpan span;
+    std::map<uint64_t, uint64_t> free;  // base -> size of each free run, coalesced
+  };
+  std::vector<Arena> arenas_;
+  std::map<uint64_t, std::pair<uint64_t, std::string>> used_;  // base -> size, owner
+  uint64_t allocated_ = 0;
+};
+
 /// A machine built from a topology: the model's platform (RAM and every P2P BAR as real
 /// bytes, each BAR a provider with its host bridge's bus offset, a bounce pool, an IOMMU
 /// domain per device) and the fabric timing, on the platform's one P2P engine.
@@ -342,6 +384,10 @@ class Machine {
   /// its CMB or BAR). Lives as long as the machine. EINVAL: the function has no memory BAR;
   /// add_resource()'s errors otherwise.
   Result<mem::P2PMemorySource*> allocate_file(uint32_t function);
+  /// Host RAM for the jobs' buffers (HostAllocator), over the RAM above 4 GiB split between
+  /// the fabric's NUMA nodes.
+  HostAllocator& host_memory() noexcept { return *host_alloc_; }
+  const HostAllocator& host_memory() const noexcept { return *host_alloc_; }
 
  private:
   Machine() = default;
@@ -359,6 +405,7 @@ class Machine {
   std::unique_ptr<mem::P2PMemory> p2pmem_;  // after model_: goes first
   std::map<uint32_t, std::unique_ptr<mem::P2PMemorySource>> files_;  // after p2pmem_: goes before it
   std::optional<Fabric> fabric_;
+  std::optional<HostAllocator> host_alloc_;
   std::vector<IommuFault> faults_;
   std::vector<Run> runs_;  // access()'s scratch
   bool in_access_ = false;  // an access is running (a source or sink may make another)

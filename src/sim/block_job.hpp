@@ -17,9 +17,9 @@
 
 namespace physr::sim::detail {
 
-/// Where block jobs keep their buffers in host memory, and the staging buffers of path
-/// bounce: above the bounce pool, clear of each other.
-inline constexpr uint64_t kHostBuffers = 1 * GiB, kHostStaging = 1536 * MiB, kHostWindow = 256 * MiB;
+/// The most buffer memory a job's queue may take (block size x queue depth), in host
+/// memory (from Machine::host_memory()) or a BAR's pool.
+inline constexpr uint64_t kHostWindow = 256 * MiB;
 /// The device moves an I/O in bursts this size (real engines move max-payload-size TLPs):
 /// small enough that a burst checked as it lands is still in the CPU's L1 cache.
 inline constexpr uint64_t kBurst = 32 * KiB;
@@ -77,14 +77,23 @@ Result<JobResult> run_blocks(Machine& m, const Job& job, const BlockPlan& plan, 
   out.device = m.label(plan.device);
   out.buffer = bar ? bar->name : "host memory";
   const bool staged = bar && plan.path == PathPolicy::bounce;
-  // BAR buffers come from the BAR's P2P memory pool for the job's length; host buffers
-  // are a fixed window of host RAM.
+  // BAR buffers come from the BAR's P2P memory pool for the job's length, host buffers (and
+  // the staging buffers of path bounce) from the machine's host memory on the device's node.
+  const uint64_t window = job.block_size * job.queue_depth;
   std::optional<PoolBuffer> pooled;
+  std::optional<HostBuffer> host, staging_buf;
   if (bar) {
-    PHYSR_ASSIGN_OR_RETURN(PoolBuffer b, PoolBuffer::take(m, *bar, job.block_size * job.queue_depth, where()));
+    PHYSR_ASSIGN_OR_RETURN(PoolBuffer b, PoolBuffer::take(m, *bar, window, where()));
     pooled.emplace(std::move(b));
+  } else {
+    PHYSR_ASSIGN_OR_RETURN(HostBuffer b, HostBuffer::take(m, window, fab.numa_of(plan.device), where() + ": buffers"));
+    host.emplace(std::move(b));
   }
-  const PhysAddr bar_base = pooled ? pooled->base() : PhysAddr(0);
+  if (staged) {
+    PHYSR_ASSIGN_OR_RETURN(HostBuffer b, HostBuffer::take(m, window, fab.numa_of(plan.device), where() + ": staging buffers"));
+    staging_buf.emplace(std::move(b));
+  }
+  const PhysAddr buf_base = pooled ? pooled->base() : host->base();
   const DmaAttrs attrs = plan.path == PathPolicy::automatic ? kDmaAttrAllowBounce : kDmaAttrNone;
 
   // A p2p policy fails up front where the fabric refuses the pair, with the fabric's reason;
@@ -116,8 +125,8 @@ Result<JobResult> run_blocks(Machine& m, const Job& job, const BlockPlan& plan, 
   // timing on the fabric (in two stages when the data goes through host memory).
   const auto submit = [&](uint64_t i) -> Status {
     const uint64_t off = i * job.block_size, slot = (i % job.queue_depth) * job.block_size;
-    const PhysAddr target = bar ? bar_base + slot : PhysAddr(kHostBuffers + slot);
-    const PhysAddr staging(kHostStaging + slot);
+    const PhysAddr target = buf_base + slot;
+    const PhysAddr staging = staged ? staging_buf->base() + slot : PhysAddr(0);
     RangeList list;
     PHYSR_RETURN_IF_ERROR(list.append(PhysRange{staged ? staging : target, job.block_size, bar && !staged ? bar->id : kHostMemory}));
     // The bytes move in place, with no buffer of the device's own: a read job's SSD streams

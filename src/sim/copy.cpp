@@ -11,7 +11,7 @@ namespace {
 // kernels fill with the data a read job copies out and where a write job's copies land.
 class DeviceMemoryMedia {
  public:
-  DeviceMemoryMedia(Machine& m, const Aperture& vram, const Job& job, bool write, uint64_t stream)
+  DeviceMemoryMedia(Machine& m, PhysAddr vram, const Job& job, bool write, uint64_t stream)
       : m_(m), vram_(vram), job_(job), write_(write), stream_(stream) {}
   Status prepare(uint64_t i) {
     if (write_) return {};
@@ -26,9 +26,9 @@ class DeviceMemoryMedia {
   }
 
  private:
-  PhysAddr slot(uint64_t i) const { return vram_.span.base + (i % job_.queue_depth) * job_.block_size; }
+  PhysAddr slot(uint64_t i) const { return vram_ + (i % job_.queue_depth) * job_.block_size; }
   Machine& m_;
-  const Aperture& vram_;
+  PhysAddr vram_;
   const Job& job_;
   bool write_;
   uint64_t stream_;
@@ -62,8 +62,11 @@ Result<JobResult> run_copy_job(Machine& m, const Job& job, const CopyJob& cj) {
   plan.slot_ns = static_cast<double>(job.block_size) / mo.copy_engine_gbps;
   plan.engine = m.fabric().add_resource(Resource::Kind::device, m.label(cj.device) + " copy engine", mo.copy_engine_gbps);
   plan.inside = " (inside the device)";
+  // The engine's side of the copies: device memory from its own BAR's pool, so a job that
+  // runs at the same time with its buffers in that BAR never overlaps them.
+  PHYSR_ASSIGN_OR_RETURN(PoolBuffer slots, PoolBuffer::take(m, *vram, window, where + ": device memory"));
   const uint64_t stream = m.next_job();
-  DeviceMemoryMedia media(m, *vram, job, cj.write, stream);
+  DeviceMemoryMedia media(m, slots.base(), job, cj.write, stream);
   return run_blocks(m, job, plan, media, stream);
 }
 

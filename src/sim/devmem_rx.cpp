@@ -13,7 +13,7 @@
 namespace physr::sim {
 
 namespace {
-constexpr uint64_t kTxHost = 1 * GiB, kRxHost = 1280 * MiB, kWindow = 256 * MiB;
+constexpr uint64_t kWindow = 256 * MiB;
 
 // Pools are destroyed before their provider and page allocator go (page_pool_destroy()).
 struct PoolGuard {
@@ -60,13 +60,19 @@ Result<JobResult> detail::run_pool_rx_job(Machine& m, const Job& job, const NetJ
   // The receiver's pools: host pages for headers (devmem) or whole packets (copy), and for
   // devmem the GPU's memory as a dma-buf bound to the NIC's RX queue, behind the page pool
   // through its memory provider (net_devmem_bind_dmabuf(), mp_dmabuf_devmem_init()).
+  // The sender's TX buffers and the receiver's host pages from host memory on each NIC's
+  // node, the GPU memory from its BAR's pool.
   const uint64_t host_pages = devmem ? job.queue_depth : pages * job.queue_depth;
-  PHYSR_ASSIGN_OR_RETURN_CTX(auto hpages, mem::HostPages::create(PhysSpan{PhysAddr(kRxHost), host_pages * kPageSize}, "rx host pages"), where());
+  PHYSR_ASSIGN_OR_RETURN(detail::HostBuffer txbuf, detail::HostBuffer::take(m, window, fab.numa_of(tx), where() + ": TX buffers"));
+  PHYSR_ASSIGN_OR_RETURN(detail::HostBuffer rxpages, detail::HostBuffer::take(m, host_pages * kPageSize, fab.numa_of(rx), where() + ": RX host pages"));
+  PHYSR_ASSIGN_OR_RETURN(detail::PoolBuffer gpumem, detail::PoolBuffer::take(m, *bar, bar_window, where()));
+  const PhysAddr gpu_base = gpumem.base();
+  PHYSR_ASSIGN_OR_RETURN_CTX(auto hpages, mem::HostPages::create(rxpages.span(), "rx host pages"), where());
   std::shared_ptr<mem::DmaBuf> buf;
   std::unique_ptr<mem::DevmemBinding> binding;
   std::unique_ptr<mem::DevmemMemoryProvider> provider;
   if (devmem) {
-    const mem::DmaBufBarRange r[] = {{0, bar_window}};
+    const mem::DmaBufBarRange r[] = {{gpu_base.value() - bar->span.base.value(), bar_window}};
     PHYSR_ASSIGN_OR_RETURN_CTX(buf, mem::DmaBuf::export_bar(m.platform(), gpu, bar->bar, r), where() + ": dma-buf of " + bar->name);
     PHYSR_ASSIGN_OR_RETURN_CTX(binding, mem::DevmemBinding::bind(buf, *rxdev), where());  // EREMOTEIO: the NIC cannot reach it
     PHYSR_ASSIGN_OR_RETURN_CTX(provider, mem::DevmemMemoryProvider::create(*binding), where());
@@ -107,7 +113,7 @@ Result<JobResult> detail::run_pool_rx_job(Machine& m, const Job& job, const NetJ
 
   const auto send = [&](uint64_t i) -> Status {
     const uint64_t slot = (i % job.queue_depth) * job.block_size;
-    const PhysAddr txa(kTxHost + slot);
+    const PhysAddr txa = txbuf.base() + slot;
     PHYSR_RETURN_IF_ERROR(detail::fill_pattern(m, txa, stream, i * job.block_size, job.block_size));
     RangeList tl;
     PHYSR_RETURN_IF_ERROR(tl.append(PhysRange{txa, job.block_size, kHostMemory}));
@@ -157,7 +163,7 @@ Result<JobResult> detail::run_pool_rx_job(Machine& m, const Job& job, const NetJ
           st = detail::take_access(m.dma_read(gpu, gm->segments(), staged), ga);
           const Status u = gpudev->unmap(*gm);
           if (st) st = u;
-          if (st) st = m.memory().write(bar->span.base + (i % job.queue_depth) * pages * kPageSize, staged);
+          if (st) st = m.memory().write(gpu_base + (i % job.queue_depth) * pages * kPageSize, staged);
         }
       }
     }
@@ -171,7 +177,7 @@ Result<JobResult> detail::run_pool_rx_job(Machine& m, const Job& job, const NetJ
         pos += len;
       }
     } else if (st) {
-      st = detail::verify_pattern(m, bar->span.base + (i % job.queue_depth) * pages * kPageSize, stream, pos, job.block_size, what);
+      st = detail::verify_pattern(m, gpu_base + (i % job.queue_depth) * pages * kPageSize, stream, pos, job.block_size, what);
     }
     // The consumer is done with them (SO_DEVMEM_DONTNEED for devmem frags): back to the pools.
     for (size_t k = 0; k < bufs.size(); ++k) {

@@ -12,7 +12,7 @@
 namespace physr::sim {
 
 namespace {
-constexpr uint64_t kTxHost = 1 * GiB, kRxHost = 1280 * MiB, kWindow = 256 * MiB;
+constexpr uint64_t kWindow = 256 * MiB;
 }  // namespace
 
 Result<JobResult> detail::run_devmem_tx_job(Machine& m, const Job& job, const NetJob& nj) {
@@ -48,9 +48,14 @@ Result<JobResult> detail::run_devmem_tx_job(Machine& m, const Job& job, const Ne
   if (nj.path == PathPolicy::p2p)
     if (auto r = fab.to_peer(tx, gpu, false); !r) return make_error(EREMOTEIO, where() + ": " + r.error().message);
 
+  // The headers and the receiver's buffers from host memory on each NIC's node, the
+  // payloads from the GPU BAR's pool.
+  PHYSR_ASSIGN_OR_RETURN(detail::HostBuffer hdrbuf, detail::HostBuffer::take(m, job.queue_depth * kPageSize, fab.numa_of(tx), where() + ": TX headers"));
+  PHYSR_ASSIGN_OR_RETURN(detail::HostBuffer rxbuf, detail::HostBuffer::take(m, window, fab.numa_of(rx), where() + ": RX buffers"));
+  PHYSR_ASSIGN_OR_RETURN(detail::PoolBuffer gpumem, detail::PoolBuffer::take(m, *bar, buf_bytes, where()));
   // The GPU's memory as a dma-buf bound to the sending NIC for TX (netdev_nl_bind_tx_doit():
   // net_devmem_bind_dmabuf(DMA_TO_DEVICE)); EREMOTEIO when the NIC cannot reach it.
-  const mem::DmaBufBarRange r[] = {{0, buf_bytes}};
+  const mem::DmaBufBarRange r[] = {{gpumem.base().value() - bar->span.base.value(), buf_bytes}};
   PHYSR_ASSIGN_OR_RETURN_CTX(auto buf, mem::DmaBuf::export_bar(m.platform(), gpu, bar->bar, r), where() + ": dma-buf of " + bar->name);
   PHYSR_ASSIGN_OR_RETURN_CTX(auto binding, mem::DevmemBinding::bind(buf, *txdev, DmaDirection::to_device), where());
   mem::DevmemTxSocket sock(*txdev);
@@ -79,10 +84,10 @@ Result<JobResult> detail::run_devmem_tx_job(Machine& m, const Job& job, const Ne
     const uint64_t slot = i % job.queue_depth;
     // The application's data: the header in host memory, the payload already in GPU memory
     // (where a GPU kernel wrote it).
-    const PhysAddr ha(kTxHost + slot * kPageSize);
+    const PhysAddr ha = hdrbuf.base() + slot * kPageSize;
     const uint64_t poff = slot * payload;
     PHYSR_RETURN_IF_ERROR(detail::fill_pattern(m, ha, stream, i * job.block_size, hdr));
-    PHYSR_RETURN_IF_ERROR(detail::fill_pattern(m, bar->span.base + poff, stream, i * job.block_size + hdr, payload));
+    PHYSR_RETURN_IF_ERROR(detail::fill_pattern(m, gpumem.base() + poff, stream, i * job.block_size + hdr, payload));
     // sendmsg(MSG_ZEROCOPY, SCM_DEVMEM_DMABUF = the binding's id, iov = {offset, payload}):
     // the skb's frags, net_iovs of the TX binding.
     const mem::DevmemIov iov[] = {{poff, payload}};
@@ -97,7 +102,7 @@ Result<JobResult> detail::run_devmem_tx_job(Machine& m, const Job& job, const Ne
     segs.assign(hm.segments().begin(), hm.segments().end());
     for (const mem::DevmemTxFrag& f : fr) segs.push_back(DmaSegment{f.dma, f.len, {}});
     RangeList rl;
-    PHYSR_RETURN_IF_ERROR(rl.append(PhysRange{PhysAddr(kRxHost + slot * job.block_size), job.block_size, kHostMemory}));
+    PHYSR_RETURN_IF_ERROR(rl.append(PhysRange{rxbuf.base() + slot * job.block_size, job.block_size, kHostMemory}));
     auto rm = rxdev->map(rl, DmaDirection::from_device);
     if (!rm) {
       (void)txdev->unmap(hm);
@@ -111,7 +116,7 @@ Result<JobResult> detail::run_devmem_tx_job(Machine& m, const Job& job, const Ne
     PHYSR_RETURN_IF_ERROR(u1);
     PHYSR_RETURN_IF_ERROR(u2);
     // Every byte at the receiver: header and payload, in order.
-    PHYSR_RETURN_IF_ERROR(detail::verify_pattern(m, PhysAddr(kRxHost + slot * job.block_size), stream, i * job.block_size, job.block_size,
+    PHYSR_RETURN_IF_ERROR(detail::verify_pattern(m, rxbuf.base() + slot * job.block_size, stream, i * job.block_size, job.block_size,
                                                  [&] { return where() + ": packet " + std::to_string(i); }));
     out.verified_bytes += job.block_size;
     PHYSR_ASSIGN_OR_RETURN_CTX(const Route* txr, tx_routes.get(ta), where() + ": TX");

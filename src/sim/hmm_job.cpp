@@ -77,7 +77,9 @@ Result<JobResult> run_hmm_job(Machine& m, const Job& job, const HmmJob& k) {
   // The process: anonymous memory from the host window, an address space, and the buffer at
   // kMmapBase: per block host_part bytes of anonymous memory, then P2P memory.
   const uint64_t stream = m.next_job(), proc_stream = m.next_job();
-  PHYSR_ASSIGN_OR_RETURN_CTX(auto host, mem::HostMemory::create(PhysSpan{PhysAddr(kHostBuffers), kHostWindow}, stream), where);
+  // Its RAM: a 2 MiB aligned piece of the machine's host memory on the device's node.
+  PHYSR_ASSIGN_OR_RETURN(HostBuffer ram, HostBuffer::take(m, kHostWindow, m.fabric().numa_of(k.device), where + ": process memory", 2 * MiB));
+  PHYSR_ASSIGN_OR_RETURN_CTX(auto host, mem::HostMemory::create(ram.span(), stream), where);
   mem::AddressSpace as(*host);
   mem::P2PMemorySource* file = nullptr;
   if (bar) {

@@ -82,12 +82,41 @@ class PoolBuffer {
     m_->p2pmem().barrier();
   }
   PhysAddr base() const noexcept { return chunk_.span.base; }
+  PhysSpan span() const noexcept { return chunk_.span; }
 
  private:
   PoolBuffer(Machine& m, mem::P2PMemorySource& file, const mem::P2PChunk& c) : m_(&m), file_(&file), chunk_(c) {}
   Machine* m_;
   mem::P2PMemorySource* file_;
   mem::P2PChunk chunk_;
+};
+
+/// A job's buffers in host memory: `bytes` (rounded up to 4 KiB) from the machine's host
+/// allocator (Machine::host_memory()) on `node` (the device's), given back when the job
+/// ends, so jobs that run at once never share host buffers. Move-only.
+class HostBuffer {
+ public:
+  /// ENOMEM naming `where` when host memory has no room; HostAllocator::alloc()'s errors.
+  static Result<HostBuffer> take(Machine& m, uint64_t bytes, int node, const std::string& where, uint64_t align = kPageSize) {
+    PHYSR_ASSIGN_OR_RETURN(const PhysSpan s, m.host_memory().alloc(bytes, node, where, align));
+    return HostBuffer(m, s);
+  }
+  HostBuffer(HostBuffer&& o) noexcept : m_(std::exchange(o.m_, nullptr)), span_(o.span_) {}
+  HostBuffer(const HostBuffer&) = delete;
+  HostBuffer& operator=(const HostBuffer&) = delete;
+  HostBuffer& operator=(HostBuffer&&) = delete;
+  ~HostBuffer() {
+    if (!m_) return;
+    const Status st = m_->host_memory().free(span_);
+    PHYSR_ASSERT(st.has_value(), "a job's host buffer goes back to the allocator it came from");
+  }
+  PhysAddr base() const noexcept { return span_.base; }
+  PhysSpan span() const noexcept { return span_; }
+
+ private:
+  HostBuffer(Machine& m, PhysSpan s) : m_(&m), span_(s) {}
+  Machine* m_;
+  PhysSpan span_;
 };
 
 /// Whether the DMA layer bounced any segment of a mapping.

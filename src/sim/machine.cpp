@@ -48,6 +48,9 @@ Result<std::unique_ptr<Machine>> Machine::create(const pci::Topology& topo, cons
                                                                             .bounce_pool = o.bounce_pool, .verdicts = {}, .dma_debug = o.dma_debug}));
   m->warnings = m->model_->warnings;
   PHYSR_ASSIGN_OR_RETURN(m->fabric_, Fabric::create(m->platform().p2p(), o.fabric));
+  // The jobs' host buffers: the RAM above the 32-bit hole (ModelPlatform puts [4 GiB,
+  // 4 GiB + ram - 2 GiB) there), clear of the bounce pool below 4 GiB.
+  PHYSR_ASSIGN_OR_RETURN(m->host_alloc_, HostAllocator::create(PhysSpan{PhysAddr(4 * GiB), (o.ram - 2 * GiB) & ~(2 * MiB - 1)}, m->fabric_->numa_nodes()));
   PHYSR_ASSIGN_OR_RETURN(m->p2pmem_, mem::P2PMemory::create(m->platform()));
   return m;
 }

@@ -10,7 +10,7 @@
 namespace physr::sim {
 
 namespace {
-constexpr uint64_t kTxHost = 1 * GiB, kRxHost = 1280 * MiB, kWindow = 256 * MiB;
+constexpr uint64_t kWindow = 256 * MiB;
 
 bool is_nic(const pci::Topology& t, uint32_t f) { return pci::is_network(t.functions[f]); }
 }  // namespace
@@ -36,12 +36,17 @@ Result<JobResult> detail::run_net_job(Machine& m, const Job& job, const NetJob& 
     if (fn && !bar) return make_error(EINVAL, where() + ": the " + side + " buffer device " + m.label(*fn) + " has no memory BAR");
   for (const Aperture* a : {txbar, rxbar})
     if (a && a->span.size < window) return make_error(EINVAL, where() + ": " + a->name + " cannot hold " + format_size(window) + " of buffers");
-  // BAR buffers come from the BARs' P2P memory pools (each side its own chunk).
+  // BAR buffers come from the BARs' P2P memory pools (each side its own chunk), host
+  // buffers from host memory on the NIC's node.
   std::optional<detail::PoolBuffer> txpool, rxpool;
-  for (const auto& [a, pool] : {std::pair{txbar, &txpool}, std::pair{rxbar, &rxpool}})
+  std::optional<detail::HostBuffer> txhost, rxhost;
+  for (const auto& [a, pool, hostbuf, nic, side] : {std::tuple{txbar, &txpool, &txhost, tx, "TX"}, std::tuple{rxbar, &rxpool, &rxhost, rx, "RX"}})
     if (a) {
       PHYSR_ASSIGN_OR_RETURN(detail::PoolBuffer b, detail::PoolBuffer::take(m, *a, window, where()));
       pool->emplace(std::move(b));
+    } else {
+      PHYSR_ASSIGN_OR_RETURN(detail::HostBuffer b, detail::HostBuffer::take(m, window, m.fabric().numa_of(nic), where() + ": " + side + " buffers"));
+      hostbuf->emplace(std::move(b));
     }
   PHYSR_ASSIGN_OR_RETURN(DmaDevice* txdev, m.device(tx));
   PHYSR_ASSIGN_OR_RETURN(DmaDevice* rxdev, m.device(rx));
@@ -86,8 +91,8 @@ Result<JobResult> detail::run_net_job(Machine& m, const Job& job, const NetJob& 
 
   const auto send = [&](uint64_t i) -> Status {
     const uint64_t slot = (i % job.queue_depth) * job.block_size;
-    const PhysAddr txa = txbar ? txpool->base() + slot : PhysAddr(kTxHost + slot);
-    const PhysAddr rxa = rxbar ? rxpool->base() + slot : PhysAddr(kRxHost + slot);
+    const PhysAddr txa = (txbar ? txpool->base() : txhost->base()) + slot;
+    const PhysAddr rxa = (rxbar ? rxpool->base() : rxhost->base()) + slot;
     PHYSR_RETURN_IF_ERROR(detail::fill_pattern(m, txa, stream, i * job.block_size, job.block_size));
     RangeList tl, rl;
     PHYSR_RETURN_IF_ERROR(tl.append(PhysRange{txa, job.block_size, txbar ? txbar->id : kHostMemory}));

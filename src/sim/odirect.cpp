@@ -73,7 +73,9 @@ Result<JobResult> run_direct_io_job(Machine& m, const Job& job, const DirectIoJo
   const uint64_t bs = job.block_size, qd = job.queue_depth, ios = job.size / bs;
   const uint64_t stride = (bs + 2 * MiB - 1) & ~(2 * MiB - 1);
   const uint64_t stream = m.next_job(), target_stream = m.next_job();
-  PHYSR_ASSIGN_OR_RETURN_CTX(auto host, mem::HostMemory::create(PhysSpan{PhysAddr(kHostBuffers), kHostWindow}, stream), where);
+  // Its RAM: a 2 MiB aligned piece of the machine's host memory on the device's node.
+  PHYSR_ASSIGN_OR_RETURN(HostBuffer ram, HostBuffer::take(m, kHostWindow, m.fabric().numa_of(k.ssd), where + ": process memory", 2 * MiB));
+  PHYSR_ASSIGN_OR_RETURN_CTX(auto host, mem::HostMemory::create(ram.span(), stream), where);
   mem::AddressSpace as(*host);
   mem::P2PMemorySource* file = nullptr;
   if (bar) {
