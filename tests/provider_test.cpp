@@ -85,8 +85,8 @@ TEST(ProviderRegistryTest, ClusteredAperturesShareRunsAndMatchReference) {
   std::mt19937_64 rng(11);
   ProviderRegistry reg;
   ASSERT_TRUE(reg.add(aperture(0x1000, 0x1000)).has_value());  // touches the first id-table page
-  const size_t empty = reg.table_bytes();
   ASSERT_TRUE(reg.remove(1).has_value());
+  const size_t empty = reg.table_bytes();
   Reference ref;
   uint64_t cursor = uint64_t{1} << 40;
   for (int k = 0; k < 3000; ++k) {
@@ -141,8 +141,8 @@ TEST(ProviderRegistryTest, ClusteredAperturesShareRunsAndMatchReference) {
   reg.wait_for_frees();
   ProviderRegistry::ReadGuard g;
   for (uint64_t a = uint64_t{1} << 40; a < slot + (uint64_t{4} << 30); a += uint64_t{1} << 20) ASSERT_EQ(reg.find(PhysAddr(a)), nullptr);
-  // Only nodes stay (they are never freed while the registry lives); every run is gone.
-  EXPECT_EQ((reg.table_bytes() - empty) % 8192, 0u);
+  // Only nodes (8 KiB) and top-level pages (4 KiB) stay; every run is gone.
+  EXPECT_EQ((reg.table_bytes() - empty) % 4096, 0u);
 }
 
 TEST(ProviderRegistryTest, TwoHundredThousandPackedApertures) {
@@ -280,34 +280,79 @@ TEST(ProviderRegistryTest, IdsAreReusedOnlyAfterGracePeriodSmallestFirst) {
   EXPECT_EQ(*reg.add(aperture(102 << 20, 4096)), 11u);
 }
 
-TEST(ProviderRegistryTest, IsolatedAperturesCostNoNodesNeighboursSplitOnDemand) {
+// The top level has a slot per 4 GiB, 512 per 4 KiB page of the top table. A slot that an
+// aperture covers whole holds a leaf (no memory); one it covers in part holds a line run
+// (64 bytes: up to 4 pieces, gaps included) that readers search without reading the
+// Provider; a fifth piece turns it into a block run.
+TEST(ProviderRegistryTest, PartlyCoveredSlotsTakeOneLineUntilAFifthPiece) {
   ProviderRegistry reg;
-  ASSERT_TRUE(reg.add(aperture(0x1000, 0x1000)).has_value());  // touches the first id-table page
+  ASSERT_TRUE(reg.add(aperture(0x1000, 0x1000)).has_value());  // the first id-table and top pages, one line run
   const size_t before = reg.table_bytes();
   const uint64_t big = uint64_t{1} << 44, big_size = uint64_t{64} << 30;
-  ASSERT_TRUE(reg.add(aperture(big, big_size)).has_value());                                      // aligned 64 GiB
-  ASSERT_TRUE(reg.add(aperture((uint64_t{1} << 45) + 4096, big_size - 8192, 2)).has_value());       // ragged, elsewhere
-  for (uint64_t k = 0; k < 100; ++k)                                                                // sparse 4 KiB apertures
+  ASSERT_TRUE(reg.add(aperture(big, big_size)).has_value());  // aligned 64 GiB: 16 leaves
+  EXPECT_EQ(reg.table_bytes() - before, 4096u);               // its top page only
+  const uint64_t ragged = (uint64_t{1} << 45) + 4096;
+  ASSERT_TRUE(reg.add(aperture(ragged, big_size - 8192, 2)).has_value());  // 14 leaves, 2 line runs
+  EXPECT_EQ(reg.table_bytes() - before, 2 * 4096u + 2 * 64u);
+  for (uint64_t k = 0; k < 100; ++k)  // sparse 4 KiB apertures, each on its own top page
     ASSERT_TRUE(reg.add(aperture((uint64_t{1} << 46) + (k << 42), 4096, 3)).has_value());
-  EXPECT_EQ(reg.table_bytes(), before);  // all partial leaves: no node anywhere
-  // A neighbour in the 64 GiB BAR's 4 TiB slot: one run of three pieces (the BAR, the
-  // neighbour, the gap after it): a header line, a line of starts and 3 slot values.
-  ASSERT_TRUE(reg.add(aperture(big + big_size, 4096, 4)).has_value());
-  EXPECT_EQ(reg.table_bytes() - before, 128u + 64u + 3 * 8u);
-  ProviderRegistry::ReadGuard g;
-  EXPECT_EQ(reg.find(PhysAddr(big + big_size - 1))->owner().dev, 1);
-  EXPECT_EQ(reg.find(PhysAddr(big + big_size))->owner().dev, 4);
-  EXPECT_EQ(reg.find(PhysAddr(big + big_size + 4096)), nullptr);
-  EXPECT_EQ(reg.find(PhysAddr(big - 1)), nullptr);
-  EXPECT_EQ(reg.find(PhysAddr(uint64_t{1} << 45)), nullptr);
-  EXPECT_EQ(reg.find(PhysAddr((uint64_t{1} << 45) + 4096))->owner().dev, 2);
-  EXPECT_EQ(reg.find(PhysAddr((uint64_t{1} << 46) + (uint64_t{7} << 42) + 4095))->owner().dev, 3);
-  EXPECT_EQ(reg.find(PhysAddr((uint64_t{1} << 46) + (uint64_t{7} << 42) + 4096)), nullptr);
-  uint64_t extent = 0;
-  EXPECT_EQ(reg.find_extent(PhysAddr((uint64_t{1} << 45)), extent), nullptr);
-  EXPECT_EQ(extent, 4096u);  // host up to the ragged aperture
-  EXPECT_EQ(reg.find_extent(PhysAddr((uint64_t{1} << 45) + 8192), extent)->owner().dev, 2);
-  EXPECT_EQ(extent, big_size - 8192 - 4096);
+  const size_t sparse = reg.table_bytes();
+  EXPECT_EQ(sparse - before, 102 * 4096u + 102 * 64u);
+  // A neighbour in the gap after the ragged aperture: the line run is rebuilt, same size.
+  const uint64_t next = ragged + big_size - 8192;
+  ASSERT_TRUE(reg.add(aperture(next, 4096, 4)).has_value());
+  EXPECT_EQ(reg.table_bytes(), sparse);
+  {
+    ProviderRegistry::ReadGuard g;
+    EXPECT_EQ(reg.find(PhysAddr(big - 1)), nullptr);
+    EXPECT_EQ(reg.find(PhysAddr(big))->owner().dev, 1);
+    EXPECT_EQ(reg.find(PhysAddr(big + big_size - 1))->owner().dev, 1);
+    EXPECT_EQ(reg.find(PhysAddr(big + big_size)), nullptr);
+    EXPECT_EQ(reg.find(PhysAddr(ragged - 1)), nullptr);
+    EXPECT_EQ(reg.find(PhysAddr(ragged))->owner().dev, 2);
+    EXPECT_EQ(reg.find(PhysAddr(next - 1))->owner().dev, 2);
+    EXPECT_EQ(reg.find(PhysAddr(next))->owner().dev, 4);
+    EXPECT_EQ(reg.find(PhysAddr(next + 4095))->owner().dev, 4);
+    EXPECT_EQ(reg.find(PhysAddr(next + 4096)), nullptr);  // the first page of the next slot
+    EXPECT_EQ(reg.find(PhysAddr((uint64_t{1} << 46) + (uint64_t{7} << 42) + 4095))->owner().dev, 3);
+    EXPECT_EQ(reg.find(PhysAddr((uint64_t{1} << 46) + (uint64_t{7} << 42) + 4096)), nullptr);
+    uint64_t extent = 0;
+    EXPECT_EQ(reg.find_extent(PhysAddr(uint64_t{1} << 45), extent), nullptr);
+    EXPECT_EQ(extent, 4096u);  // host up to the ragged aperture
+    EXPECT_EQ(reg.find_extent(PhysAddr(ragged + 4096), extent)->owner().dev, 2);
+    EXPECT_EQ(extent, big_size - 8192 - 4096);
+    EXPECT_EQ(reg.find_extent(PhysAddr(next + 4096), extent), nullptr);
+    EXPECT_EQ(extent, uint64_t{4} << 30);  // the whole next slot is empty
+    EXPECT_EQ(reg.find_extent(PhysAddr((uint64_t{1} << 46) + 4096), extent), nullptr);
+    EXPECT_EQ(extent, (uint64_t{4} << 30) - 4096);  // the gap to the slot's end
+  }
+  // Four pieces fill the line (5, gap, 6, gap); a fifth makes a block run: a header line,
+  // a line of starts and 5 slot values.
+  const uint64_t slot = uint64_t{3} << 32;
+  const auto five = reg.add(aperture(slot, 4096, 5));
+  ASSERT_TRUE(five.has_value() && reg.add(aperture(slot + 0x20000, 4096, 6)).has_value());
+  const size_t four = reg.table_bytes();
+  const auto seven = reg.add(aperture(slot + 0x21000, 4096, 7));
+  ASSERT_TRUE(seven.has_value());
+  EXPECT_EQ(reg.table_bytes() - four, 128u + 64u + 5 * 8u - 64u);
+  auto check = [&](std::vector<std::pair<uint64_t, int>> want) {
+    ProviderRegistry::ReadGuard g;
+    for (const auto& [a, dev] : want) {
+      const Provider* p = reg.find(PhysAddr(a));
+      EXPECT_EQ(p ? p->owner().dev : 0, dev) << a;
+      uint64_t bytes = 0;
+      EXPECT_EQ(reg.find_extent(PhysAddr(a), bytes), p) << a;
+    }
+  };
+  check({{slot - 1, 0}, {slot, 5}, {slot + 0xfff, 5}, {slot + 0x1000, 0}, {slot + 0x20000, 6}, {slot + 0x20fff, 6},
+         {slot + 0x21000, 7}, {slot + 0x22000, 0}, {slot + (uint64_t{4} << 30) - 1, 0}});
+  // Removing two of the three gives the line back: gap, 6, gap.
+  ASSERT_TRUE(reg.remove(*five).has_value());
+  EXPECT_EQ(reg.table_bytes(), four);
+  ASSERT_TRUE(reg.remove(*seven).has_value());
+  EXPECT_EQ(reg.table_bytes(), four);
+  check({{slot, 0}, {slot + 0x20000, 6}, {slot + 0x21000, 0}});
+  reg.wait_for_frees();
 }
 
 TEST(ProviderTaggingTest, TagsSplitsAtBoundariesAndNeverMergesAcross) {

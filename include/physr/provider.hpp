@@ -2,20 +2,19 @@
 // lookups the DMA layer needs: physical address -> provider, and small id -> provider.
 //
 // Design rationale
-// - find(phys) is a 4-level radix table over the 40-bit page frame number of a 52-bit
-//   physical space (10 bits per level, 8 KiB nodes). A provider is stored as leaves at the
-//   highest levels its aperture covers whole, like huge pages in a page table, so a 64 GiB
-//   BAR takes a few dozen slots and a 4 KiB VFIO aperture one. A lookup is at most four
-//   dependent loads, of which the upper ones stay in cache: about one miss, against the ~17
-//   of an interval tree at 100k ranges. Apertures are therefore 4 KiB-granular.
-// - Path compression: a slot that one provider covers only in part holds a "partial leaf"
-//   (the provider, checked against its aperture on lookup) instead of a chain of nodes,
-//   so an isolated aperture, however small and wherever in the 52-bit space, costs no node.
-// - Runs: a slot that several providers share holds their pieces (and the gaps), sorted,
-//   16 starts per cache line with the values in the next two lines and a top line above
-//   16 pieces, searched with SSE2 compares and no branch. Only past 272 pieces does a slot
-//   become a node of the next level. So clustered mixed apertures cost a few lines per
-//   slot instead of a sparsely used 8 KiB node, and packed ones keep their leaf nodes.
+// - find(phys) is a radix table over the 40-bit page frame number of a 52-bit physical
+//   space: a flat top level of 2^20 slots of 4 GiB (8 MiB of reserved virtual memory,
+//   mmap MAP_NORESERVE, backed only where used), then nodes of 1024 slots of 4 MiB and of
+//   single pages (8 KiB each). A provider is stored as leaves in the slots its aperture
+//   covers whole, like huge pages in a page table, so a 64 GiB BAR takes 16 top slots and
+//   a 4 KiB VFIO aperture one page slot. Apertures are therefore 4 KiB-granular.
+// - Runs: a slot that providers cover only in part holds their pieces (and the gaps),
+//   sorted, instead of a chain of nodes. Up to 4 pieces (an aperture alone in its slot, a
+//   few small ones) fit one 64-byte line run: starts, values and rcu_head, searched with
+//   one SSE2 compare. Longer runs are blocks of 16 starts per line with the values in the
+//   next two lines and a top line above 16 pieces, searched with SSE2 compares and no
+//   branch. Only past 272 pieces (64 in a 4 MiB slot) does a slot become a node of the next
+//   level. A reader never reads a Provider to decide: a run's values are whole leaves or 0.
 //   Runs are copy-on-write, published with one release store, freed after a grace period.
 // - get(id) is one load from a flat table of 2^24 pointers in reserved virtual memory
 //   (mmap MAP_NORESERVE, 128 MiB of address space): only the pages that hold registered
@@ -36,8 +35,9 @@
 //   The aperture stays in the table so it is never mistaken for host memory.
 //
 // Memory per provider: the Provider object (~120 B) and an id slot (8 B), plus the table:
-// ~16 B for tightly packed 4 KiB apertures (a leaf node shared with 1023 neighbours), none
-// for an isolated aperture, ~56 B in clustered mixed layouts (see docs/providers.md).
+// ~16 B for tightly packed 4 KiB apertures (a leaf node shared with 1023 neighbours), one
+// 64-byte line for an isolated aperture (and a 4 KiB top page per 2 TiB of physical space
+// used), ~57 B in clustered mixed layouts (see docs/providers.md).
 #pragma once
 
 #include <atomic>
@@ -142,21 +142,19 @@ class ProviderRegistry {
   const Provider* find(PhysAddr a) const noexcept {
     const uint64_t pfn = a.value() >> kPageShift;
     if (pfn >> kPfnBits) [[unlikely]] return nullptr;
-    // Level 0 covers 2^30 pages per slot, then 2^20, 2^10 and single pages. A slot holds 0
-    // (host memory), a child node, a run (tag 2: the sorted pieces of a slot several
-    // providers share), or a provider tagged with bit 0 (a leaf); bit 1 on a leaf marks a
-    // partial leaf, which covers only part of its slot and is checked against the aperture.
-    uintptr_t e = root_.slot[pfn >> 30].load(std::memory_order_acquire);
-    unsigned shift = 30;
+    // The top is flat: one slot per 2^20 pages (4 GiB), then nodes of 1024 slots of 2^10
+    // pages and of single pages. A slot holds 0 (host memory), a child node, a run (tag 2:
+    // the sorted pieces of a slot that providers cover in part), or a provider covering
+    // the whole slot, tagged with bit 0 (a leaf).
+    uintptr_t e = top_[pfn >> 20].load(std::memory_order_acquire);
+    unsigned shift = 20;
     while ((e & kTagMask) == 0) {  // a node, or nothing
       if (e == 0) return nullptr;
       shift -= 10;
       e = reinterpret_cast<const Node*>(e)->slot[(pfn >> shift) & 1023].load(std::memory_order_acquire);
     }
     if (!(e & kLeafTag)) e = run_find(e, static_cast<int32_t>(pfn & ((uint64_t{1} << shift) - 1)));
-    const auto* p = reinterpret_cast<const Provider*>(e & ~uintptr_t{3});
-    if ((e & kPartialTag) && !p->phys().contains(a)) return nullptr;
-    return p;
+    return reinterpret_cast<const Provider*>(e & ~kLeafTag);  // a gap's value is 0
   }
   /// The provider with this id, or nullptr. Inside a ReadGuard.
   const Provider* get(ProviderId id) const noexcept {
@@ -187,15 +185,18 @@ class ProviderRegistry {
   struct Node {
     std::atomic<uintptr_t> slot[1024];
   };
-  // Slot tags: a leaf has bit 0 (bit 1: partial); a run has bit 1 and not bit 0, and bit 2
-  // when it has a top line (more than one block); a node has none.
-  static constexpr uintptr_t kLeafTag = 1, kPartialTag = 2, kRunTag = 2, kRunTopTag = 4, kTagMask = 7;
+  // Slot tags: a leaf has bit 0; a run has bit 1 and not bit 0, bit 2 when it has a top
+  // line (more than one block), bit 3 when it is a line run; a node has none.
+  static constexpr uintptr_t kLeafTag = 1, kRunTag = 2, kRunTopTag = 4, kRunLineTag = 8, kTagMask = 7;
   // A run: the pieces of one slot, each [start, next start) -> a whole leaf or 0 (a gap),
   // starts as page offsets within the slot. Immutable once published; copy-on-write.
-  // Memory (128-aligned, the slot points at K): a header line at K - 64; with kRunTopTag a
-  // top line at K (the first start of blocks 1..16, INT32_MAX after the last) and the
-  // blocks from K + 64; without, block 0 at K. A block is 16 starts (INT32_MAX after the
-  // last piece) in one line and the pieces' slot values in the next two: 192 bytes.
+  // A line run (up to 4 pieces: an aperture that covers part of its slot, a few small
+  // ones) is one 64-byte line: 4 starts (INT32_MAX after the last), the 4 slot values, and
+  // its rcu_head. A longer run (128-aligned, the slot points at K): a header line at K - 64;
+  // with kRunTopTag a top line at K (the first start of blocks 1..16, INT32_MAX after the
+  // last) and the blocks from K + 64; without, block 0 at K. A block is 16 starts
+  // (INT32_MAX after the last piece) in one line and the pieces' slot values in the next
+  // two: 192 bytes.
   static constexpr size_t kRunBlock = 192;
   /// The number of the 16 starts at k that are <= off (SSE2: four compares, no branch).
   static unsigned count_le16(const void* k, int32_t off) noexcept {
@@ -214,10 +215,22 @@ class ProviderRegistry {
     return n;
 #endif
   }
-  /// The slot value of the run piece holding page offset `off` (a whole leaf or 0). Without a
-  /// branch: a run without a top line counts its only block twice (the second time cached).
+  /// The slot value of the run piece holding page offset `off` (a whole leaf or 0). A line
+  /// run takes one compare; a longer one counts without a branch (a run without a top line
+  /// counts its only block twice, the second time cached).
   static uintptr_t run_find(uintptr_t e, int32_t off) noexcept {
-    const char* k = reinterpret_cast<const char*>(e & ~uintptr_t{127});
+    const char* k = reinterpret_cast<const char*>(e & ~uintptr_t{63});
+    if (e & kRunLineTag) {
+#if defined(__SSE2__)
+      const __m128i gt = _mm_cmpgt_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(k)), _mm_set1_epi32(off));
+      const unsigned i = static_cast<unsigned>(__builtin_ctz(static_cast<unsigned>(_mm_movemask_ps(_mm_castsi128_ps(gt))) | 16u)) - 1;
+#else
+      const int32_t* s = reinterpret_cast<const int32_t*>(k);
+      unsigned i = 0;
+      while (i < 3 && s[i + 1] <= off) ++i;
+#endif
+      return reinterpret_cast<const uintptr_t*>(k + 16)[i];
+    }
     // The value lines are fetched while the starts are compared, not after.
     __builtin_prefetch(k + 64);
     __builtin_prefetch(k + 128);
@@ -239,13 +252,17 @@ class ProviderRegistry {
   void insert_slot(std::atomic<uintptr_t>& slot, unsigned level, uint64_t lo, uint64_t hi, uint64_t s, uint64_t e, const Provider* p);
   void erase_slot(std::atomic<uintptr_t>& slot, unsigned level, uint64_t lo, uint64_t hi, uint64_t s, uint64_t e, const Provider* p);
   static void reclaim(void* head);
-  bool overlaps(const Node& n, unsigned level, uint64_t base, uint64_t s, uint64_t e, const Provider** who) const;
-  void insert(Node& n, unsigned level, uint64_t base, uint64_t s, uint64_t e, const Provider* p);
-  void erase(Node& n, unsigned level, uint64_t base, uint64_t s, uint64_t e, const Provider* p);
-  void free_nodes(Node& n, unsigned level);
+  using Slots = std::atomic<uintptr_t>*;
+  bool overlaps(const std::atomic<uintptr_t>* n, unsigned level, uint64_t base, uint64_t s, uint64_t e, const Provider** who) const;
+  void insert(Slots n, unsigned level, uint64_t base, uint64_t s, uint64_t e, const Provider* p);
+  void erase(Slots n, unsigned level, uint64_t base, uint64_t s, uint64_t e, const Provider* p);
+  void free_slot(uintptr_t x, unsigned level);
   Provider* writer_get(ProviderId id) const;
 
-  Node root_{};
+  // The top level: 2^20 slots of 4 GiB in reserved virtual memory (8 MiB, mmap
+  // MAP_NORESERVE); only pages holding a used slot are backed.
+  std::atomic<uintptr_t>* top_ = nullptr;
+  std::vector<bool> top_pages_;  // which 4 KiB pages of top_ were written
   std::atomic<const Provider*>* ids_ = nullptr;  // kMaxProviders + 1 entries, mmap'ed
   std::vector<bool> id_pages_;                  // which 4 KiB pages of ids_ hold an entry
   mutable std::mutex writer_;

@@ -41,7 +41,7 @@ inline void tsan_reader_done() {}
 inline void tsan_grace_period_over() {}
 #endif
 
-static_assert(alignof(Provider) >= 4, "provider pointers carry two tag bits");
+static_assert(alignof(Provider) >= 8, "provider pointers carry three tag bits");
 
 struct RcuBox {
   rcu_head head;
@@ -93,6 +93,9 @@ ProviderRegistry::ReadGuard::~ReadGuard() {
 namespace {
 constexpr size_t kIdTableBytes = (size_t{ProviderRegistry::kMaxProviders} + 1) * sizeof(void*);
 constexpr size_t kIdsPerPage = 4096 / sizeof(void*);
+constexpr size_t kTopSlots = size_t{1} << 20;  // 4 GiB each: the 52-bit space
+constexpr size_t kTopBytes = kTopSlots * sizeof(uintptr_t);
+constexpr size_t kSlotsPerPage = 4096 / sizeof(uintptr_t);
 }  // namespace
 
 ProviderRegistry::ProviderRegistry() {
@@ -101,7 +104,13 @@ ProviderRegistry::ProviderRegistry() {
   if (m == MAP_FAILED) throw std::bad_alloc();
   ids_ = static_cast<std::atomic<const Provider*>*>(m);
   id_pages_.assign(kIdTableBytes / 4096, false);
-  table_bytes_.store(sizeof(Node), std::memory_order_relaxed);
+  void* t = mmap(nullptr, kTopBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (t == MAP_FAILED) {
+    munmap(ids_, kIdTableBytes);
+    throw std::bad_alloc();
+  }
+  top_ = static_cast<std::atomic<uintptr_t>*>(t);
+  top_pages_.assign(kTopBytes / 4096, false);
 }
 
 ProviderRegistry::~ProviderRegistry() {
@@ -116,15 +125,19 @@ ProviderRegistry::~ProviderRegistry() {
     }
   }
   munmap(ids_, kIdTableBytes);
-  free_nodes(root_, 0);
+  for (size_t page = 0; page < top_pages_.size(); ++page)
+    if (top_pages_[page])
+      for (size_t i = page * kSlotsPerPage; i < (page + 1) * kSlotsPerPage; ++i) free_slot(top_[i].load(std::memory_order_relaxed), 1);
+  munmap(top_, kTopBytes);
 }
 
 namespace {
 
-constexpr uintptr_t kLeaf = 1, kPartial = 2, kRun = 2, kRunTop = 4, kTags = 7;
-inline const Provider* leaf_ptr(uintptr_t x) { return reinterpret_cast<const Provider*>(x & ~uintptr_t{3}); }
+constexpr uintptr_t kLeaf = 1, kRun = 2, kRunTop = 4, kRunLine = 8, kTags = 7;
+inline const Provider* leaf_ptr(uintptr_t x) { return reinterpret_cast<const Provider*>(x & ~kLeaf); }
 inline bool is_leaf(uintptr_t x) { return x & kLeaf; }
 inline bool is_run(uintptr_t x) { return (x & (kLeaf | kRun)) == kRun; }
+inline bool is_line_run(uintptr_t x) { return is_run(x) && (x & kRunLine); }
 inline bool is_node(uintptr_t x) { return x != 0 && (x & kTags) == 0; }
 inline uint64_t first_page(const Provider* p) { return p->phys().base.value() >> kPageShift; }
 inline uint64_t end_page(const Provider* p) { return (p->phys().base.value() + p->phys().size) >> kPageShift; }
@@ -133,7 +146,7 @@ inline uint64_t end_page(const Provider* p) { return (p->phys().base.value() + p
 // more becomes a node of the next level (its slots take leaves and runs again). A 4 MiB
 // slot becomes a node of single-page leaves (one line per lookup) already past 64 pieces,
 // where the 8 KiB node costs at most 256 B per provider.
-constexpr size_t kRunMaxPieces = 16 * 17, kLeafNodeMinPieces = 64;
+constexpr size_t kRunMaxPieces = 16 * 17, kLeafNodeMinPieces = 64, kLinePieces = 4;
 constexpr int32_t kNoStart = INT32_MAX;
 
 }  // namespace
@@ -145,21 +158,23 @@ struct ProviderRegistry::RunInfo {
   uint32_t bytes;    // allocation size
 };
 static_assert(sizeof(rcu_head) + 8 <= 64, "a run's header fits its line");
+static_assert(sizeof(rcu_head) <= 16, "a line run's rcu_head fits after its starts and values");
 
 namespace {
-inline char* run_lines(uintptr_t x) { return reinterpret_cast<char*>(x & ~uintptr_t{127}); }
+inline char* run_lines(uintptr_t x) { return reinterpret_cast<char*>(x & ~uintptr_t{63}); }
+// A line run: starts at +0, slot values at +16, rcu_head at +48.
+constexpr size_t kLineValues = 16, kLineHead = 48;
 }  // namespace
 
-void ProviderRegistry::free_nodes(Node& n, unsigned level) {
-  for (auto& s : n.slot) {
-    const uintptr_t e = s.load(std::memory_order_relaxed);
-    if (is_run(e)) {
-      ::operator delete(run_lines(e) - 128, std::align_val_t{128});
-    } else if (is_node(e) && level < 3) {
-      Node* child = reinterpret_cast<Node*>(e);
-      free_nodes(*child, level + 1);
-      delete child;
-    }
+void ProviderRegistry::free_slot(uintptr_t x, unsigned level) {
+  if (is_line_run(x)) {
+    ::operator delete(run_lines(x), std::align_val_t{64});
+  } else if (is_run(x)) {
+    ::operator delete(run_lines(x) - 128, std::align_val_t{128});
+  } else if (is_node(x) && level < 3) {
+    Node* child = reinterpret_cast<Node*>(x);
+    for (auto& s : child->slot) free_slot(s.load(std::memory_order_relaxed), level + 1);
+    delete child;
   }
 }
 
@@ -172,6 +187,16 @@ void ProviderRegistry::collect(uintptr_t x, uint64_t lo, uint64_t hi, std::vecto
     return;
   }
   const char* k = run_lines(x);
+  if (x & kRunLine) {
+    const auto* starts = reinterpret_cast<const int32_t*>(k);
+    const auto* vals = reinterpret_cast<const uintptr_t*>(k + kLineValues);
+    for (size_t i = 0; i < kLinePieces && starts[i] != kNoStart; ++i) {
+      if (vals[i] == 0) continue;
+      const uint64_t end = i + 1 < kLinePieces && starts[i + 1] != kNoStart ? lo + static_cast<uint64_t>(starts[i + 1]) : hi;
+      out.push_back({lo + static_cast<uint64_t>(starts[i]), end, leaf_ptr(vals[i])});
+    }
+    return;
+  }
   const auto* info = reinterpret_cast<const RunInfo*>(k - 64);
   const char* blocks = k + ((x & kRunTop) ? 64 : 0);
   auto start = [&](size_t i) { return reinterpret_cast<const int32_t*>(blocks + kRunBlock * (i / 16))[i % 16]; };
@@ -188,10 +213,7 @@ void ProviderRegistry::collect(uintptr_t x, uint64_t lo, uint64_t hi, std::vecto
 // allocates is complete before the caller publishes the value with a release store.
 uintptr_t ProviderRegistry::build(unsigned level, uint64_t lo, uint64_t hi, const std::vector<Piece>& provs) {
   if (provs.empty()) return 0;
-  if (provs.size() == 1) {
-    const Piece& q = provs[0];
-    return reinterpret_cast<uintptr_t>(q.p) | kLeaf | (q.s == lo && q.e == hi ? 0 : kPartial);
-  }
+  if (provs.size() == 1 && provs[0].s == lo && provs[0].e == hi) return reinterpret_cast<uintptr_t>(provs[0].p) | kLeaf;
   // Pieces: the providers and the gaps between them, covering the slot.
   std::vector<std::pair<uint64_t, uintptr_t>> pieces;  // start page, slot value
   uint64_t cursor = lo;
@@ -205,8 +227,22 @@ uintptr_t ProviderRegistry::build(unsigned level, uint64_t lo, uint64_t hi, cons
     PHYSR_ASSERT(level < 3, "a single-page slot holds one provider");
     Node* child = new Node{};
     table_bytes_.fetch_add(sizeof(Node), std::memory_order_relaxed);
-    for (const Piece& q : provs) insert(*child, level + 1, lo, q.s, q.e, q.p);
+    for (const Piece& q : provs) insert(child->slot, level + 1, lo, q.s, q.e, q.p);
     return reinterpret_cast<uintptr_t>(child);
+  }
+  if (pieces.size() <= kLinePieces) {
+    // One line: an aperture covering part of its slot, or a few small ones. Readers find
+    // the piece without touching the Provider.
+    char* k = static_cast<char*>(::operator new(64, std::align_val_t{64}));
+    auto* starts = reinterpret_cast<int32_t*>(k);
+    auto* vals = reinterpret_cast<uintptr_t*>(k + kLineValues);
+    for (size_t j = 0; j < kLinePieces; ++j) {
+      starts[j] = j < pieces.size() ? static_cast<int32_t>(pieces[j].first - lo) : kNoStart;
+      vals[j] = j < pieces.size() ? pieces[j].second : 0;
+    }
+    new (k + kLineHead) rcu_head{};
+    table_bytes_.fetch_add(64, std::memory_order_relaxed);
+    return reinterpret_cast<uintptr_t>(k) | kRun | kRunLine;
   }
   const size_t n = pieces.size(), blocks = (n + 15) / 16, last = n - 16 * (blocks - 1);
   const bool top = blocks > 1;
@@ -238,6 +274,15 @@ uintptr_t ProviderRegistry::build(unsigned level, uint64_t lo, uint64_t hi, cons
 void ProviderRegistry::retire(uintptr_t x) {
   if (!is_run(x)) return;
   char* k = run_lines(x);
+  if (x & kRunLine) {
+    table_bytes_.fetch_sub(64, std::memory_order_relaxed);
+    tsan_reader_done();
+    urcu_memb_call_rcu(reinterpret_cast<rcu_head*>(k + kLineHead), [](rcu_head* h) {
+      tsan_grace_period_over();
+      ::operator delete(reinterpret_cast<char*>(h) - kLineHead, std::align_val_t{64});
+    });
+    return;
+  }
   auto* info = reinterpret_cast<RunInfo*>(k - 64);
   table_bytes_.fetch_sub(info->bytes, std::memory_order_relaxed);
   tsan_reader_done();  // the writer's accesses precede the free (liburcu's queue is not seen)
@@ -248,17 +293,17 @@ void ProviderRegistry::retire(uintptr_t x) {
 }
 
 // Pages [s, e) within node n (level `level`, first page `base`): is any already mapped?
-bool ProviderRegistry::overlaps(const Node& n, unsigned level, uint64_t base, uint64_t s, uint64_t e,
+bool ProviderRegistry::overlaps(const std::atomic<uintptr_t>* n, unsigned level, uint64_t base, uint64_t s, uint64_t e,
                                 const Provider** who) const {
   const unsigned sh = shift_of(level);
   std::vector<Piece> provs;
   for (uint64_t i = (s - base) >> sh, last = (e - 1 - base) >> sh; i <= last; ++i) {
-    const uintptr_t x = n.slot[i].load(std::memory_order_relaxed);
+    const uintptr_t x = n[i].load(std::memory_order_relaxed);
     if (x == 0) continue;
     const uint64_t lo = base + (i << sh), hi = lo + (uint64_t{1} << sh);
     const uint64_t cs = std::max(s, lo), ce = std::min(e, hi);
     if (is_node(x)) {
-      if (overlaps(*reinterpret_cast<const Node*>(x), level + 1, lo, cs, ce, who)) return true;
+      if (overlaps(reinterpret_cast<const Node*>(x)->slot, level + 1, lo, cs, ce, who)) return true;
       continue;
     }
     provs.clear();
@@ -283,7 +328,7 @@ void ProviderRegistry::insert_slot(std::atomic<uintptr_t>& slot, unsigned level,
                                    const Provider* p) {
   const uintptr_t x = slot.load(std::memory_order_relaxed);
   if (is_node(x)) {
-    insert(*reinterpret_cast<Node*>(x), level + 1, lo, s, e, p);
+    insert(reinterpret_cast<Node*>(x)->slot, level + 1, lo, s, e, p);
     return;
   }
   std::vector<Piece> provs;
@@ -294,11 +339,15 @@ void ProviderRegistry::insert_slot(std::atomic<uintptr_t>& slot, unsigned level,
   retire(x);
 }
 
-void ProviderRegistry::insert(Node& n, unsigned level, uint64_t base, uint64_t s, uint64_t e, const Provider* p) {
+void ProviderRegistry::insert(Slots n, unsigned level, uint64_t base, uint64_t s, uint64_t e, const Provider* p) {
   const unsigned sh = shift_of(level);
   for (uint64_t i = (s - base) >> sh, last = (e - 1 - base) >> sh; i <= last; ++i) {
     const uint64_t lo = base + (i << sh), hi = lo + (uint64_t{1} << sh);
-    insert_slot(n.slot[i], level, lo, hi, std::max(s, lo), std::min(e, hi), p);
+    if (level == 1 && !top_pages_[i / kSlotsPerPage]) {
+      top_pages_[i / kSlotsPerPage] = true;
+      table_bytes_.fetch_add(4096, std::memory_order_relaxed);
+    }
+    insert_slot(n[i], level, lo, hi, std::max(s, lo), std::min(e, hi), p);
   }
 }
 
@@ -308,7 +357,7 @@ void ProviderRegistry::erase_slot(std::atomic<uintptr_t>& slot, unsigned level, 
                                   const Provider* p) {
   const uintptr_t x = slot.load(std::memory_order_relaxed);
   if (is_node(x)) {
-    erase(*reinterpret_cast<Node*>(x), level + 1, lo, s, e, p);
+    erase(reinterpret_cast<Node*>(x)->slot, level + 1, lo, s, e, p);
     return;
   }
   if (x == 0) return;
@@ -325,11 +374,11 @@ void ProviderRegistry::erase_slot(std::atomic<uintptr_t>& slot, unsigned level, 
   retire(x);
 }
 
-void ProviderRegistry::erase(Node& n, unsigned level, uint64_t base, uint64_t s, uint64_t e, const Provider* p) {
+void ProviderRegistry::erase(Slots n, unsigned level, uint64_t base, uint64_t s, uint64_t e, const Provider* p) {
   const unsigned sh = shift_of(level);
   for (uint64_t i = (s - base) >> sh, last = (e - 1 - base) >> sh; i <= last; ++i) {
     const uint64_t lo = base + (i << sh), hi = lo + (uint64_t{1} << sh);
-    erase_slot(n.slot[i], level, lo, hi, std::max(s, lo), std::min(e, hi), p);
+    erase_slot(n[i], level, lo, hi, std::max(s, lo), std::min(e, hi), p);
   }
 }
 
@@ -350,7 +399,7 @@ Result<ProviderId> ProviderRegistry::add(ProviderDesc desc) {
   ensure_registered();  // replacing a run hands the old one to call_rcu
   std::lock_guard lock(writer_);
   const Provider* who = nullptr;
-  if (overlaps(root_, 0, 0, s, e, &who))
+  if (overlaps(top_, 1, 0, s, e, &who))
     return make_error(EEXIST, "provider aperture " + describe(r) + " overlaps provider " + std::to_string(who->id()) + " " +
                                   describe(who->phys()) + " of " + who->owner().to_string());
   uint32_t id = 0;
@@ -379,7 +428,7 @@ Result<ProviderId> ProviderRegistry::add(ProviderDesc desc) {
   const uint64_t end = p->phys().base.value() + p->phys().size;
   if (end > highest_.load(std::memory_order_relaxed)) highest_.store(end, std::memory_order_release);
   // Publish: the object is complete before either table can point at it.
-  insert(root_, 0, 0, s, e, p);
+  insert(top_, 1, 0, s, e, p);
   ids_[id].store(p, std::memory_order_release);
   live_.fetch_add(1, std::memory_order_relaxed);
   return ProviderId{id};
@@ -407,7 +456,7 @@ Status ProviderRegistry::remove(ProviderId id) {
   Provider* p = writer_get(id);
   if (!p) return make_error(ENOENT, "provider id " + std::to_string(id) + " is not registered");
   const uint64_t s = p->phys().base.value() >> kPageShift, e = s + (p->phys().size >> kPageShift);
-  erase(root_, 0, 0, s, e, p);
+  erase(top_, 1, 0, s, e, p);
   ids_[id].store(nullptr, std::memory_order_release);
   const size_t live_before = live_.fetch_sub(1, std::memory_order_relaxed);
   PHYSR_ASSERT(live_before > 0, "a registered provider was counted live");
@@ -448,10 +497,10 @@ const Provider* ProviderRegistry::find_extent(PhysAddr a, uint64_t& bytes) const
     bytes = ~uint64_t{0} - a.value() + 1;
     return nullptr;
   }
-  uintptr_t e = root_.slot[pfn >> 30].load(std::memory_order_acquire);
-  unsigned sh = 30;
+  uintptr_t e = top_[pfn >> 20].load(std::memory_order_acquire);
+  unsigned sh = 20;
   uint64_t slot_end = ((pfn >> sh) + 1) << sh;  // page after the slot e came from
-  for (;; sh -= 10) {
+  for (;;) {
     if (e & kLeaf) break;
     if (e == 0) {
       // Host memory at least to the end of this empty slot.
@@ -463,29 +512,33 @@ const Provider* ProviderRegistry::find_extent(PhysAddr a, uint64_t& bytes) const
       const uint64_t lo = slot_end - (uint64_t{1} << sh);
       const auto off = static_cast<int32_t>(pfn - lo);
       const char* k = run_lines(e);
-      const bool top = e & kRunTop;
-      const char* block = k + (top ? 64 + kRunBlock * count_le16(k, off) : 0);
-      const unsigned j = count_le16(block, off) - 1;
-      e = reinterpret_cast<const uintptr_t*>(block + 64)[j];
+      int32_t next = kNoStart;
+      if (e & kRunLine) {
+        const auto* starts = reinterpret_cast<const int32_t*>(k);
+        size_t j = 0;
+        while (j + 1 < kLinePieces && starts[j + 1] <= off) ++j;
+        e = reinterpret_cast<const uintptr_t*>(k + kLineValues)[j];
+        if (j + 1 < kLinePieces) next = starts[j + 1];
+      } else {
+        const bool top = e & kRunTop;
+        const char* block = k + (top ? 64 + kRunBlock * count_le16(k, off) : 0);
+        const unsigned j = count_le16(block, off) - 1;
+        e = reinterpret_cast<const uintptr_t*>(block + 64)[j];
+        next = j + 1 < 16 ? reinterpret_cast<const int32_t*>(block)[j + 1] : kNoStart;
+        if (j + 1 == 16 && top) next = reinterpret_cast<const int32_t*>(k)[(block - k - 64) / static_cast<ptrdiff_t>(kRunBlock)];
+      }
       if (e != 0) break;
-      int32_t next = j + 1 < 16 ? reinterpret_cast<const int32_t*>(block)[j + 1] : kNoStart;
-      if (j + 1 == 16 && top) next = reinterpret_cast<const int32_t*>(k)[(block - k - 64) / static_cast<ptrdiff_t>(kRunBlock)];
       const uint64_t end = next != kNoStart ? lo + static_cast<uint64_t>(next) : slot_end;
       bytes = (end << kPageShift) - a.value();
       return nullptr;
     }
-    if (sh == 0) break;
-    slot_end = ((pfn >> (sh - 10)) + 1) << (sh - 10);
-    e = reinterpret_cast<const Node*>(e)->slot[(pfn >> (sh - 10)) & 1023].load(std::memory_order_acquire);
+    sh -= 10;
+    slot_end = ((pfn >> sh) + 1) << sh;
+    e = reinterpret_cast<const Node*>(e)->slot[(pfn >> sh) & 1023].load(std::memory_order_acquire);
   }
+  // A leaf covers its slot or its run piece whole: the answer holds to the aperture's end.
   const Provider* p = leaf_ptr(e);
-  const uint64_t start = p->phys().base.value(), end = start + p->phys().size;
-  if ((e & kPartial) && !p->phys().contains(a)) {
-    // Host memory up to the provider, or to the end of the slot past it.
-    bytes = (a.value() < start ? start : slot_end << kPageShift) - a.value();
-    return nullptr;
-  }
-  bytes = end - a.value();
+  bytes = p->phys().base.value() + p->phys().size - a.value();
   return p;
 }
 
