@@ -2,7 +2,15 @@
 
 #include <gtest/gtest.h>
 
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
 #include <numeric>
+#include <span>
+#include <string>
 #include <vector>
 
 namespace physr {
@@ -100,6 +108,69 @@ TEST(PhysMemoryTest, OutsideRegionsIsEfaultAndWritesNothing) {
   EXPECT_EQ(m.add_region({PhysSpan{PhysAddr(0x1), 0x1000}, PhysRegion::Kind::bar, "x"}).error().code, EINVAL);
   EXPECT_EQ(m.add_region({PhysSpan{PhysAddr(0x0), 0}, PhysRegion::Kind::bar, "x"}).error().code, EINVAL);
   EXPECT_TRUE(m.add_region({PhysSpan{PhysAddr(0x110000), 0x1000}, PhysRegion::Kind::bar, "adjacent"}).has_value());
+}
+
+// The chunks of a 2 MiB physical slab sit side by side in the process: backed() runs from
+// a chunk across the backed chunks after it, up to the first unbacked one or the slab's end.
+TEST(PhysMemoryTest, BackedRunsAcrossTheBackedChunksOfItsSlab) {
+  PhysMemory m;
+  ASSERT_TRUE(m.add_region({PhysSpan{PhysAddr(0), 1 * GiB}, PhysRegion::Kind::host_ram, "ram"}).has_value());
+  std::vector<uint8_t> data(4 * MiB, 0x5a);
+  ASSERT_TRUE(m.write(PhysAddr(2 * MiB), std::span<const uint8_t>(data).first(1 * MiB)).has_value());  // chunks 0..15 of a slab
+  ASSERT_TRUE(m.write(PhysAddr(3 * MiB + 64 * KiB), std::span<const uint8_t>(data).first(64 * KiB)).has_value());  // chunk 17
+  const auto s = m.backed(PhysAddr(2 * MiB + 100));
+  EXPECT_EQ(s.size(), 1 * MiB - 100);  // stops before the unbacked chunk 16
+  EXPECT_EQ(m.backed(PhysAddr(3 * MiB + 64 * KiB)).size(), 64 * KiB);
+  EXPECT_EQ(m.backed(PhysAddr(2 * MiB + 512 * KiB)).data(), s.data() + 512 * KiB - 100);
+  // A whole slab is one run; the next slab is not contiguous with it.
+  ASSERT_TRUE(m.write(PhysAddr(8 * MiB), data).has_value());
+  EXPECT_EQ(m.backed(PhysAddr(8 * MiB)).size(), 2 * MiB);
+  EXPECT_EQ(m.backed(PhysAddr(10 * MiB - 8)).size(), 8u);
+  EXPECT_EQ(m.backed_bytes(), 17 * 64 * KiB + 4 * MiB);
+}
+
+// The AnonHugePages of the mapping holding `p`, in KiB, from /proc/self/smaps; -1 if not found.
+long huge_kib_at(const void* p) {
+  std::ifstream smaps("/proc/self/smaps");
+  const auto at = reinterpret_cast<uintptr_t>(p);
+  bool in = false;
+  for (std::string line; std::getline(smaps, line);) {
+    unsigned long lo = 0, hi = 0;
+    if (std::sscanf(line.c_str(), "%lx-%lx ", &lo, &hi) == 2) {  // a mapping's first line; its fields follow
+      in = lo <= at && at < hi;
+      continue;
+    }
+    long kib = 0;
+    if (in && std::sscanf(line.c_str(), "AnonHugePages: %ld kB", &kib) == 1) return kib;
+  }
+  return -1;
+}
+
+// Whether this kernel collapses a 2 MiB anonymous range into a huge page on request.
+bool kernel_collapses() {
+  const size_t n = 4 * MiB;
+  void* raw = mmap(nullptr, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (raw == MAP_FAILED) return false;
+  auto* p = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(raw) + 2 * MiB - 1) & ~uintptr_t{2 * MiB - 1});
+  std::memset(p, 1, 2 * MiB);
+  const bool ok = madvise(p, 2 * MiB, 25 /* MADV_COLLAPSE */) == 0 && huge_kib_at(p) >= 2048;
+  munmap(raw, n);
+  return ok;
+}
+
+// A slab whose every chunk has backing is one huge page (where the kernel collapses one on
+// request), so the model's DMA streams through it with one TLB entry per 2 MiB.
+TEST(PhysMemoryTest, AWholeSlabIsAHugePageWhereTheKernelAllows) {
+  if (!kernel_collapses()) GTEST_SKIP() << "this kernel does not collapse anonymous memory into huge pages (MADV_COLLAPSE)";
+  PhysMemory m;
+  ASSERT_TRUE(m.add_region({PhysSpan{PhysAddr(0), 1 * GiB}, PhysRegion::Kind::host_ram, "ram"}).has_value());
+  std::vector<uint8_t> data(2 * MiB, 0x77);
+  ASSERT_TRUE(m.write(PhysAddr(64 * MiB), data).has_value());
+  const auto s = m.backed(PhysAddr(64 * MiB));
+  ASSERT_FALSE(s.empty());
+  EXPECT_GE(huge_kib_at(s.data()), 2048);
+  ASSERT_EQ(s.size(), 2 * MiB);
+  EXPECT_TRUE(std::all_of(s.begin(), s.end(), [](uint8_t b) { return b == 0x77; }));  // the bytes survive the collapse
 }
 
 }  // namespace

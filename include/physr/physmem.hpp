@@ -1,7 +1,9 @@
 // physr physmem: a machine's physical memory as real bytes. Host RAM and BAR apertures are
 // regions of one physical address map; each is backed by 64 KiB chunks allocated on first
 // write, so a machine with 1 TiB of RAM and 64 GiB BARs costs memory in proportion to the
-// bytes actually touched. The DMA layer (bounce copies, through its MemoryAccess seam) and
+// bytes actually touched. The chunks of one 2 MiB-aligned physical slab are contiguous in
+// the process, and a slab whose every chunk is backed becomes one huge page where the
+// kernel allows (MADV_COLLAPSE), so streaming DMA through it costs no TLB misses. The DMA layer (bounce copies, through its MemoryAccess seam) and
 // the machine model (device DMA engines) read and write through it, so every transfer can
 // be checked byte for byte.
 #pragma once
@@ -58,9 +60,10 @@ class PhysMemory final : public MemoryAccess {
   /// Hands the bytes [a, a + len) to `consume` a piece at a time, in place (never-written
   /// bytes as zeros). EFAULT as for read; the first error `consume` returns stops the walk.
   Status visit(PhysAddr a, uint64_t len, const std::function<Status(uint64_t off, std::span<const uint8_t> piece)>& consume) const;
-  /// The backing bytes from `a` to the end of its 64 KiB chunk (or of its region, if that
-  /// ends first), in place, for a reader that checks memory a piece at a time without a walk
-  /// per piece; empty if `a` is in no region or its chunk was never written. The bytes stay
+  /// The backing bytes from `a` to the end of the backed chunks that follow its 64 KiB chunk
+  /// in its 2 MiB slab (or to its region's end, if that comes first), in place, for a reader
+  /// that checks memory a piece at a time without a walk per piece; empty if `a` is in no
+  /// region or its chunk was never written. The bytes stay
   /// valid while this PhysMemory lives (backing is never freed).
   std::span<const uint8_t> backed(PhysAddr a) const noexcept;
   /// Compares the bytes at `a` with `expected` in place (no copy): the offset of the first

@@ -2,20 +2,46 @@
 
 #include <absl/container/flat_hash_map.h>
 
+#include <sys/mman.h>
+
 #include <algorithm>
 #include <atomic>
+#include <bit>
+#include <cstdlib>
 #include <cstdio>
 #include <cstring>
 #include <map>
 #include <mutex>
 #include <shared_mutex>
+#include <utility>
+
+// MADV_COLLAPSE (Linux 6.1) is in the kernel's headers before glibc's.
+#if defined(__linux__) && !defined(MADV_COLLAPSE)
+#define MADV_COLLAPSE 25
+#endif
 
 namespace physr {
 
 namespace {
+// Backing is counted and looked up in 64 KiB chunks, carved from 2 MiB slabs of address
+// space (a huge page each where the kernel gives one), themselves carved from arenas
+// mapped a few at a time. Memory the kernel maps on first touch, so an untouched chunk
+// costs no memory.
 constexpr unsigned kChunkShift = 16;  // 64 KiB of backing per chunk
 constexpr uint64_t kChunk = uint64_t{1} << kChunkShift;
+constexpr unsigned kSlabShift = 21;  // 2 MiB: an x86-64 and arm64 (4 KiB granule) huge page
+constexpr uint64_t kSlab = uint64_t{1} << kSlabShift;
+constexpr uint32_t kChunksPerSlab = 1u << (kSlabShift - kChunkShift);  // 32
+constexpr uint32_t kFullSlab = ~uint32_t{0};
+static_assert(kChunksPerSlab == 32, "a slab's chunks are one 32-bit mask");
+constexpr uint64_t kSlabsPerArena = 32;  // 64 MiB of address space per mapping
 constexpr uint64_t kLimit = kPhysAddrLimit;
+
+// A 2 MiB slab's backing and which of its chunks exist.
+struct Slab {
+  uint8_t* bytes = nullptr;
+  uint32_t chunks = 0;  // bit k: chunk k has backing
+};
 
 }  // namespace
 
@@ -24,8 +50,15 @@ struct PhysMemory::Impl {
   std::map<uint64_t, PhysRegion> regions;  // base -> region
 
   mutable std::mutex chunks_mu;
-  absl::flat_hash_map<uint64_t, std::unique_ptr<uint8_t[]>> chunks;  // chunk index -> bytes
+  absl::flat_hash_map<uint64_t, Slab> slabs;  // slab index (physical address >> 21) -> slab
+  std::vector<std::pair<void*, size_t>> arenas;  // mappings, unmapped with the PhysMemory
+  uint8_t* next_slab = nullptr;  // the current arena's next free slab, 2 MiB aligned
+  uint64_t slabs_left = 0;
   std::atomic<uint64_t> backed{0};
+
+  ~Impl() {
+    for (const auto& [p, n] : arenas) munmap(p, n);
+  }
 
   const PhysRegion* find(uint64_t a) const {
     auto it = regions.upper_bound(a);
@@ -52,16 +85,61 @@ struct PhysMemory::Impl {
     }
     return true;
   }
+  // A fresh 2 MiB-aligned slab of zeroed address space (an arena of kSlabsPerArena mapped
+  // when the last is used up, one extra slab's worth to align it). Aborts if the address
+  // space is exhausted, as the allocation it replaces (operator new) did.
+  uint8_t* new_slab() {
+    if (slabs_left == 0) {
+      const size_t n = (kSlabsPerArena + 1) * kSlab;
+      void* p = mmap(nullptr, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+      if (p == MAP_FAILED) {
+        std::fprintf(stderr, "physr: physical memory backing: mmap of %zu bytes failed\n", n);
+        std::abort();
+      }
+      arenas.emplace_back(p, n);
+      next_slab = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(p) + kSlab - 1) & ~uintptr_t{kSlab - 1});
+      slabs_left = kSlabsPerArena;
+    }
+    --slabs_left;
+    return std::exchange(next_slab, next_slab + kSlab);
+  }
   uint8_t* chunk(uint64_t index, bool create) {
     std::lock_guard lock(chunks_mu);
-    auto it = chunks.find(index);
-    if (it != chunks.end()) return it->second.get();
+    const uint64_t s = index >> (kSlabShift - kChunkShift);
+    const uint32_t bit = uint32_t{1} << (index & (kChunksPerSlab - 1));
+    auto it = slabs.find(s);
+    if (it == slabs.end()) {
+      if (!create) return nullptr;
+      it = slabs.emplace(s, Slab{new_slab(), 0}).first;
+    }
+    Slab& slab = it->second;
+    uint8_t* p = slab.bytes + ((index & (kChunksPerSlab - 1)) << kChunkShift);
+    if (slab.chunks & bit) return p;
     if (!create) return nullptr;
-    auto mem = std::make_unique<uint8_t[]>(kChunk);  // zeroed
-    uint8_t* p = mem.get();
-    chunks.emplace(index, std::move(mem));
+    slab.chunks |= bit;
     backed.fetch_add(kChunk, std::memory_order_relaxed);
+    // A slab whose every chunk has backing costs 2 MiB whatever its pages: it becomes one
+    // huge page (one TLB entry instead of 512; the model's DMA streams through whole
+    // slabs), where the kernel can collapse it (MADV_COLLAPSE, Linux 6.1; otherwise it
+    // stays in 4 KiB pages, which is only slower).
+    if (slab.chunks == kFullSlab) collapse(slab.bytes);
     return p;
+  }
+  static void collapse([[maybe_unused]] uint8_t* slab) noexcept {
+#ifdef MADV_COLLAPSE
+    (void)madvise(slab, kSlab, MADV_COLLAPSE);  // EINVAL before 6.1, EAGAIN/ENOMEM without a free huge page: kept as is
+#endif
+  }
+  // Chunk `index`'s backing and, in *run, the bytes from its start to the end of the
+  // backed chunks that follow it in its slab (contiguous in the process too); null if it
+  // has none.
+  const uint8_t* backed_run(uint64_t index, uint64_t* run) const {
+    std::lock_guard lock(chunks_mu);
+    const auto it = slabs.find(index >> (kSlabShift - kChunkShift));
+    if (it == slabs.end()) return nullptr;
+    const uint32_t k = index & (kChunksPerSlab - 1);
+    *run = static_cast<uint64_t>(std::countr_one(it->second.chunks >> k)) << kChunkShift;
+    return *run != 0 ? it->second.bytes + (uint64_t{k} << kChunkShift) : nullptr;
   }
   // Walks [a, a + len) chunk by chunk, handing `f` each piece: writable (backing created),
   // or read-only with never-written chunks as zeros. The first error `f` returns stops it.
@@ -154,10 +232,11 @@ std::span<const uint8_t> PhysMemory::backed(PhysAddr a) const noexcept {
     if (!r) return {};
     end = r->span.base.value() + r->span.size;
   }
-  const uint8_t* c = impl_->chunk(a.value() >> kChunkShift, false);
+  uint64_t run = 0;
+  const uint8_t* c = impl_->backed_run(a.value() >> kChunkShift, &run);
   if (!c) return {};
   const uint64_t off = a.value() & (kChunk - 1);
-  return {c + off, std::min<uint64_t>(kChunk - off, end - a.value())};
+  return {c + off, std::min<uint64_t>(run - off, end - a.value())};
 }
 
 Status PhysMemory::write(PhysAddr a, std::span<const uint8_t> bytes) {
