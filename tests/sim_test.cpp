@@ -1256,6 +1256,38 @@ TEST(SimDirectIoTest, BuffersMixingHostAndP2PMemoryInOneIo) {
   EXPECT_EQ(h->via, ViaFlags(Via::host_memory));
 }
 
+// block/fops.c __blkdev_direct_IO(): every bio of an I/O is submitted before any is waited
+// for, and the iocb completes when the last one ends (dio->ref), so a block whose buffer is
+// host memory then P2P memory is two requests each way timed together, as an SSD serves the
+// commands of its queue: the block takes as long as its slower request, not the sum. Host
+// memory is made slow (1 GB/s) so the host request is the slower by far; device latencies
+// are fixed (sigma 0), so each job's time is its two command latencies plus its transfers.
+TEST(SimDirectIoTest, AMixedBlocksRequestsRunConcurrently) {
+  const auto t = machine("two-socket-switch");
+  MachineOptions o;
+  o.nvme_latency_sigma = 0;
+  o.fabric.memory_gbps = 1.0;
+  auto m = build(t, o);
+  const auto one_block = [&](const char* buffer, uint64_t bs, uint64_t host_bytes) {
+    Job j = odirect_job(t, buffer, host_bytes, true, PathPolicy::p2p, bs);
+    j.block_size = bs;
+    j.queue_depth = 1;
+    auto r = run_job(*m, j);
+    EXPECT_TRUE(r.has_value()) << r.error().to_string();
+    return r.has_value() ? r->seconds * 1e9 : 0.0;
+  };
+  const double commands = o.nvme_read_latency_ns + o.nvme_write_latency_ns;
+  const double host = one_block(nullptr, 128 * KiB, 0) - commands;   // the host half alone
+  const double p2p = one_block("gpu0", 128 * KiB, 0) - commands;     // the P2P half alone
+  const double mixed = one_block("gpu0", 256 * KiB, 128 * KiB) - commands;
+  ASSERT_GT(host, 4 * p2p);  // the host request is the slower
+  // The slower request's time (its bandwidth is its own: the P2P half shares only the
+  // SSD's link, which has room for both), not the sum of the two.
+  EXPECT_GE(mixed, std::max(host, p2p) * 0.99);
+  EXPECT_LE(mixed, std::max(host, p2p) * 1.02);
+  EXPECT_LT(mixed, host + 0.5 * p2p);
+}
+
 // mm/gup.c try_grab_folio(): without BLK_FEAT_PCI_P2PDMA the block layer pins without
 // FOLL_PCI_P2PDMA, so a P2P buffer is EREMOTEIO and nothing is left pinned or held; host
 // buffers still work on such a queue.
