@@ -1288,6 +1288,39 @@ TEST(SimDirectIoTest, AMixedBlocksRequestsRunConcurrently) {
   EXPECT_LT(mixed, host + 0.5 * p2p);
 }
 
+// The SSDs' command latencies in an O_DIRECT copy follow the model the NVMe jobs use
+// (docs/sim.md, "The SSD model"): log-normal around the medians, drawn from the scenario's
+// seed, the job and the block, so p50 < p99 < p99.9 and the same seed gives the same report.
+TEST(SimDirectIoTest, CopyLatencyIsLogNormalAndSeeded) {
+  const auto t = machine("two-socket-switch");
+  const auto run = [&](const MachineOptions& o) {
+    auto m = build(t, o);
+    Job j = odirect_job(t, "gpu0", 0, true, PathPolicy::p2p, 4 * KiB * 4000);
+    j.block_size = 4 * KiB;
+    j.queue_depth = 1;
+    auto r = run_job(*m, j);
+    EXPECT_TRUE(r.has_value()) << r.error().to_string();
+    return r.has_value() ? *r : JobResult{};
+  };
+  const JobResult a = run(MachineOptions{});
+  EXPECT_LT(a.lat_p50_us, a.lat_p99_us);
+  EXPECT_LT(a.lat_p99_us, a.lat_p999_us);
+  // Queue depth 1: a block is a read then a write, medians 80 + 20 us, each with its spread.
+  EXPECT_NEAR(a.lat_p50_us, 100, 10);
+  EXPECT_GT(a.lat_p99_us, 150);
+  const JobResult b = run(MachineOptions{});
+  EXPECT_EQ(a.lat_p50_us, b.lat_p50_us);
+  EXPECT_EQ(a.lat_p999_us, b.lat_p999_us);
+  EXPECT_EQ(a.seconds, b.seconds);
+  MachineOptions other;
+  other.seed = 7;
+  EXPECT_NE(run(other).seconds, a.seconds);
+  MachineOptions fixed;
+  fixed.nvme_latency_sigma = 0;
+  const JobResult d = run(fixed);
+  EXPECT_EQ(d.lat_p50_us, d.lat_p99_us);
+}
+
 // mm/gup.c try_grab_folio(): without BLK_FEAT_PCI_P2PDMA the block layer pins without
 // FOLL_PCI_P2PDMA, so a P2P buffer is EREMOTEIO and nothing is left pinned or held; host
 // buffers still work on such a queue.

@@ -8,10 +8,12 @@
 //
 // Timing: each block is its reads (first SSD -> buffer, its media serving blocks in order),
 // then its writes (buffer -> second SSD, through its media's write bandwidth), each request
-// over the route its DMA addresses decoded to, after its command's median device latency. A
-// block whose buffer mixes host and P2P memory is several requests each way; as block/fops.c
-// __blkdev_direct_IO() submits every bio before it waits for any, the requests of one
-// direction run concurrently and the block goes on when the last of them ends (CopyTiming).
+// over the route its DMA addresses decoded to, after its command's device latency: log-normal
+// around the SSD's median as for NVMe jobs (MachineOptions::nvme_latency_sigma, drawn from
+// the scenario's seed, the job, the block and the request). A block whose buffer mixes host
+// and P2P memory is several requests each way; as block/fops.c __blkdev_direct_IO() submits
+// every bio before it waits for any, the requests of one direction run concurrently and the
+// block goes on when the last of them ends (CopyTiming).
 #include <algorithm>
 #include <string>
 #include <vector>
@@ -33,6 +35,9 @@ struct Piece {
   bool bounced = false;
 };
 using Moved = std::vector<Piece>;
+
+// Latency draws per block and direction: one per request (more requests share the last).
+constexpr uint64_t kDrawsPerBlock = 64;
 
 // The timing of the blocks in flight. A block's read requests all start together; when the
 // last has ended its write requests all start together, and the block ends with the last of
@@ -284,7 +289,9 @@ Result<JobResult> run_direct_io_job(Machine& m, const Job& job, const DirectIoJo
     out.verified_bytes += bs;
     // Timing over the routes the addresses took; a bounced transfer adds the copy between
     // host memory and the BAR (after the read, before the write). Each request's command
-    // takes the SSD's median device latency.
+    // takes its device latency, log-normal around the median (docs/sim.md, "The SSD
+    // model"): a read's up to the median before the block's slot on the source's media,
+    // the rest after it; a write's before its data moves.
     std::vector<CopyTiming::Request> reqs[2];
     for (const auto& [pieces, cache, read] : {std::tuple{&rd, &read_routes, true}, std::tuple{&wr, &write_routes, false}}) {
       std::vector<CopyTiming::Request>& mine = reqs[read ? 0 : 1];
@@ -292,7 +299,8 @@ Result<JobResult> run_direct_io_job(Machine& m, const Job& job, const DirectIoJo
       for (size_t n = 0; n < pieces->size(); ++n) {
         const Piece& p = (*pieces)[n];
         PHYSR_ASSIGN_OR_RETURN_CTX(const Route* via_route, cache->get(p.acc), where);
-        const double dev_ns = median;
+        const uint64_t draw = i * kDrawsPerBlock + std::min<uint64_t>(n, kDrawsPerBlock - 1);
+        const double dev_ns = median * lognormal_factor(mo.seed, read ? stream : target_stream, draw, mo.nvme_latency_sigma);
         CopyTiming::Request& rq = mine.emplace_back();
         Route own = *via_route;
         own.latency_ns += read ? std::min(dev_ns, median) : dev_ns;
