@@ -53,7 +53,8 @@ class CopyTiming {
     uint64_t bytes = 0;
   };
   struct Request {
-    std::vector<Leg> legs;
+    Leg legs[2];  // the transfer, and a bounced request's copy before or after it
+    uint32_t n = 0;
     double tail_ns = 0;  // reads: the command's latency beyond its median
   };
   CopyTiming(Simulator& sim, double slot_ns) : sim_(sim), slot_ns_(slot_ns) {}
@@ -84,7 +85,7 @@ class CopyTiming {
       sim_.release(f);
       Block& x = blocks_[w.block];
       const Request& rq = x.phase[x.at][w.request];
-      if (w.leg + 1 < rq.legs.size()) {
+      if (w.leg + 1 < rq.n) {
         add(w.block, w.request, w.leg + 1, sim_.now());
         continue;
       }
@@ -122,10 +123,10 @@ class CopyTiming {
     if (x.at == 0) {
       // The media's slot: the data of every read starts at `start` plus its own tail.
       double lead = 0;
-      for (const Request& rq : rqs) lead = std::max(lead, rq.legs.front().route.latency_ns);
+      for (const Request& rq : rqs) lead = std::max(lead, rq.legs[0].route.latency_ns);
       const double start = std::max(sim_.now() + lead, free_);
       free_ = start + slot_ns_;
-      for (uint32_t k = 0; k < rqs.size(); ++k) add(b, k, 0, start - rqs[k].legs.front().route.latency_ns + rqs[k].tail_ns);
+      for (uint32_t k = 0; k < rqs.size(); ++k) add(b, k, 0, start - rqs[k].legs[0].route.latency_ns + rqs[k].tail_ns);
       return;
     }
     for (uint32_t k = 0; k < rqs.size(); ++k) add(b, k, 0, at);
@@ -311,9 +312,9 @@ Result<JobResult> run_direct_io_job(Machine& m, const Job& job, const DirectIoJo
           via |= via_route->p2p == pci::MapType::bus_addr ? Via::p2p_bus_addr : Via::p2p_host_bridge;
         }
         if (p.acc.host_memory) via |= p.bounced ? Via::bounced : Via::host_memory;
-        if (p.bounced && !read) rq.legs.push_back({copy, p.bytes});
-        rq.legs.push_back({std::move(own), p.bytes});
-        if (p.bounced && read) rq.legs.push_back({copy, p.bytes});
+        if (p.bounced && !read) rq.legs[rq.n++] = {copy, p.bytes};
+        rq.legs[rq.n++] = {std::move(own), p.bytes};
+        if (p.bounced && read) rq.legs[rq.n++] = {copy, p.bytes};
       }
     }
     timing.start(std::move(reqs[0]), std::move(reqs[1]));
