@@ -4,10 +4,11 @@
 // pool: held by a caller, cached by a thread, or freed and waiting for its grace period),
 // as genalloc keeps one bit per min_alloc_order granule, plus constants: a bounded depot of
 // free chunks per size class, a next-fit cursor per class, and per thread a magazine per
-// class (at most 128 chunks up to 32 KiB, 64 above) and one batch of pending frees. A buddy allocator would
-// need its free lists stored in the free memory itself (which is a device's BAR here, not
-// ours to write) or a bit per buddy per order; the bitmap with caches gets the hot path to
-// a thread-local pop/push and keeps the search (first-fit, aligned) for the rare sizes.
+// class (at most 128 chunks up to 32 KiB, 64 above) and one batch of pending frees. A buddy
+// allocator would need its free lists stored in the free memory itself (which is a device's
+// BAR here, not ours to write) or a bit per buddy per order; the bitmap with caches gets the
+// hot path to a thread-local pop/push and keeps the search (first-fit, aligned) for the rare
+// sizes.
 //
 // Hot path. alloc() of a power-of-two size from 4 KiB to 2 MiB (aligned to at most its
 // size) pops a naturally aligned chunk from the calling thread's magazine; free() pushes
@@ -448,8 +449,8 @@ struct P2PMemory::Impl {
   Result<P2PChunk> alloc_cached(ThreadCache* tc, uint32_t f, uint64_t s, const AllocOptions& o);
   [[gnu::noinline]] Result<P2PChunk> alloc_refill(ThreadCache* tc, uint32_t f, uint64_t size, const AllocOptions& o);
   bool alloc_locked(ThreadCache* tc, std::unique_lock<std::mutex>& lk, uint32_t f, uint64_t size, uint64_t align, P2PChunk& out, Resource*& from);
-  // The free path returns its error as a raw owning pointer (null: done), which comes back in
-  // a register, so that the fast path's calls are tail calls and it needs no stack frame.
+  // The free path returns its error as a raw owning pointer (null: done): it comes back in a
+  // register, where a Status is returned through memory; P2PMemory::free() wraps it.
   Error* free(const P2PChunk& c);
   [[gnu::noinline]] Error* free_full(const P2PChunk& c);
   [[gnu::noinline]] Error* free_general(const P2PChunk& c);
@@ -988,12 +989,8 @@ template <bool kPlain = false>
   return full ? Push::full : Push::done;
 }
 
-// The common free, without tracking, of a chunk of the resource the thread last allocated
-// from: the same checks as free_full() (the live resource of the provider holding the whole
-// span is unique, as resources never overlap; whole granules; every granule held), pushed
-// onto the thread's batch; anything else is free_full().
-// The hot resource is of the thread's last function, so one compare of (provider, function)
-// checks both.
+// (provider, function) as one 8-byte value: the hot resource is of the thread's last
+// function, so one compare with its key checks both.
 namespace {
 inline uint64_t owner_key(ProviderId provider, uint32_t function) { return uint64_t{provider} | uint64_t{function} << 32; }
 inline uint64_t owner_key(const P2PChunk& c) {
@@ -1004,6 +1001,11 @@ inline uint64_t owner_key(const P2PChunk& c) {
 }
 }  // namespace
 
+// The common free, without tracking, of a chunk of the resource the thread last allocated
+// from: the same checks as free_full() (the live resource of the provider holding the whole
+// span is unique, as resources never overlap; whole granules; every granule held:
+// gen_pool_free_owner()'s BUG_ON(remain)), pushed onto the thread's batch; anything else is
+// free_full(). kPlain as for alloc_cached().
 template <bool kPlain>
 [[gnu::always_inline]] inline Error* P2PMemory::Impl::free_cached(const P2PChunk& c) {
   ThreadCache* tc = t_last.tc;
@@ -1023,6 +1025,8 @@ template <bool kPlain>
   return free_full(c);
 }
 
+// plain_uid as in alloc(): one compare picks the thread's cache and the variant without the
+// fence; tracking or no membarrier takes free_general().
 inline Error* P2PMemory::Impl::free(const P2PChunk& c) {
   if (t_last.mem == plain_uid) [[likely]] return free_cached<true>(c);
   return free_general(c);
