@@ -1256,6 +1256,71 @@ TEST(SimDirectIoTest, BuffersMixingHostAndP2PMemoryInOneIo) {
   EXPECT_EQ(h->via, ViaFlags(Via::host_memory));
 }
 
+// block/fops.c __blkdev_direct_IO(): every bio of an I/O is submitted before any is waited
+// for, and the iocb completes when the last one ends (dio->ref), so a block whose buffer is
+// host memory then P2P memory is two requests each way timed together, as an SSD serves the
+// commands of its queue: the block takes as long as its slower request, not the sum. Host
+// memory is made slow (1 GB/s) so the host request is the slower by far; device latencies
+// are fixed (sigma 0), so each job's time is its two command latencies plus its transfers.
+TEST(SimDirectIoTest, AMixedBlocksRequestsRunConcurrently) {
+  const auto t = machine("two-socket-switch");
+  MachineOptions o;
+  o.nvme_latency_sigma = 0;
+  o.fabric.memory_gbps = 1.0;
+  auto m = build(t, o);
+  const auto one_block = [&](const char* buffer, uint64_t bs, uint64_t host_bytes) {
+    Job j = odirect_job(t, buffer, host_bytes, true, PathPolicy::p2p, bs);
+    j.block_size = bs;
+    j.queue_depth = 1;
+    auto r = run_job(*m, j);
+    EXPECT_TRUE(r.has_value()) << r.error().to_string();
+    return r.has_value() ? r->seconds * 1e9 : 0.0;
+  };
+  const double commands = o.nvme_read_latency_ns + o.nvme_write_latency_ns;
+  const double host = one_block(nullptr, 128 * KiB, 0) - commands;   // the host half alone
+  const double p2p = one_block("gpu0", 128 * KiB, 0) - commands;     // the P2P half alone
+  const double mixed = one_block("gpu0", 256 * KiB, 128 * KiB) - commands;
+  ASSERT_GT(host, 4 * p2p);  // the host request is the slower
+  // The slower request's time (its bandwidth is its own: the P2P half shares only the
+  // SSD's link, which has room for both), not the sum of the two.
+  EXPECT_GE(mixed, std::max(host, p2p) * 0.99);
+  EXPECT_LE(mixed, std::max(host, p2p) * 1.02);
+  EXPECT_LT(mixed, host + 0.5 * p2p);
+}
+
+// The SSDs' command latencies in an O_DIRECT copy follow the model the NVMe jobs use
+// (docs/sim.md, "The SSD model"): log-normal around the medians, drawn from the scenario's
+// seed, the job and the block, so p50 < p99 < p99.9 and the same seed gives the same report.
+TEST(SimDirectIoTest, CopyLatencyIsLogNormalAndSeeded) {
+  const auto t = machine("two-socket-switch");
+  const auto run = [&](const MachineOptions& o) {
+    auto m = build(t, o);
+    Job j = odirect_job(t, "gpu0", 0, true, PathPolicy::p2p, 4 * KiB * 4000);
+    j.block_size = 4 * KiB;
+    j.queue_depth = 1;
+    auto r = run_job(*m, j);
+    EXPECT_TRUE(r.has_value()) << r.error().to_string();
+    return r.has_value() ? *r : JobResult{};
+  };
+  const JobResult a = run(MachineOptions{});
+  EXPECT_LT(a.lat_p50_us, a.lat_p99_us);
+  EXPECT_LT(a.lat_p99_us, a.lat_p999_us);
+  // Queue depth 1: a block is a read then a write, medians 80 + 20 us, each with its spread.
+  EXPECT_NEAR(a.lat_p50_us, 100, 10);
+  EXPECT_GT(a.lat_p99_us, 150);
+  const JobResult b = run(MachineOptions{});
+  EXPECT_EQ(a.lat_p50_us, b.lat_p50_us);
+  EXPECT_EQ(a.lat_p999_us, b.lat_p999_us);
+  EXPECT_EQ(a.seconds, b.seconds);
+  MachineOptions other;
+  other.seed = 7;
+  EXPECT_NE(run(other).seconds, a.seconds);
+  MachineOptions fixed;
+  fixed.nvme_latency_sigma = 0;
+  const JobResult d = run(fixed);
+  EXPECT_EQ(d.lat_p50_us, d.lat_p99_us);
+}
+
 // mm/gup.c try_grab_folio(): without BLK_FEAT_PCI_P2PDMA the block layer pins without
 // FOLL_PCI_P2PDMA, so a P2P buffer is EREMOTEIO and nothing is left pinned or held; host
 // buffers still work on such a queue.

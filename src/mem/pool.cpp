@@ -4,10 +4,11 @@
 // pool: held by a caller, cached by a thread, or freed and waiting for its grace period),
 // as genalloc keeps one bit per min_alloc_order granule, plus constants: a bounded depot of
 // free chunks per size class, a next-fit cursor per class, and per thread a magazine per
-// class (at most 128 chunks up to 32 KiB, 64 above) and one batch of pending frees. A buddy allocator would
-// need its free lists stored in the free memory itself (which is a device's BAR here, not
-// ours to write) or a bit per buddy per order; the bitmap with caches gets the hot path to
-// a thread-local pop/push and keeps the search (first-fit, aligned) for the rare sizes.
+// class (at most 128 chunks up to 32 KiB, 64 above) and one batch of pending frees. A buddy
+// allocator would need its free lists stored in the free memory itself (which is a device's
+// BAR here, not ours to write) or a bit per buddy per order; the bitmap with caches gets the
+// hot path to a thread-local pop/push and keeps the search (first-fit, aligned) for the rare
+// sizes.
 //
 // Hot path. alloc() of a power-of-two size from 4 KiB to 2 MiB (aligned to at most its
 // size) pops a naturally aligned chunk from the calling thread's magazine; free() pushes
@@ -269,15 +270,21 @@ struct Resource {
   }
 };
 
-// A pending free, and a batch of them handed to call_rcu.
+// Pending frees, and a batch of them handed to call_rcu: entry i is (r[i], addr[i],
+// size[i]), in arrays so that a refill compares a run of entries a block at a time and
+// copies their addresses at once.
 struct Batch {
   rcu_head head;
-  struct Entry {
-    Resource* r;
-    uint64_t addr, size;
-  };
   uint32_t n = 0;
-  Entry e[kBatchSize];
+  Resource* r[kBatchSize];
+  uint64_t addr[kBatchSize];
+  uint64_t size[kBatchSize];
+  void push(Resource* res, uint64_t a, uint64_t s) {
+    r[n] = res;
+    addr[n] = a;
+    size[n] = s;
+    ++n;
+  }
 };
 
 // Batches are recycled (they travel between threads; malloc would hand each one back to
@@ -300,7 +307,7 @@ Batch* new_batch() {
       return b;
     }
   }
-  return new Batch();
+  return new Batch;  // the entries need no zeroing
 }
 void recycle(Batch* b) {
   {
@@ -442,8 +449,8 @@ struct P2PMemory::Impl {
   Result<P2PChunk> alloc_cached(ThreadCache* tc, uint32_t f, uint64_t s, const AllocOptions& o);
   [[gnu::noinline]] Result<P2PChunk> alloc_refill(ThreadCache* tc, uint32_t f, uint64_t size, const AllocOptions& o);
   bool alloc_locked(ThreadCache* tc, std::unique_lock<std::mutex>& lk, uint32_t f, uint64_t size, uint64_t align, P2PChunk& out, Resource*& from);
-  // The free path returns its error as a raw owning pointer (null: done), which comes back in
-  // a register, so that the fast path's calls are tail calls and it needs no stack frame.
+  // The free path returns its error as a raw owning pointer (null: done): it comes back in a
+  // register, where a Status is returned through memory; P2PMemory::free() wraps it.
   Error* free(const P2PChunk& c);
   [[gnu::noinline]] Error* free_full(const P2PChunk& c);
   [[gnu::noinline]] Error* free_general(const P2PChunk& c);
@@ -626,14 +633,14 @@ void P2PMemory::Impl::grace_now() {
 void P2PMemory::Impl::give_back(Batch* b) {
   Resource* locked = nullptr;
   for (uint32_t i = 0; i < b->n; ++i) {
-    const Batch::Entry& e = b->e[i];
-    if (e.r != locked) {
+    Resource* const r = b->r[i];
+    if (r != locked) {
       if (locked) locked->mu.unlock();
-      locked = e.r;
+      locked = r;
       locked->mu.lock();
     }
-    if (!e.r->removed.load(std::memory_order_relaxed)) e.r->give_back(e.addr, e.size);
-    e.r->deferred_done.fetch_add(e.size, std::memory_order_relaxed);
+    if (!r->removed.load(std::memory_order_relaxed)) r->give_back(b->addr[i], b->size[i]);
+    r->deferred_done.fetch_add(b->size[i], std::memory_order_relaxed);
   }
   if (locked) locked->mu.unlock();
   recycle(b);
@@ -970,7 +977,9 @@ template <bool kPlain = false>
     return Push::stolen;
   }
   const uint32_t n = b->n;
-  b->e[n] = Batch::Entry{r, a, size};
+  b->r[n] = r;
+  b->addr[n] = a;
+  b->size[n] = size;
   b->n = n + 1;
   bump(rc->chunks, -1);
   bump(rc->freed, size);
@@ -980,12 +989,8 @@ template <bool kPlain = false>
   return full ? Push::full : Push::done;
 }
 
-// The common free, without tracking, of a chunk of the resource the thread last allocated
-// from: the same checks as free_full() (the live resource of the provider holding the whole
-// span is unique, as resources never overlap; whole granules; every granule held), pushed
-// onto the thread's batch; anything else is free_full().
-// The hot resource is of the thread's last function, so one compare of (provider, function)
-// checks both.
+// (provider, function) as one 8-byte value: the hot resource is of the thread's last
+// function, so one compare with its key checks both.
 namespace {
 inline uint64_t owner_key(ProviderId provider, uint32_t function) { return uint64_t{provider} | uint64_t{function} << 32; }
 inline uint64_t owner_key(const P2PChunk& c) {
@@ -996,6 +1001,11 @@ inline uint64_t owner_key(const P2PChunk& c) {
 }
 }  // namespace
 
+// The common free, without tracking, of a chunk of the resource the thread last allocated
+// from: the same checks as free_full() (the live resource of the provider holding the whole
+// span is unique, as resources never overlap; whole granules; every granule held:
+// gen_pool_free_owner()'s BUG_ON(remain)), pushed onto the thread's batch; anything else is
+// free_full(). kPlain as for alloc_cached().
 template <bool kPlain>
 [[gnu::always_inline]] inline Error* P2PMemory::Impl::free_cached(const P2PChunk& c) {
   ThreadCache* tc = t_last.tc;
@@ -1015,6 +1025,8 @@ template <bool kPlain>
   return free_full(c);
 }
 
+// plain_uid as in alloc(): one compare picks the thread's cache and the variant without the
+// fence; tracking or no membarrier takes free_general().
 inline Error* P2PMemory::Impl::free(const P2PChunk& c) {
   if (t_last.mem == plain_uid) [[likely]] return free_cached<true>(c);
   return free_general(c);
@@ -1073,7 +1085,7 @@ void P2PMemory::Impl::free_slow(ThreadCache* tc, Resource* r, uint64_t addr, uin
     ResCache* slot = slot_for(tc, r);
     if (!tc->pending) tc->pending = new_batch();
     Batch* b = tc->pending;
-    b->e[b->n++] = Batch::Entry{r, addr, size};
+    b->push(r, addr, size);
     bump(slot->chunks, -1);
     bump(slot->freed, size);
     if (b->n == kBatchSize) {
@@ -1135,27 +1147,43 @@ uint32_t P2PMemory::Impl::take_ready(ThreadCache* tc, ResCache* c, unsigned k) {
     Batch* b = tc->ready.back();
     if (live) {
       // The common case: the magazine's own resource and size, straight in.
-      const uint32_t n = b->n, mn = m.n, want = std::min(n, cap - mn);
-      const Batch::Entry* e = b->e + n;
-      uint64_t* out = m.addr + mn;
-      uint64_t* const end = out + want;
-      while (out != end && e[-1].r == r && e[-1].size == csize) *out++ = (--e)->addr;
-      const uint32_t j = static_cast<uint32_t>(out - (m.addr + mn));
+      // The matching tail [from, n): blocks of 8 entries compared at once, then one by one.
+      const uint32_t n = b->n, mn = m.n, lo = n - std::min(n, cap - mn);
+      const uintptr_t rk = reinterpret_cast<uintptr_t>(r);
+      uint32_t from = n;
+      using V2 = uint64_t __attribute__((vector_size(16)));  // two entries per compare (SSE2, NEON)
+      const V2 rv = {rk, rk}, sv = {csize, csize};
+      while (from - lo >= 8) {
+        V2 diff = {0, 0};
+        for (uint32_t q = from - 8; q < from; q += 2) {
+          V2 x, y;
+          std::memcpy(&x, &b->r[q], sizeof x);
+          std::memcpy(&y, &b->size[q], sizeof y);
+          diff |= (x ^ rv) | (y ^ sv);
+        }
+        if (diff[0] | diff[1]) break;
+        from -= 8;
+      }
+      while (from > lo && b->r[from - 1] == r && b->size[from - 1] == csize) --from;
+      const uint32_t j = n - from;
+      std::memcpy(m.addr + mn, b->addr + from, j * sizeof(uint64_t));
       bump(c->deferred_out, j * csize);
-      b->n = n - j;
+      b->n = from;
       m.n = mn + j;
     }
     while (b->n && m.n < cap) {
-      const Batch::Entry& e = b->e[--b->n];
-      ResCache* slot = e.r == c->r ? c : slot_for(tc, e.r);
-      bump(slot->deferred_out, e.size);
-      if (e.r->removed.load(std::memory_order_relaxed)) continue;  // its pool is gone
-      const unsigned ek = class_of(e.size, e.size);
-      if (ek < kClasses && slot->ready[ek].n < mag_cap(ek) && !e.r->dying.load(std::memory_order_relaxed)) {
-        slot->ready[ek].addr[slot->ready[ek].n++] = e.addr;
+      const uint32_t i = --b->n;
+      Resource* const er = b->r[i];
+      const uint64_t ea = b->addr[i], es = b->size[i];
+      ResCache* slot = er == c->r ? c : slot_for(tc, er);
+      bump(slot->deferred_out, es);
+      if (er->removed.load(std::memory_order_relaxed)) continue;  // its pool is gone
+      const unsigned ek = class_of(es, es);
+      if (ek < kClasses && slot->ready[ek].n < mag_cap(ek) && !er->dying.load(std::memory_order_relaxed)) {
+        slot->ready[ek].addr[slot->ready[ek].n++] = ea;
       } else {
-        std::lock_guard g(e.r->mu);
-        e.r->give_back(e.addr, e.size);
+        std::lock_guard g(er->mu);
+        er->give_back(ea, es);
       }
     }
     if (b->n) break;

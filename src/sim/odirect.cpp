@@ -6,12 +6,14 @@
 // DmaDevice and moves the bytes over the machine's device side, as an NVMe controller does
 // with a command's data pointer.
 //
-// Timing: each block is two transfers one after the other, the read (first SSD -> buffer,
-// after its read latency, its media serving blocks in order) and the write (buffer ->
-// second SSD, after its write latency, through its media's write bandwidth), each over the
-// route its DMA addresses decoded to.
-// A block whose buffer mixes host and P2P memory is several requests each way; each request
-// is a transfer of its own bytes over its own route, one after the other.
+// Timing: each block is its reads (first SSD -> buffer, its media serving blocks in order),
+// then its writes (buffer -> second SSD, through its media's write bandwidth), each request
+// over the route its DMA addresses decoded to, after its command's device latency: log-normal
+// around the SSD's median as for NVMe jobs (MachineOptions::nvme_latency_sigma, drawn from
+// the scenario's seed, the job, the block and the request). A block whose buffer mixes host
+// and P2P memory is several requests each way; as block/fops.c __blkdev_direct_IO() submits
+// every bio before it waits for any, the requests of one direction run concurrently and the
+// block goes on when the last of them ends (CopyTiming).
 #include <algorithm>
 #include <string>
 #include <vector>
@@ -33,6 +35,117 @@ struct Piece {
   bool bounced = false;
 };
 using Moved = std::vector<Piece>;
+
+// Latency draws per block and direction: one per request (more requests share the last).
+constexpr uint64_t kDrawsPerBlock = 64;
+
+// The timing of the blocks in flight. A block's read requests all start together; when the
+// last has ended its write requests all start together, and the block ends with the last of
+// those. A request is legs one after another (a bounced read: the SSD's transfer, then the
+// copy out of the bounce buffer; a bounced write: the copy in, then the transfer). The source
+// SSD's media serves the blocks' reads in order, as Stages does for block jobs: a block's
+// reads move data no earlier than the end of the previous block's slot there, plus the part
+// of each command's latency beyond the median (which holds up no other block).
+class CopyTiming {
+ public:
+  struct Leg {
+    Route route;
+    uint64_t bytes = 0;
+  };
+  struct Request {
+    Leg legs[2];  // the transfer, and a bounced request's copy before or after it
+    uint32_t n = 0;
+    double tail_ns = 0;  // reads: the command's latency beyond its median
+  };
+  CopyTiming(Simulator& sim, double slot_ns) : sim_(sim), slot_ns_(slot_ns) {}
+
+  void start(std::vector<Request> reads, std::vector<Request> writes) {
+    uint32_t b;
+    if (!free_blocks_.empty()) {
+      b = free_blocks_.back();
+      free_blocks_.pop_back();
+    } else {
+      b = static_cast<uint32_t>(blocks_.size());
+      blocks_.emplace_back();
+    }
+    Block& x = blocks_[b];
+    x.submit = sim_.now();
+    x.phase[0] = std::move(reads);
+    x.phase[1] = std::move(writes);
+    x.at = 0;
+    start_phase(b);
+  }
+
+  // Moves the finished flows on; adds the latency of each block that ended to `lat` and
+  // returns how many did.
+  uint64_t advance(const std::vector<size_t>& finished, LatencyHistogram& lat) {
+    uint64_t ended = 0;
+    for (const size_t f : finished) {
+      const Where w = flow_of_[f];
+      sim_.release(f);
+      Block& x = blocks_[w.block];
+      const Request& rq = x.phase[x.at][w.request];
+      if (w.leg + 1 < rq.n) {
+        add(w.block, w.request, w.leg + 1, sim_.now());
+        continue;
+      }
+      if (--x.open) continue;
+      if (x.at == 0) {
+        x.at = 1;
+        start_phase(w.block);
+        continue;
+      }
+      lat.add(sim_.now() - x.submit);
+      x.phase[0].clear();
+      x.phase[1].clear();
+      free_blocks_.push_back(w.block);
+      ++ended;
+    }
+    return ended;
+  }
+
+ private:
+  struct Block {
+    double submit = 0;
+    std::vector<Request> phase[2];  // reads, writes
+    uint32_t at = 0;                // the phase running
+    size_t open = 0;                // its requests not yet ended
+  };
+  struct Where {
+    uint32_t block = 0, request = 0, leg = 0;
+  };
+
+  void start_phase(uint32_t b) {
+    Block& x = blocks_[b];
+    const std::vector<Request>& rqs = x.phase[x.at];
+    x.open = rqs.size();
+    double at = sim_.now();
+    if (x.at == 0) {
+      // The media's slot: the data of every read starts at `start` plus its own tail.
+      double lead = 0;
+      for (const Request& rq : rqs) lead = std::max(lead, rq.legs[0].route.latency_ns);
+      const double start = std::max(sim_.now() + lead, free_);
+      free_ = start + slot_ns_;
+      for (uint32_t k = 0; k < rqs.size(); ++k) add(b, k, 0, start - rqs[k].legs[0].route.latency_ns + rqs[k].tail_ns);
+      return;
+    }
+    for (uint32_t k = 0; k < rqs.size(); ++k) add(b, k, 0, at);
+  }
+
+  void add(uint32_t b, uint32_t request, uint32_t leg, double at) {
+    const Block& x = blocks_[b];
+    const Leg& l = x.phase[x.at][request].legs[leg];
+    const size_t id = sim_.add(l.route, l.bytes, at);
+    if (id >= flow_of_.size()) flow_of_.resize(id + 1);
+    flow_of_[id] = Where{b, request, leg};
+  }
+
+  Simulator& sim_;
+  double slot_ns_, free_ = 0;  // when the source's media is next free
+  std::vector<Block> blocks_;  // records of the blocks in flight, reused
+  std::vector<uint32_t> free_blocks_;
+  std::vector<Where> flow_of_;  // by flow index
+};
 
 }  // namespace
 
@@ -109,12 +222,12 @@ Result<JobResult> run_direct_io_job(Machine& m, const Job& job, const DirectIoJo
   RouteCache read_routes(fab, k.ssd, true), write_routes(fab, k.target, false);
   const Route copy = bar ? *fab.to_memory(bar->function, -1, true) : Route{};
   // The target's media takes the written blocks at its write bandwidth, shared by the
-  // blocks in flight (the read side's media serves blocks in order, in Stages).
+  // blocks in flight (the read side's media serves blocks in order, in CopyTiming).
   const uint32_t write_media = fab.add_resource(Resource::Kind::device, m.label(k.target) + " media (writes)", mo.nvme_write_gbps);
   Simulator sim(fab);
   // The source's media slot per block as for NVMe jobs: its bytes at the read bandwidth, and
   // no less than one command at the read IOPS limit.
-  Stages stages(sim, ios, bs, std::max(static_cast<double>(bs) / mo.nvme_read_gbps, 1e9 / mo.nvme_read_iops));
+  CopyTiming timing(sim, std::max(static_cast<double>(bs) / mo.nvme_read_gbps, 1e9 / mo.nvme_read_iops));
   LatencyHistogram lat;
   ViaFlags via;
   const Route* p2p_taken = nullptr;
@@ -178,35 +291,42 @@ Result<JobResult> run_direct_io_job(Machine& m, const Job& job, const DirectIoJo
     }
     out.verified_bytes += bs;
     // Timing over the routes the addresses took; a bounced transfer adds the copy between
-    // host memory and the BAR (after the read, before the write).
-    std::vector<Route> routes;
-    std::vector<uint64_t> bytes;
+    // host memory and the BAR (after the read, before the write). Each request's command
+    // takes its device latency, log-normal around the median (docs/sim.md, "The SSD
+    // model"): a read's up to the median before the block's slot on the source's media,
+    // the rest after it; a write's before its data moves.
+    std::vector<CopyTiming::Request> reqs[2];
     for (const auto& [pieces, cache, read] : {std::tuple{&rd, &read_routes, true}, std::tuple{&wr, &write_routes, false}}) {
-      bool first = true;
-      for (const Piece& p : *pieces) {
+      std::vector<CopyTiming::Request>& mine = reqs[read ? 0 : 1];
+      const double median = read ? mo.nvme_read_latency_ns : mo.nvme_write_latency_ns;
+      for (size_t n = 0; n < pieces->size(); ++n) {
+        const Piece& p = (*pieces)[n];
         PHYSR_ASSIGN_OR_RETURN_CTX(const Route* via_route, cache->get(p.acc), where);
+        const uint64_t draw = i * kDrawsPerBlock + std::min<uint64_t>(n, kDrawsPerBlock - 1);
+        const double dev_ns = median * lognormal_factor(mo.seed, read ? stream : target_stream, draw, mo.nvme_latency_sigma);
+        CopyTiming::Request& rq = mine.emplace_back();
         Route own = *via_route;
-        if (first) own.latency_ns += read ? mo.nvme_read_latency_ns : mo.nvme_write_latency_ns;  // one command latency per block
+        own.latency_ns += read ? std::min(dev_ns, median) : dev_ns;
+        if (read) rq.tail_ns = dev_ns - std::min(dev_ns, median);
         if (!read) own.resources.push_back(write_media);
-        first = false;
         if (p.acc.peer_switch || p.acc.peer_rc) {
           if (!p2p_taken) p2p_taken = via_route;  // the read's: where the SSD's data went
           via |= via_route->p2p == pci::MapType::bus_addr ? Via::p2p_bus_addr : Via::p2p_host_bridge;
         }
         if (p.acc.host_memory) via |= p.bounced ? Via::bounced : Via::host_memory;
-        if (p.bounced && !read) routes.push_back(copy), bytes.push_back(p.bytes);
-        routes.push_back(std::move(own)), bytes.push_back(p.bytes);
-        if (p.bounced && read) routes.push_back(copy), bytes.push_back(p.bytes);
+        if (p.bounced && !read) rq.legs[rq.n++] = {copy, p.bytes};
+        rq.legs[rq.n++] = {std::move(own), p.bytes};
+        if (p.bounced && read) rq.legs[rq.n++] = {copy, p.bytes};
       }
     }
-    stages.start(i, std::move(routes), 0, std::move(bytes));
+    timing.start(std::move(reqs[0]), std::move(reqs[1]));
     return {};
   };
 
   // Queue depth as the block jobs keep it: a new block as soon as one completes.
   uint64_t next = 0, completed = 0, in_flight = 0;
   const auto on_done = [&](const std::vector<size_t>& finished) {
-    const uint64_t ended = stages.advance(finished, lat);
+    const uint64_t ended = timing.advance(finished, lat);
     completed += ended;
     in_flight -= ended;
   };
