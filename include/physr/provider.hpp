@@ -179,6 +179,8 @@ class ProviderRegistry {
   void wait_for_frees();
   /// Bytes held by the lookup tables (radix nodes and touched id-table pages).
   size_t table_bytes() const noexcept { return table_bytes_.load(std::memory_order_relaxed); }
+  /// Bytes mapped for nodes and runs (2 MiB chunks; freed runs are reused, not unmapped).
+  size_t arena_bytes() const noexcept;
 
  private:
   static constexpr unsigned kPfnBits = 40;

@@ -234,6 +234,11 @@ constexpr size_t kLineValues = 16, kLineHead = 48;
 // (64 or 128). A node comes zero-filled; runs are written whole by build().
 void* ProviderRegistry::arena_alloc(size_t bytes, size_t align) { return arena_->alloc(bytes, align); }
 
+size_t ProviderRegistry::arena_bytes() const noexcept {
+  std::lock_guard g(arena_->lock);
+  return arena_->chunks.size() * Arena::kChunk;
+}
+
 // The providers of a slot [lo, hi) that holds a leaf or a run, clipped to the slot, in order.
 void ProviderRegistry::collect(uintptr_t x, uint64_t lo, uint64_t hi, std::vector<Piece>& out) const {
   if (x == 0) return;
