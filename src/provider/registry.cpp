@@ -116,6 +116,9 @@ struct ProviderRegistry::Arena {
   std::vector<std::vector<char*>> free;  // by size in lines
 
   ~Arena() {
+    // The last RCU callback released blocks under the lock (ThreadSanitizer sees that order,
+    // not rcu_barrier's).
+    std::lock_guard g(lock);
     for (char* c : chunks) munmap(c, kChunk);
   }
   static Arena* of(const void* block) {
@@ -201,7 +204,6 @@ constexpr uintptr_t kLeaf = 1, kRun = 2, kRunTop = 4, kRunLine = 8, kTags = 7;
 inline const Provider* leaf_ptr(uintptr_t x) { return reinterpret_cast<const Provider*>(x & ~kLeaf); }
 inline bool is_leaf(uintptr_t x) { return x & kLeaf; }
 inline bool is_run(uintptr_t x) { return (x & (kLeaf | kRun)) == kRun; }
-inline bool is_line_run(uintptr_t x) { return is_run(x) && (x & kRunLine); }
 inline bool is_node(uintptr_t x) { return x != 0 && (x & kTags) == 0; }
 inline uint64_t first_page(const Provider* p) { return p->phys().base.value() >> kPageShift; }
 inline uint64_t end_page(const Provider* p) { return (p->phys().base.value() + p->phys().size) >> kPageShift; }
