@@ -384,11 +384,12 @@ bool ProviderRegistry::overlaps(const std::atomic<uintptr_t>* n, unsigned level,
 }
 
 // Maps pages [s, e) of slot `slot` (level `level`, pages [lo, hi)) to p. An empty slot takes
-// a leaf (partial unless p covers it whole); a slot that already holds other providers'
-// pieces (a partial leaf or a run) gets a new run with p's piece added, or a new node when
-// the run would be too long. New runs and nodes are complete before they are published
-// with one release store; a replaced run is freed after a grace period, nodes never while
-// the registry lives, so a reader always finds what it loaded alive and complete.
+// a leaf if p covers it whole, else a line run (p's piece and the gaps); a slot that
+// already holds other providers' pieces (a run) gets a new run with p's piece added, or a
+// new node when the run would be too long. New runs and nodes are complete before they are
+// published with one release store; a replaced run goes back to the arena after a grace
+// period, nodes never while the registry lives, so a reader always finds what it loaded
+// alive and complete.
 void ProviderRegistry::insert_slot(std::atomic<uintptr_t>& slot, unsigned level, uint64_t lo, uint64_t hi, uint64_t s, uint64_t e,
                                    const Provider* p) {
   const uintptr_t x = slot.load(std::memory_order_relaxed);
