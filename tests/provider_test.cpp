@@ -355,6 +355,44 @@ TEST(ProviderRegistryTest, PartlyCoveredSlotsTakeOneLineUntilAFifthPiece) {
   reg.wait_for_frees();
 }
 
+// Nodes and runs live in 2 MiB chunks. A large table spans several (lookups stay right
+// across them), and a run replaced by a writer goes back to its chunk after the grace
+// period and is reused: churn that replaces runs forever does not grow the arena.
+TEST(ProviderRegistryTest, ArenaSpansChunksAndReusesFreedRuns) {
+  ProviderRegistry reg;
+  EXPECT_EQ(reg.arena_bytes(), 0u);  // a registry without runs or nodes maps nothing
+  constexpr uint64_t kN = 300000, kBase = uint64_t{1} << 40;
+  for (uint64_t k = 0; k < kN; ++k) ASSERT_TRUE(reg.add(aperture(kBase + k * 4096, 4096)).has_value());
+  EXPECT_GE(reg.arena_bytes(), size_t{4} << 20);  // 293 leaf nodes of 8 KiB: two chunks at least
+  {
+    ProviderRegistry::ReadGuard g;
+    for (uint64_t k = 0; k < kN; k += 7) ASSERT_EQ(reg.find(PhysAddr(kBase + k * 4096 + 5))->id(), k + 1) << k;
+  }
+  // A slot with six pieces (a block run of 5 lines), rebuilt by every add and remove.
+  const uint64_t slot = uint64_t{5} << 32;
+  for (uint64_t k = 0; k < 2; ++k) ASSERT_TRUE(reg.add(aperture(slot + (k + 1) * 0x10000, 4096, 2)).has_value());
+  auto churn = [&](int rounds) {
+    for (int round = 0; round < rounds; ++round) {
+      auto id = reg.add(aperture(slot + 0x40000, 4096, 3));
+      ASSERT_TRUE(id.has_value());
+      ASSERT_TRUE(reg.remove(*id).has_value());
+      if (round % 256 == 255) reg.wait_for_frees();
+    }
+    reg.wait_for_frees();
+  };
+  churn(256);  // the ids it cycles through touch their id-table page
+  const size_t arena = reg.arena_bytes(), table = reg.table_bytes();
+  churn(20000);
+  EXPECT_EQ(reg.table_bytes(), table);
+  // 40000 runs of 320 bytes (12 MiB) were built; reused, they fit the chunks already mapped
+  // plus at most one more.
+  EXPECT_LE(reg.arena_bytes(), arena + (size_t{2} << 20));
+  ProviderRegistry::ReadGuard g;
+  EXPECT_EQ(reg.find(PhysAddr(slot + 0x10000))->owner().dev, 2);
+  EXPECT_EQ(reg.find(PhysAddr(slot + 0x20fff))->owner().dev, 2);
+  EXPECT_EQ(reg.find(PhysAddr(slot + 0x40000)), nullptr);
+}
+
 TEST(ProviderTaggingTest, TagsSplitsAtBoundariesAndNeverMergesAcross) {
   ProviderRegistry reg;
   const ProviderId a = *reg.add(aperture(0x10000, 0x4000));

@@ -179,6 +179,8 @@ class ProviderRegistry {
   void wait_for_frees();
   /// Bytes held by the lookup tables (radix nodes and touched id-table pages).
   size_t table_bytes() const noexcept { return table_bytes_.load(std::memory_order_relaxed); }
+  /// Bytes mapped for nodes and runs (2 MiB chunks; freed runs are reused, not unmapped).
+  size_t arena_bytes() const noexcept;
 
  private:
   static constexpr unsigned kPfnBits = 40;
@@ -256,13 +258,15 @@ class ProviderRegistry {
   bool overlaps(const std::atomic<uintptr_t>* n, unsigned level, uint64_t base, uint64_t s, uint64_t e, const Provider** who) const;
   void insert(Slots n, unsigned level, uint64_t base, uint64_t s, uint64_t e, const Provider* p);
   void erase(Slots n, unsigned level, uint64_t base, uint64_t s, uint64_t e, const Provider* p);
-  void free_slot(uintptr_t x, unsigned level);
+  struct Arena;
+  void* arena_alloc(size_t bytes, size_t align);
   Provider* writer_get(ProviderId id) const;
 
   // The top level: 2^20 slots of 4 GiB in reserved virtual memory (8 MiB, mmap
   // MAP_NORESERVE); only pages holding a used slot are backed.
   std::atomic<uintptr_t>* top_ = nullptr;
   std::vector<bool> top_pages_;  // which 4 KiB pages of top_ were written
+  Arena* arena_ = nullptr;       // where nodes and runs live (2 MiB chunks)
   std::atomic<const Provider*>* ids_ = nullptr;  // kMaxProviders + 1 entries, mmap'ed
   std::vector<bool> id_pages_;                  // which 4 KiB pages of ids_ hold an entry
   mutable std::mutex writer_;

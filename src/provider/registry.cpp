@@ -8,6 +8,7 @@
 #include <cstddef>
 #include <cstdio>
 #include <new>
+#include <utility>
 #include <string>
 
 // ThreadSanitizer does not see the ordering that an RCU grace period provides (liburcu
@@ -98,6 +99,73 @@ constexpr size_t kTopBytes = kTopSlots * sizeof(uintptr_t);
 constexpr size_t kSlotsPerPage = 4096 / sizeof(uintptr_t);
 }  // namespace
 
+// Nodes and runs live in 2 MiB chunks, so that a large table spans a few huge pages (one
+// TLB entry each) instead of thousands of 4 KiB pages scattered through the heap. A chunk
+// starts with a header line naming its arena, so an RCU callback, which gets only the
+// rcu_head, can give a run back. Freed blocks are kept per size (in 64-byte lines) and
+// reused; chunks are unmapped with the registry.
+struct ProviderRegistry::Arena {
+  static constexpr size_t kChunk = size_t{2} << 20;
+  struct Header {
+    Arena* arena;
+  };
+  std::mutex lock;                         // writers allocate, RCU callbacks free
+  std::vector<char*> chunks;
+  char* bump = nullptr;
+  char* end = nullptr;
+  std::vector<std::vector<char*>> free;  // by size in lines
+
+  ~Arena() {
+    // The last RCU callback released blocks under the lock (ThreadSanitizer sees that order,
+    // not rcu_barrier's).
+    std::lock_guard g(lock);
+    for (char* c : chunks) munmap(c, kChunk);
+  }
+  static Arena* of(const void* block) {
+    return reinterpret_cast<const Header*>(reinterpret_cast<uintptr_t>(block) & ~(kChunk - 1))->arena;
+  }
+  // A 2 MiB-aligned chunk. From the second on (the table is past 2 MiB: TLB reach starts to
+  // matter), asks for transparent huge pages; the first stays 4 KiB-paged so that a small
+  // registry touches a few pages only.
+  void grow() {
+    void* m = mmap(nullptr, 2 * kChunk, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (m == MAP_FAILED) throw std::bad_alloc();
+    char* raw = static_cast<char*>(m);
+    char* c = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(raw) + kChunk - 1) & ~(kChunk - 1));
+    if (c > raw) munmap(raw, static_cast<size_t>(c - raw));
+    if (c + kChunk < raw + 2 * kChunk) munmap(c + kChunk, static_cast<size_t>(raw + 2 * kChunk - (c + kChunk)));
+#ifdef MADV_HUGEPAGE
+    if (!chunks.empty()) madvise(c, kChunk, MADV_HUGEPAGE);
+#endif
+    chunks.push_back(c);
+    new (c) Header{this};
+    bump = c + 64;
+    end = c + kChunk;
+  }
+  char* alloc(size_t bytes, size_t align) {
+    const size_t lines = (bytes + 63) / 64;
+    std::lock_guard g(lock);
+    if (lines < free.size() && !free[lines].empty()) {
+      char* b = free[lines].back();
+      free[lines].pop_back();
+      return b;
+    }
+    if (!bump || bump + lines * 64 + (align - 64) > end) grow();
+    if (reinterpret_cast<uintptr_t>(bump) & (align - 1)) put(std::exchange(bump, bump + 64), 1);  // keep the skipped line
+    char* b = bump;
+    bump += lines * 64;
+    return b;
+  }
+  void put(char* block, size_t lines) {
+    if (free.size() <= lines) free.resize(lines + 1);
+    free[lines].push_back(block);
+  }
+  void release(char* block, size_t bytes) {
+    std::lock_guard g(lock);
+    put(block, (bytes + 63) / 64);
+  }
+};
+
 ProviderRegistry::ProviderRegistry() {
   // Zero-filled on demand by the kernel; untouched pages read as zero (no provider).
   void* m = mmap(nullptr, kIdTableBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
@@ -111,6 +179,7 @@ ProviderRegistry::ProviderRegistry() {
   }
   top_ = static_cast<std::atomic<uintptr_t>*>(t);
   top_pages_.assign(kTopBytes / 4096, false);
+  arena_ = new Arena;
 }
 
 ProviderRegistry::~ProviderRegistry() {
@@ -125,10 +194,8 @@ ProviderRegistry::~ProviderRegistry() {
     }
   }
   munmap(ids_, kIdTableBytes);
-  for (size_t page = 0; page < top_pages_.size(); ++page)
-    if (top_pages_[page])
-      for (size_t i = page * kSlotsPerPage; i < (page + 1) * kSlotsPerPage; ++i) free_slot(top_[i].load(std::memory_order_relaxed), 1);
   munmap(top_, kTopBytes);
+  delete arena_;  // every node and run, live or freed
 }
 
 namespace {
@@ -137,7 +204,6 @@ constexpr uintptr_t kLeaf = 1, kRun = 2, kRunTop = 4, kRunLine = 8, kTags = 7;
 inline const Provider* leaf_ptr(uintptr_t x) { return reinterpret_cast<const Provider*>(x & ~kLeaf); }
 inline bool is_leaf(uintptr_t x) { return x & kLeaf; }
 inline bool is_run(uintptr_t x) { return (x & (kLeaf | kRun)) == kRun; }
-inline bool is_line_run(uintptr_t x) { return is_run(x) && (x & kRunLine); }
 inline bool is_node(uintptr_t x) { return x != 0 && (x & kTags) == 0; }
 inline uint64_t first_page(const Provider* p) { return p->phys().base.value() >> kPageShift; }
 inline uint64_t end_page(const Provider* p) { return (p->phys().base.value() + p->phys().size) >> kPageShift; }
@@ -166,16 +232,13 @@ inline char* run_lines(uintptr_t x) { return reinterpret_cast<char*>(x & ~uintpt
 constexpr size_t kLineValues = 16, kLineHead = 48;
 }  // namespace
 
-void ProviderRegistry::free_slot(uintptr_t x, unsigned level) {
-  if (is_line_run(x)) {
-    ::operator delete(run_lines(x), std::align_val_t{64});
-  } else if (is_run(x)) {
-    ::operator delete(run_lines(x) - 128, std::align_val_t{128});
-  } else if (is_node(x) && level < 3) {
-    Node* child = reinterpret_cast<Node*>(x);
-    for (auto& s : child->slot) free_slot(s.load(std::memory_order_relaxed), level + 1);
-    delete child;
-  }
+// Writer side (under writer_): a zeroed-or-overwritten block of `bytes`, `align`-aligned
+// (64 or 128). A node comes zero-filled; runs are written whole by build().
+void* ProviderRegistry::arena_alloc(size_t bytes, size_t align) { return arena_->alloc(bytes, align); }
+
+size_t ProviderRegistry::arena_bytes() const noexcept {
+  std::lock_guard g(arena_->lock);
+  return arena_->chunks.size() * Arena::kChunk;
 }
 
 // The providers of a slot [lo, hi) that holds a leaf or a run, clipped to the slot, in order.
@@ -225,7 +288,7 @@ uintptr_t ProviderRegistry::build(unsigned level, uint64_t lo, uint64_t hi, cons
   if (cursor < hi) pieces.emplace_back(cursor, 0);
   if (pieces.size() > (level == 2 ? kLeafNodeMinPieces : kRunMaxPieces)) {
     PHYSR_ASSERT(level < 3, "a single-page slot holds one provider");
-    Node* child = new Node{};
+    Node* child = new (arena_alloc(sizeof(Node), 64)) Node{};
     table_bytes_.fetch_add(sizeof(Node), std::memory_order_relaxed);
     for (const Piece& q : provs) insert(child->slot, level + 1, lo, q.s, q.e, q.p);
     return reinterpret_cast<uintptr_t>(child);
@@ -233,7 +296,7 @@ uintptr_t ProviderRegistry::build(unsigned level, uint64_t lo, uint64_t hi, cons
   if (pieces.size() <= kLinePieces) {
     // One line: an aperture covering part of its slot, or a few small ones. Readers find
     // the piece without touching the Provider.
-    char* k = static_cast<char*>(::operator new(64, std::align_val_t{64}));
+    char* k = static_cast<char*>(arena_alloc(64, 64));
     auto* starts = reinterpret_cast<int32_t*>(k);
     auto* vals = reinterpret_cast<uintptr_t*>(k + kLineValues);
     for (size_t j = 0; j < kLinePieces; ++j) {
@@ -247,7 +310,7 @@ uintptr_t ProviderRegistry::build(unsigned level, uint64_t lo, uint64_t hi, cons
   const size_t n = pieces.size(), blocks = (n + 15) / 16, last = n - 16 * (blocks - 1);
   const bool top = blocks > 1;
   const size_t bytes = 128 + (top ? 64 : 0) + kRunBlock * (blocks - 1) + 64 + 8 * last;
-  char* base = static_cast<char*>(::operator new(bytes, std::align_val_t{128}));
+  char* base = static_cast<char*>(arena_alloc(bytes, 128));
   char* k = base + 128;
   auto* info = new (k - 64) RunInfo{};
   info->pieces = static_cast<uint32_t>(n);
@@ -279,7 +342,8 @@ void ProviderRegistry::retire(uintptr_t x) {
     tsan_reader_done();
     urcu_memb_call_rcu(reinterpret_cast<rcu_head*>(k + kLineHead), [](rcu_head* h) {
       tsan_grace_period_over();
-      ::operator delete(reinterpret_cast<char*>(h) - kLineHead, std::align_val_t{64});
+      char* block = reinterpret_cast<char*>(h) - kLineHead;
+      Arena::of(block)->release(block, 64);
     });
     return;
   }
@@ -288,7 +352,8 @@ void ProviderRegistry::retire(uintptr_t x) {
   tsan_reader_done();  // the writer's accesses precede the free (liburcu's queue is not seen)
   urcu_memb_call_rcu(&info->head, [](rcu_head* h) {
     tsan_grace_period_over();
-    ::operator delete(reinterpret_cast<char*>(h) - 64, std::align_val_t{128});
+    char* block = reinterpret_cast<char*>(h) - 64;
+    Arena::of(block)->release(block, reinterpret_cast<RunInfo*>(h)->bytes);
   });
 }
 
@@ -319,11 +384,12 @@ bool ProviderRegistry::overlaps(const std::atomic<uintptr_t>* n, unsigned level,
 }
 
 // Maps pages [s, e) of slot `slot` (level `level`, pages [lo, hi)) to p. An empty slot takes
-// a leaf (partial unless p covers it whole); a slot that already holds other providers'
-// pieces (a partial leaf or a run) gets a new run with p's piece added, or a new node when
-// the run would be too long. New runs and nodes are complete before they are published
-// with one release store; a replaced run is freed after a grace period, nodes never while
-// the registry lives, so a reader always finds what it loaded alive and complete.
+// a leaf if p covers it whole, else a line run (p's piece and the gaps); a slot that
+// already holds other providers' pieces (a run) gets a new run with p's piece added, or a
+// new node when the run would be too long. New runs and nodes are complete before they are
+// published with one release store; a replaced run goes back to the arena after a grace
+// period, nodes never while the registry lives, so a reader always finds what it loaded
+// alive and complete.
 void ProviderRegistry::insert_slot(std::atomic<uintptr_t>& slot, unsigned level, uint64_t lo, uint64_t hi, uint64_t s, uint64_t e,
                                    const Provider* p) {
   const uintptr_t x = slot.load(std::memory_order_relaxed);
