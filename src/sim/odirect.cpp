@@ -36,7 +36,7 @@ using Moved = std::vector<Piece>;
 
 }  // namespace
 
-Result<JobResult> run_direct_io_job(Machine& m, const Job& job, const DirectIoJob& k) {
+Result<JobResult> run_direct_io_job(Machine& m, const Job& job, const DirectIoJob& k, Group& g) {
   const pci::Topology& topo = m.topology();
   const std::string where = "job '" + job.name + "'";
   for (const uint32_t f : {k.ssd, k.target}) {
@@ -99,8 +99,6 @@ Result<JobResult> run_direct_io_job(Machine& m, const Job& job, const DirectIoJo
   const DmaAttrs attrs = k.path == PathPolicy::automatic ? kDmaAttrAllowBounce : kDmaAttrNone;
 
   Fabric& fab = m.fabric();
-  fab.reset_counters();
-  const size_t faults_before = m.faults().size();
   JobResult out;
   out.name = job.name;
   out.device = m.label(k.ssd) + " -> " + m.label(k.target);
@@ -111,10 +109,11 @@ Result<JobResult> run_direct_io_job(Machine& m, const Job& job, const DirectIoJo
   // The target's media takes the written blocks at its write bandwidth, shared by the
   // blocks in flight (the read side's media serves blocks in order, in Stages).
   const uint32_t write_media = fab.add_resource(Resource::Kind::device, m.label(k.target) + " media (writes)", mo.nvme_write_gbps);
-  Simulator sim(fab);
+  Simulator& sim = g.sim();
   // The source's media slot per block as for NVMe jobs: its bytes at the read bandwidth, and
   // no less than one command at the read IOPS limit.
   Stages stages(sim, ios, bs, std::max(static_cast<double>(bs) / mo.nvme_read_gbps, 1e9 / mo.nvme_read_iops));
+  stages.share_device(g.device(m.label(k.ssd) + " media"));  // with other jobs on the same SSD at once
   LatencyHistogram lat;
   ViaFlags via;
   const Route* p2p_taken = nullptr;
@@ -204,28 +203,13 @@ Result<JobResult> run_direct_io_job(Machine& m, const Job& job, const DirectIoJo
   };
 
   // Queue depth as the block jobs keep it: a new block as soon as one completes.
-  uint64_t next = 0, completed = 0, in_flight = 0;
-  const auto on_done = [&](const std::vector<size_t>& finished) {
-    const uint64_t ended = stages.advance(finished, lat);
-    completed += ended;
-    in_flight -= ended;
-  };
-  Status st;
-  while (st && completed < ios) {
-    if (in_flight < qd && next < ios) {
-      st = submit(next++);
-      ++in_flight;
-      continue;
-    }
-    const auto finished = sim.step();
-    if (finished.empty()) st = make_error(EIO, where + ": the simulation stalled");  // cannot happen: every flow ends
-    on_done(finished);
-  }
+  Driver d;
+  Status st = run_items(g, d, stages, lat, ios, qd, where, submit);
   // The process exits: its mappings go, and the P2P chunks back to the pool (after a grace period).
   Status un = as.munmap(mem::AddressSpace::kMmapBase, std::min(qd, ios) * stride);
   PHYSR_RETURN_IF_ERROR(st);
   PHYSR_RETURN_IF_ERROR_CTX(std::move(un), where);
-  finish_result(out, m, sim, lat, job.size, ios, faults_before);
+  finish_result(out, m, d, stages, lat, job.size, ios);
   out.via = via;
   out.path = !bar ? "host memory"
              : out.took(Via::bounced) ? "bounce (DMA layer, swiotlb)"
