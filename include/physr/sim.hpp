@@ -4,7 +4,8 @@
 // fabric does; fio-like jobs that move and verify real bytes through the DMA layer (NVMe
 // SSDs, GPU and accelerator copy engines, NIC-to-NIC packets, O_DIRECT copies, devices
 // working on a process's memory through an HMM mirror); scenario files; and the
-// runner that runs a scenario's jobs on its machine.
+// runner that runs a scenario's jobs on its machine, one after another or at once
+// (fio's groups and stonewall: the jobs of a group share one fabric clock).
 //
 // Design rationale
 // - Resources, not packets: every PCIe link direction, every root complex's peer-forwarding
@@ -118,8 +119,8 @@ class Fabric {
     for (Resource& r : res_) r.bytes = 0, r.moved = 0;
   }
   /// Adds a resource outside the PCIe tree (a copy engine, a wire), or returns the one of
-  /// that kind and name added before (now with this bandwidth): jobs run one after another
-  /// on a machine share it rather than piling up copies. `gbps` must be positive (the
+  /// that kind and name added before (now with this bandwidth): the jobs of a machine share
+  /// it rather than piling up copies. `gbps` must be positive (the
   /// simulator shares out bandwidth and assumes none is negative).
   uint32_t add_resource(Resource::Kind kind, std::string name, double gbps);
 
@@ -278,7 +279,8 @@ struct DmaAccess {
 /// host buffers and to which it gives them back at its end, so jobs that run at once get
 /// disjoint buffers. Page granular and physically contiguous, first fit at the asked
 /// alignment, as dma_alloc_coherent() hands out large buffers from a contiguous area
-/// (Linux mm/cma.c cma_alloc(): the first free run of the bitmap at the alignment); a node
+/// (Linux mm/cma.c cma_range_alloc(): the first free run of the bitmap at the alignment,
+/// bitmap_find_next_zero_area_off()); a node
 /// whose arena is full falls back to the other nodes in order, as the page allocator's
 /// zonelist does (the timing still takes the device's own node). Not thread-safe (jobs run
 /// on one thread).
