@@ -376,6 +376,36 @@ size = "8M"
   EXPECT_NE(rep->jobs[2].result.error().message.find("group.toml:13: job 'missing'"), std::string::npos) << rep->jobs[2].result.error().message;
 }
 
+// Jobs of a group that fail in their setup, the last one included, leave the others to run
+// once each, and jobs that fail while the group runs leave the rest running.
+TEST(SimGroupTest, JobsFailingInSetupOrLaterLeaveTheOthersRunningOnce) {
+  const pci::Topology t = narrow_gpu_machine();
+  auto mr = Machine::create(t, MachineOptions{});
+  ASSERT_TRUE(mr.has_value());
+  Machine& m = **mr;
+  CopyJob bad_copy;  // path bounce is for NVMe jobs: EINVAL in setup
+  bad_copy.device = *t.lookup("gpu0");
+  bad_copy.path = PathPolicy::bounce;
+  const std::vector<Job> jobs = {Job{"bad-first", bad_copy, 128 * KiB, 4, 4 * MiB}, p2p_read(t, "a", "nvme0", 8 * MiB),
+                                 Job{"bad-middle", bad_copy, 128 * KiB, 4, 4 * MiB}, p2p_read(t, "b", "nvme1", 8 * MiB),
+                                 Job{"bad-last", bad_copy, 128 * KiB, 4, 4 * MiB}};
+  std::vector<uint64_t> progress(jobs.size(), 0);
+  auto rs = run_jobs(m, jobs, [&](size_t k, uint64_t done, uint64_t) { progress[k] = std::max(progress[k], done); });
+  ASSERT_EQ(rs.size(), jobs.size());
+  for (size_t k : {0u, 2u, 4u}) {
+    ASSERT_FALSE(rs[k].has_value()) << jobs[k].name;
+    EXPECT_EQ(rs[k].error().code, EINVAL);
+    EXPECT_NE(rs[k].error().message.find("job '" + jobs[k].name + "': path bounce"), std::string::npos) << rs[k].error().message;
+  }
+  for (size_t k : {1u, 3u}) {
+    ASSERT_TRUE(rs[k].has_value()) << rs[k].error().to_string();
+    EXPECT_EQ(rs[k]->verified_bytes, 8 * MiB);
+    EXPECT_EQ(rs[k]->ios, 64u);
+    EXPECT_EQ(progress[k], 64u);  // each ran once, to its end
+  }
+  EXPECT_EQ(m.host_memory().allocated(), 0u);
+}
+
 // The keys' types and places are checked with FILE:LINE; a stonewall on the first job, or
 // in a scenario that is not concurrent, is allowed (it changes nothing).
 TEST(SimGroupTest, BadGroupSyntaxNamesTheFileLineAndKey) {

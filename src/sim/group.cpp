@@ -25,16 +25,16 @@ void Group::chain(size_t k) {
     return;
   }
   current_ = k;
-  entered_ = false;
   (*job_)(k);
-  // A runner that failed before run() never went on to the next job: go on for it.
-  if (!entered_) chain(k + 1);
+  // A runner that failed before run() never went on to the next job: go on for it. (Its
+  // own flag: the jobs after it ran inside this call if it did.)
+  if (!ran_[k]) chain(k + 1);
 }
 
 Status Group::run(Driver& d) {
   const size_t k = current_;
-  PHYSR_ASSERT(k < drivers_.size() && !drivers_[k] && !entered_, "each job of a group runs its driver once, from its runner");
-  entered_ = true;
+  PHYSR_ASSERT(k < drivers_.size() && !ran_[k], "each job of a group runs its driver once, from its runner");
+  ran_[k] = 1;
   drivers_[k] = &d;
   d.stages->set_owner(static_cast<uint32_t>(k));
   chain(k + 1);
@@ -43,6 +43,8 @@ Status Group::run(Driver& d) {
 
 void Group::loop() {
   constexpr double kNever = std::numeric_limits<double>::infinity();
+  PHYSR_ASSERT(!looped_, "a group's loop runs once, inside its last job's call");
+  looped_ = true;
   for (Driver* d : drivers_)
     if (d) d->start_ns = d->end_ns = d->ready_at = sim_.now();
   by_owner_.assign(drivers_.size(), {});

@@ -294,7 +294,7 @@ struct Driver {
 class Group {
  public:
   Group(Machine& m, size_t jobs, std::function<void(size_t job, uint64_t done, uint64_t total)> progress)
-      : m_(m), sim_(m.fabric()), drivers_(jobs, nullptr), progress_(std::move(progress)) {}
+      : m_(m), sim_(m.fabric()), drivers_(jobs, nullptr), ran_(jobs, 0), progress_(std::move(progress)) {}
   Machine& machine() noexcept { return m_; }
   Simulator& sim() noexcept { return sim_; }
   /// When the in-order device `name` (an SSD's media, a copy engine, a wire) is next free,
@@ -312,12 +312,13 @@ class Group {
   void loop();
   Machine& m_;
   Simulator sim_;
-  std::vector<Driver*> drivers_;  // by job; null: not (yet) running
+  std::vector<Driver*> drivers_;  // by job; null: not (yet) running; valid while the loop runs
+  std::vector<char> ran_;         // by job: its runner called run()
   std::function<void(size_t, uint64_t, uint64_t)> progress_;
   std::map<std::string, double> devices_;
   const std::function<void(size_t)>* job_ = nullptr;
-  size_t current_ = 0;    // the job whose runner is being called
-  bool entered_ = false;  // that runner called run()
+  size_t current_ = 0;   // the job whose runner is being called
+  bool looped_ = false;  // the loop ran
   std::vector<std::vector<size_t>> by_owner_;  // the loop's scratch
 };
 
