@@ -4,7 +4,8 @@
 // fabric does; fio-like jobs that move and verify real bytes through the DMA layer (NVMe
 // SSDs, GPU and accelerator copy engines, NIC-to-NIC packets, O_DIRECT copies, devices
 // working on a process's memory through an HMM mirror); scenario files; and the
-// runner that runs a scenario's jobs on its machine.
+// runner that runs a scenario's jobs on its machine, one after another or at once
+// (fio's groups and stonewall: the jobs of a group share one fabric clock).
 //
 // Design rationale
 // - Resources, not packets: every PCIe link direction, every root complex's peer-forwarding
@@ -118,8 +119,8 @@ class Fabric {
     for (Resource& r : res_) r.bytes = 0, r.moved = 0;
   }
   /// Adds a resource outside the PCIe tree (a copy engine, a wire), or returns the one of
-  /// that kind and name added before (now with this bandwidth): jobs run one after another
-  /// on a machine share it rather than piling up copies. `gbps` must be positive (the
+  /// that kind and name added before (now with this bandwidth): the jobs of a machine share
+  /// it rather than piling up copies. `gbps` must be positive (the
   /// simulator shares out bandwidth and assumes none is negative).
   uint32_t add_resource(Resource::Kind kind, std::string name, double gbps);
 
@@ -159,8 +160,11 @@ class Simulator {
   explicit Simulator(Fabric& fabric) : fabric_(&fabric) {}
 
   /// Adds a transfer of `bytes` over `route`, submitted at `at_ns`; its data starts moving
-  /// after the route's latency. Returns its index.
-  size_t add(const Route& route, uint64_t bytes, double at_ns);
+  /// after the route's latency. `owner` tags it (the job of a group it belongs to; see
+  /// owner()). Returns its index.
+  size_t add(const Route& route, uint64_t bytes, double at_ns, uint32_t owner = 0);
+  /// The owner a transfer was added with (until it is released).
+  uint32_t owner(size_t flow) const { return flows_[flow].owner; }
   /// Gives back the record of a finished transfer the caller asks nothing more about: a
   /// later add() may return its index again, so memory stays bounded by the transfers in
   /// flight however many a run makes.
@@ -188,6 +192,7 @@ class Simulator {
     double submit = 0, start = 0, finish = -1;
     double remaining = 0, rate = 0;
     uint64_t bytes = 0;
+    uint32_t owner = 0;
   };
   void allocate_rates(const std::vector<size_t>& active);
   bool advance(double horizon, std::vector<size_t>& done);
@@ -274,7 +279,8 @@ struct DmaAccess {
 /// host buffers and to which it gives them back at its end, so jobs that run at once get
 /// disjoint buffers. Page granular and physically contiguous, first fit at the asked
 /// alignment, as dma_alloc_coherent() hands out large buffers from a contiguous area
-/// (Linux mm/cma.c cma_alloc(): the first free run of the bitmap at the alignment); a node
+/// (Linux mm/cma.c cma_range_alloc(): the first free run of the bitmap at the alignment,
+/// bitmap_find_next_zero_area_off()); a node
 /// whose arena is full falls back to the other nodes in order, as the page allocator's
 /// zonelist does (the timing still takes the device's own node). Not thread-safe (jobs run
 /// on one thread).
@@ -597,6 +603,22 @@ struct JobResult {
 /// when a policy of p2p meets a pair the fabric or the DMA layer refuses.
 Result<JobResult> run_job(Machine& machine, const Job& job);
 
+/// The most jobs run_jobs() runs at once.
+inline constexpr size_t kMaxGroupJobs = 256;
+
+/// Runs `jobs` at once on one fabric clock, as fio runs the jobs of one group: their
+/// transfers share every link, switch, root complex and memory controller max-min fairly,
+/// and jobs on the same SSD, copy engine or wire share its in-order service. Each job is
+/// checked and set up as run_job() does (its buffers disjoint from the others', from the
+/// pools and host memory), then all start at the same time; each result has the job's own
+/// bytes, time (from the group's start to its last completion), latencies and per-resource
+/// bytes, which over the group add up to the fabric's counters (reset at the start). A job
+/// that fails (in setup or later) has its error; the others run on. run_job() is a group of
+/// one. `progress(i, done, total)`, if given, as job i's items complete. More than
+/// kMaxGroupJobs jobs: every entry is EINVAL.
+std::vector<Result<JobResult>> run_jobs(Machine& machine, std::span<const Job> jobs,
+                                        const std::function<void(size_t job, uint64_t done, uint64_t total)>& progress = {});
+
 // -------------------------------------------------------------------------------------
 // Scenarios: a machine and jobs, from TOML (docs/sim.md)
 
@@ -624,6 +646,9 @@ struct JobSpec {
   uint32_t fault_pages = 16;          // HMM jobs: HmmJob::fault_pages
   double fault_us = 20;               // HMM jobs: HmmJob::fault_latency_us
   std::vector<HmmEvent> events;       // HMM jobs: the process's changes ([[job.event]])
+  /// fio's stonewall: the job waits for every earlier job to end and starts a new group
+  /// (only changes anything in a concurrent scenario, where jobs otherwise run at once).
+  bool stonewall = false;
   std::string where;    // "FILE:LINE" for messages
 };
 
@@ -637,6 +662,10 @@ struct Scenario {
   /// or text parsed by parse_scenario).
   std::filesystem::path folder;
   MachineOptions options;
+  /// [options] concurrent: the jobs run at once, as fio runs a job file's jobs, until a job
+  /// with stonewall starts the next group; false (the default, unlike fio): one job after
+  /// another, each a group of its own.
+  bool concurrent = false;
   std::vector<JobSpec> jobs;
 };
 
@@ -660,6 +689,17 @@ std::string scenario_machine(const Scenario& sc);
 struct JobOutcome {
   std::string name;          // JobSpec::name
   Result<JobResult> result;
+  size_t group = 0;          // the group it ran in (GroupReport::index)
+};
+
+/// A group of jobs that ran at once, as fio's group reporting sums them: the bytes of its
+/// jobs that succeeded over the time from the group's start to its last job's end.
+struct GroupReport {
+  size_t index = 0;          // from 0, in the scenario's order
+  std::vector<size_t> jobs;  // indices into ScenarioReport::jobs
+  uint64_t bytes = 0;
+  double seconds = 0, gbps = 0;  // gbps: aggregate GB/s (bytes over seconds)
+  size_t failed = 0;
 };
 
 /// What running a scenario gave.
@@ -667,16 +707,19 @@ struct ScenarioReport {
   std::string machine;                // scenario_machine(): the machine the jobs ran on
   std::vector<std::string> warnings;  // the machine loader's and the model's, each naming the machine
   std::vector<JobOutcome> jobs;       // one per job, in the scenario's order
+  std::vector<GroupReport> groups;    // one per group, in order (one per job unless concurrent)
+  bool concurrent = false;            // Scenario::concurrent
   /// The jobs that failed.
   size_t failed() const noexcept;
 };
 
 /// Runs a scenario: loads its machine (scenario_machine(), pci::load_machine), builds one
-/// Machine with the scenario's options, and resolves and runs each job on it in order;
-/// `progress(i, spec)` is called before job i. A job that fails records its error in its
-/// entry and the next job runs; `inside(i, done, total)`, if given, as job i's I/Os
-/// complete (Machine::on_progress). Errors (no job ran): the machine cannot be loaded or
-/// built, naming the scenario and the machine.
+/// Machine with the scenario's options, resolves every job, and runs its groups one after
+/// another (run_jobs(): the jobs of a group at once; a group per job unless the scenario is
+/// concurrent); `progress(i, spec)` is called before job i's group starts, for each of its
+/// jobs. A job that fails records its error in its entry and the others run;
+/// `inside(i, done, total)`, if given, as job i's I/Os complete. Errors (no job ran): the
+/// machine cannot be loaded or built, naming the scenario and the machine.
 Result<ScenarioReport> run_scenario(const Scenario& sc,
                                     const std::function<void(size_t job, const JobSpec& spec)>& progress = {},
                                     const std::function<void(size_t job, uint64_t done, uint64_t total)>& inside = {});

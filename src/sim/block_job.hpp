@@ -39,6 +39,7 @@ struct BlockPlan {
   double latency_sigma = 0;            // a block's latency is latency_ns x lognormal_factor(.., sigma)
   std::optional<uint32_t> engine;     // a resource every transfer also crosses (a copy engine)
   const char* inside = "";            // how a P2P route with no link is described
+  std::string served;                 // the in-order device's name (jobs of a group on it share it)
 };
 
 /// Checks the shape every block job shares and finds the buffers' BAR; EINVAL naming `where`.
@@ -62,15 +63,13 @@ inline bool fits_prps(std::span<const DmaSegment> segs) {
 ///   Result<size_t> mismatch(uint64_t pos, span<const uint8_t>)  the device's data at job byte pos vs a buffer
 ///   Status check_written(uint64_t i, what)       after a write: the device holds the job's data
 template <class Media>
-Result<JobResult> run_blocks(Machine& m, const Job& job, const BlockPlan& plan, Media& media, uint64_t stream) {
+Result<JobResult> run_blocks(Machine& m, const Job& job, const BlockPlan& plan, Media& media, uint64_t stream, Group& g) {
   const auto where = [&] { return "job '" + job.name + "'"; };
   const Aperture* bar = plan.bar;
   const bool write = plan.write;
   PHYSR_ASSIGN_OR_RETURN(DmaDevice* dev, m.device(plan.device));
   DmaDevice& dma = *dev;
   Fabric& fab = m.fabric();
-  fab.reset_counters();
-  const size_t faults_before = m.faults().size();
 
   JobResult out;
   out.name = job.name;
@@ -111,11 +110,11 @@ Result<JobResult> run_blocks(Machine& m, const Job& job, const BlockPlan& plan, 
     if (staged) copy.resources.push_back(fab.add_resource(Resource::Kind::device, m.label(bar->function) + " copy engine", m.options().copy_engine_gbps));
   }
 
-  Simulator sim(fab);
+  Simulator& sim = g.sim();
   const uint64_t ios = job.size / job.block_size;
   Stages stages(sim, ios, job.block_size, plan.slot_ns);
+  if (!plan.served.empty()) stages.share_device(g.device(plan.served));
   LatencyHistogram lat;
-  uint64_t next = 0, completed = 0, next_report = 0;
   bool bounced_any = false;
   const Route* taken = nullptr;  // the P2P route the device's addresses took, if any
   const uint8_t* view = nullptr;  // the CPU's view of buffer bytes [view_lo, view_hi), for the landing checks
@@ -231,32 +230,22 @@ Result<JobResult> run_blocks(Machine& m, const Job& job, const BlockPlan& plan, 
     return {};
   };
 
-  uint64_t in_flight = 0;
-  const auto on_done = [&](const std::vector<size_t>& finished) {
-    const uint64_t ended = stages.advance(finished, lat);
-    completed += ended;
-    in_flight -= ended;
-  };
   // The driver ramps the queue up one command per block's media time, so the commands do
   // not move in lockstep (which would leave the media idle for a whole latency after every
   // wave); from then on each completion is replaced by a new command at once.
-  const double gap = plan.slot_ns;
-  const uint64_t ramp = std::min<uint64_t>(job.queue_depth, ios);
-  while (completed < ios) {
-    if (in_flight < job.queue_depth && next < ios) {
-      PHYSR_RETURN_IF_ERROR(submit(next++));
-      ++in_flight;
-      if (next <= ramp) on_done(sim.idle_until(sim.now() + gap));
-      continue;
-    }
-    const auto finished = sim.step();
-    if (finished.empty()) return make_error(EIO, where() + ": the simulation stalled");  // cannot happen: every flow ends
-    on_done(finished);
-    report_progress(m, completed, ios, next_report);
-  }
+  Driver d;
+  d.where = where();
+  d.set_owner = [&stages](uint32_t owner) { stages.set_owner(owner); };
+  d.items = ios;
+  d.queue_depth = job.queue_depth;
+  d.ramp = std::min<uint64_t>(job.queue_depth, ios);
+  d.ramp_gap_ns = plan.slot_ns;
+  d.submit = submit;
+  d.advance = [&](const std::vector<size_t>& finished) { return stages.advance(finished, lat); };
+  PHYSR_RETURN_IF_ERROR(g.run(d));
 
   if (bar && !staged && !bounced_any && !taken) return make_error(EIO, where() + ": the DMA lists for " + bar->name + " reached no BAR");
-  finish_result(out, m, sim, lat, job.size, ios, faults_before);
+  finish_result(out, m, d, stages, lat, job.size, ios);
   out.path = !bar ? "host memory"
              : staged ? "bounce via a host buffer + copy engine"
              : bounced_any ? "bounce (DMA layer, swiotlb)"

@@ -36,7 +36,7 @@ class DeviceMemoryMedia {
 
 }  // namespace
 
-Result<JobResult> run_copy_job(Machine& m, const Job& job, const CopyJob& cj) {
+Result<JobResult> run_copy_job(Machine& m, const Job& job, const CopyJob& cj, Group& g) {
   const pci::Topology& topo = m.topology();
   const std::string where = "job '" + job.name + "'";
   if (cj.device >= topo.functions.size()) return make_error(EINVAL, where + ": no such device");
@@ -60,14 +60,15 @@ Result<JobResult> run_copy_job(Machine& m, const Job& job, const CopyJob& cj) {
   plan.bar = bar;
   plan.latency_ns = mo.copy_engine_latency_ns;
   plan.slot_ns = static_cast<double>(job.block_size) / mo.copy_engine_gbps;
-  plan.engine = m.fabric().add_resource(Resource::Kind::device, m.label(cj.device) + " copy engine", mo.copy_engine_gbps);
+  plan.served = m.label(cj.device) + " copy engine";  // runs the copies of every job on the device in order
+  plan.engine = m.fabric().add_resource(Resource::Kind::device, plan.served, mo.copy_engine_gbps);
   plan.inside = " (inside the device)";
   // The engine's side of the copies: device memory from its own BAR's pool, so a job that
   // runs at the same time with its buffers in that BAR never overlaps them.
   PHYSR_ASSIGN_OR_RETURN(PoolBuffer slots, PoolBuffer::take(m, *vram, window, where + ": device memory"));
   const uint64_t stream = m.next_job();
   DeviceMemoryMedia media(m, slots.base(), job, cj.write, stream);
-  return run_blocks(m, job, plan, media, stream);
+  return run_blocks(m, job, plan, media, stream, g);
 }
 
 }  // namespace physr::sim::detail

@@ -24,7 +24,7 @@ struct PoolGuard {
 };
 }  // namespace
 
-Result<JobResult> detail::run_pool_rx_job(Machine& m, const Job& job, const NetJob& nj) {
+Result<JobResult> detail::run_pool_rx_job(Machine& m, const Job& job, const NetJob& nj, Group& g) {
   const pci::Topology& topo = m.topology();
   const auto where = [&] { return "job '" + job.name + "'"; };
   const bool devmem = nj.rx == NetJob::Rx::devmem;
@@ -90,8 +90,6 @@ Result<JobResult> detail::run_pool_rx_job(Machine& m, const Job& job, const NetJ
   }
   PHYSR_ASSIGN_OR_RETURN(DmaDevice* gpudev, m.device(gpu));
 
-  fab.reset_counters();
-  const size_t faults_before = m.faults().size();
   const uint64_t stream = m.next_job();
   detail::RouteCache tx_routes(fab, tx, false), rx_routes(fab, rx, true);
   const double wire_gbps = nj.wire_gbps > 0 ? nj.wire_gbps : m.options().wire_gbps;
@@ -104,10 +102,11 @@ Result<JobResult> detail::run_pool_rx_job(Machine& m, const Job& job, const NetJ
   out.buffer = devmem ? "host -> headers: host page pool, payload: " + bar->name + " (devmem)"
                       : "host -> host page pool, copied to " + bar->name;
   std::vector<uint8_t> sent(job.block_size), staged(job.block_size);
-  Simulator sim(fab);
+  Simulator& sim = g.sim();
   detail::LatencyHistogram lat;
   const uint64_t packets = job.size / job.block_size;
   detail::Stages stages(sim, packets, job.block_size, static_cast<double>(job.block_size) / wire_gbps);
+  stages.share_device(g.device(fab.resources()[wire].name));  // jobs on the same wire at once send in turn
   std::vector<mem::Netmem> bufs;
   std::vector<DmaSegment> segs;
 
@@ -199,8 +198,9 @@ Result<JobResult> detail::run_pool_rx_job(Machine& m, const Job& job, const NetJ
     stages.start(i, std::move(routes), 0);
     return {};
   };
-  PHYSR_RETURN_IF_ERROR(detail::run_packets(m, sim, stages, lat, packets, job.queue_depth, job.name, send));
-  detail::finish_result(out, m, sim, lat, job.size, packets, faults_before);
+  detail::Driver d;
+  PHYSR_RETURN_IF_ERROR(detail::run_items(g, d, stages, lat, packets, job.queue_depth, where(), send));
+  detail::finish_result(out, m, d, stages, lat, job.size, packets);
   const mem::PagePoolStats ps = (devmem ? dpool : hpool)->stats();
   const uint64_t recycled = ps.recycle.cached + ps.recycle.ring;
   if (devmem) {

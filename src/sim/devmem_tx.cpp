@@ -15,7 +15,7 @@ namespace {
 constexpr uint64_t kWindow = 256 * MiB;
 }  // namespace
 
-Result<JobResult> detail::run_devmem_tx_job(Machine& m, const Job& job, const NetJob& nj) {
+Result<JobResult> detail::run_devmem_tx_job(Machine& m, const Job& job, const NetJob& nj, Group& g) {
   const pci::Topology& topo = m.topology();
   const auto where = [&] { return "job '" + job.name + "'"; };
   const uint32_t tx = nj.sender, rx = nj.receiver;
@@ -61,8 +61,6 @@ Result<JobResult> detail::run_devmem_tx_job(Machine& m, const Job& job, const Ne
   mem::DevmemTxSocket sock(*txdev);
   sock.set_zerocopy(true);  // SO_ZEROCOPY: devmem TX is MSG_ZEROCOPY only
 
-  fab.reset_counters();
-  const size_t faults_before = m.faults().size();
   const uint64_t stream = m.next_job();
   detail::RouteCache tx_routes(fab, tx, false), rx_routes(fab, rx, true);
   const double wire_gbps = nj.wire_gbps > 0 ? nj.wire_gbps : m.options().wire_gbps;
@@ -73,10 +71,11 @@ Result<JobResult> detail::run_devmem_tx_job(Machine& m, const Job& job, const Ne
   out.device = m.label(tx) + "->" + m.label(rx);
   out.buffer = "headers: host, payload: " + bar->name + " (devmem) -> host";
   std::vector<uint8_t> sent(job.block_size);
-  Simulator sim(fab);
+  Simulator& sim = g.sim();
   std::vector<double> lat;
   const uint64_t packets = job.size / job.block_size;
   detail::Stages stages(sim, packets, job.block_size, static_cast<double>(job.block_size) / wire_gbps);
+  stages.share_device(g.device(fab.resources()[wire].name));  // jobs on the same wire at once send in turn
   uint64_t frags = 0;
   std::vector<DmaSegment> segs;
 
@@ -131,8 +130,9 @@ Result<JobResult> detail::run_devmem_tx_job(Machine& m, const Job& job, const Ne
     stages.start(i, std::move(routes), 0);
     return {};
   };
-  PHYSR_RETURN_IF_ERROR(detail::run_packets(m, sim, stages, lat, packets, job.queue_depth, job.name, send));
-  detail::finish_result(out, m, sim, lat, job.size, packets, faults_before);
+  detail::Driver d;
+  PHYSR_RETURN_IF_ERROR(detail::run_items(g, d, stages, lat, packets, job.queue_depth, where(), send));
+  detail::finish_result(out, m, d, stages, lat, job.size, packets);
   const bool p2p = tx_seen.peer_switch || tx_seen.peer_rc;
   out.path = std::string("network: TX devmem (") + std::to_string(hdr) + " B headers from host memory, payload from " + bar->name +
              " net_iovs " + (p2p ? "by p2p" : "through host memory") + (tx_seen.peer_rc ? " through the root complex" : "") + "; " +

@@ -201,7 +201,7 @@ void Fabric::through_rc(uint32_t a, uint32_t b, bool initiator_writes, Route& r)
 
 // ---------------------------------------------------------------------------------------
 
-size_t Simulator::add(const Route& route, uint64_t bytes, double at_ns) {
+size_t Simulator::add(const Route& route, uint64_t bytes, double at_ns, uint32_t owner) {
   size_t id = flows_.size();
   if (!free_.empty()) {
     id = free_.back();
@@ -217,6 +217,7 @@ size_t Simulator::add(const Route& route, uint64_t bytes, double at_ns) {
   f.remaining = static_cast<double>(bytes);
   f.rate = 0;
   f.bytes = bytes;
+  f.owner = owner;
   // Keep the pending flows ordered by start (stable for equal starts).
   const auto pos = std::upper_bound(order_.begin() + static_cast<long>(next_), order_.end(), id,
                                     [&](size_t x, size_t y) { return flows_[x].start < flows_[y].start; });

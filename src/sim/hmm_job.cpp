@@ -44,7 +44,7 @@ namespace {
 constexpr unsigned kGenerationShift = 40;
 }  // namespace
 
-Result<JobResult> run_hmm_job(Machine& m, const Job& job, const HmmJob& k) {
+Result<JobResult> run_hmm_job(Machine& m, const Job& job, const HmmJob& k, Group& group) {
   const pci::Topology& topo = m.topology();
   const std::string where = "job '" + job.name + "'";
   if (k.device >= topo.functions.size()) return make_error(EINVAL, where + ": no such device");
@@ -183,14 +183,12 @@ Result<JobResult> run_hmm_job(Machine& m, const Job& job, const HmmJob& k) {
   PHYSR_ASSIGN_OR_RETURN_CTX(std::unique_ptr<mem::HmmMirror> mirror, mem::HmmMirror::create(as, *dev, mo), where);
 
   Fabric& fab = m.fabric();
-  fab.reset_counters();
-  const size_t faults_before = m.faults().size();
   JobResult out;
   out.name = job.name;
   out.device = m.label(k.device);
   out.buffer = !bar ? "host memory" : k.host_bytes ? bar->name + " + host memory" : bar->name;
   RouteCache read_routes(fab, k.device, false), write_routes(fab, k.device, true);
-  Simulator sim(fab);
+  Simulator& sim = group.sim();
   Stages stages(sim, blocks, bs, 0.0);  // served in order, no slot of its own
   std::vector<double> lat;
   ViaFlags via;
@@ -259,20 +257,8 @@ Result<JobResult> run_hmm_job(Machine& m, const Job& job, const HmmJob& k) {
     return {};
   };
 
-  uint64_t next = 0, completed = 0, in_flight = 0;
-  Status st;
-  while (st && completed < blocks) {
-    if (in_flight < qd && next < blocks) {
-      st = submit(next++);
-      ++in_flight;
-      continue;
-    }
-    const auto finished = sim.step();
-    if (finished.empty()) st = make_error(EIO, where + ": the simulation stalled");  // cannot happen: every flow ends
-    const uint64_t ended = stages.advance(finished, lat);
-    completed += ended;
-    in_flight -= ended;
-  }
+  Driver d;
+  Status st = run_items(group, d, stages, lat, blocks, qd, where, submit);
   const mem::HmmMirrorStats ms = mirror->stats();
   mirror.reset();  // the device lets go: the notifier removed, every entry unmapped
   // The process exits: its mappings go, and the P2P chunks back to the pool (after a grace period).
@@ -283,7 +269,7 @@ Result<JobResult> run_hmm_job(Machine& m, const Job& job, const HmmJob& k) {
   }
   PHYSR_RETURN_IF_ERROR(st);
   PHYSR_RETURN_IF_ERROR_CTX(std::move(un), where);
-  finish_result(out, m, sim, lat, 2 * job.size, blocks, faults_before);
+  finish_result(out, m, d, stages, lat, 2 * job.size, blocks);
   out.via = via;
   out.hmm_faults = ms.faults;
   out.hmm_invalidations = ms.invalidations;

@@ -1,5 +1,6 @@
 // Host RAM for the jobs' buffers: per NUMA node an arena, first fit at an alignment, free
-// runs coalesced (HostAllocator in physr/sim.hpp).
+// runs coalesced (HostAllocator in physr/sim.hpp; Linux mm/cma.c cma_range_alloc() picks the
+// first free run of its bitmap at the alignment, bitmap_find_next_zero_area_off(), as alloc() does).
 #include <algorithm>
 #include <bit>
 #include <string>

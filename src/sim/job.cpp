@@ -1,7 +1,10 @@
 // Jobs: what every kind shares (its shape, its kind by device class) and the dispatch to
 // the kind's runner (nvme.cpp, copy.cpp, net.cpp, odirect.cpp, devmem_rx.cpp, hmm_job.cpp).
+#include <functional>
+#include <span>
 #include <string>
 #include <variant>
+#include <vector>
 
 #include "physr/sim.hpp"
 #include "sim/block_job.hpp"
@@ -38,16 +41,20 @@ Result<JobKind> job_kind_for(const pci::Topology& topo, uint32_t device, bool wr
                                 ")" + (pci::is_network(f) ? "; a network controller's job needs a receiving NIC (peer)" : ""));
 }
 
-Result<JobResult> run_job(Machine& m, const Job& job) {
+namespace {
+
+// One job of a group: its kind's runner, then its shape in its report.
+Result<JobResult> run_in_group(Machine& m, const Job& job, detail::Group& g) {
   struct {
     Machine& m;
     const Job& job;
-    Result<JobResult> operator()(const NvmeJob& k) const { return detail::run_nvme_job(m, job, k); }
-    Result<JobResult> operator()(const CopyJob& k) const { return detail::run_copy_job(m, job, k); }
-    Result<JobResult> operator()(const NetJob& k) const { return detail::run_net_job(m, job, k); }
-    Result<JobResult> operator()(const DirectIoJob& k) const { return detail::run_direct_io_job(m, job, k); }
-    Result<JobResult> operator()(const HmmJob& k) const { return detail::run_hmm_job(m, job, k); }
-  } run{m, job};
+    detail::Group& g;
+    Result<JobResult> operator()(const NvmeJob& k) const { return detail::run_nvme_job(m, job, k, g); }
+    Result<JobResult> operator()(const CopyJob& k) const { return detail::run_copy_job(m, job, k, g); }
+    Result<JobResult> operator()(const NetJob& k) const { return detail::run_net_job(m, job, k, g); }
+    Result<JobResult> operator()(const DirectIoJob& k) const { return detail::run_direct_io_job(m, job, k, g); }
+    Result<JobResult> operator()(const HmmJob& k) const { return detail::run_hmm_job(m, job, k, g); }
+  } run{m, job, g};
   auto r = std::visit(run, job.kind);
   if (!r) return r;
   // The job's shape in its report, as fio prints it.
@@ -62,6 +69,30 @@ Result<JobResult> run_job(Machine& m, const Job& job) {
   r->block_size = job.block_size;
   r->queue_depth = job.queue_depth;
   return r;
+}
+
+}  // namespace
+
+std::vector<Result<JobResult>> run_jobs(Machine& m, std::span<const Job> jobs, const std::function<void(size_t, uint64_t, uint64_t)>& progress) {
+  std::vector<Result<JobResult>> out;
+  out.reserve(jobs.size());
+  for (size_t k = 0; k < jobs.size(); ++k) out.emplace_back(make_error(EINVAL, "job '" + jobs[k].name + "': not run"));
+  if (jobs.size() > kMaxGroupJobs) {
+    for (size_t k = 0; k < jobs.size(); ++k)
+      out[k] = make_error(EINVAL, "job '" + jobs[k].name + "': more than " + std::to_string(kMaxGroupJobs) + " jobs at once");
+    return out;
+  }
+  // One clock and one set of counters for the group.
+  m.fabric().reset_counters();
+  detail::Group g(m, jobs.size(), progress);
+  g.start([&](size_t k) { out[k] = run_in_group(m, jobs[k], g); });
+  return out;
+}
+
+Result<JobResult> run_job(Machine& m, const Job& job) {
+  std::function<void(size_t, uint64_t, uint64_t)> progress;
+  if (m.on_progress) progress = [&m](size_t, uint64_t done, uint64_t total) { m.on_progress(done, total); };
+  return std::move(run_jobs(m, std::span(&job, 1), progress).front());
 }
 
 namespace detail {

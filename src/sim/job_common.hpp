@@ -4,6 +4,8 @@
 #pragma once
 
 #include <deque>
+#include <functional>
+#include <map>
 #include <span>
 #include <string>
 #include <tuple>
@@ -14,17 +16,21 @@
 
 namespace physr::sim::detail {
 
-/// The runners of each job kind (nvme.cpp, copy.cpp, net.cpp, odirect.cpp), as run_job() describes them.
-Result<JobResult> run_nvme_job(Machine& m, const Job& job, const NvmeJob& kind);
-Result<JobResult> run_copy_job(Machine& m, const Job& job, const CopyJob& kind);
-Result<JobResult> run_net_job(Machine& m, const Job& job, const NetJob& kind);
-Result<JobResult> run_direct_io_job(Machine& m, const Job& job, const DirectIoJob& kind);
+class Group;
+
+/// The runners of each job kind (nvme.cpp, copy.cpp, net.cpp, odirect.cpp), as run_job()
+/// describes them. Each checks its job and sets it up, then runs its Driver with the rest
+/// of the group (Group::run()), then fills its result.
+Result<JobResult> run_nvme_job(Machine& m, const Job& job, const NvmeJob& kind, Group& g);
+Result<JobResult> run_copy_job(Machine& m, const Job& job, const CopyJob& kind, Group& g);
+Result<JobResult> run_net_job(Machine& m, const Job& job, const NetJob& kind, Group& g);
+Result<JobResult> run_direct_io_job(Machine& m, const Job& job, const DirectIoJob& kind, Group& g);
 /// A network job whose receiver uses page pools (NetJob::rx devmem or copy): devmem_rx.cpp.
-Result<JobResult> run_pool_rx_job(Machine& m, const Job& job, const NetJob& kind);
+Result<JobResult> run_pool_rx_job(Machine& m, const Job& job, const NetJob& kind, Group& g);
 /// A network job whose sender transmits from device memory (NetJob::tx devmem): devmem_tx.cpp.
-Result<JobResult> run_devmem_tx_job(Machine& m, const Job& job, const NetJob& kind);
+Result<JobResult> run_devmem_tx_job(Machine& m, const Job& job, const NetJob& kind, Group& g);
 /// A device working on a process's buffer through a mirror (HmmJob): hmm_job.cpp.
-Result<JobResult> run_hmm_job(Machine& m, const Job& job, const HmmJob& kind);
+Result<JobResult> run_hmm_job(Machine& m, const Job& job, const HmmJob& kind, Group& g);
 
 /// Fills `out` with the data at position `pos` of data stream `stream` (an NVMe namespace,
 /// a packet sequence; one per job): each 64-bit word is its own position plus a hash of its
@@ -210,6 +216,8 @@ class Stages {
       : sim_(sim), bytes_(bytes), slot_ns_(slot_ns) {
     (void)items;
   }
+  Stages(const Stages&) = delete;
+  Stages& operator=(const Stages&) = delete;
   /// Starts an item now: `routes` in order, `served` the index of the one served in order.
   /// Each route carries the item's bytes, or bytes[k] over route k when `bytes` is given
   /// (an item whose data goes several ways one after another). `tail_ns`: time the item
@@ -222,6 +230,15 @@ class Stages {
   uint64_t advance(const std::vector<size_t>& finished, LatencyHistogram& lat);
   /// The same, appending each latency (in ns) to a vector.
   uint64_t advance(const std::vector<size_t>& finished, std::vector<double>& lat);
+  /// Tags the items' flows with `owner` (Simulator::add), for a group's loop.
+  void set_owner(uint32_t owner) noexcept { owner_ = owner; }
+  /// Makes the in-order device the one at `free` (when it is next free), which other jobs
+  /// of a group on the same device share; it must outlive the items. Unset: a device of
+  /// this job's own.
+  void share_device(double* free) noexcept { free_ = free; }
+  /// Bytes each fabric resource (by index) carried for this job's finished stages: the
+  /// job's own per-resource counters, whatever else ran at the same time.
+  const std::vector<uint64_t>& resource_bytes() const noexcept { return res_bytes_; }
 
  private:
   template <class Add>
@@ -235,47 +252,99 @@ class Stages {
   };
   Simulator& sim_;
   uint64_t bytes_;
-  double slot_ns_, free_ = 0;  // when the in-order device is next free
+  double slot_ns_, own_free_ = 0;  // when the job's own in-order device is next free
+  double* free_ = &own_free_;      // the in-order device's next free time (a group's shared one)
+  uint32_t owner_ = 0;
   std::vector<Item> items_;    // records of the items in flight, reused
   std::vector<uint32_t> free_items_;
   std::vector<std::pair<uint32_t, uint32_t>> flow_of_;  // by flow index: item record, stage
+  std::vector<uint64_t> res_bytes_;                      // by resource index
 };
 
-/// Tells the machine's on_progress hook (if set) how far a job is once `done` reaches
-/// `next`, then moves `next` on by 1/256 of the job: a compare per completion otherwise.
-inline void report_progress(const Machine& m, uint64_t done, uint64_t total, uint64_t& next) {
-  if (done < next) return;
-  if (m.on_progress) m.on_progress(done, total);
-  next = done + (total / 256 > 0 ? total / 256 : 1);
-}
+/// One job of a group as the group's loop drives it: it keeps `queue_depth` of its
+/// `items` in flight through `submit(i)` (which moves and checks item i's bytes and starts
+/// its timing on its Stages), and its finished flows go to `advance` (its
+/// Stages::advance(), which returns how many items ended). A block job ramps its queue up
+/// one item per `ramp_gap_ns` for its first `ramp` items. The loop fills in the rest.
+struct Driver {
+  std::string where;  // "job 'NAME'", for the loop's errors
+  std::function<void(uint32_t owner)> set_owner;  // tags the job's flows with its index in the group
+  uint64_t items = 0, queue_depth = 1;
+  uint64_t ramp = 0;
+  double ramp_gap_ns = 0;
+  std::function<Status(uint64_t i)> submit;
+  std::function<uint64_t(const std::vector<size_t>& finished)> advance;
+  // Filled in by the loop.
+  uint64_t next = 0, completed = 0, in_flight = 0, next_report = 0, faults = 0;
+  double ready_at = 0, start_ns = 0, end_ns = 0;  // submits no earlier than ready_at; ran [start_ns, end_ns]
+  Status status;  // the error that stopped it
+  bool done() const noexcept { return !status || completed >= items; }
+};
 
-/// The loop every packet job runs: keeps `queue_depth` packets in flight through `send(i)`
-/// (which starts packet i on `stages`), steps the simulator and moves finished flows on,
-/// until `packets` have ended; progress reported as block jobs do.
-template <class Latencies, class Send>
-Status run_packets(const Machine& m, Simulator& sim, Stages& stages, Latencies& lat, uint64_t packets,
-                   uint64_t queue_depth, const std::string& job_name, const Send& send) {
-  uint64_t next = 0, done = 0, in_flight = 0, next_report = 0;
-  while (done < packets) {
-    for (; in_flight < queue_depth && next < packets; ++next, ++in_flight) PHYSR_RETURN_IF_ERROR(send(next));
-    const auto finished = sim.step();
-    if (finished.empty()) return make_error(EIO, "job '" + job_name + "': the simulation stalled");
-    const uint64_t ended = stages.advance(finished, lat);
-    done += ended;
-    in_flight -= ended;
-    report_progress(m, done, packets, next_report);
-  }
-  return {};
+/// Jobs that run at once on one machine (a group of run_jobs(), fio's jobs between two
+/// stonewalls): one Simulator, so their flows share every link, switch, root complex and
+/// memory controller, and in-order devices (an SSD's media, a copy engine, a wire) that
+/// jobs on the same device share. Each job's runner sets its job up, then calls run()
+/// with its Driver: run() returns once every job of the group has ended (the group's
+/// loop runs inside the last job's call), and the runner fills its result from its own
+/// counters. A group of one is how a job runs alone.
+class Group {
+ public:
+  Group(Machine& m, size_t jobs, std::function<void(size_t job, uint64_t done, uint64_t total)> progress)
+      : m_(m), sim_(m.fabric()), drivers_(jobs, nullptr), ran_(jobs, 0), progress_(std::move(progress)) {}
+  Machine& machine() noexcept { return m_; }
+  Simulator& sim() noexcept { return sim_; }
+  /// When the in-order device `name` (an SSD's media, a copy engine, a wire) is next free,
+  /// shared by the group's jobs that use it (Stages::share_device()).
+  double* device(const std::string& name) { return &devices_[name]; }
+  /// Runs `d` with the group's other jobs until all have ended; d.status (EIO: the
+  /// simulation stalled; submit's error otherwise). Called at most once per job.
+  Status run(Driver& d);
+  /// Runs the group: `job(k)` runs job k's runner (which calls run()), for each k in order;
+  /// a runner that returns without calling run() (its job failed in setup) is skipped.
+  void start(const std::function<void(size_t k)>& job);
+
+ private:
+  void chain(size_t k);
+  void loop();
+  Machine& m_;
+  Simulator sim_;
+  std::vector<Driver*> drivers_;  // by job; null: not (yet) running; valid while the loop runs
+  std::vector<char> ran_;         // by job: its runner called run()
+  std::function<void(size_t, uint64_t, uint64_t)> progress_;
+  std::map<std::string, double> devices_;
+  const std::function<void(size_t)>* job_ = nullptr;
+  size_t current_ = 0;   // the job whose runner is being called
+  bool looped_ = false;  // the loop ran
+  std::vector<std::vector<size_t>> by_owner_;  // the loop's scratch
+};
+
+/// Sets `d` up for a job of `items` items, `queue_depth` in flight, started by `submit(i)`
+/// on `stages` with latencies into `lat`, and runs it with its group (Group::run()).
+template <class Latencies, class Submit>
+Status run_items(Group& g, Driver& d, Stages& stages, Latencies& lat, uint64_t items, uint64_t queue_depth, std::string where,
+                 const Submit& submit) {
+  d.where = std::move(where);
+  d.set_owner = [&stages](uint32_t owner) { stages.set_owner(owner); };
+  d.items = items;
+  d.queue_depth = queue_depth;
+  d.submit = submit;
+  d.advance = [&stages, &lat](const std::vector<size_t>& finished) { return stages.advance(finished, lat); };
+  return g.run(d);
 }
 
 /// Fills the common part of a job's result from its run: bytes and I/O count, simulated
-/// time and throughput, latency p50/p99/p99.9 (nearest rank of `lat`, in ns), the bytes
-/// over every resource that carried any (and those through root complexes and host
-/// memory), and the IOMMU faults recorded since `faults_before`.
-void finish_result(JobResult& out, const Machine& m, const Simulator& sim, const LatencyHistogram& lat, uint64_t bytes,
-                   uint64_t ios, size_t faults_before);
+/// time [d.start_ns, d.end_ns] and throughput, latency p50/p99/p99.9 (nearest rank of
+/// `lat`, in ns), the bytes over every resource that carried any of this job's (and
+/// those through root complexes and host memory), from `stages`' own counters, and the
+/// IOMMU faults its I/Os recorded.
+void finish_result(JobResult& out, const Machine& m, const Driver& d, const Stages& stages, const LatencyHistogram& lat,
+                   uint64_t bytes, uint64_t ios);
 /// The same from latencies in a vector (ns).
-void finish_result(JobResult& out, const Machine& m, const Simulator& sim, std::vector<double>& lat, uint64_t bytes,
-                   uint64_t ios, size_t faults_before);
+void finish_result(JobResult& out, const Machine& m, const Driver& d, const Stages& stages, std::vector<double>& lat,
+                   uint64_t bytes, uint64_t ios);
+/// The same from the job's own bytes per fabric resource (by index), for a timing other than Stages.
+void finish_result(JobResult& out, const Machine& m, const Driver& d, const std::vector<uint64_t>& resource_bytes,
+                   const LatencyHistogram& lat, uint64_t bytes, uint64_t ios);
 
 }  // namespace physr::sim::detail

@@ -15,11 +15,11 @@ constexpr uint64_t kWindow = 256 * MiB;
 bool is_nic(const pci::Topology& t, uint32_t f) { return pci::is_network(t.functions[f]); }
 }  // namespace
 
-Result<JobResult> detail::run_net_job(Machine& m, const Job& job, const NetJob& nj) {
+Result<JobResult> detail::run_net_job(Machine& m, const Job& job, const NetJob& nj, Group& g) {
   const pci::Topology& topo = m.topology();
   const auto where = [&] { return "job '" + job.name + "'"; };
-  if (nj.tx == NetJob::Tx::devmem) return run_devmem_tx_job(m, job, nj);
-  if (nj.rx != NetJob::Rx::plain) return run_pool_rx_job(m, job, nj);
+  if (nj.tx == NetJob::Tx::devmem) return run_devmem_tx_job(m, job, nj, g);
+  if (nj.rx != NetJob::Rx::plain) return run_pool_rx_job(m, job, nj, g);
   const uint32_t tx = nj.sender, rx = nj.receiver;
   if (tx >= topo.functions.size() || rx >= topo.functions.size()) return make_error(EINVAL, where() + ": no such device");
   for (uint32_t f : {tx, rx})
@@ -51,8 +51,6 @@ Result<JobResult> detail::run_net_job(Machine& m, const Job& job, const NetJob& 
   PHYSR_ASSIGN_OR_RETURN(DmaDevice* txdev, m.device(tx));
   PHYSR_ASSIGN_OR_RETURN(DmaDevice* rxdev, m.device(rx));
   Fabric& fab = m.fabric();
-  fab.reset_counters();
-  const size_t faults_before = m.faults().size();
   const uint64_t stream = m.next_job();
 
   // A p2p policy fails up front where the fabric refuses a side, with the fabric's reason;
@@ -78,7 +76,7 @@ Result<JobResult> detail::run_net_job(Machine& m, const Job& job, const NetJob& 
   out.buffer = (txbar ? txbar->name : "host") + std::string(" -> ") + (rxbar ? rxbar->name : "host");
   const DmaAttrs attrs = nj.path == PathPolicy::automatic ? kDmaAttrAllowBounce : kDmaAttrNone;
   std::vector<uint8_t> sent(job.block_size);  // the packet in the NICs' FIFOs
-  Simulator sim(fab);
+  Simulator& sim = g.sim();
   detail::LatencyHistogram lat;
   const uint64_t packets = job.size / job.block_size;
   // A side the DMA layer bounced adds the CPU's copy between the BAR and the bounce buffer
@@ -87,6 +85,7 @@ Result<JobResult> detail::run_net_job(Machine& m, const Job& job, const NetJob& 
   const Route tx_copy = txbar ? *fab.to_memory(txbar->function, -1, true) : Route{};
   const Route rx_copy = rxbar ? *fab.to_memory(rxbar->function, -1, false) : Route{};
   detail::Stages stages(sim, packets, job.block_size, static_cast<double>(job.block_size) / wire_gbps);
+  stages.share_device(g.device(fab.resources()[wire].name));  // jobs on the same wire at once send in turn
   bool bounced_any = false;
 
   const auto send = [&](uint64_t i) -> Status {
@@ -134,8 +133,9 @@ Result<JobResult> detail::run_net_job(Machine& m, const Job& job, const NetJob& 
     stages.start(i, std::move(routes), on_wire);
     return {};
   };
-  PHYSR_RETURN_IF_ERROR(detail::run_packets(m, sim, stages, lat, packets, job.queue_depth, job.name, send));
-  detail::finish_result(out, m, sim, lat, job.size, packets, faults_before);
+  detail::Driver d;
+  PHYSR_RETURN_IF_ERROR(detail::run_items(g, d, stages, lat, packets, job.queue_depth, where(), send));
+  detail::finish_result(out, m, d, stages, lat, job.size, packets);
   const auto p2p = [](const DmaAccess& a) { return a.peer_switch || a.peer_rc; };
   out.path = std::string("network: TX ") + (p2p(tx_seen) ? "p2p" : "host") + ", RX " + (p2p(rx_seen) ? "p2p" : "host") +
              (bounced_any ? " (bounced by the DMA layer)" : "") + (tx_seen.peer_rc || rx_seen.peer_rc ? ", through the root complex" : "");

@@ -49,7 +49,7 @@ class NvmeMedia {
 
 }  // namespace
 
-Result<JobResult> run_nvme_job(Machine& m, const Job& job, const NvmeJob& nv) {
+Result<JobResult> run_nvme_job(Machine& m, const Job& job, const NvmeJob& nv, Group& g) {
   const pci::Topology& topo = m.topology();
   const std::string where = "job '" + job.name + "'";
   if (nv.ssd >= topo.functions.size()) return make_error(EINVAL, where + ": no such device");
@@ -80,10 +80,11 @@ Result<JobResult> run_nvme_job(Machine& m, const Job& job, const NvmeJob& nv) {
   plan.slot_ns = std::max(static_cast<double>(job.block_size) / (nv.write ? mo.nvme_write_gbps : mo.nvme_read_gbps),
                           1e9 / (nv.write ? mo.nvme_write_iops : mo.nvme_read_iops));
   plan.inside = " (inside the SSD)";
+  plan.served = m.label(nv.ssd) + " media";  // jobs on the same SSD at once share its media
   const uint64_t stream = m.next_job();
   PHYSR_ASSIGN_OR_RETURN(Namespace ns, Namespace::create(job.size, job.block_size, stream, nv.write ? job.size : 0));
   NvmeMedia media(std::move(ns), job.block_size, stream, nv.random, job.size / job.block_size, mo.seed);
-  return run_blocks(m, job, plan, media, stream);
+  return run_blocks(m, job, plan, media, stream, g);
 }
 
 }  // namespace physr::sim::detail

@@ -58,6 +58,13 @@ class CopyTiming {
     double tail_ns = 0;  // reads: the command's latency beyond its median
   };
   CopyTiming(Simulator& sim, double slot_ns) : sim_(sim), slot_ns_(slot_ns) {}
+  /// Tags the blocks' flows with `owner` (Simulator::add), for a group's loop.
+  void set_owner(uint32_t owner) noexcept { owner_ = owner; }
+  /// Makes the source's media the one at `free` (when it is next free), shared with other
+  /// jobs of a group on the same SSD (Stages::share_device()).
+  void share_device(double* free) noexcept { free_ = free; }
+  /// Bytes each fabric resource (by index) carried for this job's finished legs.
+  const std::vector<uint64_t>& resource_bytes() const noexcept { return res_bytes_; }
 
   void start(std::vector<Request> reads, std::vector<Request> writes) {
     uint32_t b;
@@ -85,6 +92,11 @@ class CopyTiming {
       sim_.release(f);
       Block& x = blocks_[w.block];
       const Request& rq = x.phase[x.at][w.request];
+      // The job's own bytes over each resource of the leg that ended.
+      for (const uint32_t r : rq.legs[w.leg].route.resources) {
+        if (r >= res_bytes_.size()) res_bytes_.resize(r + 1, 0);
+        res_bytes_[r] += rq.legs[w.leg].bytes;
+      }
       if (w.leg + 1 < rq.n) {
         add(w.block, w.request, w.leg + 1, sim_.now());
         continue;
@@ -124,8 +136,8 @@ class CopyTiming {
       // The media's slot: the data of every read starts at `start` plus its own tail.
       double lead = 0;
       for (const Request& rq : rqs) lead = std::max(lead, rq.legs[0].route.latency_ns);
-      const double start = std::max(sim_.now() + lead, free_);
-      free_ = start + slot_ns_;
+      const double start = std::max(sim_.now() + lead, *free_);
+      *free_ = start + slot_ns_;
       for (uint32_t k = 0; k < rqs.size(); ++k) add(b, k, 0, start - rqs[k].legs[0].route.latency_ns + rqs[k].tail_ns);
       return;
     }
@@ -135,13 +147,16 @@ class CopyTiming {
   void add(uint32_t b, uint32_t request, uint32_t leg, double at) {
     const Block& x = blocks_[b];
     const Leg& l = x.phase[x.at][request].legs[leg];
-    const size_t id = sim_.add(l.route, l.bytes, at);
+    const size_t id = sim_.add(l.route, l.bytes, at, owner_);
     if (id >= flow_of_.size()) flow_of_.resize(id + 1);
     flow_of_[id] = Where{b, request, leg};
   }
 
   Simulator& sim_;
-  double slot_ns_, free_ = 0;  // when the source's media is next free
+  double slot_ns_, own_free_ = 0;  // when the source's media is next free (the job's own)
+  double* free_ = &own_free_;      // that, or a group's shared one
+  uint32_t owner_ = 0;
+  std::vector<uint64_t> res_bytes_;  // by resource index
   std::vector<Block> blocks_;  // records of the blocks in flight, reused
   std::vector<uint32_t> free_blocks_;
   std::vector<Where> flow_of_;  // by flow index
@@ -149,7 +164,7 @@ class CopyTiming {
 
 }  // namespace
 
-Result<JobResult> run_direct_io_job(Machine& m, const Job& job, const DirectIoJob& k) {
+Result<JobResult> run_direct_io_job(Machine& m, const Job& job, const DirectIoJob& k, Group& g) {
   const pci::Topology& topo = m.topology();
   const std::string where = "job '" + job.name + "'";
   for (const uint32_t f : {k.ssd, k.target}) {
@@ -212,8 +227,6 @@ Result<JobResult> run_direct_io_job(Machine& m, const Job& job, const DirectIoJo
   const DmaAttrs attrs = k.path == PathPolicy::automatic ? kDmaAttrAllowBounce : kDmaAttrNone;
 
   Fabric& fab = m.fabric();
-  fab.reset_counters();
-  const size_t faults_before = m.faults().size();
   JobResult out;
   out.name = job.name;
   out.device = m.label(k.ssd) + " -> " + m.label(k.target);
@@ -224,10 +237,11 @@ Result<JobResult> run_direct_io_job(Machine& m, const Job& job, const DirectIoJo
   // The target's media takes the written blocks at its write bandwidth, shared by the
   // blocks in flight (the read side's media serves blocks in order, in CopyTiming).
   const uint32_t write_media = fab.add_resource(Resource::Kind::device, m.label(k.target) + " media (writes)", mo.nvme_write_gbps);
-  Simulator sim(fab);
+  Simulator& sim = g.sim();
   // The source's media slot per block as for NVMe jobs: its bytes at the read bandwidth, and
   // no less than one command at the read IOPS limit.
   CopyTiming timing(sim, std::max(static_cast<double>(bs) / mo.nvme_read_gbps, 1e9 / mo.nvme_read_iops));
+  timing.share_device(g.device(m.label(k.ssd) + " media"));  // with other jobs on the same SSD at once
   LatencyHistogram lat;
   ViaFlags via;
   const Route* p2p_taken = nullptr;
@@ -324,28 +338,19 @@ Result<JobResult> run_direct_io_job(Machine& m, const Job& job, const DirectIoJo
   };
 
   // Queue depth as the block jobs keep it: a new block as soon as one completes.
-  uint64_t next = 0, completed = 0, in_flight = 0;
-  const auto on_done = [&](const std::vector<size_t>& finished) {
-    const uint64_t ended = timing.advance(finished, lat);
-    completed += ended;
-    in_flight -= ended;
-  };
-  Status st;
-  while (st && completed < ios) {
-    if (in_flight < qd && next < ios) {
-      st = submit(next++);
-      ++in_flight;
-      continue;
-    }
-    const auto finished = sim.step();
-    if (finished.empty()) st = make_error(EIO, where + ": the simulation stalled");  // cannot happen: every flow ends
-    on_done(finished);
-  }
+  Driver d;
+  d.where = where;
+  d.items = ios;
+  d.queue_depth = qd;
+  d.set_owner = [&timing](uint32_t owner) { timing.set_owner(owner); };
+  d.submit = submit;
+  d.advance = [&timing, &lat](const std::vector<size_t>& finished) { return timing.advance(finished, lat); };
+  Status st = g.run(d);
   // The process exits: its mappings go, and the P2P chunks back to the pool (after a grace period).
   Status un = as.munmap(mem::AddressSpace::kMmapBase, std::min(qd, ios) * stride);
   PHYSR_RETURN_IF_ERROR(st);
   PHYSR_RETURN_IF_ERROR_CTX(std::move(un), where);
-  finish_result(out, m, sim, lat, job.size, ios, faults_before);
+  finish_result(out, m, d, timing.resource_bytes(), lat, job.size, ios);
   out.via = via;
   out.path = !bar ? "host memory"
              : out.took(Via::bounced) ? "bounce (DMA layer, swiotlb)"

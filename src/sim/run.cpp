@@ -1,5 +1,7 @@
-// Running a scenario as fio runs a job file: its machine found and built once, then each
-// job resolved and run in order, a failed job reported in its own entry.
+// Running a scenario as fio runs a job file: its machine found and built once, then its
+// groups one after another (each job alone, or the jobs between stonewalls at once), a
+// failed job reported in its own entry.
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -62,12 +64,39 @@ Result<ScenarioReport> run_scenario(const Scenario& sc, const std::function<void
   for (const std::string& w : topo.warnings) rep.warnings.push_back(topo.source + ": " + w);
   PHYSR_ASSIGN_OR_RETURN_CTX(const std::unique_ptr<Machine> m, Machine::create(topo, sc.options), where + ": machine " + rep.machine);
   for (const std::string& w : m->warnings) rep.warnings.push_back("machine " + rep.machine + ": " + w);
+  rep.concurrent = sc.concurrent;
   rep.jobs.reserve(sc.jobs.size());
-  for (size_t i = 0; i < sc.jobs.size(); ++i) {
-    if (progress) progress(i, sc.jobs[i]);
-    if (inside) m->on_progress = [&inside, i](uint64_t done, uint64_t total) { inside(i, done, total); };
-    auto job = resolve_job(sc.jobs[i], *m);
-    rep.jobs.push_back(JobOutcome{sc.jobs[i].name, job ? run_job(*m, *job) : Result<JobResult>(std::move(job).error())});
+  // The groups: every job alone, or (concurrent) runs of jobs up to the next stonewall.
+  for (size_t i = 0; i < sc.jobs.size();) {
+    size_t end = i + 1;
+    if (sc.concurrent)
+      while (end < sc.jobs.size() && !sc.jobs[end].stonewall && end - i < kMaxGroupJobs) ++end;
+    GroupReport gr;
+    gr.index = rep.groups.size();
+    std::vector<Job> jobs;
+    std::vector<size_t> which;  // the entry of each job of `jobs`
+    for (size_t k = i; k < end; ++k) {
+      if (progress) progress(k, sc.jobs[k]);
+      gr.jobs.push_back(k);
+      auto job = resolve_job(sc.jobs[k], *m);
+      rep.jobs.push_back(JobOutcome{sc.jobs[k].name, job ? Result<JobResult>(make_error(EINVAL, "not run")) : Result<JobResult>(std::move(job).error()), gr.index});
+      if (job) jobs.push_back(std::move(*job)), which.push_back(k);
+    }
+    std::vector<Result<JobResult>> results =
+        run_jobs(*m, jobs, [&](size_t j, uint64_t done, uint64_t total) { if (inside) inside(which[j], done, total); });
+    for (size_t j = 0; j < results.size(); ++j) rep.jobs[which[j]].result = std::move(results[j]);
+    for (size_t k : gr.jobs) {
+      const auto& r = rep.jobs[k].result;
+      if (!r) {
+        ++gr.failed;
+        continue;
+      }
+      gr.bytes += r->bytes;
+      gr.seconds = std::max(gr.seconds, r->seconds);  // every job of a group starts at its start
+    }
+    gr.gbps = gr.seconds > 0 ? static_cast<double>(gr.bytes) / (gr.seconds * 1e9) : 0;
+    rep.groups.push_back(std::move(gr));
+    i = end;
   }
   return rep;
 }

@@ -32,7 +32,8 @@ Result<Scenario> parse_scenario(std::string_view text, std::string_view source) 
     PHYSR_RETURN_IF_ERROR(check_keys(c, *o, "options",
                          {"iommu", "ram", "rc_p2p_gbps", "memory_gbps", "inter_socket_gbps", "nvme_read_gbps", "nvme_write_gbps",
                           "nvme_read_latency_us", "nvme_write_latency_us", "copy_engine_gbps", "copy_engine_latency_us",
-                          "nvme_read_iops", "nvme_write_iops", "nvme_latency_sigma", "seed"}));
+                          "nvme_read_iops", "nvme_write_iops", "nvme_latency_sigma", "seed", "concurrent"}));
+    PHYSR_ASSIGN_OR_RETURN(sc.concurrent, get_bool(c, *o, "concurrent", "options", false));
     MachineOptions& mo = sc.options;
     PHYSR_ASSIGN_OR_RETURN(mo.iommu, get_bool(c, *o, "iommu", "options", true));
     PHYSR_ASSIGN_OR_RETURN(const std::optional<uint64_t> ram, get_uint(c, *o, "ram", "options", uint64_t{1} << 50, true));
@@ -70,8 +71,9 @@ Result<Scenario> parse_scenario(std::string_view text, std::string_view source) 
     const toml::table& t = *jn.as_table();
     const std::string what = "job";
     PHYSR_RETURN_IF_ERROR(check_keys(c, t, what, {"name", "device", "rw", "bs", "qd", "size", "buffer", "path", "peer", "peer_buffer", "copy_to", "host_bytes", "p2pdma", "rx", "tx", "header", "wire_gbps",
-                                          "hmm", "fault_pages", "fault_us", "event"}));
+                                          "hmm", "fault_pages", "fault_us", "event", "stonewall"}));
     JobSpec j;
+    PHYSR_ASSIGN_OR_RETURN(j.stonewall, get_bool(c, t, "stonewall", what, false));
     j.where = c.where(t);
     j.where.pop_back();  // "FILE:LINE:" -> "FILE:LINE"
     j.where.pop_back();
@@ -204,6 +206,13 @@ Result<Scenario> parse_scenario(std::string_view text, std::string_view source) 
       else return make_error(EINVAL, c.where(*t.get("path")) + "job.path: '" + *path + "' must be p2p, bounce or auto");
     }
     sc.jobs.push_back(std::move(j));
+  }
+  // A concurrent scenario's groups: at most kMaxGroupJobs jobs between stonewalls.
+  for (size_t i = 0, run = 0; sc.concurrent && i < sc.jobs.size(); ++i) {
+    run = sc.jobs[i].stonewall ? 1 : run + 1;
+    if (run > kMaxGroupJobs)
+      return make_error(EINVAL, sc.jobs[i].where + ": job '" + sc.jobs[i].name + "': more than " + std::to_string(kMaxGroupJobs) +
+                                    " jobs would run at once; start a new group with stonewall = true");
   }
   return sc;
 }

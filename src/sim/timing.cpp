@@ -106,11 +106,11 @@ void Stages::queue(uint32_t slot, size_t k) {
   const Route& r = x.routes[k];
   double at = sim_.now();
   if (k == x.served) {
-    const double start = std::max(sim_.now() + r.latency_ns, free_);
-    free_ = start + slot_ns_;
+    const double start = std::max(sim_.now() + r.latency_ns, *free_);
+    *free_ = start + slot_ns_;
     at = start - r.latency_ns + x.tail;
   }
-  const size_t id = sim_.add(r, x.bytes.empty() ? bytes_ : x.bytes[k], at);
+  const size_t id = sim_.add(r, x.bytes.empty() ? bytes_ : x.bytes[k], at, owner_);
   if (id >= flow_of_.size()) flow_of_.resize(id + 1);
   flow_of_[id] = {slot, static_cast<uint32_t>(k)};
 }
@@ -122,6 +122,13 @@ uint64_t Stages::advance_with(const std::vector<size_t>& finished, const Add& ad
     const auto [slot, k] = flow_of_[f];
     sim_.release(f);
     Item& x = items_[slot];
+    // The job's own bytes over each resource of the stage that ended (a flow moves all its
+    // bytes over every resource of its route).
+    const uint64_t moved = x.bytes.empty() ? bytes_ : x.bytes[k];
+    for (const uint32_t r : x.routes[k].resources) {
+      if (r >= res_bytes_.size()) res_bytes_.resize(r + 1, 0);
+      res_bytes_[r] += moved;
+    }
     if (k + 1 < x.routes.size()) {
       queue(slot, k + 1);
       continue;
@@ -143,29 +150,36 @@ uint64_t Stages::advance(const std::vector<size_t>& finished, std::vector<double
   return advance_with(finished, [&](double ns) { lat.push_back(ns); });
 }
 
-void finish_result(JobResult& out, const Machine& m, const Simulator& sim, const LatencyHistogram& lat, uint64_t bytes,
-                   uint64_t ios, size_t faults_before) {
+void finish_result(JobResult& out, const Machine& m, const Driver& d, const Stages& stages, const LatencyHistogram& lat,
+                   uint64_t bytes, uint64_t ios) {
+  finish_result(out, m, d, stages.resource_bytes(), lat, bytes, ios);
+}
+
+void finish_result(JobResult& out, const Machine& m, const Driver& d, const std::vector<uint64_t>& own,
+                   const LatencyHistogram& lat, uint64_t bytes, uint64_t ios) {
+  const double ns = d.end_ns - d.start_ns;
   out.ios = ios;
   out.bytes = bytes;
-  out.seconds = sim.now() * 1e-9;
-  out.gbps = sim.now() > 0 ? static_cast<double>(bytes) / sim.now() : 0;
+  out.seconds = ns * 1e-9;
+  out.gbps = ns > 0 ? static_cast<double>(bytes) / ns : 0;
   out.lat_p50_us = lat.percentile(0.50) / 1000;
   out.lat_p99_us = lat.percentile(0.99) / 1000;
   out.lat_p999_us = lat.percentile(0.999) / 1000;
-  for (const Resource& r : m.fabric().resources()) {
-    if (r.bytes == 0) continue;
-    out.link_bytes.emplace_back(r.name, r.bytes);
-    if (r.kind == Resource::Kind::rc_forward) out.rc_bytes += r.bytes;
-    if (r.kind == Resource::Kind::memory) out.host_memory_bytes += r.bytes;
+  const std::vector<Resource>& res = m.fabric().resources();
+  for (size_t r = 0; r < own.size() && r < res.size(); ++r) {
+    if (own[r] == 0) continue;
+    out.link_bytes.emplace_back(res[r].name, own[r]);
+    if (res[r].kind == Resource::Kind::rc_forward) out.rc_bytes += own[r];
+    if (res[r].kind == Resource::Kind::memory) out.host_memory_bytes += own[r];
   }
-  out.iommu_faults = m.faults().size() - faults_before;
+  out.iommu_faults = d.faults;
 }
 
-void finish_result(JobResult& out, const Machine& m, const Simulator& sim, std::vector<double>& lat, uint64_t bytes,
-                   uint64_t ios, size_t faults_before) {
+void finish_result(JobResult& out, const Machine& m, const Driver& d, const Stages& stages, std::vector<double>& lat,
+                   uint64_t bytes, uint64_t ios) {
   LatencyHistogram h;
   for (double ns : lat) h.add(ns);
-  finish_result(out, m, sim, h, bytes, ios, faults_before);
+  finish_result(out, m, d, stages, h, bytes, ios);
 }
 
 }  // namespace physr::sim::detail

@@ -257,6 +257,17 @@ expect 1 'nic0 is neither an NVMe controller nor a GPU or accelerator' -- sim "$
 printf 'machine = "xeon-e5-two-sockets"\n[[job]]\ndevice = "nvme1"\nbuffer = "gpu0"\npath = "p2p"\nsize = "1M"\n' > "$tmp/bad3.toml"
 expect 1 'EREMOTEIO.*unsupported request' -- sim "$tmp/bad3.toml"
 expect 1 "no such file and no built-in scenario" -- sim nosuch
+# Jobs at once: the built-in concurrent scenario (three jobs share the switch uplink, then
+# one alone after a stonewall), its group report in text and JSON, and the keys' errors.
+expect 0 'gpu-upload +gpu0 +host memory write +1M +8 +1 GiB +7\.88 ' -- sim concurrent
+expect 0 'group 0 \(at once: gpu-upload, ssd0-write, ssd1-write\): 2 GiB in [0-9.]+ s, 15\.75 GB/s aggregate' -- sim concurrent
+expect 0 'group 1 \(alone: gpu-upload-alone\): 1 GiB in [0-9.]+ s, 15\.75 GB/s aggregate' -- sim concurrent
+expect 0 '"concurrent": true' -- sim concurrent --json
+expect 0 '"failed_jobs": 0' -- sim concurrent --json
+printf '[options]\nconcurrent = true\n[[job]]\ndevice = "nvme0"\nstonewall = "yes"\n' > "$tmp/badsw.toml"
+expect 1 'badsw.toml:5: job.stonewall: expected true or false' -- sim "$tmp/badsw.toml"
+printf '[options]\nconcurrent = 1\n[[job]]\ndevice = "nvme0"\n' > "$tmp/badcc.toml"
+expect 1 'badcc.toml:2: options.concurrent: expected true or false' -- sim "$tmp/badcc.toml"
 # A job that fails does not lose the others (as fio): every job is reported, the failed one
 # with its error, in text and JSON; then the command exits 1 naming the failed jobs.
 printf '[[job]]\nname = "first"\ndevice = "nvme0"\nsize = "1M"\nbuffer = "gpu0"\n[[job]]\nname = "second"\ndevice = "nic0"\nsize = "1M"\n' > "$tmp/second-fails.toml"

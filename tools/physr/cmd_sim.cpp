@@ -205,7 +205,8 @@ nlohmann::json to_json(const sim::Scenario& sc, const sim::ScenarioReport& rep) 
                            {"device", spec.device},
                            {"buffer", spec.buffer},
                            {"error", o.result.error().to_string()},
-                           {"errno", errno_name(o.result.error().code)}});
+                           {"errno", errno_name(o.result.error().code)},
+                           {"group", o.group}});
       continue;
     }
     const sim::JobResult& r = *o.result;
@@ -226,7 +227,17 @@ nlohmann::json to_json(const sim::Scenario& sc, const sim::ScenarioReport& rep) 
       x["hmm_faults"] = r.hmm_faults, x["hmm_invalidations"] = r.hmm_invalidations, x["hmm_retries"] = r.hmm_retries,
       x["hmm_events"] = r.hmm_events;
     for (const auto& [name, bytes] : r.link_bytes) x["resource_bytes"][name] = bytes;
+    x["group"] = o.group;
     j["jobs"].push_back(x);
+  }
+  // fio's group reporting: the jobs that ran at once, their bytes over the group's time.
+  j["concurrent"] = rep.concurrent;
+  j["groups"] = nlohmann::json::array();
+  for (const sim::GroupReport& g : rep.groups) {
+    nlohmann::json names = nlohmann::json::array();
+    for (size_t k : g.jobs) names.push_back(rep.jobs[k].name);
+    j["groups"].push_back({{"group", g.index}, {"jobs", names}, {"bytes", g.bytes}, {"seconds", g.seconds}, {"gbps", g.gbps},
+                           {"bytes_per_second", g.gbps * 1e9}, {"failed_jobs", g.failed}});
   }
   return j;
 }
@@ -259,6 +270,17 @@ void print_text(const sim::Scenario& sc, const sim::ScenarioReport& rep, const s
                format_size(r.rc_bytes), format_size(r.host_memory_bytes), r.path);
     verified += r.verified_bytes;
     ++ok;
+  }
+  // The groups of jobs that ran at once (a concurrent scenario), as fio's group reporting.
+  bool shown = false;
+  for (const sim::GroupReport& g : rep.groups) {
+    if (!rep.concurrent) break;
+    if (!shown) fmt::print("\n");
+    shown = true;
+    std::string names;
+    for (size_t k : g.jobs) names += (names.empty() ? "" : ", ") + rep.jobs[k].name;
+    fmt::print("  group {} ({} {}): {} in {:.6f} s, {} GB/s aggregate{}\n", g.index, g.jobs.size() == 1 ? "alone:" : "at once:", names,
+               format_size(g.bytes), g.seconds, gb(g.gbps), g.failed ? fmt::format(", {} failed", g.failed) : "");
   }
   fmt::print("\n  Every byte verified against its source: {} in {} jobs. Simulated time; no wall clock.\n", format_size(verified), ok);
   if (!svg.empty()) fmt::print("  Chart: {}\n", svg);
