@@ -7,6 +7,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cstring>
 #include <optional>
 #include <span>
 #include <string>
@@ -111,11 +112,74 @@ Result<JobResult> run_blocks(Machine& m, const Job& job, const BlockPlan& plan, 
   const Route* taken = nullptr;  // the P2P route the device's addresses took, if any
   const uint8_t* view = nullptr;  // the CPU's view of buffer bytes [view_lo, view_hi), for the landing checks
   uint64_t view_lo = 0, view_hi = 0;
+  // The buffer's slots of one block each: an I/O takes a free one and gives it back when it
+  // completes (the SSD's latency varies, so I/Os complete out of order, and slot i % qd
+  // could still be in flight), as a driver gives a buffer back only at its completion.
+  std::vector<uint64_t> free_slots;
+  for (uint64_t k = job.queue_depth; k-- > 0;) free_slots.push_back(k * job.block_size);
+  std::vector<std::pair<uint64_t, uint64_t>> flying;  // (I/O, its slot) of each I/O in flight
+
+  // One word per 4 KiB page of a read I/O's buffer is taken once its bytes were checked (as
+  // they landed, or whole), and compared again through the CPU's view of the buffer when the
+  // I/O completes: that finds a buffer something wrote over while the I/O was in flight
+  // (another device or job, a slot given out twice). A word per page, not every byte: the
+  // buffer left the caches long ago, and a page is the least a DMA or a CPU copy writes
+  // over. The word moves from I/O to I/O, so a job samples every word position of its pages.
+  const uint64_t pages = (job.block_size + kPageSize - 1) / kPageSize;
+  std::vector<uint64_t> sampled(write ? 0 : job.queue_depth * pages), now(write ? 0 : pages);  // per slot; at completion
+  const auto sample_at = [&](uint64_t i, uint64_t p) {  // the sampled word of I/O i's page at byte p
+    const uint64_t n = std::min(kPageSize, job.block_size - p), k = i * 61 + (p >> 12) * 17;
+    return p + (n == kPageSize ? k & (kPageSize / 8 - 1) : k % (n / 8)) * 8;
+  };
+  const auto buffer_at = [&](uint64_t slot) { return bar ? bar_base + slot : PhysAddr(kHostBuffers + slot); };
+  const auto read_samples = [&](uint64_t i, uint64_t slot, uint64_t* words) -> Status {
+    const PhysAddr buf = buffer_at(slot);
+    std::span<const uint8_t> run = m.memory().backed(buf);  // the CPU's view of buffer bytes [run_at, run_at + run.size())
+    uint64_t run_at = 0;
+    if (job.block_size % kPageSize == 0 && run.size() >= job.block_size) {  // whole pages, one view: the common case
+      constexpr uint64_t kAhead = 8;  // pages: the words are cache misses, asked for ahead
+      for (uint64_t k = 0, w = i * 61 % (kPageSize / 8); k < pages; ++k, w = (w + 17) % (kPageSize / 8)) {
+        if (k + kAhead < pages) __builtin_prefetch(run.data() + (k + kAhead) * kPageSize + (w + kAhead * 17) % (kPageSize / 8) * 8);
+        std::memcpy(&words[k], run.data() + k * kPageSize + w * 8, 8);
+      }
+      return {};
+    }
+    for (uint64_t k = 0; k < pages; ++k) {
+      const uint64_t at = sample_at(i, k * kPageSize);
+      if (at >= run_at && at + 8 <= run_at + run.size()) {
+        std::memcpy(&words[k], run.data() + (at - run_at), 8);
+      } else if (run = m.memory().backed(buf + at), run_at = at; run.size() >= 8) {
+        std::memcpy(&words[k], run.data(), 8);
+      } else {  // never backed, or the word straddles two slabs: read it
+        PHYSR_RETURN_IF_ERROR(m.memory().read(buf + at, std::span(reinterpret_cast<uint8_t*>(&words[k]), 8)));
+      }
+    }
+    return {};
+  };
+  const auto check_completed = [&](uint64_t i, uint64_t slot) -> Status {
+    PHYSR_RETURN_IF_ERROR(read_samples(i, slot, now.data()));
+    const uint64_t* then = &sampled[slot / job.block_size * pages];
+    for (uint64_t k = 0; k < pages; ++k) {
+      if (now[k] == then[k]) continue;
+      const uint64_t at = sample_at(i, k * kPageSize);
+      uint8_t have[8], want[8];
+      std::memcpy(have, &now[k], 8);
+      std::memcpy(want, &then[k], 8);
+      const uint64_t b = static_cast<uint64_t>(std::mismatch(have, have + 8, want).first - have);
+      return make_error(EIO, where() + ": I/O " + std::to_string(i) + " (offset " + format_hex(i * job.block_size) + "): data mismatch at " +
+                                 format_hex(buffer_at(slot).value() + at + b) + " (byte " + std::to_string(at + b) +
+                                 ") at completion: the buffer was written over while the I/O was in flight");
+    }
+    return {};
+  };
 
   // Submits I/O `i`: maps its buffer, moves and checks its bytes, unmaps, then queues its
   // timing on the fabric (in two stages when the data goes through host memory).
   const auto submit = [&](uint64_t i) -> Status {
-    const uint64_t off = i * job.block_size, slot = (i % job.queue_depth) * job.block_size;
+    PHYSR_ASSERT(!free_slots.empty(), "an I/O is submitted only with fewer than queue_depth in flight");
+    const uint64_t off = i * job.block_size, slot = free_slots.back();
+    free_slots.pop_back();
+    flying.emplace_back(i, slot);
     const PhysAddr target = bar ? bar_base + slot : PhysAddr(kHostBuffers + slot);
     const PhysAddr staging(kHostStaging + slot);
     RangeList list;
@@ -199,6 +263,7 @@ Result<JobResult> run_blocks(Machine& m, const Job& job, const BlockPlan& plan, 
       PHYSR_RETURN_IF_ERROR(check_buffer(0, job.block_size));
     }
     out.verified_bytes += job.block_size;
+    if (!write) PHYSR_RETURN_IF_ERROR(read_samples(i, slot, &sampled[slot / job.block_size * pages]));
     // Timing: the device's transfer where its addresses went, and the copy between host
     // memory and the BAR when they went to host memory instead of the BAR (the DMA layer
     // bounced, or the job staged): before the device for writes, after it for reads.
@@ -223,10 +288,20 @@ Result<JobResult> run_blocks(Machine& m, const Job& job, const BlockPlan& plan, 
   };
 
   uint64_t in_flight = 0;
-  const auto on_done = [&](const std::vector<size_t>& finished) {
+  const auto on_done = [&](const std::vector<size_t>& finished) -> Status {
     const uint64_t ended = stages.advance(finished, lat);
     completed += ended;
     in_flight -= ended;
+    for (const uint64_t i : stages.ended()) {
+      const auto it = std::find_if(flying.begin(), flying.end(), [&](const auto& f) { return f.first == i; });
+      PHYSR_ASSERT(it != flying.end(), "a completed I/O was in flight");
+      const uint64_t slot = it->second;
+      *it = flying.back();
+      flying.pop_back();
+      if (!write) PHYSR_RETURN_IF_ERROR(check_completed(i, slot));
+      free_slots.push_back(slot);
+    }
+    return {};
   };
   // The driver ramps the queue up one command per block's media time, so the commands do
   // not move in lockstep (which would leave the media idle for a whole latency after every
@@ -237,12 +312,12 @@ Result<JobResult> run_blocks(Machine& m, const Job& job, const BlockPlan& plan, 
     if (in_flight < job.queue_depth && next < ios) {
       PHYSR_RETURN_IF_ERROR(submit(next++));
       ++in_flight;
-      if (next <= ramp) on_done(sim.idle_until(sim.now() + gap));
+      if (next <= ramp) PHYSR_RETURN_IF_ERROR(on_done(sim.idle_until(sim.now() + gap)));
       continue;
     }
     const auto finished = sim.step();
     if (finished.empty()) return make_error(EIO, where() + ": the simulation stalled");  // cannot happen: every flow ends
-    on_done(finished);
+    PHYSR_RETURN_IF_ERROR(on_done(finished));
     report_progress(m, completed, ios, next_report);
   }
 

@@ -196,12 +196,15 @@ class Stages {
   uint64_t advance(const std::vector<size_t>& finished, LatencyHistogram& lat);
   /// The same, appending each latency (in ns) to a vector.
   uint64_t advance(const std::vector<size_t>& finished, std::vector<double>& lat);
+  /// The items (their `i` at start) whose last stage ended in the last advance, in order.
+  const std::vector<uint64_t>& ended() const noexcept { return ended_; }
 
  private:
   template <class Add>
   uint64_t advance_with(const std::vector<size_t>& finished, const Add& add);
   void queue(uint32_t slot, size_t k);
   struct Item {
+    uint64_t id = 0;
     double submit = 0, tail = 0;
     std::vector<Route> routes;
     size_t served = 0;
@@ -213,6 +216,7 @@ class Stages {
   std::vector<Item> items_;    // records of the items in flight, reused
   std::vector<uint32_t> free_items_;
   std::vector<std::pair<uint32_t, uint32_t>> flow_of_;  // by flow index: item record, stage
+  std::vector<uint64_t> ended_;
 };
 
 /// Tells the machine's on_progress hook (if set) how far a job is once `done` reaches
