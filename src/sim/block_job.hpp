@@ -114,6 +114,18 @@ Result<JobResult> run_blocks(Machine& m, const Job& job, const BlockPlan& plan, 
   const Route* taken = nullptr;  // the P2P route the device's addresses took, if any
   const uint8_t* view = nullptr;  // the CPU's view of buffer bytes [view_lo, view_hi), for the landing checks
   uint64_t view_lo = 0, view_hi = 0;
+  // The CPU's view of physical bytes [p, p + len), held from one look-up to the next
+  // (PhysMemory::backed: one per backed run of up to 2 MiB); null where never backed.
+  const auto view_at = [&](uint64_t p, uint64_t len) -> const uint8_t* {
+    if (p < view_lo || p + len > view_hi) {
+      const std::span<const uint8_t> s = m.memory().backed(PhysAddr(p));
+      if (s.size() < len) return nullptr;
+      view = s.data();
+      view_lo = p;
+      view_hi = p + s.size();
+    }
+    return view + (p - view_lo);
+  };
   // The buffer's slots of one block each: an I/O takes a free one and gives it back when it
   // completes (the SSD's latency varies, so I/Os complete out of order, and slot i % qd
   // could still be in flight), as a driver gives a buffer back only at its completion.
@@ -136,16 +148,16 @@ Result<JobResult> run_blocks(Machine& m, const Job& job, const BlockPlan& plan, 
   const auto buffer_at = [&](uint64_t slot) { return bar ? bar_base + slot : PhysAddr(kHostBuffers + slot); };
   const auto read_samples = [&](uint64_t i, uint64_t slot, uint64_t* words) -> Status {
     const PhysAddr buf = buffer_at(slot);
-    std::span<const uint8_t> run = m.memory().backed(buf);  // the CPU's view of buffer bytes [run_at, run_at + run.size())
-    uint64_t run_at = 0;
-    if (job.block_size % kPageSize == 0 && run.size() >= job.block_size) {  // whole pages, one view: the common case
+    if (const uint8_t* all = job.block_size % kPageSize == 0 ? view_at(buf.value(), job.block_size) : nullptr) {  // the common case
       constexpr uint64_t kAhead = 8;  // pages: the words are cache misses, asked for ahead
       for (uint64_t k = 0, w = i * 61 % (kPageSize / 8); k < pages; ++k, w = (w + 17) % (kPageSize / 8)) {
-        if (k + kAhead < pages) __builtin_prefetch(run.data() + (k + kAhead) * kPageSize + (w + kAhead * 17) % (kPageSize / 8) * 8);
-        std::memcpy(&words[k], run.data() + k * kPageSize + w * 8, 8);
+        if (k + kAhead < pages) __builtin_prefetch(all + (k + kAhead) * kPageSize + (w + kAhead * 17) % (kPageSize / 8) * 8);
+        std::memcpy(&words[k], all + k * kPageSize + w * 8, 8);
       }
       return {};
     }
+    std::span<const uint8_t> run;  // the CPU's view of buffer bytes [run_at, run_at + run.size())
+    uint64_t run_at = 0;
     for (uint64_t k = 0; k < pages; ++k) {
       const uint64_t at = sample_at(i, k * kPageSize);
       if (at >= run_at && at + 8 <= run_at + run.size()) {
@@ -211,18 +223,13 @@ Result<JobResult> run_blocks(Machine& m, const Job& job, const BlockPlan& plan, 
       });
     };
     // The same check through the CPU's view of the buffer held from one piece to the next
-    // (PhysMemory::backed, one look-up per 64 KiB of buffer), falling back to check_buffer
-    // where the buffer was never backed: nothing landed there.
+    // (view_at), falling back to check_buffer where the buffer was never backed: nothing
+    // landed there.
     const auto check_landed = [&](uint64_t from, uint64_t len) -> Status {
       const uint64_t p = target.value() + from;
-      if (p < view_lo || p + len > view_hi) {
-        const std::span<const uint8_t> s = m.memory().backed(PhysAddr(p));
-        if (s.size() < len) return check_buffer(from, len);
-        view = s.data();
-        view_lo = p;
-        view_hi = p + s.size();
-      }
-      const std::span<const uint8_t> have(view + (p - view_lo), len);
+      const uint8_t* at = view_at(p, len);
+      if (!at) return check_buffer(from, len);
+      const std::span<const uint8_t> have(at, len);
       PHYSR_ASSIGN_OR_RETURN(const size_t k, media.mismatch(off + from, have));
       if (k == have.size()) return {};
       return make_error(EIO, what() + ": data mismatch at " + format_hex(p + k) + " (byte " + std::to_string(from + k) + ")");
@@ -280,10 +287,11 @@ Result<JobResult> run_blocks(Machine& m, const Job& job, const BlockPlan& plan, 
     if (plan.engine) own.resources.push_back(*plan.engine);
     if (acc.peer_switch || acc.peer_rc) taken = via;
     std::vector<Route> routes;
+    routes.reserve(2);
     const bool two = bar && acc.host_memory;
     if (two && write) routes.push_back(copy);
     const size_t served = routes.size();  // the device's media (or copy engine) serves this one
-    routes.push_back(own);
+    routes.push_back(std::move(own));
     if (two && !write) routes.push_back(copy);
     stages.start(i, std::move(routes), served, {}, dev_ns - head);
     return {};
@@ -295,11 +303,11 @@ Result<JobResult> run_blocks(Machine& m, const Job& job, const BlockPlan& plan, 
     completed += ended;
     in_flight -= ended;
     for (const uint64_t i : stages.ended()) {
+      // In submission order: the I/O that completes is nearly always among the first.
       const auto it = std::find_if(flying.begin(), flying.end(), [&](const auto& f) { return f.first == i; });
       PHYSR_ASSERT(it != flying.end(), "a completed I/O was in flight");
       const uint64_t slot = it->second;
-      *it = flying.back();
-      flying.pop_back();
+      flying.erase(it);
       if (!write) PHYSR_RETURN_IF_ERROR(check_completed(i, slot));
       free_slots.push_back(slot);
     }
