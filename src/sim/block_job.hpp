@@ -128,7 +128,8 @@ Result<JobResult> run_blocks(Machine& m, const Job& job, const BlockPlan& plan, 
   };
   // The buffer's slots of one block each: an I/O takes a free one and gives it back when it
   // completes (the SSD's latency varies, so I/Os complete out of order, and slot i % qd
-  // could still be in flight), as a driver gives a buffer back only at its completion.
+  // could still be in flight). Linux block/blk-mq.c __blk_mq_free_request(): a request's
+  // tag goes back (blk_mq_put_tag()) only when the request is freed after its completion.
   std::vector<uint64_t> free_slots;
   for (uint64_t k = job.queue_depth; k-- > 0;) free_slots.push_back(k * job.block_size);
   std::vector<std::pair<uint64_t, uint64_t>> flying;  // (I/O, its slot) of each I/O in flight
