@@ -10,6 +10,7 @@
 #include <fstream>
 #include <random>
 
+#include "sim/block_job.hpp"
 #include "sim/job_common.hpp"
 #include "support/sysfs_snapshots.hpp"
 
@@ -533,6 +534,54 @@ TEST(SimJobTest, NvmeToGpuP2PStaysUnderTheSwitch) {
   const double per = 80'000 + 128.0 * KiB / pcie_link_gbps(16, 4);
   EXPECT_NEAR(q1.lat_p50_us * 1000, per, per * 0.01);
   EXPECT_NEAR(q1.seconds * 1e9, 32 * per, 32 * per * 0.01);
+}
+
+// Every byte of a read is checked as it lands, through the CPU's view of the buffer (a
+// wrong bus offset or translation fails there: SimMachineTest.DecodesByAddressSoAWrongBusOffsetFails,
+// SimHmmTest.AMirrorWithoutInvalidationFailsTheByteCheck); at completion a word per 4 KiB
+// page of the buffer is checked again, so a buffer written over while its I/O is in flight
+// fails the job with EIO although every byte landed right: zeros, or another I/O's data (a
+// misdirected copy), over one page of each slot. With the SSD's latency spread the I/Os
+// complete out of order, and the clean job passes: a slot is reused only after its I/O.
+TEST(SimJobTest, ABufferWrittenOverWhileInFlightFailsAtCompletion) {
+  const auto t = machine(std::string(kDefaultMachine).c_str());
+  auto m = build(t);
+  ASSERT_GT(m->options().nvme_latency_sigma, 0.0);
+  Job j;
+  j.name = "overwritten";
+  j.block_size = 64 * KiB;
+  j.queue_depth = 8;
+  j.size = 4 * MiB;
+  j.kind = NvmeJob{*t.lookup("nvme0"), false, std::nullopt, PathPolicy::automatic};
+  auto clean = run_job(*m, j);
+  ASSERT_TRUE(clean.has_value()) << clean.error().to_string();
+  EXPECT_EQ(clean->verified_bytes, j.size);
+  for (const bool zeros : {true, false}) {
+    bool done_once = false;
+    m->on_progress = [&](uint64_t done, uint64_t) {
+      if (done < 16 || done_once) return;
+      done_once = true;
+      const std::vector<uint8_t> zero(kPageSize);
+      // The job's buffers: its span of the machine's host memory.
+      PhysAddr bufs(0);
+      for (const auto& [span, owner] : m->host_memory().live())
+        if (owner.find("'overwritten'") != std::string::npos) bufs = span.base;
+      ASSERT_NE(bufs.value(), 0u) << "the job holds host memory while it runs";
+      for (uint64_t slot = 0; slot < j.queue_depth; ++slot) {
+        const PhysAddr page = bufs + (slot * j.block_size + 3 * kPageSize);
+        const PhysAddr other = bufs + ((slot + 1) % j.queue_depth * j.block_size + 3 * kPageSize);
+        ASSERT_TRUE((zeros ? m->memory().write(page, zero) : m->memory().copy(page, other, kPageSize)).has_value());
+      }
+    };
+    auto r = run_job(*m, j);
+    ASSERT_FALSE(r.has_value()) << (zeros ? "zeros" : "another I/O's data");
+    EXPECT_EQ(r.error().code, EIO);
+    EXPECT_NE(r.error().message.find("at completion: the buffer was written over while the I/O was in flight"), std::string::npos)
+        << r.error().message;
+    EXPECT_TRUE(done_once);
+  }
+  m->on_progress = nullptr;
+  EXPECT_TRUE(run_job(*m, j).has_value());
 }
 
 TEST(SimJobTest, BounceAndRedirectPathsGoThroughTheHost) {

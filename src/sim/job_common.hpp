@@ -239,12 +239,15 @@ class Stages {
   /// Bytes each fabric resource (by index) carried for this job's finished stages: the
   /// job's own per-resource counters, whatever else ran at the same time.
   const std::vector<uint64_t>& resource_bytes() const noexcept { return res_bytes_; }
+  /// The items (their `i` at start) whose last stage ended in the last advance, in order.
+  const std::vector<uint64_t>& ended() const noexcept { return ended_; }
 
  private:
   template <class Add>
   uint64_t advance_with(const std::vector<size_t>& finished, const Add& add);
   void queue(uint32_t slot, size_t k);
   struct Item {
+    uint64_t id = 0;
     double submit = 0, tail = 0;
     std::vector<Route> routes;
     size_t served = 0;
@@ -259,6 +262,7 @@ class Stages {
   std::vector<uint32_t> free_items_;
   std::vector<std::pair<uint32_t, uint32_t>> flow_of_;  // by flow index: item record, stage
   std::vector<uint64_t> res_bytes_;                      // by resource index
+  std::vector<uint64_t> ended_;
 };
 
 /// One job of a group as the group's loop drives it: it keeps `queue_depth` of its

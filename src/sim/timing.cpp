@@ -88,7 +88,7 @@ uint64_t Permutation::operator()(uint64_t i) const noexcept {
   return x;
 }
 
-void Stages::start(uint64_t, std::vector<Route> routes, size_t served, std::vector<uint64_t> bytes, double tail_ns) {
+void Stages::start(uint64_t i, std::vector<Route> routes, size_t served, std::vector<uint64_t> bytes, double tail_ns) {
   uint32_t slot;
   if (!free_items_.empty()) {
     slot = free_items_.back();
@@ -97,7 +97,7 @@ void Stages::start(uint64_t, std::vector<Route> routes, size_t served, std::vect
     slot = static_cast<uint32_t>(items_.size());
     items_.emplace_back();
   }
-  items_[slot] = Item{sim_.now(), tail_ns, std::move(routes), served, std::move(bytes)};
+  items_[slot] = Item{i, sim_.now(), tail_ns, std::move(routes), served, std::move(bytes)};
   queue(slot, 0);
 }
 
@@ -118,6 +118,7 @@ void Stages::queue(uint32_t slot, size_t k) {
 template <class Add>
 uint64_t Stages::advance_with(const std::vector<size_t>& finished, const Add& add) {
   uint64_t ended = 0;
+  ended_.clear();
   for (size_t f : finished) {
     const auto [slot, k] = flow_of_[f];
     sim_.release(f);
@@ -137,6 +138,7 @@ uint64_t Stages::advance_with(const std::vector<size_t>& finished, const Add& ad
     x.routes.clear();
     x.bytes.clear();
     free_items_.push_back(slot);
+    ended_.push_back(x.id);
     ++ended;
   }
   return ended;
