@@ -340,6 +340,27 @@ TEST(SimMachineTest, DecodesEveryPageAndThroughTheDomainTheDeviceUses) {
   ASSERT_TRUE(dev->unmap(*mp).has_value());
 }
 
+// Platform::aperture_at_bus() finds each peer window from its first to its last bus byte,
+// whole pieces only, and nothing just outside it or behind another host bridge.
+TEST(SimMachineTest, ApertureAtBusFindsEachWindowToItsEdges) {
+  const auto t = machine("arm64-offset");
+  auto m = build(t);
+  const Platform& p = m->platform();
+  ASSERT_FALSE(p.apertures().empty());
+  for (const Aperture& ap : p.apertures()) {
+    const uint32_t hb = t.functions[ap.function].host_bridge;
+    const uint64_t base = ap.bus().base.value(), size = ap.bus().size;
+    ASSERT_NE(ap.bus_offset, 0u) << ap.name << ": the test needs bus addresses unlike CPU addresses";
+    EXPECT_EQ(p.aperture_at_bus(hb, BusAddr(base), size), &ap) << ap.name;
+    EXPECT_EQ(p.aperture_at_bus(hb, BusAddr(base + size - 1), 1), &ap) << ap.name;
+    EXPECT_EQ(p.aperture_at_bus(hb, BusAddr(base), size + 1), nullptr) << ap.name;
+    EXPECT_NE(p.aperture_at_bus(hb, BusAddr(base + size), 1), &ap) << ap.name;
+    EXPECT_NE(p.aperture_at_bus(hb, BusAddr(base - 1), 1), &ap) << ap.name;
+    EXPECT_NE(p.aperture_at_bus(hb, BusAddr(ap.span.base.value()), 1), &ap) << ap.name << ": found by its CPU address";
+    EXPECT_EQ(p.aperture_at_bus(static_cast<uint32_t>(t.host_bridges.size()), BusAddr(base), 1), nullptr);
+  }
+}
+
 // The switch routes a peer window as one piece, but no further: a segment that runs out of
 // the GPU's bus window reaches the GPU up to the window's end and the IOMMU after it.
 TEST(SimMachineTest, ASegmentLeavingAPeerWindowIsDecodedAgainPastItsEnd) {

@@ -129,7 +129,13 @@ class Platform {
   std::unique_ptr<BouncePool> pool_;
   bool cpu_copy_ = true;
   std::deque<Aperture> apertures_;
-  std::vector<std::vector<uint32_t>> by_bus_;  // per host bridge: indices into apertures_, by bus address
+  // Per host bridge: its apertures' bus ranges, sorted by base. Contiguous, so the lookup
+  // of every decoded page does not index the deque.
+  struct BusEntry {
+    uint64_t base, last;  // the bus range [base, last]
+    const Aperture* ap;
+  };
+  std::vector<std::vector<BusEntry>> by_bus_;
   std::vector<IommuDomain*> domains_;
   std::vector<std::unique_ptr<DmaDevice>> devices_;
 };

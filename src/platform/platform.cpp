@@ -61,12 +61,12 @@ Result<const Aperture*> Platform::add_bar(uint32_t f, unsigned bar, bool publish
   apertures_.push_back(Aperture{id, f, bar, span, offset, name + (cmb ? " (CMB)" : ""), published});
   // Keep the host bridge's bus-address index sorted (apertures never overlap in CPU space,
   // and one host bridge's single offset keeps them apart in its bus space too).
-  const auto i = static_cast<uint32_t>(apertures_.size() - 1);
   PHYSR_ASSERT(fn.host_bridge < by_bus_.size(), "every host bridge has a bus-address index");
-  std::vector<uint32_t>& index = by_bus_[fn.host_bridge];
-  const auto by_base = [&](uint32_t x, uint32_t y) { return apertures_[x].bus().base < apertures_[y].bus().base; };
-  const auto pos = std::upper_bound(index.begin(), index.end(), i, by_base);
-  index.insert(pos, i);
+  std::vector<BusEntry>& index = by_bus_[fn.host_bridge];
+  const BusSpan bus = apertures_.back().bus();
+  const BusEntry e{bus.base.value(), bus.base.value() + (bus.size - 1), &apertures_.back()};
+  const auto by_base = [](const BusEntry& x, const BusEntry& y) { return x.base < y.base; };
+  index.insert(std::upper_bound(index.begin(), index.end(), e, by_base), e);
   PHYSR_ASSERT(std::is_sorted(index.begin(), index.end(), by_base), "a host bridge's bus-address index stays sorted");
   return &apertures_.back();
 }
@@ -105,11 +105,12 @@ const Aperture* Platform::aperture(ProviderId id) const noexcept {
 
 const Aperture* Platform::aperture_at_bus(uint32_t host_bridge, BusAddr a, uint64_t len) const noexcept {
   if (host_bridge >= by_bus_.size()) return nullptr;
-  const std::vector<uint32_t>& index = by_bus_[host_bridge];
-  // The last aperture starting at or below `a`.
-  auto it = std::upper_bound(index.begin(), index.end(), a, [&](BusAddr x, uint32_t i) { return x < apertures_[i].bus().base; });
-  if (it == index.begin()) return nullptr;
-  const Aperture& ap = apertures_[*std::prev(it)];
+  const std::vector<BusEntry>& index = by_bus_[host_bridge];
+  // The last aperture starting at or below `a`; most addresses a device sends (host memory,
+  // IOVAs) lie past its end.
+  const auto it = std::upper_bound(index.begin(), index.end(), a.value(), [](uint64_t x, const BusEntry& e) { return x < e.base; });
+  if (it == index.begin() || a.value() > std::prev(it)->last) return nullptr;
+  const Aperture& ap = *std::prev(it)->ap;
   return ap.bus().contains(BusSpan{a, len}) ? &ap : nullptr;
 }
 
