@@ -141,8 +141,8 @@ TEST(ProviderRegistryTest, ClusteredAperturesShareRunsAndMatchReference) {
   reg.wait_for_frees();
   ProviderRegistry::ReadGuard g;
   for (uint64_t a = uint64_t{1} << 40; a < slot + (uint64_t{4} << 30); a += uint64_t{1} << 20) ASSERT_EQ(reg.find(PhysAddr(a)), nullptr);
-  // Only nodes (8 KiB) and top-level pages (4 KiB) stay; every run is gone.
-  EXPECT_EQ((reg.table_bytes() - empty) % 4096, 0u);
+  // Only nodes stay (they are never freed while the registry lives); every run is gone.
+  EXPECT_EQ((reg.table_bytes() - empty) % 8192, 0u);
 }
 
 TEST(ProviderRegistryTest, TwoHundredThousandPackedApertures) {
@@ -280,24 +280,23 @@ TEST(ProviderRegistryTest, IdsAreReusedOnlyAfterGracePeriodSmallestFirst) {
   EXPECT_EQ(*reg.add(aperture(102 << 20, 4096)), 11u);
 }
 
-// The top level has a slot per 4 GiB, 512 per 4 KiB page of the top table. A slot that an
-// aperture covers whole holds a leaf (no memory); one it covers in part holds a line run
-// (64 bytes: up to 4 pieces, gaps included) that readers search without reading the
-// Provider; a fifth piece turns it into a block run.
+// A root slot covers 4 TiB. A slot that an aperture covers whole holds a leaf (no memory);
+// one it covers in part holds a line run (64 bytes: up to 4 pieces, gaps included) that
+// readers search without reading the Provider; a fifth piece turns it into a block run.
 TEST(ProviderRegistryTest, PartlyCoveredSlotsTakeOneLineUntilAFifthPiece) {
   ProviderRegistry reg;
-  ASSERT_TRUE(reg.add(aperture(0x1000, 0x1000)).has_value());  // the first id-table and top pages, one line run
+  ASSERT_TRUE(reg.add(aperture(0x1000, 0x1000)).has_value());  // the first id-table page, one line run
   const size_t before = reg.table_bytes();
   const uint64_t big = uint64_t{1} << 44, big_size = uint64_t{64} << 30;
-  ASSERT_TRUE(reg.add(aperture(big, big_size)).has_value());  // aligned 64 GiB: 16 leaves
-  EXPECT_EQ(reg.table_bytes() - before, 4096u);               // its top page only
+  ASSERT_TRUE(reg.add(aperture(big, big_size)).has_value());  // aligned 64 GiB at a root slot's start: BAR, gap
+  EXPECT_EQ(reg.table_bytes() - before, 64u);
   const uint64_t ragged = (uint64_t{1} << 45) + 4096;
-  ASSERT_TRUE(reg.add(aperture(ragged, big_size - 8192, 2)).has_value());  // 14 leaves, 2 line runs
-  EXPECT_EQ(reg.table_bytes() - before, 2 * 4096u + 2 * 64u);
-  for (uint64_t k = 0; k < 100; ++k)  // sparse 4 KiB apertures, each on its own top page
+  ASSERT_TRUE(reg.add(aperture(ragged, big_size - 8192, 2)).has_value());  // gap, BAR, gap
+  EXPECT_EQ(reg.table_bytes() - before, 2 * 64u);
+  for (uint64_t k = 0; k < 100; ++k)  // sparse 4 KiB apertures, each in its own root slot
     ASSERT_TRUE(reg.add(aperture((uint64_t{1} << 46) + (k << 42), 4096, 3)).has_value());
   const size_t sparse = reg.table_bytes();
-  EXPECT_EQ(sparse - before, 102 * 4096u + 102 * 64u);
+  EXPECT_EQ(sparse - before, 102 * 64u);
   // A neighbour in the gap after the ragged aperture: the line run is rebuilt, same size.
   const uint64_t next = ragged + big_size - 8192;
   ASSERT_TRUE(reg.add(aperture(next, 4096, 4)).has_value());
@@ -313,7 +312,7 @@ TEST(ProviderRegistryTest, PartlyCoveredSlotsTakeOneLineUntilAFifthPiece) {
     EXPECT_EQ(reg.find(PhysAddr(next - 1))->owner().dev, 2);
     EXPECT_EQ(reg.find(PhysAddr(next))->owner().dev, 4);
     EXPECT_EQ(reg.find(PhysAddr(next + 4095))->owner().dev, 4);
-    EXPECT_EQ(reg.find(PhysAddr(next + 4096)), nullptr);  // the first page of the next slot
+    EXPECT_EQ(reg.find(PhysAddr(next + 4096)), nullptr);
     EXPECT_EQ(reg.find(PhysAddr((uint64_t{1} << 46) + (uint64_t{7} << 42) + 4095))->owner().dev, 3);
     EXPECT_EQ(reg.find(PhysAddr((uint64_t{1} << 46) + (uint64_t{7} << 42) + 4096)), nullptr);
     uint64_t extent = 0;
@@ -322,13 +321,13 @@ TEST(ProviderRegistryTest, PartlyCoveredSlotsTakeOneLineUntilAFifthPiece) {
     EXPECT_EQ(reg.find_extent(PhysAddr(ragged + 4096), extent)->owner().dev, 2);
     EXPECT_EQ(extent, big_size - 8192 - 4096);
     EXPECT_EQ(reg.find_extent(PhysAddr(next + 4096), extent), nullptr);
-    EXPECT_EQ(extent, uint64_t{4} << 30);  // the whole next slot is empty
+    EXPECT_EQ(extent, (uint64_t{4} << 40) - big_size);  // the gap to the root slot's end
     EXPECT_EQ(reg.find_extent(PhysAddr((uint64_t{1} << 46) + 4096), extent), nullptr);
-    EXPECT_EQ(extent, (uint64_t{4} << 30) - 4096);  // the gap to the slot's end
+    EXPECT_EQ(extent, (uint64_t{4} << 40) - 4096);
   }
   // Four pieces fill the line (5, gap, 6, gap); a fifth makes a block run: a header line,
   // a line of starts and 5 slot values.
-  const uint64_t slot = uint64_t{3} << 32;
+  const uint64_t slot = uint64_t{3} << 42;  // an empty root slot
   const auto five = reg.add(aperture(slot, 4096, 5));
   ASSERT_TRUE(five.has_value() && reg.add(aperture(slot + 0x20000, 4096, 6)).has_value());
   const size_t four = reg.table_bytes();

@@ -2,12 +2,14 @@
 // lookups the DMA layer needs: physical address -> provider, and small id -> provider.
 //
 // Design rationale
-// - find(phys) is a radix table over the 40-bit page frame number of a 52-bit physical
-//   space: a flat top level of 2^20 slots of 4 GiB (8 MiB of reserved virtual memory,
-//   mmap MAP_NORESERVE, backed only where used), then nodes of 1024 slots of 4 MiB and of
-//   single pages (8 KiB each). A provider is stored as leaves in the slots its aperture
-//   covers whole, like huge pages in a page table, so a 64 GiB BAR takes 16 top slots and
-//   a 4 KiB VFIO aperture one page slot. Apertures are therefore 4 KiB-granular.
+// - find(phys) is a 4-level radix table over the 40-bit page frame number of a 52-bit
+//   physical space (10 bits per level, 8 KiB nodes). A provider is stored as leaves at the
+//   highest levels its aperture covers whole, like huge pages in a page table, so a 64 GiB
+//   BAR takes a few dozen slots and a 4 KiB VFIO aperture one. A lookup is at most four
+//   dependent loads, of which the upper ones stay in cache. Apertures are 4 KiB-granular.
+//   (A flat top level of 2^20 slots of 4 GiB was tried: one load less for packed and
+//   mixed layouts, but its 8 MiB are all in use when 100k apertures are spread over 52
+//   bits, and the random layout's lookups doubled.)
 // - Runs: a slot that providers cover only in part holds their pieces (and the gaps),
 //   sorted, instead of a chain of nodes. Up to 4 pieces (an aperture alone in its slot, a
 //   few small ones) fit one 64-byte line run: starts, values and rcu_head, searched with
@@ -36,8 +38,8 @@
 //
 // Memory per provider: the Provider object (~120 B) and an id slot (8 B), plus the table:
 // ~16 B for tightly packed 4 KiB apertures (a leaf node shared with 1023 neighbours), one
-// 64-byte line for an isolated aperture (and a 4 KiB top page per 2 TiB of physical space
-// used), ~57 B in clustered mixed layouts (see docs/providers.md).
+// 64-byte line for an aperture alone in its slot, ~57 B in clustered mixed layouts (see
+// docs/providers.md).
 #pragma once
 
 #include <atomic>
@@ -142,12 +144,11 @@ class ProviderRegistry {
   const Provider* find(PhysAddr a) const noexcept {
     const uint64_t pfn = a.value() >> kPageShift;
     if (pfn >> kPfnBits) [[unlikely]] return nullptr;
-    // The top is flat: one slot per 2^20 pages (4 GiB), then nodes of 1024 slots of 2^10
-    // pages and of single pages. A slot holds 0 (host memory), a child node, a run (tag 2:
-    // the sorted pieces of a slot that providers cover in part), or a provider covering
-    // the whole slot, tagged with bit 0 (a leaf).
-    uintptr_t e = top_[pfn >> 20].load(std::memory_order_acquire);
-    unsigned shift = 20;
+    // Level 0 covers 2^30 pages per slot, then 2^20, 2^10 and single pages. A slot holds 0
+    // (host memory), a child node, a run (tag 2: the sorted pieces of a slot that providers
+    // cover in part), or a provider covering the whole slot, tagged with bit 0 (a leaf).
+    uintptr_t e = root_.slot[pfn >> 30].load(std::memory_order_acquire);
+    unsigned shift = 30;
     while ((e & kTagMask) == 0) {  // a node, or nothing
       if (e == 0) return nullptr;
       shift -= 10;
@@ -262,10 +263,7 @@ class ProviderRegistry {
   void* arena_alloc(size_t bytes, size_t align);
   Provider* writer_get(ProviderId id) const;
 
-  // The top level: 2^20 slots of 4 GiB in reserved virtual memory (8 MiB, mmap
-  // MAP_NORESERVE); only pages holding a used slot are backed.
-  std::atomic<uintptr_t>* top_ = nullptr;
-  std::vector<bool> top_pages_;  // which 4 KiB pages of top_ were written
+  Node root_{};
   Arena* arena_ = nullptr;       // where nodes and runs live (2 MiB chunks)
   std::atomic<const Provider*>* ids_ = nullptr;  // kMaxProviders + 1 entries, mmap'ed
   std::vector<bool> id_pages_;                  // which 4 KiB pages of ids_ hold an entry

@@ -94,9 +94,6 @@ ProviderRegistry::ReadGuard::~ReadGuard() {
 namespace {
 constexpr size_t kIdTableBytes = (size_t{ProviderRegistry::kMaxProviders} + 1) * sizeof(void*);
 constexpr size_t kIdsPerPage = 4096 / sizeof(void*);
-constexpr size_t kTopSlots = size_t{1} << 20;  // 4 GiB each: the 52-bit space
-constexpr size_t kTopBytes = kTopSlots * sizeof(uintptr_t);
-constexpr size_t kSlotsPerPage = 4096 / sizeof(uintptr_t);
 }  // namespace
 
 // Nodes and runs live in 2 MiB chunks, so that a large table spans a few huge pages (one
@@ -172,13 +169,7 @@ ProviderRegistry::ProviderRegistry() {
   if (m == MAP_FAILED) throw std::bad_alloc();
   ids_ = static_cast<std::atomic<const Provider*>*>(m);
   id_pages_.assign(kIdTableBytes / 4096, false);
-  void* t = mmap(nullptr, kTopBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-  if (t == MAP_FAILED) {
-    munmap(ids_, kIdTableBytes);
-    throw std::bad_alloc();
-  }
-  top_ = static_cast<std::atomic<uintptr_t>*>(t);
-  top_pages_.assign(kTopBytes / 4096, false);
+  table_bytes_.store(sizeof(Node), std::memory_order_relaxed);
   arena_ = new Arena;
 }
 
@@ -194,7 +185,6 @@ ProviderRegistry::~ProviderRegistry() {
     }
   }
   munmap(ids_, kIdTableBytes);
-  munmap(top_, kTopBytes);
   delete arena_;  // every node and run, live or freed
 }
 
@@ -409,10 +399,6 @@ void ProviderRegistry::insert(Slots n, unsigned level, uint64_t base, uint64_t s
   const unsigned sh = shift_of(level);
   for (uint64_t i = (s - base) >> sh, last = (e - 1 - base) >> sh; i <= last; ++i) {
     const uint64_t lo = base + (i << sh), hi = lo + (uint64_t{1} << sh);
-    if (level == 1 && !top_pages_[i / kSlotsPerPage]) {
-      top_pages_[i / kSlotsPerPage] = true;
-      table_bytes_.fetch_add(4096, std::memory_order_relaxed);
-    }
     insert_slot(n[i], level, lo, hi, std::max(s, lo), std::min(e, hi), p);
   }
 }
@@ -465,7 +451,7 @@ Result<ProviderId> ProviderRegistry::add(ProviderDesc desc) {
   ensure_registered();  // replacing a run hands the old one to call_rcu
   std::lock_guard lock(writer_);
   const Provider* who = nullptr;
-  if (overlaps(top_, 1, 0, s, e, &who))
+  if (overlaps(root_.slot, 0, 0, s, e, &who))
     return make_error(EEXIST, "provider aperture " + describe(r) + " overlaps provider " + std::to_string(who->id()) + " " +
                                   describe(who->phys()) + " of " + who->owner().to_string());
   uint32_t id = 0;
@@ -494,7 +480,7 @@ Result<ProviderId> ProviderRegistry::add(ProviderDesc desc) {
   const uint64_t end = p->phys().base.value() + p->phys().size;
   if (end > highest_.load(std::memory_order_relaxed)) highest_.store(end, std::memory_order_release);
   // Publish: the object is complete before either table can point at it.
-  insert(top_, 1, 0, s, e, p);
+  insert(root_.slot, 0, 0, s, e, p);
   ids_[id].store(p, std::memory_order_release);
   live_.fetch_add(1, std::memory_order_relaxed);
   return ProviderId{id};
@@ -522,7 +508,7 @@ Status ProviderRegistry::remove(ProviderId id) {
   Provider* p = writer_get(id);
   if (!p) return make_error(ENOENT, "provider id " + std::to_string(id) + " is not registered");
   const uint64_t s = p->phys().base.value() >> kPageShift, e = s + (p->phys().size >> kPageShift);
-  erase(top_, 1, 0, s, e, p);
+  erase(root_.slot, 0, 0, s, e, p);
   ids_[id].store(nullptr, std::memory_order_release);
   const size_t live_before = live_.fetch_sub(1, std::memory_order_relaxed);
   PHYSR_ASSERT(live_before > 0, "a registered provider was counted live");
@@ -563,8 +549,8 @@ const Provider* ProviderRegistry::find_extent(PhysAddr a, uint64_t& bytes) const
     bytes = ~uint64_t{0} - a.value() + 1;
     return nullptr;
   }
-  uintptr_t e = top_[pfn >> 20].load(std::memory_order_acquire);
-  unsigned sh = 20;
+  uintptr_t e = root_.slot[pfn >> 30].load(std::memory_order_acquire);
+  unsigned sh = 30;
   uint64_t slot_end = ((pfn >> sh) + 1) << sh;  // page after the slot e came from
   for (;;) {
     if (e & kLeaf) break;
