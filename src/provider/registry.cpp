@@ -28,6 +28,21 @@
 extern "C" void __tsan_acquire(void* addr);
 extern "C" void __tsan_release(void* addr);
 #endif
+// LeakSanitizer scans the heap, stacks and globals, not mmap'ed memory: the arena's nodes and
+// runs (mmap'ed chunks) hold the pointers to live providers, so each chunk is registered as
+// a root region, or a registry that lives to the end of the process (a fuzzer's world)
+// shows its providers as leaked.
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define PHYSR_LSAN 1
+#endif
+#endif
+#if defined(__SANITIZE_ADDRESS__)
+#define PHYSR_LSAN 1
+#endif
+#ifdef PHYSR_LSAN
+#include <sanitizer/lsan_interface.h>
+#endif
 
 namespace physr {
 
@@ -116,7 +131,12 @@ struct ProviderRegistry::Arena {
     // The last RCU callback released blocks under the lock (ThreadSanitizer sees that order,
     // not rcu_barrier's).
     std::lock_guard g(lock);
-    for (char* c : chunks) munmap(c, kChunk);
+    for (char* c : chunks) {
+#ifdef PHYSR_LSAN
+      __lsan_unregister_root_region(c, kChunk);
+#endif
+      munmap(c, kChunk);
+    }
   }
   static Arena* of(const void* block) {
     return reinterpret_cast<const Header*>(reinterpret_cast<uintptr_t>(block) & ~(kChunk - 1))->arena;
@@ -135,6 +155,9 @@ struct ProviderRegistry::Arena {
     if (!chunks.empty()) madvise(c, kChunk, MADV_HUGEPAGE);
 #endif
     chunks.push_back(c);
+#ifdef PHYSR_LSAN
+    __lsan_register_root_region(c, kChunk);
+#endif
     new (c) Header{this};
     bump = c + 64;
     end = c + kChunk;
