@@ -110,10 +110,12 @@ struct IovaAllocator::Impl {
   // search but one first erases it (settle()). That one is the walk's first step from the
   // node just above it, which Linux ends on the ghost's own place when the size matches:
   // the node then comes back to life with no map operation. `lent` is the node the tree
-  // handed out last (none: tree.end()), so its free needs no lookup. An alloc/free cycle
-  // of one size thus costs a few compares (the DMA layer maps a 256-page list with one
-  // 256-granule IOVA: MapUnmap/iommu/256).
-  Tree::iterator ghost, ghost_next, lent;  // ghost_next: the node above the ghost
+  // handed out last (none: tree.end()), so its free needs no lookup, and `lent_next` the
+  // node above it, so its free needs no std::next() (a call into libstdc++ and a chain of
+  // dependent loads up the tree). An alloc/free cycle of one size thus costs a few
+  // compares (the DMA layer maps a 256-page list with one 256-granule IOVA:
+  // MapUnmap/iommu/256).
+  Tree::iterator ghost, ghost_next, lent, lent_next;  // ghost_next: the node above the ghost
   uint64_t used = 0, reserved = 0;  // granules in allocated nodes (the ghost excluded), in reserved ones
   uint64_t tree_allocs = 0, tree_frees = 0;
 
@@ -141,7 +143,9 @@ struct IovaAllocator::Impl {
   // ---------------- the tree (tree_mu held) ----------------
 
   void settle() {
-    if (ghost != tree.end()) tree.erase(std::exchange(ghost, tree.end()));
+    if (ghost == tree.end()) return;
+    if (lent_next == ghost) lent_next = ghost_next;  // the ghost was the node above `lent`
+    tree.erase(std::exchange(ghost, tree.end()));
   }
   // Linux __get_cached_rbnode()
   Tree::iterator get_cached_rbnode(uint64_t limit_pfn) const {
@@ -185,6 +189,7 @@ struct IovaAllocator::Impl {
           const Tree::iterator n = std::exchange(ghost, tree.end());
           cached_rbnode_insert_update(n);
           lent = n;
+          lent_next = curr;
           used += size;
           ++tree_allocs;
           *out = new_pfn;
@@ -223,6 +228,8 @@ struct IovaAllocator::Impl {
     PHYSR_ASSERT(n->second.hi == new_pfn + size - 1 && n->second.hi < end_pfn, "a new IOVA range is inserted below the end of the space");
     cached_rbnode_insert_update(n);
     lent = n;
+    PHYSR_ASSERT(std::next(n) == prev, "the walk inserts just below the node it stepped down from");
+    lent_next = prev;
     used += size;
     ++tree_allocs;
     *out = new_pfn;
@@ -241,8 +248,13 @@ struct IovaAllocator::Impl {
     Tree::iterator it = lent != tree.end() && lent->first == pfn ? lent : tree.find(pfn);
     if (it == tree.end() || it == anchor || it->second.reserved || it->second.hi - it->first + 1 != g) [[unlikely]]
       return not_allocated(pfn, g);
-    if (lent == it) lent = tree.end();
-    ghost_next = std::next(it);
+    if (lent == it) {
+      PHYSR_ASSERT(lent_next == std::next(it), "lent_next is the node above the lent node");
+      ghost_next = lent_next;
+      lent = tree.end();
+    } else {
+      ghost_next = std::next(it);
+    }
     cached_rbnode_delete_update(it, ghost_next);
     ghost = it;
     used -= g;
@@ -526,7 +538,7 @@ Result<std::unique_ptr<IovaAllocator>> IovaAllocator::create(const IovaOptions& 
   m.max32_alloc_size = m.dma_32bit_pfn;
   m.anchor = m.tree.emplace(kAnchor, Node{kAnchor, true}).first;
   m.cached_node = m.cached32_node = m.anchor;
-  m.ghost = m.ghost_next = m.lent = m.tree.end();
+  m.ghost = m.ghost_next = m.lent = m.lent_next = m.tree.end();
   for (const DmaSpan& r : o.reserved) {
     if (r.empty()) continue;
     if (r.wraps())
