@@ -329,6 +329,28 @@ TEST(DmaMapTest, NonCoherentDevicesDoCacheMaintenance) {
   EXPECT_EQ(coherent->stats().cache_maintenance, 0u);
 }
 
+// DmaDeviceStats: live mappings are the list and phys maps not yet unmapped; refused maps
+// and unmaps change neither count.
+TEST(DmaMapTest, StatsCountLiveMappings) {
+  DmaWorld w;
+  auto dev = w.device({.function = w.f_nvme, .domain = w.domain.get()});
+  auto m1 = dev->map(list_of({host(0x10000, 0x1000)}), DmaDirection::to_device);
+  ASSERT_TRUE(m1.has_value());
+  auto s = dev->map_phys(PhysAddr(0x20000), 4096, DmaDirection::from_device);
+  ASSERT_TRUE(s.has_value());
+  EXPECT_FALSE(dev->map(list_of({host(0x30000, 0x1000)}), DmaDirection::none).has_value());
+  EXPECT_EQ(dev->stats().live_mappings, 2u);
+  EXPECT_EQ(dev->stats().maps, 2u);
+  ASSERT_TRUE(dev->unmap(*m1).has_value());
+  EXPECT_FALSE(dev->unmap(*m1).has_value());  // no longer live
+  EXPECT_EQ(dev->stats().live_mappings, 1u);
+  EXPECT_EQ(dev->stats().unmaps, 1u);
+  ASSERT_TRUE(dev->unmap_phys(*s, DmaDirection::from_device).has_value());
+  EXPECT_EQ(dev->stats().live_mappings, 0u);
+  EXPECT_EQ(dev->stats().maps, 2u);
+  EXPECT_EQ(dev->stats().unmaps, 2u);
+}
+
 TEST(DmaMapTest, MapPhysEveryPathAndBadUnmaps) {
   DmaWorld w;
   w.debug = false;  // this device shows what is caught without DMA-API debug

@@ -72,9 +72,11 @@ const DmaDeviceConfig& DmaDevice::config() const noexcept { return impl_->cfg; }
 DmaDeviceStats DmaDevice::stats() const noexcept {
   const Impl& m = *impl_;
   DmaDeviceStats s;
-  s.live_mappings = m.live.load(std::memory_order_relaxed);
-  s.maps = m.maps.load(std::memory_order_relaxed);
+  // Live mappings: maps - unmaps, clamped (a reader racing other threads' map and unmap
+  // calls may see their counts in either order; the counts are a snapshot either way).
   s.unmaps = m.unmaps.load(std::memory_order_relaxed);
+  s.maps = m.maps.load(std::memory_order_relaxed);
+  s.live_mappings = s.maps >= s.unmaps ? s.maps - s.unmaps : 0;
   s.failed_maps = m.failed.load(std::memory_order_relaxed);
   s.bounced_bytes = m.bounced.load(std::memory_order_relaxed);
   s.cache_maintenance = m.cache_ops.load(std::memory_order_relaxed);

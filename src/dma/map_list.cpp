@@ -281,7 +281,6 @@ inline void DmaDevice::finish_map(DmaMapping& out, const RangeList& list, DmaDir
   }
   if (bounced) m.bounced.fetch_add(bounced, std::memory_order_relaxed);
   m.maps.fetch_add(1, std::memory_order_relaxed);
-  m.live.fetch_add(1, std::memory_order_relaxed);
 }
 
 // Linux iommu_dma_map_sg_swiotlb(): an untrusted device behind an IOMMU maps each entry with
@@ -393,7 +392,6 @@ Status DmaDevice::unmap(DmaMapping& mp) {
     mp.iova_len_ = 0;
     mp.per_range_iova_ = false;
     m.unmaps.fetch_add(1, std::memory_order_relaxed);
-    m.live.fetch_sub(1, std::memory_order_relaxed);
   };
   if (mp.per_range_iova_) {
     // Linux iommu_dma_unmap_sg_swiotlb(): each IOMMU segment is its own IOVA allocation.

@@ -74,7 +74,6 @@ Result<DmaSegment> DmaDevice::map_phys(PhysAddr phys, uint64_t size, DmaDirectio
     m.dbg_phys[seg.addr.value()].push_back(DebugEntry{size, dir});
   }
   m.maps.fetch_add(1, std::memory_order_relaxed);
-  m.live.fetch_add(1, std::memory_order_relaxed);
   return seg;
 }
 
@@ -128,7 +127,6 @@ Status DmaDevice::unmap_phys(const DmaSegment& seg, DmaDirection dir, DmaAttrs a
   }
   if (!(attrs & kDmaAttrSkipCpuSync) && dir != DmaDirection::to_device && !(seg.flags & (kDmaSegBusAddr | kDmaSegMmio))) m.count_cache(1);
   m.unmaps.fetch_add(1, std::memory_order_relaxed);
-  m.live.fetch_sub(1, std::memory_order_relaxed);
   return {};
 }
 
