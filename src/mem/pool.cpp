@@ -1014,6 +1014,7 @@ template <bool kPlain>
     const uint64_t a = c.span.base.value(), size = c.span.size, off = a - r->span.base.value();
     // No test of removed: remove() ends only once every chunk came back, with every granule
     // of the resource clear, so the bitmap test fails for a removed resource too.
+    // (a | size) & 4095: the alignment of the offset too, as the resource starts on a page.
     if (owner_key(c) == r->key && off < r->span.size && size - 1 < r->span.size - off && !((a | size) & (kPageSize - 1)) &&
         r->all_set_quick(off >> kPageShift, size >> kPageShift)) [[likely]] {
       Batch* b;
@@ -1051,6 +1052,8 @@ Error* P2PMemory::Impl::free_full(const P2PChunk& c) {
       if (!x->removed.load(std::memory_order_acquire)) break;
     }
   }
+  // The address, not its offset in the resource: the same test, as every resource starts on
+  // a 4 KiB page (add_resource()).
   if ((a | size) & (kPageSize - 1) || size == 0) [[unlikely]]
     return free_error(c, "chunks are whole 4 KiB granules (address and size multiples of 4 KiB)");
   // gen_pool_free_owner(): BUG() for an address in no chunk of the pool.
@@ -1311,6 +1314,12 @@ Result<ProviderId> P2PMemory::add_resource(uint32_t function, unsigned bar, uint
   const Aperture* ap = nullptr;
   for (const Aperture& a : m.platform->apertures())
     if (a.function == function && a.bar == bar) ap = &a;
+  // The BAR's aperture is 4 KiB aligned (ProviderRegistry::add() refuses any other: EINVAL)
+  // and the offset is whole granules, so the resource starts on a page and the absolute
+  // alignment tests of free() are its offsets' (MemPoolTest.AResourceThatDoesNotStartOnAPageIsEinval).
+  // Linux never sees another: a memory BAR is aligned to its size, and devm_memremap_pages()
+  // maps page frames (on x86-64 __add_pages()' check_pfn_span() even wants 2 MiB subsections,
+  // which physr's 4 KiB granule does not model).
   if (!ap) {
     PHYSR_ASSIGN_OR_RETURN_CTX(ap, m.platform->add_bar(function, bar, /*published=*/false), "p2pdma add_resource");
   }
