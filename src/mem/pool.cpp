@@ -134,10 +134,23 @@ void heavy_fence() {
   std::atomic_thread_fence(std::memory_order_seq_cst);
 }
 
-// A counter only its thread writes (others sum it): a plain add, no lock prefix.
-[[gnu::always_inline]] inline void bump(std::atomic<int64_t>& c, int64_t d) { c.store(c.load(std::memory_order_relaxed) + d, std::memory_order_relaxed); }
+// A counter only its thread writes (others sum it with relaxed loads): a plain add, no lock
+// prefix. On x86-64 one add to memory (the load, add and store that the relaxed load and
+// store compile to, in one instruction): the owner is the only writer and an aligned 8-byte
+// store is single-copy atomic there, so a reader sees the old or the new value, as before.
+// ThreadSanitizer builds keep the atomics, which it sees.
+template <class T>
+[[gnu::always_inline]] inline void bump(std::atomic<T>& c, T d) {
+  static_assert(sizeof(std::atomic<T>) == 8 && std::atomic<T>::is_always_lock_free);
+#if defined(__x86_64__) && !defined(PHYSR_MEM_TSAN)
+  asm volatile("addq %1, %0" : "+m"(*reinterpret_cast<T*>(&c)) : "er"(d));
+#else
+  c.store(c.load(std::memory_order_relaxed) + d, std::memory_order_relaxed);
+#endif
+}
 // A monotonic byte counter of one thread (it wraps; readers take differences modulo 2^64).
-[[gnu::always_inline]] inline void bump(std::atomic<uint64_t>& c, uint64_t d) { c.store(c.load(std::memory_order_relaxed) + d, std::memory_order_relaxed); }
+[[gnu::always_inline]] inline void bump(std::atomic<uint64_t>& c, uint64_t d) { bump<uint64_t>(c, d); }
+[[gnu::always_inline]] inline void bump(std::atomic<int64_t>& c, int64_t d) { bump<int64_t>(c, d); }
 
 std::string hex(uint64_t v) { return format_hex(v); }
 std::string describe(PhysSpan s) { return "[" + hex(s.base.value()) + ", +" + hex(s.size) + ")"; }
@@ -442,12 +455,16 @@ struct P2PMemory::Impl {
   ThreadCache* find_cache(uint32_t f);
   void orphan(ThreadCache* tc);
 
-  Result<P2PChunk> alloc(uint32_t f, uint64_t size, const AllocOptions& o);
+  // The allocation paths write the chunk to *out and return null, or return the error as a
+  // raw owning pointer (as the free path does): every path returns in a register and the
+  // slow ones are tail calls; P2PMemory::alloc() (inline, physr/mem.hpp) wraps it.
+  Error* alloc(P2PChunk* out, uint32_t f, uint64_t size, const AllocOptions& o);
   Result<P2PChunk> alloc_slow(uint32_t f, uint64_t size, const AllocOptions& o);
-  [[gnu::noinline]] Result<P2PChunk> alloc_general(uint32_t f, uint64_t s, const AllocOptions& o);
+  [[gnu::noinline]] Error* alloc_slow_to(P2PChunk* out, uint32_t f, uint64_t size, const AllocOptions& o);
+  [[gnu::noinline]] Error* alloc_general(P2PChunk* out, uint32_t f, uint64_t s, const AllocOptions& o);
   template <bool kPlain>
-  Result<P2PChunk> alloc_cached(ThreadCache* tc, uint32_t f, uint64_t s, const AllocOptions& o);
-  [[gnu::noinline]] Result<P2PChunk> alloc_refill(ThreadCache* tc, uint32_t f, uint64_t size, const AllocOptions& o);
+  Error* alloc_cached(P2PChunk* out, ThreadCache* tc, uint32_t f, uint64_t s, const AllocOptions& o);
+  [[gnu::noinline]] Error* alloc_refill(P2PChunk* out, ThreadCache* tc, uint32_t f, uint64_t size, const AllocOptions& o);
   bool alloc_locked(ThreadCache* tc, std::unique_lock<std::mutex>& lk, uint32_t f, uint64_t size, uint64_t align, P2PChunk& out, Resource*& from);
   // The free path returns its error as a raw owning pointer (null: done): it comes back in a
   // register, where a Status is returned through memory; P2PMemory::free() wraps it.
@@ -463,7 +480,7 @@ struct P2PMemory::Impl {
   bool grace_local(ThreadCache* tc, std::unique_lock<std::mutex>& lk);
   uint32_t take_ready(ThreadCache* tc, ResCache* c, unsigned k);
   void record(const P2PChunk& c, const char* owner, Resource* r);
-  [[gnu::noinline]] Result<P2PChunk> tracked_chunk(const P2PChunk& c, const char* owner, Resource* r);
+  [[gnu::noinline]] Error* tracked_chunk(P2PChunk* out, const P2PChunk& c, const char* owner, Resource* r);
 
   void submit(Batch* b);
   void arm_locked(bool registered);
@@ -726,42 +743,55 @@ void P2PMemory::Impl::sum(const Resource* r, int64_t& chunks, int64_t& bytes, in
 // only for a pool without tracking on a kernel with membarrier, so that one compare picks the
 // thread's cache and the variant that needs neither a fence nor a record; others take
 // alloc_general().
-inline Result<P2PChunk> P2PMemory::Impl::alloc(uint32_t f, uint64_t size, const AllocOptions& o) {
+inline Error* P2PMemory::Impl::alloc(P2PChunk* out, uint32_t f, uint64_t size, const AllocOptions& o) {
   // gen_pool_alloc rounds the size up to the pool's granule (PAGE_SHIFT for p2pdma).
   const uint64_t s = (size + kPageSize - 1) & ~(kPageSize - 1);
   const uint64_t align = o.align;
   if (size - 1 < kMaxClassSize && !(s & (s - 1)) && (align == kPageSize || (!(align & (align - 1)) && align - kPageSize < s))) [[likely]] {
     // t_last names only functions that exist (find_cache runs after the function is checked).
-    if (t_last.mem == plain_uid && t_last.function == f) [[likely]] return alloc_cached<true>(t_last.tc, f, s, o);
-    return alloc_general(f, s, o);
+    if (t_last.mem == plain_uid && t_last.function == f) [[likely]] return alloc_cached<true>(out, t_last.tc, f, s, o);
+    return alloc_general(out, f, s, o);
   }
-  return alloc_slow(f, size, o);
+  return alloc_slow_to(out, f, size, o);
+}
+
+// alloc_slow() into *out.
+Error* P2PMemory::Impl::alloc_slow_to(P2PChunk* out, uint32_t f, uint64_t size, const AllocOptions& o) {
+  Result<P2PChunk> r = alloc_slow(f, size, o);
+  if (!r) return physr::detail::ResultAccess::take(r);
+  *out = *r;
+  return nullptr;
 }
 
 // A cached class (s rounded), not the plain pool's common case: another function or
 // P2PMemory than the thread's last (which this one becomes), tracking, or no membarrier.
-Result<P2PChunk> P2PMemory::Impl::alloc_general(uint32_t f, uint64_t s, const AllocOptions& o) {
+Error* P2PMemory::Impl::alloc_general(P2PChunk* out, uint32_t f, uint64_t s, const AllocOptions& o) {
   if (t_last.mem != uid || t_last.function != f) {
-    if (f >= nfns) return alloc_slow(f, s, o);
+    if (f >= nfns) return alloc_slow_to(out, f, s, o);
     find_cache(f);
   }
-  if (plain_uid == uid) return alloc_cached<true>(t_last.tc, f, s, o);
-  return alloc_cached<false>(t_last.tc, f, s, o);
+  if (plain_uid == uid) return alloc_cached<true>(out, t_last.tc, f, s, o);
+  return alloc_cached<false>(out, t_last.tc, f, s, o);
 }
 
 // kPlain: untracked, and the membarrier makes the light side of the handshakes a compiler
 // barrier.
 template <bool kPlain>
-[[gnu::always_inline]] inline Result<P2PChunk> P2PMemory::Impl::alloc_cached(ThreadCache* tc, uint32_t f, uint64_t s, const AllocOptions& o) {
+[[gnu::always_inline]] inline Error* P2PMemory::Impl::alloc_cached(P2PChunk* out, ThreadCache* tc, uint32_t f, uint64_t s, const AllocOptions& o) {
   ResCache* const c = tc->hot;
-  if (!c) [[unlikely]] return alloc_slow(f, s, o);
+  if (!c) [[unlikely]] return alloc_slow_to(out, f, s, o);
   const unsigned k = static_cast<unsigned>(std::countr_zero(s)) - kPageShift;
   Resource* const r = c->r;
   tc->busy.store(1, std::memory_order_relaxed);
-  bump(c->chunks, 1);  // counted before the dying check (percpu_ref_tryget_live)
+  bump(c->chunks, 1);  // counted before the steal check (percpu_ref_tryget_live)
   if constexpr (kPlain) std::atomic_signal_fence(std::memory_order_seq_cst);
   else light_fence();
-  const bool stop = tc->steal.load(std::memory_order_acquire) || r->dying.load(std::memory_order_relaxed);
+  // steal stands for the resource's dying flag too: remove() sets every thread's steal with
+  // dying, before its heavy fence, and a stealer clears it only after emptying the thread's
+  // magazines of dying resources, which nothing refills afterwards (alloc_locked() and
+  // take_ready() test dying). So a chunk popped here is of a live resource, or counted
+  // before remove()'s fence, which is percpu_ref_tryget_live() against percpu_ref_kill().
+  const bool stop = tc->steal.load(std::memory_order_acquire);
   if (!stop) [[likely]] {
     Mag& m = c->ready[k];
     if (const uint32_t n = m.n) [[likely]] {
@@ -769,34 +799,37 @@ template <bool kPlain>
       const uint64_t a = m.addr[n - 1];
       bump(c->handed_out, s);
       tc->busy.store(0, std::memory_order_release);
-      if (kPlain || !track) return chunk_of(r, a, s);
-      return tracked_chunk(chunk_of(r, a, s), o.owner, r);
+      if (kPlain || !track) {
+        *out = chunk_of(r, a, s);
+        return nullptr;
+      }
+      return tracked_chunk(out, chunk_of(r, a, s), o.owner, r);
     }
   }
   bump(c->chunks, -1);
   tc->busy.store(0, std::memory_order_release);
-  if (!stop) return alloc_refill(tc, f, s, o);  // the magazine is empty
-  return alloc_slow(f, s, o);
+  if (!stop) return alloc_refill(out, tc, f, s, o);  // the magazine is empty
+  return alloc_slow_to(out, f, s, o);
 }
 
 // The fast path's arguments are valid and the thread's magazine is empty: refill it (under
 // the thread's lock) without alloc_slow()'s checks, which the failures still go through.
-Result<P2PChunk> P2PMemory::Impl::alloc_refill(ThreadCache* tc, uint32_t f, uint64_t size, const AllocOptions& o) {
-  P2PChunk out;
+Error* P2PMemory::Impl::alloc_refill(P2PChunk* out, ThreadCache* tc, uint32_t f, uint64_t size, const AllocOptions& o) {
   Resource* from = nullptr;
   bool got;
   {
     std::unique_lock t(tc->mu);
-    got = alloc_locked(tc, t, f, size, o.align, out, from);
+    got = alloc_locked(tc, t, f, size, o.align, *out, from);
   }
-  if (!got) return alloc_slow(f, size, o);
-  if (track) record(out, o.owner, from);
-  return out;
+  if (!got) return alloc_slow_to(out, f, size, o);
+  if (track) record(*out, o.owner, from);
+  return nullptr;
 }
 
-Result<P2PChunk> P2PMemory::Impl::tracked_chunk(const P2PChunk& c, const char* owner, Resource* r) {
+Error* P2PMemory::Impl::tracked_chunk(P2PChunk* out, const P2PChunk& c, const char* owner, Resource* r) {
   record(c, owner, r);
-  return c;
+  *out = c;
+  return nullptr;
 }
 
 void P2PMemory::Impl::record(const P2PChunk& c, const char* owner, Resource* r) {
@@ -1013,10 +1046,14 @@ template <bool kPlain>
     Resource* r = rc->r;
     const uint64_t a = c.span.base.value(), size = c.span.size, off = a - r->span.base.value();
     // No test of removed: remove() ends only once every chunk came back, with every granule
-    // of the resource clear, so the bitmap test fails for a removed resource too.
-    // (a | size) & 4095: the alignment of the offset too, as the resource starts on a page.
-    if (owner_key(c) == r->key && off < r->span.size && size - 1 < r->span.size - off && !((a | size) & (kPageSize - 1)) &&
-        r->all_set_quick(off >> kPageShift, size >> kPageShift)) [[likely]] {
+    // of the resource clear, so the bitmap test fails for a removed resource too. A resource
+    // starts on a page (add_resource()), so the offset's alignment is the address's; one
+    // granule (the common size) needs no length test: off < size is off + 4 KiB <= size.
+    const bool ok = size == kPageSize
+                        ? owner_key(c) == r->key && off < r->span.size && !(off & (kPageSize - 1)) && r->test(off >> kPageShift)
+                        : owner_key(c) == r->key && off < r->span.size && size - 1 < r->span.size - off && !((off | size) & (kPageSize - 1)) &&
+                              r->all_set_quick(off >> kPageShift, size >> kPageShift);
+    if (ok) [[likely]] {
       Batch* b;
       const Push p = push_free<kPlain>(tc, rc, r, a, size, b);
       if (p == Push::done) [[likely]] return nullptr;
@@ -1364,11 +1401,8 @@ Status P2PMemory::publish(uint32_t function, bool publish) {
   return {};
 }
 
-Result<P2PChunk> P2PMemory::alloc(uint32_t function, uint64_t size, const AllocOptions& o) { return impl_->alloc(function, size, o); }
-Status P2PMemory::free(const P2PChunk& chunk) {
-  if (Error* e = impl_->free(chunk)) [[unlikely]] return physr::detail::Failure(e);
-  return {};
-}
+Error* P2PMemory::alloc_raw(P2PChunk* out, uint32_t function, uint64_t size, const AllocOptions& o) { return impl_->alloc(out, function, size, o); }
+Error* P2PMemory::free_raw(const P2PChunk& chunk) { return impl_->free(chunk); }
 
 std::optional<uint32_t> P2PMemory::find_many(std::span<const uint32_t> clients) const {
   const Impl& m = *impl_;
@@ -1491,6 +1525,12 @@ Status P2PMemory::remove(uint32_t function) {
   // allocation that did not see the flag is in the counts summed below (header comment).
   for (Resource* r : rs) r->dying.store(true, std::memory_order_release);
   fs.published.store(false, std::memory_order_release);
+  {
+    // The fast alloc path reads steal, not dying (alloc_cached()): every thread takes its
+    // slow path until steal_all() below has emptied its caches of these resources.
+    std::lock_guard g(m.mu);
+    for (auto& tc : m.caches) tc->steal.store(1, std::memory_order_relaxed);
+  }
   heavy_fence();
   // pci_p2pdma_unmap_mappings(): unmap_mapping_range() on the allocate file, so that no
   // user mapping of the memory is left (a later pin of those addresses is EFAULT). Chunks
