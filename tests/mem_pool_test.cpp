@@ -235,6 +235,39 @@ TEST(MemPoolTest, RemoveRevokesHoldersThenAllocIsEnodev) {
 // fast path still names that resource: the free fast path does not test `removed`, because
 // remove() ends with every granule clear, so the bitmap test (gen_pool_free's BUG_ON(remain))
 // sends it to the full checks. One granule and whole bitmap words (2 MiB) both.
+// percpu_ref_kill() comes before pci_p2pdma_unmap_mappings(): once remove() has begun, an
+// allocation fails with ENODEV (percpu_ref_tryget_live() fails), even on a thread whose
+// cache still holds chunks of the pool; here from an MMU notifier that the removal's
+// unmap_mapping_range() calls, before the caches are emptied.
+TEST(MemPoolTest, AllocDuringRemovalIsEnodevEvenFromAWarmCache) {
+  for (const bool track : {true, false}) {
+    SCOPED_TRACE(track ? "tracking" : "no tracking");
+    MemWorld w;
+    auto m = make(w, track);
+    ASSERT_TRUE(m->add_resource(w.gpu, 0, 0, 0));
+    const P2PChunk warm = m->alloc(w.gpu, kPageSize).value();  // the thread caches more of them
+    ASSERT_TRUE(m->free(warm));
+    P2PMemorySource file(*m, w.gpu, "gpu");
+    auto host = HostMemory::create(PhysSpan{PhysAddr(1 * GiB), 64 * MiB}).value();
+    AddressSpace as(*host);
+    const uint64_t a = as.mmap_p2p(file, MmapOptions{.len = 64 * KiB, .shared = true}).value();
+    int calls = 0, code = 0;
+    auto n = MmuIntervalNotifier::insert(as, a, 64 * KiB, [&](MmuIntervalNotifier& sub, const MmuNotifierRange&, uint64_t seq) {
+      sub.set_seq(seq);
+      ++calls;
+      auto c = m->alloc(w.gpu, kPageSize);
+      code = c ? 0 : c.error().code;
+      if (c) (void)m->free(*c);
+      return true;
+    });
+    ASSERT_TRUE(n) << n.error().to_string();
+    ASSERT_TRUE(m->remove(w.gpu));
+    EXPECT_EQ(calls, 1);
+    EXPECT_EQ(code, ENODEV);
+    EXPECT_EQ(m->alloc(w.gpu, kPageSize).error().code, ENODEV);
+  }
+}
+
 TEST(MemPoolTest, ALateFreeIntoARemovedPoolIsEinvalWithoutTracking) {
   MemWorld w;
   auto m = make(w, /*track=*/false);

@@ -4,7 +4,8 @@
 // pool: held by a caller, cached by a thread, or freed and waiting for its grace period),
 // as genalloc keeps one bit per min_alloc_order granule, plus constants: a bounded depot of
 // free chunks per size class, a next-fit cursor per class, and per thread a magazine per
-// class (at most 128 chunks up to 32 KiB, 64 above) and one batch of pending frees. A buddy
+// class (at most 128 chunks up to 32 KiB, 64 above) and one batch of pending frees (a word
+// each: the address, with the resource and size class in its low 12 bits). A buddy
 // allocator would need its free lists stored in the free memory itself (which is a device's
 // BAR here, not ours to write) or a bit per buddy per order; the bitmap with caches gets the
 // hot path to a thread-local pop/push and keeps the search (first-fit, aligned) for the rare
@@ -19,9 +20,10 @@
 // anyway, with the full barrier on the rare side (membarrier(PRIVATE_EXPEDITED), as
 // liburcu's memb flavour does; a fence on every operation where the kernel lacks it):
 //   - removal: the thread counts the chunk (its per-thread live count, the percpu_ref of
-//     Linux pgmap->ref) and then reads the resource's dying flag; remove() sets the flag,
+//     Linux pgmap->ref) and then reads the resource's dying flag (the fast path reads its
+//     own steal flag instead, which remove() sets with dying); remove() sets the flags,
 //     runs membarrier, and then the counts it sums include every allocation that did not
-//     see the flag, which is percpu_ref_tryget_live() against percpu_ref_kill().
+//     see them, which is percpu_ref_tryget_live() against percpu_ref_kill().
 //   - stealing (barrier(), remove(), teardown): the thread sets busy and then reads steal;
 //     the stealer sets steal, runs membarrier, waits for busy to clear and takes the
 //     thread's mutex, so either the thread sees steal (and takes its slow path, under that
