@@ -11,6 +11,7 @@
 #include <benchmark/benchmark.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <thread>
@@ -248,13 +249,19 @@ void PhysrDeferredFree(benchmark::State& state) {
   state.SetItemsProcessed(static_cast<int64_t>(state.iterations()));
 }
 
+// PHYSR_BENCH_ITERATIONS=n runs each of these exactly once, n iterations: with callgrind
+// (--toggle-collect='*PhysrAllocFree*'), two values of n give instructions per pair.
+void pool_iterations(benchmark::internal::Benchmark* b) {
+  if (const char* n = std::getenv("PHYSR_BENCH_ITERATIONS")) b->Iterations(std::atoll(n));
+}
+
 const int kRegistered = [] {
   for (const int64_t size : {int64_t{4096}, int64_t{2 * MiB}}) {
-    benchmark::RegisterBenchmark("P2PPoolAllocFree/physr", PhysrAllocFree)->Arg(size);
-    benchmark::RegisterBenchmark("P2PPoolAllocFree/genalloc", PeerAllocFree<GenPool>)->Arg(size);
-    benchmark::RegisterBenchmark("P2PPoolAllocFree/std_map", PeerAllocFree<MapPool>)->Arg(size);
+    benchmark::RegisterBenchmark("P2PPoolAllocFree/physr", PhysrAllocFree)->Arg(size)->Apply(pool_iterations);
+    benchmark::RegisterBenchmark("P2PPoolAllocFree/genalloc", PeerAllocFree<GenPool>)->Arg(size)->Apply(pool_iterations);
+    benchmark::RegisterBenchmark("P2PPoolAllocFree/std_map", PeerAllocFree<MapPool>)->Arg(size)->Apply(pool_iterations);
   }
-  benchmark::RegisterBenchmark("P2PPoolDeferredFree/physr", PhysrDeferredFree)->UseRealTime();
+  benchmark::RegisterBenchmark("P2PPoolDeferredFree/physr", PhysrDeferredFree)->UseRealTime()->Apply(pool_iterations);
   return 0;
 }();
 

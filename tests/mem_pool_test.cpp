@@ -64,6 +64,40 @@ TEST(MemPoolTest, AddResourceFollowsTheKernelsEinvalRules) {
   EXPECT_EQ(m->stats(w.nvme).size, 16 * MiB);
 }
 
+// A resource starts on a 4 KiB page, which the frees' alignment test relies on. Linux never
+// sees another: a memory BAR decodes a naturally aligned power of two, so whole pages of a
+// real BAR start on a page, and pci_p2pdma_add_resource() -> devm_memremap_pages() maps page
+// frames (PHYS_PFN(range.start); __add_pages()' check_pfn_span() even wants 2 MiB
+// subsections). A hand-made or sysfs topology can hold a BAR that is not page aligned: its
+// aperture is refused (ProviderRegistry::add(): EINVAL), so add_resource() is EINVAL and
+// the offset, a multiple of 4 KiB, cannot make up for it.
+TEST(MemPoolTest, AResourceThatDoesNotStartOnAPageIsEinval) {
+  pci::Topology topo = pci::parse_machine(physr::testing::kMemWorldMachine, "mem-world").value();
+  uint32_t nic = 0;
+  for (uint32_t i = 0; i < topo.functions.size(); ++i)
+    if (topo.functions[i].name == "nic") nic = i;
+  topo.functions[nic].bars[0].span.base = PhysAddr(MemWorld::kNicBar + 0x800);
+  physr::testing::NoMemory memory;
+  PlatformOptions po;
+  po.bounce.size = 0;
+  auto platform = Platform::create(topo, memory, po).value();
+  for (const bool track : {true, false}) {
+    SCOPED_TRACE(track ? "tracking" : "no tracking");
+    P2PMemoryOptions o;
+    o.track = track;
+    auto m = P2PMemory::create(*platform, std::move(o)).value();
+    for (const uint64_t offset : {uint64_t{0}, 4 * KiB, 1 * MiB}) {
+      auto r = m->add_resource(nic, 0, 64 * KiB, offset);
+      ASSERT_FALSE(r) << "offset " << offset;
+      EXPECT_EQ(r.error().code, EINVAL);
+      EXPECT_NE(r.error().message.find("not 4 KiB aligned"), std::string::npos) << r.error().message;
+      EXPECT_NE(r.error().message.find(format_hex(MemWorld::kNicBar + 0x800)), std::string::npos) << r.error().message;
+    }
+    EXPECT_EQ(m->stats(nic).size, 0u);
+    EXPECT_TRUE(platform->apertures().empty());  // nothing registered
+  }
+}
+
 TEST(MemPoolTest, UsesTheAperturePlatformRegisteredAlready) {
   MemWorld w;
   const Aperture* ap = w.platform->add_bar(w.gpu, 0, true).value();
@@ -201,6 +235,39 @@ TEST(MemPoolTest, RemoveRevokesHoldersThenAllocIsEnodev) {
 // fast path still names that resource: the free fast path does not test `removed`, because
 // remove() ends with every granule clear, so the bitmap test (gen_pool_free's BUG_ON(remain))
 // sends it to the full checks. One granule and whole bitmap words (2 MiB) both.
+// percpu_ref_kill() comes before pci_p2pdma_unmap_mappings(): once remove() has begun, an
+// allocation fails with ENODEV (percpu_ref_tryget_live() fails), even on a thread whose
+// cache still holds chunks of the pool; here from an MMU notifier that the removal's
+// unmap_mapping_range() calls, before the caches are emptied.
+TEST(MemPoolTest, AllocDuringRemovalIsEnodevEvenFromAWarmCache) {
+  for (const bool track : {true, false}) {
+    SCOPED_TRACE(track ? "tracking" : "no tracking");
+    MemWorld w;
+    auto m = make(w, track);
+    ASSERT_TRUE(m->add_resource(w.gpu, 0, 0, 0));
+    const P2PChunk warm = m->alloc(w.gpu, kPageSize).value();  // the thread caches more of them
+    ASSERT_TRUE(m->free(warm));
+    P2PMemorySource file(*m, w.gpu, "gpu");
+    auto host = HostMemory::create(PhysSpan{PhysAddr(1 * GiB), 64 * MiB}).value();
+    AddressSpace as(*host);
+    const uint64_t a = as.mmap_p2p(file, MmapOptions{.len = 64 * KiB, .shared = true}).value();
+    int calls = 0, code = 0;
+    auto n = MmuIntervalNotifier::insert(as, a, 64 * KiB, [&](MmuIntervalNotifier& sub, const MmuNotifierRange&, uint64_t seq) {
+      sub.set_seq(seq);
+      ++calls;
+      auto c = m->alloc(w.gpu, kPageSize);
+      code = c ? 0 : c.error().code;
+      if (c) (void)m->free(*c);
+      return true;
+    });
+    ASSERT_TRUE(n) << n.error().to_string();
+    ASSERT_TRUE(m->remove(w.gpu));
+    EXPECT_EQ(calls, 1);
+    EXPECT_EQ(code, ENODEV);
+    EXPECT_EQ(m->alloc(w.gpu, kPageSize).error().code, ENODEV);
+  }
+}
+
 TEST(MemPoolTest, ALateFreeIntoARemovedPoolIsEinvalWithoutTracking) {
   MemWorld w;
   auto m = make(w, /*track=*/false);

@@ -69,6 +69,8 @@ struct AllocOptions {
   uint64_t align = kPageSize;  // power of two >= 4 KiB, of the CPU physical address
   const char* owner = nullptr; // reported at teardown (a string that outlives the chunk)
 };
+/// The options of an alloc() that names none (a constant: the call builds no temporary).
+inline constexpr AllocOptions kDefaultAllocOptions{};
 
 /// Bytes of a function's pool: size (every live resource), allocated (held by callers),
 /// deferred (freed, waiting for a grace period); chunks held by callers.
@@ -115,13 +117,23 @@ class P2PMemory {
   /// Linux pci_alloc_p2pmem(): `size` rounded up to 4 KiB (as gen_pool_alloc rounds to its
   /// granule), aligned to o.align. EINVAL: size 0 or a bad alignment; ENODEV: no P2P memory,
   /// or every resource is being removed; ENOMEM: no room (after waiting for deferred frees).
-  Result<P2PChunk> alloc(uint32_t function, uint64_t size, const AllocOptions& o = {});
+  Result<P2PChunk> alloc(uint32_t function, uint64_t size, const AllocOptions& o = kDefaultAllocOptions) {
+    union Out {
+      Out() {}  // left for alloc_raw() to write
+      P2PChunk chunk;
+    } out;
+    if (Error* e = alloc_raw(&out.chunk, function, size, o)) [[unlikely]] return physr::detail::Failure(e);
+    return out.chunk;
+  }
   /// Linux pci_free_p2pmem(), deferred: the chunk is back in the pool after a grace period.
   /// EINVAL (naming the address and the rule): not a chunk this pool handed out (unknown
   /// function or provider, outside the resource, not 4 KiB aligned, a size that is not a
   /// multiple of 4 KiB, a double free, with tracking a size other than allocated). A failed
   /// free changes nothing.
-  Status free(const P2PChunk& chunk);
+  Status free(const P2PChunk& chunk) {
+    if (Error* e = free_raw(chunk)) [[unlikely]] return physr::detail::Failure(e);
+    return {};
+  }
   /// Linux pci_p2pmem_find_many(): among published functions with live P2P memory, the one
   /// nearest to all clients (the platform's engine; ties go to the first, not at random).
   std::optional<uint32_t> find_many(std::span<const uint32_t> clients) const;
@@ -176,6 +188,13 @@ class P2PMemory {
  private:
   friend class P2PMemorySource;  // registers itself as the function's allocate file
   explicit P2PMemory(std::unique_ptr<Impl> impl);
+  // alloc() and free() without the result wrapping, which the inline wrappers above add in
+  // the caller (a Status or Result returned from a call goes through memory; a pointer comes
+  // back in a register): alloc_raw() writes the chunk to *out and returns null, or returns
+  // the error (owned by the caller) and leaves *out alone; free_raw() returns null or the
+  // error.
+  Error* alloc_raw(P2PChunk* out, uint32_t function, uint64_t size, const AllocOptions& o);
+  Error* free_raw(const P2PChunk& chunk);
   void attach_file(uint32_t function, P2PMemorySource* file);
   void detach_file(uint32_t function, P2PMemorySource* file);
   std::unique_ptr<Impl> impl_;

@@ -4,7 +4,8 @@
 // pool: held by a caller, cached by a thread, or freed and waiting for its grace period),
 // as genalloc keeps one bit per min_alloc_order granule, plus constants: a bounded depot of
 // free chunks per size class, a next-fit cursor per class, and per thread a magazine per
-// class (at most 128 chunks up to 32 KiB, 64 above) and one batch of pending frees. A buddy
+// class (at most 128 chunks up to 32 KiB, 64 above) and one batch of pending frees (a word
+// each: the address, with the resource and size class in its low 12 bits). A buddy
 // allocator would need its free lists stored in the free memory itself (which is a device's
 // BAR here, not ours to write) or a bit per buddy per order; the bitmap with caches gets the
 // hot path to a thread-local pop/push and keeps the search (first-fit, aligned) for the rare
@@ -19,9 +20,10 @@
 // anyway, with the full barrier on the rare side (membarrier(PRIVATE_EXPEDITED), as
 // liburcu's memb flavour does; a fence on every operation where the kernel lacks it):
 //   - removal: the thread counts the chunk (its per-thread live count, the percpu_ref of
-//     Linux pgmap->ref) and then reads the resource's dying flag; remove() sets the flag,
+//     Linux pgmap->ref) and then reads the resource's dying flag (the fast path reads its
+//     own steal flag instead, which remove() sets with dying); remove() sets the flags,
 //     runs membarrier, and then the counts it sums include every allocation that did not
-//     see the flag, which is percpu_ref_tryget_live() against percpu_ref_kill().
+//     see them, which is percpu_ref_tryget_live() against percpu_ref_kill().
 //   - stealing (barrier(), remove(), teardown): the thread sets busy and then reads steal;
 //     the stealer sets steal, runs membarrier, waits for busy to clear and takes the
 //     thread's mutex, so either the thread sees steal (and takes its slow path, under that
@@ -134,10 +136,23 @@ void heavy_fence() {
   std::atomic_thread_fence(std::memory_order_seq_cst);
 }
 
-// A counter only its thread writes (others sum it): a plain add, no lock prefix.
-[[gnu::always_inline]] inline void bump(std::atomic<int64_t>& c, int64_t d) { c.store(c.load(std::memory_order_relaxed) + d, std::memory_order_relaxed); }
+// A counter only its thread writes (others sum it with relaxed loads): a plain add, no lock
+// prefix. On x86-64 one add to memory (the load, add and store that the relaxed load and
+// store compile to, in one instruction): the owner is the only writer and an aligned 8-byte
+// store is single-copy atomic there, so a reader sees the old or the new value, as before.
+// ThreadSanitizer builds keep the atomics, which it sees.
+template <class T>
+[[gnu::always_inline]] inline void bump(std::atomic<T>& c, T d) {
+  static_assert(sizeof(std::atomic<T>) == 8 && std::atomic<T>::is_always_lock_free);
+#if defined(__x86_64__) && !defined(PHYSR_MEM_TSAN)
+  asm volatile("addq %1, %0" : "+m"(*reinterpret_cast<T*>(&c)) : "er"(d));
+#else
+  c.store(c.load(std::memory_order_relaxed) + d, std::memory_order_relaxed);
+#endif
+}
 // A monotonic byte counter of one thread (it wraps; readers take differences modulo 2^64).
-[[gnu::always_inline]] inline void bump(std::atomic<uint64_t>& c, uint64_t d) { c.store(c.load(std::memory_order_relaxed) + d, std::memory_order_relaxed); }
+[[gnu::always_inline]] inline void bump(std::atomic<uint64_t>& c, uint64_t d) { bump<uint64_t>(c, d); }
+[[gnu::always_inline]] inline void bump(std::atomic<int64_t>& c, int64_t d) { bump<int64_t>(c, d); }
 
 std::string hex(uint64_t v) { return format_hex(v); }
 std::string describe(PhysSpan s) { return "[" + hex(s.base.value()) + ", +" + hex(s.size) + ")"; }
@@ -152,9 +167,11 @@ void registered_thread() { ProviderRegistry::ReadGuard g; }  // registers with l
 
 }  // namespace
 
+// A magazine of free chunks of one class (ResCache::mag()): addresses, some with their batch
+// entry's tag still in the low 12 bits (a refill copies entries whole), so a pop masks it off.
 struct Mag {
-  uint32_t n = 0;
-  uint64_t addr[kMagSize];
+  uint32_t& n;
+  uint64_t* addr;
 };
 
 // One pci_p2pdma_add_resource(): a span of one BAR, as gen_pool_add_owner() adds a chunk.
@@ -162,6 +179,7 @@ struct Resource {
   ProviderId provider = 0;
   uint32_t function = 0;
   uint32_t ordinal = 0;  // index among the function's resources
+  uint64_t tag = 0;      // ordinal << 4, in its chunks' batch entries
   uint64_t key = 0;      // owner_key(provider, function)
   unsigned bar = 0;
   PhysSpan span;
@@ -270,20 +288,36 @@ struct Resource {
   }
 };
 
-// Pending frees, and a batch of them handed to call_rcu: entry i is (r[i], addr[i],
-// size[i]), in arrays so that a refill compares a run of entries a block at a time and
-// copies their addresses at once.
+// A batch entry's tag, in the low 12 bits of the chunk's address (a resource starts on a
+// page, so every chunk's address does): the resource's ordinal (bits 4..7, Resource::tag)
+// and the size class (bits 0..3), or kOddSize for a size of no class (Batch::size has it).
+constexpr uint64_t kTagMask = kPageSize - 1;
+constexpr uint64_t kOddSize = 15;
+static_assert(kMaxResources <= 16 && kClasses < kOddSize);
+inline uint64_t size_tag(uint64_t size) {
+  const unsigned k = class_of(size, size);
+  return k < kClasses ? k : kOddSize;
+}
+
+// Pending frees, and a batch of them handed to call_rcu. A batch holds frees of one
+// function (its thread cache's), whose resources `res` lists, so that an entry is one
+// word: the chunk's address with its tag. Entries are in an array so that a refill
+// compares a run of them a block at a time and copies their addresses at once.
 struct Batch {
   rcu_head head;
   uint32_t n = 0;
-  Resource* r[kBatchSize];
-  uint64_t addr[kBatchSize];
-  uint64_t size[kBatchSize];
-  void push(Resource* res, uint64_t a, uint64_t s) {
-    r[n] = res;
-    addr[n] = a;
-    size[n] = s;
-    ++n;
+  const std::atomic<Resource*>* res = nullptr;  // the function's resources (FunctionState::res)
+  uint64_t e[kBatchSize];
+  uint64_t size[kBatchSize];  // only for entries tagged kOddSize
+  void push(uint64_t entry, uint64_t s) {
+    if ((entry & 15) == kOddSize) size[n] = s;
+    e[n++] = entry;
+  }
+  Resource* resource(uint32_t i) const { return res[(e[i] >> 4) & 15].load(std::memory_order_relaxed); }
+  uint64_t address(uint32_t i) const { return e[i] & ~kTagMask; }
+  uint64_t bytes(uint32_t i) const {
+    const uint64_t k = e[i] & 15;
+    return k == kOddSize ? size[i] : kPageSize << k;
   }
 };
 
@@ -297,17 +331,20 @@ struct SpareBatches : std::vector<Batch*> {
 };
 SpareBatches g_batches;  // at most kSpareBatches
 constexpr size_t kSpareBatches = 256;
-Batch* new_batch() {
+// A batch for the frees of the function whose resources are `res`.
+Batch* new_batch(const std::atomic<Resource*>* res) {
+  Batch* b = nullptr;
   {
     std::lock_guard g(g_batches_mu);
     if (!g_batches.empty()) {
-      Batch* b = g_batches.back();
+      b = g_batches.back();
       g_batches.pop_back();
       b->n = 0;
-      return b;
     }
   }
-  return new Batch;  // the entries need no zeroing
+  if (!b) b = new Batch;  // the entries need no zeroing
+  b->res = res;
+  return b;
 }
 void recycle(Batch* b) {
   {
@@ -331,7 +368,11 @@ struct ResCache {
   // the threads: one counter fewer to write on every free.
   std::atomic<int64_t> chunks{0};
   std::atomic<uint64_t> handed_out{0}, freed{0}, deferred_out{0};
-  Mag ready[kClasses];
+  uint64_t key = 0;  // r->key, so that the fast alloc path need not read r
+  // The magazines: counts together, and arrays of a power-of-two stride.
+  uint32_t mag_n[kClasses] = {};
+  uint64_t mag_addr[kClasses][kMagSize];
+  Mag mag(unsigned k) { return Mag{mag_n[k], mag_addr[k]}; }
 };
 
 // One thread's state for one function of one P2PMemory.
@@ -382,7 +423,9 @@ struct TlsEntry {
   uint64_t mem = 0;
   uint32_t function = 0;
   ThreadCache* tc = nullptr;
+  uint64_t key = 0;  // mem << 32 | function: alloc() compares both at once
 };
+inline uint64_t tls_key(uint64_t mem, uint32_t function) { return mem << 32 | function; }
 thread_local TlsEntry t_last PHYSR_MEM_TLS;
 struct TlsList {
   std::vector<TlsEntry> all;
@@ -402,6 +445,7 @@ struct P2PMemory::Impl {
   bool track = true;
   uint64_t uid = 0;
   uint64_t plain_uid = ~uint64_t{0};  // uid when untracked with membarrier, else no uid
+  uint64_t plain_key = ~uint64_t{0};  // tls_key(plain_uid, 0), or a key no entry has
   uint32_t nfns = 0;
   std::unique_ptr<FunctionState[]> fns;
 
@@ -442,12 +486,16 @@ struct P2PMemory::Impl {
   ThreadCache* find_cache(uint32_t f);
   void orphan(ThreadCache* tc);
 
-  Result<P2PChunk> alloc(uint32_t f, uint64_t size, const AllocOptions& o);
+  // The allocation paths write the chunk to *out and return null, or return the error as a
+  // raw owning pointer (as the free path does): every path returns in a register and the
+  // slow ones are tail calls; P2PMemory::alloc() (inline, physr/mem.hpp) wraps it.
+  Error* alloc(P2PChunk* out, uint32_t f, uint64_t size, const AllocOptions& o);
   Result<P2PChunk> alloc_slow(uint32_t f, uint64_t size, const AllocOptions& o);
-  [[gnu::noinline]] Result<P2PChunk> alloc_general(uint32_t f, uint64_t s, const AllocOptions& o);
+  [[gnu::noinline]] Error* alloc_slow_to(P2PChunk* out, uint32_t f, uint64_t size, const AllocOptions& o);
+  [[gnu::noinline]] Error* alloc_general(P2PChunk* out, uint32_t f, uint64_t s, const AllocOptions& o);
   template <bool kPlain>
-  Result<P2PChunk> alloc_cached(ThreadCache* tc, uint32_t f, uint64_t s, const AllocOptions& o);
-  [[gnu::noinline]] Result<P2PChunk> alloc_refill(ThreadCache* tc, uint32_t f, uint64_t size, const AllocOptions& o);
+  Error* alloc_cached(P2PChunk* out, ThreadCache* tc, uint32_t f, uint64_t s, const AllocOptions& o);
+  [[gnu::noinline]] Error* alloc_refill(P2PChunk* out, ThreadCache* tc, uint32_t f, uint64_t size, const AllocOptions& o);
   bool alloc_locked(ThreadCache* tc, std::unique_lock<std::mutex>& lk, uint32_t f, uint64_t size, uint64_t align, P2PChunk& out, Resource*& from);
   // The free path returns its error as a raw owning pointer (null: done): it comes back in a
   // register, where a Status is returned through memory; P2PMemory::free() wraps it.
@@ -456,6 +504,10 @@ struct P2PMemory::Impl {
   [[gnu::noinline]] Error* free_general(const P2PChunk& c);
   template <bool kPlain>
   Error* free_cached(const P2PChunk& c);
+  template <bool kPlain>
+  [[gnu::noinline]] Error* free_sized(const P2PChunk& c);
+  template <bool kPlain>
+  Error* free_sized_body(const P2PChunk& c);
   Error* free_error(const P2PChunk& c, const std::string& why) const;
   void free_slow(ThreadCache* tc, Resource* r, uint64_t addr, uint64_t size);
   Batch* retire_locked(ThreadCache* tc, Batch* b);
@@ -463,7 +515,7 @@ struct P2PMemory::Impl {
   bool grace_local(ThreadCache* tc, std::unique_lock<std::mutex>& lk);
   uint32_t take_ready(ThreadCache* tc, ResCache* c, unsigned k);
   void record(const P2PChunk& c, const char* owner, Resource* r);
-  [[gnu::noinline]] Result<P2PChunk> tracked_chunk(const P2PChunk& c, const char* owner, Resource* r);
+  [[gnu::noinline]] Error* tracked_chunk(P2PChunk* out, const P2PChunk& c, const char* owner, Resource* r);
 
   void submit(Batch* b);
   void arm_locked(bool registered);
@@ -486,6 +538,7 @@ ResCache* slot_for(ThreadCache* tc, Resource* r) {
   if (!slot) {
     auto c = std::make_unique<ResCache>();
     c->r = r;
+    c->key = r->key;
     slot = std::move(c);
   }
   return slot.get();
@@ -527,7 +580,7 @@ ThreadCache* P2PMemory::Impl::find_cache(uint32_t f) {
     std::lock_guard live(g_live_mu);
     std::erase_if(t_list.all, [](const TlsEntry& e) { return !g_live.count(e.mem); });
   }
-  t_list.all.push_back(TlsEntry{uid, f, tc});
+  t_list.all.push_back(TlsEntry{uid, f, tc, tls_key(uid, f)});
   t_last = t_list.all.back();
   return tc;
 }
@@ -570,9 +623,9 @@ void P2PMemory::Impl::flush_locked(ThreadCache* tc, bool drain_ready, bool only_
     if (only_dying && !r->dying.load(std::memory_order_relaxed)) continue;
     std::lock_guard g(r->mu);
     for (unsigned k = 0; k < kClasses; ++k) {
-      Mag& m = c->ready[k];
+      Mag m = c->mag(k);
       if (!r->removed.load(std::memory_order_relaxed))
-        for (uint32_t i = 0; i < m.n; ++i) r->give_back(m.addr[i], kPageSize << k);
+        for (uint32_t i = 0; i < m.n; ++i) r->give_back(m.addr[i] & ~kTagMask, kPageSize << k);
       m.n = 0;
     }
   }
@@ -633,14 +686,15 @@ void P2PMemory::Impl::grace_now() {
 void P2PMemory::Impl::give_back(Batch* b) {
   Resource* locked = nullptr;
   for (uint32_t i = 0; i < b->n; ++i) {
-    Resource* const r = b->r[i];
+    Resource* const r = b->resource(i);
     if (r != locked) {
       if (locked) locked->mu.unlock();
       locked = r;
       locked->mu.lock();
     }
-    if (!r->removed.load(std::memory_order_relaxed)) r->give_back(b->addr[i], b->size[i]);
-    r->deferred_done.fetch_add(b->size[i], std::memory_order_relaxed);
+    const uint64_t size = b->bytes(i);
+    if (!r->removed.load(std::memory_order_relaxed)) r->give_back(b->address(i), size);
+    r->deferred_done.fetch_add(size, std::memory_order_relaxed);
   }
   if (locked) locked->mu.unlock();
   recycle(b);
@@ -711,10 +765,10 @@ void P2PMemory::Impl::sum(const Resource* r, int64_t& chunks, int64_t& bytes, in
 // Allocation
 
 // A chunk of r; (provider, function) is one 8-byte copy of r->key.
-[[gnu::always_inline]] inline P2PChunk chunk_of(const Resource* r, uint64_t a, uint64_t size) {
+[[gnu::always_inline]] inline P2PChunk chunk_of(const uint64_t& key, uint64_t a, uint64_t size) {
   P2PChunk out;
   out.span = PhysSpan{PhysAddr(a), size};
-  std::memcpy(&out.provider, &r->key, sizeof r->key);
+  std::memcpy(&out.provider, &key, sizeof key);
   return out;
 }
 
@@ -726,77 +780,93 @@ void P2PMemory::Impl::sum(const Resource* r, int64_t& chunks, int64_t& bytes, in
 // only for a pool without tracking on a kernel with membarrier, so that one compare picks the
 // thread's cache and the variant that needs neither a fence nor a record; others take
 // alloc_general().
-inline Result<P2PChunk> P2PMemory::Impl::alloc(uint32_t f, uint64_t size, const AllocOptions& o) {
+inline Error* P2PMemory::Impl::alloc(P2PChunk* out, uint32_t f, uint64_t size, const AllocOptions& o) {
   // gen_pool_alloc rounds the size up to the pool's granule (PAGE_SHIFT for p2pdma).
   const uint64_t s = (size + kPageSize - 1) & ~(kPageSize - 1);
   const uint64_t align = o.align;
   if (size - 1 < kMaxClassSize && !(s & (s - 1)) && (align == kPageSize || (!(align & (align - 1)) && align - kPageSize < s))) [[likely]] {
     // t_last names only functions that exist (find_cache runs after the function is checked).
-    if (t_last.mem == plain_uid && t_last.function == f) [[likely]] return alloc_cached<true>(t_last.tc, f, s, o);
-    return alloc_general(f, s, o);
+    if (t_last.key == (plain_key | f)) [[likely]] return alloc_cached<true>(out, t_last.tc, f, s, o);
+    return alloc_general(out, f, s, o);
   }
-  return alloc_slow(f, size, o);
+  return alloc_slow_to(out, f, size, o);
+}
+
+// alloc_slow() into *out.
+Error* P2PMemory::Impl::alloc_slow_to(P2PChunk* out, uint32_t f, uint64_t size, const AllocOptions& o) {
+  Result<P2PChunk> r = alloc_slow(f, size, o);
+  if (!r) return physr::detail::ResultAccess::take(r);
+  *out = *r;
+  return nullptr;
 }
 
 // A cached class (s rounded), not the plain pool's common case: another function or
 // P2PMemory than the thread's last (which this one becomes), tracking, or no membarrier.
-Result<P2PChunk> P2PMemory::Impl::alloc_general(uint32_t f, uint64_t s, const AllocOptions& o) {
+Error* P2PMemory::Impl::alloc_general(P2PChunk* out, uint32_t f, uint64_t s, const AllocOptions& o) {
   if (t_last.mem != uid || t_last.function != f) {
-    if (f >= nfns) return alloc_slow(f, s, o);
+    if (f >= nfns) return alloc_slow_to(out, f, s, o);
     find_cache(f);
   }
-  if (plain_uid == uid) return alloc_cached<true>(t_last.tc, f, s, o);
-  return alloc_cached<false>(t_last.tc, f, s, o);
+  if (plain_uid == uid) return alloc_cached<true>(out, t_last.tc, f, s, o);
+  return alloc_cached<false>(out, t_last.tc, f, s, o);
 }
 
 // kPlain: untracked, and the membarrier makes the light side of the handshakes a compiler
 // barrier.
 template <bool kPlain>
-[[gnu::always_inline]] inline Result<P2PChunk> P2PMemory::Impl::alloc_cached(ThreadCache* tc, uint32_t f, uint64_t s, const AllocOptions& o) {
+[[gnu::always_inline]] inline Error* P2PMemory::Impl::alloc_cached(P2PChunk* out, ThreadCache* tc, uint32_t f, uint64_t s, const AllocOptions& o) {
   ResCache* const c = tc->hot;
-  if (!c) [[unlikely]] return alloc_slow(f, s, o);
+  if (!c) [[unlikely]] return alloc_slow_to(out, f, s, o);
   const unsigned k = static_cast<unsigned>(std::countr_zero(s)) - kPageShift;
   Resource* const r = c->r;
   tc->busy.store(1, std::memory_order_relaxed);
-  bump(c->chunks, 1);  // counted before the dying check (percpu_ref_tryget_live)
+  bump(c->chunks, 1);  // counted before the steal check (percpu_ref_tryget_live)
   if constexpr (kPlain) std::atomic_signal_fence(std::memory_order_seq_cst);
   else light_fence();
-  const bool stop = tc->steal.load(std::memory_order_acquire) || r->dying.load(std::memory_order_relaxed);
+  // steal stands for the resource's dying flag too: remove() sets every thread's steal with
+  // dying, before its heavy fence, and a stealer clears it only after emptying the thread's
+  // magazines of dying resources, which nothing refills afterwards (alloc_locked() and
+  // take_ready() test dying). So a chunk popped here is of a live resource, or counted
+  // before remove()'s fence, which is percpu_ref_tryget_live() against percpu_ref_kill().
+  const bool stop = tc->steal.load(std::memory_order_acquire);
   if (!stop) [[likely]] {
-    Mag& m = c->ready[k];
+    Mag m = c->mag(k);
     if (const uint32_t n = m.n) [[likely]] {
       m.n = n - 1;
-      const uint64_t a = m.addr[n - 1];
+      const uint64_t a = m.addr[n - 1] & ~kTagMask;
       bump(c->handed_out, s);
       tc->busy.store(0, std::memory_order_release);
-      if (kPlain || !track) return chunk_of(r, a, s);
-      return tracked_chunk(chunk_of(r, a, s), o.owner, r);
+      if (kPlain || !track) {
+        *out = chunk_of(c->key, a, s);
+        return nullptr;
+      }
+      return tracked_chunk(out, chunk_of(c->key, a, s), o.owner, r);
     }
   }
   bump(c->chunks, -1);
   tc->busy.store(0, std::memory_order_release);
-  if (!stop) return alloc_refill(tc, f, s, o);  // the magazine is empty
-  return alloc_slow(f, s, o);
+  if (!stop) return alloc_refill(out, tc, f, s, o);  // the magazine is empty
+  return alloc_slow_to(out, f, s, o);
 }
 
 // The fast path's arguments are valid and the thread's magazine is empty: refill it (under
 // the thread's lock) without alloc_slow()'s checks, which the failures still go through.
-Result<P2PChunk> P2PMemory::Impl::alloc_refill(ThreadCache* tc, uint32_t f, uint64_t size, const AllocOptions& o) {
-  P2PChunk out;
+Error* P2PMemory::Impl::alloc_refill(P2PChunk* out, ThreadCache* tc, uint32_t f, uint64_t size, const AllocOptions& o) {
   Resource* from = nullptr;
   bool got;
   {
     std::unique_lock t(tc->mu);
-    got = alloc_locked(tc, t, f, size, o.align, out, from);
+    got = alloc_locked(tc, t, f, size, o.align, *out, from);
   }
-  if (!got) return alloc_slow(f, size, o);
-  if (track) record(out, o.owner, from);
-  return out;
+  if (!got) return alloc_slow_to(out, f, size, o);
+  if (track) record(*out, o.owner, from);
+  return nullptr;
 }
 
-Result<P2PChunk> P2PMemory::Impl::tracked_chunk(const P2PChunk& c, const char* owner, Resource* r) {
+Error* P2PMemory::Impl::tracked_chunk(P2PChunk* out, const P2PChunk& c, const char* owner, Resource* r) {
   record(c, owner, r);
-  return c;
+  *out = c;
+  return nullptr;
 }
 
 void P2PMemory::Impl::record(const P2PChunk& c, const char* owner, Resource* r) {
@@ -823,19 +893,19 @@ bool P2PMemory::Impl::alloc_locked(ThreadCache* tc, std::unique_lock<std::mutex>
     }
     uint64_t a = 0;
     bool got = false;
-    if (k < kClasses && !c->ready[k].n) {
+    if (k < kClasses && !c->mag_n[k]) {
       // The thread's own frees whose grace period is over come back first, without a lock
       // (per-thread lists, as the kernel's per-cpu page lists in front of the buddy), then a
       // grace period of the thread's own once many batches wait for one.
       if (!take_ready(tc, c, k) && tc->waiting.size() >= kSyncBatches && grace_local(tc, lk)) take_ready(tc, c, k);
     }
-    if (k < kClasses && c->ready[k].n) {
-      a = c->ready[k].addr[--c->ready[k].n];
+    if (k < kClasses && c->mag_n[k]) {
+      a = c->mag_addr[k][--c->mag_n[k]] & ~kTagMask;
       got = true;
     } else {
       std::lock_guard g(r->mu);
       if (k < kClasses) {
-        Mag& m = c->ready[k];
+        Mag m = c->mag(k);
         if (!m.n) {
           std::vector<uint64_t>& d = r->depot[k];
           const uint32_t cap = mag_cap(k);
@@ -883,7 +953,7 @@ bool P2PMemory::Impl::alloc_locked(ThreadCache* tc, std::unique_lock<std::mutex>
           while (nf) m.addr[m.n++] = found[--nf];  // the lowest address pops first
         }
         if (m.n) {
-          a = m.addr[--m.n];
+          a = m.addr[--m.n] & ~kTagMask;
           got = true;
         }
       }
@@ -901,7 +971,7 @@ bool P2PMemory::Impl::alloc_locked(ThreadCache* tc, std::unique_lock<std::mutex>
     }
     // The pool is dry but this thread's frees wait for a grace period: end one and take them.
     if (!got && k < kClasses && !tc->waiting.empty() && grace_local(tc, lk) && take_ready(tc, c, k)) {
-      a = c->ready[k].addr[--c->ready[k].n];
+      a = c->mag_addr[k][--c->mag_n[k]] & ~kTagMask;
       got = true;
     }
     if (!got) {
@@ -966,8 +1036,8 @@ Error* P2PMemory::Impl::free_error(const P2PChunk& c, const std::string& why) co
 // handshake in the header comment): stolen, when it is not, and nothing is done. full: the
 // batch is full and taken off the thread (the caller retires it).
 enum class Push { done, full, stolen };
-template <bool kPlain = false>
-[[gnu::always_inline]] inline Push push_free(ThreadCache* tc, ResCache* rc, Resource* r, uint64_t a, uint64_t size, Batch*& b) {
+template <bool kPlain = false, bool kMaybeOdd = true>
+[[gnu::always_inline]] inline Push push_free(ThreadCache* tc, ResCache* rc, uint64_t entry, uint64_t size, bool odd, Batch*& b) {
   tc->busy.store(1, std::memory_order_relaxed);
   if constexpr (kPlain) std::atomic_signal_fence(std::memory_order_seq_cst);
   else light_fence();
@@ -977,9 +1047,8 @@ template <bool kPlain = false>
     return Push::stolen;
   }
   const uint32_t n = b->n;
-  b->r[n] = r;
-  b->addr[n] = a;
-  b->size[n] = size;
+  b->e[n] = entry;
+  if (kMaybeOdd && odd) b->size[n] = size;
   b->n = n + 1;
   bump(rc->chunks, -1);
   bump(rc->freed, size);
@@ -1008,18 +1077,40 @@ inline uint64_t owner_key(const P2PChunk& c) {
 // free_full(). kPlain as for alloc_cached().
 template <bool kPlain>
 [[gnu::always_inline]] inline Error* P2PMemory::Impl::free_cached(const P2PChunk& c) {
+  // One granule inline; other sizes out of line (fewer registers to save on the common path).
+  if (c.span.size != kPageSize) [[unlikely]] return free_sized<kPlain>(c);
+  return free_sized_body<kPlain>(c);
+}
+
+template <bool kPlain>
+Error* P2PMemory::Impl::free_sized(const P2PChunk& c) {
+  return free_sized_body<kPlain>(c);
+}
+
+template <bool kPlain>
+[[gnu::always_inline]] inline Error* P2PMemory::Impl::free_sized_body(const P2PChunk& c) {
   ThreadCache* tc = t_last.tc;
   if (ResCache* rc = tc->hot) [[likely]] {
     Resource* r = rc->r;
     const uint64_t a = c.span.base.value(), size = c.span.size, off = a - r->span.base.value();
     // No test of removed: remove() ends only once every chunk came back, with every granule
-    // of the resource clear, so the bitmap test fails for a removed resource too.
-    if (owner_key(c) == r->key && off < r->span.size && size - 1 < r->span.size - off && !((a | size) & (kPageSize - 1)) &&
-        r->all_set_quick(off >> kPageShift, size >> kPageShift)) [[likely]] {
+    // of the resource clear, so the bitmap test fails for a removed resource too. A resource
+    // starts on a page (add_resource()), so the offset's alignment is the address's; one
+    // granule (the common size) needs no length test: off < size is off + 4 KiB <= size.
+    if (owner_key(c) == r->key && off < r->span.size) [[likely]] {
       Batch* b;
-      const Push p = push_free<kPlain>(tc, rc, r, a, size, b);
-      if (p == Push::done) [[likely]] return nullptr;
-      if (p == Push::full) return retire(tc, b);
+      if (size == kPageSize) {
+        if (!(off & (kPageSize - 1)) && r->test(off >> kPageShift)) [[likely]] {
+          const Push p = push_free<kPlain, false>(tc, rc, a | r->tag, size, false, b);  // class 0
+          if (p == Push::done) [[likely]] return nullptr;
+          if (p == Push::full) return retire(tc, b);
+        }
+      } else if (size - 1 < r->span.size - off && !((off | size) & (kPageSize - 1)) && r->all_set_quick(off >> kPageShift, size >> kPageShift)) {
+        const uint64_t k = size_tag(size);
+        const Push p = push_free<kPlain>(tc, rc, a | r->tag | k, size, k == kOddSize, b);
+        if (p == Push::done) [[likely]] return nullptr;
+        if (p == Push::full) return retire(tc, b);
+      }
     }
   }
   return free_full(c);
@@ -1051,6 +1142,8 @@ Error* P2PMemory::Impl::free_full(const P2PChunk& c) {
       if (!x->removed.load(std::memory_order_acquire)) break;
     }
   }
+  // The address, not its offset in the resource: the same test, as every resource starts on
+  // a 4 KiB page (add_resource()).
   if ((a | size) & (kPageSize - 1) || size == 0) [[unlikely]]
     return free_error(c, "chunks are whole 4 KiB granules (address and size multiples of 4 KiB)");
   // gen_pool_free_owner(): BUG() for an address in no chunk of the pool.
@@ -1070,7 +1163,8 @@ Error* P2PMemory::Impl::free_full(const P2PChunk& c) {
   ThreadCache* tc = cache_for(f);
   if (ResCache* rc = tc->rc[r->ordinal].get()) {
     Batch* b;
-    const Push p = push_free(tc, rc, r, a, size, b);
+    const uint64_t k = size_tag(size);
+    const Push p = push_free(tc, rc, a | r->tag | k, size, k == kOddSize, b);
     if (p == Push::done) [[likely]] return nullptr;
     if (p == Push::full) return retire(tc, b);
   }
@@ -1083,14 +1177,14 @@ void P2PMemory::Impl::free_slow(ThreadCache* tc, Resource* r, uint64_t addr, uin
   {
     std::lock_guard t(tc->mu);
     ResCache* slot = slot_for(tc, r);
-    if (!tc->pending) tc->pending = new_batch();
+    if (!tc->pending) tc->pending = new_batch(fns[tc->function].res);
     Batch* b = tc->pending;
-    b->push(r, addr, size);
+    b->push(addr | r->tag | size_tag(size), size);
     bump(slot->chunks, -1);
     bump(slot->freed, size);
     if (b->n == kBatchSize) {
       full = retire_locked(tc, b);
-      tc->pending = new_batch();
+      tc->pending = new_batch(fns[tc->function].res);
     }
   }
   if (full) submit(full);
@@ -1111,7 +1205,7 @@ Error* P2PMemory::Impl::retire(ThreadCache* tc, Batch* b) {
   {
     std::lock_guard t(tc->mu);
     over = retire_locked(tc, b);
-    if (!tc->pending) tc->pending = new_batch();
+    if (!tc->pending) tc->pending = new_batch(fns[tc->function].res);
   }
   if (over) submit(over);
   return nullptr;
@@ -1138,49 +1232,48 @@ bool P2PMemory::Impl::grace_local(ThreadCache* tc, std::unique_lock<std::mutex>&
 // other resources or classes go to their own magazines, or back to their pools when those
 // are full or dying. The magazine's count afterwards.
 uint32_t P2PMemory::Impl::take_ready(ThreadCache* tc, ResCache* c, unsigned k) {
-  Mag& m = c->ready[k];
+  Mag m = c->mag(k);
   Resource* const r = c->r;
   const bool live = !r->dying.load(std::memory_order_relaxed) && !r->removed.load(std::memory_order_relaxed);
-  const uint64_t csize = kPageSize << k;
+  const uint64_t csize = kPageSize << k, tag = r->tag | k;
   const uint32_t cap = mag_cap(k);
   while (m.n < cap && !tc->ready.empty()) {
     Batch* b = tc->ready.back();
     if (live) {
-      // The common case: the magazine's own resource and size, straight in.
-      // The matching tail [from, n): blocks of 8 entries compared at once, then one by one.
+      // The common case: the magazine's own resource and size (its tag: the batch is of the
+      // thread's function), straight in. The matching tail [from, n): blocks of 8 entries
+      // compared at once, then one by one; their addresses copied without the tag.
       const uint32_t n = b->n, mn = m.n, lo = n - std::min(n, cap - mn);
-      const uintptr_t rk = reinterpret_cast<uintptr_t>(r);
       uint32_t from = n;
       using V2 = uint64_t __attribute__((vector_size(16)));  // two entries per compare (SSE2, NEON)
-      const V2 rv = {rk, rk}, sv = {csize, csize};
+      const V2 mv = {kTagMask, kTagMask}, tv = {tag, tag};
       while (from - lo >= 8) {
         V2 diff = {0, 0};
         for (uint32_t q = from - 8; q < from; q += 2) {
-          V2 x, y;
-          std::memcpy(&x, &b->r[q], sizeof x);
-          std::memcpy(&y, &b->size[q], sizeof y);
-          diff |= (x ^ rv) | (y ^ sv);
+          V2 x;
+          std::memcpy(&x, &b->e[q], sizeof x);
+          diff |= (x & mv) ^ tv;
         }
         if (diff[0] | diff[1]) break;
         from -= 8;
       }
-      while (from > lo && b->r[from - 1] == r && b->size[from - 1] == csize) --from;
+      while (from > lo && (b->e[from - 1] & kTagMask) == tag) --from;
       const uint32_t j = n - from;
-      std::memcpy(m.addr + mn, b->addr + from, j * sizeof(uint64_t));
+      std::memcpy(m.addr + mn, b->e + from, j * sizeof(uint64_t));  // tags and all (Mag)
       bump(c->deferred_out, j * csize);
       b->n = from;
       m.n = mn + j;
     }
     while (b->n && m.n < cap) {
       const uint32_t i = --b->n;
-      Resource* const er = b->r[i];
-      const uint64_t ea = b->addr[i], es = b->size[i];
+      Resource* const er = b->resource(i);
+      const uint64_t ea = b->address(i), es = b->bytes(i);
       ResCache* slot = er == c->r ? c : slot_for(tc, er);
       bump(slot->deferred_out, es);
       if (er->removed.load(std::memory_order_relaxed)) continue;  // its pool is gone
       const unsigned ek = class_of(es, es);
-      if (ek < kClasses && slot->ready[ek].n < mag_cap(ek) && !er->dying.load(std::memory_order_relaxed)) {
-        slot->ready[ek].addr[slot->ready[ek].n++] = ea;
+      if (ek < kClasses && slot->mag_n[ek] < mag_cap(ek) && !er->dying.load(std::memory_order_relaxed)) {
+        slot->mag_addr[ek][slot->mag_n[ek]++] = ea;
       } else {
         std::lock_guard g(er->mu);
         er->give_back(ea, es);
@@ -1263,7 +1356,11 @@ Result<std::unique_ptr<P2PMemory>> P2PMemory::create(Platform& platform, P2PMemo
   impl->track = options.track;
   impl->opt = std::move(options);
   impl->uid = g_next_uid.fetch_add(1);
-  if (!impl->track && g_membarrier.load(std::memory_order_relaxed)) impl->plain_uid = impl->uid;
+  // (A uid of 2^32 or more would not fit the key: such a pool takes the general path.)
+  if (!impl->track && g_membarrier.load(std::memory_order_relaxed) && impl->uid >> 32 == 0) {
+    impl->plain_uid = impl->uid;
+    impl->plain_key = tls_key(impl->uid, 0);
+  }
   impl->nfns = static_cast<uint32_t>(platform.topology().functions.size());
   impl->fns = std::make_unique<FunctionState[]>(impl->nfns);
   {
@@ -1311,6 +1408,12 @@ Result<ProviderId> P2PMemory::add_resource(uint32_t function, unsigned bar, uint
   const Aperture* ap = nullptr;
   for (const Aperture& a : m.platform->apertures())
     if (a.function == function && a.bar == bar) ap = &a;
+  // The BAR's aperture is 4 KiB aligned (ProviderRegistry::add() refuses any other: EINVAL)
+  // and the offset is whole granules, so the resource starts on a page and the absolute
+  // alignment tests of free() are its offsets' (MemPoolTest.AResourceThatDoesNotStartOnAPageIsEinval).
+  // Linux never sees another: a memory BAR is aligned to its size, and devm_memremap_pages()
+  // maps page frames (on x86-64 __add_pages()' check_pfn_span() even wants 2 MiB subsections,
+  // which physr's 4 KiB granule does not model).
   if (!ap) {
     PHYSR_ASSIGN_OR_RETURN_CTX(ap, m.platform->add_bar(function, bar, /*published=*/false), "p2pdma add_resource");
   }
@@ -1318,6 +1421,7 @@ Result<ProviderId> P2PMemory::add_resource(uint32_t function, unsigned bar, uint
   r->provider = ap->id;
   r->function = function;
   r->ordinal = n;
+  r->tag = uint64_t{n} << 4;
   r->key = owner_key(r->provider, function);
   r->bar = bar;
   r->span = span;
@@ -1355,11 +1459,8 @@ Status P2PMemory::publish(uint32_t function, bool publish) {
   return {};
 }
 
-Result<P2PChunk> P2PMemory::alloc(uint32_t function, uint64_t size, const AllocOptions& o) { return impl_->alloc(function, size, o); }
-Status P2PMemory::free(const P2PChunk& chunk) {
-  if (Error* e = impl_->free(chunk)) [[unlikely]] return physr::detail::Failure(e);
-  return {};
-}
+Error* P2PMemory::alloc_raw(P2PChunk* out, uint32_t function, uint64_t size, const AllocOptions& o) { return impl_->alloc(out, function, size, o); }
+Error* P2PMemory::free_raw(const P2PChunk& chunk) { return impl_->free(chunk); }
 
 std::optional<uint32_t> P2PMemory::find_many(std::span<const uint32_t> clients) const {
   const Impl& m = *impl_;
@@ -1482,6 +1583,12 @@ Status P2PMemory::remove(uint32_t function) {
   // allocation that did not see the flag is in the counts summed below (header comment).
   for (Resource* r : rs) r->dying.store(true, std::memory_order_release);
   fs.published.store(false, std::memory_order_release);
+  {
+    // The fast alloc path reads steal, not dying (alloc_cached()): every thread takes its
+    // slow path until steal_all() below has emptied its caches of these resources.
+    std::lock_guard g(m.mu);
+    for (auto& tc : m.caches) tc->steal.store(1, std::memory_order_relaxed);
+  }
   heavy_fence();
   // pci_p2pdma_unmap_mappings(): unmap_mapping_range() on the allocate file, so that no
   // user mapping of the memory is left (a later pin of those addresses is EFAULT). Chunks
