@@ -205,6 +205,10 @@ class Simulator {
   size_t next_ = 0;
   std::vector<size_t> active_;  // flows moving data
   std::vector<size_t> free_;    // released flows, reused by add()
+  // allocate_rates()' scratch, by resource: remaining capacity, unfrozen flows (zero
+  // between calls), and the resources the active flows cross.
+  std::vector<double> cap_;
+  std::vector<uint32_t> users_, touched_;
 };
 
 // -------------------------------------------------------------------------------------
