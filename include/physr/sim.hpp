@@ -177,6 +177,10 @@ class Simulator {
   /// Moves the clock to `t_ns` (later transfers are added from there), running whatever
   /// completes on the way; returns the transfers that completed.
   std::vector<size_t> idle_until(double t_ns);
+  /// step() and idle_until() into `done` (cleared first), whose capacity a caller's loop
+  /// keeps from one event to the next.
+  void step(std::vector<size_t>& done);
+  void idle_until(double t_ns, std::vector<size_t>& done);
   /// Transfers added and not yet finished.
   size_t in_flight() const noexcept { return active_.size() + (order_.size() - next_); }
   /// Completion time of a transfer (after run()).

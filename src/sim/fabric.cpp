@@ -359,22 +359,33 @@ bool Simulator::advance(double horizon, std::vector<size_t>& done) {
 
 std::vector<size_t> Simulator::step() {
   std::vector<size_t> done;
+  step(done);
+  return done;
+}
+
+void Simulator::step(std::vector<size_t>& done) {
+  done.clear();
   while (done.empty() && advance(std::numeric_limits<double>::infinity(), done)) {
   }
-  return done;
 }
 
 std::vector<size_t> Simulator::idle_until(double t) {
   std::vector<size_t> done;
-  while (now_ < t && advance(t, done)) {
-  }
-  if (now_ < t) now_ = t;
+  idle_until(t, done);
   return done;
 }
 
-double Simulator::run() {
-  while (!step().empty()) {
+void Simulator::idle_until(double t, std::vector<size_t>& done) {
+  done.clear();
+  while (now_ < t && advance(t, done)) {
   }
+  if (now_ < t) now_ = t;
+}
+
+double Simulator::run() {
+  std::vector<size_t> done;
+  do step(done);
+  while (!done.empty());
   return now_;
 }
 
