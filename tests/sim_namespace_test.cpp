@@ -69,5 +69,36 @@ TEST(SimNamespaceTest, TrackingMemoryFollowsWhatWasWrittenNotTheSize) {
   EXPECT_LT(*mm, kBlock) << "block 12345 holds stream 99's data, not this";
 }
 
+// A read's pieces checked as they land (run_blocks' landing checks through
+// Namespace::read_landed): unwritten blocks as the factory pattern, written ones as the
+// file holds them; a view that does not hold what the device wrote (its bytes went
+// elsewhere) fails at its first differing byte.
+TEST(SimNamespaceTest, ReadLandedChecksWrittenAndUnwrittenBlocks) {
+  constexpr uint64_t kUnit = 64 * KiB, kPiece = 8 * KiB;
+  auto ns = Namespace::create(4 * kUnit, kUnit, 11, kUnit);
+  ASSERT_TRUE(ns.has_value()) << ns.error().to_string();
+  std::vector<uint8_t> data(kUnit);
+  for (size_t k = 0; k < data.size(); ++k) data[k] = static_cast<uint8_t>(k * 7 + 1);
+  ASSERT_TRUE(ns->write(kUnit, data).has_value());
+  for (const uint64_t off : {uint64_t{0}, kUnit}) {  // unwritten, written
+    std::vector<uint8_t> out(kUnit);
+    auto r = ns->read_landed(off, out, out, kPiece);
+    ASSERT_TRUE(r.has_value()) << r.error().to_string();
+    EXPECT_EQ(*r, kUnit) << "off " << off;
+    if (off == kUnit) {
+      EXPECT_EQ(out, data);
+    }
+    std::vector<uint8_t> elsewhere(kUnit), view(out);
+    view[kUnit - kPiece + 9] ^= 0x04;  // the last piece's view differs at one byte
+    r = ns->read_landed(off, elsewhere, view, kPiece);
+    ASSERT_TRUE(r.has_value());
+    EXPECT_EQ(*r, kUnit - kPiece + 9) << "off " << off;
+    const std::vector<uint8_t> stale(kUnit);  // nothing landed where the CPU looks
+    r = ns->read_landed(off, elsewhere, stale, kPiece);
+    ASSERT_TRUE(r.has_value());
+    EXPECT_EQ(*r, 0u) << "off " << off;
+  }
+}
+
 }  // namespace
 }  // namespace physr::sim::detail

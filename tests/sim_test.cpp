@@ -513,6 +513,38 @@ TEST(SimPatternTest, WholePagesInOneRunEqualPageByPageAndEveryByteIsChecked) {
   }
 }
 
+// A block job's device writes its pieces and checks each as it lands through the CPU's view
+// of the buffer (pattern_landed(), one call per run of pieces): with the view the bytes
+// the device wrote (a right translation) it passes; a device that wrote elsewhere (a wrong
+// bus offset or translation: the view holds another I/O's data), a page off (the view
+// overlaps the bytes, shifted), or one byte off in any piece fails at the first byte of
+// the view that differs. Unaligned runs and pieces take the page-by-page path and agree.
+TEST(SimPatternTest, LandingChecksCatchBytesWrittenElsewhere) {
+  constexpr uint64_t kPiece = 8192;
+  for (const uint64_t pos : {uint64_t{0}, uint64_t{1} << 20, uint64_t{4096 + 40}}) {
+    for (const size_t len : {size_t{64 * 1024}, size_t{5 * 4096 + 24}}) {
+      std::vector<uint8_t> buf(len + 4096);
+      const std::span<uint8_t> at(buf.data(), len);
+      ASSERT_EQ(detail::pattern_landed(7, pos, at, at, kPiece), len) << "pos " << pos << " len " << len;
+      EXPECT_EQ(detail::pattern_mismatch(7, pos, at), len);
+      // The view holds another I/O's data: the device's bytes went to another buffer.
+      std::vector<uint8_t> elsewhere(len), stale(len);
+      detail::pattern(7, pos + (8 << 20), stale);
+      EXPECT_EQ(detail::pattern_landed(7, pos, elsewhere, stale, kPiece), 0u);
+      // The device wrote a page further on: the view's first page is stale, the rest shifted.
+      std::fill(buf.begin(), buf.end(), uint8_t{0});
+      EXPECT_EQ(detail::pattern_landed(7, pos, std::span(buf.data() + 4096, len), std::span<const uint8_t>(buf.data(), len), kPiece), 0u);
+      // One byte wrong in the view, in the first, a middle or the last piece.
+      for (const size_t k : {size_t{5}, len / 2 + 3, len - 1}) {
+        std::vector<uint8_t> out(len), view(len);
+        detail::pattern(7, pos, view);
+        view[k] ^= 0x10;
+        EXPECT_EQ(detail::pattern_landed(7, pos, out, view, kPiece), k) << "pos " << pos << " len " << len;
+      }
+    }
+  }
+}
+
 JobResult run(Machine& m, const pci::Topology& t, const char* dev, const char* buffer, PathPolicy p, bool write = false,
               unsigned qd = 8, uint64_t size = 8 * MiB) {
   Job j;

@@ -177,6 +177,10 @@ class Simulator {
   /// Moves the clock to `t_ns` (later transfers are added from there), running whatever
   /// completes on the way; returns the transfers that completed.
   std::vector<size_t> idle_until(double t_ns);
+  /// step() and idle_until() into `done` (cleared first), whose capacity a caller's loop
+  /// keeps from one event to the next.
+  void step(std::vector<size_t>& done);
+  void idle_until(double t_ns, std::vector<size_t>& done);
   /// Transfers added and not yet finished.
   size_t in_flight() const noexcept { return active_.size() + (order_.size() - next_); }
   /// Completion time of a transfer (after run()).
@@ -205,6 +209,10 @@ class Simulator {
   size_t next_ = 0;
   std::vector<size_t> active_;  // flows moving data
   std::vector<size_t> free_;    // released flows, reused by add()
+  // allocate_rates()' scratch, by resource: remaining capacity, unfrozen flows (zero
+  // between calls), and the resources the active flows cross.
+  std::vector<double> cap_;
+  std::vector<uint32_t> users_, touched_;
 };
 
 // -------------------------------------------------------------------------------------

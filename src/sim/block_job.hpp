@@ -261,6 +261,18 @@ Result<JobResult> run_blocks(Machine& m, const Job& job, const BlockPlan& plan, 
       } else {
         st = take_access(m.dma_write_from(plan.device, segs, b, n,
                                           [&](uint64_t o, std::span<uint8_t> dst) -> Status {
+                                            // A device side that can check its pieces itself as they land
+                                            // does the whole run in one call (NvmeMedia::read_landed).
+                                            if constexpr (requires { media.read_landed(i, o, dst, std::span<const uint8_t>(), kLanding); }) {
+                                              const uint64_t p = target.value() + b + o;
+                                              if (const uint8_t* at = view_at(p, dst.size())) {
+                                                const std::span<const uint8_t> have(at, dst.size());
+                                                PHYSR_ASSIGN_OR_RETURN(const size_t k, media.read_landed(i, b + o, dst, have, kLanding));
+                                                if (k == have.size()) return {};
+                                                return make_error(EIO, what() + ": data mismatch at " + format_hex(p + k) + " (byte " +
+                                                                           std::to_string(b + o + k) + ")");
+                                              }
+                                            }
                                             for (uint64_t k = 0; k < dst.size(); k += kLanding) {
                                               const auto piece = dst.subspan(k, std::min<uint64_t>(kLanding, dst.size() - k));
                                               PHYSR_RETURN_IF_ERROR(media.read(i, b + o + k, piece));

@@ -227,20 +227,37 @@ size_t Simulator::add(const Route& route, uint64_t bytes, double at_ns, uint32_t
 
 // Max-min fair rates by progressive filling: repeatedly find the resource whose remaining
 // capacity split among its unfrozen flows is smallest, freeze those flows at that share.
+// Only the resources the active flows cross take part (a few of the fabric's), in scratch
+// kept between calls; the same shares, to the bit, as over every resource in index order
+// (a minimum does not depend on the order it is taken in).
 void Simulator::allocate_rates(const std::vector<size_t>& active) {
   auto& res = fabric_->resources();
-  std::vector<double> cap(res.size());
-  std::vector<uint32_t> users(res.size(), 0);
-  for (size_t r = 0; r < res.size(); ++r) cap[r] = res[r].gbps;
+  if (users_.size() < res.size()) {
+    users_.resize(res.size(), 0);
+    cap_.resize(res.size(), 0);
+  }
+  touched_.clear();
   for (size_t i : active) {
     flows_[i].rate = -1;
-    for (uint32_t r : flows_[i].res) ++users[r];
+    for (uint32_t r : flows_[i].res)
+      if (users_[r]++ == 0) {
+        touched_.push_back(r);
+        cap_[r] = res[r].gbps;
+      }
   }
+  // users_ is zero again on every way out (each frozen flow gives its counts back).
+  struct Reset {
+    std::vector<uint32_t>& users;
+    const std::vector<uint32_t>& touched;
+    ~Reset() {
+      for (uint32_t r : touched) users[r] = 0;
+    }
+  } reset{users_, touched_};
   size_t left = active.size();
   while (left) {
     double best = std::numeric_limits<double>::infinity();
-    for (size_t r = 0; r < res.size(); ++r)
-      if (users[r]) best = std::min(best, cap[r] / users[r]);
+    for (uint32_t r : touched_)
+      if (users_[r]) best = std::min(best, cap_[r] / users_[r]);
     // A negative share would leave the flows it bottlenecks unfrozen and this loop spinning.
     PHYSR_ASSERT(best >= 0, "a resource's remaining capacity never goes negative");
     const size_t unfrozen = left;
@@ -253,19 +270,28 @@ void Simulator::allocate_rates(const std::vector<size_t>& active) {
       Flow& f = flows_[i];
       if (f.rate >= 0) continue;
       bool bottlenecked = false;
-      for (uint32_t r : f.res) bottlenecked |= users[r] && cap[r] / users[r] <= best * (1 + 1e-12);
+      for (uint32_t r : f.res) bottlenecked |= users_[r] && cap_[r] / users_[r] <= best * (1 + 1e-12);
       if (!bottlenecked) continue;
       f.rate = best;
       --left;
       for (uint32_t r : f.res) {
-        PHYSR_ASSERT(users[r] > 0, "a resource's count of unfrozen flows never underflows");
-        cap[r] -= best;
-        --users[r];
+        PHYSR_ASSERT(users_[r] > 0, "a resource's count of unfrozen flows never underflows");
+        cap_[r] -= best;
+        --users_[r];
       }
     }
     PHYSR_ASSERT(left < unfrozen, "each round of progressive filling freezes at least one flow");
   }
 }
+
+namespace {
+// std::llround() for the non-negative byte counts (half away from zero), inline: x minus
+// its integer part is exact in binary floating point, so the result is llround's.
+uint64_t round_bytes(double x) noexcept {
+  const auto whole = static_cast<uint64_t>(x);
+  return whole + (x - static_cast<double>(whole) >= 0.5 ? 1 : 0);
+}
+}  // namespace
 
 // One event: starts what is due, moves data to the next completion, start or `horizon`
 // (whichever comes first), and appends the transfers that completed to `done`.
@@ -301,7 +327,7 @@ bool Simulator::advance(double horizon, std::vector<size_t>& done) {
     PHYSR_ASSERT(f.remaining >= 0, "a flow never moves more than it has left");
     for (uint32_t r : f.res) {
       res[r].moved += moved;
-      res[r].bytes = static_cast<uint64_t>(std::llround(res[r].moved));
+      res[r].bytes = round_bytes(res[r].moved);
     }
   }
   now_ += dt;
@@ -310,7 +336,7 @@ bool Simulator::advance(double horizon, std::vector<size_t>& done) {
     if (f.remaining > 1e-6 * static_cast<double>(f.bytes) + 1e-9) return false;
     for (uint32_t r : f.res) {  // account the rounding remainder, so totals are exact
       res[r].moved += f.remaining;
-      res[r].bytes = static_cast<uint64_t>(std::llround(res[r].moved));
+      res[r].bytes = round_bytes(res[r].moved);
     }
     PHYSR_ASSERT(f.remaining >= 0 && now_ >= f.start, "a flow finishes after it starts, with nothing overdrawn");
     f.remaining = 0;
@@ -333,22 +359,33 @@ bool Simulator::advance(double horizon, std::vector<size_t>& done) {
 
 std::vector<size_t> Simulator::step() {
   std::vector<size_t> done;
+  step(done);
+  return done;
+}
+
+void Simulator::step(std::vector<size_t>& done) {
+  done.clear();
   while (done.empty() && advance(std::numeric_limits<double>::infinity(), done)) {
   }
-  return done;
 }
 
 std::vector<size_t> Simulator::idle_until(double t) {
   std::vector<size_t> done;
-  while (now_ < t && advance(t, done)) {
-  }
-  if (now_ < t) now_ = t;
+  idle_until(t, done);
   return done;
 }
 
-double Simulator::run() {
-  while (!step().empty()) {
+void Simulator::idle_until(double t, std::vector<size_t>& done) {
+  done.clear();
+  while (now_ < t && advance(t, done)) {
   }
+  if (now_ < t) now_ = t;
+}
+
+double Simulator::run() {
+  std::vector<size_t> done;
+  do step(done);
+  while (!done.empty());
   return now_;
 }
 

@@ -77,7 +77,8 @@ void Group::loop() {
       if (d->ready_at > sim_.now()) horizon = std::min(horizon, d->ready_at);
     }
     if (!live) return;
-    finished = std::isfinite(horizon) ? sim_.idle_until(horizon) : sim_.step();
+    if (std::isfinite(horizon)) sim_.idle_until(horizon, finished);
+    else sim_.step(finished);
     if (finished.empty() && !std::isfinite(horizon)) {  // cannot happen: every flow ends
       for (Driver* d : drivers_)
         if (d && !d->done()) d->status = make_error(EIO, d->where + ": the simulation stalled"), d->end_ns = sim_.now();

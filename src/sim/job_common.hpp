@@ -41,6 +41,13 @@ void pattern(uint64_t stream, uint64_t pos, std::span<uint8_t> out) noexcept;
 /// The index of the first byte of `have` that differs from pattern(stream, pos), or have.size().
 /// Generates and compares in registers: one pass over `have`, nothing stored.
 size_t pattern_mismatch(uint64_t stream, uint64_t pos, std::span<const uint8_t> have) noexcept;
+/// A device writing pattern(stream, pos) into `out` in pieces of `piece` bytes, each checked
+/// as it lands through `view` (the CPU's view of the bytes the device meant to write, the
+/// same size as `out`): pattern() of a piece into `out`, then pattern_mismatch() of it in
+/// `view`, piece after piece, so each is compared while it is in the L1 cache. The index
+/// into `view` of the first byte that differs, or view.size(). One call for a run of pieces
+/// instead of a call chain each.
+size_t pattern_landed(uint64_t stream, uint64_t pos, std::span<uint8_t> out, std::span<const uint8_t> view, uint64_t piece) noexcept;
 
 /// Writes pattern(stream, pos) into physical memory [at, at + len), in place.
 inline Status fill_pattern(Machine& m, PhysAddr at, uint64_t stream, uint64_t pos, uint64_t len) {

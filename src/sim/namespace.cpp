@@ -131,4 +131,15 @@ Result<size_t> Namespace::mismatch(uint64_t off, std::span<const uint8_t> have) 
   return static_cast<size_t>(std::mismatch(mine.begin(), mine.end(), have.begin()).first - mine.begin());
 }
 
+Result<size_t> Namespace::read_landed(uint64_t off, std::span<uint8_t> out, std::span<const uint8_t> view, uint64_t piece) const {
+  if (!written_.test(off / unit_)) return pattern_landed(stream_, off, out, view, piece);
+  for (uint64_t k = 0; k < out.size(); k += piece) {
+    const uint64_t n = std::min<uint64_t>(piece, out.size() - k);
+    PHYSR_RETURN_IF_ERROR(read(off + k, out.subspan(k, n)));
+    PHYSR_ASSIGN_OR_RETURN(const size_t bad, mismatch(off + k, view.subspan(k, n)));
+    if (bad != n) return k + bad;
+  }
+  return view.size();
+}
+
 }  // namespace physr::sim::detail

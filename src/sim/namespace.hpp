@@ -62,6 +62,11 @@ class Namespace {
   /// The index of the first byte of `have` that differs from the namespace at `off`, or
   /// have.size(): unwritten blocks compare against the pattern without generating it.
   Result<size_t> mismatch(uint64_t off, std::span<const uint8_t> have) const;
+  /// read() into `out` in pieces of `piece` bytes, each compared as it lands with `view`
+  /// (the CPU's view of where the bytes should be; out.size() bytes): the index of the first
+  /// byte of `view` that differs from the namespace, or view.size(). Unwritten blocks take
+  /// one call for all the pieces (pattern_landed()).
+  Result<size_t> read_landed(uint64_t off, std::span<uint8_t> out, std::span<const uint8_t> view, uint64_t piece) const;
   /// Bytes of memory the record of written blocks holds.
   size_t tracking_bytes() const noexcept { return written_.memory_bytes(); }
 

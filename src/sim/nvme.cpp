@@ -23,6 +23,12 @@ class NvmeMedia {
   Result<size_t> mismatch(uint64_t pos, std::span<const uint8_t> have) const {
     return ns_.mismatch(random_ ? at(pos / bs_) + pos % bs_ : pos, have);
   }
+  // read() of I/O i's bytes [o, o + dst.size()) checked as they land through `view`, in
+  // pieces of `piece` (run_blocks' landing checks): the index of the first byte of `view`
+  // that differs, or view.size().
+  Result<size_t> read_landed(uint64_t i, uint64_t o, std::span<uint8_t> dst, std::span<const uint8_t> view, uint64_t piece) const {
+    return ns_.read_landed(at(i) + o, dst, view, piece);
+  }
   // A write's namespace must hold the application's data, read back a piece at a time.
   template <class What>
   Status check_written(uint64_t i, const What& what) {

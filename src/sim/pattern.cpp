@@ -110,7 +110,24 @@ template <class V>
   return any == 0;
 }
 
+// Whole pages landing: `piece` bytes (whole pages) of the pattern into `out`, then the same
+// bytes compared in `view`, piece after piece, in one run of the vector code (the fill and
+// the check of pattern_landed() without a call and a setup per piece).
+template <class V>
+[[gnu::always_inline]] inline bool land_page_run(uint8_t* out, const uint8_t* view, uint64_t stream, uint64_t p, uint64_t pages,
+                                                 uint64_t piece_pages) noexcept {
+  for (uint64_t k = 0; k < pages; k += piece_pages) {
+    const uint64_t n = std::min(piece_pages, pages - k), at = k * kPageSize;
+    fill_page_run<V>(out + at, stream, p + at, n);
+    if (!page_run_matches<V>(view + at, stream, p + at, n)) return false;
+  }
+  return true;
+}
+
 #if defined(__x86_64__)
+[[gnu::target("avx2")]] bool land_pages_avx2(uint8_t* out, const uint8_t* view, uint64_t stream, uint64_t p, uint64_t pages, uint64_t per) noexcept {
+  return land_page_run<W32>(out, view, stream, p, pages, per);
+}
 [[gnu::target("avx2")]] void fill_blocks_avx2(uint8_t* at, uint64_t w, uint64_t len) noexcept { fill_blocks<W32>(at, w, len); }
 [[gnu::target("avx2")]] bool blocks_match_avx2(const uint8_t* at, uint64_t w, uint64_t len) noexcept { return blocks_match<W32>(at, w, len); }
 [[gnu::target("avx2")]] void fill_pages_avx2(uint8_t* at, uint64_t stream, uint64_t p, uint64_t pages) noexcept {
@@ -122,6 +139,7 @@ template <class V>
 const bool kAvx2 = __builtin_cpu_supports("avx2");
 #else
 constexpr bool kAvx2 = false;
+bool land_pages_avx2(uint8_t*, const uint8_t*, uint64_t, uint64_t, uint64_t, uint64_t) noexcept { return false; }
 void fill_blocks_avx2(uint8_t*, uint64_t, uint64_t) noexcept {}
 bool blocks_match_avx2(const uint8_t*, uint64_t, uint64_t) noexcept { return false; }
 void fill_pages_avx2(uint8_t*, uint64_t, uint64_t, uint64_t) noexcept {}
@@ -141,6 +159,9 @@ void fill_pages(uint8_t* at, uint64_t stream, uint64_t p, uint64_t pages) noexce
 }
 bool pages_match(const uint8_t* at, uint64_t stream, uint64_t p, uint64_t pages) noexcept {
   return kAvx2 ? pages_match_avx2(at, stream, p, pages) : page_run_matches<W16>(at, stream, p, pages);
+}
+bool land_pages(uint8_t* out, const uint8_t* view, uint64_t stream, uint64_t p, uint64_t pages, uint64_t per) noexcept {
+  return kAvx2 ? land_pages_avx2(out, view, stream, p, pages, per) : land_page_run<W16>(out, view, stream, p, pages, per);
 }
 
 // Calls f(i, n, salt) for each piece [pos + i, pos + i + n) inside one 4 KiB page; f
@@ -242,6 +263,20 @@ size_t pattern_mismatch(uint64_t stream, uint64_t pos, std::span<const uint8_t> 
   if (!pages_match(have.data() + first, stream, pos + first, pages))
     return first + pattern_mismatch_pieces(stream, pos + first, have.subspan(first, pages * kPageSize));
   return end == have.size() ? end : end + pattern_mismatch_pieces(stream, pos + end, have.subspan(end));
+}
+
+size_t pattern_landed(uint64_t stream, uint64_t pos, std::span<uint8_t> out, std::span<const uint8_t> view, uint64_t piece) noexcept {
+  // Whole pages in whole-page pieces (a block job's common case) in one run of the vector
+  // code; a difference there is looked for again piece by piece, which finds its byte.
+  if (((pos | out.size() | piece) & (kPageSize - 1)) == 0 && piece != 0 &&
+      land_pages(out.data(), view.data(), stream, pos, out.size() / kPageSize, piece / kPageSize))
+    return view.size();
+  for (uint64_t k = 0; k < out.size(); k += piece) {
+    const uint64_t n = std::min<uint64_t>(piece, out.size() - k);
+    pattern(stream, pos + k, out.subspan(k, n));
+    if (const size_t bad = pattern_mismatch(stream, pos + k, view.subspan(k, n)); bad != n) return k + bad;
+  }
+  return view.size();
 }
 
 }  // namespace detail
