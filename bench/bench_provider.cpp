@@ -261,7 +261,7 @@ BENCHMARK_CAPTURE(BM_AbslBtree, hot, Shape::packed, true)->Name("LookupHot/absl_
 
 BENCHMARK(BM_PhysrGuarded)->Name("LookupGuarded/physr")->Arg(100000);
 BENCHMARK(BM_PhysrWithWriter)->Name("LookupWithWriter/physr")->Arg(100000)->UseRealTime();
-BENCHMARK(BM_GetById)->Name("GetById/physr");
+BENCHMARK(BM_GetById)->Name("GetById/physr")->Apply(fixed_iterations);
 
 }  // namespace
 

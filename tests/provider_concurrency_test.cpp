@@ -14,10 +14,20 @@ namespace {
 // Readers look up continuously while writers add, revoke and remove. Every provider a
 // reader sees must be alive (its magic intact, its aperture holding the address) and
 // within its lifetime; run under TSan and ASan by scripts/test.
-// `slots` places for apertures of one or two pages, `stride` pages apart.
-void churn(uint64_t slots, uint64_t stride) {
+// `slots` places for apertures of one or two pages, `stride` pages apart. With `large`, the
+// registry first spends the node allowance of a small registry (a cluster of three apertures
+// in each of 80 root slots far from the churn), so crowded slots take block runs, not nodes.
+void churn(uint64_t slots, uint64_t stride, bool large) {
   ProviderRegistry reg;
   constexpr uint64_t kBase = uint64_t{1} << 36;
+  for (uint64_t r = 512; large && r < 512 + 80; ++r) {
+    for (uint64_t k = 0; k < 3; ++k) {
+      ProviderDesc d;
+      d.phys = PhysSpan{PhysAddr((r << 42) + k * 8192), 4096};
+      ASSERT_TRUE(reg.add(std::move(d)).has_value());
+    }
+  }
+  const size_t prefill = reg.size();
   std::atomic<bool> stop{false};
   std::atomic<uint64_t> lookups{0}, hits{0};
   std::atomic<int> errors{0};
@@ -72,15 +82,19 @@ void churn(uint64_t slots, uint64_t stride) {
   for (const auto& [slot, id] : live) ASSERT_TRUE(reg.remove(id).has_value());
   reg.wait_for_frees();
   EXPECT_EQ(reg.pending_frees(), 0u);
-  EXPECT_EQ(reg.size(), 0u);
+  EXPECT_EQ(reg.size(), prefill);
 }
 
 // Dense: the shared slot soon has too many pieces for a run and becomes a node of leaves.
-TEST(ProviderConcurrencyTest, ReadersNeverSeeFreedOrForeignProviders) { churn(512, 2); }
+TEST(ProviderConcurrencyTest, ReadersNeverSeeFreedOrForeignProviders) { churn(512, 2, true); }
 
 // Sparse: 48 places in one 4 MiB slot, so every add and remove replaces the slot's run
 // (copy-on-write, the old run freed after a grace period) while readers search it.
-TEST(ProviderConcurrencyTest, ReadersSearchRunsWhileWritersReplaceThem) { churn(48, 21); }
+TEST(ProviderConcurrencyTest, ReadersSearchRunsWhileWritersReplaceThem) { churn(48, 21, true); }
+
+// The same in a small registry: its crowded slots become nodes (while readers search the
+// line runs they replace), then hold leaves.
+TEST(ProviderConcurrencyTest, ReadersWhileASmallRegistrySplitsSlotsIntoNodes) { churn(48, 21, false); }
 
 }  // namespace
 }  // namespace physr

@@ -16,7 +16,11 @@
 //   one SSE2 compare. Longer runs are blocks of 16 starts per line with the values in the
 //   next two lines and a top line above 16 pieces, searched with SSE2 compares and no
 //   branch. Only past 272 pieces (64 in a 4 MiB slot) does a slot become a node of the next
-//   level. A reader never reads a Provider to decide: a run's values are whole leaves or 0.
+//   level, except while the nodes take less than 512 KiB: then a uniform cluster past 4
+//   pieces (providers of one size within one slot of the next level) does, as a node step
+//   costs fewer instructions than a block run's search and a small registry can afford the
+//   memory (clusters of mixed sizes keep their runs: through nodes, their lookups would
+//   take paths of different depths and mispredict). A reader never reads a Provider to decide: a run's values are whole leaves or 0.
 //   Runs are copy-on-write, published with one release store, freed after a grace period.
 // - get(id) is one load from a flat table of 2^24 pointers in reserved virtual memory
 //   (mmap MAP_NORESERVE, 128 MiB of address space): only the pages that hold registered
@@ -271,6 +275,7 @@ class ProviderRegistry {
   std::vector<uint32_t> free_ids_;  // min-heap, ids whose grace period has ended
   std::mutex free_ids_lock_;
   uint32_t next_id_ = 1;
+  size_t node_bytes_ = 0;  // nodes below the root (writer side, under writer_)
   std::atomic<size_t> live_{0};
   std::atomic<size_t> pending_{0};
   std::atomic<size_t> table_bytes_{0};
