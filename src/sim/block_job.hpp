@@ -223,25 +223,27 @@ Result<JobResult> run_blocks(Machine& m, const Job& job, const BlockPlan& plan, 
     // A read's buffer must end up holding what the device holds, compared in place; a
     // write's device must hold the application's data.
     const auto what = [&] { return where() + ": I/O " + std::to_string(i) + " (offset " + format_hex(off) + ")"; };
+    // The verdict of a compare of `len` bytes from byte `from` of the I/O whose first
+    // difference is at index k (k == len: none).
+    const auto compared = [&](uint64_t from, size_t k, size_t len) -> Status {
+      if (k == len) return {};
+      return make_error(EIO, what() + ": data mismatch at " + format_hex(target.value() + from + k) + " (byte " + std::to_string(from + k) + ")");
+    };
     const auto check_buffer = [&](uint64_t from, uint64_t len) {
       return m.memory().visit(target + from, len, [&](uint64_t o, std::span<const uint8_t> have) -> Status {
         PHYSR_ASSIGN_OR_RETURN(const size_t k, media.mismatch(off + from + o, have));
-        if (k == have.size()) return {};
-        return make_error(EIO, what() + ": data mismatch at " + format_hex(target.value() + from + o + k) + " (byte " +
-                                   std::to_string(from + o + k) + ")");
+        return compared(from + o, k, have.size());
       });
     };
     // The same check through the CPU's view of the buffer held from one piece to the next
     // (view_at), falling back to check_buffer where the buffer was never backed: nothing
     // landed there.
     const auto check_landed = [&](uint64_t from, uint64_t len) -> Status {
-      const uint64_t p = target.value() + from;
-      const uint8_t* at = view_at(p, len);
+      const uint8_t* at = view_at(target.value() + from, len);
       if (!at) return check_buffer(from, len);
       const std::span<const uint8_t> have(at, len);
       PHYSR_ASSIGN_OR_RETURN(const size_t k, media.mismatch(off + from, have));
-      if (k == have.size()) return {};
-      return make_error(EIO, what() + ": data mismatch at " + format_hex(p + k) + " (byte " + std::to_string(from + k) + ")");
+      return compared(from, k, have.size());
     };
     // When the device writes the buffer itself (no bounce, no staging), each piece of kLanding
     // bytes is checked as it lands, while it is in the CPU's L1 cache, through the CPU's own
@@ -264,13 +266,10 @@ Result<JobResult> run_blocks(Machine& m, const Job& job, const BlockPlan& plan, 
                                             // A device side that can check its pieces itself as they land
                                             // does the whole run in one call (NvmeMedia::read_landed).
                                             if constexpr (requires { media.read_landed(i, o, dst, std::span<const uint8_t>(), kLanding); }) {
-                                              const uint64_t p = target.value() + b + o;
-                                              if (const uint8_t* at = view_at(p, dst.size())) {
+                                              if (const uint8_t* at = view_at(target.value() + b + o, dst.size())) {
                                                 const std::span<const uint8_t> have(at, dst.size());
                                                 PHYSR_ASSIGN_OR_RETURN(const size_t k, media.read_landed(i, b + o, dst, have, kLanding));
-                                                if (k == have.size()) return {};
-                                                return make_error(EIO, what() + ": data mismatch at " + format_hex(p + k) + " (byte " +
-                                                                           std::to_string(b + o + k) + ")");
+                                                return compared(b + o, k, have.size());
                                               }
                                             }
                                             for (uint64_t k = 0; k < dst.size(); k += kLanding) {
