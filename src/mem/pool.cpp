@@ -522,8 +522,8 @@ struct P2PMemory::Impl {
   static void sweep(rcu_head* head);
   static void give_back(Batch* b);
   void grace_now();
-  void flush_locked(ThreadCache* tc, bool drain_ready, bool only_dying);
-  void steal_all(bool drain_ready, bool only_dying);
+  void flush_locked(ThreadCache* tc, bool only_dying);
+  void steal_all(bool only_dying);
   void barrier();
   void sum(const Resource* r, int64_t& chunks, int64_t& bytes, int64_t& deferred_in);
   std::string holders(const Resource* r);
@@ -603,7 +603,7 @@ static void take_batches(ThreadCache* tc, std::vector<Batch*>& out) {
 void P2PMemory::Impl::orphan(ThreadCache* tc) {
   std::lock_guard g(mu);
   std::lock_guard t(tc->mu);
-  flush_locked(tc, /*drain_ready=*/true, /*only_dying=*/false);
+  flush_locked(tc, /*only_dying=*/false);
   if (tc->pending) {
     unsubmitted.push_back(tc->pending);
     tc->pending = nullptr;
@@ -615,8 +615,7 @@ void P2PMemory::Impl::orphan(ThreadCache* tc) {
 
 // Hands back a thread's cached chunks (all, or those of dying resources); under tc->mu, with
 // the owner not inside an operation.
-void P2PMemory::Impl::flush_locked(ThreadCache* tc, bool drain_ready, bool only_dying) {
-  if (!drain_ready) return;
+void P2PMemory::Impl::flush_locked(ThreadCache* tc, bool only_dying) {
   for (auto& c : tc->rc) {
     if (!c) continue;
     Resource* r = c->r;
@@ -700,9 +699,10 @@ void P2PMemory::Impl::give_back(Batch* b) {
   recycle(b);
 }
 
-// Takes every thread's pending batch (and cached chunks, if asked) with the handshake in the
-// header comment, and submits the batches.
-void P2PMemory::Impl::steal_all(bool drain_ready, bool only_dying) {
+// Takes every thread's pending batch and its cached chunks (all, or those of dying
+// resources) with the handshake in the header comment, and submits the batches. A thread's
+// steal flag is cleared only here, after its caches are emptied (alloc_cached() relies on it).
+void P2PMemory::Impl::steal_all(bool only_dying) {
   std::vector<Batch*> batches;
   {
     std::lock_guard g(mu);
@@ -711,7 +711,7 @@ void P2PMemory::Impl::steal_all(bool drain_ready, bool only_dying) {
     for (auto& tc : caches) {
       while (tc->busy.load(std::memory_order_acquire)) std::this_thread::yield();
       std::lock_guard t(tc->mu);
-      flush_locked(tc.get(), drain_ready, only_dying);
+      flush_locked(tc.get(), only_dying);
       if (tc->pending && tc->pending->n) {
         batches.push_back(tc->pending);
         tc->pending = nullptr;
@@ -729,7 +729,7 @@ void P2PMemory::Impl::steal_all(bool drain_ready, bool only_dying) {
 // bitmaps hold exactly what callers hold, so a free without tracking is checked exactly
 // until the caches fill again.
 void P2PMemory::Impl::barrier() {
-  steal_all(/*drain_ready=*/true, /*only_dying=*/false);
+  steal_all(/*only_dying=*/false);
   grace_now();  // rcu_barrier(), for the frees so far
   std::vector<Resource*> rs;
   {
@@ -1316,7 +1316,7 @@ P2PMemory::Impl::~Impl() {
     std::lock_guard live(g_live_mu);
     g_live.erase(uid);
   }
-  steal_all(/*drain_ready=*/true, /*only_dying=*/false);
+  steal_all(/*only_dying=*/false);
   grace_now();
   // The sweeper may still be queued (it finds nothing left): wait for it, as rcu_barrier.
   for (;;) {
@@ -1602,7 +1602,7 @@ Status P2PMemory::remove(uint32_t function) {
   for (P2PMemorySource* file : files) file->unmap_mapping_range();
   // Cached chunks and pending frees of these resources go back, so that what is left set in
   // their bitmaps is exactly what callers hold.
-  m.steal_all(/*drain_ready=*/true, /*only_dying=*/true);
+  m.steal_all(/*only_dying=*/true);
   m.grace_now();
   std::vector<P2PChunk> held;
   for (Resource* r : rs) {
@@ -1653,7 +1653,7 @@ Status P2PMemory::remove(uint32_t function) {
   }
   // pci_p2pdma_release(): synchronize_rcu() before gen_pool_destroy(); the frees since the
   // first barrier finish their grace periods too.
-  m.steal_all(/*drain_ready=*/true, /*only_dying=*/true);
+  m.steal_all(/*only_dying=*/true);
   m.grace_now();
   for (Resource* r : rs) {
     PHYSR_RETURN_IF_ERROR(m.platform->providers().set_published(r->provider, false));
