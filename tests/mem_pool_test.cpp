@@ -231,10 +231,6 @@ TEST(MemPoolTest, RemoveRevokesHoldersThenAllocIsEnodev) {
   EXPECT_EQ(m->publish(w.gpu, true).error().code, ENODEV);
 }
 
-// Without tracking, a late free into a removed pool is EINVAL too, from the thread whose
-// fast path still names that resource: the free fast path does not test `removed`, because
-// remove() ends with every granule clear, so the bitmap test (gen_pool_free's BUG_ON(remain))
-// sends it to the full checks. One granule and whole bitmap words (2 MiB) both.
 // percpu_ref_kill() comes before pci_p2pdma_unmap_mappings(): once remove() has begun, an
 // allocation fails with ENODEV (percpu_ref_tryget_live() fails), even on a thread whose
 // cache still holds chunks of the pool; here from an MMU notifier that the removal's
@@ -268,6 +264,10 @@ TEST(MemPoolTest, AllocDuringRemovalIsEnodevEvenFromAWarmCache) {
   }
 }
 
+// Without tracking, a late free into a removed pool is EINVAL too, from the thread whose
+// fast path still names that resource: the free fast path does not test `removed`, because
+// remove() ends with every granule clear, so the bitmap test (gen_pool_free's BUG_ON(remain))
+// sends it to the full checks. One granule and whole bitmap words (2 MiB) both.
 TEST(MemPoolTest, ALateFreeIntoARemovedPoolIsEinvalWithoutTracking) {
   MemWorld w;
   auto m = make(w, /*track=*/false);
