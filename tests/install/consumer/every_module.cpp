@@ -58,7 +58,7 @@ int main() {
     std::printf("provider found=%d\n", p != nullptr && p->id() == *id);
   }
 
-  auto iova = IovaAllocator::create();  // iova (absl btree)
+  auto iova = IovaAllocator::create();  // iova
   if (!iova) return fail("iova", iova.error());
   auto a = (*iova)->alloc(4096, uint64_t{1} << 32);
   if (!a) return fail("iova", a.error());
