@@ -1,9 +1,9 @@
 // Machine-model benchmarks.
 //   SimTransfer/<bytes>  one NVMe read job on the default machine (P2P into the GPU BAR,
 //                        queue depth 32, 64 MiB) with transfers of that size: every I/O
-//                        mapped, moved, verified and timed; bytes = simulated bytes moved
-//                        per wall second; events_per_second = simulator events per wall
-//                        second
+//                        mapped, moved, verified and timed, after one untimed job that
+//                        backs the slots; bytes = simulated bytes moved per second;
+//                        events_per_second = simulator events per second
 //   Memcpy/1048576       memcpy of 1 MiB between warm buffers, the peer for SimTransfer
 //   MemcpyFootprint/1048576  memcpy of 1 MiB per iteration rotating over 32 source/destination
 //                        pairs: the peer with SimTransfer/1048576's footprint (its 32 slots of
