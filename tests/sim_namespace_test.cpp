@@ -3,7 +3,10 @@
 // namespace's size.
 #include <gtest/gtest.h>
 
+#include <cstdlib>
+#include <optional>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "sim/job_common.hpp"
@@ -67,6 +70,42 @@ TEST(SimNamespaceTest, TrackingMemoryFollowsWhatWasWrittenNotTheSize) {
   auto mm = ns->mismatch(12345 * kBlock, back);
   ASSERT_TRUE(mm.has_value());
   EXPECT_LT(*mm, kBlock) << "block 12345 holds stream 99's data, not this";
+}
+
+// A namespace makes its file when it is first written: a read job's never does (every block
+// reads as the pattern), so it costs no file system calls and runs with a TMPDIR it could not
+// create a file in; a namespace created for writing makes it at once and fails up front there.
+TEST(SimNamespaceTest, AFileOnlyForANamespaceThatIsWritten) {
+  const char* old = std::getenv("TMPDIR");
+  const std::optional<std::string> saved = old ? std::optional<std::string>(old) : std::nullopt;
+  const std::string nowhere = "/nonexistent-physr-folder/tmp";
+  ASSERT_EQ(setenv("TMPDIR", nowhere.c_str(), 1), 0);
+  auto ns = Namespace::create(64 * MiB, kBlock, 5);
+  auto for_writing = Namespace::create(64 * MiB, kBlock, 5, 64 * MiB);
+  std::vector<uint8_t> back(2 * kBlock), factory(2 * kBlock);
+  std::optional<Status> read_status, first_write;
+  if (ns) {
+    read_status = ns->read(7 * kBlock, back);
+    first_write = ns->write(3 * kBlock, std::span(back.data(), kBlock));
+  }
+  if (saved) setenv("TMPDIR", saved->c_str(), 1);
+  else unsetenv("TMPDIR");
+  ASSERT_TRUE(ns.has_value()) << "a namespace only read needs no file: " << ns.error().to_string();
+  ASSERT_TRUE(read_status->has_value()) << read_status->error().to_string();
+  pattern(5, 7 * kBlock, factory);
+  EXPECT_EQ(back, factory);
+  ASSERT_FALSE(first_write->has_value()) << "its first write makes the file, in the folder that is not there";
+  EXPECT_EQ(first_write->error().code, ENOENT);
+  EXPECT_NE(first_write->error().message.find(nowhere), std::string::npos) << first_write->error().message;
+  ASSERT_FALSE(for_writing.has_value()) << "a namespace created for writing makes its file at once";
+  EXPECT_EQ(for_writing.error().code, ENOENT);
+  // With a folder it can use, the first write makes the file, and the block reads back.
+  auto ok = Namespace::create(64 * MiB, kBlock, 5);
+  ASSERT_TRUE(ok.has_value());
+  std::vector<uint8_t> data(kBlock, 0x5a), got(kBlock);
+  ASSERT_TRUE(ok->write(3 * kBlock, data).has_value());
+  ASSERT_TRUE(ok->read(3 * kBlock, got).has_value());
+  EXPECT_EQ(got, data);
 }
 
 // A read's pieces checked as they land (run_blocks' landing checks through

@@ -637,6 +637,62 @@ TEST(SimJobTest, ABufferWrittenOverWhileInFlightFailsAtCompletion) {
   EXPECT_TRUE(run_job(*m, j).has_value());
 }
 
+// An IOMMU domain whose translations, as the device gets them, are one page past its page
+// table's (a wrong IOTLB entry): the DMA layer maps through it as always, the device's bytes
+// land a page further on.
+class PageOffDomain final : public IommuDomain {
+ public:
+  explicit PageOffDomain(IommuDomain& real) : real_(real) {}
+  IovaAllocator& iova() noexcept override { return real_.iova(); }
+  Status map(DmaAddr iova, PhysAddr phys, uint64_t size, IommuPerms perm) override { return real_.map(iova, phys, size, perm); }
+  Status map_many(std::span<const IoMapOp> ops) override { return real_.map_many(ops); }
+  Status unmap(DmaAddr iova, uint64_t size) override { return real_.unmap(iova, size); }
+  Status unmap_many(std::span<const DmaSpan> ranges) override { return real_.unmap_many(ranges); }
+  Status free_iova(DmaAddr iova, uint64_t size) override { return real_.free_iova(iova, size); }
+  std::optional<IoTranslation> translate(DmaAddr iova) override {
+    auto t = real_.translate(iova);
+    if (t && off) {
+      t->phys = t->phys + kPageSize;
+      t->page_size = kPageSize;
+    }
+    return t;
+  }
+  std::optional<IoTranslation> walk(DmaAddr iova) const override { return real_.walk(iova); }
+  void flush() override { real_.flush(); }
+  bool off = true;
+
+ private:
+  IommuDomain& real_;
+};
+
+// A block job's device whose DMA goes elsewhere than the buffer (a wrong translation) fails
+// where its bytes land: each run is checked through the CPU's view of the buffer, not through
+// where the device's addresses went, so the check sees what is in the buffer, not what the
+// device wrote. The same job with the right translation passes.
+TEST(SimJobTest, AWrongTranslationFailsTheLandingCheck) {
+  const auto t = machine(std::string(kDefaultMachine).c_str());
+  auto m = build(t);
+  const uint32_t nvme = *t.lookup("nvme1");
+  IoDomain* real = *m->model().new_domain();
+  PageOffDomain dom(*real);
+  ASSERT_TRUE(m->platform().add_device({.function = nvme, .max_segment = 4 * MiB, .min_align_mask = 0xfff, .domain = &dom, .debug = true}).has_value());
+  Job j;
+  j.name = "page-off";
+  j.block_size = 64 * KiB;
+  j.queue_depth = 4;
+  j.size = 1 * MiB;
+  j.kind = NvmeJob{nvme, false, std::nullopt, PathPolicy::automatic};
+  auto r = run_job(*m, j);
+  ASSERT_FALSE(r.has_value()) << "the device wrote a page past the buffer";
+  EXPECT_EQ(r.error().code, EIO);
+  EXPECT_NE(r.error().message.find("data mismatch at"), std::string::npos) << r.error().message;
+  EXPECT_EQ(r.error().message.find("at completion"), std::string::npos) << "found as the bytes land: " << r.error().message;
+  dom.off = false;
+  r = run_job(*m, j);
+  ASSERT_TRUE(r.has_value()) << r.error().to_string();
+  EXPECT_EQ(r->verified_bytes, j.size);
+}
+
 TEST(SimJobTest, BounceAndRedirectPathsGoThroughTheHost) {
   const auto t = machine("two-socket-switch");
   auto m = build(t);

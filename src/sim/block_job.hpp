@@ -148,6 +148,8 @@ Result<JobResult> run_blocks(Machine& m, const Job& job, const BlockPlan& plan, 
   // (another device or job, a slot given out twice). A word per page, not every byte: the
   // buffer left the caches long ago, and a page is the least a DMA or a CPU copy writes
   // over. The word moves from I/O to I/O, so a job samples every word position of its pages.
+  // A read that lands in place takes its words as each run is checked (in submit, below),
+  // the others after the I/O's bytes were checked whole (read_samples()).
   const uint64_t pages = (job.block_size + kPageSize - 1) / kPageSize;
   std::vector<uint64_t> sampled(write ? 0 : job.queue_depth * pages), now(write ? 0 : pages);  // per slot; at completion
   const auto sample_at = [&](uint64_t i, uint64_t p) {  // the sampled word of I/O i's page at byte p
@@ -252,35 +254,49 @@ Result<JobResult> run_blocks(Machine& m, const Job& job, const BlockPlan& plan, 
     // astray fails its own check even if a later piece lands on top of it. Bounced or staged
     // data reaches the buffer only at unmap or at the copy, and is checked after them.
     const bool lands_in_place = !write && !bounced && !staged;
+    // A run checked as it landed is in the caches: the words of its pages that the
+    // completion check compares again (read_samples()) are taken from it there and then,
+    // not read back from memory after the I/O. Whole pages only, as read_samples() takes them.
+    uint64_t* const samples = write ? nullptr : &sampled[slot / job.block_size * pages];
+    const bool sample_landed = !write && job.block_size % kPageSize == 0;
+    uint64_t sampled_pages = 0;
     Status st;
     DmaAccess acc;
-    for (uint64_t b = 0; st && b < job.block_size; b += kBurst) {
-      const uint64_t n = std::min(kBurst, job.block_size - b);
-      if (write) {
-        st = take_access(m.dma_read_to(plan.device, segs, b, n, [&](uint64_t o, std::span<const uint8_t> src) { return media.write(i, b + o, src); }), acc);
-      } else if (!lands_in_place) {
-        st = take_access(m.dma_write_from(plan.device, segs, b, n, [&](uint64_t o, std::span<uint8_t> dst) { return media.read(i, b + o, dst); }), acc);
-      } else {
-        st = take_access(m.dma_write_from(plan.device, segs, b, n,
-                                          [&](uint64_t o, std::span<uint8_t> dst) -> Status {
-                                            // A device side that can check its pieces itself as they land
-                                            // does the whole run in one call (NvmeMedia::read_landed).
-                                            if constexpr (requires { media.read_landed(i, o, dst, std::span<const uint8_t>(), kLanding); }) {
-                                              if (const uint8_t* at = view_at(target.value() + b + o, dst.size())) {
-                                                const std::span<const uint8_t> have(at, dst.size());
-                                                PHYSR_ASSIGN_OR_RETURN(const size_t k, media.read_landed(i, b + o, dst, have, kLanding));
-                                                return compared(b + o, k, have.size());
-                                              }
-                                            }
-                                            for (uint64_t k = 0; k < dst.size(); k += kLanding) {
-                                              const auto piece = dst.subspan(k, std::min<uint64_t>(kLanding, dst.size() - k));
-                                              PHYSR_RETURN_IF_ERROR(media.read(i, b + o + k, piece));
-                                              PHYSR_RETURN_IF_ERROR(check_landed(b + o + k, piece.size()));
-                                            }
-                                            return {};
-                                          }),
-                         acc);
+    uint64_t b = 0;  // the burst's first byte in the I/O
+    // The device's side of a burst, one callable each way for all the bursts (they read b),
+    // handed to the machine by reference: no std::function of its own per burst.
+    const auto take = [&](uint64_t o, std::span<const uint8_t> src) { return media.write(i, b + o, src); };
+    const auto give = [&](uint64_t o, std::span<uint8_t> dst) { return media.read(i, b + o, dst); };
+    const auto land = [&](uint64_t o, std::span<uint8_t> dst) -> Status {
+      // A device side that can check its pieces itself as they land does the whole run in
+      // one call (NvmeMedia::read_landed).
+      if constexpr (requires { media.read_landed(i, o, dst, std::span<const uint8_t>(), kLanding); }) {
+        if (const uint8_t* at = view_at(target.value() + b + o, dst.size())) {
+          const std::span<const uint8_t> have(at, dst.size());
+          PHYSR_ASSIGN_OR_RETURN(const size_t k, media.read_landed(i, b + o, dst, have, kLanding));
+          PHYSR_RETURN_IF_ERROR(compared(b + o, k, have.size()));
+          if (sample_landed && ((b + o) | dst.size()) % kPageSize == 0) {
+            for (uint64_t p = 0; p < dst.size(); p += kPageSize) {
+              const uint64_t page = (b + o + p) / kPageSize;
+              std::memcpy(&samples[page], at + p + ((i * 61 + page * 17) & (kPageSize / 8 - 1)) * 8, 8);
+            }
+            sampled_pages += dst.size() / kPageSize;
+          }
+          return {};
+        }
       }
+      for (uint64_t k = 0; k < dst.size(); k += kLanding) {
+        const auto piece = dst.subspan(k, std::min<uint64_t>(kLanding, dst.size() - k));
+        PHYSR_RETURN_IF_ERROR(media.read(i, b + o + k, piece));
+        PHYSR_RETURN_IF_ERROR(check_landed(b + o + k, piece.size()));
+      }
+      return {};
+    };
+    const Machine::DmaSink sink = std::cref(take);
+    const Machine::DmaSource source = lands_in_place ? Machine::DmaSource(std::cref(land)) : Machine::DmaSource(std::cref(give));
+    for (; st && b < job.block_size; b += kBurst) {
+      const uint64_t n = std::min(kBurst, job.block_size - b);
+      st = take_access(write ? m.dma_read_to(plan.device, segs, b, n, sink) : m.dma_write_from(plan.device, segs, b, n, source), acc);
     }
     Status un = dma.unmap(map);
     PHYSR_RETURN_IF_ERROR(st);
@@ -292,7 +308,7 @@ Result<JobResult> run_blocks(Machine& m, const Job& job, const BlockPlan& plan, 
       PHYSR_RETURN_IF_ERROR(check_buffer(0, job.block_size));
     }
     out.verified_bytes += job.block_size;
-    if (!write) PHYSR_RETURN_IF_ERROR(read_samples(i, slot, &sampled[slot / job.block_size * pages]));
+    if (!write && sampled_pages != pages) PHYSR_RETURN_IF_ERROR(read_samples(i, slot, samples));
     // Timing: the device's transfer where its addresses went, and the copy between host
     // memory and the BAR when they went to host memory instead of the BAR (the DMA layer
     // bounced, or the job staged): before the device for writes, after it for reads.

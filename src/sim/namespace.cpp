@@ -70,38 +70,56 @@ size_t WrittenBlocks::memory_bytes() const noexcept {
          full_.size() * (2 * sizeof(uint64_t) + 4 * sizeof(void*));
 }
 
-Result<Namespace> Namespace::create(uint64_t size, uint64_t unit, uint64_t stream, uint64_t will_write) {
+namespace {
+std::string tmp_dir() {
   const char* env = std::getenv("TMPDIR");
-  const std::string dir = env && *env ? env : "/tmp";
+  return env && *env ? env : "/tmp";
+}
+}  // namespace
+
+Result<Namespace> Namespace::create(uint64_t size, uint64_t unit, uint64_t stream, uint64_t will_write) {
   // The file is sparse (blocks never written read as the pattern), so only what the job
   // writes takes disk space: a job that writes more than the file system has free is
   // refused before it starts, not hours later with ENOSPC halfway through.
-  struct statvfs fs {};
-  if (will_write > 0 && statvfs(dir.c_str(), &fs) == 0) {
-    const uint64_t free_bytes = static_cast<uint64_t>(fs.f_bavail) * fs.f_frsize;
-    if (will_write > free_bytes)
-      return make_error(ENOSPC, "NVMe namespace: the job writes " + format_size(will_write) + " into a file in " + dir +
-                                    " (TMPDIR), which has " + std::to_string(free_bytes >> 30) + " GiB" +
-                                    " free; set TMPDIR to a file system with room, or make the job smaller");
+  if (will_write > 0) {
+    const std::string dir = tmp_dir();
+    struct statvfs fs {};
+    if (statvfs(dir.c_str(), &fs) == 0) {
+      const uint64_t free_bytes = static_cast<uint64_t>(fs.f_bavail) * fs.f_frsize;
+      if (will_write > free_bytes)
+        return make_error(ENOSPC, "NVMe namespace: the job writes " + format_size(will_write) + " into a file in " + dir +
+                                      " (TMPDIR), which has " + std::to_string(free_bytes >> 30) + " GiB" +
+                                      " free; set TMPDIR to a file system with room, or make the job smaller");
+    }
   }
-  std::string path = dir + "/physr-nvme-XXXXXX";
-  const int fd = mkstemp(path.data());
-  if (fd < 0) return make_error(errno, "NVMe namespace: cannot create a file in " + path + ": " + std::strerror(errno));
-  unlink(path.c_str());
-  if (ftruncate(fd, static_cast<off_t>(size)) != 0) {
-    const int e = errno;
-    close(fd);
-    return make_error(e, "NVMe namespace: cannot size the file to " + format_size(size) + ": " + std::strerror(e));
-  }
-  Namespace ns(fd);
+  Namespace ns;
+  ns.size_ = size;
   ns.unit_ = unit;
   ns.stream_ = stream;
   ns.written_ = WrittenBlocks(size / unit);
+  // A job that writes gets its file now, so that a folder it cannot create a file in fails
+  // the job before it starts; a read job's namespace never needs one (every block reads as
+  // the pattern) and makes none: no file system calls per job.
+  if (will_write > 0) PHYSR_RETURN_IF_ERROR(ns.open_file());
   return ns;
 }
 
+Status Namespace::open_file() {
+  std::string path = tmp_dir() + "/physr-nvme-XXXXXX";
+  const int fd = mkstemp(path.data());
+  if (fd < 0) return make_error(errno, "NVMe namespace: cannot create a file in " + path + ": " + std::strerror(errno));
+  unlink(path.c_str());
+  if (ftruncate(fd, static_cast<off_t>(size_)) != 0) {
+    const int e = errno;
+    close(fd);
+    return make_error(e, "NVMe namespace: cannot size the file to " + format_size(size_) + ": " + std::strerror(e));
+  }
+  fd_ = fd;
+  return {};
+}
+
 Namespace::Namespace(Namespace&& o) noexcept
-    : fd_(std::exchange(o.fd_, -1)), unit_(o.unit_), stream_(o.stream_), written_(std::move(o.written_)) {}
+    : fd_(std::exchange(o.fd_, -1)), size_(o.size_), unit_(o.unit_), stream_(o.stream_), written_(std::move(o.written_)) {}
 
 Namespace::~Namespace() {
   if (fd_ >= 0) close(fd_);
@@ -118,6 +136,7 @@ Status Namespace::read(uint64_t off, std::span<uint8_t> out) const {
 }
 
 Status Namespace::write(uint64_t off, std::span<const uint8_t> in) {
+  if (fd_ < 0) PHYSR_RETURN_IF_ERROR(open_file());  // the first write of a namespace created for reading
   if (pwrite(fd_, in.data(), in.size(), static_cast<off_t>(off)) != static_cast<ssize_t>(in.size()))
     return make_error(EIO, "NVMe namespace: short write at " + format_hex(off));
   written_.set(off / unit_);

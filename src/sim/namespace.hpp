@@ -40,15 +40,17 @@ class WrittenBlocks {
   std::map<uint64_t, uint64_t> full_;  // runs of full pages: first -> end
 };
 
-/// A namespace backed by a sparse temporary file (deleted at once; it lives while open).
-/// Blocks never written read as the factory pattern (pattern() of the job's stream), so a
-/// read job over 10 GiB needs no 10 GiB of disk; written blocks are in the file, tracked per
-/// block of `unit` bytes (WrittenBlocks: memory bounded by what was written).
+/// A namespace backed by a sparse temporary file (deleted at once; it lives while open),
+/// made when the namespace is first written (at create() when `will_write`). Blocks never
+/// written read as the factory pattern (pattern() of the job's stream), so a read job over
+/// 10 GiB needs no 10 GiB of disk, and no file at all; written blocks are in the file,
+/// tracked per block of `unit` bytes (WrittenBlocks: memory bounded by what was written).
 class Namespace {
  public:
-  /// A namespace of `size` bytes in $TMPDIR (or /tmp); errors name the file and errno.
-  /// ENOSPC up front, naming the folder, when `will_write` (the bytes the job writes) is
-  /// more than its file system has free.
+  /// A namespace of `size` bytes, its file in $TMPDIR (or /tmp); errors name the file and
+  /// errno. With `will_write` (the bytes the job writes) the file is made now, and ENOSPC
+  /// comes up front, naming the folder, when that is more than its file system has free;
+  /// without it, at the first write().
   static Result<Namespace> create(uint64_t size, uint64_t unit, uint64_t stream, uint64_t will_write = 0);
   Namespace(Namespace&& o) noexcept;
   Namespace(const Namespace&) = delete;
@@ -56,7 +58,8 @@ class Namespace {
   Namespace& operator=(Namespace&&) = delete;
   ~Namespace();
 
-  /// Reads or writes [off, off + size) within one block of `unit` bytes; EIO on a short transfer.
+  /// Reads or writes [off, off + size) within one block of `unit` bytes; EIO on a short
+  /// transfer; the first write of a namespace without a file makes it (create()'s errors).
   Status read(uint64_t off, std::span<uint8_t> out) const;
   Status write(uint64_t off, std::span<const uint8_t> in);
   /// The index of the first byte of `have` that differs from the namespace at `off`, or
@@ -71,8 +74,10 @@ class Namespace {
   size_t tracking_bytes() const noexcept { return written_.memory_bytes(); }
 
  private:
-  explicit Namespace(int fd) : fd_(fd) {}
+  Namespace() = default;
+  Status open_file();  // the sparse file of size_ bytes, into fd_
   int fd_ = -1;
+  uint64_t size_ = 0;
   uint64_t unit_ = 1;
   uint64_t stream_ = 0;
   WrittenBlocks written_;
