@@ -94,7 +94,7 @@ TEST(ProviderRegistryTest, FindMatchesReferenceOnRandomLayouts) {
 // layout: the slots they share hold runs (sorted pieces, one or two lines per search), so
 // the table stays far below the 8 KiB per split that a node per shared slot costs. Every
 // boundary is checked with find and find_extent against the reference, also across the
-// 16-piece blocks of long runs, and removing everything gives the memory back.
+// 16-piece nodes of long runs' trees, and removing everything gives the memory back.
 TEST(ProviderRegistryTest, ClusteredAperturesShareRunsAndMatchReference) {
   std::mt19937_64 rng(11);
   ProviderRegistry reg;
@@ -112,8 +112,7 @@ TEST(ProviderRegistryTest, ClusteredAperturesShareRunsAndMatchReference) {
     ref.v.emplace_back(cursor, size, *id);
     cursor += size;
   }
-  // One slot of 4 GiB holding 200 pieces, each in its own 4 MiB: a run with a top line
-  // and 13 blocks.
+  // One slot of 4 GiB holding 200 pieces, each in its own 4 MiB: a tree of two levels.
   const uint64_t slot = ((cursor >> 32) + 1) << 32;
   for (uint64_t k = 0; k < 100; ++k) {
     const uint64_t b = slot + k * (uint64_t{40} << 20);
@@ -296,7 +295,8 @@ TEST(ProviderRegistryTest, IdsAreReusedOnlyAfterGracePeriodSmallestFirst) {
 
 // A root slot covers 4 TiB. A slot that an aperture covers whole holds a leaf (no memory);
 // one it covers in part holds a line run (64 bytes: up to 4 pieces, gaps included) that
-// readers search without reading the Provider; a fifth piece turns it into a block run.
+// readers search without reading the Provider; a fifth piece turns it into a tree of one
+// node (16 starts and 16 values: 192 bytes).
 TEST(ProviderRegistryTest, PartlyCoveredSlotsTakeOneLineUntilAFifthPiece) {
   ProviderRegistry reg;
   ASSERT_TRUE(reg.add(aperture(0x1000, 0x1000)).has_value());  // the first id-table page, one line run
@@ -340,7 +340,7 @@ TEST(ProviderRegistryTest, PartlyCoveredSlotsTakeOneLineUntilAFifthPiece) {
     EXPECT_EQ(extent, (uint64_t{4} << 40) - 4096);
   }
   // Four pieces fill the line (5, gap, 6, gap); once the registry's nodes take their
-  // allowance, a fifth makes a block run: a header line, a line of starts and 5 slot values.
+  // allowance, a fifth makes a tree of one node instead of the line.
   EXPECT_GT(spend_node_allowance(reg, 512), 15u);
   const uint64_t slot = uint64_t{3} << 42;  // an empty root slot
   const auto five = reg.add(aperture(slot, 4096, 5));
@@ -348,7 +348,7 @@ TEST(ProviderRegistryTest, PartlyCoveredSlotsTakeOneLineUntilAFifthPiece) {
   const size_t four = reg.table_bytes();
   const auto seven = reg.add(aperture(slot + 0x21000, 4096, 7));
   ASSERT_TRUE(seven.has_value());
-  EXPECT_EQ(reg.table_bytes() - four, 128u + 64u + 5 * 8u - 64u);
+  EXPECT_EQ(reg.table_bytes() - four, 192u - 64u);
   auto check = [&](std::vector<std::pair<uint64_t, int>> want) {
     ProviderRegistry::ReadGuard g;
     for (const auto& [a, dev] : want) {
@@ -369,7 +369,7 @@ TEST(ProviderRegistryTest, PartlyCoveredSlotsTakeOneLineUntilAFifthPiece) {
   reg.wait_for_frees();
 }
 
-// A small registry splits a cluster of more than 4 pieces into nodes, not a block run: 16
+// A small registry splits a cluster of more than 4 pieces into nodes, not a tree: 16
 // packed 4 KiB apertures take nodes down to single-page leaves (root slot -> 4 GiB slot ->
 // 4 MiB slot), so a lookup walks nodes and searches no run (47 instructions per lookup in
 // Lookup/physr/16 instead of 77 through an 18-piece run at the root). Pieces are right at
@@ -402,21 +402,21 @@ TEST(ProviderRegistryTest, SmallRegistrySplitsSlotsPastFourPiecesIntoNodes) {
     EXPECT_EQ(bytes, 4096u);  // an empty single-page slot of the leaf node
   };
   check();
-  // Five pieces spread over two 4 GiB slots are no cluster: a block run at the root.
+  // Five pieces spread over two 4 GiB slots are no cluster: a tree node at the root.
   const uint64_t spread = uint64_t{2} << 42;
   ASSERT_TRUE(reg.add(aperture(spread, 4096, 21)).has_value());
   ASSERT_TRUE(reg.add(aperture(spread + (uint64_t{5} << 32), 4096, 22)).has_value());
   const size_t line = reg.table_bytes();
   ASSERT_TRUE(reg.add(aperture(spread + (uint64_t{9} << 32), 4096, 23)).has_value());
-  EXPECT_EQ(reg.table_bytes() - line, 128u + 64u + 6 * 8u - 64u);
+  EXPECT_EQ(reg.table_bytes() - line, 192u - 64u);
   // Nor are providers of different sizes, however close (a node would give them paths of
-  // different depths): a block run.
+  // different depths): a tree node.
   const uint64_t mixed = uint64_t{9} << 42;
   ASSERT_TRUE(reg.add(aperture(mixed, 4096, 24)).has_value());
   ASSERT_TRUE(reg.add(aperture(mixed + 8192, 8192, 25)).has_value());
   const size_t line2 = reg.table_bytes();
   ASSERT_TRUE(reg.add(aperture(mixed + 6 * 4096, 4096, 26)).has_value());
-  EXPECT_EQ(reg.table_bytes() - line2, 128u + 64u + 6 * 8u - 64u);
+  EXPECT_EQ(reg.table_bytes() - line2, 192u - 64u);
   {
     ProviderRegistry::ReadGuard g;
     EXPECT_EQ(reg.find(PhysAddr(mixed + 4096)), nullptr);
@@ -432,7 +432,7 @@ TEST(ProviderRegistryTest, SmallRegistrySplitsSlotsPastFourPiecesIntoNodes) {
   for (uint64_t k = 0; k < 3; ++k) ASSERT_TRUE(reg.add(aperture(slot + k * 8192, 4096, 20)).has_value());
   const size_t runs = reg.table_bytes();
   ASSERT_TRUE(reg.add(aperture(slot + 3 * 8192, 4096, 20)).has_value());
-  EXPECT_EQ(reg.table_bytes() - runs, 2 * 8u);  // a block run of 6 pieces, then of 8: two more 8-byte values
+  EXPECT_EQ(reg.table_bytes(), runs);  // a tree node of 6 pieces, then of 8: the same 192 bytes
   check();
   // Removing the 16 leaves the nodes (never freed while the registry lives) empty.
   for (ProviderId id = 1; id <= 16; ++id) ASSERT_TRUE(reg.remove(id).has_value());
@@ -453,7 +453,7 @@ TEST(ProviderRegistryTest, ArenaSpansChunksAndReusesFreedRuns) {
     ProviderRegistry::ReadGuard g;
     for (uint64_t k = 0; k < kN; k += 7) ASSERT_EQ(reg.find(PhysAddr(kBase + k * 4096 + 5))->id(), k + 1) << k;
   }
-  // A slot with six pieces (a block run of 5 lines), rebuilt by every add and remove.
+  // A slot with six pieces (a tree of one 192-byte node), copied by every add and remove.
   const uint64_t slot = uint64_t{5} << 32;
   for (uint64_t k = 0; k < 2; ++k) ASSERT_TRUE(reg.add(aperture(slot + (k + 1) * 0x10000, 4096, 2)).has_value());
   auto churn = [&](int rounds) {
@@ -469,13 +469,131 @@ TEST(ProviderRegistryTest, ArenaSpansChunksAndReusesFreedRuns) {
   const size_t arena = reg.arena_bytes(), table = reg.table_bytes();
   churn(20000);
   EXPECT_EQ(reg.table_bytes(), table);
-  // 40000 runs of 320 bytes (12 MiB) were built; reused, they fit the chunks already mapped
+  // Tens of thousands of 192-byte tree nodes were built (a copy per add, up to three per
+  // remove); reused, they fit the chunks already mapped
   // plus at most one more.
   EXPECT_LE(reg.arena_bytes(), arena + (size_t{2} << 20));
   ProviderRegistry::ReadGuard g;
   EXPECT_EQ(reg.find(PhysAddr(slot + 0x10000))->owner().dev, 2);
   EXPECT_EQ(reg.find(PhysAddr(slot + 0x20fff))->owner().dev, 2);
   EXPECT_EQ(reg.find(PhysAddr(slot + 0x40000)), nullptr);
+}
+
+// Checks every piece boundary of `model` (base -> (size, id)) in [lo, hi) with find and
+// find_extent: the page before and at each start, the last page and the one after each end.
+void expect_matches(const ProviderRegistry& reg, const std::map<uint64_t, std::pair<uint64_t, ProviderId>>& model, uint64_t lo,
+                    uint64_t hi) {
+  ProviderRegistry::ReadGuard g;
+  auto want = [&](uint64_t a) -> ProviderId {
+    auto it = model.upper_bound(a);
+    if (it == model.begin()) return 0;
+    --it;
+    return a - it->first < it->second.first ? it->second.second : 0;
+  };
+  std::vector<uint64_t> probes{lo, hi - 1};
+  for (const auto& [b, v] : model) probes.insert(probes.end(), {b - 1, b, b + v.first - 1, b + v.first, b + v.first / 2});
+  for (uint64_t a : probes) {
+    if (a < lo || a >= hi) continue;
+    const Provider* p = reg.find(PhysAddr(a));
+    ASSERT_EQ(p ? p->id() : 0u, want(a)) << "address " << a;
+    uint64_t bytes = 0;
+    ASSERT_EQ(reg.find_extent(PhysAddr(a), bytes), p) << "address " << a;
+    auto next = model.upper_bound(a);
+    if (p) ASSERT_EQ(a + bytes, p->phys().base.value() + p->phys().size) << "address " << a;
+    else ASSERT_TRUE(bytes > 0 && (next == model.end() || a + bytes <= next->first)) << "address " << a << " extent " << bytes;
+  }
+}
+
+// A root slot of providers spread too thinly for a node (7 in each 4 GiB slot of the next
+// level: fewer than 16 pieces per slot) holds one tree of 16-entry nodes, whatever its
+// length (ProviderRegistry::run_find). Added in random order, it grows past one, two and
+// three levels (16, 256, 4096 pieces: 14,337 here, four levels), every split and every
+// new root right against a std::map at every piece boundary; removed in random order,
+// its nodes merge below 4 entries and its levels shrink back, down to a line run and
+// nothing, and every tree node goes back (the table returns to its size before).
+TEST(ProviderTreeTest, GrowsPastEveryLevelAndShrinksBackMatchingAMap) {
+  ProviderRegistry reg;
+  EXPECT_GT(spend_node_allowance(reg, 512), 15u);  // a large registry: no uniform-cluster nodes
+  const size_t before = reg.table_bytes();
+  const ProviderId prefill = static_cast<ProviderId>(reg.size());
+  const uint64_t root = uint64_t{5} << 42;
+  std::mt19937_64 rng(23);
+  std::vector<std::pair<uint64_t, uint64_t>> places;
+  for (uint64_t slot = 0; slot < 1024; ++slot)
+    for (uint64_t k = 0; k < 7; ++k) places.emplace_back((root + (slot << 32) + (k << 29)) | ((rng() % 8) << 12), 4096 << (k % 3));
+  std::shuffle(places.begin(), places.end(), rng);
+  std::map<uint64_t, std::pair<uint64_t, ProviderId>> model;
+  const size_t checks[] = {3, 8, 9, 100, 128, 129, 2000, 2048, 2049, places.size()};
+  size_t next_check = 0;
+  for (size_t k = 0; k < places.size(); ++k) {
+    auto id = reg.add(aperture(places[k].first, places[k].second, static_cast<uint8_t>(k)));
+    ASSERT_TRUE(id.has_value()) << id.error().to_string();
+    model[places[k].first] = {places[k].second, *id};
+    if (k + 1 == checks[next_check]) {
+      expect_matches(reg, model, root, root + (uint64_t{4} << 40));
+      ++next_check;
+    }
+  }
+  // The id pages the new ids touched (ids are handed out in order: 1 .. prefill first).
+  const size_t id_pages = 4096 * ((prefill + places.size()) / 512 - prefill / 512);
+  // No node was made: besides id pages, the table grew by 192-byte tree nodes only.
+  EXPECT_LT(reg.table_bytes() - before - id_pages, 256 * places.size());
+  EXPECT_EQ((reg.table_bytes() - before - id_pages) % 192, 0u);
+  // An overlapping add fails and names the provider it hits; the tree is unchanged.
+  const auto& [b0, v0] = *model.begin();
+  auto clash = reg.add(aperture(b0 - 4096, 8192));
+  ASSERT_FALSE(clash.has_value());
+  EXPECT_EQ(clash.error().code, EEXIST);
+  EXPECT_NE(clash.error().message.find("provider " + std::to_string(v0.second) + " "), std::string::npos);
+  std::shuffle(places.begin(), places.end(), rng);
+  for (size_t k = 0; k < places.size(); ++k) {
+    const auto it = model.find(places[k].first);
+    ASSERT_TRUE(reg.remove(it->second.second).has_value());
+    model.erase(it);
+    if (k % 997 == 0 || places.size() - k < 20) expect_matches(reg, model, root, root + (uint64_t{4} << 40));
+  }
+  reg.wait_for_frees();
+  EXPECT_EQ(reg.table_bytes(), before + id_pages);
+}
+
+// Removals that merge a gap across two tree nodes: a provider that is the last piece of one
+// leaf node, with a gap first in the next, and the other way round. Each removal leaves no
+// two gaps in a row, so an add that spans the merged gap (from the first node's range into
+// the next's) fits exactly, and one a page longer is refused.
+TEST(ProviderTreeTest, RemovalMergesGapsAcrossNodeBoundaries) {
+  ProviderRegistry reg;
+  EXPECT_GT(spend_node_allowance(reg, 512), 15u);
+  const uint64_t root = uint64_t{6} << 42;
+  std::map<uint64_t, std::pair<uint64_t, ProviderId>> model;
+  // 600 providers, one per 4 GiB slot at 1 GiB past its start, 1 GiB each, in order: the
+  // tree's leaves split at every 16 or so pieces.
+  for (uint64_t k = 0; k < 600; ++k) {
+    const uint64_t b = root + (k << 32) + (uint64_t{1} << 30);
+    auto id = reg.add(aperture(b, uint64_t{1} << 30));
+    ASSERT_TRUE(id.has_value());
+    model[b] = {uint64_t{1} << 30, *id};
+  }
+  std::mt19937_64 rng(3);
+  for (int round = 0; round < 300; ++round) {
+    // Remove two neighbours, then fill the gap they leave (their two pieces, the gap
+    // between them) with one provider that spans it exactly.
+    auto it = std::next(model.begin(), static_cast<long>(rng() % (model.size() - 2)));  // not the last two
+    const auto nx = std::next(it);
+    const uint64_t from = it->first, to = nx->first + nx->second.first;
+    const uint64_t prev_end = it == model.begin() ? root : std::prev(it)->first + std::prev(it)->second.first;
+    const uint64_t next_start = std::next(nx) == model.end() ? root + (uint64_t{4} << 40) : std::next(nx)->first;
+    ASSERT_TRUE(reg.remove(it->second.second).has_value());
+    ASSERT_TRUE(reg.remove(nx->second.second).has_value());
+    model.erase(it);
+    model.erase(nx);
+    EXPECT_FALSE(reg.add(aperture(prev_end, next_start - prev_end + 4096)).has_value());
+    const uint64_t b = round % 2 ? prev_end : from, e = round % 2 ? next_start : to;
+    auto id = reg.add(aperture(b, e - b));
+    ASSERT_TRUE(id.has_value()) << id.error().to_string();
+    model[b] = {e - b, *id};
+    if (round % 25 == 0) expect_matches(reg, model, root, root + (uint64_t{4} << 40));
+  }
+  expect_matches(reg, model, root, root + (uint64_t{4} << 40));
 }
 
 TEST(ProviderTaggingTest, TagsSplitsAtBoundariesAndNeverMergesAcross) {

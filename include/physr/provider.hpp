@@ -192,19 +192,17 @@ class ProviderRegistry {
   struct Node {
     std::atomic<uintptr_t> slot[1024];
   };
-  // Slot tags: a leaf has bit 0; a run has bit 1 and not bit 0, bit 2 when it has a top
-  // line (more than one block), bit 3 when it is a line run; a node has none.
-  static constexpr uintptr_t kLeafTag = 1, kRunTag = 2, kRunTopTag = 4, kRunLineTag = 8, kTagMask = 7;
+  // Slot tags: a leaf has bit 0; a run has bit 1 and not bit 0, and its node levels in
+  // bits 2-5 (0: a line run); a node has none of bits 0-2.
+  static constexpr uintptr_t kLeafTag = 1, kRunTag = 2, kTagMask = 7;
   // A run: the pieces of one slot, each [start, next start) -> a whole leaf or 0 (a gap),
-  // starts as page offsets within the slot. Immutable once published; copy-on-write.
-  // A line run (up to 4 pieces: an aperture that covers part of its slot, a few small
-  // ones) is one 64-byte line: 4 starts (INT32_MAX after the last), the 4 slot values, and
-  // its rcu_head. A longer run (128-aligned, the slot points at K): a header line at K - 64;
-  // with kRunTopTag a top line at K (the first start of blocks 1..16, INT32_MAX after the
-  // last) and the blocks from K + 64; without, block 0 at K. A block is 16 starts
-  // (INT32_MAX after the last piece) in one line and the pieces' slot values in the next
-  // two: 192 bytes.
-  static constexpr size_t kRunBlock = 192;
+  // starts as page offsets within the slot; never two gaps in a row. Immutable once
+  // published; copy-on-write. A line run (up to 4 pieces: an aperture that covers part of
+  // its slot, a few small ones) is one 64-byte line: 4 starts (INT32_MAX after the last),
+  // the 4 slot values, and its rcu_head. A longer run is a B+-tree of any depth: every
+  // node is 16 starts (INT32_MAX after the last entry) in one line and 16 values in the
+  // next two, 192 bytes; a leaf node's values are its pieces' slot values, an inner node's
+  // its children, each child's start the first start of its subtree.
   /// The number of the 16 starts at k that are <= off (SSE2: four compares, no branch).
   static unsigned count_le16(const void* k, int32_t off) noexcept {
 #if defined(__SSE2__)
@@ -223,11 +221,11 @@ class ProviderRegistry {
 #endif
   }
   /// The slot value of the run piece holding page offset `off` (a whole leaf or 0). A line
-  /// run takes one compare; a longer one counts without a branch (a run without a top line
-  /// counts its only block twice, the second time cached).
+  /// run takes one compare; a tree one branch-free count per node, from the root down.
   static uintptr_t run_find(uintptr_t e, int32_t off) noexcept {
     const char* k = reinterpret_cast<const char*>(e & ~uintptr_t{63});
-    if (e & kRunLineTag) {
+    unsigned levels = static_cast<unsigned>(e >> 2) & 15;
+    if (levels == 0) {
 #if defined(__SSE2__)
       const __m128i gt = _mm_cmpgt_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(k)), _mm_set1_epi32(off));
       const unsigned i = static_cast<unsigned>(__builtin_ctz(static_cast<unsigned>(_mm_movemask_ps(_mm_castsi128_ps(gt))) | 16u)) - 1;
@@ -238,23 +236,28 @@ class ProviderRegistry {
 #endif
       return reinterpret_cast<const uintptr_t*>(k + 16)[i];
     }
-    // The value lines are fetched while the starts are compared, not after.
-    __builtin_prefetch(k + 64);
-    __builtin_prefetch(k + 128);
-    const uintptr_t top = (e & kRunTopTag) ? 1 : 0;
-    const char* block = k + top * (64 + kRunBlock * count_le16(k, off));
-    __builtin_prefetch(block + 64);
-    __builtin_prefetch(block + 128);
-    const unsigned i = count_le16(block, off) - 1;
-    return reinterpret_cast<const uintptr_t*>(block + 64)[i];
+    for (;;) {
+      // The value lines are fetched while the starts are compared, not after.
+      __builtin_prefetch(k + 64);
+      __builtin_prefetch(k + 128);
+      const uintptr_t v = reinterpret_cast<const uintptr_t*>(k + 64)[count_le16(k, off) - 1];
+      if (--levels == 0) return v;
+      k = reinterpret_cast<const char*>(v);
+    }
   }
-  struct RunInfo;
   struct Piece {
     uint64_t s, e;  // pages
     const Provider* p;
   };
+  struct TreeEdit;
   void collect(uintptr_t x, uint64_t lo, uint64_t hi, std::vector<Piece>& out) const;
   uintptr_t build(unsigned level, uint64_t lo, uint64_t hi, const std::vector<Piece>& provs);
+  uintptr_t build_node(unsigned level, uint64_t lo, const std::vector<Piece>& provs);
+  bool want_node(unsigned level, uint64_t lo, const std::vector<Piece>& provs) const;
+  template <class Fn>
+  void tree_edit(std::atomic<uintptr_t>& slot, unsigned level, uint64_t lo, uint64_t hi, int32_t off, bool merge, Fn fn);
+  static void tree_nodes(uintptr_t x, std::vector<char*>& out);
+  void retire_nodes(const std::vector<char*>& nodes);
   void retire(uintptr_t x);
   void insert_slot(std::atomic<uintptr_t>& slot, unsigned level, uint64_t lo, uint64_t hi, uint64_t s, uint64_t e, const Provider* p);
   void erase_slot(std::atomic<uintptr_t>& slot, unsigned level, uint64_t lo, uint64_t hi, uint64_t s, uint64_t e, const Provider* p);
