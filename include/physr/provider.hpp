@@ -254,6 +254,7 @@ class ProviderRegistry {
   uintptr_t build(unsigned level, uint64_t lo, uint64_t hi, const std::vector<Piece>& provs);
   uintptr_t build_node(unsigned level, uint64_t lo, const std::vector<Piece>& provs);
   bool want_node(unsigned level, uint64_t lo, const std::vector<Piece>& provs) const;
+  static size_t count_pieces(uint64_t lo, uint64_t hi, const std::vector<Piece>& provs);
   template <class Fn>
   void tree_edit(std::atomic<uintptr_t>& slot, unsigned level, uint64_t lo, uint64_t hi, int32_t off, bool merge, Fn fn);
   static void tree_nodes(uintptr_t x, std::vector<char*>& out);

@@ -407,15 +407,19 @@ void ProviderRegistry::tree_edit(std::atomic<uintptr_t>& slot, unsigned level, u
     --levels;
   }
   PHYSR_ASSERT(levels <= kMaxLevels, "a tree's depth fits its tag");
-  if (levels > run_levels(x) && levels >= 2) {
-    // Past 16 or 256 (...) pieces: a slot whose pieces are dense at the next level becomes
-    // a node instead (see kNodeDensity).
+  if (levels > run_levels(x)) {
+    // The root split. A slot whose pieces are dense at the next level becomes a node
+    // instead (see kNodeDensity); a tree whose nodes are partly empty (splits leave half
+    // nodes behind inserts in random order) is rebuilt with full nodes at its old depth
+    // when they hold its pieces with a sixteenth to spare: every lookup in it saves a
+    // node. Either costs a pass over the pieces, once per 16^levels / 16 inserts at most.
     std::vector<Piece> provs;
     collect(out[0].v | kRun | (uintptr_t{levels} << 2), lo, hi, provs);
-    if (want_node(level, lo, provs)) {
+    const bool node = want_node(level, lo, provs);
+    if (node || count_pieces(lo, hi, provs) <= (kFan - 1) << (4 * (levels - 2))) {  // 15 * 16^(levels - 2)
       t.drop_all();
       t.dead.clear();
-      slot.store(build_node(level, lo, provs), std::memory_order_release);
+      slot.store(node ? build_node(level, lo, provs) : build(level, lo, hi, provs), std::memory_order_release);
       retire(x);
       return;
     }
@@ -496,17 +500,22 @@ void ProviderRegistry::tree_nodes(uintptr_t x, std::vector<char*>& out) {
   walk(walk, run_lines(x), run_levels(x));
 }
 
-// Whether providers `provs` (sorted, clipped to a slot of `level` starting at page lo)
-// should become a node of the next level rather than a run.
-bool ProviderRegistry::want_node(unsigned level, uint64_t lo, const std::vector<Piece>& provs) const {
-  if (level == 3 || provs.empty()) return false;
+// The pieces (gaps included) that providers `provs` (sorted, clipped to [lo, hi)) make.
+size_t ProviderRegistry::count_pieces(uint64_t lo, uint64_t hi, const std::vector<Piece>& provs) {
   size_t pieces = 0;
   uint64_t cursor = lo;
   for (const Piece& q : provs) {
     pieces += (q.s > cursor) + 1;
     cursor = q.e;
   }
-  ++pieces;  // at most one gap at the end
+  return pieces + (cursor < hi);
+}
+
+// Whether providers `provs` (sorted, clipped to a slot of `level` starting at page lo)
+// should become a node of the next level rather than a run.
+bool ProviderRegistry::want_node(unsigned level, uint64_t lo, const std::vector<Piece>& provs) const {
+  if (level == 3 || provs.empty()) return false;
+  const size_t pieces = count_pieces(lo, lo + (uint64_t{1} << shift_of(level)), provs);
   bool cluster = level == 2 || provs.back().e - provs.front().s <= (uint64_t{1} << (shift_of(level) - 10));
   for (const Piece& q : provs) cluster = cluster && q.p->phys().size == provs.front().p->phys().size;  // writer side: p is live
   if (cluster && node_bytes_ + sizeof(Node) <= kSmallTableNodeBytes && pieces > kLinePieces) return true;
