@@ -13,15 +13,18 @@
 // - Runs: a slot that providers cover only in part holds their pieces (and the gaps),
 //   sorted, instead of a chain of nodes. Up to 4 pieces (an aperture alone in its slot, a
 //   few small ones) fit one 64-byte line run: starts, values and rcu_head, searched with
-//   one SSE2 compare. Longer runs are blocks of 16 starts per line with the values in the
-//   next two lines and a top line above 16 pieces, searched with SSE2 compares and no
-//   branch. Only past 272 pieces (64 in a 4 MiB slot) does a slot become a node of the next
-//   level, except while the nodes take less than 512 KiB: then a uniform cluster past 4
-//   pieces (providers of one size within one slot of the next level) does, as a node step
-//   costs fewer instructions than a block run's search and a small registry can afford the
-//   memory (clusters of mixed sizes keep their runs: through nodes, their lookups would
-//   take paths of different depths and mispredict). A reader never reads a Provider to decide: a run's values are whole leaves or 0.
-//   Runs are copy-on-write, published with one release store, freed after a grace period.
+//   one SSE2 compare. A longer run is a B+-tree of any depth whose nodes are 16 starts in
+//   one line and 16 values (leaves, or children) in the next two, searched from the root
+//   with one branch-free SSE2 count per node; the slot's tag carries the depth. A slot
+//   becomes a node of the next level only when its pieces are dense there (16 per
+//   next-level slot, past 256 pieces: packed and VFIO clusters of 4 KiB apertures) or, while
+//   the nodes take less than 512 KiB, when it is a uniform cluster past 4 pieces (providers
+//   of one size within one slot of the next level), as a node step costs fewer
+//   instructions than a tree node's search (clusters of mixed sizes keep their runs:
+//   through nodes, their lookups would take paths of different depths and mispredict). A
+//   reader never reads a Provider to decide: a run's values are whole leaves or 0. Runs
+//   are copy-on-write (a tree along the path to the changed leaf), published with one
+//   release store, freed after a grace period.
 // - get(id) is one load from a flat table of 2^24 pointers in reserved virtual memory
 //   (mmap MAP_NORESERVE, 128 MiB of address space): only the pages that hold registered
 //   ids are ever backed, so a thousand providers cost one 4 KiB page, and there is no
@@ -42,7 +45,7 @@
 //
 // Memory per provider: the Provider object (~120 B) and an id slot (8 B), plus the table:
 // ~16 B for tightly packed 4 KiB apertures (a leaf node shared with 1023 neighbours), one
-// 64-byte line for an aperture alone in its slot, ~57 B in clustered mixed layouts (see
+// 64-byte line for an aperture alone in its slot, ~33 B in clustered mixed layouts (see
 // docs/providers.md).
 #pragma once
 
