@@ -16,7 +16,7 @@ namespace {
 // within its lifetime; run under TSan and ASan by scripts/test.
 // `slots` places for apertures of one or two pages, `stride` pages apart. With `large`, the
 // registry first spends the node allowance of a small registry (a cluster of three apertures
-// in each of 80 root slots far from the churn), so crowded slots take trees, not nodes.
+// in each of 80 root slots far from the churn), so crowded slots take block runs, not nodes.
 // With `near`, readers probe the places themselves (the first two pages of each), not the
 // whole span.
 void churn(uint64_t slots, uint64_t stride, bool large, bool near = false) {
@@ -92,13 +92,13 @@ void churn(uint64_t slots, uint64_t stride, bool large, bool near = false) {
 TEST(ProviderConcurrencyTest, ReadersNeverSeeFreedOrForeignProviders) { churn(512, 2, true); }
 
 // Sparse: 48 places in one 4 MiB slot, so every add and remove replaces the slot's run
-// (copy-on-write, the old nodes freed after a grace period) while readers search it.
+// (copy-on-write, the old run freed after a grace period) while readers search it.
 TEST(ProviderConcurrencyTest, ReadersSearchRunsWhileWritersReplaceThem) { churn(48, 21, true); }
 
-// Sparse over a root slot: 600 places, one per 4 GiB slot, too thin for a node: one tree of
-// up to three levels whose paths every add and remove copies, splitting and merging nodes
-// (ProviderRegistry::run_find), while readers walk it.
-TEST(ProviderConcurrencyTest, ReadersWalkATreeWhileWritersSplitAndMergeIt) { churn(600, uint64_t{1} << 20, true, true); }
+// Sparse over a root slot: 600 places, one per 4 GiB slot. The root slot's run is rebuilt
+// by every add and remove until it passes 272 pieces and becomes a node, whose 4 GiB slots
+// then take and drop line runs, while readers probe the places themselves.
+TEST(ProviderConcurrencyTest, ReadersWhileASparseRootSlotGrowsIntoANode) { churn(600, uint64_t{1} << 20, true, true); }
 
 // The same in a small registry: its crowded slots become nodes (while readers search the
 // line runs they replace), then hold leaves.

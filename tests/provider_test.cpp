@@ -94,7 +94,7 @@ TEST(ProviderRegistryTest, FindMatchesReferenceOnRandomLayouts) {
 // layout: the slots they share hold runs (sorted pieces, one or two lines per search), so
 // the table stays far below the 8 KiB per split that a node per shared slot costs. Every
 // boundary is checked with find and find_extent against the reference, also across the
-// 16-piece nodes of long runs' trees, and removing everything gives the memory back.
+// 16-piece blocks of long runs, and removing everything gives the memory back.
 TEST(ProviderRegistryTest, ClusteredAperturesShareRunsAndMatchReference) {
   std::mt19937_64 rng(11);
   ProviderRegistry reg;
@@ -112,7 +112,8 @@ TEST(ProviderRegistryTest, ClusteredAperturesShareRunsAndMatchReference) {
     ref.v.emplace_back(cursor, size, *id);
     cursor += size;
   }
-  // One slot of 4 GiB holding 200 pieces, each in its own 4 MiB: a tree of two levels.
+  // One slot of 4 GiB holding 200 pieces, each in its own 4 MiB: a run with a top line
+  // and 13 blocks.
   const uint64_t slot = ((cursor >> 32) + 1) << 32;
   for (uint64_t k = 0; k < 100; ++k) {
     const uint64_t b = slot + k * (uint64_t{40} << 20);
@@ -295,8 +296,7 @@ TEST(ProviderRegistryTest, IdsAreReusedOnlyAfterGracePeriodSmallestFirst) {
 
 // A root slot covers 4 TiB. A slot that an aperture covers whole holds a leaf (no memory);
 // one it covers in part holds a line run (64 bytes: up to 4 pieces, gaps included) that
-// readers search without reading the Provider; a fifth piece turns it into a tree of one
-// node (16 starts and 16 values: 192 bytes).
+// readers search without reading the Provider; a fifth piece turns it into a block run.
 TEST(ProviderRegistryTest, PartlyCoveredSlotsTakeOneLineUntilAFifthPiece) {
   ProviderRegistry reg;
   ASSERT_TRUE(reg.add(aperture(0x1000, 0x1000)).has_value());  // the first id-table page, one line run
@@ -340,7 +340,7 @@ TEST(ProviderRegistryTest, PartlyCoveredSlotsTakeOneLineUntilAFifthPiece) {
     EXPECT_EQ(extent, (uint64_t{4} << 40) - 4096);
   }
   // Four pieces fill the line (5, gap, 6, gap); once the registry's nodes take their
-  // allowance, a fifth makes a tree of one node instead of the line.
+  // allowance, a fifth makes a block run: a header line, a line of starts and 5 slot values.
   EXPECT_GT(spend_node_allowance(reg, 512), 15u);
   const uint64_t slot = uint64_t{3} << 42;  // an empty root slot
   const auto five = reg.add(aperture(slot, 4096, 5));
@@ -348,7 +348,7 @@ TEST(ProviderRegistryTest, PartlyCoveredSlotsTakeOneLineUntilAFifthPiece) {
   const size_t four = reg.table_bytes();
   const auto seven = reg.add(aperture(slot + 0x21000, 4096, 7));
   ASSERT_TRUE(seven.has_value());
-  EXPECT_EQ(reg.table_bytes() - four, 192u - 64u);
+  EXPECT_EQ(reg.table_bytes() - four, 128u + 64u + 5 * 8u - 64u);
   auto check = [&](std::vector<std::pair<uint64_t, int>> want) {
     ProviderRegistry::ReadGuard g;
     for (const auto& [a, dev] : want) {
@@ -369,7 +369,7 @@ TEST(ProviderRegistryTest, PartlyCoveredSlotsTakeOneLineUntilAFifthPiece) {
   reg.wait_for_frees();
 }
 
-// A small registry splits a cluster of more than 4 pieces into nodes, not a tree: 16
+// A small registry splits a cluster of more than 4 pieces into nodes, not a block run: 16
 // packed 4 KiB apertures take nodes down to single-page leaves (root slot -> 4 GiB slot ->
 // 4 MiB slot), so a lookup walks nodes and searches no run (47 instructions per lookup in
 // Lookup/physr/16 instead of 77 through an 18-piece run at the root). Pieces are right at
@@ -402,21 +402,21 @@ TEST(ProviderRegistryTest, SmallRegistrySplitsSlotsPastFourPiecesIntoNodes) {
     EXPECT_EQ(bytes, 4096u);  // an empty single-page slot of the leaf node
   };
   check();
-  // Five pieces spread over two 4 GiB slots are no cluster: a tree node at the root.
+  // Five pieces spread over two 4 GiB slots are no cluster: a block run at the root.
   const uint64_t spread = uint64_t{2} << 42;
   ASSERT_TRUE(reg.add(aperture(spread, 4096, 21)).has_value());
   ASSERT_TRUE(reg.add(aperture(spread + (uint64_t{5} << 32), 4096, 22)).has_value());
   const size_t line = reg.table_bytes();
   ASSERT_TRUE(reg.add(aperture(spread + (uint64_t{9} << 32), 4096, 23)).has_value());
-  EXPECT_EQ(reg.table_bytes() - line, 192u - 64u);
+  EXPECT_EQ(reg.table_bytes() - line, 128u + 64u + 6 * 8u - 64u);
   // Nor are providers of different sizes, however close (a node would give them paths of
-  // different depths): a tree node.
+  // different depths): a block run.
   const uint64_t mixed = uint64_t{9} << 42;
   ASSERT_TRUE(reg.add(aperture(mixed, 4096, 24)).has_value());
   ASSERT_TRUE(reg.add(aperture(mixed + 8192, 8192, 25)).has_value());
   const size_t line2 = reg.table_bytes();
   ASSERT_TRUE(reg.add(aperture(mixed + 6 * 4096, 4096, 26)).has_value());
-  EXPECT_EQ(reg.table_bytes() - line2, 192u - 64u);
+  EXPECT_EQ(reg.table_bytes() - line2, 128u + 64u + 6 * 8u - 64u);
   {
     ProviderRegistry::ReadGuard g;
     EXPECT_EQ(reg.find(PhysAddr(mixed + 4096)), nullptr);
@@ -432,7 +432,7 @@ TEST(ProviderRegistryTest, SmallRegistrySplitsSlotsPastFourPiecesIntoNodes) {
   for (uint64_t k = 0; k < 3; ++k) ASSERT_TRUE(reg.add(aperture(slot + k * 8192, 4096, 20)).has_value());
   const size_t runs = reg.table_bytes();
   ASSERT_TRUE(reg.add(aperture(slot + 3 * 8192, 4096, 20)).has_value());
-  EXPECT_EQ(reg.table_bytes(), runs);  // a tree node of 6 pieces, then of 8: the same 192 bytes
+  EXPECT_EQ(reg.table_bytes() - runs, 2 * 8u);  // a block run of 6 pieces, then of 8: two more 8-byte values
   check();
   // Removing the 16 leaves the nodes (never freed while the registry lives) empty.
   for (ProviderId id = 1; id <= 16; ++id) ASSERT_TRUE(reg.remove(id).has_value());
@@ -453,7 +453,7 @@ TEST(ProviderRegistryTest, ArenaSpansChunksAndReusesFreedRuns) {
     ProviderRegistry::ReadGuard g;
     for (uint64_t k = 0; k < kN; k += 7) ASSERT_EQ(reg.find(PhysAddr(kBase + k * 4096 + 5))->id(), k + 1) << k;
   }
-  // A slot with six pieces (a tree of one 192-byte node), copied by every add and remove.
+  // A slot with six pieces (a block run of 5 lines), rebuilt by every add and remove.
   const uint64_t slot = uint64_t{5} << 32;
   for (uint64_t k = 0; k < 2; ++k) ASSERT_TRUE(reg.add(aperture(slot + (k + 1) * 0x10000, 4096, 2)).has_value());
   auto churn = [&](int rounds) {
@@ -469,8 +469,7 @@ TEST(ProviderRegistryTest, ArenaSpansChunksAndReusesFreedRuns) {
   const size_t arena = reg.arena_bytes(), table = reg.table_bytes();
   churn(20000);
   EXPECT_EQ(reg.table_bytes(), table);
-  // Tens of thousands of 192-byte tree nodes were built (a copy per add, up to three per
-  // remove); reused, they fit the chunks already mapped
+  // 40000 runs of 320 bytes (12 MiB) were built; reused, they fit the chunks already mapped
   // plus at most one more.
   EXPECT_LE(reg.arena_bytes(), arena + (size_t{2} << 20));
   ProviderRegistry::ReadGuard g;
@@ -504,14 +503,13 @@ void expect_matches(const ProviderRegistry& reg, const std::map<uint64_t, std::p
   }
 }
 
-// A root slot of providers spread too thinly for a node (7 in each 4 GiB slot of the next
-// level: fewer than 16 pieces per slot) holds one tree of 16-entry nodes, whatever its
-// length (ProviderRegistry::run_find). Added in random order, it grows past one, two and
-// three levels (16, 256, 4096 pieces: 14,337 here, four levels), every split and every
-// new root right against a std::map at every piece boundary; removed in random order,
-// its nodes merge below 4 entries and its levels shrink back, down to a line run and
-// nothing, and every tree node goes back (the table returns to its size before).
-TEST(ProviderTreeTest, GrowsPastEveryLevelAndShrinksBackMatchingAMap) {
+// 7,168 providers of 4-16 KiB in one root slot, 7 in each of its 4 GiB slots, added and then
+// removed in random order: the root slot's run grows past its blocks and top line into a
+// node of 4 GiB slots, each with its own run, and empties again. Every piece boundary is
+// right against a std::map at checkpoints on the way up (around the 16- and 272-piece
+// limits) and on the way down, an overlapping add names the provider it hits, and removing
+// everything leaves host memory with no run left (only nodes stay).
+TEST(ProviderRegistryTest, ThousandsOfPiecesInOneRootSlotMatchAMapAsTheyComeAndGo) {
   ProviderRegistry reg;
   EXPECT_GT(spend_node_allowance(reg, 512), 15u);  // a large registry: no uniform-cluster nodes
   const size_t before = reg.table_bytes();
@@ -536,9 +534,7 @@ TEST(ProviderTreeTest, GrowsPastEveryLevelAndShrinksBackMatchingAMap) {
   }
   // The id pages the new ids touched (ids are handed out in order: 1 .. prefill first).
   const size_t id_pages = 4096 * ((prefill + places.size()) / 512 - prefill / 512);
-  // No node was made: besides id pages, the table grew by 192-byte tree nodes only.
   EXPECT_LT(reg.table_bytes() - before - id_pages, 256 * places.size());
-  EXPECT_EQ((reg.table_bytes() - before - id_pages) % 192, 0u);
   // An overlapping add fails and names the provider it hits; the tree is unchanged.
   const auto& [b0, v0] = *model.begin();
   auto clash = reg.add(aperture(b0 - 4096, 8192));
@@ -553,20 +549,23 @@ TEST(ProviderTreeTest, GrowsPastEveryLevelAndShrinksBackMatchingAMap) {
     if (k % 997 == 0 || places.size() - k < 20) expect_matches(reg, model, root, root + (uint64_t{4} << 40));
   }
   reg.wait_for_frees();
-  EXPECT_EQ(reg.table_bytes(), before + id_pages);
+  // Runs are gone; the nodes made on the way (never freed while the registry lives) stay.
+  EXPECT_EQ((reg.table_bytes() - before - id_pages) % 8192, 0u);
+  ProviderRegistry::ReadGuard g;
+  for (uint64_t a = root; a < root + (uint64_t{4} << 40); a += uint64_t{1} << 29) ASSERT_EQ(reg.find(PhysAddr(a)), nullptr);
 }
 
-// Removals that merge a gap across two tree nodes: a provider that is the last piece of one
-// leaf node, with a gap first in the next, and the other way round. Each removal leaves no
-// two gaps in a row, so an add that spans the merged gap (from the first node's range into
-// the next's) fits exactly, and one a page longer is refused.
-TEST(ProviderTreeTest, RemovalMergesGapsAcrossNodeBoundaries) {
+// Two neighbouring providers removed and the room they leave refilled by one provider
+// that spans it exactly (from the end of the one before to the start of the one after, or
+// just their own pages and the gap between them), 300 times over 600 1 GiB providers in
+// one root slot: the freed room is one gap (an add a page longer is refused), and every
+// piece boundary stays right against a std::map.
+TEST(ProviderRegistryTest, RefillingTheRoomOfRemovedNeighboursMatchesAMap) {
   ProviderRegistry reg;
   EXPECT_GT(spend_node_allowance(reg, 512), 15u);
   const uint64_t root = uint64_t{6} << 42;
   std::map<uint64_t, std::pair<uint64_t, ProviderId>> model;
-  // 600 providers, one per 4 GiB slot at 1 GiB past its start, 1 GiB each, in order: the
-  // tree's leaves split at every 16 or so pieces.
+  // 600 providers, one per 4 GiB slot at 1 GiB past its start, 1 GiB each, in order.
   for (uint64_t k = 0; k < 600; ++k) {
     const uint64_t b = root + (k << 32) + (uint64_t{1} << 30);
     auto id = reg.add(aperture(b, uint64_t{1} << 30));

@@ -13,18 +13,15 @@
 // - Runs: a slot that providers cover only in part holds their pieces (and the gaps),
 //   sorted, instead of a chain of nodes. Up to 4 pieces (an aperture alone in its slot, a
 //   few small ones) fit one 64-byte line run: starts, values and rcu_head, searched with
-//   one SSE2 compare. A longer run is a B+-tree of any depth whose nodes are 16 starts in
-//   one line and 16 values (leaves, or children) in the next two, searched from the root
-//   with one branch-free SSE2 count per node; the slot's tag carries the depth. A slot
-//   becomes a node of the next level only when its pieces are dense there (16 per
-//   next-level slot, past 256 pieces: packed and VFIO clusters of 4 KiB apertures) or, while
-//   the nodes take less than 512 KiB, when it is a uniform cluster past 4 pieces (providers
-//   of one size within one slot of the next level), as a node step costs fewer
-//   instructions than a tree node's search (clusters of mixed sizes keep their runs:
-//   through nodes, their lookups would take paths of different depths and mispredict). A
-//   reader never reads a Provider to decide: a run's values are whole leaves or 0. Runs
-//   are copy-on-write (a tree along the path to the changed leaf), published with one
-//   release store, freed after a grace period.
+//   one SSE2 compare. Longer runs are blocks of 16 starts per line with the values in the
+//   next two lines and a top line above 16 pieces, searched with SSE2 compares and no
+//   branch. Only past 272 pieces (64 in a 4 MiB slot) does a slot become a node of the next
+//   level, except while the nodes take less than 512 KiB: then a uniform cluster past 4
+//   pieces (providers of one size within one slot of the next level) does, as a node step
+//   costs fewer instructions than a block run's search and a small registry can afford the
+//   memory (clusters of mixed sizes keep their runs: through nodes, their lookups would
+//   take paths of different depths and mispredict). A reader never reads a Provider to decide: a run's values are whole leaves or 0.
+//   Runs are copy-on-write, published with one release store, freed after a grace period.
 // - get(id) is one load from a flat table of 2^24 pointers in reserved virtual memory
 //   (mmap MAP_NORESERVE, 128 MiB of address space): only the pages that hold registered
 //   ids are ever backed, so a thousand providers cost one 4 KiB page, and there is no
@@ -45,7 +42,7 @@
 //
 // Memory per provider: the Provider object (~120 B) and an id slot (8 B), plus the table:
 // ~16 B for tightly packed 4 KiB apertures (a leaf node shared with 1023 neighbours), one
-// 64-byte line for an aperture alone in its slot, ~33 B in clustered mixed layouts (see
+// 64-byte line for an aperture alone in its slot, ~57 B in clustered mixed layouts (see
 // docs/providers.md).
 #pragma once
 
@@ -195,17 +192,19 @@ class ProviderRegistry {
   struct Node {
     std::atomic<uintptr_t> slot[1024];
   };
-  // Slot tags: a leaf has bit 0; a run has bit 1 and not bit 0, and its node levels in
-  // bits 2-5 (0: a line run); a node has none of bits 0-2.
-  static constexpr uintptr_t kLeafTag = 1, kRunTag = 2, kTagMask = 7;
+  // Slot tags: a leaf has bit 0; a run has bit 1 and not bit 0, bit 2 when it has a top
+  // line (more than one block), bit 3 when it is a line run; a node has none.
+  static constexpr uintptr_t kLeafTag = 1, kRunTag = 2, kRunTopTag = 4, kRunLineTag = 8, kTagMask = 7;
   // A run: the pieces of one slot, each [start, next start) -> a whole leaf or 0 (a gap),
-  // starts as page offsets within the slot; never two gaps in a row. Immutable once
-  // published; copy-on-write. A line run (up to 4 pieces: an aperture that covers part of
-  // its slot, a few small ones) is one 64-byte line: 4 starts (INT32_MAX after the last),
-  // the 4 slot values, and its rcu_head. A longer run is a B+-tree of any depth: every
-  // node is 16 starts (INT32_MAX after the last entry) in one line and 16 values in the
-  // next two, 192 bytes; a leaf node's values are its pieces' slot values, an inner node's
-  // its children, each child's start the first start of its subtree.
+  // starts as page offsets within the slot. Immutable once published; copy-on-write.
+  // A line run (up to 4 pieces: an aperture that covers part of its slot, a few small
+  // ones) is one 64-byte line: 4 starts (INT32_MAX after the last), the 4 slot values, and
+  // its rcu_head. A longer run (128-aligned, the slot points at K): a header line at K - 64;
+  // with kRunTopTag a top line at K (the first start of blocks 1..16, INT32_MAX after the
+  // last) and the blocks from K + 64; without, block 0 at K. A block is 16 starts
+  // (INT32_MAX after the last piece) in one line and the pieces' slot values in the next
+  // two: 192 bytes.
+  static constexpr size_t kRunBlock = 192;
   /// The number of the 16 starts at k that are <= off (SSE2: four compares, no branch).
   static unsigned count_le16(const void* k, int32_t off) noexcept {
 #if defined(__SSE2__)
@@ -224,11 +223,11 @@ class ProviderRegistry {
 #endif
   }
   /// The slot value of the run piece holding page offset `off` (a whole leaf or 0). A line
-  /// run takes one compare; a tree one branch-free count per node, from the root down.
+  /// run takes one compare; a longer one counts without a branch (a run without a top line
+  /// counts its only block twice, the second time cached).
   static uintptr_t run_find(uintptr_t e, int32_t off) noexcept {
     const char* k = reinterpret_cast<const char*>(e & ~uintptr_t{63});
-    unsigned levels = static_cast<unsigned>(e >> 2) & 15;
-    if (levels == 0) {
+    if (e & kRunLineTag) {
 #if defined(__SSE2__)
       const __m128i gt = _mm_cmpgt_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(k)), _mm_set1_epi32(off));
       const unsigned i = static_cast<unsigned>(__builtin_ctz(static_cast<unsigned>(_mm_movemask_ps(_mm_castsi128_ps(gt))) | 16u)) - 1;
@@ -239,29 +238,23 @@ class ProviderRegistry {
 #endif
       return reinterpret_cast<const uintptr_t*>(k + 16)[i];
     }
-    for (;;) {
-      // The value lines are fetched while the starts are compared, not after.
-      __builtin_prefetch(k + 64);
-      __builtin_prefetch(k + 128);
-      const uintptr_t v = reinterpret_cast<const uintptr_t*>(k + 64)[count_le16(k, off) - 1];
-      if (--levels == 0) return v;
-      k = reinterpret_cast<const char*>(v);
-    }
+    // The value lines are fetched while the starts are compared, not after.
+    __builtin_prefetch(k + 64);
+    __builtin_prefetch(k + 128);
+    const uintptr_t top = (e & kRunTopTag) ? 1 : 0;
+    const char* block = k + top * (64 + kRunBlock * count_le16(k, off));
+    __builtin_prefetch(block + 64);
+    __builtin_prefetch(block + 128);
+    const unsigned i = count_le16(block, off) - 1;
+    return reinterpret_cast<const uintptr_t*>(block + 64)[i];
   }
+  struct RunInfo;
   struct Piece {
     uint64_t s, e;  // pages
     const Provider* p;
   };
-  struct TreeEdit;
   void collect(uintptr_t x, uint64_t lo, uint64_t hi, std::vector<Piece>& out) const;
   uintptr_t build(unsigned level, uint64_t lo, uint64_t hi, const std::vector<Piece>& provs);
-  uintptr_t build_node(unsigned level, uint64_t lo, const std::vector<Piece>& provs);
-  bool want_node(unsigned level, uint64_t lo, const std::vector<Piece>& provs) const;
-  static size_t count_pieces(uint64_t lo, uint64_t hi, const std::vector<Piece>& provs);
-  template <class Fn>
-  void tree_edit(std::atomic<uintptr_t>& slot, unsigned level, uint64_t lo, uint64_t hi, int32_t off, bool merge, Fn fn);
-  static void tree_nodes(uintptr_t x, std::vector<char*>& out);
-  void retire_nodes(const std::vector<char*>& nodes);
   void retire(uintptr_t x);
   void insert_slot(std::atomic<uintptr_t>& slot, unsigned level, uint64_t lo, uint64_t hi, uint64_t s, uint64_t e, const Provider* p);
   void erase_slot(std::atomic<uintptr_t>& slot, unsigned level, uint64_t lo, uint64_t hi, uint64_t s, uint64_t e, const Provider* p);

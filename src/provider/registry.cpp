@@ -213,240 +213,53 @@ ProviderRegistry::~ProviderRegistry() {
 
 namespace {
 
-constexpr uintptr_t kLeaf = 1, kRun = 2, kTags = 7;
+constexpr uintptr_t kLeaf = 1, kRun = 2, kRunTop = 4, kRunLine = 8, kTags = 7;
 inline const Provider* leaf_ptr(uintptr_t x) { return reinterpret_cast<const Provider*>(x & ~kLeaf); }
 inline bool is_leaf(uintptr_t x) { return x & kLeaf; }
 inline bool is_run(uintptr_t x) { return (x & (kLeaf | kRun)) == kRun; }
 inline bool is_node(uintptr_t x) { return x != 0 && (x & kTags) == 0; }
-// A run's node levels (bits 2-5): 0 for a line run, else the tree's depth (1: one leaf node).
-inline unsigned run_levels(uintptr_t x) { return static_cast<unsigned>(x >> 2) & 15; }
-inline bool is_tree(uintptr_t x) { return is_run(x) && run_levels(x) != 0; }
 inline uint64_t first_page(const Provider* p) { return p->phys().base.value() >> kPageShift; }
 inline uint64_t end_page(const Provider* p) { return (p->phys().base.value() + p->phys().size) >> kPageShift; }
 
-// A 4 MiB slot becomes a node of single-page leaves (one line per lookup) past 64 pieces,
-// where the 8 KiB node costs at most 256 B per provider; up to 4 pieces take a line run.
-constexpr size_t kLeafNodeMinPieces = 64, kLinePieces = 4;
-// A tree that grows past 256 pieces (a third level) becomes a node of the next level when
-// its pieces are dense there: at least this many pieces per next-level slot that a piece
-// starts in (packed and VFIO-style clusters of 4 KiB apertures, whose node slots become
-// leaf nodes: one load per level, no search). Sparse slots (mixed sizes spread over the
-// slot, random apertures) keep their tree, however long: a node would only add a level.
-constexpr size_t kNodeDensity = 16;
+// The most pieces a run holds: 17 blocks of 16 under a top line of 16 starts. A slot with
+// more becomes a node of the next level (its slots take leaves and runs again). A 4 MiB
+// slot becomes a node of single-page leaves (one line per lookup) already past 64 pieces,
+// where the 8 KiB node costs at most 256 B per provider.
+constexpr size_t kRunMaxPieces = 16 * 17, kLeafNodeMinPieces = 64, kLinePieces = 4;
 // While the registry's nodes take less than this, a uniform cluster past a line run's 4
 // pieces (providers of one size that span at most one slot of the next level, or any
 // number of slots in a 4 MiB slot, whose node holds single-page leaves) becomes a node
-// instead of a tree: a node step is one load and a few instructions, a tree node's search
-// an SSE2 count (16 packed 4 KiB apertures: 47 instructions per lookup through three
-// nodes, 77 through an 18-piece run). Other slots keep their run: through a node,
+// instead of a block run: a node step is one load and a few instructions, a block run's
+// search two SSE2 counts (16 packed 4 KiB apertures: 47 instructions per lookup through
+// three nodes, 77 through an 18-piece run). Other slots keep their run: through a node,
 // lookups into providers of different sizes take paths of different depths and mispredict
 // the walk (LookupMixed/physr/1000 with a node for every slot past 4 pieces: 70 instead of
 // 80 instructions, but 0.66 instead of 0.14 mispredicted branches per lookup, 10.7 instead
 // of 6.6-9.0 ns; with a node for every cluster of any sizes: 72, 0.52). A small registry
-// spends at most this much on the speed; a large one gets trees from then on (nodes are
+// spends at most this much on the speed; a large one gets runs from then on (nodes are
 // never freed, so the nodes built while it was small stay).
 constexpr size_t kSmallTableNodeBytes = size_t{512} << 10;
 constexpr int32_t kNoStart = INT32_MAX;
 
-// Tree nodes (see run_find in provider.hpp): 16 starts in one line, 16 values in the next
-// two. A node other than the root holds at least kMinFill entries after every change.
-constexpr size_t kTreeNode = 3 * 64, kFan = 16, kMinFill = 4;
-constexpr unsigned kMaxLevels = 15;
+}  // namespace
 
+// The header line in front of a run's first line (see Node and run_find in provider.hpp).
+struct ProviderRegistry::RunInfo {
+  rcu_head head;     // for call_rcu when the run is replaced
+  uint32_t pieces;   // pieces, gaps included
+  uint32_t bytes;    // allocation size
+};
+static_assert(sizeof(rcu_head) + 8 <= 64, "a run's header fits its line");
+static_assert(sizeof(rcu_head) <= 16, "a line run's rcu_head fits after its starts and values");
+
+namespace {
 inline char* run_lines(uintptr_t x) { return reinterpret_cast<char*>(x & ~uintptr_t{63}); }
 // A line run: starts at +0, slot values at +16, rcu_head at +48.
 constexpr size_t kLineValues = 16, kLineHead = 48;
-static_assert(sizeof(rcu_head) <= 16, "a line run's rcu_head fits after its starts and values");
-
-inline const int32_t* tkeys(const char* n) { return reinterpret_cast<const int32_t*>(n); }
-inline const uintptr_t* tvals(const char* n) { return reinterpret_cast<const uintptr_t*>(n + 64); }
-inline size_t tcount(const char* n) {
-  size_t c = 0;
-  while (c < kFan && tkeys(n)[c] != kNoStart) ++c;
-  return c;
-}
-// The entry of node n that holds offset off: the last whose start is <= off.
-inline size_t tindex(const char* n, int32_t off) {
-  size_t i = 0;
-  while (i + 1 < kFan && tkeys(n)[i + 1] <= off) ++i;
-  return i;
-}
-
-// The value of the piece of tree `x` holding page offset `off`, and where that piece ends
-// (`end`: the slot's size in pages on entry). Readers (find_extent) and the writer use it.
-inline uintptr_t tree_piece(uintptr_t x, int32_t off, int64_t& end) {
-  const char* n = run_lines(x);
-  for (unsigned l = run_levels(x);; --l) {
-    const size_t i = tindex(n, off);
-    if (i + 1 < kFan && tkeys(n)[i + 1] != kNoStart) end = tkeys(n)[i + 1];
-    const uintptr_t v = tvals(n)[i];
-    if (l == 1) return v;
-    n = reinterpret_cast<const char*>(v);
-  }
-}
-
-// Replaced tree nodes waiting for a grace period: the header, then `count` node pointers.
-struct DeadNodes {
-  rcu_head head;  // first: the callback gets it back
-  size_t count;
-  char** nodes() { return reinterpret_cast<char**>(this + 1); }
-};
-
 }  // namespace
 
-// Copy-on-write edits of a tree: every node on the changed path is copied (with a split,
-// or a merge with a sibling, where it overflows or falls below kMinFill), the caller
-// publishes the new root with one release store, and the replaced nodes go to call_rcu.
-struct ProviderRegistry::TreeEdit {
-  struct Ent {
-    int32_t k;    // first page offset of the piece (leaf) or of the child's subtree
-    uintptr_t v;  // slot value (leaf) or child node
-  };
-  ProviderRegistry& reg;
-  std::vector<char*> fresh;  // written by this edit, not yet published
-  std::vector<char*> dead;   // replaced published nodes
-  bool merge = false;        // a removal: nodes left with fewer than kMinFill entries merge
-
-  char* make(const Ent* e, size_t n) {
-    PHYSR_ASSERT(n >= 1 && n <= kFan, "a tree node holds 1 to 16 entries");
-    char* m = static_cast<char*>(reg.arena_alloc(kTreeNode, 64));
-    auto* k = reinterpret_cast<int32_t*>(m);
-    auto* v = reinterpret_cast<uintptr_t*>(m + 64);
-    for (size_t j = 0; j < kFan; ++j) {
-      k[j] = j < n ? e[j].k : kNoStart;
-      v[j] = j < n ? e[j].v : 0;
-    }
-    reg.table_bytes_.fetch_add(kTreeNode, std::memory_order_relaxed);
-    fresh.push_back(m);
-    return m;
-  }
-  static void read(const char* n, std::vector<Ent>& out) {
-    for (size_t j = 0, c = tcount(n); j < c; ++j) out.push_back({tkeys(n)[j], tvals(n)[j]});
-  }
-  // Entries into ceil(n / 16) nodes of near-equal size, or with `tail` (the edit was at
-  // the node's last entry: appends in address order, as hosts enumerate BARs) full nodes
-  // and the rest in the last, so that appends fill their nodes; appends (first key, node)
-  // for each.
-  void pack(const std::vector<Ent>& e, std::vector<Ent>& out, bool tail = false) {
-    const size_t n = e.size(), k = (n + kFan - 1) / kFan;
-    for (size_t j = 0; j < k; ++j) {
-      const size_t a = tail ? j * kFan : j * n / k, b = tail ? std::min(n, a + kFan) : (j + 1) * n / k;
-      out.push_back({e[a].k, reinterpret_cast<uintptr_t>(make(&e[a], b - a))});
-    }
-  }
-  // A node of this edit that will not be published: back to the arena at once.
-  void drop(char* n) {
-    fresh.erase(std::find(fresh.begin(), fresh.end(), n));
-    reg.table_bytes_.fetch_sub(kTreeNode, std::memory_order_relaxed);
-    Arena::of(n)->release(n, kTreeNode);
-  }
-  void drop_all() {
-    while (!fresh.empty()) drop(fresh.back());
-  }
-  // Rewrites the subtree at n (`levels` node levels, leaves included) whose pieces end at
-  // `end`: `fn(entries, end)` edits the leaf holding `off`. Appends the subtree's
-  // replacement entries to `out` (one, or more after a split).
-  template <class Fn>
-  void update(const char* n, unsigned levels, int32_t off, int64_t end, Fn& fn, std::vector<Ent>& out) {
-    std::vector<Ent> e;
-    read(n, e);
-    dead.push_back(const_cast<char*>(n));
-    size_t i = 0;
-    while (i + 1 < e.size() && e[i + 1].k <= off) ++i;
-    const bool tail = i + 1 == e.size();
-    if (levels == 1) {
-      fn(e, end);
-    } else {
-      std::vector<Ent> sub;
-      update(reinterpret_cast<const char*>(e[i].v), levels - 1, off, i + 1 < e.size() ? e[i + 1].k : end, fn, sub);
-      e.erase(e.begin() + static_cast<ptrdiff_t>(i));
-      if (merge && sub.size() == 1 && e.size() >= 1 && tcount(reinterpret_cast<const char*>(sub[0].v)) < kMinFill) {
-        // Too few entries left: merge with a sibling (and split again if they overflow).
-        const size_t j = i < e.size() ? i : i - 1;  // the sibling, now at j
-        char* mine = reinterpret_cast<char*>(sub[0].v);
-        const char* sib = reinterpret_cast<const char*>(e[j].v);
-        std::vector<Ent> m;
-        read(j < i ? sib : mine, m);
-        read(j < i ? mine : sib, m);
-        drop(mine);
-        dead.push_back(const_cast<char*>(sib));
-        sub.clear();
-        pack(m, sub);
-        e.erase(e.begin() + static_cast<ptrdiff_t>(j));
-        i = std::min(i, j);
-      }
-      e.insert(e.begin() + static_cast<ptrdiff_t>(i), sub.begin(), sub.end());
-    }
-    if (!e.empty()) pack(e, out, tail);
-  }
-};
-
-// Runs one leaf edit on the tree in `slot` (pages [lo, hi)) and publishes the new tree
-// (`merge`: a removal, whose nodes merge with a sibling below kMinFill entries):
-// grown by a level when its root split, shrunk while its root has a single child.
-// A tree that grows a level may become a node instead (see want_node).
-template <class Fn>
-void ProviderRegistry::tree_edit(std::atomic<uintptr_t>& slot, unsigned level, uint64_t lo, uint64_t hi, int32_t off, bool merge,
-                                 Fn fn) {
-  const uintptr_t x = slot.load(std::memory_order_relaxed);
-  TreeEdit t{*this, {}, {}, merge};
-  std::vector<TreeEdit::Ent> out;
-  unsigned levels = run_levels(x);
-  t.update(run_lines(x), levels, off, static_cast<int64_t>(hi - lo), fn, out);
-  PHYSR_ASSERT(!out.empty(), "a tree covers its whole slot");
-  while (out.size() > 1) {
-    std::vector<TreeEdit::Ent> up;
-    t.pack(out, up);
-    out.swap(up);
-    ++levels;
-  }
-  while (levels > 1 && tcount(reinterpret_cast<const char*>(out[0].v)) == 1) {
-    char* root = reinterpret_cast<char*>(out[0].v);
-    out[0].v = tvals(root)[0];
-    t.drop(root);
-    --levels;
-  }
-  PHYSR_ASSERT(levels <= kMaxLevels, "a tree's depth fits its tag");
-  if (levels > run_levels(x)) {
-    // The root split. A slot whose pieces are dense at the next level becomes a node
-    // instead (see kNodeDensity); a tree whose nodes are partly empty (splits leave half
-    // nodes behind inserts in random order) is rebuilt with full nodes at its old depth
-    // when they hold its pieces with a sixteenth to spare: every lookup in it saves a
-    // node. Either costs a pass over the pieces, once per 16^levels / 16 inserts at most.
-    std::vector<Piece> provs;
-    collect(out[0].v | kRun | (uintptr_t{levels} << 2), lo, hi, provs);
-    const bool node = want_node(level, lo, provs);
-    if (node || count_pieces(lo, hi, provs) <= (kFan - 1) << (4 * (levels - 2))) {  // 15 * 16^(levels - 2)
-      t.drop_all();
-      t.dead.clear();
-      slot.store(node ? build_node(level, lo, provs) : build(level, lo, hi, provs), std::memory_order_release);
-      retire(x);
-      return;
-    }
-  }
-  slot.store(out[0].v | kRun | (uintptr_t{levels} << 2), std::memory_order_release);
-  retire_nodes(t.dead);
-}
-
-// Frees published tree nodes after a grace period: a reader may still walk them.
-void ProviderRegistry::retire_nodes(const std::vector<char*>& nodes) {
-  if (nodes.empty()) return;
-  table_bytes_.fetch_sub(kTreeNode * nodes.size(), std::memory_order_relaxed);
-  auto* box = static_cast<DeadNodes*>(::operator new(sizeof(DeadNodes) + sizeof(char*) * nodes.size()));
-  new (&box->head) rcu_head{};
-  box->count = nodes.size();
-  std::copy(nodes.begin(), nodes.end(), box->nodes());
-  tsan_reader_done();  // the writer's accesses precede the free (liburcu's queue is not seen)
-  urcu_memb_call_rcu(&box->head, [](rcu_head* h) {
-    tsan_grace_period_over();
-    auto* b = reinterpret_cast<DeadNodes*>(h);
-    for (size_t i = 0; i < b->count; ++i) Arena::of(b->nodes()[i])->release(b->nodes()[i], kTreeNode);
-    ::operator delete(b);
-  });
-}
-
-// Writer side (under writer_): a zeroed-or-overwritten block of `bytes`, 64-aligned. A node
-// comes zero-filled; runs are written whole.
+// Writer side (under writer_): a zeroed-or-overwritten block of `bytes`, `align`-aligned
+// (64 or 128). A node comes zero-filled; runs are written whole by build().
 void* ProviderRegistry::arena_alloc(size_t bytes, size_t align) { return arena_->alloc(bytes, align); }
 
 size_t ProviderRegistry::arena_bytes() const noexcept {
@@ -463,7 +276,7 @@ void ProviderRegistry::collect(uintptr_t x, uint64_t lo, uint64_t hi, std::vecto
     return;
   }
   const char* k = run_lines(x);
-  if (run_levels(x) == 0) {
+  if (x & kRunLine) {
     const auto* starts = reinterpret_cast<const int32_t*>(k);
     const auto* vals = reinterpret_cast<const uintptr_t*>(k + kLineValues);
     for (size_t i = 0; i < kLinePieces && starts[i] != kNoStart; ++i) {
@@ -473,90 +286,43 @@ void ProviderRegistry::collect(uintptr_t x, uint64_t lo, uint64_t hi, std::vecto
     }
     return;
   }
-  // In order through the tree; a piece ends where the next starts (the last at hi).
-  const size_t first = out.size();
-  auto walk = [&](auto& self, const char* n, unsigned levels) -> void {
-    for (size_t j = 0, c = tcount(n); j < c; ++j) {
-      if (levels > 1) {
-        self(self, reinterpret_cast<const char*>(tvals(n)[j]), levels - 1);
-        continue;
-      }
-      const uint64_t s = lo + static_cast<uint64_t>(tkeys(n)[j]);
-      if (out.size() > first && out.back().e == 0) out.back().e = s;  // e == 0: still open
-      if (tvals(n)[j] != 0) out.push_back({s, 0, leaf_ptr(tvals(n)[j])});
-    }
-  };
-  walk(walk, k, run_levels(x));
-  if (out.size() > first && out.back().e == 0) out.back().e = hi;
-}
-
-// Every node of tree x, for retire().
-void ProviderRegistry::tree_nodes(uintptr_t x, std::vector<char*>& out) {
-  auto walk = [&](auto& self, char* n, unsigned levels) -> void {
-    out.push_back(n);
-    if (levels > 1)
-      for (size_t j = 0, c = tcount(n); j < c; ++j) self(self, reinterpret_cast<char*>(tvals(n)[j]), levels - 1);
-  };
-  walk(walk, run_lines(x), run_levels(x));
-}
-
-// The pieces (gaps included) that providers `provs` (sorted, clipped to [lo, hi)) make.
-size_t ProviderRegistry::count_pieces(uint64_t lo, uint64_t hi, const std::vector<Piece>& provs) {
-  size_t pieces = 0;
-  uint64_t cursor = lo;
-  for (const Piece& q : provs) {
-    pieces += (q.s > cursor) + 1;
-    cursor = q.e;
+  const auto* info = reinterpret_cast<const RunInfo*>(k - 64);
+  const char* blocks = k + ((x & kRunTop) ? 64 : 0);
+  auto start = [&](size_t i) { return reinterpret_cast<const int32_t*>(blocks + kRunBlock * (i / 16))[i % 16]; };
+  for (size_t i = 0; i < info->pieces; ++i) {
+    const uintptr_t v = reinterpret_cast<const uintptr_t*>(blocks + kRunBlock * (i / 16) + 64)[i % 16];
+    if (v == 0) continue;
+    const uint64_t end = i + 1 < info->pieces ? lo + static_cast<uint64_t>(start(i + 1)) : hi;
+    out.push_back({lo + static_cast<uint64_t>(start(i)), end, leaf_ptr(v)});
   }
-  return pieces + (cursor < hi);
-}
-
-// Whether providers `provs` (sorted, clipped to a slot of `level` starting at page lo)
-// should become a node of the next level rather than a run.
-bool ProviderRegistry::want_node(unsigned level, uint64_t lo, const std::vector<Piece>& provs) const {
-  if (level == 3 || provs.empty()) return false;
-  const size_t pieces = count_pieces(lo, lo + (uint64_t{1} << shift_of(level)), provs);
-  bool cluster = level == 2 || provs.back().e - provs.front().s <= (uint64_t{1} << (shift_of(level) - 10));
-  for (const Piece& q : provs) cluster = cluster && q.p->phys().size == provs.front().p->phys().size;  // writer side: p is live
-  if (cluster && node_bytes_ + sizeof(Node) <= kSmallTableNodeBytes && pieces > kLinePieces) return true;
-  if (level == 2) return pieces > kLeafNodeMinPieces;
-  if (pieces <= kFan * kFan) return false;
-  size_t slots = 0;
-  uint64_t last = ~uint64_t{0};
-  for (const Piece& q : provs) {
-    const uint64_t i = (q.s - lo) >> shift_of(level + 1);
-    slots += i != last;
-    last = i;
-  }
-  return pieces >= kNodeDensity * slots;
-}
-
-// A node of level + 1 holding `provs` (its slots take leaves, runs and nodes again).
-uintptr_t ProviderRegistry::build_node(unsigned level, uint64_t lo, const std::vector<Piece>& provs) {
-  PHYSR_ASSERT(level < 3, "a single-page slot holds one provider");
-  Node* child = new (arena_alloc(sizeof(Node), 64)) Node{};
-  node_bytes_ += sizeof(Node);
-  table_bytes_.fetch_add(sizeof(Node), std::memory_order_relaxed);
-  for (const Piece& q : provs) insert(child->slot, level + 1, lo, q.s, q.e, q.p);
-  return reinterpret_cast<uintptr_t>(child);
 }
 
 // The slot value for providers `provs` (sorted, disjoint, clipped to [lo, hi)): 0, a leaf,
-// a line run, a tree, or a new node of level + 1. Everything it allocates is complete
-// before the caller publishes the value with a release store.
+// a run, or, for more pieces than a run holds, a new node of level + 1. Everything it
+// allocates is complete before the caller publishes the value with a release store.
 uintptr_t ProviderRegistry::build(unsigned level, uint64_t lo, uint64_t hi, const std::vector<Piece>& provs) {
   if (provs.empty()) return 0;
   if (provs.size() == 1 && provs[0].s == lo && provs[0].e == hi) return reinterpret_cast<uintptr_t>(provs[0].p) | kLeaf;
-  if (want_node(level, lo, provs)) return build_node(level, lo, provs);
   // Pieces: the providers and the gaps between them, covering the slot.
-  std::vector<TreeEdit::Ent> pieces;
+  std::vector<std::pair<uint64_t, uintptr_t>> pieces;  // start page, slot value
   uint64_t cursor = lo;
   for (const Piece& q : provs) {
-    if (q.s > cursor) pieces.push_back({static_cast<int32_t>(cursor - lo), 0});
-    pieces.push_back({static_cast<int32_t>(q.s - lo), reinterpret_cast<uintptr_t>(q.p) | kLeaf});
+    if (q.s > cursor) pieces.emplace_back(cursor, 0);
+    pieces.emplace_back(q.s, reinterpret_cast<uintptr_t>(q.p) | kLeaf);
     cursor = q.e;
   }
-  if (cursor < hi) pieces.push_back({static_cast<int32_t>(cursor - lo), 0});
+  if (cursor < hi) pieces.emplace_back(cursor, 0);
+  bool cluster = level == 2 || provs.back().e - provs.front().s <= (uint64_t{1} << (shift_of(level) - 10));
+  for (const Piece& q : provs) cluster = cluster && q.p->phys().size == provs.front().p->phys().size;  // writer side: p is live
+  const bool small = cluster && node_bytes_ + sizeof(Node) <= kSmallTableNodeBytes;
+  if (pieces.size() > (small ? kLinePieces : level == 2 ? kLeafNodeMinPieces : kRunMaxPieces)) {
+    PHYSR_ASSERT(level < 3, "a single-page slot holds one provider");
+    Node* child = new (arena_alloc(sizeof(Node), 64)) Node{};
+    node_bytes_ += sizeof(Node);
+    table_bytes_.fetch_add(sizeof(Node), std::memory_order_relaxed);
+    for (const Piece& q : provs) insert(child->slot, level + 1, lo, q.s, q.e, q.p);
+    return reinterpret_cast<uintptr_t>(child);
+  }
   if (pieces.size() <= kLinePieces) {
     // One line: an aperture covering part of its slot, or a few small ones. Readers find
     // the piece without touching the Provider.
@@ -564,42 +330,60 @@ uintptr_t ProviderRegistry::build(unsigned level, uint64_t lo, uint64_t hi, cons
     auto* starts = reinterpret_cast<int32_t*>(k);
     auto* vals = reinterpret_cast<uintptr_t*>(k + kLineValues);
     for (size_t j = 0; j < kLinePieces; ++j) {
-      starts[j] = j < pieces.size() ? pieces[j].k : kNoStart;
-      vals[j] = j < pieces.size() ? pieces[j].v : 0;
+      starts[j] = j < pieces.size() ? static_cast<int32_t>(pieces[j].first - lo) : kNoStart;
+      vals[j] = j < pieces.size() ? pieces[j].second : 0;
     }
     new (k + kLineHead) rcu_head{};
     table_bytes_.fetch_add(64, std::memory_order_relaxed);
-    return reinterpret_cast<uintptr_t>(k) | kRun;
+    return reinterpret_cast<uintptr_t>(k) | kRun | kRunLine;
   }
-  // A tree, bottom up, its nodes filled evenly.
-  TreeEdit t{*this, {}, {}, false};
-  unsigned levels = 0;
-  do {
-    std::vector<TreeEdit::Ent> up;
-    t.pack(pieces, up);
-    pieces.swap(up);
-    ++levels;
-  } while (pieces.size() > 1);
-  PHYSR_ASSERT(levels <= kMaxLevels, "a tree's depth fits its tag");
-  return pieces[0].v | kRun | (uintptr_t{levels} << 2);
+  const size_t n = pieces.size(), blocks = (n + 15) / 16, last = n - 16 * (blocks - 1);
+  const bool top = blocks > 1;
+  const size_t bytes = 128 + (top ? 64 : 0) + kRunBlock * (blocks - 1) + 64 + 8 * last;
+  char* base = static_cast<char*>(arena_alloc(bytes, 128));
+  char* k = base + 128;
+  auto* info = new (k - 64) RunInfo{};
+  info->pieces = static_cast<uint32_t>(n);
+  info->bytes = static_cast<uint32_t>(bytes);
+  char* first = k + (top ? 64 : 0);
+  if (top) {
+    auto* t = reinterpret_cast<int32_t*>(k);
+    for (size_t j = 0; j < 16; ++j) t[j] = j + 1 < blocks ? static_cast<int32_t>(pieces[16 * (j + 1)].first - lo) : kNoStart;
+  }
+  for (size_t b = 0; b < blocks; ++b) {
+    auto* starts = reinterpret_cast<int32_t*>(first + kRunBlock * b);
+    auto* vals = reinterpret_cast<uintptr_t*>(first + kRunBlock * b + 64);
+    for (size_t j = 0; j < 16; ++j) {
+      const size_t i = 16 * b + j;
+      starts[j] = i < n ? static_cast<int32_t>(pieces[i].first - lo) : kNoStart;
+      if (i < n) vals[j] = pieces[i].second;
+    }
+  }
+  table_bytes_.fetch_add(bytes, std::memory_order_relaxed);
+  return reinterpret_cast<uintptr_t>(k) | kRun | (top ? kRunTop : 0);
 }
 
 // Frees a replaced run after a grace period: a reader that loaded it may still search it.
 void ProviderRegistry::retire(uintptr_t x) {
   if (!is_run(x)) return;
-  if (is_tree(x)) {
-    std::vector<char*> nodes;
-    tree_nodes(x, nodes);
-    retire_nodes(nodes);
+  char* k = run_lines(x);
+  if (x & kRunLine) {
+    table_bytes_.fetch_sub(64, std::memory_order_relaxed);
+    tsan_reader_done();
+    urcu_memb_call_rcu(reinterpret_cast<rcu_head*>(k + kLineHead), [](rcu_head* h) {
+      tsan_grace_period_over();
+      char* block = reinterpret_cast<char*>(h) - kLineHead;
+      Arena::of(block)->release(block, 64);
+    });
     return;
   }
-  char* k = run_lines(x);
-  table_bytes_.fetch_sub(64, std::memory_order_relaxed);
-  tsan_reader_done();
-  urcu_memb_call_rcu(reinterpret_cast<rcu_head*>(k + kLineHead), [](rcu_head* h) {
+  auto* info = reinterpret_cast<RunInfo*>(k - 64);
+  table_bytes_.fetch_sub(info->bytes, std::memory_order_relaxed);
+  tsan_reader_done();  // the writer's accesses precede the free (liburcu's queue is not seen)
+  urcu_memb_call_rcu(&info->head, [](rcu_head* h) {
     tsan_grace_period_over();
-    char* block = reinterpret_cast<char*>(h) - kLineHead;
-    Arena::of(block)->release(block, 64);
+    char* block = reinterpret_cast<char*>(h) - 64;
+    Arena::of(block)->release(block, reinterpret_cast<RunInfo*>(h)->bytes);
   });
 }
 
@@ -617,21 +401,6 @@ bool ProviderRegistry::overlaps(const std::atomic<uintptr_t>* n, unsigned level,
       if (overlaps(reinterpret_cast<const Node*>(x)->slot, level + 1, lo, cs, ce, who)) return true;
       continue;
     }
-    if (is_tree(x)) {
-      // Free exactly when one gap holds [cs, ce) (a tree has no two gaps in a row).
-      int64_t end = static_cast<int64_t>(hi - lo);
-      const uintptr_t v = tree_piece(x, static_cast<int32_t>(cs - lo), end);
-      if (v != 0) {
-        *who = leaf_ptr(v);
-        return true;
-      }
-      if (static_cast<int64_t>(ce - lo) > end) {
-        int64_t next_end = static_cast<int64_t>(hi - lo);
-        *who = leaf_ptr(tree_piece(x, static_cast<int32_t>(end), next_end));
-        return true;
-      }
-      continue;
-    }
     provs.clear();
     collect(x, lo, hi, provs);
     for (const Piece& q : provs) {
@@ -645,32 +414,17 @@ bool ProviderRegistry::overlaps(const std::atomic<uintptr_t>* n, unsigned level,
 }
 
 // Maps pages [s, e) of slot `slot` (level `level`, pages [lo, hi)) to p. An empty slot takes
-// a leaf if p covers it whole, else a line run (p's piece and the gaps); a line run that
-// overflows becomes a tree, and a tree gets p's piece by a copy of its path to the leaf
-// that holds it (or the slot becomes a node, see want_node). New runs and nodes are
-// complete before they are published with one release store; replaced runs and tree nodes
-// go back to the arena after a grace period, nodes never while the registry lives, so a
-// reader always finds what it loaded alive and complete.
+// a leaf if p covers it whole, else a line run (p's piece and the gaps); a slot that
+// already holds other providers' pieces (a run) gets a new run with p's piece added, or a
+// new node when the run would be too long. New runs and nodes are complete before they are
+// published with one release store; a replaced run goes back to the arena after a grace
+// period, nodes never while the registry lives, so a reader always finds what it loaded
+// alive and complete.
 void ProviderRegistry::insert_slot(std::atomic<uintptr_t>& slot, unsigned level, uint64_t lo, uint64_t hi, uint64_t s, uint64_t e,
                                    const Provider* p) {
   const uintptr_t x = slot.load(std::memory_order_relaxed);
   if (is_node(x)) {
     insert(reinterpret_cast<Node*>(x)->slot, level + 1, lo, s, e, p);
-    return;
-  }
-  if (is_tree(x)) {
-    const auto so = static_cast<int32_t>(s - lo), eo = static_cast<int32_t>(e - lo);
-    const uintptr_t val = reinterpret_cast<uintptr_t>(p) | kLeaf;
-    tree_edit(slot, level, lo, hi, so, false, [&](std::vector<TreeEdit::Ent>& ents, int64_t end) {
-      // Split the gap that holds [so, eo) into gap, p, gap.
-      size_t i = 0;
-      while (i + 1 < ents.size() && ents[i + 1].k <= so) ++i;
-      const int64_t gap_end = i + 1 < ents.size() ? ents[i + 1].k : end;
-      PHYSR_ASSERT(ents[i].v == 0 && eo <= gap_end, "the overlap check found [s, e) free");
-      if (ents[i].k < so) ents.insert(ents.begin() + static_cast<ptrdiff_t>(++i), TreeEdit::Ent{so, val});
-      else ents[i].v = val;
-      if (eo < gap_end) ents.insert(ents.begin() + static_cast<ptrdiff_t>(i + 1), TreeEdit::Ent{eo, 0});
-    });
     return;
   }
   std::vector<Piece> provs;
@@ -689,8 +443,8 @@ void ProviderRegistry::insert(Slots n, unsigned level, uint64_t base, uint64_t s
   }
 }
 
-// Unmaps p's pages [s, e) of one slot: clears its leaf, or turns its run piece into a gap
-// (merged with the gaps next to it), down to a line run, a leaf or nothing; nodes stay.
+// Unmaps p's pages [s, e) of one slot: clears its leaf, or rebuilds the run without it
+// (down to a leaf or nothing); nodes stay.
 void ProviderRegistry::erase_slot(std::atomic<uintptr_t>& slot, unsigned level, uint64_t lo, uint64_t hi, uint64_t s, uint64_t e,
                                   const Provider* p) {
   const uintptr_t x = slot.load(std::memory_order_relaxed);
@@ -701,37 +455,6 @@ void ProviderRegistry::erase_slot(std::atomic<uintptr_t>& slot, unsigned level, 
   if (x == 0) return;
   if (is_leaf(x)) {
     if (leaf_ptr(x) == p) slot.store(0, std::memory_order_release);
-    return;
-  }
-  if (is_tree(x)) {
-    const auto so = static_cast<int32_t>(s - lo), eo = static_cast<int32_t>(e - lo);
-    const int64_t size = static_cast<int64_t>(hi - lo);
-    int64_t end = size;
-    if (tree_piece(x, so, end) != (reinterpret_cast<uintptr_t>(p) | kLeaf)) return;
-    auto at = [&](int32_t off) {
-      int64_t ignored = size;
-      return tree_piece(slot.load(std::memory_order_relaxed), off, ignored);
-    };
-    // The piece becomes a gap, then merges with a gap after it and a gap before it (each
-    // step a published tree that answers every lookup right).
-    tree_edit(slot, level, lo, hi, so, true, [&](std::vector<TreeEdit::Ent>& ents, int64_t) {
-      for (auto& q : ents)
-        if (q.k == so) q.v = 0;
-    });
-    auto remove_start = [&](int32_t key) {
-      tree_edit(slot, level, lo, hi, key, true, [&](std::vector<TreeEdit::Ent>& ents, int64_t) {
-        ents.erase(std::find_if(ents.begin(), ents.end(), [&](const TreeEdit::Ent& q) { return q.k == key; }));
-      });
-    };
-    if (eo < size && at(eo) == 0) remove_start(eo);
-    if (so > 0 && at(so - 1) == 0) remove_start(so);
-    const uintptr_t y = slot.load(std::memory_order_relaxed);
-    if (run_levels(y) == 1 && tcount(run_lines(y)) <= kLinePieces) {
-      std::vector<Piece> provs;
-      collect(y, lo, hi, provs);
-      slot.store(build(level, lo, hi, provs), std::memory_order_release);
-      retire(y);
-    }
     return;
   }
   std::vector<Piece> provs;
@@ -880,19 +603,25 @@ const Provider* ProviderRegistry::find_extent(PhysAddr a, uint64_t& bytes) const
       // The piece holding the page; a gap ends at the next piece or the slot's end.
       const uint64_t lo = slot_end - (uint64_t{1} << sh);
       const auto off = static_cast<int32_t>(pfn - lo);
-      int64_t next = int64_t{1} << sh;
-      if (run_levels(e) == 0) {
-        const char* k = run_lines(e);
+      const char* k = run_lines(e);
+      int32_t next = kNoStart;
+      if (e & kRunLine) {
         const auto* starts = reinterpret_cast<const int32_t*>(k);
         size_t j = 0;
         while (j + 1 < kLinePieces && starts[j + 1] <= off) ++j;
         e = reinterpret_cast<const uintptr_t*>(k + kLineValues)[j];
-        if (j + 1 < kLinePieces && starts[j + 1] != kNoStart) next = starts[j + 1];
+        if (j + 1 < kLinePieces) next = starts[j + 1];
       } else {
-        e = tree_piece(e, off, next);
+        const bool top = e & kRunTop;
+        const char* block = k + (top ? 64 + kRunBlock * count_le16(k, off) : 0);
+        const unsigned j = count_le16(block, off) - 1;
+        e = reinterpret_cast<const uintptr_t*>(block + 64)[j];
+        next = j + 1 < 16 ? reinterpret_cast<const int32_t*>(block)[j + 1] : kNoStart;
+        if (j + 1 == 16 && top) next = reinterpret_cast<const int32_t*>(k)[(block - k - 64) / static_cast<ptrdiff_t>(kRunBlock)];
       }
       if (e != 0) break;
-      bytes = ((lo + static_cast<uint64_t>(next)) << kPageShift) - a.value();
+      const uint64_t end = next != kNoStart ? lo + static_cast<uint64_t>(next) : slot_end;
+      bytes = (end << kPageShift) - a.value();
       return nullptr;
     }
     sh -= 10;
