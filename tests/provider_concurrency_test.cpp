@@ -17,7 +17,9 @@ namespace {
 // `slots` places for apertures of one or two pages, `stride` pages apart. With `large`, the
 // registry first spends the node allowance of a small registry (a cluster of three apertures
 // in each of 80 root slots far from the churn), so crowded slots take block runs, not nodes.
-void churn(uint64_t slots, uint64_t stride, bool large) {
+// With `near`, readers probe the places themselves (the first two pages of each), not the
+// whole span.
+void churn(uint64_t slots, uint64_t stride, bool large, bool near = false) {
   ProviderRegistry reg;
   constexpr uint64_t kBase = uint64_t{1} << 36;
   for (uint64_t r = 512; large && r < 512 + 80; ++r) {
@@ -36,7 +38,8 @@ void churn(uint64_t slots, uint64_t stride, bool large) {
     while (!stop.load(std::memory_order_relaxed)) {
       ProviderRegistry::ReadGuard g;
       for (int k = 0; k < 256; ++k) {
-        const uint64_t a = kBase + (rng() % (slots * stride)) * 4096 + rng() % 4096;
+        const uint64_t page = near ? (rng() % slots) * stride + rng() % 2 : rng() % (slots * stride);
+        const uint64_t a = kBase + page * 4096 + rng() % 4096;
         const Provider* p = reg.find(PhysAddr(a));
         if (p) {
           hits.fetch_add(1, std::memory_order_relaxed);
@@ -91,6 +94,11 @@ TEST(ProviderConcurrencyTest, ReadersNeverSeeFreedOrForeignProviders) { churn(51
 // Sparse: 48 places in one 4 MiB slot, so every add and remove replaces the slot's run
 // (copy-on-write, the old run freed after a grace period) while readers search it.
 TEST(ProviderConcurrencyTest, ReadersSearchRunsWhileWritersReplaceThem) { churn(48, 21, true); }
+
+// Sparse over a root slot: 600 places, one per 4 GiB slot. The root slot's run is rebuilt
+// by every add and remove until it passes 272 pieces and becomes a node, whose 4 GiB slots
+// then take and drop line runs, while readers probe the places themselves.
+TEST(ProviderConcurrencyTest, ReadersWhileASparseRootSlotGrowsIntoANode) { churn(600, uint64_t{1} << 20, true, true); }
 
 // The same in a small registry: its crowded slots become nodes (while readers search the
 // line runs they replace), then hold leaves.

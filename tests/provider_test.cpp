@@ -478,6 +478,123 @@ TEST(ProviderRegistryTest, ArenaSpansChunksAndReusesFreedRuns) {
   EXPECT_EQ(reg.find(PhysAddr(slot + 0x40000)), nullptr);
 }
 
+// Checks every piece boundary of `model` (base -> (size, id)) in [lo, hi) with find and
+// find_extent: the page before and at each start, the last page and the one after each end.
+void expect_matches(const ProviderRegistry& reg, const std::map<uint64_t, std::pair<uint64_t, ProviderId>>& model, uint64_t lo,
+                    uint64_t hi) {
+  ProviderRegistry::ReadGuard g;
+  auto want = [&](uint64_t a) -> ProviderId {
+    auto it = model.upper_bound(a);
+    if (it == model.begin()) return 0;
+    --it;
+    return a - it->first < it->second.first ? it->second.second : 0;
+  };
+  std::vector<uint64_t> probes{lo, hi - 1};
+  for (const auto& [b, v] : model) probes.insert(probes.end(), {b - 1, b, b + v.first - 1, b + v.first, b + v.first / 2});
+  for (uint64_t a : probes) {
+    if (a < lo || a >= hi) continue;
+    const Provider* p = reg.find(PhysAddr(a));
+    ASSERT_EQ(p ? p->id() : 0u, want(a)) << "address " << a;
+    uint64_t bytes = 0;
+    ASSERT_EQ(reg.find_extent(PhysAddr(a), bytes), p) << "address " << a;
+    auto next = model.upper_bound(a);
+    if (p) ASSERT_EQ(a + bytes, p->phys().base.value() + p->phys().size) << "address " << a;
+    else ASSERT_TRUE(bytes > 0 && (next == model.end() || a + bytes <= next->first)) << "address " << a << " extent " << bytes;
+  }
+}
+
+// 7,168 providers of 4-16 KiB in one root slot, 7 in each of its 4 GiB slots, added and then
+// removed in random order: the root slot's run grows past its blocks and top line into a
+// node of 4 GiB slots, each with its own run, and empties again. Every piece boundary is
+// right against a std::map at checkpoints on the way up (around the 16- and 272-piece
+// limits) and on the way down, an overlapping add names the provider it hits, and removing
+// everything leaves host memory with no run left (only nodes stay).
+TEST(ProviderRegistryTest, ThousandsOfPiecesInOneRootSlotMatchAMapAsTheyComeAndGo) {
+  ProviderRegistry reg;
+  EXPECT_GT(spend_node_allowance(reg, 512), 15u);  // a large registry: no uniform-cluster nodes
+  const size_t before = reg.table_bytes();
+  const ProviderId prefill = static_cast<ProviderId>(reg.size());
+  const uint64_t root = uint64_t{5} << 42;
+  std::mt19937_64 rng(23);
+  std::vector<std::pair<uint64_t, uint64_t>> places;
+  for (uint64_t slot = 0; slot < 1024; ++slot)
+    for (uint64_t k = 0; k < 7; ++k) places.emplace_back((root + (slot << 32) + (k << 29)) | ((rng() % 8) << 12), 4096 << (k % 3));
+  std::shuffle(places.begin(), places.end(), rng);
+  std::map<uint64_t, std::pair<uint64_t, ProviderId>> model;
+  const size_t checks[] = {3, 8, 9, 100, 128, 129, 2000, 2048, 2049, places.size()};
+  size_t next_check = 0;
+  for (size_t k = 0; k < places.size(); ++k) {
+    auto id = reg.add(aperture(places[k].first, places[k].second, static_cast<uint8_t>(k)));
+    ASSERT_TRUE(id.has_value()) << id.error().to_string();
+    model[places[k].first] = {places[k].second, *id};
+    if (k + 1 == checks[next_check]) {
+      expect_matches(reg, model, root, root + (uint64_t{4} << 40));
+      ++next_check;
+    }
+  }
+  // The id pages the new ids touched (ids are handed out in order: 1 .. prefill first).
+  const size_t id_pages = 4096 * ((prefill + places.size()) / 512 - prefill / 512);
+  EXPECT_LT(reg.table_bytes() - before - id_pages, 256 * places.size());
+  // An overlapping add fails and names the provider it hits; the tree is unchanged.
+  const auto& [b0, v0] = *model.begin();
+  auto clash = reg.add(aperture(b0 - 4096, 8192));
+  ASSERT_FALSE(clash.has_value());
+  EXPECT_EQ(clash.error().code, EEXIST);
+  EXPECT_NE(clash.error().message.find("provider " + std::to_string(v0.second) + " "), std::string::npos);
+  std::shuffle(places.begin(), places.end(), rng);
+  for (size_t k = 0; k < places.size(); ++k) {
+    const auto it = model.find(places[k].first);
+    ASSERT_TRUE(reg.remove(it->second.second).has_value());
+    model.erase(it);
+    if (k % 997 == 0 || places.size() - k < 20) expect_matches(reg, model, root, root + (uint64_t{4} << 40));
+  }
+  reg.wait_for_frees();
+  // Runs are gone; the nodes made on the way (never freed while the registry lives) stay.
+  EXPECT_EQ((reg.table_bytes() - before - id_pages) % 8192, 0u);
+  ProviderRegistry::ReadGuard g;
+  for (uint64_t a = root; a < root + (uint64_t{4} << 40); a += uint64_t{1} << 29) ASSERT_EQ(reg.find(PhysAddr(a)), nullptr);
+}
+
+// Two neighbouring providers removed and the room they leave refilled by one provider
+// that spans it exactly (from the end of the one before to the start of the one after, or
+// just their own pages and the gap between them), 300 times over 600 1 GiB providers in
+// one root slot: the freed room is one gap (an add a page longer is refused), and every
+// piece boundary stays right against a std::map.
+TEST(ProviderRegistryTest, RefillingTheRoomOfRemovedNeighboursMatchesAMap) {
+  ProviderRegistry reg;
+  EXPECT_GT(spend_node_allowance(reg, 512), 15u);
+  const uint64_t root = uint64_t{6} << 42;
+  std::map<uint64_t, std::pair<uint64_t, ProviderId>> model;
+  // 600 providers, one per 4 GiB slot at 1 GiB past its start, 1 GiB each, in order.
+  for (uint64_t k = 0; k < 600; ++k) {
+    const uint64_t b = root + (k << 32) + (uint64_t{1} << 30);
+    auto id = reg.add(aperture(b, uint64_t{1} << 30));
+    ASSERT_TRUE(id.has_value());
+    model[b] = {uint64_t{1} << 30, *id};
+  }
+  std::mt19937_64 rng(3);
+  for (int round = 0; round < 300; ++round) {
+    // Remove two neighbours, then fill the gap they leave (their two pieces, the gap
+    // between them) with one provider that spans it exactly.
+    auto it = std::next(model.begin(), static_cast<long>(rng() % (model.size() - 2)));  // not the last two
+    const auto nx = std::next(it);
+    const uint64_t from = it->first, to = nx->first + nx->second.first;
+    const uint64_t prev_end = it == model.begin() ? root : std::prev(it)->first + std::prev(it)->second.first;
+    const uint64_t next_start = std::next(nx) == model.end() ? root + (uint64_t{4} << 40) : std::next(nx)->first;
+    ASSERT_TRUE(reg.remove(it->second.second).has_value());
+    ASSERT_TRUE(reg.remove(nx->second.second).has_value());
+    model.erase(it);
+    model.erase(nx);
+    EXPECT_FALSE(reg.add(aperture(prev_end, next_start - prev_end + 4096)).has_value());
+    const uint64_t b = round % 2 ? prev_end : from, e = round % 2 ? next_start : to;
+    auto id = reg.add(aperture(b, e - b));
+    ASSERT_TRUE(id.has_value()) << id.error().to_string();
+    model[b] = {e - b, *id};
+    if (round % 25 == 0) expect_matches(reg, model, root, root + (uint64_t{4} << 40));
+  }
+  expect_matches(reg, model, root, root + (uint64_t{4} << 40));
+}
+
 TEST(ProviderTaggingTest, TagsSplitsAtBoundariesAndNeverMergesAcross) {
   ProviderRegistry reg;
   const ProviderId a = *reg.add(aperture(0x10000, 0x4000));
