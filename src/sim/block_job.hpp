@@ -276,10 +276,8 @@ Result<JobResult> run_blocks(Machine& m, const Job& job, const BlockPlan& plan, 
           PHYSR_ASSIGN_OR_RETURN(const size_t k, media.read_landed(i, b + o, dst, have, kLanding));
           PHYSR_RETURN_IF_ERROR(compared(b + o, k, have.size()));
           if (sample_landed && ((b + o) | dst.size()) % kPageSize == 0) {
-            for (uint64_t p = 0; p < dst.size(); p += kPageSize) {
-              const uint64_t page = (b + o + p) / kPageSize;
-              std::memcpy(&samples[page], at + p + ((i * 61 + page * 17) & (kPageSize / 8 - 1)) * 8, 8);
-            }
+            for (uint64_t p = 0; p < dst.size(); p += kPageSize)
+              std::memcpy(&samples[(b + o + p) / kPageSize], at + (sample_at(i, b + o + p) - (b + o)), 8);
             sampled_pages += dst.size() / kPageSize;
           }
           return {};
