@@ -20,7 +20,8 @@
 //   pieces (providers of one size within one slot of the next level) does, as a node step
 //   costs fewer instructions than a block run's search and a small registry can afford the
 //   memory (clusters of mixed sizes keep their runs: through nodes, their lookups would
-//   take paths of different depths and mispredict). A reader never reads a Provider to decide: a run's values are whole leaves or 0.
+//   take paths of different depths and mispredict). A reader never reads a Provider to
+//   decide: a run's values are whole leaves or 0.
 //   Runs are copy-on-write, published with one release store, freed after a grace period.
 // - get(id) is one load from a flat table of 2^24 pointers in reserved virtual memory
 //   (mmap MAP_NORESERVE, 128 MiB of address space): only the pages that hold registered
