@@ -16,6 +16,8 @@
 #include <benchmark/benchmark.h>
 #include <llvm/ADT/IntervalMap.h>
 
+#include <sys/mman.h>
+
 #include <atomic>
 #include <cstdlib>
 #include <boost/icl/interval_map.hpp>
@@ -222,6 +224,30 @@ void BM_GetById(benchmark::State& state) {
   });
 }
 
+// The machine's floor for a lookup: `depth` dependent loads of random 64-byte lines in a
+// table of `mib` MiB (2 MiB-aligned, huge pages asked for, as the registry's arena), through
+// the same loop as the lookups. A structure whose lookups touch k lines outside the cache
+// cannot beat RandomLines/depth:k at its table's size; depth:1 at 6 and 56 MiB are the
+// mixed layout's tables at 100k and 1M providers.
+void BM_RandomLines(benchmark::State& state) {
+  const auto depth = static_cast<unsigned>(state.range(0));
+  const size_t bytes = static_cast<size_t>(state.range(1)) << 20, lines = bytes / 64;
+  void* mem = std::aligned_alloc(size_t{2} << 20, bytes);
+#ifdef MADV_HUGEPAGE
+  madvise(mem, bytes, MADV_HUGEPAGE);
+#endif
+  auto* t = static_cast<uint64_t*>(mem);
+  std::mt19937_64 rng(depth * 1000 + lines);
+  for (size_t k = 0; k < lines; ++k) t[k * 8] = rng() % lines;  // the next line of a chain
+  std::vector<uint64_t> starts;
+  for (int k = 0; k < 1 << 16; ++k) starts.push_back(rng() % lines);
+  run(state, starts, [&](uint64_t x) {
+    for (unsigned d = 0; d < depth; ++d) x = t[x * 8];
+    return x;
+  });
+  std::free(mem);
+}
+
 // PHYSR_BENCH_ITERATIONS=n runs each lookup benchmark exactly once, n iterations: with
 // callgrind (--toggle-collect='*run*'), instructions and cache misses per lookup are the
 // counts over n.
@@ -262,6 +288,7 @@ BENCHMARK_CAPTURE(BM_AbslBtree, hot, Shape::packed, true)->Name("LookupHot/absl_
 BENCHMARK(BM_PhysrGuarded)->Name("LookupGuarded/physr")->Arg(100000);
 BENCHMARK(BM_PhysrWithWriter)->Name("LookupWithWriter/physr")->Arg(100000)->UseRealTime();
 BENCHMARK(BM_GetById)->Name("GetById/physr")->Apply(fixed_iterations);
+BENCHMARK(BM_RandomLines)->Name("RandomLines")->ArgNames({"depth", "mib"})->ArgsProduct({{1, 2, 3}, {1, 6, 56}});
 
 }  // namespace
 

@@ -207,15 +207,16 @@ class ProviderRegistry {
   // two: 192 bytes.
   static constexpr size_t kRunBlock = 192;
   /// The number of the 16 starts at k that are <= off (SSE2: four compares, no branch).
+  /// The starts are sorted, so the compares' mask is ones from the first start past off:
+  /// its position is the count (packed to bytes and scanned: fewer instructions and a
+  /// shorter chain than adding up the 16 lanes).
   static unsigned count_le16(const void* k, int32_t off) noexcept {
 #if defined(__SSE2__)
     const __m128i* v = static_cast<const __m128i*>(k);
     const __m128i x = _mm_set1_epi32(off);
-    __m128i s = _mm_add_epi32(_mm_add_epi32(_mm_cmpgt_epi32(_mm_load_si128(v), x), _mm_cmpgt_epi32(_mm_load_si128(v + 1), x)),
-                              _mm_add_epi32(_mm_cmpgt_epi32(_mm_load_si128(v + 2), x), _mm_cmpgt_epi32(_mm_load_si128(v + 3), x)));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
-    return static_cast<unsigned>(16 + _mm_cvtsi128_si32(s));  // s = -(starts > off)
+    const __m128i lo = _mm_packs_epi32(_mm_cmpgt_epi32(_mm_load_si128(v), x), _mm_cmpgt_epi32(_mm_load_si128(v + 1), x));
+    const __m128i hi = _mm_packs_epi32(_mm_cmpgt_epi32(_mm_load_si128(v + 2), x), _mm_cmpgt_epi32(_mm_load_si128(v + 3), x));
+    return static_cast<unsigned>(__builtin_ctz(static_cast<unsigned>(_mm_movemask_epi8(_mm_packs_epi16(lo, hi))) | 0x10000u));
 #else
     const int32_t* s = static_cast<const int32_t*>(k);
     unsigned n = 0;
