@@ -232,9 +232,10 @@ void BM_GetById(benchmark::State& state) {
 void BM_RandomLines(benchmark::State& state) {
   const auto depth = static_cast<unsigned>(state.range(0));
   const size_t bytes = static_cast<size_t>(state.range(1)) << 20, lines = bytes / 64;
-  void* mem = std::aligned_alloc(size_t{2} << 20, bytes);
+  const size_t whole = (bytes + (size_t{2} << 20) - 1) & ~((size_t{2} << 20) - 1);  // aligned_alloc wants a multiple
+  void* mem = std::aligned_alloc(size_t{2} << 20, whole);
 #ifdef MADV_HUGEPAGE
-  madvise(mem, bytes, MADV_HUGEPAGE);
+  madvise(mem, whole, MADV_HUGEPAGE);
 #endif
   auto* t = static_cast<uint64_t*>(mem);
   std::mt19937_64 rng(depth * 1000 + lines);
