@@ -227,8 +227,8 @@ void BM_GetById(benchmark::State& state) {
 // The machine's floor for a lookup: `depth` dependent loads of random 64-byte lines in a
 // table of `mib` MiB (2 MiB-aligned, huge pages asked for, as the registry's arena), through
 // the same loop as the lookups. A structure whose lookups touch k lines outside the cache
-// cannot beat RandomLines/depth:k at its table's size; depth:1 at 6 and 56 MiB are the
-// mixed layout's tables at 100k and 1M providers.
+// cannot beat RandomLines/depth:k at its table's size; 6 and 56 MiB are about the sizes of
+// the mixed layout's tables at 100k and 1M providers (6.2 and 57 MB).
 void BM_RandomLines(benchmark::State& state) {
   const auto depth = static_cast<unsigned>(state.range(0));
   const size_t bytes = static_cast<size_t>(state.range(1)) << 20, lines = bytes / 64;
