@@ -7,6 +7,7 @@
 #include <chrono>
 #include <map>
 #include <random>
+#include <tuple>
 #include <thread>
 #include <vector>
 
@@ -94,7 +95,7 @@ TEST(ProviderRegistryTest, FindMatchesReferenceOnRandomLayouts) {
 // layout: the slots they share hold runs (sorted pieces, one or two lines per search), so
 // the table stays far below the 8 KiB per split that a node per shared slot costs. Every
 // boundary is checked with find and find_extent against the reference, also across the
-// 16-piece blocks of long runs, and removing everything gives the memory back.
+// 8-piece blocks of long runs, and removing everything gives the memory back.
 TEST(ProviderRegistryTest, ClusteredAperturesShareRunsAndMatchReference) {
   std::mt19937_64 rng(11);
   ProviderRegistry reg;
@@ -112,10 +113,10 @@ TEST(ProviderRegistryTest, ClusteredAperturesShareRunsAndMatchReference) {
     ref.v.emplace_back(cursor, size, *id);
     cursor += size;
   }
-  // One slot of 4 GiB holding 200 pieces, each in its own 4 MiB: a run with a top line
-  // and 13 blocks.
+  // One slot of 4 GiB holding 121 pieces, each in its own 4 MiB: a run with a top line
+  // and 16 blocks.
   const uint64_t slot = ((cursor >> 32) + 1) << 32;
-  for (uint64_t k = 0; k < 100; ++k) {
+  for (uint64_t k = 0; k < 60; ++k) {
     const uint64_t b = slot + k * (uint64_t{40} << 20);
     auto id = reg.add(aperture(b, 4096 * (1 + k % 4)));
     ASSERT_TRUE(id.has_value()) << id.error().to_string();
@@ -155,8 +156,9 @@ TEST(ProviderRegistryTest, ClusteredAperturesShareRunsAndMatchReference) {
   reg.wait_for_frees();
   ProviderRegistry::ReadGuard g;
   for (uint64_t a = uint64_t{1} << 40; a < slot + (uint64_t{4} << 30); a += uint64_t{1} << 20) ASSERT_EQ(reg.find(PhysAddr(a)), nullptr);
-  // Only nodes stay (they are never freed while the registry lives); every run is gone.
-  EXPECT_EQ((reg.table_bytes() - empty) % 8192, 0u);
+  // Only nodes stay (they are never freed while the registry lives) and the id pages the
+  // ids touched (the first one counted in `empty`); every run is gone.
+  EXPECT_EQ((reg.table_bytes() - empty - (ids_bytes - 4096)) % 8192, 0u);
 }
 
 TEST(ProviderRegistryTest, TwoHundredThousandPackedApertures) {
@@ -340,7 +342,7 @@ TEST(ProviderRegistryTest, PartlyCoveredSlotsTakeOneLineUntilAFifthPiece) {
     EXPECT_EQ(extent, (uint64_t{4} << 40) - 4096);
   }
   // Four pieces fill the line (5, gap, 6, gap); once the registry's nodes take their
-  // allowance, a fifth makes a block run: a header line, a line of starts and 5 slot values.
+  // allowance, a fifth makes a block run: a header line and one block (8 starts, 8 ids).
   EXPECT_GT(spend_node_allowance(reg, 512), 15u);
   const uint64_t slot = uint64_t{3} << 42;  // an empty root slot
   const auto five = reg.add(aperture(slot, 4096, 5));
@@ -348,7 +350,7 @@ TEST(ProviderRegistryTest, PartlyCoveredSlotsTakeOneLineUntilAFifthPiece) {
   const size_t four = reg.table_bytes();
   const auto seven = reg.add(aperture(slot + 0x21000, 4096, 7));
   ASSERT_TRUE(seven.has_value());
-  EXPECT_EQ(reg.table_bytes() - four, 128u + 64u + 5 * 8u - 64u);
+  EXPECT_EQ(reg.table_bytes() - four, 128u + 64u - 64u);
   auto check = [&](std::vector<std::pair<uint64_t, int>> want) {
     ProviderRegistry::ReadGuard g;
     for (const auto& [a, dev] : want) {
@@ -408,7 +410,7 @@ TEST(ProviderRegistryTest, SmallRegistrySplitsSlotsPastFourPiecesIntoNodes) {
   ASSERT_TRUE(reg.add(aperture(spread + (uint64_t{5} << 32), 4096, 22)).has_value());
   const size_t line = reg.table_bytes();
   ASSERT_TRUE(reg.add(aperture(spread + (uint64_t{9} << 32), 4096, 23)).has_value());
-  EXPECT_EQ(reg.table_bytes() - line, 128u + 64u + 6 * 8u - 64u);
+  EXPECT_EQ(reg.table_bytes() - line, 128u + 64u - 64u);
   // Nor are providers of different sizes, however close (a node would give them paths of
   // different depths): a block run.
   const uint64_t mixed = uint64_t{9} << 42;
@@ -416,7 +418,7 @@ TEST(ProviderRegistryTest, SmallRegistrySplitsSlotsPastFourPiecesIntoNodes) {
   ASSERT_TRUE(reg.add(aperture(mixed + 8192, 8192, 25)).has_value());
   const size_t line2 = reg.table_bytes();
   ASSERT_TRUE(reg.add(aperture(mixed + 6 * 4096, 4096, 26)).has_value());
-  EXPECT_EQ(reg.table_bytes() - line2, 128u + 64u + 6 * 8u - 64u);
+  EXPECT_EQ(reg.table_bytes() - line2, 128u + 64u - 64u);
   {
     ProviderRegistry::ReadGuard g;
     EXPECT_EQ(reg.find(PhysAddr(mixed + 4096)), nullptr);
@@ -432,7 +434,16 @@ TEST(ProviderRegistryTest, SmallRegistrySplitsSlotsPastFourPiecesIntoNodes) {
   for (uint64_t k = 0; k < 3; ++k) ASSERT_TRUE(reg.add(aperture(slot + k * 8192, 4096, 20)).has_value());
   const size_t runs = reg.table_bytes();
   ASSERT_TRUE(reg.add(aperture(slot + 3 * 8192, 4096, 20)).has_value());
-  EXPECT_EQ(reg.table_bytes() - runs, 2 * 8u);  // a block run of 6 pieces, then of 8: two more 8-byte values
+  EXPECT_EQ(reg.table_bytes() - runs, 0u);  // a block run of 6 pieces, then of 8: the same one block
+  ASSERT_TRUE(reg.add(aperture(slot + 4 * 8192, 4096, 20)).has_value());
+  EXPECT_EQ(reg.table_bytes() - runs, 2 * 64u);  // 10 pieces: a top line and a second block
+  {
+    ProviderRegistry::ReadGuard g;
+    for (uint64_t k = 0; k < 5; ++k) {
+      EXPECT_EQ(reg.find(PhysAddr(slot + k * 8192 + 4095))->owner().dev, 20);
+      EXPECT_EQ(reg.find(PhysAddr(slot + k * 8192 + 4096)), nullptr);
+    }
+  }
   check();
   // Removing the 16 leaves the nodes (never freed while the registry lives) empty.
   for (ProviderId id = 1; id <= 16; ++id) ASSERT_TRUE(reg.remove(id).has_value());
@@ -453,7 +464,7 @@ TEST(ProviderRegistryTest, ArenaSpansChunksAndReusesFreedRuns) {
     ProviderRegistry::ReadGuard g;
     for (uint64_t k = 0; k < kN; k += 7) ASSERT_EQ(reg.find(PhysAddr(kBase + k * 4096 + 5))->id(), k + 1) << k;
   }
-  // A slot with six pieces (a block run of 5 lines), rebuilt by every add and remove.
+  // A slot with six pieces (a block run: a header line and one block), rebuilt by every add and remove.
   const uint64_t slot = uint64_t{5} << 32;
   for (uint64_t k = 0; k < 2; ++k) ASSERT_TRUE(reg.add(aperture(slot + (k + 1) * 0x10000, 4096, 2)).has_value());
   auto churn = [&](int rounds) {
@@ -503,10 +514,39 @@ void expect_matches(const ProviderRegistry& reg, const std::map<uint64_t, std::p
   }
 }
 
+// Runs as full as they get, 136 pieces (17 blocks under one top line) and 264 (33 under
+// two), end in a gap: its extent is the rest of the slot, though no top line entry names
+// where the last block ends. Each is one run, not a node: header, top lines and blocks.
+TEST(ProviderRegistryTest, FullRunsEndAtTheSlotEnd) {
+  ProviderRegistry reg;
+  EXPECT_GT(spend_node_allowance(reg, 512), 15u);
+  for (const auto& [k, tops, root] : {std::tuple<uint64_t, size_t, uint64_t>{68, 1, uint64_t{7} << 42}, {132, 2, uint64_t{8} << 42}}) {
+    const size_t before = reg.table_bytes();
+    const size_t prefill = reg.size();
+    std::map<uint64_t, std::pair<uint64_t, ProviderId>> model;
+    for (uint64_t i = 0; i < k; ++i) {  // provider, gap, provider, gap, ...: 2k pieces
+      const uint64_t b = root + (i << 30), size = 4096 * (1 + i % 2);
+      auto id = reg.add(aperture(b, size, static_cast<uint8_t>(i)));
+      ASSERT_TRUE(id.has_value()) << id.error().to_string();
+      model[b] = {size, *id};
+    }
+    const size_t id_pages = 4096 * ((prefill + k) / 512 - prefill / 512);
+    EXPECT_EQ(reg.table_bytes() - before - id_pages, 128 + 64 * tops + 64 * (2 * k / 8)) << k;
+    expect_matches(reg, model, root, root + (uint64_t{4} << 40));
+    ProviderRegistry::ReadGuard g;
+    const uint64_t last_end = root + ((k - 1) << 30) + 4096 * (1 + (k - 1) % 2);
+    for (uint64_t a : {last_end, last_end + 12345, root + (uint64_t{4} << 40) - 1}) {
+      uint64_t bytes = 0;
+      EXPECT_EQ(reg.find_extent(PhysAddr(a), bytes), nullptr);
+      EXPECT_EQ(a + bytes, root + (uint64_t{4} << 40)) << k << " pieces, address " << a;
+    }
+  }
+}
+
 // 7,168 providers of 4-16 KiB in one root slot, 7 in each of its 4 GiB slots, added and then
 // removed in random order: the root slot's run grows past its blocks and top line into a
 // node of 4 GiB slots, each with its own run, and empties again. Every piece boundary is
-// right against a std::map at checkpoints on the way up (around the 16- and 272-piece
+// right against a std::map at checkpoints on the way up (around the 8- and 136-piece
 // limits) and on the way down, an overlapping add names the provider it hits, and removing
 // everything leaves host memory with no run left (only nodes stay).
 TEST(ProviderRegistryTest, ThousandsOfPiecesInOneRootSlotMatchAMapAsTheyComeAndGo) {
@@ -521,7 +561,8 @@ TEST(ProviderRegistryTest, ThousandsOfPiecesInOneRootSlotMatchAMapAsTheyComeAndG
     for (uint64_t k = 0; k < 7; ++k) places.emplace_back((root + (slot << 32) + (k << 29)) | ((rng() % 8) << 12), 4096 << (k % 3));
   std::shuffle(places.begin(), places.end(), rng);
   std::map<uint64_t, std::pair<uint64_t, ProviderId>> model;
-  const size_t checks[] = {3, 8, 9, 100, 128, 129, 2000, 2048, 2049, places.size()};
+  // k providers make about 2k + 1 pieces: a top line from 4 on, two from 68, a node from 132.
+  const size_t checks[] = {3, 4, 8, 9, 67, 68, 100, 131, 132, 2000, 2048, 2049, places.size()};
   size_t next_check = 0;
   for (size_t k = 0; k < places.size(); ++k) {
     auto id = reg.add(aperture(places[k].first, places[k].second, static_cast<uint8_t>(k)));

@@ -13,15 +13,16 @@
 // - Runs: a slot that providers cover only in part holds their pieces (and the gaps),
 //   sorted, instead of a chain of nodes. Up to 4 pieces (an aperture alone in its slot, a
 //   few small ones) fit one 64-byte line run: starts, values and rcu_head, searched with
-//   one SSE2 compare. Longer runs are blocks of 16 starts per line with the values in the
-//   next two lines and a top line above 16 pieces, searched with SSE2 compares and no
-//   branch. Only past 272 pieces (64 in a 4 MiB slot) does a slot become a node of the next
+//   one SSE2 compare. Longer runs are blocks of one line each, 8 starts and the 8 pieces'
+//   provider ids, with a top line above 8 pieces, searched with SSE2 compares and no
+//   branch; an id is its Provider's place in a slab, so the block is the last line a
+//   lookup reads. Only past 136 pieces (64 in a 4 MiB slot) does a slot become a node of the next
 //   level, except while the nodes take less than 512 KiB: then a uniform cluster past 4
 //   pieces (providers of one size within one slot of the next level) does, as a node step
 //   costs fewer instructions than a block run's search and a small registry can afford the
 //   memory (clusters of mixed sizes keep their runs: through nodes, their lookups would
 //   take paths of different depths and mispredict). A reader never reads a Provider to
-//   decide: a run's values are whole leaves or 0.
+//   decide: a run's values are whole leaves, ids or 0.
 //   Runs are copy-on-write, published with one release store, freed after a grace period.
 // - get(id) is one load from a flat table of 2^24 pointers in reserved virtual memory
 //   (mmap MAP_NORESERVE, 128 MiB of address space): only the pages that hold registered
@@ -41,7 +42,8 @@
 //   see revoked() == true and must not use its memory) and calls the holder's callback.
 //   The aperture stays in the table so it is never mistaken for host memory.
 //
-// Memory per provider: the Provider object (~120 B) and an id slot (8 B), plus the table:
+// Memory per provider: the Provider object (~120 B, in a 128 B slab slot: 2 GiB of address
+// space reserved, backed as ids are used) and an id slot (8 B), plus the table:
 // ~16 B for tightly packed 4 KiB apertures (a leaf node shared with 1023 neighbours), one
 // 64-byte line for an aperture alone in its slot, ~57 B in clustered mixed layouts (see
 // docs/providers.md).
@@ -159,7 +161,7 @@ class ProviderRegistry {
       shift -= 10;
       e = reinterpret_cast<const Node*>(e)->slot[(pfn >> shift) & 1023].load(std::memory_order_acquire);
     }
-    if (!(e & kLeafTag)) e = run_find(e, static_cast<int32_t>(pfn & ((uint64_t{1} << shift) - 1)));
+    if (!(e & kLeafTag)) e = run_find(e, static_cast<int32_t>(pfn & ((uint64_t{1} << shift) - 1)), slab_);
     return reinterpret_cast<const Provider*>(e & ~kLeafTag);  // a gap's value is 0
   }
   /// The provider with this id, or nullptr. Inside a ReadGuard.
@@ -194,18 +196,24 @@ class ProviderRegistry {
     std::atomic<uintptr_t> slot[1024];
   };
   // Slot tags: a leaf has bit 0; a run has bit 1 and not bit 0, bit 2 when it has a top
-  // line (more than one block), bit 3 when it is a line run; a node has none.
-  static constexpr uintptr_t kLeafTag = 1, kRunTag = 2, kRunTopTag = 4, kRunLineTag = 8, kTagMask = 7;
-  // A run: the pieces of one slot, each [start, next start) -> a whole leaf or 0 (a gap),
-  // starts as page offsets within the slot. Immutable once published; copy-on-write.
+  // line (more than one block), bit 4 as well when it has two (more than 17 blocks), bit 3
+  // when it is a line run; a node has none.
+  static constexpr uintptr_t kLeafTag = 1, kRunTag = 2, kRunTopTag = 4, kRunLineTag = 8, kRunTop2Tag = 16, kTagMask = 7;
+  // A run: the pieces of one slot, each [start, next start) -> a provider or nothing (a
+  // gap), starts as page offsets within the slot. Immutable once published; copy-on-write.
   // A line run (up to 4 pieces: an aperture that covers part of its slot, a few small
   // ones) is one 64-byte line: 4 starts (INT32_MAX after the last), the 4 slot values, and
   // its rcu_head. A longer run (128-aligned, the slot points at K): a header line at K - 64;
   // with kRunTopTag a top line at K (the first start of blocks 1..16, INT32_MAX after the
-  // last) and the blocks from K + 64; without, block 0 at K. A block is 16 starts
-  // (INT32_MAX after the last piece) in one line and the pieces' slot values in the next
-  // two: 192 bytes.
-  static constexpr size_t kRunBlock = 192;
+  // last) and the blocks from K + 64, with kRunTop2Tag too two top lines at K (blocks
+  // 1..32) and the blocks from K + 128; without, block 0 at K. A block is one line: 8 starts
+  // (INT32_MAX after the last piece) and the 8 pieces' provider ids (0 for a gap). An id
+  // becomes its Provider without a load, as providers live in a slab indexed by id, so a
+  // lookup that ends in a block run reads one line per level: the top line and a block.
+  static constexpr size_t kRunBlock = 64, kBlockIds = 32;
+  /// Bytes between consecutive ids' Provider objects in the slab (a shift, not a multiply).
+  static constexpr unsigned kProviderStrideShift = 7;
+  static constexpr size_t kSlabBytes = (size_t{kMaxProviders} + 1) << kProviderStrideShift;
   /// The number of the 16 starts at k that are <= off (SSE2: four compares, no branch).
   /// The starts are sorted, so the compares' mask is ones from the first start past off:
   /// its position is the count (packed to bytes and scanned: fewer instructions and a
@@ -224,10 +232,30 @@ class ProviderRegistry {
     return n;
 #endif
   }
-  /// The slot value of the run piece holding page offset `off` (a whole leaf or 0). A line
-  /// run takes one compare; a longer one counts without a branch (a run without a top line
-  /// counts its only block twice, the second time cached).
-  static uintptr_t run_find(uintptr_t e, int32_t off) noexcept {
+  /// The number of the 8 starts at k that are <= off (two compares; the mask has two bits
+  /// per start).
+  static unsigned count_le8(const void* k, int32_t off) noexcept {
+#if defined(__SSE2__)
+    const __m128i* v = static_cast<const __m128i*>(k);
+    const __m128i x = _mm_set1_epi32(off);
+    const __m128i gt = _mm_packs_epi32(_mm_cmpgt_epi32(_mm_load_si128(v), x), _mm_cmpgt_epi32(_mm_load_si128(v + 1), x));
+    return static_cast<unsigned>(__builtin_ctz(static_cast<unsigned>(_mm_movemask_epi8(gt)) | 0x10000u)) >> 1;
+#else
+    const int32_t* s = static_cast<const int32_t*>(k);
+    unsigned n = 0;
+    for (int i = 0; i < 8; ++i) n += s[i] <= off;
+    return n;
+#endif
+  }
+  /// The Provider of a block's id, or 0 for a gap (id 0): a cmov, not a branch.
+  static uintptr_t slab_value(const char* slab, uint32_t id) noexcept {
+    const uintptr_t p = reinterpret_cast<uintptr_t>(slab) + (uintptr_t{id} << kProviderStrideShift);
+    return id ? p : 0;
+  }
+  /// The slot value of the run piece holding page offset `off` (a whole leaf, a Provider
+  /// from the slab, or 0). A line run takes one compare; a longer one counts without a
+  /// branch (a run without a top line counts its only block twice, the second time cached).
+  static uintptr_t run_find(uintptr_t e, int32_t off, const char* slab) noexcept {
     const char* k = reinterpret_cast<const char*>(e & ~uintptr_t{63});
     if (e & kRunLineTag) {
 #if defined(__SSE2__)
@@ -240,15 +268,23 @@ class ProviderRegistry {
 #endif
       return reinterpret_cast<const uintptr_t*>(k + 16)[i];
     }
-    // The value lines are fetched while the starts are compared, not after.
-    __builtin_prefetch(k + 64);
-    __builtin_prefetch(k + 128);
+    const char* block = run_block(k, e, off);
+    const unsigned i = count_le8(block, off) - 1;
+    return slab_value(slab, reinterpret_cast<const uint32_t*>(block + kBlockIds)[i]);
+  }
+  /// The block of the run at k (tag bits in e) that holds page offset `off`. The top tag
+  /// takes no branch (a run without a top line counts its only block, cached, and throws
+  /// the count away: top tags vary from slot to slot in mixed layouts and would
+  /// mispredict); the second top line does (only runs of more than 136 pieces have it).
+  static const char* run_block(const char* k, uintptr_t e, int32_t off) noexcept {
     const uintptr_t top = (e & kRunTopTag) ? 1 : 0;
-    const char* block = k + top * (64 + kRunBlock * count_le16(k, off));
-    __builtin_prefetch(block + 64);
-    __builtin_prefetch(block + 128);
-    const unsigned i = count_le16(block, off) - 1;
-    return reinterpret_cast<const uintptr_t*>(block + 64)[i];
+    unsigned c = count_le16(k, off);
+    const char* first = k + 64;
+    if (e & kRunTop2Tag) [[unlikely]] {
+      c += count_le16(first, off);
+      first += 64;
+    }
+    return k + top * static_cast<uintptr_t>(first + kRunBlock * c - k);
   }
   struct RunInfo;
   struct Piece {
@@ -272,6 +308,8 @@ class ProviderRegistry {
   Node root_{};
   Arena* arena_ = nullptr;       // where nodes and runs live (2 MiB chunks)
   std::atomic<const Provider*>* ids_ = nullptr;  // kMaxProviders + 1 entries, mmap'ed
+  char* slab_ = nullptr;  // Provider objects: id's at slab_ + (id << kProviderStrideShift), mmap'ed
+  std::vector<bool> slab_pages_;  // which 4 KiB pages of slab_ have held a Provider
   std::vector<bool> id_pages_;                  // which 4 KiB pages of ids_ hold an entry
   mutable std::mutex writer_;
   std::vector<uint32_t> free_ids_;  // min-heap, ids whose grace period has ended

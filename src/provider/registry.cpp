@@ -187,11 +187,20 @@ struct ProviderRegistry::Arena {
 };
 
 ProviderRegistry::ProviderRegistry() {
+  static_assert(sizeof(Provider) <= (size_t{1} << kProviderStrideShift), "a Provider fits its slab stride");
   // Zero-filled on demand by the kernel; untouched pages read as zero (no provider).
   void* m = mmap(nullptr, kIdTableBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (m == MAP_FAILED) throw std::bad_alloc();
   ids_ = static_cast<std::atomic<const Provider*>*>(m);
   id_pages_.assign(kIdTableBytes / 4096, false);
+  // The providers' slab: address space only (2 GiB), backed page by page as ids are used.
+  m = mmap(nullptr, kSlabBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (m == MAP_FAILED) {
+    munmap(ids_, kIdTableBytes);
+    throw std::bad_alloc();
+  }
+  slab_ = static_cast<char*>(m);
+  slab_pages_.assign(kSlabBytes / 4096, false);
   table_bytes_.store(sizeof(Node), std::memory_order_relaxed);
   arena_ = new Arena;
 }
@@ -204,16 +213,21 @@ ProviderRegistry::~ProviderRegistry() {
     const Provider* p = ids_[id].load(std::memory_order_relaxed);
     if (p) {
       delete static_cast<RcuBox*>(p->rcu_box_);
-      delete p;
+      p->~Provider();
     }
   }
+#ifdef PHYSR_LSAN
+  for (size_t i = 0; i < slab_pages_.size(); ++i)
+    if (slab_pages_[i]) __lsan_unregister_root_region(slab_ + 4096 * i, 4096);
+#endif
+  munmap(slab_, kSlabBytes);
   munmap(ids_, kIdTableBytes);
   delete arena_;  // every node and run, live or freed
 }
 
 namespace {
 
-constexpr uintptr_t kLeaf = 1, kRun = 2, kRunTop = 4, kRunLine = 8, kTags = 7;
+constexpr uintptr_t kLeaf = 1, kRun = 2, kRunTop = 4, kRunLine = 8, kRunTop2 = 16, kTags = 7;
 inline const Provider* leaf_ptr(uintptr_t x) { return reinterpret_cast<const Provider*>(x & ~kLeaf); }
 inline bool is_leaf(uintptr_t x) { return x & kLeaf; }
 inline bool is_run(uintptr_t x) { return (x & (kLeaf | kRun)) == kRun; }
@@ -221,11 +235,11 @@ inline bool is_node(uintptr_t x) { return x != 0 && (x & kTags) == 0; }
 inline uint64_t first_page(const Provider* p) { return p->phys().base.value() >> kPageShift; }
 inline uint64_t end_page(const Provider* p) { return (p->phys().base.value() + p->phys().size) >> kPageShift; }
 
-// The most pieces a run holds: 17 blocks of 16 under a top line of 16 starts. A slot with
+// The most pieces a run holds: 33 blocks of 8 under two top lines of 16 starts. A slot with
 // more becomes a node of the next level (its slots take leaves and runs again). A 4 MiB
 // slot becomes a node of single-page leaves (one line per lookup) already past 64 pieces,
 // where the 8 KiB node costs at most 256 B per provider.
-constexpr size_t kRunMaxPieces = 16 * 17, kLeafNodeMinPieces = 64, kLinePieces = 4;
+constexpr size_t kBlockPieces = 8, kRunMaxPieces = kBlockPieces * 33, kLeafNodeMinPieces = 64, kLinePieces = 4;
 // While the registry's nodes take less than this, a uniform cluster past a line run's 4
 // pieces (providers of one size that span at most one slot of the next level, or any
 // number of slots in a 4 MiB slot, whose node holds single-page leaves) becomes a node
@@ -287,13 +301,14 @@ void ProviderRegistry::collect(uintptr_t x, uint64_t lo, uint64_t hi, std::vecto
     return;
   }
   const auto* info = reinterpret_cast<const RunInfo*>(k - 64);
-  const char* blocks = k + ((x & kRunTop) ? 64 : 0);
-  auto start = [&](size_t i) { return reinterpret_cast<const int32_t*>(blocks + kRunBlock * (i / 16))[i % 16]; };
+  const char* blocks = k + ((x & kRunTop2) ? 128 : (x & kRunTop) ? 64 : 0);
+  auto block = [&](size_t i) { return blocks + kRunBlock * (i / kBlockPieces); };
+  auto start = [&](size_t i) { return reinterpret_cast<const int32_t*>(block(i))[i % kBlockPieces]; };
   for (size_t i = 0; i < info->pieces; ++i) {
-    const uintptr_t v = reinterpret_cast<const uintptr_t*>(blocks + kRunBlock * (i / 16) + 64)[i % 16];
+    const uintptr_t v = slab_value(slab_, reinterpret_cast<const uint32_t*>(block(i) + kBlockIds)[i % kBlockPieces]);
     if (v == 0) continue;
     const uint64_t end = i + 1 < info->pieces ? lo + static_cast<uint64_t>(start(i + 1)) : hi;
-    out.push_back({lo + static_cast<uint64_t>(start(i)), end, leaf_ptr(v)});
+    out.push_back({lo + static_cast<uint64_t>(start(i)), end, reinterpret_cast<const Provider*>(v)});
   }
 }
 
@@ -337,30 +352,32 @@ uintptr_t ProviderRegistry::build(unsigned level, uint64_t lo, uint64_t hi, cons
     table_bytes_.fetch_add(64, std::memory_order_relaxed);
     return reinterpret_cast<uintptr_t>(k) | kRun | kRunLine;
   }
-  const size_t n = pieces.size(), blocks = (n + 15) / 16, last = n - 16 * (blocks - 1);
-  const bool top = blocks > 1;
-  const size_t bytes = 128 + (top ? 64 : 0) + kRunBlock * (blocks - 1) + 64 + 8 * last;
+  const size_t n = pieces.size(), blocks = (n + kBlockPieces - 1) / kBlockPieces;
+  const size_t tops = blocks > 17 ? 2 : blocks > 1 ? 1 : 0;
+  const bool top = tops > 0;
+  const size_t bytes = 128 + 64 * tops + kRunBlock * blocks;
   char* base = static_cast<char*>(arena_alloc(bytes, 128));
   char* k = base + 128;
   auto* info = new (k - 64) RunInfo{};
   info->pieces = static_cast<uint32_t>(n);
   info->bytes = static_cast<uint32_t>(bytes);
-  char* first = k + (top ? 64 : 0);
+  char* first = k + 64 * tops;
   if (top) {
     auto* t = reinterpret_cast<int32_t*>(k);
-    for (size_t j = 0; j < 16; ++j) t[j] = j + 1 < blocks ? static_cast<int32_t>(pieces[16 * (j + 1)].first - lo) : kNoStart;
+    for (size_t j = 0; j < 16 * tops; ++j)
+      t[j] = j + 1 < blocks ? static_cast<int32_t>(pieces[kBlockPieces * (j + 1)].first - lo) : kNoStart;
   }
   for (size_t b = 0; b < blocks; ++b) {
     auto* starts = reinterpret_cast<int32_t*>(first + kRunBlock * b);
-    auto* vals = reinterpret_cast<uintptr_t*>(first + kRunBlock * b + 64);
-    for (size_t j = 0; j < 16; ++j) {
-      const size_t i = 16 * b + j;
+    auto* ids = reinterpret_cast<uint32_t*>(first + kRunBlock * b + kBlockIds);
+    for (size_t j = 0; j < kBlockPieces; ++j) {
+      const size_t i = kBlockPieces * b + j;
       starts[j] = i < n ? static_cast<int32_t>(pieces[i].first - lo) : kNoStart;
-      if (i < n) vals[j] = pieces[i].second;
+      ids[j] = i < n && pieces[i].second ? leaf_ptr(pieces[i].second)->id() : 0;  // writer side: live
     }
   }
   table_bytes_.fetch_add(bytes, std::memory_order_relaxed);
-  return reinterpret_cast<uintptr_t>(k) | kRun | (top ? kRunTop : 0);
+  return reinterpret_cast<uintptr_t>(k) | kRun | (top ? kRunTop : 0) | (tops == 2 ? kRunTop2 : 0);
 }
 
 // Frees a replaced run after a grace period: a reader that loaded it may still search it.
@@ -507,7 +524,15 @@ Result<ProviderId> ProviderRegistry::add(ProviderDesc desc) {
     if (next_id_ > kMaxProviders) return make_error(ENOSPC, "no provider id left (all " + std::to_string(kMaxProviders) + " in use)");
     id = next_id_++;
   }
-  auto* p = new Provider(id, std::move(desc));
+  char* at = slab_ + (size_t{id} << kProviderStrideShift);
+  if (!slab_pages_[size_t{id} >> (12 - kProviderStrideShift)]) {
+    slab_pages_[size_t{id} >> (12 - kProviderStrideShift)] = true;
+#ifdef PHYSR_LSAN
+    // A Provider owns heap memory (its callback, its rcu box): LSan must see this page.
+    __lsan_register_root_region(reinterpret_cast<char*>(reinterpret_cast<uintptr_t>(at) & ~uintptr_t{4095}), 4096);
+#endif
+  }
+  auto* p = new (at) Provider(id, std::move(desc));
   p->registry_ = this;
   p->rcu_box_ = new RcuBox{{}, p};
   if (!id_pages_[id / kIdsPerPage]) {
@@ -531,13 +556,14 @@ void ProviderRegistry::reclaim(void* head) {
   auto* box = reinterpret_cast<RcuBox*>(static_cast<rcu_head*>(head));
   Provider* p = box->provider;
   ProviderRegistry* reg = p->registry_;
+  const uint32_t id = p->id();
+  p->~Provider();  // before the id is free: the next add() with it builds in the same slot
+  delete box;
   {
     std::lock_guard fl(reg->free_ids_lock_);
-    reg->free_ids_.push_back(p->id());
+    reg->free_ids_.push_back(id);
     std::push_heap(reg->free_ids_.begin(), reg->free_ids_.end(), std::greater<>());
   }
-  delete p;
-  delete box;
   const size_t before = reg->pending_.fetch_sub(1, std::memory_order_release);
   PHYSR_ASSERT(before > 0, "every reclaim was counted pending by remove()");
 }
@@ -613,11 +639,15 @@ const Provider* ProviderRegistry::find_extent(PhysAddr a, uint64_t& bytes) const
         if (j + 1 < kLinePieces) next = starts[j + 1];
       } else {
         const bool top = e & kRunTop;
-        const char* block = k + (top ? 64 + kRunBlock * count_le16(k, off) : 0);
-        const unsigned j = count_le16(block, off) - 1;
-        e = reinterpret_cast<const uintptr_t*>(block + 64)[j];
-        next = j + 1 < 16 ? reinterpret_cast<const int32_t*>(block)[j + 1] : kNoStart;
-        if (j + 1 == 16 && top) next = reinterpret_cast<const int32_t*>(k)[(block - k - 64) / static_cast<ptrdiff_t>(kRunBlock)];
+        const ptrdiff_t tops = (e & kRunTop2) ? 2 : 1;
+        const char* block = run_block(k, e, off);
+        const unsigned j = count_le8(block, off) - 1;
+        e = slab_value(slab_, reinterpret_cast<const uint32_t*>(block + kBlockIds)[j]);
+        next = j + 1 < kBlockPieces ? reinterpret_cast<const int32_t*>(block)[j + 1] : kNoStart;
+        // A block's last piece ends where the next block starts: the top lines' entry for it.
+        // (The last of a full run's 17 or 33 blocks has no entry: its end is the slot's.)
+        const ptrdiff_t b = (block - k - 64 * tops) / static_cast<ptrdiff_t>(kRunBlock);
+        if (j + 1 == kBlockPieces && top && b < 16 * tops) next = reinterpret_cast<const int32_t*>(k)[b];
       }
       if (e != 0) break;
       const uint64_t end = next != kNoStart ? lo + static_cast<uint64_t>(next) : slot_end;
