@@ -128,7 +128,8 @@ class ProviderRegistry {
   ProviderRegistry& operator=(const ProviderRegistry&) = delete;
 
   /// Registers an aperture. EINVAL: empty, not 4 KiB aligned, wrapping or past 2^52.
-  /// EEXIST: overlaps a registered provider (named). ENOSPC: no id left.
+  /// EEXIST: overlaps a registered provider (named). ENOSPC: no id left. ENOMEM: no memory
+  /// for the Provider.
   Result<ProviderId> add(ProviderDesc desc);
   /// Unregisters: lookups stop finding it at once; it is freed and its id reused after a
   /// grace period. ENOENT for an unknown or already removed id; the registry is unchanged.
@@ -309,7 +310,7 @@ class ProviderRegistry {
   Arena* arena_ = nullptr;       // where nodes and runs live (2 MiB chunks)
   std::atomic<const Provider*>* ids_ = nullptr;  // kMaxProviders + 1 entries, mmap'ed
   char* slab_ = nullptr;  // Provider objects: id's at slab_ + (id << kProviderStrideShift), mmap'ed
-  std::vector<bool> slab_pages_;  // which 4 KiB pages of slab_ have held a Provider
+  std::vector<bool> slab_pages_;  // which 4 KiB pages of slab_ are writable (and seen by LSan)
   std::vector<bool> id_pages_;                  // which 4 KiB pages of ids_ hold an entry
   mutable std::mutex writer_;
   std::vector<uint32_t> free_ids_;  // min-heap, ids whose grace period has ended

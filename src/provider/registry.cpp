@@ -193,8 +193,10 @@ ProviderRegistry::ProviderRegistry() {
   if (m == MAP_FAILED) throw std::bad_alloc();
   ids_ = static_cast<std::atomic<const Provider*>*>(m);
   id_pages_.assign(kIdTableBytes / 4096, false);
-  // The providers' slab: address space only (2 GiB), backed page by page as ids are used.
-  m = mmap(nullptr, kSlabBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  // The providers' slab: address space only (2 GiB), made writable page by page as ids
+  // are used. PROT_NONE until then, so that a host with strict overcommit
+  // (vm.overcommit_memory=2, which ignores MAP_NORESERVE) charges only the pages in use.
+  m = mmap(nullptr, kSlabBytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (m == MAP_FAILED) {
     munmap(ids_, kIdTableBytes);
     throw std::bad_alloc();
@@ -526,10 +528,19 @@ Result<ProviderId> ProviderRegistry::add(ProviderDesc desc) {
   }
   char* at = slab_ + (size_t{id} << kProviderStrideShift);
   if (!slab_pages_[size_t{id} >> (12 - kProviderStrideShift)]) {
+    char* page = reinterpret_cast<char*>(reinterpret_cast<uintptr_t>(at) & ~uintptr_t{4095});
+    if (mprotect(page, 4096, PROT_READ | PROT_WRITE) != 0) {
+      const int err = errno;
+      std::lock_guard fl(free_ids_lock_);  // the id stays free, smallest first as before
+      free_ids_.push_back(id);
+      std::push_heap(free_ids_.begin(), free_ids_.end(), std::greater<>());
+      return make_error(err, "no memory for provider " + std::to_string(id) + " " + describe(r) +
+                                                          " (mprotect of its slab page failed)");
+    }
     slab_pages_[size_t{id} >> (12 - kProviderStrideShift)] = true;
 #ifdef PHYSR_LSAN
     // A Provider owns heap memory (its callback, its rcu box): LSan must see this page.
-    __lsan_register_root_region(reinterpret_cast<char*>(reinterpret_cast<uintptr_t>(at) & ~uintptr_t{4095}), 4096);
+    __lsan_register_root_region(page, 4096);
 #endif
   }
   auto* p = new (at) Provider(id, std::move(desc));
