@@ -45,7 +45,7 @@ void churn(uint64_t slots, uint64_t stride, bool large, bool near = false) {
           hits.fetch_add(1, std::memory_order_relaxed);
           if (!p->phys().contains(PhysAddr(a)) || p->owner().bus != 7) errors.fetch_add(1);
           const Provider* same = reg.get(p->id());
-          if (same && same != p && same->phys().contains(PhysAddr(a))) errors.fetch_add(1);
+          if (same && same != p) errors.fetch_add(1);  // the id names p, or nothing once removed
           (void)p->revoked();
         }
       }
@@ -96,7 +96,7 @@ TEST(ProviderConcurrencyTest, ReadersNeverSeeFreedOrForeignProviders) { churn(51
 TEST(ProviderConcurrencyTest, ReadersSearchRunsWhileWritersReplaceThem) { churn(48, 21, true); }
 
 // Sparse over a root slot: 600 places, one per 4 GiB slot. The root slot's run is rebuilt
-// by every add and remove until it passes 272 pieces and becomes a node, whose 4 GiB slots
+// by every add and remove until it passes 264 pieces and becomes a node, whose 4 GiB slots
 // then take and drop line runs, while readers probe the places themselves.
 TEST(ProviderConcurrencyTest, ReadersWhileASparseRootSlotGrowsIntoANode) { churn(600, uint64_t{1} << 20, true, true); }
 

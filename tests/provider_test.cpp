@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdio>
 #include <map>
 #include <random>
 #include <tuple>
@@ -113,8 +114,8 @@ TEST(ProviderRegistryTest, ClusteredAperturesShareRunsAndMatchReference) {
     ref.v.emplace_back(cursor, size, *id);
     cursor += size;
   }
-  // One slot of 4 GiB holding 121 pieces, each in its own 4 MiB: a run with a top line
-  // and 16 blocks.
+  // One slot of 4 GiB holding 120 pieces (the first provider at its start), each in its own
+  // 4 MiB: a run with a top line and 15 blocks.
   const uint64_t slot = ((cursor >> 32) + 1) << 32;
   for (uint64_t k = 0; k < 60; ++k) {
     const uint64_t b = slot + k * (uint64_t{40} << 20);
@@ -140,7 +141,7 @@ TEST(ProviderRegistryTest, ClusteredAperturesShareRunsAndMatchReference) {
         const auto up = std::upper_bound(edges.begin(), edges.end(), a);
         const uint64_t next = up == edges.end() ? ~uint64_t{0} : *up;
         if (q) ASSERT_EQ(a + bytes, q->phys().base.value() + q->phys().size) << "address " << a;
-        else ASSERT_TRUE(bytes > 0 && a + bytes <= next) << "address " << a << " extent " << bytes << " next " << next;
+        else ASSERT_TRUE(bytes > 0 && a + bytes > a && a + bytes <= next) << "address " << a << " extent " << bytes << " next " << next;
       }
     }
   };
@@ -480,7 +481,7 @@ TEST(ProviderRegistryTest, ArenaSpansChunksAndReusesFreedRuns) {
   const size_t arena = reg.arena_bytes(), table = reg.table_bytes();
   churn(20000);
   EXPECT_EQ(reg.table_bytes(), table);
-  // 40000 runs of 320 bytes (12 MiB) were built; reused, they fit the chunks already mapped
+  // 40000 runs of 192 bytes (7.3 MiB) were built; reused, they fit the chunks already mapped
   // plus at most one more.
   EXPECT_LE(reg.arena_bytes(), arena + (size_t{2} << 20));
   ProviderRegistry::ReadGuard g;
@@ -510,43 +511,89 @@ void expect_matches(const ProviderRegistry& reg, const std::map<uint64_t, std::p
     ASSERT_EQ(reg.find_extent(PhysAddr(a), bytes), p) << "address " << a;
     auto next = model.upper_bound(a);
     if (p) ASSERT_EQ(a + bytes, p->phys().base.value() + p->phys().size) << "address " << a;
-    else ASSERT_TRUE(bytes > 0 && (next == model.end() || a + bytes <= next->first)) << "address " << a << " extent " << bytes;
+    else ASSERT_TRUE(bytes > 0 && a + bytes > a && (next == model.end() || a + bytes <= next->first)) << "address " << a << " extent " << bytes;
   }
 }
 
-// Runs as full as they get, 136 pieces (17 blocks under one top line) and 264 (33 under
-// two), end in a gap: its extent is the rest of the slot, though no top line entry names
-// where the last block ends. Each is one run, not a node: header, top lines and blocks.
-TEST(ProviderRegistryTest, FullRunsEndAtTheSlotEnd) {
+#if defined(__SANITIZE_ADDRESS__)
+#define PHYSR_TEST_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define PHYSR_TEST_ASAN 1
+#endif
+#endif
+
+// Providers live in a slab, not on the heap, so ASan would not see a Provider used after
+// its grace period unless the registry poisons the slot: it does, and that use is reported.
+TEST(ProviderRegistryTest, ProviderUsedAfterItsGracePeriodIsReportedUnderAsan) {
+#ifndef PHYSR_TEST_ASAN
+  GTEST_SKIP() << "needs AddressSanitizer";
+#else
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_DEATH(
+      {
+        ProviderRegistry reg;
+        const ProviderId id = reg.add(aperture(0x100000, 4096)).value();
+        const Provider* p = nullptr;
+        {
+          ProviderRegistry::ReadGuard g;
+          p = reg.find(PhysAddr(0x100000));
+        }
+        (void)reg.remove(id);
+        reg.wait_for_frees();
+        std::printf("%llu\n", static_cast<unsigned long long>(p->phys().size));  // the bug
+      },
+      "use-after-poison");
+#endif
+}
+
+// Runs at their limits: 8 pieces (one block), 9 (a top line), 136 (17 blocks under one top
+// line), 137 (a second top line) and 264 (33 blocks under two). Each is one run, not a node:
+// header, top lines and blocks. Every gap's extent ends exactly at the next provider or at
+// the slot's end, which a block's last gap reads from the top lines (or, for the last block
+// of a full run, which no top line entry names).
+TEST(ProviderRegistryTest, RunsAtTheirLimitsAnswerEveryGapExactly) {
   ProviderRegistry reg;
   EXPECT_GT(spend_node_allowance(reg, 512), 15u);
-  for (const auto& [k, tops, root] : {std::tuple<uint64_t, size_t, uint64_t>{68, 1, uint64_t{7} << 42}, {132, 2, uint64_t{8} << 42}}) {
+  uint64_t root = uint64_t{7} << 42;
+  for (const auto& [k, lead] : {std::pair<uint64_t, uint64_t>{4, 0}, {4, 1}, {68, 0}, {68, 1}, {132, 0}}) {
+    root += uint64_t{1} << 42;  // an empty root slot each
+    const uint64_t pieces = 2 * k + lead, blocks = (pieces + 7) / 8, tops = blocks > 17 ? 2 : blocks > 1 ? 1 : 0;
     const size_t before = reg.table_bytes();
     const size_t prefill = reg.size();
     std::map<uint64_t, std::pair<uint64_t, ProviderId>> model;
-    for (uint64_t i = 0; i < k; ++i) {  // provider, gap, provider, gap, ...: 2k pieces
-      const uint64_t b = root + (i << 30), size = 4096 * (1 + i % 2);
+    for (uint64_t i = 0; i < k; ++i) {  // (gap,) provider, gap, provider, gap, ...
+      const uint64_t b = root + lead * (uint64_t{1} << 29) + (i << 30), size = 4096 * (1 + i % 2);
       auto id = reg.add(aperture(b, size, static_cast<uint8_t>(i)));
       ASSERT_TRUE(id.has_value()) << id.error().to_string();
       model[b] = {size, *id};
     }
     const size_t id_pages = 4096 * ((prefill + k) / 512 - prefill / 512);
-    EXPECT_EQ(reg.table_bytes() - before - id_pages, 128 + 64 * tops + 64 * (2 * k / 8)) << k;
+    EXPECT_EQ(reg.table_bytes() - before - id_pages, 128 + 64 * tops + 64 * blocks) << pieces << " pieces";
     expect_matches(reg, model, root, root + (uint64_t{4} << 40));
     ProviderRegistry::ReadGuard g;
-    const uint64_t last_end = root + ((k - 1) << 30) + 4096 * (1 + (k - 1) % 2);
-    for (uint64_t a : {last_end, last_end + 12345, root + (uint64_t{4} << 40) - 1}) {
-      uint64_t bytes = 0;
-      EXPECT_EQ(reg.find_extent(PhysAddr(a), bytes), nullptr);
-      EXPECT_EQ(a + bytes, root + (uint64_t{4} << 40)) << k << " pieces, address " << a;
+    std::vector<std::pair<uint64_t, uint64_t>> gaps;  // [from, to)
+    uint64_t cursor = root;
+    for (const auto& [b, v] : model) {
+      if (b > cursor) gaps.emplace_back(cursor, b);
+      cursor = b + v.first;
+    }
+    gaps.emplace_back(cursor, root + (uint64_t{4} << 40));
+    ASSERT_EQ(gaps.size() + k, pieces);
+    for (const auto& [from, to] : gaps) {
+      for (uint64_t a : {from, from + 3 * 4096 + 7, to - 1}) {
+        uint64_t bytes = 0;
+        EXPECT_EQ(reg.find_extent(PhysAddr(a), bytes), nullptr);
+        EXPECT_EQ(a + bytes, to) << pieces << " pieces, address " << a;
+      }
     }
   }
 }
 
 // 7,168 providers of 4-16 KiB in one root slot, 7 in each of its 4 GiB slots, added and then
-// removed in random order: the root slot's run grows past its blocks and top line into a
+// removed in random order: the root slot's run grows past its blocks and top lines into a
 // node of 4 GiB slots, each with its own run, and empties again. Every piece boundary is
-// right against a std::map at checkpoints on the way up (around the 8- and 136-piece
+// right against a std::map at checkpoints on the way up (around the 8-, 136- and 264-piece
 // limits) and on the way down, an overlapping add names the provider it hits, and removing
 // everything leaves host memory with no run left (only nodes stay).
 TEST(ProviderRegistryTest, ThousandsOfPiecesInOneRootSlotMatchAMapAsTheyComeAndGo) {

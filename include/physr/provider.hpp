@@ -14,9 +14,9 @@
 //   sorted, instead of a chain of nodes. Up to 4 pieces (an aperture alone in its slot, a
 //   few small ones) fit one 64-byte line run: starts, values and rcu_head, searched with
 //   one SSE2 compare. Longer runs are blocks of one line each, 8 starts and the 8 pieces'
-//   provider ids, with a top line above 8 pieces, searched with SSE2 compares and no
-//   branch; an id is its Provider's place in a slab, so the block is the last line a
-//   lookup reads. Only past 136 pieces (64 in a 4 MiB slot) does a slot become a node of the next
+//   provider ids, with a top line above 8 pieces (a second above 136), searched with SSE2
+//   compares and no branch; an id is its Provider's place in a slab, so the block is the
+//   last line a lookup reads. Only past 264 pieces (64 in a 4 MiB slot) does a slot become a node of the next
 //   level, except while the nodes take less than 512 KiB: then a uniform cluster past 4
 //   pieces (providers of one size within one slot of the next level) does, as a node step
 //   costs fewer instructions than a block run's search and a small registry can afford the
@@ -285,7 +285,7 @@ class ProviderRegistry {
       c += count_le16(first, off);
       first += 64;
     }
-    return k + top * static_cast<uintptr_t>(first + kRunBlock * c - k);
+    return k + top * (static_cast<uintptr_t>(first - k) + kRunBlock * c);  // no pointer past the run
   }
   struct RunInfo;
   struct Piece {
