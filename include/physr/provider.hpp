@@ -129,7 +129,7 @@ class ProviderRegistry {
 
   /// Registers an aperture. EINVAL: empty, not 4 KiB aligned, wrapping or past 2^52.
   /// EEXIST: overlaps a registered provider (named). ENOSPC: no id left. ENOMEM: no memory
-  /// for the Provider.
+  /// for the Provider or its id-table entry.
   Result<ProviderId> add(ProviderDesc desc);
   /// Unregisters: lookups stop finding it at once; it is freed and its id reused after a
   /// grace period. ENOENT for an unknown or already removed id; the registry is unchanged.

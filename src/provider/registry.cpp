@@ -190,14 +190,16 @@ struct ProviderRegistry::Arena {
 
 ProviderRegistry::ProviderRegistry() {
   static_assert(sizeof(Provider) <= (size_t{1} << kProviderStrideShift), "a Provider fits its slab stride");
-  // Zero-filled on demand by the kernel; untouched pages read as zero (no provider).
-  void* m = mmap(nullptr, kIdTableBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  // Zero-filled on demand by the kernel; untouched pages read as zero (no provider). Read-only
+  // until an id of the page is used, so that get() reads any id while a host with strict
+  // overcommit (vm.overcommit_memory=2, which ignores MAP_NORESERVE and charges every
+  // writable private page) charges only the pages in use, not 128 MiB per registry.
+  void* m = mmap(nullptr, kIdTableBytes, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (m == MAP_FAILED) throw std::bad_alloc();
   ids_ = static_cast<std::atomic<const Provider*>*>(m);
   id_pages_.assign(kIdTableBytes / 4096, false);
   // The providers' slab: address space only (2 GiB), made writable page by page as ids
-  // are used. PROT_NONE until then, so that a host with strict overcommit
-  // (vm.overcommit_memory=2, which ignores MAP_NORESERVE) charges only the pages in use.
+  // are used, PROT_NONE until then (no reader touches a slot before its id is used).
   m = mmap(nullptr, kSlabBytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (m == MAP_FAILED) {
     munmap(ids_, kIdTableBytes);
@@ -532,22 +534,31 @@ Result<ProviderId> ProviderRegistry::add(ProviderDesc desc) {
     if (next_id_ > kMaxProviders) return make_error(ENOSPC, "no provider id left (all " + std::to_string(kMaxProviders) + " in use)");
     id = next_id_++;
   }
+  // The id's pages of the slab and of the id table become writable on first use.
   char* at = slab_ + (size_t{id} << kProviderStrideShift);
-  if (!slab_pages_[size_t{id} >> (12 - kProviderStrideShift)]) {
-    char* page = reinterpret_cast<char*>(reinterpret_cast<uintptr_t>(at) & ~uintptr_t{4095});
-    if (mprotect(page, 4096, PROT_READ | PROT_WRITE) != 0) {
-      const int err = errno;
-      std::lock_guard fl(free_ids_lock_);  // the id stays free, smallest first as before
-      free_ids_.push_back(id);
-      std::push_heap(free_ids_.begin(), free_ids_.end(), std::greater<>());
-      return make_error(err, "no memory for provider " + std::to_string(id) + " " + describe(r) +
-                                                          " (mprotect of its slab page failed)");
-    }
-    slab_pages_[size_t{id} >> (12 - kProviderStrideShift)] = true;
+  char* slab_page = reinterpret_cast<char*>(reinterpret_cast<uintptr_t>(at) & ~uintptr_t{4095});
+  char* id_page = reinterpret_cast<char*>(reinterpret_cast<uintptr_t>(&ids_[id]) & ~uintptr_t{4095});
+  const size_t slab_index = size_t{id} >> (12 - kProviderStrideShift), id_index = id / kIdsPerPage;
+  const bool new_slab_page = !slab_pages_[slab_index], new_id_page = !id_pages_[id_index];
+  if ((new_slab_page && mprotect(slab_page, 4096, PROT_READ | PROT_WRITE) != 0) ||
+      (new_id_page && mprotect(id_page, 4096, PROT_READ | PROT_WRITE) != 0)) {
+    const int err = errno;
+    std::lock_guard fl(free_ids_lock_);  // the id stays free, smallest first as before
+    free_ids_.push_back(id);
+    std::push_heap(free_ids_.begin(), free_ids_.end(), std::greater<>());
+    return make_error(err, "no memory for provider " + std::to_string(id) + " " + describe(r) +
+                               " (mprotect of its slab or id-table page failed)");
+  }
+  if (new_slab_page) {
+    slab_pages_[slab_index] = true;
 #ifdef PHYSR_LSAN
     // A Provider owns heap memory (its callback, its rcu box): LSan must see this page.
-    __lsan_register_root_region(page, 4096);
+    __lsan_register_root_region(slab_page, 4096);
 #endif
+  }
+  if (new_id_page) {
+    id_pages_[id_index] = true;
+    table_bytes_.fetch_add(4096, std::memory_order_relaxed);
   }
 #ifdef PHYSR_LSAN
   __asan_unpoison_memory_region(at, size_t{1} << kProviderStrideShift);
@@ -555,10 +566,6 @@ Result<ProviderId> ProviderRegistry::add(ProviderDesc desc) {
   auto* p = new (at) Provider(id, std::move(desc));
   p->registry_ = this;
   p->rcu_box_ = new RcuBox{{}, p};
-  if (!id_pages_[id / kIdsPerPage]) {
-    id_pages_[id / kIdsPerPage] = true;
-    table_bytes_.fetch_add(4096, std::memory_order_relaxed);
-  }
   // Widen the span that holds every aperture ever registered (never narrowed, so a
   // reader's "surely host memory" answer stays right after removals).
   if (p->phys().base.value() < lowest_.load(std::memory_order_relaxed)) lowest_.store(p->phys().base.value(), std::memory_order_release);
