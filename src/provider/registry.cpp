@@ -29,10 +29,11 @@
 extern "C" void __tsan_acquire(void* addr);
 extern "C" void __tsan_release(void* addr);
 #endif
-// LeakSanitizer scans the heap, stacks and globals, not mmap'ed memory: the arena's nodes and
-// runs (mmap'ed chunks) hold the pointers to live providers, so each chunk is registered as
-// a root region, or a registry that lives to the end of the process (a fuzzer's world)
-// shows its providers as leaked.
+// LeakSanitizer scans the heap, stacks and globals, not mmap'ed memory: the slab's Providers
+// hold the pointers to their heap parts (callback, RCU box), so each slab page in use is
+// registered as a root region, or a registry that lives to the end of the process (a
+// fuzzer's world) shows them as leaked. The arena's nodes and runs point only into the
+// arena and the slab. Under ASan, a destroyed Provider's slot is also poisoned.
 #if defined(__has_feature)
 #if __has_feature(address_sanitizer)
 #define PHYSR_LSAN 1
@@ -134,9 +135,6 @@ struct ProviderRegistry::Arena {
     // not rcu_barrier's).
     std::lock_guard g(lock);
     for (char* c : chunks) {
-#ifdef PHYSR_LSAN
-      __lsan_unregister_root_region(c, kChunk);
-#endif
       munmap(c, kChunk);
     }
   }
@@ -157,9 +155,6 @@ struct ProviderRegistry::Arena {
     if (!chunks.empty()) madvise(c, kChunk, MADV_HUGEPAGE);
 #endif
     chunks.push_back(c);
-#ifdef PHYSR_LSAN
-    __lsan_register_root_region(c, kChunk);
-#endif
     new (c) Header{this};
     bump = c + 64;
     end = c + kChunk;
