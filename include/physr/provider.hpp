@@ -215,36 +215,30 @@ class ProviderRegistry {
   /// Bytes between consecutive ids' Provider objects in the slab (a shift, not a multiply).
   static constexpr unsigned kProviderStrideShift = 7;
   static constexpr size_t kSlabBytes = (size_t{kMaxProviders} + 1) << kProviderStrideShift;
-  /// The number of the 16 starts at k that are <= off (SSE2: four compares, no branch).
-  /// The starts are sorted, so the compares' mask is ones from the first start past off:
-  /// its position is the count (packed to bytes and scanned: fewer instructions and a
-  /// shorter chain than adding up the 16 lanes).
-  static unsigned count_le16(const void* k, int32_t off) noexcept {
 #if defined(__SSE2__)
-    const __m128i* v = static_cast<const __m128i*>(k);
-    const __m128i x = _mm_set1_epi32(off);
-    const __m128i lo = _mm_packs_epi32(_mm_cmpgt_epi32(_mm_load_si128(v), x), _mm_cmpgt_epi32(_mm_load_si128(v + 1), x));
-    const __m128i hi = _mm_packs_epi32(_mm_cmpgt_epi32(_mm_load_si128(v + 2), x), _mm_cmpgt_epi32(_mm_load_si128(v + 3), x));
-    return static_cast<unsigned>(__builtin_ctz(static_cast<unsigned>(_mm_movemask_epi8(_mm_packs_epi16(lo, hi))) | 0x10000u));
-#else
-    const int32_t* s = static_cast<const int32_t*>(k);
-    unsigned n = 0;
-    for (int i = 0; i < 16; ++i) n += s[i] <= off;
-    return n;
-#endif
+  /// Which of the 8 starts at v are > x: 8 16-bit lanes of ones or zeros (two compares).
+  static __m128i gt8(const __m128i* v, __m128i x) noexcept {
+    return _mm_packs_epi32(_mm_cmpgt_epi32(_mm_load_si128(v), x), _mm_cmpgt_epi32(_mm_load_si128(v + 1), x));
   }
-  /// The number of the 8 starts at k that are <= off (two compares; the mask has two bits
-  /// per start).
-  static unsigned count_le8(const void* k, int32_t off) noexcept {
+#endif
+  /// The number of the N starts at k that are <= off (N = 8 or 16; SSE2, no branch). The
+  /// starts are sorted, so the compares' mask is ones from the first start past off: its
+  /// position is the count (packed to bytes and scanned: fewer instructions and a shorter
+  /// chain than adding up the lanes; for 8 starts the mask has two bits per start).
+  template <unsigned N>
+  static unsigned count_le(const void* k, int32_t off) noexcept {
+    static_assert(N == 8 || N == 16);
 #if defined(__SSE2__)
     const __m128i* v = static_cast<const __m128i*>(k);
     const __m128i x = _mm_set1_epi32(off);
-    const __m128i gt = _mm_packs_epi32(_mm_cmpgt_epi32(_mm_load_si128(v), x), _mm_cmpgt_epi32(_mm_load_si128(v + 1), x));
-    return static_cast<unsigned>(__builtin_ctz(static_cast<unsigned>(_mm_movemask_epi8(gt)) | 0x10000u)) >> 1;
+    if constexpr (N == 16)
+      return static_cast<unsigned>(__builtin_ctz(static_cast<unsigned>(_mm_movemask_epi8(_mm_packs_epi16(gt8(v, x), gt8(v + 2, x)))) | 0x10000u));
+    else
+      return static_cast<unsigned>(__builtin_ctz(static_cast<unsigned>(_mm_movemask_epi8(gt8(v, x))) | 0x10000u)) >> 1;
 #else
     const int32_t* s = static_cast<const int32_t*>(k);
     unsigned n = 0;
-    for (int i = 0; i < 8; ++i) n += s[i] <= off;
+    for (unsigned i = 0; i < N; ++i) n += s[i] <= off;
     return n;
 #endif
   }
@@ -270,7 +264,7 @@ class ProviderRegistry {
       return reinterpret_cast<const uintptr_t*>(k + 16)[i];
     }
     const char* block = run_block(k, e, off);
-    const unsigned i = count_le8(block, off) - 1;
+    const unsigned i = count_le<8>(block, off) - 1;
     return slab_value(slab, reinterpret_cast<const uint32_t*>(block + kBlockIds)[i]);
   }
   /// The block of the run at k (tag bits in e) that holds page offset `off`. The top tag
@@ -279,10 +273,10 @@ class ProviderRegistry {
   /// mispredict); the second top line does (only runs of more than 136 pieces have it).
   static const char* run_block(const char* k, uintptr_t e, int32_t off) noexcept {
     const uintptr_t top = (e & kRunTopTag) ? 1 : 0;
-    unsigned c = count_le16(k, off);
+    unsigned c = count_le<16>(k, off);
     const char* first = k + 64;
     if (e & kRunTop2Tag) [[unlikely]] {
-      c += count_le16(first, off);
+      c += count_le<16>(first, off);
       first += 64;
     }
     return k + top * (static_cast<uintptr_t>(first - k) + kRunBlock * c);  // no pointer past the run

@@ -670,7 +670,7 @@ const Provider* ProviderRegistry::find_extent(PhysAddr a, uint64_t& bytes) const
         const bool top = e & kRunTop;
         const ptrdiff_t tops = (e & kRunTop2) ? 2 : 1;
         const char* block = run_block(k, e, off);
-        const unsigned j = count_le8(block, off) - 1;
+        const unsigned j = count_le<8>(block, off) - 1;
         e = slab_value(slab_, reinterpret_cast<const uint32_t*>(block + kBlockIds)[j]);
         next = j + 1 < kBlockPieces ? reinterpret_cast<const int32_t*>(block)[j + 1] : kNoStart;
         // A block's last piece ends where the next block starts: the top lines' entry for it.
