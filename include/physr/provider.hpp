@@ -83,6 +83,32 @@ struct ProviderDesc {
   std::function<void(const Provider&)> on_revoke;
 };
 
+// liburcu memb's read-side calls (declared here rather than through <urcu/urcu-memb.h>,
+// whose macros map rcu_read_lock, call_rcu and more for every includer).
+extern "C" void urcu_memb_read_lock(void);
+extern "C" void urcu_memb_read_unlock(void);
+
+// ThreadSanitizer builds count guard depth, so that the outermost guard can tell TSan that
+// a grace period orders this reader before a reclaim (see registry.cpp).
+#if defined(__SANITIZE_THREAD__)
+#define PHYSR_READGUARD_DEPTH 1
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define PHYSR_READGUARD_DEPTH 1
+#endif
+#endif
+
+namespace detail {
+/// Per-thread reader state. A plain __thread POD, so that a guard reads it with one
+/// %fs-relative load: no TLS wrapper or init check (the unregistration at thread exit lives
+/// in a separate thread_local that only the first registration touches).
+struct RcuReader {
+  bool registered;
+  unsigned depth;
+};
+extern __thread RcuReader rcu_reader;
+}  // namespace detail
+
 /// A registered provider. Pointers obtained inside a ReadGuard stay valid until the guard
 /// ends; after remove() the object is freed one grace period later.
 class Provider {
@@ -142,8 +168,21 @@ class ProviderRegistry {
   /// An RCU read-side section. Nestable; cheap (no fence, no shared write).
   class ReadGuard {
    public:
-    ReadGuard();
-    ~ReadGuard();
+    // Inline: a guard per lookup (LookupGuarded) paid two calls and the TLS-init checks of a
+    // thread_local with a destructor on top of liburcu's two calls.
+    ReadGuard() {
+      if (!detail::rcu_reader.registered) [[unlikely]] register_reader();
+#ifdef PHYSR_READGUARD_DEPTH
+      ++detail::rcu_reader.depth;
+#endif
+      urcu_memb_read_lock();
+    }
+    ~ReadGuard() {
+#ifdef PHYSR_READGUARD_DEPTH
+      if (--detail::rcu_reader.depth == 0) reader_done();
+#endif
+      urcu_memb_read_unlock();
+    }
     ReadGuard(const ReadGuard&) = delete;
     ReadGuard& operator=(const ReadGuard&) = delete;
   };
@@ -281,6 +320,12 @@ class ProviderRegistry {
     }
     return k + top * (static_cast<uintptr_t>(first - k) + kRunBlock * c);  // no pointer past the run
   }
+  /// Registers this thread with liburcu (first guard or writer call of the thread).
+  static void register_reader();
+  /// register_reader() unless done (writers: call_rcu and rcu_barrier need it too).
+  static void ensure_registered();
+  /// The outermost guard of a ThreadSanitizer build ends (see registry.cpp).
+  static void reader_done() noexcept;
   struct RunInfo;
   struct Piece {
     uint64_t s, e;  // pages

@@ -68,23 +68,14 @@ struct RcuBox {
 };
 
 // liburcu needs every reading thread registered; do it on first use and undo it at exit.
-struct ThreadRegistration {
-  bool registered = false;
-  int depth = 0;
-  ~ThreadRegistration() {
-    if (registered) urcu_memb_unregister_thread();
+// The unregistration is a function-local thread_local, constructed by the first
+// registration only, so that the guard's state (detail::rcu_reader) stays a plain POD.
+struct ThreadUnregistration {
+  ~ThreadUnregistration() {
+    urcu_memb_unregister_thread();
+    detail::rcu_reader.registered = false;  // a guard in a later thread_local destructor registers again
   }
 };
-thread_local ThreadRegistration t_rcu;
-
-// call_rcu() and rcu_barrier() take liburcu's read lock internally: the caller must be
-// registered too.
-void ensure_registered() {
-  if (!t_rcu.registered) {
-    urcu_memb_register_thread();
-    t_rcu.registered = true;
-  }
-}
 
 std::string describe(const PhysSpan& s) { return "[" + format_hex(s.base.value()) + ", +" + format_hex(s.size) + ")"; }
 
@@ -97,17 +88,25 @@ Provider::Provider(ProviderId id, ProviderDesc d) : id_(id), desc_(std::move(d))
   flags_.store(desc_.published ? kPublished : 0, std::memory_order_relaxed);
 }
 
-ProviderRegistry::ReadGuard::ReadGuard() {
-  ensure_registered();
-  ++t_rcu.depth;
-  urcu_memb_read_lock();
+namespace detail {
+__thread RcuReader rcu_reader;
+}  // namespace detail
+
+void ProviderRegistry::register_reader() {
+  urcu_memb_register_thread();
+  detail::rcu_reader.registered = true;
+  thread_local ThreadUnregistration unregister_at_exit;
+  (void)unregister_at_exit;
 }
 
-ProviderRegistry::ReadGuard::~ReadGuard() {
-  // Release before unlocking: once unlocked, a grace period may end and a reclaimer acquire.
-  if (--t_rcu.depth == 0) tsan_reader_done();
-  urcu_memb_read_unlock();
+// call_rcu() and rcu_barrier() take liburcu's read lock internally: the caller must be
+// registered too.
+void ProviderRegistry::ensure_registered() {
+  if (!detail::rcu_reader.registered) register_reader();
 }
+
+// Release before unlocking: once unlocked, a grace period may end and a reclaimer acquire.
+void ProviderRegistry::reader_done() noexcept { tsan_reader_done(); }
 
 namespace {
 constexpr size_t kIdTableBytes = (size_t{ProviderRegistry::kMaxProviders} + 1) * sizeof(void*);
