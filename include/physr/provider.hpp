@@ -194,15 +194,20 @@ class ProviderRegistry {
     // Level 0 covers 2^30 pages per slot, then 2^20, 2^10 and single pages. A slot holds 0
     // (host memory), a child node, a run (tag 2: the sorted pieces of a slot that providers
     // cover in part), or a provider covering the whole slot, tagged with bit 0 (a leaf).
+    // The walk is unrolled, so that each level's offset mask is a constant and each level
+    // has its own branches (a loop with a variable shift took 8 more instructions), and a
+    // single-page slot holds only 0 or a leaf: it needs no test.
     uintptr_t e = root_.slot[pfn >> 30].load(std::memory_order_acquire);
-    unsigned shift = 30;
-    while ((e & kTagMask) == 0) {  // a node, or nothing
-      if (e == 0) return nullptr;
-      shift -= 10;
-      e = reinterpret_cast<const Node*>(e)->slot[(pfn >> shift) & 1023].load(std::memory_order_acquire);
-    }
-    if (!(e & kLeafTag)) e = run_find(e, static_cast<int32_t>(pfn & ((uint64_t{1} << shift) - 1)), slab_);
-    return reinterpret_cast<const Provider*>(e & ~kLeafTag);  // a gap's value is 0
+    if ((e & kTagMask) != 0) return slot_provider(e, pfn & ((uint64_t{1} << 30) - 1));
+    if (e == 0) return nullptr;
+    e = reinterpret_cast<const Node*>(e)->slot[(pfn >> 20) & 1023].load(std::memory_order_acquire);
+    if ((e & kTagMask) != 0) return slot_provider(e, pfn & ((uint64_t{1} << 20) - 1));
+    if (e == 0) return nullptr;
+    e = reinterpret_cast<const Node*>(e)->slot[(pfn >> 10) & 1023].load(std::memory_order_acquire);
+    if ((e & kTagMask) != 0) return slot_provider(e, pfn & 1023);
+    if (e == 0) return nullptr;
+    e = reinterpret_cast<const Node*>(e)->slot[pfn & 1023].load(std::memory_order_acquire);
+    return reinterpret_cast<const Provider*>(e & ~kLeafTag);  // 0 or a leaf
   }
   /// The provider with this id, or nullptr. Inside a ReadGuard.
   const Provider* get(ProviderId id) const noexcept {
@@ -305,6 +310,11 @@ class ProviderRegistry {
     const char* block = run_block(k, e, off);
     const unsigned i = count_le<8>(block, off) - 1;
     return slab_value(slab, reinterpret_cast<const uint32_t*>(block + kBlockIds)[i]);
+  }
+  /// The provider of a leaf or run slot value `e` at page offset `off` within the slot.
+  const Provider* slot_provider(uintptr_t e, uint64_t off) const noexcept {
+    if (!(e & kLeafTag)) e = run_find(e, static_cast<int32_t>(off), slab_);
+    return reinterpret_cast<const Provider*>(e & ~kLeafTag);  // a gap's value is 0
   }
   /// The block of the run at k (tag bits in e) that holds page offset `off`. The top tag
   /// takes no branch (a run without a top line counts its only block, cached, and throws
