@@ -18,6 +18,7 @@
 
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <boost/icl/interval_map.hpp>
@@ -249,6 +250,29 @@ void BM_RandomLines(benchmark::State& state) {
   std::free(mem);
 }
 
+// The latency beside RandomLines' throughput: one random line of a `mib` MiB table per
+// iteration, each load's address the previous load's value (one cycle through every line,
+// so no short loop stays cached). A lookup's dependent misses cost this much each when
+// nothing overlaps them; RandomLines at the same size shows how much the core overlaps.
+void BM_RandomLinesChained(benchmark::State& state) {
+  const size_t bytes = static_cast<size_t>(state.range(0)) << 20, lines = bytes / 64;
+  const size_t whole = (bytes + (size_t{2} << 20) - 1) & ~((size_t{2} << 20) - 1);
+  void* mem = std::aligned_alloc(size_t{2} << 20, whole);
+#ifdef MADV_HUGEPAGE
+  madvise(mem, whole, MADV_HUGEPAGE);
+#endif
+  auto* t = static_cast<uint64_t*>(mem);
+  std::vector<uint64_t> order(lines);
+  for (size_t k = 0; k < lines; ++k) order[k] = k;
+  std::shuffle(order.begin(), order.end(), std::mt19937_64(lines));
+  for (size_t k = 0; k < lines; ++k) t[order[k] * 8] = order[(k + 1) % lines];
+  uint64_t x = order[0];
+  for (auto _ : state) x = t[x * 8];
+  benchmark::DoNotOptimize(x);
+  state.SetItemsProcessed(static_cast<int64_t>(state.iterations()));
+  std::free(mem);
+}
+
 // PHYSR_BENCH_ITERATIONS=n runs each lookup benchmark exactly once, n iterations: with
 // callgrind (--toggle-collect='*run*'), instructions and cache misses per lookup are the
 // counts over n.
@@ -290,6 +314,7 @@ BENCHMARK(BM_PhysrGuarded)->Name("LookupGuarded/physr")->Arg(100000);
 BENCHMARK(BM_PhysrWithWriter)->Name("LookupWithWriter/physr")->Arg(100000)->UseRealTime();
 BENCHMARK(BM_GetById)->Name("GetById/physr")->Apply(fixed_iterations);
 BENCHMARK(BM_RandomLines)->Name("RandomLines")->ArgNames({"depth", "mib"})->ArgsProduct({{1, 2, 3}, {1, 6, 56}});
+BENCHMARK(BM_RandomLinesChained)->Name("RandomLinesChained")->ArgName("mib")->Arg(1)->Arg(6)->Arg(16)->Arg(56);
 
 }  // namespace
 
