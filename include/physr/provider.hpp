@@ -291,8 +291,8 @@ class ProviderRegistry {
     const uintptr_t p = reinterpret_cast<uintptr_t>(slab) + (uintptr_t{id} << kProviderStrideShift);
     return id ? p : 0;
   }
-  /// The slot value of the run piece holding page offset `off` (a whole leaf, a Provider
-  /// from the slab, or 0). A line run takes one compare; a longer one counts without a
+  /// The Provider of the run piece holding page offset `off`, or 0 for a gap (a line
+  /// run's leaf without its tag, or a block's Provider from the slab). A line run takes one compare; a longer one counts without a
   /// branch (a run without a top line counts its only block twice, the second time cached).
   static uintptr_t run_find(uintptr_t e, int32_t off, const char* slab) noexcept {
     const char* k = reinterpret_cast<const char*>(e & ~uintptr_t{63});
@@ -305,16 +305,29 @@ class ProviderRegistry {
       unsigned i = 0;
       while (i < 3 && s[i + 1] <= off) ++i;
 #endif
-      return reinterpret_cast<const uintptr_t*>(k + 16)[i];
+      return reinterpret_cast<const uintptr_t*>(k + 16)[i] & ~kLeafTag;  // a whole leaf, or 0
     }
     const char* block = run_block(k, e, off);
-    const unsigned i = count_le<8>(block, off) - 1;
-    return slab_value(slab, reinterpret_cast<const uint32_t*>(block + kBlockIds)[i]);
+    return slab_value(slab, block_id(block, off));
+  }
+  /// The id of the piece of `block` that holds page offset `off` (the block's first start
+  /// is at or before it). These are the last instructions of most lookups, waiting on the
+  /// block's miss: the compares' first set bit is twice the count (two mask bits per
+  /// start), so the id at count - 1 is at kBlockIds - 4 + 2 * that bit, with no shift and
+  /// no subtract.
+  static uint32_t block_id(const char* block, int32_t off) noexcept {
+#if defined(__SSE2__)
+    const __m128i gt = gt8(reinterpret_cast<const __m128i*>(block), _mm_set1_epi32(off));
+    const unsigned twice = static_cast<unsigned>(__builtin_ctz(static_cast<unsigned>(_mm_movemask_epi8(gt)) | 0x10000u));
+    return *reinterpret_cast<const uint32_t*>(block + kBlockIds - 4 + 2 * twice);
+#else
+    return reinterpret_cast<const uint32_t*>(block + kBlockIds)[count_le<8>(block, off) - 1];
+#endif
   }
   /// The provider of a leaf or run slot value `e` at page offset `off` within the slot.
   const Provider* slot_provider(uintptr_t e, uint64_t off) const noexcept {
-    if (!(e & kLeafTag)) e = run_find(e, static_cast<int32_t>(off), slab_);
-    return reinterpret_cast<const Provider*>(e & ~kLeafTag);  // a gap's value is 0
+    if (e & kLeafTag) return reinterpret_cast<const Provider*>(e & ~kLeafTag);
+    return reinterpret_cast<const Provider*>(run_find(e, static_cast<int32_t>(off), slab_));
   }
   /// The block of the run at k (tag bits in e) that holds page offset `off`. The top tag
   /// takes no branch (a run without a top line counts its only block, cached, and throws
