@@ -292,8 +292,9 @@ class ProviderRegistry {
     return id ? p : 0;
   }
   /// The Provider of the run piece holding page offset `off`, or 0 for a gap (a line
-  /// run's leaf without its tag, or a block's Provider from the slab). A line run takes one compare; a longer one counts without a
-  /// branch (a run without a top line counts its only block twice, the second time cached).
+  /// run's leaf without its tag, or a block's Provider from the slab). A line run takes one
+  /// compare; a longer one counts without a branch (a run without a top line counts its
+  /// only block twice, the second time cached).
   static uintptr_t run_find(uintptr_t e, int32_t off, const char* slab) noexcept {
     const char* k = reinterpret_cast<const char*>(e & ~uintptr_t{63});
     if (e & kRunLineTag) {

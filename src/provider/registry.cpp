@@ -17,12 +17,7 @@
 // own uninstrumented queue). Model it: every read-side section releases a token just
 // before it unlocks, a writer releases it before call_rcu, and the reclaimer acquires it
 // before freeing, which is exactly the guarantee a grace period gives.
-#if defined(__has_feature)
-#if __has_feature(thread_sanitizer)
-#define PHYSR_TSAN 1
-#endif
-#endif
-#if defined(__SANITIZE_THREAD__)
+#ifdef PHYSR_READGUARD_DEPTH  // provider.hpp's ThreadSanitizer detection
 #define PHYSR_TSAN 1
 #endif
 #ifdef PHYSR_TSAN
