@@ -230,15 +230,27 @@ void BM_GetById(benchmark::State& state) {
 // the same loop as the lookups. A structure whose lookups touch k lines outside the cache
 // cannot beat RandomLines/depth:k at its table's size; 6 and 56 MiB are about the sizes of
 // the mixed layout's tables at 100k and 1M providers (6.2 and 57 MB).
+// A table of `bytes` for the RandomLines benchmarks: 2 MiB-aligned, huge pages asked for.
+struct LineTable {
+  uint64_t* t;
+  explicit LineTable(size_t bytes) {
+    const size_t whole = (bytes + (size_t{2} << 20) - 1) & ~((size_t{2} << 20) - 1);  // aligned_alloc wants a multiple
+    void* mem = std::aligned_alloc(size_t{2} << 20, whole);
+#ifdef MADV_HUGEPAGE
+    madvise(mem, whole, MADV_HUGEPAGE);
+#endif
+    t = static_cast<uint64_t*>(mem);
+  }
+  ~LineTable() { std::free(t); }
+  LineTable(const LineTable&) = delete;
+  LineTable& operator=(const LineTable&) = delete;
+};
+
 void BM_RandomLines(benchmark::State& state) {
   const auto depth = static_cast<unsigned>(state.range(0));
   const size_t bytes = static_cast<size_t>(state.range(1)) << 20, lines = bytes / 64;
-  const size_t whole = (bytes + (size_t{2} << 20) - 1) & ~((size_t{2} << 20) - 1);  // aligned_alloc wants a multiple
-  void* mem = std::aligned_alloc(size_t{2} << 20, whole);
-#ifdef MADV_HUGEPAGE
-  madvise(mem, whole, MADV_HUGEPAGE);
-#endif
-  auto* t = static_cast<uint64_t*>(mem);
+  LineTable table(bytes);
+  uint64_t* const t = table.t;
   std::mt19937_64 rng(depth * 1000 + lines);
   for (size_t k = 0; k < lines; ++k) t[k * 8] = rng() % lines;  // the next line of a chain
   std::vector<uint64_t> starts;
@@ -247,7 +259,6 @@ void BM_RandomLines(benchmark::State& state) {
     for (unsigned d = 0; d < depth; ++d) x = t[x * 8];
     return x;
   });
-  std::free(mem);
 }
 
 // The latency beside RandomLines' throughput: one random line of a `mib` MiB table per
@@ -256,12 +267,8 @@ void BM_RandomLines(benchmark::State& state) {
 // nothing overlaps them; RandomLines at the same size shows how much the core overlaps.
 void BM_RandomLinesChained(benchmark::State& state) {
   const size_t bytes = static_cast<size_t>(state.range(0)) << 20, lines = bytes / 64;
-  const size_t whole = (bytes + (size_t{2} << 20) - 1) & ~((size_t{2} << 20) - 1);
-  void* mem = std::aligned_alloc(size_t{2} << 20, whole);
-#ifdef MADV_HUGEPAGE
-  madvise(mem, whole, MADV_HUGEPAGE);
-#endif
-  auto* t = static_cast<uint64_t*>(mem);
+  LineTable table(bytes);
+  uint64_t* const t = table.t;
   std::vector<uint64_t> order(lines);
   for (size_t k = 0; k < lines; ++k) order[k] = k;
   std::shuffle(order.begin(), order.end(), std::mt19937_64(lines));
@@ -270,7 +277,6 @@ void BM_RandomLinesChained(benchmark::State& state) {
   for (auto _ : state) x = t[x * 8];
   benchmark::DoNotOptimize(x);
   state.SetItemsProcessed(static_cast<int64_t>(state.iterations()));
-  std::free(mem);
 }
 
 // PHYSR_BENCH_ITERATIONS=n runs each lookup benchmark exactly once, n iterations: with
