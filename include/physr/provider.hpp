@@ -14,7 +14,7 @@
 //   sorted, instead of a chain of nodes. Up to 4 pieces (an aperture alone in its slot, a
 //   few small ones) fit one 64-byte line run: starts, values and rcu_head, searched with
 //   one SSE2 compare. Longer runs are blocks of one line each, 8 starts and the 8 pieces'
-//   provider ids, with a top line above 8 pieces (a second above 136), searched with SSE2
+//   provider ids, under a top line (a second above 136 pieces), searched with SSE2
 //   compares and no branch; an id is its Provider's place in a slab, so the block is the
 //   last line a lookup reads. Only past 264 pieces (64 in a 4 MiB slot) does a slot become a node of the next
 //   level, except while the nodes take less than 512 KiB: then a uniform cluster past 4
@@ -240,18 +240,19 @@ class ProviderRegistry {
   struct Node {
     std::atomic<uintptr_t> slot[1024];
   };
-  // Slot tags: a leaf has bit 0; a run has bit 1 and not bit 0, bit 2 when it has a top
-  // line (more than one block), bit 4 as well when it has two (more than 17 blocks), bit 3
-  // when it is a line run; a node has none.
-  static constexpr uintptr_t kLeafTag = 1, kRunTag = 2, kRunTopTag = 4, kRunLineTag = 8, kRunTop2Tag = 16, kTagMask = 7;
+  // Slot tags: a leaf has bit 0; a run has bit 1 and not bit 0, bit 3 when it is a line
+  // run, bit 4 when it is a block run with two top lines (more than 17 blocks); a node has
+  // none. Bit 2 is not used (it marked block runs with a top line, which all have now).
+  static constexpr uintptr_t kLeafTag = 1, kRunTag = 2, kRunLineTag = 8, kRunTop2Tag = 16, kTagMask = 7;
   // A run: the pieces of one slot, each [start, next start) -> a provider or nothing (a
   // gap), starts as page offsets within the slot. Immutable once published; copy-on-write.
   // A line run (up to 4 pieces: an aperture that covers part of its slot, a few small
   // ones) is one 64-byte line: 4 starts (INT32_MAX after the last), the 4 slot values, and
-  // its rcu_head. A longer run (128-aligned, the slot points at K): a header line at K - 64;
-  // with kRunTopTag a top line at K (the first start of blocks 1..16, INT32_MAX after the
-  // last) and the blocks from K + 64, with kRunTop2Tag too two top lines at K (blocks
-  // 1..32) and the blocks from K + 128; without, block 0 at K. A block is one line: 8 starts
+  // its rcu_head. A longer run, a block run (128-aligned, the slot points at K): a header
+  // line at K - 64, a top line at K (the first start of blocks 1..16, INT32_MAX after the
+  // last; none for a single block) and the blocks from K + 64, block 0 the top line's
+  // 128-byte buddy; with kRunTop2Tag two top lines at K (blocks 1..32) and the blocks from
+  // K + 128. A block is one line: 8 starts
   // (INT32_MAX after the last piece) and the 8 pieces' provider ids (0 for a gap). An id
   // becomes its Provider without a load, as providers live in a slab indexed by id, so a
   // lookup that ends in a block run reads one line per level: the top line and a block.
@@ -293,8 +294,7 @@ class ProviderRegistry {
   }
   /// The Provider of the run piece holding page offset `off`, or 0 for a gap (a line
   /// run's leaf without its tag, or a block's Provider from the slab). A line run takes one
-  /// compare; a longer one counts without a branch (a run without a top line counts its
-  /// only block twice, the second time cached).
+  /// compare; a block run counts its top line, then its block, without a branch.
   static uintptr_t run_find(uintptr_t e, int32_t off, const char* slab) noexcept {
     const char* k = reinterpret_cast<const char*>(e & ~uintptr_t{63});
     if (e & kRunLineTag) {
@@ -330,19 +330,19 @@ class ProviderRegistry {
     if (e & kLeafTag) return reinterpret_cast<const Provider*>(e & ~kLeafTag);
     return reinterpret_cast<const Provider*>(run_find(e, static_cast<int32_t>(off), slab_));
   }
-  /// The block of the run at k (tag bits in e) that holds page offset `off`. The top tag
-  /// takes no branch (a run without a top line counts its only block, cached, and throws
-  /// the count away: top tags vary from slot to slot in mixed layouts and would
-  /// mispredict); the second top line does (only runs of more than 136 pieces have it).
+  /// The block of the run at k (tag bits in e) that holds page offset `off`. Every block
+  /// run has a top line, a single block's without a start, so block c is at k + 64 (c + 1)
+  /// with no test: testing for a top line mispredicts in mixed layouts, and choosing the
+  /// address by the tag without a branch took 8 instructions more per lookup (a multiply by
+  /// the tag bit). The second top line takes a branch (only runs past 136 pieces have it).
   static const char* run_block(const char* k, uintptr_t e, int32_t off) noexcept {
-    const uintptr_t top = (e & kRunTopTag) ? 1 : 0;
     unsigned c = count_le<16>(k, off);
     const char* first = k + 64;
     if (e & kRunTop2Tag) [[unlikely]] {
       c += count_le<16>(first, off);
       first += 64;
     }
-    return k + top * (static_cast<uintptr_t>(first - k) + kRunBlock * c);  // no pointer past the run
+    return first + kRunBlock * c;
   }
   /// Registers this thread with liburcu (first guard or writer call of the thread).
   static void register_reader();

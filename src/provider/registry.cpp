@@ -225,7 +225,7 @@ ProviderRegistry::~ProviderRegistry() {
 
 namespace {
 
-constexpr uintptr_t kLeaf = 1, kRun = 2, kRunTop = 4, kRunLine = 8, kRunTop2 = 16, kTags = 7;
+constexpr uintptr_t kLeaf = 1, kRun = 2, kRunLine = 8, kRunTop2 = 16, kTags = 7;
 inline const Provider* leaf_ptr(uintptr_t x) { return reinterpret_cast<const Provider*>(x & ~kLeaf); }
 inline bool is_leaf(uintptr_t x) { return x & kLeaf; }
 inline bool is_run(uintptr_t x) { return (x & (kLeaf | kRun)) == kRun; }
@@ -300,7 +300,7 @@ void ProviderRegistry::collect(uintptr_t x, uint64_t lo, uint64_t hi, std::vecto
     return;
   }
   const auto* info = reinterpret_cast<const RunInfo*>(k - 64);
-  const char* blocks = k + ((x & kRunTop2) ? 128 : (x & kRunTop) ? 64 : 0);
+  const char* blocks = k + ((x & kRunTop2) ? 128 : 64);
   auto block = [&](size_t i) { return blocks + kRunBlock * (i / kBlockPieces); };
   auto start = [&](size_t i) { return reinterpret_cast<const int32_t*>(block(i))[i % kBlockPieces]; };
   for (size_t i = 0; i < info->pieces; ++i) {
@@ -352,8 +352,9 @@ uintptr_t ProviderRegistry::build(unsigned level, uint64_t lo, uint64_t hi, cons
     return reinterpret_cast<uintptr_t>(k) | kRun | kRunLine;
   }
   const size_t n = pieces.size(), blocks = (n + kBlockPieces - 1) / kBlockPieces;
-  const size_t tops = blocks > 17 ? 2 : blocks > 1 ? 1 : 0;
-  const bool top = tops > 0;
+  // Every block run has a top line, a single block's without a start, so that readers find
+  // block c at K + 64 (c + 1) without a test (see run_block in provider.hpp).
+  const size_t tops = blocks > 17 ? 2 : 1;
   const size_t bytes = 128 + 64 * tops + kRunBlock * blocks;
   char* base = static_cast<char*>(arena_alloc(bytes, 128));
   char* k = base + 128;
@@ -361,11 +362,9 @@ uintptr_t ProviderRegistry::build(unsigned level, uint64_t lo, uint64_t hi, cons
   info->pieces = static_cast<uint32_t>(n);
   info->bytes = static_cast<uint32_t>(bytes);
   char* first = k + 64 * tops;
-  if (top) {
-    auto* t = reinterpret_cast<int32_t*>(k);
-    for (size_t j = 0; j < 16 * tops; ++j)
-      t[j] = j + 1 < blocks ? static_cast<int32_t>(pieces[kBlockPieces * (j + 1)].first - lo) : kNoStart;
-  }
+  auto* t = reinterpret_cast<int32_t*>(k);
+  for (size_t j = 0; j < 16 * tops; ++j)
+    t[j] = j + 1 < blocks ? static_cast<int32_t>(pieces[kBlockPieces * (j + 1)].first - lo) : kNoStart;
   for (size_t b = 0; b < blocks; ++b) {
     auto* starts = reinterpret_cast<int32_t*>(first + kRunBlock * b);
     auto* ids = reinterpret_cast<uint32_t*>(first + kRunBlock * b + kBlockIds);
@@ -376,7 +375,7 @@ uintptr_t ProviderRegistry::build(unsigned level, uint64_t lo, uint64_t hi, cons
     }
   }
   table_bytes_.fetch_add(bytes, std::memory_order_relaxed);
-  return reinterpret_cast<uintptr_t>(k) | kRun | (top ? kRunTop : 0) | (tops == 2 ? kRunTop2 : 0);
+  return reinterpret_cast<uintptr_t>(k) | kRun | (tops == 2 ? kRunTop2 : 0);
 }
 
 // Frees a replaced run after a grace period: a reader that loaded it may still search it.
@@ -661,7 +660,6 @@ const Provider* ProviderRegistry::find_extent(PhysAddr a, uint64_t& bytes) const
         e = reinterpret_cast<const uintptr_t*>(k + kLineValues)[j];
         if (j + 1 < kLinePieces) next = starts[j + 1];
       } else {
-        const bool top = e & kRunTop;
         const ptrdiff_t tops = (e & kRunTop2) ? 2 : 1;
         const char* block = run_block(k, e, off);
         const unsigned j = count_le<8>(block, off) - 1;
@@ -670,7 +668,7 @@ const Provider* ProviderRegistry::find_extent(PhysAddr a, uint64_t& bytes) const
         // A block's last piece ends where the next block starts: the top lines' entry for it.
         // (The last of a full run's 17 or 33 blocks has no entry: its end is the slot's.)
         const ptrdiff_t b = (block - k - 64 * tops) / static_cast<ptrdiff_t>(kRunBlock);
-        if (j + 1 == kBlockPieces && top && b < 16 * tops) next = reinterpret_cast<const int32_t*>(k)[b];
+        if (j + 1 == kBlockPieces && b < 16 * tops) next = reinterpret_cast<const int32_t*>(k)[b];
       }
       if (e != 0) break;
       const uint64_t end = next != kNoStart ? lo + static_cast<uint64_t>(next) : slot_end;
