@@ -225,11 +225,6 @@ void BM_GetById(benchmark::State& state) {
   });
 }
 
-// The machine's floor for a lookup: `depth` dependent loads of random 64-byte lines in a
-// table of `mib` MiB (2 MiB-aligned, huge pages asked for, as the registry's arena), through
-// the same loop as the lookups. A structure whose lookups touch k lines outside the cache
-// cannot beat RandomLines/depth:k at its table's size; 6 and 56 MiB are about the sizes of
-// the mixed layout's tables at 100k and 1M providers (6.2 and 57 MB).
 // A table of `bytes` for the RandomLines benchmarks: 2 MiB-aligned, huge pages asked for.
 struct LineTable {
   uint64_t* t;
@@ -246,6 +241,15 @@ struct LineTable {
   LineTable& operator=(const LineTable&) = delete;
 };
 
+// The machine's floor for a lookup: `depth` dependent loads of random 64-byte lines in a
+// table of `mib` MiB (2 MiB-aligned, huge pages asked for, as the registry's arena), through
+// the same loop as the lookups. A structure whose lookups touch k lines outside the cache
+// cannot beat RandomLines/depth:k at its table's size; 6 and 56 MiB are about the sizes of
+// the mixed layout's tables at 100k and 1M providers (6.2 and 57 MB).
+// RandomLinesPadded adds `Nops` nops to each lookup: they take reorder-buffer entries and
+// no execution port, so they show what a lookup of about 7 + Nops instructions that waits
+// on the same lines can reach (the core overlaps fewer lookups the longer each one is).
+template <unsigned Nops>
 void BM_RandomLines(benchmark::State& state) {
   const auto depth = static_cast<unsigned>(state.range(0));
   const size_t bytes = static_cast<size_t>(state.range(1)) << 20, lines = bytes / 64;
@@ -257,6 +261,7 @@ void BM_RandomLines(benchmark::State& state) {
   for (int k = 0; k < 1 << 16; ++k) starts.push_back(rng() % lines);
   run(state, starts, [&](uint64_t x) {
     for (unsigned d = 0; d < depth; ++d) x = t[x * 8];
+    if constexpr (Nops > 0) asm volatile(".rept %c0\n\tnop\n\t.endr" : : "i"(Nops));
     return x;
   });
 }
@@ -319,7 +324,9 @@ BENCHMARK_CAPTURE(BM_AbslBtree, hot, Shape::packed, true)->Name("LookupHot/absl_
 BENCHMARK(BM_PhysrGuarded)->Name("LookupGuarded/physr")->Arg(100000);
 BENCHMARK(BM_PhysrWithWriter)->Name("LookupWithWriter/physr")->Arg(100000)->UseRealTime();
 BENCHMARK(BM_GetById)->Name("GetById/physr")->Apply(fixed_iterations);
-BENCHMARK(BM_RandomLines)->Name("RandomLines")->ArgNames({"depth", "mib"})->ArgsProduct({{1, 2, 3}, {1, 6, 56}});
+BENCHMARK_TEMPLATE(BM_RandomLines, 0)->Name("RandomLines")->ArgNames({"depth", "mib"})->ArgsProduct({{1, 2, 3}, {1, 6, 56}});
+BENCHMARK_TEMPLATE(BM_RandomLines, 30)->Name("RandomLinesPadded/nops:30")->ArgNames({"depth", "mib"})->ArgsProduct({{1, 2, 3}, {6, 16, 56}});
+BENCHMARK_TEMPLATE(BM_RandomLines, 60)->Name("RandomLinesPadded/nops:60")->ArgNames({"depth", "mib"})->ArgsProduct({{1, 2, 3}, {6, 16, 56}});
 BENCHMARK(BM_RandomLinesChained)->Name("RandomLinesChained")->ArgName("mib")->Arg(1)->Arg(6)->Arg(16)->Arg(56);
 
 }  // namespace
