@@ -83,10 +83,16 @@ struct ProviderDesc {
   std::function<void(const Provider&)> on_revoke;
 };
 
-// liburcu memb's read-side calls (declared here rather than through <urcu/urcu-memb.h>,
-// whose macros map rcu_read_lock, call_rcu and more for every includer).
-extern "C" void urcu_memb_read_lock(void);
-extern "C" void urcu_memb_read_unlock(void);
+namespace detail {
+// liburcu memb's read-side calls, declared here rather than through <urcu/urcu-memb.h>
+// (whose macros map rcu_read_lock, call_rcu and more for every includer) and under names of
+// physr's own bound to liburcu's symbols: with _LGPL_SOURCE, urcu-memb.h makes
+// urcu_memb_read_lock a macro for its static inline version, so in an includer that read
+// it first, ReadGuard's inline body named that internal function instead and differed from
+// every other translation unit's (an ODR violation). An asm label is not macro-expanded.
+extern "C" void physr_urcu_read_lock(void) __asm__("urcu_memb_read_lock");
+extern "C" void physr_urcu_read_unlock(void) __asm__("urcu_memb_read_unlock");
+}  // namespace detail
 
 // ThreadSanitizer builds count guard depth, so that the outermost guard can tell TSan that
 // a grace period orders this reader before a reclaim (see registry.cpp).
@@ -175,13 +181,13 @@ class ProviderRegistry {
 #ifdef PHYSR_READGUARD_DEPTH
       ++detail::rcu_reader.depth;
 #endif
-      urcu_memb_read_lock();
+      detail::physr_urcu_read_lock();
     }
     ~ReadGuard() {
 #ifdef PHYSR_READGUARD_DEPTH
       if (--detail::rcu_reader.depth == 0) reader_done();
 #endif
-      urcu_memb_read_unlock();
+      detail::physr_urcu_read_unlock();
     }
     ReadGuard(const ReadGuard&) = delete;
     ReadGuard& operator=(const ReadGuard&) = delete;
